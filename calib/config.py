@@ -1,0 +1,108 @@
+"""The quantization config: a typed dataclass, filled from a YAML preset, then CLI overrides.
+
+Unknown keys are errors; the resolved config is saved beside every artifact as config.yaml.
+"""
+import dataclasses
+from dataclasses import dataclass, fields
+
+import yaml
+
+from utils.errors import UserError
+
+METHODS = ("vq4dit", "kmeans", "codebook", "rtn")
+CALIB_MODES = ("blockwise", "joint")
+BLOCK_INPUTS = ("quantized", "fp")
+
+
+@dataclass
+class QuantizeConfig:
+    # base model
+    model: str = "DiT-Digits/2"
+    ckpt: str | None = None  # None: the embedded digits model
+    image_size: int | None = None  # None: taken from the checkpoint (256 for ImageNet .pt files)
+    num_classes: int | None = None
+    # quantizer
+    method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
+    wbits: int = 2
+    dim: int = 4
+    codebook_size: int | None = None  # None: 2 ** (wbits * dim)
+    candidates: int = 2
+    ratio_init: str = "inverse_distance"  # or "uniform"
+    split_qkv: bool = False
+    kmeans_iters: int = 100
+    # calibration (zero data)
+    calib: str = "blockwise"
+    block_inputs: str = "quantized"  # quantized: block i sees calibrated blocks < i; fp: FP inputs
+    iters: int = 500
+    batch_size: int = 16
+    lr_ratio: float = 5e-2
+    lr_codebook: float = 1e-4
+    rmsprop_alpha: float = 0.9
+    lambda_r: float = 0.01
+    select_threshold: float = 0.99
+    hard_fraction: float = 0.99
+    steps: int = 50
+    cfg_scale: float = 1.5
+    calib_samples: int = 32  # teacher trajectories (each doubled by CFG)
+    calib_timesteps: int = 25  # visited timesteps kept per trajectory
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when present, else cpu
+
+    @property
+    def k(self):
+        return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
+
+    def validate(self):
+        def bad(name, value, valid):
+            raise UserError(f"invalid {name}={value!r}: {valid}")
+
+        choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS,
+                   "ratio_init": ("inverse_distance", "uniform")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                bad(name, getattr(self, name), f"choose one of {', '.join(valid)}")
+        for name in ("wbits", "dim", "candidates", "kmeans_iters", "iters", "batch_size", "steps",
+                     "calib_samples", "calib_timesteps"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be a positive integer")
+        if not 2 <= self.k <= 65536:
+            bad("codebook_size", self.k, f"k = {self.k} from wbits={self.wbits}, dim={self.dim}; k must be in 2..65536")
+        if self.candidates > self.k:
+            bad("candidates", self.candidates, f"at most the codebook size {self.k}")
+        if self.calib_timesteps > self.steps:
+            bad("calib_timesteps", self.calib_timesteps, f"at most steps={self.steps}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def merge(config, values, source):
+    """A copy of `config` with `values` (a dict) applied; unknown keys name `source` and the valid keys."""
+    valid = {f.name for f in fields(QuantizeConfig)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    return dataclasses.replace(config, **values)
+
+
+def load_config(path=None, overrides=None):
+    """Defaults <- YAML preset at `path` <- `overrides` (CLI values that were given), validated."""
+    config = QuantizeConfig()
+    if path is not None:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
+        config = merge(config, values, path)
+    config = merge(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    return config.validate()
