@@ -1,0 +1,54 @@
+"""Replace the nn.Linear layers of a model selected by a name pattern with k-means-initialised VQLinear layers."""
+import logging
+import re
+import zlib
+
+from torch import nn
+from tqdm import tqdm
+
+from utils.errors import UserError
+from vq.layer import VQLinear, check_shape
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LINEARS = r"^blocks\.\d+\."  # in a DiT: qkv, proj, fc1, fc2 and adaLN_modulation.1 of every block
+
+
+def layer_seed(seed, name):
+    """A per-layer seed from (seed, qualified name): results do not depend on the order layers are visited."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
+
+
+def set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINEARS, split_qkv=False,
+                     qkv_pattern=r"\.qkv$", kmeans_iters=100, seed=0, ratio_init="inverse_distance", progress=True):
+    """Replace every nn.Linear whose qualified name matches `include` by a soft VQLinear; returns {name: VQLinear}.
+
+    qkv: by default (split_qkv=False) a fused qkv Linear is one layer with one codebook, like every other layer
+    (one codebook per nn.Linear is the simplest rule and what the model's module structure gives). With
+    split_qkv=True, layers matching `qkv_pattern` get groups=3: q, k and v rows each get their own codebook,
+    which is what the paper's size figures assume (196 codebooks for DiT-XL/2 instead of 140).
+    All shapes are checked before any k-means runs, so a bad `dim` fails at once.
+    """
+    pattern = re.compile(include)
+    qkv = re.compile(qkv_pattern)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
+    if not targets:
+        raise UserError(f"include pattern {include!r} matches no nn.Linear of the model")
+    groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
+    for name, m in targets:
+        check_shape(name, m.in_features, m.out_features, dim, groups[name])
+    out = {}
+    for name, linear in tqdm(targets, desc="k-means", unit="layer", disable=not progress):
+        layer = VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
+                                     kmeans_iters=kmeans_iters, seed=layer_seed(seed, name),
+                                     ratio_init=ratio_init, name=name)
+        set_submodule(model, name, layer)
+        out[name] = layer
+    logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), codebook_size, dim,
+                candidates, split_qkv)
+    return out

@@ -1,0 +1,68 @@
+"""Candidate assignment sets and soft / hard reconstruction of sub-vectors (pure functions of tensors)."""
+import torch
+
+from utils.errors import UserError
+
+RATIO_INITS = ("inverse_distance", "uniform")
+INVERSE_DISTANCE_EPS = 1e-8  # keeps log(1/dist) finite when a sub-vector sits exactly on a codeword
+
+
+def nearest_codewords(x, codebook, n, chunk_size=4096):
+    """The n nearest codewords of every sub-vector, closest first.
+
+    x (N, d), codebook (k, d) -> (index (N, n) int64, distance (N, n) Euclidean, x.dtype).
+    """
+    k = codebook.shape[0]
+    if not 1 <= n <= k:
+        raise UserError(f"invalid candidates={n}: must be in 1..codebook_size ({k})")
+    c_sq = (codebook * codebook).sum(1)  # (k,)
+    ct = codebook.t().contiguous()  # (d, k)
+    index = torch.empty(x.shape[0], n, dtype=torch.int64, device=x.device)
+    dist = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for s in range(0, x.shape[0], chunk_size):
+        xs = x[s:s + chunk_size]  # (c, d)
+        sq = torch.addmm(c_sq, xs, ct, beta=1.0, alpha=-2.0) + (xs * xs).sum(1, keepdim=True)  # (c, k)
+        d_n, i_n = sq.topk(n, dim=1, largest=False, sorted=True)
+        index[s:s + chunk_size] = i_n
+        dist[s:s + chunk_size] = d_n.clamp_min_(0).sqrt_()
+    return index, dist
+
+
+def init_logits(dist, mode="inverse_distance"):
+    """Ratio logits (N, n) from candidate distances (N, n).
+
+    inverse_distance: softmax(logits) proportional to 1/distance (the authors' code); uniform: r = 1/n (the paper).
+    """
+    if mode == "inverse_distance":
+        return -torch.log(dist.float() + INVERSE_DISTANCE_EPS)
+    if mode == "uniform":
+        return torch.zeros_like(dist, dtype=torch.float32)
+    raise UserError(f"invalid ratio_init={mode!r}: choose one of {', '.join(RATIO_INITS)}")
+
+
+def masked_ratios(logits, frozen):
+    """softmax(logits) (N, n), with frozen rows replaced by the one-hot of their argmax (no gradient there)."""
+    soft = torch.softmax(logits, dim=1)
+    if not frozen.any():
+        return soft
+    hard = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(soft.dtype)
+    return torch.where(frozen[:, None], hard, soft)
+
+
+def soft_reconstruct(codebook, candidates, ratios):
+    """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n), ratios (N, n) -> sub-vectors (N, d).
+
+    Sub-vector i belongs to group i // (N / G) (groups are consecutive blocks of output rows).
+    """
+    g, _, d = codebook.shape
+    n = candidates.shape[1]
+    rows = torch.arange(g, device=codebook.device)[:, None, None]  # (G, 1, 1)
+    vecs = codebook[rows, candidates.view(g, -1, n)]  # (G, N/G, n, d)
+    return torch.einsum("gmj,gmjd->gmd", ratios.view(g, -1, n), vecs).reshape(-1, d)
+
+
+def hard_reconstruct(codebook, indices):
+    """C_g[indices]: codebook (G, k, d), indices (N,) -> sub-vectors (N, d)."""
+    g, _, d = codebook.shape
+    rows = torch.arange(g, device=codebook.device)[:, None]  # (G, 1)
+    return codebook[rows, indices.view(g, -1)].reshape(-1, d)

@@ -1,0 +1,143 @@
+"""VQLinear: a Linear layer whose weight is a vector-quantized codebook lookup (soft or hard assignment).
+
+Sub-vectors are d consecutive input weights of one output row, ordered as W.reshape(-1, d) (N = out * in / d).
+With groups > 1 the output rows are split into `groups` equal chunks (e.g. q, k, v of a fused qkv), each with
+its own codebook; the N/groups sub-vectors of chunk g index codebook[g].
+
+Soft mode (calibration): each sub-vector holds n candidate codewords and learnable ratio logits; the
+reconstruction is the ratio-weighted average of its candidates. Hard mode (deployment): one index per
+sub-vector.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+from vq.candidates import (
+    hard_reconstruct,
+    init_logits,
+    masked_ratios,
+    nearest_codewords,
+    soft_reconstruct,
+)
+from vq.kmeans import kmeans
+from vq.packing import index_bits
+
+logger = logging.getLogger(__name__)
+
+CODEBOOK_STORAGE_BITS = 16  # the artifact stores codebooks in fp16
+
+
+def check_shape(name, in_features, out_features, dim, groups):
+    """Raise a UserError when a (in, out) layer cannot be cut into d-sub-vectors / row groups."""
+    if in_features % dim:
+        raise UserError(f"layer {name}: in_features={in_features} is not divisible by dim={dim}; "
+                        f"choose a dim that divides {in_features}")
+    if out_features % groups:
+        raise UserError(f"layer {name}: out_features={out_features} is not divisible by groups={groups}")
+
+
+class VQLinear(nn.Module):
+    """Vector-quantized Linear. The constructor builds an empty skeleton; use `from_linear` to quantize."""
+
+    def __init__(self, in_features, out_features, codebook_size, dim, num_candidates=2, groups=1, bias=True,
+                 hard=False, device=None):
+        super().__init__()
+        check_shape("VQLinear", in_features, out_features, dim, groups)
+        self.in_features, self.out_features = in_features, out_features
+        self.codebook_size, self.dim, self.num_candidates, self.groups = codebook_size, dim, num_candidates, groups
+        n_sub = out_features * in_features // dim
+        self.codebook = nn.Parameter(torch.zeros(groups, codebook_size, dim, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        if hard:
+            self.register_buffer("indices", torch.zeros(n_sub, dtype=torch.int64, device=device))
+        else:
+            self.register_buffer("candidates", torch.zeros(n_sub, num_candidates, dtype=torch.int64, device=device))
+            self.logits = nn.Parameter(torch.zeros(n_sub, num_candidates, device=device))
+            self.register_buffer("frozen", torch.zeros(n_sub, dtype=torch.bool, device=device))
+
+    @classmethod
+    def from_linear(cls, linear, codebook_size, dim, candidates=2, groups=1, kmeans_iters=100, seed=0,
+                    ratio_init="inverse_distance", name="linear"):
+        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector."""
+        check_shape(name, linear.in_features, linear.out_features, dim, groups)
+        w = linear.weight.detach().float()  # (out, in)
+        layer = cls(linear.in_features, linear.out_features, codebook_size, dim, candidates, groups,
+                    bias=linear.bias is not None, device=w.device)
+        subs = w.reshape(groups, -1, dim)  # (G, N/G, d): group g = output rows [g*out/G, (g+1)*out/G)
+        cands, logits = [], []
+        for g in range(groups):
+            cb, _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g)
+            idx, dist = nearest_codewords(subs[g], cb, candidates)
+            layer.codebook.data[g] = cb
+            cands.append(idx)
+            logits.append(init_logits(dist, ratio_init))
+        layer.candidates.copy_(torch.cat(cands))
+        layer.logits.data.copy_(torch.cat(logits))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer
+
+    @property
+    def is_hard(self):
+        return "indices" in self._buffers
+
+    def ratios(self):
+        """(N, n) candidate ratios: softmax(logits), frozen rows one-hot at their argmax."""
+        if self.is_hard:
+            raise RuntimeError("a hard VQLinear has no ratios")
+        return masked_ratios(self.logits, self.frozen)
+
+    def weight(self):
+        """(out, in) reconstructed weight."""
+        if self.is_hard:
+            subs = hard_reconstruct(self.codebook, self.indices)
+        else:
+            subs = soft_reconstruct(self.codebook, self.candidates, self.ratios())
+        return subs.reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def freeze_confident(self, threshold=0.99):
+        """Freeze every sub-vector whose largest ratio exceeds `threshold`; returns the frozen fraction."""
+        if self.is_hard:
+            raise RuntimeError("freeze_confident needs a soft VQLinear")
+        self.frozen |= torch.softmax(self.logits, dim=1).amax(1) > threshold
+        return self.selected_fraction()
+
+    def selected_fraction(self):
+        return 1.0 if self.is_hard else self.frozen.float().mean().item()
+
+    @torch.no_grad()
+    def harden(self):
+        """Keep each sub-vector's highest-ratio candidate; drops logits, candidates and frozen."""
+        if self.is_hard:
+            return self
+        choice = self.ratios().argmax(1, keepdim=True)  # (N, 1)
+        indices = self.candidates.gather(1, choice).squeeze(1)  # (N,)
+        del self.logits, self.candidates, self.frozen
+        self.register_buffer("indices", indices)
+        return self
+
+    @torch.no_grad()
+    def round_codebook_(self):
+        """Round the codebook to fp16-representable values, so the saved fp16 codebook equals this one."""
+        self.codebook.copy_(self.codebook.half().float())
+        return self
+
+    def bits_per_weight(self, include_codebook=False):
+        bits = index_bits(self.codebook_size) / self.dim
+        if include_codebook:
+            codebook_bits = self.groups * self.codebook_size * self.dim * CODEBOOK_STORAGE_BITS
+            bits += codebook_bits / (self.in_features * self.out_features)
+        return bits
+
+    def extra_repr(self):
+        mode = "hard" if self.is_hard else f"soft n={self.num_candidates}"
+        return (f"in={self.in_features}, out={self.out_features}, k={self.codebook_size}, d={self.dim}, "
+                f"groups={self.groups}, {mode}, bias={self.bias is not None}")
