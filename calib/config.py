@@ -3,6 +3,7 @@
 Unknown keys are errors; the resolved config is saved beside every artifact as config.yaml.
 """
 import dataclasses
+import typing
 from dataclasses import dataclass, fields
 
 import yaml
@@ -67,7 +68,8 @@ class QuantizeConfig:
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "must be a positive integer")
         if not 2 <= self.k <= 65536:
-            bad("codebook_size", self.k, f"k = {self.k} from wbits={self.wbits}, dim={self.dim}; k must be in 2..65536")
+            source = "given" if self.codebook_size is not None else f"= 2^(wbits*dim) with wbits={self.wbits}, dim={self.dim}"
+            bad("codebook_size", self.k, f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             bad("candidates", self.candidates, f"at most the codebook size {self.k}")
         if self.calib_timesteps > self.steps:
@@ -81,13 +83,26 @@ class QuantizeConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _coerce(name, kind, value, source):
+    """`value` checked against the field type `kind` (int, float, str, bool, or X | None)."""
+    allowed = typing.get_args(kind) or (kind,)
+    if value is None and type(None) in allowed:
+        return None
+    base = next(a for a in allowed if a is not type(None))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: {name}={value!r} must be of type {base.__name__}")
+
+
 def merge(config, values, source):
     """A copy of `config` with `values` (a dict) applied; unknown keys name `source` and the valid keys."""
-    valid = {f.name for f in fields(QuantizeConfig)}
-    unknown = sorted(set(values) - valid)
+    types = {f.name: f.type for f in fields(QuantizeConfig)}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
-    return dataclasses.replace(config, **values)
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(types))}")
+    return dataclasses.replace(config, **{k: _coerce(k, types[k], v, source) for k, v in values.items()})
 
 
 def load_config(path=None, overrides=None):

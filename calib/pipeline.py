@@ -1,0 +1,67 @@
+"""The quantization job: load the FP model, build codebooks, calibrate, save the artifact.
+
+`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments.
+"""
+import logging
+import os
+import time
+
+import torch
+
+from calib.config import QuantizeConfig
+from models.loading import load_dit
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name):
+    """'auto' -> cuda when present, else cpu; an explicit cuda request without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_out_dir(out_dir):
+    """Create `out_dir` or fail early with a one-line error, before any expensive work."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable")
+
+
+def quantize(config: QuantizeConfig, out_dir, progress=True):
+    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats."""
+    from calib.run import calibrate
+    from vq import quantize_linears, save_quantized
+
+    check_out_dir(out_dir)
+    device = resolve_device(config.device)
+    start = time.time()
+    model, spec = load_dit(config.model, config.ckpt, config.image_size, config.num_classes, device=device)
+    if config.method == "rtn":
+        from vq.rtn import quantize_linears_rtn
+
+        quantize_linears_rtn(model, config.wbits)
+        stats = []
+    else:
+        soft = config.method == "vq4dit"
+        qlayers = quantize_linears(model, config.k, config.dim, candidates=config.candidates if soft else 1,
+                                   split_qkv=config.split_qkv, kmeans_iters=config.kmeans_iters, seed=config.seed,
+                                   ratio_init=config.ratio_init, progress=progress)
+        stats = []
+        if config.method in ("vq4dit", "codebook"):
+            stats = calibrate(model, qlayers, config, out_dir, progress=progress)
+        for layer in qlayers.values():
+            if not layer.is_hard:
+                layer.harden()
+    save_quantized(model, spec, out_dir, config.to_dict())
+    logger.info("quantized %s with %s in %.1f s -> %s", config.model, config.method, time.time() - start, out_dir)
+    return stats

@@ -1,0 +1,82 @@
+"""Quantize a DiT with VQ4DiT (or a baseline) and save a compact artifact.
+
+    python quantize.py                                   # embedded digits model, W2 (k256 d4), VQ4DiT
+    python quantize.py --config configs/dit_xl_256_w2.yaml --ckpt DiT-XL-2-256x256.pt --out out/xl_w2
+
+Values come from the dataclass defaults, then the YAML preset (--config), then the flags given here.
+"""
+import argparse
+import logging
+import sys
+
+from calib.config import load_config
+from utils.errors import UserError
+
+FLAGS = [
+    # (flag, type, help); every flag maps to the QuantizeConfig field of the same name
+    ("--model", str, "registry name, e.g. DiT-XL/2 (default DiT-Digits/2)"),
+    ("--ckpt", str, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id"),
+    ("--image-size", int, "image size for latent models (256 or 512)"),
+    ("--num-classes", int, "number of classes (1000 for ImageNet)"),
+    ("--method", str, "vq4dit (default) | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)"),
+    ("--wbits", int, "bits per weight (k = 2^(wbits*dim))"),
+    ("--dim", int, "sub-vector length d"),
+    ("--codebook-size", int, "codebook size k, overrides 2^(wbits*dim)"),
+    ("--candidates", int, "candidate codewords per sub-vector n"),
+    ("--ratio-init", str, "inverse_distance | uniform"),
+    ("--kmeans-iters", int, "Lloyd iterations"),
+    ("--calib", str, "blockwise | joint"),
+    ("--block-inputs", str, "quantized (sequential) | fp (independent blocks)"),
+    ("--iters", int, "calibration iterations per block"),
+    ("--batch-size", int, "calibration batch size"),
+    ("--lr-ratio", float, "RMSprop learning rate of the ratio logits"),
+    ("--lr-codebook", float, "RMSprop learning rate of codebooks and biases"),
+    ("--lambda-r", float, "weight of the ratio regulariser"),
+    ("--steps", int, "sampler steps of the teacher trajectory"),
+    ("--cfg-scale", float, "classifier-free guidance scale of the teacher trajectory"),
+    ("--calib-samples", int, "teacher trajectories"),
+    ("--calib-timesteps", int, "timesteps kept per trajectory"),
+    ("--seed", int, "random seed"),
+    ("--device", str, "auto | cpu | cuda | cuda:N"),
+]
+
+
+def config_overrides(args):
+    values = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in FLAGS}
+    values["split_qkv"] = args.split_qkv
+    return values
+
+
+def default_out(config):
+    name = config.model.replace("/", "_").replace("DiT-", "").lower()
+    return f"outputs/{name}_{config.method}_w{config.wbits}d{config.dim}"
+
+
+def main(args):
+    config = load_config(args.config, config_overrides(args))
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return
+    from calib.pipeline import quantize  # imported here so --dry-run and errors stay fast
+
+    out = args.out or default_out(config)
+    quantize(config, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset from configs/")
+    for flag, kind, text in FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--split-qkv", action="store_true", default=None, help="q, k, v as three codebooks")
+    parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from calib.config import QuantizeConfig, load_config
+from utils.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("wbits,dim,k", [(2, 4, 256), (3, 2, 64), (1, 8, 256), (4, 1, 16)])
+def test_codebook_size_follows_bits_and_dim(wbits, dim, k):
+    assert load_config(overrides={"wbits": wbits, "dim": dim}).k == k
+
+
+def test_precedence_defaults_then_yaml_then_cli(tmp_path):
+    path = write(tmp_path, "wbits: 3\ndim: 2\niters: 7\n")
+    config = load_config(path, {"iters": 9, "seed": None})
+    assert (config.wbits, config.dim, config.iters, config.seed) == (3, 2, 9, QuantizeConfig().seed)
+
+
+def test_unknown_key_names_file_and_valid_keys(tmp_path):
+    path = write(tmp_path, "wbitz: 2\n")
+    with pytest.raises(UserError, match=r"preset.yaml: unknown key\(s\) wbitz; valid keys: .*wbits"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("wbits: two\n", "wbits='two' must be of type int"),
+    ("split_qkv: 1\n", "split_qkv=1 must be of type bool"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("wbits: [\n", "not valid YAML"),
+])
+def test_bad_yaml_values(tmp_path, text, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(write(tmp_path, text))
+
+
+def test_int_is_accepted_for_float_fields(tmp_path):
+    assert load_config(write(tmp_path, "lr_ratio: 1\n")).lr_ratio == 1.0
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"codebook_size": 1}, "codebook_size=1"),
+    ({"codebook_size": 65537}, "2..65536"),
+    ({"wbits": 5, "dim": 4}, "2\\^\\(wbits\\*dim\\)"),
+    ({"iters": 0}, "iters=0: must be a positive integer"),
+    ({"steps": -1}, "steps=-1"),
+    ({"method": "gptq"}, "choose one of vq4dit"),
+    ({"candidates": 5, "codebook_size": 4}, "at most the codebook size 4"),
+    ({"calib_timesteps": 60}, "at most steps=50"),
+])
+def test_impossible_settings_are_user_errors(overrides, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(overrides=overrides)
+
+
+def test_missing_preset_file(tmp_path):
+    with pytest.raises(UserError, match="cannot read config .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_resolves(path):
+    config = load_config(str(path))
+    assert config.to_dict()["model"] == config.model
