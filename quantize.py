@@ -57,7 +57,8 @@ def main(args):
     if args.dry_run:
         print(config.to_yaml(), end="")
         return
-    from calib.pipeline import quantize  # imported here so --dry-run and errors stay fast
+    # imported here so that --dry-run and config errors answer without loading torch
+    from calib.pipeline import quantize
 
     out = args.out or default_out(config)
     quantize(config, out)
