@@ -1,0 +1,79 @@
+"""Round-to-nearest scalar quantization per output channel: the baseline VQ4DiT is compared against.
+
+Each output row gets an asymmetric uniform grid of 2^bits levels spanning [min, max] of that row.
+The scale and the row minimum are stored in fp16 (rounded here, so the artifact is exact).
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vq.apply import BLOCK_LINEARS, set_submodule
+
+STAT_STORAGE_BITS = 16  # scale and minimum per output row, fp16
+
+
+def rtn_quantize(w, bits):
+    """w (out, in) -> integer codes (out, in) in [0, 2^bits - 1], fp16-exact scale (out, 1) and minimum (out, 1)."""
+    levels = 2**bits - 1
+    lo = w.amin(1, keepdim=True).half().float()
+    hi = w.amax(1, keepdim=True)
+    scale = ((hi - lo) / levels).clamp(min=1e-8).half().float()
+    codes = torch.round((w - lo) / scale).clamp(0, levels).long()
+    return codes, scale, lo
+
+
+def rtn_dequantize(codes, scale, lo):
+    return codes.float() * scale + lo  # (out, in)
+
+
+class RTNLinear(nn.Module):
+    """A Linear whose weight is stored as `bits`-bit codes with a per-row scale and minimum; always hard."""
+
+    is_hard = True
+
+    def __init__(self, in_features, out_features, bits, bias=True, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int64, device=device))
+        self.register_buffer("scale", torch.ones(out_features, 1, device=device))
+        self.register_buffer("lo", torch.zeros(out_features, 1, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear, bits):
+        w = linear.weight.detach().float()
+        layer = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None, device=w.device)
+        codes, scale, lo = rtn_quantize(w, bits)
+        layer.codes.copy_(codes)
+        layer.scale.copy_(scale)
+        layer.lo.copy_(lo)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer
+
+    def weight(self):
+        return rtn_dequantize(self.codes, self.scale, self.lo)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().to(x.dtype), bias)
+
+    def bits_per_weight(self, include_codebook=False):
+        extra = 2 * STAT_STORAGE_BITS / self.in_features if include_codebook else 0.0
+        return self.bits + extra
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+
+
+def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS):
+    """Replace every nn.Linear whose qualified name matches `include` by an RTNLinear; returns {name: layer}."""
+    pattern = re.compile(include)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
+    out = {}
+    for name, linear in targets:
+        out[name] = RTNLinear.from_linear(linear, bits)
+        set_submodule(model, name, out[name])
+    return out
