@@ -1,0 +1,1 @@
+"""Sample-quality metrics: FID (digits classifier or Inception features), accuracy, paired PSNR/MSE."""
