@@ -41,7 +41,7 @@ def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINE
         raise UserError(f"include pattern {include!r} matches no nn.Linear of the model")
     groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
     for name, m in targets:
-        check_shape(name, m.in_features, m.out_features, dim, groups[name])
+        check_shape(name, m.in_features, m.out_features, dim, groups[name], codebook_size)
     out = {}
     for name, linear in tqdm(targets, desc="k-means", unit="layer", disable=not progress):
         layer = VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],

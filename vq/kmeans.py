@@ -18,8 +18,6 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 4096  # rows per distance block: (4096, 256) fp32 = 4 MiB, cache-sized on CPU
-SEED_SAMPLE_PER_CLUSTER = 64  # k-means++ seeding sees at most this many points per cluster
-FIT_SAMPLE_PER_CLUSTER = 512  # first Lloyd phase sees at most this many points per cluster
 
 
 def nearest(x, centroids, chunk_size=DEFAULT_CHUNK):
@@ -98,12 +96,15 @@ def lloyd(x, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK):
     return centroids, index, sqdist, done
 
 
-def kmeans(x, k, iters=100, seed=0, tol=1e-4, chunk_size=DEFAULT_CHUNK, subsample=True):
+def kmeans(x, k, iters=100, seed=0, tol=1e-4, chunk_size=DEFAULT_CHUNK, seed_points_per_cluster=64,
+           fit_points_per_cluster=512):
     """k-means of x (N, d) into k clusters -> (codebook (k, d), assignments (N,) int64).
 
-    Deterministic for a given seed and device. With `subsample` (default) and N large, seeding and a first Lloyd
-    phase run on random subsets, then up to `iters` refinement iterations run on all points (they usually stop
-    after a few, once fewer than `tol` of the assignments change). Requires N >= k.
+    Deterministic for a given seed and device. k-means++ seeding sees at most `seed_points_per_cluster * k`
+    random points; when N exceeds `fit_points_per_cluster * k`, up to `iters` Lloyd iterations first run on that
+    many random points, then up to `iters` refinement iterations run on all points (they usually stop after a
+    few, once fewer than `tol` of the assignments change). None for either disables that subsample.
+    Requires N >= k.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects points of shape (N, d), got {tuple(x.shape)}")
@@ -114,13 +115,15 @@ def kmeans(x, k, iters=100, seed=0, tol=1e-4, chunk_size=DEFAULT_CHUNK, subsampl
     x = x.float()  # float32 arithmetic throughout, also for half-precision inputs
     g = torch.Generator(device=x.device).manual_seed(seed)
 
-    def sample(m):
-        return x if m >= n else x[torch.randperm(n, generator=g, device=x.device)[:m]]
+    def sample(per_cluster):
+        if per_cluster is None or per_cluster * k >= n:
+            return x
+        return x[torch.randperm(n, generator=g, device=x.device)[:per_cluster * k]]
 
-    seed_points = sample(SEED_SAMPLE_PER_CLUSTER * k) if subsample else x
-    centroids = kmeans_plusplus(seed_points, k, g)
-    if subsample and FIT_SAMPLE_PER_CLUSTER * k < n:
-        centroids, *_ , it = lloyd(sample(FIT_SAMPLE_PER_CLUSTER * k), centroids, iters, tol, chunk_size)
+    centroids = kmeans_plusplus(sample(seed_points_per_cluster), k, g)
+    fit_points = sample(fit_points_per_cluster)
+    if fit_points is not x:
+        centroids, *_, it = lloyd(fit_points, centroids, iters, tol, chunk_size)
         logger.debug("subsample phase: %d iterations", it)
     centroids, index, sqdist, it = lloyd(x, centroids, iters, tol, chunk_size)
     logger.debug("k-means k=%d N=%d: %d full iterations, inertia %.6g", k, n, it, sqdist.sum().item())

@@ -30,13 +30,17 @@ logger = logging.getLogger(__name__)
 CODEBOOK_STORAGE_BITS = 16  # the artifact stores codebooks in fp16
 
 
-def check_shape(name, in_features, out_features, dim, groups):
-    """Raise a UserError when a (in, out) layer cannot be cut into d-sub-vectors / row groups."""
+def check_shape(name, in_features, out_features, dim, groups, codebook_size=None):
+    """Raise a UserError when a (in, out) layer cannot be cut into d-sub-vectors / row groups / k clusters."""
     if in_features % dim:
         raise UserError(f"layer {name}: in_features={in_features} is not divisible by dim={dim}; "
                         f"choose a dim that divides {in_features}")
     if out_features % groups:
         raise UserError(f"layer {name}: out_features={out_features} is not divisible by groups={groups}")
+    per_group = out_features * in_features // dim // groups
+    if codebook_size is not None and per_group < codebook_size:
+        raise UserError(f"layer {name}: only {per_group} sub-vectors per codebook, fewer than "
+                        f"codebook_size={codebook_size}; use a smaller codebook_size or dim")
 
 
 class VQLinear(nn.Module):
@@ -62,7 +66,7 @@ class VQLinear(nn.Module):
     def from_linear(cls, linear, codebook_size, dim, candidates=2, groups=1, kmeans_iters=100, seed=0,
                     ratio_init="inverse_distance", name="linear"):
         """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector."""
-        check_shape(name, linear.in_features, linear.out_features, dim, groups)
+        check_shape(name, linear.in_features, linear.out_features, dim, groups, codebook_size)
         w = linear.weight.detach().float()  # (out, in)
         layer = cls(linear.in_features, linear.out_features, codebook_size, dim, candidates, groups,
                     bias=linear.bias is not None, device=w.device)

@@ -1,0 +1,60 @@
+"""Candidate sets, ratio init and reconstruction against loop references."""
+import pytest
+import torch
+
+from utils.errors import UserError
+from vq.candidates import hard_reconstruct, init_logits, masked_ratios, nearest_codewords, soft_reconstruct
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_nearest_codewords_match_sorted_distances(n, chunk):
+    x, cb = rand(40, 4), rand(16, 4, seed=1)
+    index, dist = nearest_codewords(x, cb, n, chunk)
+    ref = torch.cdist(x, cb)  # (N, k)
+    ref_d, ref_i = ref.sort(1)
+    assert torch.equal(index, ref_i[:, :n])
+    assert torch.allclose(dist, ref_d[:, :n], atol=1e-5)
+
+
+def test_candidates_out_of_range():
+    with pytest.raises(UserError, match="candidates=5"):
+        nearest_codewords(rand(3, 2), rand(4, 2), 5)
+
+
+def test_inverse_distance_init_gives_ratios_proportional_to_inverse_distance():
+    dist = torch.tensor([[1.0, 3.0], [0.5, 0.5], [2.0, 4.0]])
+    r = torch.softmax(init_logits(dist, "inverse_distance"), 1)
+    ref = (1 / dist) / (1 / dist).sum(1, keepdim=True)
+    assert torch.allclose(r, ref, atol=1e-6)
+    assert torch.equal(torch.softmax(init_logits(dist, "uniform"), 1), torch.full_like(dist, 0.5))
+    assert torch.isfinite(init_logits(torch.zeros(1, 2))).all()
+    with pytest.raises(UserError, match="ratio_init='bogus'"):
+        init_logits(dist, "bogus")
+
+
+def test_masked_ratios_one_hot_on_frozen_rows():
+    logits = rand(6, 3)
+    frozen = torch.tensor([True, False, True, False, False, False])
+    r = masked_ratios(logits, frozen)
+    soft = torch.softmax(logits, 1)
+    for i in range(6):
+        expect = torch.eye(3)[soft[i].argmax()] if frozen[i] else soft[i]
+        assert torch.allclose(r[i], expect)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_reconstruction_matches_loop(groups):
+    k, d, n, per_group = 8, 2, 3, 5
+    cb = rand(groups, k, d)
+    cand = torch.randint(0, k, (groups * per_group, n), generator=torch.Generator().manual_seed(2))
+    ratios = torch.softmax(rand(groups * per_group, n, seed=3), 1)
+    soft, hard = soft_reconstruct(cb, cand, ratios), hard_reconstruct(cb, cand[:, 0])
+    for i in range(groups * per_group):
+        g = i // per_group
+        assert torch.allclose(soft[i], sum(ratios[i, j] * cb[g, cand[i, j]] for j in range(n)), atol=1e-6)
+        assert torch.equal(hard[i], cb[g, cand[i, 0]])

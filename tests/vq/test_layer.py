@@ -1,0 +1,99 @@
+"""VQLinear against slow per-sub-vector references."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+from vq.kmeans import kmeans
+from vq.layer import VQLinear
+
+
+def linear(in_f, out_f, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def reference_weight(layer):
+    """Loop over sub-vectors: row-major, d consecutive inputs of one output row, group from the output row."""
+    d, per_group = layer.dim, layer.out_features * layer.in_features // layer.dim // layer.groups
+    subs = []
+    for i in range(layer.out_features * layer.in_features // d):
+        cb = layer.codebook[i // per_group]
+        if layer.is_hard:
+            subs.append(cb[layer.indices[i]])
+        else:
+            r = layer.ratios()[i]
+            subs.append(sum(r[j] * cb[layer.candidates[i, j]] for j in range(layer.num_candidates)))
+    return torch.stack(subs).reshape(layer.out_features, layer.in_features)
+
+
+@pytest.mark.parametrize("groups,n,bias", [(1, 2, True), (3, 2, False), (1, 1, True), (3, 3, True)])
+def test_weight_and_forward_match_reference(groups, n, bias):
+    lin = linear(16, 24, bias)
+    layer = VQLinear.from_linear(lin, codebook_size=8, dim=4, candidates=n, groups=groups, kmeans_iters=10)
+    assert layer.codebook.shape == (groups, 8, 4) and layer.candidates.shape == (96, n)
+    assert torch.allclose(layer.weight(), reference_weight(layer), atol=1e-6)
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), F.linear(x, layer.weight(), layer.bias), atol=1e-6)
+    layer.harden()
+    assert layer.is_hard and not hasattr(layer, "logits") and layer.indices.shape == (96,)
+    assert torch.equal(layer.weight(), reference_weight(layer))
+
+
+def test_groups_have_their_own_kmeans_codebooks():
+    lin = linear(8, 12)
+    layer = VQLinear.from_linear(lin, codebook_size=4, dim=2, candidates=1, groups=3, kmeans_iters=10, seed=7)
+    for g in range(3):
+        rows = lin.weight.detach()[4 * g:4 * (g + 1)].reshape(-1, 2)
+        cb, assign = kmeans(rows, 4, iters=10, seed=7 + g)
+        assert torch.equal(layer.codebook[g], cb)
+        assert torch.equal(layer.candidates[16 * g:16 * (g + 1), 0], assign)
+
+
+def test_first_candidate_is_nearest_and_inverse_distance_init():
+    lin = linear(16, 8)
+    layer = VQLinear.from_linear(lin, codebook_size=16, dim=4, candidates=3, kmeans_iters=10)
+    subs = lin.weight.detach().reshape(-1, 4)
+    dist = torch.cdist(subs, layer.codebook[0])  # (N, k)
+    chosen = dist.gather(1, layer.candidates)  # (N, 3)
+    assert torch.equal(layer.candidates[:, 0], dist.argmin(1))
+    r = layer.ratios()
+    ref = (1 / (chosen + 1e-8)) / (1 / (chosen + 1e-8)).sum(1, keepdim=True)
+    assert torch.allclose(r, ref, atol=1e-4)
+    uniform = VQLinear.from_linear(lin, 16, 4, candidates=3, kmeans_iters=10, ratio_init="uniform")
+    assert torch.allclose(uniform.ratios(), torch.full((32, 3), 1 / 3))
+
+
+def test_freeze_harden_and_gradients():
+    layer = VQLinear.from_linear(linear(8, 8), codebook_size=8, dim=2, candidates=2, kmeans_iters=5)
+    with torch.no_grad():
+        layer.logits.zero_()
+        layer.logits[:10, 1] = 10.0  # confident: ratio ~ 1 - 4.5e-5
+        layer.logits[10:12, 0] = 3.0  # ratio 0.95, below threshold
+    assert layer.freeze_confident(0.99) == pytest.approx(10 / 32)
+    assert layer.selected_fraction() == pytest.approx(10 / 32)
+    assert torch.equal(layer.ratios()[:10], torch.tensor([[0.0, 1.0]] * 10))
+    layer(torch.randn(3, 8)).sum().backward()
+    assert (layer.logits.grad[:10] == 0).all() and layer.logits.grad[12:].abs().sum() > 0
+    assert layer.codebook.grad is not None and layer.bias.grad is not None
+    expect = torch.where(layer.logits[:, 1] > layer.logits[:, 0], layer.candidates[:, 1], layer.candidates[:, 0])
+    layer.harden()
+    assert torch.equal(layer.indices, expect) and layer.selected_fraction() == 1.0
+
+
+def test_round_codebook_and_bits():
+    layer = VQLinear.from_linear(linear(64, 32), codebook_size=256, dim=4, kmeans_iters=2)
+    layer.round_codebook_()
+    assert torch.equal(layer.codebook, layer.codebook.half().float())
+    assert layer.bits_per_weight() == 2.0
+    assert layer.bits_per_weight(include_codebook=True) == pytest.approx(2.0 + 256 * 4 * 16 / (64 * 32))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"dim": 3}, "in_features=16 is not divisible by dim=3"),
+                                          ({"dim": 4, "groups": 5}, "out_features=24 is not divisible by groups=5"),
+                                          ({"dim": 4, "groups": 3, "codebook_size": 64},
+                                           "only 32 sub-vectors per codebook, fewer than codebook_size=64")])
+def test_bad_shapes_are_user_errors(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        VQLinear.from_linear(linear(16, 24), **{"codebook_size": 4, **kwargs})

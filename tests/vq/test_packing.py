@@ -1,0 +1,50 @@
+"""Bit packing against a slow pure-Python bit-string reference."""
+import pytest
+import torch
+
+from vq.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
+
+
+def reference_pack(values, bits):
+    stream = "".join(format(v, f"0{bits}b")[::-1] for v in values)  # value bits LSB first
+    stream += "0" * (-len(stream) % 8)
+    return [int(stream[i:i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("n", [0, 1, 7, 13, 257])
+def test_round_trip_matches_reference(bits, n):
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    values = torch.randint(0, 1 << bits, (n,), generator=g)
+    if n:
+        values[0] = (1 << bits) - 1  # the largest value must survive
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and len(packed) == packed_nbytes(n, bits)
+    assert packed.tolist() == reference_pack(values.tolist(), bits)
+    assert torch.equal(unpack_bits(packed, bits, n), values)
+
+
+def test_chunk_boundaries(monkeypatch):
+    import vq.packing as packing
+
+    monkeypatch.setattr(packing, "CHUNK", 16)  # several chunks with a ragged last one
+    values = torch.randint(0, 1 << 5, (53,), generator=torch.Generator().manual_seed(0))
+    packed = packing.pack_bits(values, 5)
+    assert packed.tolist() == reference_pack(values.tolist(), 5)
+    assert torch.equal(packing.unpack_bits(packed, 5, 53), values)
+
+
+@pytest.mark.parametrize("values,bits", [([4], 2), ([-1], 3), ([1 << 16], 16)])
+def test_out_of_range_values_rejected(values, bits):
+    with pytest.raises(ValueError, match="must lie in"):
+        pack_bits(torch.tensor(values), bits)
+
+
+def test_wrong_length_rejected():
+    with pytest.raises(ValueError, match="expected 2 uint8 bytes"):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("k,bits", [(2, 1), (3, 2), (64, 6), (256, 8), (257, 9), (65536, 16)])
+def test_index_bits(k, bits):
+    assert index_bits(k) == bits
