@@ -1,0 +1,76 @@
+"""Digits metrics with a tiny stand-in classifier: pixel conversions, batching, FID/accuracy wiring."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from evaluation.digits import (
+    classifier_outputs,
+    digits_metrics,
+    real_digits_uint8,
+    tensor_to_uint8,
+    uint8_to_tensor,
+)
+from evaluation.metrics import fid_from_features
+
+
+class TinyClassifier(nn.Module):
+    """Same interface as the project's digits classifier: features(x) and logits forward on (N, 1, 16, 16)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 6))
+        self.head = nn.Linear(6, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_uint8_round_trip_is_exact():
+    values = np.arange(256, dtype=np.uint8)
+    images = np.repeat(np.resize(values, (1, 16, 16, 1)), 3, axis=-1)  # (1, 16, 16, 3), every grey level
+    x = uint8_to_tensor(images)
+    assert x.shape == (1, 1, 16, 16) and x.min() == -1 and x.max() == 1
+    assert np.array_equal(tensor_to_uint8(x), images)
+
+
+def test_tensor_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, 2 * 100.4 / 255 - 1]).reshape(1, 1, 1, 6)
+    u = tensor_to_uint8(x)
+    assert u.shape == (1, 1, 6, 3)
+    assert u[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 100]  # 127.5 rounds half to even: 128
+    assert (u[..., 0] == u[..., 2]).all()
+
+
+def test_real_digits():
+    images, labels = real_digits_uint8()
+    assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))
+
+
+def test_outputs_do_not_depend_on_batch_size():
+    images, _ = real_digits_uint8()
+    classifier = TinyClassifier().eval()
+    f1, l1 = classifier_outputs(classifier, images[:50], batch_size=7)
+    f2, l2 = classifier_outputs(classifier, images[:50], batch_size=512)
+    assert f1.shape == (50, 6) and l1.shape == (50, 10) and f1.dtype == np.float64
+    assert np.allclose(f1, f2, atol=1e-6) and np.allclose(l1, l2, atol=1e-6)
+
+
+def test_digits_metrics_wiring():
+    images, labels = real_digits_uint8()
+    classifier = TinyClassifier().eval()
+    samples, sample_labels = images[:300], labels[:300]
+    metrics = digits_metrics(classifier, samples, sample_labels, images)
+    features, logits = classifier_outputs(classifier, samples)
+    real_features, _ = classifier_outputs(classifier, images)
+    assert metrics["fid"] == pytest.approx(fid_from_features(features, real_features), rel=1e-10)
+    assert metrics["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == sample_labels))
+    assert digits_metrics(classifier, samples, None, images)["accuracy"] is None
+    assert digits_metrics(classifier, images, labels, images)["fid"] == pytest.approx(0, abs=1e-8)
+    noise = np.random.default_rng(0).integers(0, 256, size=(300, 16, 16, 3), dtype=np.uint8)
+    assert digits_metrics(classifier, noise, None, images)["fid"] > metrics["fid"]

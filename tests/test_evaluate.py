@@ -1,0 +1,115 @@
+"""evaluate.py end to end: JSON keys and values, table, kind selection and one-line errors (exit 2)."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import evaluate
+import evaluation.report
+from evaluation.digits import real_digits_uint8
+from evaluation.metrics import paired_mse
+from tests.evaluation.test_digits import TinyClassifier
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(samples, **kwargs):
+    defaults = dict(reference=None, json=None, kind=None, ref_batch=None, classifier="unused.safetensors")
+    return argparse.Namespace(samples=samples, **{**defaults, **kwargs})
+
+
+@pytest.fixture
+def digits_batches(tmp_path):
+    """A 'quantized' batch (real digits, lightly perturbed) and its 'FP reference' (the real digits)."""
+    images, labels = real_digits_uint8()
+    fp = images[:200]
+    noise = np.random.default_rng(0).integers(-3, 4, size=fp.shape)
+    q = np.clip(fp.astype(int) + noise, 0, 255).astype(np.uint8)
+    paths = {}
+    for name, arr in [("q", q), ("fp", fp)]:
+        paths[name] = str(tmp_path / f"{name}.npz")
+        np.savez(paths[name], arr_0=arr, arr_1=labels[:200])
+    return paths, q, fp
+
+
+@pytest.fixture
+def tiny_classifier(monkeypatch):
+    monkeypatch.setattr(evaluation.report, "load_digits_classifier", lambda path: TinyClassifier().eval())
+
+
+def test_digits_json_and_table(tmp_path, digits_batches, tiny_classifier, capsys):
+    paths, q, fp = digits_batches
+    out = tmp_path / "out" / "eval.json"
+    evaluate.main(args(paths["q"], reference=paths["fp"], json=str(out)))
+    result = json.loads(out.read_text())
+    assert list(result) == ["fid", "accuracy", "psnr_vs_reference", "mse_vs_reference", "num_samples"]
+    assert result["num_samples"] == 200
+    assert result["mse_vs_reference"] == pytest.approx(paired_mse(q, fp))
+    assert result["psnr_vs_reference"] == pytest.approx(-10 * math.log10(result["mse_vs_reference"]))
+    assert 0 <= result["accuracy"] <= 1 and result["fid"] > 0
+    table = capsys.readouterr().out
+    assert "psnr_vs_reference" in table and f"{result['fid']:.4f}" in table
+
+
+def test_without_reference_paired_metrics_are_null(tmp_path, digits_batches, tiny_classifier):
+    paths, _, _ = digits_batches
+    out = tmp_path / "eval.json"
+    evaluate.main(args(paths["q"], json=str(out), kind="digits"))
+    result = json.loads(out.read_text())
+    assert result["psnr_vs_reference"] is None and result["mse_vs_reference"] is None
+    assert result["fid"] is not None
+
+
+def test_identical_reference_gives_infinite_psnr(tmp_path, digits_batches, tiny_classifier):
+    paths, _, _ = digits_batches
+    out = tmp_path / "eval.json"
+    evaluate.main(args(paths["fp"], reference=paths["fp"], json=str(out)))
+    result = json.loads(out.read_text())
+    assert result["mse_vs_reference"] == 0 and result["psnr_vs_reference"] == math.inf
+
+
+def exits_with_error(capsys, match, namespace):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(namespace)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and match in err
+
+
+def test_user_errors(tmp_path, digits_batches, capsys):
+    paths, _, fp = digits_batches
+    exits_with_error(capsys, "no such file", args(str(tmp_path / "missing.npz")))
+    exits_with_error(capsys, "only used with --kind imagenet", args(paths["q"], ref_batch=paths["fp"]))
+    exits_with_error(capsys, "--classifier unused.safetensors: no such file", args(paths["q"]))
+    np.savez(tmp_path / "short.npz", arr_0=fp[:10], arr_1=np.zeros(10, int))
+    exits_with_error(capsys, "must match the samples'", args(paths["q"], reference=str(tmp_path / "short.npz")))
+    big = np.zeros((3, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "big.npz", arr_0=big)
+    exits_with_error(capsys, "--kind digits: samples are 32x32", args(str(tmp_path / "big.npz"), kind="digits"))
+    exits_with_error(capsys, "--ref-batch: required", args(str(tmp_path / "big.npz")))
+    np.savez(tmp_path / "labels.npz", arr_0=fp[:3], arr_1=np.array([0, 1, 10]))
+    exits_with_error(capsys, "must be in [0, 10)", args(str(tmp_path / "labels.npz")))
+
+
+def test_imagenet_needs_torch_fidelity(tmp_path, capsys):
+    try:
+        import torch_fidelity  # noqa: F401
+        pytest.skip("torch-fidelity is installed")
+    except ImportError:
+        pass
+    big = np.zeros((3, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "big.npz", arr_0=big, arr_1=np.array([0, 999, 5]))
+    exits_with_error(capsys, "pip install torch-fidelity",
+                     args(str(tmp_path / "big.npz"), ref_batch=str(tmp_path / "big.npz")))
+
+
+def test_cli_exit_status_without_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "evaluate.py", "--samples", str(tmp_path / "missing.npz")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("no such file; expected an .npz with arr_0 uint8 (N, H, W, 3)")
