@@ -124,9 +124,12 @@ def sincos_pos_embed_1d(dim, pos):
 
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """Fixed 2-D sin-cos table (T, dim); first half encodes the row (h), second the column (w)."""
+    """Fixed 2-D sin-cos table (T, dim), tokens row-major; first half encodes the column (w), second the row (h).
+
+    This is the layout of the official checkpoints and of diffusers (which does not store the table).
+    """
     grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
-    return np.concatenate([sincos_pos_embed_1d(dim // 2, grid_h), sincos_pos_embed_1d(dim // 2, grid_w)], axis=1)
+    return np.concatenate([sincos_pos_embed_1d(dim // 2, grid_w), sincos_pos_embed_1d(dim // 2, grid_h)], axis=1)
 
 
 class DiT(nn.Module):
@@ -199,6 +202,8 @@ class DiT(nn.Module):
 ARCHS = {
     "DiT-XL": (28, 1152, 16), "DiT-L": (24, 1024, 16), "DiT-B": (12, 768, 12), "DiT-S": (12, 384, 6),
 }
+DiT_configs = {f"{arch}/{p}": (*ARCHS[arch], p) for arch in ARCHS for p in (2, 4, 8)}
+DiT_configs["DiT-Digits/2"] = (6, 128, 4, 2)
 
 
 def _builder(depth, hidden, heads, patch):
@@ -207,5 +212,4 @@ def _builder(depth, hidden, heads, patch):
     return build
 
 
-DiT_models = {f"{arch}/{p}": _builder(*ARCHS[arch], p) for arch in ARCHS for p in (2, 4, 8)}
-DiT_models["DiT-Digits/2"] = _builder(6, 128, 4, 2)
+DiT_models = {name: _builder(*config) for name, config in DiT_configs.items()}

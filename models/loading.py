@@ -1,14 +1,33 @@
-"""Build a DiT from the registry and load its weights (safetensors written by this project)."""
+"""Build a DiT from the registry and load its weights, whatever format they come in.
+
+Formats: our safetensors (spec in the header), the official plain state dict `.pt`
+(`DiT-XL-2-256x256.pt`), a training checkpoint dict (its `ema` is used), and diffusers format
+(a directory with config.json + diffusion_pytorch_model.*, its parent with `transformer/`, or a hub id).
+"""
 import json
 import logging
+import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.dit import DiT_models
+from models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
+from models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
+from utils.errors import UserError
 from utils.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_CKPT = "weights/dit_digits.safetensors"
+LATENT_DOWNSAMPLE = 8  # the SD VAE maps 8x8 pixels to one latent position
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_NUM_CLASSES = 1000
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 @dataclass
@@ -27,9 +46,18 @@ class DiTSpec:
         return DiT_models[self.name](input_size=self.input_size, num_classes=self.num_classes,
                                      in_channels=self.in_channels, learn_sigma=self.learn_sigma)
 
+    @property
+    def image_size(self):
+        """Pixel size of the images: latent models (4 channels) are decoded by the VAE at 8x."""
+        return self.input_size * LATENT_DOWNSAMPLE if self.in_channels == 4 else self.input_size
+
     @classmethod
     def of(cls, model, name):
         return cls(name, model.input_size, model.num_classes, model.in_channels, model.learn_sigma)
+
+
+def embedded_ckpt_path():
+    return REPO_ROOT / EMBEDDED_CKPT
 
 
 def save_dit(model, name, path, extra=None):
@@ -42,8 +70,6 @@ def save_dit(model, name, path, extra=None):
 
 def load_dit_safetensors(path):
     """Load a DiT saved by `save_dit`: returns (model in eval mode, spec)."""
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     spec = DiTSpec(**json.loads(meta["spec"]))
@@ -52,3 +78,225 @@ def load_dit_safetensors(path):
     return model.eval(), spec
 
 
+def registry_name(depth, hidden, patch, heads=None):
+    """The registry model with this architecture, or None."""
+    for name, (d, h, n, p) in DiT_configs.items():
+        if (d, h, p) == (depth, hidden, patch) and heads in (None, n):
+            return name
+    return None
+
+
+def describe_weights(state):
+    """A guess of what an official-key state dict is: registry name (if any), architecture and sizes."""
+    try:
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        w = state["x_embedder.proj.weight"]  # (D, C, p, p)
+        hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
+    except (KeyError, ValueError, IndexError):
+        return "no DiT (no blocks.* or x_embedder.proj.weight keys)"
+    name = registry_name(depth, hidden, patch) or "no registry model"
+    text = f"{name} (depth {depth}, hidden {hidden}, patch {patch}, {in_channels} input channels"
+    if "pos_embed" in state:
+        input_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
+        size = input_size * LATENT_DOWNSAMPLE if in_channels == 4 else input_size
+        text += f", image size {size}"
+    if "y_embedder.embedding_table.weight" in state:
+        text += f", {state['y_embedder.embedding_table.weight'].shape[0] - 1} classes"
+    return text + ")"
+
+
+def _check_matches(model, state, name, source):
+    """Raise UserError naming the first key or shape where `state` differs from `model`'s state dict."""
+    expected = model.state_dict()
+    problem = None
+    for key, value in expected.items():
+        if key not in state:
+            problem = f"missing key {key!r}"
+        elif tuple(state[key].shape) != tuple(value.shape):
+            problem = f"{key!r} has shape {tuple(state[key].shape)}, {name} expects {tuple(value.shape)}"
+        if problem:
+            break
+    if problem is None:
+        extra = [k for k in state if k not in expected]
+        problem = f"unexpected key {extra[0]!r}" if extra else None
+    if problem:
+        raise UserError(f"{source} does not match model {name}: {problem}; the weights look like "
+                        f"{describe_weights(state)}; pass the matching --model/--image-size/--num-classes")
+
+
+def _read_state_file(path):
+    """A dict of tensors from a .safetensors or torch pickle file (weights_only), plus safetensors metadata."""
+    if str(path).endswith(".safetensors"):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            return load_file(str(path)), meta
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: unknown checkpoint format (torch.load with weights_only failed: "
+                        f"{str(e).splitlines()[0]}); expected a DiT .pt/.pth state dict, a training "
+                        "checkpoint with 'ema', a .safetensors file or a diffusers directory") from None
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        logger.warning("%s has no 'ema' weights; using 'model'", path)
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path}: unknown checkpoint format; expected a state dict of tensors "
+                        "or a training checkpoint with an 'ema' state dict")
+    return obj, {}
+
+
+def _diffusers_dir(path):
+    """The directory holding config.json + weights inside `path` (itself or its transformer/), or None."""
+    for d in (path / "transformer", path):
+        if (d / "config.json").is_file() and any((d / f).is_file() for f in _WEIGHT_FILES):
+            return d
+    return None
+
+
+def _resolve(ckpt):
+    """A local Path for `ckpt`; a string that is no local path but looks like a hub id is downloaded."""
+    path = Path(ckpt).expanduser()
+    if path.exists():
+        return path
+    looks_like_file = re.search(r"\.(pt|pth|bin|ckpt|safetensors)$", str(ckpt))
+    if looks_like_file or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
+        raise UserError(f"checkpoint {ckpt} does not exist; give a .pt/.safetensors file, "
+                        "a diffusers directory or a hub id like facebook/DiT-XL-2-256")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{sub}{f}" for sub in ("", "transformer/") for f in ("config.json", *_WEIGHT_FILES)]
+        return Path(snapshot_download(str(ckpt), allow_patterns=patterns))
+    except Exception as e:
+        raise UserError(f"checkpoint {ckpt} is not a local path and downloading it as a hub id failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _sizes(image_size, num_classes, in_channels, state):
+    """input_size and num_classes: given values, else read from the weights, else the ImageNet defaults."""
+    patch = state["x_embedder.proj.weight"].shape[2] if "x_embedder.proj.weight" in state else 2
+    if image_size is None and "pos_embed" in state:
+        input_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
+    else:
+        image_size = image_size or DEFAULT_IMAGE_SIZE
+        if in_channels == 4 and image_size % LATENT_DOWNSAMPLE:
+            raise UserError(f"--image-size {image_size} is not a multiple of {LATENT_DOWNSAMPLE} (latent model)")
+        input_size = image_size // LATENT_DOWNSAMPLE if in_channels == 4 else image_size
+    if num_classes is None:
+        table = state.get("y_embedder.embedding_table.weight")
+        num_classes = table.shape[0] - 1 if table is not None else DEFAULT_NUM_CLASSES
+    return input_size, num_classes
+
+
+def _infer_arch(state):
+    w = state.get("x_embedder.proj.weight")
+    blocks = [k for k in state if k.startswith("blocks.")]
+    if w is None or not blocks:
+        return None, 4
+    depth = 1 + max(int(k.split(".")[1]) for k in blocks)
+    return registry_name(depth, w.shape[0], w.shape[2]), w.shape[1]
+
+
+def _learn_sigma(state, in_channels):
+    w = state.get("final_layer.linear.weight")  # (p*p*out_channels, D)
+    patch = state["x_embedder.proj.weight"].shape[2] if "x_embedder.proj.weight" in state else 2
+    return w is None or w.shape[0] == patch * patch * in_channels * 2
+
+
+def _build_checked(name, spec_args, state, source):
+    if name not in DiT_models:
+        raise UserError(f"unknown --model {name!r}; valid: {', '.join(DiT_models)}")
+    spec = DiTSpec(name, *spec_args)
+    with torch.device("meta"):
+        skeleton = spec.build()
+    _check_matches(skeleton, state, name, source)
+    model = spec.build()
+    model.load_state_dict(state, strict=True)
+    return model, spec
+
+
+def _load_diffusers(directory, name, image_size, num_classes, source):
+    config = json.loads((directory / "config.json").read_text())
+    depth, hidden, heads, patch, input_size, n_cls, in_ch, learn_sigma = spec_fields_from_config(config, source)
+    weights = next(directory / f for f in _WEIGHT_FILES if (directory / f).is_file())
+    state, _ = _read_state_file(weights)
+    state = from_diffusers_state_dict(state, source)
+    guess = registry_name(depth, hidden, patch, heads)
+    name = name or guess
+    if name is None:
+        raise UserError(f"{source}: diffusers DiT (depth {depth}, hidden {hidden}, heads {heads}, patch {patch}) "
+                        f"matches no registry model; valid: {', '.join(DiT_models)}")
+    if name in DiT_configs and DiT_configs[name][2] != heads:
+        raise UserError(f"{source} has {heads} attention heads, model {name} has {DiT_configs[name][2]}; "
+                        f"the weights look like {guess or 'no registry model'}")
+    if image_size is not None and DiTSpec(name, input_size, n_cls, in_ch).image_size != image_size:
+        raise UserError(f"--image-size {image_size} does not match {source} (sample_size {input_size})")
+    if num_classes is not None and num_classes != n_cls:
+        raise UserError(f"--num-classes {num_classes} does not match {source} ({n_cls} classes)")
+    # diffusers does not store the fixed sin-cos table; it is the same function of (hidden, grid)
+    table = sincos_pos_embed_2d(hidden, input_size // patch)  # (T, D)
+    state["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
+    return _build_checked(name, (input_size, n_cls, in_ch, learn_sigma), state, source)
+
+
+def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
+    """Load a DiT: returns (model in eval mode on `device`, DiTSpec).
+
+    name: registry name, or None to take it from the weights. ckpt: None for the embedded digits
+    model, else a file, a diffusers directory or a hub id. image_size/num_classes: None to read
+    them from the weights (ImageNet defaults 256/1000 where the weights do not say).
+    """
+    if ckpt is None:
+        path = embedded_ckpt_path()
+        if not path.is_file():
+            raise UserError(f"the embedded model {EMBEDDED_CKPT} is missing; train it with "
+                            "python scripts/train_digits_dit.py or pass --ckpt")
+        ckpt = str(path)
+    source = str(ckpt)
+    path = _resolve(ckpt)
+    if path.is_dir():
+        directory = _diffusers_dir(path)
+        if directory is None:
+            raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
+                            f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
+        model, spec = _load_diffusers(directory, name, image_size, num_classes, source)
+    else:
+        state, meta = _read_state_file(path)
+        if meta.get("format") == "vq4dit-dit":
+            spec = DiTSpec(**json.loads(meta["spec"]))
+            image_size = image_size or spec.image_size
+            num_classes = num_classes or spec.num_classes
+            if (image_size, num_classes) != (spec.image_size, spec.num_classes):
+                raise UserError(f"{source} is a {spec.image_size}px model with {spec.num_classes} classes, "
+                                f"not {image_size}px with {num_classes}")
+            model, spec = _build_checked(name or spec.name, (spec.input_size, spec.num_classes, spec.in_channels,
+                                                             spec.learn_sigma), state, source)
+        elif is_diffusers_state_dict(state):
+            raise UserError(f"{source} holds diffusers-format weights; pass the directory with its config.json")
+        else:
+            guess, in_channels = _infer_arch(state)
+            if name is None and guess is None:
+                raise UserError(f"{source}: cannot tell which model these weights are: {describe_weights(state)}; "
+                                f"pass --model (valid: {', '.join(DiT_models)})")
+            input_size, num_classes = _sizes(image_size, num_classes, in_channels, state)
+            spec_args = (input_size, num_classes, in_channels, _learn_sigma(state, in_channels))
+            model, spec = _build_checked(name or guess, spec_args, state, source)
+    logger.info("loaded %s from %s", spec.name, source)
+    return model.to(device).eval(), spec
+
+
+def load_quantized(path, device="cpu"):
+    """A quantized artifact directory via `vq.load_quantized`: returns (model, spec, quant_config)."""
+    if not os.path.isdir(path):
+        raise UserError(f"--quantized {path} is not a directory; give an artifact written by the quantizer")
+    try:
+        from vq import load_quantized as vq_load
+    except ImportError:
+        raise UserError("--quantized needs vq.load_quantized, which this checkout does not provide yet") from None
+    model, spec, config = vq_load(path)
+    return model.to(device).eval(), spec, config

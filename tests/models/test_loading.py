@@ -1,0 +1,107 @@
+import re
+
+import pytest
+import torch
+
+from models.dit import DiT_configs, DiT_models
+from models.loading import DiTSpec, describe_weights, load_dit, registry_name, save_dit
+from utils.errors import UserError
+
+
+def official_keys(depth):
+    """The state-dict keys of the official checkpoints, as listed in METHOD.md section 1."""
+    keys = {"pos_embed", "y_embedder.embedding_table.weight"}
+    pairs = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear",
+             "final_layer.adaLN_modulation.1"]
+    for i in range(depth):
+        pairs += [f"blocks.{i}.{n}" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")]
+    return keys | {f"{p}.{w}" for p in pairs for w in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("name", sorted(DiT_models))
+def test_registry_has_official_keys_and_shapes(name):
+    depth, hidden, heads, patch = DiT_configs[name]
+    with torch.device("meta"):
+        model = DiT_models[name](input_size=32, num_classes=1000, in_channels=4)
+    state = model.state_dict()
+    assert set(state) == official_keys(depth)
+    assert state["pos_embed"].shape == (1, (32 // patch) ** 2, hidden)
+    assert state["x_embedder.proj.weight"].shape == (hidden, 4, patch, patch)
+    assert state["blocks.0.attn.qkv.weight"].shape == (3 * hidden, hidden)
+    assert state["blocks.0.mlp.fc1.weight"].shape == (4 * hidden, hidden)
+    assert state["blocks.0.adaLN_modulation.1.weight"].shape == (6 * hidden, hidden)
+    assert state["final_layer.linear.weight"].shape == (patch * patch * 8, hidden)
+    assert state["y_embedder.embedding_table.weight"].shape == (1001, hidden)
+    assert model.blocks[0].attn.num_heads == heads
+    assert registry_name(depth, hidden, patch, heads) == name
+    # the official names describe themselves
+    assert describe_weights(state).startswith(name)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_plain_state_dict_round_trip(tmp_path, tiny_latent_dit):
+    model, spec = tiny_latent_dit
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    loaded, got = load_dit(None, str(path))
+    assert got == spec and got.image_size == 64
+    assert_same_weights(model, loaded)
+    loaded, got = load_dit("DiT-Digits/2", str(path), image_size=64, num_classes=10)
+    assert got == spec
+
+
+def test_training_checkpoint_uses_ema(tmp_path, tiny_dit):
+    model, spec = tiny_dit
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "args": None}, path)
+    loaded, _ = load_dit("DiT-Digits/2", str(path))
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_safetensors_round_trip(tmp_path, tiny_dit):
+    model, spec = tiny_dit
+    path = tmp_path / "m.safetensors"
+    save_dit(model, spec.name, path)
+    loaded, got = load_dit(None, str(path))
+    assert got == spec
+    assert_same_weights(model, loaded)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
+    assert torch.equal(model(x, t, y), loaded(x, t, y))
+
+
+def test_mismatch_names_first_difference_and_guess(tmp_path, tiny_latent_dit):
+    model, _ = tiny_latent_dit
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(UserError) as e:
+        load_dit("DiT-S/2", str(path))
+    msg = str(e.value)
+    assert "DiT-Digits/2" in msg and "depth 6" in msg and "hidden 128" in msg
+    assert re.search(r"'\S+' has shape|missing key|unexpected key", msg)
+    with pytest.raises(UserError, match="pos_embed"):
+        load_dit("DiT-Digits/2", str(path), image_size=128)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_dit(None, str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unknown checkpoint format"):
+        load_dit(None, str(junk))
+    with pytest.raises(UserError, match="without a diffusers DiT"):
+        load_dit(None, str(tmp_path))
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    with pytest.raises(UserError, match="unknown checkpoint format"):
+        load_dit(None, str(tmp_path / "dict.pt"))
+    with pytest.raises(UserError, match="unknown --model"):
+        torch.save(DiTSpec("DiT-Digits/2", 8, 10, 1).build().state_dict(), tmp_path / "ok.pt")
+        load_dit("DiT-Q/2", str(tmp_path / "ok.pt"))
