@@ -9,8 +9,10 @@ import os
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from evaluation.metrics import accuracy, fid_from_features
+from models.classifier import load_classifier
 from models.digits import IMAGE_SIZE, load_digits_images
 from utils.errors import UserError
 
@@ -41,9 +43,11 @@ def load_digits_classifier(path=DEFAULT_CLASSIFIER):
     """The trained digits classifier in eval mode (see scripts/train_digits_classifier.py)."""
     if not os.path.isfile(path):
         raise UserError(f"--classifier {path}: no such file; train it with scripts/train_digits_classifier.py")
-    from models.classifier import load_classifier
-
-    return load_classifier(path).eval()
+    try:
+        return load_classifier(path).eval()
+    except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"--classifier {path}: not a digits classifier saved by scripts/train_digits_classifier.py "
+                        f"({type(e).__name__}: {e})") from None
 
 
 @torch.no_grad()

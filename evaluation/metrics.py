@@ -7,6 +7,7 @@ Conventions (used by evaluate.py and written into its JSON):
     dominating the average with a huge per-image PSNR. Identical inputs give PSNR = inf.
 """
 import logging
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -22,8 +23,17 @@ def gaussian_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _sqrtm_residual(root, a):
-    return np.linalg.norm(root @ root - a) / max(np.linalg.norm(a), np.finfo(np.float64).tiny)
+def _sqrtm(a):
+    """scipy's matrix square root and its relative residual |X X - A| / |A| (inf if not finite).
+
+    scipy's own warning on singular input is silenced: the residual decides whether to retry.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(a)
+    if not np.isfinite(root).all():
+        return root, float("inf")
+    return root, float(np.linalg.norm(root @ root - a) / max(np.linalg.norm(a), np.finfo(np.float64).tiny))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -39,13 +49,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched Gaussian shapes: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
-    product = sigma1 @ sigma2
-    covmean = scipy.linalg.sqrtm(product)
-    if not np.isfinite(covmean).all() or _sqrtm_residual(covmean, product) > 1e-6:
-        logger.warning("singular covariance product in FID; adding %g to the diagonals", eps)
+    covmean, residual = _sqrtm(sigma1 @ sigma2)
+    if residual > 1e-6:
+        logger.warning("inaccurate sqrtm of the covariance product in FID (relative residual %.2g); "
+                       "adding %g to the diagonals", residual, eps)
         offset = eps * np.eye(mu1.size)
-        product = (sigma1 + offset) @ (sigma2 + offset)
-        covmean = scipy.linalg.sqrtm(product)
+        covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         imaginary = np.max(np.abs(np.diagonal(covmean).imag))
         if imaginary > 1e-3:

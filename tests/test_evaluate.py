@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
-import evaluation.report
 from evaluation.digits import real_digits_uint8
 from evaluation.metrics import paired_mse
-from tests.evaluation.test_digits import TinyClassifier
+from models.classifier import DigitsClassifier, save_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,14 +38,18 @@ def digits_batches(tmp_path):
 
 
 @pytest.fixture
-def tiny_classifier(monkeypatch):
-    monkeypatch.setattr(evaluation.report, "load_digits_classifier", lambda path: TinyClassifier().eval())
+def classifier(tmp_path):
+    """Path of a narrow, untrained (seeded) digits classifier."""
+    torch.manual_seed(0)
+    path = str(tmp_path / "classifier.safetensors")
+    save_classifier(DigitsClassifier(width=4, feature_dim=8), path)
+    return path
 
 
-def test_digits_json_and_table(tmp_path, digits_batches, tiny_classifier, capsys):
+def test_digits_json_and_table(tmp_path, digits_batches, classifier, capsys):
     paths, q, fp = digits_batches
     out = tmp_path / "out" / "eval.json"
-    evaluate.main(args(paths["q"], reference=paths["fp"], json=str(out)))
+    evaluate.main(args(paths["q"], reference=paths["fp"], json=str(out), classifier=classifier))
     result = json.loads(out.read_text())
     assert list(result) == ["fid", "accuracy", "psnr_vs_reference", "mse_vs_reference", "num_samples"]
     assert result["num_samples"] == 200
@@ -56,19 +60,19 @@ def test_digits_json_and_table(tmp_path, digits_batches, tiny_classifier, capsys
     assert "psnr_vs_reference" in table and f"{result['fid']:.4f}" in table
 
 
-def test_without_reference_paired_metrics_are_null(tmp_path, digits_batches, tiny_classifier):
+def test_without_reference_paired_metrics_are_null(tmp_path, digits_batches, classifier):
     paths, _, _ = digits_batches
     out = tmp_path / "eval.json"
-    evaluate.main(args(paths["q"], json=str(out), kind="digits"))
+    evaluate.main(args(paths["q"], json=str(out), kind="digits", classifier=classifier))
     result = json.loads(out.read_text())
     assert result["psnr_vs_reference"] is None and result["mse_vs_reference"] is None
     assert result["fid"] is not None
 
 
-def test_identical_reference_gives_infinite_psnr(tmp_path, digits_batches, tiny_classifier):
+def test_identical_reference_gives_infinite_psnr(tmp_path, digits_batches, classifier):
     paths, _, _ = digits_batches
     out = tmp_path / "eval.json"
-    evaluate.main(args(paths["fp"], reference=paths["fp"], json=str(out)))
+    evaluate.main(args(paths["fp"], reference=paths["fp"], json=str(out), classifier=classifier))
     result = json.loads(out.read_text())
     assert result["mse_vs_reference"] == 0 and result["psnr_vs_reference"] == math.inf
 

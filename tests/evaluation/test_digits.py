@@ -1,33 +1,25 @@
-"""Digits metrics with a tiny stand-in classifier: pixel conversions, batching, FID/accuracy wiring."""
+"""Digits metrics with a tiny untrained classifier: pixel conversions, batching, FID/accuracy wiring."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from evaluation.digits import (
     classifier_outputs,
     digits_metrics,
+    load_digits_classifier,
     real_digits_uint8,
     tensor_to_uint8,
     uint8_to_tensor,
 )
 from evaluation.metrics import fid_from_features
+from models.classifier import DigitsClassifier, save_classifier
+from utils.errors import UserError
 
 
-class TinyClassifier(nn.Module):
-    """Same interface as the project's digits classifier: features(x) and logits forward on (N, 1, 16, 16)."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 6))
-        self.head = nn.Linear(6, 10)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
+def tiny_classifier(seed=0):
+    """The project's classifier architecture, narrow and untrained (deterministic random weights)."""
+    torch.manual_seed(seed)
+    return DigitsClassifier(width=4, feature_dim=8).eval()
 
 
 def test_uint8_round_trip_is_exact():
@@ -54,16 +46,16 @@ def test_real_digits():
 
 def test_outputs_do_not_depend_on_batch_size():
     images, _ = real_digits_uint8()
-    classifier = TinyClassifier().eval()
+    classifier = tiny_classifier()
     f1, l1 = classifier_outputs(classifier, images[:50], batch_size=7)
     f2, l2 = classifier_outputs(classifier, images[:50], batch_size=512)
-    assert f1.shape == (50, 6) and l1.shape == (50, 10) and f1.dtype == np.float64
+    assert f1.shape == (50, 8) and l1.shape == (50, 10) and f1.dtype == np.float64
     assert np.allclose(f1, f2, atol=1e-6) and np.allclose(l1, l2, atol=1e-6)
 
 
 def test_digits_metrics_wiring():
     images, labels = real_digits_uint8()
-    classifier = TinyClassifier().eval()
+    classifier = tiny_classifier()
     samples, sample_labels = images[:300], labels[:300]
     metrics = digits_metrics(classifier, samples, sample_labels, images)
     features, logits = classifier_outputs(classifier, samples)
@@ -74,3 +66,16 @@ def test_digits_metrics_wiring():
     assert digits_metrics(classifier, images, labels, images)["fid"] == pytest.approx(0, abs=1e-8)
     noise = np.random.default_rng(0).integers(0, 256, size=(300, 16, 16, 3), dtype=np.uint8)
     assert digits_metrics(classifier, noise, None, images)["fid"] > metrics["fid"]
+
+
+def test_load_classifier_round_trip_and_errors(tmp_path):
+    model = tiny_classifier(seed=3)
+    save_classifier(model, tmp_path / "c.safetensors")
+    loaded = load_digits_classifier(str(tmp_path / "c.safetensors"))
+    images, _ = real_digits_uint8()
+    assert np.array_equal(classifier_outputs(loaded, images[:20])[1], classifier_outputs(model, images[:20])[1])
+    (tmp_path / "junk.safetensors").write_text("junk")
+    with pytest.raises(UserError, match="junk.safetensors: not a digits classifier"):
+        load_digits_classifier(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(UserError, match="no such file"):
+        load_digits_classifier(str(tmp_path / "missing.safetensors"))
