@@ -1,0 +1,139 @@
+"""The optimisation shared by block-wise and joint calibration: RMSprop on ratio logits, codebooks and
+biases, the ratio regulariser, and progressive selection (METHOD.md section 3, step 4).
+
+`train(layers, loss_fn, ...)` knows nothing about blocks: `loss_fn(idx)` returns the distillation loss
+L_d of the minibatch `idx` (indices into the calibration points) with gradients to the layers.
+"""
+import contextlib
+import logging
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# progressive selection runs every SELECT_EVERY iterations: often enough that a 500-iteration run
+# hardens layers gradually, rarely enough that its cost (a softmax over all sub-vectors) is small
+SELECT_EVERY = 10
+
+
+def ratio_penalty(layers):
+    """L_r in the authors' code form, n * mean(r * (1 - r)) over the not-yet-frozen sub-vectors of each soft
+    layer, averaged over the soft layers (so lambda_r does not scale with how many layers share one loss).
+
+    Returns a scalar tensor, or None when no layer has a free sub-vector left.
+    """
+    terms = []
+    for layer in layers:
+        if layer.is_hard:
+            continue
+        active = ~layer.frozen  # (N,)
+        if not active.any():
+            continue
+        r = torch.softmax(layer.logits[active], dim=1)  # (A, n)
+        terms.append(r.shape[1] * (r * (1 - r)).mean())
+    return torch.stack(terms).mean() if terms else None
+
+
+def param_groups(layers, lr_ratio, lr_codebook):
+    """Group 0: ratio logits of the soft layers; group 1: every codebook and bias."""
+    logits = [layer.logits for layer in layers if not layer.is_hard]
+    rest = [layer.codebook for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+    return [{"params": logits, "lr": lr_ratio}, {"params": rest, "lr": lr_codebook}]
+
+
+def drop_hardened(optimizer, layers):
+    """Remove the logits of layers hardened since the last call from group 0, with their RMSprop state.
+
+    Codebooks and biases keep their running averages: hardening must not restart their optimisation.
+    """
+    live = {id(layer.logits) for layer in layers if not layer.is_hard}
+    group = optimizer.param_groups[0]
+    for p in group["params"]:
+        if id(p) not in live:
+            optimizer.state.pop(p, None)
+    group["params"] = [p for p in group["params"] if id(p) in live]
+
+
+def progressive_select(layers, threshold, hard_fraction):
+    """Freeze confident sub-vectors; harden a layer whose frozen fraction passes `hard_fraction`.
+
+    Returns the positions (in `layers`) of the layers hardened now.
+    """
+    hardened = []
+    for j, layer in enumerate(layers):
+        if not layer.is_hard and layer.freeze_confident(threshold) > hard_fraction:
+            layer.harden()
+            hardened.append(j)
+    return hardened
+
+
+@contextlib.contextmanager
+def argmax_assignment(layers):
+    """Temporarily evaluate every soft layer at the argmax of its ratios (what hardening would give).
+
+    Before calibration the argmax is the nearest codeword, i.e. the plain k-means quantization, for both
+    ratio inits (inverse distance favours the nearest candidate; uniform ties resolve to the first, nearest).
+    """
+    soft = [layer for layer in layers if not layer.is_hard]
+    saved = [layer.frozen.clone() for layer in soft]
+    try:
+        for layer in soft:
+            layer.frozen.fill_(True)
+        yield
+    finally:
+        for layer, frozen in zip(soft, saved):
+            layer.frozen.copy_(frozen)
+
+
+def minibatches(num_points, batch_size, generator):
+    """Endless index batches (B,): a fresh seeded permutation per epoch, so each epoch sees every point once."""
+    batch_size = min(batch_size, num_points)
+    while True:
+        perm = torch.randperm(num_points, generator=generator)
+        for s in range(0, num_points - batch_size + 1, batch_size):
+            yield perm[s:s + batch_size]
+
+
+def train(layers, loss_fn, num_points, config, generator, progress=True, desc="calibrate"):
+    """Minimise L_d + lambda_r * L_r over `config.iters` minibatches; every layer is hard afterwards.
+
+    layers: list of VQLinear. Returns {"loss": last L_d, "penalty": last L_r (or None),
+    "selected": per-layer frozen fraction before the final hardening, "hardened_at": per-layer iteration
+    at which progressive selection hardened it (None: hardened at the end)}.
+    """
+    optimizer = torch.optim.RMSprop(param_groups(layers, config.lr_ratio, config.lr_codebook),
+                                    alpha=config.rmsprop_alpha)
+    hardened_at = [0 if layer.is_hard else None for layer in layers]
+    batches = minibatches(num_points, config.batch_size, generator)
+    loss_d, penalty = None, None
+    bar = tqdm(range(config.iters), desc=desc, leave=False, disable=not progress)
+    for it in bar:
+        loss_d = loss_fn(next(batches))
+        penalty = ratio_penalty(layers)
+        loss = loss_d if penalty is None else loss_d + config.lambda_r * penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (it + 1) % SELECT_EVERY == 0:
+            now = progressive_select(layers, config.select_threshold, config.hard_fraction)
+            if now:
+                drop_hardened(optimizer, layers)
+                for j in now:
+                    hardened_at[j] = it + 1
+                logger.debug("iteration %d: hardened %d layer(s)", it + 1, len(now))
+            bar.set_postfix(loss=f"{loss_d.item():.3g}", hard=sum(h is not None for h in hardened_at))
+    selected = [layer.selected_fraction() for layer in layers]
+    for layer in layers:
+        layer.harden()
+    return {"loss": None if loss_d is None else loss_d.item(),
+            "penalty": None if penalty is None else penalty.item(),
+            "selected": selected, "hardened_at": hardened_at}
+
+
+def seeded_generator(seed, *stream):
+    """A CPU generator for the random stream (seed, *stream), e.g. (seed, 1, block): the minibatch order
+    of a block depends only on these numbers, so a run resumed at a block boundary needs no saved RNG state."""
+    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+    return torch.Generator().manual_seed(int(state))

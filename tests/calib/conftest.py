@@ -1,0 +1,45 @@
+"""Tiny DiTs with non-trivial weights for the calibration tests (fast on one CPU thread)."""
+import copy
+
+import pytest
+import torch
+
+from calib.config import QuantizeConfig
+from models.dit import DiT
+from vq import quantize_linears
+
+
+def tiny_dit(depth=2, seed=0):
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
+    with torch.no_grad():  # the training init zeroes adaLN (blocks would be identities); draw everything instead
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_config(**overrides):
+    values = dict(codebook_size=16, dim=2, candidates=2, kmeans_iters=10, iters=30, batch_size=4, steps=5,
+                  calib_timesteps=3, calib_samples=3, device="cpu")
+    values.update(overrides)
+    return QuantizeConfig(**values).validate()
+
+
+def quantized_pair(config, depth=2, seed=0):
+    """(student with soft VQLinear layers, FP teacher, {name: VQLinear}) for `config`."""
+    teacher = tiny_dit(depth, seed)
+    student = copy.deepcopy(teacher)
+    candidates = config.candidates if config.method == "vq4dit" else 1
+    qlayers = quantize_linears(student, config.k, config.dim, candidates=candidates,
+                               kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False)
+    return student, teacher, qlayers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # results must not depend on the thread count, and the suite shares the CPU with other jobs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,136 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from calib.train import (
+    argmax_assignment,
+    drop_hardened,
+    minibatches,
+    param_groups,
+    progressive_select,
+    ratio_penalty,
+    seeded_generator,
+    train,
+)
+from tests.calib.conftest import tiny_config
+from vq import VQLinear
+
+
+def soft_layer(out=8, inp=8, k=8, d=2, n=2, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(inp, out)
+    return VQLinear.from_linear(linear, k, d, candidates=n, kmeans_iters=5, seed=seed), linear
+
+
+def test_ratio_penalty_matches_a_slow_reference():
+    a, _ = soft_layer(n=2, seed=0)
+    b, _ = soft_layer(n=3, seed=1)
+    with torch.no_grad():
+        a.logits.normal_()
+        b.logits.normal_()
+        a.frozen[::3] = True
+    terms = []
+    for layer in (a, b):
+        rows = []
+        for i in range(layer.logits.shape[0]):
+            if not layer.frozen[i]:
+                r = torch.softmax(layer.logits[i], 0)
+                rows.append(sum(float(x * (1 - x)) for x in r.detach()))  # n * mean over the row's n entries
+        terms.append(sum(rows) / len(rows))
+    assert ratio_penalty([a, b]).item() == pytest.approx(sum(terms) / 2, rel=1e-5)
+    b.harden()
+    assert ratio_penalty([a, b]).item() == pytest.approx(terms[0], rel=1e-5)
+    a.harden()
+    assert ratio_penalty([a, b]) is None
+
+
+def test_progressive_select_freezes_and_hardens():
+    a, _ = soft_layer(seed=0)
+    b, _ = soft_layer(seed=1)
+    with torch.no_grad():
+        a.logits.zero_()
+        a.logits[:, 0] = 10.0  # every ratio > 0.99: all frozen -> hard
+        b.logits.zero_()
+        b.logits[:4, 0] = 10.0  # only 4 rows confident
+    assert progressive_select([a, b], 0.99, 0.99) == [0]
+    assert a.is_hard and not b.is_hard
+    assert b.frozen.sum().item() == 4 and b.frozen[:4].all()
+
+
+def test_drop_hardened_keeps_codebook_state():
+    a, _ = soft_layer(seed=0)
+    b, _ = soft_layer(seed=1)
+    opt = torch.optim.RMSprop(param_groups([a, b], 0.1, 0.01), alpha=0.9)
+    loss = sum(layer.weight().pow(2).sum() for layer in (a, b))
+    loss.backward()
+    opt.step()
+    a_logits, a_codebook_state = a.logits, opt.state[a.codebook]["square_avg"].clone()
+    a.harden()
+    drop_hardened(opt, [a, b])
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(b.logits)]
+    assert a_logits not in opt.state and b.logits in opt.state
+    assert torch.equal(opt.state[a.codebook]["square_avg"], a_codebook_state)
+
+
+def test_argmax_assignment_is_the_nearest_codeword():
+    layer, linear = soft_layer(n=3)
+    frozen = layer.frozen.clone()
+    nearest = layer.codebook[0][layer.candidates[:, 0]].reshape(linear.weight.shape)
+    with torch.no_grad():
+        layer.logits.copy_(torch.log(torch.tensor([0.5, 0.3, 0.2])))  # argmax is the first = nearest candidate
+        with argmax_assignment([layer]):
+            assert torch.equal(layer.weight(), nearest)
+    assert torch.equal(layer.frozen, frozen)
+    assert not torch.equal(layer.weight(), nearest)
+
+
+def test_minibatches_cover_every_point_each_epoch():
+    gen = minibatches(10, 3, seeded_generator(0, 1, 2))
+    epoch = torch.cat([next(gen) for _ in range(3)])  # 3 batches of 3 from one permutation of 10
+    assert len(set(epoch.tolist())) == 9
+    again = minibatches(10, 3, seeded_generator(0, 1, 2))
+    assert torch.equal(torch.cat([next(again) for _ in range(3)]), epoch)
+    assert next(minibatches(2, 16, seeded_generator(0))).numel() == 2  # batch capped at the point count
+
+
+@pytest.mark.parametrize("hard_from_start", [True, False])
+def test_train_lowers_the_hard_loss(hard_from_start):
+    layer, linear = soft_layer(out=16, inp=16, k=16, n=2)
+    x = torch.randn(64, 16)
+    target = linear(x).detach()
+    if hard_from_start:  # codebook method: only codebook and bias train (few degrees of freedom: a small gain)
+        layer.harden()
+        config = tiny_config(iters=60, batch_size=8, lr_codebook=1e-3)
+    else:  # ratios must become near one-hot for the argmax to keep the soft gain
+        config = tiny_config(iters=300, batch_size=8, lambda_r=0.1)
+
+    def loss_fn(idx):
+        return torch.nn.functional.mse_loss(layer(x[idx]), target[idx])
+
+    with torch.no_grad(), argmax_assignment([layer]):
+        before = loss_fn(torch.arange(64)).item()
+    info = train([layer], loss_fn, 64, config, seeded_generator(0), progress=False)
+    assert layer.is_hard and len(info["hardened_at"]) == 1
+    with torch.no_grad():
+        after = loss_fn(torch.arange(64)).item()
+    assert after < 0.97 * before
+
+
+def test_train_with_lambda_pushes_ratios_to_one_hot():
+    def confident(lambda_r):
+        layer, linear = soft_layer(out=16, inp=16, k=16, n=2, seed=3)
+        x = torch.randn(32, 16)
+        target = linear(x).detach()
+        config = dataclasses.replace(tiny_config(iters=30, batch_size=8), lambda_r=lambda_r, hard_fraction=1.0)
+        seen = {}
+
+        def loss_fn(idx):
+            seen["r"] = layer.ratios().detach()
+            return torch.nn.functional.mse_loss(layer(x[idx]), target[idx])
+
+        train([layer], loss_fn, 32, config, seeded_generator(0), progress=False)
+        return seen["r"].amax(1).mean().item()
+
+    assert confident(1.0) > confident(0.0)
