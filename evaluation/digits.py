@@ -22,8 +22,11 @@ DEFAULT_CLASSIFIER = "weights/digits_classifier.safetensors"
 
 
 def tensor_to_uint8(x):
-    """x (N, 1, H, W) floats in [-1, 1] -> uint8 (N, H, W, 3), grey replicated to 3 channels."""
-    u = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, 1, H, W)
+    """x (N, 1, H, W) floats in [-1, 1] -> uint8 (N, H, W, 3), grey replicated to 3 channels.
+
+    Rounds 127.5 (x + 1) half up, as sample.py does (DiT's clamp(127.5 x + 128) then truncation).
+    """
+    u = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # (N, 1, H, W)
     return u.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous().numpy()
 
 
@@ -70,5 +73,6 @@ def digits_metrics(classifier, images, labels, real_images):
     real_features, _ = classifier_outputs(classifier, real_images)
     fid = fid_from_features(features, real_features)
     acc = accuracy(logits, labels) if labels is not None else None
-    logger.info("digits: fid %.4f over %d samples vs %d real, accuracy %s", fid, len(images), len(real_images), acc)
+    logger.info("digits: fid %.4f over %d samples vs %d real images, accuracy %s", fid, len(images), len(real_images),
+                "-" if acc is None else f"{acc:.4f}")
     return {"fid": fid, "accuracy": acc}

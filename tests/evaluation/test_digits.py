@@ -31,10 +31,11 @@ def test_uint8_round_trip_is_exact():
 
 
 def test_tensor_to_uint8_rounds_and_clamps():
-    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, 2 * 100.4 / 255 - 1]).reshape(1, 1, 1, 6)
+    levels = [-3.0, 0.0, 100.4, 100.5, 126.5, 127.5, 254.6, 255.0, 400.0]  # values of 127.5 (x + 1)
+    x = torch.tensor(levels, dtype=torch.float64).reshape(1, 1, 1, -1) / 127.5 - 1
     u = tensor_to_uint8(x)
-    assert u.shape == (1, 1, 6, 3)
-    assert u[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 100]  # 127.5 rounds half to even: 128
+    assert u.shape == (1, 1, len(levels), 3)
+    assert u[0, 0, :, 0].tolist() == [0, 0, 100, 101, 127, 128, 255, 255, 255]  # halves round up
     assert (u[..., 0] == u[..., 2]).all()
 
 
