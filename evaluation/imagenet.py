@@ -1,11 +1,12 @@
-"""ImageNet FID through torch-fidelity (an optional extra: `pip install torch-fidelity`).
+"""ImageNet FID through torch-fidelity (an optional extra: `pip install torch-fidelity`, which pulls torchvision).
 
 The samples .npz is the ADM evaluator's input; the reference is an ADM reference batch
 (e.g. VIRTUAL_imagenet256_labeled.npz), whose arr_0 images are pushed through the same network.
 torch-fidelity's `inception-v3-compat` is a port of the TensorFlow Inception the ADM suite uses,
 with TF-style bilinear resizing to 299x299, so its FID tracks the ADM numbers closely but is not
 bit-identical; quote the ADM suite for paper tables. The ADM batch's precomputed `mu`/`sigma` are
-not used, so both sides come from one network.
+not used, so both sides come from one network. The Inception weights are downloaded by
+torch-fidelity on first use (into the torch hub cache).
 """
 import logging
 
