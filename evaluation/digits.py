@@ -18,7 +18,8 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLASSIFIER = "weights/digits_classifier.safetensors"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "weights", "digits_classifier.safetensors")
 
 
 def tensor_to_uint8(x):
