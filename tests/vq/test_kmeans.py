@@ -18,10 +18,11 @@ def brute_nearest(x, c):
 @pytest.mark.parametrize("n,k,d,chunk", [(100, 7, 2, 16), (333, 32, 4, 1000), (50, 50, 3, 7)])
 def test_nearest_matches_brute_force(n, k, d, chunk):
     x, c = points(n, d), points(k, d, seed=1)
-    index, sqdist = nearest(x, c, chunk)
-    ref_d, ref_i = brute_nearest(x, c)
-    assert torch.allclose(sqdist, ref_d, atol=1e-5)
-    assert torch.equal(index, ref_i)
+    index, sqdist, sqdist2 = nearest(x, c, chunk)
+    ref = ((x[:, None, :] - c[None]) ** 2).sum(-1).sort(1)  # (N, k) ascending
+    assert torch.allclose(sqdist, ref.values[:, 0], atol=1e-5)
+    assert torch.allclose(sqdist2, ref.values[:, 1], atol=1e-5)
+    assert torch.equal(index, ref.indices[:, 0])
 
 
 @pytest.mark.parametrize("n,k,d", [(600, 16, 2), (2000, 64, 4), (64, 64, 4)])
@@ -54,10 +55,29 @@ def test_subsampled_kmeans_close_to_full():
     assert inertia_sub < 1.02 * inertia_full
 
 
+def reference_lloyd(x, c, iters):
+    """Plain Lloyd: assign by brute force, move every non-empty centroid to its cluster mean."""
+    for _ in range(iters):
+        a = brute_nearest(x, c)[1]
+        c = torch.stack([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(len(c))])
+    return c, brute_nearest(x, c)[1]
+
+
+@pytest.mark.parametrize("iters", [1, 3, 10])
+def test_bounded_lloyd_matches_plain_lloyd(iters):
+    x = points(3000, 3, seed=4)
+    init = x[:24].clone()
+    c, a, done = lloyd(x, init, iters, tol=0.0)
+    ref_c, ref_a = reference_lloyd(x, init, iters)
+    assert done == iters
+    assert torch.allclose(c, ref_c, atol=1e-5)
+    assert (a != ref_a).float().mean() < 1e-3  # only float near-ties may differ
+
+
 def test_lloyd_reseeds_empty_clusters():
     x = points(500, 2)
     init = torch.cat([x[:7], torch.full((1, 2), 1e3)])  # centroid 7 is far from every point: empty at once
-    c, a, _, _ = lloyd(x, init, iters=50)
+    c, a, _ = lloyd(x, init, iters=50)
     assert (torch.bincount(a, minlength=8) > 0).all()
     assert c[7].abs().max() < 100
 
