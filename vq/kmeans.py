@@ -6,7 +6,8 @@ Speed levers (see benchmarks/bench_kmeans.py):
 - distances as ||c||^2 - 2 x c^T (one addmm per chunk), ||x||^2 added only where needed, chunks sized so the
   (chunk, k) distance block stays in cache;
 - k-means++ seeding on a random subsample (its quality barely depends on N once N >> k);
-- Lloyd on a subsample first, then refinement iterations on all points until assignments settle.
+- Hamerly's distance bounds, so each Lloyd step re-assigns only points that may have changed cluster;
+- Lloyd on a subsample first, then a few refinement iterations on all points.
 """
 import logging
 import math
@@ -112,7 +113,9 @@ def lloyd(x, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK):
         shift = (new - centroids).norm(dim=1)  # (k,)
         centroids = new
         upper += shift[index]
-        lower -= shift.max()
+        if k > 1:  # the nearest other centroid moved at most the largest shift among the *other* centroids
+            top = shift.topk(2)
+            lower -= torch.where(index == top.indices[0], top.values[1], top.values[0])
         bound = lower
         if 1 < k <= 4096:  # a point closer than half the gap to its centroid's nearest neighbour cannot move
             gap = torch.cdist(centroids, centroids).fill_diagonal_(float("inf")).amin(1)  # (k,)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from models.loading import DiTSpec
 from utils.errors import UserError
@@ -50,6 +51,16 @@ def test_round_trip_is_bit_identical(tmp_path, kind):
     assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 2])
     assert torch.equal(model(x, t, y), loaded(x, t, y))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == CONFIG
+
+
+def test_overwriting_an_artifact(tmp_path):
+    save_quantized(quantized_model(k=16, d=4), SPEC, tmp_path, CONFIG)
+    model = quantized_model(k=64, d=2)
+    save_quantized(model, SPEC, tmp_path, {"wbits": 3})
+    loaded, _, quant = load_quantized(tmp_path)
+    assert quant["layers"]["blocks.0.attn.qkv"]["k"] == 64
+    assert all(torch.equal(a, b) for a, b in zip(decoded(model).values(), decoded(loaded).values()))
 
 
 def test_indices_take_exactly_log2_k_bits(tmp_path):

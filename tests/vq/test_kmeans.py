@@ -25,7 +25,7 @@ def test_nearest_matches_brute_force(n, k, d, chunk):
     assert torch.equal(index, ref.indices[:, 0])
 
 
-@pytest.mark.parametrize("n,k,d", [(600, 16, 2), (2000, 64, 4), (64, 64, 4)])
+@pytest.mark.parametrize("n,k,d", [(600, 16, 2), (2000, 64, 4), (64, 64, 4), (50, 1, 3), (40, 2, 1)])
 def test_kmeans_converges_to_a_lloyd_fixed_point(n, k, d):
     x = points(n, d)
     c, a = kmeans(x, k, iters=300, seed=3, tol=0.0)
