@@ -1,0 +1,123 @@
+"""Quality, size and cost of every method on the embedded digits model, all through the CLIs users run.
+
+    python benchmarks/bench_quality.py                      # the README table: 1000 samples, 50 steps, CFG 1.5
+
+Each method is quantized and sampled in its own process (wall time and peak RSS from /usr/bin/time),
+with the same seed as the full-precision reference, then evaluated (digits-classifier FID against the
+real digits, class accuracy, paired PSNR vs FP). Writes to --out (default benchmarks/results):
+quality.md, quality.json, fid_vs_bits.png and grids.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
+from evaluation.report import evaluate_files  # noqa: E402
+
+# (label, quantize.py flags); W = bits per index weight, d = sub-vector length
+METHODS = {
+    "rtn-w4": ("RTN W4", ["--method", "rtn", "--wbits", "4"]),
+    "rtn-w3": ("RTN W3", ["--method", "rtn", "--wbits", "3"]),
+    "rtn-w2": ("RTN W2", ["--method", "rtn", "--wbits", "2"]),
+    "kmeans-w3": ("k-means W3 (k64 d2)", ["--method", "kmeans", "--wbits", "3", "--dim", "2"]),
+    "kmeans-w2": ("k-means W2 (k256 d4)", ["--method", "kmeans", "--wbits", "2", "--dim", "4"]),
+    "codebook-w3": ("codebook-only W3", ["--method", "codebook", "--wbits", "3", "--dim", "2"]),
+    "codebook-w2": ("codebook-only W2", ["--method", "codebook", "--wbits", "2", "--dim", "4"]),
+    "vq4dit-w3": ("VQ4DiT W3 n=2", ["--method", "vq4dit", "--wbits", "3", "--dim", "2"]),
+    "vq4dit-w2-n1": ("VQ4DiT W2 n=1", ["--method", "vq4dit", "--wbits", "2", "--dim", "4", "--candidates", "1"]),
+    "vq4dit-w2": ("VQ4DiT W2 n=2", ["--method", "vq4dit", "--wbits", "2", "--dim", "4"]),
+    "vq4dit-w2-n3": ("VQ4DiT W2 n=3", ["--method", "vq4dit", "--wbits", "2", "--dim", "4", "--candidates", "3"]),
+}
+GRID_METHODS = ["rtn-w2", "kmeans-w2", "vq4dit-w2"]
+
+
+def timed(cmd, log_path):
+    """Run cmd, its output to log_path; returns (wall seconds, peak RSS MiB) measured by /usr/bin/time."""
+    with open(log_path, "w") as log:
+        subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
+    last = [line for line in open(log_path) if line.startswith("TIME ")][-1].split()
+    return float(last[1]), int(last[2]) / 1024
+
+
+def bits_per_weight(artifact):
+    """Weight-count-averaged bits per weight of the quantized layers, without and with codebooks/scales."""
+    layers = json.load(open(os.path.join(artifact, "quant_config.json")))["layers"].values()
+    total = sum(v["in_features"] * v["out_features"] for v in layers)
+    plain = sum(v["bits_per_weight"] * v["in_features"] * v["out_features"] for v in layers) / total
+    full = sum(v["bits_per_weight_with_codebook"] * v["in_features"] * v["out_features"] for v in layers) / total
+    return plain, full
+
+
+def sample_cmd(args, out, source):
+    return [sys.executable, "sample.py", *source, "--num-samples", str(args.num_samples), "--steps", str(args.steps),
+            "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--out", out]
+
+
+def run_method(key, args, reference):
+    label, flags = METHODS[key]
+    art = os.path.join(args.out, "runs", key)
+    q_time, q_rss = timed([sys.executable, "quantize.py", *flags, "--seed", str(args.seed), *args.extra,
+                           "--out", art], art + ".quantize.log")
+    s_time, _ = timed(sample_cmd(args, os.path.join(art, "samples"), ["--quantized", art]), art + ".sample.log")
+    row = evaluate_files(os.path.join(art, "samples", "samples.npz"), reference_path=reference)
+    bpw, bpw_full = bits_per_weight(art)
+    size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
+    return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
+            "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time}
+
+
+def write_table(rows, path, args):
+    head = ("| method | bits/weight (+codebook) | FID | accuracy | PSNR vs FP (dB) | artifact MiB | quantize s "
+            "| quantize peak RSS MiB | sample s |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
+        lines.append(f"| {r['method']} | {r['bits_per_weight']:.2f} ({r['bits_per_weight_with_codebook']:.2f}) | "
+                     f"{r['fid']:.2f} | {r['accuracy']:.3f} | {psnr} | {r['artifact_mib']:.2f} | "
+                     f"{r['quantize_s']:.1f} | {r['quantize_peak_rss_mib']:.0f} | {r['sample_s']:.1f} |")
+    note = (f"Embedded DiT-Digits/2, {args.num_samples} samples, {args.steps} steps, CFG 1.5, seed {args.seed}; "
+            f"extra quantize flags: {' '.join(args.extra) or 'none'}. Times are wall seconds of the whole "
+            "process on this machine (2 CPU cores), imports included.\n\n")
+    with open(path, "w") as f:
+        f.write(note + head + "\n".join(lines) + "\n")
+
+
+def main(args):
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    fp_dir = os.path.join(args.out, "runs", "fp")
+    fp_time, _ = timed(sample_cmd(args, fp_dir, []), fp_dir + ".sample.log")
+    reference = os.path.join(fp_dir, "samples.npz")
+    fp = evaluate_files(reference)
+    rows = [{"key": "fp", "method": "full precision", **fp, "bits_per_weight": 32.0,
+             "bits_per_weight_with_codebook": 32.0, "quantize_s": 0.0, "quantize_peak_rss_mib": 0.0,
+             "artifact_mib": os.path.getsize(os.path.join(ROOT, "weights", "dit_digits.safetensors")) / 2**20,
+             "sample_s": fp_time}]
+    for key in args.methods:
+        rows.append(run_method(key, args, reference))
+        print(json.dumps(rows[-1]), flush=True)
+    write_table(rows, os.path.join(args.out, "quality.md"), args)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    plot_fid_vs_bits(rows[1:], fp["fid"], os.path.join(args.out, "fid_vs_bits.png"))
+    panels = [("full precision", reference)] + [
+        (METHODS[k][0], os.path.join(args.out, "runs", k, "samples", "samples.npz")) for k in GRID_METHODS
+        if k in args.methods]
+    side_by_side(panels, os.path.join(args.out, "grids.png"))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
+                        help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("extra", nargs="*", help="extra quantize.py flags after --, e.g. -- --iters 50")
+    main(parser.parse_args())

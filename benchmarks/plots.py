@@ -1,0 +1,55 @@
+"""Pictures for the benchmark report: FID against bits per weight, and sample grids side by side."""
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def plot_fid_vs_bits(rows, fp_fid, path):
+    """One point per method (rows with bits_per_weight_with_codebook, fid, method); FP as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {}
+    for r in rows:
+        families.setdefault(r["method"].split(" ")[0], []).append(r)
+    for name, members in families.items():
+        ax.scatter([r["bits_per_weight_with_codebook"] for r in members], [r["fid"] for r in members], label=name)
+        for r in members:
+            ax.annotate(r["method"].split(" ", 1)[1], (r["bits_per_weight_with_codebook"], r["fid"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 2))
+    ax.axhline(fp_fid, color="gray", linestyle="--", label="full precision")
+    ax.set_xlabel("bits per weight (with codebooks / scales)")
+    ax.set_ylabel("FID (digits-classifier features, lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def side_by_side(panels, path, count=40, cols=10, scale=3, pad=2, title_h=18):
+    """panels: [(title, npz path)]; the first `count` samples of each (same seeds), tiled, next to each other."""
+    tiles = []
+    for title, npz in panels:
+        images = np.load(npz)["arr_0"][:count]  # (count, H, W, 3) uint8
+        n, h, w, _ = images.shape
+        rows = -(-n // cols)
+        canvas = np.full((title_h + rows * (h * scale + pad), cols * (w * scale + pad), 3), 255, np.uint8)
+        for i, img in enumerate(images):
+            r, c = divmod(i, cols)
+            big = img.repeat(scale, 0).repeat(scale, 1)
+            y, x = title_h + r * (h * scale + pad), c * (w * scale + pad)
+            canvas[y:y + h * scale, x:x + w * scale] = big
+        panel = Image.fromarray(canvas)
+        ImageDraw.Draw(panel).text((2, 2), title, fill=(0, 0, 0))
+        tiles.append(panel)
+    gap = 12
+    out = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)),
+                    (255, 255, 255))
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + gap
+    out.save(path)
