@@ -92,7 +92,7 @@ def format_table(result):
     def show(value):
         if value is None:
             return "-"
-        return str(value) if isinstance(value, int) else f"{value:.4f}"
+        return str(value) if isinstance(value, int) else f"{value:.6g}"
 
     rows = [(k, show(result[k])) for k in RESULT_KEYS]
     width = max(len(k) for k, _ in rows)
