@@ -1,7 +1,10 @@
 """Train the embedded DiT-Digits/2 model on scikit-learn's digits and save it as safetensors.
 
 Reproduce the committed weights/dit_digits.safetensors:
-    python scripts/train_digits_dit.py --steps 4000 --seed 0 --out weights/dit_digits.safetensors
+    python scripts/train_digits_dit.py --steps 6000 --lr 1e-3 --warmup 200 --seed 0
+
+The full training state is checkpointed (--checkpoint) every 500 steps; rerunning the same
+command after an interruption resumes there and ends with the same weights.
 """
 import argparse
 import logging
@@ -22,17 +25,21 @@ def main(args):
     torch.manual_seed(args.seed)
     model = DiT_models["DiT-Digits/2"](input_size=IMAGE_SIZE, num_classes=NUM_CLASSES, in_channels=1, learn_sigma=True)
     images, labels = load_digits_images()
-    ema = train_dit(model, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    command = f"python scripts/train_digits_dit.py --steps {args.steps} --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr}"
+    ema = train_dit(model, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    warmup=args.warmup, seed=args.seed, checkpoint=args.checkpoint)
+    command = (f"python scripts/train_digits_dit.py --steps {args.steps} --seed {args.seed} "
+               f"--batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup}")
     save_dit(ema, "DiT-Digits/2", args.out, extra={"command": command, "seed": str(args.seed)})
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="weights/dit_digits.safetensors")
+    parser.add_argument("--checkpoint", default="outputs/train_digits_dit/state.pt", help="resumable training state")
     main(parser.parse_args())
