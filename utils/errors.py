@@ -3,3 +3,14 @@
 
 class UserError(Exception):
     """A problem with what the user gave (a path, a value, a file): message names it and what is valid."""
+
+
+def check_finite(tensors, source):
+    """Raise a UserError naming `source` and the first floating tensor holding NaN or Inf."""
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise UserError(f"{source}: tensor {key} holds {bad} NaN/Inf value(s); the file is corrupt or the "
+                            "model diverged, refusing to produce garbage images")

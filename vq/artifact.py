@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.loading import DiTSpec
-from utils.errors import UserError
+from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path, write_text_atomic
 from vq.apply import set_submodule
 from vq.codecs import CODECS, codec_for
@@ -143,6 +143,7 @@ def read_tensors(out_dir, quant, device="cpu"):
         if list(t.shape) != entry["shape"] or dtype_name(t.dtype) != entry["dtype"]:
             raise UserError(f"{path}: tensor {key} is {list(t.shape)} {dtype_name(t.dtype)}, quant_config.json "
                             f"says {entry['shape']} {entry['dtype']}")
+    check_finite(tensors, path)
     return tensors
 
 

@@ -129,6 +129,18 @@ def corrupt_truncate_and_record(d):  # a truncated file whose recorded size was 
     (d / "quant_config.json").write_text(json.dumps(q))
 
 
+def corrupt_nan(d):  # same names, shapes and byte size, one weight NaN
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = str(d / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors["final_layer.linear.bias"][0] = float("nan")
+    save_file(tensors, path, metadata=meta)
+
+
 @pytest.mark.parametrize("corrupt,file,match", [
     (corrupt_missing_marker, "quant_config.json", "missing"),
     (corrupt_json, "quant_config.json", "malformed"),
@@ -137,6 +149,7 @@ def corrupt_truncate_and_record(d):  # a truncated file whose recorded size was 
     (corrupt_layer_meta, "quant_config.json", "blocks.1.attn.proj.indices is listed"),
     (corrupt_truncate, "model.safetensors", "truncated"),
     (corrupt_truncate_and_record, "model.safetensors", "unreadable"),
+    (corrupt_nan, "model.safetensors", "final_layer.linear.bias holds 1 NaN/Inf"),
 ])
 def test_integrity_errors_name_the_file(saved, tmp_path, corrupt, file, match):
     tmp_path = tmp_path / "copy"
