@@ -32,12 +32,15 @@ def layer_stats(layers, info, w_before, fp_weights):
             for j, (name, layer) in enumerate(layers.items())}
 
 
-def calibrate_block(block, layers, fp_weights, x_in, c, target, config, generator, device, progress=True, index=0):
+def calibrate_block(block, layers, fp_weights, x_in, c, target, config, generator, device, progress=True, index=0,
+                    out=None):
     """Calibrate the quantized layers of one block so block(x_in, c) matches target; returns its stats.
 
     x_in, target (M, T, D) and c (M, D) on CPU; layers {name: VQLinear} inside `block`; fp_weights
-    {name: FP weight (out, in)}. Every layer is hard afterwards. "before" is the argmax (= k-means nearest)
-    assignment of the layers as handed in, i.e. the deployable model without calibration.
+    {name: FP weight (out, in)}. Every layer is hard afterwards; with `out` (M, T, D), possibly x_in itself,
+    the calibrated block's outputs are written there by the same sweep that measures the final error.
+    "before" is the argmax (= k-means nearest) assignment of the layers as handed in, i.e. the deployable
+    model without calibration.
     """
     start = time.perf_counter()
     modules = list(layers.values())
@@ -50,7 +53,7 @@ def calibrate_block(block, layers, fp_weights, x_in, c, target, config, generato
         return F.mse_loss(out, target[idx].to(device).float())
 
     info = train(modules, loss_fn, x_in.shape[0], config, generator, progress, desc=f"block {index}")
-    mse_after = block_mse(block, x_in, c, target, device)
+    mse_after = block_mse(block, x_in, c, target, device, out=out)
     stats = {
         "block": index, "mse_before": mse_before, "mse_after": mse_after, "loss": info["loss"],
         "penalty": info["penalty"], "seconds": time.perf_counter() - start,
@@ -79,9 +82,8 @@ def calibrate_blockwise(model, teacher, qlayers, config, acts, start, device, on
         target = run_block(teacher.blocks[i], acts["x_fp"], c, device, out=acts["x_fp"] if sequential else None)
         x_in = acts["x_q"] if sequential else acts["x_fp"]
         stats = calibrate_block(model.blocks[i], block_layers(qlayers, i), fp_weights, x_in, c, target, config,
-                                seeded_generator(config.seed, BLOCK_STREAM, i), device, progress, index=i)
-        if sequential:
-            run_block(model.blocks[i], acts["x_q"], c, device, out=acts["x_q"])
+                                seeded_generator(config.seed, BLOCK_STREAM, i), device, progress, index=i,
+                                out=acts["x_q"] if sequential else None)  # x_q advances to block i + 1's input
         acts["x_fp"] = target
         out.append(stats)
         on_block_done(i, stats, acts)

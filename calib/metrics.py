@@ -3,12 +3,18 @@ import torch
 
 
 @torch.no_grad()
-def block_mse(block, tokens, c, target, device, batch_size=256):
-    """Mean squared error of block(tokens, c) against target (M, T, D) over all points (a float)."""
+def block_mse(block, tokens, c, target, device, batch_size=256, out=None):
+    """Mean squared error of block(tokens, c) against target (M, T, D) over all points (a float).
+
+    With `out` (M, T, D), the block outputs are also written there (it may be `tokens` itself: each chunk's
+    output depends only on that chunk), so the sequential walk gets the next block's inputs from the same sweep.
+    """
     total = 0.0
     for s in range(0, tokens.shape[0], batch_size):
         h = block(tokens[s:s + batch_size].to(device).float(), c[s:s + batch_size].to(device))
         total += (h - target[s:s + batch_size].to(device).float()).pow(2).sum().item()
+        if out is not None:
+            out[s:s + batch_size] = h.to("cpu", out.dtype)
     return total / target.numel()
 
 
