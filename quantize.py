@@ -75,7 +75,8 @@ if __name__ == "__main__":
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
     try:
         main(args)
     except UserError as e:

@@ -68,7 +68,8 @@ class QuantizeConfig:
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "must be a positive integer")
         if not 2 <= self.k <= 65536:
-            source = "given" if self.codebook_size is not None else f"= 2^(wbits*dim) with wbits={self.wbits}, dim={self.dim}"
+            source = ("given" if self.codebook_size is not None
+                      else f"= 2^(wbits*dim) with wbits={self.wbits}, dim={self.dim}")
             bad("codebook_size", self.k, f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             bad("candidates", self.candidates, f"at most the codebook size {self.k}")

@@ -6,7 +6,6 @@ Formats: our safetensors (spec in the header), the official plain state dict `.p
 """
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,14 +288,3 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
     logger.info("loaded %s from %s", spec.name, source)
     return model.to(device).eval(), spec
 
-
-def load_quantized(path, device="cpu"):
-    """A quantized artifact directory via `vq.load_quantized`: returns (model, spec, quant_config)."""
-    if not os.path.isdir(path):
-        raise UserError(f"--quantized {path} is not a directory; give an artifact written by the quantizer")
-    try:
-        from vq import load_quantized as vq_load
-    except ImportError:
-        raise UserError("--quantized needs vq.load_quantized, which this checkout does not provide yet") from None
-    model, spec, config = vq_load(path)
-    return model.to(device).eval(), spec, config

@@ -150,6 +150,8 @@ def read_tensors(out_dir, quant, device="cpu"):
 def load_quantized(out_dir, device="cpu"):
     """Load an artifact written by save_quantized -> (model in eval mode, DiTSpec, quant_config dict)."""
     out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: not a directory; give an artifact directory written by quantize.py")
     quant = read_quant_config(out_dir)
     tensors = read_tensors(out_dir, quant, device)
     spec = DiTSpec(**quant["base_model"])
