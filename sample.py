@@ -1,0 +1,52 @@
+"""Sample a DiT (full precision or quantized) to DIR/grid.png and DIR/samples.npz (ADM format).
+
+Default: the embedded DiT-Digits/2 model. Same seed -> same images, whatever the batch size or
+number of processes. Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (one npz, written by rank 0).
+"""
+import argparse
+import logging
+import sys
+
+from models.images import parse_classes, resolve_device, sample_to_dir
+from models.loading import load_dit
+from utils.errors import UserError
+from vq import load_quantized
+
+
+def main(args):
+    device = resolve_device(args.device)
+    if args.quantized:
+        model, spec, _ = load_quantized(args.quantized, device)
+    else:
+        model, spec = load_dit(args.model, args.ckpt, args.image_size, args.num_classes, device)
+    classes = parse_classes(args.classes, spec.num_classes)
+    sample_to_dir(model, args.out, num_samples=args.num_samples, classes=classes, seed=args.seed, steps=args.steps,
+                  cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, vae=args.vae,
+                  progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="registry name, e.g. DiT-XL/2 (default: read from the weights)")
+    parser.add_argument("--ckpt", default=None,
+                        help=".pt/.safetensors file, diffusers directory or hub id (default: embedded digits model)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels, e.g. 256 or 512 (default: from weights)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
+    parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent models only)")
+    parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
+    parser.add_argument("--steps", type=int, default=50, help="respaced DDPM steps")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--num-samples", type=int, default=20)
+    parser.add_argument("--classes", default=None, help="comma list cycled over samples (default: uniform random)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    parser.add_argument("--out", default="outputs/samples", metavar="DIR")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cli_args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        main(cli_args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
