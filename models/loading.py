@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
 from models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
-from utils.errors import UserError
+from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,11 @@ def _read_state_file(path):
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            return load_file(str(path)), meta
+            state = load_file(str(path))
         except Exception as e:
             raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        check_finite(state, path)
+        return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -146,6 +148,7 @@ def _read_state_file(path):
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError(f"{path}: unknown checkpoint format; expected a state dict of tensors "
                         "or a training checkpoint with an 'ema' state dict")
+    check_finite(obj, path)
     return obj, {}
 
 
