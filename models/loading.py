@@ -6,6 +6,7 @@ Formats: our safetensors (spec in the header), the official plain state dict `.p
 """
 import json
 import logging
+import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,6 +137,11 @@ def _read_state_file(path):
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: unknown checkpoint format, refused by the safe loader (torch.load weights_only=True: "
+                        f"{_unpickle_detail(e)}); "
+                        "expected a DiT .pt/.pth state dict of tensors, a training checkpoint with 'ema' or a "
+                        ".safetensors file; pickles that need code to load are never loaded") from None
     except Exception as e:
         raise UserError(f"{path}: unknown checkpoint format (torch.load with weights_only failed: "
                         f"{str(e).splitlines()[0]}); expected a DiT .pt/.pth state dict, a training "
@@ -150,6 +156,14 @@ def _read_state_file(path):
                         "or a training checkpoint with an 'ema' state dict")
     check_finite(obj, path)
     return obj, {}
+
+
+def _unpickle_detail(error):
+    """The line of torch's weights_only refusal that says what was refused (its first line advises
+    weights_only=False, which would run the file's code)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+    return (useful or lines or [type(error).__name__])[0]
 
 
 def _diffusers_dir(path):
