@@ -1,0 +1,177 @@
+"""Calibration benchmark on the embedded digits DiT: k-means only vs VQ4DiT and its variants.
+
+For every variant: k-means (cached per codebook shape and candidate count), calibration, then on held-out
+teacher inputs (a different seed from the calibration's) the predicted-noise MSE vs the FP model and the
+per-block output MSE along the quantized chain. Also times the default pipeline run (k-means + calibration
++ save) and writes benchmarks/results/calib.md.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_calib.py                 # everything (~20 min on 2 cores)
+    python benchmarks/bench_calib.py --only w2-kmeans w2-vq4dit        # a subset
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from calib.config import load_config  # noqa: E402
+from calib.inputs import cache_bytes, embed_inputs, teacher_inputs  # noqa: E402
+from calib.metrics import chain_mse, noise_mse  # noqa: E402
+from calib.pipeline import quantize  # noqa: E402
+from calib.run import calibrate  # noqa: E402
+from models.loading import load_dit  # noqa: E402
+from utils.fileio import write_text_atomic  # noqa: E402
+from vq import quantize_linears  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = {"w2": "configs/digits_w2.yaml", "w3": "configs/digits_w3.yaml"}
+# name -> (preset, overrides); "kmeans" and "codebook" are the baselines the calibration must beat
+VARIANTS = {
+    "w2-kmeans": ("w2", {"method": "kmeans"}),
+    "w2-codebook": ("w2", {"method": "codebook"}),
+    "w2-vq4dit": ("w2", {}),
+    "w2-vq4dit-fp-inputs": ("w2", {"block_inputs": "fp"}),
+    "w2-vq4dit-joint": ("w2", {"calib": "joint"}),
+    "w2-vq4dit-n1": ("w2", {"candidates": 1}),
+    "w2-vq4dit-n3": ("w2", {"candidates": 3}),
+    "w2-vq4dit-lambda0": ("w2", {"lambda_r": 0.0}),
+    "w2-vq4dit-lambda0.1": ("w2", {"lambda_r": 0.1}),
+    "w2-vq4dit-lambda1": ("w2", {"lambda_r": 1.0}),
+    "w2-vq4dit-samples16": ("w2", {"calib_samples": 16}),
+    "w2-vq4dit-iters250": ("w2", {"iters": 250}),
+    "w3-kmeans": ("w3", {"method": "kmeans"}),
+    "w3-codebook": ("w3", {"method": "codebook"}),
+    "w3-vq4dit": ("w3", {}),
+}
+HELD_OUT_SEED_OFFSET = 1000  # held-out teacher inputs: seed + offset, so never the calibration trajectories
+
+
+def held_out(teacher, config, device, samples=16, timesteps=10):
+    x, t, y = teacher_inputs(teacher, samples, timesteps, config.steps, config.cfg_scale,
+                             config.seed + HELD_OUT_SEED_OFFSET, device)
+    tokens, c = embed_inputs(teacher, x, t, y, device)
+    return (x, t, y), (tokens, c)
+
+
+def kmeans_student(teacher, config, cache):
+    """A deep copy of the k-means-quantized student for (k, d, n, seed); k-means runs once per key."""
+    n = config.candidates if config.method == "vq4dit" else 1
+    key = (config.k, config.dim, n, config.seed, config.kmeans_iters)
+    if key not in cache:
+        student = copy.deepcopy(teacher)
+        start = time.perf_counter()
+        quantize_linears(student, config.k, config.dim, candidates=n, kmeans_iters=config.kmeans_iters,
+                         seed=config.seed, ratio_init=config.ratio_init, progress=False)
+        cache[key] = (student, time.perf_counter() - start)
+    student, seconds = cache[key]
+    student = copy.deepcopy(student)
+    qlayers = {name: m for name, m in student.named_modules() if type(m).__name__ == "VQLinear"}
+    return student, qlayers, seconds
+
+
+def run_variant(name, teacher, base, overrides, evalset, cache, device):
+    config = dataclasses.replace(base, **overrides).validate()
+    student, qlayers, kmeans_s = kmeans_student(teacher, config, cache)
+    start = time.perf_counter()
+    if config.method == "kmeans":
+        for layer in qlayers.values():
+            layer.harden()
+    else:
+        with tempfile.TemporaryDirectory() as out_dir:
+            calibrate(student, qlayers, config, out_dir, teacher=teacher, progress=False)
+    calib_s = time.perf_counter() - start
+    (x, t, y), (tokens, c) = evalset
+    blocks = chain_mse(student.blocks, teacher.blocks, tokens, c, device)
+    row = {"variant": name, "wbits": config.wbits, "k": config.k, "d": config.dim, "method": config.method,
+           "calib": config.calib if config.method != "kmeans" else "-", "inputs": config.block_inputs,
+           "n": config.candidates if config.method == "vq4dit" else 1, "lambda_r": config.lambda_r,
+           "kmeans_s": kmeans_s, "calib_s": calib_s, "noise_mse": noise_mse(student, teacher, x, t, y, device),
+           "block_mse_mean": sum(blocks) / len(blocks), "block_mse_last": blocks[-1], "block_mse": blocks}
+    logging.info("%s: noise MSE %.4g, last block MSE %.4g, calib %.1f s", name, row["noise_mse"],
+                 row["block_mse_last"], calib_s)
+    return row
+
+
+def time_default_run(preset, overrides):
+    """Wall time of the whole default pipeline (load, k-means, calibration, save) for a preset."""
+    config = load_config(os.path.join(ROOT, preset), overrides)
+    with tempfile.TemporaryDirectory() as out_dir:
+        start = time.perf_counter()
+        quantize(config, out_dir, progress=False)
+        return time.perf_counter() - start, config
+
+
+def report(rows, default_s, default_config, threads, command):
+    fmt = "| {variant} | {method} | {calib} | {inputs} | {n} | {lambda_r:g} | {kmeans_s:.1f} | {calib_s:.1f} | " \
+          "{noise_mse:.4g} | {block_mse_mean:.4g} | {block_mse_last:.4g} |"
+    xl = cache_bytes(32 * 2 * 25, 256, 1152)
+    timing = [] if default_s is None else [
+        f"Default W2 pipeline run (`configs/digits_w2.yaml`: load + k-means + calibration + save): "
+        f"**{default_s:.1f} s** (iters {default_config.iters}, calib_samples {default_config.calib_samples}, "
+        f"calib_timesteps {default_config.calib_timesteps}, steps {default_config.steps}).", ""]
+    lines = [
+        "# Calibration benchmark (embedded digits DiT)", "",
+        f"Command: `OMP_NUM_THREADS={threads} python benchmarks/bench_calib.py{command}`; torch {torch.__version__}, "
+        f"{threads} threads, {platform.processor() or platform.machine()}.", "", *timing,
+        "Errors vs the FP model on held-out teacher inputs (16 trajectories x 10 steps x CFG 2, seed + "
+        f"{HELD_OUT_SEED_OFFSET}): `noise MSE` of the predicted eps, per-block output MSE along the quantized "
+        "chain (mean over blocks and last block). k-means time is shared by variants with the same (k, d, n).", "",
+        "| variant | method | calib | block inputs | n | lambda_r | k-means s | calib s | noise MSE | "
+        "block MSE mean | block MSE last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[fmt.format(**r) for r in rows], "",
+        "## Activation memory at the defaults for DiT-XL/2", "",
+        f"M = 32 trajectories x 2 (CFG) x 25 steps = 1600 points, T = 256, D = 1152, fp16: one (M, T, D) tensor "
+        f"= {xl / 2**20:.0f} MiB. Sequential block-wise holds two (block input, target): {2 * xl / 2**30:.2f} GiB "
+        f"(+ c, 7 MiB); the resumable state on disk is the same two tensors. Joint keeps only the block-0 "
+        f"inputs ({xl / 2**20:.0f} MiB) and recomputes FP targets per minibatch; storing every block's "
+        f"target would take 28 x {xl / 2**20:.0f} MiB = {28 * xl / 2**30:.1f} GiB.", "",
+    ]
+    return "\n".join(lines)
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    threads = torch.get_num_threads()
+    names = args.only or list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    default_s, default_config = time_default_run(PRESETS["w2"], overrides) if args.time_default else (None, None)
+    logging.info("default W2 pipeline run: %s s", default_s)
+    for name in ("calib.blockwise", "calib.joint"):  # per-layer lines: the JSON results hold what matters here
+        logging.getLogger(name).setLevel(logging.WARNING)
+    bases = {key: dataclasses.replace(load_config(os.path.join(ROOT, path), overrides), device="cpu")
+             for key, path in PRESETS.items()}
+    teacher, _ = load_dit(bases["w2"].model, bases["w2"].ckpt, device="cpu")
+    evalset = held_out(teacher, bases["w2"], "cpu")
+    cache, rows = {}, []
+    for name in names:
+        preset, overrides = VARIANTS[name]
+        rows.append(run_variant(name, teacher, bases[preset], overrides, evalset, cache, "cpu"))
+    write_text_atomic(args.out, report(rows, default_s, default_config, threads,
+                                      "".join(f" {a}" for a in sys.argv[1:])))
+    write_text_atomic(os.path.splitext(args.out)[0] + ".json", json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", help=f"variants to run (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. iters=200 calib_samples=16")
+    parser.add_argument("--no-default-run", dest="time_default", action="store_false",
+                        help="skip timing the whole default W2 pipeline run")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "calib.md"))
+    main(parser.parse_args())
