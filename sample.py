@@ -7,13 +7,14 @@ import argparse
 import logging
 import sys
 
-from models.images import parse_classes, resolve_device, sample_to_dir
+from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
 from models.loading import load_dit
 from utils.errors import UserError
 from vq import load_quantized
 
 
 def main(args):
+    check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
     device = resolve_device(args.device)
     if args.quantized:
         model, spec, _ = load_quantized(args.quantized, device)
@@ -42,9 +43,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     parser.add_argument("--out", default="outputs/samples", metavar="DIR")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     cli_args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING if cli_args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
     try:
         main(cli_args)
     except UserError as e:

@@ -17,6 +17,7 @@ from utils.errors import UserError
 from utils.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
+NUM_TIMESTEPS = 1000  # the training schedule that sampling respaces
 
 
 def save_npz(path, images, labels):
@@ -71,14 +72,27 @@ def parse_classes(text, num_classes):
     """'1,3,5' -> [1, 3, 5], each in 0..num_classes-1; None/'' -> None (uniform random labels)."""
     if not text:
         return None
+    valid = f"class ids are integers in 0..{num_classes - 1}"
     try:
         classes = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise UserError(f"--classes {text!r}: expected a comma-separated list of integers like 0,1,2") from None
+        raise UserError(f"--classes {text!r}: expected a comma-separated list like 0,1,2; {valid}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
-        raise UserError(f"--classes {text!r}: class ids must be in 0..{num_classes - 1}")
+    if bad:
+        raise UserError(f"--classes {text!r}: {', '.join(map(str, bad))} out of range; {valid}")
+    if not classes:
+        raise UserError(f"--classes {text!r}: no class ids given; {valid}")
     return classes
+
+
+def check_sampling_args(num_samples, steps, batch_size):
+    """UserError naming the first of the sampling counts that is out of range."""
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if not 1 <= steps <= NUM_TIMESTEPS:
+        raise UserError(f"--steps {steps}: must be in 1..{NUM_TIMESTEPS} (respaced DDPM steps)")
 
 
 def sample_images(model, num_samples, classes=None, seed=0, steps=50, cfg_scale=1.5, batch_size=64, device="cpu",
@@ -108,10 +122,7 @@ def sample_to_dir(model, out_dir, num_samples=16, classes=None, seed=0, steps=50
     Under torchrun the sample indices are sharded over ranks and rank 0 writes the gathered result,
     identical to a single-process run. `vae` (ema | mse | directory) is used only by latent models.
     """
-    if num_samples < 1:
-        raise UserError(f"--num-samples {num_samples}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    check_sampling_args(num_samples, steps, batch_size)
     device = distributed.init(device)
     model = model.to(device).eval()
     decoder = load_vae(vae, device) if needs_vae(model.in_channels) else None

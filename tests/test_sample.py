@@ -1,0 +1,114 @@
+"""sample.py end to end on a tiny saved checkpoint: files written, torchrun sharding, bad input -> one error line."""
+import logging
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.images import sample_to_dir
+from models.loading import load_dit, save_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "sample.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_dit):
+    model, spec = tiny_dit
+    path = tmp_path / "tiny.safetensors"
+    save_dit(model, spec.name, path)
+    return path
+
+
+def reference_run(ckpt, tmp_path, **kwargs):
+    """The single-process result computed in-process from the same file."""
+    model, _ = load_dit(None, str(ckpt))
+    return sample_to_dir(model, tmp_path / "reference", progress=False, **kwargs)
+
+
+def read_npz(path):
+    with np.load(path) as npz:
+        return npz["arr_0"], npz["arr_1"]
+
+
+def run(args, timeout=60):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_writes_grid_and_npz(tmp_path, ckpt):
+    out = tmp_path / "out"
+    proc = run([SCRIPT, "--ckpt", str(ckpt), "--num-samples", "5", "--steps", "3", "--classes", "0,1",
+                "--batch-size", "2", "--seed", "4", "--device", "cpu", "--out", str(out), "-q"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.mode == "RGB"
+    images, labels = read_npz(out / "samples.npz")
+    ref_images, ref_labels = reference_run(ckpt, tmp_path, num_samples=5, classes=[0, 1], steps=3, seed=4)
+    assert labels.tolist() == [0, 1, 0, 1, 0] == ref_labels.tolist()
+    np.testing.assert_array_equal(images, ref_images)
+
+
+def torchrun_available():
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+@pytest.mark.skipif(not torchrun_available(), reason="torch.distributed with gloo is not available")
+def test_torchrun_two_processes_match_one(tmp_path, ckpt):
+    """5 samples over 2 gloo ranks (3 + 2, batch 2): rank 0 writes the same npz as a single process."""
+    out = tmp_path / "dist"
+    try:
+        proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+                    "--ckpt", str(ckpt), "--num-samples", "5", "--steps", "3", "--batch-size", "2", "--seed", "7",
+                    "--device", "cpu", "--out", str(out), "-q"], timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun did not finish in 60 s")
+    if proc.returncode != 0 and ("gloo" in proc.stderr.lower() or "rendezvous" in proc.stderr.lower()):
+        pytest.skip(f"torchrun/gloo could not start here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    images, labels = read_npz(out / "samples.npz")
+    ref_images, ref_labels = reference_run(ckpt, tmp_path, num_samples=5, steps=3, batch_size=2, seed=7)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(images, ref_images)  # exact: a sample depends only on (seed, index)
+    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]
+
+
+def bad_inputs(ckpt):
+    cases = [(["--ckpt", str(ckpt.parent / "missing.safetensors")], "missing.safetensors"),
+             (["--ckpt", str(ckpt), "--num-samples", "0"], "--num-samples 0"),
+             (["--ckpt", str(ckpt), "--steps", "0"], "--steps 0"),
+             (["--ckpt", str(ckpt), "--steps", "-2"], "--steps -2"),
+             (["--ckpt", str(ckpt), "--classes", "12"], "0..9")]
+    if not torch.cuda.is_available():
+        cases.append((["--ckpt", str(ckpt), "--device", "cuda"], "CUDA"))
+    return cases
+
+
+def test_bad_inputs_exit_2_with_one_error_line(tmp_path, ckpt, monkeypatch, capsys):
+    """Each bad input, run as `python sample.py` would (the __main__ block, in this process to save start-up time)."""
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    for args, named in bad_inputs(ckpt):
+        monkeypatch.setattr(sys, "argv", [SCRIPT, *args, "--out", str(tmp_path / "out"), "-q"])
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(SCRIPT, run_name="__main__")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2, args
+        assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], (args, err)
+        assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_bad_input_in_a_real_process(tmp_path, ckpt):
+    """--classes is checked after the model load: with -q the load's info log stays off stderr."""
+    proc = run([SCRIPT, "--ckpt", str(ckpt), "--classes", "3,12", "--device", "cpu", "--out", str(tmp_path / "o"),
+                "-q"])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --classes '3,12': 12 out of range"), proc.stderr
