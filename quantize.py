@@ -6,7 +6,9 @@
 Values come from the dataclass defaults, then the YAML preset (--config), then the flags given here.
 """
 import argparse
+import json
 import logging
+import os
 import sys
 
 from calib.config import load_config
@@ -60,9 +62,22 @@ def main(args):
     # imported here so that --dry-run and config errors answer without loading torch
     from calib.pipeline import quantize
 
-    out = args.out or default_out(config)
-    quantize(config, out)
-    print(f"wrote {out}")
+    args.out = args.out or default_out(config)
+    quantize(config, args.out)
+    print(f"wrote {args.out}")
+
+
+def resume_hint(out):
+    """After Ctrl-C: where a rerun of the same command picks up (calibration state is saved per block)."""
+    from calib.state import STATE_DIR, STATE_JSON
+
+    path = os.path.join(out, STATE_DIR, STATE_JSON) if out else None
+    try:
+        with open(path) as f:
+            block = int(json.load(f)["next_block"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return "no calibration state saved yet; rerun the same command to start over"
+    return f"rerun the same command to resume from block {block} (state in {os.path.dirname(path)})"
 
 
 if __name__ == "__main__":
@@ -82,3 +97,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted; {resume_hint(args.out)}", file=sys.stderr)
+        sys.exit(130)
