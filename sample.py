@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from calib.pipeline import check_out_dir
 from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
 from models.loading import load_dit
 from utils.errors import UserError
@@ -16,6 +17,7 @@ from vq import load_quantized
 def main(args):
     check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
     device = resolve_device(args.device)
+    check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
     if args.quantized:
         model, spec, _ = load_quantized(args.quantized, device)
     else:
