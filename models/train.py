@@ -30,7 +30,7 @@ def learning_rate(step, lr, warmup):
 
 def train_dit(model, images, labels, steps, batch_size=64, lr=3e-4, warmup=0, ema_decay=0.999, label_drop=0.1,
               seed=0, checkpoint=None, checkpoint_every=500, progress=True):
-    """Train `model` on (images (N, C, H, W), labels (N,)); returns the EMA copy in eval mode.
+    """Train `model` on (images (N, C, H, W), labels (N,)); returns (model, EMA copy), both in eval mode.
 
     `checkpoint`: a path where the full training state is saved every `checkpoint_every` steps and
     from which training resumes when it exists.
@@ -47,6 +47,8 @@ def train_dit(model, images, labels, steps, batch_size=64, lr=3e-4, warmup=0, em
         opt.load_state_dict(state["opt"])
         gen.set_state(state["rng"])
         start = int(state["step"])
+        if start > steps:
+            raise ValueError(f"{checkpoint} is at step {start}, past the requested {steps} steps")
         logger.info("resumed training at step %d from %s", start, checkpoint)
     model.train()
     t0 = time.time()
@@ -75,4 +77,4 @@ def train_dit(model, images, labels, steps, batch_size=64, lr=3e-4, warmup=0, em
                      "rng": gen.get_state(), "step": step + 1}
             with atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
-    return ema.eval()
+    return model.eval(), ema.eval()

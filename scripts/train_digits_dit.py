@@ -25,11 +25,12 @@ def main(args):
     torch.manual_seed(args.seed)
     model = DiT_models["DiT-Digits/2"](input_size=IMAGE_SIZE, num_classes=NUM_CLASSES, in_channels=1, learn_sigma=True)
     images, labels = load_digits_images()
-    ema = train_dit(model, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    trained, ema = train_dit(model, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     warmup=args.warmup, seed=args.seed, checkpoint=args.checkpoint)
     command = (f"python scripts/train_digits_dit.py --steps {args.steps} --seed {args.seed} "
-               f"--batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup}")
-    save_dit(ema, "DiT-Digits/2", args.out, extra={"command": command, "seed": str(args.seed)})
+               f"--batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} --export {args.export}")
+    weights = ema if args.export == "ema" else trained
+    save_dit(weights, "DiT-Digits/2", args.out, extra={"command": command, "seed": str(args.seed)})
 
 
 if __name__ == "__main__":
@@ -41,5 +42,7 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="weights/dit_digits.safetensors")
+    parser.add_argument("--export", choices=["model", "ema"], default="model",
+                        help="weights to save: the trained model, or its EMA (decay 0.999, needs long runs)")
     parser.add_argument("--checkpoint", default="outputs/train_digits_dit/state.pt", help="resumable training state")
     main(parser.parse_args())
