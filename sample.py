@@ -14,7 +14,17 @@ from utils.errors import UserError
 from vq import load_quantized
 
 
+def check_artifact(directory):
+    """--check: load the artifact as sampling would (every tensor's size and dtype against quant_config.json)."""
+    if not directory:
+        raise UserError("--check validates a quantized artifact: give --quantized DIR")
+    _, _, quant = load_quantized(directory, "cpu")
+    print(f"ok: {directory} ({len(quant['tensors'])} tensors, {quant['model_bytes'] / 1e6:.2f} MB)")
+
+
 def main(args):
+    if args.check:
+        return check_artifact(args.quantized)
     check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
     device = resolve_device(args.device)
     check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
@@ -37,6 +47,8 @@ if __name__ == "__main__":
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
     parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent models only)")
     parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
+    parser.add_argument("--check", action="store_true",
+                        help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
     parser.add_argument("--steps", type=int, default=50, help="respaced DDPM steps")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--num-samples", type=int, default=20)
