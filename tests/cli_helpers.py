@@ -1,0 +1,56 @@
+"""Running the real entry scripts in a subprocess and checking what they leave behind (issue 6)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from models.loading import DiTSpec, save_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+OUTPUT_FILES = ("model.safetensors", "quant_config.json", "samples.npz", "grid.png")
+# the cheapest quantize.py run that still calibrates every block of the depth-6 tiny model
+FAST = ("--codebook-size", "4", "--kmeans-iters", "2", "--iters", "4", "--calib-samples", "2",
+        "--calib-timesteps", "2", "--steps", "4", "--device", "cpu")
+
+
+def run(script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen(script, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def leftovers(out):
+    """Files under `out` that look like finished outputs or stale temporaries."""
+    out = Path(out)
+    if not out.exists():
+        return []
+    return sorted(str(p) for p in out.rglob("*") if p.name in OUTPUT_FILES
+                  or (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def assert_user_error(result, *names, out=None):
+    """Exit 2, one `error:` line (the last one) naming every one of `names`, no traceback, no partial output."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-2000:]
+    for name in names:
+        assert str(name) in errors[0], f"{name!r} not named in {errors[0]!r}"
+    if out is not None:
+        assert leftovers(out) == []
+    return errors[0]
+
+
+def save_tiny_ckpt(path):
+    """The tiny depth-6 DiT-Digits/2 (8x8, 1 channel, 10 classes), randomized, saved with save_dit; returns it."""
+    from tests.conftest import randomize
+
+    model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
+    save_dit(model, "DiT-Digits/2", path)
+    return model

@@ -1,0 +1,243 @@
+"""Issue 6: every bad input to quantize.py / sample.py is one `error:` line, exit 2, no traceback, no output.
+
+Each case runs the real entry script in a subprocess on a tiny checkpoint or artifact written to tmp.
+"""
+import json
+import os
+import shlex
+import shutil
+import struct
+
+import pytest
+import torch
+
+from models.loading import DiTSpec, save_dit
+from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
+from tests.conftest import randomize
+from vq.apply import quantize_linears
+from vq.artifact import MODEL_FILE, QUANT_FILE, save_quantized
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_tiny_ckpt(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A complete k-means artifact of the tiny model (k=4, d=4): every test damages its own copy."""
+    spec = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1)
+    model = randomize(spec.build())
+    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+        layer.harden()
+    out = tmp_path_factory.mktemp("artifact") / "art"
+    save_quantized(model, spec, out, {"method": "kmeans"})
+    return out
+
+
+def copy_of(artifact, tmp_path):
+    return shutil.copytree(artifact, tmp_path / "art")
+
+
+def quantize_errors(ckpt, tmp_path, *args):
+    out = tmp_path / "out"
+    return run("quantize.py", "--ckpt", ckpt, *FAST, *args, "--out", out), out
+
+
+# ---- quantize.py: checkpoints -------------------------------------------------------------------------------------
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result, out = quantize_errors(missing, tmp_path)
+    assert_user_error(result, missing, "does not exist", out=out)
+
+
+def test_garbage_safetensors(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(os.urandom(4096))
+    result, out = quantize_errors(bad, tmp_path)
+    assert_user_error(result, bad, "safetensors", out=out)
+
+
+def test_weights_of_another_architecture(ckpt, tmp_path):
+    result, out = quantize_errors(ckpt, tmp_path, "--model", "DiT-S/2")
+    line = assert_user_error(result, ckpt, "DiT-S/2", out=out)
+    # names the differing key and its shapes, and what the weights look like
+    assert "(1, 16, 128)" in line and "(1, 16, 384)" in line
+    assert "DiT-Digits/2" in line and "hidden 128" in line
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_pickle_that_runs_code_is_refused(ckpt, tmp_path):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    state = {"pos_embed": torch.zeros(1, 16, 128), "payload": _RunsCode(marker)}
+    torch.save(state, evil)
+    result, out = quantize_errors(evil, tmp_path)
+    line = assert_user_error(result, evil, "weights_only", out=out)
+    assert "weights_only` set to `False`" not in line  # never advise the unsafe load
+    assert not marker.exists()
+    # the payload is live: an unsafe load does run it, so the check above means something
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
+    with torch.no_grad():
+        model.blocks[2].mlp.fc2.weight[3, 5] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_dit(model, "DiT-Digits/2", bad)
+    result, out = quantize_errors(bad, tmp_path)
+    assert_user_error(result, bad, "blocks.2.mlp.fc2.weight", "NaN", out=out)
+
+
+# ---- quantize.py: flags -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, names", [
+    (("--wbits", "0"), ("wbits=0",)),
+    (("--codebook-size", "1"), ("codebook_size=1", "2..65536")),
+    (("--codebook-size", "65537"), ("codebook_size=65537", "2..65536")),
+    (("--wbits", "5", "--dim", "4", "--codebook-size", None), ("codebook_size=1048576", "wbits=5")),
+    (("--iters", "0"), ("iters=0",)),
+    (("--steps", "0"), ("steps=0",)),
+    (("--steps", "-3"), ("steps=-3",)),
+])
+def test_impossible_quantizer_values(ckpt, tmp_path, flags, names):
+    args = list(FAST)
+    if None in flags:  # drop FAST's --codebook-size so that k = 2^(wbits*dim)
+        i = args.index("--codebook-size")
+        del args[i:i + 2]
+        flags = flags[:-2]
+    out = tmp_path / "out"
+    result = run("quantize.py", "--ckpt", ckpt, *args, *flags, "--out", out)
+    assert_user_error(result, *names)
+    assert not out.exists()  # config errors answer before anything is created
+
+
+def test_dim_not_dividing_in_features(ckpt, tmp_path):
+    result, out = quantize_errors(ckpt, tmp_path, "--dim", "3")
+    assert_user_error(result, "dim=3", "128", out=out)
+
+
+def test_quantize_out_under_a_regular_file(ckpt, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "sub"
+    result = run("quantize.py", "--ckpt", ckpt, *FAST, "--out", target)
+    assert_user_error(result, target)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(ckpt, tmp_path):
+    result, out = quantize_errors(ckpt, tmp_path, "--device", "cuda")
+    assert_user_error(result, "--device cuda", out=out)
+
+
+# ---- sample.py: artifacts -----------------------------------------------------------------------------------------
+
+def sample_errors(tmp_path, *args):
+    out = tmp_path / "samples"
+    return run("sample.py", *args, "--out", out, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q"), out
+
+
+def _data_range(path, key):
+    """Absolute byte range of tensor `key` in a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8:8 + n])[key]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def _truncate(art):
+    path = art / MODEL_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path, "truncated"
+
+
+def _corrupt_header(art):
+    path = art / MODEL_FILE
+    raw = bytearray(path.read_bytes())
+    raw[8:24] = b"\x00" * 16
+    path.write_bytes(bytes(raw))
+    return path, "unreadable"
+
+
+def _corrupt_data(art):
+    path = art / MODEL_FILE
+    raw = bytearray(path.read_bytes())
+    begin, end = _data_range(path, "blocks.1.mlp.fc1.codebook")  # fp16: all-ones bytes are NaN
+    raw[begin:end] = b"\xff" * (end - begin)
+    path.write_bytes(bytes(raw))
+    return path, "blocks.1.mlp.fc1.codebook"
+
+
+def _config_missing(art):
+    (art / QUANT_FILE).unlink()
+    return art / QUANT_FILE, "missing"
+
+
+def _config_malformed(art):
+    (art / QUANT_FILE).write_text('{"format_version": 1, "layers": ')
+    return art / QUANT_FILE, "malformed"
+
+
+def _config_newer(art):
+    quant = json.loads((art / QUANT_FILE).read_text())
+    quant["format_version"] += 1
+    (art / QUANT_FILE).write_text(json.dumps(quant))
+    return art / QUANT_FILE, f"format_version {quant['format_version']}"
+
+
+def _config_disagrees(art):
+    quant = json.loads((art / QUANT_FILE).read_text())
+    quant["tensors"]["pos_embed"]["shape"] = [1, 16, 64]
+    (art / QUANT_FILE).write_text(json.dumps(quant))
+    return art / MODEL_FILE, "pos_embed"
+
+
+DAMAGE = [_truncate, _corrupt_header, _config_missing, _config_malformed, _config_newer,
+          _config_disagrees]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__[1:] for d in DAMAGE])
+def test_damaged_artifact(artifact, tmp_path, damage):
+    art = copy_of(artifact, tmp_path)
+    path, what = damage(art)
+    result, out = sample_errors(tmp_path, "--quantized", art)
+    assert_user_error(result, path, what, out=out)
+
+
+def test_check_reports_a_sound_artifact(artifact, tmp_path):
+    result = run("sample.py", "--quantized", artifact, "--check")
+    assert result.returncode == 0, result.stderr[-2000:]
+    n = len(json.loads((artifact / QUANT_FILE).read_text())["tensors"])
+    mb = (artifact / MODEL_FILE).stat().st_size / 1e6
+    assert result.stdout.strip() == f"ok: {artifact} ({n} tensors, {mb:.2f} MB)"
+
+
+def test_check_reports_a_damaged_artifact(artifact, tmp_path):
+    """NaN bytes in a codebook: what sampling would load, --check refuses (sampling runs the same load)."""
+    art = copy_of(artifact, tmp_path)
+    path, what = _corrupt_data(art)
+    result = run("sample.py", "--quantized", art, "--check")
+    assert_user_error(result, path, what)
+    assert "ok:" not in result.stdout
+
+
+# sample.py's --num-samples / --steps / --classes checks are covered in tests/test_sample.py
+
+def test_sample_out_under_a_regular_file(ckpt, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "sub"
+    result = run("sample.py", "--ckpt", ckpt, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q",
+                 "--out", target)
+    assert_user_error(result, target)
+    assert leftovers(tmp_path) == []

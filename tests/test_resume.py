@@ -1,0 +1,85 @@
+"""Issue 6 items 2-4: interrupted quantize.py runs leave nothing that looks finished, and the same command
+resumes them to the very artifact an uninterrupted run writes; the same command and seed twice give the same bytes.
+
+Every run is the real entry script in a subprocess on the tiny depth-6 model (8x8 inputs), calibrating all blocks.
+"""
+import hashlib
+import json
+import signal
+import time
+
+import pytest
+
+from tests.cli_helpers import FAST, leftovers, popen, run, save_tiny_ckpt
+from vq.artifact import MODEL_FILE, QUANT_FILE
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def quantize_args(ckpt, out):
+    return ("--ckpt", ckpt, *FAST, "--seed", "3", "--out", out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(checkpoint, sha256 of model.safetensors, of quant_config.json) of one uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    ckpt = root / "tiny.safetensors"
+    save_tiny_ckpt(ckpt)
+    result = run("quantize.py", *quantize_args(ckpt, root / "ref"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ckpt, sha256(root / "ref" / MODEL_FILE), sha256(root / "ref" / QUANT_FILE)
+
+
+def test_same_command_and_seed_give_the_same_artifact(reference, tmp_path):
+    ckpt, model_sha, quant_sha = reference
+    result = run("quantize.py", *quantize_args(ckpt, tmp_path / "again"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sha256(tmp_path / "again" / MODEL_FILE) == model_sha
+    assert sha256(tmp_path / "again" / QUANT_FILE) == quant_sha
+
+
+def next_block(out):
+    return json.loads((out / "calib_state" / "state.json").read_text())["next_block"]
+
+
+def interrupt_mid_calibration(ckpt, out, sig):
+    """Start quantize.py, send `sig` once block 0's calibration state is saved; returns (returncode, stderr)."""
+    proc = popen("quantize.py", *quantize_args(ckpt, out))
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if next_block(out) >= 1:
+                break
+        except (OSError, ValueError, KeyError):  # not written yet
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "quantize.py ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_run_resumes_to_the_same_artifact(reference, tmp_path, sig):
+    ckpt, model_sha, quant_sha = reference
+    out = tmp_path / "out"
+    returncode, stderr = interrupt_mid_calibration(ckpt, out, sig)
+    # item 2: nothing that looks like a finished artifact
+    assert not (out / MODEL_FILE).exists() and not (out / QUANT_FILE).exists()
+    block = next_block(out)
+    assert 1 <= block < 6
+    if sig == signal.SIGINT:
+        assert returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == (f"interrupted; rerun the same command to resume from block "
+                                                   f"{block} (state in {out / 'calib_state'})")
+        assert leftovers(out) == []  # Ctrl-C removes half-written temporaries
+    else:
+        assert returncode == -signal.SIGKILL
+    result = run("quantize.py", *quantize_args(ckpt, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming calibration at block {block} of 6" in result.stderr
+    assert sha256(out / MODEL_FILE) == model_sha
+    assert sha256(out / QUANT_FILE) == quant_sha
