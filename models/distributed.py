@@ -35,20 +35,25 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def shard(n, rank, size):
-    """Positions 0..n-1 handled by `rank`: every size-th one, starting at rank."""
-    return np.arange(rank, n, size)
+def shard(n, rank, size, block=1):
+    """Positions 0..n-1 handled by `rank`: blocks of `block` consecutive positions dealt round-robin.
+
+    With block = the batch size every batch holds the same samples as in a single-process run,
+    so the images are bitwise the same whatever the number of processes.
+    """
+    starts = np.arange(rank * block, n, size * block)
+    return np.concatenate([np.arange(s, min(s + block, n)) for s in starts]) if len(starts) else np.arange(0)
 
 
-def gather_rows(local, n, device, chunk=256):
-    """Reassemble uint8 rows (n_local, ...) sharded by `shard(n, ...)` into (n, ...) on rank 0 (None elsewhere).
+def gather_rows(local, n, device, block=1, chunk=256):
+    """Reassemble uint8 rows (n_local, ...) sharded by `shard(n, ..., block)` into (n, ...) on rank 0 (None elsewhere).
 
     Chunks of at most `chunk` rows per rank are all-gathered in turn, so memory stays bounded.
     """
     rank, size = world()
     if size == 1:
         return local
-    counts = [len(shard(n, r, size)) for r in range(size)]
+    counts = [len(shard(n, r, size, block)) for r in range(size)]
     comm_device = device if str(device).startswith("cuda") else "cpu"
     out = np.empty((n, *local.shape[1:]), dtype=local.dtype) if rank == 0 else None
     for start in range(0, max(counts), chunk):
@@ -60,5 +65,5 @@ def gather_rows(local, n, device, chunk=256):
         if rank == 0:
             for r, buf in enumerate(bufs):
                 valid = max(0, min(chunk, counts[r] - start))
-                out[shard(n, r, size)[start:start + valid]] = buf[:valid].cpu().numpy()
+                out[shard(n, r, size, block)[start:start + valid]] = buf[:valid].cpu().numpy()
     return out

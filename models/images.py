@@ -103,7 +103,7 @@ def sample_images(model, num_samples, classes=None, seed=0, steps=50, cfg_scale=
     """
     rank, size = distributed.world()
     labels = class_labels(seed, num_samples, model.num_classes, classes)
-    positions = distributed.shard(num_samples, rank, size)
+    positions = distributed.shard(num_samples, rank, size, block=batch_size)
     images = []
     for start in range(0, len(positions), batch_size):
         idx = positions[start:start + batch_size]
@@ -129,7 +129,7 @@ def sample_to_dir(model, out_dir, num_samples=16, classes=None, seed=0, steps=50
     start = time.time()
     local, labels = sample_images(model, num_samples, classes, seed, steps, cfg_scale, batch_size, device,
                                   decoder, progress)
-    images = distributed.gather_rows(local, num_samples, device)
+    images = distributed.gather_rows(local, num_samples, device, block=batch_size)
     rank, _ = distributed.world()
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
