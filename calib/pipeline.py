@@ -9,6 +9,7 @@ import time
 import torch
 
 from calib.config import QuantizeConfig
+from calib.state import remove_state
 from models.loading import load_dit
 from utils.errors import UserError
 
@@ -63,5 +64,6 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
             if not layer.is_hard:
                 layer.harden()
     save_quantized(model, spec, out_dir, config.to_dict())
+    remove_state(out_dir)
     logger.info("quantized %s with %s in %.1f s -> %s", config.model, config.method, time.time() - start, out_dir)
     return stats

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 from safetensors.torch import load_file, save_file
 
@@ -56,8 +57,14 @@ def save_state(out_dir, digest, next_block, stats, layers, acts):
     meta = {"format": FORMAT, "config_hash": digest, "next_block": next_block, "stats": stats, **files}
     write_text_atomic(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1) + "\n")
     for entry in os.listdir(directory):
-        if entry.endswith(".safetensors") and entry not in files.values():
+        # older states, and temporaries of a write that a SIGKILL interrupted
+        if (entry.endswith(".safetensors") and entry not in files.values()) or entry.endswith(".tmp"):
             os.remove(os.path.join(directory, entry))
+
+
+def remove_state(out_dir):
+    """Delete the calibration state once the artifact is complete (for DiT-XL/2 it holds GiBs of activations)."""
+    shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
 
 
 def load_state(out_dir, digest):

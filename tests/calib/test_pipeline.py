@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+from calib.config import load_config
+from calib.pipeline import quantize, resolve_device
+from calib.state import STATE_DIR, save_state
+from models.loading import save_dit
+from tests.conftest import randomize
+from utils.errors import UserError
+from vq import load_quantized
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    from models.loading import DiTSpec
+
+    model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
+    path = tmp_path / "tiny.safetensors"
+    save_dit(model, "DiT-Digits/2", path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["vq4dit", "kmeans", "codebook", "rtn"])
+def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, tmp_path, method):
+    config = load_config(overrides={"ckpt": tiny_ckpt, "method": method, "codebook_size": 16, "kmeans_iters": 3,
+                                    "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 3})
+    out = tmp_path / method
+    quantize(config, str(out), progress=False)
+    assert not os.path.exists(out / STATE_DIR)
+    model, spec, quant = load_quantized(out)
+    assert spec.input_size == 8 and len(quant["layers"]) == 6 * 5
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    assert torch.isfinite(model(x, t, y)).all()
+
+
+def test_stale_temporaries_are_pruned(tmp_path):
+    directory = tmp_path / STATE_DIR
+    directory.mkdir()
+    (directory / ".layers-00001.safetensors.abc.tmp").write_bytes(b"half a file")
+    save_state(str(tmp_path), "digest", 1, [], {"a": torch.zeros(2)}, {})
+    assert sorted(os.listdir(directory)) == ["acts-00001.safetensors", "layers-00001.safetensors", "state.json"]
+
+
+def test_cuda_without_gpu_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
