@@ -1,7 +1,12 @@
 """Train the embedded DiT-Digits/2 model on scikit-learn's digits and save it as safetensors.
 
-Reproduce the committed weights/dit_digits.safetensors:
-    python scripts/train_digits_dit.py --steps 6000 --lr 1e-3 --warmup 200 --seed 0
+Reproduce the committed weights/dit_digits.safetensors (trained with OMP_NUM_THREADS=1 on a 2-core CPU,
+about 27 minutes; other thread counts may differ in the last bits):
+    OMP_NUM_THREADS=1 python scripts/train_digits_dit.py --steps 3000 --lr 1e-3 --warmup 200 --seed 0 --export model
+
+At 3000 steps the trained weights draw the requested digit for 97% of samples (50 steps, CFG 1.5, judged by
+the digits classifier; FID 188 at 100 samples); the first attempt, 4000 steps at lr 3e-4 exported as an EMA,
+reached 42%.
 
 The full training state is checkpointed (--checkpoint) every 500 steps; rerunning the same
 command after an interruption resumes there and ends with the same weights.
@@ -36,7 +41,7 @@ def main(args):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
