@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
 from evaluation.report import evaluate_files  # noqa: E402
+from utils.fileio import write_text_atomic  # noqa: E402
 
 # (label, quantize.py flags); W = bits per index weight, d = sub-vector length
 METHODS = {
@@ -100,9 +101,9 @@ def main(args):
     for key in args.methods:
         rows.append(run_method(key, args, reference))
         print(json.dumps(rows[-1]), flush=True)
-    write_table(rows, os.path.join(args.out, "quality.md"), args)
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        # rewritten after every method, so a long run that is stopped keeps what it measured
+        write_table(rows, os.path.join(args.out, "quality.md"), args)
+        write_text_atomic(os.path.join(args.out, "quality.json"), json.dumps(rows, indent=1))
     plot_fid_vs_bits(rows[1:], fp["fid"], os.path.join(args.out, "fid_vs_bits.png"))
     panels = [("full precision", reference)] + [
         (METHODS[k][0], os.path.join(args.out, "runs", k, "samples", "samples.npz")) for k in GRID_METHODS
