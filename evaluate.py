@@ -13,22 +13,17 @@ FID is biased upward at small N: compare runs only at equal num_samples.
 """
 import argparse
 import logging
-import sys
 
 from evaluation.digits import DEFAULT_CLASSIFIER
 from evaluation.report import KINDS, evaluate_files, format_table, write_result_json
-from utils.errors import UserError
+from utils.cli import run_cli
 
 
 def main(args):
-    try:
-        result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
-                                ref_batch_path=args.ref_batch, classifier_path=args.classifier)
-        if args.json is not None:
-            write_result_json(args.json, result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
+                            ref_batch_path=args.ref_batch, classifier_path=args.classifier)
+    if args.json is not None:
+        write_result_json(args.json, result)
     print(format_table(result))
 
 
@@ -41,4 +36,4 @@ if __name__ == "__main__":
     parser.add_argument("--kind", choices=KINDS, default=None, help="benchmark (default: digits iff 16x16)")
     parser.add_argument("--ref-batch", default=None, help="ADM reference batch .npz (imagenet FID)")
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="digits classifier safetensors")
-    main(parser.parse_args())
+    run_cli(main, parser.parse_args())

@@ -9,10 +9,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 from calib.config import load_config
-from utils.errors import UserError
+from utils.cli import run_cli
 
 FLAGS = [
     # (flag, type, help); every flag maps to the QuantizeConfig field of the same name
@@ -92,11 +91,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
-    try:
-        main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"interrupted; {resume_hint(args.out)}", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))

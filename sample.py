@@ -5,11 +5,11 @@ number of processes. Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (o
 """
 import argparse
 import logging
-import sys
 
 from calib.pipeline import check_out_dir
 from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
 from models.loading import load_dit
+from utils.cli import run_cli
 from utils.errors import UserError
 from vq import load_quantized
 
@@ -61,8 +61,4 @@ if __name__ == "__main__":
     cli_args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if cli_args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
-    try:
-        main(cli_args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, cli_args)

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.plots import side_by_side  # noqa: E402
 from evaluation.report import evaluate_files  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 
@@ -49,8 +50,4 @@ if __name__ == "__main__":
     parser.add_argument("--reference", required=True, help="samples.npz of the full-precision model")
     parser.add_argument("--run", action="append", default=[], help="NAME=samples.npz, same seeds as the reference")
     parser.add_argument("--out", required=True)
-    try:
-        main(parser.parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, parser.parse_args())

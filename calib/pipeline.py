@@ -6,26 +6,13 @@ import logging
 import os
 import time
 
-import torch
-
 from calib.config import QuantizeConfig
 from calib.state import remove_state
+from models.images import resolve_device
 from models.loading import load_dit
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name):
-    """'auto' -> cuda when present, else cpu; an explicit cuda request without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
 
 
 def check_out_dir(out_dir):
