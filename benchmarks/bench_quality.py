@@ -21,18 +21,18 @@ from evaluation.report import evaluate_files  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 
 # (label, quantize.py flags); W = bits per index weight, d = sub-vector length
-METHODS = {
-    "rtn-w4": ("RTN W4", ["--method", "rtn", "--wbits", "4"]),
-    "rtn-w3": ("RTN W3", ["--method", "rtn", "--wbits", "3"]),
+METHODS = {  # in the order they run: the W2 comparison first
     "rtn-w2": ("RTN W2", ["--method", "rtn", "--wbits", "2"]),
-    "kmeans-w3": ("k-means W3 (k64 d2)", ["--method", "kmeans", "--wbits", "3", "--dim", "2"]),
     "kmeans-w2": ("k-means W2 (k256 d4)", ["--method", "kmeans", "--wbits", "2", "--dim", "4"]),
-    "codebook-w3": ("codebook-only W3", ["--method", "codebook", "--wbits", "3", "--dim", "2"]),
-    "codebook-w2": ("codebook-only W2", ["--method", "codebook", "--wbits", "2", "--dim", "4"]),
-    "vq4dit-w3": ("VQ4DiT W3 n=2", ["--method", "vq4dit", "--wbits", "3", "--dim", "2"]),
-    "vq4dit-w2-n1": ("VQ4DiT W2 n=1", ["--method", "vq4dit", "--wbits", "2", "--dim", "4", "--candidates", "1"]),
     "vq4dit-w2": ("VQ4DiT W2 n=2", ["--method", "vq4dit", "--wbits", "2", "--dim", "4"]),
+    "codebook-w2": ("codebook-only W2", ["--method", "codebook", "--wbits", "2", "--dim", "4"]),
+    "rtn-w3": ("RTN W3", ["--method", "rtn", "--wbits", "3"]),
+    "kmeans-w3": ("k-means W3 (k64 d2)", ["--method", "kmeans", "--wbits", "3", "--dim", "2"]),
+    "vq4dit-w3": ("VQ4DiT W3 n=2", ["--method", "vq4dit", "--wbits", "3", "--dim", "2"]),
+    "rtn-w4": ("RTN W4", ["--method", "rtn", "--wbits", "4"]),
+    "vq4dit-w2-n1": ("VQ4DiT W2 n=1", ["--method", "vq4dit", "--wbits", "2", "--dim", "4", "--candidates", "1"]),
     "vq4dit-w2-n3": ("VQ4DiT W2 n=3", ["--method", "vq4dit", "--wbits", "2", "--dim", "4", "--candidates", "3"]),
+    "codebook-w3": ("codebook-only W3", ["--method", "codebook", "--wbits", "3", "--dim", "2"]),
 }
 GRID_METHODS = ["rtn-w2", "kmeans-w2", "vq4dit-w2"]
 
@@ -101,13 +101,17 @@ def main(args):
     for key in args.methods:
         rows.append(run_method(key, args, reference))
         print(json.dumps(rows[-1]), flush=True)
-        # rewritten after every method, so a long run that is stopped keeps what it measured
-        write_table(rows, os.path.join(args.out, "quality.md"), args)
-        write_text_atomic(os.path.join(args.out, "quality.json"), json.dumps(rows, indent=1))
-    plot_fid_vs_bits(rows[1:], fp["fid"], os.path.join(args.out, "fid_vs_bits.png"))
+        # everything is rewritten after every method, so a long run that is stopped keeps what it measured
+        write_report(rows, reference, args)
+
+
+def write_report(rows, reference, args):
+    write_table(rows, os.path.join(args.out, "quality.md"), args)
+    write_text_atomic(os.path.join(args.out, "quality.json"), json.dumps(rows, indent=1))
+    plot_fid_vs_bits(rows[1:], rows[0]["fid"], os.path.join(args.out, "fid_vs_bits.png"))
+    done = [r["key"] for r in rows]
     panels = [("full precision", reference)] + [
-        (METHODS[k][0], os.path.join(args.out, "runs", k, "samples", "samples.npz")) for k in GRID_METHODS
-        if k in args.methods]
+        (METHODS[k][0], os.path.join(args.out, "runs", k, "samples", "samples.npz")) for k in GRID_METHODS if k in done]
     side_by_side(panels, os.path.join(args.out, "grids.png"))
 
 
