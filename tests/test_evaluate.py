@@ -14,6 +14,7 @@ import evaluate
 from evaluation.digits import real_digits_uint8
 from evaluation.metrics import paired_mse
 from models.classifier import DigitsClassifier, save_classifier
+from utils.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_identical_reference_gives_infinite_psnr(tmp_path, digits_batches, class
 
 def exits_with_error(capsys, match, namespace):
     with pytest.raises(SystemExit) as info:
-        evaluate.main(namespace)
+        run_cli(evaluate.main, namespace)  # what evaluate.py's __main__ does
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and match in err
 
