@@ -156,13 +156,23 @@ def main(args):
              for key, path in PRESETS.items()}
     teacher, _ = load_dit(bases["w2"].model, bases["w2"].ckpt, device="cpu")
     evalset = held_out(teacher, bases["w2"], "cpu")
-    cache, rows = {}, []
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    rows = []
+    if args.resume and os.path.exists(json_path):  # keep the variants an earlier (interrupted) run finished
+        with open(json_path) as f:
+            rows = [r for r in json.load(f) if r["variant"] in names]
+    command = "".join(f" {a}" for a in sys.argv[1:])
+    cache = {}
     for name in names:
-        preset, overrides = VARIANTS[name]
-        rows.append(run_variant(name, teacher, bases[preset], overrides, evalset, cache, "cpu"))
-    write_text_atomic(args.out, report(rows, default_s, default_config, threads,
-                                      "".join(f" {a}" for a in sys.argv[1:])))
-    write_text_atomic(os.path.splitext(args.out)[0] + ".json", json.dumps(rows, indent=1) + "\n")
+        if any(r["variant"] == name for r in rows):
+            continue
+        preset, var_overrides = VARIANTS[name]
+        rows.append(run_variant(name, teacher, bases[preset], var_overrides, evalset, cache, "cpu"))
+        rows.sort(key=lambda r: names.index(r["variant"]))
+        # written after every variant, so a killed run loses at most one variant (rerun with --resume)
+        write_text_atomic(json_path, json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(args.out, report(rows, default_s, default_config, threads, command))
+    write_text_atomic(args.out, report(rows, default_s, default_config, threads, command))
     print(f"wrote {args.out}")
 
 
@@ -173,5 +183,6 @@ if __name__ == "__main__":
                         help="config overrides for every run, e.g. iters=200 calib_samples=16")
     parser.add_argument("--no-default-run", dest="time_default", action="store_false",
                         help="skip timing the whole default W2 pipeline run")
+    parser.add_argument("--resume", action="store_true", help="skip variants already in the results JSON")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "calib.md"))
     main(parser.parse_args())
