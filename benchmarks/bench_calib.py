@@ -95,7 +95,8 @@ def run_variant(name, teacher, base, overrides, evalset, cache, device):
     row = {"variant": name, "wbits": config.wbits, "k": config.k, "d": config.dim, "method": config.method,
            "calib": config.calib if config.method != "kmeans" else "-", "inputs": config.block_inputs,
            "n": config.candidates if config.method == "vq4dit" else 1, "lambda_r": config.lambda_r,
-           "kmeans_s": kmeans_s, "calib_s": calib_s, "noise_mse": noise_mse(student, teacher, x, t, y, device),
+           "threads": torch.get_num_threads(), "kmeans_s": kmeans_s, "calib_s": calib_s,
+           "noise_mse": noise_mse(student, teacher, x, t, y, device),
            "block_mse_mean": sum(blocks) / len(blocks), "block_mse_last": blocks[-1], "block_mse": blocks}
     logging.info("%s: noise MSE %.4g, last block MSE %.4g, calib %.1f s", name, row["noise_mse"],
                  row["block_mse_last"], calib_s)
@@ -112,8 +113,8 @@ def time_default_run(preset, overrides):
 
 
 def report(rows, default_s, default_config, threads, command):
-    fmt = "| {variant} | {method} | {calib} | {inputs} | {n} | {lambda_r:g} | {kmeans_s:.1f} | {calib_s:.1f} | " \
-          "{noise_mse:.4g} | {block_mse_mean:.4g} | {block_mse_last:.4g} |"
+    fmt = "| {variant} | {method} | {calib} | {inputs} | {n} | {lambda_r:g} | {threads} | {kmeans_s:.1f} | " \
+          "{calib_s:.1f} | {noise_mse:.4g} | {block_mse_mean:.4g} | {block_mse_last:.4g} |"
     xl = cache_bytes(32 * 2 * 25, 256, 1152)
     timing = [] if default_s is None else [
         f"Default W2 pipeline run (`configs/digits_w2.yaml`: load + k-means + calibration + save): "
@@ -122,14 +123,15 @@ def report(rows, default_s, default_config, threads, command):
     lines = [
         "# Calibration benchmark (embedded digits DiT)", "",
         f"Command: `OMP_NUM_THREADS={threads} python benchmarks/bench_calib.py{command}`; torch {torch.__version__}, "
-        f"{threads} threads, {platform.processor() or platform.machine()}.", "", *timing,
+        f"{threads} threads, {platform.processor() or platform.machine()}. Wall times depend on what else runs "
+        "on the machine (rows were measured while other jobs shared the 2 cores).", "", *timing,
         "Errors vs the FP model on held-out teacher inputs (16 trajectories x 10 steps x CFG 2, seed + "
         f"{HELD_OUT_SEED_OFFSET}): `noise MSE` of the predicted eps, per-block output MSE along the quantized "
         "chain (mean over blocks and last block). k-means time is shared by variants with the same (k, d, n).", "",
-        "| variant | method | calib | block inputs | n | lambda_r | k-means s | calib s | noise MSE | "
+        "| variant | method | calib | block inputs | n | lambda_r | threads | k-means s | calib s | noise MSE | "
         "block MSE mean | block MSE last |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *[fmt.format(**r) for r in rows], "",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[fmt.format(**{"threads": 1, **r}) for r in rows], "",  # rows of runs before the column: 1 thread
         "## Activation memory at the defaults for DiT-XL/2", "",
         f"M = 32 trajectories x 2 (CFG) x 25 steps = 1600 points, T = 256, D = 1152, fp16: one (M, T, D) tensor "
         f"= {xl / 2**20:.0f} MiB. Sequential block-wise holds two (block input, target): {2 * xl / 2**30:.2f} GiB "
