@@ -2,6 +2,7 @@
 
 `quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments.
 """
+import copy
 import logging
 import os
 import time
@@ -34,19 +35,21 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     device = resolve_device(config.device)
     start = time.time()
     model, spec = load_dit(config.model, config.ckpt, config.image_size, config.num_classes, device=device)
+    stats = []
     if config.method == "rtn":
         from vq.rtn import quantize_linears_rtn
 
         quantize_linears_rtn(model, config.wbits)
-        stats = []
     else:
+        calibrated = config.method in ("vq4dit", "codebook")
+        # the FP teacher, copied before its Linears are replaced, instead of loading the checkpoint again
+        teacher = copy.deepcopy(model) if calibrated else None
         soft = config.method == "vq4dit"
         qlayers = quantize_linears(model, config.k, config.dim, candidates=config.candidates if soft else 1,
                                    split_qkv=config.split_qkv, kmeans_iters=config.kmeans_iters, seed=config.seed,
                                    ratio_init=config.ratio_init, progress=progress)
-        stats = []
-        if config.method in ("vq4dit", "codebook"):
-            stats = calibrate(model, qlayers, config, out_dir, progress=progress)
+        if calibrated:
+            stats = calibrate(model, qlayers, config, out_dir, teacher=teacher, progress=progress)
         for layer in qlayers.values():
             if not layer.is_hard:
                 layer.harden()
