@@ -1,6 +1,7 @@
 """Quality, size and cost of every method on the embedded digits model, all through the CLIs users run.
 
     python benchmarks/bench_quality.py                      # the README table: 1000 samples, 50 steps, CFG 1.5
+    python benchmarks/bench_quality.py --resume             # go on after an interruption
 
 Each method is quantized and sampled in its own process (wall time and peak RSS from /usr/bin/time),
 with the same seed as the full-precision reference, then evaluated (digits-classifier FID against the
@@ -64,41 +65,65 @@ def run_method(key, args, reference):
     art = os.path.join(args.out, "runs", key)
     q_time, q_rss = timed([sys.executable, "quantize.py", *flags, "--seed", str(args.seed), *args.extra,
                            "--out", art], art + ".quantize.log")
-    s_time, _ = timed(sample_cmd(args, os.path.join(art, "samples"), ["--quantized", art]), art + ".sample.log")
+    s_time, s_rss = timed(sample_cmd(args, os.path.join(art, "samples"), ["--quantized", art]), art + ".sample.log")
     row = evaluate_files(os.path.join(art, "samples", "samples.npz"), reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
     return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
-            "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time}
+            "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
+            "sample_peak_rss_mib": s_rss}
 
 
 def write_table(rows, path, args):
     head = ("| method | bits/weight (+codebook) | FID | accuracy | PSNR vs FP (dB) | artifact MiB | quantize s "
-            "| quantize peak RSS MiB | sample s |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| quantize peak RSS MiB | sample s | sample peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
         lines.append(f"| {r['method']} | {r['bits_per_weight']:.2f} ({r['bits_per_weight_with_codebook']:.2f}) | "
                      f"{r['fid']:.2f} | {r['accuracy']:.3f} | {psnr} | {r['artifact_mib']:.2f} | "
-                     f"{r['quantize_s']:.1f} | {r['quantize_peak_rss_mib']:.0f} | {r['sample_s']:.1f} |")
+                     f"{r['quantize_s']:.1f} | {r['quantize_peak_rss_mib']:.0f} | {r['sample_s']:.1f} | "
+                     f"{r['sample_peak_rss_mib']:.0f} |")
     note = (f"Embedded DiT-Digits/2, {args.num_samples} samples, {args.steps} steps, CFG 1.5, seed {args.seed}; "
             f"extra quantize flags: {' '.join(args.extra) or 'none'}. Times are wall seconds of the whole "
             "process on this machine (2 CPU cores), imports included.\n\n")
-    with open(path, "w") as f:
-        f.write(note + head + "\n".join(lines) + "\n")
+    write_text_atomic(path, note + head + "\n".join(lines) + "\n")
+
+
+def settings(args):
+    """What a result row depends on: --resume only keeps rows measured with the same settings."""
+    return {"num_samples": args.num_samples, "steps": args.steps, "seed": args.seed, "extra": args.extra}
+
+
+def load_rows(path, args):
+    """Rows of an earlier (interrupted) run with the same settings, or [] when there are none / not resuming."""
+    if not args.resume or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != settings(args):
+        sys.exit(f"{path} was measured with {saved.get('settings')}, not {settings(args)}; "
+                 "rerun without --resume (or with the same settings)")
+    return saved["rows"]
 
 
 def main(args):
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     fp_dir = os.path.join(args.out, "runs", "fp")
-    fp_time, _ = timed(sample_cmd(args, fp_dir, []), fp_dir + ".sample.log")
     reference = os.path.join(fp_dir, "samples.npz")
-    fp = evaluate_files(reference)
-    rows = [{"key": "fp", "method": "full precision", **fp, "bits_per_weight": 32.0,
-             "bits_per_weight_with_codebook": 32.0, "quantize_s": 0.0, "quantize_peak_rss_mib": 0.0,
-             "artifact_mib": os.path.getsize(os.path.join(ROOT, "weights", "dit_digits.safetensors")) / 2**20,
-             "sample_s": fp_time}]
+    rows = load_rows(os.path.join(args.out, "quality.json"), args)
+    if not rows or not os.path.exists(reference):
+        fp_time, fp_rss = timed(sample_cmd(args, fp_dir, []), fp_dir + ".sample.log")
+        rows = [{"key": "fp", "method": "full precision", **evaluate_files(reference), "bits_per_weight": 32.0,
+                 "bits_per_weight_with_codebook": 32.0, "quantize_s": 0.0, "quantize_peak_rss_mib": 0.0,
+                 "artifact_mib": os.path.getsize(os.path.join(ROOT, "weights", "dit_digits.safetensors")) / 2**20,
+                 "sample_s": fp_time, "sample_peak_rss_mib": fp_rss}]
     for key in args.methods:
+        if any(r["key"] == key for r in rows):
+            continue
         rows.append(run_method(key, args, reference))
         print(json.dumps(rows[-1]), flush=True)
         # everything is rewritten after every method, so a long run that is stopped keeps what it measured
@@ -107,7 +132,8 @@ def main(args):
 
 def write_report(rows, reference, args):
     write_table(rows, os.path.join(args.out, "quality.md"), args)
-    write_text_atomic(os.path.join(args.out, "quality.json"), json.dumps(rows, indent=1))
+    write_text_atomic(os.path.join(args.out, "quality.json"), json.dumps({"settings": settings(args), "rows": rows},
+                                                                          indent=1))
     plot_fid_vs_bits(rows[1:], rows[0]["fid"], os.path.join(args.out, "fid_vs_bits.png"))
     done = [r["key"] for r in rows]
     panels = [("full precision", reference)] + [
@@ -123,6 +149,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
                         help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--resume", action="store_true", help="keep the rows quality.json already holds")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("extra", nargs="*", help="extra quantize.py flags after --, e.g. -- --iters 50")
     main(parser.parse_args())
