@@ -33,6 +33,7 @@ FLAGS = [
     ("--lr-ratio", float, "RMSprop learning rate of the ratio logits"),
     ("--lr-codebook", float, "RMSprop learning rate of codebooks and biases"),
     ("--lambda-r", float, "weight of the ratio regulariser"),
+    ("--ratio-reg", str, "ratio regulariser form: code (n * mean(r(1-r)), authors' code) | paper (mean(1-|2r-1|))"),
     ("--steps", int, "sampler steps of the teacher trajectory"),
     ("--cfg-scale", float, "classifier-free guidance scale of the teacher trajectory"),
     ("--calib-samples", int, "teacher trajectories"),

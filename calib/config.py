@@ -40,6 +40,7 @@ class QuantizeConfig:
     lr_codebook: float = 1e-4
     rmsprop_alpha: float = 0.9
     lambda_r: float = 0.01
+    ratio_reg: str = "code"  # L_r: code = n * mean(r(1-r)) (authors' code) | paper = mean(1 - |2r - 1|)
     select_threshold: float = 0.99
     hard_fraction: float = 0.99
     steps: int = 50
@@ -59,7 +60,7 @@ class QuantizeConfig:
             raise UserError(f"invalid {name}={value!r}: {valid}")
 
         choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS,
-                   "ratio_init": ("inverse_distance", "uniform")}
+                   "ratio_init": ("inverse_distance", "uniform"), "ratio_reg": ("code", "paper")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 bad(name, getattr(self, name), f"choose one of {', '.join(valid)}")

@@ -18,9 +18,16 @@ logger = logging.getLogger(__name__)
 SELECT_EVERY = 10
 
 
-def ratio_penalty(layers):
-    """L_r in the authors' code form, n * mean(r * (1 - r)) over the not-yet-frozen sub-vectors of each soft
-    layer, averaged over the soft layers (so lambda_r does not scale with how many layers share one loss).
+RATIO_PENALTIES = {
+    # both are 0 at one-hot ratios and largest at uniform ones; r: (A, n) ratios of the free sub-vectors
+    "code": lambda r: r.shape[1] * (r * (1 - r)).mean(),  # the authors' code: n * mean(r (1 - r))
+    "paper": lambda r: (1 - (2 * r - 1).abs()).mean(),  # the paper's text: mean(1 - |2r - 1|)
+}
+
+
+def ratio_penalty(layers, form="code"):
+    """L_r over the not-yet-frozen sub-vectors of each soft layer (`form`: a key of RATIO_PENALTIES), averaged
+    over the soft layers (so lambda_r does not scale with how many layers share one loss).
 
     Returns a scalar tensor, or None when no layer has a free sub-vector left.
     """
@@ -31,8 +38,7 @@ def ratio_penalty(layers):
         active = ~layer.frozen  # (N,)
         if not active.any():
             continue
-        r = torch.softmax(layer.logits[active], dim=1)  # (A, n)
-        terms.append(r.shape[1] * (r * (1 - r)).mean())
+        terms.append(RATIO_PENALTIES[form](torch.softmax(layer.logits[active], dim=1)))  # (A, n) -> ()
     return torch.stack(terms).mean() if terms else None
 
 
@@ -111,7 +117,7 @@ def train(layers, loss_fn, num_points, config, generator, progress=True, desc="c
     bar = tqdm(range(config.iters), desc=desc, leave=False, disable=not progress)
     for it in bar:
         loss_d = loss_fn(next(batches))
-        penalty = ratio_penalty(layers)
+        penalty = ratio_penalty(layers, config.ratio_reg)
         loss = loss_d if penalty is None else loss_d + config.lambda_r * penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

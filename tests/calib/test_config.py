@@ -51,6 +51,7 @@ def test_int_is_accepted_for_float_fields(tmp_path):
     ({"iters": 0}, "iters=0: must be a positive integer"),
     ({"steps": -1}, "steps=-1"),
     ({"method": "gptq"}, "choose one of vq4dit"),
+    ({"ratio_reg": "l1"}, "ratio_reg=.l1.: choose one of code, paper"),
     ({"candidates": 5, "codebook_size": 4}, "at most the codebook size 4"),
     ({"calib_timesteps": 60}, "at most steps=50"),
 ])

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from calib.train import (
+    RATIO_PENALTIES,
     argmax_assignment,
     drop_hardened,
     minibatches,
@@ -24,7 +25,14 @@ def soft_layer(out=8, inp=8, k=8, d=2, n=2, seed=0):
     return VQLinear.from_linear(linear, k, d, candidates=n, kmeans_iters=5, seed=seed), linear
 
 
-def test_ratio_penalty_matches_a_slow_reference():
+SLOW_PENALTIES = {  # one sub-vector's ratios (a list of floats) -> its penalty, written out term by term
+    "code": lambda r: sum(x * (1 - x) for x in r),  # n * mean over the row's n entries
+    "paper": lambda r: sum(1 - abs(2 * x - 1) for x in r) / len(r),
+}
+
+
+@pytest.mark.parametrize("form", SLOW_PENALTIES)
+def test_ratio_penalty_matches_a_slow_reference(form):
     a, _ = soft_layer(n=2, seed=0)
     b, _ = soft_layer(n=3, seed=1)
     with torch.no_grad():
@@ -37,13 +45,25 @@ def test_ratio_penalty_matches_a_slow_reference():
         for i in range(layer.logits.shape[0]):
             if not layer.frozen[i]:
                 r = torch.softmax(layer.logits[i], 0)
-                rows.append(sum(float(x * (1 - x)) for x in r.detach()))  # n * mean over the row's n entries
+                rows.append(SLOW_PENALTIES[form]([float(x) for x in r.detach()]))
         terms.append(sum(rows) / len(rows))
-    assert ratio_penalty([a, b]).item() == pytest.approx(sum(terms) / 2, rel=1e-5)
+    assert ratio_penalty([a, b], form).item() == pytest.approx(sum(terms) / 2, rel=1e-5)
     b.harden()
-    assert ratio_penalty([a, b]).item() == pytest.approx(terms[0], rel=1e-5)
+    assert ratio_penalty([a, b], form).item() == pytest.approx(terms[0], rel=1e-5)
     a.harden()
-    assert ratio_penalty([a, b]) is None
+    assert ratio_penalty([a, b], form) is None
+
+
+@pytest.mark.parametrize("form", SLOW_PENALTIES)
+def test_ratio_penalty_is_zero_at_one_hot_and_largest_at_uniform(form):
+    layer, _ = soft_layer(n=2)
+    with torch.no_grad():
+        layer.logits.zero_()
+        uniform = ratio_penalty([layer], form).item()
+        layer.logits[:, 0] = 50.0
+        assert ratio_penalty([layer], form).item() == pytest.approx(0.0, abs=1e-6)
+        layer.logits.normal_()
+        assert ratio_penalty([layer], form).item() < uniform
 
 
 def test_progressive_select_freezes_and_hardens():
@@ -118,12 +138,17 @@ def test_train_lowers_the_hard_loss(hard_from_start):
     assert after < 0.97 * before
 
 
-def test_train_with_lambda_pushes_ratios_to_one_hot():
+@pytest.mark.parametrize("form", SLOW_PENALTIES)
+def test_train_with_lambda_pushes_ratios_to_one_hot(form, monkeypatch):
+    used = []
+    monkeypatch.setitem(RATIO_PENALTIES, form, lambda r, f=RATIO_PENALTIES[form]: used.append(form) or f(r))
+
     def confident(lambda_r):
         layer, linear = soft_layer(out=16, inp=16, k=16, n=2, seed=3)
         x = torch.randn(32, 16)
         target = linear(x).detach()
-        config = dataclasses.replace(tiny_config(iters=30, batch_size=8), lambda_r=lambda_r, hard_fraction=1.0)
+        config = dataclasses.replace(tiny_config(iters=30, batch_size=8), lambda_r=lambda_r, hard_fraction=1.0,
+                                     ratio_reg=form)
         seen = {}
 
         def loss_fn(idx):
@@ -134,3 +159,4 @@ def test_train_with_lambda_pushes_ratios_to_one_hot():
         return seen["r"].amax(1).mean().item()
 
     assert confident(1.0) > confident(0.0)
+    assert len(used) == 60  # the configured form, once per iteration of both runs
