@@ -6,7 +6,6 @@
 Values come from the dataclass defaults, then the YAML preset (--config), then the flags given here.
 """
 import argparse
-import json
 import logging
 import os
 
@@ -69,15 +68,12 @@ def main(args):
 
 def resume_hint(out):
     """After Ctrl-C: where a rerun of the same command picks up (calibration state is saved per block)."""
-    from calib.state import STATE_DIR, STATE_JSON
+    from calib.state import STATE_DIR, resume_point
 
-    path = os.path.join(out, STATE_DIR, STATE_JSON) if out else None
-    try:
-        with open(path) as f:
-            block = int(json.load(f)["next_block"])
-    except (TypeError, OSError, ValueError, KeyError):
+    point = resume_point(out) if out else None
+    if point is None:
         return "no calibration state saved yet; rerun the same command to start over"
-    return f"rerun the same command to resume from block {block} (state in {os.path.dirname(path)})"
+    return f"rerun the same command to resume from {point} (state in {os.path.join(out, STATE_DIR)})"
 
 
 if __name__ == "__main__":

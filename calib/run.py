@@ -6,7 +6,16 @@ import os
 from calib.blockwise import block_layers, calibrate_blockwise
 from calib.inputs import embed_inputs, teacher_inputs
 from calib.joint import calibrate_joint
-from calib.state import config_hash, layers_state, load_state, restore_layers, save_state
+from calib.state import (
+    config_hash,
+    flatten_optimizer,
+    layers_state,
+    load_state,
+    restore_layers,
+    resume_point,
+    save_state,
+    unflatten_optimizer,
+)
 from utils.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,8 +45,8 @@ def calibrate(model, qlayers, config, out_dir, teacher=None, progress=True):
 
     config: calib.config.QuantizeConfig (method vq4dit or codebook; calib blockwise or joint). teacher:
     the full-precision model (None: reloaded from config.model / config.ckpt). The model's device is used.
-    State is saved to <out_dir>/calib_state/ after every block; calling again with the same config
-    resumes there (a finished state returns at once). Per-block stats are also appended to
+    State is saved to <out_dir>/calib_state/ after every block (joint: every few minutes); calling again with
+    the same config resumes there (a finished state returns at once). Per-block stats are also appended to
     <out_dir>/calib_log.jsonl. Returns the per-block stats (list of dicts). Every layer is hard afterwards.
     """
     if config.method not in ("vq4dit", "codebook"):
@@ -60,12 +69,17 @@ def calibrate(model, qlayers, config, out_dir, teacher=None, progress=True):
         write_text_atomic(log_path, "")  # the log mirrors the state: a fresh calibration starts a fresh log
         acts = _fresh_acts(model, teacher, config, device)
         save_state(out_dir, digest, 0, [], {}, acts)
-        start, stats = 0, []
+        start, stats, resume = 0, [], None
     else:
-        meta, layers, acts = saved
+        meta, layers, acts, train_tensors = saved
         restore_layers(qlayers, layers)
-        start, stats = meta["next_block"], meta["stats"]
-        logger.info("resuming calibration at block %d of %d from %s", start, depth, out_dir)
+        start, stats, resume = meta["next_block"], meta["stats"], meta["train_state"]
+        if resume is None:
+            logger.info("resuming calibration at block %d of %d from %s", start, depth, out_dir)
+        else:
+            resume = {**resume, "optimizer": unflatten_optimizer(resume["optimizer"], train_tensors)}
+            logger.info("resuming joint calibration at iteration %d of %d from %s", resume["iteration"],
+                        config.iters, out_dir)
     if start >= depth:
         return stats
 
@@ -78,17 +92,22 @@ def calibrate(model, qlayers, config, out_dir, teacher=None, progress=True):
                    acts if i + 1 < depth else {})
         _append_log(log_path, [{"mode": "blockwise", **block_stats}])
 
+    def on_checkpoint(snapshot):  # joint: every layer (soft or hard) and the optimizer, mid-training
+        optimizer_meta, optimizer_tensors = flatten_optimizer(snapshot["optimizer"])
+        save_state(out_dir, digest, 0, [], layers_state(qlayers, list(qlayers)), None,
+                   train=({**snapshot, "optimizer": optimizer_meta}, optimizer_tensors))
+
     try:
         if config.calib == "joint":
-            joint = calibrate_joint(model, teacher, qlayers, acts["x_fp"], acts["c"], config, device, progress)
+            joint = calibrate_joint(model, teacher, qlayers, acts["x_fp"], acts["c"], config, device, progress,
+                                    resume, on_checkpoint)
             stats.extend(joint)
             save_state(out_dir, digest, depth, stats, layers_state(qlayers, list(qlayers)), {})
             _append_log(log_path, [{"mode": "joint", **s} for s in joint])
         else:
             calibrate_blockwise(model, teacher, qlayers, config, acts, start, device, on_block_done, progress)
     except KeyboardInterrupt:
-        resume = len(stats) if config.calib == "blockwise" else 0
-        logger.warning("interrupted: rerun with the same config and output directory %s to resume at block %d",
-                       out_dir, resume)
+        logger.warning("interrupted: rerun with the same config and output directory %s to resume at %s", out_dir,
+                       resume_point(out_dir) or "the start")
         raise
     return stats

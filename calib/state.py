@@ -1,10 +1,12 @@
-"""Resumable calibration state in <out_dir>/calib_state/, saved at every block boundary.
+"""Resumable calibration state in <out_dir>/calib_state/, saved at every block boundary (block-wise) or
+every few minutes of training (joint).
 
-Files: layers-<next>.safetensors (the calibrated, hard layers of blocks < next), acts-<next>.safetensors
-(the activations the walk needs to continue) and state.json (next block, config hash, stats, and the
-names of those two files). The tensor files are written first under new names and state.json is
-replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is needed:
-each block's minibatch order comes from its own generator seeded by (seed, block).
+Files: layers-<tag>.safetensors (the calibrated, hard layers of blocks < next; in a joint checkpoint every
+layer, soft or hard), acts-<tag>.safetensors (the activations the walk needs to continue), for a joint
+checkpoint train-<tag>.safetensors (the RMSprop state), and state.json (next block, config hash, stats,
+the training snapshot, and the names of those files). The tensor files are written first under new names and
+state.json is replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is
+needed: the minibatch order of a block (or of the joint run) comes from its own generator seeded by the seed.
 """
 import hashlib
 import json
@@ -12,6 +14,7 @@ import logging
 import os
 import shutil
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
@@ -36,30 +39,76 @@ def layers_state(qlayers, names):
 
 
 def restore_layers(qlayers, tensors):
-    """Load a `layers_state` dict back; the saved layers are hard, so each target layer is hardened first."""
+    """Load a `layers_state` dict back; a target layer is hardened first when its saved state is hard."""
     grouped = {}
     for key, t in tensors.items():
         name, _, param = key.rpartition(".")
         grouped.setdefault(name, {})[param] = t
     for name, sub in grouped.items():
         layer = qlayers[name]
-        layer.harden()
+        if "indices" in sub:
+            layer.harden()
         layer.load_state_dict(sub, strict=True)
 
 
-def save_state(out_dir, digest, next_block, stats, layers, acts):
-    """Write the state after block next_block - 1: layers {key: tensor}, acts {key: tensor}, stats (list)."""
+def flatten_optimizer(state_dict):
+    """optimizer.state_dict() -> (JSON-able meta, {"<param>.<key>": tensor}) for safetensors + state.json."""
+    meta, tensors = {}, {}
+    for index, entries in state_dict["state"].items():
+        meta[str(index)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta[str(index)][key] = value
+    return {"state": meta, "param_groups": state_dict["param_groups"]}, tensors
+
+
+def unflatten_optimizer(meta, tensors):
+    """The inverse of flatten_optimizer: a dict for optimizer.load_state_dict."""
+    state = {int(index): dict(entries) for index, entries in meta["state"].items()}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state[int(index)][name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None):
+    """Write the state after block next_block - 1: layers {key: tensor}, acts {key: tensor} (None: keep the
+    current state's activations), stats (list), train: None, or (snapshot meta, {key: tensor}) of an
+    unfinished joint training."""
     directory = os.path.join(out_dir, STATE_DIR)
-    files = {"layers": f"layers-{next_block:05d}.safetensors", "acts": f"acts-{next_block:05d}.safetensors"}
-    for kind, tensors in (("layers", layers), ("acts", acts)):
+    tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
+    files = {"layers": f"layers-{tag}.safetensors"}
+    tensors = {"layers": layers}
+    if acts is None:
+        with open(os.path.join(directory, STATE_JSON)) as f:
+            files["acts"] = json.load(f)["acts"]
+    else:
+        files["acts"], tensors["acts"] = f"acts-{tag}.safetensors", acts
+    if train is not None:
+        files["train"], tensors["train"] = f"train-{tag}.safetensors", train[1]
+    for kind, group in tensors.items():
         with atomic_path(os.path.join(directory, files[kind])) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    meta = {"format": FORMAT, "config_hash": digest, "next_block": next_block, "stats": stats, **files}
+            save_file({k: v.contiguous() for k, v in group.items()}, tmp)
+    meta = {"format": FORMAT, "config_hash": digest, "next_block": next_block, "stats": stats, **files,
+            "train_state": None if train is None else train[0]}
     write_text_atomic(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1) + "\n")
     for entry in os.listdir(directory):
         # older states, and temporaries of a write that a SIGKILL interrupted
         if (entry.endswith(".safetensors") and entry not in files.values()) or entry.endswith(".tmp"):
             os.remove(os.path.join(directory, entry))
+
+
+def resume_point(out_dir):
+    """Where a rerun picks up, in words: "block B" or "joint iteration I"; None when no state is saved."""
+    try:
+        with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
+            meta = json.load(f)
+        train = meta.get("train_state")
+        return f"block {int(meta['next_block'])}" if not train else f"joint iteration {int(train['iteration'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def remove_state(out_dir):
@@ -68,7 +117,8 @@ def remove_state(out_dir):
 
 
 def load_state(out_dir, digest):
-    """(meta, layers, acts) of a saved state, or None when there is none; a different config is a UserError."""
+    """(meta, layers, acts, train tensors or None) of a saved state, or None when there is none; a different
+    config is a UserError."""
     directory = os.path.join(out_dir, STATE_DIR)
     path = os.path.join(directory, STATE_JSON)
     if not os.path.exists(path):
@@ -83,6 +133,7 @@ def load_state(out_dir, digest):
                             f"({meta['config_hash']} vs {digest} now): use a fresh --out or delete {directory}")
         layers = load_file(os.path.join(directory, meta["layers"]))
         acts = load_file(os.path.join(directory, meta["acts"]))
+        train = load_file(os.path.join(directory, meta["train"])) if meta.get("train_state") else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
-    return meta, layers, acts
+    return meta, layers, acts, train

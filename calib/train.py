@@ -102,19 +102,30 @@ def minibatches(num_points, batch_size, generator):
             yield perm[s:s + batch_size]
 
 
-def train(layers, loss_fn, num_points, config, generator, progress=True, desc="calibrate"):
+def train(layers, loss_fn, num_points, config, generator, progress=True, desc="calibrate", resume=None,
+          on_checkpoint=None):
     """Minimise L_d + lambda_r * L_r over `config.iters` minibatches; every layer is hard afterwards.
 
     layers: list of VQLinear. Returns {"loss": last L_d, "penalty": last L_r (or None),
     "selected": per-layer frozen fraction before the final hardening, "hardened_at": per-layer iteration
     at which progressive selection hardened it (None: hardened at the end)}.
+    Checkpoints: every SELECT_EVERY iterations `on_checkpoint(snapshot)` gets {"iteration", "hardened_at",
+    "loss", "penalty", "optimizer": optimizer.state_dict()}; passing such a snapshot back as `resume`, with the
+    layers restored to their state at that moment and a fresh `generator` of the same seed, continues the run
+    exactly where it stopped.
     """
     optimizer = torch.optim.RMSprop(param_groups(layers, config.lr_ratio, config.lr_codebook),
                                     alpha=config.rmsprop_alpha)
     hardened_at = [0 if layer.is_hard else None for layer in layers]
     batches = minibatches(num_points, config.batch_size, generator)
-    loss_d, penalty = None, None
-    bar = tqdm(range(config.iters), desc=desc, leave=False, disable=not progress)
+    loss_d, penalty, start = None, None, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        hardened_at, start = list(resume["hardened_at"]), resume["iteration"]
+        for _ in range(start):  # the minibatch order is a pure function of the generator's seed
+            next(batches)
+    bar = tqdm(range(start, config.iters), desc=desc, leave=False, disable=not progress, initial=start,
+               total=config.iters)
     for it in bar:
         loss_d = loss_fn(next(batches))
         penalty = ratio_penalty(layers, config.ratio_reg)
@@ -130,12 +141,18 @@ def train(layers, loss_fn, num_points, config, generator, progress=True, desc="c
                     hardened_at[j] = it + 1
                 logger.debug("iteration %d: hardened %d layer(s)", it + 1, len(now))
             bar.set_postfix(loss=f"{loss_d.item():.3g}", hard=sum(h is not None for h in hardened_at))
+            if on_checkpoint is not None:
+                on_checkpoint({"iteration": it + 1, "hardened_at": hardened_at, "loss": loss_d.item(),
+                               "penalty": None if penalty is None else penalty.item(),
+                               "optimizer": optimizer.state_dict()})
+    if resume is not None and loss_d is None:  # resumed from a checkpoint taken at the last iteration
+        loss_d, penalty = resume["loss"], resume["penalty"]
+    else:
+        loss_d, penalty = (None if v is None else v.item() for v in (loss_d, penalty))
     selected = [layer.selected_fraction() for layer in layers]
     for layer in layers:
         layer.harden()
-    return {"loss": None if loss_d is None else loss_d.item(),
-            "penalty": None if penalty is None else penalty.item(),
-            "selected": selected, "hardened_at": hardened_at}
+    return {"loss": loss_d, "penalty": penalty, "selected": selected, "hardened_at": hardened_at}
 
 
 def seeded_generator(seed, *stream):

@@ -1,3 +1,4 @@
+import itertools
 import json
 import logging
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 import calib.blockwise
+import calib.joint
 from calib.inputs import embed_inputs, teacher_inputs
 from calib.run import calibrate
 from calib.state import STATE_DIR
@@ -93,6 +95,40 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
     assert without_time(resumed_stats) == without_time(whole_stats)
     log = [json.loads(line)["block"] for line in (tmp_path / "split" / "calib_log.jsonl").read_text().splitlines()]
     assert log == [0, 1, 2]
+
+
+def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, caplog):
+    """A joint run killed mid-training resumes from its last checkpoint (layers half soft, half hardened,
+    RMSprop state, minibatch position) to the same layers and stats as an uninterrupted run."""
+    monkeypatch.setattr(calib.joint, "CHECKPOINT_SECONDS", 0)  # a checkpoint every SELECT_EVERY iterations
+    config = tiny_config(calib="joint", iters=60, lambda_r=1.0, hard_fraction=0.2, lr_codebook=1e-3)
+    _, _, whole, whole_stats = run(config, tmp_path / "whole")
+    hardened_at = [layer["hardened_at"] for s in whole_stats for layer in s["layers"].values()]
+    assert any(h is not None and 0 < h <= 40 for h in hardened_at)  # some layers harden before the checkpoint
+    assert any(h is None or h > 40 for h in hardened_at)  # and some after it
+
+    original = calib.joint.train
+
+    def killed_at_iteration_45(layers, loss_fn, *args, **kwargs):
+        calls = itertools.count()
+
+        def dying(idx):
+            if next(calls) == 45:
+                raise KeyboardInterrupt
+            return loss_fn(idx)
+        return original(layers, dying, *args, **kwargs)
+
+    monkeypatch.setattr(calib.joint, "train", killed_at_iteration_45)
+    with caplog.at_level(logging.INFO, logger="calib.run"), pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "split")
+    assert "resume at joint iteration 40" in caplog.text
+    monkeypatch.setattr(calib.joint, "train", original)
+    with caplog.at_level(logging.INFO, logger="calib.run"):
+        _, _, resumed, resumed_stats = run(config, tmp_path / "split")
+    assert "resuming joint calibration at iteration 40 of 60" in caplog.text
+    a, b = state_of(whole), state_of(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(resumed_stats) == without_time(whole_stats)
 
 
 def test_finished_state_returns_without_work(tmp_path, monkeypatch):
