@@ -104,6 +104,20 @@ def test_grid_rows_are_classes_in_order(labels, max_cols):
     assert (arr[top:top + 8, left:left + 8] == images[0, 0, 0]).all()
 
 
+def test_grid_is_bounded_and_many_classes_pack_into_rows():
+    labels = [5, 3, 4, 1, 0, 2, 9, 8, 7, 6]
+    images = colour_tiles(len(labels))
+    grid = make_grid(images, labels, max_cols=3, min_tile=4, pad=0, max_samples=7, max_class_rows=4)
+    arr = np.asarray(grid)
+    for i in range(7, 10):  # beyond max_samples: not drawn
+        assert not (arr == images[i, 0, 0]).all(axis=2).any()
+    boxes = tile_boxes(grid, images[:7])
+    order = sorted(range(7), key=lambda i: labels[i])  # by class, max_cols per row
+    for pos, i in enumerate(order):
+        assert boxes[i][0] == 4 * (pos // 3)
+    assert arr.shape[0] == 4 * 3  # ceil(7 / 3) rows of 4-pixel tiles
+
+
 @pytest.mark.parametrize("text,num_classes,expected", [("1,3,5", 10, [1, 3, 5]), (" 0 , 9 ", 10, [0, 9]),
                                                         ("999", 1000, [999]), ("", 10, None), (None, 10, None)])
 def test_parse_classes(text, num_classes, expected):
