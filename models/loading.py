@@ -4,6 +4,8 @@ Formats: our safetensors (spec in the header), the official plain state dict `.p
 (`DiT-XL-2-256x256.pt`), a training checkpoint dict (its `ema` is used), and diffusers format
 (a directory with config.json + diffusion_pytorch_model.*, its parent with `transformer/`, or a hub id).
 """
+import argparse
+import contextlib
 import json
 import logging
 import pickle
@@ -136,7 +138,8 @@ def _read_state_file(path):
         check_finite(state, path)
         return state, meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _allow_namespace():  # DiT's train.py saves its argparse arguments beside the weights
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: unknown checkpoint format, refused by the safe loader (torch.load weights_only=True: "
                         f"{_unpickle_detail(e)}); "
@@ -156,6 +159,17 @@ def _read_state_file(path):
                         "or a training checkpoint with an 'ema' state dict")
     check_finite(obj, path)
     return obj, {}
+
+
+@contextlib.contextmanager
+def _allow_namespace():
+    """Let the weights_only unpickler build argparse.Namespace (a plain attribute bag, runs no code)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            yield
+    else:  # torch 2.4 has only the global allowlist
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        yield
 
 
 def _unpickle_detail(error):
@@ -227,6 +241,9 @@ def _learn_sigma(state, in_channels):
 def _build_checked(name, spec_args, state, source):
     if name not in DiT_models:
         raise UserError(f"unknown --model {name!r}; valid: {', '.join(DiT_models)}")
+    if not spec_args[3]:  # learn_sigma
+        raise UserError(f"{source}: the model predicts the noise only (learn_sigma=False); this sampler is DiT's "
+                        "learned-variance DDPM and needs the noise and variance outputs of every released DiT")
     spec = DiTSpec(name, *spec_args)
     with torch.device("meta"):
         skeleton = spec.build()

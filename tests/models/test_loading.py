@@ -1,3 +1,4 @@
+import argparse
 import re
 
 import pytest
@@ -60,10 +61,20 @@ def test_training_checkpoint_uses_ema(tmp_path, tiny_dit):
     model, spec = tiny_dit
     ema = {k: v + 1 for k, v in model.state_dict().items()}
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "args": None}, path)
+    # as DiT's train.py writes it: the argparse arguments beside the weights
+    args = argparse.Namespace(model="DiT-Digits/2", image_size=16, results_dir="results", global_seed=0)
+    torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "args": args}, path)
     loaded, _ = load_dit("DiT-Digits/2", str(path))
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ema[k]), k
+
+
+def test_noise_only_model_is_refused(tmp_path):
+    model = DiT_models["DiT-Digits/2"](input_size=8, num_classes=10, in_channels=1, learn_sigma=False)
+    path = tmp_path / "eps_only.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(UserError, match=re.escape(f"{path}: the model predicts the noise only (learn_sigma=False)")):
+        load_dit(None, str(path))
 
 
 def test_safetensors_round_trip(tmp_path, tiny_dit):
