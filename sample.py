@@ -7,6 +7,7 @@ import argparse
 import logging
 
 from calib.pipeline import check_out_dir
+from models import distributed
 from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
 from models.loading import load_dit
 from utils.cli import run_cli
@@ -26,7 +27,8 @@ def main(args):
     if args.check:
         return check_artifact(args.quantized)
     check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
-    device = resolve_device(args.device)
+    # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
+    device = distributed.init(resolve_device(args.device))
     check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
     if args.quantized:
         model, spec, _ = load_quantized(args.quantized, device)
