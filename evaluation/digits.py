@@ -14,21 +14,13 @@ from safetensors import SafetensorError
 from evaluation.metrics import accuracy, fid_from_features
 from models.classifier import load_classifier
 from models.digits import IMAGE_SIZE, load_digits_images
+from models.vae import images_to_uint8
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "weights", "digits_classifier.safetensors")
-
-
-def tensor_to_uint8(x):
-    """x (N, 1, H, W) floats in [-1, 1] -> uint8 (N, H, W, 3), grey replicated to 3 channels.
-
-    Rounds 127.5 (x + 1) half up, as sample.py does (DiT's clamp(127.5 x + 128) then truncation).
-    """
-    u = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # (N, 1, H, W)
-    return u.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous().numpy()
 
 
 def uint8_to_tensor(images):
@@ -40,7 +32,7 @@ def uint8_to_tensor(images):
 def real_digits_uint8():
     """All real digits as uint8 (1797, 16, 16, 3) and labels int64 (1797,)."""
     x, y = load_digits_images(size=IMAGE_SIZE)
-    return tensor_to_uint8(x), y.numpy()
+    return images_to_uint8(x), y.numpy()
 
 
 def load_digits_classifier(path=DEFAULT_CLASSIFIER):

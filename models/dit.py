@@ -40,16 +40,12 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class embedding with one extra row, the null class used for classifier-free guidance."""
 
-    def __init__(self, num_classes, hidden_size, dropout_prob):
+    def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, y, train=False, generator=None):
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(y.shape, device=y.device, generator=generator) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def forward(self, y):
         return self.embedding_table(y)
 
 
@@ -136,7 +132,7 @@ class DiT(nn.Module):
     """forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C or C, H, W)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch size {patch_size}")
@@ -148,7 +144,7 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         grid = input_size // patch_size
         table = torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float().unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # (1, T, D), fixed
@@ -175,10 +171,10 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def embed(self, x, t, y, train=False):
+    def embed(self, x, t, y):
         """Tokens (N, T, D) and conditioning c (N, D): everything before the blocks."""
         tokens = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, train=train)
+        c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
     def unpatchify(self, x):
@@ -191,8 +187,8 @@ class DiT(nn.Module):
     def head(self, tokens, c):
         return self.unpatchify(self.final_layer(tokens, c))
 
-    def forward(self, x, t, y, train=False):
-        tokens, c = self.embed(x, t, y, train=train)
+    def forward(self, x, t, y):
+        tokens, c = self.embed(x, t, y)
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.head(tokens, c)

@@ -70,16 +70,6 @@ def save_dit(model, name, path, extra=None):
         save_file(state, tmp, metadata=meta)
 
 
-def load_dit_safetensors(path):
-    """Load a DiT saved by `save_dit`: returns (model in eval mode, spec)."""
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    spec = DiTSpec(**json.loads(meta["spec"]))
-    model = spec.build()
-    model.load_state_dict(load_file(path), strict=True)
-    return model.eval(), spec
-
-
 def registry_name(depth, hidden, patch, heads=None):
     """The registry model with this architecture, or None."""
     for name, (d, h, n, p) in DiT_configs.items():

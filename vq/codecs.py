@@ -5,7 +5,6 @@ A codec turns a hard layer into a few compact tensors (bit-packed indices, fp16 
 loader checks files against it and the size report computes sizes from it, so both use the same bit counts.
 To support another layer class, write its five functions and call `register_codec`.
 """
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,11 +36,6 @@ def register_codec(codec):
 def codec_for(module):
     """The codec of a quantized module, or None for any other module."""
     return CODECS.get(type(module).__name__)
-
-
-def stored_nbytes(meta, codec):
-    """Bytes a layer's tensors take in the file (safetensors header excluded)."""
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in codec.tensor_specs(meta).values())
 
 
 def _bias_spec(meta):

@@ -8,11 +8,11 @@ from evaluation.digits import (
     digits_metrics,
     load_digits_classifier,
     real_digits_uint8,
-    tensor_to_uint8,
     uint8_to_tensor,
 )
 from evaluation.metrics import fid_from_features
 from models.classifier import DigitsClassifier, save_classifier
+from models.vae import images_to_uint8
 from utils.errors import UserError
 
 
@@ -27,13 +27,13 @@ def test_uint8_round_trip_is_exact():
     images = np.repeat(np.resize(values, (1, 16, 16, 1)), 3, axis=-1)  # (1, 16, 16, 3), every grey level
     x = uint8_to_tensor(images)
     assert x.shape == (1, 1, 16, 16) and x.min() == -1 and x.max() == 1
-    assert np.array_equal(tensor_to_uint8(x), images)
+    assert np.array_equal(images_to_uint8(x), images)
 
 
 def test_tensor_to_uint8_rounds_and_clamps():
     levels = [-3.0, 0.0, 100.4, 100.5, 126.5, 127.5, 254.6, 255.0, 400.0]  # values of 127.5 (x + 1)
     x = torch.tensor(levels, dtype=torch.float64).reshape(1, 1, 1, -1) / 127.5 - 1
-    u = tensor_to_uint8(x)
+    u = images_to_uint8(x)
     assert u.shape == (1, 1, len(levels), 3)
     assert u[0, 0, :, 0].tolist() == [0, 0, 100, 101, 127, 128, 255, 255, 255]  # halves round up
     assert (u[..., 0] == u[..., 2]).all()
