@@ -68,6 +68,16 @@ def teacher_inputs(model, num_samples, timesteps, steps, cfg_scale, seed, device
     return x, t, y
 
 
+def to_cache(h, dtype):
+    """Activations h (B, T, D) -> CPU `dtype` for the cache; a value beyond dtype's range (fp16: 65504) must
+    stop the run here rather than turn into inf and a NaN calibration loss later."""
+    out = h.to("cpu", dtype)
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(f"activations exceed the {dtype} range of the calibration cache "
+                                 f"(max |x| = {h.abs().max().item():.4g}); this model needs a wider cache dtype")
+    return out
+
+
 @torch.no_grad()
 def embed_inputs(model, x, t, y, device, batch_size=256, dtype=torch.float16):
     """Block-0 inputs: tokens (M, T, D) in `dtype` and c (M, D) float32, both on CPU."""
@@ -75,7 +85,7 @@ def embed_inputs(model, x, t, y, device, batch_size=256, dtype=torch.float16):
     for s in range(0, x.shape[0], batch_size):
         tok, c = model.embed(x[s:s + batch_size].to(device), t[s:s + batch_size].to(device),
                              y[s:s + batch_size].to(device))
-        tokens.append(tok.to("cpu", dtype))
+        tokens.append(to_cache(tok, dtype))
         cs.append(c.float().cpu())
     return torch.cat(tokens), torch.cat(cs)
 
@@ -90,7 +100,7 @@ def run_block(block, tokens, c, device, batch_size=256, out=None):
     out = torch.empty_like(tokens) if out is None else out
     for s in range(0, tokens.shape[0], batch_size):
         h = block(tokens[s:s + batch_size].to(device).float(), c[s:s + batch_size].to(device))
-        out[s:s + batch_size] = h.to("cpu", out.dtype)
+        out[s:s + batch_size] = to_cache(h, out.dtype)
     return out
 
 

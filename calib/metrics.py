@@ -1,6 +1,8 @@
 """Errors of a quantized DiT against its full-precision teacher, computed in chunks (no stored activations)."""
 import torch
 
+from calib.inputs import to_cache
+
 
 @torch.no_grad()
 def block_mse(block, tokens, c, target, device, batch_size=256, out=None):
@@ -14,7 +16,7 @@ def block_mse(block, tokens, c, target, device, batch_size=256, out=None):
         h = block(tokens[s:s + batch_size].to(device).float(), c[s:s + batch_size].to(device))
         total += (h - target[s:s + batch_size].to(device).float()).pow(2).sum().item()
         if out is not None:
-            out[s:s + batch_size] = h.to("cpu", out.dtype)
+            out[s:s + batch_size] = to_cache(h, out.dtype)
     return total / target.numel()
 
 

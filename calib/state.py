@@ -15,6 +15,7 @@ import os
 import shutil
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
@@ -134,6 +135,6 @@ def load_state(out_dir, digest):
         layers = load_file(os.path.join(directory, meta["layers"]))
         acts = load_file(os.path.join(directory, meta["acts"]))
         train = load_file(os.path.join(directory, meta["train"])) if meta.get("train_state") else None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
     return meta, layers, acts, train

@@ -166,7 +166,11 @@ def load_quantized(out_dir, device="cpu"):
                             f"{spec.name}") from e
         set_submodule(model, name, codec.build(meta).to(device))
         packed = {suffix: state.pop(f"{name}.{suffix}") for suffix in codec.tensor_specs(meta)}
-        state.update({f"{name}.{k}": v for k, v in codec.unpack(meta, packed).items()})
+        try:
+            unpacked = codec.unpack(meta, packed)
+        except ValueError as e:
+            raise UserError(f"{os.path.join(out_dir, MODEL_FILE)}: layer {name}: {e} (corrupt file?)") from e
+        state.update({f"{name}.{k}": v for k, v in unpacked.items()})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

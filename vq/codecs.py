@@ -69,8 +69,10 @@ def _vq_build(meta):
 
 def _vq_unpack(meta, packed):
     n_sub = meta["out_features"] * meta["in_features"] // meta["d"]
-    state = {"indices": unpack_bits(packed["indices"], index_bits(meta["k"]), n_sub),
-             "codebook": packed["codebook"].float()}
+    indices = unpack_bits(packed["indices"], index_bits(meta["k"]), n_sub)
+    if n_sub and int(indices.max()) >= meta["k"]:  # possible when k is not a power of two: a corrupt file
+        raise ValueError(f"codeword index {int(indices.max())} out of range for k={meta['k']}")
+    state = {"indices": indices, "codebook": packed["codebook"].float()}
     if meta["bias"]:
         state["bias"] = packed["bias"]
     return state

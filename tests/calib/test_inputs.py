@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from calib.inputs import CALIB_STREAM, cache_bytes, calib_steps, embed_inputs, run_block, teacher_inputs
+from calib.inputs import CALIB_STREAM, cache_bytes, calib_steps, embed_inputs, run_block, teacher_inputs, to_cache
 from models.diffusion import make_diffusion
 from models.sampler import PerSampleNoise, class_labels, sample_seed
 from tests.calib.conftest import tiny_dit
@@ -73,3 +73,12 @@ def test_embed_and_run_block_match_the_model():
 def test_cache_bytes_dit_xl_defaults():
     # 32 trajectories x 2 (CFG) x 25 steps, T = 256 tokens, D = 1152, fp16: 900 MiB per activation tensor
     assert cache_bytes(32 * 2 * 25, 256, 1152) == 900 * 2**20
+
+
+def test_block_outputs_beyond_fp16_stop_the_run():
+    block = torch.nn.Identity()
+    tokens = torch.full((3, 2, 4), 1000.0)
+    run_block(lambda h, c: block(h) * 100, tokens.float(), torch.zeros(3, 4), "cpu")  # fp32 cache: fine
+    with pytest.raises(FloatingPointError, match="exceed the torch.float16 range.*max \\|x\\| = 1e\\+05"):
+        run_block(lambda h, c: block(h) * 100, tokens.half(), torch.zeros(3, 4), "cpu")
+    assert torch.equal(to_cache(torch.tensor([65504.0]), torch.float16), torch.tensor([65504.0]).half())

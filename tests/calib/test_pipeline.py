@@ -5,9 +5,10 @@ import torch
 
 from calib.config import load_config
 from calib.pipeline import quantize
-from calib.state import STATE_DIR, save_state
+from calib.state import STATE_DIR, load_state, save_state
 from models.loading import save_dit
 from tests.conftest import randomize
+from utils.errors import UserError
 from vq import load_quantized
 
 
@@ -40,3 +41,10 @@ def test_stale_temporaries_are_pruned(tmp_path):
     (directory / ".layers-00001.safetensors.abc.tmp").write_bytes(b"half a file")
     save_state(str(tmp_path), "digest", 1, [], {"a": torch.zeros(2)}, {})
     assert sorted(os.listdir(directory)) == ["acts-00001.safetensors", "layers-00001.safetensors", "state.json"]
+
+
+def test_unreadable_state_is_a_user_error(tmp_path):
+    save_state(str(tmp_path), "digest", 1, [], {"a": torch.zeros(2)}, {"x": torch.zeros(3)})
+    (tmp_path / STATE_DIR / "acts-00001.safetensors").write_bytes(b"garbage, not safetensors")
+    with pytest.raises(UserError, match="cannot resume from .*delete it to start over"):
+        load_state(str(tmp_path), "digest")

@@ -159,3 +159,20 @@ def test_integrity_errors_name_the_file(saved, tmp_path, corrupt, file, match):
         load_quantized(tmp_path)
     msg = str(err.value)
     assert str(tmp_path / file) in msg and "\n" not in msg
+
+
+def test_index_beyond_a_non_power_of_two_codebook_is_refused(tmp_path):
+    """k = 12 stores 4-bit indices, so a corrupt file can hold 12..15: refused on load, not an IndexError later."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    save_quantized(quantized_model(k=12, d=2), SPEC, tmp_path, CONFIG)
+    load_quantized(tmp_path)  # intact: loads
+    path = str(tmp_path / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors["blocks.0.mlp.fc2.indices"][3] = 0xFF  # two 4-bit indices of 15
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(UserError, match="layer blocks.0.mlp.fc2: codeword index 15 out of range for k=12"):
+        load_quantized(tmp_path)
