@@ -18,7 +18,8 @@ from utils.fileio import write_text_atomic  # noqa: E402
 
 
 def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    """value formatted with spec, or "-" right-aligned to spec's width when there is none."""
+    return format("-", f">{spec.split('.')[0]}") if value is None else format(value, spec)
 
 
 def compare(reference, runs, out_dir):
