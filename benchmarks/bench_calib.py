@@ -47,6 +47,7 @@ VARIANTS = {
     "w2-vq4dit-lambda0": ("w2", {"lambda_r": 0.0}),
     "w2-vq4dit-lambda0.1": ("w2", {"lambda_r": 0.1}),
     "w2-vq4dit-lambda1": ("w2", {"lambda_r": 1.0}),
+    "w2-vq4dit-paper-lr": ("w2", {"ratio_reg": "paper"}),  # L_r = mean(1 - |2r - 1|), the paper's text
     "w2-vq4dit-samples16": ("w2", {"calib_samples": 16}),
     "w2-vq4dit-iters250": ("w2", {"iters": 250}),
     "w3-kmeans": ("w3", {"method": "kmeans"}),

@@ -16,9 +16,18 @@ def plot_fid_vs_bits(rows, fp_fid, path):
         families.setdefault(r["method"].split(" ")[0], []).append(r)
     for name, members in families.items():
         ax.scatter([r["bits_per_weight_with_codebook"] for r in members], [r["fid"] for r in members], label=name)
-        for r in members:
-            ax.annotate(r["method"].split(" ", 1)[1], (r["bits_per_weight_with_codebook"], r["fid"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 2))
+    # labels right of their points; points at one x with close FIDs get labels pushed apart (log10 gap 0.03)
+    columns = {}
+    for r in rows:
+        columns.setdefault(round(r["bits_per_weight_with_codebook"], 2), []).append(r)
+    for members in columns.values():
+        last = -np.inf
+        for r in sorted(members, key=lambda r: r["fid"]):
+            x, fid = r["bits_per_weight_with_codebook"], r["fid"]
+            last = max(np.log10(fid), last + 0.03)
+            ax.annotate(r["method"], (x, fid), xytext=(x + 0.04, 10**last), fontsize=7, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+    ax.set_xlim(right=max(r["bits_per_weight_with_codebook"] for r in rows) + 0.5)  # room for the last labels
     ax.axhline(fp_fid, color="gray", linestyle="--", label="full precision")
     ax.set_xlabel("bits per weight (with codebooks / scales)")
     ax.set_ylabel("FID (digits-classifier features, lower is better)")
