@@ -14,8 +14,9 @@ FAST = ("--codebook-size", "4", "--kmeans-iters", "2", "--iters", "4", "--calib-
         "--calib-timesteps", "2", "--steps", "4", "--device", "cpu")
 
 
-def run(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+def run(script, *args, timeout=300, threads=1):
+    env = {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -41,6 +41,18 @@ def test_same_command_and_seed_give_the_same_artifact(reference, tmp_path):
     assert sha256(tmp_path / "again" / QUANT_FILE) == quant_sha
 
 
+def test_same_seed_same_artifact_with_two_threads(reference, tmp_path):
+    """Multi-threaded CPU reductions must not make calibration differ run to run (the thread count may
+    change the bits, so the two runs here use the same count)."""
+    ckpt, _, _ = reference
+    shas = []
+    for name in ("a", "b"):
+        result = run("quantize.py", *quantize_args(ckpt, tmp_path / name), threads=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        shas.append(sha256(tmp_path / name / MODEL_FILE))
+    assert shas[0] == shas[1]
+
+
 def next_block(out):
     return json.loads((out / "calib_state" / "state.json").read_text())["next_block"]
 

@@ -49,20 +49,29 @@ def masked_ratios(logits, frozen):
     return torch.where(frozen[:, None], hard, soft)
 
 
+def _lookup(codebook, indices):
+    """codebook (G, k, d), indices (G, M) any integer dtype, into each group's own codebook -> (G, M, d).
+
+    One index_select on the flattened codebook: its backward (index_add) sums each codeword's gradient in a
+    fixed order, so calibration on CPU is bitwise reproducible with any thread count (advanced indexing's
+    backward, a multi-threaded index_put with accumulate, is not).
+    """
+    g, k, d = codebook.shape
+    flat = indices.long() + k * torch.arange(g, device=codebook.device)[:, None]  # (G, M) rows of (G*k, d)
+    return codebook.reshape(g * k, d).index_select(0, flat.reshape(-1)).view(g, -1, d)
+
+
 def soft_reconstruct(codebook, candidates, ratios):
-    """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n), ratios (N, n) -> sub-vectors (N, d).
+    """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n) any integer dtype, ratios (N, n) -> (N, d).
 
     Sub-vector i belongs to group i // (N / G) (groups are consecutive blocks of output rows).
     """
     g, _, d = codebook.shape
     n = candidates.shape[1]
-    rows = torch.arange(g, device=codebook.device)[:, None, None]  # (G, 1, 1)
-    vecs = codebook[rows, candidates.view(g, -1, n)]  # (G, N/G, n, d)
+    vecs = _lookup(codebook, candidates.reshape(g, -1)).view(g, -1, n, d)  # (G, N/G, n, d)
     return torch.einsum("gmj,gmjd->gmd", ratios.view(g, -1, n), vecs).reshape(-1, d)
 
 
 def hard_reconstruct(codebook, indices):
-    """C_g[indices]: codebook (G, k, d), indices (N,) -> sub-vectors (N, d)."""
-    g, _, d = codebook.shape
-    rows = torch.arange(g, device=codebook.device)[:, None]  # (G, 1)
-    return codebook[rows, indices.view(g, -1)].reshape(-1, d)
+    """C_g[indices]: codebook (G, k, d), indices (N,) any integer dtype -> sub-vectors (N, d)."""
+    return _lookup(codebook, indices.view(codebook.shape[0], -1)).reshape(-1, codebook.shape[2])

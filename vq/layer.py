@@ -23,7 +23,7 @@ from vq.candidates import (
     soft_reconstruct,
 )
 from vq.kmeans import kmeans
-from vq.packing import index_bits
+from vq.packing import index_bits, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,11 @@ class VQLinear(nn.Module):
         n_sub = out_features * in_features // dim
         self.codebook = nn.Parameter(torch.zeros(groups, codebook_size, dim, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        dtype = index_dtype(codebook_size)  # uint8 for k <= 256
         if hard:
-            self.register_buffer("indices", torch.zeros(n_sub, dtype=torch.int64, device=device))
+            self.register_buffer("indices", torch.zeros(n_sub, dtype=dtype, device=device))
         else:
-            self.register_buffer("candidates", torch.zeros(n_sub, num_candidates, dtype=torch.int64, device=device))
+            self.register_buffer("candidates", torch.zeros(n_sub, num_candidates, dtype=dtype, device=device))
             self.logits = nn.Parameter(torch.zeros(n_sub, num_candidates, device=device))
             self.register_buffer("frozen", torch.zeros(n_sub, dtype=torch.bool, device=device))
 

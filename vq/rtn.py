@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vq.apply import BLOCK_LINEARS, set_submodule
+from vq.packing import index_dtype
 
 STAT_STORAGE_BITS = 16  # scale and minimum per output row, fp16
 
@@ -36,7 +37,8 @@ class RTNLinear(nn.Module):
     def __init__(self, in_features, out_features, bits, bias=True, device=None):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int64, device=device))
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=index_dtype(2**bits),
+                                                  device=device))
         self.register_buffer("scale", torch.ones(out_features, 1, device=device))
         self.register_buffer("lo", torch.zeros(out_features, 1, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None

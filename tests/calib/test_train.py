@@ -97,7 +97,7 @@ def test_drop_hardened_keeps_codebook_state():
 def test_argmax_assignment_is_the_nearest_codeword():
     layer, linear = soft_layer(n=3)
     frozen = layer.frozen.clone()
-    nearest = layer.codebook[0][layer.candidates[:, 0]].reshape(linear.weight.shape)
+    nearest = layer.codebook[0][layer.candidates[:, 0].long()].reshape(linear.weight.shape)
     with torch.no_grad():
         layer.logits.copy_(torch.log(torch.tensor([0.5, 0.3, 0.2])))  # argmax is the first = nearest candidate
         with argmax_assignment([layer]):

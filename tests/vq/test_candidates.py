@@ -58,3 +58,26 @@ def test_reconstruction_matches_loop(groups):
         g = i // per_group
         assert torch.allclose(soft[i], sum(ratios[i, j] * cb[g, cand[i, j]] for j in range(n)), atol=1e-6)
         assert torch.equal(hard[i], cb[g, cand[i, 0]])
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_codebook_gradient_is_bitwise_reproducible_with_two_threads(groups):
+    """The calibration gradient of a codebook sums many sub-vectors' contributions; with 2 threads that sum
+    must still come out in one order (advanced indexing's backward does not: a calibrated artifact differed
+    run to run)."""
+    torch.manual_seed(0)
+    codebook = torch.randn(groups, 16, 4, requires_grad=True)
+    candidates = torch.randint(0, 16, (groups * 60000, 2), dtype=torch.uint8)
+    ratios = torch.softmax(torch.randn(groups * 60000, 2), 1)
+    weight = torch.randn(groups * 60000, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(3):
+            codebook.grad = None
+            (soft_reconstruct(codebook, candidates, ratios) * weight).sum().backward()
+            grads.append(codebook.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

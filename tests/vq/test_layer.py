@@ -21,10 +21,10 @@ def reference_weight(layer):
     for i in range(layer.out_features * layer.in_features // d):
         cb = layer.codebook[i // per_group]
         if layer.is_hard:
-            subs.append(cb[layer.indices[i]])
+            subs.append(cb[int(layer.indices[i])])
         else:
             r = layer.ratios()[i]
-            subs.append(sum(r[j] * cb[layer.candidates[i, j]] for j in range(layer.num_candidates)))
+            subs.append(sum(r[j] * cb[int(layer.candidates[i, j])] for j in range(layer.num_candidates)))
     return torch.stack(subs).reshape(layer.out_features, layer.in_features)
 
 
@@ -38,6 +38,16 @@ def test_weight_and_forward_match_reference(groups, n, bias):
     assert torch.allclose(layer(x), F.linear(x, layer.weight(), layer.bias), atol=1e-6)
     layer.harden()
     assert layer.is_hard and not hasattr(layer, "logits") and layer.indices.shape == (96,)
+    assert torch.equal(layer.weight(), reference_weight(layer))
+
+
+@pytest.mark.parametrize("k,dtype", [(8, torch.uint8), (512, torch.int16)])
+def test_indices_are_kept_in_the_smallest_integer_dtype(k, dtype):
+    layer = VQLinear.from_linear(linear(32, 64), codebook_size=k, dim=2, candidates=2, kmeans_iters=3)
+    assert layer.candidates.dtype == dtype
+    assert torch.allclose(layer.weight(), reference_weight(layer), atol=1e-6)
+    layer.harden()
+    assert layer.indices.dtype == dtype and int(layer.indices.max()) < k
     assert torch.equal(layer.weight(), reference_weight(layer))
 
 
@@ -56,7 +66,7 @@ def test_first_candidate_is_nearest_and_inverse_distance_init():
     layer = VQLinear.from_linear(lin, codebook_size=16, dim=4, candidates=3, kmeans_iters=10)
     subs = lin.weight.detach().reshape(-1, 4)
     dist = torch.cdist(subs, layer.codebook[0])  # (N, k)
-    chosen = dist.gather(1, layer.candidates)  # (N, 3)
+    chosen = dist.gather(1, layer.candidates.long())  # (N, 3)
     assert torch.equal(layer.candidates[:, 0], dist.argmin(1))
     r = layer.ratios()
     ref = (1 / (chosen + 1e-8)) / (1 / (chosen + 1e-8)).sum(1, keepdim=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vq.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
+from vq.packing import index_bits, index_dtype, pack_bits, packed_nbytes, unpack_bits
 
 
 def reference_pack(values, bits):
@@ -48,3 +48,10 @@ def test_wrong_length_rejected():
 @pytest.mark.parametrize("k,bits", [(2, 1), (3, 2), (64, 6), (256, 8), (257, 9), (65536, 16)])
 def test_index_bits(k, bits):
     assert index_bits(k) == bits
+
+
+@pytest.mark.parametrize("k,dtype", [(2, torch.uint8), (256, torch.uint8), (257, torch.int16),
+                                     (32768, torch.int16), (32769, torch.int32), (65536, torch.int32)])
+def test_index_dtype_holds_every_index(k, dtype):
+    assert index_dtype(k) == dtype
+    assert torch.tensor(k - 1).to(dtype).item() == k - 1
