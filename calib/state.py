@@ -28,9 +28,13 @@ STATE_JSON = "state.json"
 FORMAT = 1
 
 
+RUN_ONLY_FIELDS = ("device",)  # where the run happens, not what it computes: resuming may name it differently
+
+
 def config_hash(config):
-    """A digest of every config field: a resumed run must be the run that was interrupted."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """A digest of every config field but RUN_ONLY_FIELDS: a resumed run must be the run that was interrupted."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def layers_state(qlayers, names):

@@ -147,6 +147,12 @@ def test_changed_config_is_a_user_error(tmp_path):
         run(tiny_config(iters=11), tmp_path)
 
 
+def test_resuming_may_name_the_device_differently(tmp_path):
+    run(tiny_config(iters=10, device="cpu"), tmp_path)
+    _, _, again, _ = run(tiny_config(iters=10, device="auto"), tmp_path)  # the finished state is accepted
+    assert all(layer.is_hard for layer in again.values())
+
+
 def test_deterministic_for_a_seed(tmp_path):
     _, _, a, _ = run(tiny_config(iters=15), tmp_path / "a")
     _, _, b, _ = run(tiny_config(iters=15), tmp_path / "b")
