@@ -8,7 +8,7 @@ import os
 import time
 
 from calib.config import QuantizeConfig
-from calib.state import remove_state
+from calib.state import config_hash, read_state_meta, remove_state
 from models.images import resolve_device
 from models.loading import load_dit
 from utils.errors import UserError
@@ -32,6 +32,9 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     from vq import quantize_linears, save_quantized
 
     check_out_dir(out_dir)
+    calibrated = config.method in ("vq4dit", "codebook")
+    if calibrated:  # a state left by another config must fail now, not after loading and k-means
+        read_state_meta(out_dir, config_hash(config))
     device = resolve_device(config.device)
     start = time.time()
     model, spec = load_dit(config.model, config.ckpt, config.image_size, config.num_classes, device=device)
@@ -41,7 +44,6 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
 
         quantize_linears_rtn(model, config.wbits)
     else:
-        calibrated = config.method in ("vq4dit", "codebook")
         # the FP teacher, copied before its Linears are replaced, instead of loading the checkpoint again
         teacher = copy.deepcopy(model) if calibrated else None
         soft = config.method == "vq4dit"

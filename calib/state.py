@@ -121,9 +121,9 @@ def remove_state(out_dir):
     shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
 
 
-def load_state(out_dir, digest):
-    """(meta, layers, acts, train tensors or None) of a saved state, or None when there is none; a different
-    config is a UserError."""
+def read_state_meta(out_dir, digest):
+    """state.json of a saved state (dict), or None when there is none; a state of another config or format is a
+    UserError. Cheap: the pipeline calls it before k-means, so a mismatched --out fails in seconds."""
     directory = os.path.join(out_dir, STATE_DIR)
     path = os.path.join(directory, STATE_JSON)
     if not os.path.exists(path):
@@ -136,9 +136,22 @@ def load_state(out_dir, digest):
         if meta["config_hash"] != digest:
             raise UserError(f"{directory} holds the state of a calibration with a different config "
                             f"({meta['config_hash']} vs {digest} now): use a fresh --out or delete {directory}")
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
+    return meta
+
+
+def load_state(out_dir, digest):
+    """(meta, layers, acts, train tensors or None) of a saved state, or None when there is none; a different
+    config is a UserError."""
+    meta = read_state_meta(out_dir, digest)
+    if meta is None:
+        return None
+    directory = os.path.join(out_dir, STATE_DIR)
+    try:
         layers = load_file(os.path.join(directory, meta["layers"]))
         acts = load_file(os.path.join(directory, meta["acts"]))
         train = load_file(os.path.join(directory, meta["train"])) if meta.get("train_state") else None
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, KeyError, SafetensorError) as e:
         raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
     return meta, layers, acts, train

@@ -48,3 +48,11 @@ def test_unreadable_state_is_a_user_error(tmp_path):
     (tmp_path / STATE_DIR / "acts-00001.safetensors").write_bytes(b"garbage, not safetensors")
     with pytest.raises(UserError, match="cannot resume from .*delete it to start over"):
         load_state(str(tmp_path), "digest")
+
+
+def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
+    save_state(str(tmp_path), "other-config", 1, [], {}, {})
+    config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
+    monkeypatch.setattr("calib.pipeline.load_dit", None)  # loading the checkpoint (or k-means) would fail
+    with pytest.raises(UserError, match="different config.*fresh --out or delete"):
+        quantize(config, str(tmp_path), progress=False)
