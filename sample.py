@@ -31,7 +31,7 @@ def main(args):
     device = distributed.init(resolve_device(args.device))
     check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
     if args.quantized:
-        model, spec, _ = load_quantized(args.quantized, device)
+        model, spec, _ = load_quantized(args.quantized, device, decode=args.decode_weights)
     else:
         model, spec = load_dit(args.model, args.ckpt, args.image_size, args.num_classes, device)
     classes = parse_classes(args.classes, spec.num_classes)
@@ -49,6 +49,9 @@ if __name__ == "__main__":
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
     parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent models only)")
     parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
+    parser.add_argument("--decode-weights", action="store_true",
+                        help="with --quantized: decode the weights once at load (FP speed and memory, same images); "
+                             "default: decode in every forward, keeping the weights compressed in memory")
     parser.add_argument("--check", action="store_true",
                         help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
     parser.add_argument("--steps", type=int, default=50, help="respaced DDPM steps")

@@ -84,6 +84,9 @@ def main(args):
     del fp
     quantized, _, _ = load_quantized(artifact, device)
     q_s = forward_seconds(quantized, device, args.batch)
+    del quantized
+    decoded, _, _ = load_quantized(artifact, device, decode=True)
+    d_s = forward_seconds(decoded, device, args.batch)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     per_block = [b["seconds"] for b in blocks] or [0.0]
     lines = [
@@ -96,7 +99,8 @@ def main(args):
         f"| calibration s per block: mean / min / max | {sum(per_block) / len(per_block):.1f} / "
         f"{min(per_block):.1f} / {max(per_block):.1f} |",
         f"| peak device memory GiB (this call) | {'-' if peak is None else f'{peak:.2f}'} |",
-        f"| forward s, batch {args.batch}: FP / quantized | {fp_s:.4f} / {q_s:.4f} |",
+        f"| forward s, batch {args.batch}: FP / quantized / quantized with --decode-weights | {fp_s:.4f} / "
+        f"{q_s:.4f} / {d_s:.4f} |",
         f"| artifact MB | {os.path.getsize(os.path.join(artifact, 'model.safetensors')) / 2**20:.2f} |",
     ]
     write_text_atomic(args.out, "\n".join(lines) + "\n")

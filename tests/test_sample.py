@@ -112,3 +112,20 @@ def test_bad_input_in_a_real_process(tmp_path, ckpt):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --classes '3,12': 12 out of range"), proc.stderr
+
+
+def test_decoded_weights_sample_the_same_images(tmp_path, tiny_dit):
+    from vq import quantize_linears, save_quantized
+
+    model, spec = tiny_dit
+    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+        layer.harden()
+    save_quantized(model, spec, tmp_path / "art", {"method": "kmeans"})
+    outs = []
+    for name, extra in (("compressed", []), ("decoded", ["--decode-weights"])):
+        out = tmp_path / name
+        result = run([SCRIPT, "--quantized", str(tmp_path / "art"), *extra, "--num-samples", "3", "--steps", "3",
+                      "--device", "cpu", "-q", "--out", str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs.append(read_npz(out / "samples.npz"))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])

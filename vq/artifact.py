@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from models.loading import DiTSpec
 from utils.errors import UserError, check_finite
@@ -147,8 +148,32 @@ def read_tensors(out_dir, quant, device="cpu"):
     return tensors
 
 
-def load_quantized(out_dir, device="cpu"):
-    """Load an artifact written by save_quantized -> (model in eval mode, DiTSpec, quant_config dict)."""
+@torch.no_grad()
+def decode_layers(model):
+    """Replace every quantized layer (any class with a codec) by an nn.Linear holding its decoded weight, in place.
+
+    The quantized layers decode their weight in every forward, which keeps memory compressed but costs time
+    at small batches; decoded once, the model samples at full-precision speed and memory, with identical
+    outputs. Returns the number of layers replaced.
+    """
+    classes = tuple(codec.cls for codec in CODECS.values())
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, classes)]
+    for name, layer in targets:
+        weight = layer.weight()  # (out, in)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        set_submodule(model, name, linear.eval())
+    return len(targets)
+
+
+def load_quantized(out_dir, device="cpu", decode=False):
+    """Load an artifact written by save_quantized -> (model in eval mode, DiTSpec, quant_config dict).
+
+    decode: replace the quantized layers by plain Linears with the decoded weights (see decode_layers).
+    """
     out_dir = os.fspath(out_dir)
     if not os.path.isdir(out_dir):
         raise UserError(f"{out_dir}: not a directory; give an artifact directory written by quantize.py")
@@ -176,4 +201,6 @@ def load_quantized(out_dir, device="cpu"):
     except RuntimeError as e:
         raise UserError(f"{os.path.join(out_dir, MODEL_FILE)}: does not fit {spec.name} "
                         f"({str(e).splitlines()[0]})") from e
+    if decode:
+        decode_layers(model)
     return model.eval(), spec, quant

@@ -54,6 +54,20 @@ def test_round_trip_is_bit_identical(tmp_path, kind):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == CONFIG
 
 
+@pytest.mark.parametrize("kind", [dict(k=64, d=2, split_qkv=True), dict(rtn_bits=3)])
+def test_decoded_weights_give_the_same_outputs(tmp_path, kind):
+    model = quantized_model(**kind)
+    save_quantized(model, SPEC, tmp_path, CONFIG)
+    plain, _, _ = load_quantized(tmp_path, decode=True)
+    assert not any(isinstance(m, (VQLinear, RTNLinear)) for m in plain.modules())
+    assert sum(isinstance(m, torch.nn.Linear) for m in plain.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in SPEC.build().modules())
+    for name, weight in decoded(model).items():
+        assert torch.equal(plain.get_submodule(name).weight, weight)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 2])
+    assert torch.equal(model(x, t, y), plain(x, t, y))
+
+
 def test_overwriting_an_artifact(tmp_path):
     save_quantized(quantized_model(k=16, d=4), SPEC, tmp_path, CONFIG)
     model = quantized_model(k=64, d=2)
