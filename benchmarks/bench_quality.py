@@ -60,13 +60,20 @@ def sample_cmd(args, out, source):
             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--out", out]
 
 
+def samples_path(out, key):
+    """Where the samples of method `key` ("fp": the full-precision reference) live under --out."""
+    sub = [] if key == "fp" else ["samples"]  # a quantized run's directory is its artifact
+    return os.path.join(out, "runs", key, *sub, "samples.npz")
+
+
 def run_method(key, args, reference):
     label, flags = METHODS[key]
     art = os.path.join(args.out, "runs", key)
+    samples = samples_path(args.out, key)
     q_time, q_rss = timed([sys.executable, "quantize.py", *flags, "--seed", str(args.seed), *args.extra,
                            "--out", art], art + ".quantize.log")
-    s_time, s_rss = timed(sample_cmd(args, os.path.join(art, "samples"), ["--quantized", art]), art + ".sample.log")
-    row = evaluate_files(os.path.join(art, "samples", "samples.npz"), reference_path=reference)
+    s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
+    row = evaluate_files(samples, reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
     return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
@@ -112,8 +119,8 @@ def main(args):
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    fp_dir = os.path.join(args.out, "runs", "fp")
-    reference = os.path.join(fp_dir, "samples.npz")
+    reference = samples_path(args.out, "fp")
+    fp_dir = os.path.dirname(reference)
     rows = load_rows(os.path.join(args.out, "quality.json"), args)
     if not rows or not os.path.exists(reference):
         fp_time, fp_rss = timed(sample_cmd(args, fp_dir, []), fp_dir + ".sample.log")
@@ -137,7 +144,7 @@ def write_report(rows, reference, args):
     plot_fid_vs_bits(rows[1:], rows[0]["fid"], os.path.join(args.out, "fid_vs_bits.png"))
     done = [r["key"] for r in rows]
     panels = [("full precision", reference)] + [
-        (METHODS[k][0], os.path.join(args.out, "runs", k, "samples", "samples.npz")) for k in GRID_METHODS if k in done]
+        (METHODS[k][0], samples_path(args.out, k)) for k in GRID_METHODS if k in done]
     side_by_side(panels, os.path.join(args.out, "grids.png"))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.bench_quality import samples_path  # noqa: E402
 from evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
 from evaluation.metrics import fid_from_features  # noqa: E402
 from evaluation.samples import load_samples  # noqa: E402
@@ -45,9 +46,7 @@ def main(args):
     real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
     features = {}
     for r in rows:
-        sub = [] if r["key"] == "fp" else ["samples"]  # bench_quality.py's layout
-        path = os.path.join(args.results, "runs", r["key"], *sub, "samples.npz")
-        features[r["key"]], _ = classifier_outputs(classifier, load_samples(path)[0])
+        features[r["key"]], _ = classifier_outputs(classifier, load_samples(samples_path(args.results, r["key"]))[0])
     boot = paired_bootstrap(features, real, args.resamples, args.seed)
     ref = boot[args.reference]
     ref_label = next(r["method"] for r in rows if r["key"] == args.reference)
