@@ -44,7 +44,7 @@ def calibrate_joint(model, teacher, qlayers, tokens, c, config, device, progress
 
     def checkpoint(snapshot):
         nonlocal last_save
-        if on_checkpoint is not None and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+        if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
             on_checkpoint({**snapshot, "before": before})
             last_save = time.monotonic()
 
@@ -63,7 +63,7 @@ def calibrate_joint(model, teacher, qlayers, tokens, c, config, device, progress
         return loss
 
     info = train(modules, loss_fn, tokens.shape[0], config, seeded_generator(config.seed, JOINT_STREAM),
-                 progress, desc="joint", resume=resume, on_checkpoint=checkpoint)
+                 progress, desc="joint", resume=resume, on_checkpoint=None if on_checkpoint is None else checkpoint)
     mse_before = before["mse"]
     mse_after = chain_mse(model.blocks, teacher.blocks, tokens, c, device)
     seconds = time.perf_counter() - start

@@ -78,6 +78,12 @@ def unflatten_optimizer(meta, tensors):
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _read_json(out_dir):
+    """The parsed state.json of out_dir's state (OSError when there is none, ValueError when malformed)."""
+    with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
+        return json.load(f)
+
+
 def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None):
     """Write the state after block next_block - 1: layers {key: tensor}, acts {key: tensor} (None: keep the
     current state's activations), stats (list), train: None, or (snapshot meta, {key: tensor}) of an
@@ -87,8 +93,7 @@ def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None
     files = {"layers": f"layers-{tag}.safetensors"}
     tensors = {"layers": layers}
     if acts is None:
-        with open(os.path.join(directory, STATE_JSON)) as f:
-            files["acts"] = json.load(f)["acts"]
+        files["acts"] = _read_json(out_dir)["acts"]
     else:
         files["acts"], tensors["acts"] = f"acts-{tag}.safetensors", acts
     if train is not None:
@@ -108,8 +113,7 @@ def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None
 def resume_point(out_dir):
     """Where a rerun picks up, in words: "block B" or "joint iteration I"; None when no state is saved."""
     try:
-        with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
-            meta = json.load(f)
+        meta = _read_json(out_dir)
         train = meta.get("train_state")
         return f"block {int(meta['next_block'])}" if not train else f"joint iteration {int(train['iteration'])}"
     except (OSError, ValueError, KeyError, TypeError):
@@ -125,12 +129,10 @@ def read_state_meta(out_dir, digest):
     """state.json of a saved state (dict), or None when there is none; a state of another config or format is a
     UserError. Cheap: the pipeline calls it before k-means, so a mismatched --out fails in seconds."""
     directory = os.path.join(out_dir, STATE_DIR)
-    path = os.path.join(directory, STATE_JSON)
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(directory, STATE_JSON)):
         return None
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = _read_json(out_dir)
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
         if meta["config_hash"] != digest:

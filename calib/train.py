@@ -140,9 +140,10 @@ def train(layers, loss_fn, num_points, config, generator, progress=True, desc="c
                 for j in now:
                     hardened_at[j] = it + 1
                 logger.debug("iteration %d: hardened %d layer(s)", it + 1, len(now))
-            bar.set_postfix(loss=f"{loss_d.item():.3g}", hard=sum(h is not None for h in hardened_at))
+            loss_value = loss_d.item()
+            bar.set_postfix(loss=f"{loss_value:.3g}", hard=sum(h is not None for h in hardened_at))
             if on_checkpoint is not None:
-                on_checkpoint({"iteration": it + 1, "hardened_at": hardened_at, "loss": loss_d.item(),
+                on_checkpoint({"iteration": it + 1, "hardened_at": hardened_at, "loss": loss_value,
                                "penalty": None if penalty is None else penalty.item(),
                                "optimizer": optimizer.state_dict()})
     if resume is not None and loss_d is None:  # resumed from a checkpoint taken at the last iteration
