@@ -43,6 +43,13 @@ class QuantizeConfig:
     ratio_reg: str = "code"  # L_r: code = n * mean(r(1-r)) (authors' code) | paper = mean(1 - |2r - 1|)
     select_threshold: float = 0.99
     hard_fraction: float = 0.99
+    # training core and k-means options (METHOD.md 3b); the defaults are the project's recipe, the authors' code
+    # uses when_hard, running_min, 1 and authors
+    train_codebooks: str = "always"  # always | when_hard: a codebook trains only once its layer is hard
+    ratio_gate: str = "none"  # none | running_min: L_r added only above its running minimum within a trajectory
+    select_every: int = 10  # progressive selection after every this many updates
+    kmeans_init: str = "fast"  # fast: subsample seeding and fit, then full passes | authors: k-means++ on all
+    # points, exactly kmeans_iters Lloyd iterations, empty clusters become zero, k <= largest 2^j <= N/4 per layer
     steps: int = 50
     cfg_scale: float = 1.5
     calib_samples: int = 32  # teacher trajectories (each doubled by CFG)
@@ -61,6 +68,10 @@ class QuantizeConfig:
 
         choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS,
                    "ratio_init": ("inverse_distance", "uniform"), "ratio_reg": ("code", "paper")}
+        choices.update(train_codebooks=("always", "when_hard"), ratio_gate=("none", "running_min"),
+                       kmeans_init=("fast", "authors"))  # training core and k-means options
+        if self.select_every < 1:
+            bad("select_every", self.select_every, "must be a positive integer")
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 bad(name, getattr(self, name), f"choose one of {', '.join(valid)}")

@@ -1,8 +1,10 @@
-"""The optimisation shared by block-wise and joint calibration: RMSprop on ratio logits, codebooks and
-biases, the ratio regulariser, and progressive selection (METHOD.md section 3, step 4).
+"""The optimisation shared by every calibration mode: RMSprop on ratio logits, codebooks and biases, the ratio
+regulariser, and progressive selection (METHOD.md section 3, step 4; the authors' options: section 3b).
 
-`train(layers, loss_fn, ...)` knows nothing about blocks: `loss_fn(idx)` returns the distillation loss
-L_d of the minibatch `idx` (indices into the calibration points) with gradients to the layers.
+`Trainer` makes one update at a time from a distillation loss L_d that the caller computed on whatever data it
+chose: a minibatch of cached calibration points, or the teacher's current sampler step (the online recipe).
+`train(layers, loss_fn, ...)` is the minibatch loop on top of it and knows nothing about blocks: `loss_fn(idx)`
+returns L_d of the minibatch `idx` (indices into the calibration points) with gradients to the layers.
 """
 import contextlib
 import logging
@@ -13,10 +15,8 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-# progressive selection runs every SELECT_EVERY iterations: often enough that a 500-iteration run
-# hardens layers gradually, rarely enough that its cost (a softmax over all sub-vectors) is small
-SELECT_EVERY = 10
-
+# train() shows the loss and offers a snapshot every CHECKPOINT_EVERY updates: reading the loss synchronises a GPU
+CHECKPOINT_EVERY = 10
 
 RATIO_PENALTIES = {
     # both are 0 at one-hot ratios and largest at uniform ones; r: (A, n) ratios of the free sub-vectors
@@ -42,10 +42,20 @@ def ratio_penalty(layers, form="code"):
     return torch.stack(terms).mean() if terms else None
 
 
-def param_groups(layers, lr_ratio, lr_codebook):
-    """Group 0: ratio logits of the soft layers; group 1: every codebook and bias."""
+def codebook_trains(layer, train_codebooks):
+    """Whether `layer`'s codebook trains now: always, or ("when_hard") only once the layer is hard."""
+    return train_codebooks == "always" or layer.is_hard
+
+
+def param_groups(layers, lr_ratio, lr_codebook, train_codebooks="always"):
+    """Group 0: ratio logits of the soft layers; group 1: the codebooks that train now, then every bias.
+
+    Both in layer order, so a group's parameter list is a function of which layers are hard: an optimizer
+    state saved mid-run loads back onto the groups rebuilt from the restored layers.
+    """
     logits = [layer.logits for layer in layers if not layer.is_hard]
-    rest = [layer.codebook for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+    rest = [layer.codebook for layer in layers if codebook_trains(layer, train_codebooks)]
+    rest += [layer.bias for layer in layers if layer.bias is not None]
     return [{"params": logits, "lr": lr_ratio}, {"params": rest, "lr": lr_codebook}]
 
 
@@ -102,58 +112,136 @@ def minibatches(num_points, batch_size, generator):
             yield perm[s:s + batch_size]
 
 
+def _value(v):
+    return v.item() if torch.is_tensor(v) else v
+
+
+class Trainer:
+    """RMSprop on the ratio logits, codebooks and biases of `layers` (list of VQLinear), one update per `step`.
+
+    config fields used: lr_ratio, lr_codebook, rmsprop_alpha, lambda_r, ratio_reg, select_threshold,
+    hard_fraction, select_every, train_codebooks, ratio_gate.
+    - train_codebooks "always": every codebook trains from the start; "when_hard" (the authors' code): a soft
+      layer's codebook gets no gradient (requires_grad off) and no update, and joins the optimizer, with a fresh
+      RMSprop state, when its layer hardens. Biases train from the start either way.
+    - ratio_gate "none": lambda_r * L_r is added at every update; "running_min" (the authors' code): it is added
+      only when L_r is strictly above the smallest L_r of the earlier updates of the current trajectory, and every
+      value, added or not, updates that minimum. The first update of a trajectory therefore never adds it, nor
+      does any update that sets a new minimum. `new_trajectory()` forgets the minimum.
+    - progressive selection (`progressive_select`) runs after every `select_every`-th update.
+
+    resume: a `snapshot()` taken earlier, with the layers restored to their state at that moment; the trainer
+    then continues exactly as the one that took it would have.
+    """
+
+    def __init__(self, layers, config, resume=None):
+        self.layers, self.config = list(layers), config
+        self.gated = config.ratio_gate == "running_min"
+        self._sync_codebooks()
+        self.optimizer = torch.optim.RMSprop(self._groups(), alpha=config.rmsprop_alpha)
+        self.updates = 0  # updates made so far, the count snapshots and `hardened_at` use
+        self.hardened_at = [0 if layer.is_hard else None for layer in self.layers]
+        self.ratio_min = None  # smallest L_r of the current trajectory (None: none seen yet)
+        self.loss = self.penalty = None  # last L_d and L_r (tensors, or floats restored from a snapshot)
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.updates, self.hardened_at = resume["iteration"], list(resume["hardened_at"])
+            self.ratio_min, self.loss, self.penalty = resume["ratio_min"], resume["loss"], resume["penalty"]
+
+    def _groups(self):
+        c = self.config
+        return param_groups(self.layers, c.lr_ratio, c.lr_codebook, c.train_codebooks)
+
+    def _sync_codebooks(self):
+        if self.config.train_codebooks != "always":
+            for layer in self.layers:
+                layer.codebook.requires_grad_(codebook_trains(layer, self.config.train_codebooks))
+
+    @property
+    def all_hard(self):
+        return all(layer.is_hard for layer in self.layers)
+
+    def new_trajectory(self):
+        """Start a new trajectory: the running minimum of L_r (ratio_gate "running_min") is forgotten."""
+        self.ratio_min = None
+
+    def _gate(self, penalty):
+        """Whether lambda_r * L_r joins this update's loss (see the class docstring); updates the minimum."""
+        if not self.gated:
+            return True
+        value = penalty.item()
+        is_open = self.ratio_min is not None and value > self.ratio_min
+        self.ratio_min = value if self.ratio_min is None else min(self.ratio_min, value)
+        return is_open
+
+    def step(self, loss_d):
+        """One update from L_d (a scalar tensor with gradients to the layers): loss_d + lambda_r * L_r (when the
+        gate lets it), backward, RMSprop step, then progressive selection when its turn comes.
+
+        Returns the positions (in `layers`) of the layers this update hardened.
+        """
+        c = self.config
+        penalty = ratio_penalty(self.layers, c.ratio_reg)
+        use_penalty = penalty is not None and self._gate(penalty)
+        loss = loss_d + c.lambda_r * penalty if use_penalty else loss_d
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        self.loss, self.penalty = loss_d.detach(), None if penalty is None else penalty.detach()
+        if self.updates % c.select_every:
+            return []
+        now = progressive_select(self.layers, c.select_threshold, c.hard_fraction)
+        if now:
+            for j in now:
+                self.hardened_at[j] = self.updates
+            drop_hardened(self.optimizer, self.layers)
+            self._sync_codebooks()
+            self.optimizer.param_groups[1]["params"] = self._groups()[1]["params"]
+            logger.debug("update %d: hardened %d layer(s)", self.updates, len(now))
+        return now
+
+    def snapshot(self):
+        """{"iteration": updates made, "hardened_at", "loss", "penalty", "ratio_min" (JSON-able), "optimizer":
+        optimizer.state_dict() (its tensors are the live ones: serialise them before the next step)}."""
+        return {"iteration": self.updates, "hardened_at": list(self.hardened_at), "loss": _value(self.loss),
+                "penalty": _value(self.penalty), "ratio_min": self.ratio_min,
+                "optimizer": self.optimizer.state_dict()}
+
+    def finish(self):
+        """Harden every layer at its argmax; returns {"loss": last L_d, "penalty": last L_r (or None), "selected":
+        per-layer frozen fraction before this final hardening, "hardened_at": per-layer update count at which
+        progressive selection hardened it (0: hard from the start, None: hardened here)}."""
+        selected = [layer.selected_fraction() for layer in self.layers]
+        for layer in self.layers:
+            layer.harden()
+        self._sync_codebooks()
+        return {"loss": _value(self.loss), "penalty": _value(self.penalty), "selected": selected,
+                "hardened_at": list(self.hardened_at)}
+
+
 def train(layers, loss_fn, num_points, config, generator, progress=True, desc="calibrate", resume=None,
           on_checkpoint=None):
     """Minimise L_d + lambda_r * L_r over `config.iters` minibatches; every layer is hard afterwards.
 
-    layers: list of VQLinear. Returns {"loss": last L_d, "penalty": last L_r (or None),
-    "selected": per-layer frozen fraction before the final hardening, "hardened_at": per-layer iteration
-    at which progressive selection hardened it (None: hardened at the end)}.
-    Checkpoints: every SELECT_EVERY iterations `on_checkpoint(snapshot)` gets {"iteration", "hardened_at",
-    "loss", "penalty", "optimizer": optimizer.state_dict()}; passing such a snapshot back as `resume`, with the
-    layers restored to their state at that moment and a fresh `generator` of the same seed, continues the run
-    exactly where it stopped.
+    layers: list of VQLinear. Returns `Trainer.finish()`'s dict. Every CHECKPOINT_EVERY iterations
+    `on_checkpoint(snapshot)` gets a `Trainer.snapshot()`; passing it back as `resume`, with the layers restored
+    to their state at that moment and a fresh `generator` of the same seed, continues the run exactly.
+    The whole run is one trajectory for ratio_gate "running_min".
     """
-    optimizer = torch.optim.RMSprop(param_groups(layers, config.lr_ratio, config.lr_codebook),
-                                    alpha=config.rmsprop_alpha)
-    hardened_at = [0 if layer.is_hard else None for layer in layers]
+    trainer = Trainer(layers, config, resume)
     batches = minibatches(num_points, config.batch_size, generator)
-    loss_d, penalty, start = None, None, 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        hardened_at, start = list(resume["hardened_at"]), resume["iteration"]
-        for _ in range(start):  # the minibatch order is a pure function of the generator's seed
-            next(batches)
-    bar = tqdm(range(start, config.iters), desc=desc, leave=False, disable=not progress, initial=start,
-               total=config.iters)
-    for it in bar:
-        loss_d = loss_fn(next(batches))
-        penalty = ratio_penalty(layers, config.ratio_reg)
-        loss = loss_d if penalty is None else loss_d + config.lambda_r * penalty
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (it + 1) % SELECT_EVERY == 0:
-            now = progressive_select(layers, config.select_threshold, config.hard_fraction)
-            if now:
-                drop_hardened(optimizer, layers)
-                for j in now:
-                    hardened_at[j] = it + 1
-                logger.debug("iteration %d: hardened %d layer(s)", it + 1, len(now))
-            loss_value = loss_d.item()
-            bar.set_postfix(loss=f"{loss_value:.3g}", hard=sum(h is not None for h in hardened_at))
+    for _ in range(trainer.updates):  # the minibatch order is a pure function of the generator's seed
+        next(batches)
+    bar = tqdm(range(trainer.updates, config.iters), desc=desc, leave=False, disable=not progress,
+               initial=trainer.updates, total=config.iters)
+    for _ in bar:
+        trainer.step(loss_fn(next(batches)))
+        if trainer.updates % CHECKPOINT_EVERY == 0:
+            bar.set_postfix(loss=f"{trainer.loss.item():.3g}", hard=sum(h is not None for h in trainer.hardened_at))
             if on_checkpoint is not None:
-                on_checkpoint({"iteration": it + 1, "hardened_at": hardened_at, "loss": loss_value,
-                               "penalty": None if penalty is None else penalty.item(),
-                               "optimizer": optimizer.state_dict()})
-    if resume is not None and loss_d is None:  # resumed from a checkpoint taken at the last iteration
-        loss_d, penalty = resume["loss"], resume["penalty"]
-    else:
-        loss_d, penalty = (None if v is None else v.item() for v in (loss_d, penalty))
-    selected = [layer.selected_fraction() for layer in layers]
-    for layer in layers:
-        layer.harden()
-    return {"loss": loss_d, "penalty": penalty, "selected": selected, "hardened_at": hardened_at}
+                on_checkpoint(trainer.snapshot())
+    return trainer.finish()
 
 
 def seeded_generator(seed, *stream):
