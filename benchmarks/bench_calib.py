@@ -24,11 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from calib.cache import ActivationStore  # noqa: E402
+from calib.calibrate import calibrate, teacher_plan  # noqa: E402
+from calib.capture import calib_steps, capture, capture_model_inputs, step_filter  # noqa: E402
 from calib.config import load_config  # noqa: E402
-from calib.inputs import cache_bytes, embed_inputs, teacher_inputs  # noqa: E402
-from calib.metrics import chain_mse, noise_mse  # noqa: E402
-from calib.pipeline import quantize  # noqa: E402
-from calib.run import calibrate  # noqa: E402
+from calib.metrics import chain_errors, prediction_mse  # noqa: E402
+from jobs.quantize import quantize  # noqa: E402
+from models.adapters import adapter_for  # noqa: E402
 from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq import quantize_linears  # noqa: E402
@@ -58,10 +60,22 @@ HELD_OUT_SEED_OFFSET = 1000  # held-out teacher inputs: seed + offset, so never 
 
 
 def held_out(teacher, config, device, samples=16, timesteps=10):
-    x, t, y = teacher_inputs(teacher, samples, timesteps, config.steps, config.cfg_scale,
-                             config.seed + HELD_OUT_SEED_OFFSET, device)
-    tokens, c = embed_inputs(teacher, x, t, y, device)
-    return (x, t, y), (tokens, c)
+    """Held-out teacher points (another seed than calibration's): the model's inputs, and the recorded block calls."""
+    adapter = adapter_for(teacher)
+    config = dataclasses.replace(config, calib_samples=samples, calib_timesteps=timesteps,
+                                 seed=config.seed + HELD_OUT_SEED_OFFSET)
+    plan = teacher_plan(config)
+    keep = step_filter(plan.steps, timesteps)
+    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, plan, device), keep, progress=False)
+    rows = samples * len(calib_steps(plan.steps, timesteps)) * adapter.rows_per_trajectory(plan)
+    cset = capture(teacher, adapter.blocks(teacher), adapter.teacher_runs(teacher, plan, device), keep,
+                   ActivationStore(), rows, progress=False)
+    return calls, cset
+
+
+def cache_bytes(points, tokens, hidden, dtype_bytes=2):
+    """Bytes of one (points, tokens, hidden) activation tensor."""
+    return points * tokens * hidden * dtype_bytes
 
 
 def kmeans_student(teacher, config, cache):
@@ -89,15 +103,15 @@ def run_variant(name, teacher, base, overrides, evalset, cache, device):
             layer.harden()
     else:
         with tempfile.TemporaryDirectory() as out_dir:
-            calibrate(student, qlayers, config, out_dir, teacher=teacher, progress=False)
+            calibrate(student, teacher, adapter_for(student), qlayers, config, out_dir, progress=False)
     calib_s = time.perf_counter() - start
-    (x, t, y), (tokens, c) = evalset
-    blocks = chain_mse(student.blocks, teacher.blocks, tokens, c, device)
+    calls, cset = evalset
+    blocks = chain_errors(list(student.blocks), list(teacher.blocks), cset, device)
     row = {"variant": name, "wbits": config.wbits, "k": config.k, "d": config.dim, "method": config.method,
            "calib": config.calib if config.method != "kmeans" else "-", "inputs": config.block_inputs,
            "n": config.candidates if config.method == "vq4dit" else 1, "lambda_r": config.lambda_r,
            "threads": torch.get_num_threads(), "kmeans_s": kmeans_s, "calib_s": calib_s,
-           "noise_mse": noise_mse(student, teacher, x, t, y, device),
+           "noise_mse": prediction_mse(student, teacher, adapter_for(teacher), calls, device),
            "block_mse_mean": sum(blocks) / len(blocks), "block_mse_last": blocks[-1], "block_mse": blocks}
     logging.info("%s: noise MSE %.4g, last block MSE %.4g, calib %.1f s", name, row["noise_mse"],
                  row["block_mse_last"], calib_s)

@@ -13,6 +13,8 @@ from utils.errors import UserError
 METHODS = ("vq4dit", "kmeans", "codebook", "rtn")
 CALIB_MODES = ("blockwise", "joint")
 BLOCK_INPUTS = ("quantized", "fp")
+BACKENDS = ("auto", "vq4dit", "diffusers")
+CACHE_DTYPES = ("fp16", "bf16", "fp32")
 
 
 @dataclass
@@ -22,6 +24,7 @@ class QuantizeConfig:
     ckpt: str | None = None  # None: the embedded digits model
     image_size: int | None = None  # None: taken from the checkpoint (256 for ImageNet .pt files)
     num_classes: int | None = None
+    backend: str = "auto"  # auto: diffusers for a pipeline directory or hub id, else vq4dit | vq4dit | diffusers
     # quantizer
     method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
     wbits: int = 2
@@ -54,6 +57,9 @@ class QuantizeConfig:
     cfg_scale: float = 1.5
     calib_samples: int = 32  # teacher trajectories (each doubled by CFG)
     calib_timesteps: int = 25  # visited timesteps kept per trajectory
+    cache_dtype: str = "fp16"  # recorded token activations: fp16 | bf16 (models whose activations pass 65504) | fp32
+    max_cache_gb: float | None = 16.0  # activations beyond this many GiB go to files in cache_dir (None: no limit)
+    cache_dir: str | None = None  # None: <out>/calib_cache
     # run
     seed: int = 0
     device: str = "auto"  # auto: cuda when present, else cpu
@@ -66,7 +72,8 @@ class QuantizeConfig:
         def bad(name, value, valid):
             raise UserError(f"invalid {name}={value!r}: {valid}")
 
-        choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS,
+        choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS, "backend": BACKENDS,
+                   "cache_dtype": CACHE_DTYPES,
                    "ratio_init": ("inverse_distance", "uniform"), "ratio_reg": ("code", "paper")}
         choices.update(train_codebooks=("always", "when_hard"), ratio_gate=("none", "running_min"),
                        kmeans_init=("fast", "authors"))  # training core and k-means options
@@ -85,6 +92,8 @@ class QuantizeConfig:
             bad("codebook_size", self.k, f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             bad("candidates", self.candidates, f"at most the codebook size {self.k}")
+        if self.max_cache_gb is not None and self.max_cache_gb < 0:
+            bad("max_cache_gb", self.max_cache_gb, "must be >= 0 (GiB), or null for no limit")
         if self.calib_timesteps > self.steps:
             bad("calib_timesteps", self.calib_timesteps, f"at most steps={self.steps}")
         return self

@@ -2,9 +2,10 @@
 every few minutes of training (joint).
 
 Files: layers-<tag>.safetensors (the calibrated, hard layers of blocks < next; in a joint checkpoint every
-layer, soft or hard), acts-<tag>.safetensors (the activations the walk needs to continue), for a joint
-checkpoint train-<tag>.safetensors (the RMSprop state), and state.json (next block, config hash, stats,
-the training snapshot, and the names of those files). The tensor files are written first under new names and
+layer, soft or hard), acts-<tag>.safetensors (the cached tensors the walk needs to continue: the recorded
+slots and each chain's block outputs, see tables_to_tensors), for a joint checkpoint train-<tag>.safetensors (the
+RMSprop state), and state.json (next block, config hash, stats, the training snapshot, the recorded block-call
+wiring, and the names of those files). The tensor files are written first under new names and
 state.json is replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is
 needed: the minibatch order of a block (or of the joint run) comes from its own generator seeded by the seed.
 """
@@ -25,10 +26,10 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR = "calib_state"
 STATE_JSON = "state.json"
-FORMAT = 1
+FORMAT = 2  # 2: model-agnostic recorded wiring and tables (1: DiT-only x_fp / x_q / c)
 
 
-RUN_ONLY_FIELDS = ("device",)  # where the run happens, not what it computes: resuming may name it differently
+RUN_ONLY_FIELDS = ("device", "cache_dir", "max_cache_gb")  # where the run happens, not what it computes
 
 
 def config_hash(config):
@@ -84,14 +85,37 @@ def _read_json(out_dir):
         return json.load(f)
 
 
-def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None):
+def tables_to_tensors(tables):
+    """{"fp": {key: t}, "q": {key: t}} -> one flat dict "<table>/<key>"; a tensor held by both tables (a slot) is
+    stored once, under "shared/<key>"."""
+    out = {}
+    for name, table in tables.items():
+        for key, t in table.items():
+            shared = all(key in other and other[key] is t for other in tables.values())
+            out[f"shared/{key}" if shared and len(tables) > 1 else f"{name}/{key}"] = t
+    return out
+
+
+def tensors_to_tables(tensors, names):
+    """The inverse of tables_to_tensors for the table `names` (a shared tensor becomes one object in each)."""
+    tables = {name: {} for name in names}
+    for flat, t in tensors.items():
+        where, _, key = flat.partition("/")
+        for name in (names if where == "shared" else [where]):
+            tables[name][key] = t
+    return tables
+
+
+def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None, wiring=None):
     """Write the state after block next_block - 1: layers {key: tensor}, acts {key: tensor} (None: keep the
     current state's activations), stats (list), train: None, or (snapshot meta, {key: tensor}) of an
-    unfinished joint training."""
+    unfinished joint training; wiring: the recorded calibration set's wiring (None: keep the current one)."""
     directory = os.path.join(out_dir, STATE_DIR)
     tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
     files = {"layers": f"layers-{tag}.safetensors"}
     tensors = {"layers": layers}
+    if wiring is None and os.path.exists(os.path.join(directory, STATE_JSON)):
+        wiring = _read_json(out_dir).get("wiring")
     if acts is None:
         files["acts"] = _read_json(out_dir)["acts"]
     else:
@@ -102,7 +126,7 @@ def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None
         with atomic_path(os.path.join(directory, files[kind])) as tmp:
             save_file({k: v.contiguous() for k, v in group.items()}, tmp)
     meta = {"format": FORMAT, "config_hash": digest, "next_block": next_block, "stats": stats, **files,
-            "train_state": None if train is None else train[0]}
+            "train_state": None if train is None else train[0], "wiring": wiring}
     write_text_atomic(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1) + "\n")
     for entry in os.listdir(directory):
         # older states, and temporaries of a write that a SIGKILL interrupted

@@ -6,6 +6,8 @@ import contextlib
 import os
 import tempfile
 
+from utils.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -35,3 +37,13 @@ def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def check_out_dir(out_dir):
+    """Create `out_dir` or fail early with a one-line error, before any expensive work."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable")

@@ -4,8 +4,12 @@ import copy
 import pytest
 import torch
 
+from calib.capture import calib_steps
 from calib.config import QuantizeConfig
+from models.adapters.dit import CALIB_STREAM
+from models.diffusion import make_diffusion
 from models.dit import DiT
+from models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
 from vq import quantize_linears
 
 
@@ -34,6 +38,28 @@ def quantized_pair(config, depth=2, seed=0):
     qlayers = quantize_linears(student, config.k, config.dim, candidates=candidates,
                                kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False)
     return student, teacher, qlayers
+
+
+def reference_points(model, num_samples, steps, kept, cfg_scale, seed, batch_size):
+    """The model inputs at the kept steps, written out as a plain loop over DiT's own sampler."""
+    stream = sample_seed(seed, CALIB_STREAM)
+    labels = class_labels(stream, num_samples, model.num_classes)
+    keep = set(calib_steps(steps, kept))
+    xs, ts, ys = [], [], []
+    for start in range(0, num_samples, batch_size):
+        idx = range(start, min(start + batch_size, num_samples))
+        noise = PerSampleNoise(stream, idx, (model.in_channels, model.input_size, model.input_size), "cpu")
+
+        def on_step(i, x, t, y):
+            if i in keep:
+                xs.append(x.clone())
+                ts.append(t.clone())
+                ys.append(y.clone())
+
+        ddpm_sample(model, noise, labels[idx.start:idx.stop], make_diffusion(steps), cfg_scale,
+                    null_class=model.num_classes, guided_channels=1, on_step=on_step)
+    return torch.cat(xs), torch.cat(ts), torch.cat(ys)
+
 
 
 @pytest.fixture(autouse=True)

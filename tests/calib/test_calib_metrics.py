@@ -3,7 +3,10 @@ import copy
 import pytest
 import torch
 
-from calib.metrics import block_mse, chain_mse, noise_mse
+from calib.cache import ActivationStore
+from calib.capture import capture, step_filter
+from calib.metrics import chain_errors, prediction_mse
+from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import tiny_dit
 
 
@@ -15,28 +18,29 @@ def perturbed(model, scale=0.05):
     return other
 
 
-def test_chain_and_block_mse_match_a_direct_computation():
+def test_chain_errors_match_a_direct_computation():
     fp = tiny_dit(depth=3)
     q = perturbed(fp)
-    tokens, c = torch.randn(5, 16, 32), torch.randn(5, 32)
+    adapter = adapter_for(fp)
+    plan = TeacherPlan(num_samples=3, steps=4, cfg_scale=1.5, seed=0, batch_size=2)
+    cset = capture(fp, adapter.blocks(fp), adapter.teacher_runs(fp, plan, "cpu"), step_filter(4, 2),
+                   ActivationStore(), 12, cache_dtype=torch.float32, progress=False)
+    tokens, c = cset.slots["s0.0"], cset.slots["s0.1"]
     with torch.no_grad():
         h, h_fp, expected = tokens, tokens, []
         for block, fp_block in zip(q.blocks, fp.blocks):
             h, h_fp = block(h, c), fp_block(h_fp, c)
             expected.append(((h - h_fp) ** 2).mean().item())
-        target = fp.blocks[0](tokens, c)
-        one = ((q.blocks[0](tokens, c) - target) ** 2).mean().item()
-    assert chain_mse(q.blocks, fp.blocks, tokens, c, "cpu", batch_size=2) == pytest.approx(expected, rel=1e-5)
-    assert chain_mse(fp.blocks, fp.blocks, tokens, c, "cpu") == [0.0, 0.0, 0.0]
-    out = torch.empty_like(tokens)
-    assert block_mse(q.blocks[0], tokens, c, target, "cpu", batch_size=2, out=out) == pytest.approx(one, rel=1e-5)
-    torch.testing.assert_close(out, q.blocks[0](tokens, c).detach())
+    assert chain_errors(list(q.blocks), list(fp.blocks), cset, "cpu", batch_size=5) == pytest.approx(expected,
+                                                                                                      rel=1e-5)
+    assert chain_errors(list(fp.blocks), list(fp.blocks), cset, "cpu") == [0.0, 0.0, 0.0]
 
 
-def test_noise_mse_uses_only_the_eps_channels():
+def test_prediction_mse_uses_only_the_noise_channels():
     fp = tiny_dit()
     q = perturbed(fp)
     x, t, y = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     with torch.no_grad():
         expected = ((q(x, t, y)[:, :1] - fp(x, t, y)[:, :1]) ** 2).mean().item()
-    assert noise_mse(q, fp, x, t, y, "cpu", batch_size=3) == pytest.approx(expected, rel=1e-5)
+    calls = [((x[:3], t[:3], y[:3]), {}), ((x[3:], t[3:], y[3:]), {})]
+    assert prediction_mse(q, fp, adapter_for(fp), calls, "cpu") == pytest.approx(expected, rel=1e-5)

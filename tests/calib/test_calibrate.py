@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import logging
@@ -7,16 +8,16 @@ import torch
 
 import calib.blockwise
 import calib.joint
-from calib.inputs import embed_inputs, teacher_inputs
-from calib.run import calibrate
+from calib.calibrate import calibrate
 from calib.state import STATE_DIR
-from tests.calib.conftest import quantized_pair, tiny_config
+from models.adapters import adapter_for
+from tests.calib.conftest import quantized_pair, reference_points, tiny_config
 from utils.errors import UserError
 
 
 def run(config, out_dir, depth=2):
     student, teacher, qlayers = quantized_pair(config, depth)
-    stats = calibrate(student, qlayers, config, str(out_dir), teacher=teacher, progress=False)
+    stats = calibrate(student, teacher, adapter_for(student), qlayers, config, str(out_dir), progress=False)
     return student, teacher, qlayers, stats
 
 
@@ -44,24 +45,27 @@ def test_calibration_lowers_block_error_and_hardens(tmp_path, method, calib_mode
 
 
 def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
-    """Block i's calibration inputs: the calibrated quantized blocks < i (sequential) or the FP blocks < i."""
+    """Block i's calibration inputs: the calibrated quantized blocks < i (sequential) or the FP blocks < i; its
+    targets: the FP blocks <= i, all from the points a plain DiT sampling loop visits."""
     original = calib.blockwise.calibrate_block
     for mode in ("quantized", "fp"):
         config = tiny_config(block_inputs=mode, iters=10)
         student, teacher, qlayers = quantized_pair(config, depth=3)
         seen = {}
 
-        def spy(block, layers, fp_weights, x_in, c, target, *args, index=0, **kwargs):
-            seen[index] = (x_in.clone(), target.clone())
-            return original(block, layers, fp_weights, x_in, c, target, *args, index=index, **kwargs)
+        def spy(block, layers, fp_weights, call, table, batched, targets, *args, **kwargs):
+            key = call.inputs["dict"]["args"]["list"][0]
+            key = key["slot"] if "slot" in key else "o{}.{}".format(*key["out"])
+            seen[len(seen)] = (table[key].clone(), targets[0].clone())
+            return original(block, layers, fp_weights, call, table, batched, targets, *args, **kwargs)
 
         monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
-        calibrate(student, qlayers, config, str(tmp_path / mode), teacher=teacher, progress=False)
-        x, t, y = teacher_inputs(teacher, config.calib_samples, config.calib_timesteps, config.steps,
-                                 config.cfg_scale, config.seed, "cpu")
-        tokens, c = embed_inputs(teacher, x, t, y, "cpu")
-        h, h_fp = tokens.float(), tokens.float()
+        calibrate(student, teacher, adapter_for(student), qlayers, config, str(tmp_path / mode), progress=False)
+        x, t, y = reference_points(teacher, config.calib_samples, config.steps, config.calib_timesteps,
+                                   config.cfg_scale, config.seed, batch_size=64)
         with torch.no_grad():
+            tokens, c = teacher.embed(x, t, y)
+            h, h_fp = tokens.half().float(), tokens.half().float()
             for i in range(3):
                 x_in, target = seen[i]
                 torch.testing.assert_close(x_in.float(), h if mode == "quantized" else h_fp, atol=5e-3, rtol=5e-3)
@@ -77,13 +81,13 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
 
     original = calib.blockwise.calibrate_block
 
-    def killed_at_block_2(*args, index=0, **kwargs):
-        if index == 2:
+    def killed_at_block_2(*args, name="block", **kwargs):
+        if name == "blocks.2":
             raise KeyboardInterrupt
-        return original(*args, index=index, **kwargs)
+        return original(*args, name=name, **kwargs)
 
     monkeypatch.setattr(calib.blockwise, "calibrate_block", killed_at_block_2)
-    with caplog.at_level(logging.WARNING, logger="calib.run"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split", depth=3)
     assert "resume at block 2" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())
@@ -119,11 +123,11 @@ def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, capl
         return original(layers, dying, *args, **kwargs)
 
     monkeypatch.setattr(calib.joint, "train", killed_at_iteration_45)
-    with caplog.at_level(logging.INFO, logger="calib.run"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.INFO, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
     assert "resume at joint iteration 40" in caplog.text
     monkeypatch.setattr(calib.joint, "train", original)
-    with caplog.at_level(logging.INFO, logger="calib.run"):
+    with caplog.at_level(logging.INFO, logger="calib.calibrate"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
     assert "resuming joint calibration at iteration 40 of 60" in caplog.text
     a, b = state_of(whole), state_of(resumed)
@@ -160,3 +164,67 @@ def test_deterministic_for_a_seed(tmp_path):
     sa, sb, sc = state_of(a), state_of(b), state_of(c)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def toy_pair(config):
+    from tests.calib.toy import ToyAdapter, ToyTransformer
+    from vq import quantize_linears
+
+    teacher = ToyTransformer(depth=3).eval()
+    student = copy.deepcopy(teacher)
+    adapter = ToyAdapter()
+    qlayers = quantize_linears(student, config.k, config.dim, candidates=config.candidates,
+                               include=adapter.quant_include(student), kmeans_iters=config.kmeans_iters,
+                               seed=config.seed, progress=False)
+    return student, teacher, adapter, qlayers
+
+
+@pytest.mark.parametrize("calib_mode,inputs", [("blockwise", "quantized"), ("blockwise", "fp"),
+                                               ("joint", "quantized")])
+def test_two_stream_blocks_calibrate_through_the_same_core(tmp_path, calib_mode, inputs):
+    """SD3 / Flux shaped blocks (keyword arguments, swapped tuple outputs, an unbatched table): every mode runs and
+    lowers the block errors; both outputs of every block are matched."""
+    config = tiny_config(codebook_size=8, calib=calib_mode, block_inputs=inputs, iters=60, lr_codebook=1e-3,
+                         calib_samples=4, steps=4, calib_timesteps=2, cfg_scale=1.0)
+    student, teacher, adapter, qlayers = toy_pair(config)
+    assert len(qlayers) == 3 * 4
+    stats = calibrate(student, teacher, adapter, qlayers, config, str(tmp_path), progress=False)
+    assert [s["name"] for s in stats] == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
+    assert all(layer.is_hard for layer in qlayers.values())
+    assert sum(s["mse_after"] for s in stats) < 0.8 * sum(s["mse_before"] for s in stats)
+
+
+def test_activations_spilled_to_disk_give_the_same_calibration(tmp_path, caplog):
+    """--max-cache-gb 0: every cached tensor is a memory-mapped file; the result is bitwise the in-memory one."""
+    _, _, in_memory, stats = run(tiny_config(iters=15), tmp_path / "memory", depth=3)
+    config = tiny_config(iters=15, max_cache_gb=0.0, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="calib.cache"):
+        _, _, spilled, spilled_stats = run(config, tmp_path / "disk", depth=3)
+    assert caplog.text.count("memory budget of 0.00 GiB reached") >= 3  # the recording, then block outputs
+    a, b = state_of(in_memory), state_of(spilled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(stats) == without_time(spilled_stats)
+    assert not list((tmp_path / "cache").iterdir())  # the files are gone once calibration ends
+
+
+def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
+    """Calibrated = deployed: block i + 1 trains on block i's outputs with the codebooks the artifact stores (fp16),
+    so the logged block errors are those of the saved model."""
+    original = calib.blockwise.calibrate_block
+    inputs = {}
+
+    def spy(block, layers, fp_weights, call, table, batched, targets, *args, name="block", **kwargs):
+        inputs[name] = {k: v.clone() for k, v in table.items()}
+        return original(block, layers, fp_weights, call, table, batched, targets, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
+    config = tiny_config(iters=30, cache_dtype="fp32", lr_codebook=1e-2)
+    student, teacher, qlayers, stats = run(config, tmp_path, depth=2)
+    for layer in qlayers.values():
+        layer.round_codebook_()  # what save_quantized stores
+    with torch.no_grad():
+        seen = inputs["blocks.0"]
+        deployed = student.blocks[0](seen["s0.0"], seen["s0.1"])
+        error = (deployed - teacher.blocks[0](seen["s0.0"], seen["s0.1"])).pow(2).mean().item()
+    torch.testing.assert_close(inputs["blocks.1"]["o0.0"], deployed, rtol=1e-6, atol=1e-6)
+    assert stats[0]["mse_after"] == pytest.approx(error, rel=1e-5)

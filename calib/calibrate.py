@@ -1,0 +1,148 @@
+"""`calibrate`: the zero-data calibration step of the quantize job, for any model an adapter describes.
+
+1. Record (calib/capture.py): the FP teacher samples with its own sampler; the block calls at the kept steps
+   become the calibration set (wiring + cached slots).
+2. Walk the blocks (calib/blockwise.py) or train all at once (calib/joint.py), replaying the recorded calls.
+The state is saved to <out_dir>/calib_state/ after every block (joint: every few minutes), so calling again with
+the same config resumes there; per-block stats are also appended to <out_dir>/calib_log.jsonl.
+"""
+import json
+import logging
+import os
+
+import torch
+
+from calib.blockwise import calibrate_blockwise, layers_of
+from calib.cache import ActivationStore
+from calib.capture import CalibrationSet, calib_steps, capture, step_filter
+from calib.joint import calibrate_joint
+from calib.state import (
+    config_hash,
+    flatten_optimizer,
+    layers_state,
+    load_state,
+    restore_layers,
+    resume_point,
+    save_state,
+    tables_to_tensors,
+    tensors_to_tables,
+    unflatten_optimizer,
+)
+from utils.fileio import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "calib_log.jsonl"
+CACHE_DIR = "calib_cache"
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TEACHER_BATCH = 64  # trajectories sampled at once by the teacher
+
+
+def _append_log(path, records):
+    """Append JSON lines; rewritten atomically (the log is small) so a kill never leaves half a line."""
+    old = open(path).read() if os.path.exists(path) else ""
+    write_text_atomic(path, old + "".join(json.dumps(r) + "\n" for r in records))
+
+
+def teacher_plan(config, seed=None):
+    from models.adapters import TeacherPlan
+
+    return TeacherPlan(config.calib_samples, config.steps, config.cfg_scale, config.seed if seed is None else seed,
+                       TEACHER_BATCH)
+
+
+def record_calibration_set(teacher, adapter, config, device, store, progress=True):
+    """Run the FP teacher and record the calibration set of `config` (calib_samples x calib_timesteps points,
+    doubled by CFG)."""
+    plan = teacher_plan(config)
+    rows = plan.num_samples * len(calib_steps(plan.steps, config.calib_timesteps)) * adapter.rows_per_trajectory(plan)
+    return capture(teacher, adapter.blocks(teacher), adapter.teacher_runs(teacher, plan, device),
+                   step_filter(plan.steps, config.calib_timesteps), store, rows, CACHE_DTYPES[config.cache_dtype],
+                   progress_total=plan.num_samples, progress=progress)
+
+
+def _table_names(config):
+    return ("fp", "q") if config.calib == "blockwise" and config.block_inputs == "quantized" else ("fp",)
+
+
+def calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=True):
+    """Calibrate the quantized layers `qlayers` ({name: VQLinear}, from vq.quantize_linears) of `model` in place.
+
+    teacher: the full-precision model (same qualified names); adapter: their models.adapters.Adapter. config:
+    calib.config.QuantizeConfig (method vq4dit or codebook; calib blockwise or joint). Returns the per-block
+    stats (list of dicts); every layer is hard afterwards.
+    """
+    if config.method not in ("vq4dit", "codebook"):
+        raise ValueError(f"calibrate runs for methods vq4dit and codebook, not {config.method!r}")
+    device = next(model.parameters()).device
+    model.eval()
+    teacher.eval()
+    if config.method == "codebook":  # PQF-style: fixed nearest assignments, only codebooks and biases train
+        for layer in qlayers.values():
+            layer.harden()
+    blocks = adapter.blocks(model)
+    digest = config_hash(config)
+    log_path = os.path.join(out_dir, LOG_NAME)
+    store = ActivationStore(None if config.max_cache_gb is None else int(config.max_cache_gb * 2**30),
+                            config.cache_dir or os.path.join(out_dir, CACHE_DIR))
+    names = _table_names(config)
+    saved = load_state(out_dir, digest)
+    if saved is None:
+        write_text_atomic(log_path, "")  # the log mirrors the state: a fresh calibration starts a fresh log
+        cset = record_calibration_set(teacher, adapter, config, device, store, progress)
+        tables = {name: dict(cset.slots) for name in names}
+        save_state(out_dir, digest, 0, [], {}, tables_to_tensors(tables), wiring=cset.wiring_json())
+        start, stats, resume = 0, [], None
+    else:
+        meta, layers, acts, train_tensors = saved
+        restore_layers(qlayers, layers)
+        tables = tensors_to_tables({k: store.adopt(t) for k, t in acts.items()}, names)
+        cset = CalibrationSet.from_json(meta["wiring"], {k: t for k, t in tables["fp"].items() if not
+                                                        k.startswith("o")})
+        start, stats, resume = meta["next_block"], meta["stats"], meta["train_state"]
+        if resume is None:
+            logger.info("resuming calibration at block %d of %d from %s", start, len(blocks), out_dir)
+        else:
+            resume = {**resume, "optimizer": unflatten_optimizer(resume["optimizer"], train_tensors)}
+            logger.info("resuming joint calibration at iteration %d of %d from %s", resume["iteration"],
+                        config.iters, out_dir)
+    try:
+        if start < len(blocks):
+            stats = _run(model, teacher, blocks, cset, qlayers, config, tables, start, stats, resume, device, store,
+                         out_dir, digest, log_path, progress)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: rerun with the same config and output directory %s to resume at %s", out_dir,
+                       resume_point(out_dir) or "the start")
+        raise
+    finally:
+        store.close()
+    return stats
+
+
+def _run(model, teacher, blocks, cset, qlayers, config, tables, start, stats, resume, device, store, out_dir, digest,
+         log_path, progress):
+    depth = len(blocks)
+
+    def done_names(next_block):
+        return [name for block_name, _ in blocks[:next_block] for name in layers_of(qlayers, block_name)]
+
+    def on_block_done(i, block_stats, tables):
+        stats.append(block_stats)
+        save_state(out_dir, digest, i + 1, stats, layers_state(qlayers, done_names(i + 1)),
+                   tables_to_tensors(tables) if i + 1 < depth else {})
+        _append_log(log_path, [{"mode": "blockwise", **block_stats}])
+
+    def on_checkpoint(snapshot):  # joint: every layer (soft or hard) and the optimizer, mid-training
+        optimizer_meta, optimizer_tensors = flatten_optimizer(snapshot["optimizer"])
+        save_state(out_dir, digest, 0, [], layers_state(qlayers, list(qlayers)), None,
+                   train=({**snapshot, "optimizer": optimizer_meta}, optimizer_tensors))
+
+    if config.calib == "joint":
+        joint = calibrate_joint(blocks, teacher, cset, qlayers, config, device, progress, resume, on_checkpoint)
+        stats.extend(joint)
+        save_state(out_dir, digest, depth, stats, layers_state(qlayers, list(qlayers)), {})
+        _append_log(log_path, [{"mode": "joint", **s} for s in joint])
+    else:
+        calibrate_blockwise(blocks, teacher, cset, qlayers, config, tables, start, device, store, on_block_done,
+                            CACHE_DTYPES[config.cache_dtype], progress)
+    return stats

@@ -1,0 +1,28 @@
+"""Model adapters: the model specifics the quantize and sample jobs need (see models/adapters/base.py).
+
+`adapter_for(model)` picks the adapter of a model by its class; `load_model(...)` loads a base model from a
+checkpoint or a diffusers pipeline and returns it with its adapter and its model reference (vq/modelref.py).
+"""
+from models.adapters.base import Adapter, TeacherPlan
+from models.adapters.diffusers_dit import DiffusersDiTAdapter
+from models.adapters.dit import DiTAdapter
+from utils.errors import UserError
+
+ADAPTERS = {
+    "DiT": DiTAdapter,  # models.dit.DiT
+    "DiTTransformer2DModel": DiffusersDiTAdapter,
+}
+
+__all__ = ["ADAPTERS", "Adapter", "TeacherPlan", "adapter_for", "supported_classes"]
+
+
+def supported_classes():
+    return ", ".join(ADAPTERS)
+
+
+def adapter_for(model):
+    """The adapter of `model` (by class name); a class without one is a UserError naming the supported ones."""
+    name = type(model).__name__
+    if name not in ADAPTERS:
+        raise UserError(f"no adapter for model class {name}; supported: {supported_classes()}")
+    return ADAPTERS[name]()

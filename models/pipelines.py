@@ -1,0 +1,76 @@
+"""diffusers pipelines as base models: find the pipeline directory, read its model_index.json, load its transformer.
+
+A pipeline directory holds model_index.json (the pipeline class and its components) and one folder per
+component (transformer/, vae/, scheduler/, text encoders). Only the transformer is quantized; the rest is loaded
+from the same source when sampling.
+"""
+import json
+import logging
+from pathlib import Path
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model_index.json"
+# what a pipeline download fetches: configs and safetensors weights of every component, tokenizer files
+DOWNLOAD_IGNORE = ["*.bin", "*.msgpack", "*.onnx", "*.ckpt", "*.h5", "*.pt", "*.pth"]
+
+
+def is_pipeline_dir(path):
+    return (Path(path) / INDEX).is_file()
+
+
+def resolve_pipeline(source):
+    """A local pipeline directory for `source` (a directory, or a hub id that is downloaded), or None when `source`
+    is a local path that is no pipeline (a checkpoint file or a bare transformer directory)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path if is_pipeline_dir(path) else None
+    if "/" not in str(source) or str(source).count("/") != 1 or Path(source).suffix:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), ignore_patterns=DOWNLOAD_IGNORE))
+    except Exception as e:
+        raise UserError(f"{source} is not a local path and downloading it as a hub pipeline failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_index(directory):
+    """model_index.json of a pipeline directory as a dict; malformed files are a UserError."""
+    path = Path(directory) / INDEX
+    try:
+        index = json.loads(path.read_text())
+        if not isinstance(index, dict) or "_class_name" not in index:
+            raise ValueError("no _class_name")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a diffusers model_index.json ({e})") from None
+    return index
+
+
+def component_class(directory, component):
+    """(library, class name) of a pipeline component, e.g. ("diffusers", "DiTTransformer2DModel")."""
+    index = read_index(directory)
+    entry = index.get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise UserError(f"{Path(directory) / INDEX}: the pipeline {index['_class_name']} has no {component} "
+                        "component")
+    return tuple(entry)
+
+
+def load_transformer(directory, supported):
+    """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names)."""
+    library, name = component_class(directory, "transformer")
+    if library != "diffusers" or name not in supported:
+        raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported transformer "
+                        f"classes: {', '.join(supported)}")
+    import diffusers
+
+    try:
+        model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
+    logger.info("loaded %s from %s", name, directory)
+    return model.float().eval()

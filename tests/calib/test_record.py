@@ -1,0 +1,71 @@
+"""Recording block calls: the wiring between blocks is found from tensor identity, for any block signature."""
+import pytest
+import torch
+
+from calib.record import BlockRecorder, run_teacher
+from models.adapters import TeacherPlan, adapter_for
+from tests.calib.conftest import tiny_dit
+from tests.calib.toy import ToyAdapter, ToyTransformer
+from utils.errors import UserError
+
+
+def record_one(model, blocks, *inputs, **kwargs):
+    seen = []
+    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=seen.append), torch.no_grad():
+        model(*inputs, **kwargs)
+    return seen[0]
+
+
+def test_dit_wiring_chains_the_tokens_and_shares_c():
+    model = tiny_dit(depth=3)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
+    live = record_one(model, list(model.blocks.named_children()), x, t, y)
+    assert [c.inputs for c in live.calls] == [
+        {"dict": {"args": {"list": [{"slot": "s0.0"}, {"slot": "s0.1"}]}, "kwargs": {"dict": {}}}},
+        {"dict": {"args": {"list": [{"out": [0, 0]}, {"slot": "s0.1"}]}, "kwargs": {"dict": {}}}},
+        {"dict": {"args": {"list": [{"out": [1, 0]}, {"slot": "s0.1"}]}, "kwargs": {"dict": {}}}},
+    ]
+    tokens, c = model.embed(x, t, y)
+    torch.testing.assert_close(live.slots["s0.0"], tokens)
+    torch.testing.assert_close(live.slots["s0.1"], c)
+    h = tokens
+    for i, block in enumerate(model.blocks):
+        h = block(h, c)
+        torch.testing.assert_close(live.outputs[i][0], h)
+    assert live.rows == 4
+
+
+def test_two_stream_blocks_returning_swapped_tuples_are_wired_by_identity():
+    """SD3 / Flux style: keyword arguments, (encoder, hidden) returned, an unbatched table shared by all blocks."""
+    model = ToyTransformer(depth=3)
+    x, ctx, t = torch.randn(5, 6, 4), torch.randn(5, 3, 8), torch.tensor([10, 20, 30, 40, 50])
+    live = record_one(model, list(ToyAdapter().blocks(model)), x, ctx, t)
+    kwargs = [c.inputs["dict"]["kwargs"]["dict"] for c in live.calls]
+    assert kwargs[0] == {"hidden_states": {"slot": "s0.0"}, "encoder_hidden_states": {"slot": "s0.1"},
+                         "temb": {"slot": "s0.2"}, "rope": {"slot": "s0.3"}}
+    for i in (1, 2):  # hidden <- output 1 of the previous block, encoder <- output 0, temb and rope shared
+        assert kwargs[i] == {"hidden_states": {"out": [i - 1, 1]}, "encoder_hidden_states": {"out": [i - 1, 0]},
+                             "temb": {"slot": "s0.2"}, "rope": {"slot": "s0.3"}}
+    assert live.calls[0].outputs == {"tuple": [{"t": 0}, {"t": 1}]}
+    assert live.slots["s0.3"].shape == (9, 8)  # no batch dimension
+
+
+def test_only_kept_steps_are_recorded_and_the_count_restarts_per_batch():
+    model = tiny_dit(depth=2)
+    adapter = adapter_for(model)
+    plan = TeacherPlan(num_samples=3, steps=5, cfg_scale=1.5, seed=0, batch_size=2)
+    seen = []
+    run_teacher(model, adapter.blocks(model), adapter.teacher_runs(model, plan, "cpu"), lambda step: step in (0, 3),
+                seen.append, progress=False)
+    assert [live.rows for live in seen] == [4, 4, 2, 2]  # batches of 2 and 1 trajectories, CFG doubled, 2 steps each
+
+
+def test_a_block_skipped_or_called_out_of_order_is_an_error():
+    model = tiny_dit(depth=3)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])
+    blocks = list(model.blocks.named_children())
+    with pytest.raises(UserError, match="out of order"):
+        record_one(model, [blocks[1], blocks[0], blocks[2]], x, t, y)
+    extra = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError, match="only 3 of 4 blocks ran"):
+        record_one(model, blocks + [("extra", extra)], x, t, y)
