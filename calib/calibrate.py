@@ -3,8 +3,10 @@
 1. Record (calib/capture.py): the FP teacher samples with its own sampler; the block calls at the kept steps
    become the calibration set (wiring + cached slots).
 2. Walk the blocks (calib/blockwise.py) or train all at once (calib/joint.py), replaying the recorded calls.
-The state is saved to <out_dir>/calib_state/ after every block (joint: every few minutes), so calling again with
-the same config resumes there; per-block stats are also appended to <out_dir>/calib_log.jsonl.
+Online calibration (calib/online.py, the authors' recipe) records nothing to train on: it updates at every
+teacher step; a small recorded set measures its block errors before and after.
+The state is saved to <out_dir>/calib_state/ after every block (joint, online: every few minutes), so calling
+again with the same config resumes there; per-block stats are also appended to <out_dir>/calib_log.jsonl.
 """
 import json
 import logging
@@ -12,10 +14,12 @@ import os
 
 import torch
 
-from calib.blockwise import calibrate_blockwise, layers_of
+from calib.blockwise import calibrate_blockwise, layer_stats, layers_of
 from calib.cache import ActivationStore
 from calib.capture import CalibrationSet, calib_steps, capture, step_filter
 from calib.joint import calibrate_joint
+from calib.metrics import chain_errors, weight_mse
+from calib.online import calibrate_online
 from calib.state import (
     config_hash,
     flatten_optimizer,
@@ -28,6 +32,7 @@ from calib.state import (
     tensors_to_tables,
     unflatten_optimizer,
 )
+from calib.train import argmax_assignment
 from utils.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,6 +41,8 @@ LOG_NAME = "calib_log.jsonl"
 CACHE_DIR = "calib_cache"
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TEACHER_BATCH = 64  # trajectories sampled at once by the teacher
+# online calibration's error report: block errors on this many teacher samples x steps (not trained on)
+ONLINE_EVAL_SAMPLES, ONLINE_EVAL_STEPS = 4, 10
 
 
 def _append_log(path, records):
@@ -45,10 +52,15 @@ def _append_log(path, records):
 
 
 def teacher_plan(config, seed=None):
+    """The teacher trajectories of `config`: calib_samples samples in batches (online: calib_samples trajectories
+    of online_batch samples each, one batch per trajectory)."""
     from models.adapters import TeacherPlan
 
-    return TeacherPlan(config.calib_samples, config.steps, config.cfg_scale, config.seed if seed is None else seed,
-                       TEACHER_BATCH)
+    seed = config.seed if seed is None else seed
+    if config.calib == "online":
+        return TeacherPlan(config.calib_samples * config.online_batch, config.steps, config.cfg_scale, seed,
+                           config.online_batch)
+    return TeacherPlan(config.calib_samples, config.steps, config.cfg_scale, seed, TEACHER_BATCH)
 
 
 def record_calibration_set(teacher, adapter, config, device, store, progress=True):
@@ -59,6 +71,53 @@ def record_calibration_set(teacher, adapter, config, device, store, progress=Tru
     return capture(teacher, adapter.blocks(teacher), adapter.teacher_runs(teacher, plan, device),
                    step_filter(plan.steps, config.calib_timesteps), store, rows, CACHE_DTYPES[config.cache_dtype],
                    progress_total=plan.num_samples, progress=progress)
+
+
+def _online(model, teacher, adapter, qlayers, config, out_dir, saved, store, digest, log_path, device, progress):
+    """The authors' online recipe with its block-error report; resumable at trajectory boundaries."""
+    import dataclasses
+
+    blocks = adapter.blocks(model)
+    modules = list(qlayers.values())
+    eval_config = dataclasses.replace(config, calib="blockwise", calib_samples=ONLINE_EVAL_SAMPLES,
+                                      calib_timesteps=min(ONLINE_EVAL_STEPS, config.steps))
+    evalset = record_calibration_set(teacher, adapter, eval_config, device, store, progress=False)
+    student_blocks, teacher_blocks = [m for _, m in blocks], [teacher.get_submodule(n) for n, _ in blocks]
+    fp_weights = {name: teacher.get_submodule(name).weight.detach() for name in qlayers}
+    resume = None
+    if saved is None:
+        write_text_atomic(log_path, "")
+        with argmax_assignment(modules):
+            before = {"mse": chain_errors(student_blocks, teacher_blocks, evalset, device),
+                      "weight": [weight_mse(layer, fp_weights[n]) for n, layer in qlayers.items()]}
+    else:
+        meta, layers, _, train_tensors = saved
+        if meta["next_block"] >= len(blocks):
+            return meta["stats"]
+        restore_layers(qlayers, layers)
+        resume = {**meta["train_state"], "optimizer": unflatten_optimizer(meta["train_state"]["optimizer"],
+                                                                          train_tensors)}
+        before = resume["before"]
+        logger.info("resuming online calibration after trajectory %d from %s", resume["trajectory"], out_dir)
+
+    def on_checkpoint(snapshot):
+        optimizer_meta, optimizer_tensors = flatten_optimizer(snapshot["optimizer"])
+        save_state(out_dir, digest, 0, [], layers_state(qlayers, list(qlayers)), {},
+                   train=({**snapshot, "optimizer": optimizer_meta, "before": before}, optimizer_tensors), wiring={})
+
+    info = calibrate_online(model, teacher, adapter, qlayers, teacher_plan(config), config, device, progress, resume,
+                            on_checkpoint)
+    after = chain_errors(student_blocks, teacher_blocks, evalset, device)
+    per_layer = layer_stats(qlayers, info, before["weight"], fp_weights)
+    stats = [{"block": i, "name": name, "mse_before": before["mse"][i], "mse_after": after[i], "loss": info["loss"],
+              "penalty": info["penalty"], "updates": info["updates"], "layers": layers_of(per_layer, name)}
+             for i, (name, _) in enumerate(blocks)]
+    for s in stats:
+        logger.info("block %d (%s, online): output MSE %.4g -> %.4g", s["block"], s["name"], s["mse_before"],
+                    s["mse_after"])
+    save_state(out_dir, digest, len(blocks), stats, layers_state(qlayers, list(qlayers)), {}, wiring={})
+    _append_log(log_path, [{"mode": "online", **s} for s in stats])
+    return stats
 
 
 def _table_names(config):
@@ -87,6 +146,12 @@ def calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=True):
                             config.cache_dir or os.path.join(out_dir, CACHE_DIR))
     names = _table_names(config)
     saved = load_state(out_dir, digest)
+    if config.calib == "online":
+        try:
+            return _online(model, teacher, adapter, qlayers, config, out_dir, saved, store, digest, log_path, device,
+                           progress)
+        finally:
+            store.close()
     if saved is None:
         write_text_atomic(log_path, "")  # the log mirrors the state: a fresh calibration starts a fresh log
         cset = record_calibration_set(teacher, adapter, config, device, store, progress)

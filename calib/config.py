@@ -1,8 +1,11 @@
-"""The quantization config: a typed dataclass, filled from a YAML preset, then CLI overrides.
+"""The quantization config: a typed dataclass, filled from a recipe, a YAML preset, then CLI overrides.
 
+Precedence: dataclass defaults <- the recipe's preset (configs/recipes/<recipe>.yaml; `recipe` is taken from the
+command line, else from the preset, else the default) <- the YAML preset given with --config <- CLI flags.
 Unknown keys are errors; the resolved config is saved beside every artifact as config.yaml.
 """
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, fields
 
@@ -11,7 +14,9 @@ import yaml
 from utils.errors import UserError
 
 METHODS = ("vq4dit", "kmeans", "codebook", "rtn")
-CALIB_MODES = ("blockwise", "joint")
+CALIB_MODES = ("blockwise", "joint", "online")
+RECIPES = ("vq4dit", "authors")
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
 BLOCK_INPUTS = ("quantized", "fp")
 BACKENDS = ("auto", "vq4dit", "diffusers")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
@@ -26,6 +31,7 @@ class QuantizeConfig:
     num_classes: int | None = None
     backend: str = "auto"  # auto: diffusers for a pipeline directory or hub id, else vq4dit | vq4dit | diffusers
     # quantizer
+    recipe: str = "vq4dit"  # vq4dit (this project's defaults) | authors (their published code, METHOD.md 3b)
     method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
     wbits: int = 2
     dim: int = 4
@@ -35,7 +41,7 @@ class QuantizeConfig:
     split_qkv: bool = False
     kmeans_iters: int = 100
     # calibration (zero data)
-    calib: str = "blockwise"
+    calib: str = "blockwise"  # blockwise | joint | online (one update per teacher step, the authors' recipe)
     block_inputs: str = "quantized"  # quantized: block i sees calibrated blocks < i; fp: FP inputs
     iters: int = 500
     batch_size: int = 16
@@ -57,6 +63,8 @@ class QuantizeConfig:
     cfg_scale: float = 1.5
     calib_samples: int = 32  # teacher trajectories (each doubled by CFG)
     calib_timesteps: int = 25  # visited timesteps kept per trajectory
+    online_batch: int = 4  # calib online: samples per trajectory (4 classes in the authors' code)
+    student_label_dropout: float = 0.0  # calib online: the authors' student drops labels w.p. 0.1 (training mode)
     cache_dtype: str = "fp16"  # recorded token activations: fp16 | bf16 (models whose activations pass 65504) | fp32
     max_cache_gb: float | None = 16.0  # activations beyond this many GiB go to files in cache_dir (None: no limit)
     cache_dir: str | None = None  # None: <out>/calib_cache
@@ -72,8 +80,8 @@ class QuantizeConfig:
         def bad(name, value, valid):
             raise UserError(f"invalid {name}={value!r}: {valid}")
 
-        choices = {"method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS, "backend": BACKENDS,
-                   "cache_dtype": CACHE_DTYPES,
+        choices = {"recipe": RECIPES, "method": METHODS, "calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS,
+                   "backend": BACKENDS, "cache_dtype": CACHE_DTYPES,
                    "ratio_init": ("inverse_distance", "uniform"), "ratio_reg": ("code", "paper")}
         choices.update(train_codebooks=("always", "when_hard"), ratio_gate=("none", "running_min"),
                        kmeans_init=("fast", "authors"))  # training core and k-means options
@@ -92,6 +100,10 @@ class QuantizeConfig:
             bad("codebook_size", self.k, f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             bad("candidates", self.candidates, f"at most the codebook size {self.k}")
+        if self.online_batch < 1:
+            bad("online_batch", self.online_batch, "must be a positive integer")
+        if not 0 <= self.student_label_dropout < 1:
+            bad("student_label_dropout", self.student_label_dropout, "must be in [0, 1)")
         if self.max_cache_gb is not None and self.max_cache_gb < 0:
             bad("max_cache_gb", self.max_cache_gb, "must be >= 0 (GiB), or null for no limit")
         if self.calib_timesteps > self.steps:
@@ -127,19 +139,30 @@ def merge(config, values, source):
     return dataclasses.replace(config, **{k: _coerce(k, types[k], v, source) for k, v in values.items()})
 
 
+def read_yaml(path):
+    """A YAML file that must hold a mapping; every problem is a UserError naming the file."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
 def load_config(path=None, overrides=None):
-    """Defaults <- YAML preset at `path` <- `overrides` (CLI values that were given), validated."""
-    config = QuantizeConfig()
+    """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = read_yaml(path) if path is not None else {}
+    recipe = overrides.get("recipe", values.get("recipe", QuantizeConfig.recipe))
+    if recipe not in RECIPES:
+        raise UserError(f"invalid recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
+    recipe_path = os.path.join(RECIPE_DIR, f"{recipe}.yaml")
+    config = merge(QuantizeConfig(), {**read_yaml(recipe_path), "recipe": recipe}, recipe_path)
     if path is not None:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
         config = merge(config, values, path)
-    config = merge(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    config = merge(config, overrides, "command line")
     return config.validate()

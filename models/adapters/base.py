@@ -7,7 +7,10 @@ inside them are quantized, how the full-precision teacher samples (zero data), a
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,11 @@ class Adapter:
         sampler step, so hooks on the model see every step."""
         raise NotImplementedError
 
+    def drop_labels(self, model, args, kwargs, p, generator):
+        """The model inputs with each row's class label replaced by the null class with probability p (the authors'
+        student sees this: it stays in training mode); only class-conditional models have labels to drop."""
+        raise UserError(f"{self.family} models have no class labels to drop (student_label_dropout)")
+
     def prediction(self, model, output):
         """The part of a model output that prediction-error metrics compare (e.g. the noise channels)."""
         return output
@@ -63,3 +71,9 @@ class Adapter:
     def describe(self, model):
         """One line naming the model, for logs."""
         return f"{self.family} {type(model).__name__}"
+
+
+def drop_rows(labels, null_class, p, generator):
+    """labels (N,) with each entry replaced by `null_class` with probability p (draws from `generator`, on CPU)."""
+    drop = torch.rand(labels.shape[0], generator=generator) < p
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)

@@ -8,7 +8,7 @@ and norm1.linear (adaLN). The teacher is DiT's own learned-variance DDPM sampler
 """
 from torch import nn
 
-from models.adapters.base import Adapter
+from models.adapters.base import Adapter, drop_rows
 from models.adapters.dit import dit_teacher_runs
 from utils.errors import UserError
 
@@ -39,6 +39,10 @@ class DiffusersDiTAdapter(Adapter):
 
     def teacher_runs(self, model, plan, device):
         return dit_teacher_runs(AsDiT(model), plan, device)
+
+    def drop_labels(self, model, args, kwargs, p, generator):
+        labels = drop_rows(kwargs["class_labels"], model.config.num_embeds_ada_norm, p, generator)
+        return args, {**kwargs, "class_labels": labels}
 
     def prediction(self, model, output):
         return output.sample[:, :model.config.in_channels]

@@ -1,6 +1,6 @@
 """Class-conditional DiTs: the project's own DiT (models/dit.py) and, through a thin wrapper, diffusers'
 DiTTransformer2DModel. Both run DiT's learned-variance DDPM sampler with classifier-free guidance as teacher."""
-from models.adapters.base import Adapter
+from models.adapters.base import Adapter, drop_rows
 from models.diffusion import make_diffusion
 from models.sampler import PerSampleNoise, class_labels, ddpm_sample, guided_channels_for, sample_seed
 
@@ -36,6 +36,10 @@ class DiTAdapter(Adapter):
 
     def teacher_runs(self, model, plan, device):
         return dit_teacher_runs(model, plan, device)
+
+    def drop_labels(self, model, args, kwargs, p, generator):
+        x, t, y = args  # DiT.forward(x, t, y)
+        return (x, t, drop_rows(y, model.num_classes, p, generator)), kwargs
 
     def prediction(self, model, output):
         return output[:, :model.in_channels]  # the noise; the other channels are the variance interpolation

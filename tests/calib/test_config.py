@@ -69,3 +69,22 @@ def test_missing_preset_file(tmp_path):
 def test_every_shipped_preset_resolves(path):
     config = load_config(str(path))
     assert config.to_dict()["model"] == config.model
+
+
+def test_recipe_preset_sits_between_the_defaults_and_the_yaml(tmp_path):
+    authors = load_config(overrides={"recipe": "authors"})
+    assert (authors.calib, authors.cfg_scale, authors.lambda_r, authors.ratio_gate, authors.train_codebooks,
+            authors.select_every, authors.calib_samples, authors.kmeans_init) == (
+        "online", 4.0, 1.0, "running_min", "when_hard", 1, 1000, "authors")
+    assert load_config(overrides={"recipe": "authors", "cfg_scale": 1.5}).cfg_scale == 1.5  # CLI wins
+    path = write(tmp_path, "recipe: authors\ncalib_samples: 20\n")
+    from_yaml = load_config(path)
+    assert (from_yaml.recipe, from_yaml.calib, from_yaml.calib_samples) == ("authors", "online", 20)
+    assert load_config(path, {"recipe": "vq4dit"}).calib == "blockwise"  # the CLI's recipe replaces the preset's
+    assert load_config(path, {"recipe": "vq4dit"}).calib_samples == 20  # but the YAML's own values stay
+    assert load_config().to_dict() == QuantizeConfig().to_dict()  # the vq4dit recipe is the defaults
+
+
+def test_unknown_recipe_is_a_user_error():
+    with pytest.raises(UserError, match="recipe='paper': choose one of vq4dit, authors"):
+        load_config(overrides={"recipe": "paper"})
