@@ -10,6 +10,7 @@ from calib.pipeline import check_out_dir
 from models import distributed
 from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
 from models.loading import load_dit
+from models.precision import PRECISIONS, resolve_precision
 from utils.cli import run_cli
 from utils.errors import UserError
 from vq import load_quantized
@@ -29,6 +30,7 @@ def main(args):
     check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
     # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
     device = distributed.init(resolve_device(args.device))
+    resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
     check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
     if args.quantized:
         model, spec, _ = load_quantized(args.quantized, device, decode=args.decode_weights)
@@ -37,7 +39,7 @@ def main(args):
     classes = parse_classes(args.classes, spec.num_classes)
     sample_to_dir(model, args.out, num_samples=args.num_samples, classes=classes, seed=args.seed, steps=args.steps,
                   cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, vae=args.vae,
-                  progress=not args.quiet)
+                  progress=not args.quiet, precision=args.precision)
 
 
 if __name__ == "__main__":
@@ -61,6 +63,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
+                             "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
     parser.add_argument("--out", default="outputs/samples", metavar="DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     cli_args = parser.parse_args()

@@ -34,7 +34,9 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        return self.mlp(timestep_features(t, self.freq_dim))
+        # the sinusoid of t up to 999 needs float32 (bf16 would round t * freq by several radians);
+        # only the finished features are cast to the network's dtype
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from models import distributed
+from models.precision import apply_precision, resolve_precision
 from models.sampler import class_labels, generate
 from models.vae import load_vae, needs_vae, to_uint8
 from utils.errors import UserError
@@ -122,15 +123,17 @@ def sample_images(model, num_samples, classes=None, seed=0, steps=50, cfg_scale=
 
 
 def sample_to_dir(model, out_dir, num_samples=16, classes=None, seed=0, steps=50, cfg_scale=1.5, batch_size=64,
-                  device="cpu", vae="ema", progress=True):
+                  device="cpu", vae="ema", progress=True, precision=None):
     """Sample `model` and write out_dir/grid.png and out_dir/samples.npz; returns (images, labels) on rank 0.
 
     Under torchrun the sample indices are sharded over ranks and rank 0 writes the gathered result,
     identical to a single-process run. `vae` (ema | mse | directory) is used only by latent models.
+    precision: fp32 | tf32 | bf16 | fp16, None for the device's default (models/precision.py); the model is
+    moved and cast in place.
     """
     check_sampling_args(num_samples, steps, batch_size)
     device = distributed.init(device)
-    model = model.to(device).eval()
+    model = apply_precision(model.to(device).eval(), resolve_precision(precision, device), device)
     decoder = load_vae(vae, device) if needs_vae(model.in_channels) else None
     start = time.time()
     local, labels = sample_images(model, num_samples, classes, seed, steps, cfg_scale, batch_size, device,

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from models.diffusion import make_diffusion, p_mean_variance
+from models.precision import compute_dtype
 
 
 def sample_seed(seed, index):
@@ -47,13 +48,15 @@ def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guid
     """Run the reverse process from noise() for labels y (N,); returns x_0 (N, C, H, W).
 
     `noise` is a callable returning a fresh (N, C, H, W) standard-normal draw; `on_step(i, x, t, y)`
-    sees the exact model inputs of every step (the doubled CFG batch included).
+    sees the exact model inputs of every step (the doubled CFG batch included). The model is called in its
+    own dtype (models/precision.py); x, guidance and the posterior stay float32.
     """
     use_cfg = cfg_scale != 1.0
     if use_cfg and null_class is None:
         raise ValueError("classifier-free guidance needs the null class id")
     x = noise()
     n = x.shape[0]
+    dtype = compute_dtype(model)
     guided_channels = guided_channels or x.shape[1]
     for i in tqdm(reversed(range(diffusion.num_steps)), total=diffusion.num_steps, desc="sample",
                   disable=not progress, leave=False):
@@ -65,7 +68,7 @@ def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guid
             x_in, t_in, y_in = x, t, y
         if on_step is not None:
             on_step(i, x_in, t_in, y_in)
-        out = model(x_in, t_in, y_in)
+        out = model(x_in.to(dtype), t_in, y_in).float()  # the network in its dtype, the rest in float32
         if use_cfg:
             out = apply_guidance(out, cfg_scale, guided_channels)
         mean, log_var, _ = p_mean_variance(diffusion, out, x, i)

@@ -244,6 +244,44 @@ def test_model_sees_original_timesteps_and_null_labels(cfg_scale):
         assert labels == ([2, 1, 5, 5] if cfg_scale != 1.0 else [2, 1])
 
 
+class HalfToy(torch.nn.Module):
+    """ToyModel rounded to `dtype` (a parameter in that dtype makes it the model's compute dtype)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.toy = ToyModel(1)
+        self.in_channels, self.input_size, self.num_classes = 1, 4, self.toy.num_classes
+        self.one = torch.nn.Parameter(torch.ones((), dtype=dtype))
+        self.seen = set()
+
+    def forward(self, x, t, y):
+        self.seen.add(x.dtype)
+        return self.toy(x.float(), t, y).to(self.one.dtype) * self.one
+
+
+class Float32Interface(torch.nn.Module):
+    """A parameterless float32 model that calls `inner` in its dtype: the contract, spelled out by hand."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = (inner,)  # a tuple hides its parameters: this wrapper computes in float32
+
+    def forward(self, x, t, y):
+        return self.inner[0](x.to(self.inner[0].one.dtype), t, y).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_is_called_in_its_dtype_and_the_sampler_stays_float32(dtype):
+    model, y, inputs = HalfToy(dtype), torch.tensor([2, 1]), []
+    got = ddpm_sample(model, RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), 1.5, null_class=5,
+                      on_step=lambda i, x, t, labels: inputs.append(x.dtype))
+    assert model.seen == {dtype} and set(inputs) == {torch.float32} and got.dtype == torch.float32
+    # guidance and posterior in float32 on the upcast model output: bitwise the float32 sampler on that output
+    ref = ddpm_sample(Float32Interface(model), RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), 1.5,
+                      null_class=5)
+    assert torch.equal(got, ref)
+
+
 def test_cfg_needs_null_class():
     with pytest.raises(ValueError, match="null"):
         ddpm_sample(ToyModel(1), RecordedNoise(2, (1, 1, 4, 4)), torch.tensor([0]), make_diffusion(2), 1.5)
