@@ -25,8 +25,9 @@ def rtn_quantize(w, bits):
     return codes, scale, lo
 
 
-def rtn_dequantize(codes, scale, lo):
-    return codes.float() * scale + lo  # (out, in)
+def rtn_dequantize(codes, scale, lo, dtype=torch.float32):
+    """codes (out, in), scale and lo (out, 1) -> weight (out, in) in `dtype`, built in place in that one tensor."""
+    return codes.to(dtype).mul_(scale.to(dtype)).add_(lo.to(dtype))
 
 
 class RTNLinear(nn.Module):
@@ -55,12 +56,13 @@ class RTNLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer
 
-    def weight(self):
-        return rtn_dequantize(self.codes, self.scale, self.lo)
+    def weight(self, dtype=None):
+        """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
+        return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight().to(x.dtype), bias)
+        return F.linear(x, self.weight(x.dtype), bias)
 
     def bits_per_weight(self, include_codebook=False):
         extra = 2 * STAT_STORAGE_BITS / self.in_features if include_codebook else 0.0

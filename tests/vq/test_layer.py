@@ -1,12 +1,14 @@
-"""VQLinear against slow per-sub-vector references."""
+"""VQLinear against slow per-sub-vector references; quantized layers' decode dtype and memory."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
+from vq.candidates import hard_reconstruct
 from vq.kmeans import kmeans
-from vq.layer import VQLinear
+from vq.layer import DECODE_CHUNK, VQLinear, decode_hard
+from vq.rtn import RTNLinear
 
 
 def linear(in_f, out_f, bias=True, seed=0):
@@ -107,3 +109,74 @@ def test_round_codebook_and_bits():
 def test_bad_shapes_are_user_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
         VQLinear.from_linear(linear(16, 24), **{"codebook_size": 4, **kwargs})
+
+
+def random_hard_vq(out_f, in_f, groups=1, k=256, dim=4, seed=0):
+    """A hard VQLinear with random codebooks and indices, built without k-means (fast at any size)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = VQLinear(in_f, out_f, k, dim, groups=groups, hard=True)
+    with torch.no_grad():
+        layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=gen))
+        layer.indices.copy_(torch.randint(0, k, layer.indices.shape, generator=gen))
+        layer.bias.copy_(torch.randn(out_f, generator=gen))
+    return layer.eval()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_inference_decode_matches_reference_across_chunks(groups):
+    layer = random_hard_vq(24, 16, groups=groups, k=8)
+    ref = reference_weight(layer)
+    # chunks of 7 cross every group boundary (32 sub-vectors per group at groups=3)
+    assert torch.equal(decode_hard(layer.codebook.detach(), layer.indices, chunk=7).reshape(24, 16), ref)
+    with torch.no_grad():
+        assert torch.equal(layer.weight(), ref)  # the chunked path
+    assert torch.equal(layer.weight(), ref)  # autograd on: index_select with its fixed-order backward
+    assert layer.weight().requires_grad
+
+
+def peak_bytes(fn):
+    """Peak CPU bytes allocated while fn() runs, freed memory subtracted: from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_bytes_sees_temporaries():
+    w = torch.randn(100, 100)
+    assert peak_bytes(lambda: w.double().float()) == 100 * 100 * (8 + 4)  # the float64 temporary counts
+    one = 100 * 100 * 4
+    assert one <= peak_bytes(lambda: [(w * 2).sum() for _ in range(3)]) < 2 * one  # freed in turn: one at a time
+
+
+def quantized_layer(kind):
+    """A 2304 x 1024 quantized layer: 589824 sub-vectors at d = 4, more than two decode chunks."""
+    if kind == "rtn":
+        return RTNLinear.from_linear(linear(1024, 2304), bits=2).eval()
+    return random_hard_vq(2304, 1024, groups=3 if kind == "vq groups" else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["vq", "vq groups", "rtn"])
+def test_forward_decodes_straight_into_the_compute_dtype(kind, dtype):
+    """Peak extra memory of a forward = the decoded weight in the compute dtype (plus one chunk of int32 indices
+    and the output): no float32 weight cast afterwards, no int64 copy of every index, no second temporary."""
+    layer = quantized_layer(kind)
+    with torch.no_grad():  # inference: the chunked decode
+        fp32_weight = layer.weight()
+        layer.to(dtype)
+        weight = layer.weight()
+        x = torch.randn(2, 1024, dtype=dtype)
+        out = layer(x)
+        peak = peak_bytes(lambda: layer(x))
+    assert weight.dtype == dtype and out.dtype == dtype
+    weight_bytes = 2304 * 1024 * dtype.itemsize
+    assert peak <= weight_bytes + 4 * DECODE_CHUNK + out.nbytes + 4096, (peak, weight_bytes)
+    if kind == "rtn":  # codes * scale + min rounded in the low dtype: within a few of its ulps of the fp32 decode
+        torch.testing.assert_close(weight.float(), fp32_weight, rtol=2e-2, atol=2e-3)
+    else:  # a lookup commutes with the cast: exactly the cast float32 decode
+        assert torch.equal(weight, hard_reconstruct(layer.codebook.detach(), layer.indices).reshape(2304, 1024))
+        assert torch.equal(weight, fp32_weight.to(dtype))
