@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.fileio import write_text_atomic  # noqa: E402
-from vq.kmeans import kmeans, nearest  # noqa: E402
+from vq.kmeans import kmeans  # noqa: E402
+from vq.nearest import nearest_two  # noqa: E402
 
 
 def weight_like(rows, cols, seed):
@@ -29,7 +30,7 @@ def weight_like(rows, cols, seed):
 
 
 def inertia(x, centroids):
-    _, sqdist, _ = nearest(x.double(), torch.as_tensor(centroids).double())
+    _, sqdist, _ = nearest_two(x.double(), torch.as_tensor(centroids).double())
     return sqdist.sum().item()
 
 
@@ -63,6 +64,9 @@ def main():
     rows.append(("vq.kmeans (default: subsample fit + 10 full passes)", times, inertia(x, c)))
     (c, _), times = timed(lambda: kmeans(x, args.k, iters=args.iters, seed=0, fit_points_per_cluster=None), 1)
     rows.append((f"vq.kmeans, {args.iters} Lloyd iterations on all points", times, inertia(x, c)))
+    (c, _), times = timed(lambda: kmeans(x, args.k, iters=args.iters, seed=0, init="authors"), 1)
+    rows.append((f"vq.kmeans init=authors: k-means++ on all points, exactly {args.iters} Lloyd iterations, "
+                 "no re-seeding", times, inertia(x, c)))
     if not args.skip_sklearn:
         from sklearn.cluster import KMeans
         from threadpoolctl import threadpool_limits

@@ -25,14 +25,16 @@ def set_submodule(model, name, module):
 
 
 def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINEARS, split_qkv=False,
-                     qkv_pattern=r"\.qkv$", kmeans_iters=100, seed=0, ratio_init="inverse_distance", progress=True):
+                     qkv_pattern=r"\.qkv$", kmeans_iters=100, seed=0, ratio_init="inverse_distance", progress=True,
+                     kmeans_init="fast"):
     """Replace every nn.Linear whose qualified name matches `include` by a soft VQLinear; returns {name: VQLinear}.
 
     qkv: by default (split_qkv=False) a fused qkv Linear is one layer with one codebook, like every other layer
     (one codebook per nn.Linear is the simplest rule and what the model's module structure gives). With
     split_qkv=True, layers matching `qkv_pattern` get groups=3: q, k and v rows each get their own codebook,
     which is what the paper's size figures assume (196 codebooks for DiT-XL/2 instead of 140).
-    All shapes are checked before any k-means runs, so a bad `dim` fails at once.
+    All shapes are checked before any k-means runs, so a bad `dim` fails at once. kmeans_init: "fast" or "authors"
+    (vq.kmeans.kmeans); "authors" clamps k per layer instead of refusing a layer with fewer than k sub-vectors.
     """
     pattern = re.compile(include)
     qkv = re.compile(qkv_pattern)
@@ -41,12 +43,13 @@ def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINE
         raise UserError(f"include pattern {include!r} matches no nn.Linear of the model")
     groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
     for name, m in targets:
-        check_shape(name, m.in_features, m.out_features, dim, groups[name], codebook_size)
+        check_shape(name, m.in_features, m.out_features, dim, groups[name],
+                    None if kmeans_init == "authors" else codebook_size)
     out = {}
     for name, linear in tqdm(targets, desc="k-means", unit="layer", disable=not progress):
         layer = VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
                                      kmeans_iters=kmeans_iters, seed=layer_seed(seed, name),
-                                     ratio_init=ratio_init, name=name)
+                                     ratio_init=ratio_init, name=name, kmeans_init=kmeans_init)
         set_submodule(model, name, layer)
         out[name] = layer
     logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), codebook_size, dim,

@@ -2,12 +2,13 @@
 import torch
 
 from utils.errors import UserError
+from vq.nearest import DEFAULT_CHUNK, nearest_n
 
 RATIO_INITS = ("inverse_distance", "uniform")
 INVERSE_DISTANCE_EPS = 1e-8  # keeps log(1/dist) finite when a sub-vector sits exactly on a codeword
 
 
-def nearest_codewords(x, codebook, n, chunk_size=4096):
+def nearest_codewords(x, codebook, n, chunk_size=DEFAULT_CHUNK):
     """The n nearest codewords of every sub-vector, closest first.
 
     x (N, d), codebook (k, d) -> (index (N, n) int64, distance (N, n) Euclidean, x.dtype).
@@ -15,17 +16,8 @@ def nearest_codewords(x, codebook, n, chunk_size=4096):
     k = codebook.shape[0]
     if not 1 <= n <= k:
         raise UserError(f"invalid candidates={n}: must be in 1..codebook_size ({k})")
-    c_sq = (codebook * codebook).sum(1)  # (k,)
-    ct = codebook.t().contiguous()  # (d, k)
-    index = torch.empty(x.shape[0], n, dtype=torch.int64, device=x.device)
-    dist = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    for s in range(0, x.shape[0], chunk_size):
-        xs = x[s:s + chunk_size]  # (c, d)
-        sq = torch.addmm(c_sq, xs, ct, beta=1.0, alpha=-2.0) + (xs * xs).sum(1, keepdim=True)  # (c, k)
-        d_n, i_n = sq.topk(n, dim=1, largest=False, sorted=True)
-        index[s:s + chunk_size] = i_n
-        dist[s:s + chunk_size] = d_n.clamp_min_(0).sqrt_()
-    return index, dist
+    index, sqdist = nearest_n(x, codebook, n, chunk_size)
+    return index, sqdist.sqrt_()
 
 
 def init_logits(dist, mode="inverse_distance"):

@@ -1,10 +1,10 @@
 """k-means for codebook initialisation: greedy k-means++ seeding, chunked Lloyd iterations.
 
-Pure functions of tensors; everything runs on the device of `x` (CPU or CUDA).
+Pure functions of tensors; everything runs on the device of `x` (CPU or CUDA). Two initialisations (KMEANS_INITS):
+"fast" (the default, below) and "authors" (METHOD.md 3b: the authors' code, see `kmeans`).
 
-Speed levers (see benchmarks/bench_kmeans.py):
-- distances as ||c||^2 - 2 x c^T (one addmm per chunk), ||x||^2 added only where needed, chunks sized so the
-  (chunk, k) distance block stays in cache;
+Speed levers of "fast" (see benchmarks/bench_kmeans.py):
+- chunked distances with the nearest and second-nearest found by a min and a value-only min (vq/nearest.py);
 - k-means++ seeding on a random subsample (its quality barely depends on N once N >> k);
 - Hamerly's distance bounds, so each Lloyd step re-assigns only points that may have changed cluster;
 - Lloyd on a subsample first, then a few refinement iterations on all points.
@@ -15,37 +15,16 @@ import math
 import torch
 
 from utils.errors import UserError
+from vq.nearest import DEFAULT_CHUNK, nearest_two
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 4096  # rows per distance block: (4096, 256) fp32 = 4 MiB, cache-sized on CPU
+KMEANS_INITS = ("fast", "authors")
 
 
-def nearest(x, centroids, chunk_size=DEFAULT_CHUNK):
-    """Nearest and second-nearest centroid distances of every point.
-
-    x (N, d), centroids (k, d) -> (index (N,) int64, sqdist (N,), sqdist2 (N,)) where sqdist is the squared
-    distance to centroid `index` and sqdist2 the squared distance to the second nearest (inf when k == 1).
-    """
-    n, k = x.shape[0], centroids.shape[0]
-    c_sq = (centroids * centroids).sum(1)  # (k,)
-    index = torch.empty(n, dtype=torch.int64, device=x.device)
-    sqdist = torch.empty(n, dtype=x.dtype, device=x.device)
-    sqdist2 = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
-    ct = centroids.t().contiguous()  # (d, k)
-    for s in range(0, n, chunk_size):
-        xs = x[s:s + chunk_size]  # (c, d)
-        x_sq = (xs * xs).sum(1)  # (c,)
-        # ||c||^2 - 2 x.c is the squared distance minus ||x||^2, which does not change the ranking
-        part = torch.addmm(c_sq, xs, ct, beta=1.0, alpha=-2.0)  # (c, k)
-        m, i = part.min(1)
-        index[s:s + chunk_size] = i
-        # the expansion can go slightly negative through cancellation; a distance cannot
-        sqdist[s:s + chunk_size] = (m + x_sq).clamp_min_(0)
-        if k > 1:  # second nearest: hide the nearest, then a value-only reduction (much cheaper than topk)
-            part.scatter_(1, i[:, None], float("inf"))
-            sqdist2[s:s + chunk_size] = (part.amin(1) + x_sq).clamp_min_(0)
-    return index, sqdist, sqdist2
+def authors_codebook_size(k, n):
+    """The authors' clamp for small layers: min(k, the largest power of two <= n / 4), at least 1."""
+    return min(k, 1 << (max(n // 4, 1).bit_length() - 1))
 
 
 def kmeans_plusplus(x, k, generator, trials=None):
@@ -89,24 +68,27 @@ def _update(x64, index, k, centroids):
     return new, (~filled).nonzero().flatten()
 
 
-def lloyd(x, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK):
+def lloyd(x, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK, reseed=True):
     """Lloyd iterations from `centroids` (k, d) on x (N, d) -> (centroids, index (N,), iterations run).
 
     Exact Lloyd steps, accelerated with Hamerly's bounds: per point an upper bound on the distance to its centroid
     and a lower bound on the distance to any other; after centroids move by `shift`, only points whose bounds
     overlap are re-assigned, which late in the run is a small fraction. Stops once fewer than `tol` of the points
-    change cluster. Empty clusters are re-seeded with the points farthest from their centroid. Sums accumulate in
+    change cluster (tol=0: never). Empty clusters are re-seeded with the points farthest from their centroid;
+    with reseed=False (the authors' code) an empty cluster's centroid becomes the zero vector. Sums accumulate in
     float64 so that the (order-dependent) atomic adds on CUDA round to the same float32 centroids run after run.
     """
     k = centroids.shape[0]
     n = x.shape[0]
-    index, sqdist, sqdist2 = nearest(x, centroids, chunk_size)
+    index, sqdist, sqdist2 = nearest_two(x, centroids, chunk_size)
     upper, lower = sqdist.sqrt(), sqdist2.sqrt()  # (N,), (N,)
     x64 = x.double()
     done = 0
     for done in range(1, iters + 1):
         new, empty = _update(x64, index, k, centroids)
-        if len(empty):
+        if len(empty) and not reseed:
+            new[empty] = 0
+        elif len(empty):
             far = ((x - centroids[index]) ** 2).sum(1).topk(len(empty)).indices  # worst-represented points
             new[empty] = x[far]
             logger.debug("re-seeded %d empty clusters", len(empty))
@@ -123,35 +105,48 @@ def lloyd(x, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK):
         maybe = (upper > bound).nonzero().flatten()
         upper[maybe] = (x[maybe] - centroids[index[maybe]]).norm(dim=1)  # tighten to the exact distance
         todo = maybe[upper[maybe] > bound[maybe]]
-        new_index, sq, sq2 = nearest(x[todo], centroids, chunk_size)
+        new_index, sq, sq2 = nearest_two(x[todo], centroids, chunk_size)
         changed = (new_index != index[todo]).sum().item()
         index[todo], upper[todo], lower[todo] = new_index, sq.sqrt(), sq2.sqrt()
         logger.debug("lloyd iteration %d: %d of %d points re-assigned, %d changed", done, len(todo), n, changed)
-        if changed < tol * n and not len(empty):
+        if changed < tol * n and not (reseed and len(empty)):
             break
     return centroids, index, done
 
 
 def kmeans(x, k, iters=100, seed=0, tol=1e-4, chunk_size=DEFAULT_CHUNK, seed_points_per_cluster=64,
-           fit_points_per_cluster=512, refine_iters=10):
+           fit_points_per_cluster=512, refine_iters=10, init="fast"):
     """k-means of x (N, d) into k clusters -> (codebook (k, d), assignments (N,) int64). Requires N >= k.
 
-    Deterministic for a given seed and device. Greedy k-means++ seeding on at most `seed_points_per_cluster * k`
-    random points. When N <= `fit_points_per_cluster * k` (or it is None), up to `iters` Lloyd iterations run on
-    all points. Otherwise up to `iters` iterations run on that many random points, then up to `refine_iters` on
-    all points: on weight-like data (a smooth density) Lloyd creeps for hundreds of iterations, and most of the
-    inertia it still gains after a subsample fit comes in the first few full passes (bench_kmeans.py: DiT-XL/2
-    fc1 shape, within 0.6% of scikit-learn's 100 full iterations). Each phase stops early once fewer than `tol`
-    of the points change cluster.
+    init "authors" (METHOD.md 3b): k becomes authors_codebook_size(k, N) (the codebook has that many rows), greedy
+    k-means++ seeding on all points, then exactly `iters` Lloyd iterations on all points with empty clusters
+    collapsing to the zero vector (no early stop, no re-seeding); the other tuning arguments are unused.
+
+    init "fast" (the default): greedy k-means++ seeding on at most `seed_points_per_cluster * k` random points.
+    When N <= `fit_points_per_cluster * k` (or it is None), up to `iters` Lloyd iterations run on all points.
+    Otherwise up to `iters` iterations run on that many random points, then up to `refine_iters` on all points:
+    on weight-like data (a smooth density) Lloyd creeps for hundreds of iterations, and most of the inertia it
+    still gains after a subsample fit comes in the first few full passes (bench_kmeans.py: DiT-XL/2 fc1 shape,
+    within 0.6% of scikit-learn's 100 full iterations). Each phase stops early once fewer than `tol` of the
+    points change cluster.
+
+    Deterministic for a given seed and device.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects points of shape (N, d), got {tuple(x.shape)}")
     n = x.shape[0]
+    if init not in KMEANS_INITS:
+        raise UserError(f"invalid kmeans_init={init!r}: choose one of {', '.join(KMEANS_INITS)}")
+    if init == "authors":
+        k = authors_codebook_size(k, n)
     if k < 1 or n < k:
         raise UserError(f"k-means with k={k} needs at least k points, got {n}; use a smaller codebook_size "
                         f"or a smaller dim")
     x = x.float()  # float32 arithmetic throughout, also for half-precision inputs
     g = torch.Generator(device=x.device).manual_seed(seed)
+    if init == "authors":
+        centroids, index, _ = lloyd(x, kmeans_plusplus(x, k, g), iters, 0.0, chunk_size, reseed=False)
+        return centroids, index
 
     def sample(per_cluster):
         if per_cluster is None or per_cluster * k >= n:

@@ -22,7 +22,7 @@ from vq.candidates import (
     nearest_codewords,
     soft_reconstruct,
 )
-from vq.kmeans import kmeans
+from vq.kmeans import authors_codebook_size, kmeans
 from vq.packing import index_bits, index_dtype
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,19 @@ class VQLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, codebook_size, dim, candidates=2, groups=1, kmeans_iters=100, seed=0,
-                    ratio_init="inverse_distance", name="linear"):
-        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector."""
+                    ratio_init="inverse_distance", name="linear", kmeans_init="fast"):
+        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector.
+
+        kmeans_init: "fast" or "authors" (vq.kmeans.kmeans); "authors" clamps the codebook size of a small layer
+        (vq.kmeans.authors_codebook_size), and the layer then carries that smaller k.
+        """
+        if kmeans_init == "authors":
+            per_group = linear.out_features * linear.in_features // dim // groups
+            clamped = authors_codebook_size(codebook_size, per_group)
+            if clamped != codebook_size:
+                logger.info("layer %s: %d sub-vectors per codebook, k clamped from %d to %d (kmeans_init authors)",
+                            name, per_group, codebook_size, clamped)
+            codebook_size = clamped
         check_shape(name, linear.in_features, linear.out_features, dim, groups, codebook_size)
         w = linear.weight.detach().float()  # (out, in)
         layer = cls(linear.in_features, linear.out_features, codebook_size, dim, candidates, groups,
@@ -93,7 +104,7 @@ class VQLinear(nn.Module):
         subs = w.reshape(groups, -1, dim)  # (G, N/G, d): group g = output rows [g*out/G, (g+1)*out/G)
         cands, logits = [], []
         for g in range(groups):
-            cb, _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g)
+            cb, _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g, init=kmeans_init)
             idx, dist = nearest_codewords(subs[g], cb, candidates)
             layer.codebook.data[g] = cb
             cands.append(idx)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
+from vq import VQLinear
 from vq.candidates import hard_reconstruct, init_logits, masked_ratios, nearest_codewords, soft_reconstruct
 
 
@@ -19,6 +20,20 @@ def test_nearest_codewords_match_sorted_distances(n, chunk):
     ref_d, ref_i = ref.sort(1)
     assert torch.equal(index, ref_i[:, :n])
     assert torch.allclose(dist, ref_d[:, :n], atol=1e-5)
+
+
+@pytest.mark.parametrize("n,groups", [(2, 1), (3, 3)])
+def test_layer_candidates_are_the_n_nearest_codewords(n, groups):
+    """VQLinear.from_linear keeps, for every sub-vector of the weight, the n codewords of its group's codebook
+    nearest to it, closest first (brute force: torch.cdist + argsort); catches random or unsorted candidates."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 24)
+    layer = VQLinear.from_linear(linear, 16, 2, candidates=n, groups=groups, kmeans_iters=5)
+    subs = linear.weight.detach().reshape(groups, -1, 2)  # (G, N/G, d)
+    for g in range(groups):
+        ref = torch.cdist(subs[g].double(), layer.codebook[g].detach().double()).argsort(1)[:, :n]  # (N/G, n)
+        per_group = subs.shape[1]
+        assert torch.equal(layer.candidates[g * per_group:(g + 1) * per_group].long(), ref)
 
 
 def test_candidates_out_of_range():
