@@ -8,7 +8,8 @@ import math
 import torch
 
 MAX_BITS = 16
-CHUNK = 1 << 20  # values per step; a multiple of 8, so every chunk starts on a byte boundary
+CHUNK = 1 << 18  # values per step (a multiple of 8, so every chunk starts on a byte boundary); int64 temporaries
+# of a chunk take at most 8 * 16 bytes per value, 32 MiB
 
 
 def index_bits(k):
@@ -59,19 +60,24 @@ def pack_bits(values, bits):
 
 
 def unpack_bits(packed, bits, n):
-    """Inverse of pack_bits: packed (ceil(n * bits / 8),) uint8 -> (n,) int64."""
+    """Inverse of pack_bits: packed (ceil(n * bits / 8),) uint8 -> (n,) values in index_dtype(2**bits).
+
+    The values go straight into their in-memory dtype (uint8 up to 8 bits): no int64 copy of a whole layer is
+    made, only per-chunk int64 temporaries. 8-bit values are the packed bytes themselves (no copy).
+    """
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) != packed_nbytes(n, bits):
         raise ValueError(f"expected {packed_nbytes(n, bits)} uint8 bytes for {n} values of {bits} bits, "
                          f"got {tuple(packed.shape)} {packed.dtype}")
     if bits == 8:
-        return packed.long()
+        return packed
+    out = torch.empty(n, dtype=index_dtype(1 << bits), device=packed.device)
     shifts8 = torch.arange(8, device=packed.device)  # (8,)
     value_weights = 1 << torch.arange(bits, device=packed.device)  # (bits,)
-    out = []
     bytes_per_chunk = CHUNK * bits // 8
     for s in range(0, len(packed), bytes_per_chunk):
         stream = (packed[s:s + bytes_per_chunk, None].long() >> shifts8) & 1  # (c, 8) bits, LSB first
-        m = min(CHUNK, n - (s * 8) // bits)  # values held in this chunk
-        out.append((stream.reshape(-1)[:m * bits].reshape(m, bits) * value_weights).sum(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=packed.device)
+        first = (s * 8) // bits  # index of the first value held in this chunk
+        m = min(CHUNK, n - first)
+        out[first:first + m] = (stream.reshape(-1)[:m * bits].reshape(m, bits) * value_weights).sum(1)
+    return out

@@ -21,7 +21,9 @@ def test_round_trip_matches_reference(bits, n):
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and len(packed) == packed_nbytes(n, bits)
     assert packed.tolist() == reference_pack(values.tolist(), bits)
-    assert torch.equal(unpack_bits(packed, bits, n), values)
+    unpacked = unpack_bits(packed, bits, n)
+    assert unpacked.dtype == index_dtype(1 << bits)  # the in-memory dtype of indices, never int64
+    assert unpacked.tolist() == values.tolist()
 
 
 def test_chunk_boundaries(monkeypatch):
@@ -31,7 +33,13 @@ def test_chunk_boundaries(monkeypatch):
     values = torch.randint(0, 1 << 5, (53,), generator=torch.Generator().manual_seed(0))
     packed = packing.pack_bits(values, 5)
     assert packed.tolist() == reference_pack(values.tolist(), 5)
-    assert torch.equal(packing.unpack_bits(packed, 5, 53), values)
+    assert packing.unpack_bits(packed, 5, 53).tolist() == values.tolist()
+
+
+def test_8_bit_values_are_the_packed_bytes():
+    """No copy at all: an artifact's uint8 indices become the layer's buffer as they were read."""
+    packed = pack_bits(torch.arange(256), 8)
+    assert unpack_bits(packed, 8, 256) is packed
 
 
 @pytest.mark.parametrize("values,bits", [([4], 2), ([-1], 3), ([1 << 16], 16)])
