@@ -144,6 +144,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
+        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -153,6 +154,26 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def config(self):
+        """The constructor arguments; `DiT.from_config(model.config)` rebuilds the architecture, as in diffusers."""
+        return {"input_size": self.input_size, "patch_size": self.patch_size, "in_channels": self.in_channels,
+                "hidden_size": self.hidden_size, "depth": self.depth, "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio, "num_classes": self.num_classes, "learn_sigma": self.learn_sigma}
+
+    @classmethod
+    def from_config(cls, config):
+        """A DiT from `config`: constructor arguments, or the registry form {name, input_size, num_classes,
+        in_channels, learn_sigma} that format-1 artifacts store."""
+        config = dict(config)
+        if "name" in config:
+            name = config.pop("name")
+            if name not in DiT_configs:
+                raise ValueError(f"unknown model {name!r}; valid: {', '.join(DiT_configs)}")
+            depth, hidden, heads, patch = DiT_configs[name]
+            config.update(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+        return cls(**config)
 
     def initialize_weights(self):
         """Training-from-scratch init: xavier Linears, zero adaLN and zero final projection."""

@@ -1,8 +1,11 @@
-"""VQ4DiT core: k-means codebooks, VQLinear (soft candidates / hard indices), bit packing and artifacts."""
+"""VQ4DiT core: k-means codebooks, VQLinear (soft candidates / hard indices), bit packing, model references and
+artifacts."""
 from vq.apply import quantize_linears
 from vq.artifact import load_quantized, save_quantized
 from vq.kmeans import kmeans
 from vq.layer import VQLinear
+from vq.modelref import build_skeleton, model_class, reference
 from vq.packing import pack_bits, unpack_bits
 
-__all__ = ["VQLinear", "kmeans", "load_quantized", "pack_bits", "quantize_linears", "save_quantized", "unpack_bits"]
+__all__ = ["VQLinear", "build_skeleton", "kmeans", "load_quantized", "model_class", "pack_bits", "quantize_linears",
+           "reference", "save_quantized", "unpack_bits"]
