@@ -1,25 +1,25 @@
 """Build a DiT from the registry and load its weights, whatever format they come in.
 
-Formats: our safetensors (spec in the header), the official plain state dict `.pt`
+Formats: our safetensors (spec and a content digest in the header), the official plain state dict `.pt`
 (`DiT-XL-2-256x256.pt`), a training checkpoint dict (its `ema` is used), and diffusers format
 (a directory with config.json + diffusion_pytorch_model.*, its parent with `transformer/`, or a hub id).
+
+Weights are read once (models/checkpoint_files.py: memory-mapped, integrity-checked) and assigned to a skeleton
+built on the meta device, so loading peaks near the weights' size, not twice it.
 """
-import argparse
-import contextlib
 import json
 import logging
-import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from models.checkpoint_files import DIGEST_KEY, read_state_file, state_digest
 from models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
 from models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
-from utils.errors import UserError, check_finite
+from utils.errors import UserError
 from utils.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,10 @@ def embedded_ckpt_path():
 
 
 def save_dit(model, name, path, extra=None):
-    """Save a full-precision DiT as safetensors; its spec (and `extra` strings) go in the header."""
+    """Save a full-precision DiT as safetensors; its spec, a content digest (and `extra` strings) go in the header."""
     meta = {"format": "vq4dit-dit", "spec": json.dumps(asdict(DiTSpec.of(model, name))), **(extra or {})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta[DIGEST_KEY] = state_digest(state, meta)
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
 
@@ -114,60 +115,6 @@ def _check_matches(model, state, name, source):
     if problem:
         raise UserError(f"{source} does not match model {name}: {problem}; the weights look like "
                         f"{describe_weights(state)}; pass the matching --model/--image-size/--num-classes")
-
-
-def _read_state_file(path):
-    """A dict of tensors from a .safetensors or torch pickle file (weights_only), plus safetensors metadata."""
-    if str(path).endswith(".safetensors"):
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as e:
-            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-        check_finite(state, path)
-        return state, meta
-    try:
-        with _allow_namespace():  # DiT's train.py saves its argparse arguments beside the weights
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: unknown checkpoint format, refused by the safe loader (torch.load weights_only=True: "
-                        f"{_unpickle_detail(e)}); "
-                        "expected a DiT .pt/.pth state dict of tensors, a training checkpoint with 'ema' or a "
-                        ".safetensors file; pickles that need code to load are never loaded") from None
-    except Exception as e:
-        raise UserError(f"{path}: unknown checkpoint format (torch.load with weights_only failed: "
-                        f"{str(e).splitlines()[0]}); expected a DiT .pt/.pth state dict, a training "
-                        "checkpoint with 'ema', a .safetensors file or a diffusers directory") from None
-    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
-        obj = obj["ema"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        logger.warning("%s has no 'ema' weights; using 'model'", path)
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f"{path}: unknown checkpoint format; expected a state dict of tensors "
-                        "or a training checkpoint with an 'ema' state dict")
-    check_finite(obj, path)
-    return obj, {}
-
-
-@contextlib.contextmanager
-def _allow_namespace():
-    """Let the weights_only unpickler build argparse.Namespace (a plain attribute bag, runs no code)."""
-    if hasattr(torch.serialization, "safe_globals"):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            yield
-    else:  # torch 2.4 has only the global allowlist
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        yield
-
-
-def _unpickle_detail(error):
-    """The line of torch's weights_only refusal that says what was refused (its first line advises
-    weights_only=False, which would run the file's code)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
-    return (useful or lines or [type(error).__name__])[0]
 
 
 def _diffusers_dir(path):
@@ -236,18 +183,28 @@ def _build_checked(name, spec_args, state, source):
                         "learned-variance DDPM and needs the noise and variance outputs of every released DiT")
     spec = DiTSpec(name, *spec_args)
     with torch.device("meta"):
-        skeleton = spec.build()
-    _check_matches(skeleton, state, name, source)
-    model = spec.build()
-    model.load_state_dict(state, strict=True)
+        model = spec.build()  # no memory: the weights read from the file become the parameters
+    _check_matches(model, state, name, source)
+    model.load_state_dict(_float32(state, source), strict=True, assign=True)
+    on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"{len(on_meta)} tensors of {name} got no value on load (first: {on_meta[0]})")
     return model, spec
+
+
+def _float32(state, source):
+    """The state with every tensor float32, as the DiT keeps its weights (a no-op for fp32 checkpoints)."""
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise UserError(f"{source}: tensor {bad} is {state[bad].dtype}; a DiT's weights are floating point")
+    return {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}
 
 
 def _load_diffusers(directory, name, image_size, num_classes, source):
     config = json.loads((directory / "config.json").read_text())
     depth, hidden, heads, patch, input_size, n_cls, in_ch, learn_sigma = spec_fields_from_config(config, source)
     weights = next(directory / f for f in _WEIGHT_FILES if (directory / f).is_file())
-    state, _ = _read_state_file(weights)
+    state, _ = read_state_file(weights)
     state = from_diffusers_state_dict(state, source)
     guess = registry_name(depth, hidden, patch, heads)
     name = name or guess
@@ -289,7 +246,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
                             f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
         model, spec = _load_diffusers(directory, name, image_size, num_classes, source)
     else:
-        state, meta = _read_state_file(path)
+        state, meta = read_state_file(path)
         if meta.get("format") == "vq4dit-dit":
             spec = DiTSpec(**json.loads(meta["spec"]))
             image_size = image_size or spec.image_size

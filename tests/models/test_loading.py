@@ -1,6 +1,7 @@
 import argparse
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,110 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="unknown --model"):
         torch.save(DiTSpec("DiT-Digits/2", 8, 10, 1).build().state_dict(), tmp_path / "ok.pt")
         load_dit("DiT-Q/2", str(tmp_path / "ok.pt"))
+
+
+# ---- reading files: empty, truncated or altered checkpoints, memory ----------------------------------------------
+
+def test_empty_and_truncated_files_are_one_line_errors(tmp_path, tiny_dit):
+    model, spec = tiny_dit
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    save_dit(model, spec.name, tmp_path / "ok.safetensors")
+    cases = {"empty.pt": (b"", "empty file (0 bytes)"), "empty.safetensors": (b"", "empty file (0 bytes)"),
+             "cut.pt": ((tmp_path / "ok.pt").read_bytes()[:5000], "corrupt or truncated checkpoint archive"),
+             "cut.safetensors": ((tmp_path / "ok.safetensors").read_bytes()[:5000], "not a readable safetensors"),
+             "header.pt": ((tmp_path / "ok.pt").read_bytes()[:3], "unknown checkpoint format"),
+             "stub.pt": (b"\x80\x02", "unknown checkpoint format (torch.load with weights_only failed: EOFError)")}
+    for name, (data, match) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / name}: {match}")) as e:
+            load_dit(None, str(tmp_path / name))
+        assert "\n" not in str(e.value)
+
+
+def flip_in_tensor(path, value):
+    """Flip one bit of the first stored float equal to `value` (found by its bytes); the file stays well-formed."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(np.float32(value).tobytes())
+    raw[at + 1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_a_pt_tensor_is_caught_by_its_zip_crc(tmp_path, tiny_dit):
+    """torch.load itself would load the altered weight silently (checked in the second half)."""
+    model, _ = tiny_dit
+    state = model.state_dict()
+    state["final_layer.linear.bias"][0] = 0.123456
+    torch.save(state, tmp_path / "m.pt")
+    flip_in_tensor(tmp_path / "m.pt", 0.123456)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'm.pt'}: corrupt or truncated checkpoint archive "
+                                                  "(Bad CRC-32")):
+        load_dit(None, str(tmp_path / "m.pt"))
+    altered = torch.load(tmp_path / "m.pt", weights_only=True)["final_layer.linear.bias"][0]
+    assert torch.isfinite(altered) and altered != state["final_layer.linear.bias"][0]
+
+
+def test_a_pt_written_without_crcs_still_loads(tmp_path, tiny_dit):
+    model, _ = tiny_dit
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(model.state_dict(), tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert_same_weights(model, load_dit(None, str(tmp_path / "nocrc.pt"))[0])
+
+
+def test_a_flipped_byte_in_a_project_safetensors_is_caught_by_its_digest(tmp_path, tiny_dit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, spec = tiny_dit
+    with torch.no_grad():
+        model.final_layer.linear.bias[0] = 0.123456
+    save_dit(model, spec.name, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert len(meta["content_sha256"]) == 64
+    flip_in_tensor(tmp_path / "m.safetensors", 0.123456)
+    with pytest.raises(UserError, match="m.safetensors: content does not match the content_sha256 in its header"):
+        load_dit(None, str(tmp_path / "m.safetensors"))
+    # files without a digest (older ones, the embedded model) load as before
+    del meta["content_sha256"]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "old.safetensors", meta)
+    assert_same_weights(model, load_dit(None, str(tmp_path / "old.safetensors"))[0])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_are_read_once_and_assigned_to_a_meta_skeleton(tmp_path, tiny_dit, monkeypatch, suffix):
+    """Catches building the model in memory (then copying or assigning): loading would peak at twice the weights."""
+    import models.loading as loading
+
+    model, spec = tiny_dit
+    path = tmp_path / f"m{suffix}"
+    torch.save(model.state_dict(), path) if suffix == ".pt" else save_dit(model, spec.name, path)
+    read, builds = {}, []
+    real_read, real_build = loading.read_state_file, DiTSpec.build
+
+    def read_state_file(p):
+        state, meta = real_read(p)
+        read.update(state)
+        return state, meta
+
+    def build(self):
+        built = real_build(self)
+        builds.append(all(t.is_meta for n, t in built.state_dict().items() if n != "pos_embed"))
+        return built
+
+    monkeypatch.setattr(loading, "read_state_file", read_state_file)
+    monkeypatch.setattr(DiTSpec, "build", build)
+    loaded, _ = load_dit(None, str(path))
+    assert builds == [True]
+    assert all(t.data_ptr() == read[n].data_ptr() for n, t in loaded.state_dict().items())
+    assert_same_weights(model, loaded)
+
+
+def test_half_precision_weights_load_as_float32(tmp_path, tiny_dit):
+    model, _ = tiny_dit
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "half.pt")
+    loaded, _ = load_dit(None, str(tmp_path / "half.pt"))
+    assert {t.dtype for t in loaded.state_dict().values()} == {torch.float32}
+    assert torch.equal(loaded.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight.half().float())
