@@ -26,6 +26,7 @@ from vq.apply import BLOCK_LINEARS, quantize_linears  # noqa: E402
 from vq.artifact import DTYPES, save_quantized  # noqa: E402
 from vq.codecs import CODECS  # noqa: E402
 from vq.layer import VQLinear  # noqa: E402
+from vq.modelref import reference  # noqa: E402
 
 MB = 2**20
 SETTINGS = [("W2", 256, 4), ("W3", 64, 2)]
@@ -104,7 +105,8 @@ def digits_table(kmeans_iters):
                 for layer in layers.values():
                     layer.harden()
                 out = os.path.join(tmp, f"{label}_{split}")
-                quant = save_quantized(model, spec, out, {"wbits": int(math.log2(k)) // d, "dim": d})
+                quant = save_quantized(model, reference(model, name=spec.name), out,
+                                       {"wbits": int(math.log2(k)) // d, "dim": d})
                 sizes = dir_sizes(out)
                 nbytes = {key: math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize
                           for key, t in quant["tensors"].items()}

@@ -15,7 +15,8 @@ from models.loading import DiTSpec, save_dit
 from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
 from tests.conftest import randomize
 from vq.apply import quantize_linears
-from vq.artifact import MODEL_FILE, QUANT_FILE, save_quantized
+from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, save_quantized, write_quant_config
+from vq.modelref import reference
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def artifact(tmp_path_factory):
     for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
         layer.harden()
     out = tmp_path_factory.mktemp("artifact") / "art"
-    save_quantized(model, spec, out, {"method": "kmeans"})
+    save_quantized(model, reference(model, name=spec.name), out, {"method": "kmeans"})
     return out
 
 
@@ -59,6 +60,19 @@ def test_garbage_safetensors(tmp_path):
     bad.write_bytes(os.urandom(4096))
     result, out = quantize_errors(bad, tmp_path)
     assert_user_error(result, bad, "safetensors", out=out)
+
+
+@pytest.mark.parametrize("name, cut", [("empty.pt", 0), ("truncated.pt", 3000), ("truncated.safetensors", 3000)])
+def test_empty_or_truncated_checkpoint(ckpt, tmp_path, name, cut):
+    bad = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save(save_tiny_ckpt(tmp_path / "whole.safetensors").state_dict(), bad)
+    else:
+        shutil.copy(ckpt, bad)
+    bad.write_bytes(bad.read_bytes()[:cut])
+    result, out = quantize_errors(bad, tmp_path)
+    assert_user_error(result, bad, "empty file" if cut == 0 else "truncated" if name.endswith(".pt") else "safetensors",
+                      out=out)
 
 
 def test_weights_of_another_architecture(ckpt, tmp_path):
@@ -167,16 +181,39 @@ def _corrupt_header(art):
     raw = bytearray(path.read_bytes())
     raw[8:24] = b"\x00" * 16
     path.write_bytes(bytes(raw))
-    return path, "unreadable"
+    return path, "sha256 differs"
 
 
 def _corrupt_data(art):
+    """NaN bytes in a codebook, with the file's new sha256 recorded: the checks behind the digest must refuse it."""
     path = art / MODEL_FILE
     raw = bytearray(path.read_bytes())
     begin, end = _data_range(path, "blocks.1.mlp.fc1.codebook")  # fp16: all-ones bytes are NaN
     raw[begin:end] = b"\xff" * (end - begin)
     path.write_bytes(bytes(raw))
+    _edit_config(art, lambda quant: quant.update(model_sha256=file_sha256(path)))
     return path, "blocks.1.mlp.fc1.codebook"
+
+
+def _edit_config(art, edit):
+    """Edit quant_config.json and record its new content digest, as a tool rewriting it would."""
+    quant = json.loads((art / QUANT_FILE).read_text())
+    edit(quant)
+    write_quant_config(art, quant)
+
+
+def _flip_byte(art):
+    path = art / MODEL_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x04
+    path.write_bytes(bytes(raw))
+    return path, "sha256 differs"
+
+
+def _config_edited(art):
+    text = (art / QUANT_FILE).read_text()
+    (art / QUANT_FILE).write_text(text.replace('"n": 2', '"n": 3', 1))
+    return art / QUANT_FILE, "content_sha256"
 
 
 def _config_missing(art):
@@ -197,13 +234,11 @@ def _config_newer(art):
 
 
 def _config_disagrees(art):
-    quant = json.loads((art / QUANT_FILE).read_text())
-    quant["tensors"]["pos_embed"]["shape"] = [1, 16, 64]
-    (art / QUANT_FILE).write_text(json.dumps(quant))
+    _edit_config(art, lambda quant: quant["tensors"]["pos_embed"].update(shape=[1, 16, 64]))
     return art / MODEL_FILE, "pos_embed"
 
 
-DAMAGE = [_truncate, _corrupt_header, _config_missing, _config_malformed, _config_newer,
+DAMAGE = [_truncate, _corrupt_header, _flip_byte, _config_missing, _config_malformed, _config_newer, _config_edited,
           _config_disagrees]
 
 
