@@ -18,6 +18,10 @@ FLAGS = [
     ("--ckpt", str, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id"),
     ("--image-size", int, "image size for latent models (256 or 512)"),
     ("--num-classes", int, "number of classes (1000 for ImageNet)"),
+    ("--backend", str, "auto (diffusers for a pipeline directory or hub id) | vq4dit (map into the project's DiT) | "
+                       "diffusers"),
+    ("--recipe", str, "vq4dit (this project's defaults) | authors (the authors' published code: online, CFG 4, "
+                      "L_r gate, codebooks frozen while soft; configs/recipes/authors.yaml)"),
     ("--method", str, "vq4dit (default) | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)"),
     ("--wbits", int, "bits per weight (k = 2^(wbits*dim))"),
     ("--dim", int, "sub-vector length d"),
@@ -25,18 +29,28 @@ FLAGS = [
     ("--candidates", int, "candidate codewords per sub-vector n"),
     ("--ratio-init", str, "inverse_distance | uniform"),
     ("--kmeans-iters", int, "Lloyd iterations"),
-    ("--calib", str, "blockwise | joint"),
+    ("--kmeans-init", str, "fast (subsample seeding and fit, then full passes) | authors (k-means++ on all points, "
+                           "exactly --kmeans-iters Lloyd iterations, empty clusters not re-seeded)"),
+    ("--calib", str, "blockwise | joint | online (one update per teacher sampler step)"),
     ("--block-inputs", str, "quantized (sequential) | fp (independent blocks)"),
     ("--iters", int, "calibration iterations per block"),
     ("--batch-size", int, "calibration batch size"),
     ("--lr-ratio", float, "RMSprop learning rate of the ratio logits"),
     ("--lr-codebook", float, "RMSprop learning rate of codebooks and biases"),
     ("--lambda-r", float, "weight of the ratio regulariser"),
+    ("--ratio-gate", str, "none | running_min (L_r only above its running minimum within a trajectory)"),
+    ("--train-codebooks", str, "always | when_hard (a codebook trains only once its layer is hard)"),
+    ("--select-every", int, "progressive selection after every this many updates"),
     ("--ratio-reg", str, "ratio regulariser form: code (n * mean(r(1-r)), authors' code) | paper (mean(1-|2r-1|))"),
     ("--steps", int, "sampler steps of the teacher trajectory"),
     ("--cfg-scale", float, "classifier-free guidance scale of the teacher trajectory"),
     ("--calib-samples", int, "teacher trajectories"),
+    ("--online-batch", int, "calib online: samples per trajectory"),
+    ("--student-label-dropout", float, "calib online: drop the student's class labels with this probability"),
     ("--calib-timesteps", int, "timesteps kept per trajectory"),
+    ("--cache-dtype", str, "recorded activations: fp16 | bf16 | fp32"),
+    ("--max-cache-gb", float, "activations beyond this many GiB go to files in --cache-dir"),
+    ("--cache-dir", str, "where activations beyond --max-cache-gb go (default <out>/calib_cache)"),
     ("--seed", int, "random seed"),
     ("--device", str, "auto | cpu | cuda | cuda:N"),
 ]
@@ -59,7 +73,7 @@ def main(args):
         print(config.to_yaml(), end="")
         return
     # imported here so that --dry-run and config errors answer without loading torch
-    from calib.pipeline import quantize
+    from jobs.quantize import quantize
 
     args.out = args.out or default_out(config)
     quantize(config, args.out)

@@ -1,69 +1,90 @@
-"""Sample a DiT (full precision or quantized) to DIR/grid.png and DIR/samples.npz (ADM format).
+"""Sample a diffusion transformer (full precision or quantized) to DIR/grid.png and DIR/samples.npz (ADM format).
 
-Default: the embedded DiT-Digits/2 model. Same seed -> same images, whatever the batch size or
-number of processes. Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (one npz, written by rank 0).
+Default: the embedded DiT-Digits/2 model. A project DiT samples with DiT's own sampler: same seed -> same images,
+whatever the batch size or number of processes. A diffusers artifact samples through its pipeline (the recorded
+source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (one npz, written by rank 0).
 """
 import argparse
 import logging
 
-from calib.pipeline import check_out_dir
-from models import distributed
-from models.images import check_sampling_args, parse_classes, resolve_device, sample_to_dir
-from models.loading import load_dit
-from models.precision import PRECISIONS, resolve_precision
-from utils.cli import run_cli
+from utils.cli import check_sampling_args, parse_classes, run_cli
 from utils.errors import UserError
-from vq import load_quantized
 
 
 def check_artifact(directory):
     """--check: load the artifact as sampling would (every tensor's size and dtype against quant_config.json)."""
+    from vq import load_quantized
+
     if not directory:
         raise UserError("--check validates a quantized artifact: give --quantized DIR")
     _, _, quant = load_quantized(directory, "cpu")
     print(f"ok: {directory} ({len(quant['tensors'])} tensors, {quant['model_bytes'] / 1e6:.2f} MB)")
 
 
+def read_prompts(args):
+    """--prompt TEXT (repeatable) or --prompts FILE (one per line) -> a list, or None."""
+    if args.prompts:
+        from models.prompts import read_prompts as read_file
+
+        return read_file(args.prompts)
+    return list(args.prompt) if args.prompt else None
+
+
 def main(args):
+    from jobs.sample import load_for_sampling, sample_to_dir
+    from models import distributed
+    from models.adapters.base import SampleSettings
+    from models.precision import resolve_precision
+    from utils.device import resolve_device
+    from utils.fileio import check_out_dir
+
     if args.check:
         return check_artifact(args.quantized)
     check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
+    prompts = read_prompts(args)
     # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
     device = distributed.init(resolve_device(args.device))
     resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
     check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
-    if args.quantized:
-        model, spec, _ = load_quantized(args.quantized, device, decode=args.decode_weights)
-    else:
-        model, spec = load_dit(args.model, args.ckpt, args.image_size, args.num_classes, device)
-    classes = parse_classes(args.classes, spec.num_classes)
-    sample_to_dir(model, args.out, num_samples=args.num_samples, classes=classes, seed=args.seed, steps=args.steps,
-                  cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, vae=args.vae,
-                  progress=not args.quiet, precision=args.precision)
+    model, adapter, extra = load_for_sampling(args.quantized, args.model, args.ckpt, args.image_size,
+                                              args.num_classes, args.backend, device, args.decode_weights,
+                                              args.precision)
+    classes = parse_classes(args.classes, adapter.num_classes(model))
+    settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                              vae=args.vae, pipeline=args.pipeline, progress=not args.quiet)
+    sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="registry name, e.g. DiT-XL/2 (default: read from the weights)")
-    parser.add_argument("--ckpt", default=None,
-                        help=".pt/.safetensors file, diffusers directory or hub id (default: embedded digits model)")
+    parser.add_argument("--ckpt", default=None, help=".pt/.safetensors file, diffusers pipeline directory or hub id "
+                                                     "(default: embedded digits model)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "vq4dit", "diffusers"),
+                        help="auto: a diffusers pipeline directory or hub id samples through its pipeline; "
+                             "vq4dit: map DiT weights into the project's DiT")
     parser.add_argument("--image-size", type=int, default=None, help="pixels, e.g. 256 or 512 (default: from weights)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
-    parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent models only)")
+    parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent DiTs only)")
     parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
+    parser.add_argument("--pipeline", default=None, metavar="DIR",
+                        help="with a diffusers artifact: the pipeline to sample through (default: where it came from)")
     parser.add_argument("--decode-weights", action="store_true",
                         help="with --quantized: decode the weights once at load (FP speed and memory, same images); "
                              "default: decode in every forward, keeping the weights compressed in memory")
     parser.add_argument("--check", action="store_true",
                         help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
-    parser.add_argument("--steps", type=int, default=50, help="respaced DDPM steps")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--num-samples", type=int, default=20)
     parser.add_argument("--classes", default=None, help="comma list cycled over samples (default: uniform random)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text-to-image models: a prompt (repeat for several, cycled over samples)")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one per line")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default=None,
                         help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
     parser.add_argument("--out", default="outputs/samples", metavar="DIR")

@@ -66,8 +66,9 @@ def samples_path(out, key):
     return os.path.join(out, "runs", key, *sub, "samples.npz")
 
 
-def run_method(key, args, reference):
-    label, flags = METHODS[key]
+def run_method(key, args, reference, label=None, flags=None):
+    """Quantize (METHODS[key], or `label` and quantize.py `flags`), sample, evaluate; one row of the table."""
+    label, flags = (label, flags) if flags is not None else METHODS[key]
     art = os.path.join(args.out, "runs", key)
     samples = samples_path(args.out, key)
     q_time, q_rss = timed([sys.executable, "quantize.py", *flags, "--seed", str(args.seed), *args.extra,

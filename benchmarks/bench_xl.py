@@ -22,11 +22,11 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from calib.calibrate import LOG_NAME  # noqa: E402
 from calib.config import load_config  # noqa: E402
-from calib.pipeline import quantize  # noqa: E402
-from calib.run import LOG_NAME  # noqa: E402
-from models.images import resolve_device  # noqa: E402
+from jobs.quantize import quantize  # noqa: E402
 from models.loading import DiTSpec, load_dit, save_dit  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq import load_quantized  # noqa: E402
 

@@ -139,19 +139,29 @@ def calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=True):
     if config.method == "codebook":  # PQF-style: fixed nearest assignments, only codebooks and biases train
         for layer in qlayers.values():
             layer.harden()
-    blocks = adapter.blocks(model)
     digest = config_hash(config)
     log_path = os.path.join(out_dir, LOG_NAME)
     store = ActivationStore(None if config.max_cache_gb is None else int(config.max_cache_gb * 2**30),
                             config.cache_dir or os.path.join(out_dir, CACHE_DIR))
-    names = _table_names(config)
     saved = load_state(out_dir, digest)
-    if config.calib == "online":
-        try:
+    try:
+        if config.calib == "online":
             return _online(model, teacher, adapter, qlayers, config, out_dir, saved, store, digest, log_path, device,
                            progress)
-        finally:
-            store.close()
+        return _offline(model, teacher, adapter, qlayers, config, out_dir, saved, store, digest, log_path, device,
+                        progress)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: rerun with the same config and output directory %s to resume at %s", out_dir,
+                       resume_point(out_dir) or "the start")
+        raise
+    finally:
+        store.close()
+
+
+def _offline(model, teacher, adapter, qlayers, config, out_dir, saved, store, digest, log_path, device, progress):
+    """Block-wise or joint calibration on a recorded calibration set; resumable per block (joint: mid-training)."""
+    blocks = adapter.blocks(model)
+    names = _table_names(config)
     if saved is None:
         write_text_atomic(log_path, "")  # the log mirrors the state: a fresh calibration starts a fresh log
         cset = record_calibration_set(teacher, adapter, config, device, store, progress)
@@ -171,17 +181,10 @@ def calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=True):
             resume = {**resume, "optimizer": unflatten_optimizer(resume["optimizer"], train_tensors)}
             logger.info("resuming joint calibration at iteration %d of %d from %s", resume["iteration"],
                         config.iters, out_dir)
-    try:
-        if start < len(blocks):
-            stats = _run(model, teacher, blocks, cset, qlayers, config, tables, start, stats, resume, device, store,
-                         out_dir, digest, log_path, progress)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: rerun with the same config and output directory %s to resume at %s", out_dir,
-                       resume_point(out_dir) or "the start")
-        raise
-    finally:
-        store.close()
-    return stats
+    if start >= len(blocks):
+        return stats
+    return _run(model, teacher, blocks, cset, qlayers, config, tables, start, stats, resume, device, store, out_dir,
+                digest, log_path, progress)
 
 
 def _run(model, teacher, blocks, cset, qlayers, config, tables, start, stats, resume, device, store, out_dir, digest,

@@ -135,11 +135,16 @@ def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None
 
 
 def resume_point(out_dir):
-    """Where a rerun picks up, in words: "block B" or "joint iteration I"; None when no state is saved."""
+    """Where a rerun picks up, in words: "block B", "joint iteration I" or "online trajectory T"; None when no state
+    is saved."""
     try:
         meta = _read_json(out_dir)
         train = meta.get("train_state")
-        return f"block {int(meta['next_block'])}" if not train else f"joint iteration {int(train['iteration'])}"
+        if not train:
+            return f"block {int(meta['next_block'])}"
+        if "trajectory" in train:
+            return f"online trajectory {int(train['trajectory'])}"
+        return f"joint iteration {int(train['iteration'])}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

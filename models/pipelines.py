@@ -74,3 +74,30 @@ def load_transformer(directory, supported):
         raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
     logger.info("loaded %s from %s", name, directory)
     return model.float().eval()
+
+
+def load_pipeline(source, device, **components):
+    """The diffusers pipeline at `source` (directory or hub id) with `components` (e.g. transformer=a quantized
+    model) taking the place of its own, so those are never loaded from disk; on `device`, progress bars off."""
+    directory = resolve_pipeline(source)
+    if directory is None:
+        raise UserError(f"{source}: not a diffusers pipeline directory (no {INDEX}); pass --pipeline DIR")
+    import diffusers
+
+    name = read_index(directory)["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UserError(f"{directory}: pipeline class {name} is not in this diffusers installation")
+    try:
+        pipe = cls.from_pretrained(str(directory), **components)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def to_uint8_images(images):
+    """A pipeline's float images (N, H, W, 3) in [0, 1] (output_type="np") -> uint8."""
+    import numpy as np
+
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

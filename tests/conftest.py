@@ -27,3 +27,13 @@ def tiny_latent_dit():
     """DiT-Digits/2 architecture on 4-channel 8x8 latents (64 px images), 10 classes, random weights."""
     spec = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=4)
     return randomize(spec.build(), seed=1), spec
+
+
+def sample_dit(model, out_dir, num_samples, classes=None, **settings):
+    """jobs.sample.sample_to_dir for an in-memory project DiT on the CPU, progress bars off."""
+    from jobs.sample import sample_to_dir
+    from models.adapters import adapter_for
+    from models.adapters.base import SampleSettings
+
+    return sample_to_dir(model, adapter_for(model), {}, str(out_dir), num_samples,
+                         SampleSettings(**{"progress": False, **settings}), "cpu", classes)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.images import sample_to_dir
 from models.loading import load_dit, save_dit
+from tests.conftest import sample_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "sample.py")
@@ -30,7 +30,8 @@ def ckpt(tmp_path, tiny_dit):
 def reference_run(ckpt, tmp_path, **kwargs):
     """The single-process result computed in-process from the same file."""
     model, _ = load_dit(None, str(ckpt))
-    return sample_to_dir(model, tmp_path / "reference", progress=False, **kwargs)
+    num_samples, classes = kwargs.pop("num_samples"), kwargs.pop("classes", None)
+    return sample_dit(model, tmp_path / "reference", num_samples, classes, **kwargs)
 
 
 def read_npz(path):

@@ -14,6 +14,31 @@ from utils.errors import UserError
 
 
 @dataclass(frozen=True)
+class SampleSettings:
+    """How sample.py draws images: the same for every model family (unused fields are ignored by a family)."""
+
+    seed: int = 0
+    steps: int = 50
+    cfg_scale: float = 1.5
+    batch_size: int = 64
+    vae: str = "ema"  # latent DiTs of the project: ema | mse | a local AutoencoderKL directory
+    pipeline: str | None = None  # diffusers artifacts: the pipeline to sample through (None: the recorded source)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ImageSampler:
+    """draw(indices (list of int), conditions (those samples' entries)) -> uint8 images (N, H, W, 3); `size`:
+    (H, W), so that a process with no samples to draw still knows the shape of what the others send."""
+
+    draw: object
+    size: tuple
+
+    def __call__(self, indices, conditions):
+        return self.draw(indices, conditions)
+
+
+@dataclass(frozen=True)
 class TeacherPlan:
     """Zero-data teacher trajectories: `num_samples` sampler runs of `steps` steps with guidance `cfg_scale`,
     `batch_size` trajectories at a time, noise and conditions drawn from `seed`."""
@@ -63,6 +88,22 @@ class Adapter:
         """The model inputs with each row's class label replaced by the null class with probability p (the authors'
         student sees this: it stays in training mode); only class-conditional models have labels to drop."""
         raise UserError(f"{self.family} models have no class labels to drop (student_label_dropout)")
+
+    def num_classes(self, model):
+        """Class ids a class-conditional model takes (0..num_classes-1), or None for a text-conditioned one."""
+        return None
+
+    def conditions(self, model, num_samples, seed, classes=None, prompts=None):
+        """What each of `num_samples` samples is conditioned on: (a list with one entry per sample, to hand to
+        the image sampler; an int64 array (N,) stored as arr_1 of samples.npz: class ids, or prompt indices)."""
+        raise NotImplementedError
+
+    def image_sampler(self, model, extra, settings, device):
+        """An ImageSampler for `model` (on `device`): draw(indices, conditions) for sample indices (ints) and their
+        conditions (a slice of what `conditions` returned). `extra`: the model reference's extra keys (e.g. the
+        diffusers pipeline source). An image must depend only on the seed, its index and its condition, as far as
+        the family allows."""
+        raise NotImplementedError
 
     def prediction(self, model, output):
         """The part of a model output that prediction-error metrics compare (e.g. the noise channels)."""

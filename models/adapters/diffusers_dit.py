@@ -6,11 +6,16 @@ attn1.to_q / to_k / to_v (three codebooks, as the paper counts them), attn1.to_o
 and norm1.linear (adaLN). The teacher is DiT's own learned-variance DDPM sampler, driving the transformer through
 `AsDiT`, so a diffusers DiT is calibrated on exactly the trajectories the project's DiT would be.
 """
+import torch
 from torch import nn
 
-from models.adapters.base import Adapter, drop_rows
-from models.adapters.dit import dit_teacher_runs
+from models.adapters.base import Adapter, ImageSampler, drop_rows
+from models.adapters.dit import class_conditions, dit_teacher_runs
+from models.pipelines import load_pipeline, to_uint8_images
+from models.sampler import sample_seed
 from utils.errors import UserError
+
+IMAGENET_CLASSES = 1000  # DiTPipeline's null class id
 
 
 class AsDiT(nn.Module):
@@ -43,6 +48,32 @@ class DiffusersDiTAdapter(Adapter):
     def drop_labels(self, model, args, kwargs, p, generator):
         labels = drop_rows(kwargs["class_labels"], model.config.num_embeds_ada_norm, p, generator)
         return args, {**kwargs, "class_labels": labels}
+
+    def num_classes(self, model):
+        return model.config.num_embeds_ada_norm
+
+    def conditions(self, model, num_samples, seed, classes=None, prompts=None):
+        return class_conditions(model.config.num_embeds_ada_norm, num_samples, seed, classes, prompts)
+
+    def image_sampler(self, model, extra, settings, device):
+        """Through the DiTPipeline the model came from (its VAE and scheduler), with this transformer."""
+        source = settings.pipeline or (extra.get("pipeline") or {}).get("source")
+        if source is None:
+            raise UserError("this artifact records no diffusers pipeline to sample through; pass --pipeline DIR")
+        if settings.cfg_scale > 1 and model.config.num_embeds_ada_norm != IMAGENET_CLASSES:
+            raise UserError(f"diffusers' DiTPipeline uses class {IMAGENET_CLASSES} as the null class of guidance; "
+                            f"this model has {model.config.num_embeds_ada_norm} classes: sample with --cfg-scale 1")
+        pipe = load_pipeline(source, device, transformer=model)
+        size = model.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's upsampling
+
+        def draw(indices, labels):
+            generators = [torch.Generator().manual_seed(sample_seed(settings.seed, i)) for i in indices]
+            torch.manual_seed(sample_seed(settings.seed, indices[0]))  # the scheduler's noise uses the global RNG
+            out = pipe(class_labels=labels.tolist(), guidance_scale=settings.cfg_scale, generator=generators,
+                       num_inference_steps=settings.steps, output_type="np")
+            return to_uint8_images(out.images)
+
+        return ImageSampler(draw, (size, size))
 
     def prediction(self, model, output):
         return output.sample[:, :model.config.in_channels]

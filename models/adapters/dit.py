@@ -1,8 +1,12 @@
 """Class-conditional DiTs: the project's own DiT (models/dit.py) and, through a thin wrapper, diffusers'
 DiTTransformer2DModel. Both run DiT's learned-variance DDPM sampler with classifier-free guidance as teacher."""
-from models.adapters.base import Adapter, drop_rows
+
+from models.adapters.base import Adapter, ImageSampler, drop_rows
 from models.diffusion import make_diffusion
-from models.sampler import PerSampleNoise, class_labels, ddpm_sample, guided_channels_for, sample_seed
+from models.loading import LATENT_DOWNSAMPLE
+from models.sampler import PerSampleNoise, class_labels, ddpm_sample, generate, guided_channels_for, sample_seed
+from models.vae import load_vae, needs_vae, to_uint8
+from utils.errors import UserError
 
 # the calibration noise stream: seeds derived from (seed, CALIB_STREAM) never coincide with the per-sample seeds
 # (seed, index) that evaluation sampling uses for small sample indices
@@ -28,6 +32,15 @@ def dit_teacher_runs(model, plan, device):
         yield len(idx), run
 
 
+def class_conditions(num_classes, num_samples, seed, classes=None, prompts=None):
+    """Per-sample class labels (N,) int64: `classes` cycled, or uniform draws from `seed`; both as conditions and
+    as the labels stored in samples.npz."""
+    if prompts:
+        raise UserError("a class-conditional DiT takes class ids (--classes), not prompts")
+    labels = class_labels(seed, num_samples, num_classes, classes)
+    return labels, labels.numpy()
+
+
 class DiTAdapter(Adapter):
     """The project's DiT: blocks.{i}, five Linears each (qkv, proj, fc1, fc2, adaLN_modulation.1)."""
 
@@ -40,6 +53,23 @@ class DiTAdapter(Adapter):
     def drop_labels(self, model, args, kwargs, p, generator):
         x, t, y = args  # DiT.forward(x, t, y)
         return (x, t, drop_rows(y, model.num_classes, p, generator)), kwargs
+
+    def num_classes(self, model):
+        return model.num_classes
+
+    def conditions(self, model, num_samples, seed, classes=None, prompts=None):
+        return class_conditions(model.num_classes, num_samples, seed, classes, prompts)
+
+    def image_sampler(self, model, extra, settings, device):
+        decoder = load_vae(settings.vae, device) if needs_vae(model.in_channels) else None
+        size = model.input_size * (LATENT_DOWNSAMPLE if decoder is not None else 1)
+
+        def draw(indices, labels):
+            x = generate(model, labels, indices, settings.seed, settings.steps, settings.cfg_scale,
+                         settings.batch_size, device, progress=settings.progress)
+            return to_uint8(x, decoder)
+
+        return ImageSampler(draw, (size, size))
 
     def prediction(self, model, output):
         return output[:, :model.in_channels]  # the noise; the other channels are the variance interpolation

@@ -100,8 +100,9 @@ def test_online_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, cap
         return original(self, loss)
 
     monkeypatch.setattr(calib.online.Trainer, "step", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
+    assert "resume at online trajectory 2" in caplog.text
     assert json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())["train_state"]["trajectory"] == 2
     monkeypatch.setattr(calib.online.Trainer, "step", original)
     with caplog.at_level(logging.INFO, logger="calib.calibrate"):

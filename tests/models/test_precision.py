@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from evaluation.metrics import paired_mse, psnr_from_mse
-from models.images import sample_to_dir
 from models.loading import load_dit
 from models.precision import Precision, apply_precision, compute_dtype, resolve_precision
+from tests.conftest import sample_dit
 from utils.errors import UserError
 from vq.layer import VQLinear
 
@@ -98,15 +98,14 @@ PSNR_BOUND = {"bf16": 40.0, "fp16": 45.0}
 @pytest.fixture(scope="module")
 def digits_fp32(tmp_path_factory):
     model, _ = load_dit(None)
-    images, _ = sample_to_dir(model, tmp_path_factory.mktemp("fp32"), num_samples=4, seed=3, steps=8,
-                              progress=False, precision="fp32")
+    images, _ = sample_dit(model, tmp_path_factory.mktemp("fp32"), 4, seed=3, steps=8)
     return model, images
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_half_precision_samples_stay_close_to_fp32(digits_fp32, tmp_path, name):
     model, ref = digits_fp32
-    images, _ = sample_to_dir(copy.deepcopy(model), tmp_path, num_samples=4, seed=3, steps=8, progress=False,
-                              precision=name)
+    half = apply_precision(copy.deepcopy(model), resolve_precision(name, "cpu"), "cpu")
+    images, _ = sample_dit(half, tmp_path, 4, seed=3, steps=8)
     psnr = psnr_from_mse(paired_mse(images, ref))
     assert PSNR_BOUND[name] < psnr < float("inf"), psnr  # inf would mean the run was not in half precision

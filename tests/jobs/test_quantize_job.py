@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from calib.config import load_config
-from calib.pipeline import quantize
 from calib.state import STATE_DIR, load_state, save_state
+from jobs.quantize import quantize
 from models.loading import save_dit
 from tests.conftest import randomize
 from utils.errors import UserError
@@ -29,8 +29,9 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
     out = tmp_path / method
     quantize(config, str(out), progress=False)
     assert not os.path.exists(out / STATE_DIR)
-    model, spec, quant = load_quantized(out)
-    assert spec.input_size == 8 and len(quant["layers"]) == 6 * 5
+    model, ref, quant = load_quantized(out)
+    assert ref["class"] == "models.dit.DiT" and ref["name"] == "DiT-Digits/2" and ref["config"]["input_size"] == 8
+    assert len(quant["layers"]) == 6 * 5
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     assert torch.isfinite(model(x, t, y)).all()
 
@@ -53,6 +54,6 @@ def test_unreadable_state_is_a_user_error(tmp_path):
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
     save_state(str(tmp_path), "other-config", 1, [], {}, {})
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
-    monkeypatch.setattr("calib.pipeline.load_dit", None)  # loading the checkpoint (or k-means) would fail
+    monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="different config.*fresh --out or delete"):
         quantize(config, str(tmp_path), progress=False)

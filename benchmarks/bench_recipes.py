@@ -1,0 +1,145 @@
+"""The authors' recipe against ours on the embedded digits model (issue 11): same model, same sampling seeds.
+
+    python benchmarks/bench_recipes.py                # all rows (~2.5 h on 2 cores); --resume goes on after a stop
+
+Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at its default
+budget of 1000 trajectories (seeds 0 and 1) and at the wall time of our default run (as many trajectories as fit;
+measured from the two runs before it). Each is quantized and sampled in its own process through the CLIs (wall
+time from /usr/bin/time), 1000 samples, 50 steps, CFG 1.5, sampling seed 0 for every row; then: FID (digits
+classifier features), a paired-bootstrap 95% interval of FID(row) - FID(ours, seed 0), paired PSNR vs the FP
+samples, and the noise MSE vs the FP model on held-out teacher inputs (16 trajectories x 10 steps at CFG 1.5,
+another seed than any calibration). Writes recipes.md and recipes.json under --out.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from benchmarks.bench_quality import run_method, sample_cmd, samples_path, timed  # noqa: E402
+from benchmarks.fid_bootstrap import paired_bootstrap  # noqa: E402
+from calib.calibrate import teacher_plan  # noqa: E402
+from calib.capture import capture_model_inputs, step_filter  # noqa: E402
+from calib.config import load_config  # noqa: E402
+from calib.metrics import prediction_mse  # noqa: E402
+from evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
+from evaluation.samples import load_samples  # noqa: E402
+from models.adapters import adapter_for  # noqa: E402
+from models.loading import load_dit  # noqa: E402
+from utils.fileio import write_text_atomic  # noqa: E402
+from vq import load_quantized  # noqa: E402
+
+AUTHORS_BUDGET = 1000  # trajectories: the authors' default
+# key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
+ROWS = {
+    "kmeans": ("k-means only (no calibration)", ["--method", "kmeans"]),
+    "codebook": ("codebook-only (PQF-style)", ["--method", "codebook"]),
+    "ours": ("ours: block-wise, cached points (default)", []),
+    "ours-seed1": ("ours, calibration seed 1", ["--seed", "1"]),
+    "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories", ["--recipe", "authors"]),
+    "authors-seed1": (f"authors' recipe, {AUTHORS_BUDGET} trajectories, seed 1",
+                      ["--recipe", "authors", "--seed", "1"]),
+    "authors-matched": ("authors' recipe at our wall time", ["--recipe", "authors", "--calib-samples", "{matched}"]),
+}
+REFERENCE = "ours"
+HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
+
+
+def held_out_calls():
+    teacher, _ = load_dit(None, None)
+    config = dataclasses.replace(load_config(), **HELD_OUT)
+    adapter = adapter_for(teacher)
+    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, teacher_plan(config), "cpu"),
+                                 step_filter(config.steps, config.calib_timesteps), progress=False)
+    return teacher, adapter, calls
+
+
+def matched_trajectories(rows):
+    """Authors' trajectories that fit in our default's quantize wall time, from the measured per-trajectory cost."""
+    ours, authors = rows["ours"]["quantize_s"], rows["authors"]["quantize_s"]
+    return max(1, math.floor(AUTHORS_BUDGET * ours / authors))
+
+
+def bootstrap_intervals(rows, out, resamples=200):
+    classifier = load_digits_classifier()
+    real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
+    features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0] for key in rows}
+    boot = paired_bootstrap(features, real, resamples, seed=0)
+    return {key: [float(v) for v in np.percentile(boot[key] - boot[REFERENCE], [2.5, 97.5])] for key in rows}
+
+
+def write_report(rows, out, args):
+    intervals = bootstrap_intervals(rows, out) if REFERENCE in rows else {}
+    lines = [
+        "# The authors' recipe vs ours (embedded digits DiT, W2: k = 256, d = 4)", "",
+        f"Command: `python benchmarks/bench_recipes.py{''.join(' ' + a for a in sys.argv[1:])}`. "
+        f"{args.num_samples} samples per row, 50 steps, CFG 1.5, sampling seed 0 for every row (sample i starts "
+        "from the same noise everywhere). FID in the digits classifier's feature space; the interval is a paired "
+        f"bootstrap (200 resamples) of FID(row) - FID({ROWS[REFERENCE][0]}). Noise MSE: predicted eps vs the FP "
+        "model on held-out teacher inputs (16 trajectories x 10 steps, CFG 1.5, seed 1000). Quantize s: the whole "
+        "quantize.py process (load, k-means, calibration, save) on this 2-core CPU.", "",
+        "| row | updates | FID | FID - FID(ours), 95% | PSNR vs FP (dB) | noise MSE | accuracy | quantize s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        iv = intervals.get(key)
+        interval = "-" if key == REFERENCE or iv is None else f"[{iv[0]:+.1f}, {iv[1]:+.1f}]"
+        psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
+        lines.append(f"| {r['method']} | {r.get('updates') or '-'} | {r['fid']:.1f} | {interval} | {psnr} | "
+                     f"{r['noise_mse']:.4g} | {r['accuracy']:.3f} | {r['quantize_s']:.0f} |")
+    write_text_atomic(os.path.join(out, "recipes.md"), "\n".join(lines) + "\n")
+    write_text_atomic(os.path.join(out, "recipes.json"), json.dumps({"rows": rows, "intervals": intervals}, indent=1))
+
+
+def updates_of(artifact):
+    """Optimizer updates of a calibration (online: one per teacher step; block-wise: iters per block)."""
+    with open(os.path.join(artifact, "calib_log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    if records and "updates" in records[0]:
+        return records[0]["updates"]
+    with open(os.path.join(artifact, "config.yaml")) as f:
+        return yaml.safe_load(f)["iters"] * len(records)
+
+
+def main(args):
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    path = os.path.join(args.out, "recipes.json")
+    rows = json.load(open(path))["rows"] if args.resume and os.path.exists(path) else {}
+    reference = samples_path(args.out, "fp")
+    if not os.path.exists(reference):
+        timed(sample_cmd(args, os.path.dirname(reference), []), os.path.dirname(reference) + ".sample.log")
+    teacher, adapter, calls = held_out_calls()
+    for key in args.rows:
+        if key in rows:
+            continue
+        label, flags = ROWS[key]
+        flags = [f.format(matched=matched_trajectories(rows)) for f in flags]
+        row = run_method(key, args, reference, label=label, flags=flags)
+        art = os.path.join(args.out, "runs", key)
+        model, _, _ = load_quantized(art)
+        row["noise_mse"] = prediction_mse(model, teacher, adapter, calls, "cpu")
+        row["updates"] = updates_of(art) if key not in ("kmeans",) else 0
+        row["flags"] = flags
+        rows[key] = row
+        print(json.dumps(row), flush=True)
+        write_report(rows, args.out, args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the default calibration seed)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS), help=f"comma list of {list(ROWS)}")
+    parser.add_argument("--resume", action="store_true", help="keep the rows recipes.json already holds")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipes"))
+    parser.add_argument("--extra", nargs="*", default=[], help=argparse.SUPPRESS)
+    main(parser.parse_args())

@@ -1,0 +1,59 @@
+"""The quantize job: load the base model, build codebooks, calibrate, save the artifact.
+
+`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments, for any model an
+adapter describes (models/adapters): the project's DiT or a diffusers pipeline's transformer.
+"""
+import copy
+import logging
+import time
+
+from calib.config import QuantizeConfig
+from calib.state import config_hash, read_state_meta, remove_state
+from models.adapters.load import load_model
+from models.precision import set_tf32
+from utils.device import resolve_device
+from utils.fileio import check_out_dir
+
+logger = logging.getLogger(__name__)
+
+CALIBRATED = ("vq4dit", "codebook")
+
+
+def quantize(config: QuantizeConfig, out_dir, progress=True):
+    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats."""
+    from calib.calibrate import calibrate
+    from vq import quantize_linears, save_quantized
+    from vq.modelref import reference
+    from vq.rtn import quantize_linears_rtn
+
+    check_out_dir(out_dir)
+    calibrated = config.method in CALIBRATED
+    if calibrated:  # a state left by another config must fail now, not after loading and k-means
+        read_state_meta(out_dir, config_hash(config))
+    device = resolve_device(config.device)
+    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
+    start = time.time()
+    base = load_model(config.model, config.ckpt, config.image_size, config.num_classes, config.backend, device)
+    model, adapter = base.model, base.adapter
+    include = adapter.quant_include(model)
+    stats = []
+    if config.method == "rtn":
+        quantize_linears_rtn(model, config.wbits, include=include)
+    else:
+        # the FP teacher, copied before its Linears are replaced, instead of loading the checkpoint again
+        teacher = copy.deepcopy(model) if calibrated else None
+        soft = config.method == "vq4dit"
+        qlayers = quantize_linears(model, config.k, config.dim, candidates=config.candidates if soft else 1,
+                                   include=include, split_qkv=config.split_qkv, kmeans_iters=config.kmeans_iters,
+                                   seed=config.seed, ratio_init=config.ratio_init, kmeans_init=config.kmeans_init,
+                                   progress=progress)
+        if calibrated:
+            stats = calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=progress)
+        for layer in qlayers.values():
+            if not layer.is_hard:
+                layer.harden()
+    save_quantized(model, reference(model, **base.extra), out_dir, config.to_dict())
+    remove_state(out_dir)
+    logger.info("quantized %s with %s in %.1f s -> %s", adapter.describe(model), config.method, time.time() - start,
+                out_dir)
+    return stats

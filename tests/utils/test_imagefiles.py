@@ -1,0 +1,72 @@
+"""grid.png (class rows, bounded size) and samples.npz (atomic) writing."""
+import os
+
+import numpy as np
+import pytest
+
+from utils.imagefiles import make_grid, save_npz
+
+
+def colour_tiles(n):
+    """n solid 4x4 tiles with distinct colours (green 200 keeps them apart from the white page and black text)."""
+    images = np.zeros((n, 4, 4, 3), np.uint8)
+    for i in range(n):
+        images[i] = (10 + 9 * i, 200, 60)
+    return images
+
+
+def tile_boxes(grid, images):
+    """(top, left) of each image's tile in the grid, found by its colour."""
+    arr = np.asarray(grid)
+    boxes = []
+    for img in images:
+        ys, xs = np.nonzero((arr == img[0, 0]).all(axis=2))
+        assert len(ys), "tile missing from the grid"
+        boxes.append((ys.min(), xs.min()))
+    return boxes
+
+
+@pytest.mark.parametrize("labels,max_cols", [([3, 1, 3, 0, 1, 3], 16), ([2, 2, 0, 2, 2, 2, 0], 2)])
+def test_grid_rows_are_classes_in_order(labels, max_cols):
+    images = colour_tiles(len(labels))
+    grid = make_grid(images, labels, max_cols=max_cols, min_tile=8)
+    boxes = tile_boxes(grid, images)
+    # expected layout: classes ascending, sample-index order within a class, wrapping after max_cols
+    expected_rows = []
+    for c in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == c]
+        expected_rows += [idx[s:s + max_cols] for s in range(0, len(idx), max_cols)]
+    tops = sorted({top for top, _ in boxes})
+    assert len(tops) == len(expected_rows)
+    for r, row in enumerate(expected_rows):
+        assert [boxes[i][0] for i in row] == [tops[r]] * len(row)
+        lefts = [boxes[i][1] for i in row]
+        assert lefts == sorted(lefts) and len(set(lefts)) == len(lefts)
+    # tiles are upscaled (nearest) to at least min_tile pixels
+    arr = np.asarray(grid)
+    top, left = boxes[0]
+    assert (arr[top:top + 8, left:left + 8] == images[0, 0, 0]).all()
+
+
+def test_grid_is_bounded_and_many_classes_pack_into_rows():
+    labels = [5, 3, 4, 1, 0, 2, 9, 8, 7, 6]
+    images = colour_tiles(len(labels))
+    grid = make_grid(images, labels, max_cols=3, min_tile=4, pad=0, max_samples=7, max_class_rows=4)
+    arr = np.asarray(grid)
+    for i in range(7, 10):  # beyond max_samples: not drawn
+        assert not (arr == images[i, 0, 0]).all(axis=2).any()
+    boxes = tile_boxes(grid, images[:7])
+    order = sorted(range(7), key=lambda i: labels[i])  # by class, max_cols per row
+    for pos, i in enumerate(order):
+        assert boxes[i][0] == 4 * (pos // 3)
+    assert arr.shape[0] == 4 * 3  # ceil(7 / 3) rows of 4-pixel tiles
+
+
+def test_save_npz_is_atomic(tmp_path):
+    path = tmp_path / "samples.npz"
+    save_npz(path, np.zeros((2, 4, 4, 3)), [1, 2])
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        save_npz(path, np.array([["not", "an"], ["image", "!"]]), [0, 1])
+    assert path.read_bytes() == before  # the failed write left the old file untouched
+    assert os.listdir(tmp_path) == ["samples.npz"]  # and no temporary file

@@ -1,0 +1,53 @@
+"""Sampled images as files: a class-sorted, labelled grid PNG and the ADM evaluator's samples.npz.
+
+samples.npz: arr_0 uint8 (N, H, W, 3) in sample-index order, arr_1 int64 labels (N,) (class ids, or prompt
+indices for text-to-image models).
+"""
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from utils.fileio import atomic_path
+
+
+def save_npz(path, images, labels):
+    """Write arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+
+
+def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=256, max_class_rows=16):
+    """PIL grid of the first `max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
+
+    With at most `max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
+    ascending, each row labelled on the left. With more (ImageNet): the images sorted by class, max_cols per
+    row, unlabelled. images: uint8 (N, H, W, 3); small images are upscaled (nearest) to at least `min_tile` px.
+    """
+    images, labels = np.asarray(images)[:max_samples], np.asarray(labels)[:max_samples]
+    h, w = images.shape[1:3]
+    scale = max(1, -(-min_tile // h))
+    th, tw = h * scale, w * scale
+    rows = []  # (row label, indices of that row)
+    if len(np.unique(labels)) <= max_class_rows:
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)  # stable: sample-index order within a class
+            rows += [(str(c), idx[s:s + max_cols]) for s in range(0, len(idx), max_cols)]
+    else:
+        idx = np.argsort(labels, kind="stable")
+        rows = [("", idx[s:s + max_cols]) for s in range(0, len(idx), max_cols)]
+    cols = max((len(r) for _, r in rows), default=1)
+    font = ImageFont.load_default()
+    margin = 8 + max((int(font.getlength(text)) for text, _ in rows), default=8)
+    grid = Image.new("RGB", (margin + cols * (tw + pad) + pad, len(rows) * (th + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (text, idx) in enumerate(rows):
+        y = pad + r * (th + pad)
+        draw.text((4, y + th // 2 - 6), text, fill=(0, 0, 0), font=font)
+        for j, i in enumerate(idx):
+            tile = Image.fromarray(images[i]).resize((tw, th), Image.NEAREST)
+            grid.paste(tile, (margin + pad + j * (tw + pad), y))
+    return grid
+
+
+def save_grid(path, images, labels, **kwargs):
+    with atomic_path(path) as tmp:
+        make_grid(images, labels, **kwargs).save(tmp, format="PNG")
