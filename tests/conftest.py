@@ -5,6 +5,16 @@ import torch
 from models.loading import DiTSpec
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # results must not depend on the thread count, and the suite shares the CPU with other jobs: with two threads
+    # on a busy 2-core machine, small ops wait on each other (a tiny k-means took 1.25 s instead of 0.035 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize(model, seed=0, std=0.05):
     """Overwrite every trainable parameter with seeded noise so zero-initialised layers do something."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,6 @@
 """Tiny DiTs with non-trivial weights for the calibration tests (fast on one CPU thread)."""
 import copy
 
-import pytest
 import torch
 
 from calib.capture import calib_steps
@@ -59,13 +58,3 @@ def reference_points(model, num_samples, steps, kept, cfg_scale, seed, batch_siz
         ddpm_sample(model, noise, labels[idx.start:idx.stop], make_diffusion(steps), cfg_scale,
                     null_class=model.num_classes, guided_channels=1, on_step=on_step)
     return torch.cat(xs), torch.cat(ts), torch.cat(ys)
-
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # results must not depend on the thread count, and the suite shares the CPU with other jobs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
