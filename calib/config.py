@@ -6,6 +6,7 @@ Unknown keys are errors; the resolved config is saved beside every artifact as c
 """
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
 
@@ -30,6 +31,12 @@ class QuantizeConfig:
     image_size: int | None = None  # None: taken from the checkpoint (256 for ImageNet .pt files)
     num_classes: int | None = None
     backend: str = "auto"  # auto: diffusers for a pipeline directory or hub id, else vq4dit | vq4dit | diffusers
+    # text-to-image pipelines (PixArt, SD3, Flux) and layer selection
+    prompts: str | None = None  # teacher prompts: a text file, one per line (None: built-in class-name prompts)
+    height: int | None = None  # teacher image size in pixels (None: the pipeline's default, e.g. 1024)
+    width: int | None = None
+    include: str | None = None  # regex over qualified Linear names to quantize (None: the adapter's rule)
+    exclude: str | None = None  # regex of Linears kept in full precision (applied after include)
     # quantizer
     recipe: str = "vq4dit"  # vq4dit (this project's defaults) | authors (their published code, METHOD.md 3b)
     method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
@@ -106,6 +113,14 @@ class QuantizeConfig:
             bad("student_label_dropout", self.student_label_dropout, "must be in [0, 1)")
         if self.max_cache_gb is not None and self.max_cache_gb < 0:
             bad("max_cache_gb", self.max_cache_gb, "must be >= 0 (GiB), or null for no limit")
+        for name in ("height", "width"):  # text-to-image pipelines and layer selection
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be a positive number of pixels, or null for the default")
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except re.error as e:
+                bad(name, getattr(self, name), f"not a regular expression ({e})")
         if self.calib_timesteps > self.steps:
             bad("calib_timesteps", self.calib_timesteps, f"at most steps={self.steps}")
         return self

@@ -9,8 +9,10 @@ import time
 
 from calib.config import QuantizeConfig
 from calib.state import config_hash, read_state_meta, remove_state
+from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
 from models.precision import set_tf32
+from models.prompts import read_prompts
 from utils.device import resolve_device
 from utils.fileio import check_out_dir
 
@@ -27,6 +29,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     from vq.rtn import quantize_linears_rtn
 
     check_out_dir(out_dir)
+    prompts = read_prompts(config.prompts) if config.prompts else None  # a bad file fails before loading the model
     calibrated = config.method in CALIBRATED
     if calibrated:  # a state left by another config must fail now, not after loading and k-means
         read_state_meta(out_dir, config_hash(config))
@@ -35,7 +38,12 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     start = time.time()
     base = load_model(config.model, config.ckpt, config.image_size, config.num_classes, config.backend, device)
     model, adapter = base.model, base.adapter
-    include = adapter.quant_include(model)
+    extra = adapter.bind(base.extra, prompts, config.height, config.width)
+    include = linear_pattern(adapter.quant_include(model), config.include, config.exclude)
+    outside = outside_blocks(adapter, model, include)
+    if outside and calibrated:
+        logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
+                       "not calibrated", len(outside), outside[0])
     stats = []
     if config.method == "rtn":
         quantize_linears_rtn(model, config.wbits, include=include)
@@ -52,7 +60,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
         for layer in qlayers.values():
             if not layer.is_hard:
                 layer.harden()
-    save_quantized(model, reference(model, **base.extra), out_dir, config.to_dict())
+    save_quantized(model, reference(model, **extra), out_dir, config.to_dict())
     remove_state(out_dir)
     logger.info("quantized %s with %s in %.1f s -> %s", adapter.describe(model), config.method, time.time() - start,
                 out_dir)

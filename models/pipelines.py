@@ -60,9 +60,26 @@ def component_class(directory, component):
     return tuple(entry)
 
 
+# diffusers' legacy Transformer2DModel, named by released pipelines (facebook/DiT-XL-2-256, PixArt-alpha/*), loads as
+# the class its norm_type selects (diffusers does the same remapping)
+LEGACY_TRANSFORMER = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
+def transformer_class(directory):
+    """(library, class name) of a pipeline's transformer, the legacy Transformer2DModel resolved by its norm_type."""
+    library, name = component_class(directory, "transformer")
+    if (library, name) == ("diffusers", "Transformer2DModel"):
+        try:
+            norm_type = json.loads((Path(directory) / "transformer" / "config.json").read_text()).get("norm_type")
+        except (OSError, ValueError, AttributeError):
+            norm_type = None
+        name = LEGACY_TRANSFORMER.get(norm_type, name)
+    return library, name
+
+
 def load_transformer(directory, supported):
     """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names)."""
-    library, name = component_class(directory, "transformer")
+    library, name = transformer_class(directory)
     if library != "diffusers" or name not in supported:
         raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported transformer "
                         f"classes: {', '.join(supported)}")

@@ -6,11 +6,17 @@ checkpoint or a diffusers pipeline and returns it with its adapter and its model
 from models.adapters.base import Adapter, TeacherPlan
 from models.adapters.diffusers_dit import DiffusersDiTAdapter
 from models.adapters.dit import DiTAdapter
+from models.adapters.flux import FluxAdapter
+from models.adapters.pixart import PixArtAdapter
+from models.adapters.sd3 import SD3Adapter
 from utils.errors import UserError
 
 ADAPTERS = {
     "DiT": DiTAdapter,  # models.dit.DiT
     "DiTTransformer2DModel": DiffusersDiTAdapter,
+    "PixArtTransformer2DModel": PixArtAdapter,  # text-to-image pipelines (models/adapters/t2i.py)
+    "SD3Transformer2DModel": SD3Adapter,
+    "FluxTransformer2DModel": FluxAdapter,
 }
 
 __all__ = ["ADAPTERS", "Adapter", "TeacherPlan", "adapter_for", "supported_classes"]

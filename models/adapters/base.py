@@ -75,6 +75,15 @@ class Adapter:
         pattern = re.compile(self.quant_include(model))
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
 
+    def bind(self, extra, prompts=None, height=None, width=None):
+        """Hand the adapter what its teacher needs beyond the model, before teacher_runs: the model reference's extra
+        keys (e.g. the diffusers pipeline source), the teacher's prompts and image size (text-to-image families).
+        Returns the extra keys to record in the artifact's model reference."""
+        if prompts or height or width:
+            raise UserError(f"{self.family} models are class-conditional at a fixed size: prompts, height and width "
+                            "are for text-to-image pipelines (PixArt, SD3, Flux)")
+        return dict(extra)
+
     def rows_per_trajectory(self, plan):
         """Model-call batch rows per trajectory: 2 when classifier-free guidance doubles the batch."""
         return 2 if plan.cfg_scale != 1.0 else 1
@@ -112,6 +121,24 @@ class Adapter:
     def describe(self, model):
         """One line naming the model, for logs."""
         return f"{self.family} {type(model).__name__}"
+
+
+def linear_pattern(default, include=None, exclude=None):
+    """One regex over qualified Linear names: those `include` matches (None: `default`, the adapter's rule) and
+    `exclude` does not (re.search semantics for both)."""
+    if not include and not exclude:
+        return default
+    keep = f"(?=.*?(?:{include or default}))"
+    return f"^{keep}(?!.*?(?:{exclude}))" if exclude else f"^{keep}"
+
+
+def outside_blocks(adapter, model, pattern):
+    """Qualified names of the Linears `pattern` selects that lie outside the transformer blocks (calibration
+    replays block calls only, so these keep their k-means codebooks uncalibrated)."""
+    inside = tuple(f"{name}." for name, _ in adapter.blocks(model))
+    selected = re.compile(pattern)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and selected.search(n)
+            and not n.startswith(inside)]
 
 
 def drop_rows(labels, null_class, p, generator):

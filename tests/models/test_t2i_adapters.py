@@ -1,0 +1,212 @@
+"""Text-to-image adapters (PixArt, SD3, Flux): which Linears are quantized, the zero-data teacher, prompts."""
+import gc
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.adapters import TeacherPlan, adapter_for
+from models.adapters.base import linear_pattern
+from models.adapters.load import load_model
+from models.prompts import BUILTIN_PROMPTS, prompt_list, read_prompts
+from tests.models.tiny_t2i import BUILDERS, save_tiny_t2i_pipeline
+from utils.errors import UserError
+
+pytest.importorskip("transformers")
+FAMILIES = ["pixart", "sd3", "flux"]
+
+ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+ADDED = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+FF = ["ff.net.0.proj", "ff.net.2"]
+FF_CONTEXT = ["ff_context.net.0.proj", "ff_context.net.2"]
+ADALN = ["norm1.linear", "norm1_context.linear"]
+# every Linear inside each block of the tiny models, written out by hand from diffusers' block definitions
+EXPECTED = {
+    "pixart": [f"transformer_blocks.{i}.{n}" for i in range(2) for n in
+               [a.replace("attn.", "attn1.") for a in ATTN] + [a.replace("attn.", "attn2.") for a in ATTN] + FF],
+    "sd3": [f"transformer_blocks.0.{n}" for n in  # block 0 has SD3.5's second self-attention (attn2)
+            ADALN + ATTN + ADDED + ["attn.to_add_out"] + [a.replace("attn.", "attn2.") for a in ATTN] + FF
+            + FF_CONTEXT]
+    + [f"transformer_blocks.1.{n}" for n in ADALN + ATTN + ADDED + FF],  # the last block updates the image only
+    "flux": [f"transformer_blocks.{i}.{n}" for i in range(2) for n in
+             ADALN + ATTN + ADDED + ["attn.to_add_out"] + FF + FF_CONTEXT]
+    + [f"single_transformer_blocks.{i}.{n}" for i in range(2) for n in
+       ["norm.linear", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"]],
+}
+# and every Linear outside the blocks: embedders, the shared adaLN-single, the final projection
+FULL_PRECISION = {
+    "pixart": ["adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2",
+               "adaln_single.linear", "caption_projection.linear_1", "caption_projection.linear_2", "proj_out"],
+    "sd3": ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+            "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2", "context_embedder",
+            "norm_out.linear", "proj_out"],
+    "flux": ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+             "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+             "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2", "context_embedder",
+             "x_embedder", "norm_out.linear", "proj_out"],
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    for family in FAMILIES:
+        save_tiny_t2i_pipeline(family, root / family)
+    return root
+
+
+def all_linears(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_inside_the_blocks_is_quantized_and_nothing_else(family):
+    model = BUILDERS[family]().transformer
+    adapter = adapter_for(model)
+    assert sorted(adapter.linears(model)) == sorted(EXPECTED[family])
+    assert sorted(set(all_linears(model)) - set(EXPECTED[family])) == sorted(FULL_PRECISION[family])
+
+
+def test_flux_blocks_are_dual_then_single_in_call_order():
+    model = BUILDERS["flux"]().transformer
+    names = [name for name, _ in adapter_for(model).blocks(model)]
+    assert names == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                     "single_transformer_blocks.1"]
+
+
+@pytest.mark.parametrize("include,exclude", [
+    (None, None), (None, r"\.ff(_context)?\."), (r"^single_transformer_blocks\.", None),
+    (r"attn\.to_[qkv]$", r"^transformer_blocks\.1\."), (r"x_embedder|proj_out", None)])
+def test_include_and_exclude_select_linears_by_name(include, exclude):
+    """One regex does what filtering the names by hand does: included (default: the adapter's rule), not excluded."""
+    model = BUILDERS["flux"]().transformer
+    adapter = adapter_for(model)
+    pattern = re.compile(linear_pattern(adapter.quant_include(model), include, exclude))
+    expected = [n for n in all_linears(model) if (re.search(include, n) if include else n in EXPECTED["flux"])
+                and not (exclude and re.search(exclude, n))]
+    assert [n for n in all_linears(model) if pattern.search(n)] == expected
+
+
+def text_encoders():
+    """Every transformers model object alive in the process."""
+    from transformers import PreTrainedModel
+
+    gc.collect()
+    return [o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel)]
+
+
+@pytest.mark.parametrize("family,cfg", [("pixart", 3.0), ("sd3", 1.0), ("flux", 3.5)])
+def test_teacher_calls_once_per_step_with_the_rows_it_announces_and_no_text_encoder(pipelines, family, cfg):
+    """Each trajectory batch calls the transformer once per sampler step with trajectories x rows_per_trajectory
+    rows (Flux: guidance is an input, the batch is not doubled), and the text encoders are gone before it starts."""
+    base = load_model(None, str(pipelines / family))
+    adapter = base.adapter
+    adapter.bind(base.extra, prompts=["a cat", "a dog", "a red car"], height=8, width=8)
+    plan = TeacherPlan(num_samples=3, steps=2, cfg_scale=cfg, seed=0, batch_size=2)
+    calls, before = [], text_encoders()  # held here: objects other tests left behind are not the teacher's
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        new = [type(o).__name__ for o in text_encoders() if not any(o is b for b in before)] if not calls else []
+        calls.append((hidden.shape[0], new))
+
+    handle, batches = base.model.register_forward_pre_hook(hook, with_kwargs=True), []
+    with torch.no_grad():
+        for count, run in adapter.teacher_runs(base.model, plan, "cpu"):
+            run()
+            batches.append(count)
+    handle.remove()
+    assert batches == [2, 1]
+    assert [rows for rows, _ in calls] == [b * adapter.rows_per_trajectory(plan) for b in batches for _ in range(2)]
+    assert adapter.rows_per_trajectory(plan) == {"pixart": 2, "sd3": 1, "flux": 1}[family]
+    assert calls[0][1] == [], f"text encoders alive during the teacher: {calls[0][1]}"
+
+
+def test_a_trajectory_does_not_depend_on_its_batch(pipelines):
+    """Noise from one generator per trajectory: trajectory 1's first transformer input is the same in batches of 2
+    and of 1."""
+    base = load_model(None, str(pipelines / "sd3"))
+    base.adapter.bind(base.extra, height=8, width=8)
+    firsts = []
+    hook = base.model.register_forward_pre_hook(lambda m, a, k: firsts.append(k["hidden_states"].clone()),
+                                                with_kwargs=True)
+    for batch in (2, 1):
+        base.adapter.teacher_batch = batch
+        plan = TeacherPlan(num_samples=2, steps=1, cfg_scale=1.0, seed=3, batch_size=batch)
+        with torch.no_grad():
+            for _, run in base.adapter.teacher_runs(base.model, plan, "cpu"):
+                run()
+    hook.remove()
+    torch.testing.assert_close(firsts[0][1], firsts[2][0], rtol=0, atol=0)
+    assert not torch.equal(firsts[0][0], firsts[0][1])
+
+
+def test_conditions_cycle_the_prompts():
+    model = BUILDERS["pixart"]().transformer
+    adapter = adapter_for(model)
+    prompts, labels = adapter.conditions(model, 5, seed=0, prompts=["a", "b"])
+    assert prompts == ["a", "b", "a", "b", "a"] and labels.tolist() == [0, 1, 0, 1, 0]
+    assert labels.dtype == np.int64
+    prompts, _ = adapter.conditions(model, 2, seed=0)
+    assert prompts == list(BUILTIN_PROMPTS[:2])
+    with pytest.raises(UserError, match="text-to-image model: give prompts"):
+        adapter.conditions(model, 2, seed=0, classes=[1, 2])
+
+
+def test_prompt_files(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("  a cat \n\n a dog\n")
+    assert read_prompts(path) == ["a cat", "a dog"]
+    path.write_text("\n \n")
+    with pytest.raises(UserError, match="holds no prompt"):
+        read_prompts(path)
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_prompts(path)
+    with pytest.raises(UserError, match="cannot read prompts file"):
+        read_prompts(tmp_path / "missing.txt")
+    assert prompt_list(None) == list(BUILTIN_PROMPTS) and len(set(BUILTIN_PROMPTS)) == 100
+    with pytest.raises(UserError, match="non-empty strings"):
+        prompt_list(["a", " "])
+
+
+def test_class_conditional_adapters_refuse_prompts(tiny_dit):
+    model, _ = tiny_dit
+    with pytest.raises(UserError, match="class-conditional"):
+        adapter_for(model).bind({}, prompts=["a cat"])
+
+
+def test_an_unsupported_transformer_names_the_supported_classes(pipelines, tmp_path):
+    shutil.copytree(pipelines / "pixart", tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "HunyuanDiT2DModel"]
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="HunyuanDiT2DModel.*PixArtTransformer2DModel, SD3Transformer2DModel, "
+                                        "FluxTransformer2DModel"):
+        load_model(None, str(tmp_path / "p"))
+
+
+def test_the_legacy_transformer_class_of_released_pixart_pipelines_loads(pipelines, tmp_path):
+    """PixArt-alpha/* pipelines name diffusers' legacy Transformer2DModel; its norm_type makes it a PixArt model."""
+    shutil.copytree(pipelines / "pixart", tmp_path / "p")
+    for path, key in ((tmp_path / "p" / "model_index.json", "transformer"),
+                      (tmp_path / "p" / "transformer" / "config.json", "_class_name")):
+        content = json.loads(path.read_text())
+        content[key] = ["diffusers", "Transformer2DModel"] if key == "transformer" else "Transformer2DModel"
+        path.write_text(json.dumps(content))
+    base = load_model(None, str(tmp_path / "p"))
+    assert type(base.model).__name__ == "PixArtTransformer2DModel" and base.adapter.family == "pixart"
+
+
+def test_image_size_must_fit_the_vae_and_the_tokens(pipelines):
+    base = load_model(None, str(pipelines / "flux"))
+    assert base.adapter.image_size(base.model, 1, 8, 12) == (8, 12)
+    assert base.adapter.image_size(base.model, 8) == (1024, 1024)  # FluxPipeline's default through an 8x VAE
+    with pytest.raises(UserError, match="width=9 is not a multiple of 2"):
+        base.adapter.image_size(base.model, 1, 8, 9)
+    with pytest.raises(UserError, match="height=1000 is not a multiple of 16"):
+        base.adapter.image_size(base.model, 8, 1000)
