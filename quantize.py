@@ -51,6 +51,12 @@ FLAGS = [
     ("--cache-dtype", str, "recorded activations: fp16 | bf16 | fp32"),
     ("--max-cache-gb", float, "activations beyond this many GiB go to files in --cache-dir"),
     ("--cache-dir", str, "where activations beyond --max-cache-gb go (default <out>/calib_cache)"),
+    ("--prompts", str, "text-to-image pipelines: teacher prompts, a text file with one per line (default: built-in "
+                       "class-name prompts)"),
+    ("--height", int, "text-to-image pipelines: teacher image height in pixels (default: the pipeline's)"),
+    ("--width", int, "text-to-image pipelines: teacher image width in pixels (default: the pipeline's)"),
+    ("--include", str, "regex over qualified Linear names to quantize (default: every Linear in the blocks)"),
+    ("--exclude", str, "regex of Linears kept in full precision (applied after --include)"),
     ("--seed", int, "random seed"),
     ("--device", str, "auto | cpu | cuda | cuda:N"),
 ]
@@ -71,6 +77,11 @@ def main(args):
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
+        from models.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
+
+        plan = dry_run_plan(config)
+        if plan is not None:
+            print(plan)
         return
     # imported here so that --dry-run and config errors answer without loading torch
     from jobs.quantize import quantize
@@ -97,7 +108,8 @@ if __name__ == "__main__":
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--split-qkv", action="store_true", default=None, help="q, k, v as three codebooks")
     parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
+                        "pipeline, its memory plan) and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

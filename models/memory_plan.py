@@ -1,0 +1,345 @@
+"""The memory plan of a quantize run on a text-to-image transformer, by shape arithmetic on the meta device.
+
+The model is built from its config with every tensor on the meta device (no memory, no weights) and called once
+under the same hooks that record a real run (calib/record.py), so the plan sees exactly the block calls, slot
+tensors and block outputs a recording stores. From them, at the config's settings:
+- host memory: the calibration set (slot tensors at calib_samples x kept steps x CFG rows; token activations in
+  cache_dtype; beyond max_cache_gb they go to files under cache_dir) and the block-wise walk's peak: the slots that
+  later blocks still read plus block i's FP targets and the quantized chain's outputs (two sets per stream);
+- device memory: the FP teacher, the student (every quantized layer soft at the start: candidates, ratio logits,
+  frozen flags, fp32 codebook) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
+  its minibatch (inputs and targets in fp32) and the activations autograd keeps at batch_size, measured by running
+  the block on meta with soft VQ layers and attention as a fused kernel keeps it (q, k, v, output);
+- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight.
+Not counted: the text encoders (they encode the prompts once, on the CPU, before calibration), forward temporaries
+that autograd does not keep, the teacher's sampling batch, and the CUDA allocator's slack.
+"""
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+# published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
+REFERENCE_MODELS = {
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
+        attention_bias=True, interpolation_scale=2, use_additional_conditions=False)),
+    "stabilityai/stable-diffusion-3.5-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
+    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56])),
+}
+REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
+PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
+QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
+
+
+@dataclass
+class MemoryPlan:
+    title: str
+    points: str  # how the calibration rows come about
+    slots: list  # [(key, stored shape, bytes)]
+    cache_bytes: int  # the recorded calibration set (host)
+    walk_blocks: list  # the block-wise walk's peak while each block is calibrated (host)
+    teacher_bytes: int  # device: the FP teacher
+    student_bytes: int  # device: the student with every quantized layer soft
+    hard_bytes: int  # the student once every layer is hard
+    block_bytes: int  # device: calibrating the largest block
+    artifact_bytes: int  # tensor bytes of model.safetensors
+    fp_bytes: int  # the transformer's tensors in fp32
+    bits: float  # bits per quantized weight, indices only
+    bits_with_codebooks: float
+    weights: int  # quantized weights
+    layers: int  # quantized Linears
+
+    @property
+    def walk_bytes(self):
+        return max(self.walk_blocks)
+
+    @property
+    def device_bytes(self):
+        return self.teacher_bytes + self.student_bytes + self.block_bytes
+
+    def format(self):
+        def gib(n):
+            return f"{n / GIB:.2f} GiB"
+
+        lines = [f"memory plan: {self.title}", f"  calibration set: {self.points}",
+                 f"  host: recorded activations {gib(self.cache_bytes)}, block-wise walk peak {gib(self.walk_bytes)}"
+                 " (past max_cache_gb they go to files in cache_dir)"]
+        lines += [f"    {key} {tuple(shape)}: {gib(nbytes)}" for key, shape, nbytes in self.slots]
+        lines += [f"  device: FP teacher {gib(self.teacher_bytes)} + student {gib(self.student_bytes)} (all layers "
+                  f"soft; {gib(self.hard_bytes)} once hard) + calibrating one block {gib(self.block_bytes)} = "
+                  f"{gib(self.device_bytes)} (text encoders: on the CPU, before calibration)",
+                  f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
+                  f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
+                  f"({self.bits_with_codebooks:.3f} with fp16 codebooks)"]
+        return "\n".join(lines)
+
+
+def plan_source(ckpt):
+    """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
+    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
+    if ckpt is None:
+        return None
+    path = Path(ckpt).expanduser()
+    if (path / "model_index.json").is_file():
+        from models.adapters.t2i import vae_scale_factor
+        from models.pipelines import transformer_class
+
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        return transformer_class(path)[1], config, vae_scale_factor(path), path
+    if str(ckpt) in REFERENCE_MODELS:
+        name, config = REFERENCE_MODELS[str(ckpt)]
+        return name, config, REFERENCE_VAE_FACTOR, None
+    return None
+
+
+def meta_model(name, config):
+    """The diffusers model class `name` built from `config`, every parameter and buffer on the meta device (tables
+    computed at construction too, e.g. SD3's 384 x 384 position embeddings: 1.8 GB on a real device)."""
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return model.eval()
+
+
+def dry_run_plan(config):
+    """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
+    a hub id of REFERENCE_MODELS) of a supported class and its method builds codebooks, else None. Loads no
+    weights and fetches nothing."""
+    source = plan_source(config.ckpt)
+    if source is None or config.method == "rtn":
+        return None
+    from models.adapters import ADAPTERS
+    from models.adapters.t2i import TextToImageAdapter
+
+    name, model_config, factor, directory = source
+    if not (name in ADAPTERS and issubclass(ADAPTERS[name], TextToImageAdapter)):
+        return None
+    adapter = ADAPTERS[name]()
+    tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
+    text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
+    if config.calib != "blockwise":
+        text += f"\n  note: the host figures are the block-wise walk's; calib {config.calib} holds other tensors"
+    return text
+
+
+def nbytes(shape, dtype):
+    import torch
+
+    count = 1
+    for s in shape:
+        count *= s
+    return count * torch.empty(0, dtype=dtype).element_size()
+
+
+def layer_sizes(model, include, config):
+    """{name: sizes} of the Linears `include` selects: weights, fp32 bytes, soft and hard in-memory VQ state, the
+    artifact's stored bytes (codec specs) and its index and codebook bytes."""
+    import torch
+    from torch import nn
+
+    from vq.codecs import CODECS
+    from vq.packing import index_dtype
+
+    pattern, qkv = re.compile(include), re.compile(QKV)
+    index_bytes = torch.empty(0, dtype=index_dtype(config.k)).element_size()
+    n = config.candidates if config.method == "vq4dit" else 1
+    out = {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.Linear) and pattern.search(name)):
+            continue
+        groups = 3 if config.split_qkv and qkv.search(name) else 1
+        meta = {"in_features": m.in_features, "out_features": m.out_features, "k": config.k, "d": config.dim, "n": n,
+                "groups": groups, "bias": m.bias is not None}
+        specs = CODECS["VQLinear"].tensor_specs(meta)
+        subs = m.in_features * m.out_features // config.dim
+        fixed = groups * config.k * config.dim * 4 + (m.out_features * 4 if m.bias is not None else 0)
+        out[name] = {"weights": m.in_features * m.out_features, "subs": subs, "n": n, "groups": groups, "fixed": fixed,
+                     "fp": sum(p.numel() * 4 for p in m.parameters()),
+                     "soft": subs * (n * index_bytes + n * 4 + 1) + fixed, "hard": subs * index_bytes + fixed,
+                     "stored": sum(nbytes(*spec) for spec in specs.values()),
+                     "index": nbytes(*specs["indices"]), "codebook": nbytes(*specs["codebook"])}
+    return out
+
+
+class _FusedAttention:
+    """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
+    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix."""
+
+    def __init__(self):
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out = q.new_empty(*q.shape[:-1], v.shape[-1])
+                ctx.save_for_backward(q, k, v, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise RuntimeError("shape probe only")
+
+        self.fn = Fn
+
+    def __call__(self, query, key, value, *args, **kwargs):
+        return self.fn.apply(query, key, value)
+
+
+def _probe_layer(m, config, size):
+    """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
+    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
+    import torch
+
+    from vq.layer import VQLinear
+
+    class Probe(VQLinear):
+        def ratios(self):
+            return torch.softmax(self.logits, dim=1)
+
+    return Probe(m.in_features, m.out_features, config.k, config.dim, size["n"], size["groups"],
+                 bias=m.bias is not None, device="meta")
+
+
+def block_training_bytes(block, call, table, batched, include_block, sizes, config):
+    """Device bytes of calibrating `block` at config.batch_size: autograd's saved activations with soft VQ layers in
+    place of the selected Linears (`include_block`: their names inside the block), the minibatch's inputs and
+    targets in fp32, and the gradients and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
+    import torch
+    import torch.nn.functional as F
+
+    from calib.calls import flatten
+    from calib.replay import gather
+    from vq.apply import set_submodule
+
+    student = copy.deepcopy(block)
+    for local, full in include_block.items():
+        set_submodule(student, local, _probe_layer(student.get_submodule(local), config, sizes[full]))
+    rows = config.batch_size
+    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in table.items()}
+    args, kwargs = gather(call.inputs, expanded, batched, slice(None), "meta")
+    owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
+    inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
+    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
+    # autograd keeps (a tensor counts once however often it is saved)
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in owned:
+            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = flatten(student(*args, **kwargs))[1]
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    targets = sum(t.numel() * 4 for t in outputs)
+    optimizer = sum(2 * (sizes[f]["subs"] * sizes[f]["n"] * 4 + sizes[f]["fixed"]) for f in include_block.values())
+    return sum(held.values()) + targets + optimizer
+
+
+def walk_peaks(calls, slot_bytes, output_bytes, sequential=True):
+    """[peak bytes while block i is calibrated] of calib/blockwise.py's walk over blocks with recorded `calls`: slots
+    {key: bytes}, output_bytes[i] = [bytes of block i's output k]. The walk's own rules: at block i the tables hold
+    every slot and block output a block >= i still reads (outputs twice in sequential mode: FP and quantized chain);
+    block i's FP targets overwrite a dying FP output of the same size (sequential mode only), its quantized outputs
+    a dying quantized-chain tensor (slot or output) of the same size, else they are new; then the dying go."""
+    from calib.blockwise import last_uses
+    from calib.record import out_key
+
+    last, born, sizes = last_uses(calls), {}, dict(slot_bytes)
+    for i, outs in enumerate(output_bytes):
+        for k, b in enumerate(outs):
+            sizes[out_key(i, k)], born[out_key(i, k)] = b, i
+            last.setdefault(out_key(i, k), i + 1)  # an output nobody reads leaves the tables after the next block
+    peaks = []
+    for i, outs in enumerate(output_bytes):
+        alive = [k for k in sizes if last.get(k, -1) >= i and born.get(k, -1) < i]
+        held = sum(sizes[k] * (2 if sequential and k not in slot_bytes else 1) for k in alive)
+        dying = [k for k in alive if last[k] == i]
+        fp_free = [sizes[k] for k in dying if k not in slot_bytes] if sequential else []
+        q_free = [sizes[k] for k in dying] if sequential else []
+        new = 0
+        for free in ([fp_free, q_free] if sequential else [fp_free]):
+            for b in outs:
+                if b in free:
+                    free.remove(b)
+                else:
+                    new += b
+        peaks.append(held + new)
+    return peaks
+
+
+def memory_plan(model, adapter, config, vae_factor, tokens):
+    """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
+    config.height x config.width (None: the pipeline's default), `tokens` prompt tokens."""
+    import torch
+
+    from calib.calibrate import CACHE_DTYPES, teacher_plan
+    from calib.capture import calib_steps, storage_dtype
+    from calib.record import out_key, recording, slot_is_batched
+    from models.adapters.base import linear_pattern
+
+    height, width = adapter.image_size(model, vae_factor, config.height, config.width)
+    plan = teacher_plan(config)
+    per_trajectory = adapter.rows_per_trajectory(plan)
+    kept = len(calib_steps(plan.steps, config.calib_timesteps))
+    rows = plan.num_samples * kept * per_trajectory
+    calls = []
+    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
+        model(**adapter.example_inputs(model, PROBE_ROWS, (height // vae_factor, width // vae_factor), tokens))
+    live, cache_dtype = calls[0], CACHE_DTYPES[config.cache_dtype]
+
+    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it for all rows
+        shape = (rows, *t.shape[1:]) if key is None or batched[key] else tuple(t.shape)
+        return shape, nbytes(shape, storage_dtype(t, cache_dtype))
+
+    batched = {key: slot_is_batched(t, PROBE_ROWS) for key, t in live.slots.items()}
+    slots = [(key, *stored(t, key)) for key, t in live.slots.items()]
+    slot_bytes = {key: size for key, _, size in slots}
+    walk = walk_peaks(live.calls, slot_bytes, [[stored(t)[1] for t in outs] for outs in live.outputs],
+                      sequential=config.block_inputs == "quantized")
+
+    include = linear_pattern(adapter.quant_include(model), config.include, config.exclude)
+    sizes = layer_sizes(model, include, config)
+    table = dict(live.slots)
+    for i, outs in enumerate(live.outputs):
+        table.update({out_key(i, k): t for k, t in enumerate(outs)})
+    batched.update({key: True for key in table if key.startswith("o")})
+    block_bytes = 0
+    for i, (name, block) in enumerate(adapter.blocks(model)):
+        inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
+        block_bytes = max(block_bytes, block_training_bytes(block, live.calls[i], table, batched, inside, sizes,
+                                                            config))
+    state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
+    fp_bytes = sum(t.numel() * 4 for t in state.values())
+    teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
+                                                                   for b in model.buffers())
+    kept_fp = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for key, t in state.items()
+                  if not key.startswith(tuple(f"{name}." for name in sizes)))
+    total = {key: sum(s[key] for s in sizes.values()) for key in ("weights", "fp", "soft", "hard", "stored",
+                                                                    "index", "codebook")}
+    resident = teacher - total["fp"]  # the student's full-precision tensors
+    guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
+    return MemoryPlan(
+        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{config.wbits} (k {config.k}, "
+              f"d {config.dim}), cache {config.cache_dtype}, batch {config.batch_size}",
+        points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
+        slots=slots, cache_bytes=sum(slot_bytes.values()), walk_blocks=walk, teacher_bytes=teacher,
+        student_bytes=resident + total["soft"], hard_bytes=resident + total["hard"], block_bytes=block_bytes,
+        artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
+        bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
+        layers=len(sizes))

@@ -1,0 +1,95 @@
+"""The memory plan (shape arithmetic on the meta device) against what a real quantize run records, holds and writes
+(tiny pipelines, tests/models/tiny_t2i.py), and on the published configs of the real models."""
+import json
+import math
+import struct
+
+import pytest
+
+from calib.config import load_config
+from models.adapters import ADAPTERS
+from models.adapters.load import load_model
+from models.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+from tests.cli_helpers import ROOT
+from tests.models.tiny_t2i import quantized_run
+from vq import quantize_linears
+
+pytest.importorskip("transformers")
+FAMILIES = ["pixart", "sd3", "flux"]
+
+
+PLANS = {}
+
+
+@pytest.fixture(params=FAMILIES)
+def run(request, tmp_path_factory):
+    """The family's quantize run (shared with tests/jobs/test_quantize_t2i.py) and the plan of its config."""
+    r = quantized_run(request.param, tmp_path_factory.getbasetemp() / "t2i_runs")
+    if request.param not in PLANS:
+        name, config, factor, directory = plan_source(str(r.pipeline))
+        adapter = ADAPTERS[name]()
+        PLANS[request.param] = memory_plan(meta_model(name, config), adapter, r.config, factor,
+                                           adapter.prompt_tokens(directory))
+    return r, PLANS[request.param]
+
+
+def test_the_plan_predicts_every_recorded_slot(run):
+    r, plan = run
+    recorded = r.calibration_set.slots
+    assert [key for key, _, _ in plan.slots] == list(recorded)
+    for key, shape, nbytes in plan.slots:
+        assert tuple(shape) == tuple(recorded[key].shape), key
+        assert nbytes == recorded[key].numel() * recorded[key].element_size(), key
+    assert plan.cache_bytes == sum(t.numel() * t.element_size() for t in recorded.values())
+
+
+def test_the_plan_predicts_what_the_block_walk_holds_at_each_block(run):
+    """The ActivationStore counts the batched tensors it allocates; constant slots (Flux's rotary table) are
+    plain copies, counted by the plan only."""
+    r, plan = run
+    cset = r.calibration_set
+    constants = sum(t.numel() * t.element_size() for k, t in cset.slots.items() if not cset.batched[k])
+    assert r.store_peaks == [b - constants for b in plan.walk_blocks]
+
+
+def test_the_plan_predicts_the_artifact_and_its_bits(run):
+    r, plan = run
+    raw = (r.artifact / "model.safetensors").read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    assert plan.artifact_bytes == len(raw) - 8 - header  # the tensors' bytes, to the byte
+    quant = json.loads((r.artifact / "quant_config.json").read_text())
+    assert plan.layers == len(quant["layers"])
+    assert plan.bits == math.log2(r.config.k) / r.config.dim
+
+
+def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
+    r, plan = run
+    base = load_model(None, str(r.pipeline))
+    model = base.model
+
+    def held(m):
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    assert plan.teacher_bytes == held(model)
+    c = r.config
+    quantize_linears(model, c.k, c.dim, candidates=c.candidates, include=base.adapter.quant_include(model),
+                     kmeans_iters=1, seed=c.seed, progress=False)
+    assert plan.student_bytes == held(model)
+
+
+def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
+    config = load_config(str(ROOT / "configs" / "flux_dev_w2.yaml"))
+    name, model_config, factor, _ = plan_source(config.ckpt)
+    plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
+                       ADAPTERS[name].text_tokens)
+    assert plan.points.endswith(f"= {config.calib_samples * config.calib_timesteps} points")  # guidance distilled
+    assert plan.layers == 19 * 14 + 38 * 6 and plan.bits == 2.0
+    assert 11.8e9 < plan.weights < 11.9e9  # FLUX.1-dev: 12B parameters, nearly all in the blocks
+    assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]
+
+
+def test_dry_run_prints_the_plan_of_a_pipeline_and_only_the_config_of_a_dit(tmp_path_factory):
+    r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
+    text = dry_run_plan(load_config(overrides={"ckpt": str(r.pipeline), "height": 8, "width": 8}))
+    assert text.startswith("memory plan: FluxTransformer2DModel (4 blocks) at 8x8")
+    assert dry_run_plan(load_config(overrides={"ckpt": None})) is None
