@@ -71,8 +71,8 @@ def run_method(key, args, reference, label=None, flags=None):
     label, flags = (label, flags) if flags is not None else METHODS[key]
     art = os.path.join(args.out, "runs", key)
     samples = samples_path(args.out, key)
-    q_time, q_rss = timed([sys.executable, "quantize.py", *flags, "--seed", str(args.seed), *args.extra,
-                           "--out", art], art + ".quantize.log")
+    q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *args.extra,
+                           "--out", art], art + ".quantize.log")  # a method's own --seed (a calibration seed) wins
     s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
     row = evaluate_files(samples, reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)

@@ -80,11 +80,12 @@ def write_report(rows, out, args):
     lines = [
         "# The authors' recipe vs ours (embedded digits DiT, W2: k = 256, d = 4)", "",
         f"Command: `python benchmarks/bench_recipes.py{''.join(' ' + a for a in sys.argv[1:])}`. "
-        f"{args.num_samples} samples per row, 50 steps, CFG 1.5, sampling seed 0 for every row (sample i starts "
-        "from the same noise everywhere). FID in the digits classifier's feature space; the interval is a paired "
-        f"bootstrap (200 resamples) of FID(row) - FID({ROWS[REFERENCE][0]}). Noise MSE: predicted eps vs the FP "
-        "model on held-out teacher inputs (16 trajectories x 10 steps, CFG 1.5, seed 1000). Quantize s: the whole "
-        "quantize.py process (load, k-means, calibration, save) on this 2-core CPU.", "",
+        f"{args.num_samples} samples per row, {args.steps} steps, CFG 1.5, sampling seed {args.seed} for every "
+        "row (sample i starts from the same noise everywhere). FID in the digits classifier's feature space; the "
+        f"interval is a paired bootstrap (200 resamples) of FID(row) - FID({ROWS[REFERENCE][0]}). Noise MSE: "
+        "predicted eps vs the FP model on held-out teacher inputs (16 trajectories x 10 steps, CFG 1.5, seed "
+        "1000). Quantize s: the whole quantize.py process (load, k-means, calibration, save) on this 2-core CPU.",
+        "",
         "| row | updates | FID | FID - FID(ours), 95% | PSNR vs FP (dB) | noise MSE | accuracy | quantize s |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -120,7 +121,8 @@ def main(args):
         if key in rows:
             continue
         label, flags = ROWS[key]
-        flags = [f.format(matched=matched_trajectories(rows)) for f in flags]
+        if "{matched}" in flags:
+            flags = [f.format(matched=matched_trajectories(rows)) for f in flags]
         row = run_method(key, args, reference, label=label, flags=flags)
         art = os.path.join(args.out, "runs", key)
         model, _, _ = load_quantized(art)
@@ -141,5 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS), help=f"comma list of {list(ROWS)}")
     parser.add_argument("--resume", action="store_true", help="keep the rows recipes.json already holds")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipes"))
-    parser.add_argument("--extra", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("extra", nargs="*", help="quantize.py flags for every row after --, e.g. for a smoke test: "
+                                                 "-- --iters 5 --calib-samples 2 --steps 5 --calib-timesteps 2")
     main(parser.parse_args())

@@ -5,10 +5,11 @@ import torch
 from models.loading import DiTSpec
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # results must not depend on the thread count, and the suite shares the CPU with other jobs: with two threads
-    # on a busy 2-core machine, small ops wait on each other (a tiny k-means took 1.25 s instead of 0.035 s)
+    # on a busy 2-core machine, small ops wait on each other (a tiny k-means took 1.25 s instead of 0.035 s);
+    # session-wide, so module- and session-scoped fixtures run on one thread too
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,7 +1,9 @@
+import json
 import os
 
 import pytest
 import torch
+import yaml
 
 from calib.config import load_config
 from calib.state import STATE_DIR, load_state, save_state
@@ -57,3 +59,17 @@ def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="different config.*fresh --out or delete"):
         quantize(config, str(tmp_path), progress=False)
+
+
+def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_path):
+    config = load_config(overrides={"ckpt": tiny_ckpt, "recipe": "authors", "codebook_size": 16, "kmeans_iters": 3,
+                                    "calib_samples": 2, "online_batch": 2, "steps": 3, "calib_timesteps": 2})
+    quantize(config, str(tmp_path), progress=False)
+    model, _, quant = load_quantized(tmp_path)
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (recorded["recipe"], recorded["calib"], recorded["cfg_scale"], recorded["kmeans_init"]) == (
+        "authors", "online", 4.0, "authors")
+    log = [json.loads(line) for line in (tmp_path / "calib_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(r["mode"] == "online" and r["updates"] == 2 * 3 for r in log)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    assert torch.isfinite(model(x, t, y)).all() and len(quant["layers"]) == 6 * 5
