@@ -51,10 +51,12 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
         # the FP teacher, copied before its Linears are replaced, instead of loading the checkpoint again
         teacher = copy.deepcopy(model) if calibrated else None
         soft = config.method == "vq4dit"
+        # block-wise calibration softens each block's layers when it reaches the block (calib/blockwise.py)
+        lazy = soft and config.calib == "blockwise"
         qlayers = quantize_linears(model, config.k, config.dim, candidates=config.candidates if soft else 1,
                                    include=include, split_qkv=config.split_qkv, kmeans_iters=config.kmeans_iters,
                                    seed=config.seed, ratio_init=config.ratio_init, kmeans_init=config.kmeans_init,
-                                   progress=progress)
+                                   soft=soft and not lazy, progress=progress)
         if calibrated:
             stats = calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=progress)
         for layer in qlayers.values():

@@ -6,8 +6,9 @@ tensors and block outputs a recording stores. From them, at the config's setting
 - host memory: the calibration set (slot tensors at calib_samples x kept steps x CFG rows; token activations in
   cache_dtype; beyond max_cache_gb they go to files under cache_dir) and the block-wise walk's peak: the slots that
   later blocks still read plus block i's FP targets and the quantized chain's outputs (two sets per stream);
-- device memory: the FP teacher, the student (every quantized layer soft at the start: candidates, ratio logits,
-  frozen flags, fp32 codebook) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
+- device memory: the FP teacher, the student (hard layers: indices and fp32 codebook; the layers under calibration
+  soft: candidates, ratio logits, frozen flags; block-wise that is one block at a time, joint and online every
+  layer from the start) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
   its minibatch (inputs and targets in fp32) and the activations autograd keeps at batch_size, measured by running
   the block on meta with soft VQ layers and attention as a fused kernel keeps it (q, k, v, output);
 - the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight.
@@ -50,7 +51,7 @@ class MemoryPlan:
     cache_bytes: int  # the recorded calibration set (host)
     walk_blocks: list  # the block-wise walk's peak while each block is calibrated (host)
     teacher_bytes: int  # device: the FP teacher
-    student_bytes: int  # device: the student with every quantized layer soft
+    student_bytes: int  # device: the student, its layers soft while calibrated (block-wise: one block at a time)
     hard_bytes: int  # the student once every layer is hard
     block_bytes: int  # device: calibrating the largest block
     artifact_bytes: int  # tensor bytes of model.safetensors
@@ -76,9 +77,9 @@ class MemoryPlan:
                  f"  host: recorded activations {gib(self.cache_bytes)}, block-wise walk peak {gib(self.walk_bytes)}"
                  " (past max_cache_gb they go to files in cache_dir)"]
         lines += [f"    {key} {tuple(shape)}: {gib(nbytes)}" for key, shape, nbytes in self.slots]
-        lines += [f"  device: FP teacher {gib(self.teacher_bytes)} + student {gib(self.student_bytes)} (all layers "
-                  f"soft; {gib(self.hard_bytes)} once hard) + calibrating one block {gib(self.block_bytes)} = "
-                  f"{gib(self.device_bytes)} (text encoders: on the CPU, before calibration)",
+        lines += [f"  device: FP teacher {gib(self.teacher_bytes)} + student {gib(self.student_bytes)} (layers soft "
+                  f"while calibrated; {gib(self.hard_bytes)} all hard) + calibrating one block "
+                  f"{gib(self.block_bytes)} = {gib(self.device_bytes)} (text encoders: on the CPU, before calibration)",
                   f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
                   f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                   f"({self.bits_with_codebooks:.3f} with fp16 codebooks)"]
@@ -333,13 +334,18 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     total = {key: sum(s[key] for s in sizes.values()) for key in ("weights", "fp", "soft", "hard", "stored",
                                                                     "index", "codebook")}
     resident = teacher - total["fp"]  # the student's full-precision tensors
+    soft_extra = total["soft"] - total["hard"]  # joint / online: every layer soft from the start
+    if config.calib == "blockwise":  # block-wise: a block's layers are soft only while it is calibrated
+        soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
+                         for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
     return MemoryPlan(
         title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{config.wbits} (k {config.k}, "
               f"d {config.dim}), cache {config.cache_dtype}, batch {config.batch_size}",
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
         slots=slots, cache_bytes=sum(slot_bytes.values()), walk_blocks=walk, teacher_bytes=teacher,
-        student_bytes=resident + total["soft"], hard_bytes=resident + total["hard"], block_bytes=block_bytes,
+        student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
+        block_bytes=block_bytes,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
         layers=len(sizes))

@@ -26,8 +26,12 @@ def set_submodule(model, name, module):
 
 def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINEARS, split_qkv=False,
                      qkv_pattern=r"\.qkv$", kmeans_iters=100, seed=0, ratio_init="inverse_distance", progress=True,
-                     kmeans_init="fast"):
-    """Replace every nn.Linear whose qualified name matches `include` by a soft VQLinear; returns {name: VQLinear}.
+                     kmeans_init="fast", soft=True):
+    """Replace every nn.Linear whose qualified name matches `include` by a VQLinear; returns {name: VQLinear}.
+
+    soft: every layer gets its candidate sets and ratio logits now; soft=False keeps them hard (nearest codeword)
+    until calibration softens them one block at a time (VQLinear.soften_), which at n = 2 holds 0.25 instead of
+    2.75 bytes per weight for the blocks not in calibration.
 
     qkv: by default (split_qkv=False) a fused qkv Linear is one layer with one codebook, like every other layer
     (one codebook per nn.Linear is the simplest rule and what the model's module structure gives). With
@@ -49,7 +53,7 @@ def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINE
     for name, linear in tqdm(targets, desc="k-means", unit="layer", disable=not progress):
         layer = VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
                                      kmeans_iters=kmeans_iters, seed=layer_seed(seed, name),
-                                     ratio_init=ratio_init, name=name, kmeans_init=kmeans_init)
+                                     ratio_init=ratio_init, name=name, kmeans_init=kmeans_init, soft=soft)
         set_submodule(model, name, layer)
         out[name] = layer
     logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), codebook_size, dim,

@@ -84,8 +84,10 @@ class VQLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, codebook_size, dim, candidates=2, groups=1, kmeans_iters=100, seed=0,
-                    ratio_init="inverse_distance", name="linear", kmeans_init="fast"):
-        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector.
+                    ratio_init="inverse_distance", name="linear", kmeans_init="fast", soft=True):
+        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector (soft), or
+        only the nearest one (soft=False: a hard layer, 1 byte per sub-vector at k <= 256 instead of about 11 at
+        n = 2; `soften_` gives it its candidates later, with the very values soft=True gives now).
 
         kmeans_init: "fast" or "authors" (vq.kmeans.kmeans); "authors" clamps the codebook size of a small layer
         (vq.kmeans.authors_codebook_size), and the layer then carries that smaller k.
@@ -100,20 +102,37 @@ class VQLinear(nn.Module):
         check_shape(name, linear.in_features, linear.out_features, dim, groups, codebook_size)
         w = linear.weight.detach().float()  # (out, in)
         layer = cls(linear.in_features, linear.out_features, codebook_size, dim, candidates, groups,
-                    bias=linear.bias is not None, device=w.device)
+                    bias=linear.bias is not None, hard=True, device=w.device)
         subs = w.reshape(groups, -1, dim)  # (G, N/G, d): group g = output rows [g*out/G, (g+1)*out/G)
-        cands, logits = [], []
         for g in range(groups):
-            cb, _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g, init=kmeans_init)
-            idx, dist = nearest_codewords(subs[g], cb, candidates)
-            layer.codebook.data[g] = cb
-            cands.append(idx)
-            logits.append(init_logits(dist, ratio_init))
-        layer.candidates.copy_(torch.cat(cands))
-        layer.logits.data.copy_(torch.cat(logits))
+            layer.codebook.data[g], _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g,
+                                               init=kmeans_init)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
+        if soft:
+            return layer.soften_(w, candidates, ratio_init)
+        nearest = [nearest_codewords(subs[g], layer.codebook.data[g], 1)[0][:, 0] for g in range(groups)]
+        layer.indices.copy_(torch.cat(nearest))
         return layer
+
+    @torch.no_grad()
+    def soften_(self, fp_weight, candidates=2, ratio_init="inverse_distance"):
+        """Make a hard layer soft: each sub-vector of `fp_weight` (out, in) gets its `candidates` nearest codewords
+        and ratio logits from their distances (ratio_init), as at quantization; returns self."""
+        if not self.is_hard:
+            raise RuntimeError("soften_ needs a hard VQLinear")
+        subs = fp_weight.detach().float().to(self.codebook.device).reshape(self.groups, -1, self.dim)  # (G, N/G, d)
+        cands, logits = [], []
+        for g in range(self.groups):
+            idx, dist = nearest_codewords(subs[g], self.codebook.data[g], candidates)
+            cands.append(idx)
+            logits.append(init_logits(dist, ratio_init))
+        del self.indices
+        self.num_candidates = candidates
+        self.register_buffer("candidates", torch.cat(cands).to(index_dtype(self.codebook_size)))
+        self.logits = nn.Parameter(torch.cat(logits))
+        self.register_buffer("frozen", torch.zeros(self.logits.shape[0], dtype=torch.bool, device=self.logits.device))
+        return self
 
     @property
     def is_hard(self):

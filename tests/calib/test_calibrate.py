@@ -228,3 +228,24 @@ def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
         error = (deployed - teacher.blocks[0](seen["s0.0"], seen["s0.1"])).pow(2).mean().item()
     torch.testing.assert_close(inputs["blocks.1"]["o0.0"], deployed, rtol=1e-6, atol=1e-6)
     assert stats[0]["mse_after"] == pytest.approx(error, rel=1e-5)
+
+
+def test_layers_softened_when_their_block_comes_calibrate_like_soft_ones(tmp_path):
+    """The quantize job keeps layers hard until block-wise calibration reaches their block (0.25 instead of 2.75
+    bytes per weight for the others); VQLinear.soften_ then gives them exactly the candidates and ratio logits that
+    quantizing them soft gives, so the result is bitwise the same."""
+    from tests.calib.conftest import tiny_dit
+    from vq import quantize_linears
+
+    config = tiny_config(iters=15)
+    _, _, eager, eager_stats = run(config, tmp_path / "eager", depth=3)
+    teacher = tiny_dit(3, 0)
+    student = copy.deepcopy(teacher)
+    lazy = quantize_linears(student, config.k, config.dim, candidates=config.candidates,
+                            kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False, soft=False)
+    assert all(layer.is_hard for layer in lazy.values())
+    lazy_stats = calibrate(student, teacher, adapter_for(student), lazy, config, str(tmp_path / "lazy"),
+                           progress=False)
+    a, b = state_of(eager), state_of(lazy)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(lazy_stats) == without_time(eager_stats)

@@ -31,9 +31,16 @@ def test_layer_candidates_are_the_n_nearest_codewords(n, groups):
     layer = VQLinear.from_linear(linear, 16, 2, candidates=n, groups=groups, kmeans_iters=5)
     subs = linear.weight.detach().reshape(groups, -1, 2)  # (G, N/G, d)
     for g in range(groups):
-        ref = torch.cdist(subs[g].double(), layer.codebook[g].detach().double()).argsort(1)[:, :n]  # (N/G, n)
+        dist = torch.cdist(subs[g].double(), layer.codebook[g].detach().double())  # (N/G, k)
+        ref = dist.argsort(1)[:, :n]  # (N/G, n)
         per_group = subs.shape[1]
-        assert torch.equal(layer.candidates[g * per_group:(g + 1) * per_group].long(), ref)
+        rows = slice(g * per_group, (g + 1) * per_group)
+        assert torch.equal(layer.candidates[rows].long(), ref)
+        # and the ratios start proportional to 1 / distance (the default ratio_init, the authors' code); absolute
+        # tolerance: a sub-vector almost on a codeword has a float32 distance of rounding size
+        inverse = 1 / (dist.gather(1, ref) + 1e-8)
+        torch.testing.assert_close(layer.ratios()[rows].double(), inverse / inverse.sum(1, keepdim=True),
+                                   rtol=0, atol=5e-3)
 
 
 def test_candidates_out_of_range():
