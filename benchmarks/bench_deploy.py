@@ -1,0 +1,248 @@
+"""What deploying a quantized DiT costs next to its full-precision model, each figure from a fresh process.
+
+For a registry model with random weights: artifact / checkpoint bytes, load seconds, peak resident memory (RSS)
+after loading and after one forward at batch 2 and at batch 32, forward seconds, for the FP checkpoint, the
+k-means W2 artifact and that artifact decoded at load (`sample.py --decode-weights`); plus the RSS of importing
+torch and the project alone (the baseline the targets are measured over). On CUDA also the peak CUDA memory.
+
+    python benchmarks/bench_deploy.py                      # DiT-XL/2 256 px (artifact ~10 min once, then reused)
+    python benchmarks/bench_deploy.py --model DiT-S/8 --image-size 64 --out /tmp/deploy      # smoke test
+
+Weights are N(0, 0.02) (bench_xl.random_checkpoint), so only time and memory mean anything. The checkpoint and the
+artifact (`quantize.py --method kmeans --wbits 2 --dim 4`) live in --work and are reused across runs. Each variant
+runs in its own process (this file with --probe), which prints one JSON line; peak RSS is getrusage's maximum.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 2**20
+VARIANTS = ("bare", "fp", "quantized", "decoded")
+# targets of issue 10 (this CPU, DiT-XL/2 W2): bytes added over the bare import by load + forward at batch 2
+TARGETS = {"quantized": (1.3, "artifact"), "fp": (1.25, "weights")}  # (factor, of what) + 100 MiB
+SLACK = 100 * MiB
+TIME_FACTOR = 1.25  # quantized forward at the largest batch within this factor of FP
+
+
+def peak_rss():
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def probe(args):
+    """One variant in this (fresh) process; prints its measurements as one JSON line."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from models.loading import load_dit
+    from models.precision import apply_precision, resolve_precision
+    from vq import load_quantized
+
+    cuda = args.device.startswith("cuda")
+    out = {"variant": args.probe, "import_rss": peak_rss(), "threads": torch.get_num_threads()}
+    if args.probe == "bare":
+        print(json.dumps(out))
+        return
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    if args.probe == "fp":
+        model = load_dit(args.model, args.ckpt, args.image_size, device=args.device)[0]
+    else:
+        model = load_quantized(args.artifact, args.device, decode=args.probe == "decoded")[0]
+    precision = resolve_precision(args.precision, args.device)
+    model = apply_precision(model, precision, args.device).eval()
+    sync()
+    out.update(load_s=time.perf_counter() - start, load_rss=peak_rss(), precision=precision.name)
+    if cuda:
+        out["load_cuda"] = torch.cuda.max_memory_allocated()
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batches:
+        x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=gen)
+        x = x.to(args.device, precision.dtype)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
+        y = torch.randint(0, model.num_classes, (batch,), generator=gen).to(args.device)
+        times, cpu_times = [], []
+        with torch.no_grad():
+            for _ in range(1 + args.repeats):  # the first forward is the one the peak memory is read after
+                sync()
+                begin, cpu_begin = time.perf_counter(), time.process_time()
+                model(x, t, y)
+                sync()
+                times.append(time.perf_counter() - begin)
+                cpu_times.append(time.process_time() - cpu_begin)
+                if len(times) == 1:
+                    out[f"rss_b{batch}"] = peak_rss()
+                    if cuda:
+                        out[f"cuda_b{batch}"] = torch.cuda.max_memory_allocated()
+        out[f"forward_s_b{batch}"] = statistics.median(times[1:] or times)
+        out[f"forward_cpu_s_b{batch}"] = statistics.median(cpu_times[1:] or cpu_times)
+        out[f"forward_runs_b{batch}"] = times
+    print(json.dumps(out))
+
+
+def run_probe(variant, args, ckpt, artifact):
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", variant, "--model", args.model,
+           "--image-size", str(args.image_size), "--ckpt", ckpt, "--artifact", artifact, "--device", args.device,
+           "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
+    if args.precision:
+        cmd += ["--precision", args.precision]
+    print(f"[bench_deploy] {variant}: {' '.join(cmd[1:])}", flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"probe {variant} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def prepare(args):
+    """The random FP checkpoint and its k-means W2 artifact in --work, made once and reused."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.bench_xl import random_checkpoint
+
+    os.makedirs(args.work, exist_ok=True)
+    ckpt = random_checkpoint(args.model, args.image_size, os.path.join(args.work, "fp.safetensors"))
+    artifact = os.path.join(args.work, "kmeans_w2")
+    if not os.path.isfile(os.path.join(artifact, "quant_config.json")):
+        cmd = [sys.executable, "quantize.py", "--method", "kmeans", "--model", args.model, "--ckpt", ckpt,
+               "--image-size", str(args.image_size), "--wbits", "2", "--dim", "4", "--out", artifact,
+               "--device", args.device]
+        print(f"[bench_deploy] making the artifact once: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        print(f"[bench_deploy] artifact made in {time.perf_counter() - start:.0f} s", flush=True)
+    return ckpt, artifact
+
+
+def machine(device):
+    """One line naming the machine: CPU model and cores, memory, GPU when used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
+    if device.startswith("cuda"):
+        import torch
+
+        text += f"; {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def git_commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def targets(results, sizes, batches):
+    """[(text, met)] for the memory targets (smallest batch) and the time target (largest batch)."""
+    base, small, large = results["bare"]["import_rss"], min(batches), max(batches)
+    rows = []
+    for variant, (factor, what) in TARGETS.items():
+        added = results[variant][f"rss_b{small}"] - base
+        limit = factor * sizes[what] + SLACK
+        rows.append((f"{variant} load + forward at batch {small} adds {added / MiB:.0f} MiB over the bare import; "
+                     f"target <= {factor} x {what} ({sizes[what] / MiB:.0f} MiB) + 100 MiB = {limit / MiB:.0f} MiB",
+                     added <= limit))
+    ratio = results["quantized"][f"forward_cpu_s_b{large}"] / results["fp"][f"forward_cpu_s_b{large}"]
+    wall = results["quantized"][f"forward_s_b{large}"] / results["fp"][f"forward_s_b{large}"]
+    rows.append((f"quantized forward at batch {large} takes {ratio:.2f} x FP in CPU seconds ({wall:.2f} x in wall "
+                 f"seconds); target <= {TIME_FACTOR} x", ratio <= TIME_FACTOR))
+    return rows
+
+
+def report(args, results, sizes, load_before, load_after):
+    batches, cuda = args.batches, args.device.startswith("cuda")
+    threads = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    command = f"{threads}python benchmarks/bench_deploy.py" + "".join(f" {a}" for a in sys.argv[1:])
+    lines = [f"# Deployment cost: {args.model} {args.image_size} px, random weights, k-means W2 (k256 d4)", "",
+             f"Command: `{command}`  ", f"Machine: {machine(args.device)}; torch threads "
+             f"{results['fp']['threads']}; device {args.device}, precision {results['fp']['precision']}  ",
+             f"Code: {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}  ",
+             f"Load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores: "
+             "times are affected by other jobs when it exceeds the cores; memory figures are not.", "",
+             f"Bare import of torch and the project: {results['bare']['import_rss'] / MiB:.0f} MiB peak RSS. "
+             f"FP weights {sizes['weights'] / MiB:.1f} MiB (safetensors), artifact {sizes['artifact'] / MiB:.1f} "
+             "MiB (model.safetensors). Memory is peak RSS in MiB (process high-water mark after the step).", ""]
+    head = ["variant", "load s", "RSS after load"] + [f"RSS after fwd b{b}" for b in batches]
+    head += [f"added over bare, b{batches[0]}"] + [f"fwd s b{b} wall (CPU)" for b in batches]
+    if cuda:
+        head += ["CUDA peak after load"] + [f"CUDA peak b{b}" for b in batches]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = results["bare"]["import_rss"]
+    for variant in VARIANTS[1:]:
+        r = results[variant]
+        row = [variant, f"{r['load_s']:.1f}", f"{r['load_rss'] / MiB:.0f}"]
+        row += [f"{r[f'rss_b{b}'] / MiB:.0f}" for b in batches]
+        row += [f"{(r[f'rss_b{batches[0]}'] - base) / MiB:.0f}"]
+        row += [f"{r[f'forward_s_b{b}']:.3f} ({r[f'forward_cpu_s_b{b}']:.3f})" for b in batches]
+        if cuda:
+            row += [f"{r['load_cuda'] / MiB:.0f}"] + [f"{r[f'cuda_b{b}'] / MiB:.0f}" for b in batches]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Forward seconds: median of {args.repeats} forwards after the first (the first is the one the "
+              "memory is read after), wall and in brackets CPU seconds of the process (all its threads), which other "
+              "jobs on the machine disturb far less than wall time; the time target compares CPU seconds.", "",
+              "Targets (issue 10):", ""]
+    lines += [f"- {'met' if met else 'NOT met'}: {text}" for text, met in targets(results, sizes, batches)]
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    sys.path.insert(0, ROOT)
+    from utils.fileio import write_text_atomic
+
+    ckpt, artifact = prepare(args)
+    load_before = os.getloadavg()[0]
+    results = {variant: run_probe(variant, args, ckpt, artifact) for variant in VARIANTS}
+    load_after = os.getloadavg()[0]
+    sizes = {"weights": os.path.getsize(ckpt), "artifact": os.path.getsize(os.path.join(artifact, "model.safetensors"))}
+    text = report(args, results, sizes, load_before, load_after)
+    payload = {"command": sys.argv, "model": args.model, "image_size": args.image_size, "device": args.device,
+               "machine": machine(args.device), "code": git_commit(), "load_average": [load_before, load_after],
+               "sizes": sizes, "results": results,
+               "targets": [{"text": t, "met": met} for t, met in targets(results, sizes, args.batches)]}
+    write_text_atomic(args.out + ".md", text)
+    write_text_atomic(args.out + ".json", json.dumps(payload, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default=None, help="fp32 | tf32 | bf16 | fp16 (default: the device's)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 32], help="forward batch sizes, ascending")
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch after the first")
+    parser.add_argument("--work", default=None, help="checkpoint + artifact directory, reused "
+                                                     "(default outputs/bench_deploy/<model>-<size>)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "deploy"),
+                        help="writes OUT.md and OUT.json")
+    parser.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.probe:
+        probe(cli)
+    else:
+        tag = f"{cli.model.replace('/', '_').lower()}-{cli.image_size}"
+        cli.work = cli.work or os.path.join(ROOT, "outputs", "bench_deploy", tag)
+        main(cli)
