@@ -221,12 +221,10 @@ def decode_layers(model):
     classes = tuple(codec.cls for codec in CODECS.values())
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, classes)]
     for name, layer in targets:
-        weight = layer.weight()  # (out, in)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
+        weight = layer.weight()  # (out, in), the only weight-sized allocation: it becomes the Linear's parameter
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        state = {"weight": weight} if layer.bias is None else {"weight": weight, "bias": layer.bias.detach()}
+        linear.load_state_dict(state, assign=True)
         set_submodule(model, name, linear.eval())
     return len(targets)
 

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from jobs.sample import sample_shard
 from models import distributed
@@ -80,3 +81,25 @@ def test_sample_to_dir_rejects_bad_arguments(tmp_path, tiny_dit, kwargs, named):
     assert not (tmp_path / "out").exists()
 
 
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_job_loads_models_in_the_requested_precision(tmp_path, tiny_dit, precision, dtype):
+    """sample.py --precision reaches the network through load_for_sampling, for a checkpoint and an artifact;
+    codeword indices keep their integer dtype."""
+    from calib.config import load_config
+    from jobs.quantize import quantize
+    from jobs.sample import load_for_sampling
+    from models.loading import save_dit
+    from vq.layer import VQLinear
+
+    model, spec = tiny_dit
+    save_dit(model, spec.name, tmp_path / "tiny.safetensors")
+    fp, _, _ = load_for_sampling(ckpt=str(tmp_path / "tiny.safetensors"), precision=precision)
+    assert {p.dtype for p in fp.parameters()} == {dtype}
+    quantize(load_config(overrides={"ckpt": str(tmp_path / "tiny.safetensors"), "method": "kmeans",
+                                    "codebook_size": 16, "kmeans_iters": 2, "device": "cpu"}), str(tmp_path / "art"),
+             progress=False)
+    q, _, _ = load_for_sampling(quantized=str(tmp_path / "art"), precision=precision)
+    layer = next(m for m in q.modules() if isinstance(m, VQLinear))
+    assert layer.codebook.dtype == dtype and layer.indices.dtype == torch.uint8
