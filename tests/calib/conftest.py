@@ -2,6 +2,8 @@
 import copy
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from calib.capture import calib_steps
 from calib.config import QuantizeConfig
@@ -9,7 +11,7 @@ from models.adapters.dit import CALIB_STREAM
 from models.diffusion import make_diffusion
 from models.dit import DiT
 from models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
-from vq import quantize_linears
+from vq import VQLinear, quantize_linears
 
 
 def tiny_dit(depth=2, seed=0):
@@ -58,3 +60,34 @@ def reference_points(model, num_samples, steps, kept, cfg_scale, seed, batch_siz
         ddpm_sample(model, noise, labels[idx.start:idx.stop], make_diffusion(steps), cfg_scale,
                     null_class=model.num_classes, guided_channels=1, on_step=on_step)
     return torch.cat(xs), torch.cat(ts), torch.cat(ys)
+
+
+def soft_layer(out=8, inp=8, k=8, d=2, n=2, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(inp, out)
+    return VQLinear.from_linear(linear, k, d, candidates=n, kmeans_iters=5, seed=seed), linear
+
+
+def block_problem(seed=0, candidates=2, points=64):
+    """A tiny DiT block and its quantized copy: (layers, loss_fn(idx) -> L_d of a minibatch, error() -> L_d on all
+    points). Targets are the FP block's outputs on random inputs; candidates=1 gives codebook-only (hard nearest)."""
+    teacher = tiny_dit(depth=1, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    x, c = torch.randn(points, 16, 32, generator=g), torch.randn(points, 32, generator=g)  # (M, T, D), (M, D)
+    with torch.no_grad():
+        target = teacher.blocks[0](x, c)  # (M, T, D)
+    student = copy.deepcopy(teacher)
+    layers = list(quantize_linears(student, 16, 2, candidates=candidates, kmeans_iters=10, seed=seed,
+                                   progress=False).values())
+    if candidates == 1:
+        for layer in layers:
+            layer.harden()
+    block = student.blocks[0]
+
+    def loss_fn(idx):
+        return F.mse_loss(block(x[idx], c[idx]), target[idx])
+
+    def error():
+        with torch.no_grad():
+            return loss_fn(torch.arange(points)).item()
+    return layers, loss_fn, error
