@@ -12,6 +12,10 @@ from torch import nn
 
 from utils.errors import UserError
 
+# the calibration noise stream: seeds derived from (seed, CALIB_STREAM) never coincide with the per-sample seeds
+# (seed, index) that sampling uses for small sample indices
+CALIB_STREAM = 2**40 + 7
+
 
 @dataclass(frozen=True)
 class SampleSettings:

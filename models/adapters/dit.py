@@ -1,16 +1,12 @@
 """Class-conditional DiTs: the project's own DiT (models/dit.py) and, through a thin wrapper, diffusers'
 DiTTransformer2DModel. Both run DiT's learned-variance DDPM sampler with classifier-free guidance as teacher."""
 
-from models.adapters.base import Adapter, ImageSampler, drop_rows
+from models.adapters.base import CALIB_STREAM, Adapter, ImageSampler, drop_rows
 from models.diffusion import make_diffusion
 from models.loading import LATENT_DOWNSAMPLE
 from models.sampler import PerSampleNoise, class_labels, ddpm_sample, generate, guided_channels_for, sample_seed
 from models.vae import load_vae, needs_vae, to_uint8
 from utils.errors import UserError
-
-# the calibration noise stream: seeds derived from (seed, CALIB_STREAM) never coincide with the per-sample seeds
-# (seed, index) that evaluation sampling uses for small sample indices
-CALIB_STREAM = 2**40 + 7
 
 
 def dit_teacher_runs(model, plan, device):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.adapters.base import Adapter, ImageSampler
+from models.adapters.base import CALIB_STREAM, Adapter, ImageSampler
 from models.pipelines import load_pipeline, read_index, resolve_pipeline, to_uint8_images
 from models.prompts import prompt_list
 from models.sampler import sample_seed
@@ -28,8 +28,6 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# the calibration stream: seeds (seed, CALIB_STREAM) never coincide with sampling's per-sample seeds (seed, index)
-CALIB_STREAM = 2**40 + 7
 ENCODE_BATCH = 16  # prompts per text-encoder call
 ENCODE_DEVICE = "cpu"  # where the teacher's prompts are encoded (see above)
 NEGATIVE_PROMPT = ""  # the unconditional branch of classifier-free guidance, as the pipelines default to

@@ -7,7 +7,7 @@ from torch import nn
 
 from calib.capture import calib_steps
 from calib.config import QuantizeConfig
-from models.adapters.dit import CALIB_STREAM
+from models.adapters.base import CALIB_STREAM
 from models.diffusion import make_diffusion
 from models.dit import DiT
 from models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
