@@ -12,24 +12,26 @@ CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 def flatten(value, where="value"):
     """value -> (spec, [tensors in depth-first order]); anything but tensors, containers and constants is refused."""
+    tensors = []
+    return _walk(value, where, tensors), tensors
+
+
+def _walk(v, path, tensors):
+    """flatten's recursion. A module-level function on purpose: a nested recursive closure is a reference cycle
+    that keeps every flattened tensor (a block's outputs) alive until the garbage collector runs."""
     import torch
 
-    tensors = []
-
-    def walk(v, path):
-        if torch.is_tensor(v):
-            tensors.append(v)
-            return {"t": len(tensors) - 1}
-        if isinstance(v, CONSTANT_TYPES):
-            return {"c": v}
-        if isinstance(v, (tuple, list)):
-            return {type(v).__name__: [walk(item, f"{path}[{i}]") for i, item in enumerate(v)]}
-        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-            return {"dict": {k: walk(item, f"{path}.{k}") for k, item in v.items()}}
-        raise UserError(f"{path}: a {type(v).__name__} cannot be recorded for calibration; block arguments must be "
-                        "tensors, None, numbers, strings or tuples / lists / dicts of them")
-
-    return walk(value, where), tensors
+    if torch.is_tensor(v):
+        tensors.append(v)
+        return {"t": len(tensors) - 1}
+    if isinstance(v, CONSTANT_TYPES):
+        return {"c": v}
+    if isinstance(v, (tuple, list)):
+        return {type(v).__name__: [_walk(item, f"{path}[{i}]", tensors) for i, item in enumerate(v)]}
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {"dict": {k: _walk(item, f"{path}.{k}", tensors) for k, item in v.items()}}
+    raise UserError(f"{path}: a {type(v).__name__} cannot be recorded for calibration; block arguments must be "
+                    "tensors, None, numbers, strings or tuples / lists / dicts of them")
 
 
 def unflatten(spec, leaf):

@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -22,3 +25,18 @@ def test_flatten_round_trip_keeps_structure_and_constants():
 def test_unrecordable_arguments_are_user_errors():
     with pytest.raises(UserError, match="blocks.3.*object cannot be recorded"):
         flatten({"args": [object()]}, where="blocks.3")
+
+
+def test_flattened_tensors_are_freed_when_dropped_not_at_the_next_garbage_collection():
+    """A block's outputs go through flatten on every replayed chunk; a reference cycle there (a nested recursive
+    closure holding the tensor list) kept each chunk's outputs alive until the collector ran, and the default
+    quantize run peaked at twice its memory (1218 vs 620 MiB). Mutation caught: flatten's recursion as a closure."""
+    t = torch.zeros(3)
+    ref = weakref.ref(t)
+    gc.disable()
+    try:
+        spec, tensors = flatten({"out": (t, [t, None])})
+        del t, tensors, spec
+        assert ref() is None
+    finally:
+        gc.enable()
