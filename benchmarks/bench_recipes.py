@@ -1,10 +1,12 @@
 """The authors' recipe against ours on the embedded digits model (issue 11): same model, same sampling seeds.
 
-    python benchmarks/bench_recipes.py                # all rows (~2.5 h on 2 cores); --resume goes on after a stop
+    python benchmarks/bench_recipes.py                # the default rows (~75 min on 2 cores); --resume goes on
+    python benchmarks/bench_recipes.py --resume --rows authors,authors-seed1   # their full budget (~85 min each)
 
-Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at its default
-budget of 1000 trajectories (seeds 0 and 1) and at the wall time of our default run (as many trajectories as fit;
-measured from the two runs before it). Each is quantized and sampled in its own process through the CLIs (wall
+Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at a tenth of its
+default budget (100 trajectories) and at the wall time of our default run (as many trajectories as fit, from the
+measured cost per trajectory), each with calibration seeds 0 and 1; their full budget of 1000 trajectories on
+request. Each is quantized and sampled in its own process through the CLIs (wall
 time from /usr/bin/time), 1000 samples, 50 steps, CFG 1.5, sampling seed 0 for every row; then: FID (digits
 classifier features), a paired-bootstrap 95% interval of FID(row) - FID(ours, seed 0), paired PSNR vs the FP
 samples, and the noise MSE vs the FP model on held-out teacher inputs (16 trajectories x 10 steps at CFG 1.5,
@@ -36,18 +38,27 @@ from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq import load_quantized  # noqa: E402
 
-AUTHORS_BUDGET = 1000  # trajectories: the authors' default
+AUTHORS_BUDGET = 1000  # trajectories: the authors' default (about 85 min per run on this 2-core CPU)
+SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here
 # key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
 ROWS = {
     "kmeans": ("k-means only (no calibration)", ["--method", "kmeans"]),
     "codebook": ("codebook-only (PQF-style)", ["--method", "codebook"]),
     "ours": ("ours: block-wise, cached points (default)", []),
     "ours-seed1": ("ours, calibration seed 1", ["--seed", "1"]),
-    "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories", ["--recipe", "authors"]),
+    "authors-matched": ("authors' recipe at our wall time", ["--recipe", "authors", "--calib-samples", "{matched}"]),
+    "authors-matched-seed1": ("authors' recipe at our wall time, seed 1",
+                              ["--recipe", "authors", "--calib-samples", "{matched}", "--seed", "1"]),
+    "authors-100": (f"authors' recipe, {SHORT_BUDGET} trajectories", ["--recipe", "authors", "--calib-samples",
+                                                                       str(SHORT_BUDGET)]),
+    "authors-100-seed1": (f"authors' recipe, {SHORT_BUDGET} trajectories, seed 1",
+                          ["--recipe", "authors", "--calib-samples", str(SHORT_BUDGET), "--seed", "1"]),
+    "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories (their default)", ["--recipe", "authors"]),
     "authors-seed1": (f"authors' recipe, {AUTHORS_BUDGET} trajectories, seed 1",
                       ["--recipe", "authors", "--seed", "1"]),
-    "authors-matched": ("authors' recipe at our wall time", ["--recipe", "authors", "--calib-samples", "{matched}"]),
 }
+DEFAULT_ROWS = ["kmeans", "codebook", "ours", "authors-100", "authors-matched", "ours-seed1", "authors-matched-seed1",
+                "authors-100-seed1"]
 REFERENCE = "ours"
 HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
 
@@ -62,9 +73,15 @@ def held_out_calls():
 
 
 def matched_trajectories(rows):
-    """Authors' trajectories that fit in our default's quantize wall time, from the measured per-trajectory cost."""
-    ours, authors = rows["ours"]["quantize_s"], rows["authors"]["quantize_s"]
-    return max(1, math.floor(AUTHORS_BUDGET * ours / authors))
+    """Authors' trajectories that fit in our default's calibration time: the fixed cost of a quantize run (load,
+    k-means, save: the k-means-only row) comes off both, the rest is divided by the measured cost per trajectory
+    of the longest authors' run so far."""
+    fixed = rows["kmeans"]["quantize_s"]
+    runs = [rows[k] for k in ("authors", "authors-100") if k in rows]
+    if not runs:
+        raise SystemExit("authors-matched needs an authors' run first (authors-100 or authors) and the kmeans row")
+    per_trajectory = (runs[0]["quantize_s"] - fixed) / runs[0]["trajectories"]
+    return max(1, math.floor((rows["ours"]["quantize_s"] - fixed) / per_trajectory))
 
 
 def bootstrap_intervals(rows, out, resamples=200):
@@ -129,6 +146,9 @@ def main(args):
         row["noise_mse"] = prediction_mse(model, teacher, adapter, calls, "cpu")
         row["updates"] = updates_of(art) if key not in ("kmeans",) else 0
         row["flags"] = flags
+        if "--recipe" in flags:
+            row["trajectories"] = int(flags[flags.index("--calib-samples") + 1]) if "--calib-samples" in flags \
+                else AUTHORS_BUDGET
         rows[key] = row
         print(json.dumps(row), flush=True)
         write_report(rows, args.out, args)
@@ -140,7 +160,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the default calibration seed)")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS), help=f"comma list of {list(ROWS)}")
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=DEFAULT_ROWS,
+                        help=f"comma list of {list(ROWS)} (default {DEFAULT_ROWS})")
     parser.add_argument("--resume", action="store_true", help="keep the rows recipes.json already holds")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipes"))
     parser.add_argument("extra", nargs="*", help="quantize.py flags for every row after --, e.g. for a smoke test: "
