@@ -5,6 +5,8 @@ constants (None, flags, numbers). `flatten` turns such a value into (spec, tenso
 with every tensor replaced by {"t": position} and every constant by {"c": value}; `unflatten` puts tensors
 back. The spec is plain JSON, so a recording's wiring can be saved with the calibration state.
 """
+import torch
+
 from utils.errors import UserError
 
 CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -19,8 +21,6 @@ def flatten(value, where="value"):
 def _walk(v, path, tensors):
     """flatten's recursion. A module-level function on purpose: a nested recursive closure is a reference cycle
     that keeps every flattened tensor (a block's outputs) alive until the garbage collector runs."""
-    import torch
-
     if torch.is_tensor(v):
         tensors.append(v)
         return {"t": len(tensors) - 1}
