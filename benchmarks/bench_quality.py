@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
+from calib.state import STATE_DIR  # noqa: E402
 from evaluation.report import evaluate_files  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 
@@ -38,12 +39,16 @@ METHODS = {  # in the order they run: the W2 comparison first
 GRID_METHODS = ["rtn-w2", "kmeans-w2", "vq4dit-w2"]
 
 
-def timed(cmd, log_path):
-    """Run cmd, its output to log_path; returns (wall seconds, peak RSS MiB) measured by /usr/bin/time."""
-    with open(log_path, "w") as log:
+def timed(cmd, log_path, append=False):
+    """Run cmd, its output to log_path; returns (wall seconds, peak RSS MiB) measured by /usr/bin/time.
+
+    append: the run goes on from an interrupted one logged in log_path (quantize.py resumes its calibration):
+    the wall seconds are summed over every segment in the log (the interrupted ones included), the RSS is the
+    largest."""
+    with open(log_path, "a" if append else "w") as log:
         subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
-    last = [line for line in open(log_path) if line.startswith("TIME ")][-1].split()
-    return float(last[1]), int(last[2]) / 1024
+    runs = [line.split() for line in open(log_path) if line.startswith("TIME ")]
+    return sum(float(r[1]) for r in runs), max(int(r[2]) for r in runs) / 1024
 
 
 def bits_per_weight(artifact):
@@ -71,15 +76,22 @@ def run_method(key, args, reference, label=None, flags=None):
     label, flags = (label, flags) if flags is not None else METHODS[key]
     art = os.path.join(args.out, "runs", key)
     samples = samples_path(args.out, key)
+    resumed = os.path.isdir(os.path.join(art, STATE_DIR))  # an interrupted calibration left its state: go on
     q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *args.extra,
-                           "--out", art], art + ".quantize.log")  # a method's own --seed (a calibration seed) wins
+                           "--out", art], art + ".quantize.log", append=resumed)  # a method's own --seed wins
     s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
     row = evaluate_files(samples, reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
     return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
             "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
-            "sample_peak_rss_mib": s_rss}
+            "sample_peak_rss_mib": s_rss, "quantize_segments": segments(art + ".quantize.log")}
+
+
+def segments(log_path):
+    """How many processes a row's quantize time adds up (more than 1 when an interrupted run was resumed)."""
+    with open(log_path) as f:
+        return sum(line.startswith("TIME ") for line in f)
 
 
 def write_table(rows, path, args):

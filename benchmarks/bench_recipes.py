@@ -3,6 +3,12 @@
     python benchmarks/bench_recipes.py                # the default rows (~75 min on 2 cores); --resume goes on
     python benchmarks/bench_recipes.py --resume --rows authors,authors-seed1   # their full budget (~85 min each)
 
+With --resume, rows may run in separate processes at once: each merges its row into recipes.json under a lock,
+so none is lost (their wall times are then not comparable with rows measured alone; on this 2-core CPU two
+authors' runs at OMP_NUM_THREADS=1 each took 12 s per trajectory against 4.8 s for one alone, so run them in
+sequence here). An interrupted row goes on where its calibration stopped (quantize.py resumes from the state in
+its --out); its quantize time is the sum of the runs, marked in the table.
+
 Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at a tenth of its
 default budget (100 trajectories) and at the wall time of our default run (as many trajectories as fit, from the
 measured cost per trajectory), each with calibration seeds 0 and 1; their full budget of 1000 trajectories on
@@ -13,7 +19,9 @@ samples, and the noise MSE vs the FP model on held-out teacher inputs (16 trajec
 another seed than any calibration). Writes recipes.md and recipes.json under --out.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -111,9 +119,14 @@ def write_report(rows, out, args):
         interval = "-" if key == REFERENCE or iv is None else f"[{iv[0]:+.1f}, {iv[1]:+.1f}]"
         psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
         lines.append(f"| {r['method']} | {r.get('updates') or '-'} | {r['fid']:.1f} | {interval} | {psnr} | "
-                     f"{r['noise_mse']:.4g} | {r['accuracy']:.3f} | {r['quantize_s']:.0f} |")
+                     f"{r['noise_mse']:.4g} | {r['accuracy']:.3f} | {r['quantize_s']:.0f}{resumed(r)} |")
     write_text_atomic(os.path.join(out, "recipes.md"), "\n".join(lines) + "\n")
     write_text_atomic(os.path.join(out, "recipes.json"), json.dumps({"rows": rows, "intervals": intervals}, indent=1))
+
+
+def resumed(row):
+    n = row.get("quantize_segments", 1)
+    return f" ({n} runs, resumed)" if n > 1 else ""
 
 
 def updates_of(artifact):
@@ -129,7 +142,7 @@ def updates_of(artifact):
 def main(args):
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     path = os.path.join(args.out, "recipes.json")
-    rows = json.load(open(path))["rows"] if args.resume and os.path.exists(path) else {}
+    rows = saved_rows(path, args.resume)
     reference = samples_path(args.out, "fp")
     if not os.path.exists(reference):
         timed(sample_cmd(args, os.path.dirname(reference), []), os.path.dirname(reference) + ".sample.log")
@@ -149,9 +162,27 @@ def main(args):
         if "--recipe" in flags:
             row["trajectories"] = int(flags[flags.index("--calib-samples") + 1]) if "--calib-samples" in flags \
                 else AUTHORS_BUDGET
-        rows[key] = row
         print(json.dumps(row), flush=True)
-        write_report(rows, args.out, args)
+        with locked(path + ".lock"):  # another process may have added rows meanwhile: merge, don't overwrite
+            rows = {**saved_rows(path, args.resume), **rows, key: row}
+            write_report(rows, args.out, args)
+
+
+@contextlib.contextmanager
+def locked(lock_path):
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def saved_rows(path, resume):
+    if not resume or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["rows"]
 
 
 if __name__ == "__main__":
