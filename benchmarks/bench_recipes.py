@@ -1,7 +1,7 @@
 """The authors' recipe against ours on the embedded digits model (issue 11): same model, same sampling seeds.
 
     python benchmarks/bench_recipes.py                # the default rows (~75 min on 2 cores); --resume goes on
-    python benchmarks/bench_recipes.py --resume --rows authors,authors-seed1   # their full budget (~85 min each)
+    python benchmarks/bench_recipes.py --resume --rows authors,authors-seed1   # their full budget (80 min each)
 
 With --resume, rows may run in separate processes at once: each merges its row into recipes.json under a lock,
 so none is lost (their wall times are then not comparable with rows measured alone; on this 2-core CPU two
@@ -46,7 +46,7 @@ from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq import load_quantized  # noqa: E402
 
-AUTHORS_BUDGET = 1000  # trajectories: the authors' default (about 85 min per run on this 2-core CPU)
+AUTHORS_BUDGET = 1000  # trajectories: the authors' default (80 min per run, measured, on this 2-core CPU)
 SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here
 # key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
 ROWS = {
