@@ -7,7 +7,8 @@ With --resume, rows may run in separate processes at once: each merges its row i
 so none is lost (their wall times are then not comparable with rows measured alone; on this 2-core CPU two
 authors' runs at OMP_NUM_THREADS=1 each took 12 s per trajectory against 4.8 s for one alone, so run them in
 sequence here). An interrupted row goes on where its calibration stopped (quantize.py resumes from the state in
-its --out); its quantize time is the sum of the runs, marked in the table.
+its --out); its quantize time is the sum of the runs, marked in the table. To interrupt a row, kill its python
+quantize.py process (`pkill -f '^[^ ]*python quantize.py'`), not /usr/bin/time, which must log the run's time.
 
 Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at a tenth of its
 default budget (100 trajectories) and at the wall time of our default run (as many trajectories as fit, from the
