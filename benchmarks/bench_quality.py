@@ -47,8 +47,15 @@ def timed(cmd, log_path, append=False):
     largest."""
     with open(log_path, "a" if append else "w") as log:
         subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
-    runs = [line.split() for line in open(log_path) if line.startswith("TIME ")]
-    return sum(float(r[1]) for r in runs), max(int(r[2]) for r in runs) / 1024
+    runs = time_lines(log_path)
+    return sum(seconds for seconds, _ in runs), max(kib for _, kib in runs) / 1024
+
+
+def time_lines(log_path):
+    """[(wall seconds, peak RSS KiB)] of every process /usr/bin/time logged in log_path (more than one when an
+    interrupted run was resumed)."""
+    with open(log_path) as f:
+        return [(float(p[1]), int(p[2])) for p in (line.split() for line in f if line.startswith("TIME "))]
 
 
 def bits_per_weight(artifact):
@@ -85,13 +92,7 @@ def run_method(key, args, reference, label=None, flags=None):
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
     return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
             "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
-            "sample_peak_rss_mib": s_rss, "quantize_segments": segments(art + ".quantize.log")}
-
-
-def segments(log_path):
-    """How many processes a row's quantize time adds up (more than 1 when an interrupted run was resumed)."""
-    with open(log_path) as f:
-        return sum(line.startswith("TIME ") for line in f)
+            "sample_peak_rss_mib": s_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
 
 
 def write_table(rows, path, args):
