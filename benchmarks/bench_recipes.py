@@ -2,6 +2,8 @@
 
     python benchmarks/bench_recipes.py                # the default rows (~75 min on 2 cores); --resume goes on
     python benchmarks/bench_recipes.py --resume --rows authors,authors-seed1   # their full budget (80 min each)
+    python benchmarks/bench_recipes.py --resume --rows ours-5x,ours-5x-seed1   # ours at 5x its time (~14 min each)
+    python benchmarks/bench_recipes.py --resume --rows ours                    # all measured: rewrites the report only
 
 With --resume, rows may run in separate processes at once: each merges its row into recipes.json under a lock,
 so none is lost (their wall times are then not comparable with rows measured alone; on this 2-core CPU two
@@ -13,7 +15,8 @@ quantize.py process (`pkill -f '^[^ ]*python quantize.py'`), not /usr/bin/time, 
 Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at a tenth of its
 default budget (100 trajectories) and at the wall time of our default run (as many trajectories as fit, from the
 measured cost per trajectory), each with calibration seeds 0 and 1; their full budget of 1000 trajectories on
-request. Each is quantized and sampled in its own process through the CLIs (wall
+request, and ours at 5x its iterations and calibration points (about the 100-trajectory rows' time) on request.
+Each is quantized and sampled in its own process through the CLIs (wall
 time from /usr/bin/time), 1000 samples, 50 steps, CFG 1.5, sampling seed 0 for every row; then: FID (digits
 classifier features), a paired-bootstrap 95% interval of FID(row) - FID(ours, seed 0), paired PSNR vs the FP
 samples, and the noise MSE vs the FP model on held-out teacher inputs (16 trajectories x 10 steps at CFG 1.5,
@@ -49,6 +52,10 @@ from vq import load_quantized  # noqa: E402
 
 AUTHORS_BUDGET = 1000  # trajectories: the authors' default (80 min per run, measured, on this 2-core CPU)
 SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here
+# ours given about the wall time of the 100-trajectory authors' rows: iterations and teacher trajectories both
+# scaled, so each cached point is still seen as often as in the default (500 iters x 16 / (32 x 25 x 2) = 5 times)
+OURS_SCALE = 5
+OURS_SCALED = ["--iters", str(500 * OURS_SCALE), "--calib-samples", str(32 * OURS_SCALE)]
 # key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
 ROWS = {
     "kmeans": ("k-means only (no calibration)", ["--method", "kmeans"]),
@@ -62,6 +69,8 @@ ROWS = {
                                                                        str(SHORT_BUDGET)]),
     "authors-100-seed1": (f"authors' recipe, {SHORT_BUDGET} trajectories, seed 1",
                           ["--recipe", "authors", "--calib-samples", str(SHORT_BUDGET), "--seed", "1"]),
+    "ours-5x": (f"ours, {OURS_SCALE}x iterations and points", OURS_SCALED),
+    "ours-5x-seed1": (f"ours, {OURS_SCALE}x iterations and points, seed 1", OURS_SCALED + ["--seed", "1"]),
     "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories (their default)", ["--recipe", "authors"]),
     "authors-seed1": (f"authors' recipe, {AUTHORS_BUDGET} trajectories, seed 1",
                       ["--recipe", "authors", "--seed", "1"]),
@@ -69,6 +78,10 @@ ROWS = {
 DEFAULT_ROWS = ["kmeans", "codebook", "ours", "authors-100", "authors-matched", "ours-seed1", "authors-matched-seed1",
                 "authors-100-seed1"]
 REFERENCE = "ours"
+# FID(a) - FID(b) reported for these pairs too: ours at 5x its time against the authors' rows that cost about as
+# much (100 trajectories) and against their full budget, calibration seed with seed
+PAIRS = [("ours-5x", "authors-100"), ("ours-5x-seed1", "authors-100-seed1"), ("ours-5x", "authors"),
+         ("ours-5x-seed1", "authors-seed1")]
 HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
 
 
@@ -98,11 +111,17 @@ def bootstrap_intervals(rows, out, resamples=200):
     real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
     features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0] for key in rows}
     boot = paired_bootstrap(features, real, resamples, seed=0)
-    return {key: [float(v) for v in np.percentile(boot[key] - boot[REFERENCE], [2.5, 97.5])] for key in rows}
+
+    def interval(a, b):  # 95% of FID(a) - FID(b) over the same resampled indices
+        return [float(v) for v in np.percentile(boot[a] - boot[b], [2.5, 97.5])]
+
+    intervals = {key: interval(key, REFERENCE) for key in rows} if REFERENCE in rows else {}
+    pairs = {f"{a} - {b}": interval(a, b) for a, b in PAIRS if a in rows and b in rows}
+    return intervals, pairs
 
 
 def write_report(rows, out, args):
-    intervals = bootstrap_intervals(rows, out) if REFERENCE in rows else {}
+    intervals, pairs = bootstrap_intervals(rows, out)
     lines = [
         "# The authors' recipe vs ours (embedded digits DiT, W2: k = 256, d = 4)", "",
         f"Command: `python benchmarks/bench_recipes.py{''.join(' ' + a for a in sys.argv[1:])}`. "
@@ -115,14 +134,23 @@ def write_report(rows, out, args):
         "| row | updates | FID | FID - FID(ours), 95% | PSNR vs FP (dB) | noise MSE | accuracy | quantize s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, r in rows.items():
-        iv = intervals.get(key)
+    for key in sorted(rows, key=list(ROWS).index):  # the order of ROWS, whichever process measured a row first
+        r, iv = rows[key], intervals.get(key)
         interval = "-" if key == REFERENCE or iv is None else f"[{iv[0]:+.1f}, {iv[1]:+.1f}]"
         psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
         lines.append(f"| {r['method']} | {r.get('updates') or '-'} | {r['fid']:.1f} | {interval} | {psnr} | "
                      f"{r['noise_mse']:.4g} | {r['accuracy']:.3f} | {r['quantize_s']:.0f}{resumed(r)} |")
+    if pairs:
+        lines += ["", "FID between other rows, same paired bootstrap (negative = the first row is better):", "",
+                  "| first row | second row | FID(first) - FID(second), 95% |", "|---|---|---|"]
+        for (a, b) in PAIRS:
+            if f"{a} - {b}" in pairs:
+                lo, hi = pairs[f"{a} - {b}"]
+                lines.append(f"| {rows[a]['method']} ({rows[a]['quantize_s']:.0f} s) | {rows[b]['method']} "
+                             f"({rows[b]['quantize_s']:.0f} s) | [{lo:+.1f}, {hi:+.1f}] |")
     write_text_atomic(os.path.join(out, "recipes.md"), "\n".join(lines) + "\n")
-    write_text_atomic(os.path.join(out, "recipes.json"), json.dumps({"rows": rows, "intervals": intervals}, indent=1))
+    write_text_atomic(os.path.join(out, "recipes.json"),
+                      json.dumps({"rows": rows, "intervals": intervals, "pairs": pairs}, indent=1))
 
 
 def resumed(row):
@@ -147,10 +175,13 @@ def main(args):
     reference = samples_path(args.out, "fp")
     if not os.path.exists(reference):
         timed(sample_cmd(args, os.path.dirname(reference), []), os.path.dirname(reference) + ".sample.log")
+    todo = [key for key in args.rows if key not in rows]
+    if not todo:  # every row measured: rewrite the report (e.g. after a change to it) without running anything
+        with locked(path + ".lock"):
+            write_report(saved_rows(path, True), args.out, args)
+        return
     teacher, adapter, calls = held_out_calls()
-    for key in args.rows:
-        if key in rows:
-            continue
+    for key in todo:
         label, flags = ROWS[key]
         if "{matched}" in flags:
             flags = [f.format(matched=matched_trajectories(rows)) for f in flags]
