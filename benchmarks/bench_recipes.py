@@ -15,7 +15,10 @@ quantize.py process (`pkill -f '^[^ ]*python quantize.py'`), not /usr/bin/time, 
 Rows: k-means only, codebook-only, our recipe (calibration seeds 0 and 1), the authors' recipe at a tenth of its
 default budget (100 trajectories) and at the wall time of our default run (as many trajectories as fit, from the
 measured cost per trajectory), each with calibration seeds 0 and 1; their full budget of 1000 trajectories on
-request, and ours at 5x its iterations and calibration points (about the 100-trajectory rows' time) on request.
+request, and ours at 5x its iterations and calibration points (about the 100-trajectory rows' time) on request;
+the CFG ablation too: each recipe with the other's CFG scale for its calibration data (rows ours-cfg4,
+ours-cfg4-seed1, authors-100-cfg15, authors-100-cfg15-seed1; ~40 min for the four), and ours with both changes
+(ours-5x-cfg4, ours-5x-cfg4-seed1).
 Each is quantized and sampled in its own process through the CLIs (wall
 time from /usr/bin/time), 1000 samples, 50 steps, CFG 1.5, sampling seed 0 for every row; then: FID (digits
 classifier features), a paired-bootstrap 95% interval of FID(row) - FID(ours, seed 0), paired PSNR vs the FP
@@ -71,6 +74,18 @@ ROWS = {
                           ["--recipe", "authors", "--calib-samples", str(SHORT_BUDGET), "--seed", "1"]),
     "ours-5x": (f"ours, {OURS_SCALE}x iterations and points", OURS_SCALED),
     "ours-5x-seed1": (f"ours, {OURS_SCALE}x iterations and points, seed 1", OURS_SCALED + ["--seed", "1"]),
+    # one of the six differences swapped: the teacher's CFG scale for the calibration data (ours 1.5, theirs 4.0)
+    "ours-cfg4": ("ours, calibration data at CFG 4.0", ["--cfg-scale", "4.0"]),
+    "ours-cfg4-seed1": ("ours, calibration data at CFG 4.0, seed 1", ["--cfg-scale", "4.0", "--seed", "1"]),
+    "authors-100-cfg15": (f"authors' recipe, {SHORT_BUDGET} trajectories, data at CFG 1.5",
+                          ["--recipe", "authors", "--calib-samples", str(SHORT_BUDGET), "--cfg-scale", "1.5"]),
+    "authors-100-cfg15-seed1": (f"authors' recipe, {SHORT_BUDGET} trajectories, data at CFG 1.5, seed 1",
+                                ["--recipe", "authors", "--calib-samples", str(SHORT_BUDGET), "--cfg-scale", "1.5",
+                                 "--seed", "1"]),
+    "ours-5x-cfg4": (f"ours, {OURS_SCALE}x iterations and points, data at CFG 4.0",
+                     OURS_SCALED + ["--cfg-scale", "4.0"]),
+    "ours-5x-cfg4-seed1": (f"ours, {OURS_SCALE}x iterations and points, data at CFG 4.0, seed 1",
+                           OURS_SCALED + ["--cfg-scale", "4.0", "--seed", "1"]),
     "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories (their default)", ["--recipe", "authors"]),
     "authors-seed1": (f"authors' recipe, {AUTHORS_BUDGET} trajectories, seed 1",
                       ["--recipe", "authors", "--seed", "1"]),
@@ -79,9 +94,15 @@ DEFAULT_ROWS = ["kmeans", "codebook", "ours", "authors-100", "authors-matched", 
                 "authors-100-seed1"]
 REFERENCE = "ours"
 # FID(a) - FID(b) reported for these pairs too: ours at 5x its time against the authors' rows that cost about as
-# much (100 trajectories) and against their full budget, calibration seed with seed
+# much (100 trajectories) and against their full budget, calibration seed with seed; the CFG ablation
 PAIRS = [("ours-5x", "authors-100"), ("ours-5x-seed1", "authors-100-seed1"), ("ours-5x", "authors"),
-         ("ours-5x-seed1", "authors-seed1")]
+         ("ours-5x-seed1", "authors-seed1"),
+         # the CFG ablation, each against the same recipe and seed with its own data scale
+         ("ours-cfg4-seed1", "ours-seed1"), ("authors-100-cfg15", "authors-100"),
+         ("authors-100-cfg15-seed1", "authors-100-seed1"),
+         # both changes to ours at once, against the authors' rows of about its cost
+         ("ours-5x-cfg4", "authors-100"), ("ours-5x-cfg4-seed1", "authors-100-seed1"),
+         ("ours-5x-cfg4", "authors"), ("ours-5x-cfg4-seed1", "authors-seed1")]
 HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
 
 
