@@ -56,9 +56,12 @@ from vq import load_quantized  # noqa: E402
 AUTHORS_BUDGET = 1000  # trajectories: the authors' default (80 min per run, measured, on this 2-core CPU)
 SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here
 # ours given about the wall time of the 100-trajectory authors' rows: iterations and teacher trajectories both
-# scaled, so each cached point is still seen as often as in the default (500 iters x 16 / (32 x 25 x 2) = 5 times)
+# scaled from quantize.py's defaults, so each cached point is still seen as often as in the default run
+# (500 iters x 16 / (32 x 25 x 2) = 5 times)
 OURS_SCALE = 5
-OURS_SCALED = ["--iters", str(500 * OURS_SCALE), "--calib-samples", str(32 * OURS_SCALE)]
+OURS_DEFAULT = load_config()
+OURS_SCALED = ["--iters", str(OURS_DEFAULT.iters * OURS_SCALE),
+               "--calib-samples", str(OURS_DEFAULT.calib_samples * OURS_SCALE)]
 # key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
 ROWS = {
     "kmeans": ("k-means only (no calibration)", ["--method", "kmeans"]),
