@@ -77,7 +77,7 @@ def main(args):
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
-        from models.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
+        from jobs.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
 
         plan = dry_run_plan(config)
         if plan is not None:

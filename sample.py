@@ -32,11 +32,11 @@ def read_prompts(args):
 
 def main(args):
     from jobs.sample import load_for_sampling, sample_to_dir
-    from models import distributed
     from models.adapters.base import SampleSettings
-    from models.precision import resolve_precision
+    from utils import distributed
     from utils.device import resolve_device
     from utils.fileio import check_out_dir
+    from utils.precision import resolve_precision
 
     if args.check:
         return check_artifact(args.quantized)

@@ -43,7 +43,7 @@ def probe(args):
     import torch
 
     from models.loading import load_dit
-    from models.precision import apply_precision, resolve_precision
+    from utils.precision import apply_precision, resolve_precision
     from vq import load_quantized
 
     cuda = args.device.startswith("cuda")

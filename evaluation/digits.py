@@ -1,6 +1,6 @@
 """Digits metrics: FID in the feature space of the project's digits classifier, and class accuracy.
 
-The "Inception network" of the embedded digits benchmark is the small CNN of models/classifier.py:
+The "Inception network" of the embedded digits benchmark is the small CNN of evaluation/classifier.py:
 FID uses its penultimate features, accuracy its logits. The reference distribution is all 1797 real
 digits, quantized to uint8 exactly like samples are, so both sides see the same pixel grid.
 """
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from evaluation.classifier import load_classifier
 from evaluation.metrics import accuracy, fid_from_features
-from models.classifier import load_classifier
 from models.digits import IMAGE_SIZE, load_digits_images
 from models.vae import images_to_uint8
 from utils.errors import UserError

@@ -11,10 +11,10 @@ from calib.config import QuantizeConfig
 from calib.state import config_hash, read_state_meta, remove_state
 from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
-from models.precision import set_tf32
 from models.prompts import read_prompts
 from utils.device import resolve_device
 from utils.fileio import check_out_dir
+from utils.precision import set_tf32
 
 logger = logging.getLogger(__name__)
 

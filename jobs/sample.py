@@ -11,12 +11,12 @@ import time
 import numpy as np
 import torch
 
-from models import distributed
 from models.adapters import adapter_for
 from models.adapters.load import load_model
-from models.precision import apply_precision, resolve_precision
+from utils import distributed
 from utils.cli import check_sampling_args
 from utils.imagefiles import save_grid, save_npz
+from utils.precision import apply_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from models.diffusion import make_diffusion, p_mean_variance
-from models.precision import compute_dtype
+from utils.precision import compute_dtype
 
 
 def sample_seed(seed, index):
@@ -49,7 +49,7 @@ def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guid
 
     `noise` is a callable returning a fresh (N, C, H, W) standard-normal draw; `on_step(i, x, t, y)`
     sees the exact model inputs of every step (the doubled CFG batch included). The model is called in its
-    own dtype (models/precision.py); x, guidance and the posterior stay float32.
+    own dtype (utils/precision.py); x, guidance and the posterior stay float32.
     """
     use_cfg = cfg_scale != 1.0
     if use_cfg and null_class is None:

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.classifier import accuracy, save_classifier, train_classifier  # noqa: E402
+from evaluation.classifier import accuracy, save_classifier, train_classifier  # noqa: E402
 from models.digits import load_digits_images, split_indices  # noqa: E402
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import evaluate
+from evaluation.classifier import DigitsClassifier, save_classifier
 from evaluation.digits import real_digits_uint8
 from evaluation.metrics import paired_mse
-from models.classifier import DigitsClassifier, save_classifier
 from utils.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

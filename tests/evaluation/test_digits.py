@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.classifier import DigitsClassifier, save_classifier
 from evaluation.digits import (
     classifier_outputs,
     digits_metrics,
@@ -11,7 +12,6 @@ from evaluation.digits import (
     uint8_to_tensor,
 )
 from evaluation.metrics import fid_from_features
-from models.classifier import DigitsClassifier, save_classifier
 from models.vae import images_to_uint8
 from utils.errors import UserError
 

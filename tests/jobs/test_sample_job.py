@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from jobs.sample import sample_shard
-from models import distributed
 from models.adapters import adapter_for
 from models.adapters.base import SampleSettings
 from tests.conftest import sample_dit
+from utils import distributed
 from utils.errors import UserError
 
 

@@ -7,9 +7,9 @@ import torch
 
 from evaluation.metrics import paired_mse, psnr_from_mse
 from models.loading import load_dit
-from models.precision import Precision, apply_precision, compute_dtype, resolve_precision
 from tests.conftest import sample_dit
 from utils.errors import UserError
+from utils.precision import Precision, apply_precision, compute_dtype, resolve_precision
 from vq.layer import VQLinear
 
 HALF = [torch.bfloat16, torch.float16]

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from models.classifier import (
+from evaluation.classifier import (
     DigitsClassifier,
     accuracy,
     load_classifier,

@@ -9,9 +9,9 @@ import torch
 
 from calib.blockwise import layers_of, soften
 from calib.config import load_config
+from jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
 from models.adapters import ADAPTERS
 from models.adapters.load import load_model
-from models.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
 from tests.cli_helpers import ROOT
 from tests.models.tiny_t2i import quantized_run
 from vq import quantize_linears
