@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 
-from calib.config import load_config
+from jobs.config import load_config
 from utils.cli import run_cli
 
 FLAGS = [
@@ -69,8 +69,8 @@ def config_overrides(args):
 
 
 def default_out(config):
-    name = config.model.replace("/", "_").replace("DiT-", "").lower()
-    return f"outputs/{name}_{config.method}_w{config.wbits}d{config.dim}"
+    name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
+    return f"outputs/{name}_{config.method}_w{config.codebooks.wbits}d{config.codebooks.dim}"
 
 
 def main(args):

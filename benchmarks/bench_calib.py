@@ -10,7 +10,6 @@ per-block output MSE along the quantized chain. Also times the default pipeline 
 """
 import argparse
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -25,11 +24,14 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from calib.cache import ActivationStore  # noqa: E402
-from calib.calibrate import calibrate, teacher_plan  # noqa: E402
-from calib.capture import calib_steps, capture, capture_model_inputs, step_filter  # noqa: E402
-from calib.config import load_config  # noqa: E402
+from calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter  # noqa: E402
 from calib.metrics import chain_errors, prediction_mse  # noqa: E402
-from jobs.quantize import quantize  # noqa: E402
+from calib.problem import Problem  # noqa: E402
+from calib.state import CalibState  # noqa: E402
+from calib.teacher import teacher_plan  # noqa: E402
+from jobs.config import load_config  # noqa: E402
+from jobs.methods import method_for  # noqa: E402
+from jobs.quantize import quantize, record_and_calibrate  # noqa: E402
 from models.adapters import adapter_for  # noqa: E402
 from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
@@ -62,14 +64,14 @@ HELD_OUT_SEED_OFFSET = 1000  # held-out teacher inputs: seed + offset, so never 
 def held_out(teacher, config, device, samples=16, timesteps=10):
     """Held-out teacher points (another seed than calibration's): the model's inputs, and the recorded block calls."""
     adapter = adapter_for(teacher)
-    config = dataclasses.replace(config, calib_samples=samples, calib_timesteps=timesteps,
+    config = config.replace(calib_samples=samples, calib_timesteps=timesteps,
                                  seed=config.seed + HELD_OUT_SEED_OFFSET)
-    plan = teacher_plan(config)
+    plan = teacher_plan(config.teacher, config.seed)
     keep = step_filter(plan.steps, timesteps)
     calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, plan, device), keep, progress=False)
     rows = samples * len(calib_steps(plan.steps, timesteps)) * adapter.rows_per_trajectory(plan)
-    cset = capture(teacher, adapter.blocks(teacher), adapter.teacher_runs(teacher, plan, device), keep,
-                   ActivationStore(), rows, progress=False)
+    schedule = Schedule(adapter.teacher_runs(teacher, plan, device), keep, rows)
+    cset = capture(teacher, adapter.blocks(teacher), schedule, ActivationStore(), progress=False)
     return calls, cset
 
 
@@ -80,13 +82,14 @@ def cache_bytes(points, tokens, hidden, dtype_bytes=2):
 
 def kmeans_student(teacher, config, cache):
     """A deep copy of the k-means-quantized student for (k, d, n, seed); k-means runs once per key."""
-    n = config.candidates if config.method == "vq4dit" else 1
-    key = (config.k, config.dim, n, config.seed, config.kmeans_iters)
+    c = config.codebooks
+    n = c.candidates if config.method == "vq4dit" else 1
+    key = (c.k, c.dim, n, config.seed, c.kmeans_iters)
     if key not in cache:
         student = copy.deepcopy(teacher)
         start = time.perf_counter()
-        quantize_linears(student, config.k, config.dim, candidates=n, kmeans_iters=config.kmeans_iters,
-                         seed=config.seed, ratio_init=config.ratio_init, progress=False)
+        quantize_linears(student, c.k, c.dim, candidates=n, kmeans_iters=c.kmeans_iters, seed=config.seed,
+                         ratio_init=c.ratio_init, progress=False)
         cache[key] = (student, time.perf_counter() - start)
     student, seconds = cache[key]
     student = copy.deepcopy(student)
@@ -95,21 +98,24 @@ def kmeans_student(teacher, config, cache):
 
 
 def run_variant(name, teacher, base, overrides, evalset, cache, device):
-    config = dataclasses.replace(base, **overrides).validate()
+    config = base.replace(**overrides).validate()
     student, qlayers, kmeans_s = kmeans_student(teacher, config, cache)
     start = time.perf_counter()
     if config.method == "kmeans":
         for layer in qlayers.values():
             layer.harden()
     else:
+        method = method_for(config.method, config.codebooks)
+        problem = Problem(student, teacher, adapter_for(student), qlayers, method.prepare, config.seed, False)
         with tempfile.TemporaryDirectory() as out_dir:
-            calibrate(student, teacher, adapter_for(student), qlayers, config, out_dir, progress=False)
+            record_and_calibrate(problem, config, CalibState.for_config(out_dir, config))
     calib_s = time.perf_counter() - start
     calls, cset = evalset
     blocks = chain_errors(list(student.blocks), list(teacher.blocks), cset, device)
-    row = {"variant": name, "wbits": config.wbits, "k": config.k, "d": config.dim, "method": config.method,
-           "calib": config.calib if config.method != "kmeans" else "-", "inputs": config.block_inputs,
-           "n": config.candidates if config.method == "vq4dit" else 1, "lambda_r": config.lambda_r,
+    c, cal = config.codebooks, config.calibration
+    row = {"variant": name, "wbits": c.wbits, "k": c.k, "d": c.dim, "method": config.method,
+           "calib": cal.calib if config.method != "kmeans" else "-", "inputs": cal.block_inputs,
+           "n": c.candidates if config.method == "vq4dit" else 1, "lambda_r": cal.lambda_r,
            "threads": torch.get_num_threads(), "kmeans_s": kmeans_s, "calib_s": calib_s,
            "noise_mse": prediction_mse(student, teacher, adapter_for(teacher), calls, device),
            "block_mse_mean": sum(blocks) / len(blocks), "block_mse_last": blocks[-1], "block_mse": blocks}
@@ -133,8 +139,9 @@ def report(rows, default_s, default_config, threads, command):
     xl = cache_bytes(32 * 2 * 25, 256, 1152)
     timing = [] if default_s is None else [
         f"Default W2 pipeline run (`configs/digits_w2.yaml`: load + k-means + calibration + save): "
-        f"**{default_s:.1f} s** (iters {default_config.iters}, calib_samples {default_config.calib_samples}, "
-        f"calib_timesteps {default_config.calib_timesteps}, steps {default_config.steps}).", ""]
+        f"**{default_s:.1f} s** (iters {default_config.calibration.iters}, calib_samples "
+        f"{default_config.teacher.calib_samples}, calib_timesteps {default_config.teacher.calib_timesteps}, steps "
+        f"{default_config.teacher.steps}).", ""]
     lines = [
         "# Calibration benchmark (embedded digits DiT)", "",
         f"Command: `OMP_NUM_THREADS={threads} python benchmarks/bench_calib.py{command}`; torch {torch.__version__}, "
@@ -169,7 +176,7 @@ def main(args):
     logging.info("default W2 pipeline run: %s s", default_s)
     for name in ("calib.blockwise", "calib.joint"):  # per-layer lines: the JSON results hold what matters here
         logging.getLogger(name).setLevel(logging.WARNING)
-    bases = {key: dataclasses.replace(load_config(os.path.join(ROOT, path), overrides), device="cpu")
+    bases = {key: load_config(os.path.join(ROOT, path), overrides).replace(device="cpu")
              for key, path in PRESETS.items()}
     teacher, _ = load_dit(bases["w2"].model, bases["w2"].ckpt, device="cpu")
     evalset = held_out(teacher, bases["w2"], "cpu")

@@ -27,7 +27,6 @@ another seed than any calibration). Writes recipes.md and recipes.json under --o
 """
 import argparse
 import contextlib
-import dataclasses
 import fcntl
 import json
 import math
@@ -42,12 +41,12 @@ import yaml  # noqa: E402
 
 from benchmarks.bench_quality import run_method, sample_cmd, samples_path, timed  # noqa: E402
 from benchmarks.fid_bootstrap import paired_bootstrap  # noqa: E402
-from calib.calibrate import teacher_plan  # noqa: E402
 from calib.capture import capture_model_inputs, step_filter  # noqa: E402
-from calib.config import load_config  # noqa: E402
 from calib.metrics import prediction_mse  # noqa: E402
+from calib.teacher import teacher_plan  # noqa: E402
 from evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
 from evaluation.samples import load_samples  # noqa: E402
+from jobs.config import load_config  # noqa: E402
 from models.adapters import adapter_for  # noqa: E402
 from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
@@ -111,10 +110,11 @@ HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
 
 def held_out_calls():
     teacher, _ = load_dit(None, None)
-    config = dataclasses.replace(load_config(), **HELD_OUT)
+    config = load_config().replace(**HELD_OUT)
     adapter = adapter_for(teacher)
-    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, teacher_plan(config), "cpu"),
-                                 step_filter(config.steps, config.calib_timesteps), progress=False)
+    plan = teacher_plan(config.teacher, config.seed)
+    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, plan, "cpu"),
+                                 step_filter(config.teacher.steps, config.teacher.calib_timesteps), progress=False)
     return teacher, adapter, calls
 
 

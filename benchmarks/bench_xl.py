@@ -22,8 +22,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from calib.calibrate import LOG_NAME  # noqa: E402
-from calib.config import load_config  # noqa: E402
+from calib.state import LOG_NAME  # noqa: E402
+from jobs.config import load_config  # noqa: E402
 from jobs.quantize import quantize  # noqa: E402
 from models.loading import DiTSpec, load_dit, save_dit  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -79,7 +79,7 @@ def main(args):
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     log = os.path.join(artifact, LOG_NAME)  # absent for methods without calibration
     blocks = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-    fp, _ = load_dit(config.model, ckpt, config.image_size, device=device)
+    fp, _ = load_dit(config.model.model, ckpt, config.model.image_size, device=device)
     fp_s = forward_seconds(fp.eval(), device, args.batch)
     del fp
     quantized, _, _ = load_quantized(artifact, device)

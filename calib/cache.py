@@ -20,9 +20,10 @@ def dtype_bytes(dtype):
 class ActivationStore:
     """Allocates cache tensors; `release` frees one (and deletes its file)."""
 
-    def __init__(self, max_bytes=None, cache_dir=None):
+    def __init__(self, max_bytes=None, cache_dir=None, token_dtype=torch.float16):
         self.max_bytes = max_bytes  # None: no limit
         self.cache_dir = cache_dir
+        self.token_dtype = token_dtype  # how recorded token activations (3+ dimensions) are stored
         self.in_memory = 0  # bytes held in memory now
         self.peak = 0
         self._files = {}  # id(tensor) -> path of a file-backed tensor
@@ -60,6 +61,12 @@ class ActivationStore:
             self.in_memory -= tensor.numel() * tensor.element_size()
         elif os.path.exists(path):
             os.remove(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         for path in self._files.values():

@@ -1,8 +1,8 @@
 """The calibration set: block-call wiring plus the slot tensors of every recorded model call, one row per point.
 
-`capture(model, blocks, runs, keep, store, ...)` runs the teacher with a BlockRecorder and writes each recorded
-call's slots into cache tensors of the ActivationStore (rows in recording order: trajectory batch, step, batch
-row). Floating tensors with three or more dimensions (token activations) are cached in `cache_dtype`
+`capture(model, blocks, schedule, store)` runs the teacher with a BlockRecorder and writes each recorded call's
+slots into cache tensors of the ActivationStore (rows in recording order: trajectory batch, step, batch row).
+Floating tensors with three or more dimensions (token activations) are cached in the store's `token_dtype`
 (fp16 by default: (M, T, D) halves), everything else as it came (small conditioning vectors in fp32).
 """
 import json
@@ -16,6 +16,17 @@ from calib.record import BlockCall, run_teacher, slot_is_batched
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    """Which teacher calls are recorded: `runs` [(trajectories, run())] sample with the teacher, `keep(call)` says
+    whether the call-th model call of a trajectory batch is recorded, and the kept calls add up to `rows` rows."""
+
+    runs: object
+    keep: object
+    rows: int
+    trajectories: int | None = None  # for the progress bar
 
 
 @dataclass
@@ -84,19 +95,18 @@ class _Writer:
         self.row += live.rows
 
 
-def capture(model, blocks, runs, keep, store, total_rows, cache_dtype=torch.float16, progress_total=None,
-            progress=True):
-    """Record the calibration set; `total_rows` = the rows all recorded calls add up to (M)."""
-    writer = _Writer(store, total_rows, cache_dtype)
-    run_teacher(model, blocks, runs, keep, writer, progress_total, progress)
+def capture(model, blocks, schedule, store, progress=True):
+    """Record the calibration set of `model`'s `blocks` [(name, module)] along the teacher calls of `schedule`."""
+    writer = _Writer(store, schedule.rows, store.token_dtype)
+    run_teacher(model, blocks, schedule.runs, schedule.keep, writer, schedule.trajectories, progress)
     if writer.calls is None:
         raise UserError("no model call was recorded; check calib_timesteps and steps")
-    if writer.row != total_rows:
-        raise RuntimeError(f"recorded {writer.row} calibration rows, planned {total_rows}")
-    logger.info("recorded %d calibration points: %s", total_rows,
+    if writer.row != schedule.rows:
+        raise RuntimeError(f"recorded {writer.row} calibration rows, planned {schedule.rows}")
+    logger.info("recorded %d calibration points: %s", schedule.rows,
                 ", ".join(f"{k} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
                           for k, t in writer.slots.items()))
-    return CalibrationSet(writer.calls, writer.slots, writer.batched, total_rows)
+    return CalibrationSet(writer.calls, writer.slots, writer.batched, schedule.rows)
 
 
 def capture_model_inputs(model, runs, keep, progress=True):

@@ -10,10 +10,11 @@ import time
 
 import torch
 
-from calib.blockwise import layer_stats, layers_of
+from calib.blockwise import layer_stats
 from calib.metrics import chain_errors, weight_mse
+from calib.problem import layers_of
 from calib.replay import block_loss, run_chain
-from calib.train import argmax_assignment, seeded_generator, train
+from calib.train import Minibatches, argmax_assignment, seeded_generator, train
 
 logger = logging.getLogger(__name__)
 
@@ -26,51 +27,58 @@ CHECKPOINT_SECONDS = 600
 def joint_loss(student_blocks, teacher_blocks, cset, rows, device):
     """Mean over blocks of the block output errors along the two chains, on the minibatch `rows`."""
     with torch.no_grad():
-        targets = run_chain(teacher_blocks, cset.calls, cset.slots, cset.batched, rows, device)
-    outs = run_chain(student_blocks, cset.calls, cset.slots, cset.batched, rows, device, grad=True)
+        targets = run_chain(teacher_blocks, cset, rows, device)
+    outs = run_chain(student_blocks, cset, rows, device, grad=True)
     return torch.stack([block_loss(o, t) for o, t in zip(outs, targets)]).mean()
 
 
-def calibrate_joint(blocks, teacher, cset, qlayers, config, device, progress=True, resume=None, on_checkpoint=None):
-    """Calibrate every quantized layer at once on the calibration set `cset`.
+def errors_before(problem, cset):
+    """The errors calibration starts from: per-block chain errors and per-layer weight MSE at the argmax (= k-means
+    nearest) assignment."""
+    modules = list(problem.layers.values())
+    with argmax_assignment(modules):
+        return {"mse": chain_errors([m for _, m in problem.blocks], problem.teacher_blocks, cset, problem.device),
+                "weight": [weight_mse(layer, problem.fp_weights[n]) for n, layer in problem.layers.items()]}
 
-    blocks: [(name, module)] of the quantized model; teacher: the FP model (same qualified names). Returns per-block
-    stats (chain error before/after, the block's layers); every layer is hard afterwards. At most every
-    CHECKPOINT_SECONDS `on_checkpoint(snapshot)` gets a `train` snapshot plus "before" (the errors before
-    calibration); with the layers restored to that moment, passing the snapshot back as `resume` continues exactly.
-    """
+
+def block_stats(problem, info, before, after, **extra):
+    """Per-block stats of a run that trained every layer at once (joint, online)."""
+    per_layer = layer_stats(problem.layers, info, before["weight"], problem.fp_weights)
+    return [{"block": i, "name": name, "mse_before": before["mse"][i], "mse_after": after[i], "loss": info["loss"],
+             "penalty": info["penalty"], **extra, "layers": layers_of(per_layer, name)}
+            for i, (name, _) in enumerate(problem.blocks)]
+
+
+def calibrate_joint(problem, data, config, state):
+    """Calibrate every quantized layer of `problem` at once on the calibration set data.cset; every layer is hard
+    afterwards. At most every CHECKPOINT_SECONDS `state` saves a snapshot (with "before", the errors before
+    calibration) from which a rerun continues exactly. Returns per-block stats (chain error before/after)."""
     start = time.perf_counter()
-    modules = list(qlayers.values())
-    student_blocks = [module for _, module in blocks]
-    teacher_blocks = [teacher.get_submodule(name) for name, _ in blocks]
-    fp_weights = {name: teacher.get_submodule(name).weight.detach() for name in qlayers}
-    if resume is None:
-        with argmax_assignment(modules):
-            before = {"mse": chain_errors(student_blocks, teacher_blocks, cset, device),
-                      "weight": [weight_mse(layer, fp_weights[name]) for name, layer in qlayers.items()]}
-    else:
-        before = resume["before"]
+    problem.prepare_layers(problem.layers)
+    state.restore(problem.layers)
+    resume = state.resume_snapshot()
+    cset, modules = data.cset, list(problem.layers.values())
+    students, teachers = [m for _, m in problem.blocks], problem.teacher_blocks
+    before = errors_before(problem, cset) if resume is None else resume["before"]
     last_save = time.monotonic()
 
     def checkpoint(snapshot):
         nonlocal last_save
         if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-            on_checkpoint({**snapshot, "before": before})
+            state.checkpoint({**snapshot, "before": before}, problem.layers)
             last_save = time.monotonic()
 
-    info = train(modules, lambda idx: joint_loss(student_blocks, teacher_blocks, cset, idx, device), cset.rows,
-                 config, seeded_generator(config.seed, JOINT_STREAM), progress, desc="joint", resume=resume,
-                 on_checkpoint=None if on_checkpoint is None else checkpoint)
+    batches = Minibatches(cset.rows, config.batch_size, seeded_generator(problem.seed, JOINT_STREAM))
+    info = train(modules, lambda idx: joint_loss(students, teachers, cset, idx, problem.device), batches, config,
+                 desc="joint" if problem.progress else None, resume=resume, on_checkpoint=checkpoint)
     for layer in modules:
         layer.round_codebook_()  # calibrated = deployed
-    after = chain_errors(student_blocks, teacher_blocks, cset, device)
+    after = chain_errors(students, teachers, cset, problem.device)
     seconds = time.perf_counter() - start
-    per_layer = layer_stats(qlayers, info, before["weight"], fp_weights)
-    stats = []
-    for i, (name, _) in enumerate(blocks):
-        stats.append({"block": i, "name": name, "mse_before": before["mse"][i], "mse_after": after[i],
-                      "loss": info["loss"], "penalty": info["penalty"], "seconds": seconds,
-                      "layers": layers_of(per_layer, name)})
-        logger.info("block %d (%s, joint): output MSE %.4g -> %.4g", i, name, before["mse"][i], after[i])
+    stats = block_stats(problem, info, before, after, seconds=seconds)
+    for s in stats:
+        logger.info("block %d (%s, joint): output MSE %.4g -> %.4g", s["block"], s["name"], s["mse_before"],
+                    s["mse_after"])
     logger.info("joint calibration of %d layers: %.1f s", len(modules), seconds)
+    state.finish("joint", stats, problem.layers)
     return stats

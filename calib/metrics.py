@@ -11,8 +11,8 @@ def chain_errors(blocks, teacher_blocks, cset, device, batch_size=256):
     totals, counts = [0.0] * len(blocks), [0] * len(blocks)
     for s in range(0, cset.rows, batch_size):
         rows = slice(s, min(s + batch_size, cset.rows))
-        outs = run_chain(blocks, cset.calls, cset.slots, cset.batched, rows, device)
-        refs = run_chain(teacher_blocks, cset.calls, cset.slots, cset.batched, rows, device)
+        outs = run_chain(blocks, cset, rows, device)
+        refs = run_chain(teacher_blocks, cset, rows, device)
         for i, (o, r) in enumerate(zip(outs, refs)):
             err, n = squared_error(o, r)
             totals[i] += err.item()

@@ -15,6 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from calib.joint import block_stats, errors_before
+from calib.metrics import chain_errors
 from calib.record import BlockRecorder, recording
 from calib.replay import block_loss
 from calib.train import Trainer, seeded_generator
@@ -33,16 +35,31 @@ def student_outputs(model, blocks, args, kwargs):
     return captured[0].outputs
 
 
-def calibrate_online(model, teacher, adapter, qlayers, plan, config, device, progress=True, resume=None,
-                     on_checkpoint=None):
-    """Calibrate `qlayers` of `model` along the teacher trajectories of `plan` (one trajectory per plan.batch_size
-    samples); every layer is hard afterwards. Returns Trainer.finish()'s info plus "updates" and "trajectories".
+def calibrate_online(problem, data, config, state):
+    """Calibrate every quantized layer of `problem` along the teacher trajectories of data.plan (one trajectory per
+    plan.batch_size samples); every layer is hard afterwards. Block errors before and after are measured on the
+    small recorded set data.cset (not trained on). Resumable at trajectory boundaries: at most every
+    CHECKPOINT_SECONDS, after a trajectory, `state` saves {"trajectory": trajectories done, **Trainer.snapshot()}."""
+    problem.prepare_layers(problem.layers)
+    state.restore(problem.layers)
+    resume = state.resume_snapshot()
+    before = errors_before(problem, data.cset) if resume is None else resume["before"]
+    info = train_online(problem, data.plan, config, resume,
+                        lambda snapshot: state.checkpoint({**snapshot, "before": before}, problem.layers))
+    after = chain_errors([m for _, m in problem.blocks], problem.teacher_blocks, data.cset, problem.device)
+    stats = block_stats(problem, info, before, after, updates=info["updates"])
+    for s in stats:
+        logger.info("block %d (%s, online): output MSE %.4g -> %.4g", s["block"], s["name"], s["mse_before"],
+                    s["mse_after"])
+    state.finish("online", stats, problem.layers)
+    return stats
 
-    resume: {"trajectory": trajectories done, **Trainer.snapshot()} with the layers restored to that moment;
-    on_checkpoint(snapshot of that form) is called at most every CHECKPOINT_SECONDS, after a trajectory.
-    """
-    blocks = adapter.blocks(model)
-    trainer = Trainer(list(qlayers.values()), config, resume)
+
+def train_online(problem, plan, config, resume=None, on_checkpoint=None):
+    """The online updates: returns Trainer.finish()'s info plus "updates" and "trajectories"."""
+    model, teacher, adapter = problem.student, problem.teacher, problem.adapter
+    blocks = problem.blocks
+    trainer = Trainer(list(problem.layers.values()), config, resume)
     done = 0 if resume is None else resume["trajectory"]
     dropout = None  # the label-dropout draws of the current trajectory: (seed, DROPOUT_STREAM, trajectory)
 
@@ -57,13 +74,13 @@ def calibrate_online(model, teacher, adapter, qlayers, plan, config, device, pro
     total = -(-plan.num_samples // plan.batch_size)
     logger.info("online calibration: %d trajectories x %d steps = %d updates (%d trajectories done)", total,
                 plan.steps, total * plan.steps, done)
-    bar = tqdm(total=total, initial=done, desc="online", unit="trajectory", disable=not progress)
+    bar = tqdm(total=total, initial=done, desc="online", unit="trajectory", disable=not problem.progress)
     last_save = time.monotonic()
     with recording(teacher, adapter.blocks(teacher), lambda step: True, on_step) as recorder, torch.no_grad():
-        for index, (_, run) in enumerate(adapter.teacher_runs(teacher, plan, device)):
+        for index, (_, run) in enumerate(adapter.teacher_runs(teacher, plan, problem.device)):
             if index < done:
                 continue
-            dropout = seeded_generator(config.seed, DROPOUT_STREAM, index)
+            dropout = seeded_generator(problem.seed, DROPOUT_STREAM, index)
             recorder.new_batch()
             trainer.new_trajectory()
             run()
@@ -74,6 +91,6 @@ def calibrate_online(model, teacher, adapter, qlayers, plan, config, device, pro
                 last_save = time.monotonic()
     bar.close()
     info = trainer.finish()
-    for layer in qlayers.values():
+    for layer in problem.layers.values():
         layer.round_codebook_()  # calibrated = deployed
     return {**info, "updates": trainer.updates, "trajectories": total}

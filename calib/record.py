@@ -48,15 +48,6 @@ class LiveCall:
     model_kwargs: dict = field(default_factory=dict)
 
 
-def out_key(block, k):
-    return f"o{block}.{k}"
-
-
-def ref_key(node):
-    """The table key of a wiring leaf: slot keys as they are, block outputs as o<block>.<k>."""
-    return node["slot"] if "slot" in node else out_key(*node["out"])
-
-
 def batch_rows(args, kwargs):
     """Rows of a model call: the leading dimension of its first tensor argument."""
     _, tensors = flatten({"args": list(args), "kwargs": kwargs})

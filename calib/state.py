@@ -1,12 +1,13 @@
 """Resumable calibration state in <out_dir>/calib_state/, saved at every block boundary (block-wise) or
-every few minutes of training (joint).
+every few minutes of training (joint, online).
 
-Files: layers-<tag>.safetensors (the calibrated, hard layers of blocks < next; in a joint checkpoint every
+`CalibState` owns the output directory's calibration files, the config digest, the log and resume. Files:
+layers-<tag>.safetensors (the calibrated, hard layers of blocks < next; in a joint or online checkpoint every
 layer, soft or hard), acts-<tag>.safetensors (the cached tensors the walk needs to continue: the recorded
-slots and each chain's block outputs, see tables_to_tensors), for a joint checkpoint train-<tag>.safetensors (the
-RMSprop state), and state.json (next block, config hash, stats, the training snapshot, the recorded block-call
-wiring, and the names of those files). The tensor files are written first under new names and
-state.json is replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is
+slots and each chain's block outputs, calib.tables.Chains.to_tensors), for a joint or online checkpoint
+train-<tag>.safetensors (the RMSprop state), and state.json (next block, config hash, stats, the training
+snapshot, the recorded block-call wiring, and the names of those files). The tensor files are written first under
+new names and state.json is replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is
 needed: the minibatch order of a block (or of the joint run) comes from its own generator seeded by the seed.
 """
 import hashlib
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR = "calib_state"
 STATE_JSON = "state.json"
+LOG_NAME = "calib_log.jsonl"  # per-block stats of the calibration, one JSON line per block
+CACHE_DIR = "calib_cache"  # where activations past the memory budget go, unless the config names a cache_dir
 FORMAT = 2  # 2: model-agnostic recorded wiring and tables (1: DiT-only x_fp / x_q / c)
 
 
@@ -38,10 +42,10 @@ def config_hash(config):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def layers_state(qlayers, names):
-    """{"<layer>.<tensor>": tensor} of the named layers (contiguous CPU copies for safetensors)."""
-    return {f"{name}.{key}": t.detach().cpu().contiguous() for name in names
-            for key, t in qlayers[name].state_dict().items()}
+def layers_state(layers):
+    """{"<layer>.<tensor>": tensor} of the layers {name: module} (contiguous CPU copies for safetensors)."""
+    return {f"{name}.{key}": t.detach().cpu().contiguous() for name, layer in layers.items()
+            for key, t in layer.state_dict().items()}
 
 
 def restore_layers(qlayers, tensors):
@@ -79,66 +83,168 @@ def unflatten_optimizer(meta, tensors):
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _read_json(out_dir):
-    """The parsed state.json of out_dir's state (OSError when there is none, ValueError when malformed)."""
-    with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
-        return json.load(f)
 
 
-def tables_to_tensors(tables):
-    """{"fp": {key: t}, "q": {key: t}} -> one flat dict "<table>/<key>"; a tensor held by both tables (a slot) is
-    stored once, under "shared/<key>"."""
-    out = {}
-    for name, table in tables.items():
-        for key, t in table.items():
-            shared = all(key in other and other[key] is t for other in tables.values())
-            out[f"shared/{key}" if shared and len(tables) > 1 else f"{name}/{key}"] = t
-    return out
+@dataclass
+class Saved:
+    """The tensors of a saved state: layers {key: tensor}, acts {name: tensor}, train (optimizer tensors) or None."""
+
+    layers: dict
+    acts: dict
+    train: dict | None
 
 
-def tensors_to_tables(tensors, names):
-    """The inverse of tables_to_tensors for the table `names` (a shared tensor becomes one object in each)."""
-    tables = {name: {} for name in names}
-    for flat, t in tensors.items():
-        where, _, key = flat.partition("/")
-        for name in (names if where == "shared" else [where]):
-            tables[name][key] = t
-    return tables
+class CalibState:
+    """The resumable calibration of one output directory: <out_dir>/calib_state/ and the log <out_dir>/calib_log.jsonl.
 
+    Opening it checks at once (before any k-means) that a state left there is this config's: a state of another
+    config or format is a UserError. `meta` is the saved state.json (None: a fresh start). The writers save after
+    every block (block-wise) or every few minutes of training (joint, online); the tensor files are written first
+    under new names and state.json is replaced last, so a kill at any moment leaves the previous consistent state.
+    """
 
-def save_state(out_dir, digest, next_block, stats, layers, acts=None, train=None, wiring=None):
-    """Write the state after block next_block - 1: layers {key: tensor}, acts {key: tensor} (None: keep the
-    current state's activations), stats (list), train: None, or (snapshot meta, {key: tensor}) of an
-    unfinished joint training; wiring: the recorded calibration set's wiring (None: keep the current one)."""
-    directory = os.path.join(out_dir, STATE_DIR)
-    tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
-    files = {"layers": f"layers-{tag}.safetensors"}
-    tensors = {"layers": layers}
-    if wiring is None and os.path.exists(os.path.join(directory, STATE_JSON)):
-        wiring = _read_json(out_dir).get("wiring")
-    if acts is None:
-        files["acts"] = _read_json(out_dir)["acts"]
-    else:
-        files["acts"], tensors["acts"] = f"acts-{tag}.safetensors", acts
-    if train is not None:
-        files["train"], tensors["train"] = f"train-{tag}.safetensors", train[1]
-    for kind, group in tensors.items():
-        with atomic_path(os.path.join(directory, files[kind])) as tmp:
-            save_file({k: v.contiguous() for k, v in group.items()}, tmp)
-    meta = {"format": FORMAT, "config_hash": digest, "next_block": next_block, "stats": stats, **files,
-            "train_state": None if train is None else train[0], "wiring": wiring}
-    write_text_atomic(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1) + "\n")
-    for entry in os.listdir(directory):
-        # older states, and temporaries of a write that a SIGKILL interrupted
-        if (entry.endswith(".safetensors") and entry not in files.values()) or entry.endswith(".tmp"):
-            os.remove(os.path.join(directory, entry))
+    def __init__(self, out_dir, digest):
+        self.out_dir, self.digest = out_dir, digest
+        self.directory = os.path.join(out_dir, STATE_DIR)
+        self.log_path = os.path.join(out_dir, LOG_NAME)
+        self.cache_dir = os.path.join(out_dir, CACHE_DIR)
+        self.meta = self._read_meta()
+        self._saved = None
+
+    @classmethod
+    def for_config(cls, out_dir, config):
+        return cls(out_dir, config_hash(config))
+
+    def _read_meta(self):
+        path = os.path.join(self.directory, STATE_JSON)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+            if meta["config_hash"] != self.digest:
+                raise UserError(f"{self.directory} holds the state of a calibration with a different config "
+                                f"({meta['config_hash']} vs {self.digest} now): use a fresh --out or delete "
+                                f"{self.directory}")
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot resume from {self.directory} ({e}): delete it to start over") from None
+        return meta
+
+    # --- what a resumed run picks up ------------------------------------------------------------------------
+    @property
+    def next_block(self):
+        return 0 if self.meta is None else self.meta["next_block"]
+
+    @property
+    def stats(self):
+        return [] if self.meta is None else list(self.meta["stats"])
+
+    @property
+    def train_snapshot(self):
+        """The saved training snapshot (JSON part) of a joint or online run stopped mid-training, else None."""
+        return None if self.meta is None else self.meta.get("train_state")
+
+    @property
+    def saved(self):
+        """The saved tensors (Saved), read once; a missing or corrupt file is a UserError."""
+        if self._saved is None:
+            self._saved = self._load()
+        return self._saved
+
+    def restore(self, layers):
+        """Load the saved layers into `layers` {name: layer} (a layer saved hard is hardened first); fresh: no-op."""
+        if self.meta is not None:
+            restore_layers(layers, self.saved.layers)
+
+    def resume_snapshot(self):
+        """The Trainer snapshot of a joint or online run stopped mid-training, optimizer tensors included, or None."""
+        train = self.train_snapshot
+        if not train:
+            return None
+        return {**train, "optimizer": unflatten_optimizer(train["optimizer"], self.saved.train)}
+
+    def _load(self):
+        try:
+            layers = load_file(os.path.join(self.directory, self.meta["layers"]))
+            acts = load_file(os.path.join(self.directory, self.meta["acts"]))
+            train = (load_file(os.path.join(self.directory, self.meta["train"])) if self.meta.get("train_state")
+                     else None)
+        except (OSError, KeyError, SafetensorError) as e:
+            raise UserError(f"cannot resume from {self.directory} ({e}): delete it to start over") from None
+        return Saved(layers, acts, train)
+
+    def resume_point(self):
+        """Where a rerun picks up, in words ("block B", "joint iteration I", "online trajectory T"), or None."""
+        return resume_point(self.out_dir)
+
+    # --- writers --------------------------------------------------------------------------------------------
+    def start(self, wiring, acts):
+        """A fresh calibration: an empty log, and the recorded set (wiring JSON, {name: tensor}) as block 0's state."""
+        write_text_atomic(self.log_path, "")
+        if wiring is not None:
+            self._save(0, [], {}, acts, wiring=wiring)
+
+    def block_done(self, stats, layers, acts):
+        """Block len(stats) - 1 is calibrated: its stats (the list so far), the hard layers {name: module} of every
+        calibrated block, and the tables the next block needs (acts {name: tensor})."""
+        self._save(len(stats), stats, layers_state(layers), acts)
+        self.log("blockwise", stats[-1:])
+
+    def checkpoint(self, snapshot, layers):
+        """Mid-training (joint, online): a Trainer snapshot (its "optimizer" a live state_dict) and every layer."""
+        optimizer_meta, optimizer_tensors = flatten_optimizer(snapshot["optimizer"])
+        self._save(0, [], layers_state(layers), None, train=({**snapshot, "optimizer": optimizer_meta},
+                                                              optimizer_tensors))
+
+    def finish(self, mode, stats, layers):
+        """Every block is calibrated (joint, online): the final layers and stats, logged under `mode`."""
+        self._save(len(stats), stats, layers_state(layers), {})
+        self.log(mode, stats)
+
+    def log(self, mode, records):
+        """Append JSON lines; rewritten atomically (the log is small) so a kill never leaves half a line."""
+        old = open(self.log_path).read() if os.path.exists(self.log_path) else ""
+        write_text_atomic(self.log_path, old + "".join(json.dumps({"mode": mode, **r}) + "\n" for r in records))
+
+    def remove(self):
+        """Delete the state once the artifact is complete (for DiT-XL/2 it holds GiBs of activations)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _save(self, next_block, stats, layers, acts, train=None, wiring=None):
+        """Write the state after block next_block - 1: layers {key: tensor}, acts {name: tensor} (None: keep the
+        current state's, if any), train: None or (snapshot meta, {key: tensor}); wiring None: keep the current one."""
+        tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
+        files = {"layers": f"layers-{tag}.safetensors"}
+        tensors = {"layers": layers}
+        current = self.meta or {}
+        if acts is None and "acts" in current:
+            files["acts"] = current["acts"]
+        else:
+            acts = {} if acts is None else acts
+            files["acts"], tensors["acts"] = f"acts-{tag}.safetensors", acts
+        if train is not None:
+            files["train"], tensors["train"] = f"train-{tag}.safetensors", train[1]
+        for kind, group in tensors.items():
+            with atomic_path(os.path.join(self.directory, files[kind])) as tmp:
+                save_file({k: v.contiguous() for k, v in group.items()}, tmp)
+        self.meta = {"format": FORMAT, "config_hash": self.digest, "next_block": next_block, "stats": stats, **files,
+                     "train_state": None if train is None else train[0],
+                     "wiring": current.get("wiring") if wiring is None else wiring}
+        write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")
+        for entry in os.listdir(self.directory):
+            # older states, and temporaries of a write that a SIGKILL interrupted
+            if (entry.endswith(".safetensors") and entry not in files.values()) or entry.endswith(".tmp"):
+                os.remove(os.path.join(self.directory, entry))
 
 
 def resume_point(out_dir):
     """Where a rerun picks up, in words: "block B", "joint iteration I" or "online trajectory T"; None when no state
-    is saved."""
+    is saved (or it cannot be read)."""
     try:
-        meta = _read_json(out_dir)
+        with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
+            meta = json.load(f)
         train = meta.get("train_state")
         if not train:
             return f"block {int(meta['next_block'])}"
@@ -147,42 +253,3 @@ def resume_point(out_dir):
         return f"joint iteration {int(train['iteration'])}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def remove_state(out_dir):
-    """Delete the calibration state once the artifact is complete (for DiT-XL/2 it holds GiBs of activations)."""
-    shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
-
-
-def read_state_meta(out_dir, digest):
-    """state.json of a saved state (dict), or None when there is none; a state of another config or format is a
-    UserError. Cheap: the pipeline calls it before k-means, so a mismatched --out fails in seconds."""
-    directory = os.path.join(out_dir, STATE_DIR)
-    if not os.path.exists(os.path.join(directory, STATE_JSON)):
-        return None
-    try:
-        meta = _read_json(out_dir)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-        if meta["config_hash"] != digest:
-            raise UserError(f"{directory} holds the state of a calibration with a different config "
-                            f"({meta['config_hash']} vs {digest} now): use a fresh --out or delete {directory}")
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
-    return meta
-
-
-def load_state(out_dir, digest):
-    """(meta, layers, acts, train tensors or None) of a saved state, or None when there is none; a different
-    config is a UserError."""
-    meta = read_state_meta(out_dir, digest)
-    if meta is None:
-        return None
-    directory = os.path.join(out_dir, STATE_DIR)
-    try:
-        layers = load_file(os.path.join(directory, meta["layers"]))
-        acts = load_file(os.path.join(directory, meta["acts"]))
-        train = load_file(os.path.join(directory, meta["train"])) if meta.get("train_state") else None
-    except (OSError, KeyError, SafetensorError) as e:
-        raise UserError(f"cannot resume from {directory} ({e}): delete it to start over") from None
-    return meta, layers, acts, train

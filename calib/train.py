@@ -8,6 +8,7 @@ returns L_d of the minibatch `idx` (indices into the calibration points) with gr
 """
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -112,6 +113,19 @@ def minibatches(num_points, batch_size, generator):
             yield perm[s:s + batch_size]
 
 
+@dataclass(frozen=True)
+class Minibatches:
+    """The minibatch order of a training run: `num_points` calibration points in batches of `batch_size`, drawn
+    from `generator` (a fresh one of the same seed replays the same order)."""
+
+    num_points: int
+    batch_size: int
+    generator: torch.Generator
+
+    def __iter__(self):
+        return minibatches(self.num_points, self.batch_size, self.generator)
+
+
 def _value(v):
     return v.item() if torch.is_tensor(v) else v
 
@@ -119,8 +133,8 @@ def _value(v):
 class Trainer:
     """RMSprop on the ratio logits, codebooks and biases of `layers` (list of VQLinear), one update per `step`.
 
-    config fields used: lr_ratio, lr_codebook, rmsprop_alpha, lambda_r, ratio_reg, select_threshold,
-    hard_fraction, select_every, train_codebooks, ratio_gate.
+    config: calib.config.CalibConfig; fields used: lr_ratio, lr_codebook, rmsprop_alpha, lambda_r, ratio_reg,
+    select_threshold, hard_fraction, select_every, train_codebooks, ratio_gate.
     - train_codebooks "always": every codebook trains from the start; "when_hard" (the authors' code): a soft
       layer's codebook gets no gradient (requires_grad off) and no update, and joins the optimizer, with a fresh
       RMSprop state, when its layer hardens. Biases train from the start either way.
@@ -220,23 +234,23 @@ class Trainer:
                 "hardened_at": list(self.hardened_at)}
 
 
-def train(layers, loss_fn, num_points, config, generator, progress=True, desc="calibrate", resume=None,
-          on_checkpoint=None):
-    """Minimise L_d + lambda_r * L_r over `config.iters` minibatches; every layer is hard afterwards.
+def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoint=None):
+    """Minimise L_d + lambda_r * L_r over `config.iters` minibatches of `batches` (Minibatches); every layer is hard
+    afterwards. layers: list of VQLinear; loss_fn(idx) -> L_d of the minibatch idx (B,); desc: the progress bar's
+    label (None: no bar). Returns `Trainer.finish()`'s dict.
 
-    layers: list of VQLinear. Returns `Trainer.finish()`'s dict. Every CHECKPOINT_EVERY iterations
-    `on_checkpoint(snapshot)` gets a `Trainer.snapshot()`; passing it back as `resume`, with the layers restored
-    to their state at that moment and a fresh `generator` of the same seed, continues the run exactly.
-    The whole run is one trajectory for ratio_gate "running_min".
+    Every CHECKPOINT_EVERY iterations `on_checkpoint(snapshot)` gets a `Trainer.snapshot()`; passing it back as
+    `resume`, with the layers restored to their state at that moment and Minibatches with a fresh generator of the
+    same seed, continues the run exactly. The whole run is one trajectory for ratio_gate "running_min".
     """
     trainer = Trainer(layers, config, resume)
-    batches = minibatches(num_points, config.batch_size, generator)
+    order = iter(batches)
     for _ in range(trainer.updates):  # the minibatch order is a pure function of the generator's seed
-        next(batches)
-    bar = tqdm(range(trainer.updates, config.iters), desc=desc, leave=False, disable=not progress,
+        next(order)
+    bar = tqdm(range(trainer.updates, config.iters), desc=desc, leave=False, disable=desc is None,
                initial=trainer.updates, total=config.iters)
     for _ in bar:
-        trainer.step(loss_fn(next(batches)))
+        trainer.step(loss_fn(next(order)))
         if trainer.updates % CHECKPOINT_EVERY == 0:
             bar.set_postfix(loss=f"{trainer.loss.item():.3g}", hard=sum(h is not None for h in trainer.hardened_at))
             if on_checkpoint is not None:

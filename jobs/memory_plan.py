@@ -119,7 +119,7 @@ def dry_run_plan(config):
     """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
     a hub id of REFERENCE_MODELS) of a supported class and its method builds codebooks, else None. Loads no
     weights and fetches nothing."""
-    source = plan_source(config.ckpt)
+    source = plan_source(config.model.ckpt)
     if source is None or config.method == "rtn":
         return None
     from models.adapters import ADAPTERS
@@ -131,8 +131,9 @@ def dry_run_plan(config):
     adapter = ADAPTERS[name]()
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
     text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
-    if config.calib != "blockwise":
-        text += f"\n  note: the host figures are the block-wise walk's; calib {config.calib} holds other tensors"
+    if config.calibration.calib != "blockwise":
+        text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
+                 "tensors")
     return text
 
 
@@ -145,9 +146,10 @@ def nbytes(shape, dtype):
     return count * torch.empty(0, dtype=dtype).element_size()
 
 
-def layer_sizes(model, include, config):
-    """{name: sizes} of the Linears `include` selects: weights, fp32 bytes, soft and hard in-memory VQ state, the
-    artifact's stored bytes (codec specs) and its index and codebook bytes."""
+def layer_sizes(model, include, codebooks, n):
+    """{name: sizes} of the Linears `include` selects, quantized with CodebookConfig `codebooks` and n candidates
+    while soft: weights, fp32 bytes, soft and hard in-memory VQ state, the artifact's stored bytes (codec specs) and
+    its index and codebook bytes."""
     import torch
     from torch import nn
 
@@ -155,18 +157,17 @@ def layer_sizes(model, include, config):
     from vq.packing import index_dtype
 
     pattern, qkv = re.compile(include), re.compile(QKV)
-    index_bytes = torch.empty(0, dtype=index_dtype(config.k)).element_size()
-    n = config.candidates if config.method == "vq4dit" else 1
+    index_bytes = torch.empty(0, dtype=index_dtype(codebooks.k)).element_size()
     out = {}
     for name, m in model.named_modules():
         if not (isinstance(m, nn.Linear) and pattern.search(name)):
             continue
-        groups = 3 if config.split_qkv and qkv.search(name) else 1
-        meta = {"in_features": m.in_features, "out_features": m.out_features, "k": config.k, "d": config.dim, "n": n,
-                "groups": groups, "bias": m.bias is not None}
+        groups = 3 if codebooks.split_qkv and qkv.search(name) else 1
+        meta = {"in_features": m.in_features, "out_features": m.out_features, "k": codebooks.k, "d": codebooks.dim,
+                "n": n, "groups": groups, "bias": m.bias is not None}
         specs = CODECS["VQLinear"].tensor_specs(meta)
-        subs = m.in_features * m.out_features // config.dim
-        fixed = groups * config.k * config.dim * 4 + (m.out_features * 4 if m.bias is not None else 0)
+        subs = m.in_features * m.out_features // codebooks.dim
+        fixed = groups * codebooks.k * codebooks.dim * 4 + (m.out_features * 4 if m.bias is not None else 0)
         out[name] = {"weights": m.in_features * m.out_features, "subs": subs, "n": n, "groups": groups, "fixed": fixed,
                      "fp": sum(p.numel() * 4 for p in m.parameters()),
                      "soft": subs * (n * index_bytes + n * 4 + 1) + fixed, "hard": subs * index_bytes + fixed,
@@ -199,7 +200,7 @@ class _FusedAttention:
         return self.fn.apply(query, key, value)
 
 
-def _probe_layer(m, config, size):
+def _probe_layer(m, codebooks, size):
     """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
     calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
     import torch
@@ -210,14 +211,15 @@ def _probe_layer(m, config, size):
         def ratios(self):
             return torch.softmax(self.logits, dim=1)
 
-    return Probe(m.in_features, m.out_features, config.k, config.dim, size["n"], size["groups"],
+    return Probe(m.in_features, m.out_features, codebooks.k, codebooks.dim, size["n"], size["groups"],
                  bias=m.bias is not None, device="meta")
 
 
-def block_training_bytes(block, call, table, batched, include_block, sizes, config):
-    """Device bytes of calibrating `block` at config.batch_size: autograd's saved activations with soft VQ layers in
-    place of the selected Linears (`include_block`: their names inside the block), the minibatch's inputs and
-    targets in fp32, and the gradients and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
+def block_training_bytes(block, replay, include_block, sizes, config):
+    """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
+    QuantizeConfig `config`: autograd's saved activations with soft VQ layers in place of the selected Linears
+    (`include_block`: their names inside the block), the minibatch's inputs and targets in fp32, and the gradients
+    and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
     import torch
     import torch.nn.functional as F
 
@@ -227,10 +229,10 @@ def block_training_bytes(block, call, table, batched, include_block, sizes, conf
 
     student = copy.deepcopy(block)
     for local, full in include_block.items():
-        set_submodule(student, local, _probe_layer(student.get_submodule(local), config, sizes[full]))
-    rows = config.batch_size
-    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in table.items()}
-    args, kwargs = gather(call.inputs, expanded, batched, slice(None), "meta")
+        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
+    rows, batched = config.calibration.batch_size, replay.batched
+    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
+    args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
     owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
     inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
     held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
@@ -259,13 +261,13 @@ def walk_peaks(calls, slot_bytes, output_bytes, sequential=True):
     block i's FP targets overwrite a dying FP output of the same size (sequential mode only), its quantized outputs
     a dying quantized-chain tensor (slot or output) of the same size, else they are new; then the dying go."""
     from calib.blockwise import last_uses
-    from calib.record import out_key
+    from calib.tables import Out
 
     last, born, sizes = last_uses(calls), {}, dict(slot_bytes)
     for i, outs in enumerate(output_bytes):
         for k, b in enumerate(outs):
-            sizes[out_key(i, k)], born[out_key(i, k)] = b, i
-            last.setdefault(out_key(i, k), i + 1)  # an output nobody reads leaves the tables after the next block
+            sizes[Out(i, k)], born[Out(i, k)] = b, i
+            last.setdefault(Out(i, k), i + 1)  # an output nobody reads leaves the tables after the next block
     peaks = []
     for i, outs in enumerate(output_bytes):
         alive = [k for k in sizes if last.get(k, -1) >= i and born.get(k, -1) < i]
@@ -286,23 +288,27 @@ def walk_peaks(calls, slot_bytes, output_bytes, sequential=True):
 
 def memory_plan(model, adapter, config, vae_factor, tokens):
     """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
-    config.height x config.width (None: the pipeline's default), `tokens` prompt tokens."""
+    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens."""
     import torch
 
-    from calib.calibrate import CACHE_DTYPES, teacher_plan
     from calib.capture import calib_steps, storage_dtype
-    from calib.record import out_key, recording, slot_is_batched
+    from calib.record import recording, slot_is_batched
+    from calib.replay import Replay
+    from calib.tables import Out
+    from calib.teacher import teacher_plan
+    from jobs.methods import method_for
     from models.adapters.base import linear_pattern
 
-    height, width = adapter.image_size(model, vae_factor, config.height, config.width)
-    plan = teacher_plan(config)
+    spec, codebooks = config.model, config.codebooks
+    height, width = adapter.image_size(model, vae_factor, spec.height, spec.width)
+    plan = teacher_plan(config.teacher, config.seed, online=config.calibration.calib == "online")
     per_trajectory = adapter.rows_per_trajectory(plan)
-    kept = len(calib_steps(plan.steps, config.calib_timesteps))
+    kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = plan.num_samples * kept * per_trajectory
     calls = []
     with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
         model(**adapter.example_inputs(model, PROBE_ROWS, (height // vae_factor, width // vae_factor), tokens))
-    live, cache_dtype = calls[0], CACHE_DTYPES[config.cache_dtype]
+    live, cache_dtype = calls[0], config.cache.dtype
 
     def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it for all rows
         shape = (rows, *t.shape[1:]) if key is None or batched[key] else tuple(t.shape)
@@ -312,19 +318,19 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     slots = [(key, *stored(t, key)) for key, t in live.slots.items()]
     slot_bytes = {key: size for key, _, size in slots}
     walk = walk_peaks(live.calls, slot_bytes, [[stored(t)[1] for t in outs] for outs in live.outputs],
-                      sequential=config.block_inputs == "quantized")
+                      sequential=config.calibration.block_inputs == "quantized")
 
-    include = linear_pattern(adapter.quant_include(model), config.include, config.exclude)
-    sizes = layer_sizes(model, include, config)
+    include = linear_pattern(adapter.quant_include(model), spec.include, spec.exclude)
+    sizes = layer_sizes(model, include, codebooks, method_for(config.method, codebooks).candidates)
     table = dict(live.slots)
     for i, outs in enumerate(live.outputs):
-        table.update({out_key(i, k): t for k, t in enumerate(outs)})
-    batched.update({key: True for key in table if key.startswith("o")})
+        table.update({Out(i, k): t for k, t in enumerate(outs)})
+    batched.update({ref: True for ref in table if isinstance(ref, Out)})
     block_bytes = 0
     for i, (name, block) in enumerate(adapter.blocks(model)):
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
-        block_bytes = max(block_bytes, block_training_bytes(block, live.calls[i], table, batched, inside, sizes,
-                                                            config))
+        replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
+        block_bytes = max(block_bytes, block_training_bytes(block, replay, inside, sizes, config))
     state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
     fp_bytes = sum(t.numel() * 4 for t in state.values())
     teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
@@ -335,13 +341,14 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
                                                                     "index", "codebook")}
     resident = teacher - total["fp"]  # the student's full-precision tensors
     soft_extra = total["soft"] - total["hard"]  # joint / online: every layer soft from the start
-    if config.calib == "blockwise":  # block-wise: a block's layers are soft only while it is calibrated
+    if config.calibration.calib == "blockwise":  # block-wise: a block's layers are soft only while it is calibrated
         soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
     return MemoryPlan(
-        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{config.wbits} (k {config.k}, "
-              f"d {config.dim}), cache {config.cache_dtype}, batch {config.batch_size}",
+        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
+              f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
+              f"{config.calibration.batch_size}",
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
         slots=slots, cache_bytes=sum(slot_bytes.values()), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],

@@ -1,14 +1,16 @@
-"""The quantize job: load the base model, build codebooks, calibrate, save the artifact.
+"""The quantize job: load -> codebooks -> record -> calibrate -> save, for any model an adapter describes.
 
-`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments, for any model an
-adapter describes (models/adapters): the project's DiT or a diffusers pipeline's transformer.
+`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments. Each stage takes the part
+of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound to the codebook
+config to build the quantized layers, the teacher config to record, the calibration config to train, and the
+CalibState (calib/state.py) that owns the output directory's resumable state.
 """
 import copy
 import logging
 import time
 
-from calib.config import QuantizeConfig
-from calib.state import config_hash, read_state_meta, remove_state
+from jobs.config import QuantizeConfig
+from jobs.methods import method_for
 from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
 from models.prompts import read_prompts
@@ -18,52 +20,68 @@ from utils.precision import set_tf32
 
 logger = logging.getLogger(__name__)
 
-CALIBRATED = ("vq4dit", "codebook")
-
 
 def quantize(config: QuantizeConfig, out_dir, progress=True):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats."""
-    from calib.calibrate import calibrate
-    from vq import quantize_linears, save_quantized
-    from vq.modelref import reference
-    from vq.rtn import quantize_linears_rtn
+    from calib.state import CalibState
 
     check_out_dir(out_dir)
-    prompts = read_prompts(config.prompts) if config.prompts else None  # a bad file fails before loading the model
-    calibrated = config.method in CALIBRATED
-    if calibrated:  # a state left by another config must fail now, not after loading and k-means
-        read_state_meta(out_dir, config_hash(config))
-    device = resolve_device(config.device)
-    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
+    method = method_for(config.method, config.codebooks)
+    # a state left by another config must fail now, not after loading and k-means
+    state = CalibState.for_config(out_dir, config) if method.calibrated else None
     start = time.time()
-    base = load_model(config.model, config.ckpt, config.image_size, config.num_classes, config.backend, device)
-    model, adapter = base.model, base.adapter
-    extra = adapter.bind(base.extra, prompts, config.height, config.width)
-    include = linear_pattern(adapter.quant_include(model), config.include, config.exclude)
-    outside = outside_blocks(adapter, model, include)
-    if outside and calibrated:
+    base, include, extra = load(config.model, config.device)
+    outside = outside_blocks(base.adapter, base.model, include)
+    if outside and method.calibrated:
         logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
                        "not calibrated", len(outside), outside[0])
+    teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
+    layers = method.build(base.model, include, config.seed, progress)
     stats = []
-    if config.method == "rtn":
-        quantize_linears_rtn(model, config.wbits, include=include)
-    else:
-        # the FP teacher, copied before its Linears are replaced, instead of loading the checkpoint again
-        teacher = copy.deepcopy(model) if calibrated else None
-        soft = config.method == "vq4dit"
-        # block-wise calibration softens each block's layers when it reaches the block (calib/blockwise.py)
-        lazy = soft and config.calib == "blockwise"
-        qlayers = quantize_linears(model, config.k, config.dim, candidates=config.candidates if soft else 1,
-                                   include=include, split_qkv=config.split_qkv, kmeans_iters=config.kmeans_iters,
-                                   seed=config.seed, ratio_init=config.ratio_init, kmeans_init=config.kmeans_init,
-                                   soft=soft and not lazy, progress=progress)
-        if calibrated:
-            stats = calibrate(model, teacher, adapter, qlayers, config, out_dir, progress=progress)
-        for layer in qlayers.values():
-            if not layer.is_hard:
-                layer.harden()
-    save_quantized(model, reference(model, **extra), out_dir, config.to_dict())
-    remove_state(out_dir)
-    logger.info("quantized %s with %s in %.1f s -> %s", adapter.describe(model), config.method, time.time() - start,
-                out_dir)
+    if method.calibrated:
+        from calib.problem import Problem
+
+        problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress)
+        stats = record_and_calibrate(problem, config, state)
+    save(base.model, layers, extra, config, out_dir)
+    if state is not None:
+        state.remove()
+    logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
+                time.time() - start, out_dir)
     return stats
+
+
+def load(spec, device):
+    """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
+    artifact's model reference extras)."""
+    prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
+    device = resolve_device(device)
+    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
+    base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
+    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width)
+    include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
+    return base, include, extra
+
+
+def record_and_calibrate(problem, config, state):
+    """The record and calibrate stages (calib/calibrate.py) of calib.problem.Problem `problem` with QuantizeConfig
+    `config`, saving to CalibState `state`, with the activation cache open between them; returns per-block stats."""
+    from calib.cache import ActivationStore
+    from calib.calibrate import calibrate, record
+
+    cache = config.cache
+    max_bytes = None if cache.max_cache_gb is None else int(cache.max_cache_gb * 2**30)
+    with ActivationStore(max_bytes, cache.cache_dir or state.cache_dir, cache.dtype) as store:
+        data = record(problem, config.teacher, config.calibration, store, state)
+        return calibrate(problem, data, config.calibration, state)
+
+
+def save(model, layers, extra, config, out_dir):
+    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config."""
+    from vq import save_quantized
+    from vq.modelref import reference
+
+    for layer in layers.values():
+        if not layer.is_hard:
+            layer.harden()
+    save_quantized(model, reference(model, **extra), out_dir, config.to_dict())

@@ -1,4 +1,4 @@
-"""Replace the nn.Linear layers of a model selected by a name pattern with k-means-initialised VQLinear layers."""
+"""Replace the nn.Linear layers of a model selected by a name pattern with quantized layers (one walk for all)."""
 import logging
 import re
 import zlib
@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from vq.layer import VQLinear, check_shape
+from vq.rtn import RTNLinear
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,25 @@ def layer_seed(seed, name):
 def set_submodule(model, name, module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def replace_linears(model, include, make, desc="quantize", progress=True):
+    """Replace every nn.Linear whose qualified name matches the regex `include` by make(name, linear) (a
+    QuantLinear); returns {name: layer} in module order. The one walk over a model's Linears, for every method."""
+    pattern = re.compile(include)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
+    if not targets:
+        raise UserError(f"include pattern {include!r} matches no nn.Linear of the model")
+    out = {}
+    for name, linear in tqdm(targets, desc=desc, unit="layer", disable=not progress):
+        out[name] = make(name, linear)
+        set_submodule(model, name, out[name])
+    return out
+
+
+def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS, progress=False):
+    """Round-to-nearest per output channel (vq/rtn.py) for the Linears `include` selects; returns {name: RTNLinear}."""
+    return replace_linears(model, include, lambda name, linear: RTNLinear.from_linear(linear, bits), "rtn", progress)
 
 
 def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINEARS, split_qkv=False,
@@ -40,22 +60,19 @@ def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINE
     All shapes are checked before any k-means runs, so a bad `dim` fails at once. kmeans_init: "fast" or "authors"
     (vq.kmeans.kmeans); "authors" clamps k per layer instead of refusing a layer with fewer than k sub-vectors.
     """
-    pattern = re.compile(include)
-    qkv = re.compile(qkv_pattern)
+    pattern, qkv = re.compile(include), re.compile(qkv_pattern)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
-    if not targets:
-        raise UserError(f"include pattern {include!r} matches no nn.Linear of the model")
     groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
     for name, m in targets:
         check_shape(name, m.in_features, m.out_features, dim, groups[name],
                     None if kmeans_init == "authors" else codebook_size)
-    out = {}
-    for name, linear in tqdm(targets, desc="k-means", unit="layer", disable=not progress):
-        layer = VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
-                                     kmeans_iters=kmeans_iters, seed=layer_seed(seed, name),
-                                     ratio_init=ratio_init, name=name, kmeans_init=kmeans_init, soft=soft)
-        set_submodule(model, name, layer)
-        out[name] = layer
+
+    def make(name, linear):
+        return VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
+                                    kmeans_iters=kmeans_iters, seed=layer_seed(seed, name), ratio_init=ratio_init,
+                                    name=name, kmeans_init=kmeans_init, soft=soft)
+
+    out = replace_linears(model, include, make, "k-means", progress)
     logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), codebook_size, dim,
                 candidates, split_qkv)
     return out

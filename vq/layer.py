@@ -11,7 +11,6 @@ sub-vector.
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
@@ -24,6 +23,7 @@ from vq.candidates import (
 )
 from vq.kmeans import authors_codebook_size, kmeans
 from vq.packing import index_bits, index_dtype
+from vq.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def decode_hard(codebook, indices, chunk=DECODE_CHUNK):
     return out
 
 
-class VQLinear(nn.Module):
+class VQLinear(QuantLinear):
     """Vector-quantized Linear. The constructor builds an empty skeleton; use `from_linear` to quantize."""
 
     def __init__(self, in_features, out_features, codebook_size, dim, num_candidates=2, groups=1, bias=True,
@@ -159,11 +159,6 @@ class VQLinear(nn.Module):
         else:
             subs = soft_reconstruct(codebook, self.candidates, self.ratios().to(codebook.dtype))
         return subs.reshape(self.out_features, self.in_features)
-
-    def forward(self, x):
-        """F.linear with the weight decoded in x's dtype; only this layer's decoded weight is alive meanwhile."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight(x.dtype), bias)
 
     @torch.no_grad()
     def freeze_confident(self, threshold=0.99):

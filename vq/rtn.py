@@ -3,14 +3,11 @@
 Each output row gets an asymmetric uniform grid of 2^bits levels spanning [min, max] of that row.
 The scale and the row minimum are stored in fp16 (rounded here, so the artifact is exact).
 """
-import re
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vq.apply import BLOCK_LINEARS, set_submodule
 from vq.packing import index_dtype
+from vq.qlinear import QuantLinear
 
 STAT_STORAGE_BITS = 16  # scale and minimum per output row, fp16
 
@@ -30,10 +27,8 @@ def rtn_dequantize(codes, scale, lo, dtype=torch.float32):
     return codes.to(dtype).mul_(scale.to(dtype)).add_(lo.to(dtype))
 
 
-class RTNLinear(nn.Module):
+class RTNLinear(QuantLinear):
     """A Linear whose weight is stored as `bits`-bit codes with a per-row scale and minimum; always hard."""
-
-    is_hard = True
 
     def __init__(self, in_features, out_features, bits, bias=True, device=None):
         super().__init__()
@@ -60,10 +55,6 @@ class RTNLinear(nn.Module):
         """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
         return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)
 
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight(x.dtype), bias)
-
     def bits_per_weight(self, include_codebook=False):
         extra = 2 * STAT_STORAGE_BITS / self.in_features if include_codebook else 0.0
         return self.bits + extra
@@ -71,13 +62,3 @@ class RTNLinear(nn.Module):
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
 
-
-def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS):
-    """Replace every nn.Linear whose qualified name matches `include` by an RTNLinear; returns {name: layer}."""
-    pattern = re.compile(include)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
-    out = {}
-    for name, linear in targets:
-        out[name] = RTNLinear.from_linear(linear, bits)
-        set_submodule(model, name, out[name])
-    return out

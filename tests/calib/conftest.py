@@ -6,7 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.capture import calib_steps
-from calib.config import QuantizeConfig
+from calib.problem import Problem
+from calib.state import CalibState
+from jobs.config import QuantizeConfig
+from jobs.methods import method_for
+from jobs.quantize import record_and_calibrate
 from models.adapters.base import CALIB_STREAM
 from models.diffusion import make_diffusion
 from models.dit import DiT
@@ -28,16 +32,25 @@ def tiny_config(**overrides):
     values = dict(codebook_size=16, dim=2, candidates=2, kmeans_iters=10, iters=30, batch_size=4, steps=5,
                   calib_timesteps=3, calib_samples=3, device="cpu")
     values.update(overrides)
-    return QuantizeConfig(**values).validate()
+    return QuantizeConfig.from_flat(values).validate()
+
+
+def run_calibration(student, teacher, adapter, qlayers, config, out_dir):
+    """The quantize job's record and calibrate stages on an in-memory pair (what jobs.quantize runs after k-means):
+    every layer is hard afterwards; returns the per-block stats."""
+    method = method_for(config.method, config.codebooks)
+    problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False)
+    return record_and_calibrate(problem, config, CalibState.for_config(str(out_dir), config))
 
 
 def quantized_pair(config, depth=2, seed=0):
     """(student with soft VQLinear layers, FP teacher, {name: VQLinear}) for `config`."""
     teacher = tiny_dit(depth, seed)
     student = copy.deepcopy(teacher)
-    candidates = config.candidates if config.method == "vq4dit" else 1
-    qlayers = quantize_linears(student, config.k, config.dim, candidates=candidates,
-                               kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False)
+    c = config.codebooks
+    candidates = c.candidates if config.method == "vq4dit" else 1
+    qlayers = quantize_linears(student, c.k, c.dim, candidates=candidates, kmeans_iters=c.kmeans_iters,
+                               seed=config.seed, progress=False)
     return student, teacher, qlayers
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calib.cache import ActivationStore
-from calib.capture import capture, step_filter
+from calib.capture import Schedule, capture, step_filter
 from calib.metrics import chain_errors, prediction_mse
 from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import tiny_dit
@@ -23,8 +23,8 @@ def test_chain_errors_match_a_direct_computation():
     q = perturbed(fp)
     adapter = adapter_for(fp)
     plan = TeacherPlan(num_samples=3, steps=4, cfg_scale=1.5, seed=0, batch_size=2)
-    cset = capture(fp, adapter.blocks(fp), adapter.teacher_runs(fp, plan, "cpu"), step_filter(4, 2),
-                   ActivationStore(), 12, cache_dtype=torch.float32, progress=False)
+    schedule = Schedule(adapter.teacher_runs(fp, plan, "cpu"), step_filter(4, 2), 12)
+    cset = capture(fp, adapter.blocks(fp), schedule, ActivationStore(token_dtype=torch.float32), progress=False)
     tokens, c = cset.slots["s0.0"], cset.slots["s0.1"]
     with torch.no_grad():
         h, h_fp, expected = tokens, tokens, []

@@ -8,16 +8,16 @@ import torch
 
 import calib.blockwise
 import calib.joint
-from calib.calibrate import calibrate
 from calib.state import STATE_DIR
+from calib.tables import Out, ref_of
 from models.adapters import adapter_for
-from tests.calib.conftest import quantized_pair, reference_points, tiny_config
+from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config
 from utils.errors import UserError
 
 
 def run(config, out_dir, depth=2):
     student, teacher, qlayers = quantized_pair(config, depth)
-    stats = calibrate(student, teacher, adapter_for(student), qlayers, config, str(out_dir), progress=False)
+    stats = run_calibration(student, teacher, adapter_for(student), qlayers, config, str(out_dir))
     return student, teacher, qlayers, stats
 
 
@@ -53,16 +53,16 @@ def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
         student, teacher, qlayers = quantized_pair(config, depth=3)
         seen = {}
 
-        def spy(block, layers, fp_weights, call, table, batched, targets, *args, **kwargs):
-            key = call.inputs["dict"]["args"]["list"][0]
-            key = key["slot"] if "slot" in key else "o{}.{}".format(*key["out"])
-            seen[len(seen)] = (table[key].clone(), targets[0].clone())
-            return original(block, layers, fp_weights, call, table, batched, targets, *args, **kwargs)
+        def spy(problem, i, replay, targets, config):
+            ref = ref_of(replay.call.inputs["dict"]["args"]["list"][0])
+            seen[i] = (replay.table[ref].clone(), targets[0].clone())
+            return original(problem, i, replay, targets, config)
 
         monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
-        calibrate(student, teacher, adapter_for(student), qlayers, config, str(tmp_path / mode), progress=False)
-        x, t, y = reference_points(teacher, config.calib_samples, config.steps, config.calib_timesteps,
-                                   config.cfg_scale, config.seed, batch_size=64)
+        run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path / mode))
+        tc = config.teacher
+        x, t, y = reference_points(teacher, tc.calib_samples, tc.steps, tc.calib_timesteps, tc.cfg_scale, config.seed,
+                                   batch_size=64)
         with torch.no_grad():
             tokens, c = teacher.embed(x, t, y)
             h, h_fp = tokens.half().float(), tokens.half().float()
@@ -81,10 +81,10 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
 
     original = calib.blockwise.calibrate_block
 
-    def killed_at_block_2(*args, name="block", **kwargs):
-        if name == "blocks.2":
+    def killed_at_block_2(problem, i, *args):
+        if i == 2:
             raise KeyboardInterrupt
-        return original(*args, name=name, **kwargs)
+        return original(problem, i, *args)
 
     monkeypatch.setattr(calib.blockwise, "calibrate_block", killed_at_block_2)
     with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
@@ -129,7 +129,7 @@ def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, capl
     monkeypatch.setattr(calib.joint, "train", original)
     with caplog.at_level(logging.INFO, logger="calib.calibrate"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
-    assert "resuming joint calibration at iteration 40 of 60" in caplog.text
+    assert "resuming calibration at joint iteration 40" in caplog.text
     a, b = state_of(whole), state_of(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_time(resumed_stats) == without_time(whole_stats)
@@ -173,9 +173,9 @@ def toy_pair(config):
     teacher = ToyTransformer(depth=3).eval()
     student = copy.deepcopy(teacher)
     adapter = ToyAdapter()
-    qlayers = quantize_linears(student, config.k, config.dim, candidates=config.candidates,
-                               include=adapter.quant_include(student), kmeans_iters=config.kmeans_iters,
-                               seed=config.seed, progress=False)
+    c = config.codebooks
+    qlayers = quantize_linears(student, c.k, c.dim, candidates=c.candidates, include=adapter.quant_include(student),
+                               kmeans_iters=c.kmeans_iters, seed=config.seed, progress=False)
     return student, teacher, adapter, qlayers
 
 
@@ -188,7 +188,7 @@ def test_two_stream_blocks_calibrate_through_the_same_core(tmp_path, calib_mode,
                          calib_samples=4, steps=4, calib_timesteps=2, cfg_scale=1.0)
     student, teacher, adapter, qlayers = toy_pair(config)
     assert len(qlayers) == 3 * 4
-    stats = calibrate(student, teacher, adapter, qlayers, config, str(tmp_path), progress=False)
+    stats = run_calibration(student, teacher, adapter, qlayers, config, str(tmp_path))
     assert [s["name"] for s in stats] == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
     assert all(layer.is_hard for layer in qlayers.values())
     assert sum(s["mse_after"] for s in stats) < 0.8 * sum(s["mse_before"] for s in stats)
@@ -213,9 +213,9 @@ def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
     original = calib.blockwise.calibrate_block
     inputs = {}
 
-    def spy(block, layers, fp_weights, call, table, batched, targets, *args, name="block", **kwargs):
-        inputs[name] = {k: v.clone() for k, v in table.items()}
-        return original(block, layers, fp_weights, call, table, batched, targets, *args, name=name, **kwargs)
+    def spy(problem, i, replay, targets, config):
+        inputs[i] = {ref: v.clone() for ref, v in replay.table.items()}
+        return original(problem, i, replay, targets, config)
 
     monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
     config = tiny_config(iters=30, cache_dtype="fp32", lr_codebook=1e-2)
@@ -223,10 +223,10 @@ def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
     for layer in qlayers.values():
         layer.round_codebook_()  # what save_quantized stores
     with torch.no_grad():
-        seen = inputs["blocks.0"]
+        seen = inputs[0]
         deployed = student.blocks[0](seen["s0.0"], seen["s0.1"])
         error = (deployed - teacher.blocks[0](seen["s0.0"], seen["s0.1"])).pow(2).mean().item()
-    torch.testing.assert_close(inputs["blocks.1"]["o0.0"], deployed, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inputs[1][Out(0, 0)], deployed, rtol=1e-6, atol=1e-6)
     assert stats[0]["mse_after"] == pytest.approx(error, rel=1e-5)
 
 
@@ -241,11 +241,11 @@ def test_layers_softened_when_their_block_comes_calibrate_like_soft_ones(tmp_pat
     _, _, eager, eager_stats = run(config, tmp_path / "eager", depth=3)
     teacher = tiny_dit(3, 0)
     student = copy.deepcopy(teacher)
-    lazy = quantize_linears(student, config.k, config.dim, candidates=config.candidates,
-                            kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False, soft=False)
+    c = config.codebooks
+    lazy = quantize_linears(student, c.k, c.dim, candidates=c.candidates, kmeans_iters=c.kmeans_iters,
+                            seed=config.seed, progress=False, soft=False)
     assert all(layer.is_hard for layer in lazy.values())
-    lazy_stats = calibrate(student, teacher, adapter_for(student), lazy, config, str(tmp_path / "lazy"),
-                           progress=False)
+    lazy_stats = run_calibration(student, teacher, adapter_for(student), lazy, config, str(tmp_path / "lazy"))
     a, b = state_of(eager), state_of(lazy)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_time(lazy_stats) == without_time(eager_stats)

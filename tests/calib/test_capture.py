@@ -4,8 +4,9 @@ import torch
 
 from calib.blockwise import allocator
 from calib.cache import ActivationStore
-from calib.capture import calib_steps, capture, capture_model_inputs, step_filter, to_cache
-from calib.replay import sweep
+from calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter, to_cache
+from calib.replay import Replay, sweep
+from calib.tables import Out
 from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import reference_points, tiny_dit
 
@@ -32,8 +33,8 @@ def test_recorded_set_and_replayed_targets_match_a_hand_written_dit_loop():
     adapter = adapter_for(model)
     plan = TeacherPlan(num_samples=5, steps=6, cfg_scale=1.5, seed=3, batch_size=2)
     rows = 5 * 3 * 2
-    cset = capture(model, adapter.blocks(model), adapter.teacher_runs(model, plan, "cpu"), step_filter(6, 3),
-                   ActivationStore(), rows, progress=False)
+    schedule = Schedule(adapter.teacher_runs(model, plan, "cpu"), step_filter(6, 3), rows)
+    cset = capture(model, adapter.blocks(model), schedule, ActivationStore(), progress=False)
     x, t, y = reference_points(model, 5, 6, 3, 1.5, 3, batch_size=2)
     tokens, c = model.embed(x, t, y)
     assert cset.rows == rows and cset.batched == {"s0.0": True, "s0.1": True}
@@ -43,11 +44,11 @@ def test_recorded_set_and_replayed_targets_match_a_hand_written_dit_loop():
     table = dict(cset.slots)
     h = tokens.half().float()
     for i, (name, block) in enumerate(adapter.blocks(model)):
-        outs, _ = sweep(block, cset.calls[i], table, cset.batched, rows, "cpu",
-                        alloc=allocator(ActivationStore(), [], torch.float16), chunk=7)
+        outs, _ = sweep(block, Replay(cset.calls[i], table, cset.batched, rows), "cpu",
+                        alloc=allocator(ActivationStore(), []), chunk=7)
         h = block(h, c)
         torch.testing.assert_close(outs[0].float(), h, atol=2e-3, rtol=2e-3)  # fp16 cache between blocks
-        table[f"o{i}.0"] = outs[0]
+        table[Out(i, 0)] = outs[0]
         h = outs[0].float()
 
 

@@ -4,12 +4,13 @@ import copy
 
 import pytest
 
-from calib.calibrate import calibrate, teacher_plan
 from calib.capture import capture_model_inputs, step_filter
-from calib.config import QuantizeConfig
 from calib.metrics import prediction_mse
+from calib.teacher import teacher_plan
+from jobs.config import QuantizeConfig
 from models.adapters import adapter_for
 from models.loading import load_dit
+from tests.calib.conftest import run_calibration
 from tests.models.test_diffusers_format import diffusers_model
 from vq import quantize_linears
 
@@ -21,19 +22,21 @@ SETTINGS = dict(codebook_size=64, dim=4, kmeans_iters=10, iters=30, calib_sample
 def noise_mse_after(teacher, split_qkv, method, tmp_path):
     """Noise MSE vs the FP teacher on held-out teacher inputs (another seed) after quantizing with `method`."""
     adapter = adapter_for(teacher)
-    config = QuantizeConfig(split_qkv=split_qkv, method=method, **SETTINGS).validate()
+    config = QuantizeConfig.from_flat(dict(split_qkv=split_qkv, method=method, **SETTINGS)).validate()
     student = copy.deepcopy(teacher)
-    qlayers = quantize_linears(student, config.k, config.dim, candidates=2 if method == "vq4dit" else 1,
+    c = config.codebooks
+    qlayers = quantize_linears(student, c.k, c.dim, candidates=2 if method == "vq4dit" else 1,
                                include=adapter.quant_include(student), split_qkv=split_qkv,
-                               kmeans_iters=config.kmeans_iters, seed=config.seed, progress=False)
+                               kmeans_iters=c.kmeans_iters, seed=config.seed, progress=False)
     if method == "kmeans":
         for layer in qlayers.values():
             layer.harden()
     else:
-        calibrate(student, teacher, adapter, qlayers, config, str(tmp_path), progress=False)
-    held_out = QuantizeConfig(**{**SETTINGS, "calib_samples": 8, "seed": 1000})
-    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, teacher_plan(held_out), "cpu"),
-                                 step_filter(held_out.steps, held_out.calib_timesteps), progress=False)
+        run_calibration(student, teacher, adapter, qlayers, config, str(tmp_path))
+    held_out = QuantizeConfig.from_flat({**SETTINGS, "calib_samples": 8, "seed": 1000})
+    plan = teacher_plan(held_out.teacher, held_out.seed)
+    calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, plan, "cpu"),
+                                 step_filter(plan.steps, held_out.teacher.calib_timesteps), progress=False)
     return prediction_mse(student, teacher, adapter, calls, "cpu")
 
 

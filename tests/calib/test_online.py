@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import calib.online
-from calib.calibrate import calibrate
 from calib.state import STATE_DIR
 from models.adapters import adapter_for
-from tests.calib.conftest import quantized_pair, tiny_config
+from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
 
 
 def authors_config(**overrides):
@@ -22,7 +21,7 @@ def authors_config(**overrides):
 
 def run(config, out_dir, depth=2):
     student, teacher, qlayers = quantized_pair(config, depth)
-    stats = calibrate(student, teacher, adapter_for(student), qlayers, config, str(out_dir), progress=False)
+    stats = run_calibration(student, teacher, adapter_for(student), qlayers, config, str(out_dir))
     return student, teacher, qlayers, stats
 
 
@@ -62,7 +61,7 @@ def test_the_loss_is_the_mean_block_error_of_the_two_chains(tmp_path, monkeypatc
                         original_step(self, loss))
     config = authors_config(calib_samples=2, steps=3, calib_timesteps=2)
     student, teacher, qlayers = quantized_pair(config, 2)
-    calibrate(student, teacher, adapter_for(student), qlayers, config, str(tmp_path), progress=False)
+    run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path))
     assert len(actual) == 6 and actual == pytest.approx(expected, rel=1e-5)
 
 
@@ -107,7 +106,7 @@ def test_online_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, cap
     monkeypatch.setattr(calib.online.Trainer, "step", original)
     with caplog.at_level(logging.INFO, logger="calib.calibrate"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
-    assert "resuming online calibration after trajectory 2" in caplog.text
+    assert "resuming calibration at online trajectory 2" in caplog.text
     for name in whole:
         a, b = whole[name].state_dict(), resumed[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -1,8 +1,8 @@
 import torch
 
 from calib.cache import ActivationStore
-from calib.capture import capture, step_filter
-from calib.replay import block_loss, run_chain, sweep
+from calib.capture import Schedule, capture, step_filter
+from calib.replay import Replay, block_loss, run_chain, sweep
 from models.adapters import TeacherPlan
 from tests.calib.toy import ToyAdapter, ToyTransformer
 
@@ -11,8 +11,8 @@ def toy_set(depth=3, num_samples=4):
     model = ToyTransformer(depth=depth).eval()
     adapter = ToyAdapter()
     plan = TeacherPlan(num_samples=num_samples, steps=3, cfg_scale=1.0, seed=0, batch_size=3)
-    cset = capture(model, adapter.blocks(model), adapter.teacher_runs(model, plan, "cpu"), step_filter(3, 2),
-                   ActivationStore(), num_samples * 2, cache_dtype=torch.float32, progress=False)
+    schedule = Schedule(adapter.teacher_runs(model, plan, "cpu"), step_filter(3, 2), num_samples * 2)
+    cset = capture(model, adapter.blocks(model), schedule, ActivationStore(token_dtype=torch.float32), progress=False)
     return model, adapter, cset
 
 
@@ -21,7 +21,7 @@ def test_run_chain_reproduces_the_models_own_block_outputs():
     model, adapter, cset = toy_set()
     blocks = [m for _, m in adapter.blocks(model)]
     rows = torch.tensor([5, 0, 2])
-    outs = run_chain(blocks, cset.calls, cset.slots, cset.batched, rows, "cpu")
+    outs = run_chain(blocks, cset, rows, "cpu")
     e, h = cset.slots["s0.1"][rows], cset.slots["s0.0"][rows]
     temb, rope = cset.slots["s0.2"][rows], cset.slots["s0.3"]
     for i, block in enumerate(blocks):
@@ -33,10 +33,10 @@ def test_run_chain_reproduces_the_models_own_block_outputs():
 def test_sweep_in_place_over_an_input_equals_a_fresh_output():
     model, adapter, cset = toy_set()
     block = adapter.blocks(model)[0][1]
-    fresh, _ = sweep(block, cset.calls[0], cset.slots, cset.batched, cset.rows, "cpu",
+    fresh, _ = sweep(block, Replay(cset.calls[0], cset.slots, cset.batched, cset.rows), "cpu",
                      alloc=lambda outs, n: [torch.empty(n, *o.shape[1:]) for o in outs], chunk=3)
     table = {k: v.clone() for k, v in cset.slots.items()}
-    in_place, _ = sweep(block, cset.calls[0], table, cset.batched, cset.rows, "cpu",
+    in_place, _ = sweep(block, Replay(cset.calls[0], table, cset.batched, cset.rows), "cpu",
                         alloc=lambda outs, n: [table["s0.1"], table["s0.0"]], chunk=3)  # outputs over the inputs
     assert in_place[0] is table["s0.1"] and torch.equal(in_place[0], fresh[0]) and torch.equal(in_place[1], fresh[1])
 

@@ -1,10 +1,10 @@
-import dataclasses
 
 import pytest
 import torch
 
 from calib.train import (
     RATIO_PENALTIES,
+    Minibatches,
     argmax_assignment,
     drop_hardened,
     minibatches,
@@ -130,16 +130,16 @@ def test_train_lowers_the_hard_loss(hard_from_start):
     target = linear(x).detach()
     if hard_from_start:  # codebook method: only codebook and bias train (few degrees of freedom: a small gain)
         layer.harden()
-        config = tiny_config(iters=60, batch_size=8, lr_codebook=1e-3)
+        config = tiny_config(iters=60, batch_size=8, lr_codebook=1e-3).calibration
     else:  # ratios must become near one-hot for the argmax to keep the soft gain
-        config = tiny_config(iters=300, batch_size=8, lambda_r=0.1)
+        config = tiny_config(iters=300, batch_size=8, lambda_r=0.1).calibration
 
     def loss_fn(idx):
         return torch.nn.functional.mse_loss(layer(x[idx]), target[idx])
 
     with torch.no_grad(), argmax_assignment([layer]):
         before = loss_fn(torch.arange(64)).item()
-    info = train([layer], loss_fn, 64, config, seeded_generator(0), progress=False)
+    info = train([layer], loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config)
     assert layer.is_hard and len(info["hardened_at"]) == 1
     with torch.no_grad():
         after = loss_fn(torch.arange(64)).item()
@@ -155,15 +155,14 @@ def test_train_with_lambda_pushes_ratios_to_one_hot(form, monkeypatch):
         layer, linear = soft_layer(out=16, inp=16, k=16, n=2, seed=3)
         x = torch.randn(32, 16)
         target = linear(x).detach()
-        config = dataclasses.replace(tiny_config(iters=30, batch_size=8), lambda_r=lambda_r, hard_fraction=1.0,
-                                     ratio_reg=form)
+        config = tiny_config(iters=30, batch_size=8, lambda_r=lambda_r, hard_fraction=1.0, ratio_reg=form).calibration
         seen = {}
 
         def loss_fn(idx):
             seen["r"] = layer.ratios().detach()
             return torch.nn.functional.mse_loss(layer(x[idx]), target[idx])
 
-        train([layer], loss_fn, 32, config, seeded_generator(0), progress=False)
+        train([layer], loss_fn, Minibatches(32, config.batch_size, seeded_generator(0)), config)
         return seen["r"].amax(1).mean().item()
 
     assert confident(1.0) > confident(0.0)
@@ -174,11 +173,11 @@ def test_two_candidates_beat_codebook_only():
     """n = 2 (ratios, codebooks, biases) ends below codebook-only (nearest assignment fixed, codebooks and biases
     trained) on the same block, points and budget. Measured on seeds 0-5 at 60 iterations: n = 2 / codebook-only
     = 0.61-0.73; with the ratio logits left out of the optimizer 1.09-1.19. The test asks for < 0.85."""
-    config = tiny_config(iters=60, batch_size=16)
+    config = tiny_config(iters=60, batch_size=16).calibration
     errors = {}
     for n in (1, 2):
         layers, loss_fn, error = block_problem(candidates=n)
-        train(layers, loss_fn, 64, config, seeded_generator(0), progress=False)
+        train(layers, loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config)
         assert all(layer.is_hard for layer in layers)
         errors[n] = error()
     assert errors[2] < 0.85 * errors[1]

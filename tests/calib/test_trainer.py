@@ -1,12 +1,12 @@
 """The Trainer against a plain reference loop, exact resume from snapshots, and the authors' options
 (codebooks frozen while soft, the running-minimum L_r gate)."""
 import copy
-import dataclasses
 
 import pytest
 import torch
 
 from calib.train import (
+    Minibatches,
     Trainer,
     minibatches,
     ratio_penalty,
@@ -69,9 +69,9 @@ STAGGERED = dict(iters=40, batch_size=8, lambda_r=1.0, lr_ratio=0.08, hard_fract
 
 
 def test_train_matches_the_plain_loop_bitwise():
-    config = tiny_config(**STAGGERED)
+    config = tiny_config(**STAGGERED).calibration
     layers, loss_fn, _ = staggered_problem()
-    info = train(layers, loss_fn, 64, config, seeded_generator(0), progress=False)
+    info = train(layers, loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config)
     assert any(h is not None for h in info["hardened_at"])  # selection hardened layers mid-run
     ref_layers, ref_loss_fn, _ = staggered_problem()
     reference_train(ref_layers, ref_loss_fn, 64, config, seeded_generator(0))
@@ -83,7 +83,7 @@ def test_train_matches_the_plain_loop_bitwise():
 def test_train_resumes_exactly_from_a_snapshot(options):
     """Killed after its checkpoint at iteration 20, with some layers hardened before it and some after, a run
     resumed from that snapshot ends with the same layers and info as the uninterrupted run."""
-    config = dataclasses.replace(tiny_config(**STAGGERED), **options)
+    config = tiny_config(**STAGGERED, **options).calibration
     layers, loss_fn, _ = staggered_problem()
     saved = {}
 
@@ -91,7 +91,8 @@ def test_train_resumes_exactly_from_a_snapshot(options):
         if snapshot["iteration"] == 20:
             saved["snapshot"], saved["layers"] = copy.deepcopy(snapshot), layer_states(layers)
 
-    whole = train(layers, loss_fn, 64, config, seeded_generator(0), progress=False, on_checkpoint=keep)
+    batches = Minibatches(64, config.batch_size, seeded_generator(0))
+    whole = train(layers, loss_fn, batches, config, on_checkpoint=keep)
     assert any(h is not None and h <= 20 for h in whole["hardened_at"])
     assert any(h is None or h > 20 for h in whole["hardened_at"])
     again, again_loss_fn, _ = staggered_problem()
@@ -99,7 +100,7 @@ def test_train_resumes_exactly_from_a_snapshot(options):
         if "indices" in state:
             layer.harden()
         layer.load_state_dict(state)
-    resumed = train(again, again_loss_fn, 64, config, seeded_generator(0), progress=False,
+    resumed = train(again, again_loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config,
                     resume=saved["snapshot"])
     assert_same_states(layer_states(layers), layer_states(again))
     assert resumed == whole
@@ -108,7 +109,7 @@ def test_train_resumes_exactly_from_a_snapshot(options):
 def test_codebooks_train_only_once_their_layer_is_hard():
     """train_codebooks="when_hard": a soft layer's codebook gets no gradient and no update, it trains once its
     layer hardens; biases and hard-from-the-start codebooks train from the first update."""
-    config = tiny_config(train_codebooks="when_hard", select_every=1, hard_fraction=0.5, lr_codebook=1e-2)
+    config = tiny_config(train_codebooks="when_hard", select_every=1, hard_fraction=0.5, lr_codebook=1e-2).calibration
     confident, _ = soft_layer(seed=0)
     undecided, _ = soft_layer(seed=1)
     hard, _ = soft_layer(seed=2)
@@ -148,7 +149,7 @@ def test_ratio_gate_adds_the_penalty_only_above_its_running_minimum(gate):
     """ratio_gate="running_min": lambda_r * L_r joins an update only when L_r is strictly above the smallest L_r
     seen earlier in the trajectory; new_trajectory() forgets that minimum. L_d has zero gradient here, so the
     logits move exactly when L_r was added."""
-    config = tiny_config(ratio_gate=gate, lambda_r=1.0, select_every=1000)
+    config = tiny_config(ratio_gate=gate, lambda_r=1.0, select_every=1000).calibration
     layer, _ = soft_layer(seed=0)
     trainer = Trainer([layer], config)
     # (L_r set before the update, added under running_min?); None marks new_trajectory()

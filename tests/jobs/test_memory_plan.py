@@ -7,9 +7,10 @@ import struct
 import pytest
 import torch
 
-from calib.blockwise import layers_of, soften
-from calib.config import load_config
+from calib.problem import layers_of
+from jobs.config import load_config
 from jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+from jobs.methods import method_for
 from models.adapters import ADAPTERS
 from models.adapters.load import load_model
 from tests.cli_helpers import ROOT
@@ -61,7 +62,7 @@ def test_the_plan_predicts_the_artifact_and_its_bits(run):
     assert plan.artifact_bytes == len(raw) - 8 - header  # the tensors' bytes, to the byte
     quant = json.loads((r.artifact / "quant_config.json").read_text())
     assert plan.layers == len(quant["layers"])
-    assert plan.bits == math.log2(r.config.k) / r.config.dim
+    assert plan.bits == math.log2(r.config.codebooks.k) / r.config.codebooks.dim
 
 
 def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
@@ -73,14 +74,15 @@ def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
         return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
 
     assert plan.teacher_bytes == held(model)
-    c = r.config
+    c = r.config.codebooks
     fp_weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     qlayers = quantize_linears(model, c.k, c.dim, candidates=c.candidates, include=base.adapter.quant_include(model),
-                               kmeans_iters=1, seed=c.seed, progress=False, soft=False)
+                               kmeans_iters=1, seed=r.config.seed, progress=False, soft=False)
     peak = held(model)  # block-wise: the job keeps layers hard, calibration softens one block's at a time
+    method = method_for(r.config.method, c)
     for name, _ in base.adapter.blocks(model):
         layers = layers_of(qlayers, name)
-        soften(layers, fp_weights, c)
+        method.prepare(layers, fp_weights)
         peak = max(peak, held(model))
         for layer in layers.values():
             layer.harden()
@@ -89,10 +91,11 @@ def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
 
 def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
     config = load_config(str(ROOT / "configs" / "flux_dev_w2.yaml"))
-    name, model_config, factor, _ = plan_source(config.ckpt)
+    name, model_config, factor, _ = plan_source(config.model.ckpt)
     plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
                        ADAPTERS[name].text_tokens)
-    assert plan.points.endswith(f"= {config.calib_samples * config.calib_timesteps} points")  # guidance distilled
+    points = config.teacher.calib_samples * config.teacher.calib_timesteps
+    assert plan.points.endswith(f"= {points} points")  # guidance distilled
     assert plan.layers == 19 * 14 + 38 * 6 and plan.bits == 2.0
     assert 11.8e9 < plan.weights < 11.9e9  # FLUX.1-dev: 12B parameters, nearly all in the blocks
     assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]

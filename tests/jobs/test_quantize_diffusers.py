@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from calib.config import load_config
+from jobs.config import load_config
 from jobs.quantize import quantize
 from tests.models.tiny_pipelines import save_tiny_dit_pipeline
 from vq import load_quantized

@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
-from calib.config import load_config
-from calib.state import STATE_DIR, load_state, save_state
+from calib.state import STATE_DIR, CalibState
+from jobs.config import load_config
 from jobs.quantize import quantize
 from models.loading import save_dit
 from tests.conftest import randomize
@@ -38,23 +38,8 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
     assert torch.isfinite(model(x, t, y)).all()
 
 
-def test_stale_temporaries_are_pruned(tmp_path):
-    directory = tmp_path / STATE_DIR
-    directory.mkdir()
-    (directory / ".layers-00001.safetensors.abc.tmp").write_bytes(b"half a file")
-    save_state(str(tmp_path), "digest", 1, [], {"a": torch.zeros(2)}, {})
-    assert sorted(os.listdir(directory)) == ["acts-00001.safetensors", "layers-00001.safetensors", "state.json"]
-
-
-def test_unreadable_state_is_a_user_error(tmp_path):
-    save_state(str(tmp_path), "digest", 1, [], {"a": torch.zeros(2)}, {"x": torch.zeros(3)})
-    (tmp_path / STATE_DIR / "acts-00001.safetensors").write_bytes(b"garbage, not safetensors")
-    with pytest.raises(UserError, match="cannot resume from .*delete it to start over"):
-        load_state(str(tmp_path), "digest")
-
-
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
-    save_state(str(tmp_path), "other-config", 1, [], {}, {})
+    CalibState(str(tmp_path), "other-config").start({}, {})
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="different config.*fresh --out or delete"):

@@ -87,7 +87,7 @@ def test_sample_to_dir_rejects_bad_arguments(tmp_path, tiny_dit, kwargs, named):
 def test_the_job_loads_models_in_the_requested_precision(tmp_path, tiny_dit, precision, dtype):
     """sample.py --precision reaches the network through load_for_sampling, for a checkpoint and an artifact;
     codeword indices keep their integer dtype."""
-    from calib.config import load_config
+    from jobs.config import load_config
     from jobs.quantize import quantize
     from jobs.sample import load_for_sampling
     from models.loading import save_dit

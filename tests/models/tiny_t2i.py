@@ -147,9 +147,10 @@ def quantized_run(family, root):
     suite's one-thread fixture); the calibration set and the activation store are observed."""
     if family in _RUNS:
         return _RUNS[family]
-    import calib.blockwise
+    import calib.cache
     import calib.calibrate
-    from calib.config import load_config
+    import calib.tables
+    from jobs.config import load_config
     from jobs.quantize import quantize
 
     root = Path(root) / family
@@ -157,9 +158,9 @@ def quantized_run(family, root):
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     config = load_config(overrides={"ckpt": str(root / "pipeline"), "prompts": str(root / "prompts.txt"), **FAST})
     seen = {"sets": [], "peaks": [], "since": 0}
-    record, advance = calib.calibrate.record_calibration_set, calib.blockwise._advance
+    record, advance = calib.calibrate.record_set, calib.tables.Chains.advance
 
-    class Store(calib.calibrate.ActivationStore):
+    class Store(calib.cache.ActivationStore):
         def empty(self, shape, dtype):
             out = super().empty(shape, dtype)
             seen["since"], seen["store"] = max(seen["since"], self.in_memory), self
@@ -174,9 +175,9 @@ def quantized_run(family, root):
         seen["sets"].append(record(*args, **kwargs))
         return seen["sets"][-1]
 
-    with mock.patch.object(calib.calibrate, "record_calibration_set", recorded), \
-            mock.patch.object(calib.calibrate, "ActivationStore", Store), \
-            mock.patch.object(calib.blockwise, "_advance", advanced):
+    with mock.patch.object(calib.calibrate, "record_set", recorded), \
+            mock.patch.object(calib.cache, "ActivationStore", Store), \
+            mock.patch.object(calib.tables.Chains, "advance", advanced):
         stats = quantize(config, str(root / "artifact"), progress=False)
     _RUNS[family] = QuantizedRun(root / "pipeline", root / "artifact", config, stats, seen["sets"][0],
                                  seen["peaks"])

@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from models.dit import DiT
 from utils.errors import UserError
-from vq.apply import quantize_linears
+from vq.apply import quantize_linears, quantize_linears_rtn
 from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, load_quantized, save_quantized, write_quant_config
 from vq.layer import VQLinear
 from vq.modelref import reference
 from vq.packing import packed_nbytes
-from vq.rtn import RTNLinear, quantize_linears_rtn
+from vq.rtn import RTNLinear
 
 LEGACY = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 3, "in_channels": 1, "learn_sigma": True}
 REF = reference(DiT.from_config(LEGACY), name="DiT-Digits/2")

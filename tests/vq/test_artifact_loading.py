@@ -10,10 +10,10 @@ import vq.artifact as artifact
 from models.dit import DiT
 from tests.conftest import randomize
 from tests.vq.test_artifact import CONFIG, LEGACY, REF
-from vq.apply import BLOCK_LINEARS, set_submodule
+from vq.apply import BLOCK_LINEARS, quantize_linears_rtn, set_submodule
 from vq.layer import VQLinear
 from vq.packing import index_dtype
-from vq.rtn import RTNLinear, quantize_linears_rtn
+from vq.rtn import RTNLinear
 
 X, T, Y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 900]), torch.tensor(
     [0, 2])

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from vq.rtn import RTNLinear, quantize_linears_rtn
+from vq.apply import quantize_linears_rtn
+from vq.rtn import RTNLinear
 
 
 def slow_rtn_row(row, bits):

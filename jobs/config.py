@@ -1,0 +1,213 @@
+"""The quantize job's config: small per-stage dataclasses, composed by QuantizeConfig and filled from a recipe, a YAML
+preset, then CLI overrides.
+
+Users write one flat mapping (YAML keys and flags: `wbits`, `iters`, `cfg_scale`, ...); each key belongs to exactly
+one stage's dataclass, and the saved config.yaml is that flat mapping again (old config.yaml files still load).
+Precedence: dataclass defaults <- the recipe's preset (configs/recipes/<recipe>.yaml; `recipe` is taken from the
+command line, else from the preset, else the default) <- the YAML preset given with --config <- CLI flags.
+Unknown keys, duplicate keys, wrong types and non-finite numbers are errors naming the source.
+"""
+import dataclasses
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from calib.config import CacheConfig, CalibConfig, TeacherConfig, check_choices, check_positive, invalid
+from utils.errors import UserError
+
+METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers one class per name
+RECIPES = ("vq4dit", "authors")
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
+BACKENDS = ("auto", "vq4dit", "diffusers")
+
+
+@dataclass
+class ModelSpec:
+    """Which model is quantized, and which of its Linears."""
+
+    model: str = "DiT-Digits/2"
+    ckpt: str | None = None  # None: the embedded digits model
+    image_size: int | None = None  # None: taken from the checkpoint (256 for ImageNet .pt files)
+    num_classes: int | None = None
+    backend: str = "auto"  # auto: diffusers for a pipeline directory or hub id, else vq4dit | vq4dit | diffusers
+    # text-to-image pipelines (PixArt, SD3, Flux) and layer selection
+    prompts: str | None = None  # teacher prompts: a text file, one per line (None: built-in class-name prompts)
+    height: int | None = None  # teacher image size in pixels (None: the pipeline's default, e.g. 1024)
+    width: int | None = None
+    include: str | None = None  # regex over qualified Linear names to quantize (None: the adapter's rule)
+    exclude: str | None = None  # regex of Linears kept in full precision (applied after include)
+
+    def validate(self):
+        check_choices(self, {"backend": BACKENDS})
+        for name in ("image_size", "num_classes", "height", "width"):
+            if getattr(self, name) is not None:
+                check_positive(self, (name,))
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except re.error as e:
+                invalid(name, getattr(self, name), f"not a regular expression ({e})")
+        return self
+
+
+@dataclass
+class CodebookConfig:
+    """The quantizer: bits, sub-vector length, codebook size, candidates and the k-means that builds codebooks."""
+
+    wbits: int = 2
+    dim: int = 4
+    codebook_size: int | None = None  # None: 2 ** (wbits * dim)
+    candidates: int = 2
+    ratio_init: str = "inverse_distance"  # or "uniform"
+    split_qkv: bool = False
+    kmeans_iters: int = 100
+    # fast: subsample seeding and fit, then full passes | authors: k-means++ on all points, exactly kmeans_iters
+    # Lloyd iterations, empty clusters become zero, k <= largest 2^j <= N/4 per layer
+    kmeans_init: str = "fast"
+
+    @property
+    def k(self):
+        return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
+
+    def validate(self):
+        check_choices(self, {"ratio_init": ("inverse_distance", "uniform"), "kmeans_init": ("fast", "authors")})
+        check_positive(self, ("wbits", "dim", "candidates", "kmeans_iters"))
+        if self.wbits * self.dim > 16 or not 2 <= self.k <= 65536:
+            source = ("given" if self.codebook_size is not None
+                      else f"= 2^(wbits*dim) with wbits={self.wbits}, dim={self.dim}")
+            invalid("codebook_size", self.k if self.wbits * self.dim <= 64 else f"2^{self.wbits * self.dim}",
+                    f"k {source}; k must be in 2..65536")
+        if self.candidates > self.k:
+            invalid("candidates", self.candidates, f"at most the codebook size {self.k}")
+        return self
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything a quantize run computes from: the run's own fields and one dataclass per stage."""
+
+    recipe: str = "vq4dit"  # vq4dit (this project's defaults) | authors (their published code, METHOD.md 3b)
+    method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when present, else cpu
+    model: ModelSpec = field(default_factory=ModelSpec)
+    codebooks: CodebookConfig = field(default_factory=CodebookConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def validate(self):
+        check_choices(self, {"recipe": RECIPES, "method": METHODS})
+        if self.seed < 0:
+            invalid("seed", self.seed, "must be >= 0")
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        return self
+
+    @classmethod
+    def from_flat(cls, values):
+        """A config from a flat {key: value} mapping (keys as in config.yaml; missing keys take their defaults)."""
+        run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+        parts = {s: kind(**{k: v for k, v in values.items() if k in FIELDS[s]}) for s, kind in SECTIONS.items()}
+        return cls(**run, **parts)
+
+    def to_dict(self):
+        """The flat mapping users write, in the order config.yaml has always had."""
+        flat = {name: getattr(self, name) for name in RUN_FIELDS}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return {name: flat[name] for name in FLAT_ORDER}
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **values):
+        """A validated copy with flat keys set as a YAML preset or flags would set them (e.g. iters=10)."""
+        return merge(self, values, "replace").validate()
+
+
+SECTIONS = {"model": ModelSpec, "codebooks": CodebookConfig, "teacher": TeacherConfig, "calibration": CalibConfig,
+            "cache": CacheConfig}
+FIELDS = {section: {f.name: f.type for f in fields(kind)} for section, kind in SECTIONS.items()}
+RUN_FIELDS = {f.name: f.type for f in fields(QuantizeConfig) if f.name not in SECTIONS}
+KEY_TYPES = {**RUN_FIELDS, **{k: t for types in FIELDS.values() for k, t in types.items()}}
+# config.yaml's key order since the first release (a flat dataclass then), kept so that artifacts stay byte-identical
+FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts", "height", "width", "include",
+              "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init", "split_qkv",
+              "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
+              "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction", "train_codebooks",
+              "ratio_gate", "select_every", "kmeans_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps",
+              "online_batch", "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")
+
+
+def _coerce(name, kind, value, source):
+    """`value` checked against the field type `kind` (int, float, str, bool, or X | None); floats must be finite."""
+    allowed = typing.get_args(kind) or (kind,)
+    if value is None and type(None) in allowed:
+        return None
+    base = next(a for a in allowed if a is not type(None))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {name}={value!r} must be a finite number")
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: {name}={value!r} must be of type {base.__name__}")
+
+
+def merge(config, values, source):
+    """A copy of `config` with the flat `values` applied; unknown keys name `source` and the valid keys."""
+    unknown = sorted(set(values) - set(KEY_TYPES))
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(KEY_TYPES))}")
+    flat = config.to_dict()
+    flat.update({k: _coerce(k, KEY_TYPES[k], v, source) for k, v in values.items()})
+    return QuantizeConfig.from_flat(flat)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path):
+    """A YAML file that must hold a mapping; every problem is a UserError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def load_config(path=None, overrides=None):
+    """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = read_yaml(path) if path is not None else {}
+    recipe = overrides.get("recipe", values.get("recipe", QuantizeConfig.recipe))
+    if recipe not in RECIPES:
+        raise UserError(f"invalid recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
+    recipe_path = os.path.join(RECIPE_DIR, f"{recipe}.yaml")
+    config = merge(QuantizeConfig(), {**read_yaml(recipe_path), "recipe": recipe}, recipe_path)
+    if path is not None:
+        config = merge(config, values, path)
+    config = merge(config, overrides, "command line")
+    return config.validate()

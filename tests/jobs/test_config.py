@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.config import QuantizeConfig, load_config
+from utils.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("wbits,dim,k", [(2, 4, 256), (3, 2, 64), (1, 8, 256), (4, 1, 16)])
+def test_codebook_size_follows_bits_and_dim(wbits, dim, k):
+    assert load_config(overrides={"wbits": wbits, "dim": dim}).codebooks.k == k
+
+
+def test_precedence_defaults_then_yaml_then_cli(tmp_path):
+    path = write(tmp_path, "wbits: 3\ndim: 2\niters: 7\n")
+    config = load_config(path, {"iters": 9, "seed": None})
+    assert (config.codebooks.wbits, config.codebooks.dim, config.calibration.iters, config.seed) == (3, 2, 9, 0)
+
+
+def test_unknown_key_names_file_and_valid_keys(tmp_path):
+    path = write(tmp_path, "wbitz: 2\n")
+    with pytest.raises(UserError, match=r"preset.yaml: unknown key\(s\) wbitz; valid keys: .*wbits"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("wbits: two\n", "wbits='two' must be of type int"),
+    ("split_qkv: 1\n", "split_qkv=1 must be of type bool"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("wbits: [\n", "not valid YAML"),
+])
+def test_bad_yaml_values(tmp_path, text, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(write(tmp_path, text))
+
+
+def test_int_is_accepted_for_float_fields(tmp_path):
+    assert load_config(write(tmp_path, "lr_ratio: 1\n")).calibration.lr_ratio == 1.0
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"codebook_size": 1}, "codebook_size=1"),
+    ({"codebook_size": 65537}, "2..65536"),
+    ({"wbits": 5, "dim": 4}, "2\\^\\(wbits\\*dim\\)"),
+    ({"iters": 0}, "iters=0: must be a positive integer"),
+    ({"steps": -1}, "steps=-1"),
+    ({"method": "gptq"}, "choose one of vq4dit"),
+    ({"ratio_reg": "l1"}, "ratio_reg=.l1.: choose one of code, paper"),
+    ({"candidates": 5, "codebook_size": 4}, "at most the codebook size 4"),
+    ({"calib_timesteps": 60}, "at most steps=50"),
+])
+def test_impossible_settings_are_user_errors(overrides, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(overrides=overrides)
+
+
+def test_missing_preset_file(tmp_path):
+    with pytest.raises(UserError, match="cannot read config .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_resolves(path):
+    config = load_config(str(path))
+    assert config.to_dict()["model"] == config.model.model
+
+
+def test_recipe_preset_sits_between_the_defaults_and_the_yaml(tmp_path):
+    authors = load_config(overrides={"recipe": "authors"})
+    a = authors.to_dict()
+    assert (a["calib"], a["cfg_scale"], a["lambda_r"], a["ratio_gate"], a["train_codebooks"], a["select_every"],
+            a["calib_samples"], a["kmeans_init"]) == (
+        "online", 4.0, 1.0, "running_min", "when_hard", 1, 1000, "authors")
+    assert load_config(overrides={"recipe": "authors", "cfg_scale": 1.5}).teacher.cfg_scale == 1.5  # CLI wins
+    path = write(tmp_path, "recipe: authors\ncalib_samples: 20\n")
+    from_yaml = load_config(path)
+    assert (from_yaml.recipe, from_yaml.calibration.calib, from_yaml.teacher.calib_samples) == ("authors", "online", 20)
+    # the CLI's recipe replaces the preset's
+    assert load_config(path, {"recipe": "vq4dit"}).calibration.calib == "blockwise"
+    assert load_config(path, {"recipe": "vq4dit"}).teacher.calib_samples == 20  # but the YAML's own values stay
+    assert load_config().to_dict() == QuantizeConfig().to_dict()  # the vq4dit recipe is the defaults
+
+
+def test_unknown_recipe_is_a_user_error():
+    with pytest.raises(UserError, match="recipe='paper': choose one of vq4dit, authors"):
+        load_config(overrides={"recipe": "paper"})
+
+
+def test_flat_mapping_round_trips_through_the_stage_configs():
+    """Every flat key lands in exactly one stage dataclass and comes back in config.yaml's order (mutation: a key
+    left out of FLAT_ORDER, or a stage field that shadows another)."""
+    from jobs.config import FIELDS, FLAT_ORDER, RUN_FIELDS
+
+    names = [n for section in FIELDS.values() for n in section] + list(RUN_FIELDS)
+    assert sorted(names) == sorted(FLAT_ORDER) and len(set(names)) == len(names)
+    config = load_config(overrides={"recipe": "authors", "iters": 7, "cfg_scale": 3.0, "dim": 2, "cache_dtype": "bf16"})
+    flat = config.to_dict()
+    assert list(flat) == list(FLAT_ORDER)
+    assert QuantizeConfig.from_flat(flat) == config
+    assert (config.calibration.iters, config.teacher.cfg_scale, config.codebooks.dim, config.cache.cache_dtype) == (
+        7, 3.0, 2, "bf16")
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("iters: 3\niters: 4\n", "duplicate key 'iters'"),
+    ("lr_ratio: .nan\n", "lr_ratio=nan must be a finite number"),
+    ("cfg_scale: .inf\n", "cfg_scale=inf must be a finite number"),
+])
+def test_duplicate_keys_and_non_finite_numbers_in_yaml(tmp_path, text, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(write(tmp_path, text))
+
+
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.yaml is not UTF-8 text"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"lr_ratio": -0.05}, "lr_ratio=-0.05: must be >= 0"),
+    ({"seed": -1}, "seed=-1: must be >= 0"),
+    ({"cfg_scale": -1.0}, "cfg_scale=-1.0: must be >= 0"),
+    ({"lambda_r": -1.0}, "lambda_r=-1.0"),
+    ({"rmsprop_alpha": 1.5}, "rmsprop_alpha=1.5: must be in"),
+    ({"max_cache_gb": float("nan")}, "max_cache_gb=nan must be a finite number"),
+    ({"wbits": 1000}, "k = 2\\^\\(wbits\\*dim\\) with wbits=1000"),
+    ({"height": 0}, "height=0: must be a positive integer"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(overrides, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(overrides=overrides)
