@@ -1,8 +1,10 @@
-"""The README and docs/ link to each other and to result files: every relative link must resolve to an existing
-file, and every #anchor to a heading of the file it points into (GitHub's heading slugs)."""
+"""The README and docs/: every relative link resolves to an existing file, every #anchor to a heading of the file it
+points into (GitHub's heading slugs), and docs/usage.md documents every flag the entry scripts accept."""
 import glob
 import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -79,3 +81,41 @@ def test_checker_reports_a_broken_file_link_and_a_broken_anchor(tmp_path):
                     "[self](#page) [web](https://example.com/x)\n\n# Page\n")
     assert broken_links(str(page)) == ["missing.md (no such file)",
                                        "other.md#not-a-heading (no heading with that anchor)"]
+
+
+ENTRY_SCRIPTS = ("quantize.py", "sample.py", "evaluate.py")
+
+
+def accepted_flags(help_text):
+    """The long options an argparse --help lists (option lines are indented by two spaces: '  -q, --quiet')."""
+    return set(re.findall(r"^  (?:-\w, )?(--[a-z][\w-]*)", help_text, flags=re.M)) - {"--help"}
+
+
+def documented_flags(usage_text, script):
+    """The flags in the first column of the tables under '## <script>' in docs/usage.md (up to the next '## ')."""
+    section = re.split(rf"^## {re.escape(script)}$", usage_text, maxsplit=1, flags=re.M)[1]
+    section = re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {flag for cell in first_cells for flag in re.findall(r"`(--[a-z][\w-]*)", cell)}
+
+
+def test_usage_documents_every_flag_of_every_entry_script():
+    # --help of the real scripts, so that a flag added anywhere in their argument plumbing is seen
+    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for s in ENTRY_SCRIPTS}
+    with open(os.path.join(ROOT, "docs", "usage.md")) as f:
+        usage = f.read()
+    for script, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{script} --help failed"
+        flags = accepted_flags(out)
+        assert len(flags) >= 5, f"{script} --help: no options parsed from {out[:200]!r}"
+        assert sorted(flags - documented_flags(usage, script)) == [], f"flags of {script} missing in docs/usage.md"
+
+
+def test_flag_parsers_on_a_known_help_and_table():
+    help_text = "usage: x\n\noptions:\n  -h, --help  show\n  --steps STEPS  sampler steps; see --other\n" \
+                "  -q, --quiet  quiet\n                        --not-an-option, named in wrapped help\n"
+    assert accepted_flags(help_text) == {"--steps", "--quiet"}
+    usage = "## a.py\n\n| `--steps`, `--seed` | 50 | uses `--x` |\n\n## b.py\n\n| `--quiet` | | |\n"
+    assert documented_flags(usage, "a.py") == {"--steps", "--seed"}
