@@ -91,7 +91,7 @@ def test_timestep_features_stay_float32_in_a_half_model(tiny_dit, dtype):
 
 
 # bf16 / fp16 against fp32 on the embedded digits model, same seeds: 4 samples, 8 steps. Measured (torch 2.13,
-# this CPU): bf16 51 dB, fp16 60 dB at these settings; 200 samples at 50 steps: see README "Precision".
+# this CPU): bf16 51 dB, fp16 60 dB at these settings; 200 samples at 50 steps: see docs/usage.md "Precision".
 PSNR_BOUND = {"bf16": 40.0, "fp16": 45.0}
 
 
