@@ -1,0 +1,212 @@
+"""Output-aware codebooks: k-means weighted by a Linear's input second moments (METHOD.md section 7, issue 19a).
+
+A Linear y = W x with inputs x has expected output error E||(W - W_hat) x||^2 = trace(dW H dW^T), H = E[x x^T].
+Sub-vector i of W.reshape(-1, d) (row r, input columns [j*d, (j+1)*d), j = i % (in/d)) sees the d x d diagonal
+block H_j of H; dropping the cross-block terms, the error is sum_i (w_i - c_a(i))^T H_j(i) (w_i - c_a(i)), which
+weighted_kmeans minimises (plain k-means is H_j = I). gptvq_assign adds GPTQ-style error feedback across the
+column groups with the full H. Pure functions of tensors on the device of the weight; no model is known here.
+
+Distances use the expansion w^T H w - 2 (H w)^T c + c^T H c: H_j w_i (N, d) and w_i^T H_j w_i (N,) are computed
+once (points never move), c^T H_j c is a (G, k) table per iteration, so one chunk of the assignment is an addmm
+plus a gather of that table, whatever groups the chunk's points belong to.
+"""
+import logging
+import math
+
+import torch
+
+from utils.errors import UserError
+from vq.kmeans import kmeans
+from vq.nearest import DEFAULT_CHUNK
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_INITS = ("kmeans", "kmeans++")
+
+
+class InputMoments:
+    """Running sums of x x^T over a Linear's inputs, fed in chunks: the d x d diagonal blocks, and the full n x n
+    matrix when full=True (for gptvq_assign). Sums in float64: fp32 sums of ~1e6 products lose digits."""
+
+    def __init__(self, n, dim, full=False):
+        if n % dim:
+            raise UserError(f"input width {n} is not a multiple of dim={dim}")
+        self.n, self.dim, self.count = n, dim, 0
+        self.block_sums = torch.zeros(n // dim, dim, dim, dtype=torch.float64)  # (G, d, d)
+        self.full_sum = torch.zeros(n, n, dtype=torch.float64) if full else None  # (n, n)
+
+    def add(self, x):
+        """x (..., n): any leading shape, e.g. (B, T, n) token activations or (B, n)."""
+        x = x.detach().reshape(-1, self.n).to("cpu", torch.float64)  # (M, n)
+        xb = x.reshape(x.shape[0], -1, self.dim)  # (M, G, d)
+        self.block_sums += torch.einsum("mgi,mgj->gij", xb, xb)
+        if self.full_sum is not None:
+            self.full_sum += x.t() @ x
+        self.count += x.shape[0]
+
+    def blocks(self):
+        """(G, d, d) float64: the diagonal blocks of E[x x^T]."""
+        return self.block_sums / max(self.count, 1)
+
+    def full(self):
+        """(n, n) float64: E[x x^T] (requires full=True)."""
+        if self.full_sum is None:
+            raise ValueError("InputMoments was built with full=False")
+        return self.full_sum / max(self.count, 1)
+
+
+def input_moments(x, dim):
+    """x (M, n) inputs of a Linear -> (n/dim, dim, dim) float64: the dim x dim diagonal blocks of E[x x^T]."""
+    acc = InputMoments(x.shape[-1], dim)
+    acc.add(x)
+    return acc.blocks()
+
+
+class WeightedPoints:
+    """Sub-vectors with their metrics: p (M, d) points, group (M,) int64 column group j, h (G, d, d) the blocks,
+    hp (M, d) = H_j p (precomputed once: points never move); php (M,) = p^T H_j p."""
+
+    def __init__(self, p, group, h, hp):
+        self.p, self.group, self.h, self.hp = p, group, h, hp
+        self.php = (hp * p).sum(1)  # (M,)
+
+    def subset(self, rows):
+        return WeightedPoints(self.p[rows], self.group[rows], self.h, self.hp[rows])
+
+    def distances(self, centroids, rows=slice(None)):
+        """(c, k) weighted squared distances of points[rows] to centroids (k, d)."""
+        chc = torch.einsum("kd,gde,ke->gk", centroids, self.h, centroids)  # (G, k): c^T H_j c
+        return torch.addmm(chc[self.group[rows]], self.hp[rows], centroids.t(), alpha=-2.0) + self.php[rows, None]
+
+
+def weighted_assign(points, centroids, chunk_size=DEFAULT_CHUNK):
+    """Nearest centroid of every point under its own metric -> (index (M,) int64, sqdist (M,))."""
+    m = points.p.shape[0]
+    index = torch.empty(m, dtype=torch.int64, device=points.p.device)
+    sqdist = torch.empty(m, dtype=points.p.dtype, device=points.p.device)
+    chc = torch.einsum("kd,gde,ke->gk", centroids, points.h, centroids)  # (G, k)
+    ct = centroids.t().contiguous()  # (d, k)
+    for s in range(0, m, chunk_size):
+        rows = slice(s, min(s + chunk_size, m))
+        part = torch.addmm(chc[points.group[rows]], points.hp[rows], ct, alpha=-2.0)  # (c, k), without p^T H p
+        best, index[rows] = part.min(1)
+        sqdist[rows] = (best + points.php[rows]).clamp_min_(0)  # cancellation can dip below zero
+    return index, sqdist
+
+
+def weighted_update(points, index, centroids, damp=1e-6):
+    """Weighted centroids: c_a = (sum_i H_j(i))^-1 sum_i H_j(i) p_i over the points of cluster a, the minimiser of
+    the cluster's weighted error. Sums in float64. A singular sum (e.g. a dead input column) is damped by
+    damp * mean(diag) towards the cluster's plain mean, so an unconstrained direction takes the plain mean.
+    -> (centroids (k, d), empty cluster ids)."""
+    k, d = centroids.shape
+    groups = points.h.shape[0]
+    counts = torch.bincount(index * groups + points.group, minlength=k * groups).reshape(k, groups)  # (k, G)
+    a = (counts.double() @ points.h.reshape(groups, d * d).double()).reshape(k, d, d)  # (k, d, d) sum of H_j
+    b = torch.zeros(k, d, dtype=torch.float64, device=index.device).index_add_(0, index, points.hp.double())  # (k, d)
+    sizes = counts.sum(1)  # (k,)
+    filled = sizes > 0
+    means = torch.zeros(k, d, dtype=torch.float64, device=index.device).index_add_(0, index, points.p.double())
+    means[filled] /= sizes[filled, None]
+    lam = damp * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # (k,)
+    eye = torch.eye(d, dtype=torch.float64, device=index.device)
+    new = centroids.clone()
+    sol = torch.linalg.solve(a[filled] + lam[filled, None, None] * eye, b[filled] + lam[filled, None] * means[filled])
+    new[filled] = sol.to(centroids.dtype)
+    return new, (~filled).nonzero().flatten()
+
+
+def weighted_lloyd(points, centroids, iters, tol=1e-4, chunk_size=DEFAULT_CHUNK):
+    """Lloyd iterations under the weighted distance -> (centroids (k, d), index (M,), iterations run). Empty
+    clusters are re-seeded with the points of largest weighted error (as vq.kmeans.lloyd does with plain error).
+    Stops once fewer than `tol` of the points change cluster."""
+    index, sqdist = weighted_assign(points, centroids, chunk_size)
+    done = 0
+    for done in range(1, iters + 1):
+        centroids, empty = weighted_update(points, index, centroids)
+        if len(empty):
+            far = sqdist.topk(len(empty)).indices  # (E,) distinct worst-represented points
+            centroids[empty] = points.p[far]
+            logger.debug("re-seeded %d empty clusters", len(empty))
+        new_index, sqdist = weighted_assign(points, centroids, chunk_size)
+        changed = (new_index != index).sum().item()
+        index = new_index
+        if changed < tol * len(index) and not len(empty):
+            break
+    return centroids, index, done
+
+
+def weighted_kmeans_plusplus(points, k, generator, trials=None):
+    """Greedy k-means++ seeding under the weighted distance -> centroids (k, d); as vq.kmeans.kmeans_plusplus."""
+    m = points.p.shape[0]
+    trials = trials or 2 + int(math.log(k))
+    centroids = torch.empty(k, points.p.shape[1], dtype=points.p.dtype, device=points.p.device)
+    centroids[0] = points.p[torch.randint(m, (1,), generator=generator, device=points.p.device)[0]]
+    closest = points.distances(centroids[:1]).flatten().clamp_min_(0)  # (M,)
+    for j in range(1, k):
+        if closest.sum() <= 0:
+            picks = torch.randint(m, (trials,), generator=generator, device=points.p.device)
+        else:
+            picks = torch.multinomial(closest, trials, replacement=True, generator=generator)  # (trials,)
+        cand = points.p[picks]  # (trials, d)
+        pot = torch.minimum(points.distances(cand).t().clamp_min_(0), closest)  # (trials, M)
+        best = pot.sum(1).argmin()
+        centroids[j], closest = cand[best], pot[best]
+    return centroids
+
+
+def weight_points(w, h_blocks, dim):
+    """w (out, in), h_blocks (in/dim, dim, dim) -> WeightedPoints over W.reshape(-1, dim) (N = out * in / dim)."""
+    out, n = w.shape
+    if n % dim or tuple(h_blocks.shape) != (n // dim, dim, dim):
+        raise UserError(f"weighted k-means: weight {tuple(w.shape)} with dim={dim} needs h_blocks of shape "
+                        f"({n // dim}, {dim}, {dim}) and in % dim == 0, got {tuple(h_blocks.shape)}")
+    p = w.detach().float().reshape(-1, dim)  # (N, d)
+    h = h_blocks.to(p.device, torch.float32)  # (G, d, d)
+    hp = torch.einsum("gij,rgj->rgi", h, p.reshape(out, -1, dim)).reshape(-1, dim)  # (N, d); H symmetric
+    group = torch.arange(n // dim, device=p.device).repeat(out)  # (N,): sub-vector i sees H_{i % G}
+    return WeightedPoints(p, group, h, hp)
+
+
+def weighted_kmeans(w, h_blocks, k, dim, iters=20, seed=0, init="kmeans", kmeans_iters=100, tol=1e-4,
+                    fit_points_per_cluster=512):
+    """Output-aware codebook of w (out, in) for inputs with diagonal blocks h_blocks (in/dim, dim, dim) of E[x x^T]
+    -> (codebook (k, dim) float32, assignments (N,) int64 over W.reshape(-1, dim)).
+
+    init "kmeans" (default): the plain vq.kmeans.kmeans codebook (kmeans_iters, seed), then weighted Lloyd.
+    init "kmeans++": greedy weighted k-means++ seeding on 64 * k random points, then weighted Lloyd.
+    Weighted Lloyd runs up to `iters` iterations on 512 * k random points (fit_points_per_cluster; None: all),
+    then up to max(2, iters // 4) on all points (as vq.kmeans does: most of the gain of all points comes in the
+    first passes). Each phase stops once fewer than `tol` of its points change cluster. Deterministic for a seed.
+    """
+    if init not in WEIGHTED_INITS:
+        raise UserError(f"invalid weighted k-means init={init!r}: choose one of {', '.join(WEIGHTED_INITS)}")
+    points = weight_points(w, h_blocks, dim)
+    n = points.p.shape[0]
+    if n < k:
+        raise UserError(f"weighted k-means with k={k} needs at least k sub-vectors, got {n}")
+    g = torch.Generator(device=points.p.device).manual_seed(seed)
+
+    def sample(per_cluster):
+        if per_cluster is None or per_cluster * k >= n:
+            return points
+        return points.subset(torch.randperm(n, generator=g, device=points.p.device)[:per_cluster * k])
+
+    if init == "kmeans":
+        centroids, _ = kmeans(points.p, k, iters=kmeans_iters, seed=seed)
+    else:
+        centroids = weighted_kmeans_plusplus(sample(64), k, g)
+    fit = sample(fit_points_per_cluster)
+    if fit is not points:
+        centroids, _, it = weighted_lloyd(fit, centroids, iters, tol)
+        logger.debug("weighted k-means subsample phase: %d iterations", it)
+        iters = max(2, iters // 4)
+    centroids, index, it = weighted_lloyd(points, centroids, iters, tol)
+    logger.debug("weighted k-means k=%d N=%d: %d iterations on all points", k, n, it)
+    return centroids, index
+
+
+def weighted_error(w, h_blocks, codebook, index, dim):
+    """sum_i (w_i - c_a(i))^T H_j(i) (w_i - c_a(i)): the block-diagonal output error of a quantization (float64)."""
+    diff = (w.detach().double().reshape(-1, dim) - codebook.double()[index]).reshape(w.shape[0], -1, dim)  # (out,G,d)
+    return torch.einsum("rgi,gij,rgj->", diff, h_blocks.double(), diff).item()
