@@ -62,6 +62,12 @@ def input_moments(x, dim):
     return acc.blocks()
 
 
+def diagonal_blocks(h_full, dim):
+    """h_full (n, n) -> (n/dim, dim, dim): its dim x dim diagonal blocks (one full H serves every dim)."""
+    g = h_full.shape[0] // dim
+    return h_full.reshape(g, dim, g, dim).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
 class WeightedPoints:
     """Sub-vectors with their metrics: p (M, d) points, group (M,) int64 column group j, h (G, d, d) the blocks,
     hp (M, d) = H_j p (precomputed once: points never move); php (M,) = p^T H_j p."""
@@ -210,3 +216,75 @@ def weighted_error(w, h_blocks, codebook, index, dim):
     """sum_i (w_i - c_a(i))^T H_j(i) (w_i - c_a(i)): the block-diagonal output error of a quantization (float64)."""
     diff = (w.detach().double().reshape(-1, dim) - codebook.double()[index]).reshape(w.shape[0], -1, dim)  # (out,G,d)
     return torch.einsum("rgi,gij,rgj->", diff, h_blocks.double(), diff).item()
+
+
+def inverse_cholesky(h_full, damp=0.01):
+    """U (n, n) upper triangular with U^T U = (H + damp * mean(diag H) * I)^-1, float64 (GPTQ's factor). A column
+    no input reaches (zero diagonal) gets a unit diagonal, as GPTQ does, so H stays invertible."""
+    h = h_full.double().clone()  # (n, n)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptvq_assign(w, h_full, codebook, dim, damp=0.01, block=128):
+    """Assignments of w (out, in) to a fixed codebook (k, dim) with GPTQ / GPTVQ error feedback (METHOD.md 7)
+    -> (N,) int64 over W.reshape(-1, dim).
+
+    Column groups of `dim` inputs are quantized left to right; a group's quantization error is spread onto the
+    columns not yet quantized so that the layer output error under the full H (in, in) is what is minimised, not
+    the weight error. With U the upper Cholesky factor of H^-1 (inverse_cholesky), group g is assigned under the
+    metric ||(w - c) U_gg^-1||^2 (the output error left after the later columns compensate) and the later columns
+    move by -(w - c) U_gg^-1 U_g,later. Updates beyond the current `block` columns are applied once per block
+    (GPTQ's lazy batching: the same result, less memory traffic)."""
+    out, n = w.shape
+    if n % dim or block % dim:
+        raise UserError(f"gptvq_assign: in={n} and block={block} must be multiples of dim={dim}")
+    u = inverse_cholesky(h_full, damp).to(w.device)  # (n, n)
+    work = w.detach().double().clone()  # (out, n): the weight with the feedback received so far
+    cb = codebook.double()  # (k, d)
+    index = torch.empty(out, n // dim, dtype=torch.int64, device=w.device)
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        errs = torch.empty(out, b1 - b0, dtype=torch.float64, device=w.device)  # (out, B): scaled errors of the block
+        for s in range(b0, b1, dim):
+            g = slice(s, s + dim)
+            u_inv = torch.linalg.inv(u[g, g])  # (d, d)
+            dist = torch.cdist(work[:, g] @ u_inv, cb @ u_inv)  # (out, k)
+            index[:, s // dim] = dist.argmin(1)
+            err = (work[:, g] - cb[index[:, s // dim]]) @ u_inv  # (out, d)
+            errs[:, s - b0:s - b0 + dim] = err
+            work[:, s + dim:b1] -= err @ u[g, s + dim:b1]
+        work[:, b1:] -= errs @ u[b0:b1, b1:]
+    return index.reshape(-1)
+
+
+def refit_codebook(w, h_full, codebook, index, dim, steps=10):
+    """The codebook (k, dim) minimising the full output error tr((W - W_hat) H (W - W_hat)^T) for fixed assignments
+    index (N,), W_hat = codebook[index].reshape(W.shape): conjugate gradient on this quadratic in the codebook,
+    `steps` iterations from `codebook` (exact line search; each costs two (out, in) x (in, in) products)."""
+    out, n = w.shape
+    h = h_full.double().to(w.device)  # (n, n)
+    k = codebook.shape[0]
+    c = codebook.double().clone()  # (k, d)
+
+    def expand(cb):
+        return cb[index].reshape(out, n)  # (out, n)
+
+    def gather(grad_w):  # d/dC of a function of W_hat, given its gradient (out, n)
+        return torch.zeros(k, dim, dtype=torch.float64, device=w.device).index_add_(0, index, grad_w.reshape(-1, dim))
+
+    residual = -gather((expand(c) - w.double()) @ h)  # (k, d): minus half the gradient
+    direction = residual.clone()
+    for _ in range(steps):
+        dh = expand(direction)  # (out, n)
+        curvature = (dh @ h * dh).sum()
+        if curvature <= 0:
+            break
+        step = (residual * residual).sum() / curvature
+        c += step * direction
+        new_residual = residual - step * gather(dh @ h)
+        beta = (new_residual * new_residual).sum() / (residual * residual).sum().clamp_min(1e-300)
+        residual, direction = new_residual, new_residual + beta * direction
+    return c.to(codebook.dtype)

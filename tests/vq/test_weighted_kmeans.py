@@ -8,7 +8,10 @@ from utils.errors import UserError
 from vq.kmeans import kmeans
 from vq.weighted_kmeans import (
     InputMoments,
+    diagonal_blocks,
+    gptvq_assign,
     input_moments,
+    refit_codebook,
     weight_points,
     weighted_assign,
     weighted_error,
@@ -41,6 +44,7 @@ def test_moments_accumulate_over_chunks_like_the_full_second_moment():
     assert torch.allclose(acc.full(), full)
     assert torch.allclose(acc.blocks(), blocks)
     assert torch.allclose(input_moments(flat, 4), blocks)
+    assert torch.equal(diagonal_blocks(full, 4), blocks)
 
 
 def test_assignment_equals_a_per_point_loop():
@@ -149,3 +153,86 @@ def test_bad_shapes_fail_clearly():
         weighted_kmeans(w, torch.eye(4).expand(2, 4, 4), 4, 4)
     with pytest.raises(UserError, match="init"):
         weighted_kmeans(w, torch.eye(4).expand(3, 4, 4), 4, 4, init="bogus")
+
+
+def damped(h, damp=0.01):
+    return h.double() + damp * h.double().diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+def obs_reference(w, h, codebook, dim):
+    """GPTQ's optimal-brain-surgeon step written out with explicit inverses: group g is assigned under the metric
+    ((H_FF^-1)_gg)^-1 over the not-yet-quantized columns F, and the later columns move by
+    -e ((H_FF^-1)_gg)^-1 (H_FF^-1)_g,later."""
+    work, hd, cb = w.double().clone(), damped(h), codebook.double()
+    index = []
+    for s in range(0, w.shape[1], dim):
+        hinv = torch.linalg.inv(hd[s:, s:])  # (|F|, |F|)
+        metric = torch.linalg.inv(hinv[:dim, :dim])  # (d, d)
+        diff = work[:, None, s:s + dim] - cb[None]  # (out, k, d)
+        a = torch.einsum("rki,ij,rkj->rk", diff, metric, diff).argmin(1)  # (out,)
+        e = work[:, s:s + dim] - cb[a]  # (out, d)
+        work[:, s + dim:] -= e @ metric @ hinv[:dim, dim:]
+        index.append(a)
+    return torch.stack(index, 1).reshape(-1)
+
+
+def test_error_feedback_equals_the_explicit_obs_steps():
+    """Catches a wrong factor (U instead of U^-1 in the metric), feedback sent to the wrong columns, or a lazy
+    block update that misses columns (block=8 spans several groups and leaves a remainder)."""
+    w, x_fit, _ = anisotropic_problem(3)
+    h = x_fit.double().t() @ x_fit.double() / x_fit.shape[0]  # (32, 32)
+    codebook = torch.randn(16, 4, generator=gen(9)) * 3
+    ref = obs_reference(w, h, codebook, 4)
+    assert torch.equal(gptvq_assign(w, h, codebook, 4, block=8), ref)
+    assert torch.equal(gptvq_assign(w, h, codebook, 4, block=12), ref)
+
+
+def correlated_problem(seed):
+    """The 64 x 32 weight of anisotropic_problem with inputs correlated across column groups (a rank-3 shared
+    factor plus noise, 4 columns scaled by 10): what error feedback needs to have something to spread."""
+    w, _, _ = anisotropic_problem(seed)
+    scale = torch.ones(32)
+    scale[[1, 6, 13, 27]] = 10.0
+    mix = torch.randn(3, 32, generator=gen(77))
+
+    def inputs(m, s):
+        g = gen(s)
+        return (0.5 * torch.randn(m, 32, generator=g) + torch.randn(m, 3, generator=g) @ mix) * scale  # (M, 32)
+
+    return w, inputs(2000, seed + 100), inputs(2000, seed + 200)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_error_feedback_and_refit_lower_the_held_out_output_error(seed):
+    """Same weighted codebook: assignments with feedback give at most 0.7x the held-out output error of the nearest
+    assignments (measured 0.41x-0.51x on seeds 0-3), and refitting the codebook under the full H lowers it further
+    by at least 5% (measured 18-22%). Catches feedback switched off (1.0x) or a refit that does not move."""
+    w, x_fit, x_test = correlated_problem(seed)
+    h = x_fit.double().t() @ x_fit.double() / x_fit.shape[0]  # (32, 32)
+    c, a = weighted_kmeans(w, input_moments(x_fit, 4), 16, 4, seed=seed)
+    fed = gptvq_assign(w, h, c, 4)
+    assert output_error(w, c, fed, x_test) <= 0.7 * output_error(w, c, a, x_test)
+    refit = refit_codebook(w, h, c, fed, 4)
+    assert output_error(w, refit, fed, x_test) <= 0.95 * output_error(w, c, fed, x_test)
+
+
+def test_refit_solves_the_full_output_error_least_squares():
+    """The refitted codebook equals the normal-equation solution sum_r P_r^T H P_r c = sum_r P_r^T H w_r built
+    explicitly (P_r the one-hot map from codebook to row r). Catches a wrong step or a missing H."""
+    out, n, d, k = 6, 8, 2, 5
+    w = torch.randn(out, n, generator=gen(10))
+    x = torch.randn(50, n, generator=gen(11)) * torch.arange(1, n + 1)
+    h = (x.t() @ x / 50).double()
+    index = torch.randint(k, (out * n // d,), generator=gen(12))
+    c = refit_codebook(w, h, torch.zeros(k, d), index, d, steps=k * d)
+    lhs, rhs = torch.zeros(k * d, k * d, dtype=torch.float64), torch.zeros(k * d, dtype=torch.float64)
+    for r in range(out):
+        p = torch.zeros(n, k * d, dtype=torch.float64)
+        for j in range(n // d):
+            a = index[r * (n // d) + j]
+            p[j * d:(j + 1) * d, a * d:(a + 1) * d] = torch.eye(d)
+        lhs += p.t() @ h @ p
+        rhs += p.t() @ h @ w[r].double()
+    ref = torch.linalg.lstsq(lhs, rhs).solution.reshape(k, d)
+    used = torch.bincount(index, minlength=k) > 0
+    assert torch.allclose(c.double()[used], ref[used], atol=1e-3)
