@@ -263,7 +263,7 @@ def gptvq_assign(w, h_full, codebook, dim, damp=0.01, block=128):
 def refit_codebook(w, h_full, codebook, index, dim, steps=10):
     """The codebook (k, dim) minimising the full output error tr((W - W_hat) H (W - W_hat)^T) for fixed assignments
     index (N,), W_hat = codebook[index].reshape(W.shape): conjugate gradient on this quadratic in the codebook,
-    `steps` iterations from `codebook` (exact line search; each costs two (out, in) x (in, in) products)."""
+    `steps` iterations from `codebook` (exact line search; each costs one (out, in) x (in, in) product, float64)."""
     out, n = w.shape
     h = h_full.double().to(w.device)  # (n, n)
     k = codebook.shape[0]
@@ -279,12 +279,13 @@ def refit_codebook(w, h_full, codebook, index, dim, steps=10):
     direction = residual.clone()
     for _ in range(steps):
         dh = expand(direction)  # (out, n)
-        curvature = (dh @ h * dh).sum()
+        dhh = dh @ h  # (out, n): the one (out, in) x (in, in) product of the step
+        curvature = (dhh * dh).sum()
         if curvature <= 0:
             break
         step = (residual * residual).sum() / curvature
         c += step * direction
-        new_residual = residual - step * gather(dh @ h)
+        new_residual = residual - step * gather(dhh)
         beta = (new_residual * new_residual).sum() / (residual * residual).sum().clamp_min(1e-300)
         residual, direction = new_residual, new_residual + beta * direction
     return c.to(codebook.dtype)
