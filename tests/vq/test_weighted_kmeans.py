@@ -16,6 +16,7 @@ from vq.weighted_kmeans import (
     weighted_assign,
     weighted_error,
     weighted_kmeans,
+    weighted_kmeans_plusplus,
     weighted_lloyd,
     weighted_update,
 )
@@ -236,3 +237,16 @@ def test_refit_solves_the_full_output_error_least_squares():
     ref = torch.linalg.lstsq(lhs, rhs).solution.reshape(k, d)
     used = torch.bincount(index, minlength=k) > 0
     assert torch.allclose(c.double()[used], ref[used], atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_seeding_finds_the_clusters_the_metric_sees(seed):
+    """d=2 points in 4 tight clusters along coordinate 0 (weight 100) and spread +-10 along coordinate 1 (weight
+    1e-3): weighted k-means++ seeds one centroid per cluster (10 of 10 seeds). Catches seeding under the plain
+    distance, which spreads along coordinate 1 (all 4 clusters on 3 of 10 seeds)."""
+    g = gen(seed)
+    w = torch.stack([torch.randint(4, (400,), generator=g).float() + 0.01 * torch.randn(400, generator=g),
+                     20 * torch.rand(400, generator=g) - 10], 1).reshape(8, 100)  # (8, 100): 400 points
+    h = torch.diag(torch.tensor([100.0, 1e-3])).expand(50, 2, 2)
+    c = weighted_kmeans_plusplus(weight_points(w, h, 2), 4, gen(seed))
+    assert sorted(c[:, 0].round().abs().tolist()) == [0.0, 1.0, 2.0, 3.0]
