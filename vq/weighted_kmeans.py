@@ -212,6 +212,22 @@ def weighted_kmeans(w, h_blocks, k, dim, iters=20, seed=0, init="kmeans", kmeans
     return centroids, index
 
 
+def weighted_nearest_codewords(w, h_blocks, codebook, dim, n, chunk_size=DEFAULT_CHUNK):
+    """The n nearest codewords of every sub-vector of w (out, in) under its weighted distance, closest first: the
+    candidate sets of a soft layer whose codebook came from weighted_kmeans (vq.candidates.nearest_codewords is the
+    plain-distance counterpart). -> (index (N, n) int64, distance (N, n) = sqrt((w - c)^T H_j (w - c)))."""
+    points = weight_points(w, h_blocks, dim)
+    codebook = codebook.float()
+    m = points.p.shape[0]
+    index = torch.empty(m, n, dtype=torch.int64, device=points.p.device)
+    dist = torch.empty(m, n, dtype=points.p.dtype, device=points.p.device)
+    for s in range(0, m, chunk_size):
+        rows = slice(s, min(s + chunk_size, m))
+        d_n, index[rows] = points.distances(codebook, rows).topk(n, dim=1, largest=False, sorted=True)  # (c, n)
+        dist[rows] = d_n.clamp_min_(0).sqrt_()
+    return index, dist
+
+
 def weighted_error(w, h_blocks, codebook, index, dim):
     """sum_i (w_i - c_a(i))^T H_j(i) (w_i - c_a(i)): the block-diagonal output error of a quantization (float64)."""
     diff = (w.detach().double().reshape(-1, dim) - codebook.double()[index]).reshape(w.shape[0], -1, dim)  # (out,G,d)

@@ -18,6 +18,7 @@ from vq.weighted_kmeans import (
     weighted_kmeans,
     weighted_kmeans_plusplus,
     weighted_lloyd,
+    weighted_nearest_codewords,
     weighted_update,
 )
 
@@ -49,20 +50,23 @@ def test_moments_accumulate_over_chunks_like_the_full_second_moment():
 
 
 def test_assignment_equals_a_per_point_loop():
-    """Sub-vector i of W.reshape(-1, d) uses H_{i % (in/d)}. Catches a wrong group index (e.g. i // out), a
-    missing c^T H c term, or a transposed metric."""
+    """Sub-vector i of W.reshape(-1, d) uses H_{i % (in/d)}; the candidate sets are its 3 nearest under the same
+    distance. Catches a wrong group index (e.g. i // out), a missing c^T H c term, or a transposed metric."""
     out, n, d, k = 5, 12, 3, 7
     w = torch.randn(out, n, generator=gen(1))
     h = spd_blocks(n // d, d, 2)
     codebook = torch.randn(k, d, generator=gen(4))
     points = weight_points(w, h, d)
     index, sqdist = weighted_assign(points, codebook, chunk_size=4)  # chunks cross row boundaries
+    cand, cand_dist = weighted_nearest_codewords(w, h, codebook, d, 3, chunk_size=4)
     subs = w.reshape(-1, d)
     for i in range(subs.shape[0]):
         hj = h[i % (n // d)]
         dist = torch.stack([(subs[i] - c) @ hj @ (subs[i] - c) for c in codebook])  # (k,)
         assert index[i] == dist.argmin()
         assert torch.isclose(sqdist[i], dist.min(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(cand[i], dist.argsort()[:3])  # the 3 weighted-nearest, closest first
+        assert torch.allclose(cand_dist[i], dist.sort().values[:3].sqrt(), rtol=1e-4, atol=1e-4)
 
 
 def test_update_is_the_per_cluster_minimiser():
