@@ -27,7 +27,7 @@ from models.adapters.base import SampleSettings, TeacherPlan  # noqa: E402
 from models.adapters.load import load_model  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq.kmeans import kmeans  # noqa: E402
-from vq.weighted_kmeans import diagonal_blocks, gptvq_assign, refit_codebook, weighted_kmeans  # noqa: E402
+from vq.weighted_kmeans import diagonal_blocks, gptvq, weighted_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("W2", 256, 4), ("W3", 64, 2))
@@ -99,12 +99,11 @@ def quantize_weight(w, h_fit, method, k, dim, seed):
     start, cpu = time.perf_counter(), time.process_time()
     if method == "plain":
         codebook, index = kmeans(w.reshape(-1, dim), k, iters=100, seed=seed)
+    elif method == "gptvq":  # the weighted codebook, error-feedback assignments, codebook refit under the full H
+        codebook, index = gptvq(w, h_fit, k, dim, seed=seed)
     else:
         init = "kmeans++" if method == "weighted_pp" else "kmeans"
         codebook, index = weighted_kmeans(w, diagonal_blocks(h_fit, dim), k, dim, seed=seed, init=init)
-    if method == "gptvq":  # the weighted codebook, error-feedback assignments, codebook refit under the full H
-        index = gptvq_assign(w, h_fit, codebook, dim)
-        codebook = refit_codebook(w, h_fit, codebook, index, dim)
     return codebook[index].reshape(w.shape), Timing(time.process_time() - cpu, time.perf_counter() - start)
 
 

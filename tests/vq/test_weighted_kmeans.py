@@ -9,6 +9,7 @@ from vq.kmeans import kmeans
 from vq.weighted_kmeans import (
     InputMoments,
     diagonal_blocks,
+    gptvq,
     gptvq_assign,
     input_moments,
     refit_codebook,
@@ -219,6 +220,8 @@ def test_error_feedback_and_refit_lower_the_held_out_output_error(seed):
     assert output_error(w, c, fed, x_test) <= 0.7 * output_error(w, c, a, x_test)
     refit = refit_codebook(w, h, c, fed, 4)
     assert output_error(w, refit, fed, x_test) <= 0.95 * output_error(w, c, fed, x_test)
+    whole_c, whole_a = gptvq(w, h, 16, 4, seed=seed)  # the one-call API is exactly these three steps
+    assert torch.equal(whole_a, fed) and torch.equal(whole_c, refit)
 
 
 def test_refit_solves_the_full_output_error_least_squares():
