@@ -27,11 +27,11 @@ from models.adapters.base import SampleSettings, TeacherPlan  # noqa: E402
 from models.adapters.load import load_model  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq.kmeans import kmeans  # noqa: E402
-from vq.weighted_kmeans import diagonal_blocks, gptvq, weighted_kmeans  # noqa: E402
+from vq.weighted_kmeans import diagonal_blocks, gptvq, gptvq_assign, weighted_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("W2", 256, 4), ("W3", 64, 2))
-METHODS = ("plain", "weighted", "weighted_pp", "gptvq")
+METHODS = ("plain", "weighted", "weighted_pp", "feedback", "gptvq")
 KINDS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
 
 
@@ -104,6 +104,8 @@ def quantize_weight(w, h_fit, method, k, dim, seed):
     else:
         init = "kmeans++" if method == "weighted_pp" else "kmeans"
         codebook, index = weighted_kmeans(w, diagonal_blocks(h_fit, dim), k, dim, seed=seed, init=init)
+        if method == "feedback":  # error feedback without the refit
+            index = gptvq_assign(w, h_fit, codebook, dim)
     return codebook[index].reshape(w.shape), Timing(time.process_time() - cpu, time.perf_counter() - start)
 
 
@@ -199,8 +201,8 @@ def markdown(rows, layers, xl, args):
              f"H fitted on teacher seed {args.fit_seed}, errors on held-out seed {args.test_seed} ({args.samples} "
              "trajectories x 25 kept steps each, CFG 1.5, 50 steps). plain: vq.kmeans (100 iterations); weighted: "
              "plain start + weighted Lloyd (vq.weighted_kmeans defaults); weighted_pp: weighted k-means++ seeding; "
-             "gptvq: the weighted codebook, then gptvq_assign (error feedback, full H) and refit_codebook (10 CG "
-             "steps, full H). "
+             "feedback: the weighted codebook, then gptvq_assign (error feedback, full H); gptvq: the same then "
+             "refit_codebook (10 CG steps, full H), i.e. vq.weighted_kmeans.gptvq. "
              f"PSNR: {args.psnr_samples} paired samples vs FP.", "",
              "| config | method | CPU s (30 layers) | wall s | mean layer rel. output error | median | "
              "noise MSE vs FP | relative | PSNR vs FP (dB) |", "|---|---|---|---|---|---|---|---|---|"]
