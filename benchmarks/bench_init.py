@@ -27,7 +27,7 @@ from models.adapters.base import SampleSettings, TeacherPlan  # noqa: E402
 from models.adapters.load import load_model  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 from vq.kmeans import kmeans  # noqa: E402
-from vq.weighted_kmeans import diagonal_blocks, gptvq, gptvq_assign, weighted_kmeans  # noqa: E402
+from vq.weighted_kmeans import diagonal_blocks, gptvq, gptvq_assign, weighted_error, weighted_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("W2", 256, 4), ("W3", 64, 2))
@@ -178,11 +178,28 @@ def anisotropic_h(n, seed):
     return x.t() @ x / x.shape[0]
 
 
+def xl_problem():
+    """A DiT-XL/2 fc1-shaped weight (4608, 1152), xavier-scaled normal, and a random anisotropic H (1152, 1152)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4608, 1152, generator=g) * (2.0 / (4608 + 1152)) ** 0.5, anisotropic_h(1152, 1)
+
+
+def lloyd_curve(iters_list):
+    """Markdown rows: CPU seconds and block-diagonal weighted error of weighted_kmeans at each iteration count."""
+    w, h = xl_problem()
+    hb = diagonal_blocks(h, 4)
+    lines = ["| iters | CPU s | block-diagonal weighted error |", "|---|---|---|"]
+    for iters in iters_list:
+        cpu = time.process_time()
+        codebook, index = weighted_kmeans(w, hb, 256, 4, iters=iters, seed=0)
+        lines.append(f"| {iters} | {time.process_time() - cpu:.1f} | {weighted_error(w, hb, codebook, index, 4):.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def run_xl(args):
     """Seconds of plain vs weighted k-means on a DiT-XL/2 fc1 (4608 x 1152), W2, and the block-diagonal error."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(4608, 1152, generator=g) * (2.0 / (4608 + 1152)) ** 0.5  # (out, in)
-    h = anisotropic_h(1152, 1)
+    w, h = xl_problem()
     out = []
     for method in [m for m in args.xl_methods.split(",") if m]:
         w_hat, seconds = quantize_weight(w, h, method, 256, 4, seed=0)
@@ -230,9 +247,18 @@ def main():
     p.add_argument("--test-seed", type=int, default=1)
     p.add_argument("--psnr-samples", type=int, default=16)
     p.add_argument("--xl-methods", default="plain,weighted,gptvq", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--lloyd-curve", default=None, help="only time weighted Lloyd at these comma-separated iteration "
+                   "counts on the XL fc1 problem, writing <out>_lloyd.md")
     p.add_argument("--out", default=os.path.join(RESULTS, "init"))
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.lloyd_curve:
+        lines = ["# Weighted Lloyd iterations at DiT-XL/2 fc1 shape (4608 x 1152, k256 d4, random anisotropic H)", "",
+                 f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_init.py {' '.join(sys.argv[1:])}` (shared, "
+                 "loaded machine; CPU seconds of the one-thread process).", ""]
+        write_text_atomic(args.out + "_lloyd.md", "\n".join(lines + lloyd_curve(
+            [int(i) for i in args.lloyd_curve.split(",")])) + "\n")
+        return
     rows, layers = run_model(args)
     xl = run_xl(args)
     write_text_atomic(args.out + ".md", markdown(rows, layers, xl, args))
