@@ -26,18 +26,18 @@ WEIGHTED_INITS = ("kmeans", "kmeans++")
 
 class InputMoments:
     """Running sums of x x^T over a Linear's inputs, fed in chunks: the d x d diagonal blocks, and the full n x n
-    matrix when full=True (for gptvq_assign). Sums in float64: fp32 sums of ~1e6 products lose digits."""
+    matrix when full=True (for gptvq_assign). Sums in float64 on `device`: fp32 sums of ~1e6 products lose digits."""
 
-    def __init__(self, n, dim, full=False):
+    def __init__(self, n, dim, full=False, device="cpu"):
         if n % dim:
             raise UserError(f"input width {n} is not a multiple of dim={dim}")
-        self.n, self.dim, self.count = n, dim, 0
-        self.block_sums = torch.zeros(n // dim, dim, dim, dtype=torch.float64)  # (G, d, d)
-        self.full_sum = torch.zeros(n, n, dtype=torch.float64) if full else None  # (n, n)
+        self.n, self.dim, self.count, self.device = n, dim, 0, device
+        self.block_sums = torch.zeros(n // dim, dim, dim, dtype=torch.float64, device=device)  # (G, d, d)
+        self.full_sum = torch.zeros(n, n, dtype=torch.float64, device=device) if full else None  # (n, n)
 
     def add(self, x):
         """x (..., n): any leading shape, e.g. (B, T, n) token activations or (B, n)."""
-        x = x.detach().reshape(-1, self.n).to("cpu", torch.float64)  # (M, n)
+        x = x.detach().reshape(-1, self.n).to(self.device, torch.float64)  # (M, n)
         xb = x.reshape(x.shape[0], -1, self.dim)  # (M, G, d)
         self.block_sums += torch.einsum("mgi,mgj->gij", xb, xb)
         if self.full_sum is not None:
