@@ -79,24 +79,28 @@ class WeightedPoints:
     def subset(self, rows):
         return WeightedPoints(self.p[rows], self.group[rows], self.h, self.hp[rows])
 
-    def distances(self, centroids, rows=slice(None)):
-        """(c, k) weighted squared distances of points[rows] to centroids (k, d)."""
-        chc = torch.einsum("kd,gde,ke->gk", centroids, self.h, centroids)  # (G, k): c^T H_j c
+    def centroid_norms(self, centroids):
+        """(G, k): c^T H_j c of every centroid (k, d) under every group's metric."""
+        return torch.einsum("kd,gde,ke->gk", centroids, self.h, centroids)
+
+    def distances(self, centroids, rows=slice(None), chc=None):
+        """(c, k) weighted squared distances of points[rows] to centroids (k, d), as p^T H p - 2 (H p)^T c + c^T H c
+        (chc: centroid_norms(centroids), when the caller reuses it across chunks)."""
+        chc = self.centroid_norms(centroids) if chc is None else chc
         return torch.addmm(chc[self.group[rows]], self.hp[rows], centroids.t(), alpha=-2.0) + self.php[rows, None]
 
 
 def weighted_assign(points, centroids, chunk_size=DEFAULT_CHUNK):
-    """Nearest centroid of every point under its own metric -> (index (M,) int64, sqdist (M,))."""
+    """Nearest centroid of every point under its own metric -> (index (M,) int64, sqdist (M,)); chunked so one
+    (chunk, k) block of distances is in memory at a time."""
     m = points.p.shape[0]
     index = torch.empty(m, dtype=torch.int64, device=points.p.device)
     sqdist = torch.empty(m, dtype=points.p.dtype, device=points.p.device)
-    chc = torch.einsum("kd,gde,ke->gk", centroids, points.h, centroids)  # (G, k)
-    ct = centroids.t().contiguous()  # (d, k)
+    chc = points.centroid_norms(centroids)  # (G, k)
     for s in range(0, m, chunk_size):
         rows = slice(s, min(s + chunk_size, m))
-        part = torch.addmm(chc[points.group[rows]], points.hp[rows], ct, alpha=-2.0)  # (c, k), without p^T H p
-        best, index[rows] = part.min(1)
-        sqdist[rows] = (best + points.php[rows]).clamp_min_(0)  # cancellation can dip below zero
+        best, index[rows] = points.distances(centroids, rows, chc).min(1)  # (c,), (c,)
+        sqdist[rows] = best.clamp_min_(0)  # cancellation can dip below zero
     return index, sqdist
 
 
@@ -221,9 +225,10 @@ def weighted_nearest_codewords(w, h_blocks, codebook, dim, n, chunk_size=DEFAULT
     m = points.p.shape[0]
     index = torch.empty(m, n, dtype=torch.int64, device=points.p.device)
     dist = torch.empty(m, n, dtype=points.p.dtype, device=points.p.device)
+    chc = points.centroid_norms(codebook)  # (G, k)
     for s in range(0, m, chunk_size):
         rows = slice(s, min(s + chunk_size, m))
-        d_n, index[rows] = points.distances(codebook, rows).topk(n, dim=1, largest=False, sorted=True)  # (c, n)
+        d_n, index[rows] = points.distances(codebook, rows, chc).topk(n, dim=1, largest=False, sorted=True)  # (c, n)
         dist[rows] = d_n.clamp_min_(0).sqrt_()
     return index, dist
 
