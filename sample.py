@@ -7,7 +7,7 @@ source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py
 import argparse
 import logging
 
-from utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli
+from utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
 from utils.errors import UserError
 
 # flags that choose or shape the full-precision model: a quantized artifact records its own
@@ -55,6 +55,8 @@ def check_flags(args):
         for flag, value in (("--decode-weights", args.decode_weights), ("--pipeline", args.pipeline)):
             if value:
                 raise UserError(f"{flag}: only used with --quantized DIR (a quantized artifact); drop it")
+    if args.classes is not None:
+        split_classes(args.classes)
     if args.prompt and args.prompts:
         raise UserError(f"--prompt and --prompts {args.prompts}: give one of them")
     if args.prompt and not all(p.strip() for p in args.prompt):

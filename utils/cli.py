@@ -59,24 +59,31 @@ def check_range(flag, value, low=None, high=None):
     raise UserError(f"{flag} {value}: must be {valid}")
 
 
+def split_classes(text):
+    """'1,3,5' -> [1, 3, 5]: the syntax of --classes (checked before the model is loaded); an empty item ('1,,2',
+    '1,', '') is an error."""
+    items = [c.strip() for c in text.split(",")]
+    form = "expected a comma-separated list of class ids like 0,1,2"
+    if "" in items:
+        raise UserError(f"--classes {text!r}: empty item; {form}")
+    try:
+        return [int(c) for c in items]
+    except ValueError:
+        raise UserError(f"--classes {text!r}: {form}") from None
+
+
 def parse_classes(text, num_classes):
     """'1,3,5' -> [1, 3, 5], each in 0..num_classes-1; None -> None (uniform random labels). num_classes None:
-    the model takes no class ids (a text-to-image model). An empty item ('1,,2', '1,') is an error."""
+    the model takes no class ids (a text-to-image model)."""
     if text is None:
         return None
+    classes = split_classes(text)
     if num_classes is None:
         raise UserError(f"--classes {text!r}: this model is not class-conditional; give --prompt or --prompts")
-    valid = f"class ids are integers in 0..{num_classes - 1}"
-    items = [c.strip() for c in text.split(",")]
-    if "" in items:
-        raise UserError(f"--classes {text!r}: empty item; expected a comma-separated list like 0,1,2; {valid}")
-    try:
-        classes = [int(c) for c in items]
-    except ValueError:
-        raise UserError(f"--classes {text!r}: expected a comma-separated list like 0,1,2; {valid}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise UserError(f"--classes {text!r}: {', '.join(map(str, bad))} out of range; {valid}")
+        raise UserError(f"--classes {text!r}: {', '.join(map(str, bad))} out of range; class ids are integers in "
+                        f"0..{num_classes - 1}")
     return classes
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli
+from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
 from utils.errors import UserError
 
 
@@ -43,14 +43,23 @@ def test_parse_classes(text, num_classes, expected):
     assert parse_classes(text, num_classes) == expected
 
 
-@pytest.mark.parametrize("text,named", [("12", "12"), ("3,-1", "-1"), ("1,10", "10"), ("a,b", "a,b"),
-                                        ("1.5", "1.5"), (",", ","), ("1,,2", "empty item"),
-                                        ("1,", "empty item"), ("", "empty item"), (" ", "empty item")])
+@pytest.mark.parametrize("text,named", [("12", "12"), ("3,-1", "-1"), ("1,10", "10")])
 def test_parse_classes_errors_name_value_and_range(text, named):
     with pytest.raises(UserError) as info:
         parse_classes(text, 10)
     message = str(info.value)
-    assert named in message and "0..9" in message and "--classes" in message
+    assert f"--classes {text!r}: {named} out of range" in message and "0..9" in message
+
+
+@pytest.mark.parametrize("text,named", [("a,b", "a,b"), ("1.5", "1.5"), (",", "empty item"), ("1,,2", "empty item"),
+                                        ("1,", "empty item"), ("", "empty item"), (" ", "empty item")])
+def test_classes_syntax_errors_name_the_value_and_form(text, named):
+    """Mutation: skipping empty items (today's '1,,2' -> [1, 2])."""
+    for check in (split_classes, lambda t: parse_classes(t, 10), lambda t: parse_classes(t, None)):
+        with pytest.raises(UserError) as info:
+            check(text)
+        message = str(info.value)
+        assert message.startswith(f"--classes {text!r}: ") and named in message and "comma-separated" in message
 
 
 def test_classes_for_a_model_without_classes_name_the_alternative():
