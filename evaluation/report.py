@@ -86,8 +86,12 @@ def result_to_json(result):
 
 def check_result_path(path):
     """A one-line UserError, before any work, when the result JSON cannot be written at `path`."""
+    if not path.strip():
+        raise UserError(f"--json {path!r}: empty; give a file name, e.g. eval.json")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"--json {path}: is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"--json {path}: exists and is not a regular file; give a file name, e.g. eval.json")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

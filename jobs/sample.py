@@ -49,7 +49,7 @@ def check_memory(num_samples, size):
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > total:
         raise UserError(f"--num-samples {num_samples}: {num_samples:,} images of {size[0]}x{size[1]} need about "
-                        f"{needed / 2**30:.1f} GiB of memory; this machine has {total / 2**30:.1f} GiB; give at most "
+                        f"{needed // 2**20:,} MiB of memory; this machine has {total // 2**20:,} MiB; give at most "
                         f"{num_samples * total // needed:,}")
 
 

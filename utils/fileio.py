@@ -46,6 +46,9 @@ def atomic_paths(paths, needed=None):
     together: a failure before the renames leaves none of them), on any error all are removed. `needed`: the bytes
     the files take together, named by the error on a full disk."""
     paths = [os.fspath(p) for p in paths]
+    for path in paths:  # renaming onto /dev/null (as root) or a directory would replace it
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path}: exists and is not a regular file; give a file name to write to")
     tmps = []
     try:
         for path in paths:
