@@ -64,7 +64,7 @@ def check_flags(args):
 
 
 def main(args):
-    from jobs.sample import load_for_sampling, sample_to_dir
+    from jobs.sample import check_vae_flag, load_for_sampling, sample_to_dir
     from models.adapters.base import SampleSettings
     from utils import distributed
     from utils.device import resolve_device
@@ -84,9 +84,10 @@ def main(args):
                                               args.precision)
     if args.pipeline and "pipeline" not in extra:
         raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
+    check_vae_flag(args.vae, adapter, model)
     classes = parse_classes(args.classes, adapter.num_classes(model))
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
-                              vae=args.vae, pipeline=args.pipeline, progress=not args.quiet)
+                              vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet)
     sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
 
 
@@ -100,7 +101,8 @@ def build_parser():
                              "vq4dit: map DiT weights into the project's DiT")
     parser.add_argument("--image-size", type=int, default=None, help="pixels, e.g. 256 or 512 (default: from weights)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
-    parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent DiTs only)")
+    parser.add_argument("--vae", default=None, help="ema | mse | local AutoencoderKL directory (the project's latent "
+                                                    "DiTs only; default: ema)")
     parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
     parser.add_argument("--pipeline", default=None, metavar="DIR",
                         help="with a diffusers artifact: the pipeline to sample through (default: where it came from)")

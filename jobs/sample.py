@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from models.adapters import adapter_for
+from models.adapters.dit import DiTAdapter
 from models.adapters.load import load_model
+from models.vae import needs_vae
 from utils import distributed
 from utils.cli import check_sampling_args
-from utils.errors import UserError
+from utils.errors import RankError, UserError
 from utils.fileio import check_free_space
 from utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples
 from utils.precision import apply_precision, resolve_precision
@@ -61,6 +63,17 @@ def prepare_sampler(model, adapter, extra, num_samples, settings, device):
     return sampler
 
 
+def check_vae_flag(vae, adapter, model):
+    """--vae names the decoder of the project's latent DiTs: with any other model it would do nothing."""
+    if vae is not None and not (adapter.family == DiTAdapter.family and needs_vae(model.in_channels)):
+        raise UserError(f"--vae {vae}: not used by {adapter.describe(model)} (only the project's latent DiTs decode "
+                        "with --vae; pixel-space DiTs have no VAE, diffusers pipelines bring their own); drop --vae")
+
+
+def _out_of_memory(error):
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
 def draw_shard(sampler, conditions, num_samples, batch_size):
     """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples."""
     rank, size = distributed.world()
@@ -68,7 +81,13 @@ def draw_shard(sampler, conditions, num_samples, batch_size):
     images = []
     for start in range(0, len(positions), batch_size):
         idx = [int(i) for i in positions[start:start + batch_size]]
-        images.append(sampler(idx, _take(conditions, idx)))
+        try:
+            images.append(sampler(idx, _take(conditions, idx)))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(e):
+                raise
+            raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
+                            f"({type(e).__name__}); lower --batch-size") from None
     return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
 
 

@@ -211,3 +211,32 @@ def test_under_torchrun_the_error_is_printed_once(tmp_path, monkeypatch, capsys,
         assert info.value.code == 2 and ("--cfg-scale nan" in err or "--steps: invalid int value" in err) == \
             (rank == "0")
         assert err.count("error:") == (1 if rank == "0" else 0)
+
+
+def test_vae_with_a_model_that_has_none_is_an_error(tmp_path, capsys):
+    """The embedded digits DiT works in pixel space: --vae would do nothing (mutation: --vae accepted silently)."""
+    line = cli_error(sample.cli, ["--vae", "mse", "--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out",
+                                  tmp_path / "out"], capsys)
+    assert line.startswith("error: --vae mse: not used by DiT depth 6") and "drop --vae" in line
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 99999999999 bytes")])
+def test_a_batch_that_runs_out_of_memory_names_batch_size(tmp_path, monkeypatch, capsys, oom):
+    """Mutation: no translation (a torch traceback); other RuntimeErrors still propagate (checked below)."""
+    import models.adapters.dit
+
+    def fail(*args, **kwargs):
+        raise oom
+
+    monkeypatch.setattr(models.adapters.dit, "generate", fail)
+    argv = ["--num-samples", 3, "--steps", 2, "--batch-size", 3, "--device", "cpu", "-q", "--out", tmp_path / "out"]
+    line = cli_error(sample.cli, argv, capsys)
+    assert line == f"error: --batch-size 3: out of memory drawing 3 samples at once ({type(oom).__name__}); lower " \
+                   "--batch-size"
+    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(models.adapters.dit, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        sample.cli([str(a) for a in argv])

@@ -5,25 +5,27 @@ import math
 import os
 import sys
 
-from utils.errors import UserError
+from utils.errors import RankError, UserError
 
 NUM_TIMESTEPS = 1000  # the DDPM training schedule that sampling respaces
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence both take 0..2^63-1
 MAX_CFG_SCALE = 100.0  # beyond any guidance used in practice (1..20); larger scales overflow fp16/bf16 outputs
 
 
-def _is_rank_zero():
-    return int(os.environ.get("RANK", 0)) == 0  # torchrun's environment (utils.distributed.world), read directly
+def _rank():
+    return int(os.environ.get("RANK", 0))  # torchrun's environment (utils.distributed.world), read directly
 
 
 def run_cli(main, args, on_interrupt=None):
-    """Call main(args); a UserError ends the process with one `error:` line (printed by rank 0 only: under torchrun
-    every rank meets the same bad input) and exit status 2; on Ctrl-C print `on_interrupt()` (when given) and exit
-    130."""
+    """Call main(args); a UserError ends the process with one `error:` line and exit status 2 (under torchrun every
+    rank meets the same bad input, so rank 0 alone prints it; a RankError is printed by the rank that met it); on
+    Ctrl-C print `on_interrupt()` (when given) and exit 130."""
     try:
         main(args)
     except UserError as e:
-        if _is_rank_zero():
+        if isinstance(e, RankError) and _rank() != 0:
+            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
+        elif _rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -37,7 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors (exit status 2) are printed by torchrun's rank 0 only."""
 
     def error(self, message):
-        if _is_rank_zero():
+        if _rank() == 0:
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,7 @@
 import pytest
 
 from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
-from utils.errors import UserError
+from utils.errors import RankError, UserError
 
 
 def fail_with(exc):
@@ -117,3 +117,13 @@ def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch, capsys, rank, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and ("argument --steps: invalid int value: 'x'" in err) == printed
     assert (err == "") != printed
+
+
+def test_an_error_one_rank_meets_alone_is_printed_by_that_rank(monkeypatch, capsys):
+    """A RankError (e.g. out of memory on one GPU) would be lost if only rank 0 printed."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail_with(RankError("--batch-size 64: out of memory")), None)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: rank 3: --batch-size 64: out of memory\n"
