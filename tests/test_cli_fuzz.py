@@ -1,16 +1,18 @@
 """Seeded fuzz of the entry scripts (issue 20): random flag combinations with hostile values (NaN, inf, negative,
 huge, empty, unicode, wrong types, wrong kinds of file), run in this process on tiny budgets. Every case must end in
 success or in exit status 2 with one error line (a UserError through run_cli, or argparse's usage error): never
-another exception, and never a stray temporary file.
+another exception, and never a stray temporary file. A successful run must have written its outputs.
 
-A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, and a list of `Flag` specs, each
-with values a user could mean and the values of its kind that a fuzzer throws. Another entry script is fuzzed by
-adding a Cli to CLIS (its flags, its budget) and a test line below.
+A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, what a success writes, and a list of
+`Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script (e.g.
+quantize.py, once it has a cli(argv)) is fuzzed by a Cli of its own and one more entry in test_fuzz's parametrize.
+VQ4DIT_FUZZ_SEED / VQ4DIT_FUZZ_SCALE run other or more cases locally.
 """
 import contextlib
 import io
 import os
 import random
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +53,6 @@ class Cli:
     cli: object  # cli(argv): the entry script's main, ending in SystemExit or returning
     flags: tuple  # Flag specs
     budget: tuple = ()  # flags given first in every case (a later flag overrides them), templates allowed
-    outputs: tuple = ()  # templates of the directories to check for stray temporaries (and to empty between cases)
     produces: object = None  # produces(argv) -> the files a successful run must have written
 
 
@@ -77,7 +78,6 @@ SAMPLE = Cli(sample.cli, (
     Flag("--precision", ("fp32", "bf16"), ("fp8", "", "FP32")),
     Flag("--out", ("{out}",), PATHS),
 ), budget=("--num-samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu", "-q", "--out", "{out}"),
-    outputs=("{out}", "{dir}"),
     produces=lambda argv: [] if "--check" in argv else [os.path.join(last(argv, "--out"), f)
                                                         for f in ("samples.npz", "grid.png")])
 
@@ -88,7 +88,7 @@ EVALUATE = Cli(evaluate.cli, (
     Flag("--kind", ("digits",), ("imagenet", "", "Digits", "ü")),
     Flag("--ref-batch", (), PATHS),
     Flag("--classifier", ("{classifier}",), PATHS),
-), budget=("--samples", "{samples}", "--classifier", "{classifier}"), outputs=("{dir}", "{json_dir}"),
+), budget=("--samples", "{samples}", "--classifier", "{classifier}"),
     produces=lambda argv: [last(argv, "--json")] if "--json" in argv else [])
 
 
@@ -108,9 +108,51 @@ def case(rng, spec, count):
     return argv
 
 
-def files_under(directories):
-    return sorted(os.path.join(root, f) for d in directories if os.path.isdir(d) for root, _, files in os.walk(d)
-                  for f in files)
+class Fixtures:
+    """The fuzz's directory: every case starts from its files as made (a case may write samples into the artifact,
+    JSON over a text file, create --out anywhere under it), and leaves no temporary file anywhere in it."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.files = {path: _read(path) for path in self._walk()[0]}
+        self.dirs = set(self._walk()[1])
+
+    def _walk(self):
+        files, dirs = [], []
+        for top, subdirs, names in os.walk(self.root):
+            files += [os.path.join(top, n) for n in names]
+            dirs += [os.path.join(top, d) for d in subdirs]
+        return files, dirs
+
+    def restore(self):
+        """Put the fixtures back; returns the temporary files the case left."""
+        files, dirs = self._walk()
+        stray = sorted(f for f in files if f.endswith(".tmp"))
+        for path in sorted(set(dirs) - self.dirs, reverse=True):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in set(files) - set(self.files):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        for path, content in self.files.items():
+            if not os.path.lexists(path) or _read(path) != content:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.remove(path)
+                shutil.rmtree(path, ignore_errors=True)
+                _write(path, content)
+        return stray
+
+
+def _read(path):
+    return ("link", os.readlink(path)) if os.path.islink(path) else ("file", open(path, "rb").read())
+
+
+def _write(path, content):
+    kind, value = content
+    if kind == "link":
+        os.symlink(value, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(value)
 
 
 def outcome(spec, argv):
@@ -138,18 +180,16 @@ def outcome(spec, argv):
 
 def run_fuzz(spec, paths, cases, rng):
     """Run `cases` random cases; returns (counts per outcome, failures as (argv, what happened))."""
-    outputs = [d.format(**paths) for d in spec.outputs]
+    fixtures = Fixtures(paths["root"])
     counts, failures = {}, []
     for _ in range(cases):
         argv = [a.format(**paths) for a in case(rng, spec, rng.randint(1, 4))]
         result = outcome(spec, argv)
-        stray = [f for f in files_under(outputs) if f.endswith(".tmp")]
+        stray = fixtures.restore()
         if result not in ("ok", "usage", "error") or stray:
             failures.append((argv, f"{result}; stray temporaries {stray}" if stray else result))
         kind = result if result in ("ok", "usage", "error") else "failure"
         counts[kind] = counts.get(kind, 0) + 1
-        for f in files_under(outputs):  # the next case starts from empty output directories
-            os.remove(f)
     return counts, failures
 
 
@@ -162,7 +202,8 @@ def paths(tmp_path_factory):
     from vq.modelref import reference
 
     root = tmp_path_factory.mktemp("fuzz")
-    found = {name: str(root / name) for name in ("missing", "dir", "text", "empty", "npy", "garbage", "out",
+    found = {"root": str(root)}
+    found |= {name: str(root / name) for name in ("missing", "dir", "text", "empty", "npy", "garbage", "out",
                                                  "json_dir")}
     os.makedirs(found["dir"])
     os.makedirs(found["json_dir"])
