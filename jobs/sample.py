@@ -57,7 +57,7 @@ def check_memory(num_samples, size):
 
 def prepare_sampler(model, adapter, extra, num_samples, settings, device):
     """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
-    check_sampling_args(num_samples, settings.steps, settings.batch_size)
+    check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
     sampler = adapter.image_sampler(model, extra, settings, device)
     check_memory(num_samples, sampler.size)
     return sampler
