@@ -15,11 +15,13 @@ import argparse
 import logging
 
 from evaluation.digits import DEFAULT_CLASSIFIER
-from evaluation.report import KINDS, evaluate_files, format_table, write_result_json
-from utils.cli import run_cli
+from evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
+from utils.cli import ArgumentParser, run_cli
 
 
 def main(args):
+    if args.json is not None:
+        check_result_path(args.json)  # before the metrics, which can take minutes
     result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
                             ref_batch_path=args.ref_batch, classifier_path=args.classifier)
     if args.json is not None:
@@ -27,13 +29,22 @@ def main(args):
     print(format_table(result))
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels)")
     parser.add_argument("--reference", default=None, help="FP samples .npz from the same seeds, for PSNR/MSE")
     parser.add_argument("--json", default=None, help="write the metrics here as JSON")
     parser.add_argument("--kind", choices=KINDS, default=None, help="benchmark (default: digits iff 16x16)")
     parser.add_argument("--ref-batch", default=None, help="ADM reference batch .npz (imagenet FID)")
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="digits classifier safetensors")
-    run_cli(main, parser.parse_args())
+    return parser
+
+
+def cli(argv=None):
+    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_cli(main, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,8 +7,14 @@ source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py
 import argparse
 import logging
 
-from utils.cli import check_sampling_args, parse_classes, run_cli
+from utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
 from utils.errors import UserError
+
+# flags that choose or shape the full-precision model: a quantized artifact records its own
+MODEL_FLAGS = (("--model", "model", None), ("--ckpt", "ckpt", None), ("--backend", "backend", "auto"),
+               ("--image-size", "image_size", None), ("--num-classes", "num_classes", None))
+
+TEXT_FLAGS = ("--model", "--ckpt", "--quantized", "--pipeline", "--prompts", "--classes", "--vae", "--device", "--out")
 
 
 def check_artifact(directory):
@@ -30,17 +36,44 @@ def read_prompts(args):
     return list(args.prompt) if args.prompt else None
 
 
+def check_flags(args):
+    """Every number in range and no flag that does nothing in the mode given, before any work."""
+    check_sampling_args(args.num_samples, args.steps, args.batch_size, args.seed, args.cfg_scale)
+    for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes)):
+        if value is not None:
+            check_range(flag, value, 1)
+    for flag in TEXT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} {value!r}: empty; give a value or leave the flag out")
+    if args.quantized is not None:
+        given = [flag for flag, name, default in MODEL_FLAGS if getattr(args, name) != default]
+        if given:
+            raise UserError(f"{', '.join(given)}: not used with --quantized {args.quantized} (the artifact records "
+                            "its model); drop them, or drop --quantized to sample a full-precision model")
+    else:
+        for flag, value in (("--decode-weights", args.decode_weights), ("--pipeline", args.pipeline)):
+            if value:
+                raise UserError(f"{flag}: only used with --quantized DIR (a quantized artifact); drop it")
+    if args.classes is not None:
+        split_classes(args.classes)
+    if args.prompt and args.prompts:
+        raise UserError(f"--prompt and --prompts {args.prompts}: give one of them")
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        raise UserError(f"--prompt {next(p for p in args.prompt if not p.strip())!r}: empty; give the text to draw")
+
+
 def main(args):
-    from jobs.sample import load_for_sampling, sample_to_dir
+    from jobs.sample import check_vae_flag, load_for_sampling, sample_to_dir
     from models.adapters.base import SampleSettings
     from utils import distributed
     from utils.device import resolve_device
     from utils.fileio import check_out_dir
     from utils.precision import resolve_precision
 
+    check_flags(args)  # before the (slow) model load
     if args.check:
         return check_artifact(args.quantized)
-    check_sampling_args(args.num_samples, args.steps, args.batch_size)  # before the (slow) model load
     prompts = read_prompts(args)
     # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
     device = distributed.init(resolve_device(args.device))
@@ -49,14 +82,17 @@ def main(args):
     model, adapter, extra = load_for_sampling(args.quantized, args.model, args.ckpt, args.image_size,
                                               args.num_classes, args.backend, device, args.decode_weights,
                                               args.precision)
+    if args.pipeline and "pipeline" not in extra:
+        raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
+    check_vae_flag(args.vae, adapter, model)
     classes = parse_classes(args.classes, adapter.num_classes(model))
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
-                              vae=args.vae, pipeline=args.pipeline, progress=not args.quiet)
+                              vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet)
     sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="registry name, e.g. DiT-XL/2 (default: read from the weights)")
     parser.add_argument("--ckpt", default=None, help=".pt/.safetensors file, diffusers pipeline directory or hub id "
                                                      "(default: embedded digits model)")
@@ -65,7 +101,8 @@ if __name__ == "__main__":
                              "vq4dit: map DiT weights into the project's DiT")
     parser.add_argument("--image-size", type=int, default=None, help="pixels, e.g. 256 or 512 (default: from weights)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
-    parser.add_argument("--vae", default="ema", help="ema | mse | local AutoencoderKL directory (latent DiTs only)")
+    parser.add_argument("--vae", default=None, help="ema | mse | local AutoencoderKL directory (the project's latent "
+                                                    "DiTs only; default: ema)")
     parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
     parser.add_argument("--pipeline", default=None, metavar="DIR",
                         help="with a diffusers artifact: the pipeline to sample through (default: where it came from)")
@@ -89,7 +126,16 @@ if __name__ == "__main__":
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
     parser.add_argument("--out", default="outputs/samples", metavar="DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    cli_args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING if cli_args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s")
-    run_cli(main, cli_args)
+    return parser
+
+
+def cli(argv=None):
+    """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    run_cli(main, args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,16 +5,41 @@ one such tensor is 900 MiB; at 512 px, or for a large text-to-image transformer,
 of most machines. Tensors past `max_bytes` are created with torch.from_file(shared=True): writes go to a file in
 `cache_dir`, the page cache holds what fits, and the rows of a minibatch are read on demand.
 """
+import contextlib
+import errno
 import logging
 import os
 
 import torch
+
+from utils.fileio import DISK_FULL, disk_full_error
 
 logger = logging.getLogger(__name__)
 
 
 def dtype_bytes(dtype):
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def reserve(path, nbytes):
+    """Create `path` with `nbytes` allocated on disk (posix_fallocate), so that a full disk is a UserError here,
+    naming the path and the bytes, and never a SIGBUS when a page of the mapping is first written; on failure the
+    file is removed."""
+    with open(path, "wb") as f:  # replaces a stale file of a crashed run with the same pid
+        try:
+            if nbytes > 0:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: map it unreserved
+                logger.warning("activation cache: %s cannot reserve %d bytes (%s); a full disk will end the run "
+                               "with SIGBUS", path, nbytes, e.strerror)
+                return
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            if e.errno in DISK_FULL:
+                raise disk_full_error([path], nbytes) from None
+            raise
 
 
 class ActivationStore:
@@ -41,8 +66,7 @@ class ActivationStore:
         path = os.path.join(self.cache_dir, f"act-{os.getpid()}-{self._count}.bin")
         self._count += 1
         numel = nbytes // dtype_bytes(dtype)
-        if os.path.exists(path):
-            os.remove(path)
+        reserve(path, nbytes)
         tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
         self._files[id(tensor)] = path
         logger.info("activation cache: %.2f GiB in %s (memory budget of %.2f GiB reached)", nbytes / 2**30, path,

@@ -9,6 +9,7 @@ Result keys (null / None where not computed):
 """
 import json
 import logging
+import os
 
 from evaluation.digits import DEFAULT_CLASSIFIER, digits_metrics, load_digits_classifier, real_digits_uint8
 from evaluation.imagenet import import_torch_fidelity, inception_fid
@@ -81,6 +82,21 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
 def result_to_json(result):
     """JSON text of a result; an infinite PSNR (identical to the reference) is written as Infinity."""
     return json.dumps({k: result[k] for k in RESULT_KEYS}, indent=2) + "\n"
+
+
+def check_result_path(path):
+    """A one-line UserError, before any work, when the result JSON cannot be written at `path`."""
+    if not path.strip():
+        raise UserError(f"--json {path!r}: empty; give a file name, e.g. eval.json")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"--json {path}: is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"--json {path}: exists and is not a regular file; give a file name, e.g. eval.json")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--json {path}: cannot create it under {parent} (not a writable directory)")
 
 
 def write_result_json(path, result):

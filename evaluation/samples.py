@@ -21,6 +21,9 @@ def load_samples(path, num_classes=None):
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; expected an .npz with arr_0 uint8 (N, H, W, 3)")
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy array or refuse a pickle with another message
+        raise UserError(f"{path}: not a readable .npz (not a zip archive; a .npy array is not one); expected the "
+                        "output of np.savez with arr_0 uint8 (N, H, W, 3) and optional arr_1 labels")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:

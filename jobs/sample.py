@@ -12,10 +12,14 @@ import numpy as np
 import torch
 
 from models.adapters import adapter_for
+from models.adapters.dit import DiTAdapter
 from models.adapters.load import load_model
+from models.vae import needs_vae
 from utils import distributed
 from utils.cli import check_sampling_args
-from utils.imagefiles import save_grid, save_npz
+from utils.errors import RankError, UserError
+from utils.fileio import check_free_space
+from utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples
 from utils.precision import apply_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -40,33 +44,74 @@ def _take(conditions, idx):
     return conditions[torch.as_tensor(idx)] if torch.is_tensor(conditions) else [conditions[i] for i in idx]
 
 
+def check_memory(num_samples, size):
+    """Refuse, before sampling, a count whose images rank 0 could not hold: the gathered (N, H, W, 3) uint8 array
+    and the concatenation that builds it, against the machine's physical memory."""
+    needed = 2 * npz_bytes(num_samples, size)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > total:
+        raise UserError(f"--num-samples {num_samples}: {num_samples:,} images of {size[0]}x{size[1]} need about "
+                        f"{needed // 2**20:,} MiB of memory; this machine has {total // 2**20:,} MiB; give at most "
+                        f"{num_samples * total // needed:,}")
+
+
+def prepare_sampler(model, adapter, extra, num_samples, settings, device):
+    """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
+    check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
+    sampler = adapter.image_sampler(model, extra, settings, device)
+    check_memory(num_samples, sampler.size)
+    return sampler
+
+
+def check_vae_flag(vae, adapter, model):
+    """--vae names the decoder of the project's latent DiTs: with any other model it would do nothing."""
+    if vae is not None and not (adapter.family == DiTAdapter.family and needs_vae(model.in_channels)):
+        raise UserError(f"--vae {vae}: not used by {adapter.describe(model)} (only the project's latent DiTs decode "
+                        "with --vae; pixel-space DiTs have no VAE, diffusers pipelines bring their own); drop --vae")
+
+
+def _out_of_memory(error):
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def draw_shard(sampler, conditions, num_samples, batch_size):
+    """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples."""
+    rank, size = distributed.world()
+    positions = distributed.shard(num_samples, rank, size, block=batch_size)
+    images = []
+    for start in range(0, len(positions), batch_size):
+        idx = [int(i) for i in positions[start:start + batch_size]]
+        try:
+            images.append(sampler(idx, _take(conditions, idx)))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(e):
+                raise
+            raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
+                            f"({type(e).__name__}); lower --batch-size") from None
+    return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
+
+
 def sample_shard(model, adapter, extra, num_samples, settings, device, classes=None, prompts=None):
     """(uint8 images (n_local, H, W, 3) of this process's shard, labels (N,) int64 for all samples)."""
+    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
     conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
-    sampler = adapter.image_sampler(model, extra, settings, device)
-    rank, size = distributed.world()
-    positions = distributed.shard(num_samples, rank, size, block=settings.batch_size)
-    images = []
-    for start in range(0, len(positions), settings.batch_size):
-        idx = [int(i) for i in positions[start:start + settings.batch_size]]
-        images.append(sampler(idx, _take(conditions, idx)))
-    local = np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
-    return local, labels
+    return draw_shard(sampler, conditions, num_samples, settings.batch_size), labels
 
 
 def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
-    """Sample and write out_dir/grid.png and out_dir/samples.npz; returns (images, labels) on rank 0, else
-    (None, None). A sample's image depends only on the seed, its index and its condition (DiT: bitwise, whatever
-    the batch size or the number of processes)."""
-    check_sampling_args(num_samples, settings.steps, settings.batch_size)
+    """Sample and write out_dir/grid.png and out_dir/samples.npz (together, or on failure neither); returns (images,
+    labels) on rank 0, else (None, None). A sample's image depends only on the seed, its index and its condition
+    (DiT: bitwise, whatever the batch size or the number of processes)."""
     start = time.time()
-    local, labels = sample_shard(model, adapter, extra, num_samples, settings, device, classes, prompts)
-    images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
+    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
     rank, _ = distributed.world()
+    if rank == 0:  # a full disk fails now, not after hours of sampling
+        check_free_space(out_dir, sample_files_bytes(num_samples, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
+    conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
+    local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
+    images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        save_npz(os.path.join(out_dir, "samples.npz"), images, labels)
-        save_grid(os.path.join(out_dir, "grid.png"), images, labels)
+        save_samples(out_dir, images, labels)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

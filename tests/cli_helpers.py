@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from models.loading import DiTSpec, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +57,13 @@ def save_tiny_ckpt(path):
     model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
     save_dit(model, "DiT-Digits/2", path)
     return model
+
+
+def cli_error(cli, argv, capsys):
+    """Run an entry script's cli(argv) in this process: SystemExit(2), exactly one `error:` line on stderr (info logs
+    aside, as a non-quiet run has them), no traceback; returns that line."""
+    with pytest.raises(SystemExit) as info:
+        cli([str(a) for a in argv])
+    lines = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]
+    assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+    return lines[0]

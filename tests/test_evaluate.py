@@ -1,5 +1,6 @@
 """evaluate.py end to end: JSON keys and values, table, kind selection and one-line errors (exit 2)."""
 import argparse
+import errno
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import evaluate
 from evaluation.classifier import DigitsClassifier, save_classifier
 from evaluation.digits import real_digits_uint8
 from evaluation.metrics import paired_mse
+from tests.cli_helpers import cli_error as cli_errors
 from utils.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +120,43 @@ def test_cli_exit_status_without_traceback(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().endswith("no such file; expected an .npz with arr_0 uint8 (N, H, W, 3)")
+
+
+def cli_error(capsys, argv):
+    return cli_errors(evaluate.cli, argv, capsys)
+
+
+def test_json_to_a_directory_or_under_a_file_fails_before_the_metrics(tmp_path, digits_batches, capsys, monkeypatch):
+    paths, _, _ = digits_batches
+    monkeypatch.setattr(evaluate, "evaluate_files", lambda *a, **k: pytest.fail("computed the metrics first"))
+    line = cli_error(capsys, ["--samples", paths["q"], "--json", str(tmp_path)])
+    assert f"--json {tmp_path}: is a directory" in line
+    line = cli_error(capsys, ["--samples", paths["q"], "--json", str(tmp_path / "q.npz" / "eval.json")])
+    assert "--json" in line and "not a writable directory" in line
+    assert sorted(os.listdir(tmp_path)) == ["fp.npz", "q.npz"]
+
+
+def test_samples_given_a_npy(tmp_path, digits_batches, capsys):
+    _, q, _ = digits_batches
+    np.save(tmp_path / "q.npy", q)
+    line = cli_error(capsys, ["--samples", str(tmp_path / "q.npy")])
+    assert str(tmp_path / "q.npy") in line and "not a zip archive" in line
+
+
+def test_a_full_disk_writing_the_json_is_one_line_and_leaves_nothing(tmp_path, digits_batches, classifier, capsys,
+                                                                     monkeypatch):
+    paths, _, _ = digits_batches
+    real_open = open
+
+    def full_on_write(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".tmp"):
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr("builtins.open", full_on_write)
+    out = tmp_path / "out" / "eval.json"
+    line = cli_error(capsys, ["--samples", paths["q"], "--json", str(out), "--classifier", classifier])
+    assert f"{out}: no space left on the device (needed " in line
+    assert os.listdir(out.parent) == []  # no eval.json, no temporary file

@@ -1,7 +1,9 @@
 """sample.py end to end on a tiny saved checkpoint: files written, torchrun sharding, bad input -> one error line."""
+import errno
 import logging
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 from models.loading import load_dit, save_dit
+from tests.cli_helpers import cli_error, leftovers
 from tests.conftest import sample_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +134,109 @@ def test_decoded_weights_sample_the_same_images(tmp_path, tiny_dit):
         assert result.returncode == 0, result.stderr[-2000:]
         outs.append(read_npz(out / "samples.npz"))
     assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+
+
+# ---- issue 20: every number and mode flag checked before any work; full disks; torchrun ---------------------------
+
+BEFORE_ANY_WORK = [
+    (["--cfg-scale", "nan"], "--cfg-scale nan: must be a finite number in [0.0, 100.0]"),
+    (["--cfg-scale", "inf"], "--cfg-scale inf: must be"), (["--cfg-scale", "-1"], "--cfg-scale -1.0: must be"),
+    (["--cfg-scale", "1e9"], "--cfg-scale 1000000000.0: must be"),
+    (["--seed", "-1"], "--seed -1: must be an integer in 0..9223372036854775807"),
+    (["--seed", str(2**63)], f"--seed {2**63}: must be"), (["--num-samples", "-3"], "--num-samples -3: must be"),
+    (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"), (["--steps", "1001"], "--steps 1001: must"),
+    (["--image-size", "0"], "--image-size 0: must be"), (["--num-classes", "-1"], "--num-classes -1: must be"),
+    (["--quantized", "art", "--ckpt", "x.pt", "--model", "DiT-S/2"], "--model, --ckpt: not used with --quantized"),
+    (["--quantized", "art", "--backend", "diffusers"], "--backend: not used with --quantized art"),
+    (["--decode-weights"], "--decode-weights: only used with --quantized"),
+    (["--pipeline", "p"], "--pipeline: only used with --quantized"), (["--classes", "1,,2"], "empty item"),
+    (["--classes", ""], "--classes '': empty"), (["--ckpt", " "], "--ckpt ' ': empty"),
+    (["--prompt", "a", "--prompts", "p.txt"], "--prompt and --prompts p.txt: give one"),
+    (["--prompt", ""], "--prompt '': empty"),
+]
+
+
+@pytest.mark.parametrize("argv,named", BEFORE_ANY_WORK, ids=[" ".join(a) for a, _ in BEFORE_ANY_WORK])
+def test_numbers_and_mode_flags_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, named):
+    """Mutations: no finiteness check (NaN cfg -> black images, exit 0), a flag that does nothing accepted."""
+    import jobs.sample
+
+    monkeypatch.setattr(jobs.sample, "load_for_sampling", lambda *a, **k: pytest.fail("loaded the model first"))
+    line = cli_error(sample.cli, [*argv, "--out", tmp_path / "out", "-q"], capsys)
+    assert named in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_count_that_cannot_fit_in_memory_is_refused_before_sampling(tmp_path, capsys):
+    line = cli_error(sample.cli, ["--num-samples", 10**12, "--steps", 2, "--device", "cpu", "-q", "--out",
+                                  tmp_path / "out"], capsys)
+    assert "--num-samples 1000000000000: 1,000,000,000,000 images of 16x16 need about" in line
+    assert "MiB of memory; this machine has" in line
+    assert leftovers(tmp_path) == []
+
+
+def test_too_little_free_space_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
+    """Mutation: no free-space check (the disk fills after all the sampling)."""
+    import jobs.sample
+
+    monkeypatch.setattr("utils.fileio.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 5000))
+    monkeypatch.setattr(jobs.sample, "draw_shard", lambda *a, **k: pytest.fail("sampled first"))
+    line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out",
+                                  tmp_path / "out"], capsys)
+    assert f"{tmp_path / 'out'}: samples.npz and grid.png need about" in line and "only 5,000 are free" in line
+    assert leftovers(tmp_path) == []
+
+
+def test_a_disk_that_fills_while_writing_leaves_no_npz_without_its_grid(tmp_path, monkeypatch, capsys):
+    """The case of issue 20: samples.npz written, grid.png failing with ENOSPC -> one line, exit 2, no file left."""
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out"
+    line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out", out], capsys)
+    assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device (needed " in line
+    assert os.listdir(out) == []  # neither file, no temporary
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_the_error_is_printed_once(tmp_path, monkeypatch, capsys, rank):
+    """Every rank parses the same flags; only rank 0 prints (usage errors too), every rank exits 2."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["--cfg-scale", "nan"], ["--steps", "many"]):
+        with pytest.raises(SystemExit) as info:
+            sample.cli([*argv, "--out", str(tmp_path / "out"), "-q"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and ("--cfg-scale nan" in err or "--steps: invalid int value" in err) == \
+            (rank == "0")
+        assert err.count("error:") == (1 if rank == "0" else 0)
+
+
+def test_vae_with_a_model_that_has_none_is_an_error(tmp_path, capsys):
+    """The embedded digits DiT works in pixel space: --vae would do nothing (mutation: --vae accepted silently)."""
+    line = cli_error(sample.cli, ["--vae", "mse", "--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out",
+                                  tmp_path / "out"], capsys)
+    assert line.startswith("error: --vae mse: not used by DiT depth 6") and "drop --vae" in line
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 99999999999 bytes")])
+def test_a_batch_that_runs_out_of_memory_names_batch_size(tmp_path, monkeypatch, capsys, oom):
+    """Mutation: no translation (a torch traceback); other RuntimeErrors still propagate (checked below)."""
+    import models.adapters.dit
+
+    def fail(*args, **kwargs):
+        raise oom
+
+    monkeypatch.setattr(models.adapters.dit, "generate", fail)
+    argv = ["--num-samples", 3, "--steps", 2, "--batch-size", 3, "--device", "cpu", "-q", "--out", tmp_path / "out"]
+    line = cli_error(sample.cli, argv, capsys)
+    assert line == f"error: --batch-size 3: out of memory drawing 3 samples at once ({type(oom).__name__}); lower " \
+                   "--batch-size"
+    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(models.adapters.dit, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        sample.cli([str(a) for a in argv])

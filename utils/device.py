@@ -1,15 +1,21 @@
 """Which device a run uses: --device auto | cpu | cuda | cuda:N, checked against what this machine has."""
+import re
+
 import torch
 
 from utils.errors import UserError
 
 
 def resolve_device(device):
-    """'auto' -> cuda when present, else cpu; a CUDA device on a machine without one is a UserError."""
+    """'auto' -> cuda when present, else cpu; a CUDA device on a machine without one (or without that index) is a
+    UserError."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here; use cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and int(device[5:] or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device

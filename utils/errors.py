@@ -5,6 +5,11 @@ class UserError(Exception):
     """A problem with what the user gave (a path, a value, a file): message names it and what is valid."""
 
 
+class RankError(UserError):
+    """A UserError that one torchrun rank may meet alone (its memory, its device): whichever rank meets it prints it,
+    where a plain UserError (the same flags and files on every rank) is printed by rank 0 only."""
+
+
 def check_finite(tensors, source):
     """Raise a UserError naming `source` and the first floating tensor holding NaN or Inf."""
     import torch

@@ -1,30 +1,81 @@
 """Atomic file output: write to a temporary name in the same directory, then rename.
 
-An interrupted run therefore never leaves a file that looks complete.
+An interrupted run therefore never leaves a file that looks complete, and a full disk (ENOSPC, or a quota: EDQUOT)
+is a one-line UserError naming the file and, where the caller knows it, how many bytes were needed.
 """
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 
 from utils.errors import UserError
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(paths, needed=None):
+    """The UserError for a full disk while writing the files `paths` (one directory; `needed`: the bytes the whole
+    write needs, if known)."""
+    directory = os.path.dirname(os.path.abspath(paths[0]))
+    try:
+        free = f"{shutil.disk_usage(directory).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needed {needed:,} bytes, " if needed is not None else ""
+    names = " + ".join(map(str, paths))
+    return UserError(f"{names}: no space left on the device ({need}{free} under {directory}); free some space or "
+                     "write elsewhere")
+
+
+def check_free_space(path, needed, what):
+    """UserError before any work when the file system holding `path` (a file or directory, existing or not) has
+    fewer than `needed` bytes free; `what` names the files for the message."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise UserError(f"{path}: {what} need about {needed:,} bytes but only {free:,} are free there; free some "
+                        "space or write elsewhere")
+
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+def atomic_paths(paths, needed=None):
+    """Yield temporary paths beside `paths`; on success all are renamed onto their targets (so the files appear
+    together: a failure before the renames leaves none of them), on any error all are removed. `needed`: the bytes
+    the files take together, named by the error on a full disk."""
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:  # renaming onto /dev/null (as root) or a directory would replace it
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path}: exists and is not a regular file; give a file name to write to")
+    tmps = []
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        for path in paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+        yield tmps
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise disk_full_error(paths, needed) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path, needed=None):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    with atomic_paths([path], needed) as (tmp,):
+        yield tmp
 
 
 def _umask():
@@ -34,7 +85,7 @@ def _umask():
 
 
 def write_text_atomic(path, text):
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=len(text.encode())) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
 

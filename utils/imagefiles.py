@@ -3,19 +3,44 @@
 samples.npz: arr_0 uint8 (N, H, W, 3) in sample-index order, arr_1 int64 labels (N,) (class ids, or prompt
 indices for text-to-image models).
 """
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.fileio import atomic_path
+from utils.fileio import atomic_paths
+
+NPZ_FILE, GRID_FILE = "samples.npz", "grid.png"
+GRID_SAMPLES = 256  # make_grid's max_samples
+ARCHIVE_OVERHEAD = 4096  # bytes: the zip and .npy headers of samples.npz
 
 
-def save_npz(path, images, labels):
-    """Write arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+def npz_bytes(num_samples, size):
+    """Bytes of samples.npz for `num_samples` images of `size` (H, W) (np.savez stores them uncompressed)."""
+    return num_samples * (size[0] * size[1] * 3 + 8) + ARCHIVE_OVERHEAD
 
 
-def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=256, max_class_rows=16):
+def sample_files_bytes(num_samples, size, min_tile=64, pad=2):
+    """An upper bound on the bytes of samples.npz + grid.png for make_grid's defaults: the grid as raw RGB plus 1%
+    (PNG's worst case on noise). Its rows hold at most max_cols = 16 tiles and at most 16 rows are partly empty, so
+    it spans at most n + 256 tiles, plus the label margin (< 64 px wide) beside at most 32 rows."""
+    scale = max(1, -(-min_tile // size[0]))
+    th, tw = size[0] * scale + pad, size[1] * scale + pad
+    grid = (min(num_samples, GRID_SAMPLES) + 256) * th * tw * 3 + 32 * th * 64 * 3
+    return npz_bytes(num_samples, size) + grid * 101 // 100
+
+
+def save_samples(out_dir, images, labels):
+    """out_dir/samples.npz and out_dir/grid.png, both or (on any error, e.g. a full disk) neither."""
+    images = np.asarray(images, dtype=np.uint8)
+    paths = [os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, GRID_FILE)]
+    with atomic_paths(paths, needed=sample_files_bytes(len(images), images.shape[1:3])) as (npz_tmp, grid_tmp):
+        with open(npz_tmp, "wb") as f:
+            np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
+        make_grid(images, labels).save(grid_tmp, format="PNG")
+
+
+def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
     """PIL grid of the first `max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
 
     With at most `max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
@@ -46,8 +71,3 @@ def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=256, 
             tile = Image.fromarray(images[i]).resize((tw, th), Image.NEAREST)
             grid.paste(tile, (margin + pad + j * (tw + pad), y))
     return grid
-
-
-def save_grid(path, images, labels, **kwargs):
-    with atomic_path(path) as tmp:
-        make_grid(images, labels, **kwargs).save(tmp, format="PNG")

@@ -1,8 +1,11 @@
+import errno
 import os
 
+import pytest
 import torch
 
 from calib.cache import ActivationStore
+from utils.errors import UserError
 
 
 def test_tensors_past_the_budget_live_in_files_that_release_deletes(tmp_path):
@@ -26,3 +29,28 @@ def test_no_budget_keeps_everything_in_memory(tmp_path):
     store = ActivationStore(max_bytes=None, cache_dir=str(tmp_path))
     store.empty((1000, 1000), torch.float16)
     assert os.listdir(tmp_path) == [] and store.in_memory == 2_000_000
+
+
+def test_a_spilled_tensor_reserves_its_disk_space_when_created(tmp_path):
+    """Before any write the file's blocks are allocated (mutation: a sparse file from torch.from_file alone, which a
+    full disk turns into SIGBUS on the first write of an unbacked page)."""
+    store = ActivationStore(max_bytes=0, cache_dir=str(tmp_path))
+    store.empty((64, 1024), torch.float32)  # 256 KiB
+    (path,) = tmp_path.iterdir()
+    assert path.stat().st_size == 64 * 1024 * 4
+    assert path.stat().st_blocks * 512 >= 64 * 1024 * 4
+    store.close()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_bytes_and_leaves_no_file(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    store = ActivationStore(max_bytes=0, cache_dir=str(tmp_path))
+    with pytest.raises(UserError) as info:
+        store.empty((30, 10), torch.float16)
+    message = str(info.value)
+    assert "\n" not in message and f"act-{os.getpid()}-0.bin" in message and "needed 600 bytes" in message
+    assert str(tmp_path) in message
+    assert os.listdir(tmp_path) == []  # mutation: keeping the partial file

@@ -48,6 +48,13 @@ def test_corrupt_file(tmp_path):
     one_line_error(str(text), "not a readable .npz")
 
 
+def test_a_npy_array_is_refused_before_it_is_read(tmp_path):
+    """np.load would return a .npy's array (mutation: no zip check -> AttributeError/TypeError on .files)."""
+    images, _ = batch()
+    np.save(tmp_path / "samples.npy", images)
+    one_line_error(str(tmp_path / "samples.npy"), r"not a readable \.npz \(not a zip archive; a \.npy array")
+
+
 def test_no_arr_0(tmp_path):
     one_line_error(save(tmp_path, images=batch()[0]), "no arr_0")
 

@@ -1,7 +1,7 @@
 import pytest
 
-from utils.cli import parse_classes, run_cli
-from utils.errors import UserError
+from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
+from utils.errors import RankError, UserError
 
 
 def fail_with(exc):
@@ -38,20 +38,92 @@ def test_main_receives_its_arguments():
 
 
 @pytest.mark.parametrize("text,num_classes,expected", [("1,3,5", 10, [1, 3, 5]), (" 0 , 9 ", 10, [0, 9]),
-                                                        ("999", 1000, [999]), ("", 10, None), (None, 10, None)])
+                                                        ("999", 1000, [999]), (None, 10, None)])
 def test_parse_classes(text, num_classes, expected):
     assert parse_classes(text, num_classes) == expected
 
 
-@pytest.mark.parametrize("text,named", [("12", "12"), ("3,-1", "-1"), ("1,10", "10"), ("a,b", "a,b"),
-                                        ("1.5", "1.5"), (",", ",")])
+@pytest.mark.parametrize("text,named", [("12", "12"), ("3,-1", "-1"), ("1,10", "10")])
 def test_parse_classes_errors_name_value_and_range(text, named):
     with pytest.raises(UserError) as info:
         parse_classes(text, 10)
     message = str(info.value)
-    assert named in message and "0..9" in message and "--classes" in message
+    assert f"--classes {text!r}: {named} out of range" in message and "0..9" in message
+
+
+@pytest.mark.parametrize("text,named", [("a,b", "a,b"), ("1.5", "1.5"), (",", "empty item"), ("1,,2", "empty item"),
+                                        ("1,", "empty item"), ("", "empty item"), (" ", "empty item")])
+def test_classes_syntax_errors_name_the_value_and_form(text, named):
+    """Mutation: skipping empty items (today's '1,,2' -> [1, 2])."""
+    for check in (split_classes, lambda t: parse_classes(t, 10), lambda t: parse_classes(t, None)):
+        with pytest.raises(UserError) as info:
+            check(text)
+        message = str(info.value)
+        assert message.startswith(f"--classes {text!r}: ") and named in message and "comma-separated" in message
 
 
 def test_classes_for_a_model_without_classes_name_the_alternative():
     with pytest.raises(UserError, match="not class-conditional; give --prompt or --prompts"):
         parse_classes("1,2", None)
+
+
+FINITE = "a finite number in [0.0, 100.0]"
+
+
+@pytest.mark.parametrize("value,low,high,valid", [
+    (float("nan"), 0.0, 100.0, FINITE), (float("inf"), 0.0, None, "a finite number >= 0.0"),
+    (-float("inf"), 0.0, 100.0, FINITE), (100.5, 0.0, 100.0, FINITE), (-0.5, 0.0, 100.0, FINITE),
+    (-1, 0, MAX_SEED, f"an integer in 0..{MAX_SEED}"), (MAX_SEED + 1, 0, MAX_SEED, f"an integer in 0..{MAX_SEED}"),
+    (0, 1, None, "an integer >= 1")])
+def test_check_range_names_flag_value_and_range(value, low, high, valid):
+    with pytest.raises(UserError) as info:
+        check_range("--flag", value, low, high)
+    assert str(info.value) == f"--flag {value}: must be {valid}"
+
+
+@pytest.mark.parametrize("value,low,high", [(0.0, 0.0, 100.0), (100.0, 0.0, 100.0), (1, 1, None),
+                                            (MAX_SEED, 0, MAX_SEED), (1e300, 0.0, None)])
+def test_check_range_accepts_the_bounds(value, low, high):
+    assert check_range("--flag", value, low, high) == value
+
+
+VALID = {"num_samples": 1, "steps": 1, "batch_size": 1, "seed": 0, "cfg_scale": 1.0}
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"seed": -1}, "--seed -1"), ({"cfg_scale": float("nan")}, "--cfg-scale nan"),
+    ({"cfg_scale": -1.0}, "--cfg-scale -1.0"), ({"steps": 1001}, "--steps 1001"),
+    ({"num_samples": -5}, "--num-samples -5"), ({"batch_size": 0}, "--batch-size 0")])
+def test_sampling_args(kwargs, named):
+    check_sampling_args(**VALID)
+    with pytest.raises(UserError, match=named):
+        check_sampling_args(**{**VALID, **kwargs})
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False), ("3", False)])
+def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch, capsys, rank, printed):
+    """Every rank meets the same bad flag: the job prints it once, and every rank exits 2 (mutation: print on
+    every rank)."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail_with(UserError("--seed -1: must be an integer in 0..9")), None)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --seed -1: must be an integer in 0..9\n" if printed else "")
+    parser = ArgumentParser(prog="sample.py")
+    parser.add_argument("--steps", type=int)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--steps", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("argument --steps: invalid int value: 'x'" in err) == printed
+    assert (err == "") != printed
+
+
+def test_an_error_one_rank_meets_alone_is_printed_by_that_rank(monkeypatch, capsys):
+    """A RankError (e.g. out of memory on one GPU) would be lost if only rank 0 printed."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail_with(RankError("--batch-size 64: out of memory")), None)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: rank 3: --batch-size 64: out of memory\n"

@@ -1,8 +1,10 @@
+import errno
 import os
 
 import pytest
 
-from utils.fileio import atomic_path, write_text_atomic
+from utils.errors import UserError
+from utils.fileio import atomic_path, atomic_paths, write_text_atomic
 
 
 def test_success_renames_onto_target_with_normal_mode(tmp_path):
@@ -32,3 +34,35 @@ def test_failure_keeps_previous_complete_file(tmp_path):
             open(tmp, "w").write("new but unfinished")
             raise RuntimeError("killed")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+
+
+@pytest.mark.parametrize("target", ["devnull", "dir"])
+def test_a_target_that_is_not_a_regular_file_is_refused_and_kept(tmp_path, target):
+    """As root, renaming a temporary onto /dev/null replaces the device with a file (evaluate.py --json /dev/null
+    did); the link to /dev/null stands for it here, so a regression cannot touch the real one."""
+    path = tmp_path / target
+    if target == "devnull":
+        os.symlink(os.devnull, path)
+    else:
+        path.mkdir()
+    with pytest.raises(UserError, match=f"{path}: exists and is not a regular file"):
+        write_text_atomic(path, "x")
+    assert (os.readlink(path) == os.devnull) if target == "devnull" else path.is_dir()
+    assert sorted(os.listdir(tmp_path)) == [target]
+
+
+def test_a_full_disk_names_the_files_and_bytes_and_leaves_nothing(tmp_path, monkeypatch):
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(UserError) as info:
+        with atomic_paths([tmp_path / "a.npz", tmp_path / "b.png"], needed=12345) as (a, b):
+            open(a, "wb")
+    assert str(info.value).startswith(f"{tmp_path / 'a.npz'} + {tmp_path / 'b.png'}: no space left on the device "
+                                      "(needed 12,345 bytes, ")
+    assert os.listdir(tmp_path) == []

@@ -1,10 +1,13 @@
 """grid.png (class rows, bounded size) and samples.npz (atomic) writing."""
+import errno
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from utils.imagefiles import make_grid, save_npz
+from utils.errors import UserError
+from utils.imagefiles import make_grid, sample_files_bytes, save_samples
 
 
 def colour_tiles(n):
@@ -62,11 +65,42 @@ def test_grid_is_bounded_and_many_classes_pack_into_rows():
     assert arr.shape[0] == 4 * 3  # ceil(7 / 3) rows of 4-pixel tiles
 
 
-def test_save_npz_is_atomic(tmp_path):
-    path = tmp_path / "samples.npz"
-    save_npz(path, np.zeros((2, 4, 4, 3)), [1, 2])
-    before = path.read_bytes()
+def test_save_samples_writes_both_files_or_keeps_the_old_pair(tmp_path):
+    save_samples(tmp_path, np.zeros((2, 4, 4, 3)), [1, 2])
+    before = {name: (tmp_path / name).read_bytes() for name in ("samples.npz", "grid.png")}
+    with np.load(tmp_path / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 4, 4, 3) and npz["arr_1"].tolist() == [1, 2]
     with pytest.raises(ValueError):
-        save_npz(path, np.array([["not", "an"], ["image", "!"]]), [0, 1])
-    assert path.read_bytes() == before  # the failed write left the old file untouched
-    assert os.listdir(tmp_path) == ["samples.npz"]  # and no temporary file
+        save_samples(tmp_path, np.ones((2, 4, 4, 3)), ["not", "labels"])  # fails inside the npz write
+    # the failed write left the old pair untouched, and no temporary file
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "samples.npz"]
+
+
+def test_a_full_disk_while_writing_the_grid_leaves_neither_file(tmp_path, monkeypatch):
+    """The npz is written first: a disk that fills while the grid is encoded must not leave it behind (mutation:
+    renaming each file as soon as it is written)."""
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out"
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    with pytest.raises(UserError) as info:
+        save_samples(out, images, [0, 1, 2])
+    message = str(info.value)
+    assert str(out / "samples.npz") in message and str(out / "grid.png") in message
+    assert f"needed {sample_files_bytes(3, (4, 4)):,} bytes" in message and "\n" not in message
+    assert os.listdir(out) == []
+
+
+def test_the_space_estimate_bounds_the_files_written(tmp_path):
+    """sample_files_bytes is an upper bound (it feeds the free-space check), for noise (PNG's worst case) and for 16
+    classes with one long row (the grid's widest layout); loose for a few samples (room for 256 more tiles), never
+    wildly so (mutation: counting only samples.npz)."""
+    rng = np.random.default_rng(0)
+    for n, labels in ((40, rng.integers(0, 10, 40)), (31, [0] * 16 + list(range(1, 16)))):
+        images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        save_samples(tmp_path / str(n), images, labels)
+        written = sum(p.stat().st_size for p in (tmp_path / str(n)).iterdir())
+        assert written <= sample_files_bytes(n, (16, 16)) <= 100 * written

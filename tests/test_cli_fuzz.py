@@ -1,0 +1,249 @@
+"""Seeded fuzz of the entry scripts (issue 20): random flag combinations with hostile values (NaN, inf, negative,
+huge, empty, unicode, wrong types, wrong kinds of file), run in this process on tiny budgets. Every case must end in
+success or in exit status 2 with one error line (a UserError through run_cli, or argparse's usage error): never
+another exception, and never a stray temporary file. A successful run must have written its outputs.
+
+A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, what a success writes, and a list of
+`Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script (e.g.
+quantize.py, once it has a cli(argv)) is fuzzed by a Cli of its own and one more entry in test_fuzz's parametrize.
+VQ4DIT_FUZZ_SEED / VQ4DIT_FUZZ_SCALE run other or more cases locally.
+"""
+import contextlib
+import io
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import evaluate
+import sample
+from evaluation.classifier import DigitsClassifier, save_classifier
+from evaluation.digits import real_digits_uint8
+from tests.cli_helpers import save_tiny_ckpt
+
+SEED = int(os.environ.get("VQ4DIT_FUZZ_SEED", 0))
+SCALE = float(os.environ.get("VQ4DIT_FUZZ_SCALE", 1))  # e.g. 10 for a longer local run
+
+# hostile values by the kind of the flag; argparse turns some into usage errors, the scripts the rest
+INTS = ("-1", "0", "-9223372036854775809", "99999999999999999999", "1e3", "1.5", "0x10", "", " ", "nan", "三", "٣",
+        "2" * 400)
+FLOATS = ("nan", "-nan", "inf", "-inf", "-1", "1e308", "1e309", "-0.0", "", "1,5", "0x1p3", "∞", "NaN", "1e-320")
+# never a real device or system path: a bug that renames a file onto its target would replace it (as root, /dev/null
+# itself); {devnull} is a symbolic link to /dev/null inside the test's directory
+TEXTS = ("", " ", "\t", "ü", "日本語", "\u202e", "a" * 300, "-", ",", "1,,2", "../../..", "{devnull}", "--quiet")
+PATHS = ("{missing}", "{dir}", "{text}", "{empty}", "{npy}", "{garbage}", "{ckpt}", "{artifact}", "{samples}",
+         "{devnull}", "", " ", "{dir}/ü/x")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag, values a user could mean (templates: {name} is a fixture path) and the hostile values to throw at it
+    (None: a switch, given or not)."""
+
+    name: str
+    good: tuple = ()
+    bad: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Cli:
+    cli: object  # cli(argv): the entry script's main, ending in SystemExit or returning
+    flags: tuple  # Flag specs
+    budget: tuple = ()  # flags given first in every case (a later flag overrides them), templates allowed
+    produces: object = None  # produces(argv) -> the files a successful run must have written
+
+
+SAMPLE = Cli(sample.cli, (
+    Flag("--num-samples", ("1", "2", "3"), INTS + ("1000000000000",)),
+    Flag("--steps", ("1", "2", "3"), INTS + ("1001",)),
+    Flag("--batch-size", ("1", "2", "64", "1000000000000"), INTS),
+    Flag("--seed", ("0", "7", "9223372036854775807"), INTS + ("9223372036854775808",)),
+    Flag("--cfg-scale", ("1", "1.5", "4", "0", "100"), FLOATS + ("100.0001", "1e9")),
+    Flag("--classes", ("0", "1,2", " 3 , 9 "), TEXTS + ("10", "-1", "1,a", "0" * 50 + "1")),
+    Flag("--image-size", ("16",), INTS + ("7", "32")),
+    Flag("--num-classes", ("10",), INTS + ("3",)),
+    Flag("--ckpt", ("{ckpt}",), PATHS),
+    Flag("--model", ("DiT-Digits/2",), TEXTS + ("DiT-S/2", "DiT-XL/2")),
+    Flag("--backend", ("auto", "vq4dit"), ("diffusers", "", "DiT")),
+    Flag("--quantized", ("{artifact}",), PATHS),
+    Flag("--decode-weights"), Flag("--check"),
+    Flag("--pipeline", (), PATHS),
+    Flag("--prompt", ("a cat",), TEXTS),
+    Flag("--prompts", ("{prompts}",), PATHS),
+    Flag("--vae", ("ema",), TEXTS),
+    Flag("--device", ("cpu", "auto"), ("cuda", "cuda:7", "gpu", "cuda:x", "", "CPU")),
+    Flag("--precision", ("fp32", "bf16"), ("fp8", "", "FP32")),
+    Flag("--out", ("{out}",), PATHS),
+), budget=("--num-samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu", "-q", "--out", "{out}"),
+    produces=lambda argv: [] if "--check" in argv else [os.path.join(last(argv, "--out"), f)
+                                                        for f in ("samples.npz", "grid.png")])
+
+EVALUATE = Cli(evaluate.cli, (
+    Flag("--samples", ("{samples}", "{samples3}"), PATHS + ("{big}", "{labels_out}")),
+    Flag("--reference", ("{samples}",), PATHS + ("{samples3}", "{big}")),
+    Flag("--json", ("{json}",), PATHS + ("{dir}", "{text}/eval.json")),
+    Flag("--kind", ("digits",), ("imagenet", "", "Digits", "ü")),
+    Flag("--ref-batch", (), PATHS),
+    Flag("--classifier", ("{classifier}",), PATHS),
+), budget=("--samples", "{samples}", "--classifier", "{classifier}"),
+    produces=lambda argv: [last(argv, "--json")] if "--json" in argv else [])
+
+
+def last(argv, flag):
+    """The value argparse takes for `flag`: the one given last."""
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+
+def case(rng, spec, count):
+    """A random argv for `spec`: its budget, then `count` flags, each with a good value or a hostile one."""
+    argv = list(spec.budget)
+    for flag in rng.sample(spec.flags, count):
+        if flag.bad is None:
+            argv.append(flag.name)
+        else:
+            argv += [flag.name, rng.choice(flag.good if flag.good and rng.random() < 0.4 else flag.bad)]
+    return argv
+
+
+class Fixtures:
+    """The fuzz's directory: every case starts from its files as made (a case may write samples into the artifact,
+    JSON over a text file, create --out anywhere under it), and leaves no temporary file anywhere in it."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.files = {path: _read(path) for path in self._walk()[0]}
+        self.dirs = set(self._walk()[1])
+
+    def _walk(self):
+        files, dirs = [], []
+        for top, subdirs, names in os.walk(self.root):
+            files += [os.path.join(top, n) for n in names]
+            dirs += [os.path.join(top, d) for d in subdirs]
+        return files, dirs
+
+    def restore(self):
+        """Put the fixtures back; returns the temporary files the case left."""
+        files, dirs = self._walk()
+        stray = sorted(f for f in files if f.endswith(".tmp"))
+        for path in sorted(set(dirs) - self.dirs, reverse=True):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in set(files) - set(self.files):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        for path, content in self.files.items():
+            if not os.path.lexists(path) or _read(path) != content:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.remove(path)
+                shutil.rmtree(path, ignore_errors=True)
+                _write(path, content)
+        return stray
+
+
+def _read(path):
+    return ("link", os.readlink(path)) if os.path.islink(path) else ("file", open(path, "rb").read())
+
+
+def _write(path, content):
+    kind, value = content
+    if kind == "link":
+        os.symlink(value, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(value)
+
+
+def outcome(spec, argv):
+    """'ok', 'usage' (argparse), 'error' (one `error:` line), or what else happened, of one in-process run."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            spec.cli(argv)
+        except SystemExit as e:
+            code = e.code
+        except Exception as e:  # noqa: BLE001 -- the point of the test: every escaping exception is a finding
+            return f"{type(e).__name__}: {e}"
+        else:
+            code = 0
+    lines = err.getvalue().splitlines()
+    if code == 0:
+        missing = [f for f in spec.produces(argv) if not os.path.isfile(f)]
+        return f"exit 0 without {missing}" if missing else "ok"
+    if code == 2 and lines and lines[0].startswith("usage:") and ": error: " in lines[-1]:
+        return "usage"
+    if code == 2 and len(lines) == 1 and lines[0].startswith("error: "):
+        return "error"
+    return f"exit {code} with stderr {err.getvalue()[-600:]!r}"
+
+
+def run_fuzz(spec, paths, cases, rng):
+    """Run `cases` random cases; returns (counts per outcome, failures as (argv, what happened))."""
+    fixtures = Fixtures(paths["root"])
+    counts, failures = {}, []
+    for _ in range(cases):
+        argv = [a.format(**paths) for a in case(rng, spec, rng.randint(1, 4))]
+        result = outcome(spec, argv)
+        stray = fixtures.restore()
+        if result not in ("ok", "usage", "error") or stray:
+            failures.append((argv, f"{result}; stray temporaries {stray}" if stray else result))
+        kind = result if result in ("ok", "usage", "error") else "failure"
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts, failures
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """Every file a template names: good inputs (a tiny checkpoint, its k-means artifact, samples) and bad ones."""
+    from models.loading import DiTSpec
+    from vq.apply import quantize_linears
+    from vq.artifact import save_quantized
+    from vq.modelref import reference
+
+    root = tmp_path_factory.mktemp("fuzz")
+    found = {"root": str(root)}
+    found |= {name: str(root / name) for name in ("missing", "dir", "text", "empty", "npy", "garbage", "out",
+                                                 "json_dir")}
+    os.makedirs(found["dir"])
+    os.makedirs(found["json_dir"])
+    (root / "text").write_text("hello\n")
+    (root / "empty").write_bytes(b"")
+    (root / "garbage").write_bytes(bytes(range(256)) * 4)
+    found["devnull"] = str(root / "devnull")
+    os.symlink(os.devnull, found["devnull"])
+    found["ckpt"] = str(root / "tiny.safetensors")
+    model = save_tiny_ckpt(found["ckpt"])
+    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+        layer.harden()
+    found["artifact"] = str(root / "art")
+    save_quantized(model, reference(model, name=DiTSpec("DiT-Digits/2", input_size=8, num_classes=10,
+                                                        in_channels=1).name), found["artifact"], {"method": "kmeans"})
+    found["prompts"] = str(root / "prompts.txt")
+    (root / "prompts.txt").write_text("a cat\n")
+    images, labels = real_digits_uint8()
+    np.save(found["npy"], images[:4])
+    found["npy"] += ".npy"
+    for name, n in (("samples", 6), ("samples3", 3)):
+        found[name] = str(root / f"{name}.npz")
+        np.savez(found[name], arr_0=images[:n], arr_1=labels[:n])
+    found["big"] = str(root / "big.npz")
+    np.savez(found["big"], arr_0=np.zeros((3, 32, 32, 3), np.uint8))
+    found["labels_out"] = str(root / "labels_out.npz")
+    np.savez(found["labels_out"], arr_0=images[:3], arr_1=np.array([0, 1, 10]))
+    found["json"] = str(root / "json_dir" / "eval.json")
+    found["classifier"] = str(root / "classifier.safetensors")
+    save_classifier(DigitsClassifier(width=4, feature_dim=8), found["classifier"])
+    return found
+
+
+@pytest.mark.parametrize("spec,cases", [(SAMPLE, 200), (EVALUATE, 120)], ids=["sample", "evaluate"])
+def test_fuzz(spec, cases, paths, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rng = random.Random(f"{SEED}-{spec.cli.__module__}")
+    counts, failures = run_fuzz(spec, paths, int(cases * SCALE), rng)
+    report = "\n".join(f"{' '.join(repr(a[:80]) for a in argv)}\n    -> {what}" for argv, what in failures[:10])
+    assert not failures, f"{len(failures)} of {sum(counts.values())} cases failed (seed {SEED}):\n{report}"
+    # the generator reaches every outcome: a fuzzer that only ever met argparse would prove nothing
+    assert min(counts.get(k, 0) for k in ("ok", "usage", "error")) >= cases // 20, counts
