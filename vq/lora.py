@@ -6,7 +6,10 @@ takes a type it does not know through a LoraConfig's custom-module mapping (`Lor
 its experimental API for custom layers), but diffusers builds the LoraConfig itself from the LoRA file, so no
 caller can register anything on it. `enable_peft_lora()` is the one hook: it wraps LoraConfig.__post_init__ so that
 every LoraConfig made from then on maps VQLinear -> VQLoraLinear (installed once per process; the mapping matches
-VQLinear only, so LoRAs on other models are untouched). vq4dit.load_transformer calls it.
+VQLinear only, so LoRAs on other models are untouched). It also lets diffusers' Flux LoRA loader pass VQ layers:
+before loading, FluxLoraLoaderMixin reads every target's `weight` from the transformer's state dict to zero-pad
+LoRAs for Flux Control's widened input layer; a VQ layer has no weight tensor (and is never widened), so its LoRA
+entries skip that step (PEFT checks their shapes when it loads them). vq4dit.load_transformer calls it.
 
 VQLoraLinear is PEFT's lora.Linear with the VQ layer as its base: base(x) + B(A(dropout(x))) * scaling per active
 adapter, the base decoding its weight in every forward as without LoRA. Adapters, set_adapters / set_scale /
@@ -53,20 +56,46 @@ class VQLoraLinear(PeftLoraLinear):
 CUSTOM_LAYERS = {VQLinear: VQLoraLinear}
 
 
-def enable_peft_lora():
-    """Make every LoraConfig created from now on wrap VQLinear layers in VQLoraLinear; idempotent.
+def _targets_vq_layer(transformer, key, prefix):
+    """Whether the LoRA state-dict entry `key` ("<prefix><module>.lora_A.weight", ...) belongs to a VQ layer (bare,
+    or already wrapped by an earlier LoRA)."""
+    module = transformer.get_submodule(key.removeprefix(prefix).split(".lora_")[0])
+    return isinstance(module, VQLinear) or isinstance(getattr(module, "base_layer", None), VQLinear)
 
-    Call it before building a LoraConfig or loading a LoRA onto a quantized model (vq4dit.load_transformer does).
-    """
-    post_init = LoraConfig.__post_init__
-    if getattr(post_init, _HOOK_MARK, False):
-        return
 
+def _register_vq_layers(post_init):
     @functools.wraps(post_init)
     def registering(self, *args, **kwargs):
         post_init(self, *args, **kwargs)
         self._register_custom_module(CUSTOM_LAYERS)
 
-    setattr(registering, _HOOK_MARK, True)
+    return registering
+
+
+def _skip_vq_layers(expand):
+    """FluxLoraLoaderMixin._maybe_expand_lora_state_dict (its function) run on the entries of non-VQ layers only."""
+    @functools.wraps(expand)
+    def skipping(cls, transformer, lora_state_dict):
+        prefix = f"{cls.transformer_name}."
+        vq = {k for k in lora_state_dict if k.startswith(prefix) and _targets_vq_layer(transformer, k, prefix)}
+        rest = expand(cls, transformer, {k: v for k, v in lora_state_dict.items() if k not in vq})
+        return {**{k: lora_state_dict[k] for k in vq}, **rest}
+
+    return skipping
+
+
+def enable_peft_lora():
+    """Make every LoraConfig created from now on wrap VQLinear layers in VQLoraLinear, and diffusers' Flux LoRA
+    loader accept VQ layers; idempotent. Call it before building a LoraConfig or loading a LoRA onto a quantized
+    model (vq4dit.load_transformer does)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    if getattr(LoraConfig.__post_init__, _HOOK_MARK, False):
+        return
+    registering = _register_vq_layers(LoraConfig.__post_init__)
+    skipping = _skip_vq_layers(FluxLoraLoaderMixin.__dict__["_maybe_expand_lora_state_dict"].__func__)
+    for hook in (registering, skipping):
+        setattr(hook, _HOOK_MARK, True)
     LoraConfig.__post_init__ = registering
-    logger.debug("PEFT LoraConfig now maps VQLinear to VQLoraLinear")
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(skipping)
+    logger.debug("PEFT LoraConfig maps VQLinear to VQLoraLinear; Flux LoRA loading skips VQ layers' weight shapes")
