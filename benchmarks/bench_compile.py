@@ -49,35 +49,44 @@ def quantize_w2(model):
     return model
 
 
-def measure(models, inputs, repeats):
-    """Per model: eager and compiled forward times, interleaved call by call over all four callables (the machine's
-    load drifts: every variant sees the same drift), the first compiled call, and compiled vs eager outputs."""
-    import torch
-
-    def call(m):
-        def run():
-            with torch.no_grad():
-                return m(**inputs, return_dict=False)[0]
-        return run
-
-    runs, results = {}, {}
-    for name, model in models.items():
-        runs[(name, "eager")], compiled = call(model), call(torch.compile(model))
-        eager_out = runs[(name, "eager")]()
-        start = time.perf_counter()
-        compiled_out = compiled()
-        results[name] = {"first_compiled_call_s": time.perf_counter() - start,
-                         "max_abs_diff": (compiled_out - eager_out).abs().max().item(),
-                         "max_abs_out": eager_out.abs().max().item()}
-        runs[(name, "compiled")] = compiled
+def interleaved_times(runs, repeats):
+    """{key: median seconds of `repeats` calls of runs[key]()}, after a warm-up round; the calls go round-robin over
+    the keys, so every variant sees the same drift of a shared machine's load."""
     times = {key: [] for key in runs}
-    for _ in range(1 + repeats):  # the first round warms up
+    for _ in range(1 + repeats):
         for key, run in runs.items():
             start = time.perf_counter()
             run()
             times[key].append(time.perf_counter() - start)
-    for (name, mode), t in times.items():
-        results[name][f"{mode}_s"] = statistics.median(t[1:])
+    return {key: statistics.median(t[1:]) for key, t in times.items()}
+
+
+def forward_call(model, inputs):
+    import torch
+
+    def run():
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+    return run
+
+
+def measure(models, inputs, repeats):
+    """Per model: eager and compiled forward times (interleaved_times over all four), the first compiled call, and
+    compiled vs eager outputs."""
+    import torch
+
+    runs, results = {}, {}
+    for name, model in models.items():
+        runs[(name, "eager")], runs[(name, "compiled")] = forward_call(model, inputs), forward_call(
+            torch.compile(model), inputs)
+        eager_out = runs[(name, "eager")]()
+        start = time.perf_counter()
+        compiled_out = runs[(name, "compiled")]()
+        results[name] = {"first_compiled_call_s": time.perf_counter() - start,
+                         "max_abs_diff": (compiled_out - eager_out).abs().max().item(),
+                         "max_abs_out": eager_out.abs().max().item()}
+    for (name, mode), seconds in interleaved_times(runs, repeats).items():
+        results[name][f"{mode}_s"] = seconds
     return results
 
 

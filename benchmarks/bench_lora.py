@@ -4,9 +4,10 @@ The small SD3 transformer of bench_compile (random weights) is saved once full p
 artifact in --work; each variant then runs in a fresh process (this file with --probe), which loads its model
 (vq4dit.load_transformer for the artifact), adds a LoRA of rank r on every attention projection of every block
 (to_q, to_k, to_v, to_out.0 and the text stream's add_*_proj / to_add_out: PEFT's LoraConfig, full precision, a
-separate branch beside each VQ layer), runs one forward at batch 2 and then --repeats timed ones, and prints one
-JSON line: tensor bytes of the model and of the LoRA, peak RSS after loading and after the forwards (getrusage), and
-the median forward time. The full-precision model with and without the LoRA is the reference.
+separate branch beside each VQ layer), runs one forward at batch 2 and prints one JSON line: tensor bytes of the
+model and of the LoRA and the resident memory it added after loading and after the forward (RSS now minus RSS
+after the imports). Forward times come from one process holding all variants, their calls interleaved (a shared
+machine's load drifts). The full-precision model with and without the LoRA is the reference.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lora.py        # writes benchmarks/results/lora.{json,md}
 """
@@ -15,10 +16,8 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,8 +27,11 @@ VARIANTS = (("full precision", 0), ("full precision + LoRA", 16), ("quantized W2
             ("quantized W2 + LoRA", 64))
 
 
-def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def rss():
+    """Resident set size of this process now, in bytes (Linux: /proc/self/statm). Not getrusage's peak: importing
+    diffusers peaks above what a small model adds."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def tensor_bytes(tensors):
@@ -53,48 +55,67 @@ def prepare(work):
     torch.save(inputs, os.path.join(work, "inputs.pt"))
 
 
-def probe(work, variant, rank, repeats):
-    """One variant in this fresh process; prints its measurements as one JSON line."""
-    import torch
+def load_variant(work, variant, rank):
+    """The model of one variant: the FP model or the artifact (vq4dit.load_transformer), with a rank-`rank` LoRA."""
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
 
     from vq4dit import load_transformer
 
-    out = {"variant": variant, "rank": rank, "import_rss": peak_rss(), "threads": torch.get_num_threads()}
     if variant.startswith("quantized"):
         model = load_transformer(os.path.join(work, "w2"))
     else:
         model = SD3Transformer2DModel.from_pretrained(os.path.join(work, "fp")).eval()
     if rank:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), model)
+    return model
+
+
+def probe(work, variant, rank):
+    """Memory of one variant in this fresh process; prints one JSON line."""
+    import torch
+    from diffusers import SD3Transformer2DModel  # noqa: F401  (the imports belong to the baseline, not the model)
+
+    from benchmarks.bench_compile import forward_call
+    from vq4dit import enable_peft_lora
+
+    enable_peft_lora()  # imports diffusers' LoRA loaders
+    import_rss = rss()
+    model = load_variant(work, variant, rank)
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
-    out.update(model_bytes=tensor_bytes([*model.parameters(), *model.buffers()]), lora_bytes=tensor_bytes(lora),
-               load_rss=peak_rss())
-    inputs = torch.load(os.path.join(work, "inputs.pt"))
-    times = []
-    with torch.no_grad():
-        for _ in range(1 + repeats):
-            start = time.perf_counter()
-            model(**inputs, return_dict=False)
-            times.append(time.perf_counter() - start)
-    out.update(forward_rss=peak_rss(), forward_s=statistics.median(times[1:]))
+    out = {"variant": variant, "rank": rank, "import_rss": import_rss, "threads": torch.get_num_threads(),
+           "model_bytes": tensor_bytes([*model.parameters(), *model.buffers()]), "lora_bytes": tensor_bytes(lora),
+           "load_rss": rss()}
+    forward_call(model, torch.load(os.path.join(work, "inputs.pt")))()
+    out["forward_rss"] = rss()
     print(json.dumps(out))
+
+
+def forward_times(work, repeats):
+    """{(variant, rank): median forward seconds}, all variants in this process, their calls interleaved."""
+    import torch
+
+    from benchmarks.bench_compile import forward_call, interleaved_times
+
+    inputs = torch.load(os.path.join(work, "inputs.pt"))
+    runs = {key: forward_call(load_variant(work, *key), inputs) for key in VARIANTS}
+    return interleaved_times(runs, repeats)
 
 
 def report(rows, meta):
     lines = ["# A LoRA on a quantized transformer: memory and speed (CPU)", "",
              f"{meta['model']}; LoRA on the {len(TARGETS)} attention projections of every block; forward at batch "
-             f"2, median of {meta['repeats']} after one warm-up; each row a fresh process. {meta['machine']}, torch "
+             f"2, median of {meta['repeats']} after a warm-up round, the variants' calls interleaved in one process; "
+             f"memory of each variant in a fresh process. {meta['machine']}, torch "
              f"{meta['torch']}, {meta['threads']} thread(s) (OMP_NUM_THREADS={meta['omp']}). The machine was shared "
              f"with other jobs (load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after): "
              "times are comparable within this table only.", "",
-             "| variant | rank | model tensors (MiB) | of which LoRA (MiB) | RSS after forward - bare import (MiB) "
+             "| variant | rank | model tensors (MiB) | of which LoRA (MiB) | RSS added by load + forwards (MiB) "
              "| forward (ms) | vs quantized alone |", "|---|---|---|---|---|---|---|"]
     alone = next(r for r in rows if r["variant"] == "quantized W2" and r["rank"] == 0)
     for r in rows:
         lines.append(f"| {r['variant']} | {r['rank'] or '-'} | {r['model_bytes'] / MiB:.2f} | "
-                     f"{r['lora_bytes'] / MiB:.2f} | {(r['forward_rss'] - r['import_rss']) / MiB:.0f} | "
+                     f"{r['lora_bytes'] / MiB:.2f} | {(r['forward_rss'] - r['import_rss']) / MiB:.1f} | "
                      f"{1e3 * r['forward_s']:.1f} | {r['forward_s'] / alone['forward_s']:.2f}x time, "
                      f"{r['model_bytes'] / alone['model_bytes']:.2f}x tensors |")
     return "\n".join(lines + [""])
@@ -109,7 +130,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
-        return probe(args.work, args.probe, args.rank, args.repeats)
+        return probe(args.work, args.probe, args.rank)
     import torch
 
     from utils.fileio import write_text_atomic
@@ -118,11 +139,11 @@ def main(argv=None):
     prepare(args.work)
     load_before, rows = os.getloadavg()[0], []
     for variant, rank in VARIANTS:
-        cmd = [sys.executable, __file__, "--probe", variant, "--rank", str(rank), "--work", args.work,
-               "--repeats", str(args.repeats)]
+        cmd = [sys.executable, __file__, "--probe", variant, "--rank", str(rank), "--work", args.work]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    for row, seconds in zip(rows, forward_times(args.work, args.repeats).values()):
+        row["forward_s"] = seconds
     meta = {"model": "SD3Transformer2DModel (bench_compile.small_sd3: 4 blocks, width 384), k-means W2 (k=256, d=4)",
             "repeats": args.repeats, "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": rows[0]["threads"],

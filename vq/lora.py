@@ -59,7 +59,10 @@ CUSTOM_LAYERS = {VQLinear: VQLoraLinear}
 def _targets_vq_layer(transformer, key, prefix):
     """Whether the LoRA state-dict entry `key` ("<prefix><module>.lora_A.weight", ...) belongs to a VQ layer (bare,
     or already wrapped by an earlier LoRA)."""
-    module = transformer.get_submodule(key.removeprefix(prefix).split(".lora_")[0])
+    try:
+        module = transformer.get_submodule(key.removeprefix(prefix).split(".lora_")[0])
+    except AttributeError:  # a module the transformer lacks: diffusers' own step reports and ignores it
+        return False
     return isinstance(module, VQLinear) or isinstance(getattr(module, "base_layer", None), VQLinear)
 
 

@@ -19,15 +19,22 @@ PIPELINES = {"flux": diffusers.FluxPipeline, "sd3": diffusers.StableDiffusion3Pi
 
 @pytest.fixture(params=["flux", "sd3"])
 def lora_case(request, tmp_path_factory, tmp_path):
-    """(family, its quantize run, the quantized pipeline, a LoRA saved in diffusers' format, its state dict)."""
+    """(family, its quantize run, the quantized pipeline, the directory of two LoRAs saved in diffusers' format,
+    their state dicts {seed: state dict})."""
     family = request.param
     run = tiny_run(family, tmp_path_factory)
+    loras = {seed: save_lora(family, run, tmp_path / "lora", seed) for seed in (0, 1)}
+    return family, run, quantized_pipeline(family, run), tmp_path / "lora", loras
+
+
+def save_lora(family, run, directory, seed=0):
+    """A LoRA made on the full-precision transformer, saved to `directory` in diffusers' format (the file
+    pytorch_lora_weights.safetensors, or lora_<seed>.safetensors for seed > 0); returns its state dict."""
     cls = PIPELINES[family]
-    fp = cls.from_pretrained(run.pipeline)
-    lora, config = make_lora(fp.transformer)
-    cls.save_lora_weights(tmp_path / "lora", transformer_lora_layers=lora,  # alpha travels in the metadata
-                          transformer_lora_adapter_metadata=config)
-    return family, run, quantized_pipeline(family, run), tmp_path / "lora", lora
+    lora, config = make_lora(cls.from_pretrained(run.pipeline).transformer, seed)
+    cls.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=config,
+                          weight_name=f"lora_{seed}.safetensors" if seed else None)  # alpha is in the metadata
+    return lora
 
 
 def quantized_pipeline(family, run):
@@ -37,15 +44,18 @@ def quantized_pipeline(family, run):
 
 
 def test_quantized_plus_lora_is_the_quantized_base_plus_the_branch_by_hand(lora_case):
-    """With adapter weight 0.7 every targeted layer computes VQ(x) + 0.7 * alpha/r * x A^T B^T (the final proj_out,
-    full precision, gets PEFT's plain LoRA layer); the pipeline's latents equal those of the hand-written model."""
-    family, run, pipe, lora_dir, lora = lora_case
+    """Two LoRAs at adapter weights 0.7 and 0.3: every targeted layer computes VQ(x) + 0.7 * alpha/r * x A1^T B1^T
+    + 0.3 * alpha/r * x A2^T B2^T (the final proj_out, full precision, gets PEFT's plain LoRA layer); the pipeline's
+    latents equal those of the hand-written model."""
+    family, run, pipe, lora_dir, loras = lora_case
     pipe.load_lora_weights(lora_dir, adapter_name="style")
-    pipe.set_adapters(["style"], [0.7])
+    pipe.load_lora_weights(lora_dir, weight_name="lora_1.safetensors", adapter_name="other")
+    pipe.set_adapters(["style", "other"], [0.7, 0.3])
     wrapped = [m for m in pipe.transformer.modules() if isinstance(m, VQLoraLinear)]
     assert wrapped and all(isinstance(m.base_layer, VQLinear) for m in wrapped)
     reference = quantized_pipeline(family, run)
-    assert add_hand_lora(reference.transformer, lora, 0.7 * ALPHA / RANK) == len(lora) // 2
+    assert add_hand_lora(reference.transformer, loras[0], 0.7 * ALPHA / RANK) == len(loras[0]) // 2
+    add_hand_lora(reference.transformer, loras[1], 0.3 * ALPHA / RANK)
     got, want, base = latents(pipe), latents(reference), latents(quantized_pipeline(family, run))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got - base).abs().max() > 100 * 1e-5  # the branch is there, far beyond the tolerance
