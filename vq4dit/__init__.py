@@ -6,7 +6,9 @@
 
 The transformer is the pipeline's own diffusers class whose quantized Linears are VQ layers (vq/layer.py); LoRAs
 load onto it with diffusers and PEFT (vq/lora.py: a separate full-precision branch, never fused), accelerate's
-offload hooks and torch.compile take it as any model. `quantize_transformer(pipe, ...)`, quantizing a pipeline's
+offload hooks and torch.compile take it as any model. Sequential offload: pass offload_buffers=True to
+accelerate.cpu_offload, since a VQ layer's indices (the bulk of its bytes) are a buffer, which accelerate's default
+keeps on the execution device. `quantize_transformer(pipe, ...)`, quantizing a pipeline's
 transformer in memory with the pipeline as its teacher, belongs in this package too (vq4dit/quantize.py).
 """
 from vq.lora import enable_peft_lora
