@@ -63,6 +63,21 @@ def test_sequential_offload_hooks_move_every_vq_tensor_and_keep_the_outputs(mode
     remove_hook_from_module(model, recurse=True)
 
 
+def test_sequential_offload_by_default_keeps_the_indices_on_the_execution_device(model_and_inputs):
+    """What the docs warn of: accelerate's default offload_buffers=False offloads codebooks and biases (parameters)
+    but places buffers, the indices, on the execution device for good."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    model, inputs = model_and_inputs
+    want = forward(model, inputs)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    layers = vq_layers(model)
+    assert all(m.codebook.is_meta and not m.indices.is_meta for m in layers)
+    assert torch.equal(forward(model, inputs), want)
+    remove_hook_from_module(model, recurse=True)
+
+
 def test_model_offload_hook_keeps_the_outputs(model_and_inputs):
     from accelerate import cpu_offload_with_hook
 
