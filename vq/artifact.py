@@ -10,6 +10,7 @@
   last, so its presence marks a complete artifact (it is removed first when an artifact is overwritten).
   Format 1 (base_model = the project DiT's registry fields, no digests) still loads.
 - config.yaml: the resolved quantization config, for the record.
+- README.md: the model card (vq/modelcard.py), hub metadata and how to load the artifact; derived from the above.
 
 Loading builds the model with its parameters on the meta device and assigns every tensor in its final dtype
 (indices uint8 / int16 / int32, as the layers keep them), so no full-precision block weight is ever allocated.
@@ -31,12 +32,14 @@ from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path, write_text_atomic
 from vq.apply import set_submodule
 from vq.codecs import CODECS, codec_for
+from vq.modelcard import CARD_FILE, HUB_ID, write_model_card
 from vq.modelref import build_skeleton, model_class
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 MODEL_FILE, QUANT_FILE, CONFIG_FILE = "model.safetensors", "quant_config.json", "config.yaml"
+ARTIFACT_FILES = (MODEL_FILE, QUANT_FILE, CONFIG_FILE, CARD_FILE)
 DIGEST = "content_sha256"  # quant_config.json's digest of its own content
 LEGACY_DIT = "models.dit.DiT"  # the class every format-1 artifact describes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "int64": torch.int64}
@@ -118,6 +121,7 @@ def save_quantized(model, ref, out_dir, config):
         save_file(tensors, tmp, metadata={"format": "vq4dit-quantized"})
         model_sha256 = file_sha256(tmp)
     write_text_atomic(os.path.join(out_dir, CONFIG_FILE), yaml.safe_dump(dict(config), sort_keys=False))
+    write_model_card(out_dir, ref, layer_entries, config)
     quant = write_quant_config(out_dir, {
         "format_version": FORMAT_VERSION, "base_model": dict(ref), "layers": layer_entries,
         "tensors": {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
@@ -227,6 +231,25 @@ def decode_layers(model):
         linear.load_state_dict(state, assign=True)
         set_submodule(model, name, linear.eval())
     return len(targets)
+
+
+def resolve_artifact(source, revision=None):
+    """The local directory of an artifact given as a directory or as a hub repo id ("owner/name").
+
+    A hub repo is fetched through huggingface_hub into its cache (only the artifact's files); with HF_HUB_OFFLINE=1
+    the cached snapshot of `revision` (default: the branch main) is used without any network access. The files are
+    checked by load_quantized like any local artifact (content and model digests).
+    """
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.exists(path) or not HUB_ID.fullmatch(str(source)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(source), revision=revision, allow_patterns=list(ARTIFACT_FILES))
+    except Exception as e:  # network, missing repo or revision, not in the offline cache: one line either way
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{source}: not a local directory, and fetching it as a hub repo failed ({detail})") from None
 
 
 def load_quantized(out_dir, device="cpu", decode=False):

@@ -138,6 +138,12 @@ class VQLinear(QuantLinear):
     def is_hard(self):
         return "indices" in self._buffers
 
+    @property
+    def qweight(self):
+        """The stored form of the weight (indices, or soft candidates). PEFT places a LoRA branch on the device of a
+        base layer's `qweight` (before `weight`, which here is the decoding method): see vq/lora.py."""
+        return self.indices if self.is_hard else self.candidates
+
     def ratios(self):
         """(N, n) candidate ratios: softmax(logits), frozen rows one-hot at their argmax."""
         if self.is_hard:

@@ -44,7 +44,7 @@ def decoded(model):
 def test_round_trip_is_bit_identical(tmp_path, kind):
     model = quantized_model(**kind)
     quant = save_quantized(model, REF, tmp_path, CONFIG)
-    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "model.safetensors", "quant_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.yaml", "model.safetensors", "quant_config.json"]
     loaded, ref, quant2 = load_quantized(tmp_path)
     assert ref == REF and quant2 == quant and quant["base_model"] == REF and quant["format_version"] == 2
     assert quant["model_sha256"] == file_sha256(tmp_path / MODEL_FILE)

@@ -1,0 +1,91 @@
+"""vq4dit.load_transformer: an artifact directory or a hub repo (huggingface_hub's cache, offline) as the transformer of
+a user's own diffusers pipeline, with the artifact's digest checks; the README section's example, run as written."""
+import textwrap
+
+import pytest
+import torch
+
+from tests.api.hub_cache import put_in_hub_cache
+from tests.api.tiny_lora import make_lora, tiny_run
+from utils.errors import UserError
+from vq import load_quantized
+from vq4dit import load_transformer
+
+README_EXAMPLE = """
+import torch
+from diffusers import StableDiffusion3Pipeline
+from vq4dit import load_transformer
+
+# a quantized artifact: a hub repo id ("owner/name", through huggingface_hub's cache) or a local directory
+transformer = load_transformer("someone/sd3.5-medium-vq4dit-w2", device="cpu", dtype=torch.float32)
+pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer=transformer)
+# LoRAs load as usual and stay a separate full-precision branch beside the quantized layers
+pipe.load_lora_weights("someone/sd3.5-style-lora", weight_name="pytorch_lora_weights.safetensors", adapter_name="style")
+pipe.set_adapters(["style"], [0.8])
+image = pipe("a cat", num_inference_steps=2, height=8, width=8).images[0]  # the test's tiny pipeline: 8 x 8 pixels
+"""
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache under tmp_path, offline (HF_HUB_OFFLINE=1): nothing may reach the network."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_readme_example_runs_offline_from_the_hub_cache(offline_cache, tmp_path, tmp_path_factory):
+    """The README's example as written: the artifact, the base pipeline and a LoRA all come by hub id from the
+    cache; the pipeline's transformer is the quantized one with the LoRA beside its VQ layers."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from vq.lora import VQLoraLinear
+
+    run = tiny_run("sd3", tmp_path_factory)
+    lora, config = make_lora(StableDiffusion3Pipeline.from_pretrained(run.pipeline).transformer)
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=lora,
+                                               transformer_lora_adapter_metadata=config)
+    put_in_hub_cache(offline_cache, "someone/sd3.5-medium-vq4dit-w2", run.artifact)
+    put_in_hub_cache(offline_cache, "stabilityai/stable-diffusion-3.5-medium", run.pipeline)
+    put_in_hub_cache(offline_cache, "someone/sd3.5-style-lora", tmp_path / "lora")
+    scope = {}
+    exec(textwrap.dedent(README_EXAMPLE), scope)
+    assert scope["image"].size == (8, 8)
+    wrapped = [m for m in scope["pipe"].transformer.modules() if isinstance(m, VQLoraLinear)]
+    assert wrapped and all(m.scaling["style"] == 0.8 * config["lora_alpha"] / config["r"] for m in wrapped)
+
+
+def test_hub_id_loads_the_same_model_as_the_directory_with_the_same_digest_checks(offline_cache, tmp_path_factory):
+    run = tiny_run("sd3", tmp_path_factory)
+    snapshot = put_in_hub_cache(offline_cache, "someone/sd3-vq", run.artifact)
+    from_hub, (from_dir, _, _) = load_transformer("someone/sd3-vq"), load_quantized(run.artifact)
+    assert from_hub.state_dict().keys() == from_dir.state_dict().keys()
+    assert all(torch.equal(t, from_dir.state_dict()[k]) for k, t in from_hub.state_dict().items())
+    blob = (snapshot / "model.safetensors").resolve()  # the cache's blob, as a download stores it
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 differs"):
+        load_transformer("someone/sd3-vq")
+    with pytest.raises(UserError, match=r"someone/absent: not a local directory, and fetching it as a hub repo"):
+        load_transformer("someone/absent")
+
+
+def test_device_and_dtype(tmp_path_factory):
+    """dtype casts codebooks, biases and full-precision layers; indices keep their integer dtype; bad dtype is a
+    one-line UserError."""
+    from vq.layer import VQLinear
+
+    run = tiny_run("sd3", tmp_path_factory)
+    model = load_transformer(run.artifact, device="cpu", dtype=torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, VQLinear)]
+    assert layers and all(m.codebook.dtype == torch.bfloat16 and m.indices.dtype == torch.uint8 for m in layers)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not model.training
+    with pytest.raises(UserError, match="dtype=torch.int8"):
+        load_transformer(run.artifact, dtype=torch.int8)

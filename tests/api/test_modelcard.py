@@ -1,0 +1,67 @@
+"""The model card every artifact carries (vq/modelcard.py): hub YAML metadata derived from the artifact, written
+without changing a byte of model.safetensors or quant_config.json."""
+import math
+from unittest import mock
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from models.dit import DiT
+from tests.api.tiny_lora import tiny_run
+from vq.apply import quantize_linears
+from vq.artifact import read_quant_config, save_quantized
+from vq.modelcard import hub_id_of, model_card
+from vq.modelref import reference
+
+LEGACY = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 3, "in_channels": 1, "learn_sigma": True}
+
+
+def front_matter(text):
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_card_leaves_the_artifact_files_byte_identical(tmp_path):
+    torch.manual_seed(0)
+    model = DiT.from_config(LEGACY)
+    quantize_linears(model, 16, 4, kmeans_iters=2, soft=False, progress=False)
+    ref, config = reference(model, name="DiT-Digits/2"), {"wbits": 2, "seed": 0}
+    save_quantized(model, ref, tmp_path / "card", config)
+    with mock.patch("vq.artifact.write_model_card"):
+        save_quantized(model, ref, tmp_path / "none", config)
+    for name in ("model.safetensors", "quant_config.json", "config.yaml"):
+        assert (tmp_path / "card" / name).read_bytes() == (tmp_path / "none" / name).read_bytes()
+    assert not (tmp_path / "none" / "README.md").exists()
+    meta = front_matter((tmp_path / "card" / "README.md").read_text())
+    assert meta["library_name"] == "vq4dit" and "base_model" not in meta  # the project's DiT: no hub base model
+
+
+def test_card_metadata_is_what_the_artifact_holds(tmp_path_factory):
+    """Bits per weight against the stored tensors' sizes (indices and fp16 codebooks) over the weights they
+    encode; the config is config.yaml's; the pipeline's hub id becomes base_model."""
+    run = tiny_run("sd3", tmp_path_factory)
+    text = (run.artifact / "README.md").read_text()
+    meta, quant = front_matter(text), read_quant_config(run.artifact)
+    tensors = load_file(run.artifact / "model.safetensors")
+    weights = sum(e["in_features"] * e["out_features"] for e in quant["layers"].values())
+    index_bits = 8 * sum(tensors[f"{n}.indices"].numel() for n in quant["layers"])
+    codebook_bits = 16 * sum(tensors[f"{n}.codebook"].numel() for n in quant["layers"])
+    q = meta["quantization"]
+    assert math.isclose(q["bits_per_weight"], index_bits / weights, rel_tol=1e-3)
+    assert math.isclose(q["bits_per_weight_with_codebook"], (index_bits + codebook_bits) / weights, rel_tol=1e-3)
+    assert q["method"] == "vq4dit" and q["quantized_layers"] == len(quant["layers"])
+    assert q["config"] == yaml.safe_load((run.artifact / "config.yaml").read_text())
+    assert meta["library_name"] == "diffusers" and "SD3Transformer2DModel" in meta["tags"]
+    assert "StableDiffusion3Pipeline.from_pretrained(" in text and "from vq4dit import load_transformer" in text
+    ref = {**quant["base_model"], "pipeline": {"class": "StableDiffusion3Pipeline", "source":
+           "/cache/hub/models--stabilityai--stable-diffusion-3.5-medium/snapshots/0123abcd"}}
+    card = front_matter(model_card(ref, quant["layers"], {}))
+    assert card["base_model"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert card["base_model_relation"] == "quantized"
+
+
+def test_hub_id_of_a_pipeline_source():
+    assert hub_id_of("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    assert hub_id_of("/home/u/.cache/huggingface/hub/models--owner--name/snapshots/abc") == "owner/name"
+    assert hub_id_of("/data/pipelines/flux") is None and hub_id_of("pipeline") is None and hub_id_of(None) is None
