@@ -35,6 +35,7 @@ class QuantizeConfig:
     prompts: str | None = None  # teacher prompts: a text file, one per line (None: built-in class-name prompts)
     height: int | None = None  # teacher image size in pixels (None: the pipeline's default, e.g. 1024)
     width: int | None = None
+    num_frames: int | None = None  # video pipelines: teacher frames per trajectory (None: the pipeline's default)
     include: str | None = None  # regex over qualified Linear names to quantize (None: the adapter's rule)
     exclude: str | None = None  # regex of Linears kept in full precision (applied after include)
     # quantizer

@@ -38,7 +38,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     start = time.time()
     base = load_model(config.model, config.ckpt, config.image_size, config.num_classes, config.backend, device)
     model, adapter = base.model, base.adapter
-    extra = adapter.bind(base.extra, prompts, config.height, config.width)
+    extra = adapter.bind(base.extra, prompts, config.height, config.width, config.num_frames)
     include = linear_pattern(adapter.quant_include(model), config.include, config.exclude)
     outside = outside_blocks(adapter, model, include)
     if outside and calibrated:

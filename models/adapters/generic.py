@@ -1,0 +1,355 @@
+"""Any diffusers transformer without a dedicated adapter: blocks found by structure, the pipeline's own __call__ as
+teacher and sampler.
+
+Blocks are the transformer's nn.ModuleLists of repeated blocks: lists among its children (or among the children of
+a child nn.ModuleDict) whose items are all one class, each holding two or more Linears. Lists nested deeper (a text
+refiner inside an embedder, an attention's to_out) are not blocks. Every Linear inside the blocks is quantized;
+embedders, norms and the final projection stay in full precision. The blocks are ordered as they are called, found
+by a probe: the pipeline samples one prompt for two steps with a hook on every block, and the first transformer
+call gives the order (lists may interleave; Flux-like models call the dual-stream list, then the single-stream
+one). Blocks the probe never calls are left out and stay in full precision.
+
+Many pipelines guide with two transformer calls per sampler step, one for the prompt and one for the negative
+prompt (Wan, Qwen-Image, Chroma, Lumina2, HunyuanVideo); calibration counts one call per step. The teacher's
+pipeline therefore holds the transformer behind `FirstCallPerStep`: the first call at each timestep goes through
+the module (the recording's hooks see it), further calls at the same timestep run its forward directly, unseen.
+Such a pipeline's calibration points are its conditional inputs along guided trajectories; a pipeline that
+batches both (SANA, CogVideoX, LTX-Video) records both halves. The probe counts the rows per trajectory of the
+calls seen, with and without guidance.
+
+The teacher is the pipeline's own __call__ on prompts (output_type="latent"), trajectory i from a generator seeded
+by (seed, i), with whatever text encoders the pipeline has: in fp32 on the CPU (on a GPU their inputs are moved to
+the CPU and their outputs back), held from the probe to the teacher's last run and released before calibration;
+the VAE stays on the CPU, unused. Sampling goes through the whole pipeline; a video pipeline (num_frames) draws
+uint8 frames (N, F, H, W, 3).
+"""
+import gc
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.adapters.t2i import TextToImageAdapter
+from models.pipelines import read_index
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MIN_LINEARS = 2  # a block holds attention and MLP Linears; a list of single projections is an embedder
+PROBE_PROMPT = "a photo"
+PROBE_STEPS = 2
+PROBE_GUIDANCE = 2.0  # pipelines guide when guidance_scale > 1
+
+
+@dataclass(frozen=True)
+class Probe:
+    order: list  # block names in the order the first transformer call reached them
+    rows: int  # transformer batch rows per trajectory
+    calls_per_step: float  # None when unknown (the meta-device probe stops after the first call)
+
+
+class FirstCallPerStep:
+    """Stands for the transformer in a pipeline: the first call at each timestep goes through `module` (its hooks
+    see it), later calls at the same timestep (the negative prompt's) call module.forward, which skips them. Every
+    other attribute is the module's."""
+
+    def __init__(self, module):
+        self.module, self.timestep = module, None
+
+    def __call__(self, *args, **kwargs):
+        timestep = kwargs.get("timestep")
+        if timestep is None or self.timestep is None or not torch.equal(timestep, self.timestep):
+            self.timestep = timestep
+            return self.module(*args, **kwargs)
+        return self.module.forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a pipeline call once the transformer calls a probe needs have run."""
+
+
+def block_lists(model):
+    """[(qualified name, nn.ModuleList)] of `model`'s lists of repeated blocks (see the module docstring)."""
+    candidates = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            candidates.append((name, child))
+        elif isinstance(child, nn.ModuleDict):
+            candidates += [(f"{name}.{key}", items) for key, items in child.items() if isinstance(items, nn.ModuleList)]
+    return [(name, items) for name, items in candidates if len(items) and len({type(b) for b in items}) == 1
+            and all(sum(isinstance(m, nn.Linear) for m in b.modules()) >= MIN_LINEARS for b in items)]
+
+
+def candidates(model):
+    """[(qualified name, block)] of every block in `model`'s block lists, list by list."""
+    return [(f"{name}.{i}", block) for name, items in block_lists(model) for i, block in enumerate(items)]
+
+
+def structure(model):
+    """A short account of `model`'s children, for the error of a model whose blocks cannot be found."""
+    def kind(child):
+        if isinstance(child, nn.ModuleList) and len(child):
+            return f"ModuleList of {len(child)} {'/'.join(sorted({type(b).__name__ for b in child}))}"
+        return type(child).__name__
+
+    children = list(model.named_children())
+    listed = ", ".join(f"{name} ({kind(child)})" for name, child in children[:10])
+    return listed + (f" and {len(children) - 10} more" if len(children) > 10 else "") or "no child modules"
+
+
+def _rows(args, kwargs):
+    """Batch rows of a transformer call: the leading dimension of hidden_states, else of its first tensor."""
+    first = kwargs.get("hidden_states")
+    if first is None:
+        first = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() > 0), None)
+    if first is None:
+        raise UserError("the transformer's call has no batched tensor argument; cannot count its batch rows")
+    return first.shape[0]
+
+
+def run_probe(pipe, model, blocks, call, stop_after=None):
+    """pipe(**call) with hooks: ([(args, kwargs)] of every transformer call, [block names in the order the first
+    call reached them]); `stop_after` calls end the pipeline call early (the meta device cannot run a scheduler)."""
+    calls, order, inside = [], [], [False]  # inside: a transformer call the hooks see is running
+
+    def on_model(module, args, kwargs):
+        calls.append((args, kwargs))
+        inside[0] = True
+
+    def after_model(module, args, kwargs, output):
+        inside[0] = False
+        if stop_after is not None and len(calls) >= stop_after:
+            raise _Stop
+
+    def on_block(name):
+        def hook(module, args, kwargs):
+            if inside[0] and len(calls) == 1:
+                order.append(name)
+        return hook
+
+    handles = [model.register_forward_pre_hook(on_model, with_kwargs=True),
+               model.register_forward_hook(after_model, with_kwargs=True)]
+    handles += [block.register_forward_pre_hook(on_block(name), with_kwargs=True) for name, block in blocks]
+    try:
+        with torch.no_grad():
+            pipe(**call)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, order
+
+
+def _move(value, device):
+    """Tensors in `value` (nested tuples, lists, dicts, transformers' ModelOutput) moved to `device`."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        for key in list(value.keys()):
+            value[key] = _move(value[key], device)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    return value
+
+
+def on_cpu(module, device):
+    """Run `module` (kept on the CPU) for a pipeline executing on `device`: inputs to the CPU, outputs back."""
+    module.register_forward_pre_hook(lambda m, args, kwargs: (_move(args, "cpu"), _move(kwargs, "cpu")),
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda m, args, kwargs, output: _move(output, device), with_kwargs=True)
+
+
+def teacher_pipeline(directory, model):
+    """The pipeline at `directory` with `model` as its transformer, executing on the model's device; its other
+    models (text encoders in fp32, VAE) on the CPU."""
+    import diffusers
+
+    device = next(model.parameters()).device
+    name = read_index(directory)["_class_name"]
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    for key, component in pipe.components.items():
+        if isinstance(component, nn.Module) and component is not model:
+            component.float()
+            if device.type != "cpu":
+                on_cpu(component, device)
+    if device.type != "cpu":  # diffusers takes the first component's device as the execution device
+        cls = type(pipe)
+        pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: device)})
+    return pipe
+
+
+def meta_pipeline(directory, model):
+    """The pipeline at `directory` with every model component built on the meta device from its config (`model`
+    as the transformer); tokenizers and scheduler loaded from their files. Nothing else is read."""
+    import diffusers
+    import transformers
+
+    index = read_index(directory)
+    components = {"transformer": model}
+    for name, entry in index.items():
+        if name.startswith("_") or name == "transformer" or not (isinstance(entry, list) and entry[0]):
+            continue
+        cls = getattr(diffusers if entry[0] == "diffusers" else transformers, entry[1], None)
+        with torch.device("meta"):
+            if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
+                components[name] = cls.from_config(cls.load_config(str(directory), subfolder=name))
+            elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
+                components[name] = cls._from_config(config)
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(directory), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _default(pipe, name):
+    """The pipeline's default for size keyword `name` (its __call__ default, else default_sample_size x VAE factor
+    for height and width), or None."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    if parameter is not None and isinstance(parameter.default, int):
+        return parameter.default
+    if name in ("height", "width") and isinstance(getattr(pipe, "default_sample_size", None), int):
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    return None
+
+
+class GenericAdapter(TextToImageAdapter):
+    family = "generic"
+    video = True  # num_frames is accepted when the pipeline's __call__ takes it
+
+    def __init__(self):
+        super().__init__()
+        self.names = None  # block names in call order, once found
+        self.probes = {}  # guided (bool) -> Probe
+        self.subject = None  # the model the probes run
+        self.pipe = None  # the teacher pipeline, from the first probe to the teacher's last run
+
+    # --- blocks ---------------------------------------------------------------------------------------------------
+    def blocks(self, model):
+        if self.names is None:
+            self.names = self._find(model)
+        return [(name, model.get_submodule(name)) for name in self.names]
+
+    def _find(self, model):
+        found = candidates(model)
+        if not found:
+            raise UserError(f"{type(model).__name__}: no transformer blocks found (nn.ModuleLists of one block class "
+                            f"with >= {MIN_LINEARS} Linears each, among its children); it has: {structure(model)}")
+        if self.source is None or next(model.parameters()).is_meta:
+            return [name for name, _ in found]  # structure only: the lists in the order the model declares them
+        self.subject = model
+        order = self.probe(model, guided=False).order
+        left = [name for name, _ in found if name not in order]
+        if left:
+            logger.warning("%d blocks are never called by the pipeline and stay in full precision: %s", len(left),
+                           ", ".join(left[:4]) + (" ..." if len(left) > 4 else ""))
+        return order
+
+    def quant_include(self, model):
+        names = "|".join(name.replace(".", r"\.") for name, _ in self.blocks(model))
+        return rf"^(?:{names})\."
+
+    # --- probe ----------------------------------------------------------------------------------------------------
+    def probe(self, model, guided):
+        """What one trajectory of the pipeline does with (guided) or without guidance (see the module docstring)."""
+        if guided not in self.probes:
+            pipe = self.pipeline(model)
+            blocks = self.blocks(model) if self.names else candidates(model)
+            calls, order = run_probe(pipe, model, blocks, self._call(pipe, [PROBE_PROMPT], guided, PROBE_STEPS))
+            if not calls:
+                raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
+            self.probes[guided] = Probe(order, _rows(*calls[0]), len(calls) / PROBE_STEPS)
+            logger.info("probe (guidance %s): %d blocks called, %d rows per trajectory, %.3g calls per step",
+                        "on" if guided else "off", len(order), self.probes[guided].rows,
+                        self.probes[guided].calls_per_step)
+        return self.probes[guided]
+
+    def pipeline(self, model):
+        """The teacher pipeline, loaded once, with `model` as its transformer."""
+        if self.pipe is None:
+            self.pipe = teacher_pipeline(self._directory(self.source), model)
+        self.pipe.__dict__["transformer"] = FirstCallPerStep(model)  # no re-registration: the proxy is no module
+        return self.pipe
+
+    def _call(self, pipe, prompts, guided, steps):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return dict(prompt=list(prompts), guidance_scale=PROBE_GUIDANCE if guided else 1.0, num_inference_steps=steps,
+                    generator=generators, output_type="latent", **self.size_options(pipe, self.height, self.width,
+                                                                                    self.num_frames))
+
+    def size_options(self, pipe, height, width, num_frames):
+        """The given size keywords of the pipeline's __call__ (None: the pipeline's default); a given size is drawn
+        as asked, not binned to the nearest trained resolution (PixArt and SANA pipelines would)."""
+        parameters = inspect.signature(pipe.__call__).parameters
+        if num_frames is not None and "num_frames" not in parameters:
+            raise UserError(f"num_frames={num_frames}: {type(pipe).__name__} draws images, not videos")
+        size = {k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
+        if (height or width) and "use_resolution_binning" in parameters:
+            size["use_resolution_binning"] = False
+        return size
+
+    # --- teacher --------------------------------------------------------------------------------------------------
+    def rows_per_trajectory(self, plan):
+        if self.subject is None and not self.probes:
+            raise RuntimeError("blocks() finds the pipeline's rows per trajectory; call it first")
+        return self.probe(self.subject, plan.cfg_scale > 1).rows
+
+    def teacher_runs(self, model, plan, device):
+        yield from super().teacher_runs(model, plan, device)
+        self.pipe = None
+        gc.collect()
+        logger.info("teacher done: text encoders released")
+
+    def teacher_pipeline(self, model, directory, prompts, plan, device):
+        probe = self.probe(model, plan.cfg_scale > 1)
+        pipe = self.pipeline(model)
+        if probe.calls_per_step != 1:
+            raise UserError(f"{type(pipe).__name__}: {probe.calls_per_step:g} transformer calls per sampler step at "
+                            f"cfg_scale={plan.cfg_scale:g} reach the recording (its calls pass no `timestep` to tell "
+                            "the steps apart); calibration needs one call per step")
+        return pipe, lambda rows: {"prompt": [prompts[r] for r in rows]}, self.size_options(
+            pipe, self.height, self.width, self.num_frames)
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+    def sample_size(self, model, pipe, directory, recorded, settings):
+        frames = settings.num_frames or recorded.get("num_frames")
+        size = self.size_options(pipe, recorded.get("height"), recorded.get("width"), frames)
+        self.video = "num_frames" in inspect.signature(pipe.__call__).parameters
+        shape = tuple(size.get(k) or _default(pipe, k) for k in ("num_frames", "height", "width")[not self.video:])
+        return size, shape
+
+    # --- memory plan ----------------------------------------------------------------------------------------------
+    def plan_call(self, model, vae_factor, height, width, tokens, rows):
+        """(height, width, args, kwargs of one transformer call at `rows` batch rows): the pipeline run on the meta
+        device up to its first transformer call; also finds the block order and the rows per trajectory."""
+        pipe = meta_pipeline(self._directory(self.source), model)
+        blocks = candidates(model)
+        try:
+            for guided in (True, False):
+                prompts = [PROBE_PROMPT] * (1 if guided else rows)
+                calls, order = run_probe(pipe, model, blocks, self._call(pipe, prompts, guided, PROBE_STEPS), 1)
+                self.probes[guided] = Probe(order, _rows(*calls[0]) // len(prompts), None)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as e:
+            raise UserError(f"{type(pipe).__name__} cannot run on the meta device for a memory plan "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        self.names = order
+        args, kwargs = calls[0]
+        return (self.height or _default(pipe, "height"), self.width or _default(pipe, "width"), args, kwargs)
+
+    def describe(self, model):
+        names = self.names or [f"{name}.{i}" for name, items in block_lists(model) for i in range(len(items))]
+        lists = {}
+        for name in names:
+            lists[name.rsplit(".", 1)[0]] = lists.get(name.rsplit(".", 1)[0], 0) + 1
+        return (f"diffusers {type(model).__name__} (generic adapter): "
+                f"{', '.join(f'{n} {name}' for name, n in lists.items()) or 'no block lists'}")
