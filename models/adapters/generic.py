@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 MIN_LINEARS = 2  # a block holds attention and MLP Linears; a list of single projections is an embedder
 PROBE_PROMPT = "a photo"
 PROBE_STEPS = 2
-PROBE_GUIDANCE = 2.0  # pipelines guide when guidance_scale > 1
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class FirstCallPerStep:
 
 
 class _Stop(Exception):
-    """Raised by a hook to end a pipeline call once the transformer calls a probe needs have run."""
+    """Raised by a hook to end a pipeline call at its first transformer call (the memory plan's probe)."""
 
 
 def block_lists(model):
@@ -112,9 +111,9 @@ def _rows(args, kwargs):
     return first.shape[0]
 
 
-def run_probe(pipe, model, blocks, call, stop_after=None):
+def run_probe(pipe, model, blocks, call):
     """pipe(**call) with hooks: ([(args, kwargs)] of every transformer call, [block names in the order the first
-    call reached them]); `stop_after` calls end the pipeline call early (the meta device cannot run a scheduler)."""
+    call reached them])."""
     calls, order, inside = [], [], [False]  # inside: a transformer call the hooks see is running
 
     def on_model(module, args, kwargs):
@@ -123,8 +122,6 @@ def run_probe(pipe, model, blocks, call, stop_after=None):
 
     def after_model(module, args, kwargs, output):
         inside[0] = False
-        if stop_after is not None and len(calls) >= stop_after:
-            raise _Stop
 
     def on_block(name):
         def hook(module, args, kwargs):
@@ -138,32 +135,37 @@ def run_probe(pipe, model, blocks, call, stop_after=None):
     try:
         with torch.no_grad():
             pipe(**call)
-    except _Stop:
-        pass
     finally:
         for handle in handles:
             handle.remove()
     return calls, order
 
 
-def _move(value, device):
-    """Tensors in `value` (nested tuples, lists, dicts, transformers' ModelOutput) moved to `device`."""
+def _map(value, fn):
+    """`value` (nested tuples, lists, dicts, transformers' ModelOutput) with fn applied to every tensor."""
     if torch.is_tensor(value):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, dict):
         for key in list(value.keys()):
-            value[key] = _move(value[key], device)
+            value[key] = _map(value[key], fn)
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_move(v, device) for v in value)
+        return type(value)(_map(v, fn) for v in value)
     return value
 
 
 def on_cpu(module, device):
     """Run `module` (kept on the CPU) for a pipeline executing on `device`: inputs to the CPU, outputs back."""
-    module.register_forward_pre_hook(lambda m, args, kwargs: (_move(args, "cpu"), _move(kwargs, "cpu")),
+    module.register_forward_pre_hook(lambda m, args, kwargs: _map((args, kwargs), lambda t: t.to("cpu")),
                                      with_kwargs=True)
-    module.register_forward_hook(lambda m, args, kwargs, output: _move(output, device), with_kwargs=True)
+    module.register_forward_hook(lambda m, args, kwargs, output: _map(output, lambda t: t.to(device)),
+                                 with_kwargs=True)
+
+
+def pin_execution_device(pipe, device):
+    """Make `pipe` run on `device` whatever its components' devices (diffusers takes the first component's)."""
+    cls = type(pipe)
+    pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: torch.device(device))})
 
 
 def teacher_pipeline(directory, model):
@@ -178,20 +180,44 @@ def teacher_pipeline(directory, model):
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
-    for key, component in pipe.components.items():
+    for component in pipe.components.values():
         if isinstance(component, nn.Module) and component is not model:
             component.float()
             if device.type != "cpu":
                 on_cpu(component, device)
-    if device.type != "cpu":  # diffusers takes the first component's device as the execution device
-        cls = type(pipe)
-        pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: device)})
+    if device.type != "cpu":
+        pin_execution_device(pipe, device)
     return pipe
 
 
+def shapes_only(encoder):
+    """Make a text encoder built on the meta device answer with zeros on the CPU of the shapes it would return:
+    its own meta forward where that runs, else (last_hidden_state, hidden_states) of (B, T, hidden size) from its
+    config (a forward that reads data, e.g. transformers' causal masks, cannot run on meta)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    run = encoder.forward
+
+    def forward(*args, **kwargs):
+        try:
+            out = run(*_map(list(args), lambda t: t.to("meta")), **_map(kwargs, lambda t: t.to("meta")))
+        except (RuntimeError, NotImplementedError):
+            config = getattr(encoder.config, "text_config", encoder.config)
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            width = getattr(config, "hidden_size", None) or config.d_model
+            hidden = torch.zeros(*ids.shape, width)
+            layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+            return BaseModelOutput(last_hidden_state=hidden, hidden_states=(hidden,) * (layers + 1))
+        return _map(out, lambda t: torch.zeros(t.shape, dtype=t.dtype))
+
+    encoder.forward = forward
+    return encoder
+
+
 def meta_pipeline(directory, model):
-    """The pipeline at `directory` with every model component built on the meta device from its config (`model`
-    as the transformer); tokenizers and scheduler loaded from their files. Nothing else is read."""
+    """The pipeline at `directory` executing on the CPU, with every model component built on the meta device from its
+    config (`model` as the transformer; text encoders answering zeros of their output shapes); tokenizers and
+    scheduler loaded from their files. No weight is read."""
     import diffusers
     import transformers
 
@@ -206,10 +232,46 @@ def meta_pipeline(directory, model):
                 components[name] = cls.from_config(cls.load_config(str(directory), subfolder=name))
             elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
                 config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
-                components[name] = cls._from_config(config)
+                components[name] = shapes_only(cls._from_config(config))
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(directory), **components)
     pipe.set_progress_bar_config(disable=True)
+    pin_execution_device(pipe, "cpu")
     return pipe
+
+
+def first_call(pipe, model, call):
+    """(args, kwargs) of the pipeline's first transformer call, moved to the meta device (the meta model never
+    runs here: the call is stopped before it)."""
+    seen = []
+
+    def stop(module, args, kwargs):
+        seen.append(_map((list(args), kwargs), lambda t: t.to("meta")))
+        raise _Stop
+
+    handle = model.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**call)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
+    return seen[0]
+
+
+def call_order(model, blocks, args, kwargs):
+    """Names of `blocks` [(name, module)] in the order model(*args, **kwargs) first calls them."""
+    order = []
+    handles = [b.register_forward_pre_hook(lambda m, a, name=name: order.append(name)) for name, b in blocks]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
 
 
 def _default(pipe, name):
@@ -230,7 +292,7 @@ class GenericAdapter(TextToImageAdapter):
     def __init__(self):
         super().__init__()
         self.names = None  # block names in call order, once found
-        self.probes = {}  # guided (bool) -> Probe
+        self.probes = {}  # guidance scale -> Probe
         self.subject = None  # the model the probes run
         self.pipe = None  # the teacher pipeline, from the first probe to the teacher's last run
 
@@ -248,7 +310,7 @@ class GenericAdapter(TextToImageAdapter):
         if self.source is None or next(model.parameters()).is_meta:
             return [name for name, _ in found]  # structure only: the lists in the order the model declares them
         self.subject = model
-        order = self.probe(model, guided=False).order
+        order = self.probe(model, 1.0).order
         left = [name for name, _ in found if name not in order]
         if left:
             logger.warning("%d blocks are never called by the pipeline and stay in full precision: %s", len(left),
@@ -260,19 +322,18 @@ class GenericAdapter(TextToImageAdapter):
         return rf"^(?:{names})\."
 
     # --- probe ----------------------------------------------------------------------------------------------------
-    def probe(self, model, guided):
-        """What one trajectory of the pipeline does with (guided) or without guidance (see the module docstring)."""
-        if guided not in self.probes:
+    def probe(self, model, cfg_scale):
+        """What one trajectory of the pipeline does at guidance scale `cfg_scale` (see the module docstring)."""
+        if cfg_scale not in self.probes:
             pipe = self.pipeline(model)
             blocks = self.blocks(model) if self.names else candidates(model)
-            calls, order = run_probe(pipe, model, blocks, self._call(pipe, [PROBE_PROMPT], guided, PROBE_STEPS))
+            calls, order = run_probe(pipe, model, blocks, self._call(pipe, [PROBE_PROMPT], cfg_scale, PROBE_STEPS))
             if not calls:
                 raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
-            self.probes[guided] = Probe(order, _rows(*calls[0]), len(calls) / PROBE_STEPS)
-            logger.info("probe (guidance %s): %d blocks called, %d rows per trajectory, %.3g calls per step",
-                        "on" if guided else "off", len(order), self.probes[guided].rows,
-                        self.probes[guided].calls_per_step)
-        return self.probes[guided]
+            probe = self.probes[cfg_scale] = Probe(order, _rows(*calls[0]), len(calls) / PROBE_STEPS)
+            logger.info("probe at guidance %.3g: %d blocks called, %d rows per trajectory, %.3g calls per step",
+                        cfg_scale, len(order), probe.rows, probe.calls_per_step)
+        return self.probes[cfg_scale]
 
     def pipeline(self, model):
         """The teacher pipeline, loaded once, with `model` as its transformer."""
@@ -281,9 +342,9 @@ class GenericAdapter(TextToImageAdapter):
         self.pipe.__dict__["transformer"] = FirstCallPerStep(model)  # no re-registration: the proxy is no module
         return self.pipe
 
-    def _call(self, pipe, prompts, guided, steps):
+    def _call(self, pipe, prompts, cfg_scale, steps):
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-        return dict(prompt=list(prompts), guidance_scale=PROBE_GUIDANCE if guided else 1.0, num_inference_steps=steps,
+        return dict(prompt=list(prompts), guidance_scale=cfg_scale, num_inference_steps=steps,
                     generator=generators, output_type="latent", **self.size_options(pipe, self.height, self.width,
                                                                                     self.num_frames))
 
@@ -302,7 +363,7 @@ class GenericAdapter(TextToImageAdapter):
     def rows_per_trajectory(self, plan):
         if self.subject is None and not self.probes:
             raise RuntimeError("blocks() finds the pipeline's rows per trajectory; call it first")
-        return self.probe(self.subject, plan.cfg_scale > 1).rows
+        return self.probe(self.subject, plan.cfg_scale).rows
 
     def teacher_runs(self, model, plan, device):
         yield from super().teacher_runs(model, plan, device)
@@ -311,7 +372,7 @@ class GenericAdapter(TextToImageAdapter):
         logger.info("teacher done: text encoders released")
 
     def teacher_pipeline(self, model, directory, prompts, plan, device):
-        probe = self.probe(model, plan.cfg_scale > 1)
+        probe = self.probe(model, plan.cfg_scale)
         pipe = self.pipeline(model)
         if probe.calls_per_step != 1:
             raise UserError(f"{type(pipe).__name__}: {probe.calls_per_step:g} transformer calls per sampler step at "
@@ -329,22 +390,23 @@ class GenericAdapter(TextToImageAdapter):
         return size, shape
 
     # --- memory plan ----------------------------------------------------------------------------------------------
-    def plan_call(self, model, vae_factor, height, width, tokens, rows):
-        """(height, width, args, kwargs of one transformer call at `rows` batch rows): the pipeline run on the meta
-        device up to its first transformer call; also finds the block order and the rows per trajectory."""
+    def plan_call(self, model, plan, vae_factor, size, tokens, rows):
+        """The memory plan's transformer call for teacher `plan` at `size` (height, width; None: the pipeline's):
+        the pipeline run on the meta device with `rows` prompts up to its first transformer call, which also gives
+        the block order and the rows per trajectory; (height, width, batch rows, args, kwargs) of that call."""
+        self.height, self.width = size
         pipe = meta_pipeline(self._directory(self.source), model)
-        blocks = candidates(model)
         try:
-            for guided in (True, False):
-                prompts = [PROBE_PROMPT] * (1 if guided else rows)
-                calls, order = run_probe(pipe, model, blocks, self._call(pipe, prompts, guided, PROBE_STEPS), 1)
-                self.probes[guided] = Probe(order, _rows(*calls[0]) // len(prompts), None)
-        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as e:
+            args, kwargs = first_call(pipe, model, self._call(pipe, [PROBE_PROMPT] * rows, plan.cfg_scale,
+                                                              PROBE_STEPS))
+            self.names = call_order(model, candidates(model), args, kwargs)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError, KeyError) as e:
             raise UserError(f"{type(pipe).__name__} cannot run on the meta device for a memory plan "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        self.names = order
-        args, kwargs = calls[0]
-        return (self.height or _default(pipe, "height"), self.width or _default(pipe, "width"), args, kwargs)
+        self.subject = model
+        self.probes[plan.cfg_scale] = Probe(self.names, _rows(args, kwargs) // rows, None)
+        height, width = self.height or _default(pipe, "height"), self.width or _default(pipe, "width")
+        return height, width, _rows(args, kwargs), args, kwargs
 
     def describe(self, model):
         names = self.names or [f"{name}.{i}" for name, items in block_lists(model) for i in range(len(items))]

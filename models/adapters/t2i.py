@@ -96,6 +96,13 @@ class TextToImageAdapter(Adapter):
         prompt tokens, as the pipeline makes them (empty tensors: for shapes on the meta device)."""
         raise NotImplementedError
 
+    def plan_call(self, model, plan, vae_factor, size, tokens, rows):
+        """The memory plan's transformer call (meta tensors) at `rows` batch rows and `size` (height, width; None:
+        the pipeline's default): (height, width, batch rows, args, kwargs)."""
+        height, width = self.image_size(model, vae_factor, *size)
+        return height, width, rows, (), self.example_inputs(model, rows, (height // vae_factor, width // vae_factor),
+                                                            tokens)
+
     # --- shared ---------------------------------------------------------------------------------------------------
     def rows_per_trajectory(self, plan):
         """diffusers pipelines guide when guidance_scale > 1, with the unconditional rows in the same batch."""

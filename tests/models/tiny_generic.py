@@ -144,3 +144,27 @@ def cogvideox_pipeline(seed=0):
 
 BUILDERS = {"sana": sana_pipeline, "qwenimage": qwenimage_pipeline, "chroma": chroma_pipeline,
             "lumina2": lumina2_pipeline, "wan": wan_pipeline, "cogvideox": cogvideox_pipeline}
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def zimage_pipeline(seed=0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=48,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                           cap_feat_dim=HIDDEN, axes_dims=[8, 8, 8], axes_lens=[600, 16, 16])
+    tokenizer = t5_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE  # Z-Image wraps prompts in its text encoder's chat template
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                          head_dim=8)).eval()
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(4, shift_factor=0.0),
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=randomize(transformer, seed))
+
+
+BUILDERS["zimage"] = zimage_pipeline
