@@ -15,7 +15,7 @@ from models.adapters import adapter_for
 from models.adapters.load import load_model
 from utils import distributed
 from utils.cli import check_sampling_args
-from utils.imagefiles import save_grid, save_npz
+from utils.imagefiles import save_grid, save_npz, save_videos
 from utils.precision import apply_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def sample_shard(model, adapter, extra, num_samples, settings, device, classes=N
 
 
 def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
-    """Sample and write out_dir/grid.png and out_dir/samples.npz; returns (images, labels) on rank 0, else
+    """Sample and write out_dir/grid.png and out_dir/samples.npz (videos: arr_0 (N, F, H, W, 3), frames and mp4s in
+    out_dir/videos, the grid of first frames); returns (images, labels) on rank 0, else
     (None, None). A sample's image depends only on the seed, its index and its condition (DiT: bitwise, whatever
     the batch size or the number of processes)."""
     check_sampling_args(num_samples, settings.steps, settings.batch_size)
@@ -66,7 +67,9 @@ def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device=
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         save_npz(os.path.join(out_dir, "samples.npz"), images, labels)
-        save_grid(os.path.join(out_dir, "grid.png"), images, labels)
+        if images.ndim == 5:  # videos (N, F, H, W, 3): frames (and mp4s) per sample, the grid of first frames
+            save_videos(os.path.join(out_dir, "videos"), images)
+        save_grid(os.path.join(out_dir, "grid.png"), images[:, 0] if images.ndim == 5 else images, labels)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -51,3 +51,27 @@ def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=256, 
 def save_grid(path, images, labels, **kwargs):
     with atomic_path(path) as tmp:
         make_grid(images, labels, **kwargs).save(tmp, format="PNG")
+
+
+def save_videos(directory, videos, fps=8):
+    """Each video (N, F, H, W, 3) uint8 as PNG frames directory/<index>/<frame>.png, and as directory/<index>.mp4
+    where imageio with its ffmpeg plugin is installed (not a dependency: the frames are always written)."""
+    import logging
+    import os
+
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        imageio = None
+    for i, video in enumerate(np.asarray(videos, dtype=np.uint8)):
+        folder = os.path.join(directory, f"{i:05d}")
+        os.makedirs(folder, exist_ok=True)
+        for f, frame in enumerate(video):
+            with atomic_path(os.path.join(folder, f"{f:03d}.png")) as tmp:
+                Image.fromarray(frame).save(tmp, format="PNG")
+        if imageio is not None:
+            try:
+                imageio.mimwrite(os.path.join(directory, f"{i:05d}.mp4"), list(video), fps=fps)
+            except (ValueError, RuntimeError, OSError) as e:  # no ffmpeg backend
+                logging.getLogger(__name__).info("no mp4 for video %d (%s); frames written", i, e)
+                imageio = None
