@@ -168,3 +168,16 @@ def zimage_pipeline(seed=0):
 
 
 BUILDERS["zimage"] = zimage_pipeline
+
+# per family: the teacher's size (pixels; frames for videos), each the smallest the pipeline accepts with a few tokens
+SIZES = {"sana": dict(height=32, width=32), "qwenimage": dict(height=16, width=16), "chroma": dict(height=8, width=8),
+         "zimage": dict(height=16, width=16), "wan": dict(height=32, width=32, num_frames=5),
+         "cogvideox": dict(height=32, width=32, num_frames=5)}
+FAMILIES = list(SIZES)
+
+
+def generic_run(family, root):
+    """tiny_t2i.quantized_run on the tiny `family` pipeline at its SIZES (once per test session)."""
+    from tests.models.tiny_t2i import quantized_run
+
+    return quantized_run(family, root, BUILDERS[family], **SIZES[family])
