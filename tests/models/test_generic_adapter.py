@@ -9,8 +9,9 @@ from torch import nn
 
 from models.adapters import TeacherPlan
 from models.adapters.base import linear_pattern
-from models.adapters.generic import FirstCallPerStep, GenericAdapter
+from models.adapters.generic import GenericAdapter
 from models.adapters.load import load_model
+from models.adapters.pipeline_runs import FirstCallPerStep
 from tests.models.tiny_generic import BUILDERS, SIZES
 from utils.errors import UserError
 
