@@ -73,6 +73,10 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
         assert images.ndim == 5
         frames = sorted((tmp_path / "b2" / "videos" / "00002").glob("*.png"))
         assert len(frames) == images.shape[1] >= 2
+        longer = SampleSettings(seed=5, steps=2, cfg_scale=2.0, num_frames=SIZES[family]["num_frames"] + 4,
+                                progress=False)  # sample.py --num-frames over the calibrated frames
+        videos, _ = sample_to_dir(model, adapter, extra, tmp_path / "longer", 1, longer, prompts=list(PROMPTS))
+        assert videos.shape[1] > images.shape[1]
     else:
         assert images.shape[1:3] == (SIZES[family]["height"], SIZES[family]["width"])
 
