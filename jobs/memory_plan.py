@@ -309,8 +309,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         model(*args, **kwargs)
     live, cache_dtype = calls[0], CACHE_DTYPES[config.cache_dtype]
 
-    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it for all rows (a constant
-        # slot, e.g. Wan's rotary table, as it came)
+    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it (constant slots as they came)
         if key is None or batched[key]:
             return (rows, *t.shape[1:]), nbytes((rows, *t.shape[1:]), storage_dtype(t, cache_dtype))
         return tuple(t.shape), nbytes(t.shape, t.dtype)
