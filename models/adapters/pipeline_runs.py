@@ -18,13 +18,20 @@ class FirstCallPerStep:
 
     def __call__(self, *args, **kwargs):
         timestep = kwargs.get("timestep")
-        if timestep is None or self.timestep is None or not torch.equal(timestep, self.timestep):
+        if timestep is None or not _same(timestep, self.timestep):
             self.timestep = timestep
             return self.module(*args, **kwargs)
         return self.module.forward(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.module, name)
+
+
+def _same(a, b):
+    """Whether two timestep arguments (tensors or numbers) are equal."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and torch.equal(a, b.to(a.device))
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
 class _Stop(Exception):
