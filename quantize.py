@@ -55,6 +55,7 @@ FLAGS = [
                        "class-name prompts)"),
     ("--height", int, "text-to-image pipelines: teacher image height in pixels (default: the pipeline's)"),
     ("--width", int, "text-to-image pipelines: teacher image width in pixels (default: the pipeline's)"),
+    ("--num-frames", int, "video pipelines: teacher frames per trajectory (default: the pipeline's)"),
     ("--include", str, "regex over qualified Linear names to quantize (default: every Linear in the blocks)"),
     ("--exclude", str, "regex of Linears kept in full precision (applied after --include)"),
     ("--seed", int, "random seed"),

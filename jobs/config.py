@@ -38,12 +38,13 @@ class ModelSpec:
     prompts: str | None = None  # teacher prompts: a text file, one per line (None: built-in class-name prompts)
     height: int | None = None  # teacher image size in pixels (None: the pipeline's default, e.g. 1024)
     width: int | None = None
+    num_frames: int | None = None  # video pipelines: teacher frames per trajectory (None: the pipeline's default)
     include: str | None = None  # regex over qualified Linear names to quantize (None: the adapter's rule)
     exclude: str | None = None  # regex of Linears kept in full precision (applied after include)
 
     def validate(self):
         check_choices(self, {"backend": BACKENDS})
-        for name in ("image_size", "num_classes", "height", "width"):
+        for name in ("image_size", "num_classes", "height", "width", "num_frames"):
             if getattr(self, name) is not None:
                 check_positive(self, (name,))
         for name in ("include", "exclude"):
@@ -135,10 +136,10 @@ SECTIONS = {"model": ModelSpec, "codebooks": CodebookConfig, "teacher": TeacherC
 FIELDS = {section: {f.name: f.type for f in fields(kind)} for section, kind in SECTIONS.items()}
 RUN_FIELDS = {f.name: f.type for f in fields(QuantizeConfig) if f.name not in SECTIONS}
 KEY_TYPES = {**RUN_FIELDS, **{k: t for types in FIELDS.values() for k, t in types.items()}}
-# config.yaml's key order since the first release (a flat dataclass then), kept so that artifacts stay byte-identical
-FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts", "height", "width", "include",
-              "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init", "split_qkv",
-              "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
+# config.yaml's key order since the first release (a flat dataclass then; num_frames joined with video pipelines)
+FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts", "height", "width", "num_frames",
+              "include", "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init",
+              "split_qkv", "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
               "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction", "train_codebooks",
               "ratio_gate", "select_every", "kmeans_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps",
               "online_batch", "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")

@@ -123,12 +123,17 @@ def dry_run_plan(config):
     if source is None or config.method == "rtn":
         return None
     from models.adapters import ADAPTERS
+    from models.adapters.generic import GenericAdapter
     from models.adapters.t2i import TextToImageAdapter
 
     name, model_config, factor, directory = source
-    if not (name in ADAPTERS and issubclass(ADAPTERS[name], TextToImageAdapter)):
+    adapter = ADAPTERS[name]() if name in ADAPTERS else GenericAdapter() if directory else None
+    if not isinstance(adapter, TextToImageAdapter):
         return None
-    adapter = ADAPTERS[name]()
+    if directory is not None:
+        spec = config.model
+        adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
+                     num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
     text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
     if config.calibration.calib != "blockwise":
@@ -300,21 +305,23 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     from models.adapters.base import linear_pattern
 
     spec, codebooks = config.model, config.codebooks
-    height, width = adapter.image_size(model, vae_factor, spec.height, spec.width)
     plan = teacher_plan(config.teacher, config.seed, online=config.calibration.calib == "online")
+    height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
+                                                                tokens, PROBE_ROWS)
     per_trajectory = adapter.rows_per_trajectory(plan)
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = plan.num_samples * kept * per_trajectory
     calls = []
     with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
-        model(**adapter.example_inputs(model, PROBE_ROWS, (height // vae_factor, width // vae_factor), tokens))
+        model(*args, **kwargs)
     live, cache_dtype = calls[0], config.cache.dtype
 
-    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it for all rows
-        shape = (rows, *t.shape[1:]) if key is None or batched[key] else tuple(t.shape)
-        return shape, nbytes(shape, storage_dtype(t, cache_dtype))
+    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it (constant slots as they came)
+        if key is None or batched[key]:
+            return (rows, *t.shape[1:]), nbytes((rows, *t.shape[1:]), storage_dtype(t, cache_dtype))
+        return tuple(t.shape), nbytes(t.shape, t.dtype)
 
-    batched = {key: slot_is_batched(t, PROBE_ROWS) for key, t in live.slots.items()}
+    batched = {key: slot_is_batched(t, probe_rows) for key, t in live.slots.items()}
     slots = [(key, *stored(t, key)) for key, t in live.slots.items()]
     slot_bytes = {key: size for key, _, size in slots}
     walk = walk_peaks(live.calls, slot_bytes, [[stored(t)[1] for t in outs] for outs in live.outputs],

@@ -58,7 +58,7 @@ def load(spec, device):
     device = resolve_device(device)
     set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
     base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
-    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width)
+    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
     include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
     return base, include, extra
 

@@ -19,7 +19,7 @@ from utils import distributed
 from utils.cli import check_sampling_args
 from utils.errors import RankError, UserError
 from utils.fileio import check_free_space
-from utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples
+from utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples, save_videos
 from utils.precision import apply_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,10 @@ def sample_shard(model, adapter, extra, num_samples, settings, device, classes=N
 
 
 def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
-    """Sample and write out_dir/grid.png and out_dir/samples.npz (together, or on failure neither); returns (images,
-    labels) on rank 0, else (None, None). A sample's image depends only on the seed, its index and its condition
-    (DiT: bitwise, whatever the batch size or the number of processes)."""
+    """Sample and write out_dir/grid.png and out_dir/samples.npz (videos: arr_0 (N, F, H, W, 3), frames and mp4s in
+    out_dir/videos, the grid of first frames); returns (images, labels) on rank 0, else
+    (None, None). A sample's image depends only on the seed, its index and its condition (DiT: bitwise, whatever
+    the batch size or the number of processes)."""
     start = time.time()
     sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
     rank, _ = distributed.world()
@@ -112,6 +113,8 @@ def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device=
     images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
         save_samples(out_dir, images, labels)
+        if images.ndim == 5:  # videos (N, F, H, W, 3): frames (and mp4s) per sample beside the npz
+            save_videos(os.path.join(out_dir, "videos"), images)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -77,20 +77,29 @@ def transformer_class(directory):
     return library, name
 
 
-def load_transformer(directory, supported):
-    """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names)."""
+def load_transformer(directory, supported=None):
+    """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names; None: any
+    diffusers model class)."""
     library, name = transformer_class(directory)
-    if library != "diffusers" or name not in supported:
-        raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported transformer "
-                        f"classes: {', '.join(supported)}")
     import diffusers
 
+    known = name in supported if supported is not None else _is_model_class(diffusers, name)
+    if library != "diffusers" or not known:
+        raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported: "
+                        f"{', '.join(supported) if supported is not None else 'diffusers model classes'}")
     try:
         model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer")
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
     logger.info("loaded %s from %s", name, directory)
     return model.float().eval()
+
+
+def _is_model_class(module, name):
+    from diffusers import ModelMixin
+
+    cls = getattr(module, name, None)
+    return isinstance(cls, type) and issubclass(cls, ModelMixin)
 
 
 def load_pipeline(source, device, **components):

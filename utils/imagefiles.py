@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.fileio import atomic_paths
+from utils.fileio import atomic_path, atomic_paths
 
 NPZ_FILE, GRID_FILE = "samples.npz", "grid.png"
 GRID_SAMPLES = 256  # make_grid's max_samples
@@ -31,13 +31,16 @@ def sample_files_bytes(num_samples, size, min_tile=64, pad=2):
 
 
 def save_samples(out_dir, images, labels):
-    """out_dir/samples.npz and out_dir/grid.png, both or (on any error, e.g. a full disk) neither."""
+    """out_dir/samples.npz and out_dir/grid.png, both or (on any error, e.g. a full disk) neither. Videos
+    (N, F, H, W, 3): the npz holds them whole, the grid shows their first frames."""
     images = np.asarray(images, dtype=np.uint8)
+    stills = images[:, 0] if images.ndim == 5 else images
     paths = [os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, GRID_FILE)]
-    with atomic_paths(paths, needed=sample_files_bytes(len(images), images.shape[1:3])) as (npz_tmp, grid_tmp):
+    needed = sample_files_bytes(len(images), stills.shape[1:3]) + images.nbytes - stills.nbytes  # videos: all frames
+    with atomic_paths(paths, needed=needed) as (npz_tmp, grid_tmp):
         with open(npz_tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
-        make_grid(images, labels).save(grid_tmp, format="PNG")
+        make_grid(stills, labels).save(grid_tmp, format="PNG")
 
 
 def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
@@ -71,3 +74,27 @@ def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_
             tile = Image.fromarray(images[i]).resize((tw, th), Image.NEAREST)
             grid.paste(tile, (margin + pad + j * (tw + pad), y))
     return grid
+
+
+def save_videos(directory, videos, fps=8):
+    """Each video (N, F, H, W, 3) uint8 as PNG frames directory/<index>/<frame>.png, and as directory/<index>.mp4
+    where imageio with its ffmpeg plugin is installed (not a dependency: the frames are always written)."""
+    import logging
+    import os
+
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        imageio = None
+    for i, video in enumerate(np.asarray(videos, dtype=np.uint8)):
+        folder = os.path.join(directory, f"{i:05d}")
+        os.makedirs(folder, exist_ok=True)
+        for f, frame in enumerate(video):
+            with atomic_path(os.path.join(folder, f"{f:03d}.png")) as tmp:
+                Image.fromarray(frame).save(tmp, format="PNG")
+        if imageio is not None:
+            try:
+                imageio.mimwrite(os.path.join(directory, f"{i:05d}.mp4"), list(video), fps=fps)
+            except (ValueError, RuntimeError, OSError) as e:  # no ffmpeg backend
+                logging.getLogger(__name__).info("no mp4 for video %d (%s); frames written", i, e)
+                imageio = None

@@ -7,6 +7,7 @@ from models.adapters.base import Adapter, TeacherPlan
 from models.adapters.diffusers_dit import DiffusersDiTAdapter
 from models.adapters.dit import DiTAdapter
 from models.adapters.flux import FluxAdapter
+from models.adapters.generic import GenericAdapter
 from models.adapters.pixart import PixArtAdapter
 from models.adapters.sd3 import SD3Adapter
 from utils.errors import UserError
@@ -27,8 +28,12 @@ def supported_classes():
 
 
 def adapter_for(model):
-    """The adapter of `model` (by class name); a class without one is a UserError naming the supported ones."""
+    """The adapter of `model` (by class name): a dedicated one, else the generic one for a diffusers model; any other
+    class is a UserError naming the supported ones."""
     name = type(model).__name__
-    if name not in ADAPTERS:
-        raise UserError(f"no adapter for model class {name}; supported: {supported_classes()}")
-    return ADAPTERS[name]()
+    if name in ADAPTERS:
+        return ADAPTERS[name]()
+    if type(model).__module__.startswith("diffusers."):
+        return GenericAdapter()
+    raise UserError(f"no adapter for model class {name}; supported: {supported_classes()} and any diffusers "
+                    "transformer (generic adapter)")

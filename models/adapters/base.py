@@ -27,6 +27,7 @@ class SampleSettings:
     batch_size: int = 64
     vae: str = "ema"  # latent DiTs of the project: ema | mse | a local AutoencoderKL directory
     pipeline: str | None = None  # diffusers artifacts: the pipeline to sample through (None: the recorded source)
+    num_frames: int | None = None  # video pipelines: frames per sample (None: as calibrated, else the pipeline's)
     progress: bool = True
 
 
@@ -79,11 +80,11 @@ class Adapter:
         pattern = re.compile(self.quant_include(model))
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
 
-    def bind(self, extra, prompts=None, height=None, width=None):
+    def bind(self, extra, prompts=None, height=None, width=None, num_frames=None):
         """Hand the adapter what its teacher needs beyond the model, before teacher_runs: the model reference's extra
-        keys (e.g. the diffusers pipeline source), the teacher's prompts and image size (text-to-image families).
-        Returns the extra keys to record in the artifact's model reference."""
-        if prompts or height or width:
+        keys (e.g. the diffusers pipeline source), the teacher's prompts, image size and frames (diffusers
+        pipelines). Returns the extra keys to record in the artifact's model reference."""
+        if prompts or height or width or num_frames:
             raise UserError(f"{self.family} models are class-conditional at a fixed size: prompts, height and width "
                             "are for text-to-image pipelines (PixArt, SD3, Flux)")
         return dict(extra)

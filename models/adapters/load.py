@@ -5,7 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
-from models.adapters import ADAPTERS, Adapter, adapter_for
+from models.adapters import Adapter, adapter_for
 from models.loading import load_dit
 from models.pipelines import load_transformer, read_index, resolve_pipeline
 from utils.errors import UserError
@@ -38,7 +38,7 @@ def load_model(name, ckpt, image_size=None, num_classes=None, backend="auto", de
     if pipeline is None:
         model, spec = load_dit(name, ckpt, image_size, num_classes, device=device)
         return BaseModel(model, adapter_for(model), {"name": spec.name})
-    model = load_transformer(pipeline, supported=[n for n in ADAPTERS if n != "DiT"]).to(device)
+    model = load_transformer(pipeline).to(device)  # a class without a dedicated adapter gets the generic one
     adapter = adapter_for(model)
     source = str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)  # or a hub id
     logger.info("%s", adapter.describe(model))

@@ -54,18 +54,24 @@ class TextToImageAdapter(Adapter):
     teacher_batch = 8  # trajectories sampled at once: 1024 px transformers are large
     guided_batch = True  # classifier-free guidance doubles the transformer's batch (False: guidance is an input)
     text_tokens = 0  # prompt tokens the pipeline pads to (its max_sequence_length default)
+    video = False  # whether the pipeline draws frames (num_frames)
 
     def __init__(self):
-        self.source, self.prompts, self.height, self.width = None, prompt_list(), None, None
+        self.source, self.prompts, self.height, self.width, self.num_frames = None, prompt_list(), None, None, None
 
-    def bind(self, extra, prompts=None, height=None, width=None):
+    def bind(self, extra, prompts=None, height=None, width=None, num_frames=None):
         """The pipeline the model came from (extra["pipeline"]["source"]), the teacher's prompts (None: the built-in
-        class-name prompts) and image size in pixels (None: the pipeline's default). A given size is recorded in
-        the returned extra keys, so that sampling the artifact draws images of the size it was calibrated at."""
+        class-name prompts), image size in pixels and frames (None: the pipeline's default). A given size is
+        recorded in the returned extra keys, so that sampling the artifact draws images of the size it was
+        calibrated at."""
+        if num_frames is not None and not self.video:
+            raise UserError(f"num_frames={num_frames}: {self.family} pipelines draw images; frames are for video "
+                            "pipelines")
         pipeline = dict(extra.get("pipeline") or {})
         self.source = pipeline.get("source")
-        self.prompts, self.height, self.width = prompt_list(prompts), height, width
-        pipeline.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        self.prompts, self.height, self.width, self.num_frames = prompt_list(prompts), height, width, num_frames
+        pipeline.update({k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames))
+                         if v is not None})
         return {**extra, "pipeline": pipeline} if pipeline else dict(extra)
 
     # --- family hooks ---------------------------------------------------------------------------------------------
@@ -89,6 +95,13 @@ class TextToImageAdapter(Adapter):
         """Keyword arguments of one transformer call at `rows` batch rows, latents `latent_hw` (h, w) and `tokens`
         prompt tokens, as the pipeline makes them (empty tensors: for shapes on the meta device)."""
         raise NotImplementedError
+
+    def plan_call(self, model, plan, vae_factor, size, tokens, rows):
+        """The memory plan's transformer call (meta tensors) at `rows` batch rows and `size` (height, width; None:
+        the pipeline's default): (height, width, batch rows, args, kwargs)."""
+        height, width = self.image_size(model, vae_factor, *size)
+        return height, width, rows, (), self.example_inputs(model, rows, (height // vae_factor, width // vae_factor),
+                                                            tokens)
 
     # --- shared ---------------------------------------------------------------------------------------------------
     def rows_per_trajectory(self, plan):
@@ -131,41 +144,53 @@ class TextToImageAdapter(Adapter):
 
     def teacher_runs(self, model, plan, device):
         directory = self._directory(self.source)
-        height, width = self.image_size(model, vae_scale_factor(directory), self.height, self.width)
         stream = sample_seed(plan.seed, CALIB_STREAM)
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(stream))
         chosen = [int(order[i % len(order)]) for i in range(plan.num_samples)]  # prompt index per trajectory
         used = sorted(set(chosen))
-        positive, negative = self._encode_once(directory, [self.prompts[p] for p in used])
         row = {p: r for r, p in enumerate(used)}
-        components = [k for k in read_index(directory) if not k.startswith("_") and k not in ("transformer",
-                                                                                               "scheduler")]
-        pipe = load_pipeline(directory, device, transformer=model, **dict.fromkeys(components))
+        pipe, conditioning, size = self.teacher_pipeline(model, directory, [self.prompts[p] for p in used], plan,
+                                                         device)
         order_of_scheduler = getattr(pipe.scheduler, "order", 1)
         if order_of_scheduler != 1:
             raise UserError(f"{directory}: the scheduler {type(pipe.scheduler).__name__} is of order "
                             f"{order_of_scheduler} (several transformer calls per step); calibration needs one call "
                             "per sampler step")
-        # the same latents as the full pipeline's: this pipeline has no VAE and assumes the default factor of 8
-        rescale = pipe.vae_scale_factor / vae_scale_factor(directory)
-        call_height, call_width = round(height * rescale), round(width * rescale)
         batch = min(plan.batch_size, self.teacher_batch)
-        logger.info("teacher: %d trajectories of %d steps at %dx%d, guidance %.3g, %d prompts", plan.num_samples,
-                    plan.steps, height, width, plan.cfg_scale, len(used))
+        logger.info("teacher: %d trajectories of %d steps at %s, guidance %.3g, %d prompts", plan.num_samples,
+                    plan.steps, "x".join(str(v) for v in size.values()), plan.cfg_scale, len(used))
 
         def run(idx):
-            rows = torch.tensor([row[chosen[i]] for i in idx])
-            kwargs = {k: v[rows].to(device) for k, v in positive.items()}
-            if self.rows_per_trajectory(plan) == 2:
-                kwargs.update({k: v.expand(len(idx), *v.shape[1:]).to(device) for k, v in negative.items()})
             generators = [torch.Generator().manual_seed(sample_seed(stream, i)) for i in idx]
-            pipe(**kwargs, **self.call_options, **self.teacher_options, guidance_scale=plan.cfg_scale,
-                 num_inference_steps=plan.steps, generator=generators, height=call_height, width=call_width,
+            pipe(**conditioning([row[chosen[i]] for i in idx]), **self.call_options, **self.teacher_options,
+                 guidance_scale=plan.cfg_scale, num_inference_steps=plan.steps, generator=generators, **size,
                  output_type="latent")
 
         for start in range(0, plan.num_samples, batch):
             idx = list(range(start, min(start + batch, plan.num_samples)))
             yield len(idx), (lambda idx=idx: run(idx))
+
+    def teacher_pipeline(self, model, directory, prompts, plan, device):
+        """(pipeline holding `model`, conditioning(rows) -> the __call__ keywords of those rows of `prompts`, the
+        size keywords of its calls). Here: the prompts encoded once on the CPU, a pipeline without text encoders
+        or VAE."""
+        height, width = self.image_size(model, vae_scale_factor(directory), self.height, self.width)
+        positive, negative = self._encode_once(directory, prompts)
+        components = [k for k in read_index(directory) if not k.startswith("_") and k not in ("transformer",
+                                                                                               "scheduler")]
+        pipe = load_pipeline(directory, device, transformer=model, **dict.fromkeys(components))
+        # the same latents as the full pipeline's: this pipeline has no VAE and assumes the default factor of 8
+        rescale = pipe.vae_scale_factor / vae_scale_factor(directory)
+        guided = self.rows_per_trajectory(plan) == 2
+
+        def conditioning(rows):
+            rows = torch.tensor(rows)
+            kwargs = {k: v[rows].to(device) for k, v in positive.items()}
+            if guided:
+                kwargs.update({k: v.expand(len(rows), *v.shape[1:]).to(device) for k, v in negative.items()})
+            return kwargs
+
+        return pipe, conditioning, {"height": round(height * rescale), "width": round(width * rescale)}
 
     def conditions(self, model, num_samples, seed, classes=None, prompts=None):
         """Sample i gets prompts[i % len(prompts)] (the built-in class-name prompts when none are given); the labels
@@ -181,21 +206,25 @@ class TextToImageAdapter(Adapter):
         """Through the pipeline the model came from (its text encoders, VAE and scheduler), with this transformer."""
         recorded = extra.get("pipeline") or {}
         directory = self._directory(settings.pipeline or recorded.get("source"))
-        height, width = self.image_size(model, vae_scale_factor(directory), recorded.get("height"),
-                                        recorded.get("width"))
         pipe = load_pipeline(directory, device, transformer=model)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         if dtype != torch.float32:  # sample.py --precision bf16 / fp16: text encoders and VAE run in it too
             pipe.to(dtype=dtype)
+        size, shape = self.sample_size(model, pipe, directory, recorded, settings)
 
         def draw(indices, prompts):
             generators = [torch.Generator().manual_seed(sample_seed(settings.seed, i)) for i in indices]
             out = pipe(prompt=list(prompts), **self.call_options, guidance_scale=settings.cfg_scale,
-                       num_inference_steps=settings.steps, generator=generators, height=height, width=width,
-                       output_type="np")
-            return to_uint8_images(out.images)
+                       num_inference_steps=settings.steps, generator=generators, **size, output_type="np")
+            return to_uint8_images(out.frames if self.video else out.images)
 
-        return ImageSampler(draw, (height, width))
+        return ImageSampler(draw, shape)
+
+    def sample_size(self, model, pipe, directory, recorded, settings):
+        """(size keywords of the sampling pipeline's calls, the shape of one sample without its channels)."""
+        height, width = self.image_size(model, vae_scale_factor(directory), recorded.get("height"),
+                                        recorded.get("width"))
+        return {"height": height, "width": width}, (height, width)
 
     def prediction(self, model, output):
         return output[0] if isinstance(output, tuple) else output.sample

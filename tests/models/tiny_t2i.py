@@ -141,10 +141,11 @@ class QuantizedRun:
 _RUNS = {}
 
 
-def quantized_run(family, root):
-    """jobs.quantize.quantize on the tiny `family` pipeline with FAST settings and a prompts file, once per test
-    session (tests of several modules share it; call it from function-scoped fixtures, so that it runs under the
-    suite's one-thread fixture); the calibration set and the activation store are observed."""
+def quantized_run(family, root, builder=None, **overrides):
+    """jobs.quantize.quantize on the tiny `family` pipeline (built by `builder`, default BUILDERS[family]) with FAST
+    settings (updated by `overrides`) and a prompts file, once per test session (tests of several modules share
+    it; call it from function-scoped fixtures, so that it runs under the suite's one-thread fixture); the
+    calibration set and the activation store are observed."""
     if family in _RUNS:
         return _RUNS[family]
     import calib.cache
@@ -154,9 +155,10 @@ def quantized_run(family, root):
     from jobs.quantize import quantize
 
     root = Path(root) / family
-    save_tiny_t2i_pipeline(family, root / "pipeline")
+    (builder or BUILDERS[family])().save_pretrained(str(root / "pipeline"), safe_serialization=True)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    config = load_config(overrides={"ckpt": str(root / "pipeline"), "prompts": str(root / "prompts.txt"), **FAST})
+    config = load_config(overrides={"ckpt": str(root / "pipeline"), "prompts": str(root / "prompts.txt"),
+                                    **FAST, **overrides})
     seen = {"sets": [], "peaks": [], "since": 0}
     record, advance = calib.calibrate.record_set, calib.tables.Chains.advance
 

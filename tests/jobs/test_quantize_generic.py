@@ -1,0 +1,99 @@
+"""Families without a dedicated adapter go through the generic one: quantize (record, calibrate, save), load, sample.
+
+Tiny random-weight pipelines built in the test (tests/models/tiny_generic.py), one quantize run per family: SANA,
+Qwen-Image, Chroma, Z-Image (images), Wan and CogVideoX (videos).
+"""
+import math
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from jobs.sample import load_for_sampling, sample_to_dir
+from models.adapters.base import SampleSettings
+from models.adapters.load import load_model
+from tests.models.tiny_generic import FAMILIES, SIZES, generic_run
+from tests.models.tiny_t2i import PROMPTS
+from vq import load_quantized
+
+pytest.importorskip("transformers")
+BLOCKS = {"sana": 2, "qwenimage": 2, "chroma": 4, "zimage": 4, "wan": 2, "cogvideox": 2}
+# calibrated / k-means block output error of the worst block of a run, measured with tiny_t2i's FAST settings for
+# pipeline weight seeds and config seeds 0-3 (the tests use 0): SANA 0.34-0.54, Qwen-Image 0.11-0.22, Chroma
+# 0.17-0.22, Z-Image 0.33-0.44, Wan 0.42-0.58, CogVideoX 0.26-0.43; each margin sits above the worst of its four
+MARGIN = {"sana": 0.7, "qwenimage": 0.4, "chroma": 0.4, "zimage": 0.6, "wan": 0.75, "cogvideox": 0.6}
+
+
+@pytest.fixture(params=FAMILIES)
+def run(request, tmp_path_factory):
+    return request.param, generic_run(request.param, tmp_path_factory.getbasetemp() / "generic_runs")
+
+
+def test_calibration_lowers_every_blocks_error_below_kmeans(run):
+    """mse_before is each block's output error with the k-means (nearest codeword) assignment, on the same inputs."""
+    family, r = run
+    ratios = [s["mse_after"] / s["mse_before"] for s in r.stats]
+    assert len(ratios) == BLOCKS[family]
+    assert max(ratios) < MARGIN[family], ratios
+
+
+def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
+    family, r = run
+    model, ref, quant = load_quantized(r.artifact)
+    fp = load_model(None, str(r.pipeline))
+    assert type(model) is type(fp.model) and fp.adapter.family == "generic"
+    assert ref["pipeline"] == {"class": ref["pipeline"]["class"], "source": str(r.pipeline.resolve()), **SIZES[family]}
+    assert sorted(quant["layers"]) == sorted(fp.adapter.linears(fp.model))
+    k, d = r.config.k, r.config.dim
+    with safe_open(str(r.artifact / "model.safetensors"), "pt") as f:
+        for name, layer in quant["layers"].items():
+            assert layer["bits_per_weight"] == math.log2(k) / d
+            weights = layer["in_features"] * layer["out_features"]
+            assert f.get_slice(f"{name}.indices").get_shape() == [weights // d * int(math.log2(k)) // 8]
+            assert f.get_slice(f"{name}.codebook").get_shape() == [1, k, d]
+
+
+def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
+    """The same seed draws the same images (videos: frames) whatever the batch size, up to a rounding step of one
+    pixel value (CogVideoX's 3-D VAE sums in a batch-dependent order); labels are prompt indices."""
+    family, r = run
+    model, adapter, extra = load_for_sampling(quantized=r.artifact)
+    outs = []
+    for batch in (3, 2):
+        settings = SampleSettings(seed=5, steps=2, cfg_scale=2.0, batch_size=batch, progress=False)
+        images, labels = sample_to_dir(model, adapter, extra, tmp_path / f"b{batch}", 3, settings,
+                                       prompts=list(PROMPTS))
+        outs.append(images)
+        assert images.dtype == np.uint8 and images.shape[0] == 3 and images.shape[-1] == 3
+        assert labels.tolist() == [0, 1, 2]
+        assert (tmp_path / f"b{batch}" / "grid.png").stat().st_size > 0
+    assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1
+    assert not np.array_equal(outs[0][0], outs[0][1])  # another prompt and noise
+    if "num_frames" in SIZES[family]:
+        assert images.ndim == 5
+        frames = sorted((tmp_path / "b2" / "videos" / "00002").glob("*.png"))
+        assert len(frames) == images.shape[1] >= 2
+        longer = SampleSettings(seed=5, steps=2, cfg_scale=2.0, num_frames=SIZES[family]["num_frames"] + 4,
+                                progress=False)  # sample.py --num-frames over the calibrated frames
+        videos, _ = sample_to_dir(model, adapter, extra, tmp_path / "longer", 1, longer, prompts=list(PROMPTS))
+        assert videos.shape[1] > images.shape[1]
+    else:
+        assert images.shape[1:3] == (SIZES[family]["height"], SIZES[family]["width"])
+
+
+@pytest.mark.parametrize("family", ["sana", "chroma", "wan", "cogvideox"])  # prompts padded to a fixed length
+def test_dry_run_plan_predicts_the_recorded_slots(family, tmp_path_factory):
+    """The plan runs the pipeline on the meta device (no weights) up to its first transformer call; its slots are
+    those the real run recorded, shape for shape and byte for byte, and its title counts the blocks called."""
+    from jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+    from models.adapters.generic import GenericAdapter
+
+    r = generic_run(family, tmp_path_factory.getbasetemp() / "generic_runs")
+    name, config, factor, directory = plan_source(str(r.pipeline))
+    adapter = GenericAdapter()
+    adapter.bind({"pipeline": {"source": str(directory)}}, **SIZES[family])
+    plan = memory_plan(meta_model(name, config), adapter, r.config, factor, 0)
+    recorded = r.calibration_set.slots
+    assert [(key, tuple(shape)) for key, shape, _ in plan.slots] == [(k, tuple(t.shape)) for k, t in recorded.items()]
+    assert plan.cache_bytes == sum(t.numel() * t.element_size() for t in recorded.values())
+    assert dry_run_plan(r.config).startswith(f"memory plan: {name} ({BLOCKS[family]} blocks)")
