@@ -20,10 +20,11 @@ TEXT_FLAGS = ("--model", "--ckpt", "--quantized", "--pipeline", "--prompts", "--
 def check_artifact(directory):
     """--check: load the artifact as sampling would (every tensor's size and dtype against quant_config.json)."""
     from vq import load_quantized
+    from vq.artifact import resolve_artifact
 
     if not directory:
         raise UserError("--check validates a quantized artifact: give --quantized DIR")
-    _, _, quant = load_quantized(directory, "cpu")
+    _, _, quant = load_quantized(resolve_artifact(directory), "cpu")
     print(f"ok: {directory} ({len(quant['tensors'])} tensors, {quant['model_bytes'] / 1e6:.2f} MB)")
 
 
@@ -39,7 +40,8 @@ def read_prompts(args):
 def check_flags(args):
     """Every number in range and no flag that does nothing in the mode given, before any work."""
     check_sampling_args(args.num_samples, args.steps, args.batch_size, args.seed, args.cfg_scale)
-    for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes)):
+    for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes),
+                        ("--num-frames", args.num_frames)):
         if value is not None:
             check_range(flag, value, 1)
     for flag in TEXT_FLAGS:
@@ -87,7 +89,8 @@ def main(args):
     check_vae_flag(args.vae, adapter, model)
     classes = parse_classes(args.classes, adapter.num_classes(model))
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
-                              vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet)
+                              vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
+                              num_frames=args.num_frames)
     sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
 
 
@@ -103,7 +106,8 @@ def build_parser():
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
     parser.add_argument("--vae", default=None, help="ema | mse | local AutoencoderKL directory (the project's latent "
                                                     "DiTs only; default: ema)")
-    parser.add_argument("--quantized", default=None, metavar="DIR", help="quantized artifact directory")
+    parser.add_argument("--quantized", default=None, metavar="DIR",
+                        help="quantized artifact: a directory or a hub repo id (owner/name, via the hub cache)")
     parser.add_argument("--pipeline", default=None, metavar="DIR",
                         help="with a diffusers artifact: the pipeline to sample through (default: where it came from)")
     parser.add_argument("--decode-weights", action="store_true",
@@ -111,6 +115,8 @@ def build_parser():
                              "default: decode in every forward, keeping the weights compressed in memory")
     parser.add_argument("--check", action="store_true",
                         help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video pipelines: frames per sample (default: as calibrated, else the pipeline's)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--num-samples", type=int, default=20)

@@ -27,12 +27,13 @@ logger = logging.getLogger(__name__)
 
 def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, num_classes=None, backend="auto",
                       device="cpu", decode=False, precision=None):
-    """(model on `device` in its precision, adapter, the reference's extra keys) for a quantized artifact directory
-    (`quantized`) or a full-precision checkpoint / pipeline (`model`, `ckpt`, ...)."""
+    """(model on `device` in its precision, adapter, the reference's extra keys) for a quantized artifact (`quantized`:
+    a directory or a hub repo id) or a full-precision checkpoint / pipeline (`model`, `ckpt`, ...)."""
     from vq import load_quantized
+    from vq.artifact import resolve_artifact
 
-    if quantized:
-        net, ref, _ = load_quantized(quantized, device, decode=decode)
+    if quantized:  # a directory, or a hub repo id holding an artifact (through huggingface_hub's cache)
+        net, ref, _ = load_quantized(resolve_artifact(quantized), device, decode=decode)
         adapter, extra = adapter_for(net), {k: v for k, v in ref.items() if k not in ("class", "config")}
     else:
         base = load_model(model, ckpt, image_size, num_classes, backend, device)

@@ -92,6 +92,6 @@ def test_interrupted_run_resumes_to_the_same_artifact(reference, tmp_path, sig):
         assert returncode == -signal.SIGKILL
     result = run("quantize.py", *quantize_args(ckpt, out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming calibration at block {block} of 6" in result.stderr
+    assert f"resuming calibration at block {block} from" in result.stderr
     assert sha256(out / MODEL_FILE) == model_sha
     assert sha256(out / QUANT_FILE) == quant_sha

@@ -1,6 +1,8 @@
 """vq4dit.load_transformer: an artifact directory or a hub repo (huggingface_hub's cache, offline) as the transformer of
 a user's own diffusers pipeline, with the artifact's digest checks; the README section's example, run as written."""
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,19 +13,8 @@ from utils.errors import UserError
 from vq import load_quantized
 from vq4dit import load_transformer
 
-README_EXAMPLE = """
-import torch
-from diffusers import StableDiffusion3Pipeline
-from vq4dit import load_transformer
-
-# a quantized artifact: a hub repo id ("owner/name", through huggingface_hub's cache) or a local directory
-transformer = load_transformer("someone/sd3.5-medium-vq4dit-w2", device="cpu", dtype=torch.float32)
-pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer=transformer)
-# LoRAs load as usual and stay a separate full-precision branch beside the quantized layers
-pipe.load_lora_weights("someone/sd3.5-style-lora", weight_name="pytorch_lora_weights.safetensors", adapter_name="style")
-pipe.set_adapters(["style"], [0.8])
-image = pipe("a cat", num_inference_steps=2, height=8, width=8).images[0]  # the test's tiny pipeline: 8 x 8 pixels
-"""
+DOCS = Path(__file__).parents[2] / "docs" / "api.md"
+README_EXAMPLE = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)  # the documented example
 
 
 @pytest.fixture
@@ -89,3 +80,16 @@ def test_device_and_dtype(tmp_path_factory):
     assert not model.training
     with pytest.raises(UserError, match="dtype=torch.int8"):
         load_transformer(run.artifact, dtype=torch.int8)
+
+
+def test_sample_job_loads_an_artifact_by_hub_id(offline_cache, tmp_path_factory):
+    """sample.py --quantized owner/name: the sample job resolves a hub id through the cache (mutation: the job
+    passing the id to load_quantized as a path)."""
+    from jobs.sample import load_for_sampling
+
+    run = tiny_run("sd3", tmp_path_factory)
+    put_in_hub_cache(offline_cache, "someone/sd3-vq-sample", run.artifact)
+    by_id, _, _ = load_for_sampling(quantized="someone/sd3-vq-sample")
+    by_dir, _, _ = load_for_sampling(quantized=str(run.artifact))
+    a, b = by_id.state_dict(), by_dir.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -44,7 +44,7 @@ def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
     assert type(model) is type(fp.model) and fp.adapter.family == "generic"
     assert ref["pipeline"] == {"class": ref["pipeline"]["class"], "source": str(r.pipeline.resolve()), **SIZES[family]}
     assert sorted(quant["layers"]) == sorted(fp.adapter.linears(fp.model))
-    k, d = r.config.k, r.config.dim
+    k, d = r.config.codebooks.k, r.config.codebooks.dim
     with safe_open(str(r.artifact / "model.safetensors"), "pt") as f:
         for name, layer in quant["layers"].items():
             assert layer["bits_per_weight"] == math.log2(k) / d
