@@ -2,16 +2,14 @@
 
 Tiny random-weight pipelines built in the test (tests/models/tiny_t2i.py), one quantize run per family.
 """
-import math
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from jobs.sample import load_for_sampling, sample_to_dir
 from models.adapters.base import SampleSettings
 from models.adapters.load import load_model
-from tests.models.tiny_t2i import PROMPTS, quantized_run
+from tests.models.tiny_t2i import PROMPTS, assert_exact_bits, quantized_run
 from vq import load_quantized
 
 pytest.importorskip("transformers")
@@ -44,13 +42,7 @@ def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
                                "width": 8}
     fp = load_model(None, str(r.pipeline))
     assert sorted(quant["layers"]) == sorted(fp.adapter.linears(fp.model))
-    k, d = r.config.codebooks.k, r.config.codebooks.dim
-    with safe_open(str(r.artifact / "model.safetensors"), "pt") as f:
-        for name, layer in quant["layers"].items():
-            assert layer["bits_per_weight"] == math.log2(k) / d
-            weights = layer["in_features"] * layer["out_features"]
-            assert f.get_slice(f"{name}.indices").get_shape() == [weights // d * int(math.log2(k)) // 8]
-            assert f.get_slice(f"{name}.codebook").get_shape() == [1, k, d]
+    assert_exact_bits(r.artifact, quant, r.config.codebooks.k, r.config.codebooks.dim)
 
 
 def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):

@@ -184,3 +184,18 @@ def quantized_run(family, root, builder=None, **overrides):
     _RUNS[family] = QuantizedRun(root / "pipeline", root / "artifact", config, stats, seen["sets"][0],
                                  seen["peaks"])
     return _RUNS[family]
+
+
+def assert_exact_bits(artifact, quant, k, d):
+    """Every quantized layer of the artifact stores log2(k) / d bits per weight: its packed indices and its (1, k, d)
+    codebook have exactly the expected sizes in model.safetensors."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(artifact / "model.safetensors"), "pt") as f:
+        for name, layer in quant["layers"].items():
+            assert layer["bits_per_weight"] == math.log2(k) / d
+            weights = layer["in_features"] * layer["out_features"]
+            assert f.get_slice(f"{name}.indices").get_shape() == [weights // d * int(math.log2(k)) // 8]
+            assert f.get_slice(f"{name}.codebook").get_shape() == [1, k, d]
