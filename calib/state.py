@@ -177,7 +177,7 @@ class CalibState:
 
     def resume_point(self):
         """Where a rerun picks up, in words ("block B", "joint iteration I", "online trajectory T"), or None."""
-        return resume_point(self.out_dir)
+        return describe_point(self.meta)
 
     # --- writers --------------------------------------------------------------------------------------------
     def start(self, wiring, acts):
@@ -244,12 +244,19 @@ def resume_point(out_dir):
     is saved (or it cannot be read)."""
     try:
         with open(os.path.join(out_dir, STATE_DIR, STATE_JSON)) as f:
-            meta = json.load(f)
+            return describe_point(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+def describe_point(meta):
+    """The resume point of a state.json's content in words; None for no state (or one that cannot say)."""
+    try:
         train = meta.get("train_state")
         if not train:
             return f"block {int(meta['next_block'])}"
         if "trajectory" in train:
             return f"online trajectory {int(train['trajectory'])}"
         return f"joint iteration {int(train['iteration'])}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None

@@ -11,7 +11,7 @@ from jobs.sample import load_for_sampling, sample_to_dir
 from models.adapters.base import SampleSettings
 from models.adapters.load import load_model
 from tests.models.tiny_generic import FAMILIES, SIZES, generic_run
-from tests.models.tiny_t2i import PROMPTS, assert_exact_bits
+from tests.models.tiny_t2i import PROMPTS, assert_calibration_beats_kmeans, assert_exact_bits
 from vq import load_quantized
 
 pytest.importorskip("transformers")
@@ -30,9 +30,7 @@ def run(request, tmp_path_factory):
 def test_calibration_lowers_every_blocks_error_below_kmeans(run):
     """mse_before is each block's output error with the k-means (nearest codeword) assignment, on the same inputs."""
     family, r = run
-    ratios = [s["mse_after"] / s["mse_before"] for s in r.stats]
-    assert len(ratios) == BLOCKS[family]
-    assert max(ratios) < MARGIN[family], ratios
+    assert_calibration_beats_kmeans(r.stats, BLOCKS[family], MARGIN[family])
 
 
 def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):

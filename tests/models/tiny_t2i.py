@@ -199,3 +199,11 @@ def assert_exact_bits(artifact, quant, k, d):
             weights = layer["in_features"] * layer["out_features"]
             assert f.get_slice(f"{name}.indices").get_shape() == [weights // d * int(math.log2(k)) // 8]
             assert f.get_slice(f"{name}.codebook").get_shape() == [1, k, d]
+
+
+def assert_calibration_beats_kmeans(stats, blocks, margin):
+    """Every block's output error after calibration is below `margin` x its k-means-only error (mse_before: the
+    nearest-codeword assignment on the same inputs), and every one of the `blocks` blocks was calibrated."""
+    ratios = [s["mse_after"] / s["mse_before"] for s in stats]
+    assert len(ratios) == blocks
+    assert max(ratios) < margin, ratios
