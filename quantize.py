@@ -31,6 +31,8 @@ FLAGS = [
     ("--kmeans-iters", int, "Lloyd iterations"),
     ("--kmeans-init", str, "fast (subsample seeding and fit, then full passes) | authors (k-means++ on all points, "
                            "exactly --kmeans-iters Lloyd iterations, empty clusters not re-seeded)"),
+    ("--codebook-init", str, "kmeans (calibration starts from k-means of the weights, the paper) | gptvq (each "
+                             "block's codebooks refit to its recorded inputs first: output-aware)"),
     ("--calib", str, "blockwise | joint | online (one update per teacher sampler step)"),
     ("--block-inputs", str, "quantized (sequential) | fp (independent blocks)"),
     ("--iters", int, "calibration iterations per block"),

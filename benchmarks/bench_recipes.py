@@ -59,8 +59,8 @@ SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a sessio
 # (500 iters x 16 / (32 x 25 x 2) = 5 times)
 OURS_SCALE = 5
 OURS_DEFAULT = load_config()
-OURS_SCALED = ["--iters", str(OURS_DEFAULT.iters * OURS_SCALE),
-               "--calib-samples", str(OURS_DEFAULT.calib_samples * OURS_SCALE)]
+OURS_SCALED = ["--iters", str(OURS_DEFAULT.calibration.iters * OURS_SCALE),
+               "--calib-samples", str(OURS_DEFAULT.teacher.calib_samples * OURS_SCALE)]
 # key -> (label, quantize.py flags); "{matched}" is filled with the trajectories that fit our default's wall time
 ROWS = {
     "kmeans": ("k-means only (no calibration)", ["--method", "kmeans"]),
@@ -88,6 +88,14 @@ ROWS = {
                      OURS_SCALED + ["--cfg-scale", "4.0"]),
     "ours-5x-cfg4-seed1": (f"ours, {OURS_SCALE}x iterations and points, data at CFG 4.0, seed 1",
                            OURS_SCALED + ["--cfg-scale", "4.0", "--seed", "1"]),
+    # issue 19: the default against the FP model and the levers one at a time (--out benchmarks/results/levers)
+    "paper-init": ("k-means start (codebook_init kmeans, the paper's; the default before issue 19)",
+                   ["--codebook-init", "kmeans", "--method", "vq4dit"]),
+    "paper-init-seed1": ("k-means start, seed 1", ["--codebook-init", "kmeans", "--method", "vq4dit", "--seed", "1"]),
+    "w3": ("W3 (k64 d2), default", ["--wbits", "3", "--dim", "2"]),
+    "w3-seed1": ("W3 (k64 d2), default, seed 1", ["--wbits", "3", "--dim", "2", "--seed", "1"]),
+    "w3-paper-init": ("W3 (k64 d2), k-means start", ["--wbits", "3", "--dim", "2", "--codebook-init", "kmeans",
+                                                     "--method", "vq4dit"]),
     "authors": (f"authors' recipe, {AUTHORS_BUDGET} trajectories (their default)", ["--recipe", "authors"]),
     "authors-seed1": (f"authors' recipe, {AUTHORS_BUDGET} trajectories, seed 1",
                       ["--recipe", "authors", "--seed", "1"]),
@@ -133,7 +141,9 @@ def matched_trajectories(rows):
 def bootstrap_intervals(rows, out, resamples=200):
     classifier = load_digits_classifier()
     real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
-    features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0] for key in rows}
+    # the FP samples too: index sets depend only on the seed, so adding a key leaves the other intervals unchanged
+    features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0]
+                for key in [*rows, "fp"]}
     boot = paired_bootstrap(features, real, resamples, seed=0)
 
     def interval(a, b):  # 95% of FID(a) - FID(b) over the same resampled indices
@@ -141,28 +151,32 @@ def bootstrap_intervals(rows, out, resamples=200):
 
     intervals = {key: interval(key, REFERENCE) for key in rows} if REFERENCE in rows else {}
     pairs = {f"{a} - {b}": interval(a, b) for a, b in PAIRS if a in rows and b in rows}
-    return intervals, pairs
+    return intervals, pairs, {key: interval(key, "fp") for key in rows}
 
 
 def write_report(rows, out, args):
-    intervals, pairs = bootstrap_intervals(rows, out)
+    intervals, pairs, versus_fp = bootstrap_intervals(rows, out)
     lines = [
         "# The authors' recipe vs ours (embedded digits DiT, W2: k = 256, d = 4)", "",
         f"Command: `python benchmarks/bench_recipes.py{''.join(' ' + a for a in sys.argv[1:])}`. "
         f"{args.num_samples} samples per row, {args.steps} steps, CFG 1.5, sampling seed {args.seed} for every "
         "row (sample i starts from the same noise everywhere). FID in the digits classifier's feature space; the "
-        f"interval is a paired bootstrap (200 resamples) of FID(row) - FID({ROWS[REFERENCE][0]}). Noise MSE: "
+        f"interval is a paired bootstrap (200 resamples) of FID(row) - FID({ROWS[REFERENCE][0]}), and of FID(row) - "
+        "FID(full precision) (the same samples' FP counterparts; 0 inside: within the noise of FP). Noise MSE: "
         "predicted eps vs the FP model on held-out teacher inputs (16 trajectories x 10 steps, CFG 1.5, seed "
         "1000). Quantize s: the whole quantize.py process (load, k-means, calibration, save) on this 2-core CPU.",
         "",
-        "| row | updates | FID | FID - FID(ours), 95% | PSNR vs FP (dB) | noise MSE | accuracy | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | updates | FID | FID - FID(ours), 95% | FID - FID(FP), 95% | PSNR vs FP (dB) | noise MSE | accuracy "
+        "| quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows, key=list(ROWS).index):  # the order of ROWS, whichever process measured a row first
         r, iv = rows[key], intervals.get(key)
         interval = "-" if key == REFERENCE or iv is None else f"[{iv[0]:+.1f}, {iv[1]:+.1f}]"
         psnr = "-" if r["psnr_vs_reference"] is None else f"{r['psnr_vs_reference']:.2f}"
-        lines.append(f"| {r['method']} | {r.get('updates') or '-'} | {r['fid']:.1f} | {interval} | {psnr} | "
+        fp_lo, fp_hi = versus_fp[key]
+        lines.append(f"| {r['method']} | {r.get('updates') or '-'} | {r['fid']:.1f} | {interval} | "
+                     f"[{fp_lo:+.1f}, {fp_hi:+.1f}] | {psnr} | "
                      f"{r['noise_mse']:.4g} | {r['accuracy']:.3f} | {r['quantize_s']:.0f}{resumed(r)} |")
     if pairs:
         lines += ["", "FID between other rows, same paired bootstrap (negative = the first row is better):", "",
@@ -174,7 +188,8 @@ def write_report(rows, out, args):
                              f"({rows[b]['quantize_s']:.0f} s) | [{lo:+.1f}, {hi:+.1f}] |")
     write_text_atomic(os.path.join(out, "recipes.md"), "\n".join(lines) + "\n")
     write_text_atomic(os.path.join(out, "recipes.json"),
-                      json.dumps({"rows": rows, "intervals": intervals, "pairs": pairs}, indent=1))
+                      json.dumps({"rows": rows, "intervals": intervals, "pairs": pairs, "versus_fp": versus_fp},
+                                 indent=1))
 
 
 def resumed(row):

@@ -3,9 +3,11 @@
 Two tables of cached tensors (calib/tables.py Chains) hold what the next blocks need: the full-precision chain, and
 the chain of calibrated quantized blocks (only when block_inputs == "quantized"). At block i:
 1. the FP block runs on the FP chain: its outputs are block i's targets and the FP chain's next values;
-2. the method prepares the block's layers (VQ4DiT: soft) and they train on the quantized chain's inputs
-   (block_inputs == "fp": the FP chain's) to match the targets;
-3. its codebooks are rounded to their storage precision (fp16), so what propagates is what gets saved;
+2. the method prepares the block's layers (VQ4DiT: soft; with codebook_init gptvq, first refit to the input
+   moments of the FP block on those inputs) and they train on the quantized chain's inputs (block_inputs == "fp":
+   the FP chain's) to match the targets;
+3. its codebooks are rounded to their storage precision (fp16), so what propagates is what gets saved; a layer
+   whose starting point gives the block a lower error than its calibrated state keeps its start (calib/guard.py);
 4. it runs once more over all points: the final error, and the quantized chain's next values.
 Tensors no later block reads are freed, and outputs overwrite inputs that die at block i, so walking a DiT holds
 two (M, T, D) activation tensors (a block's input and its target), as a loop written for DiT would.
@@ -16,6 +18,8 @@ import time
 from calib.calls import leaves
 from calib.capture import storage_dtype
 from calib.metrics import weight_mse
+from calib.guard import keep_better, starting_point
+from calib.moments import block_input_moments
 from calib.replay import Replay, block_loss, call_block, sweep
 from calib.tables import Out, ref_of
 from calib.train import Minibatches, argmax_assignment, seeded_generator, train
@@ -65,6 +69,7 @@ def calibrate_block(problem, i, replay, targets, config):
     with argmax_assignment(modules):
         _, mse_before = sweep(block, replay, problem.device, targets=targets)
         w_before = [weight_mse(layer, problem.fp_weights[n]) for n, layer in layers.items()]
+    starts = starting_point(layers)
 
     def loss_fn(idx):  # idx (B,) -> L_d: error of the block's outputs vs the FP targets on the minibatch
         return block_loss(call_block(block, replay, idx, problem.device), [t[idx] for t in targets])
@@ -73,7 +78,8 @@ def calibrate_block(problem, i, replay, targets, config):
     info = train(modules, loss_fn, batches, config, desc=name if problem.progress else None)
     for layer in modules:
         layer.round_codebook_()  # calibrated = deployed: later blocks see the codebooks the artifact stores
-    return {"mse_before": mse_before, "loss": info["loss"], "penalty": info["penalty"],
+    reverted = keep_better(block, layers, starts, replay, targets, problem.device)
+    return {"mse_before": mse_before, "loss": info["loss"], "penalty": info["penalty"], "reverted": reverted,
             "seconds": time.perf_counter() - start, "layers": layer_stats(layers, info, w_before, problem.fp_weights)}
 
 
@@ -94,7 +100,10 @@ def calibrate_blockwise(problem, data, config, state):
         targets, _ = sweep(problem.teacher.get_submodule(name), fp_inputs, device, alloc=allocator(store, reuse))
         # 2.-3. the method prepares the block's layers; they train on the block's inputs to match the targets
         inputs = Replay(cset.calls[i], chains.q, cset.batched, cset.rows) if sequential else fp_inputs
-        problem.prepare_layers(problem.layers_of(name))
+        layers = problem.layers_of(name)
+        moments = block_input_moments(problem.teacher.get_submodule(name), name, layers, inputs, device) \
+            if problem.needs_moments else None
+        problem.prepare_layers(layers, moments)
         block_stats = calibrate_block(problem, i, inputs, targets, config)
         # 4. the final error, and the quantized chain's next values
         alloc = allocator(store, [chains.q[ref] for ref in dying]) if sequential else None

@@ -11,15 +11,18 @@ class Problem:
     """student, teacher: the quantized model and its FP copy (same qualified names); adapter: their
     models.adapters.Adapter (blocks, teacher runs); layers: {qualified name: quantized layer} of the student;
     prepare(layers, fp_weights): the method's hook, called on a group of layers when calibration reaches them
-    (jobs/methods.py: VQ4DiT softens them); seed: the random streams of minibatch orders and label dropout."""
+    (jobs/methods.py: VQ4DiT softens them); seed: the random streams of minibatch orders and label dropout;
+    needs_moments: whether prepare wants the layers' input moments (a third argument {name: (in, in) E[x x^T]}),
+    which the block-wise walk measures on each block's inputs (calib/moments.py)."""
 
     student: nn.Module
     teacher: nn.Module
     adapter: object
     layers: dict
-    prepare: Callable = lambda layers, fp_weights: None
+    prepare: Callable = lambda layers, fp_weights, moments=None: None
     seed: int = 0
     progress: bool = True
+    needs_moments: bool = False
     blocks: list = field(init=False)  # [(name, student block)] in call order
     fp_weights: dict = field(init=False)  # {layer name: (out, in) FP weight}
 
@@ -43,8 +46,8 @@ class Problem:
         """The quantized layers of blocks 0..i."""
         return {n: layer for name, _ in self.blocks[:i + 1] for n, layer in self.layers_of(name).items()}
 
-    def prepare_layers(self, layers):
-        self.prepare(layers, self.fp_weights)
+    def prepare_layers(self, layers, moments=None):
+        self.prepare(layers, self.fp_weights, moments)
 
 
 def layers_of(by_name, block_name):

@@ -23,6 +23,7 @@ METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers o
 RECIPES = ("vq4dit", "authors")
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
 BACKENDS = ("auto", "vq4dit", "diffusers")
+CODEBOOK_INITS = ("kmeans", "gptvq")
 
 
 @dataclass
@@ -69,13 +70,18 @@ class CodebookConfig:
     # fast: subsample seeding and fit, then full passes | authors: k-means++ on all points, exactly kmeans_iters
     # Lloyd iterations, empty clusters become zero, k <= largest 2^j <= N/4 per layer
     kmeans_init: str = "fast"
+    # kmeans: the k-means codebooks calibration starts from (the paper) | gptvq: refit each block's k-means codebooks
+    # to its recorded inputs when calibration reaches it (input-weighted k-means, GPTQ-style error feedback across
+    # column groups, codebook refit; vq/weighted_kmeans.py): block-wise calibration of vq4dit or codebook only
+    codebook_init: str = "kmeans"
 
     @property
     def k(self):
         return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
 
     def validate(self):
-        check_choices(self, {"ratio_init": ("inverse_distance", "uniform"), "kmeans_init": ("fast", "authors")})
+        check_choices(self, {"ratio_init": ("inverse_distance", "uniform"), "kmeans_init": ("fast", "authors"),
+                             "codebook_init": CODEBOOK_INITS})
         check_positive(self, ("wbits", "dim", "candidates", "kmeans_iters"))
         if self.wbits * self.dim > 16 or not 2 <= self.k <= 65536:
             source = ("given" if self.codebook_size is not None
@@ -107,6 +113,10 @@ class QuantizeConfig:
             invalid("seed", self.seed, "must be >= 0")
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.codebooks.codebook_init == "gptvq" and (self.method not in ("vq4dit", "codebook")
+                                                        or self.calibration.calib != "blockwise"):
+            invalid("codebook_init", "gptvq", f"needs block-wise calibration (calib blockwise, method vq4dit or "
+                    f"codebook), got calib {self.calibration.calib} with method {self.method}")
         return self
 
     @classmethod
@@ -141,8 +151,9 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "include", "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init",
               "split_qkv", "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
               "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction", "train_codebooks",
-              "ratio_gate", "select_every", "kmeans_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps",
-              "online_batch", "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")
+              "ratio_gate", "select_every", "kmeans_init", "codebook_init", "steps", "cfg_scale", "calib_samples",
+              "calib_timesteps", "online_batch", "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir",
+              "seed", "device")
 
 
 def _coerce(name, kind, value, source):

@@ -1,12 +1,17 @@
 """Quantization methods as objects: how each builds its quantized layers, and whether and how calibration trains them.
 
 The interface is two calls. `build(model, include, seed)` replaces the selected Linears in place and returns them
-by qualified name (the job's "codebooks" stage). `prepare(layers, fp_weights)` is what calibration calls when it
-reaches a group of layers (block-wise: one block at a time; joint and online: all at the start): the one place that
-decides whether a layer trains soft (VQ4DiT: candidate sets and ratio logits) or hard (codebook-only).
+by qualified name (the job's "codebooks" stage). `prepare(layers, fp_weights, moments)` is what calibration calls
+when it reaches a group of layers (block-wise: one block at a time; joint and online: all at the start): the one
+place that decides whether a layer trains soft (VQ4DiT: candidate sets and ratio logits) or hard (codebook-only),
+and, with codebook_init "gptvq", refits the k-means codebooks to the layers' inputs (moments: {name: E[x x^T]},
+measured by the block-wise walk) before calibration trains them.
 The authors' recipe is not a method: it is the vq4dit method with calibration settings (configs/recipes/).
 """
+import torch
+
 from vq.apply import quantize_linears, quantize_linears_rtn
+from vq.weighted_kmeans import gptvq
 
 METHODS = {}  # name -> Method subclass
 
@@ -22,8 +27,13 @@ class Method:
     name = "abstract"
     calibrated = False  # whether the job records a teacher and calibrates the layers `build` returns
 
-    def __init__(self, codebooks):
-        self.codebooks = codebooks
+    def __init__(self, codebooks, seed=0):
+        self.codebooks, self.seed = codebooks, seed
+
+    @property
+    def needs_moments(self):
+        """Whether `prepare` wants the layers' input moments (codebook_init "gptvq")."""
+        return self.codebooks.codebook_init == "gptvq"
 
     @property
     def candidates(self):
@@ -34,8 +44,9 @@ class Method:
         """Replace the Linears of `model` that the regex `include` selects; returns {name: QuantLinear}."""
         raise NotImplementedError
 
-    def prepare(self, layers, fp_weights):
-        """Make `layers` {name: layer} ready to train, given their FP weights {name: (out, in)}; default: as built."""
+    def prepare(self, layers, fp_weights, moments=None):
+        """Make `layers` {name: layer} ready to train, given their FP weights {name: (out, in)} and, when
+        needs_moments, their input moments {name: (in, in)}; default: as built."""
 
 
 @register
@@ -69,10 +80,13 @@ class Codebook(KMeans):
     name = "codebook"
     calibrated = True
 
-    def prepare(self, layers, fp_weights):
-        """Codebook-only calibration trains hard layers: every sub-vector keeps its nearest codeword."""
-        for layer in layers.values():
+    def prepare(self, layers, fp_weights, moments=None):
+        """Codebook-only calibration trains hard layers: every sub-vector keeps its nearest codeword (gptvq: its
+        output-aware assignment)."""
+        for name, layer in layers.items():
             layer.harden()
+            if moments is not None:
+                fit_outputs_(layer, fp_weights[name], moments[name], self.seed)
 
 
 @register
@@ -86,14 +100,28 @@ class VQ4DiT(KMeans):
     def candidates(self):
         return self.codebooks.candidates
 
-    def prepare(self, layers, fp_weights):
+    def prepare(self, layers, fp_weights, moments=None):
         """Give each hard layer its candidate sets and ratio logits from its FP weight: exactly what quantizing it
-        soft would have given (VQLinear.soften_), at the moment calibration needs them."""
+        soft would have given (VQLinear.soften_), at the moment calibration needs them. With moments (gptvq), the
+        layer is first refit to its inputs and its output-aware assignment stays candidate 0 and the argmax."""
         for name, layer in layers.items():
             if layer.is_hard:
-                layer.soften_(fp_weights[name], self.candidates, self.codebooks.ratio_init)
+                if moments is not None:
+                    fit_outputs_(layer, fp_weights[name], moments[name], self.seed)
+                layer.soften_(fp_weights[name], self.candidates, self.codebooks.ratio_init, keep=moments is not None)
 
 
-def method_for(name, codebooks):
-    """The Method registered as `name`, bound to `codebooks`."""
-    return METHODS[name](codebooks)
+@torch.no_grad()
+def fit_outputs_(layer, fp_weight, h_full, seed):
+    """Refit a hard VQLinear to its inputs (vq.weighted_kmeans.gptvq from its k-means codebooks): each row group's
+    codebook and assignments then minimise the output error tr(dW H dW^T), not the weight error."""
+    rows = fp_weight.detach().float().to(layer.codebook.device).reshape(layer.groups, -1, layer.in_features)
+    h = h_full.to(layer.codebook.device)
+    fits = [gptvq(rows[g], h, layer.codebook_size, layer.dim, seed=seed + g, start=layer.codebook[g])
+            for g in range(layer.groups)]  # [(codebook (k, d), index (N/G,))]
+    layer.assign_(torch.stack([c for c, _ in fits]), torch.cat([i for _, i in fits]).to(layer.indices.dtype))
+
+
+def method_for(name, codebooks, seed=0):
+    """The Method registered as `name`, bound to `codebooks` and the run's `seed`."""
+    return METHODS[name](codebooks, seed)

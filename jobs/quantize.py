@@ -26,7 +26,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     from calib.state import CalibState
 
     check_out_dir(out_dir)
-    method = method_for(config.method, config.codebooks)
+    method = method_for(config.method, config.codebooks, config.seed)
     # a state left by another config must fail now, not after loading and k-means
     state = CalibState.for_config(out_dir, config) if method.calibrated else None
     start = time.time()
@@ -41,7 +41,8 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     if method.calibrated:
         from calib.problem import Problem
 
-        problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress)
+        problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress,
+                          needs_moments=method.needs_moments)
         stats = record_and_calibrate(problem, config, state)
     save(base.model, layers, extra, config, out_dir)
     if state is not None:

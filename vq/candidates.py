@@ -20,6 +20,23 @@ def nearest_codewords(x, codebook, n, chunk_size=DEFAULT_CHUNK):
     return index, sqdist.sqrt_()
 
 
+def candidates_around(x, codebook, chosen, n, chunk_size=DEFAULT_CHUNK):
+    """Candidate sets that keep a given assignment: `chosen` (N,) first, then the nearest other codewords.
+
+    x (N, d), codebook (k, d), chosen (N,) int -> (index (N, n) int64, distance (N, n)). The chosen codeword's
+    distance is lowered to the row's smallest, so the ratio logits' argmax (first on ties) is the chosen one: a
+    layer hardened at once keeps `chosen` (e.g. an output-aware assignment that is not the nearest codeword).
+    """
+    near, dist = nearest_codewords(x, codebook, n, chunk_size)  # (N, n)
+    chosen = chosen.long().to(near.device)
+    order = torch.argsort((near == chosen[:, None]).int(), dim=1, stable=True)[:, :n - 1]  # others, nearest first
+    others, d_others = near.gather(1, order), dist.gather(1, order)  # (N, n - 1)
+    d_chosen = (x.float() - codebook.float()[chosen]).norm(dim=1).to(dist.dtype)  # (N,)
+    if n > 1:
+        d_chosen = torch.minimum(d_chosen, d_others.min(1).values)
+    return torch.cat([chosen[:, None], others], 1), torch.cat([d_chosen[:, None], d_others], 1)
+
+
 def init_logits(dist, mode="inverse_distance"):
     """Ratio logits (N, n) from candidate distances (N, n).
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from utils.errors import UserError
 from vq.candidates import (
+    candidates_around,
     hard_reconstruct,
     init_logits,
     masked_ratios,
@@ -116,15 +117,30 @@ class VQLinear(QuantLinear):
         return layer
 
     @torch.no_grad()
-    def soften_(self, fp_weight, candidates=2, ratio_init="inverse_distance"):
+    def assign_(self, codebook, indices):
+        """Set a hard layer's codebook (G, k, d) and indices (N,) (e.g. an output-aware fit); returns self."""
+        if not self.is_hard:
+            raise RuntimeError("assign_ needs a hard VQLinear")
+        self.codebook.copy_(codebook)
+        self.indices.copy_(indices)
+        return self
+
+    @torch.no_grad()
+    def soften_(self, fp_weight, candidates=2, ratio_init="inverse_distance", keep=False):
         """Make a hard layer soft: each sub-vector of `fp_weight` (out, in) gets its `candidates` nearest codewords
-        and ratio logits from their distances (ratio_init), as at quantization; returns self."""
+        and ratio logits from their distances (ratio_init), as at quantization; returns self. keep=True: the
+        layer's current index is candidate 0 and its argmax (vq.candidates.candidates_around), so the soft layer
+        starts from the hard one's assignment rather than from the nearest codewords."""
         if not self.is_hard:
             raise RuntimeError("soften_ needs a hard VQLinear")
         subs = fp_weight.detach().float().to(self.codebook.device).reshape(self.groups, -1, self.dim)  # (G, N/G, d)
+        current = self.indices.reshape(self.groups, -1)  # (G, N/G)
         cands, logits = [], []
         for g in range(self.groups):
-            idx, dist = nearest_codewords(subs[g], self.codebook.data[g], candidates)
+            if keep:
+                idx, dist = candidates_around(subs[g], self.codebook.data[g], current[g], candidates)
+            else:
+                idx, dist = nearest_codewords(subs[g], self.codebook.data[g], candidates)
             cands.append(idx)
             logits.append(init_logits(dist, ratio_init))
         del self.indices

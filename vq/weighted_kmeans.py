@@ -25,27 +25,32 @@ WEIGHTED_INITS = ("kmeans", "kmeans++")
 
 
 class InputMoments:
-    """Running sums of x x^T over a Linear's inputs, fed in chunks: the d x d diagonal blocks, and the full n x n
-    matrix when full=True (for gptvq_assign). Sums in float64 on `device`: fp32 sums of ~1e6 products lose digits."""
+    """Running sums of x x^T over a Linear's inputs, fed in chunks: the d x d diagonal blocks (unless dim is None),
+    and the full n x n matrix when full=True (for gptvq_assign; diagonal_blocks cuts it for any d). Sums in float64
+    on `device`: fp32 sums of ~1e6 products lose digits."""
 
     def __init__(self, n, dim, full=False, device="cpu"):
-        if n % dim:
+        if dim is not None and n % dim:
             raise UserError(f"input width {n} is not a multiple of dim={dim}")
         self.n, self.dim, self.count, self.device = n, dim, 0, device
-        self.block_sums = torch.zeros(n // dim, dim, dim, dtype=torch.float64, device=device)  # (G, d, d)
+        self.block_sums = None if dim is None else torch.zeros(n // dim, dim, dim, dtype=torch.float64,
+                                                               device=device)  # (G, d, d)
         self.full_sum = torch.zeros(n, n, dtype=torch.float64, device=device) if full else None  # (n, n)
 
     def add(self, x):
         """x (..., n): any leading shape, e.g. (B, T, n) token activations or (B, n)."""
         x = x.detach().reshape(-1, self.n).to(self.device, torch.float64)  # (M, n)
-        xb = x.reshape(x.shape[0], -1, self.dim)  # (M, G, d)
-        self.block_sums += torch.einsum("mgi,mgj->gij", xb, xb)
+        if self.block_sums is not None:
+            xb = x.reshape(x.shape[0], -1, self.dim)  # (M, G, d)
+            self.block_sums += torch.einsum("mgi,mgj->gij", xb, xb)
         if self.full_sum is not None:
             self.full_sum += x.t() @ x
         self.count += x.shape[0]
 
     def blocks(self):
         """(G, d, d) float64: the diagonal blocks of E[x x^T]."""
+        if self.block_sums is None:
+            return diagonal_blocks(self.full(), self.dim)
         return self.block_sums / max(self.count, 1)
 
     def full(self):
@@ -179,7 +184,7 @@ def weight_points(w, h_blocks, dim):
 
 
 def weighted_kmeans(w, h_blocks, k, dim, iters=20, seed=0, init="kmeans", kmeans_iters=100, tol=1e-4,
-                    fit_points_per_cluster=512):
+                    fit_points_per_cluster=512, start=None):
     """Output-aware codebook of w (out, in) for inputs with diagonal blocks h_blocks (in/dim, dim, dim) of E[x x^T]
     -> (codebook (k, dim) float32, assignments (N,) int64 over W.reshape(-1, dim)).
 
@@ -188,6 +193,7 @@ def weighted_kmeans(w, h_blocks, k, dim, iters=20, seed=0, init="kmeans", kmeans
     Weighted Lloyd runs up to `iters` iterations on 512 * k random points (fit_points_per_cluster; None: all),
     then up to max(2, iters // 4) on all points (as vq.kmeans does: most of the gain of all points comes in the
     first passes). Each phase stops once fewer than `tol` of its points change cluster. Deterministic for a seed.
+    start (k, dim): initial centroids instead of `init` (e.g. the plain codebook a layer already holds).
     """
     if init not in WEIGHTED_INITS:
         raise UserError(f"invalid weighted k-means init={init!r}: choose one of {', '.join(WEIGHTED_INITS)}")
@@ -202,7 +208,9 @@ def weighted_kmeans(w, h_blocks, k, dim, iters=20, seed=0, init="kmeans", kmeans
             return points
         return points.subset(torch.randperm(n, generator=g, device=points.p.device)[:per_cluster * k])
 
-    if init == "kmeans":
+    if start is not None:
+        centroids = start.detach().float().to(points.p.device).clone()
+    elif init == "kmeans":
         centroids, _ = kmeans(points.p, k, iters=kmeans_iters, seed=seed)
     else:
         centroids = weighted_kmeans_plusplus(sample(64), k, g)
@@ -314,9 +322,10 @@ def refit_codebook(w, h_full, codebook, index, dim, steps=10):
     return c.to(codebook.dtype)
 
 
-def gptvq(w, h_full, k, dim, seed=0, refit_steps=10, damp=0.01):
-    """The whole output-aware start in one call: weighted_kmeans on the diagonal blocks of h_full (in, in), then
-    gptvq_assign (error feedback) and refit_codebook -> (codebook (k, dim), assignments (N,) over W.reshape(-1, d))."""
-    codebook, _ = weighted_kmeans(w, diagonal_blocks(h_full, dim), k, dim, seed=seed)
+def gptvq(w, h_full, k, dim, seed=0, refit_steps=10, damp=0.01, start=None):
+    """The whole output-aware start in one call: weighted_kmeans on the diagonal blocks of h_full (in, in) (from the
+    codebook `start` (k, dim) when given), then gptvq_assign (error feedback) and refit_codebook
+    -> (codebook (k, dim), assignments (N,) over W.reshape(-1, d))."""
+    codebook, _ = weighted_kmeans(w, diagonal_blocks(h_full, dim), k, dim, seed=seed, start=start)
     index = gptvq_assign(w, h_full, codebook, dim, damp)
     return refit_codebook(w, h_full, codebook, index, dim, refit_steps), index

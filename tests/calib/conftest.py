@@ -38,8 +38,9 @@ def tiny_config(**overrides):
 def run_calibration(student, teacher, adapter, qlayers, config, out_dir):
     """The quantize job's record and calibrate stages on an in-memory pair (what jobs.quantize runs after k-means):
     every layer is hard afterwards; returns the per-block stats."""
-    method = method_for(config.method, config.codebooks)
-    problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False)
+    method = method_for(config.method, config.codebooks, config.seed)
+    problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False,
+                      needs_moments=method.needs_moments)
     return record_and_calibrate(problem, config, CalibState.for_config(str(out_dir), config))
 
 

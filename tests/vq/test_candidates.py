@@ -4,7 +4,14 @@ import torch
 
 from utils.errors import UserError
 from vq import VQLinear
-from vq.candidates import hard_reconstruct, init_logits, masked_ratios, nearest_codewords, soft_reconstruct
+from vq.candidates import (
+    candidates_around,
+    hard_reconstruct,
+    init_logits,
+    masked_ratios,
+    nearest_codewords,
+    soft_reconstruct,
+)
 
 
 def rand(*shape, seed=0):
@@ -103,3 +110,20 @@ def test_codebook_gradient_is_bitwise_reproducible_with_two_threads(groups):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_candidates_around_keep_the_chosen_first_then_the_nearest_others(n):
+    """Per-row loop reference: candidate 0 is the chosen codeword, then the n - 1 nearest codewords other than it,
+    closest first; the chosen one's logit is the row's largest, so an immediate hardening keeps it. Catches the
+    chosen codeword duplicated among the others, or a chosen codeword far away that loses the argmax."""
+    x, cb = rand(30, 2), rand(8, 2, seed=1)
+    chosen = torch.randint(8, (30,), generator=torch.Generator().manual_seed(2))
+    index, dist = candidates_around(x, cb, chosen, n)
+    for i in range(30):
+        d = torch.cdist(x[i:i + 1], cb)[0]  # (k,)
+        others = [j for j in d.argsort().tolist() if j != chosen[i]][:n - 1]
+        assert index[i].tolist() == [chosen[i].item(), *others]
+        assert torch.allclose(dist[i, 1:], d[others], atol=1e-6)
+        assert dist[i, 0] <= d[chosen[i]] + 1e-6 and (n == 1 or dist[i, 0] <= dist[i, 1:].min())
+    assert torch.equal(init_logits(dist).argmax(1), torch.zeros(30, dtype=torch.int64))
