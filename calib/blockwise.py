@@ -17,8 +17,8 @@ import time
 
 from calib.calls import leaves
 from calib.capture import storage_dtype
-from calib.metrics import weight_mse
 from calib.guard import keep_better, starting_point
+from calib.metrics import weight_mse
 from calib.moments import block_input_moments
 from calib.replay import Replay, block_loss, call_block, sweep
 from calib.tables import Out, ref_of

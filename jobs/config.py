@@ -23,7 +23,8 @@ METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers o
 RECIPES = ("vq4dit", "authors")
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
 BACKENDS = ("auto", "vq4dit", "diffusers")
-CODEBOOK_INITS = ("kmeans", "gptvq")
+CODEBOOK_INITS = ("auto", "kmeans", "gptvq")
+OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise calibration can start from gptvq
 
 
 @dataclass
@@ -72,8 +73,9 @@ class CodebookConfig:
     kmeans_init: str = "fast"
     # kmeans: the k-means codebooks calibration starts from (the paper) | gptvq: refit each block's k-means codebooks
     # to its recorded inputs when calibration reaches it (input-weighted k-means, GPTQ-style error feedback across
-    # column groups, codebook refit; vq/weighted_kmeans.py): block-wise calibration of vq4dit or codebook only
-    codebook_init: str = "kmeans"
+    # column groups, codebook refit; vq/weighted_kmeans.py): block-wise calibration of vq4dit or codebook only |
+    # auto: gptvq where it applies, else kmeans (load_config writes the one it chose)
+    codebook_init: str = "auto"
 
     @property
     def k(self):
@@ -113,11 +115,20 @@ class QuantizeConfig:
             invalid("seed", self.seed, "must be >= 0")
         for section in SECTIONS:
             getattr(self, section).validate()
-        if self.codebooks.codebook_init == "gptvq" and (self.method not in ("vq4dit", "codebook")
-                                                        or self.calibration.calib != "blockwise"):
+        if self.codebooks.codebook_init == "gptvq" and not self.gptvq_applies:
             invalid("codebook_init", "gptvq", f"needs block-wise calibration (calib blockwise, method vq4dit or "
                     f"codebook), got calib {self.calibration.calib} with method {self.method}")
         return self
+
+    @property
+    def gptvq_applies(self):
+        return self.method in OUTPUT_AWARE_METHODS and self.calibration.calib == "blockwise"
+
+    @property
+    def output_aware(self):
+        """Whether calibration starts from the output-aware fit (codebook_init gptvq, or auto where it applies)."""
+        init = self.codebooks.codebook_init
+        return init == "gptvq" or (init == "auto" and self.gptvq_applies)
 
     @classmethod
     def from_flat(cls, values):
@@ -222,4 +233,6 @@ def load_config(path=None, overrides=None):
     if path is not None:
         config = merge(config, values, path)
     config = merge(config, overrides, "command line")
+    if config.codebooks.codebook_init == "auto":  # the saved config.yaml names what ran
+        config = merge(config, {"codebook_init": "gptvq" if config.output_aware else "kmeans"}, "codebook_init auto")
     return config.validate()

@@ -4,8 +4,8 @@ The interface is two calls. `build(model, include, seed)` replaces the selected 
 by qualified name (the job's "codebooks" stage). `prepare(layers, fp_weights, moments)` is what calibration calls
 when it reaches a group of layers (block-wise: one block at a time; joint and online: all at the start): the one
 place that decides whether a layer trains soft (VQ4DiT: candidate sets and ratio logits) or hard (codebook-only),
-and, with codebook_init "gptvq", refits the k-means codebooks to the layers' inputs (moments: {name: E[x x^T]},
-measured by the block-wise walk) before calibration trains them.
+and, given the layers' input moments ({name: E[x x^T]}, measured by the block-wise walk when the config is
+output_aware), refits the k-means codebooks to those inputs before calibration trains them.
 The authors' recipe is not a method: it is the vq4dit method with calibration settings (configs/recipes/).
 """
 import torch
@@ -30,10 +30,6 @@ class Method:
     def __init__(self, codebooks, seed=0):
         self.codebooks, self.seed = codebooks, seed
 
-    @property
-    def needs_moments(self):
-        """Whether `prepare` wants the layers' input moments (codebook_init "gptvq")."""
-        return self.codebooks.codebook_init == "gptvq"
 
     @property
     def candidates(self):
@@ -45,8 +41,8 @@ class Method:
         raise NotImplementedError
 
     def prepare(self, layers, fp_weights, moments=None):
-        """Make `layers` {name: layer} ready to train, given their FP weights {name: (out, in)} and, when
-        needs_moments, their input moments {name: (in, in)}; default: as built."""
+        """Make `layers` {name: layer} ready to train, given their FP weights {name: (out, in)} and, for an
+        output-aware start, their input moments {name: (in, in)}; default: as built."""
 
 
 @register

@@ -42,7 +42,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
         from calib.problem import Problem
 
         problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress,
-                          needs_moments=method.needs_moments)
+                          needs_moments=config.output_aware)
         stats = record_and_calibrate(problem, config, state)
     save(base.model, layers, extra, config, out_dir)
     if state is not None:

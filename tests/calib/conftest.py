@@ -40,7 +40,7 @@ def run_calibration(student, teacher, adapter, qlayers, config, out_dir):
     every layer is hard afterwards; returns the per-block stats."""
     method = method_for(config.method, config.codebooks, config.seed)
     problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False,
-                      needs_moments=method.needs_moments)
+                      needs_moments=config.output_aware)
     return record_and_calibrate(problem, config, CalibState.for_config(str(out_dir), config))
 
 

@@ -133,7 +133,7 @@ def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
     ({"max_cache_gb": float("nan")}, "max_cache_gb=nan must be a finite number"),
     ({"wbits": 1000}, "k = 2\\^\\(wbits\\*dim\\) with wbits=1000"),
     ({"height": 0}, "height=0: must be a positive integer"),
-    ({"codebook_init": "gptq"}, "codebook_init='gptq': choose one of kmeans, gptvq"),
+    ({"codebook_init": "gptq"}, "codebook_init=.gptq.: choose one of auto, kmeans, gptvq"),
     ({"codebook_init": "gptvq", "calib": "joint"}, "codebook_init='gptvq': needs block-wise .* calib joint"),
     ({"codebook_init": "gptvq", "method": "kmeans"}, "codebook_init='gptvq': needs block-wise .* method kmeans"),
 ])

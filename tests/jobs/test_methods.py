@@ -98,7 +98,7 @@ def test_gptvq_prepare_lowers_every_layers_output_error(name, split_qkv):
     xs, moments = block_inputs(teacher, list(fit))
     fp_weights = {n: teacher.get_submodule(n).weight.detach() for n in fit}
     method.prepare(fit, fp_weights, moments)
-    assert method.needs_moments and all(layer.is_hard == (name == "codebook") for layer in fit.values())
+    assert all(layer.is_hard == (name == "codebook") for layer in fit.values())
 
     def error(layer, n):
         w = layer.harden().weight().detach() if name == "codebook" else copy.deepcopy(layer).harden().weight()

@@ -5,6 +5,7 @@ import torch
 from utils.errors import UserError
 from vq import VQLinear
 from vq.candidates import (
+    KEEP_ADVANTAGE,
     candidates_around,
     hard_reconstruct,
     init_logits,
@@ -115,8 +116,8 @@ def test_codebook_gradient_is_bitwise_reproducible_with_two_threads(groups):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_candidates_around_keep_the_chosen_first_then_the_nearest_others(n):
     """Per-row loop reference: candidate 0 is the chosen codeword, then the n - 1 nearest codewords other than it,
-    closest first; the chosen one's logit is the row's largest, so an immediate hardening keeps it. Catches the
-    chosen codeword duplicated among the others, or a chosen codeword far away that loses the argmax."""
+    closest first; the chosen one's logit is the row's largest (its ratio 0.9 at n = 2), so an immediate hardening
+    keeps it. Catches the chosen codeword duplicated among the others, or an even start with the nearest one."""
     x, cb = rand(30, 2), rand(8, 2, seed=1)
     chosen = torch.randint(8, (30,), generator=torch.Generator().manual_seed(2))
     index, dist = candidates_around(x, cb, chosen, n)
@@ -125,5 +126,7 @@ def test_candidates_around_keep_the_chosen_first_then_the_nearest_others(n):
         others = [j for j in d.argsort().tolist() if j != chosen[i]][:n - 1]
         assert index[i].tolist() == [chosen[i].item(), *others]
         assert torch.allclose(dist[i, 1:], d[others], atol=1e-6)
-        assert dist[i, 0] <= d[chosen[i]] + 1e-6 and (n == 1 or dist[i, 0] <= dist[i, 1:].min())
+        assert torch.allclose(dist[i, 0], d[chosen[i]] if n == 1 else d[others].min() / KEEP_ADVANTAGE, atol=1e-6)
     assert torch.equal(init_logits(dist).argmax(1), torch.zeros(30, dtype=torch.int64))
+    if n == 2:  # inverse-distance ratios start at 0.9 on the kept codeword
+        assert torch.allclose(torch.softmax(init_logits(dist), 1)[:, 0], torch.full((30,), 0.9), atol=1e-5)
