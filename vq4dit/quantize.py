@@ -17,6 +17,7 @@ from torch import nn
 
 from jobs.config import QuantizeConfig, load_config
 from utils.errors import UserError
+from vq.lora import enable_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     from jobs.methods import method_for
     from jobs.quantize import build_and_calibrate, load
 
+    enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
     base = base_model(pipe, config.model.ckpt)
     method = method_for(config.method, config.codebooks)

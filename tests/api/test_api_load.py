@@ -37,7 +37,7 @@ def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tm
     transformer, quantized in place, computes what the saved artifact loads back as."""
     from diffusers import StableDiffusion3Pipeline
 
-    from vq.lora import VQLoraLinear
+    from vq.lora import QuantLoraLinear
 
     run = tiny_run("sd3", tmp_path_factory)
     lora, config = make_lora(StableDiffusion3Pipeline.from_pretrained(run.pipeline).transformer)
@@ -51,7 +51,7 @@ def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tm
     load, quantize = {}, {}
     exec(textwrap.dedent(EXAMPLES[0]), load)
     assert load["image"].size == (8, 8)
-    wrapped = [m for m in load["pipe"].transformer.modules() if isinstance(m, VQLoraLinear)]
+    wrapped = [m for m in load["pipe"].transformer.modules() if isinstance(m, QuantLoraLinear)]
     assert wrapped and all(m.scaling["style"] == 0.8 * config["lora_alpha"] / config["r"] for m in wrapped)
     exec(textwrap.dedent(EXAMPLES[1]), quantize)
     assert quantize["image"].size == (8, 8)
