@@ -6,6 +6,7 @@ import diffusers
 import pytest
 import torch
 
+from tests.api import tiny_lora
 from tests.api.tiny_lora import ALPHA, RANK, add_hand_lora, latents, make_lora, tiny_run
 from utils.errors import UserError
 from vq.layer import VQLinear
@@ -28,13 +29,7 @@ def lora_case(request, tmp_path_factory, tmp_path):
 
 
 def save_lora(family, run, directory, seed=0):
-    """A LoRA made on the full-precision transformer, saved to `directory` in diffusers' format (the file
-    pytorch_lora_weights.safetensors, or lora_<seed>.safetensors for seed > 0); returns its state dict."""
-    cls = PIPELINES[family]
-    lora, config = make_lora(cls.from_pretrained(run.pipeline).transformer, seed)
-    cls.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=config,
-                          weight_name=f"lora_{seed}.safetensors" if seed else None)  # alpha is in the metadata
-    return lora
+    return tiny_lora.save_lora(PIPELINES[family], run.pipeline, directory, seed)
 
 
 def quantized_pipeline(family, run):
