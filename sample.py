@@ -6,6 +6,8 @@ source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py
 """
 import argparse
 import logging
+import math
+import os
 
 from utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
 from utils.errors import UserError
@@ -37,6 +39,31 @@ def read_prompts(args):
     return list(args.prompt) if args.prompt else None
 
 
+def parse_loras(values):
+    """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.sample.LoraSpec]: SCALE (default 1) is the text after the last
+    ':' when it is a number; the source must exist here or be a hub repo id owner/name."""
+    from jobs.sample import LoraSpec
+    from vq.modelcard import HUB_ID
+
+    loras = []
+    for value in values or ():
+        source, colon, tail = value.rpartition(":")
+        try:
+            scale = float(tail) if colon else None
+        except ValueError:
+            scale = None
+        if scale is None:
+            source, scale = value, 1.0
+        if not math.isfinite(scale):
+            raise UserError(f"--lora {value}: scale {tail} is not a finite number; give FILE_OR_REPO[:SCALE], e.g. "
+                            f"{source}:0.8")
+        if not (os.path.exists(source) or HUB_ID.fullmatch(source)):
+            raise UserError(f"--lora {value}: {source} is neither a file or directory here nor a hub repo id "
+                            "(owner/name); give FILE_OR_REPO[:SCALE]")
+        loras.append(LoraSpec(source, scale))
+    return loras
+
+
 def check_flags(args):
     """Every number in range and no flag that does nothing in the mode given, before any work."""
     check_sampling_args(args.num_samples, args.steps, args.batch_size, args.seed, args.cfg_scale)
@@ -57,6 +84,8 @@ def check_flags(args):
         for flag, value in (("--decode-weights", args.decode_weights), ("--pipeline", args.pipeline)):
             if value:
                 raise UserError(f"{flag}: only used with --quantized DIR (a quantized artifact); drop it")
+    if args.check and args.lora:
+        raise UserError(f"--lora {args.lora[0]}: not used with --check (which only validates the artifact); drop it")
     if args.classes is not None:
         split_classes(args.classes)
     if args.prompt and args.prompts:
@@ -66,7 +95,7 @@ def check_flags(args):
 
 
 def main(args):
-    from jobs.sample import check_vae_flag, load_for_sampling, sample_to_dir
+    from jobs.sample import check_vae_flag, load_for_sampling, load_loras, sample_to_dir
     from models.adapters.base import SampleSettings
     from utils import distributed
     from utils.device import resolve_device
@@ -74,6 +103,7 @@ def main(args):
     from utils.precision import resolve_precision
 
     check_flags(args)  # before the (slow) model load
+    loras = parse_loras(args.lora)
     if args.check:
         return check_artifact(args.quantized)
     prompts = read_prompts(args)
@@ -87,6 +117,7 @@ def main(args):
     if args.pipeline and "pipeline" not in extra:
         raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
     check_vae_flag(args.vae, adapter, model)
+    load_loras(model, extra, loras, args.pipeline, device)
     classes = parse_classes(args.classes, adapter.num_classes(model))
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
@@ -115,6 +146,10 @@ def build_parser():
                              "default: decode in every forward, keeping the weights compressed in memory")
     parser.add_argument("--check", action="store_true",
                         help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
+    parser.add_argument("--lora", action="append", default=None, metavar="FILE_OR_REPO[:SCALE]",
+                        help="diffusers pipelines with a LoRA loader (Flux, SD3), quantized or not: a LoRA file, a "
+                             "directory with pytorch_lora_weights.safetensors or a hub repo id, at adapter weight "
+                             "SCALE (default 1); repeat for several")
     parser.add_argument("--num-frames", type=int, default=None,
                         help="video pipelines: frames per sample (default: as calibrated, else the pipeline's)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")

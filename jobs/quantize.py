@@ -31,6 +31,36 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
     state = CalibState.for_config(out_dir, config) if method.calibrated else None
     start = time.time()
     base, include, extra = load(config.model, config.device)
+    layers, stats = build_and_calibrate(base, include, method, config, state, progress)
+    save(base.model, layers, extra, config, out_dir)
+    if state is not None:
+        state.remove()
+    logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
+                time.time() - start, out_dir)
+    return stats
+
+
+def load(spec, device, loaded=None):
+    """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
+    artifact's model reference extras). `loaded`: a BaseModel already in memory (vq4dit.quantize_transformer: a
+    pipeline's transformer), moved to `device` instead of loading spec's model."""
+    prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
+    device = resolve_device(device)
+    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
+    if loaded is None:
+        base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
+    else:
+        base = loaded
+        base.model.to(device)
+    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
+    include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
+    return base, include, extra
+
+
+def build_and_calibrate(base, include, method, config, state, progress=True):
+    """The codebook, record and calibrate stages: the Linears of BaseModel `base` matching `include` replaced in place
+    by `method`'s quantized layers, calibrated against a copy of the model as it was (the teacher) when the method
+    calibrates; returns ({name: quantized layer}, per-block calibration stats)."""
     outside = outside_blocks(base.adapter, base.model, include)
     if outside and method.calibrated:
         logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
@@ -44,24 +74,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True):
         problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress,
                           needs_moments=config.output_aware)
         stats = record_and_calibrate(problem, config, state)
-    save(base.model, layers, extra, config, out_dir)
-    if state is not None:
-        state.remove()
-    logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
-                time.time() - start, out_dir)
-    return stats
-
-
-def load(spec, device):
-    """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
-    artifact's model reference extras)."""
-    prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
-    device = resolve_device(device)
-    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
-    base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
-    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
-    include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
-    return base, include, extra
+    return layers, stats
 
 
 def record_and_calibrate(problem, config, state):

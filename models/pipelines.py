@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 INDEX = "model_index.json"
 # what a pipeline download fetches: configs and safetensors weights of every component, tokenizer files
 DOWNLOAD_IGNORE = ["*.bin", "*.msgpack", "*.onnx", "*.ckpt", "*.h5", "*.pt", "*.pth"]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")  # a path to one is never a hub id
 
 
 def is_pipeline_dir(path):
@@ -27,7 +28,8 @@ def resolve_pipeline(source):
     path = Path(source).expanduser()
     if path.exists():
         return path if is_pipeline_dir(path) else None
-    if "/" not in str(source) or str(source).count("/") != 1 or Path(source).suffix:
+    # owner/name, but not a missing checkpoint file (hub names may hold dots: stable-diffusion-3.5-medium, FLUX.1-dev)
+    if "/" not in str(source) or str(source).count("/") != 1 or Path(source).suffix in CHECKPOINT_SUFFIXES:
         return None
     try:
         from huggingface_hub import snapshot_download

@@ -156,8 +156,7 @@ class VQLinear(QuantLinear):
 
     @property
     def qweight(self):
-        """The stored form of the weight (indices, or soft candidates). PEFT places a LoRA branch on the device of a
-        base layer's `qweight` (before `weight`, which here is the decoding method): see vq/lora.py."""
+        """The stored form of the weight (indices, or soft candidates): see QuantLinear.qweight."""
         return self.indices if self.is_hard else self.candidates
 
     def ratios(self):

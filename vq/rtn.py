@@ -51,6 +51,11 @@ class RTNLinear(QuantLinear):
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer
 
+    @property
+    def qweight(self):
+        """The integer codes (out, in): see QuantLinear.qweight."""
+        return self.codes
+
     def weight(self, dtype=None):
         """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
         return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)

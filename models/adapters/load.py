@@ -40,6 +40,12 @@ def load_model(name, ckpt, image_size=None, num_classes=None, backend="auto", de
         return BaseModel(model, adapter_for(model), {"name": spec.name})
     model = load_transformer(pipeline).to(device)  # a class without a dedicated adapter gets the generic one
     adapter = adapter_for(model)
-    source = str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)  # or a hub id
     logger.info("%s", adapter.describe(model))
-    return BaseModel(model, adapter, {"pipeline": {"class": read_index(pipeline)["_class_name"], "source": source}})
+    return BaseModel(model, adapter, pipeline_reference(ckpt, pipeline))
+
+
+def pipeline_reference(ckpt, directory):
+    """The reference's record of the pipeline a transformer comes from: the class in `directory`'s model_index.json
+    and the source `ckpt` (an absolute path when it is local, else the hub id), where sampling finds the pipeline."""
+    source = str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)
+    return {"pipeline": {"class": read_index(directory)["_class_name"], "source": source}}

@@ -1,5 +1,5 @@
 """vq4dit.load_transformer: an artifact directory or a hub repo (huggingface_hub's cache, offline) as the transformer of
-a user's own diffusers pipeline, with the artifact's digest checks; the README section's example, run as written."""
+a user's own diffusers pipeline, with the artifact's digest checks; docs/api.md's examples, run as written."""
 import re
 import textwrap
 from pathlib import Path
@@ -14,7 +14,7 @@ from vq import load_quantized
 from vq4dit import load_transformer
 
 DOCS = Path(__file__).parents[2] / "docs" / "api.md"
-README_EXAMPLE = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)  # the documented example
+EXAMPLES = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)  # the documented examples, in order
 
 
 @pytest.fixture
@@ -30,12 +30,14 @@ def offline_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_readme_example_runs_offline_from_the_hub_cache(offline_cache, tmp_path, tmp_path_factory):
-    """The README's example as written: the artifact, the base pipeline and a LoRA all come by hub id from the
-    cache; the pipeline's transformer is the quantized one with the LoRA beside its VQ layers."""
+def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tmp_path_factory, monkeypatch):
+    """docs/api.md's examples as written, each in its own namespace, in the page's order. Loading: the artifact, the
+    base pipeline and a LoRA all come by hub id from the cache; the pipeline's transformer is the quantized one with
+    the LoRA beside its VQ layers. Quantizing in memory: the base pipeline from the cache is the teacher; its
+    transformer, quantized in place, computes what the saved artifact loads back as."""
     from diffusers import StableDiffusion3Pipeline
 
-    from vq.lora import VQLoraLinear
+    from vq.lora import QuantLoraLinear
 
     run = tiny_run("sd3", tmp_path_factory)
     lora, config = make_lora(StableDiffusion3Pipeline.from_pretrained(run.pipeline).transformer)
@@ -44,11 +46,18 @@ def test_readme_example_runs_offline_from_the_hub_cache(offline_cache, tmp_path,
     put_in_hub_cache(offline_cache, "someone/sd3.5-medium-vq4dit-w2", run.artifact)
     put_in_hub_cache(offline_cache, "stabilityai/stable-diffusion-3.5-medium", run.pipeline)
     put_in_hub_cache(offline_cache, "someone/sd3.5-style-lora", tmp_path / "lora")
-    scope = {}
-    exec(textwrap.dedent(README_EXAMPLE), scope)
-    assert scope["image"].size == (8, 8)
-    wrapped = [m for m in scope["pipe"].transformer.modules() if isinstance(m, VQLoraLinear)]
+    monkeypatch.chdir(tmp_path)  # the examples write relative paths
+    assert len(EXAMPLES) == 2, "a new example in docs/api.md gets its run and its checks here"
+    load, quantize = {}, {}
+    exec(textwrap.dedent(EXAMPLES[0]), load)
+    assert load["image"].size == (8, 8)
+    wrapped = [m for m in load["pipe"].transformer.modules() if isinstance(m, QuantLoraLinear)]
     assert wrapped and all(m.scaling["style"] == 0.8 * config["lora_alpha"] / config["r"] for m in wrapped)
+    exec(textwrap.dedent(EXAMPLES[1]), quantize)
+    assert quantize["image"].size == (8, 8)
+    in_memory, loaded = quantize["pipe"].transformer.state_dict(), quantize["transformer"].state_dict()
+    assert in_memory.keys() == loaded.keys() and all(torch.equal(in_memory[k], loaded[k]) for k in loaded)
+    assert (tmp_path / "sd3.5-medium-vq4dit-w2" / "quant_config.json").is_file()
 
 
 def test_hub_id_loads_the_same_model_as_the_directory_with_the_same_digest_checks(offline_cache, tmp_path_factory):

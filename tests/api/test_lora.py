@@ -6,10 +6,11 @@ import diffusers
 import pytest
 import torch
 
+from tests.api import tiny_lora
 from tests.api.tiny_lora import ALPHA, RANK, add_hand_lora, latents, make_lora, tiny_run
 from utils.errors import UserError
 from vq.layer import VQLinear
-from vq.lora import VQLoraLinear
+from vq.lora import QuantLoraLinear
 from vq4dit import load_transformer
 
 pytest.importorskip("peft")
@@ -28,13 +29,7 @@ def lora_case(request, tmp_path_factory, tmp_path):
 
 
 def save_lora(family, run, directory, seed=0):
-    """A LoRA made on the full-precision transformer, saved to `directory` in diffusers' format (the file
-    pytorch_lora_weights.safetensors, or lora_<seed>.safetensors for seed > 0); returns its state dict."""
-    cls = PIPELINES[family]
-    lora, config = make_lora(cls.from_pretrained(run.pipeline).transformer, seed)
-    cls.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=config,
-                          weight_name=f"lora_{seed}.safetensors" if seed else None)  # alpha is in the metadata
-    return lora
+    return tiny_lora.save_lora(PIPELINES[family], run.pipeline, directory, seed)
 
 
 def quantized_pipeline(family, run):
@@ -51,7 +46,7 @@ def test_quantized_plus_lora_is_the_quantized_base_plus_the_branch_by_hand(lora_
     pipe.load_lora_weights(lora_dir, adapter_name="style")
     pipe.load_lora_weights(lora_dir, weight_name="lora_1.safetensors", adapter_name="other")
     pipe.set_adapters(["style", "other"], [0.7, 0.3])
-    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, VQLoraLinear)]
+    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, QuantLoraLinear)]
     assert wrapped and all(isinstance(m.base_layer, VQLinear) for m in wrapped)
     reference = quantized_pipeline(family, run)
     assert add_hand_lora(reference.transformer, loras[0], 0.7 * ALPHA / RANK) == len(loras[0]) // 2
@@ -83,7 +78,7 @@ def test_adapter_weight_zero_and_unloading_give_the_base_back_exactly(lora_case)
     assert torch.equal(latents(pipe), base)
     pipe.set_adapters(["style"], [1.0])
     pipe.unload_lora_weights()
-    assert not any(isinstance(m, VQLoraLinear) for m in pipe.transformer.modules())
+    assert not any(isinstance(m, QuantLoraLinear) for m in pipe.transformer.modules())
     assert torch.equal(latents(pipe), base)
 
 
@@ -91,7 +86,7 @@ def test_fusing_into_a_vq_layer_is_refused_and_changes_nothing(lora_case):
     family, run, pipe, lora_dir, _ = lora_case
     pipe.load_lora_weights(lora_dir)
     before = latents(pipe)
-    with pytest.raises(UserError, match="cannot fuse a LoRA into a vector-quantized layer") as e:
+    with pytest.raises(UserError, match="cannot fuse a LoRA into a quantized layer") as e:
         pipe.fuse_lora()
     assert "\n" not in str(e.value)
     assert torch.equal(latents(pipe), before)
@@ -110,8 +105,36 @@ def test_pixart_takes_a_lora_through_peft_adapter_injection(tmp_path_factory):
     base = latents(pipe)
     inject_adapter_in_model(LoraConfig(**config), pipe.transformer, adapter_name="p")
     set_peft_model_state_dict(pipe.transformer, lora, adapter_name="p")
-    assert any(isinstance(m, VQLoraLinear) for m in pipe.transformer.modules())
+    assert any(isinstance(m, QuantLoraLinear) for m in pipe.transformer.modules())
     add_hand_lora(reference.transformer, lora, ALPHA / RANK)
     torch.testing.assert_close(latents(pipe), latents(reference), rtol=1e-4, atol=1e-5)
     delete_adapter(pipe.transformer, "p", prefix="lora_")
+    assert torch.equal(latents(pipe), base)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_lora_on_an_rtn_quantized_transformer_is_its_base_plus_the_branch_by_hand(family, tmp_path_factory,
+                                                                                   tmp_path):
+    """Round-to-nearest layers take a LoRA as VQ layers do (mutations: RTNLinear without qweight, the custom-module
+    mapping listing VQLinear only, Flux's loader reading an RTN layer's weight shape: each makes load_lora_weights
+    fail). Unloading gives the RTN base back exactly."""
+    from vq.rtn import RTNLinear
+    from vq4dit import quantize_transformer
+
+    run = tiny_run(family, tmp_path_factory)
+    lora = save_lora(family, run, tmp_path / "lora")
+    pipe, reference = (PIPELINES[family].from_pretrained(str(run.pipeline)) for _ in range(2))
+    for p in (pipe, reference):
+        quantize_transformer(p, method="rtn", wbits=4, device="cpu", progress=False)
+        p.set_progress_bar_config(disable=True)
+    base = latents(pipe)
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="style")
+    pipe.set_adapters(["style"], [0.5])
+    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, QuantLoraLinear)]
+    assert wrapped and all(isinstance(m.base_layer, RTNLinear) for m in wrapped)
+    add_hand_lora(reference.transformer, lora, 0.5 * ALPHA / RANK)
+    got = latents(pipe)
+    torch.testing.assert_close(got, latents(reference), rtol=1e-4, atol=1e-5)
+    assert (got - base).abs().max() > 100 * 1e-5
+    pipe.unload_lora_weights()
     assert torch.equal(latents(pipe), base)

@@ -35,6 +35,16 @@ def make_lora(transformer, seed=0, targets=TARGETS):
     return {k: v.clone() for k, v in get_peft_model_state_dict(transformer).items()}, config.to_dict()
 
 
+def save_lora(pipeline_class, pipeline_dir, directory, seed=0):
+    """A LoRA made (make_lora) on the full-precision transformer of the `pipeline_class` pipeline at `pipeline_dir`,
+    saved to `directory` in diffusers' format (the file pytorch_lora_weights.safetensors, or lora_<seed>.safetensors
+    for seed > 0; alpha in its metadata); returns its state dict."""
+    lora, config = make_lora(pipeline_class.from_pretrained(str(pipeline_dir)).transformer, seed)
+    pipeline_class.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=config,
+                                     weight_name=f"lora_{seed}.safetensors" if seed else None)
+    return lora
+
+
 class HandLora(nn.Module):
     """base(x) + scale * (x A^T) B^T: a LoRA'd layer written out, the reference for PEFT's."""
 

@@ -1,0 +1,134 @@
+"""Quantize a diffusers pipeline's transformer in memory, with the pipeline as its teacher, from a user's own script.
+
+    pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")
+    quantized = quantize_transformer(pipe, wbits=2)  # pipe.transformer is now the quantized transformer
+    quantized.save("sd3.5-medium-w2")  # the artifact quantize.py writes for the same config
+
+The stages are quantize.py's own (jobs/quantize.py): the load stage takes the pipeline's transformer as it is in
+memory instead of reading it, then codebooks, the teacher's recording and calibration, and the save stage on demand.
+"""
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from jobs.config import QuantizeConfig, load_config
+from utils.errors import UserError
+from vq.lora import enable_peft_lora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizedTransformer:
+    """What quantize_transformer returns: the quantized transformer (the pipeline's own object, its Linears replaced
+    in place by hard quantized layers, exactly as its artifact stores them), the resolved config, the artifact's
+    model reference extras and the per-block calibration stats."""
+
+    transformer: nn.Module
+    config: QuantizeConfig
+    extra: dict
+    stats: list = field(default_factory=list)
+
+    def save(self, out_dir):
+        """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
+        quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back."""
+        from jobs.quantize import save
+        from utils.fileio import check_out_dir
+        from vq.artifact import quantized_layers
+
+        check_out_dir(out_dir)
+        layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
+        save(self.transformer, layers, self.extra, self.config, out_dir)
+
+
+def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **overrides):
+    """Quantize `pipe.transformer` in place, calibrated against the transformer as it was (the teacher, a copy),
+    sampled by the pipeline's class with the scheduler and text encoders of the directory or hub repo the pipeline
+    was loaded from (pipe.name_or_path: a pipeline built in memory must be saved and loaded first); returns a
+    QuantizedTransformer (.transformer, .save(out_dir)).
+
+    config: a jobs.config.QuantizeConfig (load_config("preset.yaml") reads a YAML preset as quantize.py --config
+        does); None: quantize.py's defaults (the recipe's preset). overrides: flat keys as quantize.py's flags and
+        config.yaml have them (wbits=2, iters=500, prompts="prompts.txt", device="cuda", ...). ckpt is the pipeline's
+        source.
+    work_dir: where the calibration keeps its resumable state, its log (calib_log.jsonl) and the activations past
+        max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
+    The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
+    """
+    from calib.state import CalibState
+    from jobs.methods import method_for
+    from jobs.quantize import build_and_calibrate, load
+
+    enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
+    config = resolved_config(pipe, config, overrides)
+    base = base_model(pipe, config.model.ckpt)
+    method = method_for(config.method, config.codebooks)
+    with contextlib.ExitStack() as stack:
+        directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
+        state = CalibState.for_config(directory, config) if method.calibrated else None
+        base, include, extra = load(config.model, config.device, loaded=base)
+        _, stats = build_and_calibrate(base, include, method, config, state, progress)
+        if state is not None:
+            state.remove()
+    harden(base.model)
+    logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
+    return QuantizedTransformer(base.model, config, extra, stats)
+
+
+def resolved_config(pipe, config, overrides):
+    """The QuantizeConfig of the run: `config` (None: the defaults and recipe preset quantize.py starts from) with
+    the flat `overrides` and ckpt set to the pipeline's source, as quantize.py --ckpt SOURCE would resolve it."""
+    source = getattr(pipe, "name_or_path", None)
+    if not source:
+        raise UserError(f"quantize_transformer: the {type(pipe).__name__} was not loaded with from_pretrained "
+                        "(no name_or_path): its teacher runs need the directory or hub repo of its text encoders "
+                        "and scheduler; save it with pipe.save_pretrained(DIR) and load it from DIR")
+    given = overrides.get("ckpt", config.model.ckpt if config is not None else None)
+    if given is not None and str(given) != str(source):
+        raise UserError(f"quantize_transformer: ckpt={given!r}, but the pipeline was loaded from {source!r}; drop "
+                        "ckpt (the pipeline is the model quantized)")
+    values = {**overrides, "ckpt": str(source)}
+    config = load_config(overrides=values) if config is None else config.replace(**values)
+    if config.model.backend == "vq4dit":
+        raise UserError("quantize_transformer: backend='vq4dit' maps DiT weights into the project's DiT; a "
+                        "pipeline's transformer is quantized in its diffusers form: use backend='auto'")
+    return config
+
+
+def base_model(pipe, source):
+    """The load stage's BaseModel for the pipeline's transformer as it is in memory, with the same model reference
+    as quantize.py records for `source`."""
+    from models.adapters import adapter_for
+    from models.adapters.load import BaseModel, pipeline_reference
+    from models.pipelines import resolve_pipeline
+
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        raise UserError(f"quantize_transformer: {type(pipe).__name__} has no transformer to quantize (UNet "
+                        "pipelines are not supported)")
+    dtypes = sorted({str(p.dtype) for p in transformer.parameters() if p.is_floating_point()})
+    if dtypes != [str(torch.float32)]:
+        raise UserError(f"quantize_transformer: the transformer is in {', '.join(dtypes)}; load the pipeline in "
+                        "float32 (from_pretrained's default, no torch_dtype): codebooks are fitted and calibrated "
+                        "in float32, as quantize.py does")
+    directory = resolve_pipeline(source)
+    if directory is None:
+        raise UserError(f"quantize_transformer: {source} (the pipeline's name_or_path) is not a diffusers pipeline "
+                        "directory (no model_index.json)")
+    return BaseModel(transformer.eval(), adapter_for(transformer), pipeline_reference(source, directory))
+
+
+@torch.no_grad()
+def harden(model):
+    """Every quantized layer hard and exactly as its artifact stores it (vq/codecs.py, e.g. fp16-exact codebooks),
+    so that the in-memory model, the saved artifact and the artifact loaded back compute the same."""
+    from vq.artifact import quantized_layers
+
+    for layer, codec in quantized_layers(model).values():
+        if not layer.is_hard:
+            layer.harden()
+        codec.prepare(layer)
