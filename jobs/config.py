@@ -74,7 +74,7 @@ class CodebookConfig:
     # kmeans: the k-means codebooks calibration starts from (the paper) | gptvq: refit each block's k-means codebooks
     # to its recorded inputs when calibration reaches it (input-weighted k-means, GPTQ-style error feedback across
     # column groups, codebook refit; vq/weighted_kmeans.py): block-wise calibration of vq4dit or codebook only |
-    # auto: gptvq where it applies, else kmeans (load_config writes the one it chose)
+    # auto: gptvq where it applies, else kmeans (QuantizeConfig.output_aware says which)
     codebook_init: str = "auto"
 
     @property
@@ -233,6 +233,4 @@ def load_config(path=None, overrides=None):
     if path is not None:
         config = merge(config, values, path)
     config = merge(config, overrides, "command line")
-    if config.codebooks.codebook_init == "auto":  # the saved config.yaml names what ran
-        config = merge(config, {"codebook_init": "gptvq" if config.output_aware else "kmeans"}, "codebook_init auto")
     return config.validate()

@@ -71,6 +71,9 @@ def build_and_calibrate(base, include, method, config, state, progress=True):
     if method.calibrated:
         from calib.problem import Problem
 
+        if config.output_aware:
+            logger.info("output-aware start: each block's codebooks are refit to its recorded inputs when "
+                        "calibration reaches it (codebook_init %s)", config.codebooks.codebook_init)
         problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress,
                           needs_moments=config.output_aware)
         stats = record_and_calibrate(problem, config, state)

@@ -66,7 +66,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
     base = base_model(pipe, config.model.ckpt)
-    method = method_for(config.method, config.codebooks)
+    method = method_for(config.method, config.codebooks, config.seed)
     with contextlib.ExitStack() as stack:
         directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
         state = CalibState.for_config(directory, config) if method.calibrated else None

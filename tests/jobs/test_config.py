@@ -140,3 +140,17 @@ def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
 def test_numbers_out_of_range_are_refused_before_any_work(overrides, pattern):
     with pytest.raises(UserError, match=pattern):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, True), ({"method": "codebook"}, True), ({"calib": "joint"}, False), ({"method": "kmeans"}, False),
+    ({"recipe": "authors"}, False), ({"codebook_init": "kmeans"}, False), ({"codebook_init": "gptvq"}, True),
+])
+def test_codebook_init_auto_is_output_aware_where_block_wise_calibration_runs(overrides, expected):
+    """The default start is the output-aware fit for block-wise vq4dit/codebook and k-means elsewhere, and changing
+    the mode of an already loaded default config does not turn "auto" into an error (mutation: auto resolved to
+    gptvq at load, then --calib joint refused)."""
+    config = load_config(overrides=overrides)
+    assert config.output_aware == expected
+    if config.codebooks.codebook_init != "gptvq":
+        assert not config.replace(calib="joint").output_aware
