@@ -42,6 +42,8 @@ FLAGS = [
     ("--lambda-r", float, "weight of the ratio regulariser"),
     ("--ratio-gate", str, "none | running_min (L_r only above its running minimum within a trajectory)"),
     ("--train-codebooks", str, "always | when_hard (a codebook trains only once its layer is hard)"),
+    ("--plateau", float, "stop a block's training once every layer is hard and its mean loss over 50 updates falls "
+                         "by less than this fraction (0: always --iters updates)"),
     ("--select-every", int, "progressive selection after every this many updates"),
     ("--ratio-reg", str, "ratio regulariser form: code (n * mean(r(1-r)), authors' code) | paper (mean(1-|2r-1|))"),
     ("--steps", int, "sampler steps of the teacher trajectory"),

@@ -79,7 +79,8 @@ def calibrate_block(problem, i, replay, targets, config):
     for layer in modules:
         layer.round_codebook_()  # calibrated = deployed: later blocks see the codebooks the artifact stores
     reverted = keep_better(block, layers, starts, replay, targets, problem.device)
-    return {"mse_before": mse_before, "loss": info["loss"], "penalty": info["penalty"], "reverted": reverted,
+    return {"mse_before": mse_before, "loss": info["loss"], "penalty": info["penalty"], "updates": info["updates"],
+            "reverted": reverted,
             "seconds": time.perf_counter() - start, "layers": layer_stats(layers, info, w_before, problem.fp_weights)}
 
 

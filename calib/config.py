@@ -75,6 +75,9 @@ class CalibConfig:
     train_codebooks: str = "always"  # always | when_hard: a codebook trains only once its layer is hard
     ratio_gate: str = "none"  # none | running_min: L_r added only above its running minimum within a trajectory
     select_every: int = 10  # progressive selection after every this many updates
+    # > 0: a block stops training once every layer is hard and its mean loss over 50 updates falls by less than
+    # this fraction of the 50 before (calib/train.py); 0: always `iters` updates
+    plateau: float = 0.0
     student_label_dropout: float = 0.0  # calib online: the authors' student drops labels w.p. 0.1 (training mode)
 
     def validate(self):
@@ -87,6 +90,7 @@ class CalibConfig:
         check_range(self, "lambda_r", 0, None, "must be >= 0 (a loss weight)")
         check_range(self, "select_threshold", 0, 1, "must be in [0, 1] (a candidate ratio)")
         check_range(self, "hard_fraction", 0, 1, "must be in [0, 1]")
+        check_range(self, "plateau", 0, 1, "must be in [0, 1] (a fraction of the loss; 0: off)")
         if not 0 <= self.student_label_dropout < 1:
             invalid("student_label_dropout", self.student_label_dropout, "must be in [0, 1)")
         return self

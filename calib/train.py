@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # train() shows the loss and offers a snapshot every CHECKPOINT_EVERY updates: reading the loss synchronises a GPU
 CHECKPOINT_EVERY = 10
+# config.plateau > 0: the mean minibatch loss of each window of this many updates is compared with the window before
+PLATEAU_WINDOW = 50
 
 RATIO_PENALTIES = {
     # both are 0 at one-hot ratios and largest at uniform ones; r: (A, n) ratios of the free sub-vectors
@@ -143,6 +145,8 @@ class Trainer:
       value, added or not, updates that minimum. The first update of a trajectory therefore never adds it, nor
       does any update that sets a new minimum. `new_trajectory()` forgets the minimum.
     - progressive selection (`progressive_select`) runs after every `select_every`-th update.
+    - plateau > 0: after every PLATEAU_WINDOW updates, `stalled` says whether the window's mean L_d fell by less
+      than that fraction of the previous window's (minibatch losses vary several-fold: a window mean is stable).
 
     resume: a `snapshot()` taken earlier, with the layers restored to their state at that moment; the trainer
     then continues exactly as the one that took it would have.
@@ -157,10 +161,13 @@ class Trainer:
         self.hardened_at = [0 if layer.is_hard else None for layer in self.layers]
         self.ratio_min = None  # smallest L_r of the current trajectory (None: none seen yet)
         self.loss = self.penalty = None  # last L_d and L_r (tensors, or floats restored from a snapshot)
+        self.window = [None, 0.0]  # plateau: [previous window's mean L_d, sum of L_d in the current window]
+        self.stalled = False
         if resume is not None:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.updates, self.hardened_at = resume["iteration"], list(resume["hardened_at"])
             self.ratio_min, self.loss, self.penalty = resume["ratio_min"], resume["loss"], resume["penalty"]
+            self.window = list(resume.get("window", self.window))
 
     def _groups(self):
         c = self.config
@@ -203,6 +210,8 @@ class Trainer:
         self.optimizer.step()
         self.updates += 1
         self.loss, self.penalty = loss_d.detach(), None if penalty is None else penalty.detach()
+        if c.plateau > 0:
+            self._watch_plateau(c.plateau)
         if self.updates % c.select_every:
             return []
         now = progressive_select(self.layers, c.select_threshold, c.hard_fraction)
@@ -215,12 +224,20 @@ class Trainer:
             logger.debug("update %d: hardened %d layer(s)", self.updates, len(now))
         return now
 
+    def _watch_plateau(self, fraction):
+        """Add this update's L_d to the window (a device tensor: read once per window, not per update)."""
+        self.window[1] = self.window[1] + self.loss
+        if self.updates % PLATEAU_WINDOW == 0:
+            mean = _value(self.window[1]) / PLATEAU_WINDOW
+            self.stalled = self.window[0] is not None and mean > (1 - fraction) * self.window[0]
+            self.window = [mean, 0.0]
+
     def snapshot(self):
         """{"iteration": updates made, "hardened_at", "loss", "penalty", "ratio_min" (JSON-able), "optimizer":
         optimizer.state_dict() (its tensors are the live ones: serialise them before the next step)}."""
         return {"iteration": self.updates, "hardened_at": list(self.hardened_at), "loss": _value(self.loss),
                 "penalty": _value(self.penalty), "ratio_min": self.ratio_min,
-                "optimizer": self.optimizer.state_dict()}
+                "window": [self.window[0], _value(self.window[1])], "optimizer": self.optimizer.state_dict()}
 
     def finish(self):
         """Harden every layer at its argmax; returns {"loss": last L_d, "penalty": last L_r (or None), "selected":
@@ -231,13 +248,14 @@ class Trainer:
             layer.harden()
         self._sync_codebooks()
         return {"loss": _value(self.loss), "penalty": _value(self.penalty), "selected": selected,
-                "hardened_at": list(self.hardened_at)}
+                "hardened_at": list(self.hardened_at), "updates": self.updates}
 
 
 def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoint=None):
-    """Minimise L_d + lambda_r * L_r over `config.iters` minibatches of `batches` (Minibatches); every layer is hard
-    afterwards. layers: list of VQLinear; loss_fn(idx) -> L_d of the minibatch idx (B,); desc: the progress bar's
-    label (None: no bar). Returns `Trainer.finish()`'s dict.
+    """Minimise L_d + lambda_r * L_r over `config.iters` minibatches of `batches` (Minibatches), or fewer when
+    config.plateau > 0 and the loss stalls once every layer is hard (Trainer); every layer is hard afterwards.
+    layers: list of VQLinear; loss_fn(idx) -> L_d of the minibatch idx (B,); desc: the progress bar's label (None:
+    no bar). Returns `Trainer.finish()`'s dict ("updates": how many were made).
 
     Every CHECKPOINT_EVERY iterations `on_checkpoint(snapshot)` gets a `Trainer.snapshot()`; passing it back as
     `resume`, with the layers restored to their state at that moment and Minibatches with a fresh generator of the
@@ -251,6 +269,8 @@ def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoin
                initial=trainer.updates, total=config.iters)
     for _ in bar:
         trainer.step(loss_fn(next(order)))
+        if trainer.stalled and trainer.all_hard:  # plateau: every layer hard and the loss no longer falling
+            break
         if trainer.updates % CHECKPOINT_EVERY == 0:
             bar.set_postfix(loss=f"{trainer.loss.item():.3g}", hard=sum(h is not None for h in trainer.hardened_at))
             if on_checkpoint is not None:

@@ -181,3 +181,27 @@ def test_two_candidates_beat_codebook_only():
         assert all(layer.is_hard for layer in layers)
         errors[n] = error()
     assert errors[2] < 0.85 * errors[1]
+
+
+@pytest.mark.parametrize("lr,iters,stops", [(1e-3, 150, False), (0.0, 300, True)])
+def test_plateau_stops_only_once_the_loss_no_longer_falls(lr, iters, stops):
+    """plateau 0.01 on a hard block: while training lowers the window mean by more than 1% per 50 updates (here
+    for the first 150) it runs every iteration; with a zero learning rate (a flat loss: minibatch noise only) it stops at the first comparison
+    that shows no 1% fall, after 100 updates (two windows), not before. Catches stopping after one window or one
+    update, or a rule that never stops; a slow reference checks the window means."""
+    layers, loss_fn, _ = block_problem(candidates=1, points=64)
+    config = tiny_config(iters=iters, batch_size=8, lr_codebook=lr, plateau=0.01).calibration
+    seen = []
+
+    def logged(idx):
+        loss = loss_fn(idx)
+        seen.append(loss.item())
+        return loss
+
+    info = train(layers, logged, Minibatches(64, 8, seeded_generator(0)), config)
+    means = [sum(seen[s:s + 50]) / 50 for s in range(0, len(seen) - 49, 50)]  # (windows,)
+    first_stall = next((w for w in range(1, len(means)) if means[w] > 0.99 * means[w - 1]), None)
+    assert info["updates"] == len(seen) == (iters if first_stall is None else 50 * (first_stall + 1))
+    assert (info["updates"] < iters) == stops
+    if stops:
+        assert info["updates"] >= 100
