@@ -21,14 +21,18 @@ from utils.precision import set_tf32
 logger = logging.getLogger(__name__)
 
 
-def quantize(config: QuantizeConfig, out_dir, progress=True):
-    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats."""
-    from calib.state import CalibState
+def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
+    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
+    overwrite: delete a calibration state in out_dir that this run will not resume (else it is a UserError)."""
+    from calib.state import CalibState, discard_state
 
     check_out_dir(out_dir)
     method = method_for(config.method, config.codebooks)
-    # a state left by another config must fail now, not after loading and k-means
-    state = CalibState.for_config(out_dir, config) if method.calibrated else None
+    # a state left by another run must fail now, not after loading and k-means
+    state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
+    if state is None:
+        discard_state(out_dir, overwrite, f"the resumable state of another run (--method {config.method} does not "
+                      "calibrate)")
     start = time.time()
     base, include, extra = load(config.model, config.device)
     outside = outside_blocks(base.adapter, base.model, include)

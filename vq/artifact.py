@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.digest import file_sha256
 from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path, write_text_atomic
 from vq.apply import set_submodule
@@ -59,14 +60,6 @@ def content_digest(quant):
     content = {k: v for k, v in quant.items() if k != DIGEST}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_quant_config(out_dir, quant):

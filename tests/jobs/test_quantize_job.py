@@ -39,11 +39,44 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
 
 
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
-    CalibState(str(tmp_path), "other-config").start({}, {})
+    CalibState.for_config(str(tmp_path), load_config(overrides={"ckpt": tiny_ckpt, "iters": 3})).start({}, {})
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
-    with pytest.raises(UserError, match="different config.*fresh --out or delete"):
+    with pytest.raises(UserError, match="config changed .*iters 3 -> 2.*new --out"):
         quantize(config, str(tmp_path), progress=False)
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_path, monkeypatch):
+    """After a kill, the file at --ckpt is another model: resuming would mix the two (issue 20). A copy of the same
+    file (new mtime) still resumes."""
+    from models.loading import DiTSpec
+
+    config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
+    out = str(tmp_path / "out")
+    CalibState.for_config(out, config).start({}, {})
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(tiny_ckpt, "rb").read())
+    os.replace(copy, tiny_ckpt)
+    assert CalibState.for_config(out, config).meta is not None  # same content: resumes
+    other = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build(), seed=1)
+    save_dit(other, "DiT-Digits/2", tiny_ckpt)
+    monkeypatch.setattr("jobs.quantize.load_model", None)  # refused before the model loads
+    with pytest.raises(UserError, match=f"checkpoint {tiny_ckpt} changed since the saved calibration state "
+                                        r"\(digest \w+ != \w+\); rerun with a new --out"):
+        quantize(config, out, progress=False)
+
+
+def test_a_method_without_calibration_keeps_another_runs_state_unless_told(tiny_ckpt, tmp_path):
+    """quantize --method rtn over a run's directory: refused with its state intact; --overwrite deletes it."""
+    out = str(tmp_path / "out")
+    CalibState.for_config(out, load_config(overrides={"ckpt": tiny_ckpt})).start({}, {})
+    rtn = load_config(overrides={"ckpt": tiny_ckpt, "method": "rtn"})
+    with pytest.raises(UserError, match=r"calib_state: the resumable state of another run \(--method rtn does not "
+                                        "calibrate\\); .*pass --overwrite"):
+        quantize(rtn, out, progress=False)
+    assert os.path.exists(os.path.join(out, STATE_DIR, "state.json"))
+    quantize(rtn, out, progress=False, overwrite=True)
+    assert not os.path.exists(os.path.join(out, STATE_DIR)) and load_quantized(out)[2]["layers"]
 
 
 def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_path):
