@@ -53,6 +53,7 @@ def test_a_directory_digests_its_files_by_relative_name_and_skips_hidden_entries
     before = sampled_digest(root)
     (root / ".cache").mkdir()
     (root / ".cache" / "weights.bin.metadata").write_text("etag, timestamp")
+    (root / ".lock").write_text("")
     assert sampled_digest(root) == before
     (root / "transformer" / "weights.bin").write_bytes(b"\1" * 100)
     assert sampled_digest(root) != before
