@@ -10,8 +10,7 @@ import logging
 import os
 
 from jobs.config import load_config
-from utils.cli import ArgumentParser, run_cli
-from utils.errors import UserError
+from utils.cli import ArgumentParser, check_not_blank, run_cli
 
 FLAGS = [
     # (flag, type, help); every flag maps to the QuantizeConfig field of the same name
@@ -76,8 +75,8 @@ def default_out(config):
 
 
 def main(args):
-    if args.out is not None and not args.out.strip():
-        raise UserError(f"--out {args.out!r}: empty; give a directory or leave the flag out")
+    texts = {flag: getattr(args, flag[2:].replace("-", "_")) for flag, kind, _ in FLAGS if kind is str}
+    check_not_blank({"--config": args.config, **texts, "--out": args.out})
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")

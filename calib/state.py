@@ -83,11 +83,11 @@ class RunKey:
 
     def change(self, saved):
         """What differs from `saved` (a to_json() read back) in words, or None: an input file whose content changed
-        at the same path first, then the config fields that differ (a new path is one of them)."""
+        first, then the config fields that differ (a new path is one of them)."""
         before = {i["role"]: i for i in saved["inputs"]}
         for now in self.inputs:
             old = before.get(now.role)
-            if old is not None and old["path"] == now.path and old["digest"] != now.digest:
+            if old is not None and old["digest"] != now.digest:
                 return (f"{now.role} {now.path} changed since the saved calibration state (digest {old['digest']} "
                         f"!= {now.digest})")
         old_config = saved["config"]

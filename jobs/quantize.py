@@ -9,13 +9,16 @@ import copy
 import logging
 import time
 
+from torch import nn
+
 from jobs.config import QuantizeConfig
 from jobs.methods import method_for
 from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
 from models.prompts import read_prompts
-from utils.device import resolve_device
-from utils.fileio import check_out_dir
+from utils.device import physical_memory, resolve_device
+from utils.errors import UserError
+from utils.fileio import check_dir_usable, check_out_dir, free_bytes
 from utils.precision import set_tf32
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,8 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     from calib.state import CalibState, discard_state
 
     check_out_dir(out_dir)
+    if config.cache.cache_dir:
+        check_dir_usable(config.cache.cache_dir, "--cache-dir")
     method = method_for(config.method, config.codebooks)
     # a state left by another run must fail now, not after loading and k-means
     state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
@@ -39,6 +44,8 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     if outside and method.calibrated:
         logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
                        "not calibrated", len(outside), outside[0])
+    if method.calibrated and config.calibration.calib != "online":
+        check_calibration_fits(base, config, config.cache.cache_dir or state.cache_dir)
     teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
     layers = method.build(base.model, include, config.seed, progress)
     stats = []
@@ -65,6 +72,30 @@ def load(spec, device):
     extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
     include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
     return base, include, extra
+
+
+def check_calibration_fits(base, config, cache_dir):
+    """Refuse, before k-means, a calibration set that cannot fit this machine: each of its rows (trajectories x kept
+    steps x CFG rows) holds at least one token of the first block's input in the cache dtype, against physical
+    memory plus the free disk under `cache_dir`. A lower bound: a set it lets pass may still fill the disk, which
+    the activation cache reports when it reserves a file; without it a count like 10^12 meets the allocator."""
+    from calib.cache import dtype_bytes
+    from calib.capture import calib_steps
+    from calib.teacher import teacher_plan
+
+    teacher = config.teacher
+    plan = teacher_plan(teacher, config.seed)
+    rows = (plan.num_samples * len(calib_steps(teacher.steps, teacher.calib_timesteps))
+            * base.adapter.rows_per_trajectory(plan))
+    _, block = base.adapter.blocks(base.model)[0]
+    width = next(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
+    needed = rows * width * dtype_bytes(config.cache.dtype)
+    room = physical_memory() + free_bytes(cache_dir)
+    if needed > room:
+        raise UserError(f"--calib-samples {teacher.calib_samples}: {rows:,} recorded rows need at least "
+                        f"{needed / 2**30:,.1f} GiB, more than this machine's memory and the free disk under "
+                        f"{cache_dir} ({room / 2**30:,.1f} GiB together); even by this lower bound at most "
+                        f"{teacher.calib_samples * room // needed:,} fit")
 
 
 def record_and_calibrate(problem, config, state):

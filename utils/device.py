@@ -1,4 +1,5 @@
 """Which device a run uses: --device auto | cpu | cuda | cuda:N, checked against what this machine has."""
+import os
 import re
 
 import torch
@@ -19,3 +20,8 @@ def resolve_device(device):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def physical_memory():
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -91,3 +91,36 @@ def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_pa
     assert len(log) == 6 and all(r["mode"] == "online" and r["updates"] == 2 * 3 for r in log)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     assert torch.isfinite(model(x, t, y)).all() and len(quant["layers"]) == 6 * 5
+
+
+def test_an_artifact_whose_config_yaml_is_missing_or_another_is_refused(tiny_ckpt, tmp_path):
+    """config.yaml is covered by quant_config.json's digest (mutation: the check skipped, or only a missing file
+    caught); the artifact loads again once its own file is back."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((first, 0), (second, 1)):
+        quantize(load_config(overrides={"ckpt": tiny_ckpt, "method": "rtn", "seed": seed}), str(out), progress=False)
+    own = (first / "config.yaml").read_bytes()
+    (first / "config.yaml").unlink()
+    with pytest.raises(UserError, match=r"a/config.yaml: missing; quant_config.json records"):
+        load_quantized(first)
+    (first / "config.yaml").write_bytes((second / "config.yaml").read_bytes())
+    with pytest.raises(UserError, match=r"a/config.yaml: not this artifact's config"):
+        load_quantized(first)
+    (first / "config.yaml").write_bytes(own)
+    assert load_quantized(first)[2]["config_sha256"]
+
+
+def test_a_calibration_set_that_cannot_fit_is_refused_before_k_means(tiny_ckpt, tmp_path, monkeypatch):
+    """10^12 trajectories met the allocator with a traceback (issue 20); now an estimate refuses them in one line
+    naming the flag, before any k-means (mutation: the check skipped, or made after the method builds the layers)."""
+    monkeypatch.setattr("jobs.quantize.method_for", lambda *a: type("M", (), {"calibrated": True, "build": None})())
+    config = load_config(overrides={"ckpt": tiny_ckpt, "calib_samples": 10**12})
+    with pytest.raises(UserError, match=r"--calib-samples 1000000000000: .* recorded rows need at least .* GiB"):
+        quantize(config, str(tmp_path / "out"), progress=False)
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_loading(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("jobs.quantize.load_model", None)
+    config = load_config(overrides={"ckpt": tiny_ckpt, "cache_dir": tiny_ckpt})
+    with pytest.raises(UserError, match="--cache-dir .*tiny.safetensors: exists and is not a directory"):
+        quantize(config, str(tmp_path / "out"), progress=False)
