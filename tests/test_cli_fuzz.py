@@ -1,7 +1,8 @@
 """Seeded fuzz of the entry scripts (issue 20): random flag combinations with hostile values (NaN, inf, negative,
 huge, empty, unicode, wrong types, wrong kinds of file), run in this process on tiny budgets. Every case must end in
 success or in exit status 2 with one error line (a UserError through run_cli, or argparse's usage error): never
-another exception, and never a stray temporary file. A successful run must have written its outputs.
+another exception, and never a stray temporary file. A successful run must have written its outputs and must not
+have been given an empty or blank value (one that a script took for "use the default" silently).
 
 A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, what a success writes, and a list of
 `Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script is fuzzed
