@@ -25,3 +25,10 @@ def resolve_device(device):
 def physical_memory():
     """This machine's physical memory in bytes."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device):
+    """The memory of torch.device `device` in bytes: a CUDA device's own, else the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory()

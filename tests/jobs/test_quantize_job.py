@@ -115,8 +115,12 @@ def test_a_calibration_set_that_cannot_fit_is_refused_before_k_means(tiny_ckpt, 
     naming the flag, before any k-means (mutation: the check skipped, or made after the method builds the layers)."""
     monkeypatch.setattr("jobs.quantize.method_for", lambda *a: type("M", (), {"calibrated": True, "build": None})())
     config = load_config(overrides={"ckpt": tiny_ckpt, "calib_samples": 10**12})
-    with pytest.raises(UserError, match=r"--calib-samples 1000000000000: .* recorded rows need at least .* GiB"):
+    with pytest.raises(UserError, match=r"--calib-samples 1000000000000: .* rows need at least .* GiB, more than this "
+                                        "machine's memory and the free disk under"):
         quantize(config, str(tmp_path / "out"), progress=False)
+    online = config.replace(calib="online", calib_samples=1, online_batch=10**12)
+    with pytest.raises(UserError, match=r"--online-batch 1000000000000: .* more than the memory of cpu"):
+        quantize(online, str(tmp_path / "out"), progress=False)
 
 
 def test_a_cache_dir_that_is_a_file_is_refused_before_loading(tiny_ckpt, tmp_path, monkeypatch):
