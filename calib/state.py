@@ -100,9 +100,10 @@ class RunKey:
 
 def discard_state(out_dir, overwrite, why):
     """A calibration state in `out_dir` that this run will not resume (`why`, in words) is another run's: refused
-    naming it, or deleted with a warning when `overwrite` (--overwrite) is given. No state: nothing to do."""
+    naming it, or deleted with a warning when `overwrite` (--overwrite) is given. No state.json (no state, or only
+    the temporaries of a run killed before its first save): nothing to resume, nothing to do."""
     directory = os.path.join(out_dir, STATE_DIR)
-    if not os.path.lexists(directory):
+    if not os.path.lexists(os.path.join(directory, STATE_JSON)):
         return
     if not overwrite:
         raise UserError(f"{directory}: {why}; rerun with a new --out, delete {directory}, or pass --overwrite to "

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from calib.state import LOG_NAME, STATE_DIR, CalibState, Input, RunKey
+from calib.state import LOG_NAME, STATE_DIR, CalibState, Input, RunKey, discard_state
 from utils.errors import UserError
 
 KEY = RunKey({"iters": 2}, (Input("checkpoint", "/ckpt.pt", "aaaa"),))
@@ -77,3 +77,17 @@ def test_block_states_resume_where_they_stopped_and_log_each_block_once(tmp_path
     assert log == [{"mode": "blockwise", "block": 0}, {"mode": "blockwise", "block": 1}]
     again.remove()
     assert not (tmp_path / STATE_DIR).exists() and CalibState(str(tmp_path), KEY).meta is None
+
+
+def test_only_a_saved_state_is_another_runs(tmp_path):
+    """Temporaries of a run killed before its first save are nothing to resume: no refusal (mutation: testing for the
+    directory rather than its state.json); a saved one is refused, then deleted with overwrite."""
+    directory = tmp_path / STATE_DIR
+    directory.mkdir()
+    (directory / ".layers-00000.safetensors.abc.tmp").write_bytes(b"half a file")
+    discard_state(str(tmp_path), False, "why")
+    CalibState(str(tmp_path), KEY).start({}, {})
+    with pytest.raises(UserError, match="calib_state: why; rerun with a new --out"):
+        discard_state(str(tmp_path), False, "why")
+    discard_state(str(tmp_path), True, "why")
+    assert not directory.exists()
