@@ -10,7 +10,7 @@ import logging
 import os
 
 from jobs.config import load_config
-from utils.cli import run_cli
+from utils.cli import ArgumentParser, check_not_blank, run_cli
 
 FLAGS = [
     # (flag, type, help); every flag maps to the QuantizeConfig field of the same name
@@ -79,6 +79,8 @@ def default_out(config):
 
 
 def main(args):
+    texts = {flag: getattr(args, flag[2:].replace("-", "_")) for flag, kind, _ in FLAGS if kind is str}
+    check_not_blank({"--config": args.config, **texts, "--out": args.out})
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
@@ -92,7 +94,7 @@ def main(args):
     from jobs.quantize import quantize
 
     args.out = args.out or default_out(config)
-    quantize(config, args.out)
+    quantize(config, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
@@ -106,17 +108,29 @@ def resume_hint(out):
     return f"rerun the same command to resume from {point} (state in {os.path.join(out, STATE_DIR)})"
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset from configs/")
     for flag, kind, text in FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--split-qkv", action="store_true", default=None, help="q, k, v as three codebooks")
     parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
+    parser.add_argument("--overwrite", action="store_true", help="delete a calibration state in --out that this run "
+                        "would not resume (another config, checkpoint or method); without it that is an error")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
                         "pipeline, its memory plan) and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def cli(argv=None):
+    """Run quantize.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 on Ctrl-C) or
+    returns."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
     run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))
+
+
+if __name__ == "__main__":
+    cli()

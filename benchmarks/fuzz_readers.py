@@ -127,7 +127,6 @@ def build_subjects(work):
     art = os.path.join(work, "artifact")
     model = tiny_quantized()
     save_quantized(model, reference(model), art, {"method": "fuzz"})
-    os.remove(os.path.join(art, "config.yaml"))  # not read on load
     pt, st = os.path.join(work, "pt"), os.path.join(work, "st")
     os.makedirs(pt, exist_ok=True)
     os.makedirs(st, exist_ok=True)

@@ -1,26 +1,26 @@
 """Resumable calibration state in <out_dir>/calib_state/, saved at every block boundary (block-wise) or
 every few minutes of training (joint, online).
 
-`CalibState` owns the output directory's calibration files, the config digest, the log and resume. Files:
+`CalibState` owns the output directory's calibration files, the run key, the log and resume. Files:
 layers-<tag>.safetensors (the calibrated, hard layers of blocks < next; in a joint or online checkpoint every
 layer, soft or hard), acts-<tag>.safetensors (the cached tensors the walk needs to continue: the recorded
 slots and each chain's block outputs, calib.tables.Chains.to_tensors), for a joint or online checkpoint
-train-<tag>.safetensors (the RMSprop state), and state.json (next block, config hash, stats, the training
+train-<tag>.safetensors (the RMSprop state), and state.json (next block, the run's RunKey, stats, the training
 snapshot, the recorded block-call wiring, and the names of those files). The tensor files are written first under
 new names and state.json is replaced last, so a kill at any moment leaves the previous consistent state. No RNG state is
 needed: the minibatch order of a block (or of the joint run) comes from its own generator seeded by the seed.
 """
-import hashlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from utils.digest import sampled_digest
 from utils.errors import UserError
 from utils.fileio import atomic_path, write_text_atomic
 
@@ -30,16 +30,89 @@ STATE_DIR = "calib_state"
 STATE_JSON = "state.json"
 LOG_NAME = "calib_log.jsonl"  # per-block stats of the calibration, one JSON line per block
 CACHE_DIR = "calib_cache"  # where activations past the memory budget go, unless the config names a cache_dir
-FORMAT = 2  # 2: model-agnostic recorded wiring and tables (1: DiT-only x_fp / x_q / c)
+FORMAT = 3  # 3: the run key by content (2: a hash of the config, checkpoint path included; 1: DiT-only tables)
 
 
 RUN_ONLY_FIELDS = ("device", "cache_dir", "max_cache_gb")  # where the run happens, not what it computes
 
 
-def config_hash(config):
-    """A digest of every config field but RUN_ONLY_FIELDS: a resumed run must be the run that was interrupted."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Input:
+    """A file the result depends on, by content: its role (for messages), its path as configured, and its
+    utils.digest.sampled_digest (a path that does not exist locally, e.g. a hub id, is identified by its name)."""
+
+    role: str
+    path: str
+    digest: str
+
+    @classmethod
+    def of(cls, role, path):
+        local = os.path.expanduser(path)
+        if not os.path.exists(local):
+            return cls(role, path, "not a local path")
+        try:
+            return cls(role, path, sampled_digest(local))
+        except OSError as e:
+            raise UserError(f"{role} {path}: cannot read it ({e.strerror})") from None
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What a calibration's result depends on: every config field but RUN_ONLY_FIELDS ({field: value}, as JSON
+    gives it back) and the content of its input files (Input: the checkpoint, the prompts file). A resumed run must
+    have the key of the run that was interrupted: the same path holding another checkpoint would otherwise give an
+    artifact whose first blocks come from one model and the rest from another."""
+
+    config: dict
+    inputs: tuple = ()
+
+    @classmethod
+    def of(cls, config):
+        """The key of QuantizeConfig `config`; each input file is digested here, once per run."""
+        from models.loading import embedded_ckpt_path
+
+        fields = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_FIELDS}
+        spec = config.model
+        inputs = [Input.of("checkpoint", spec.ckpt if spec.ckpt is not None else str(embedded_ckpt_path()))]
+        if spec.prompts:
+            inputs.append(Input.of("prompts file", spec.prompts))
+        return cls(json.loads(json.dumps(fields)), tuple(inputs))
+
+    def to_json(self):
+        return {"config": self.config, "inputs": [asdict(i) for i in self.inputs]}
+
+    def change(self, saved):
+        """What differs from `saved` (a to_json() read back) in words, or None: an input file whose content changed
+        first, then the config fields that differ (a new path is one of them)."""
+        before = {i["role"]: i for i in saved["inputs"]}
+        for now in self.inputs:
+            old = before.get(now.role)
+            if old is not None and old["digest"] != now.digest:
+                return (f"{now.role} {now.path} changed since the saved calibration state (digest {old['digest']} "
+                        f"!= {now.digest})")
+        old_config = saved["config"]
+        changed = sorted(k for k in old_config.keys() | self.config.keys() if old_config.get(k) != self.config.get(k))
+        if changed:
+            return "the config changed since the saved calibration state (" + ", ".join(
+                f"{k} {old_config.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:3]) + ")"
+        return None
+
+
+def discard_state(out_dir, overwrite, why):
+    """A calibration state in `out_dir` that this run will not resume (`why`, in words) is another run's: refused
+    naming it, or deleted with a warning when `overwrite` (--overwrite) is given. No state.json (no state, or only
+    the temporaries of a run killed before its first save): nothing to resume, nothing to do."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    if not os.path.lexists(os.path.join(directory, STATE_JSON)):
+        return
+    if not overwrite:
+        raise UserError(f"{directory}: {why}; rerun with a new --out, delete {directory}, or pass --overwrite to "
+                        "start over")
+    logger.warning("--overwrite: deleting %s (%s)", directory, why)
+    if os.path.isdir(directory) and not os.path.islink(directory):
+        shutil.rmtree(directory)
+    else:
+        os.remove(directory)
 
 
 def layers_state(layers):
@@ -83,8 +156,6 @@ def unflatten_optimizer(meta, tensors):
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-
-
 @dataclass
 class Saved:
     """The tensors of a saved state: layers {key: tensor}, acts {name: tensor}, train (optimizer tensors) or None."""
@@ -97,25 +168,26 @@ class Saved:
 class CalibState:
     """The resumable calibration of one output directory: <out_dir>/calib_state/ and the log <out_dir>/calib_log.jsonl.
 
-    Opening it checks at once (before any k-means) that a state left there is this config's: a state of another
-    config or format is a UserError. `meta` is the saved state.json (None: a fresh start). The writers save after
+    Opening it checks at once (before any k-means) that a state left there is this run's (its RunKey: config and
+    input files by content): a state of another run or format is a UserError naming what changed, or is deleted
+    when `overwrite`. `meta` is the saved state.json (None: a fresh start). The writers save after
     every block (block-wise) or every few minutes of training (joint, online); the tensor files are written first
     under new names and state.json is replaced last, so a kill at any moment leaves the previous consistent state.
     """
 
-    def __init__(self, out_dir, digest):
-        self.out_dir, self.digest = out_dir, digest
+    def __init__(self, out_dir, key, overwrite=False):
+        self.out_dir, self.key = out_dir, key
         self.directory = os.path.join(out_dir, STATE_DIR)
         self.log_path = os.path.join(out_dir, LOG_NAME)
         self.cache_dir = os.path.join(out_dir, CACHE_DIR)
-        self.meta = self._read_meta()
+        self.meta = self._read_meta(overwrite)
         self._saved = None
 
     @classmethod
-    def for_config(cls, out_dir, config):
-        return cls(out_dir, config_hash(config))
+    def for_config(cls, out_dir, config, overwrite=False):
+        return cls(out_dir, RunKey.of(config), overwrite)
 
-    def _read_meta(self):
+    def _read_meta(self, overwrite):
         path = os.path.join(self.directory, STATE_JSON)
         if not os.path.exists(path):
             return None
@@ -124,13 +196,13 @@ class CalibState:
                 meta = json.load(f)
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-            if meta["config_hash"] != self.digest:
-                raise UserError(f"{self.directory} holds the state of a calibration with a different config "
-                                f"({meta['config_hash']} vs {self.digest} now): use a fresh --out or delete "
-                                f"{self.directory}")
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot resume from {self.directory} ({e}): delete it to start over") from None
-        return meta
+            change = self.key.change(meta["run"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            change = f"it cannot be resumed ({type(e).__name__}: {e})".replace("\n", " ")
+        if change is None:
+            return meta
+        discard_state(self.out_dir, overwrite, change)
+        return None
 
     # --- what a resumed run picks up ------------------------------------------------------------------------
     @property
@@ -229,7 +301,7 @@ class CalibState:
         for kind, group in tensors.items():
             with atomic_path(os.path.join(self.directory, files[kind])) as tmp:
                 save_file({k: v.contiguous() for k, v in group.items()}, tmp)
-        self.meta = {"format": FORMAT, "config_hash": self.digest, "next_block": next_block, "stats": stats, **files,
+        self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": next_block, "stats": stats, **files,
                      "train_state": None if train is None else train[0],
                      "wiring": current.get("wiring") if wiring is None else wiring}
         write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")

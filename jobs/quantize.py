@@ -9,26 +9,35 @@ import copy
 import logging
 import time
 
+from torch import nn
+
 from jobs.config import QuantizeConfig
 from jobs.methods import method_for
 from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
 from models.prompts import read_prompts
-from utils.device import resolve_device
-from utils.fileio import check_out_dir
+from utils.device import device_memory, physical_memory, resolve_device
+from utils.errors import UserError
+from utils.fileio import check_dir_usable, check_out_dir, free_bytes
 from utils.precision import set_tf32
 
 logger = logging.getLogger(__name__)
 
 
-def quantize(config: QuantizeConfig, out_dir, progress=True):
-    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats."""
-    from calib.state import CalibState
+def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
+    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
+    overwrite: delete a calibration state in out_dir that this run will not resume (else it is a UserError)."""
+    from calib.state import CalibState, discard_state
 
     check_out_dir(out_dir)
+    if config.cache.cache_dir:
+        check_dir_usable(config.cache.cache_dir, "--cache-dir")
     method = method_for(config.method, config.codebooks, config.seed)
-    # a state left by another config must fail now, not after loading and k-means
-    state = CalibState.for_config(out_dir, config) if method.calibrated else None
+    # a state left by another run must fail now, not after loading and k-means
+    state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
+    if state is None:
+        discard_state(out_dir, overwrite, f"the resumable state of another run (--method {config.method} does not "
+                      "calibrate)")
     start = time.time()
     base, include, extra = load(config.model, config.device)
     layers, stats = build_and_calibrate(base, include, method, config, state, progress)
@@ -65,6 +74,8 @@ def build_and_calibrate(base, include, method, config, state, progress=True):
     if outside and method.calibrated:
         logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
                        "not calibrated", len(outside), outside[0])
+    if method.calibrated:
+        check_calibration_fits(base, config, config.cache.cache_dir or state.cache_dir)
     teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
     layers = method.build(base.model, include, config.seed, progress)
     stats = []
@@ -78,6 +89,37 @@ def build_and_calibrate(base, include, method, config, state, progress=True):
                           needs_moments=config.output_aware)
         stats = record_and_calibrate(problem, config, state)
     return layers, stats
+
+
+def check_calibration_fits(base, config, cache_dir):
+    """Refuse, before k-means, teacher data that cannot fit this machine: each row (offline: the recorded set's
+    trajectories x kept steps x CFG rows; online: one trajectory batch's CFG rows, on the model's device) holds at
+    least one token of the first block's input (cache dtype offline, fp32 online), against physical memory plus the
+    free disk under `cache_dir` (online: the device's memory). A lower bound: what it lets pass may still fill the
+    disk, which the activation cache reports when it reserves a file; without it a count like 10^12 met the
+    allocator with a traceback."""
+    from calib.cache import dtype_bytes
+    from calib.capture import calib_steps
+    from calib.teacher import teacher_plan
+
+    teacher = config.teacher
+    _, block = base.adapter.blocks(base.model)[0]
+    width = next(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
+    online = config.calibration.calib == "online"
+    plan = teacher_plan(teacher, config.seed, online)
+    cfg_rows = base.adapter.rows_per_trajectory(plan)
+    if online:
+        flag, count, rows = "--online-batch", teacher.online_batch, plan.batch_size * cfg_rows
+        device = next(base.model.parameters()).device
+        needed, room, where = rows * width * 4, device_memory(device), f"the memory of {device}"
+    else:
+        flag, count = "--calib-samples", teacher.calib_samples
+        rows = plan.num_samples * len(calib_steps(teacher.steps, teacher.calib_timesteps)) * cfg_rows
+        needed, room = rows * width * dtype_bytes(config.cache.dtype), physical_memory() + free_bytes(cache_dir)
+        where = f"this machine's memory and the free disk under {cache_dir}"
+    if needed > room:
+        raise UserError(f"{flag} {count}: {rows:,} rows need at least {needed / 2**30:,.1f} GiB, more than {where} "
+                        f"({room / 2**30:,.1f} GiB); even by this lower bound at most {count * room // needed:,} fit")
 
 
 def record_and_calibrate(problem, config, state):

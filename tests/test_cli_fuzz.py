@@ -1,14 +1,17 @@
 """Seeded fuzz of the entry scripts (issue 20): random flag combinations with hostile values (NaN, inf, negative,
 huge, empty, unicode, wrong types, wrong kinds of file), run in this process on tiny budgets. Every case must end in
 success or in exit status 2 with one error line (a UserError through run_cli, or argparse's usage error): never
-another exception, and never a stray temporary file. A successful run must have written its outputs.
+another exception, and never a stray temporary file. A successful run must have written its outputs and must not
+have been given an empty or blank value (one that a script took for "use the default" silently).
 
 A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, what a success writes, and a list of
-`Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script (e.g.
-quantize.py, once it has a cli(argv)) is fuzzed by a Cli of its own and one more entry in test_fuzz's parametrize.
-VQ4DIT_FUZZ_SEED / VQ4DIT_FUZZ_SCALE run other or more cases locally.
+`Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script is fuzzed
+by a Cli of its own and one more entry in test_fuzz's parametrize. Cases run in the fixture directory, so a relative
+path (e.g. quantize.py's default --out) lands there. VQ4DIT_FUZZ_SEED / VQ4DIT_FUZZ_SCALE run other or more cases
+locally.
 """
 import contextlib
+import dataclasses
 import io
 import os
 import random
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import quantize
 import sample
 from evaluation.classifier import DigitsClassifier, save_classifier
 from evaluation.digits import real_digits_uint8
@@ -90,6 +94,61 @@ EVALUATE = Cli(evaluate.cli, (
     Flag("--classifier", ("{classifier}",), PATHS),
 ), budget=("--samples", "{samples}", "--classifier", "{classifier}"),
     produces=lambda argv: [last(argv, "--json")] if "--json" in argv else [])
+
+CHOICE = TEXTS + ("RTN", "Vq4DiT")
+QUANTIZE = Cli(quantize.cli, (
+    Flag("--config", ("{preset}",), PATHS + ("{dup_yaml}", "{list_yaml}")),
+    Flag("--model", ("DiT-Digits/2",), TEXTS + ("DiT-S/2", "DiT-XL/2")),
+    Flag("--ckpt", ("{ckpt}",), PATHS),
+    Flag("--image-size", ("8",), INTS + ("7", "16")),
+    Flag("--num-classes", ("10",), INTS + ("3",)),
+    Flag("--backend", ("auto", "vq4dit"), ("diffusers", "", "DiT")),
+    Flag("--recipe", ("vq4dit", "authors"), CHOICE),
+    Flag("--method", ("rtn", "kmeans", "vq4dit", "codebook"), CHOICE),
+    Flag("--wbits", ("2", "3"), INTS + ("17",)),
+    Flag("--dim", ("1", "2"), INTS),
+    Flag("--codebook-size", ("4", "8"), INTS + ("1", "65537")),
+    Flag("--candidates", ("1", "2"), INTS + ("5",)),
+    Flag("--ratio-init", ("uniform", "inverse_distance"), CHOICE),
+    Flag("--kmeans-iters", ("1", "2"), INTS),
+    Flag("--kmeans-init", ("fast", "authors"), CHOICE),
+    Flag("--calib", ("blockwise", "joint", "online"), CHOICE),
+    Flag("--block-inputs", ("quantized", "fp"), CHOICE),
+    Flag("--iters", ("1", "2"), INTS),
+    Flag("--batch-size", ("1", "2"), INTS),
+    Flag("--lr-ratio", ("0.01", "0"), FLOATS),
+    Flag("--lr-codebook", ("1e-4",), FLOATS),
+    Flag("--lambda-r", ("0.1", "0"), FLOATS),
+    Flag("--ratio-gate", ("none", "running_min"), CHOICE),
+    Flag("--train-codebooks", ("always", "when_hard"), CHOICE),
+    Flag("--select-every", ("1", "3"), INTS),
+    Flag("--ratio-reg", ("code", "paper"), CHOICE),
+    Flag("--steps", ("2", "3"), INTS + ("1001",)),
+    Flag("--cfg-scale", ("1", "1.5", "4"), FLOATS + ("100.0001", "1e9")),
+    Flag("--calib-samples", ("1", "2"), INTS + ("1000000000000",)),
+    Flag("--online-batch", ("1", "2"), INTS + ("1000000000000",)),
+    Flag("--student-label-dropout", ("0", "0.1"), FLOATS + ("1.5",)),
+    Flag("--calib-timesteps", ("1", "2"), INTS + ("5",)),
+    Flag("--cache-dtype", ("fp16", "bf16", "fp32"), CHOICE),
+    Flag("--max-cache-gb", ("0", "1"), FLOATS),
+    Flag("--cache-dir", ("{cache}",), PATHS),
+    Flag("--prompts", (), PATHS + ("{prompts}",)),
+    Flag("--height", (), INTS + ("64",)),
+    Flag("--width", (), INTS + ("64",)),
+    Flag("--num-frames", (), INTS + ("4",)),
+    Flag("--include", (r"blocks\.0\.", "attn"), TEXTS + ("(", "[", "nothing-matches")),
+    Flag("--exclude", ("mlp",), TEXTS + ("(", ".*")),
+    Flag("--seed", ("0", "7", "9223372036854775807"), INTS + ("9223372036854775808",)),
+    Flag("--device", ("cpu", "auto"), ("cuda", "cuda:7", "gpu", "cuda:x", "", "CPU")),
+    Flag("--out", ("{qout}",), PATHS + ("{artifact}",)),
+    Flag("--split-qkv"), Flag("--overwrite"), Flag("--dry-run"),
+), budget=("--ckpt", "{ckpt}", "--method", "rtn", "--codebook-size", "4", "--dim", "2", "--kmeans-iters", "1",
+           "--iters", "1", "--batch-size", "2", "--calib-samples", "1", "--online-batch", "1", "--steps", "2",
+           "--calib-timesteps", "1", "--device", "cpu", "--out", "{qout}"),
+    produces=lambda argv: [] if "--dry-run" in argv else [os.path.join(last(argv, "--out"), f) for f in
+                                                          ("model.safetensors", "quant_config.json", "config.yaml")])
+# the same flags over a calibrating budget (record, calibrate, the resumable state): fewer cases, each costs more
+QUANTIZE_CALIBRATED = dataclasses.replace(QUANTIZE, budget=QUANTIZE.budget + ("--method", "vq4dit"))
 
 
 def last(argv, flag):
@@ -185,6 +244,8 @@ def run_fuzz(spec, paths, cases, rng):
     for _ in range(cases):
         argv = [a.format(**paths) for a in case(rng, spec, rng.randint(1, 4))]
         result = outcome(spec, argv)
+        if result == "ok" and any(not a.strip() for a in argv):  # an empty value must not fall back silently
+            result = "ok with an empty value"
         stray = fixtures.restore()
         if result not in ("ok", "usage", "error") or stray:
             failures.append((argv, f"{result}; stray temporaries {stray}" if stray else result))
@@ -219,6 +280,11 @@ def paths(tmp_path_factory):
     found["artifact"] = str(root / "art")
     save_quantized(model, reference(model, name=DiTSpec("DiT-Digits/2", input_size=8, num_classes=10,
                                                         in_channels=1).name), found["artifact"], {"method": "kmeans"})
+    found |= {"qout": str(root / "qout"), "cache": str(root / "cache")}
+    for name, text in (("preset", "iters: 1\ncodebook_size: 4\n"), ("dup_yaml", "iters: 1\niters: 2\n"),
+                       ("list_yaml", "- iters\n")):
+        found[name] = str(root / f"{name}.yaml")
+        (root / f"{name}.yaml").write_text(text)
     found["prompts"] = str(root / "prompts.txt")
     (root / "prompts.txt").write_text("a cat\n")
     images, labels = real_digits_uint8()
@@ -237,11 +303,13 @@ def paths(tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("spec,cases", [(SAMPLE, 200), (EVALUATE, 120)], ids=["sample", "evaluate"])
+@pytest.mark.parametrize("spec,cases", [(SAMPLE, 200), (EVALUATE, 120), (QUANTIZE, 120), (QUANTIZE_CALIBRATED, 20)],
+                         ids=["sample", "evaluate", "quantize", "quantize-calibrated"])
 def test_fuzz(spec, cases, paths, monkeypatch):
+    monkeypatch.chdir(paths["root"])
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    rng = random.Random(f"{SEED}-{spec.cli.__module__}")
+    rng = random.Random(f"{SEED}-{spec.cli.__module__}-{spec.budget[-1]}")
     counts, failures = run_fuzz(spec, paths, int(cases * SCALE), rng)
     report = "\n".join(f"{' '.join(repr(a[:80]) for a in argv)}\n    -> {what}" for argv, what in failures[:10])
     assert not failures, f"{len(failures)} of {sum(counts.values())} cases failed (seed {SEED}):\n{report}"

@@ -61,6 +61,14 @@ def check_range(flag, value, low=None, high=None):
     raise UserError(f"{flag} {value}: must be {valid}")
 
 
+def check_not_blank(values):
+    """UserError for the first of `values` {flag: value given or None} that is empty or blank: an empty path, name or
+    pattern would otherwise fall back to a default or match everything, silently."""
+    for flag, value in values.items():
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} {value!r}: empty; give a value or leave the flag out")
+
+
 def split_classes(text):
     """'1,3,5' -> [1, 3, 5]: the syntax of --classes (checked before the model is loaded); an empty item ('1,,2',
     '1,', '') is an error."""

@@ -1,4 +1,5 @@
 """Which device a run uses: --device auto | cpu | cuda | cuda:N, checked against what this machine has."""
+import os
 import re
 
 import torch
@@ -19,3 +20,15 @@ def resolve_device(device):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def physical_memory():
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device):
+    """The memory of torch.device `device` in bytes: a CUDA device's own, else the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory()

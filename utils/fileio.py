@@ -28,13 +28,18 @@ def disk_full_error(paths, needed=None):
                      "write elsewhere")
 
 
-def check_free_space(path, needed, what):
-    """UserError before any work when the file system holding `path` (a file or directory, existing or not) has
-    fewer than `needed` bytes free; `what` names the files for the message."""
+def free_bytes(path):
+    """The bytes free on the file system that holds `path` (a file or directory, existing or not)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(path, needed, what):
+    """UserError before any work when the file system holding `path` (a file or directory, existing or not) has
+    fewer than `needed` bytes free; `what` names the files for the message."""
+    free = free_bytes(path)
     if needed > free:
         raise UserError(f"{path}: {what} need about {needed:,} bytes but only {free:,} are free there; free some "
                         "space or write elsewhere")
@@ -88,6 +93,14 @@ def write_text_atomic(path, text):
     with atomic_path(path, needed=len(text.encode())) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def check_dir_usable(path, flag):
+    """A directory flag's value (created later, when needed) must be a writable directory or not exist yet."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is not a directory; give a directory")
+    if os.path.isdir(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: directory is not writable")
 
 
 def check_out_dir(out_dir):

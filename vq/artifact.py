@@ -4,12 +4,14 @@
   "<layer>.<suffix>"; every other state-dict tensor of the model in fp32.
 - quant_config.json (format 2): format_version; base_model, a model reference (vq/modelref.py: class + config,
   weights aside); per-layer class and hyperparameters and bits per weight; the shape and dtype of every tensor in
-  model.safetensors, the file's size and its sha256 (`model_sha256`); and `content_sha256`, the sha256 of the
-  canonical JSON of everything else in quant_config.json. Both digests are checked on load, so a changed byte in
-  either file either leaves the parsed content identical (JSON whitespace) or is refused. The file is written
-  last, so its presence marks a complete artifact (it is removed first when an artifact is overwritten).
+  model.safetensors, the file's size and its sha256 (`model_sha256`), config.yaml's sha256 (`config_sha256`); and
+  `content_sha256`, the sha256 of the canonical JSON of everything else in quant_config.json. The digests are
+  checked on load, so a changed byte in either file either leaves the parsed content identical (JSON whitespace)
+  or is refused. The file is written last, so its presence marks a complete artifact (it is removed first when an
+  artifact is overwritten).
   Format 1 (base_model = the project DiT's registry fields, no digests) still loads.
-- config.yaml: the resolved quantization config, for the record.
+- config.yaml: the resolved quantization config, for the record; quant_config.json holds its sha256
+  (`config_sha256`), so a config.yaml that is missing or not the artifact's own is refused on load.
 - README.md: the model card (vq/modelcard.py), hub metadata and how to load the artifact; derived from the above.
 
 Loading builds the model with its parameters on the meta device and assigns every tensor in its final dtype
@@ -28,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.digest import file_sha256
 from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path, write_text_atomic
 from vq.apply import set_submodule
@@ -59,14 +62,6 @@ def content_digest(quant):
     content = {k: v for k, v in quant.items() if k != DIGEST}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_quant_config(out_dir, quant):
@@ -120,12 +115,14 @@ def save_quantized(model, ref, out_dir, config):
     with atomic_path(model_path) as tmp:
         save_file(tensors, tmp, metadata={"format": "vq4dit-quantized"})
         model_sha256 = file_sha256(tmp)
-    write_text_atomic(os.path.join(out_dir, CONFIG_FILE), yaml.safe_dump(dict(config), sort_keys=False))
+    config_path = os.path.join(out_dir, CONFIG_FILE)
+    write_text_atomic(config_path, yaml.safe_dump(dict(config), sort_keys=False))
     write_model_card(out_dir, ref, layer_entries, config)
     quant = write_quant_config(out_dir, {
         "format_version": FORMAT_VERSION, "base_model": dict(ref), "layers": layer_entries,
         "tensors": {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
-        "model_bytes": os.path.getsize(model_path), "model_sha256": model_sha256})
+        "model_bytes": os.path.getsize(model_path), "model_sha256": model_sha256,
+        "config_sha256": file_sha256(config_path)})
     logger.info("saved %d quantized layers to %s (%.2f MB)", len(layers), out_dir, quant["model_bytes"] / 1e6)
     return quant
 
@@ -183,6 +180,20 @@ def read_quant_config(out_dir):
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{path}: malformed ({type(e).__name__}: {e})".replace("\n", " ")) from e
     return quant
+
+
+def check_config_file(out_dir, quant):
+    """config.yaml must be the artifact's own: quant_config.json records its sha256 (`config_sha256`, covered by the
+    content digest; artifacts written before it was recorded are not checked). Missing or another: a UserError."""
+    if "config_sha256" not in quant:
+        return
+    path = os.path.join(out_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; quant_config.json records the sha256 of the config this artifact was made "
+                        "with: restore the file or quantize again")
+    if file_sha256(path) != quant["config_sha256"]:
+        raise UserError(f"{path}: not this artifact's config (its sha256 differs from the config_sha256 in "
+                        "quant_config.json); restore the original or quantize again")
 
 
 def read_tensors(out_dir, quant, device="cpu"):
@@ -264,6 +275,7 @@ def load_quantized(out_dir, device="cpu", decode=False):
         raise UserError(f"{out_dir}: not a directory; give an artifact directory written by quantize.py")
     quant_path, model_path = os.path.join(out_dir, QUANT_FILE), os.path.join(out_dir, MODEL_FILE)
     quant = read_quant_config(out_dir)
+    check_config_file(out_dir, quant)
     ref = base_model_reference(quant)
     tensors = read_tensors(out_dir, quant, device)
     model = build_skeleton(ref, source=quant_path)

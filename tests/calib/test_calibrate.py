@@ -149,7 +149,7 @@ def test_finished_state_returns_without_work(tmp_path, monkeypatch):
 
 def test_changed_config_is_a_user_error(tmp_path):
     run(tiny_config(iters=10), tmp_path)
-    with pytest.raises(UserError, match="different config.*fresh --out or delete"):
+    with pytest.raises(UserError, match="config changed .*iters 10 -> 11.*new --out"):
         run(tiny_config(iters=11), tmp_path)
 
 

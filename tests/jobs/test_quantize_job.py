@@ -39,11 +39,44 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
 
 
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
-    CalibState(str(tmp_path), "other-config").start({}, {})
+    CalibState.for_config(str(tmp_path), load_config(overrides={"ckpt": tiny_ckpt, "iters": 3})).start({}, {})
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
-    with pytest.raises(UserError, match="different config.*fresh --out or delete"):
+    with pytest.raises(UserError, match="config changed .*iters 3 -> 2.*new --out"):
         quantize(config, str(tmp_path), progress=False)
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_path, monkeypatch):
+    """After a kill, the file at --ckpt is another model: resuming would mix the two (issue 20). A copy of the same
+    file (new mtime) still resumes."""
+    from models.loading import DiTSpec
+
+    config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
+    out = str(tmp_path / "out")
+    CalibState.for_config(out, config).start({}, {})
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(tiny_ckpt, "rb").read())
+    os.replace(copy, tiny_ckpt)
+    assert CalibState.for_config(out, config).meta is not None  # same content: resumes
+    other = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build(), seed=1)
+    save_dit(other, "DiT-Digits/2", tiny_ckpt)
+    monkeypatch.setattr("jobs.quantize.load_model", None)  # refused before the model loads
+    with pytest.raises(UserError, match=f"checkpoint {tiny_ckpt} changed since the saved calibration state "
+                                        r"\(digest \w+ != \w+\); rerun with a new --out"):
+        quantize(config, out, progress=False)
+
+
+def test_a_method_without_calibration_keeps_another_runs_state_unless_told(tiny_ckpt, tmp_path):
+    """quantize --method rtn over a run's directory: refused with its state intact; --overwrite deletes it."""
+    out = str(tmp_path / "out")
+    CalibState.for_config(out, load_config(overrides={"ckpt": tiny_ckpt})).start({}, {})
+    rtn = load_config(overrides={"ckpt": tiny_ckpt, "method": "rtn"})
+    with pytest.raises(UserError, match=r"calib_state: the resumable state of another run \(--method rtn does not "
+                                        "calibrate\\); .*pass --overwrite"):
+        quantize(rtn, out, progress=False)
+    assert os.path.exists(os.path.join(out, STATE_DIR, "state.json"))
+    quantize(rtn, out, progress=False, overwrite=True)
+    assert not os.path.exists(os.path.join(out, STATE_DIR)) and load_quantized(out)[2]["layers"]
 
 
 def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_path):
@@ -58,3 +91,40 @@ def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_pa
     assert len(log) == 6 and all(r["mode"] == "online" and r["updates"] == 2 * 3 for r in log)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     assert torch.isfinite(model(x, t, y)).all() and len(quant["layers"]) == 6 * 5
+
+
+def test_an_artifact_whose_config_yaml_is_missing_or_another_is_refused(tiny_ckpt, tmp_path):
+    """config.yaml is covered by quant_config.json's digest (mutation: the check skipped, or only a missing file
+    caught); the artifact loads again once its own file is back."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((first, 0), (second, 1)):
+        quantize(load_config(overrides={"ckpt": tiny_ckpt, "method": "rtn", "seed": seed}), str(out), progress=False)
+    own = (first / "config.yaml").read_bytes()
+    (first / "config.yaml").unlink()
+    with pytest.raises(UserError, match=r"a/config.yaml: missing; quant_config.json records"):
+        load_quantized(first)
+    (first / "config.yaml").write_bytes((second / "config.yaml").read_bytes())
+    with pytest.raises(UserError, match=r"a/config.yaml: not this artifact's config"):
+        load_quantized(first)
+    (first / "config.yaml").write_bytes(own)
+    assert load_quantized(first)[2]["config_sha256"]
+
+
+def test_a_calibration_set_that_cannot_fit_is_refused_before_k_means(tiny_ckpt, tmp_path, monkeypatch):
+    """10^12 trajectories met the allocator with a traceback (issue 20); now an estimate refuses them in one line
+    naming the flag, before any k-means (mutation: the check skipped, or made after the method builds the layers)."""
+    monkeypatch.setattr("jobs.quantize.method_for", lambda *a: type("M", (), {"calibrated": True, "build": None})())
+    config = load_config(overrides={"ckpt": tiny_ckpt, "calib_samples": 10**12})
+    with pytest.raises(UserError, match=r"--calib-samples 1000000000000: .* rows need at least .* GiB, more than this "
+                                        "machine's memory and the free disk under"):
+        quantize(config, str(tmp_path / "out"), progress=False)
+    online = config.replace(calib="online", calib_samples=1, online_batch=10**12)
+    with pytest.raises(UserError, match=r"--online-batch 1000000000000: .* more than the memory of cpu"):
+        quantize(online, str(tmp_path / "out"), progress=False)
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_loading(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("jobs.quantize.load_model", None)
+    config = load_config(overrides={"ckpt": tiny_ckpt, "cache_dir": tiny_ckpt})
+    with pytest.raises(UserError, match="--cache-dir .*tiny.safetensors: exists and is not a directory"):
+        quantize(config, str(tmp_path / "out"), progress=False)

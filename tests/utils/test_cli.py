@@ -1,5 +1,8 @@
+import re
+
 import pytest
 
+import utils.cli as cli_module
 from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
 from utils.errors import RankError, UserError
 
@@ -127,3 +130,11 @@ def test_an_error_one_rank_meets_alone_is_printed_by_that_rank(monkeypatch, caps
         run_cli(fail_with(RankError("--batch-size 64: out of memory")), None)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: rank 3: --batch-size 64: out of memory\n"
+
+
+def test_blank_values_are_refused_naming_the_flag():
+    """Mutation: only "" refused (a blank --out ' ' would create a directory named by spaces)."""
+    cli_module.check_not_blank({"--out": "dir", "--include": None})
+    for value in ("", " ", "\t"):
+        with pytest.raises(UserError, match=re.escape(f"--include {value!r}: empty; give a value or leave")):
+            cli_module.check_not_blank({"--out": "dir", "--include": value})
