@@ -187,8 +187,9 @@ def test_two_candidates_beat_codebook_only():
 def test_plateau_stops_only_once_the_loss_no_longer_falls(lr, iters, stops):
     """plateau 0.01 on a hard block: while training lowers the window mean by more than 1% per 50 updates (here
     for the first 150) it runs every iteration; with a zero learning rate (a flat loss: minibatch noise only) it
-    stops at the first comparison that shows no 1% fall, after 100 updates (two windows), not before. Catches stopping after one window or one
-    update, or a rule that never stops; a slow reference checks the window means."""
+    stops at the first comparison that shows no 1% fall, after 100 updates (two windows), not before. Catches
+    stopping after one window or one update, or a rule that never stops; a slow reference checks the window
+    means."""
     layers, loss_fn, _ = block_problem(candidates=1, points=64)
     config = tiny_config(iters=iters, batch_size=8, lr_codebook=lr, plateau=0.01).calibration
     seen = []
