@@ -11,7 +11,12 @@ from jobs.sample import load_for_sampling, sample_to_dir
 from models.adapters.base import SampleSettings
 from models.adapters.load import load_model
 from tests.models.tiny_generic import FAMILIES, SIZES, generic_run
-from tests.models.tiny_t2i import PROMPTS, assert_calibration_beats_kmeans, assert_exact_bits
+from tests.models.tiny_t2i import (
+    PROMPTS,
+    assert_calibration_beats_kmeans,
+    assert_exact_bits,
+    assert_output_aware_holds_or_improves,
+)
 from vq import load_quantized
 
 pytest.importorskip("transformers")
@@ -31,6 +36,15 @@ def test_calibration_lowers_every_blocks_error_below_kmeans(run):
     """mse_before is each block's output error with the k-means (nearest codeword) assignment, on the same inputs."""
     family, r = run
     assert_calibration_beats_kmeans(r.stats, BLOCKS[family], MARGIN[family])
+
+
+def test_output_aware_start_holds_or_improves_every_block(tmp_path_factory):
+    """The default (output-aware) start through the generic adapter (Qwen-Image: its blocks take two streams)
+    ends every block at or below the k-means start's error."""
+    root = tmp_path_factory.getbasetemp() / "generic_runs"
+    kmeans, default = generic_run("qwenimage", root), generic_run("qwenimage", root, codebook_init="auto")
+    assert default.config.output_aware
+    assert_output_aware_holds_or_improves(kmeans.stats, default.stats)
 
 
 def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):

@@ -9,7 +9,13 @@ import pytest
 from jobs.sample import load_for_sampling, sample_to_dir
 from models.adapters.base import SampleSettings
 from models.adapters.load import load_model
-from tests.models.tiny_t2i import PROMPTS, assert_calibration_beats_kmeans, assert_exact_bits, quantized_run
+from tests.models.tiny_t2i import (
+    PROMPTS,
+    assert_calibration_beats_kmeans,
+    assert_exact_bits,
+    assert_output_aware_holds_or_improves,
+    quantized_run,
+)
 from vq import load_quantized
 
 pytest.importorskip("transformers")
@@ -30,6 +36,16 @@ def test_calibration_lowers_every_blocks_error_below_kmeans(run):
     """mse_before is each block's output error with the k-means (nearest codeword) assignment, on the same inputs."""
     family, r = run
     assert_calibration_beats_kmeans(r.stats, {"pixart": 2, "sd3": 2, "flux": 4}[family], MARGIN[family])
+
+
+def test_output_aware_start_holds_or_improves_every_block(tmp_path_factory):
+    """The default start (output-aware, codebook_init auto -> gptvq) through the same adapter code: Flux's four
+    blocks end at or below the k-means start's errors. Catches the walk not refitting a diffusers model's layers
+    (e.g. moments keyed by the wrong names)."""
+    root = tmp_path_factory.getbasetemp() / "t2i_runs"
+    kmeans, default = quantized_run("flux", root), quantized_run("flux", root, codebook_init="auto")
+    assert default.config.output_aware and not kmeans.config.output_aware
+    assert_output_aware_holds_or_improves(kmeans.stats, default.stats)
 
 
 def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):

@@ -176,8 +176,8 @@ SIZES = {"sana": dict(height=32, width=32), "qwenimage": dict(height=16, width=1
 FAMILIES = list(SIZES)
 
 
-def generic_run(family, root):
-    """tiny_t2i.quantized_run on the tiny `family` pipeline at its SIZES (once per test session)."""
+def generic_run(family, root, **overrides):
+    """tiny_t2i.quantized_run on the tiny `family` pipeline at its SIZES (once per test session and overrides)."""
     from tests.models.tiny_t2i import quantized_run
 
-    return quantized_run(family, root, BUILDERS[family], **SIZES[family])
+    return quantized_run(family, root, BUILDERS[family], **SIZES[family], **overrides)
