@@ -56,7 +56,7 @@ AUTHORS_BUDGET = 1000  # trajectories: the authors' default (80 min per run, mea
 SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here
 # ours given about the wall time of the 100-trajectory authors' rows: iterations and teacher trajectories both
 # scaled from quantize.py's defaults, so each cached point is still seen as often as in the default run
-# (500 iters x 16 / (32 x 25 x 2) = 5 times)
+# (500 iters x 16 / (64 x 12 x 2) = 5.2 times)
 OURS_SCALE = 5
 OURS_DEFAULT = load_config()
 OURS_SCALED = ["--iters", str(OURS_DEFAULT.calibration.iters * OURS_SCALE),

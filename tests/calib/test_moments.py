@@ -23,5 +23,5 @@ def test_block_moments_equal_the_second_moment_of_every_input_seen():
         handle.remove()
         x = torch.cat(seen)  # (M, n)
         moments = block_input_moments(block, name, [ref_name], replay, "cpu")
-        assert torch.allclose(moments[ref_name], x.t() @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(moments[ref_name], x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-7)  # float32 chunk sums
     assert all(not m._forward_pre_hooks for m in block.modules())
