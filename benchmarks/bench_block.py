@@ -45,7 +45,8 @@ from models.dit import DiTBlock  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 
-DEFAULT_POINTS = 1600  # 32 trajectories x 2 (CFG) x 25 kept steps: the default calibration set
+_TEACHER = QuantizeConfig().teacher  # the default calibration set: 32 trajectories x 2 (CFG) x 25 kept steps
+DEFAULT_POINTS = _TEACHER.calib_samples * 2 * _TEACHER.calib_timesteps  # 1600
 DEPTH = 28  # DiT-XL/2
 SWEEPS = ("FP targets sweep", "argmax sweep (error before)", "final sweep")  # calib.blockwise's sweeps, in call order
 
