@@ -2,8 +2,8 @@
 the default config (output-aware start): seconds, peak memory and FLOPs of each stage of what the block-wise walk
 does for one block, and their extrapolation to 28 blocks and to a GPU.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_block.py --points 256 --iters 20   # this CPU: a reduced run
-    python benchmarks/bench_block.py --iters 500 --device cuda                  # a lent GPU: the default in full
+    OMP_NUM_THREADS=1 python benchmarks/bench_block.py --points 64 --iters 5   # a loaded 2-core CPU (block_xl.md)
+    python benchmarks/bench_block.py --iters 500 --device cuda                # a lent GPU: the default in full
 
 The walk itself runs (calib.blockwise.calibrate_blockwise on a one-block model); each stage is timed by wrapping the
 function the walk calls for it. Weights N(0, 0.02) (adaLN included); inputs N(0, 1): tokens (M, T, D) fp16 and c
@@ -44,6 +44,7 @@ from models.adapters.dit import DiTAdapter  # noqa: E402
 from models.dit import DiTBlock  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
+from utils.precision import set_tf32  # noqa: E402
 
 _TEACHER = QuantizeConfig().teacher  # the default calibration set: 32 trajectories x 2 (CFG) x 25 kept steps
 DEFAULT_POINTS = _TEACHER.calib_samples * 2 * _TEACHER.calib_timesteps  # 1600
@@ -165,7 +166,9 @@ def stage_flops(shape, layers, points, iters, batch, k, dim):
 
 def run_walk(args, config, shape, device):
     """Build, quantize and calibrate one block; returns (Stopwatch, layer shapes {name: (out, in)}, block stats)."""
-    clock = Stopwatch(torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
+    cuda = device.startswith("cuda")
+    set_tf32(cuda)  # as the quantize job runs: TF32 matmuls on CUDA
+    clock = Stopwatch(torch.cuda.synchronize if cuda else lambda: None)
     with clock.stage("build block + random inputs"):
         student = random_block(shape, config.seed).to(device)
         teacher = copy.deepcopy(student)
@@ -192,6 +195,8 @@ def run_walk(args, config, shape, device):
         start = time.perf_counter()  # not a stage: the stages inside it keep their own peaks
         stats = blockwise.calibrate_blockwise(problem, data, calibration, state)[0]
         stats["walk_seconds"] = time.perf_counter() - start
+    if cuda:  # the whole run's peak (the cache stays in CPU memory, as in the job)
+        stats["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return clock, {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}, stats
 
 
@@ -257,6 +262,8 @@ def markdown(args, config, s, stats, device):
         ("peak RSS MiB, this run (measured)", f"{s['peak_rss_mib']:.0f}"),
         (f"peak RSS MiB at {DEFAULT_POINTS} points (ESTIMATE: + the larger fp16 inputs and targets)",
          f"{s['peak_rss_mib_at_default_estimate']:.0f}")]
+    if "peak_gpu_mib" in stats:
+        totals.append(("peak GPU memory MiB, this run (measured)", f"{stats['peak_gpu_mib']:.0f}"))
     lines = [
         f"# One DiT block at full shape (hidden {args.hidden}, {args.heads} heads, T = {args.tokens}) calibrated as "
         f"the walk does it ({device})", "",
