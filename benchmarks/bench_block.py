@@ -2,7 +2,7 @@
 the default config (output-aware start): seconds, peak memory and FLOPs of each stage of what the block-wise walk
 does for one block, and their extrapolation to 28 blocks and to a GPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_block.py --points 64 --iters 5   # a loaded 2-core CPU (block_xl.md)
+    OMP_NUM_THREADS=1 python benchmarks/bench_block.py --points 256 --iters 5  # a loaded 2-core CPU (block_xl.md)
     python benchmarks/bench_block.py --iters 500 --device cuda                # a lent GPU: the default in full
 
 The walk itself runs (calib.blockwise.calibrate_blockwise on a one-block model); each stage is timed by wrapping the
