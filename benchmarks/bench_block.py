@@ -189,7 +189,7 @@ def run_walk(args, config, shape, device):
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for (module, attr), label in patches.items():
             stack.enter_context(mock.patch.object(module, attr, clock.wrap(getattr(module, attr), label)))
-        state = CalibState(tmp, "bench-block")
+        state = CalibState.for_config(tmp, config)
         state.block_done = clock.wrap(state.block_done, "state save")
         calibration = dataclasses.replace(config.calibration, iters=args.iters)
         start = time.perf_counter()  # not a stage: the stages inside it keep their own peaks
