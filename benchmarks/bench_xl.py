@@ -45,6 +45,14 @@ def random_checkpoint(name, image_size, path, seed=0):
     return path
 
 
+def start_text(config):
+    """Where calibration starts: the output-aware fit (the default for block-wise vq4dit) or plain k-means."""
+    if config.output_aware:
+        return (f"output-aware (codebook_init {config.codebooks.codebook_init}: each block's codebooks refit to its "
+                "recorded inputs by gptvq when the walk reaches it)")
+    return f"k-means codebooks (codebook_init {config.codebooks.codebook_init})"
+
+
 @torch.no_grad()
 def forward_seconds(model, device, batch, repeats=5):
     """Median wall seconds of one forward pass on a (batch, 4, s, s) latent batch (CFG doubling not included)."""
@@ -95,9 +103,12 @@ def main(args):
         f"config `{args.config}` with {overrides or 'no overrides'}.", "",
         "| quantity | value |", "|---|---|",
         f"| quantize wall s (this call: load, k-means, calibration of the blocks not yet done, save) | {wall:.1f} |",
-        f"| calibrated blocks (all calls) | {len(blocks)} |",
-        f"| calibration s per block: mean / min / max | {sum(per_block) / len(per_block):.1f} / "
-        f"{min(per_block):.1f} / {max(per_block):.1f} |",
+        f"| calibration start | {start_text(config)} |",
+        f"| calibrated blocks (all calls); blocks where the guard kept a layer's start | {len(blocks)}; "
+        f"{sum(bool(b.get('reverted')) for b in blocks)} |",
+        f"| calibrate_block s per block (training and guard; not the FP sweeps, moments and gptvq fit: see "
+        f"bench_block.py): mean / min / max | {sum(per_block) / len(per_block):.1f} / {min(per_block):.1f} / "
+        f"{max(per_block):.1f} |",
         f"| peak device memory GiB (this call) | {'-' if peak is None else f'{peak:.2f}'} |",
         f"| forward s, batch {args.batch}: FP / quantized / quantized with --decode-weights | {fp_s:.4f} / "
         f"{q_s:.4f} / {d_s:.4f} |",
