@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
-import tempfile
+import uuid
 
 from utils.errors import UserError
 
@@ -59,9 +59,11 @@ def atomic_paths(paths, needed=None):
         for path in paths:
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-            os.close(fd)
+            # the name is recorded before the file exists: a Ctrl-C inside the creation (mkstemp's window between
+            # creating the file and returning its name) would otherwise leave a temporary nobody removes
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
             tmps.append(tmp)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield tmps
         for tmp in tmps:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
