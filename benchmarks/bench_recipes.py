@@ -201,10 +201,11 @@ def updates_of(artifact):
     """Optimizer updates of a calibration (online: one per teacher step; block-wise: iters per block)."""
     with open(os.path.join(artifact, "calib_log.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    if records and "updates" in records[0]:
+    if records and records[0].get("mode") == "online":  # one record per block, each with the run's total
         return records[0]["updates"]
     with open(os.path.join(artifact, "config.yaml")) as f:
-        return yaml.safe_load(f)["iters"] * len(records)
+        iters = yaml.safe_load(f)["iters"]
+    return sum(r.get("updates", iters) for r in records)  # block-wise records hold their own (plateau: fewer)
 
 
 def main(args):
