@@ -19,7 +19,9 @@ def sha256(path):
 
 
 def quantize_args(ckpt, out):
-    return ("--ckpt", ckpt, *FAST, "--seed", "3", "--out", out)
+    # 30 iterations per block (FAST has 4): the walk then lasts long enough after block 0's save for the signal to
+    # land mid-calibration (at 4 a tiny run could finish within the poller's 10 ms)
+    return ("--ckpt", ckpt, *FAST, "--iters", "30", "--seed", "3", "--out", out)
 
 
 @pytest.fixture(scope="module")
