@@ -1,5 +1,6 @@
 """Running the real entry scripts in a subprocess and checking what they leave behind (issue 6)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ def run(script, *args, timeout=300, threads=1):
 
 
 def popen(script, *args):
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt (the Ctrl-C tests would see no effect)
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def leftovers(out):
