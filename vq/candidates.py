@@ -36,9 +36,10 @@ def candidates_around(x, codebook, chosen, n, chunk_size=DEFAULT_CHUNK):
     chosen = chosen.long().to(near.device)
     order = torch.argsort((near == chosen[:, None]).int(), dim=1, stable=True)[:, :n - 1]  # others, nearest first
     others, d_others = near.gather(1, order), dist.gather(1, order)  # (N, n - 1)
-    d_chosen = (x.float() - codebook.float()[chosen]).norm(dim=1).to(dist.dtype)  # (N,): n = 1 has no others
     if n > 1:
-        d_chosen = d_others.min(1).values / KEEP_ADVANTAGE
+        d_chosen = d_others.min(1).values / KEEP_ADVANTAGE  # (N,)
+    else:  # no other candidate to be ahead of: its own distance
+        d_chosen = (x.float() - codebook.float()[chosen]).norm(dim=1).to(dist.dtype)  # (N,)
     return torch.cat([chosen[:, None], others], 1), torch.cat([d_chosen[:, None], d_others], 1)
 
 
