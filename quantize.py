@@ -44,6 +44,9 @@ FLAGS = [
     ("--train-codebooks", str, "always | when_hard (a codebook trains only once its layer is hard)"),
     ("--plateau", float, "stop a block's training once every layer is hard and its mean loss over 50 updates falls "
                          "by less than this fraction (0: always --iters updates)"),
+    ("--e2e-iters", int, "block-wise: after the walk, this many updates of every codebook and bias on the error at "
+                         "the last block of the quantized chain (0: no end-to-end pass)"),
+    ("--e2e-lr", float, "RMSprop learning rate of codebooks and biases in the end-to-end pass"),
     ("--select-every", int, "progressive selection after every this many updates"),
     ("--ratio-reg", str, "ratio regulariser form: code (n * mean(r(1-r)), authors' code) | paper (mean(1-|2r-1|))"),
     ("--steps", int, "sampler steps of the teacher trajectory"),

@@ -9,6 +9,8 @@ the chain of calibrated quantized blocks (only when block_inputs == "quantized")
 3. its codebooks are rounded to their storage precision (fp16), so what propagates is what gets saved; a layer
    whose starting point gives the block a lower error than its calibrated state keeps its start (calib/guard.py);
 4. it runs once more over all points: the final error, and the quantized chain's next values.
+5. with e2e_iters > 0, after the last block: the end-to-end pass (calib/endpass.py), every codebook and bias
+   trained together on the quantized chain's end.
 Tensors no later block reads are freed, and outputs overwrite inputs that die at block i, so walking a DiT holds
 two (M, T, D) activation tensors (a block's input and its target), as a loop written for DiT would.
 """
@@ -17,6 +19,7 @@ import time
 
 from calib.calls import leaves
 from calib.capture import storage_dtype
+from calib.endpass import end_pass
 from calib.guard import keep_better, starting_point
 from calib.metrics import weight_mse
 from calib.moments import block_input_moments
@@ -91,10 +94,10 @@ def calibrate_blockwise(problem, data, config, state):
     state.restore(problem.layers)
     cset, chains, store, device = data.cset, data.chains, data.store, problem.device
     sequential = chains.q is not None
-    last, stats = last_uses(cset.calls), state.stats
+    last_use, stats = last_uses(cset.calls), state.stats
     for i in range(state.next_block, len(problem.blocks)):
         name, block = problem.blocks[i]
-        dying = [ref for ref in chains.fp if last.get(ref, -1) <= i]
+        dying = [ref for ref in chains.fp if last_use.get(ref, -1) <= i]
         # 1. the FP targets; in sequential mode nobody reads the FP inputs afterwards, so they may be overwritten
         reuse = [chains.fp[ref] for ref in dying if isinstance(ref, Out)] if sequential else []
         fp_inputs = Replay(cset.calls[i], chains.fp, cset.batched, cset.rows)
@@ -109,10 +112,21 @@ def calibrate_blockwise(problem, data, config, state):
         # 4. the final error, and the quantized chain's next values
         alloc = allocator(store, [chains.q[ref] for ref in dying]) if sequential else None
         q_outs, block_stats["mse_after"] = sweep(block, inputs, device, alloc=alloc, targets=targets)
+        last = i + 1 == len(problem.blocks)
+        if last and data.points is not None:
+            data.points.set_targets(targets)
         chains.advance(i, targets, q_outs, dying, store.release)
         stats.append(log_block({"block": i, "name": name, **block_stats}))
-        state.block_done(stats, problem.layers_through(i), chains.to_tensors() if i + 1 < len(problem.blocks) else {})
+        acts = {} if last else chains.to_tensors()
+        state.block_done(stats, problem.layers_through(i), {**acts, **points_tensors(data.points)},
+                         complete=last and data.points is None)
+    if data.points is not None:  # 5. the end-to-end pass over the whole chain
+        state.pass_done("e2e", end_pass(problem, cset.calls, data.points, config), stats, problem.layers)
     return stats
+
+
+def points_tensors(points):
+    return {} if points is None else points.to_tensors()
 
 
 def log_block(stats):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from calib.blockwise import calibrate_blockwise
 from calib.capture import CalibrationSet
+from calib.endpass import EndPoints
 from calib.joint import calibrate_joint
 from calib.online import calibrate_online
 from calib.tables import Chains
@@ -28,12 +29,14 @@ ONLINE_EVAL_SAMPLES, ONLINE_EVAL_STEPS = 4, 10
 @dataclass
 class CalibData:
     """What calibration trains on: the calibration set (online: the small evaluation set), the block walk's tables
-    at the resume point (offline modes), the online teacher plan, and the store that holds the activations."""
+    at the resume point (offline modes), the online teacher plan, the store that holds the activations, and the
+    end-to-end pass's points (block-wise with e2e_iters > 0, else None)."""
 
     cset: CalibrationSet
     chains: Chains | None
     plan: object
     store: object
+    points: EndPoints | None = None
 
 
 def record(problem, teacher, calibration, store, state):
@@ -50,12 +53,15 @@ def record(problem, teacher, calibration, store, state):
     if state.meta is None:
         cset = record_set(problem, teacher, store)
         chains = Chains.from_slots(cset.slots, sequential)
-        state.start(cset.wiring_json(), chains.to_tensors())
+        points = EndPoints.take(cset) if calibration.e2e_iters else None
+        state.start(cset.wiring_json(), {**chains.to_tensors(), **(points.to_tensors() if points else {})})
     else:
-        chains = Chains.from_tensors({k: store.adopt(t) for k, t in state.saved.acts.items()}, sequential)
+        acts = state.saved.acts
+        chains = Chains.from_tensors({k: store.adopt(t) for k, t in acts.items()}, sequential)
         cset = CalibrationSet.from_json(state.meta["wiring"], chains.slots())
+        points = EndPoints.from_tensors(acts, cset.batched)
         logger.info("resuming calibration at %s from %s", state.resume_point(), state.out_dir)
-    return CalibData(cset, chains, None, store)
+    return CalibData(cset, chains, None, store, points)
 
 
 def calibrate(problem, data, calibration, state):
@@ -64,7 +70,7 @@ def calibrate(problem, data, calibration, state):
     problem.student.eval()
     problem.teacher.eval()
     try:
-        if state.next_block >= len(problem.blocks):  # finished before an interruption: the saved layers are it
+        if state.complete:  # finished before an interruption: the saved layers are it
             state.restore(problem.layers)
             return state.stats
         return MODES[calibration.calib](problem, data, calibration, state)

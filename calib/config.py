@@ -80,12 +80,21 @@ class CalibConfig:
     # > 0: a block stops training once every layer is hard and its mean loss over 50 updates falls by less than
     # this fraction of the 50 before (calib/train.py); 0: always `iters` updates
     plateau: float = 0.0
+    # block-wise: > 0 adds an end-to-end pass after the walk, this many updates of every codebook and bias on the
+    # chain's last-block error (calib/endpass.py; issue 19 lever d); 0: none
+    e2e_iters: int = 0
+    e2e_lr: float = 1e-4  # RMSprop learning rate of codebooks and biases in the end-to-end pass
     student_label_dropout: float = 0.0  # calib online: the authors' student drops labels w.p. 0.1 (training mode)
 
     def validate(self):
         check_choices(self, {"calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS, "ratio_reg": ("code", "paper"),
                              "train_codebooks": ("always", "when_hard"), "ratio_gate": ("none", "running_min")})
         check_positive(self, ("iters", "batch_size", "select_every"))
+        check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
+        check_range(self, "e2e_lr", 0, None, "must be >= 0 (a learning rate)")
+        if self.e2e_iters and self.calib != "blockwise":
+            invalid("e2e_iters", self.e2e_iters, f"an end-to-end pass follows the block-wise walk only (calib="
+                    f"{self.calib!r}; use e2e_iters=0)")
         check_range(self, "lr_ratio", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "lr_codebook", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "rmsprop_alpha", 0, 1, "must be in [0, 1]")

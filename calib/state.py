@@ -210,6 +210,11 @@ class CalibState:
         return 0 if self.meta is None else self.meta["next_block"]
 
     @property
+    def complete(self):
+        """Whether the saved state is a finished calibration (every stage done: the artifact is its layers)."""
+        return self.meta is not None and bool(self.meta.get("complete"))
+
+    @property
     def stats(self):
         return [] if self.meta is None else list(self.meta["stats"])
 
@@ -258,11 +263,17 @@ class CalibState:
         if wiring is not None:
             self._save(0, [], {}, acts, wiring=wiring)
 
-    def block_done(self, stats, layers, acts):
+    def block_done(self, stats, layers, acts, complete=False):
         """Block len(stats) - 1 is calibrated: its stats (the list so far), the hard layers {name: module} of every
-        calibrated block, and the tables the next block needs (acts {name: tensor})."""
-        self._save(len(stats), stats, layers_state(layers), acts)
+        calibrated block, and the tables the next block needs (acts {name: tensor}); `complete`: nothing follows."""
+        self._save(len(stats), stats, layers_state(layers), acts, complete=complete)
         self.log("blockwise", stats[-1:])
+
+    def pass_done(self, mode, record, stats, layers):
+        """A last stage after the walk (the end-to-end pass) is done: its `record`, logged under `mode`, and the
+        final layers; the calibration is complete."""
+        self._save(len(stats), stats, layers_state(layers), {}, complete=True)
+        self.log(mode, [record])
 
     def checkpoint(self, snapshot, layers):
         """Mid-training (joint, online): a Trainer snapshot (its "optimizer" a live state_dict) and every layer."""
@@ -272,7 +283,7 @@ class CalibState:
 
     def finish(self, mode, stats, layers):
         """Every block is calibrated (joint, online): the final layers and stats, logged under `mode`."""
-        self._save(len(stats), stats, layers_state(layers), {})
+        self._save(len(stats), stats, layers_state(layers), {}, complete=True)
         self.log(mode, stats)
 
     def log(self, mode, records):
@@ -284,9 +295,10 @@ class CalibState:
         """Delete the state once the artifact is complete (for DiT-XL/2 it holds GiBs of activations)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _save(self, next_block, stats, layers, acts, train=None, wiring=None):
+    def _save(self, next_block, stats, layers, acts, train=None, wiring=None, complete=False):
         """Write the state after block next_block - 1: layers {key: tensor}, acts {name: tensor} (None: keep the
-        current state's, if any), train: None or (snapshot meta, {key: tensor}); wiring None: keep the current one."""
+        current state's, if any), train: None or (snapshot meta, {key: tensor}); wiring None: keep the current one;
+        complete: the calibration is finished."""
         tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
         files = {"layers": f"layers-{tag}.safetensors"}
         tensors = {"layers": layers}
@@ -302,7 +314,7 @@ class CalibState:
             with atomic_path(os.path.join(self.directory, files[kind])) as tmp:
                 save_file({k: v.contiguous() for k, v in group.items()}, tmp)
         self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": next_block, "stats": stats, **files,
-                     "train_state": None if train is None else train[0],
+                     "train_state": None if train is None else train[0], "complete": complete,
                      "wiring": current.get("wiring") if wiring is None else wiring}
         write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")
         for entry in os.listdir(self.directory):

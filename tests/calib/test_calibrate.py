@@ -270,7 +270,6 @@ def test_gptvq_init_starts_calibration_from_the_output_aware_fit(tmp_path, metho
     plain = built(tiny_config(method=method, iters=20, codebook_init="kmeans"), tmp_path / "plain")
     fit = built(tiny_config(method=method, iters=20, codebook_init="gptvq"), tmp_path / "gptvq")
     for p, f in zip(plain, fit):
-        print("R", p["mse_before"] / f["mse_before"], f["mse_after"], p["mse_after"])
         assert f["mse_before"] <= 0.5 * p["mse_before"]
     assert sum(s["mse_after"] for s in fit) < sum(s["mse_before"] for s in fit)
 
