@@ -10,7 +10,10 @@ import pytest
 from models.loading import DiTSpec, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+# OMP_WAIT_POLICY PASSIVE: an OpenMP thread waiting at a barrier sleeps instead of spinning; on a loaded 2-core
+# machine a 2-thread run otherwise took 81 s instead of 10 (the results are the same: only the waiting changes)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
+       "OMP_WAIT_POLICY": "PASSIVE"}
 OUTPUT_FILES = ("model.safetensors", "quant_config.json", "samples.npz", "grid.png")
 # the cheapest quantize.py run that still calibrates every block of the depth-6 tiny model
 FAST = ("--codebook-size", "4", "--kmeans-iters", "2", "--iters", "4", "--calib-samples", "2",

@@ -15,8 +15,10 @@ from tests.models.test_diffusers_format import diffusers_model
 from vq import quantize_linears
 
 pytest.importorskip("diffusers")
-SETTINGS = dict(codebook_size=64, dim=4, kmeans_iters=10, iters=30, calib_samples=4, calib_timesteps=3, steps=10,
-                device="cpu")
+# the paper's k-means start (the test's layers are quantized soft, as the walk's output-aware refit does not take
+# them) and 10 iterations per block: the comparison is between two forms of one model, not of the recipe
+SETTINGS = dict(codebook_size=64, dim=4, kmeans_iters=10, iters=10, calib_samples=4, calib_timesteps=3, steps=10,
+                codebook_init="kmeans", device="cpu")
 
 
 def noise_mse_after(teacher, split_qkv, method, tmp_path):
@@ -46,6 +48,6 @@ def test_native_diffusers_calibration_lands_where_the_projects_dit_path_lands(tm
     ours = noise_mse_after(native, True, "vq4dit", tmp_path / "ours")
     theirs = noise_mse_after(exported, False, "vq4dit", tmp_path / "theirs")
     kmeans_only = noise_mse_after(exported, False, "kmeans", tmp_path / "kmeans")
-    # measured: 0.146 (project DiT) vs 0.141 (diffusers form), k-means only 0.74-0.82 over three seeds
+    # measured at 10 iterations per block: 0.255 (project DiT) vs 0.231 (diffusers form), k-means only 0.83
     assert 2 / 3 < theirs / ours < 3 / 2
     assert theirs < 0.4 * kmeans_only
