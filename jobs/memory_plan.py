@@ -54,6 +54,7 @@ class MemoryPlan:
     student_bytes: int  # device: the student, its layers soft while calibrated (block-wise: one block at a time)
     hard_bytes: int  # the student once every layer is hard
     block_bytes: int  # device: calibrating the largest block
+    pass_bytes: int  # device: the end-to-end pass (every block's activations at once), 0 without one
     artifact_bytes: int  # tensor bytes of model.safetensors
     fp_bytes: int  # the transformer's tensors in fp32
     bits: float  # bits per quantized weight, indices only
@@ -79,10 +80,14 @@ class MemoryPlan:
         lines += [f"    {key} {tuple(shape)}: {gib(nbytes)}" for key, shape, nbytes in self.slots]
         lines += [f"  device: FP teacher {gib(self.teacher_bytes)} + student {gib(self.student_bytes)} (layers soft "
                   f"while calibrated; {gib(self.hard_bytes)} all hard) + calibrating one block "
-                  f"{gib(self.block_bytes)} = {gib(self.device_bytes)} (text encoders: on the CPU, before calibration)",
-                  f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
-                  f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
-                  f"({self.bits_with_codebooks:.3f} with fp16 codebooks)"]
+                  f"{gib(self.block_bytes)} = {gib(self.device_bytes)} (text encoders: on the CPU, before calibration)"]
+        if self.pass_bytes:
+            total = self.teacher_bytes + self.hard_bytes + self.pass_bytes
+            lines.append(f"  device, end-to-end pass: FP teacher + student (all hard) + every block trained at once "
+                         f"{gib(self.pass_bytes)} (at most: counted with soft layers) = {gib(total)}")
+        lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
+                     f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
+                     f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
         return "\n".join(lines)
 
 
@@ -333,11 +338,11 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes = 0
+    block_bytes = []
     for i, (name, block) in enumerate(adapter.blocks(model)):
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
-        block_bytes = max(block_bytes, block_training_bytes(block, replay, inside, sizes, config))
+        block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
     state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
     fp_bytes = sum(t.numel() * 4 for t in state.values())
     teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
@@ -359,7 +364,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
         slots=slots, cache_bytes=sum(slot_bytes.values()), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
-        block_bytes=block_bytes,
+        block_bytes=max(block_bytes), pass_bytes=sum(block_bytes) if config.calibration.e2e_iters else 0,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
         layers=len(sizes))

@@ -98,6 +98,18 @@ def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
     assert plan.points.endswith(f"= {points} points")  # guidance distilled
     assert plan.layers == 19 * 14 + 38 * 6 and plan.bits == 2.0
     assert 11.8e9 < plan.weights < 11.9e9  # FLUX.1-dev: 12B parameters, nearly all in the blocks
+    assert plan.pass_bytes == 0 and "end-to-end pass" not in plan.format()
+
+
+def test_the_end_to_end_pass_holds_every_blocks_training_at_once():
+    """With e2e_iters, the plan adds the pass: the sum of the blocks' training bytes (57 blocks for Flux-dev: far
+    above one block's), named on its own line. Catches the pass counted as one block."""
+    config = load_config(str(ROOT / "configs" / "flux_dev_w2.yaml"), overrides={"e2e_iters": 10})
+    name, model_config, factor, _ = plan_source(config.model.ckpt)
+    plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
+                       ADAPTERS[name].text_tokens)
+    assert 19 * plan.block_bytes < plan.pass_bytes <= 57 * plan.block_bytes
+    assert "end-to-end pass" in plan.format()
     assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]
 
 
