@@ -118,8 +118,9 @@ def calibrate_blockwise(problem, data, config, state):
         chains.advance(i, targets, q_outs, dying, store.release)
         stats.append(log_block({"block": i, "name": name, **block_stats}))
         acts = {} if last else chains.to_tensors()
+        then = "the end-to-end pass" if last and data.points is not None else None
         state.block_done(stats, problem.layers_through(i), {**acts, **points_tensors(data.points)},
-                         complete=last and data.points is None)
+                         complete=last and then is None, then=then)
     if data.points is not None:  # 5. the end-to-end pass over the whole chain
         state.pass_done("e2e", end_pass(problem, cset.calls, data.points, config), stats, problem.layers)
     return stats

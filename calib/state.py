@@ -263,10 +263,11 @@ class CalibState:
         if wiring is not None:
             self._save(0, [], {}, acts, wiring=wiring)
 
-    def block_done(self, stats, layers, acts, complete=False):
+    def block_done(self, stats, layers, acts, complete=False, then=None):
         """Block len(stats) - 1 is calibrated: its stats (the list so far), the hard layers {name: module} of every
-        calibrated block, and the tables the next block needs (acts {name: tensor}); `complete`: nothing follows."""
-        self._save(len(stats), stats, layers_state(layers), acts, complete=complete)
+        calibrated block, and the tables the next block needs (acts {name: tensor}); `complete`: nothing follows;
+        `then`: what follows the last block, in words (where a rerun resumes)."""
+        self._save(len(stats), stats, layers_state(layers), acts, complete=complete, then=then)
         self.log("blockwise", stats[-1:])
 
     def pass_done(self, mode, record, stats, layers):
@@ -295,10 +296,10 @@ class CalibState:
         """Delete the state once the artifact is complete (for DiT-XL/2 it holds GiBs of activations)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _save(self, next_block, stats, layers, acts, train=None, wiring=None, complete=False):
+    def _save(self, next_block, stats, layers, acts, train=None, wiring=None, complete=False, then=None):
         """Write the state after block next_block - 1: layers {key: tensor}, acts {name: tensor} (None: keep the
         current state's, if any), train: None or (snapshot meta, {key: tensor}); wiring None: keep the current one;
-        complete: the calibration is finished."""
+        complete: the calibration is finished; then: the stage that follows, in words (None: block next_block)."""
         tag = f"{next_block:05d}" if train is None else f"{next_block:05d}-{train[0]['iteration']:06d}"
         files = {"layers": f"layers-{tag}.safetensors"}
         tensors = {"layers": layers}
@@ -314,7 +315,7 @@ class CalibState:
             with atomic_path(os.path.join(self.directory, files[kind])) as tmp:
                 save_file({k: v.contiguous() for k, v in group.items()}, tmp)
         self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": next_block, "stats": stats, **files,
-                     "train_state": None if train is None else train[0], "complete": complete,
+                     "train_state": None if train is None else train[0], "complete": complete, "then": then,
                      "wiring": current.get("wiring") if wiring is None else wiring}
         write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")
         for entry in os.listdir(self.directory):
@@ -337,6 +338,8 @@ def describe_point(meta):
     """The resume point of a state.json's content in words; None for no state (or one that cannot say)."""
     try:
         train = meta.get("train_state")
+        if not train and meta.get("then"):
+            return meta["then"]
         if not train:
             return f"block {int(meta['next_block'])}"
         if "trajectory" in train:

@@ -66,8 +66,9 @@ def test_interrupted_pass_resumes_from_the_walk_to_the_same_layers(tmp_path, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(calib.endpass, "train", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
         calibrated(tmp_path / "split", e2e_iters=20)
+    assert "resume at the end-to-end pass" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())
     assert saved["next_block"] == DEPTH and not saved["complete"]
     monkeypatch.setattr(calib.endpass, "train", original)
