@@ -92,6 +92,8 @@ ROWS = {
     "paper-init": ("k-means start (codebook_init kmeans, the paper's; the default before issue 19)",
                    ["--codebook-init", "kmeans", "--method", "vq4dit"]),
     "paper-init-seed1": ("k-means start, seed 1", ["--codebook-init", "kmeans", "--method", "vq4dit", "--seed", "1"]),
+    "ours-e2e": ("ours + end-to-end pass, 300 updates", ["--e2e-iters", "300"]),
+    "ours-e2e-seed1": ("ours + end-to-end pass, 300 updates, seed 1", ["--e2e-iters", "300", "--seed", "1"]),
     "w3": ("W3 (k64 d2), default", ["--wbits", "3", "--dim", "2"]),
     "w3-seed1": ("W3 (k64 d2), default, seed 1", ["--wbits", "3", "--dim", "2", "--seed", "1"]),
     "w3-paper-init": ("W3 (k64 d2), k-means start", ["--wbits", "3", "--dim", "2", "--codebook-init", "kmeans",
@@ -139,19 +141,33 @@ def matched_trajectories(rows):
 
 
 def bootstrap_intervals(rows, out, resamples=200):
+    """(FID(row) - FID(REFERENCE), FID(a) - FID(b) for PAIRS, FID(row) - FID(FP)): 95% paired-bootstrap intervals
+    {key: [lo, hi]}. A row whose samples were deleted (they take disk) keeps the intervals recorded in recipes.json
+    while they existed: the resampled index sets depend only on the seed, so they are the same."""
+    saved = saved_report(os.path.join(out, "recipes.json"))
+    present = [key for key in rows if os.path.exists(samples_path(out, key))]
     classifier = load_digits_classifier()
     real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
     # the FP samples too: index sets depend only on the seed, so adding a key leaves the other intervals unchanged
     features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0]
-                for key in [*rows, "fp"]}
+                for key in [*present, "fp"]}
     boot = paired_bootstrap(features, real, resamples, seed=0)
 
     def interval(a, b):  # 95% of FID(a) - FID(b) over the same resampled indices
         return [float(v) for v in np.percentile(boot[a] - boot[b], [2.5, 97.5])]
 
-    intervals = {key: interval(key, REFERENCE) for key in rows} if REFERENCE in rows else {}
-    pairs = {f"{a} - {b}": interval(a, b) for a, b in PAIRS if a in rows and b in rows}
-    return intervals, pairs, {key: interval(key, "fp") for key in rows}
+    intervals = {key: interval(key, REFERENCE) for key in present} if REFERENCE in present else {}
+    pairs = {f"{a} - {b}": interval(a, b) for a, b in PAIRS if a in present and b in present}
+    versus_fp = {key: interval(key, "fp") for key in present}
+    return ({**saved.get("intervals", {}), **intervals}, {**saved.get("pairs", {}), **pairs},
+            {**saved.get("versus_fp", {}), **versus_fp})
+
+
+def saved_report(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_report(rows, out, args):
@@ -251,10 +267,7 @@ def locked(lock_path):
 
 
 def saved_rows(path, resume):
-    if not resume or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["rows"]
+    return saved_report(path).get("rows", {}) if resume else {}
 
 
 if __name__ == "__main__":
