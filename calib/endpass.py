@@ -6,7 +6,7 @@ Once every layer is hard, the codebooks and biases of all layers (assignments fi
 them, end where the FP teacher's chain ends: the loss is the error of the last block's outputs, the input of the
 model's FP head. Data: E2E_ROWS calibration points evenly spaced over the set (every trajectory batch and kept
 step), copied before the walk frees the recorded inputs, and the FP chain's last-block outputs at those points,
-copied when the walk computes them. The pass keeps the walk's layers when it does not lower the error there.
+copied when the walk computes them. The pass ends in the best state it measured there, the walk's included.
 """
 import copy
 import dataclasses
@@ -23,6 +23,7 @@ from calib.train import Minibatches, seeded_generator, train
 logger = logging.getLogger(__name__)
 
 E2E_ROWS = 256  # points of the pass: DiT-XL/2 block-0 inputs and last-block outputs there take 0.3 GiB in fp16
+E2E_CHECK = 50  # updates between two measurements of the chain's end error (each costs about 5 updates)
 E2E_STREAM = 3  # random stream (seed, E2E_STREAM) of the pass's minibatch order
 PREFIX = "e2e/"  # the pass's tensors among a saved state's activations
 
@@ -88,32 +89,51 @@ def end_error(blocks, cset, targets, device, chunk=64):
 
 def end_pass(problem, calls, points, config):
     """Train the codebooks and biases of every (hard) layer of `problem` for config.e2e_iters updates (learning rate
-    config.e2e_lr) on the
-    last-block error of the chain over `points` (EndPoints; `calls` the recorded wiring); codebooks are rounded to
-    their storage precision afterwards. Returns the pass's stats (errors before and after, whether it was kept)."""
+    config.e2e_lr) on the last-block error of the chain over `points` (EndPoints; `calls` the recorded wiring). The
+    error there is measured every E2E_CHECK updates and at the end, and the layers end in the best state measured,
+    the walk's included (a constant learning rate can overshoot late in the pass); codebooks are rounded to their
+    storage precision afterwards. Returns the pass's stats: errors before and after, the measurements, whether
+    the pass was kept."""
     start = time.perf_counter()
     blocks, device = [m for _, m in problem.blocks], problem.device
     cset, modules = points.calibration_set(calls), list(problem.layers.values())
-    before = end_error(blocks, cset, points.targets, device)
-    walked = {name: copy.deepcopy(layer.state_dict()) for name, layer in problem.layers.items()}
+
+    def measure(updates):
+        error = end_error(blocks, cset, points.targets, device)
+        errors.append([updates, error])
+        if error < best["error"]:
+            best.update(error=error, updates=updates, layers={n: copy.deepcopy(layer.state_dict())
+                                                               for n, layer in problem.layers.items()})
+
+    errors, best = [], {"error": float("inf")}
+    measure(0)
+    walked = best["layers"]
 
     def loss_fn(idx):  # idx (B,) -> the chain's last-block output error on the minibatch
         return block_loss(run_chain(blocks, cset, idx, device, grad=True)[-1], [t[idx] for t in points.targets])
 
+    def check(snapshot):
+        if snapshot["iteration"] % E2E_CHECK == 0 and snapshot["iteration"] < config.e2e_iters:
+            measure(snapshot["iteration"])
+
     batches = Minibatches(cset.rows, config.batch_size, seeded_generator(problem.seed, E2E_STREAM))
     settings = dataclasses.replace(config, iters=config.e2e_iters, lr_codebook=config.e2e_lr, plateau=0.0)
-    info = train(modules, loss_fn, batches, settings, desc="e2e" if problem.progress else None)
-    for layer in modules:
+    info = train(modules, loss_fn, batches, settings, desc="e2e" if problem.progress else None, on_checkpoint=check)
+    measure(info["updates"])
+    for name, layer in problem.layers.items():
+        layer.load_state_dict(best["layers"][name])
         layer.round_codebook_()  # calibrated = deployed
-    after = end_error(blocks, cset, points.targets, device)
-    kept = after < before
-    if not kept:  # the pass made the chain's end worse: the walk's layers stay
+    after = end_error(blocks, cset, points.targets, device) if best["updates"] else errors[0][1]
+    kept = after < errors[0][1]
+    if not kept:  # nothing the pass passed through beat the walk: its layers stay
         for name, layer in problem.layers.items():
             layer.load_state_dict(walked[name])
-        logger.warning("the end-to-end pass raised the chain's end error (%.4g -> %.4g): the walk's layers kept",
-                       before, after)
-    stats = {"stage": "e2e", "mse_before": before, "mse_after": after if kept else before, "kept": kept,
-             "updates": info["updates"], "points": cset.rows, "seconds": time.perf_counter() - start}
-    logger.info("end-to-end pass: chain end error %.4g -> %.4g over %d points (%d updates, %.1f s)", before,
-                stats["mse_after"], cset.rows, info["updates"], stats["seconds"])
+        after = errors[0][1]
+        logger.warning("the end-to-end pass raised the chain's end error (%.4g -> %.4g at its end): the walk's "
+                       "layers kept", errors[0][1], errors[-1][1])
+    stats = {"stage": "e2e", "mse_before": errors[0][1], "mse_after": after, "kept": kept,
+             "best_at": best["updates"] if kept else 0, "errors": errors, "updates": info["updates"],
+             "points": cset.rows, "seconds": time.perf_counter() - start}
+    logger.info("end-to-end pass: chain end error %.4g -> %.4g over %d points (best of %d updates at %d, %.1f s)",
+                stats["mse_before"], after, cset.rows, info["updates"], stats["best_at"], stats["seconds"])
     return stats
