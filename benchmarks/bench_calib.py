@@ -88,8 +88,10 @@ def kmeans_student(teacher, config, cache):
     if key not in cache:
         student = copy.deepcopy(teacher)
         start = time.perf_counter()
+        # hard, as the quantize job builds them (jobs/methods.py): calibration softens a block's layers when it
+        # reaches them, after the output-aware refit when the config asks for it
         quantize_linears(student, c.k, c.dim, candidates=n, kmeans_iters=c.kmeans_iters, seed=config.seed,
-                         ratio_init=c.ratio_init, progress=False)
+                         ratio_init=c.ratio_init, soft=False, progress=False)
         cache[key] = (student, time.perf_counter() - start)
     student, seconds = cache[key]
     student = copy.deepcopy(student)
@@ -105,8 +107,9 @@ def run_variant(name, teacher, base, overrides, evalset, cache, device):
         for layer in qlayers.values():
             layer.harden()
     else:
-        method = method_for(config.method, config.codebooks)
-        problem = Problem(student, teacher, adapter_for(student), qlayers, method.prepare, config.seed, False)
+        method = method_for(config.method, config.codebooks, config.seed)
+        problem = Problem(student, teacher, adapter_for(student), qlayers, method.prepare, config.seed, False,
+                          needs_moments=config.output_aware)
         with tempfile.TemporaryDirectory() as out_dir:
             record_and_calibrate(problem, config, CalibState.for_config(out_dir, config))
     calib_s = time.perf_counter() - start
@@ -136,7 +139,9 @@ def time_default_run(preset, overrides):
 def report(rows, default_s, default_config, threads, command):
     fmt = "| {variant} | {method} | {calib} | {inputs} | {n} | {lambda_r:g} | {threads} | {kmeans_s:.1f} | " \
           "{calib_s:.1f} | {noise_mse:.4g} | {block_mse_mean:.4g} | {block_mse_last:.4g} |"
-    xl = cache_bytes(32 * 2 * 25, 256, 1152)
+    teacher = load_config().teacher  # the defaults' trajectories and kept steps
+    points = teacher.calib_samples * 2 * teacher.calib_timesteps
+    xl = cache_bytes(points, 256, 1152)
     timing = [] if default_s is None else [
         f"Default W2 pipeline run (`configs/digits_w2.yaml`: load + k-means + calibration + save): "
         f"**{default_s:.1f} s** (iters {default_config.calibration.iters}, calib_samples "
@@ -155,7 +160,8 @@ def report(rows, default_s, default_config, threads, command):
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[fmt.format(**{"threads": 1, **r}) for r in rows], "",  # rows of runs before the column: 1 thread
         "## Activation memory at the defaults for DiT-XL/2", "",
-        f"M = 32 trajectories x 2 (CFG) x 25 steps = 1600 points, T = 256, D = 1152, fp16: one (M, T, D) tensor "
+        f"M = {teacher.calib_samples} trajectories x 2 (CFG) x {teacher.calib_timesteps} steps = {points} points, "
+        "T = 256, D = 1152, fp16: one (M, T, D) tensor "
         f"= {xl / 2**20:.0f} MiB. Sequential block-wise holds two (block input, target): {2 * xl / 2**30:.2f} GiB "
         f"(+ c, 7 MiB); the resumable state on disk is the same two tensors. Joint keeps only the block-0 "
         f"inputs ({xl / 2**20:.0f} MiB) and recomputes FP targets per minibatch; storing every block's "
@@ -178,7 +184,7 @@ def main(args):
         logging.getLogger(name).setLevel(logging.WARNING)
     bases = {key: load_config(os.path.join(ROOT, path), overrides).replace(device="cpu")
              for key, path in PRESETS.items()}
-    teacher, _ = load_dit(bases["w2"].model, bases["w2"].ckpt, device="cpu")
+    teacher, _ = load_dit(bases["w2"].model.model, bases["w2"].model.ckpt, device="cpu")
     evalset = held_out(teacher, bases["w2"], "cpu")
     json_path = os.path.splitext(args.out)[0] + ".json"
     rows = []
