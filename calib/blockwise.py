@@ -19,7 +19,7 @@ import time
 
 from calib.calls import leaves
 from calib.capture import storage_dtype
-from calib.endpass import end_pass
+from calib.endpass import end_pass, points_tensors
 from calib.guard import keep_better, starting_point
 from calib.metrics import weight_mse
 from calib.moments import block_input_moments
@@ -124,10 +124,6 @@ def calibrate_blockwise(problem, data, config, state):
     if data.points is not None:  # 5. the end-to-end pass over the whole chain
         state.pass_done("e2e", end_pass(problem, cset.calls, data.points, config), stats, problem.layers)
     return stats
-
-
-def points_tensors(points):
-    return {} if points is None else points.to_tensors()
 
 
 def log_block(stats):

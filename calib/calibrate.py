@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from calib.blockwise import calibrate_blockwise
 from calib.capture import CalibrationSet
-from calib.endpass import EndPoints
+from calib.endpass import EndPoints, points_tensors
 from calib.joint import calibrate_joint
 from calib.online import calibrate_online
 from calib.tables import Chains
@@ -54,7 +54,7 @@ def record(problem, teacher, calibration, store, state):
         cset = record_set(problem, teacher, store)
         chains = Chains.from_slots(cset.slots, sequential)
         points = EndPoints.take(cset) if calibration.e2e_iters else None
-        state.start(cset.wiring_json(), {**chains.to_tensors(), **(points.to_tensors() if points else {})})
+        state.start(cset.wiring_json(), {**chains.to_tensors(), **points_tensors(points)})
     else:
         acts = state.saved.acts
         chains = Chains.from_tensors({k: store.adopt(t) for k, t in acts.items()}, sequential)

@@ -76,6 +76,11 @@ class EndPoints:
         return CalibrationSet(calls, self.slots, self.batched, len(self.rows))
 
 
+def points_tensors(points):
+    """EndPoints.to_tensors of `points`, or {} when the run has no pass (None)."""
+    return {} if points is None else points.to_tensors()
+
+
 @torch.no_grad()
 def end_error(blocks, cset, targets, device, chunk=64):
     """The last block's output error of `blocks` fed by themselves from `cset`'s slots, vs `targets`."""
