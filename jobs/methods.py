@@ -98,12 +98,13 @@ class VQ4DiT(KMeans):
 
     def prepare(self, layers, fp_weights, moments=None):
         """Give each hard layer its candidate sets and ratio logits from its FP weight: exactly what quantizing it
-        soft would have given (VQLinear.soften_), at the moment calibration needs them. With moments (gptvq), the
-        layer is first refit to its inputs and its output-aware assignment stays candidate 0 and the argmax."""
+        soft would have given (VQLinear.soften_), at the moment calibration needs them. With moments (gptvq), every
+        layer is first refit to its inputs and its output-aware assignment stays candidate 0 and the argmax; a layer
+        handed in soft is hardened first (before calibration its argmax is its nearest codeword, the hard start)."""
         for name, layer in layers.items():
+            if moments is not None:
+                fit_outputs_(layer.harden(), fp_weights[name], moments[name], self.seed)
             if layer.is_hard:
-                if moments is not None:
-                    fit_outputs_(layer, fp_weights[name], moments[name], self.seed)
                 layer.soften_(fp_weights[name], self.candidates, self.codebooks.ratio_init, keep=moments is not None)
 
 

@@ -107,3 +107,23 @@ def test_gptvq_prepare_lowers_every_layers_output_error(name, split_qkv):
     before = {n: error(layer, n) for n, layer in plain.items()}
     after = {n: error(layer, n) for n, layer in fit.items()}
     assert all(after[n] <= 0.5 * before[n] for n in fit) and sum(after.values()) <= 0.5 * sum(before.values())
+
+
+def test_vq4dit_output_aware_prepare_treats_a_soft_layer_as_its_hard_twin():
+    """A layer handed to prepare soft (quantized eagerly, as a caller may) gets the same output-aware refit as the
+    same k-means layer handed in hard: identical state, bitwise (mutation: prepare refits hard layers only and
+    leaves a soft one at its k-means start, the moments measured for nothing)."""
+    c = codebooks(codebook_init="gptvq", kmeans_iters=20, ratio_init="uniform")
+    teacher = tiny_dit(depth=1)
+    method = method_for("vq4dit", c, seed=3)
+    hard_model, soft_model = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    hard = method.build(hard_model, BLOCK_LINEARS, seed=3, progress=False)
+    soft = quantize_linears(soft_model, c.k, c.dim, candidates=2, seed=3, kmeans_iters=c.kmeans_iters,
+                            ratio_init="uniform", progress=False)
+    _, moments = block_inputs(teacher, list(hard))
+    fp_weights = {n: teacher.get_submodule(n).weight.detach() for n in hard}
+    method.prepare(hard, fp_weights, moments)
+    method.prepare(soft, fp_weights, moments)
+    for name, layer in soft.items():
+        a, b = layer.state_dict(), hard[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
