@@ -39,6 +39,8 @@ FLAGS = [
     ("--batch-size", int, "calibration batch size"),
     ("--lr-ratio", float, "RMSprop learning rate of the ratio logits"),
     ("--lr-codebook", float, "RMSprop learning rate of codebooks and biases"),
+    ("--lr-schedule", str, "constant | cosine (the codebook-and-bias learning rate falls to 0 over each block's "
+                           "--iters updates, and over the end-to-end pass)"),
     ("--lambda-r", float, "weight of the ratio regulariser"),
     ("--ratio-gate", str, "none | running_min (L_r only above its running minimum within a trajectory)"),
     ("--train-codebooks", str, "always | when_hard (a codebook trains only once its layer is hard)"),

@@ -68,6 +68,9 @@ class CalibConfig:
     batch_size: int = 16
     lr_ratio: float = 5e-2
     lr_codebook: float = 1e-4
+    # constant | cosine: the codebook-and-bias learning rate falls from lr_codebook to 0 over each run of `iters`
+    # updates (a block's, or the end-to-end pass's); the ratio logits keep lr_ratio either way
+    lr_schedule: str = "constant"
     rmsprop_alpha: float = 0.9
     lambda_r: float = 0.01
     ratio_reg: str = "code"  # L_r: code = n * mean(r(1-r)) (authors' code) | paper = mean(1 - |2r - 1|)
@@ -88,6 +91,7 @@ class CalibConfig:
 
     def validate(self):
         check_choices(self, {"calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS, "ratio_reg": ("code", "paper"),
+                             "lr_schedule": ("constant", "cosine"),
                              "train_codebooks": ("always", "when_hard"), "ratio_gate": ("none", "running_min")})
         check_positive(self, ("iters", "batch_size", "select_every"))
         check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
@@ -95,6 +99,9 @@ class CalibConfig:
         if self.e2e_iters and self.calib != "blockwise":
             invalid("e2e_iters", self.e2e_iters, f"an end-to-end pass follows the block-wise walk only (calib="
                     f"{self.calib!r}; use e2e_iters=0)")
+        if self.lr_schedule != "constant" and self.calib == "online":
+            invalid("lr_schedule", self.lr_schedule, "calib online makes one update per teacher step, not `iters` "
+                    "updates: use lr_schedule=constant")
         check_range(self, "lr_ratio", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "lr_codebook", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "rmsprop_alpha", 0, 1, "must be in [0, 1]")

@@ -8,6 +8,7 @@ returns L_d of the minibatch `idx` (indices into the calibration points) with gr
 """
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,15 @@ def ratio_penalty(layers, form="code"):
             continue
         terms.append(RATIO_PENALTIES[form](torch.softmax(layer.logits[active], dim=1)))  # (A, n) -> ()
     return torch.stack(terms).mean() if terms else None
+
+
+def codebook_lr(config, update):
+    """The codebook-and-bias learning rate of update number `update` (0-based) of a run of config.iters updates:
+    config.lr_codebook throughout ("constant"), or half a cosine from it to 0 ("cosine"). A pure function of the
+    update count, so a resumed run continues the schedule where it stopped."""
+    if config.lr_schedule == "constant":
+        return config.lr_codebook
+    return config.lr_codebook * 0.5 * (1 + math.cos(math.pi * min(update, config.iters) / config.iters))
 
 
 def codebook_trains(layer, train_codebooks):
@@ -207,6 +217,7 @@ class Trainer:
         loss = loss_d + c.lambda_r * penalty if use_penalty else loss_d
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.optimizer.param_groups[1]["lr"] = codebook_lr(c, self.updates)
         self.optimizer.step()
         self.updates += 1
         self.loss, self.penalty = loss_d.detach(), None if penalty is None else penalty.detach()

@@ -161,10 +161,10 @@ KEY_TYPES = {**RUN_FIELDS, **{k: t for types in FIELDS.values() for k, t in type
 FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts", "height", "width", "num_frames",
               "include", "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init",
               "split_qkv", "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
-              "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction", "train_codebooks",
-              "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init", "codebook_init", "steps",
-              "cfg_scale", "calib_samples", "calib_timesteps", "online_batch", "student_label_dropout", "cache_dtype",
-              "max_cache_gb", "cache_dir", "seed", "device")
+              "lr_schedule", "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction",
+              "train_codebooks", "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init",
+              "codebook_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps", "online_batch",
+              "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")
 
 
 def _coerce(name, kind, value, source):

@@ -1,6 +1,7 @@
 """The Trainer against a plain reference loop, exact resume from snapshots, and the authors' options
 (codebooks frozen while soft, the running-minimum L_r gate)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ def reference_train(layers, loss_fn, num_points, config, generator):
     ], alpha=config.rmsprop_alpha)
     batches = minibatches(num_points, config.batch_size, generator)
     for it in range(config.iters):
+        if config.lr_schedule == "cosine":  # half a cosine from lr_codebook at the first update to ~0 at the last
+            opt.param_groups[1]["lr"] = config.lr_codebook * (1 + math.cos(math.pi * it / config.iters)) / 2
         loss = loss_fn(next(batches))
         penalty = ratio_penalty(layers, config.ratio_reg)
         if penalty is not None:
@@ -68,8 +71,9 @@ def staggered_problem():
 STAGGERED = dict(iters=40, batch_size=8, lambda_r=1.0, lr_ratio=0.08, hard_fraction=0.5)
 
 
-def test_train_matches_the_plain_loop_bitwise():
-    config = tiny_config(**STAGGERED).calibration
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_train_matches_the_plain_loop_bitwise(schedule):
+    config = tiny_config(**STAGGERED, lr_schedule=schedule).calibration
     layers, loss_fn, _ = staggered_problem()
     info = train(layers, loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config)
     assert any(h is not None for h in info["hardened_at"])  # selection hardened layers mid-run
@@ -79,7 +83,7 @@ def test_train_matches_the_plain_loop_bitwise():
 
 
 @pytest.mark.parametrize("options", [{}, {"train_codebooks": "when_hard", "ratio_gate": "running_min",
-                                          "select_every": 1}])
+                                          "select_every": 1}, {"lr_schedule": "cosine"}])
 def test_train_resumes_exactly_from_a_snapshot(options):
     """Killed after its checkpoint at iteration 20, with some layers hardened before it and some after, a run
     resumed from that snapshot ends with the same layers and info as the uninterrupted run."""

@@ -54,6 +54,8 @@ def test_int_is_accepted_for_float_fields(tmp_path):
     ({"ratio_reg": "l1"}, "ratio_reg=.l1.: choose one of code, paper"),
     ({"candidates": 5, "codebook_size": 4}, "at most the codebook size 4"),
     ({"calib_timesteps": 60}, "at most steps=50"),
+    ({"lr_schedule": "linear"}, "lr_schedule=.linear.: choose one of constant, cosine"),
+    ({"lr_schedule": "cosine", "calib": "online"}, "lr_schedule='cosine': calib online makes one update per teacher"),
 ])
 def test_impossible_settings_are_user_errors(overrides, pattern):
     with pytest.raises(UserError, match=pattern):
