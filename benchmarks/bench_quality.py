@@ -107,7 +107,8 @@ def write_table(rows, path, args):
                      f"{r['sample_peak_rss_mib']:.0f} |")
     note = (f"Embedded DiT-Digits/2, {args.num_samples} samples, {args.steps} steps, CFG 1.5, seed {args.seed}; "
             f"extra quantize flags: {' '.join(args.extra) or 'none'}. Times are wall seconds of the whole "
-            "process on this machine (2 CPU cores), imports included.\n\n")
+            "process on this machine (2 CPU cores), imports included, with OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}.\n\n")
     write_text_atomic(path, note + head + "\n".join(lines) + "\n")
 
 
