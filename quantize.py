@@ -105,7 +105,7 @@ def main(args):
 
 def resume_hint(out):
     """After Ctrl-C: where a rerun of the same command picks up (calibration state is saved per block)."""
-    from calib.state import STATE_DIR, resume_point
+    from calib.checkpoints import STATE_DIR, resume_point
 
     point = resume_point(out) if out else None
     if point is None:

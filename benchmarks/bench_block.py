@@ -28,18 +28,20 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
 import calib.blockwise as blockwise  # noqa: E402
 import jobs.methods as methods  # noqa: E402
 from calib.cache import ActivationStore  # noqa: E402
-from calib.calibrate import CalibData  # noqa: E402
 from calib.calls import flatten, map_leaves  # noqa: E402
 from calib.capture import CalibrationSet  # noqa: E402
+from calib.checkpoints import CalibLog, CheckpointStore  # noqa: E402
 from calib.guard import PROBE_ROWS  # noqa: E402
+from calib.modes import CalibData  # noqa: E402
 from calib.problem import Problem  # noqa: E402
 from calib.record import BlockCall  # noqa: E402
-from calib.state import CalibState  # noqa: E402
-from calib.tables import Chains  # noqa: E402
+from calib.walk import WalkPlan, WalkState  # noqa: E402
 from jobs.config import QuantizeConfig  # noqa: E402
+from jobs.runkey import RunKey  # noqa: E402
 from models.adapters.dit import DiTAdapter  # noqa: E402
 from models.dit import DiTBlock  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -181,7 +183,8 @@ def run_walk(args, config, shape, device):
     names = list(layers)
     problem = Problem(student, teacher, adapter, layers, clock.wrap(method.prepare, "prepare (gptvq + soften)"),
                       config.seed, progress=False, needs_moments=config.output_aware)
-    data = CalibData(cset, Chains.from_slots(cset.slots, sequential=True), None, store)
+    plan = WalkPlan(cset.calls, cset.batched, cset.rows, sequential=True)
+    data = CalibData(cset, store, plan, WalkState.start(cset, sequential=True, e2e=False))
     patches = {(blockwise, "sweep"): lambda n: SWEEPS[n] if n < len(SWEEPS) else f"sweep {n}",
                (blockwise, "block_input_moments"): "input moments", (blockwise, "train"): "training",
                (blockwise, "starting_point"): "guard", (blockwise, "keep_better"): "guard",
@@ -189,11 +192,11 @@ def run_walk(args, config, shape, device):
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for (module, attr), label in patches.items():
             stack.enter_context(mock.patch.object(module, attr, clock.wrap(getattr(module, attr), label)))
-        state = CalibState.for_config(tmp, config)
-        state.block_done = clock.wrap(state.block_done, "state save")
+        checkpoints = CheckpointStore(tmp, RunKey.of(config))
+        checkpoints.save = clock.wrap(checkpoints.save, "state save")
         calibration = dataclasses.replace(config.calibration, iters=args.iters)
         start = time.perf_counter()  # not a stage: the stages inside it keep their own peaks
-        stats = blockwise.calibrate_blockwise(problem, data, calibration, state)[0]
+        stats = blockwise.calibrate_blockwise(problem, data, calibration, checkpoints, CalibLog(tmp))[0]
         stats["walk_seconds"] = time.perf_counter() - start
     if cuda:  # the whole run's peak (the cache stays in CPU memory, as in the job)
         stats["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

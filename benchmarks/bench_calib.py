@@ -27,11 +27,10 @@ from calib.cache import ActivationStore  # noqa: E402
 from calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter  # noqa: E402
 from calib.metrics import chain_errors, prediction_mse  # noqa: E402
 from calib.problem import Problem  # noqa: E402
-from calib.state import CalibState  # noqa: E402
 from calib.teacher import teacher_plan  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.methods import method_for  # noqa: E402
-from jobs.quantize import quantize, record_and_calibrate  # noqa: E402
+from jobs.quantize import Run, quantize, record_and_calibrate  # noqa: E402
 from models.adapters import adapter_for  # noqa: E402
 from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
@@ -111,7 +110,7 @@ def run_variant(name, teacher, base, overrides, evalset, cache, device):
         problem = Problem(student, teacher, adapter_for(student), qlayers, method.prepare, config.seed, False,
                           needs_moments=config.output_aware)
         with tempfile.TemporaryDirectory() as out_dir:
-            record_and_calibrate(problem, config, CalibState.for_config(out_dir, config))
+            record_and_calibrate(problem, Run.open(config, out_dir, progress=False))
     calib_s = time.perf_counter() - start
     calls, cset = evalset
     blocks = chain_errors(list(student.blocks), list(teacher.blocks), cset, device)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
-from calib.state import STATE_DIR  # noqa: E402
+from calib.checkpoints import STATE_DIR  # noqa: E402
 from evaluation.report import evaluate_files  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
 

@@ -22,7 +22,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from calib.state import LOG_NAME  # noqa: E402
+from calib.checkpoints import LOG_NAME  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.quantize import quantize  # noqa: E402
 from models.loading import DiTSpec, load_dit, save_dit  # noqa: E402

@@ -17,15 +17,13 @@ two (M, T, D) activation tensors (a block's input and its target), as a loop wri
 import logging
 import time
 
-from calib.calls import leaves
-from calib.capture import storage_dtype
-from calib.endpass import end_pass, points_tensors
+from calib.checkpoints import Checkpoint, layers_state
 from calib.guard import keep_better, starting_point
 from calib.metrics import weight_mse
 from calib.moments import block_input_moments
-from calib.replay import Replay, block_loss, call_block, sweep
-from calib.tables import Out, ref_of
+from calib.replay import block_loss, call_block, sweep
 from calib.train import Minibatches, argmax_assignment, seeded_generator, train
+from calib.walk import allocator
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +35,6 @@ def layer_stats(layers, info, w_before, fp_weights):
     return {name: {"selected": info["selected"][j], "hardened_at": info["hardened_at"][j],
                    "weight_mse_before": w_before[j], "weight_mse_after": weight_mse(layer, fp_weights[name])}
             for j, (name, layer) in enumerate(layers.items())}
-
-
-def last_uses(calls):
-    """{table reference: index of the last block that reads it}."""
-    last = {}
-    for i, call in enumerate(calls):
-        for node in leaves(call.inputs):
-            last[ref_of(node)] = i
-    return last
-
-
-def allocator(store, reusable):
-    """Output storage: a dying input of the same shape and dtype when there is one (written in place), else new."""
-    def alloc(outs, num_rows):
-        free, chosen = list(reusable), []
-        for o in outs:
-            shape, dtype = (num_rows, *o.shape[1:]), storage_dtype(o, store.token_dtype)
-            j = next((j for j, t in enumerate(free) if tuple(t.shape) == shape and t.dtype == dtype), None)
-            chosen.append(free.pop(j) if j is not None else store.empty(shape, dtype))
-        return chosen
-    return alloc
 
 
 def calibrate_block(problem, i, replay, targets, config):
@@ -87,42 +64,37 @@ def calibrate_block(problem, i, replay, targets, config):
             "seconds": time.perf_counter() - start, "layers": layer_stats(layers, info, w_before, problem.fp_weights)}
 
 
-def calibrate_blockwise(problem, data, config, state):
-    """Calibrate the blocks of `problem` from state.next_block on, in order, on the recorded data (CalibData: the
-    calibration set, its Chains at that block, the activation store); after each block, `state` saves what block
-    i + 1 needs (the resumable state). Returns every block's stats."""
-    state.restore(problem.layers)
-    cset, chains, store, device = data.cset, data.chains, data.store, problem.device
-    sequential = chains.q is not None
-    last_use, stats = last_uses(cset.calls), state.stats
-    for i in range(state.next_block, len(problem.blocks)):
+def calibrate_blockwise(problem, data, config, checkpoints, log):
+    """Walk the blocks of `problem` from data.walk.next_block on, in order, on the recorded data (CalibData: the
+    walk's plan and state, the activation store); after each block `checkpoints` (CheckpointStore) saves the layers
+    so far and what block i + 1 needs. Returns every block's stats."""
+    saved = checkpoints.load()
+    stats = [] if saved is None else saved.stats
+    if saved is not None:
+        saved.restore(problem.layers)
+    plan, walk, store, device = data.plan, data.walk, data.store, problem.device
+    for i in range(walk.next_block, len(problem.blocks)):
         name, block = problem.blocks[i]
-        dying = [ref for ref in chains.fp if last_use.get(ref, -1) <= i]
-        # 1. the FP targets; in sequential mode nobody reads the FP inputs afterwards, so they may be overwritten
-        reuse = [chains.fp[ref] for ref in dying if isinstance(ref, Out)] if sequential else []
-        fp_inputs = Replay(cset.calls[i], chains.fp, cset.batched, cset.rows)
-        targets, _ = sweep(problem.teacher.get_submodule(name), fp_inputs, device, alloc=allocator(store, reuse))
+        step = plan.step(i, walk.chains)
+        # 1. the FP targets (and the FP chain's next values)
+        teacher_block = problem.teacher.get_submodule(name)
+        targets, _ = sweep(teacher_block, step.fp_inputs, device, alloc=allocator(store, step.fp_reuse))
         # 2.-3. the method prepares the block's layers; they train on the block's inputs to match the targets
-        inputs = Replay(cset.calls[i], chains.q, cset.batched, cset.rows) if sequential else fp_inputs
         layers = problem.layers_of(name)
-        moments = block_input_moments(problem.teacher.get_submodule(name), name, layers, inputs, device) \
+        moments = block_input_moments(teacher_block, name, layers, step.inputs, device) \
             if problem.needs_moments else None
         problem.prepare_layers(layers, moments)
-        block_stats = calibrate_block(problem, i, inputs, targets, config)
+        block_stats = calibrate_block(problem, i, step.inputs, targets, config)
         # 4. the final error, and the quantized chain's next values
-        alloc = allocator(store, [chains.q[ref] for ref in dying]) if sequential else None
-        q_outs, block_stats["mse_after"] = sweep(block, inputs, device, alloc=alloc, targets=targets)
+        alloc = allocator(store, step.q_reuse) if plan.sequential else None
+        q_outs, block_stats["mse_after"] = sweep(block, step.inputs, device, alloc=alloc, targets=targets)
         last = i + 1 == len(problem.blocks)
-        if last and data.points is not None:
-            data.points.set_targets(targets)
-        chains.advance(i, targets, q_outs, dying, store.release)
+        walk.advance(step, targets, q_outs, store.release, last)
         stats.append(log_block({"block": i, "name": name, **block_stats}))
-        acts = {} if last else chains.to_tensors()
-        then = "the end-to-end pass" if last and data.points is not None else None
-        state.block_done(stats, problem.layers_through(i), {**acts, **points_tensors(data.points)},
-                         complete=last and then is None, then=then)
-    if data.points is not None:  # 5. the end-to-end pass over the whole chain
-        state.pass_done("e2e", end_pass(problem, cset.calls, data.points, config), stats, problem.layers)
+        then = "the end-to-end pass" if last and walk.points is not None else None
+        checkpoints.save(Checkpoint(i + 1, stats, layers_state(problem.layers_through(i)), walk.to_tensors(last),
+                                    complete=last and then is None, then=then))
+        log.append("blockwise", stats[-1:])
     return stats
 
 

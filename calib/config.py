@@ -96,12 +96,9 @@ class CalibConfig:
         check_positive(self, ("iters", "batch_size", "select_every"))
         check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
         check_range(self, "e2e_lr", 0, None, "must be >= 0 (a learning rate)")
-        if self.e2e_iters and self.calib != "blockwise":
-            invalid("e2e_iters", self.e2e_iters, f"an end-to-end pass follows the block-wise walk only (calib="
-                    f"{self.calib!r}; use e2e_iters=0)")
-        if self.lr_schedule != "constant" and self.calib == "online":
-            invalid("lr_schedule", self.lr_schedule, "calib online makes one update per teacher step, not `iters` "
-                    "updates: use lr_schedule=constant")
+        from calib.modes import mode_for  # the mode refuses the options it ignores (imports torch: not at --help)
+
+        mode_for(self.calib).validate(self)
         check_range(self, "lr_ratio", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "lr_codebook", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "rmsprop_alpha", 0, 1, "must be in [0, 1]")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from calib.capture import CalibrationSet
+from calib.checkpoints import Checkpoint
 from calib.replay import block_loss, run_chain, squared_error
 from calib.train import Minibatches, seeded_generator, train
 
@@ -74,6 +75,13 @@ class EndPoints:
 
     def calibration_set(self, calls):
         return CalibrationSet(calls, self.slots, self.batched, len(self.rows))
+
+
+def end_pass_stage(problem, data, config, checkpoints, log, stats):
+    """The stage after the walk: the pass over data.walk.points, then the final checkpoint and the pass's log line."""
+    record = end_pass(problem, data.cset.calls, data.walk.points, config)
+    checkpoints.save(Checkpoint.final(stats, problem.layers))
+    log.append("e2e", [record])
 
 
 def points_tensors(points):

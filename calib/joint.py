@@ -11,6 +11,7 @@ import time
 import torch
 
 from calib.blockwise import layer_stats
+from calib.checkpoints import Checkpoint, layers_state
 from calib.metrics import chain_errors, weight_mse
 from calib.problem import layers_of
 from calib.replay import block_loss, run_chain
@@ -49,14 +50,13 @@ def block_stats(problem, info, before, after, **extra):
             for i, (name, _) in enumerate(problem.blocks)]
 
 
-def calibrate_joint(problem, data, config, state):
+def calibrate_joint(problem, data, config, checkpoints, log):
     """Calibrate every quantized layer of `problem` at once on the calibration set data.cset; every layer is hard
-    afterwards. At most every CHECKPOINT_SECONDS `state` saves a snapshot (with "before", the errors before
+    afterwards. At most every CHECKPOINT_SECONDS `checkpoints` saves a snapshot (with "before", the errors before
     calibration) from which a rerun continues exactly. Returns per-block stats (chain error before/after)."""
     start = time.perf_counter()
     problem.prepare_layers(problem.layers)
-    state.restore(problem.layers)
-    resume = state.resume_snapshot()
+    resume = restore(checkpoints, problem.layers)
     cset, modules = data.cset, list(problem.layers.values())
     students, teachers = [m for _, m in problem.blocks], problem.teacher_blocks
     before = errors_before(problem, cset) if resume is None else resume["before"]
@@ -65,7 +65,7 @@ def calibrate_joint(problem, data, config, state):
     def checkpoint(snapshot):
         nonlocal last_save
         if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-            state.checkpoint({**snapshot, "before": before}, problem.layers)
+            checkpoints.save(Checkpoint(layers=layers_state(problem.layers), train={**snapshot, "before": before}))
             last_save = time.monotonic()
 
     batches = Minibatches(cset.rows, config.batch_size, seeded_generator(problem.seed, JOINT_STREAM))
@@ -80,5 +80,16 @@ def calibrate_joint(problem, data, config, state):
         logger.info("block %d (%s, joint): output MSE %.4g -> %.4g", s["block"], s["name"], s["mse_before"],
                     s["mse_after"])
     logger.info("joint calibration of %d layers: %.1f s", len(modules), seconds)
-    state.finish("joint", stats, problem.layers)
+    checkpoints.save(Checkpoint.final(stats, problem.layers))
+    log.append("joint", stats)
     return stats
+
+
+def restore(checkpoints, layers):
+    """Load the last checkpoint's layers into `layers` (none saved: as they are); returns its Trainer snapshot, or
+    None when there is none to continue from."""
+    saved = checkpoints.load()
+    if saved is None:
+        return None
+    saved.restore(layers)
+    return saved.train

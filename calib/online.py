@@ -15,7 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from calib.joint import block_stats, errors_before
+from calib.checkpoints import Checkpoint, layers_state
+from calib.joint import block_stats, errors_before, restore
 from calib.metrics import chain_errors
 from calib.record import BlockRecorder, recording
 from calib.replay import block_loss
@@ -35,23 +36,25 @@ def student_outputs(model, blocks, args, kwargs):
     return captured[0].outputs
 
 
-def calibrate_online(problem, data, config, state):
+def calibrate_online(problem, data, config, checkpoints, log):
     """Calibrate every quantized layer of `problem` along the teacher trajectories of data.plan (one trajectory per
     plan.batch_size samples); every layer is hard afterwards. Block errors before and after are measured on the
     small recorded set data.cset (not trained on). Resumable at trajectory boundaries: at most every
-    CHECKPOINT_SECONDS, after a trajectory, `state` saves {"trajectory": trajectories done, **Trainer.snapshot()}."""
+    CHECKPOINT_SECONDS, after a trajectory, `checkpoints` saves {"trajectory": trajectories done,
+    **Trainer.snapshot()}."""
     problem.prepare_layers(problem.layers)
-    state.restore(problem.layers)
-    resume = state.resume_snapshot()
+    resume = restore(checkpoints, problem.layers)
     before = errors_before(problem, data.cset) if resume is None else resume["before"]
     info = train_online(problem, data.plan, config, resume,
-                        lambda snapshot: state.checkpoint({**snapshot, "before": before}, problem.layers))
+                        lambda snapshot: checkpoints.save(Checkpoint(layers=layers_state(problem.layers),
+                                                                     train={**snapshot, "before": before})))
     after = chain_errors([m for _, m in problem.blocks], problem.teacher_blocks, data.cset, problem.device)
     stats = block_stats(problem, info, before, after, updates=info["updates"])
     for s in stats:
         logger.info("block %d (%s, online): output MSE %.4g -> %.4g", s["block"], s["name"], s["mse_before"],
                     s["mse_after"])
-    state.finish("online", stats, problem.layers)
+    checkpoints.save(Checkpoint.final(stats, problem.layers))
+    log.append("online", stats)
     return stats
 
 

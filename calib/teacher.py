@@ -17,9 +17,15 @@ def teacher_plan(teacher, seed, online=False):
     return TeacherPlan(teacher.calib_samples, teacher.steps, teacher.cfg_scale, seed, TEACHER_BATCH)
 
 
+def recorded_rows(plan, calib_timesteps, rows_per_trajectory):
+    """The rows of a calibration set recorded from TeacherPlan `plan`: its samples x the `calib_timesteps` steps
+    kept of each trajectory x `rows_per_trajectory` (2 where CFG doubles the batch)."""
+    return plan.num_samples * len(calib_steps(plan.steps, calib_timesteps)) * rows_per_trajectory
+
+
 def schedule(adapter, model, teacher, plan, device):
     """The recording Schedule of `plan`: calib_timesteps kept steps per trajectory, rows doubled by CFG."""
-    rows = plan.num_samples * len(calib_steps(plan.steps, teacher.calib_timesteps)) * adapter.rows_per_trajectory(plan)
+    rows = recorded_rows(plan, teacher.calib_timesteps, adapter.rows_per_trajectory(plan))
     return Schedule(adapter.teacher_runs(model, plan, device), step_filter(plan.steps, teacher.calib_timesteps), rows,
                     plan.num_samples)
 

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from calib.modes import mode_for
+
 GIB = 2**30
 # published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
 REFERENCE_MODELS = {
@@ -141,7 +143,7 @@ def dry_run_plan(config):
                      num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
     text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
-    if config.calibration.calib != "blockwise":
+    if not mode_for(config.calibration.calib).walks_blocks:
         text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
                  "tensors")
     return text
@@ -264,38 +266,6 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     return sum(held.values()) + targets + optimizer
 
 
-def walk_peaks(calls, slot_bytes, output_bytes, sequential=True):
-    """[peak bytes while block i is calibrated] of calib/blockwise.py's walk over blocks with recorded `calls`: slots
-    {key: bytes}, output_bytes[i] = [bytes of block i's output k]. The walk's own rules: at block i the tables hold
-    every slot and block output a block >= i still reads (outputs twice in sequential mode: FP and quantized chain);
-    block i's FP targets overwrite a dying FP output of the same size (sequential mode only), its quantized outputs
-    a dying quantized-chain tensor (slot or output) of the same size, else they are new; then the dying go."""
-    from calib.blockwise import last_uses
-    from calib.tables import Out
-
-    last, born, sizes = last_uses(calls), {}, dict(slot_bytes)
-    for i, outs in enumerate(output_bytes):
-        for k, b in enumerate(outs):
-            sizes[Out(i, k)], born[Out(i, k)] = b, i
-            last.setdefault(Out(i, k), i + 1)  # an output nobody reads leaves the tables after the next block
-    peaks = []
-    for i, outs in enumerate(output_bytes):
-        alive = [k for k in sizes if last.get(k, -1) >= i and born.get(k, -1) < i]
-        held = sum(sizes[k] * (2 if sequential and k not in slot_bytes else 1) for k in alive)
-        dying = [k for k in alive if last[k] == i]
-        fp_free = [sizes[k] for k in dying if k not in slot_bytes] if sequential else []
-        q_free = [sizes[k] for k in dying] if sequential else []
-        new = 0
-        for free in ([fp_free, q_free] if sequential else [fp_free]):
-            for b in outs:
-                if b in free:
-                    free.remove(b)
-                else:
-                    new += b
-        peaks.append(held + new)
-    return peaks
-
-
 def memory_plan(model, adapter, config, vae_factor, tokens):
     """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
     the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens."""
@@ -305,17 +275,18 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     from calib.record import recording, slot_is_batched
     from calib.replay import Replay
     from calib.tables import Out
-    from calib.teacher import teacher_plan
+    from calib.teacher import recorded_rows
+    from calib.walk import WalkPlan, walk_peaks
     from jobs.methods import method_for
     from models.adapters.base import linear_pattern
 
-    spec, codebooks = config.model, config.codebooks
-    plan = teacher_plan(config.teacher, config.seed, online=config.calibration.calib == "online")
+    spec, codebooks, mode = config.model, config.codebooks, mode_for(config.calibration.calib)
+    plan = mode.teacher_plan(config.teacher, config.seed)
     height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
                                                                 tokens, PROBE_ROWS)
     per_trajectory = adapter.rows_per_trajectory(plan)
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
-    rows = plan.num_samples * kept * per_trajectory
+    rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
     calls = []
     with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
         model(*args, **kwargs)
@@ -329,8 +300,10 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     batched = {key: slot_is_batched(t, probe_rows) for key, t in live.slots.items()}
     slots = [(key, *stored(t, key)) for key, t in live.slots.items()]
     slot_bytes = {key: size for key, _, size in slots}
-    walk = walk_peaks(live.calls, slot_bytes, [[stored(t)[1] for t in outs] for outs in live.outputs],
-                      sequential=config.calibration.block_inputs == "quantized")
+    stored_slots = {key: torch.empty(shape, dtype=storage_dtype(t, cache_dtype) if batched[key] else t.dtype,
+                                     device="meta") for (key, shape, _), t in zip(slots, live.slots.values())}
+    walk_plan = WalkPlan(live.calls, batched, rows, mode.sequential(config.calibration))
+    walk = walk_peaks(walk_plan, stored_slots, live.outputs, cache_dtype)
 
     include = linear_pattern(adapter.quant_include(model), spec.include, spec.exclude)
     sizes = layer_sizes(model, include, codebooks, method_for(config.method, codebooks).candidates)
@@ -353,7 +326,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
                                                                     "index", "codebook")}
     resident = teacher - total["fp"]  # the student's full-precision tensors
     soft_extra = total["soft"] - total["hard"]  # joint / online: every layer soft from the start
-    if config.calibration.calib == "blockwise":  # block-wise: a block's layers are soft only while it is calibrated
+    if mode.walks_blocks:  # block-wise: a block's layers are soft only while it is calibrated
         soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"

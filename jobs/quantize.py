@@ -1,18 +1,27 @@
-"""The quantize job: load -> codebooks -> record -> calibrate -> save, for any model an adapter describes.
+"""The quantize job: load -> build codebooks -> record -> calibrate -> save, for any model an adapter describes.
 
-`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments. Each stage takes the part
-of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound to the codebook
-config to build the quantized layers, the teacher config to record, the calibration config to train, and the
-CalibState (calib/state.py) that owns the output directory's resumable state.
+`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments; the Python API
+(vq4dit.quantize_transformer) runs the same stages on a transformer already in memory (`run_stages`). Each stage
+takes the part of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound
+to the codebook config to build the quantized layers, the calibration mode (calib/modes.py) with the teacher config
+to record and the calibration config to train, and the Run's checkpoint store (calib/checkpoints.py), opened with
+the run's key (jobs/runkey.py), that makes the calibration resumable.
 """
 import copy
 import logging
 import time
+from dataclasses import dataclass
 
 from torch import nn
 
+from calib.cache import ActivationStore, dtype_bytes
+from calib.checkpoints import CalibLog, CheckpointStore, discard_state
+from calib.modes import CalibMode, mode_for
+from calib.modes import calibrate as calibrate_mode
+from calib.problem import Problem
 from jobs.config import QuantizeConfig
-from jobs.methods import method_for
+from jobs.methods import Method, method_for
+from jobs.runkey import RunKey
 from models.adapters.base import linear_pattern, outside_blocks
 from models.adapters.load import load_model
 from models.prompts import read_prompts
@@ -20,33 +29,75 @@ from utils.device import device_memory, physical_memory, resolve_device
 from utils.errors import UserError
 from utils.fileio import check_dir_usable, check_out_dir, free_bytes
 from utils.precision import set_tf32
+from vq import save_quantized
+from vq.modelref import reference
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One quantize run: its config, the method and calibration mode it names, the checkpoint store and log of its
+    work directory (None when the method does not calibrate), and whether bars are shown."""
+
+    config: QuantizeConfig
+    method: Method
+    mode: CalibMode
+    checkpoints: CheckpointStore | None
+    log: CalibLog
+    progress: bool = True
+
+    @classmethod
+    def open(cls, config, work_dir, progress=True, overwrite=False):
+        """A run working in `work_dir`; a checkpoint left there by another run fails now, before loading and k-means
+        (overwrite: it is deleted instead)."""
+        method = method_for(config.method, config.codebooks, config.seed)
+        checkpoints = CheckpointStore(work_dir, RunKey.of(config), overwrite) if method.calibrated else None
+        if checkpoints is None:
+            discard_state(work_dir, overwrite, f"the resumable state of another run (--method {config.method} does "
+                          "not calibrate)")
+        return cls(config, method, mode_for(config.calibration.calib), checkpoints, CalibLog(work_dir), progress)
+
+    @property
+    def cache_dir(self):
+        return self.config.cache.cache_dir or self.checkpoints.cache_dir
 
 
 def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
     overwrite: delete a calibration state in out_dir that this run will not resume (else it is a UserError)."""
-    from calib.state import CalibState, discard_state
-
     check_out_dir(out_dir)
     if config.cache.cache_dir:
         check_dir_usable(config.cache.cache_dir, "--cache-dir")
-    method = method_for(config.method, config.codebooks, config.seed)
-    # a state left by another run must fail now, not after loading and k-means
-    state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
-    if state is None:
-        discard_state(out_dir, overwrite, f"the resumable state of another run (--method {config.method} does not "
-                      "calibrate)")
+    run = Run.open(config, out_dir, progress, overwrite)
     start = time.time()
     base, include, extra = load(config.model, config.device)
-    layers, stats = build_and_calibrate(base, include, method, config, state, progress)
+    layers, stats = run_stages(base, include, run)
     save(base.model, layers, extra, config, out_dir)
-    if state is not None:
-        state.remove()
+    if run.checkpoints is not None:
+        run.checkpoints.remove()
     logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
                 time.time() - start, out_dir)
     return stats
+
+
+def run_stages(base, include, run):
+    """The build, record and calibrate stages of Run `run` on the loaded BaseModel `base` (its Linears matching
+    `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate)."""
+    problem, layers = build_codebooks(base, include, run)
+    if problem is None:
+        return layers, []
+    return layers, record_and_calibrate(problem, run)
+
+
+def record_and_calibrate(problem, run):
+    """The record and calibrate stages of calib.problem.Problem `problem` in Run `run`, with the activation cache
+    open between them; returns the per-block stats."""
+    cache = run.config.cache
+    max_bytes = None if cache.max_cache_gb is None else int(cache.max_cache_gb * 2**30)
+    with ActivationStore(max_bytes, run.cache_dir, cache.dtype) as store:
+        data = record(problem, run, store)
+        return calibrate(problem, data, run)
 
 
 def load(spec, device, loaded=None):
@@ -66,80 +117,66 @@ def load(spec, device, loaded=None):
     return base, include, extra
 
 
-def build_and_calibrate(base, include, method, config, state, progress=True):
-    """The codebook, record and calibrate stages: the Linears of BaseModel `base` matching `include` replaced in place
-    by `method`'s quantized layers, calibrated against a copy of the model as it was (the teacher) when the method
-    calibrates; returns ({name: quantized layer}, per-block calibration stats)."""
+def build_codebooks(base, include, run):
+    """The codebook stage: the Linears of BaseModel `base` matching `include` replaced in place by the method's
+    quantized layers. When the method calibrates, the model as it was is kept as the teacher (a copy, made before
+    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None."""
+    method, config = run.method, run.config
     outside = outside_blocks(base.adapter, base.model, include)
     if outside and method.calibrated:
         logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
                        "not calibrated", len(outside), outside[0])
     if method.calibrated:
-        check_calibration_fits(base, config, config.cache.cache_dir or state.cache_dir)
+        check_calibration_fits(base, run.mode, config, run.cache_dir)
     teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
-    layers = method.build(base.model, include, config.seed, progress)
-    stats = []
-    if method.calibrated:
-        from calib.problem import Problem
-
-        if config.output_aware:
-            logger.info("output-aware start: each block's codebooks are refit to its recorded inputs when "
-                        "calibration reaches it (codebook_init %s)", config.codebooks.codebook_init)
-        problem = Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, progress,
-                          needs_moments=config.output_aware)
-        stats = record_and_calibrate(problem, config, state)
-    return layers, stats
+    layers = method.build(base.model, include, config.seed, run.progress)
+    if not method.calibrated:
+        return None, layers
+    if config.output_aware:
+        logger.info("output-aware start: each block's codebooks are refit to its recorded inputs when calibration "
+                    "reaches it (codebook_init %s)", config.codebooks.codebook_init)
+    return Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, run.progress,
+                   needs_moments=config.output_aware), layers
 
 
-def check_calibration_fits(base, config, cache_dir):
-    """Refuse, before k-means, teacher data that cannot fit this machine: each row (offline: the recorded set's
-    trajectories x kept steps x CFG rows; online: one trajectory batch's CFG rows, on the model's device) holds at
-    least one token of the first block's input (cache dtype offline, fp32 online), against physical memory plus the
-    free disk under `cache_dir` (online: the device's memory). A lower bound: what it lets pass may still fill the
-    disk, which the activation cache reports when it reserves a file; without it a count like 10^12 met the
-    allocator with a traceback."""
-    from calib.cache import dtype_bytes
-    from calib.capture import calib_steps
-    from calib.teacher import teacher_plan
-
-    teacher = config.teacher
+def check_calibration_fits(base, mode, config, cache_dir):
+    """Refuse, before k-means, teacher data that cannot fit this machine: the rows CalibMode `mode` records (its
+    Footprint) each hold at least one token of the first block's input, against physical memory plus the free
+    disk under `cache_dir` (a mode that keeps them on the model's device: that device's memory). A lower bound:
+    what it lets pass may still fill the disk, which the activation cache reports when it reserves a file; without
+    it a count like 10^12 met the allocator with a traceback."""
     _, block = base.adapter.blocks(base.model)[0]
     width = next(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
-    online = config.calibration.calib == "online"
-    plan = teacher_plan(teacher, config.seed, online)
-    cfg_rows = base.adapter.rows_per_trajectory(plan)
-    if online:
-        flag, count, rows = "--online-batch", teacher.online_batch, plan.batch_size * cfg_rows
+    rows_per_trajectory = base.adapter.rows_per_trajectory(mode.teacher_plan(config.teacher, config.seed))
+    need = mode.footprint(config.teacher, config.seed, rows_per_trajectory, dtype_bytes(config.cache.dtype))
+    needed = need.rows * width * need.value_bytes
+    if need.on_device:
         device = next(base.model.parameters()).device
-        needed, room, where = rows * width * 4, device_memory(device), f"the memory of {device}"
+        room, where = device_memory(device), f"the memory of {device}"
     else:
-        flag, count = "--calib-samples", teacher.calib_samples
-        rows = plan.num_samples * len(calib_steps(teacher.steps, teacher.calib_timesteps)) * cfg_rows
-        needed, room = rows * width * dtype_bytes(config.cache.dtype), physical_memory() + free_bytes(cache_dir)
+        room = physical_memory() + free_bytes(cache_dir)
         where = f"this machine's memory and the free disk under {cache_dir}"
     if needed > room:
-        raise UserError(f"{flag} {count}: {rows:,} rows need at least {needed / 2**30:,.1f} GiB, more than {where} "
-                        f"({room / 2**30:,.1f} GiB); even by this lower bound at most {count * room // needed:,} fit")
+        raise UserError(f"{need.flag} {need.count}: {need.rows:,} rows need at least {needed / 2**30:,.1f} GiB, more "
+                        f"than {where} ({room / 2**30:,.1f} GiB); even by this lower bound at most "
+                        f"{need.count * room // needed:,} fit")
 
 
-def record_and_calibrate(problem, config, state):
-    """The record and calibrate stages (calib/calibrate.py) of calib.problem.Problem `problem` with QuantizeConfig
-    `config`, saving to CalibState `state`, with the activation cache open between them; returns per-block stats."""
-    from calib.cache import ActivationStore
-    from calib.calibrate import calibrate, record
+def record(problem, run, store):
+    """The record stage: the teacher data of Run `run`'s mode (calib.modes.CalibData), recorded into the activation
+    store `store` from the teacher of calib.problem.Problem `problem`, or read back from the last checkpoint."""
+    config = run.config
+    return run.mode.record(problem, config.teacher, config.calibration, store, run.checkpoints, run.log)
 
-    cache = config.cache
-    max_bytes = None if cache.max_cache_gb is None else int(cache.max_cache_gb * 2**30)
-    with ActivationStore(max_bytes, cache.cache_dir or state.cache_dir, cache.dtype) as store:
-        data = record(problem, config.teacher, config.calibration, store, state)
-        return calibrate(problem, data, config.calibration, state)
+
+def calibrate(problem, data, run):
+    """The calibrate stage: the quantized layers of `problem` trained in place on `data` by Run `run`'s mode (every
+    layer hard afterwards); returns the per-block stats."""
+    return calibrate_mode(problem, data, run.mode, run.config.calibration, run.checkpoints, run.log)
 
 
 def save(model, layers, extra, config, out_dir):
     """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config."""
-    from vq import save_quantized
-    from vq.modelref import reference
-
     for layer in layers.values():
         if not layer.is_hard:
             layer.harden()

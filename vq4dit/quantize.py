@@ -4,8 +4,9 @@
     quantized = quantize_transformer(pipe, wbits=2)  # pipe.transformer is now the quantized transformer
     quantized.save("sd3.5-medium-w2")  # the artifact quantize.py writes for the same config
 
-The stages are quantize.py's own (jobs/quantize.py): the load stage takes the pipeline's transformer as it is in
-memory instead of reading it, then codebooks, the teacher's recording and calibration, and the save stage on demand.
+The stages are quantize.py's own (jobs/quantize.py run_stages): the load stage takes the pipeline's transformer as it
+is in memory instead of reading it, then codebooks, the teacher's recording and calibration, and the save stage on
+demand.
 """
 import contextlib
 import logging
@@ -59,21 +60,18 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
-    from calib.state import CalibState
-    from jobs.methods import method_for
-    from jobs.quantize import build_and_calibrate, load
+    from jobs.quantize import Run, load, run_stages
 
     enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
     base = base_model(pipe, config.model.ckpt)
-    method = method_for(config.method, config.codebooks, config.seed)
     with contextlib.ExitStack() as stack:
         directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
-        state = CalibState.for_config(directory, config) if method.calibrated else None
+        run = Run.open(config, directory, progress)
         base, include, extra = load(config.model, config.device, loaded=base)
-        _, stats = build_and_calibrate(base, include, method, config, state, progress)
-        if state is not None:
-            state.remove()
+        _, stats = run_stages(base, include, run)
+        if run.checkpoints is not None:
+            run.checkpoints.remove()
     harden(base.model)
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
     return QuantizedTransformer(base.model, config, extra, stats)

@@ -7,10 +7,9 @@ from torch import nn
 
 from calib.capture import calib_steps
 from calib.problem import Problem
-from calib.state import CalibState
 from jobs.config import QuantizeConfig
 from jobs.methods import method_for
-from jobs.quantize import record_and_calibrate
+from jobs.quantize import Run, record_and_calibrate
 from models.adapters.base import CALIB_STREAM
 from models.diffusion import make_diffusion
 from models.dit import DiT
@@ -41,7 +40,7 @@ def run_calibration(student, teacher, adapter, qlayers, config, out_dir):
     method = method_for(config.method, config.codebooks, config.seed)
     problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False,
                       needs_moments=config.output_aware)
-    return record_and_calibrate(problem, config, CalibState.for_config(str(out_dir), config))
+    return record_and_calibrate(problem, Run.open(config, str(out_dir), progress=False))
 
 
 def quantized_pair(config, depth=2, seed=0):

@@ -8,7 +8,7 @@ import torch
 
 import calib.blockwise
 import calib.joint
-from calib.state import STATE_DIR
+from calib.checkpoints import STATE_DIR
 from calib.tables import Out, ref_of
 from jobs.methods import method_for
 from models.adapters import adapter_for
@@ -89,7 +89,7 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
         return original(problem, i, *args)
 
     monkeypatch.setattr(calib.blockwise, "calibrate_block", killed_at_block_2)
-    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split", depth=3)
     assert "resume at block 2" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())
@@ -125,11 +125,11 @@ def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, capl
         return original(layers, dying, *args, **kwargs)
 
     monkeypatch.setattr(calib.joint, "train", killed_at_iteration_45)
-    with caplog.at_level(logging.INFO, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.INFO, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
     assert "resume at joint iteration 40" in caplog.text
     monkeypatch.setattr(calib.joint, "train", original)
-    with caplog.at_level(logging.INFO, logger="calib.calibrate"):
+    with caplog.at_level(logging.INFO, logger="calib.modes"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
     assert "resuming calibration at joint iteration 40" in caplog.text
     a, b = state_of(whole), state_of(resumed)

@@ -7,8 +7,8 @@ import torch
 
 import calib.endpass
 import calib.train
+from calib.checkpoints import STATE_DIR
 from calib.endpass import EndPoints
-from calib.state import STATE_DIR
 from models.adapters import adapter_for
 from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config
 from utils.errors import UserError
@@ -83,7 +83,7 @@ def test_interrupted_pass_resumes_from_the_walk_to_the_same_layers(tmp_path, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(calib.endpass, "train", killed)
-    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
         calibrated(tmp_path / "split", e2e_iters=20)
     assert "resume at the end-to-end pass" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())

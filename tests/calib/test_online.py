@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import calib.online
-from calib.state import STATE_DIR
+from calib.checkpoints import STATE_DIR
 from models.adapters import adapter_for
 from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
 
@@ -99,12 +99,12 @@ def test_online_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, cap
         return original(self, loss)
 
     monkeypatch.setattr(calib.online.Trainer, "step", dying)
-    with caplog.at_level(logging.WARNING, logger="calib.calibrate"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
     assert "resume at online trajectory 2" in caplog.text
     assert json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())["train_state"]["trajectory"] == 2
     monkeypatch.setattr(calib.online.Trainer, "step", original)
-    with caplog.at_level(logging.INFO, logger="calib.calibrate"):
+    with caplog.at_level(logging.INFO, logger="calib.modes"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
     assert "resuming calibration at online trajectory 2" in caplog.text
     for name in whole:

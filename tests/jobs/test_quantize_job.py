@@ -5,9 +5,10 @@ import pytest
 import torch
 import yaml
 
-from calib.state import STATE_DIR, CalibState
+from calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
 from jobs.config import load_config
 from jobs.quantize import quantize
+from jobs.runkey import RunKey
 from models.loading import save_dit
 from tests.conftest import randomize
 from utils.errors import UserError
@@ -38,8 +39,17 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
     assert torch.isfinite(model(x, t, y)).all()
 
 
+def store_of(out, config):
+    return CheckpointStore(out, RunKey.of(config))
+
+
+def saved_by(out, config):
+    """A first checkpoint of a run of `config` in `out`, as its record stage saves it."""
+    store_of(out, config).save(Checkpoint(acts={}, wiring={}))
+
+
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
-    CalibState.for_config(str(tmp_path), load_config(overrides={"ckpt": tiny_ckpt, "iters": 3})).start({}, {})
+    saved_by(str(tmp_path), load_config(overrides={"ckpt": tiny_ckpt, "iters": 3}))
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="config changed .*iters 3 -> 2.*new --out"):
@@ -53,11 +63,11 @@ def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_pa
 
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     out = str(tmp_path / "out")
-    CalibState.for_config(out, config).start({}, {})
+    saved_by(out, config)
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(open(tiny_ckpt, "rb").read())
     os.replace(copy, tiny_ckpt)
-    assert CalibState.for_config(out, config).meta is not None  # same content: resumes
+    assert store_of(out, config).meta is not None  # same content: resumes
     other = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build(), seed=1)
     save_dit(other, "DiT-Digits/2", tiny_ckpt)
     monkeypatch.setattr("jobs.quantize.load_model", None)  # refused before the model loads
@@ -69,7 +79,7 @@ def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_pa
 def test_a_method_without_calibration_keeps_another_runs_state_unless_told(tiny_ckpt, tmp_path):
     """quantize --method rtn over a run's directory: refused with its state intact; --overwrite deletes it."""
     out = str(tmp_path / "out")
-    CalibState.for_config(out, load_config(overrides={"ckpt": tiny_ckpt})).start({}, {})
+    saved_by(out, load_config(overrides={"ckpt": tiny_ckpt}))
     rtn = load_config(overrides={"ckpt": tiny_ckpt, "method": "rtn"})
     with pytest.raises(UserError, match=r"calib_state: the resumable state of another run \(--method rtn does not "
                                         "calibrate\\); .*pass --overwrite"):

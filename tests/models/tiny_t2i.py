@@ -152,8 +152,9 @@ def quantized_run(family, root, builder=None, **overrides):
     if key in _RUNS:
         return _RUNS[key]
     import calib.cache
-    import calib.calibrate
     import calib.tables
+    import calib.teacher
+    import jobs.quantize
     from jobs.config import load_config
     from jobs.quantize import quantize
 
@@ -163,7 +164,7 @@ def quantized_run(family, root, builder=None, **overrides):
     config = load_config(overrides={"ckpt": str(root / "pipeline"), "prompts": str(root / "prompts.txt"),
                                     **FAST, **overrides})
     seen = {"sets": [], "peaks": [], "since": 0}
-    record, advance = calib.calibrate.record_set, calib.tables.Chains.advance
+    record, advance = calib.teacher.record_set, calib.tables.Chains.advance
 
     class Store(calib.cache.ActivationStore):
         def empty(self, shape, dtype):
@@ -180,8 +181,8 @@ def quantized_run(family, root, builder=None, **overrides):
         seen["sets"].append(record(*args, **kwargs))
         return seen["sets"][-1]
 
-    with mock.patch.object(calib.calibrate, "record_set", recorded), \
-            mock.patch.object(calib.cache, "ActivationStore", Store), \
+    with mock.patch.object(calib.teacher, "record_set", recorded), \
+            mock.patch.object(jobs.quantize, "ActivationStore", Store), \
             mock.patch.object(calib.tables.Chains, "advance", advanced):
         stats = quantize(config, str(root / "artifact"), progress=False)
     _RUNS[key] = QuantizedRun(root / "pipeline", root / "artifact", config, stats, seen["sets"][0], seen["peaks"])
