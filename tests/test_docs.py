@@ -63,9 +63,11 @@ def broken_links(path):
 
 def test_docs_exist_and_link_to_each_other():
     names = {os.path.relpath(p, ROOT) for p in DOCS}
-    assert {"README.md", "docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md"} <= names
+    assert {"README.md", "docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md",
+            "docs/method.md"} <= names
     readme_targets = {t.partition("#")[0] for t in links(os.path.join(ROOT, "README.md"))}
-    assert {"docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md"} <= readme_targets
+    assert {"docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md",
+            "docs/method.md"} <= readme_targets
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
