@@ -1,4 +1,4 @@
-"""Key mapping between the official DiT state dict and diffusers' DiT format (METHOD.md section 1).
+"""Key mapping between the official DiT state dict and diffusers' DiT format (docs/method.md "The diffusers format").
 
 diffusers (`DiTTransformer2DModel`, legacy `Transformer2DModel`) stores a copy of the timestep and
 class embedders in every block, splits qkv into to_q/to_k/to_v and names the final layer

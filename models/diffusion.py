@@ -1,4 +1,4 @@
-"""Gaussian diffusion with learned-range variance (METHOD.md section 2).
+"""Gaussian diffusion with learned-range variance (docs/method.md "Sampler").
 
 One `Diffusion` object holds a (possibly respaced) schedule in float64. Training uses the
 full 1000-step schedule; sampling respaces to S steps and calls the model with the

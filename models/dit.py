@@ -1,4 +1,4 @@
-"""DiT (Peebles & Xie) written from the architecture description in METHOD.md section 1.
+"""DiT (Peebles & Xie) written from the architecture description in docs/method.md "DiT".
 
 Parameter names match the official checkpoints exactly, so `DiT-XL-2-256x256.pt` loads with
 `strict=True`. Shapes in comments: N batch, T tokens, D hidden, C channels.

@@ -63,9 +63,11 @@ def broken_links(path):
 
 def test_docs_exist_and_link_to_each_other():
     names = {os.path.relpath(p, ROOT) for p in DOCS}
-    assert {"README.md", "docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md"} <= names
+    assert {"README.md", "docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md",
+            "docs/method.md"} <= names
     readme_targets = {t.partition("#")[0] for t in links(os.path.join(ROOT, "README.md"))}
-    assert {"docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md"} <= readme_targets
+    assert {"docs/usage.md", "docs/results.md", "docs/text-to-image.md", "docs/design.md",
+            "docs/method.md"} <= readme_targets
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
@@ -119,3 +121,43 @@ def test_flag_parsers_on_a_known_help_and_table():
     assert accepted_flags(help_text) == {"--steps", "--quiet"}
     usage = "## a.py\n\n| `--steps`, `--seed` | 50 | uses `--x` |\n\n## b.py\n\n| `--quiet` | | |\n"
     assert documented_flags(usage, "a.py") == {"--steps", "--seed"}
+
+
+OUTSIDE_NOTES = "METHOD" + ".md"  # design notes kept outside the repository (spelled in two parts: not a mention here)
+TEXT_SUFFIXES = (".md", ".py", ".yaml", ".yml", ".sh", ".toml", ".txt")
+
+
+def repository_files():
+    """The tracked files (git ls-files), or every file outside .git when this is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        return [os.path.join(ROOT, p) for p in out.decode().split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        found = []
+        for directory, dirs, files in os.walk(ROOT):
+            dirs[:] = [d for d in dirs if d != ".git"]
+            found += [os.path.join(directory, f) for f in files]
+        return found
+
+
+def outside_references(paths):
+    """'path:line' for every line of the text files among `paths` that cites the outside design notes."""
+    hits = []
+    for path in paths:
+        if not path.endswith(TEXT_SUFFIXES) or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            hits += [f"{os.path.relpath(path, ROOT)}:{n}" for n, line in enumerate(f, 1) if OUTSIDE_NOTES in line]
+    return hits
+
+
+def test_nothing_cites_notes_outside_the_repository():
+    # a reader of the repository cannot open them: cite docs/method.md (by section title in code) instead
+    assert outside_references(repository_files()) == []
+
+
+def test_outside_reference_check_finds_a_mention(tmp_path):
+    (tmp_path / "a.py").write_text(f"# see {OUTSIDE_NOTES} section 3\n")
+    (tmp_path / "b.md").write_text("see [method](docs/method.md#calibration)\n")
+    assert [h.rsplit(os.sep, 1)[-1] for h in outside_references([str(tmp_path / "a.py"), str(tmp_path / "b.md")])] \
+        == ["a.py:1"]

@@ -1,7 +1,7 @@
 """k-means for codebook initialisation: greedy k-means++ seeding, chunked Lloyd iterations.
 
 Pure functions of tensors; everything runs on the device of `x` (CPU or CUDA). Two initialisations (KMEANS_INITS):
-"fast" (the default, below) and "authors" (METHOD.md 3b: the authors' code, see `kmeans`).
+"fast" (the default, below) and "authors" (the authors' code, docs/method.md "The authors' calibration"; see `kmeans`).
 
 Speed levers of "fast" (see benchmarks/bench_kmeans.py):
 - chunked distances with the nearest and second-nearest found by a min and a value-only min (vq/nearest.py);
@@ -118,9 +118,10 @@ def kmeans(x, k, iters=100, seed=0, tol=1e-4, chunk_size=DEFAULT_CHUNK, seed_poi
            fit_points_per_cluster=512, refine_iters=10, init="fast"):
     """k-means of x (N, d) into k clusters -> (codebook (k, d), assignments (N,) int64). Requires N >= k.
 
-    init "authors" (METHOD.md 3b): k becomes authors_codebook_size(k, N) (the codebook has that many rows), greedy
-    k-means++ seeding on all points, then exactly `iters` Lloyd iterations on all points with empty clusters
-    collapsing to the zero vector (no early stop, no re-seeding); the other tuning arguments are unused.
+    init "authors" (docs/method.md "The authors' calibration"): k becomes authors_codebook_size(k, N) (the codebook
+    has that many rows), greedy k-means++ seeding on all points, then exactly `iters` Lloyd iterations on all points
+    with empty clusters collapsing to the zero vector (no early stop, no re-seeding); the other tuning arguments are
+    unused.
 
     init "fast" (the default): greedy k-means++ seeding on at most `seed_points_per_cluster * k` random points.
     When N <= `fit_points_per_cluster * k` (or it is None), up to `iters` Lloyd iterations run on all points.

@@ -1,4 +1,5 @@
-"""Output-aware codebooks: k-means weighted by a Linear's input second moments (METHOD.md section 7, issue 19a).
+"""Output-aware codebooks: k-means weighted by a Linear's input second moments (docs/method.md "Output-aware start",
+issue 19a).
 
 A Linear y = W x with inputs x has expected output error E||(W - W_hat) x||^2 = trace(dW H dW^T), H = E[x x^T].
 Sub-vector i of W.reshape(-1, d) (row r, input columns [j*d, (j+1)*d), j = i % (in/d)) sees the d x d diagonal
@@ -260,7 +261,8 @@ def inverse_cholesky(h_full, damp=0.01):
 
 
 def gptvq_assign(w, h_full, codebook, dim, damp=0.01, block=128):
-    """Assignments of w (out, in) to a fixed codebook (k, dim) with GPTQ / GPTVQ error feedback (METHOD.md 7)
+    """Assignments of w (out, in) to a fixed codebook (k, dim) with GPTQ / GPTVQ error feedback (docs/method.md
+    "Output-aware start")
     -> (N,) int64 over W.reshape(-1, dim).
 
     Column groups of `dim` inputs are quantized left to right; a group's quantization error is spread onto the

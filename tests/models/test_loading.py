@@ -11,7 +11,7 @@ from utils.errors import UserError
 
 
 def official_keys(depth):
-    """The state-dict keys of the official checkpoints, as listed in METHOD.md section 1."""
+    """The state-dict keys of the official checkpoints, as listed in docs/method.md "Checkpoint keys"."""
     keys = {"pos_embed", "y_embedder.embedding_table.weight"}
     pairs = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear",
              "final_layer.adaLN_modulation.1"]

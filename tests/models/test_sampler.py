@@ -1,4 +1,4 @@
-"""The sampler against a slow float64 reference written line by line from METHOD.md section 2.
+"""The sampler against a slow float64 reference written line by line from docs/method.md "Sampler".
 
 The reference is driven by a deterministic toy model (a fixed random per-pixel linear map of x,
 a sinusoid of the timestep and a class embedding; eps unbounded, v = tanh(...) in [-1, 1])
@@ -27,7 +27,7 @@ from models.sampler import (
 T = 1000
 
 
-# ---------------------------------------------------------------- the reference, from METHOD.md section 2
+# ------------------------------------------------------------ the reference, from docs/method.md "Sampler"
 
 def reference_schedule(steps):
     """(kept timesteps, their alphas_cumprod) as python lists, in float64."""

@@ -1,4 +1,5 @@
-"""Tiny diffusers pipelines with random weights, built offline in the tests (METHOD.md section 6 configs)."""
+"""Tiny diffusers pipelines with random weights, built offline in the tests (configs: docs/method.md "The diffusers
+DiT family")."""
 import torch
 
 

@@ -1,9 +1,9 @@
 """Tiny PixArt-Sigma, SD3 and Flux pipelines with random weights, built offline in the tests.
 
 Every component is made here: tiny CLIP and T5 text encoders with tokenizers over a small hand-written vocabulary,
-a one-block VAE (no downsampling) and the family's scheduler. Transformer configs follow METHOD.md section 6,
-shrunk further (8 x 8 latents) so that a whole quantize run takes seconds; each has two blocks per block list so
-that the chain between blocks is exercised.
+a one-block VAE (no downsampling) and the family's scheduler. Transformer configs follow docs/method.md "The diffusers
+DiT family", shrunk further (8 x 8 latents) so that a whole quantize run takes seconds; each has two blocks per
+block list so that the chain between blocks is exercised.
 """
 from dataclasses import dataclass
 from pathlib import Path

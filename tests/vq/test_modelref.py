@@ -15,7 +15,7 @@ DIGITS = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 10, "in_channe
 
 
 def tiny_diffusers_dit():
-    """diffusers' own tiny test config (METHOD.md section 6), random weights, built offline."""
+    """diffusers' own tiny test config (docs/method.md "The diffusers DiT family"), random weights, built offline."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
