@@ -91,6 +91,14 @@ class CodebookConfig:
     def k(self):
         return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
 
+    def spec(self, candidates):
+        """The vq.layer.CodebookSpec of these settings, with `candidates` per sub-vector (the method's: 1 for the
+        methods that never soften a layer)."""
+        from vq.layer import CodebookSpec  # here: vq imports torch, which --dry-run and config errors never load
+
+        return CodebookSpec(self.k, self.dim, candidates=candidates, kmeans_iters=self.kmeans_iters,
+                            kmeans_init=self.kmeans_init, ratio_init=self.ratio_init)
+
     def validate(self):
         check_choices(self)
         check_positive(self, ("wbits", "dim", "candidates", "kmeans_iters"))

@@ -189,3 +189,12 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
                                f"{re.escape(', '.join(choices))}$"):
                 load_config(overrides={name: "nonsense"})
     assert actions["split_qkv"].const is True  # a store_true switch
+
+
+def test_codebook_spec_carries_the_config_with_the_methods_candidates():
+    from vq.layer import CodebookSpec
+
+    c = load_config(overrides={"wbits": 3, "dim": 2, "kmeans_iters": 7, "kmeans_init": "authors",
+                               "ratio_init": "uniform"}).codebooks
+    assert c.spec(1) == CodebookSpec(codebook_size=64, dim=2, candidates=1, kmeans_iters=7, kmeans_init="authors",
+                                     ratio_init="uniform")
