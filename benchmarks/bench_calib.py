@@ -34,7 +34,7 @@ from jobs.quantize import Run, quantize, record_and_calibrate  # noqa: E402
 from models.adapters import adapter_for  # noqa: E402
 from models.loading import load_dit  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
-from vq import quantize_linears  # noqa: E402
+from vq import CodebookSpec, quantize_linears  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"w2": "configs/digits_w2.yaml", "w3": "configs/digits_w3.yaml"}
@@ -89,8 +89,8 @@ def kmeans_student(teacher, config, cache):
         start = time.perf_counter()
         # hard, as the quantize job builds them (jobs/methods.py): calibration softens a block's layers when it
         # reaches them, after the output-aware refit when the config asks for it
-        quantize_linears(student, c.k, c.dim, candidates=n, kmeans_iters=c.kmeans_iters, seed=config.seed,
-                         ratio_init=c.ratio_init, soft=False, progress=False)
+        spec = CodebookSpec(c.k, c.dim, n, c.kmeans_iters, ratio_init=c.ratio_init)
+        quantize_linears(student, spec, seed=config.seed, progress=False, soft=False)
         cache[key] = (student, time.perf_counter() - start)
     student, seconds = cache[key]
     student = copy.deepcopy(student)

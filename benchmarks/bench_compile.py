@@ -43,9 +43,10 @@ def quantize_w2(model):
     """k-means W2 (k = 256, d = 4), hard, on the Linears the quantize job selects; in place."""
     from models.adapters import adapter_for
     from vq.apply import quantize_linears
+    from vq.layer import CodebookSpec
 
-    quantize_linears(model, 256, 4, include=adapter_for(model).quant_include(model), kmeans_iters=5, soft=False,
-                     progress=False)
+    quantize_linears(model, CodebookSpec(256, 4, kmeans_iters=5), include=adapter_for(model).quant_include(model),
+                     progress=False, soft=False)
     return model
 
 

@@ -25,7 +25,7 @@ from utils.fileio import write_text_atomic  # noqa: E402
 from vq.apply import BLOCK_LINEARS, quantize_linears  # noqa: E402
 from vq.artifact import DTYPES, save_quantized  # noqa: E402
 from vq.codecs import CODECS  # noqa: E402
-from vq.layer import VQLinear  # noqa: E402
+from vq.layer import CodebookSpec, VQLinear  # noqa: E402
 from vq.modelref import reference  # noqa: E402
 
 MB = 2**20
@@ -101,7 +101,8 @@ def digits_table(kmeans_iters):
                 model.load_state_dict(base.state_dict())
                 for p in model.parameters():  # zero-init adaLN would leave k-means nothing to cluster
                     torch.nn.init.normal_(p, std=0.02)
-                layers = quantize_linears(model, k, d, split_qkv=split, kmeans_iters=kmeans_iters, progress=False)
+                layers = quantize_linears(model, CodebookSpec(k, d, kmeans_iters=kmeans_iters), split_qkv=split,
+                                          progress=False)
                 for layer in layers.values():
                     layer.harden()
                 out = os.path.join(tmp, f"{label}_{split}")

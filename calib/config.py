@@ -7,6 +7,7 @@ the one it reads. Field names are the YAML keys and flags users write (`iters`, 
 from dataclasses import dataclass
 
 from utils.errors import UserError
+from utils.knobs import declared_choices, knob
 
 CALIB_MODES = ("blockwise", "joint", "online")
 BLOCK_INPUTS = ("quantized", "fp")
@@ -18,9 +19,9 @@ def invalid(name, value, valid):
     raise UserError(f"invalid {name}={value!r}: {valid}")
 
 
-def check_choices(config, choices):
-    """Every field named in `choices` {name: valid values} holds one of its values."""
-    for name, valid in choices.items():
+def check_choices(config):
+    """Every field of `config` that declares its choices (utils.knobs.knob) holds one of them."""
+    for name, valid in declared_choices(config).items():
         if getattr(config, name) not in valid:
             invalid(name, getattr(config, name), f"choose one of {', '.join(valid)}")
 
@@ -42,13 +43,14 @@ def check_range(config, name, low, high, text):
 class TeacherConfig:
     """The zero-data teacher: FP sampler trajectories whose block calls become the calibration set."""
 
-    steps: int = 50  # sampler steps of a trajectory
-    cfg_scale: float = 1.5
-    # 64 trajectories x 12 kept steps (x 2 for CFG) = 1536 points: as many as 32 x 25 gave, from twice the
-    # trajectories (digits W2: noise error 0.0025 vs 0.0030, +0.6 dB PSNR; the teacher's cost doubles, issue 19 b)
-    calib_samples: int = 64  # trajectories (each doubled by CFG); online: trajectories of online_batch samples
-    calib_timesteps: int = 12  # visited timesteps kept per trajectory
-    online_batch: int = 4  # calib online: samples per trajectory (4 classes in the authors' code)
+    steps: int = knob(50, "sampler steps of the teacher trajectory")
+    cfg_scale: float = knob(1.5, "classifier-free guidance scale of the teacher trajectory")
+    # each doubled by CFG (online: trajectories of online_batch samples). 64 trajectories x 12 kept steps (x 2 for
+    # CFG) = 1536 points: as many as 32 x 25 gave, from twice the trajectories (digits W2: noise error 0.0025 vs
+    # 0.0030, +0.6 dB PSNR; the teacher's cost doubles, issue 19 b)
+    calib_samples: int = knob(64, "teacher trajectories")
+    calib_timesteps: int = knob(12, "timesteps kept per trajectory")
+    online_batch: int = knob(4, "calib online: samples per trajectory")  # 4 classes in the authors' code
 
     def validate(self):
         check_positive(self, ("steps", "calib_samples", "calib_timesteps", "online_batch"))
@@ -62,37 +64,41 @@ class TeacherConfig:
 class CalibConfig:
     """How the quantized layers train (METHOD.md section 3 step 4; the authors' options: section 3b)."""
 
-    calib: str = "blockwise"  # blockwise | joint | online (one update per teacher step, the authors' recipe)
-    block_inputs: str = "quantized"  # quantized: block i sees calibrated blocks < i; fp: FP inputs
-    iters: int = 500
-    batch_size: int = 16
-    lr_ratio: float = 5e-2
-    lr_codebook: float = 1e-4
-    # constant | cosine: the codebook-and-bias learning rate falls from lr_codebook to 0 over each run of `iters`
-    # updates (a block's, or the end-to-end pass's); the ratio logits keep lr_ratio either way
-    lr_schedule: str = "constant"
-    rmsprop_alpha: float = 0.9
-    lambda_r: float = 0.01
-    ratio_reg: str = "code"  # L_r: code = n * mean(r(1-r)) (authors' code) | paper = mean(1 - |2r - 1|)
+    # online: one update per teacher step, the authors' recipe
+    calib: str = knob("blockwise", "blockwise | joint | online (one update per teacher sampler step)", CALIB_MODES)
+    # quantized: block i sees calibrated blocks < i
+    block_inputs: str = knob("quantized", "quantized (sequential) | fp (independent blocks)", BLOCK_INPUTS)
+    iters: int = knob(500, "calibration iterations per block")
+    batch_size: int = knob(16, "calibration batch size")
+    lr_ratio: float = knob(5e-2, "RMSprop learning rate of the ratio logits")
+    lr_codebook: float = knob(1e-4, "RMSprop learning rate of codebooks and biases")
+    # the ratio logits keep lr_ratio either way
+    lr_schedule: str = knob("constant", "constant | cosine (the codebook-and-bias learning rate falls to 0 over each "
+                            "block's --iters updates, and over the end-to-end pass)", ("constant", "cosine"))
+    rmsprop_alpha: float = 0.9  # YAML only, as are select_threshold and hard_fraction
+    lambda_r: float = knob(0.01, "weight of the ratio regulariser")
+    ratio_reg: str = knob("code", "ratio regulariser form: code (n * mean(r(1-r)), authors' code) | paper "
+                          "(mean(1-|2r-1|))", ("code", "paper"))
     select_threshold: float = 0.99
     hard_fraction: float = 0.99
     # the defaults are the project's recipe; the authors' code uses when_hard, running_min and 1
-    train_codebooks: str = "always"  # always | when_hard: a codebook trains only once its layer is hard
-    ratio_gate: str = "none"  # none | running_min: L_r added only above its running minimum within a trajectory
-    select_every: int = 10  # progressive selection after every this many updates
-    # > 0: a block stops training once every layer is hard and its mean loss over 50 updates falls by less than
-    # this fraction of the 50 before (calib/train.py); 0: always `iters` updates
-    plateau: float = 0.0
-    # block-wise: > 0 adds an end-to-end pass after the walk, this many updates of every codebook and bias on the
-    # chain's last-block error (calib/endpass.py; issue 19 lever d); 0: none
-    e2e_iters: int = 0
-    e2e_lr: float = 1e-4  # RMSprop learning rate of codebooks and biases in the end-to-end pass
-    student_label_dropout: float = 0.0  # calib online: the authors' student drops labels w.p. 0.1 (training mode)
+    train_codebooks: str = knob("always", "always | when_hard (a codebook trains only once its layer is hard)",
+                                ("always", "when_hard"))
+    ratio_gate: str = knob("none", "none | running_min (L_r only above its running minimum within a trajectory)",
+                           ("none", "running_min"))
+    select_every: int = knob(10, "progressive selection after every this many updates")
+    # the loss compared is the mean over 50 updates against the 50 before (calib/train.py)
+    plateau: float = knob(0.0, "stop a block's training once every layer is hard and its mean loss over 50 updates "
+                          "falls by less than this fraction (0: always --iters updates)")
+    # calib/endpass.py; issue 19 lever d
+    e2e_iters: int = knob(0, "block-wise: after the walk, this many updates of every codebook and bias on the error "
+                          "at the last block of the quantized chain (0: no end-to-end pass)")
+    e2e_lr: float = knob(1e-4, "RMSprop learning rate of codebooks and biases in the end-to-end pass")
+    # the authors' student drops labels w.p. 0.1 (training mode)
+    student_label_dropout: float = knob(0.0, "calib online: drop the student's class labels with this probability")
 
     def validate(self):
-        check_choices(self, {"calib": CALIB_MODES, "block_inputs": BLOCK_INPUTS, "ratio_reg": ("code", "paper"),
-                             "lr_schedule": ("constant", "cosine"),
-                             "train_codebooks": ("always", "when_hard"), "ratio_gate": ("none", "running_min")})
+        check_choices(self)
         check_positive(self, ("iters", "batch_size", "select_every"))
         check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
         check_range(self, "e2e_lr", 0, None, "must be >= 0 (a learning rate)")
@@ -115,12 +121,14 @@ class CalibConfig:
 class CacheConfig:
     """Where the recorded activations live: memory up to max_cache_gb, memory-mapped files in cache_dir beyond."""
 
-    cache_dtype: str = "fp16"  # recorded token activations: fp16 | bf16 (models whose activations pass 65504) | fp32
-    max_cache_gb: float | None = 16.0  # None: no limit
-    cache_dir: str | None = None  # None: <out>/calib_cache
+    # bf16 for models whose activations pass 65504
+    cache_dtype: str = knob("fp16", "recorded activations: fp16 | bf16 | fp32", tuple(CACHE_DTYPES))
+    # None: no limit
+    max_cache_gb: float | None = knob(16.0, "activations beyond this many GiB go to files in --cache-dir")
+    cache_dir: str | None = knob(None, "where activations beyond --max-cache-gb go (default <out>/calib_cache)")
 
     def validate(self):
-        check_choices(self, {"cache_dtype": tuple(CACHE_DTYPES)})
+        check_choices(self)
         if self.max_cache_gb is not None:
             check_range(self, "max_cache_gb", 0, None, "must be >= 0 (GiB), or null for no limit")
         return self

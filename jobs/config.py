@@ -18,6 +18,7 @@ import yaml
 
 from calib.config import CacheConfig, CalibConfig, TeacherConfig, check_choices, check_positive, invalid
 from utils.errors import UserError
+from utils.knobs import base_type, knob
 
 METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers one class per name
 RECIPES = ("vq4dit", "authors")
@@ -31,21 +32,28 @@ OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise ca
 class ModelSpec:
     """Which model is quantized, and which of its Linears."""
 
-    model: str = "DiT-Digits/2"
-    ckpt: str | None = None  # None: the embedded digits model
-    image_size: int | None = None  # None: taken from the checkpoint (256 for ImageNet .pt files)
-    num_classes: int | None = None
-    backend: str = "auto"  # auto: diffusers for a pipeline directory or hub id, else vq4dit | vq4dit | diffusers
+    model: str = knob("DiT-Digits/2", "registry name, e.g. DiT-XL/2 (default DiT-Digits/2)")
+    # None: the embedded digits model
+    ckpt: str | None = knob(None, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id")
+    # None: taken from the checkpoint (256 for ImageNet .pt files)
+    image_size: int | None = knob(None, "image size for latent models (256 or 512)")
+    num_classes: int | None = knob(None, "number of classes (1000 for ImageNet)")
+    backend: str = knob("auto", "auto (diffusers for a pipeline directory or hub id) | vq4dit (map into the project's "
+                        "DiT) | diffusers", BACKENDS)
     # text-to-image pipelines (PixArt, SD3, Flux) and layer selection
-    prompts: str | None = None  # teacher prompts: a text file, one per line (None: built-in class-name prompts)
-    height: int | None = None  # teacher image size in pixels (None: the pipeline's default, e.g. 1024)
-    width: int | None = None
-    num_frames: int | None = None  # video pipelines: teacher frames per trajectory (None: the pipeline's default)
-    include: str | None = None  # regex over qualified Linear names to quantize (None: the adapter's rule)
-    exclude: str | None = None  # regex of Linears kept in full precision (applied after include)
+    prompts: str | None = knob(None, "text-to-image pipelines: teacher prompts, a text file with one per line "
+                               "(default: built-in class-name prompts)")
+    height: int | None = knob(None, "text-to-image pipelines: teacher image height in pixels (default: the "
+                              "pipeline's)")
+    width: int | None = knob(None, "text-to-image pipelines: teacher image width in pixels (default: the pipeline's)")
+    num_frames: int | None = knob(None, "video pipelines: teacher frames per trajectory (default: the pipeline's)")
+    # None: the adapter's rule
+    include: str | None = knob(None, "regex over qualified Linear names to quantize (default: every Linear in the "
+                               "blocks)")
+    exclude: str | None = knob(None, "regex of Linears kept in full precision (applied after --include)")
 
     def validate(self):
-        check_choices(self, {"backend": BACKENDS})
+        check_choices(self)
         for name in ("image_size", "num_classes", "height", "width", "num_frames"):
             if getattr(self, name) is not None:
                 check_positive(self, (name,))
@@ -61,29 +69,38 @@ class ModelSpec:
 class CodebookConfig:
     """The quantizer: bits, sub-vector length, codebook size, candidates and the k-means that builds codebooks."""
 
-    wbits: int = 2
-    dim: int = 4
-    codebook_size: int | None = None  # None: 2 ** (wbits * dim)
-    candidates: int = 2
-    ratio_init: str = "inverse_distance"  # or "uniform"
-    split_qkv: bool = False
-    kmeans_iters: int = 100
-    # fast: subsample seeding and fit, then full passes | authors: k-means++ on all points, exactly kmeans_iters
-    # Lloyd iterations, empty clusters become zero, k <= largest 2^j <= N/4 per layer
-    kmeans_init: str = "fast"
-    # kmeans: the k-means codebooks calibration starts from (the paper) | gptvq: refit each block's k-means codebooks
-    # to its recorded inputs when calibration reaches it (input-weighted k-means, GPTQ-style error feedback across
-    # column groups, codebook refit; vq/weighted_kmeans.py): block-wise calibration of vq4dit or codebook only |
-    # auto: gptvq where it applies, else kmeans (QuantizeConfig.output_aware says which)
-    codebook_init: str = "auto"
+    wbits: int = knob(2, "bits per weight (k = 2^(wbits*dim))")
+    dim: int = knob(4, "sub-vector length d")
+    codebook_size: int | None = knob(None, "codebook size k, overrides 2^(wbits*dim)")  # None: 2 ** (wbits * dim)
+    candidates: int = knob(2, "candidate codewords per sub-vector n")
+    ratio_init: str = knob("inverse_distance", "inverse_distance | uniform", ("inverse_distance", "uniform"))
+    split_qkv: bool = knob(False, "q, k, v as three codebooks")
+    kmeans_iters: int = knob(100, "Lloyd iterations")
+    # authors also: empty clusters become zero, k <= largest 2^j <= N/4 per layer
+    kmeans_init: str = knob("fast", "fast (subsample seeding and fit, then full passes) | authors (k-means++ on all "
+                            "points, exactly --kmeans-iters Lloyd iterations, empty clusters not re-seeded)",
+                            ("fast", "authors"))
+    # gptvq: input-weighted k-means, GPTQ-style error feedback across column groups, codebook refit
+    # (vq/weighted_kmeans.py), block-wise calibration of vq4dit or codebook only; auto: gptvq where it applies, else
+    # kmeans (QuantizeConfig.output_aware says which)
+    codebook_init: str = knob("auto", "kmeans (calibration starts from k-means of the weights, the paper) | gptvq "
+                              "(each block's codebooks refit to its recorded inputs first: output-aware)",
+                              CODEBOOK_INITS)
 
     @property
     def k(self):
         return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
 
+    def spec(self, candidates):
+        """The vq.layer.CodebookSpec of these settings, with `candidates` per sub-vector (the method's: 1 for the
+        methods that never soften a layer)."""
+        from vq.layer import CodebookSpec  # here: vq imports torch, which --dry-run and config errors never load
+
+        return CodebookSpec(self.k, self.dim, candidates=candidates, kmeans_iters=self.kmeans_iters,
+                            kmeans_init=self.kmeans_init, ratio_init=self.ratio_init)
+
     def validate(self):
-        check_choices(self, {"ratio_init": ("inverse_distance", "uniform"), "kmeans_init": ("fast", "authors"),
-                             "codebook_init": CODEBOOK_INITS})
+        check_choices(self)
         check_positive(self, ("wbits", "dim", "candidates", "kmeans_iters"))
         if self.wbits * self.dim > 16 or not 2 <= self.k <= 65536:
             source = ("given" if self.codebook_size is not None
@@ -99,10 +116,13 @@ class CodebookConfig:
 class QuantizeConfig:
     """Everything a quantize run computes from: the run's own fields and one dataclass per stage."""
 
-    recipe: str = "vq4dit"  # vq4dit (this project's defaults) | authors (their published code, METHOD.md 3b)
-    method: str = "vq4dit"  # vq4dit | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar per channel)
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when present, else cpu
+    # authors: METHOD.md 3b
+    recipe: str = knob("vq4dit", "vq4dit (this project's defaults) | authors (the authors' published code: online, "
+                       "CFG 4, L_r gate, codebooks frozen while soft; configs/recipes/authors.yaml)", RECIPES)
+    method: str = knob("vq4dit", "vq4dit (default) | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar "
+                       "per channel)", METHODS)
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")  # auto: cuda when present, else cpu
     model: ModelSpec = field(default_factory=ModelSpec)
     codebooks: CodebookConfig = field(default_factory=CodebookConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -110,7 +130,7 @@ class QuantizeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def validate(self):
-        check_choices(self, {"recipe": RECIPES, "method": METHODS})
+        check_choices(self)
         if self.seed < 0:
             invalid("seed", self.seed, "must be >= 0")
         for section in SECTIONS:
@@ -165,14 +185,22 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "train_codebooks", "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init",
               "codebook_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps", "online_batch",
               "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")
+# the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
+# the order of quantize.py --help since the flags were first listed there
+FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
+         "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib", "block_inputs", "iters",
+         "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
+         "plateau", "e2e_iters", "e2e_lr", "select_every", "ratio_reg", "steps", "cfg_scale", "calib_samples",
+         "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype", "max_cache_gb", "cache_dir",
+         "prompts", "height", "width", "num_frames", "include", "exclude", "seed", "device", "split_qkv")
+CONFIG_KINDS = (QuantizeConfig, *SECTIONS.values())  # the dataclasses whose knobs are flags
 
 
 def _coerce(name, kind, value, source):
     """`value` checked against the field type `kind` (int, float, str, bool, or X | None); floats must be finite."""
-    allowed = typing.get_args(kind) or (kind,)
-    if value is None and type(None) in allowed:
+    if value is None and type(None) in typing.get_args(kind):
         return None
-    base = next(a for a in allowed if a is not type(None))
+    base = base_type(kind)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if base is float and isinstance(value, float) and not math.isfinite(value):

@@ -64,9 +64,8 @@ class KMeans(Method):
     def build(self, model, include, seed, progress=True):
         c = self.codebooks
         # hard layers: a soft one holds about 11 bytes per sub-vector at n = 2 against 1; `prepare` softens later
-        return quantize_linears(model, c.k, c.dim, candidates=self.candidates, include=include,
-                                split_qkv=c.split_qkv, kmeans_iters=c.kmeans_iters, seed=seed,
-                                ratio_init=c.ratio_init, kmeans_init=c.kmeans_init, soft=False, progress=progress)
+        return quantize_linears(model, c.spec(self.candidates), include=include, split_qkv=c.split_qkv, seed=seed,
+                                progress=progress, soft=False)
 
 
 @register

@@ -16,6 +16,7 @@ from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny
 from tests.conftest import randomize
 from vq.apply import quantize_linears
 from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, save_quantized, write_quant_config
+from vq.layer import CodebookSpec
 from vq.modelref import reference
 
 
@@ -31,7 +32,7 @@ def artifact(tmp_path_factory):
     """A complete k-means artifact of the tiny model (k=4, d=4): every test damages its own copy."""
     spec = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1)
     model = randomize(spec.build())
-    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+    for layer in quantize_linears(model, CodebookSpec(4, 4, kmeans_iters=2), progress=False).values():
         layer.harden()
     out = tmp_path_factory.mktemp("artifact") / "art"
     save_quantized(model, reference(model, name=spec.name), out, {"method": "kmeans"})

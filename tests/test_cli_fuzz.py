@@ -260,6 +260,7 @@ def paths(tmp_path_factory):
     from models.loading import DiTSpec
     from vq.apply import quantize_linears
     from vq.artifact import save_quantized
+    from vq.layer import CodebookSpec
     from vq.modelref import reference
 
     root = tmp_path_factory.mktemp("fuzz")
@@ -275,7 +276,7 @@ def paths(tmp_path_factory):
     os.symlink(os.devnull, found["devnull"])
     found["ckpt"] = str(root / "tiny.safetensors")
     model = save_tiny_ckpt(found["ckpt"])
-    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+    for layer in quantize_linears(model, CodebookSpec(4, 4, kmeans_iters=2), progress=False).values():
         layer.harden()
     found["artifact"] = str(root / "art")
     save_quantized(model, reference(model, name=DiTSpec("DiT-Digits/2", input_size=8, num_classes=10,

@@ -120,10 +120,10 @@ def test_bad_input_in_a_real_process(tmp_path, ckpt):
 
 
 def test_decoded_weights_sample_the_same_images(tmp_path, tiny_dit):
-    from vq import quantize_linears, reference, save_quantized
+    from vq import CodebookSpec, quantize_linears, reference, save_quantized
 
     model, spec = tiny_dit
-    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+    for layer in quantize_linears(model, CodebookSpec(4, 4, kmeans_iters=2), progress=False).values():
         layer.harden()
     save_quantized(model, reference(model, name=spec.name), tmp_path / "art", {"method": "kmeans"})
     outs = []

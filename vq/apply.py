@@ -13,6 +13,7 @@ from vq.rtn import RTNLinear
 logger = logging.getLogger(__name__)
 
 BLOCK_LINEARS = r"^blocks\.\d+\."  # in a DiT: qkv, proj, fc1, fc2 and adaLN_modulation.1 of every block
+QKV_PATTERN = r"\.qkv$"  # the fused q, k, v Linear that split_qkv splits
 
 
 def layer_seed(seed, name):
@@ -44,10 +45,9 @@ def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS, progress=False):
     return replace_linears(model, include, lambda name, linear: RTNLinear.from_linear(linear, bits), "rtn", progress)
 
 
-def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINEARS, split_qkv=False,
-                     qkv_pattern=r"\.qkv$", kmeans_iters=100, seed=0, ratio_init="inverse_distance", progress=True,
-                     kmeans_init="fast", soft=True):
-    """Replace every nn.Linear whose qualified name matches `include` by a VQLinear; returns {name: VQLinear}.
+def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0, progress=True, soft=True):
+    """Replace every nn.Linear whose qualified name matches `include` by a VQLinear built as `spec` (a
+    vq.layer.CodebookSpec) says, from a per-layer seed (layer_seed); returns {name: VQLinear}.
 
     soft: every layer gets its candidate sets and ratio logits now; soft=False keeps them hard (nearest codeword)
     until calibration softens them one block at a time (VQLinear.soften_), which at n = 2 holds 0.25 instead of
@@ -55,24 +55,23 @@ def quantize_linears(model, codebook_size, dim, candidates=2, include=BLOCK_LINE
 
     qkv: by default (split_qkv=False) a fused qkv Linear is one layer with one codebook, like every other layer
     (one codebook per nn.Linear is the simplest rule and what the model's module structure gives). With
-    split_qkv=True, layers matching `qkv_pattern` get groups=3: q, k and v rows each get their own codebook,
+    split_qkv=True, layers matching QKV_PATTERN get groups=3: q, k and v rows each get their own codebook,
     which is what the paper's size figures assume (196 codebooks for DiT-XL/2 instead of 140).
-    All shapes are checked before any k-means runs, so a bad `dim` fails at once. kmeans_init: "fast" or "authors"
-    (vq.kmeans.kmeans); "authors" clamps k per layer instead of refusing a layer with fewer than k sub-vectors.
+    All shapes are checked before any k-means runs, so a bad `dim` fails at once. spec.kmeans_init "authors"
+    clamps k per layer instead of refusing a layer with fewer than k sub-vectors.
     """
-    pattern, qkv = re.compile(include), re.compile(qkv_pattern)
+    pattern, qkv = re.compile(include), re.compile(QKV_PATTERN)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
     groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
     for name, m in targets:
-        check_shape(name, m.in_features, m.out_features, dim, groups[name],
-                    None if kmeans_init == "authors" else codebook_size)
+        check_shape(name, m.in_features, m.out_features, spec.dim, groups[name],
+                    None if spec.kmeans_init == "authors" else spec.codebook_size)
 
     def make(name, linear):
-        return VQLinear.from_linear(linear, codebook_size, dim, candidates=candidates, groups=groups[name],
-                                    kmeans_iters=kmeans_iters, seed=layer_seed(seed, name), ratio_init=ratio_init,
-                                    name=name, kmeans_init=kmeans_init, soft=soft)
+        return VQLinear.from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name), name=name,
+                                    soft=soft)
 
     out = replace_linears(model, include, make, "k-means", progress)
-    logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), codebook_size, dim,
-                candidates, split_qkv)
+    logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), spec.codebook_size,
+                spec.dim, spec.candidates, split_qkv)
     return out

@@ -9,6 +9,7 @@ reconstruction is the ratio-weighted average of its candidates. Hard mode (deplo
 sub-vector.
 """
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -63,6 +64,21 @@ def decode_hard(codebook, indices, chunk=DECODE_CHUNK):
     return out
 
 
+@dataclass(frozen=True)
+class CodebookSpec:
+    """How VQLinear.from_linear builds a layer: k = codebook_size codewords of dim weights per codebook, fitted by
+    kmeans_iters Lloyd iterations from kmeans_init "fast" or "authors" (vq.kmeans.kmeans; "authors" clamps k for a
+    small layer); while soft, `candidates` codewords per sub-vector whose ratios start as ratio_init
+    (vq.candidates.init_logits)."""
+
+    codebook_size: int
+    dim: int
+    candidates: int = 2
+    kmeans_iters: int = 100
+    kmeans_init: str = "fast"
+    ratio_init: str = "inverse_distance"
+
+
 class VQLinear(QuantLinear):
     """Vector-quantized Linear. The constructor builds an empty skeleton; use `from_linear` to quantize."""
 
@@ -84,16 +100,17 @@ class VQLinear(QuantLinear):
             self.register_buffer("frozen", torch.zeros(n_sub, dtype=torch.bool, device=device))
 
     @classmethod
-    def from_linear(cls, linear, codebook_size, dim, candidates=2, groups=1, kmeans_iters=100, seed=0,
-                    ratio_init="inverse_distance", name="linear", kmeans_init="fast", soft=True):
-        """k-means codebook(s) of linear.weight, then the `candidates` nearest codewords per sub-vector (soft), or
-        only the nearest one (soft=False: a hard layer, 1 byte per sub-vector at k <= 256 instead of about 11 at
-        n = 2; `soften_` gives it its candidates later, with the very values soft=True gives now).
+    def from_linear(cls, linear, spec, groups=1, seed=0, name="linear", soft=True):
+        """k-means codebook(s) of linear.weight as `spec` (a CodebookSpec) says, codebook g from seed + g, then the
+        spec.candidates nearest codewords per sub-vector (soft), or only the nearest one (soft=False: a hard layer,
+        1 byte per sub-vector at k <= 256 instead of about 11 at n = 2; `soften_` gives it its candidates later,
+        with the very values soft=True gives now).
 
-        kmeans_init: "fast" or "authors" (vq.kmeans.kmeans); "authors" clamps the codebook size of a small layer
-        (vq.kmeans.authors_codebook_size), and the layer then carries that smaller k.
+        kmeans_init "authors" clamps the codebook size of a small layer (vq.kmeans.authors_codebook_size), and the
+        layer then carries that smaller k.
         """
-        if kmeans_init == "authors":
+        codebook_size, dim, candidates = spec.codebook_size, spec.dim, spec.candidates
+        if spec.kmeans_init == "authors":
             per_group = linear.out_features * linear.in_features // dim // groups
             clamped = authors_codebook_size(codebook_size, per_group)
             if clamped != codebook_size:
@@ -106,12 +123,12 @@ class VQLinear(QuantLinear):
                     bias=linear.bias is not None, hard=True, device=w.device)
         subs = w.reshape(groups, -1, dim)  # (G, N/G, d): group g = output rows [g*out/G, (g+1)*out/G)
         for g in range(groups):
-            layer.codebook.data[g], _ = kmeans(subs[g], codebook_size, iters=kmeans_iters, seed=seed + g,
-                                               init=kmeans_init)
+            layer.codebook.data[g], _ = kmeans(subs[g], codebook_size, iters=spec.kmeans_iters, seed=seed + g,
+                                               init=spec.kmeans_init)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
         if soft:
-            return layer.soften_(w, candidates, ratio_init)
+            return layer.soften_(w, candidates, spec.ratio_init)
         nearest = [nearest_codewords(subs[g], layer.codebook.data[g], 1)[0][:, 0] for g in range(groups)]
         layer.indices.copy_(torch.cat(nearest))
         return layer

@@ -11,6 +11,7 @@ from models.dit import DiT
 from tests.api.tiny_lora import tiny_run
 from vq.apply import quantize_linears
 from vq.artifact import read_quant_config, save_quantized
+from vq.layer import CodebookSpec
 from vq.modelcard import hub_id_of, model_card
 from vq.modelref import reference
 
@@ -25,7 +26,7 @@ def front_matter(text):
 def test_the_card_leaves_the_artifact_files_byte_identical(tmp_path):
     torch.manual_seed(0)
     model = DiT.from_config(LEGACY)
-    quantize_linears(model, 16, 4, kmeans_iters=2, soft=False, progress=False)
+    quantize_linears(model, CodebookSpec(16, 4, kmeans_iters=2), progress=False, soft=False)
     ref, config = reference(model, name="DiT-Digits/2"), {"wbits": 2, "seed": 0}
     save_quantized(model, ref, tmp_path / "card", config)
     with mock.patch("vq.artifact.write_model_card"):

@@ -14,7 +14,7 @@ from models.adapters.base import CALIB_STREAM
 from models.diffusion import make_diffusion
 from models.dit import DiT
 from models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
-from vq import VQLinear, quantize_linears
+from vq import CodebookSpec, VQLinear, quantize_linears
 
 
 def tiny_dit(depth=2, seed=0):
@@ -49,8 +49,8 @@ def quantized_pair(config, depth=2, seed=0):
     student = copy.deepcopy(teacher)
     c = config.codebooks
     candidates = c.candidates if config.method == "vq4dit" else 1
-    qlayers = quantize_linears(student, c.k, c.dim, candidates=candidates, kmeans_iters=c.kmeans_iters,
-                               seed=config.seed, progress=False)
+    qlayers = quantize_linears(student, CodebookSpec(c.k, c.dim, candidates, c.kmeans_iters), seed=config.seed,
+                               progress=False)
     return student, teacher, qlayers
 
 
@@ -78,7 +78,7 @@ def reference_points(model, num_samples, steps, kept, cfg_scale, seed, batch_siz
 def soft_layer(out=8, inp=8, k=8, d=2, n=2, seed=0):
     torch.manual_seed(seed)
     linear = nn.Linear(inp, out)
-    return VQLinear.from_linear(linear, k, d, candidates=n, kmeans_iters=5, seed=seed), linear
+    return VQLinear.from_linear(linear, CodebookSpec(k, d, candidates=n, kmeans_iters=5), seed=seed), linear
 
 
 def block_problem(seed=0, candidates=2, points=64):
@@ -90,7 +90,7 @@ def block_problem(seed=0, candidates=2, points=64):
     with torch.no_grad():
         target = teacher.blocks[0](x, c)  # (M, T, D)
     student = copy.deepcopy(teacher)
-    layers = list(quantize_linears(student, 16, 2, candidates=candidates, kmeans_iters=10, seed=seed,
+    layers = list(quantize_linears(student, CodebookSpec(16, 2, candidates, kmeans_iters=10), seed=seed,
                                    progress=False).values())
     if candidates == 1:
         for layer in layers:

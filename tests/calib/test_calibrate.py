@@ -170,14 +170,14 @@ def test_deterministic_for_a_seed(tmp_path):
 
 def toy_pair(config):
     from tests.calib.toy import ToyAdapter, ToyTransformer
-    from vq import quantize_linears
+    from vq import CodebookSpec, quantize_linears
 
     teacher = ToyTransformer(depth=3).eval()
     student = copy.deepcopy(teacher)
     adapter = ToyAdapter()
     c = config.codebooks
-    qlayers = quantize_linears(student, c.k, c.dim, candidates=c.candidates, include=adapter.quant_include(student),
-                               kmeans_iters=c.kmeans_iters, seed=config.seed, progress=False)
+    qlayers = quantize_linears(student, CodebookSpec(c.k, c.dim, c.candidates, c.kmeans_iters),
+                               include=adapter.quant_include(student), seed=config.seed, progress=False)
     return student, teacher, adapter, qlayers
 
 
@@ -238,15 +238,15 @@ def test_layers_softened_when_their_block_comes_calibrate_like_soft_ones(tmp_pat
     quantizing them soft gives, so the result is bitwise the same (from the k-means start: the output-aware one
     refits hard layers only, so an eager soft layer would skip it)."""
     from tests.calib.conftest import tiny_dit
-    from vq import quantize_linears
+    from vq import CodebookSpec, quantize_linears
 
     config = tiny_config(iters=15, codebook_init="kmeans")
     _, _, eager, eager_stats = run(config, tmp_path / "eager", depth=3)
     teacher = tiny_dit(3, 0)
     student = copy.deepcopy(teacher)
     c = config.codebooks
-    lazy = quantize_linears(student, c.k, c.dim, candidates=c.candidates, kmeans_iters=c.kmeans_iters,
-                            seed=config.seed, progress=False, soft=False)
+    lazy = quantize_linears(student, CodebookSpec(c.k, c.dim, c.candidates, c.kmeans_iters), seed=config.seed,
+                            progress=False, soft=False)
     assert all(layer.is_hard for layer in lazy.values())
     lazy_stats = run_calibration(student, teacher, adapter_for(student), lazy, config, str(tmp_path / "lazy"))
     a, b = state_of(eager), state_of(lazy)

@@ -12,7 +12,7 @@ from models.adapters import adapter_for
 from models.loading import load_dit
 from tests.calib.conftest import run_calibration
 from tests.models.test_diffusers_format import diffusers_model
-from vq import quantize_linears
+from vq import CodebookSpec, quantize_linears
 
 pytest.importorskip("diffusers")
 # the paper's k-means start (the test's layers are quantized soft, as the walk's output-aware refit does not take
@@ -27,9 +27,9 @@ def noise_mse_after(teacher, split_qkv, method, tmp_path):
     config = QuantizeConfig.from_flat(dict(split_qkv=split_qkv, method=method, **SETTINGS)).validate()
     student = copy.deepcopy(teacher)
     c = config.codebooks
-    qlayers = quantize_linears(student, c.k, c.dim, candidates=2 if method == "vq4dit" else 1,
-                               include=adapter.quant_include(student), split_qkv=split_qkv,
-                               kmeans_iters=c.kmeans_iters, seed=config.seed, progress=False)
+    spec = CodebookSpec(c.k, c.dim, candidates=2 if method == "vq4dit" else 1, kmeans_iters=c.kmeans_iters)
+    qlayers = quantize_linears(student, spec, include=adapter.quant_include(student), split_qkv=split_qkv,
+                               seed=config.seed, progress=False)
     if method == "kmeans":
         for layer in qlayers.values():
             layer.harden()

@@ -156,3 +156,45 @@ def test_codebook_init_auto_is_output_aware_where_block_wise_calibration_runs(ov
     assert config.output_aware == expected
     if config.codebooks.codebook_init != "gptvq":
         assert not config.replace(calib="joint").output_aware
+
+
+YAML_ONLY = {"rmsprop_alpha", "select_threshold", "hard_fraction"}  # keys deliberately without a flag
+
+
+def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
+    """quantize.py offers exactly one flag per config key but the YAML-only ones, with the help and type declared on
+    the field and default None; validate() accepts each declared choice and refuses others naming exactly those
+    (mutations: a key dropped from FLAGS; a validate() that checks its own list instead of the field's)."""
+    import dataclasses
+    import re
+
+    import quantize
+    from jobs.config import CONFIG_KINDS, FLAT_ORDER
+    from utils.knobs import base_type
+
+    actions = {a.dest: a for a in quantize.build_parser()._actions}
+    knobs = {f.name: f for kind in CONFIG_KINDS for f in dataclasses.fields(kind) if "help" in f.metadata}
+    assert sorted(knobs) == sorted(set(FLAT_ORDER) - YAML_ONLY)
+    assert sorted(actions) == sorted([*knobs, "help", "config", "out", "overwrite", "dry_run", "verbose"])
+    for name, f in knobs.items():
+        action = actions[name]
+        assert (action.option_strings, action.help, action.default) == ([f"--{name.replace('_', '-')}"],
+                                                                         f.metadata["help"], None)
+        assert action.type == (None if base_type(f.type) is bool else base_type(f.type))
+        choices = f.metadata.get("choices")
+        if choices:
+            for value in choices:
+                load_config(overrides={name: value})
+            with pytest.raises(UserError, match=f"invalid {name}='nonsense': choose one of "
+                               f"{re.escape(', '.join(choices))}$"):
+                load_config(overrides={name: "nonsense"})
+    assert actions["split_qkv"].const is True  # a store_true switch
+
+
+def test_codebook_spec_carries_the_config_with_the_methods_candidates():
+    from vq.layer import CodebookSpec
+
+    c = load_config(overrides={"wbits": 3, "dim": 2, "kmeans_iters": 7, "kmeans_init": "authors",
+                               "ratio_init": "uniform"}).codebooks
+    assert c.spec(1) == CodebookSpec(codebook_size=64, dim=2, candidates=1, kmeans_iters=7, kmeans_init="authors",
+                                     ratio_init="uniform")

@@ -15,7 +15,7 @@ from models.adapters import ADAPTERS
 from models.adapters.load import load_model
 from tests.cli_helpers import ROOT
 from tests.models.tiny_t2i import quantized_run
-from vq import quantize_linears
+from vq import CodebookSpec, quantize_linears
 
 pytest.importorskip("transformers")
 FAMILIES = ["pixart", "sd3", "flux"]
@@ -76,8 +76,9 @@ def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
     assert plan.teacher_bytes == held(model)
     c = r.config.codebooks
     fp_weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    qlayers = quantize_linears(model, c.k, c.dim, candidates=c.candidates, include=base.adapter.quant_include(model),
-                               kmeans_iters=1, seed=r.config.seed, progress=False, soft=False)
+    qlayers = quantize_linears(model, CodebookSpec(c.k, c.dim, c.candidates, kmeans_iters=1),
+                               include=base.adapter.quant_include(model), seed=r.config.seed, progress=False,
+                               soft=False)
     peak = held(model)  # block-wise: the job keeps layers hard, calibration softens one block's at a time
     method = method_for(r.config.method, c)
     for name, _ in base.adapter.blocks(model):

@@ -9,7 +9,7 @@ from jobs.config import METHODS, load_config
 from jobs.methods import METHODS as REGISTRY
 from jobs.methods import method_for
 from tests.calib.conftest import tiny_dit
-from vq import VQLinear, quantize_linears
+from vq import CodebookSpec, VQLinear, quantize_linears
 from vq.apply import BLOCK_LINEARS
 from vq.rtn import RTNLinear
 from vq.weighted_kmeans import InputMoments
@@ -46,8 +46,8 @@ def test_vq4dit_prepare_gives_exactly_what_quantizing_soft_gives():
     lazy = method.build(lazy_model, BLOCK_LINEARS, seed=4, progress=False)
     fp_weights = {n: teacher.get_submodule(n).weight.detach() for n in lazy}
     method.prepare(lazy, fp_weights)
-    eager = quantize_linears(eager_model, c.k, c.dim, candidates=3, seed=4, kmeans_iters=c.kmeans_iters,
-                             ratio_init="uniform", progress=False)
+    spec = CodebookSpec(c.k, c.dim, candidates=3, kmeans_iters=c.kmeans_iters, ratio_init="uniform")
+    eager = quantize_linears(eager_model, spec, seed=4, progress=False)
     for name, layer in lazy.items():
         assert not layer.is_hard and layer.num_candidates == 3
         a, b = layer.state_dict(), eager[name].state_dict()
@@ -57,7 +57,7 @@ def test_vq4dit_prepare_gives_exactly_what_quantizing_soft_gives():
 def test_codebook_prepare_trains_hard_layers():
     method = method_for("codebook", codebooks())
     model = tiny_dit(depth=1)
-    soft = quantize_linears(model, 16, 2, candidates=2, kmeans_iters=5, progress=False)  # e.g. an eager soft layer
+    soft = quantize_linears(model, CodebookSpec(16, 2, kmeans_iters=5), progress=False)  # e.g. an eager soft layer
     method.prepare(soft, {})
     assert all(layer.is_hard for layer in soft.values())
 
@@ -118,8 +118,8 @@ def test_vq4dit_output_aware_prepare_treats_a_soft_layer_as_its_hard_twin():
     method = method_for("vq4dit", c, seed=3)
     hard_model, soft_model = copy.deepcopy(teacher), copy.deepcopy(teacher)
     hard = method.build(hard_model, BLOCK_LINEARS, seed=3, progress=False)
-    soft = quantize_linears(soft_model, c.k, c.dim, candidates=2, seed=3, kmeans_iters=c.kmeans_iters,
-                            ratio_init="uniform", progress=False)
+    spec = CodebookSpec(c.k, c.dim, candidates=2, kmeans_iters=c.kmeans_iters, ratio_init="uniform")
+    soft = quantize_linears(soft_model, spec, seed=3, progress=False)
     _, moments = block_inputs(teacher, list(hard))
     fp_weights = {n: teacher.get_submodule(n).weight.detach() for n in hard}
     method.prepare(hard, fp_weights, moments)

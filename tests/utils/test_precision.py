@@ -10,7 +10,7 @@ from models.loading import load_dit
 from tests.conftest import sample_dit
 from utils.errors import UserError
 from utils.precision import Precision, apply_precision, compute_dtype, resolve_precision
-from vq.layer import VQLinear
+from vq.layer import CodebookSpec, VQLinear
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -67,7 +67,7 @@ def test_apply_precision_sets_tf32_on_cuda_only(tiny_dit, tf32_flags):
 def test_casting_keeps_codeword_indices(tiny_dit, dtype):
     model, _ = tiny_dit
     fc1 = model.blocks[0].mlp.fc1
-    layer = VQLinear.from_linear(fc1, codebook_size=16, dim=4, candidates=1, kmeans_iters=2).harden()
+    layer = VQLinear.from_linear(fc1, CodebookSpec(16, 4, candidates=1, kmeans_iters=2)).harden()
     model.blocks[0].mlp.fc1 = layer
     indices, codebook = layer.indices.clone(), layer.codebook.detach().clone()
     name = "bf16" if dtype == torch.bfloat16 else "fp16"

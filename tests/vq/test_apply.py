@@ -5,7 +5,7 @@ import torch
 from models.loading import DiTSpec
 from utils.errors import UserError
 from vq.apply import quantize_linears
-from vq.layer import VQLinear
+from vq.layer import CodebookSpec, VQLinear
 
 TINY = DiTSpec("DiT-Digits/2", input_size=8, num_classes=3, in_channels=1)
 
@@ -21,7 +21,7 @@ def tiny_model():
 @pytest.mark.parametrize("split_qkv", [False, True])
 def test_replaces_the_five_block_linears(split_qkv):
     model = tiny_model()
-    layers = quantize_linears(model, codebook_size=16, dim=4, kmeans_iters=2, split_qkv=split_qkv, progress=False)
+    layers = quantize_linears(model, CodebookSpec(16, 4, kmeans_iters=2), split_qkv=split_qkv, progress=False)
     depth = len(model.blocks)
     assert len(layers) == 5 * depth
     names = {f"blocks.{i}.{s}" for i in range(depth)
@@ -36,17 +36,18 @@ def test_replaces_the_five_block_linears(split_qkv):
 
 
 def test_layer_results_do_not_depend_on_order():
-    all_layers = quantize_linears(tiny_model(), 16, 4, kmeans_iters=2, progress=False)
-    one = quantize_linears(tiny_model(), 16, 4, kmeans_iters=2, include=r"^blocks\.3\.mlp\.fc1$", progress=False)
+    spec = CodebookSpec(16, 4, kmeans_iters=2)
+    all_layers = quantize_linears(tiny_model(), spec, progress=False)
+    one = quantize_linears(tiny_model(), spec, include=r"^blocks\.3\.mlp\.fc1$", progress=False)
     assert list(one) == ["blocks.3.mlp.fc1"]
     assert torch.equal(one["blocks.3.mlp.fc1"].codebook, all_layers["blocks.3.mlp.fc1"].codebook)
 
 
 def test_bad_dim_names_the_layer():
     with pytest.raises(UserError, match=r"layer blocks\.0\.attn\.qkv: in_features=128 is not divisible by dim=3"):
-        quantize_linears(tiny_model(), 16, 3, progress=False)
+        quantize_linears(tiny_model(), CodebookSpec(16, 3), progress=False)
 
 
 def test_include_matching_nothing():
     with pytest.raises(UserError, match="matches no nn.Linear"):
-        quantize_linears(tiny_model(), 16, 4, include=r"^nothing$", progress=False)
+        quantize_linears(tiny_model(), CodebookSpec(16, 4), include=r"^nothing$", progress=False)

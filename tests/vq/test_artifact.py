@@ -12,7 +12,7 @@ from models.dit import DiT
 from utils.errors import UserError
 from vq.apply import quantize_linears, quantize_linears_rtn
 from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, load_quantized, save_quantized, write_quant_config
-from vq.layer import VQLinear
+from vq.layer import CodebookSpec, VQLinear
 from vq.modelref import reference
 from vq.packing import packed_nbytes
 from vq.rtn import RTNLinear
@@ -30,7 +30,8 @@ def quantized_model(k=16, d=4, split_qkv=False, rtn_bits=None):
     if rtn_bits:
         quantize_linears_rtn(model, rtn_bits)
     else:
-        for layer in quantize_linears(model, k, d, kmeans_iters=2, split_qkv=split_qkv, progress=False).values():
+        layers = quantize_linears(model, CodebookSpec(k, d, kmeans_iters=2), split_qkv=split_qkv, progress=False)
+        for layer in layers.values():
             layer.harden()
     return model.eval()
 
@@ -96,7 +97,7 @@ def test_indices_take_exactly_log2_k_bits(tmp_path):
 def test_soft_layers_cannot_be_saved(tmp_path):
     torch.manual_seed(0)
     model = DiT.from_config(LEGACY)
-    quantize_linears(model, 16, 4, kmeans_iters=1, progress=False)
+    quantize_linears(model, CodebookSpec(16, 4, kmeans_iters=1), progress=False)
     with pytest.raises(UserError, match="still soft"):
         save_quantized(model, REF, tmp_path, CONFIG)
     assert not os.path.exists(tmp_path / "quant_config.json")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from vq import VQLinear
+from vq import CodebookSpec, VQLinear
 from vq.candidates import (
     KEEP_ADVANTAGE,
     candidates_around,
@@ -36,7 +36,7 @@ def test_layer_candidates_are_the_n_nearest_codewords(n, groups):
     nearest to it, closest first (brute force: torch.cdist + argsort); catches random or unsorted candidates."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 24)
-    layer = VQLinear.from_linear(linear, 16, 2, candidates=n, groups=groups, kmeans_iters=5)
+    layer = VQLinear.from_linear(linear, CodebookSpec(16, 2, candidates=n, kmeans_iters=5), groups=groups)
     subs = linear.weight.detach().reshape(groups, -1, 2)  # (G, N/G, d)
     for g in range(groups):
         dist = torch.cdist(subs[g].double(), layer.codebook[g].detach().double())  # (N/G, k)

@@ -6,7 +6,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from utils.errors import UserError
-from vq import VQLinear, quantize_linears
+from vq import CodebookSpec, VQLinear, quantize_linears
 from vq.kmeans import authors_codebook_size, kmeans, kmeans_plusplus, lloyd
 
 
@@ -109,10 +109,10 @@ def test_authors_kmeans_is_plain_lloyd_from_full_kmeanspp(iters):
 def test_authors_init_gives_a_small_layer_the_clamped_k():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(16, 16))  # 32 and 128 sub-vectors of d = 2
-    layers = quantize_linears(model, 16, 2, include=r"^\d$", kmeans_init="authors", progress=False)
+    layers = quantize_linears(model, CodebookSpec(16, 2, kmeans_init="authors"), include=r"^\d$", progress=False)
     assert [layers[name].codebook_size for name in ("0", "1")] == [8, 16]
     assert layers["0"].codebook.shape == (1, 8, 2) and int(layers["0"].candidates.max()) < 8
-    assert VQLinear.from_linear(nn.Linear(8, 8), 16, 2).codebook_size == 16  # "fast" keeps k
+    assert VQLinear.from_linear(nn.Linear(8, 8), CodebookSpec(16, 2)).codebook_size == 16  # "fast" keeps k
 
 
 def test_authors_lloyd_collapses_empty_clusters_to_zero_and_runs_every_iteration():

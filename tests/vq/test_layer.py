@@ -7,7 +7,7 @@ from torch import nn
 from utils.errors import UserError
 from vq.candidates import hard_reconstruct
 from vq.kmeans import kmeans
-from vq.layer import DECODE_CHUNK, VQLinear, decode_hard
+from vq.layer import DECODE_CHUNK, CodebookSpec, VQLinear, decode_hard
 from vq.rtn import RTNLinear
 
 
@@ -33,7 +33,7 @@ def reference_weight(layer):
 @pytest.mark.parametrize("groups,n,bias", [(1, 2, True), (3, 2, False), (1, 1, True), (3, 3, True)])
 def test_weight_and_forward_match_reference(groups, n, bias):
     lin = linear(16, 24, bias)
-    layer = VQLinear.from_linear(lin, codebook_size=8, dim=4, candidates=n, groups=groups, kmeans_iters=10)
+    layer = VQLinear.from_linear(lin, CodebookSpec(8, 4, candidates=n, kmeans_iters=10), groups=groups)
     assert layer.codebook.shape == (groups, 8, 4) and layer.candidates.shape == (96, n)
     assert torch.allclose(layer.weight(), reference_weight(layer), atol=1e-6)
     x = torch.randn(5, 16)
@@ -45,7 +45,7 @@ def test_weight_and_forward_match_reference(groups, n, bias):
 
 @pytest.mark.parametrize("k,dtype", [(8, torch.uint8), (512, torch.int16)])
 def test_indices_are_kept_in_the_smallest_integer_dtype(k, dtype):
-    layer = VQLinear.from_linear(linear(32, 64), codebook_size=k, dim=2, candidates=2, kmeans_iters=3)
+    layer = VQLinear.from_linear(linear(32, 64), CodebookSpec(k, 2, candidates=2, kmeans_iters=3))
     assert layer.candidates.dtype == dtype
     assert torch.allclose(layer.weight(), reference_weight(layer), atol=1e-6)
     layer.harden()
@@ -55,7 +55,7 @@ def test_indices_are_kept_in_the_smallest_integer_dtype(k, dtype):
 
 def test_groups_have_their_own_kmeans_codebooks():
     lin = linear(8, 12)
-    layer = VQLinear.from_linear(lin, codebook_size=4, dim=2, candidates=1, groups=3, kmeans_iters=10, seed=7)
+    layer = VQLinear.from_linear(lin, CodebookSpec(4, 2, candidates=1, kmeans_iters=10), groups=3, seed=7)
     for g in range(3):
         rows = lin.weight.detach()[4 * g:4 * (g + 1)].reshape(-1, 2)
         cb, assign = kmeans(rows, 4, iters=10, seed=7 + g)
@@ -65,7 +65,7 @@ def test_groups_have_their_own_kmeans_codebooks():
 
 def test_first_candidate_is_nearest_and_inverse_distance_init():
     lin = linear(16, 8)
-    layer = VQLinear.from_linear(lin, codebook_size=16, dim=4, candidates=3, kmeans_iters=10)
+    layer = VQLinear.from_linear(lin, CodebookSpec(16, 4, candidates=3, kmeans_iters=10))
     subs = lin.weight.detach().reshape(-1, 4)
     dist = torch.cdist(subs, layer.codebook[0])  # (N, k)
     chosen = dist.gather(1, layer.candidates.long())  # (N, 3)
@@ -73,12 +73,12 @@ def test_first_candidate_is_nearest_and_inverse_distance_init():
     r = layer.ratios()
     ref = (1 / (chosen + 1e-8)) / (1 / (chosen + 1e-8)).sum(1, keepdim=True)
     assert torch.allclose(r, ref, atol=1e-4)
-    uniform = VQLinear.from_linear(lin, 16, 4, candidates=3, kmeans_iters=10, ratio_init="uniform")
+    uniform = VQLinear.from_linear(lin, CodebookSpec(16, 4, candidates=3, kmeans_iters=10, ratio_init="uniform"))
     assert torch.allclose(uniform.ratios(), torch.full((32, 3), 1 / 3))
 
 
 def test_freeze_harden_and_gradients():
-    layer = VQLinear.from_linear(linear(8, 8), codebook_size=8, dim=2, candidates=2, kmeans_iters=5)
+    layer = VQLinear.from_linear(linear(8, 8), CodebookSpec(8, 2, candidates=2, kmeans_iters=5))
     with torch.no_grad():
         layer.logits.zero_()
         layer.logits[:10, 1] = 10.0  # confident: ratio ~ 1 - 4.5e-5
@@ -95,20 +95,20 @@ def test_freeze_harden_and_gradients():
 
 
 def test_round_codebook_and_bits():
-    layer = VQLinear.from_linear(linear(64, 32), codebook_size=256, dim=4, kmeans_iters=2)
+    layer = VQLinear.from_linear(linear(64, 32), CodebookSpec(256, 4, kmeans_iters=2))
     layer.round_codebook_()
     assert torch.equal(layer.codebook, layer.codebook.half().float())
     assert layer.bits_per_weight() == 2.0
     assert layer.bits_per_weight(include_codebook=True) == pytest.approx(2.0 + 256 * 4 * 16 / (64 * 32))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"dim": 3}, "in_features=16 is not divisible by dim=3"),
-                                          ({"dim": 4, "groups": 5}, "out_features=24 is not divisible by groups=5"),
-                                          ({"dim": 4, "groups": 3, "codebook_size": 64},
-                                           "only 32 sub-vectors per codebook, fewer than codebook_size=64")])
-def test_bad_shapes_are_user_errors(kwargs, match):
+@pytest.mark.parametrize("k,dim,groups,match", [(4, 3, 1, "in_features=16 is not divisible by dim=3"),
+                                                 (4, 4, 5, "out_features=24 is not divisible by groups=5"),
+                                                 (64, 4, 3, "only 32 sub-vectors per codebook, fewer than "
+                                                            "codebook_size=64")])
+def test_bad_shapes_are_user_errors(k, dim, groups, match):
     with pytest.raises(UserError, match=match):
-        VQLinear.from_linear(linear(16, 24), **{"codebook_size": 4, **kwargs})
+        VQLinear.from_linear(linear(16, 24), CodebookSpec(k, dim), groups=groups)
 
 
 def random_hard_vq(out_f, in_f, groups=1, k=256, dim=4, seed=0):
