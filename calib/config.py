@@ -98,13 +98,13 @@ class CalibConfig:
     student_label_dropout: float = knob(0.0, "calib online: drop the student's class labels with this probability")
 
     def validate(self):
+        from calib.modes import mode_for  # a cycle at the top: calib.modes reads CALIB_MODES and `invalid` here
+
         check_choices(self)
         check_positive(self, ("iters", "batch_size", "select_every"))
         check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
         check_range(self, "e2e_lr", 0, None, "must be >= 0 (a learning rate)")
-        from calib.modes import mode_for  # the mode refuses the options it ignores (imports torch: not at --help)
-
-        mode_for(self.calib).validate(self)
+        mode_for(self.calib).validate(self)  # the mode refuses the options it ignores
         check_range(self, "lr_ratio", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "lr_codebook", 0, None, "must be >= 0 (a learning rate)")
         check_range(self, "rmsprop_alpha", 0, 1, "must be in [0, 1]")
