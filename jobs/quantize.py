@@ -18,35 +18,37 @@ from models.adapters.load import load_model
 from models.prompts import read_prompts
 from utils.device import device_memory, physical_memory, resolve_device
 from utils.errors import UserError
-from utils.fileio import check_dir_usable, check_out_dir, free_bytes
+from utils.fileio import check_dir_usable, free_bytes
 from utils.precision import set_tf32
+from vq.artifact import claim_artifact_dir
 
 logger = logging.getLogger(__name__)
 
 
 def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
-    overwrite: delete a calibration state in out_dir that this run will not resume (else it is a UserError)."""
+    overwrite: write beside files in out_dir that vq4dit did not write (kept), and delete a calibration state there
+    that this run will not resume (else either is a UserError); out_dir is locked for the run (utils/outdir.py)."""
     from calib.state import CalibState, discard_state
 
-    check_out_dir(out_dir)
-    if config.cache.cache_dir:
-        check_dir_usable(config.cache.cache_dir, "--cache-dir")
-    method = method_for(config.method, config.codebooks, config.seed)
-    # a state left by another run must fail now, not after loading and k-means
-    state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
-    if state is None:
-        discard_state(out_dir, overwrite, f"the resumable state of another run (--method {config.method} does not "
-                      "calibrate)")
-    start = time.time()
-    base, include, extra = load(config.model, config.device)
-    layers, stats = build_and_calibrate(base, include, method, config, state, progress)
-    save(base.model, layers, extra, config, out_dir)
-    if state is not None:
-        state.remove()
-    logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
-                time.time() - start, out_dir)
-    return stats
+    with claim_artifact_dir(out_dir, overwrite):
+        if config.cache.cache_dir:
+            check_dir_usable(config.cache.cache_dir, "--cache-dir")
+        method = method_for(config.method, config.codebooks, config.seed)
+        # a state left by another run must fail now, not after loading and k-means
+        state = CalibState.for_config(out_dir, config, overwrite) if method.calibrated else None
+        if state is None:
+            discard_state(out_dir, overwrite, f"the resumable state of another run (--method {config.method} does not "
+                          "calibrate)")
+        start = time.time()
+        base, include, extra = load(config.model, config.device)
+        layers, stats = build_and_calibrate(base, include, method, config, state, progress)
+        save(base.model, layers, extra, config, out_dir)
+        if state is not None:
+            state.remove()
+        logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
+                    time.time() - start, out_dir)
+        return stats
 
 
 def load(spec, device, loaded=None):

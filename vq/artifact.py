@@ -33,6 +33,7 @@ from torch import nn
 from utils.digest import file_sha256
 from utils.errors import UserError, check_finite
 from utils.fileio import atomic_path, write_text_atomic
+from utils.outdir import claim_out_dir
 from vq.apply import set_submodule
 from vq.codecs import CODECS, codec_for
 from vq.modelcard import CARD_FILE, HUB_ID, write_model_card
@@ -125,6 +126,23 @@ def save_quantized(model, ref, out_dir, config):
         "config_sha256": file_sha256(config_path)})
     logger.info("saved %d quantized layers to %s (%.2f MB)", len(layers), out_dir, quant["model_bytes"] / 1e6)
     return quant
+
+
+def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
+    """utils.outdir.claim_out_dir for an artifact directory: its own entries are the artifact's files and a
+    calibration's (calib/state.py); an unmarked directory holding an artifact or calibration state of a run from
+    before markers existed is ours too (it is replaced, or resumed)."""
+    from calib.state import CACHE_DIR, LOG_NAME, STATE_DIR, resume_point
+
+    def earlier(directory):
+        if resume_point(directory) is not None:
+            return True
+        try:
+            return bool(read_quant_config(directory))
+        except UserError:
+            return False
+
+    return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
 
 
 def base_model_reference(quant):
