@@ -58,8 +58,10 @@ def build_parser():
     parser.add_argument("--config", help="YAML preset from configs/")
     add_flags(parser, CONFIG_KINDS, FLAGS)  # help and type as declared on the config fields
     parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
-    parser.add_argument("--overwrite", action="store_true", help="delete a calibration state in --out that this run "
-                        "would not resume (another config, checkpoint or method); without it that is an error")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds files vq4dit did "
+                        "not write (they are kept: a file of an artifact's name that vq4dit did not write is never "
+                        "replaced), and delete a calibration state there that this run would not resume (another "
+                        "config, checkpoint or method); without it either is an error")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
                         "pipeline, its memory plan) and exit")
     parser.add_argument("-v", "--verbose", action="store_true")

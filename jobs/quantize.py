@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from calib.cache import ActivationStore, dtype_bytes
-from calib.checkpoints import CalibLog, CheckpointStore, discard_state
+from calib.checkpoints import CACHE_DIR, LOG_NAME, STATE_DIR, CalibLog, CheckpointStore, discard_state, resume_point
 from calib.modes import CalibMode, mode_for
 from calib.modes import calibrate as calibrate_mode
 from calib.problem import Problem
@@ -27,9 +27,11 @@ from models.adapters.load import load_model
 from models.prompts import read_prompts
 from utils.device import device_memory, physical_memory, resolve_device
 from utils.errors import UserError
-from utils.fileio import check_dir_usable, check_out_dir, free_bytes
+from utils.fileio import check_dir_usable, free_bytes
+from utils.outdir import claim_out_dir
 from utils.precision import set_tf32
 from vq import save_quantized
+from vq.artifact import ARTIFACT_FILES, read_quant_config
 from vq.modelref import reference
 
 logger = logging.getLogger(__name__)
@@ -65,20 +67,36 @@ class Run:
 
 def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
-    overwrite: delete a calibration state in out_dir that this run will not resume (else it is a UserError)."""
-    check_out_dir(out_dir)
-    if config.cache.cache_dir:
-        check_dir_usable(config.cache.cache_dir, "--cache-dir")
-    run = Run.open(config, out_dir, progress, overwrite)
-    start = time.time()
-    base, include, extra = load(config.model, config.device)
-    layers, stats = run_stages(base, include, run)
-    save(base.model, layers, extra, config, out_dir)
-    if run.checkpoints is not None:
-        run.checkpoints.remove()
-    logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
-                time.time() - start, out_dir)
-    return stats
+    overwrite: write beside files in out_dir that vq4dit did not write (kept), and delete a calibration state there
+    that this run will not resume (else either is a UserError); out_dir is locked for the run (utils/outdir.py)."""
+    with claim_artifact_dir(out_dir, overwrite):
+        if config.cache.cache_dir:
+            check_dir_usable(config.cache.cache_dir, "--cache-dir")
+        run = Run.open(config, out_dir, progress, overwrite)
+        start = time.time()
+        base, include, extra = load(config.model, config.device)
+        layers, stats = run_stages(base, include, run)
+        save(base.model, layers, extra, config, out_dir)
+        if run.checkpoints is not None:
+            run.checkpoints.remove()
+        logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
+                    time.time() - start, out_dir)
+        return stats
+
+
+def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
+    """utils.outdir.claim_out_dir for an artifact directory: its own entries are the artifact's files and a
+    calibration's (calib/checkpoints.py); an unmarked directory holding an artifact or calibration state of a run from
+    before markers existed is ours too (it is replaced, or resumed)."""
+    def earlier(directory):
+        if resume_point(directory) is not None:
+            return True
+        try:
+            return bool(read_quant_config(directory))
+        except UserError:
+            return False
+
+    return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
 
 
 def run_stages(base, include, run):

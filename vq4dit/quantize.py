@@ -34,16 +34,16 @@ class QuantizedTransformer:
     extra: dict
     stats: list = field(default_factory=list)
 
-    def save(self, out_dir):
+    def save(self, out_dir, overwrite=False):
         """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
-        quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back."""
-        from jobs.quantize import save
-        from utils.fileio import check_out_dir
+        quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back. A directory holding files vq4dit did
+        not write is refused (UserError) unless `overwrite`, and even then they are kept (utils/outdir.py)."""
+        from jobs.quantize import claim_artifact_dir, save
         from vq.artifact import quantized_layers
 
-        check_out_dir(out_dir)
-        layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
-        save(self.transformer, layers, self.extra, self.config, out_dir)
+        with claim_artifact_dir(out_dir, overwrite, "overwrite=True"):
+            layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
+            save(self.transformer, layers, self.extra, self.config, out_dir)
 
 
 def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **overrides):

@@ -49,11 +49,12 @@ def saved_by(out, config):
 
 
 def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path, monkeypatch):
-    saved_by(str(tmp_path), load_config(overrides={"ckpt": tiny_ckpt, "iters": 3}))
+    out = str(tmp_path / "out")  # not tmp_path, which holds the checkpoint: a file vq4dit did not write
+    saved_by(out, load_config(overrides={"ckpt": tiny_ckpt, "iters": 3}))
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="config changed .*iters 3 -> 2.*new --out"):
-        quantize(config, str(tmp_path), progress=False)
+        quantize(config, out, progress=False)
 
 
 def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_path, monkeypatch):
@@ -92,12 +93,13 @@ def test_a_method_without_calibration_keeps_another_runs_state_unless_told(tiny_
 def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_path):
     config = load_config(overrides={"ckpt": tiny_ckpt, "recipe": "authors", "codebook_size": 16, "kmeans_iters": 3,
                                     "calib_samples": 2, "online_batch": 2, "steps": 3, "calib_timesteps": 2})
-    quantize(config, str(tmp_path), progress=False)
-    model, _, quant = load_quantized(tmp_path)
-    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    out = tmp_path / "out"
+    quantize(config, str(out), progress=False)
+    model, _, quant = load_quantized(out)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert (recorded["recipe"], recorded["calib"], recorded["cfg_scale"], recorded["kmeans_init"]) == (
         "authors", "online", 4.0, "authors")
-    log = [json.loads(line) for line in (tmp_path / "calib_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "calib_log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all(r["mode"] == "online" and r["updates"] == 2 * 3 for r in log)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     assert torch.isfinite(model(x, t, y)).all() and len(quant["layers"]) == 6 * 5

@@ -1,0 +1,134 @@
+"""Output directories (issue 29): files vq4dit did not write are refused unless --overwrite and never replaced, and
+one run at a time writes a directory (utils/outdir.py, wired into quantize.py and QuantizedTransformer.save)."""
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.config import load_config
+from models.loading import DiTSpec
+from tests.cli_helpers import assert_user_error, run, save_tiny_ckpt
+from tests.conftest import randomize
+from utils.errors import UserError
+from utils.outdir import MARKER, claim_out_dir
+from vq import load_quantized
+from vq.apply import quantize_linears
+from vq.artifact import ARTIFACT_FILES
+from vq4dit import QuantizedTransformer
+
+NAMES = ("model.safetensors", "README.md")
+RTN = ("--method", "rtn", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_tiny_ckpt(path)
+    return path
+
+
+def hold_lock(out):
+    """A process holding the lock of `out` (as a run writing it would), once it has printed "held"."""
+    code = (f"import fcntl, json, os, sys, time; fd = os.open({str(out / MARKER)!r}, os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid()}).encode()); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+# ---- utils/outdir.py ----------------------------------------------------------------------------------------------
+def test_a_foreign_file_of_an_output_name_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "README.md").write_text("the project's")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=f"{tmp_path}: holds README.md, not written by vq4dit"):
+            with claim_out_dir(tmp_path, NAMES, overwrite):
+                pytest.fail("claimed")
+    assert os.listdir(tmp_path) == ["README.md"]  # no marker left behind
+
+
+def test_other_foreign_files_need_overwrite_and_are_kept(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files vq4dit did not write \(notes.txt\).*--overwrite"):
+        with claim_out_dir(tmp_path, NAMES):
+            pass
+    with claim_out_dir(tmp_path, NAMES, overwrite=True):
+        (tmp_path / "README.md").write_text("ours")
+    with claim_out_dir(tmp_path, ("README.md",), overwrite=True):  # marked: our README.md is ours to replace
+        (tmp_path / "README.md").write_text("ours again")
+    assert sorted(os.listdir(tmp_path)) == [MARKER, "README.md", "notes.txt"]
+
+
+def test_the_lock_refuses_a_second_claim_and_dies_with_its_holder(tmp_path):
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(UserError, match=f"{tmp_path}: another run \\(pid {holder.pid}\\) is writing to it"):
+            with claim_out_dir(tmp_path, NAMES):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim_out_dir(tmp_path, NAMES):  # the killed holder's lock is gone with it
+        assert json.loads((tmp_path / MARKER).read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_is_released_when_the_block_raises(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with claim_out_dir(tmp_path, NAMES):
+            raise KeyboardInterrupt
+    fd = os.open(tmp_path / MARKER, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a claim still holds it
+    finally:
+        os.close(fd)
+
+
+# ---- quantize.py --------------------------------------------------------------------------------------------------
+def test_quantize_refuses_a_foreign_readme_and_keeps_it(ckpt, tmp_path):
+    (tmp_path / "README.md").write_bytes(b"# my project\n")
+    result = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
+    assert_user_error(result, tmp_path, "README.md", "not written by vq4dit")
+    assert sorted(os.listdir(tmp_path)) == ["README.md"] and (tmp_path / "README.md").read_bytes() == b"# my project\n"
+
+
+def test_quantize_overwrite_writes_beside_a_foreign_file(ckpt, tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"keep me\n")
+    assert_user_error(run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path), tmp_path, "notes.txt",
+                      "--overwrite")
+    result = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "notes.txt").read_bytes() == b"keep me\n" and load_quantized(tmp_path)[2]["layers"]
+
+
+def test_quantize_refuses_an_out_another_run_is_writing(ckpt, tmp_path):
+    fd = os.open(tmp_path / MARKER, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"pid": os.getpid()}).encode())
+        result = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path)
+    finally:
+        os.close(fd)
+    assert_user_error(result, tmp_path, f"pid {os.getpid()}")
+    assert os.listdir(tmp_path) == [MARKER]
+
+
+# ---- vq4dit API ---------------------------------------------------------------------------------------------------
+def test_api_save_refuses_foreign_files_and_keeps_them(tmp_path):
+    spec = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1)
+    model = randomize(spec.build())
+    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+        layer.harden()
+    quantized = QuantizedTransformer(model, load_config(overrides={"method": "kmeans"}), {"name": spec.name})
+    (tmp_path / "README.md").write_text("theirs")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="README.md, not written by vq4dit"):
+        quantized.save(tmp_path, overwrite=True)
+    os.remove(tmp_path / "README.md")
+    with pytest.raises(UserError, match=r"\(notes.txt\).*overwrite=True"):
+        quantized.save(tmp_path)
+    quantized.save(tmp_path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([MARKER, "notes.txt", *ARTIFACT_FILES])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
