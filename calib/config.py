@@ -62,7 +62,7 @@ class TeacherConfig:
 
 @dataclass
 class CalibConfig:
-    """How the quantized layers train (METHOD.md section 3 step 4; the authors' options: section 3b)."""
+    """How the quantized layers train (docs/method.md "Calibration" and "The authors' calibration")."""
 
     # online: one update per teacher step, the authors' recipe
     calib: str = knob("blockwise", "blockwise | joint | online (one update per teacher sampler step)", CALIB_MODES)

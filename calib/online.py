@@ -1,5 +1,5 @@
-"""Online calibration, the authors' recipe (METHOD.md section 3b): one update per teacher sampler step, on data
-that is never repeated.
+"""Online calibration, the authors' recipe (docs/method.md "The authors' calibration"): one update per teacher
+sampler step, on data that is never repeated.
 
 Each trajectory draws `online_batch` samples (4 classes in the authors' code) and runs the FP teacher's own
 sampler (CFG 4.0 in their script). At every step the hooks of calib/record.py hand over the teacher's block

@@ -1,5 +1,5 @@
 """The optimisation shared by every calibration mode: RMSprop on ratio logits, codebooks and biases, the ratio
-regulariser, and progressive selection (METHOD.md section 3, step 4; the authors' options: section 3b).
+regulariser, and progressive selection (docs/method.md "Calibration" and "The authors' calibration").
 
 `Trainer` makes one update at a time from a distillation loss L_d that the caller computed on whatever data it
 chose: a minibatch of cached calibration points, or the teacher's current sampler step (the online recipe).

@@ -116,7 +116,7 @@ class CodebookConfig:
 class QuantizeConfig:
     """Everything a quantize run computes from: the run's own fields and one dataclass per stage."""
 
-    # authors: METHOD.md 3b
+    # authors: docs/method.md "The authors' calibration"
     recipe: str = knob("vq4dit", "vq4dit (this project's defaults) | authors (the authors' published code: online, "
                        "CFG 4, L_r gate, codebooks frozen while soft; configs/recipes/authors.yaml)", RECIPES)
     method: str = knob("vq4dit", "vq4dit (default) | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar "

@@ -86,7 +86,7 @@ class Codebook(KMeans):
 
 @register
 class VQ4DiT(KMeans):
-    """VQ4DiT: k-means, then calibration of candidate ratios, codebooks and biases (METHOD.md section 3)."""
+    """VQ4DiT: k-means, then calibration of candidate ratios, codebooks and biases (docs/method.md "VQ4DiT")."""
 
     name = "vq4dit"
     calibrated = True
