@@ -24,10 +24,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from calib.cache import ActivationStore  # noqa: E402
-from calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter  # noqa: E402
+from calib.capture import Schedule, capture, capture_model_inputs, step_filter  # noqa: E402
 from calib.metrics import chain_errors, prediction_mse  # noqa: E402
 from calib.problem import Problem  # noqa: E402
-from calib.teacher import teacher_plan  # noqa: E402
+from calib.teacher import recorded_rows, teacher_plan  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.methods import method_for  # noqa: E402
 from jobs.quantize import Run, quantize, record_and_calibrate  # noqa: E402
@@ -68,7 +68,7 @@ def held_out(teacher, config, device, samples=16, timesteps=10):
     plan = teacher_plan(config.teacher, config.seed)
     keep = step_filter(plan.steps, timesteps)
     calls = capture_model_inputs(teacher, adapter.teacher_runs(teacher, plan, device), keep, progress=False)
-    rows = samples * len(calib_steps(plan.steps, timesteps)) * adapter.rows_per_trajectory(plan)
+    rows = recorded_rows(plan, timesteps, adapter.rows_per_trajectory(plan))
     schedule = Schedule(adapter.teacher_runs(teacher, plan, device), keep, rows)
     cset = capture(teacher, adapter.blocks(teacher), schedule, ActivationStore(), progress=False)
     return calls, cset

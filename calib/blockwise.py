@@ -19,7 +19,7 @@ import time
 
 from calib.checkpoints import Checkpoint, layers_state
 from calib.guard import keep_better, starting_point
-from calib.metrics import weight_mse
+from calib.metrics import layer_stats, weight_mse
 from calib.moments import block_input_moments
 from calib.replay import block_loss, call_block, sweep
 from calib.train import Minibatches, argmax_assignment, seeded_generator, train
@@ -28,13 +28,6 @@ from calib.walk import allocator
 logger = logging.getLogger(__name__)
 
 BLOCK_STREAM = 1  # random stream (seed, BLOCK_STREAM, block) of a block's minibatch order
-
-
-def layer_stats(layers, info, w_before, fp_weights):
-    """{name: selection outcome and weight MSE vs FP before/after} for layers {name: VQLinear} in `train` order."""
-    return {name: {"selected": info["selected"][j], "hardened_at": info["hardened_at"][j],
-                   "weight_mse_before": w_before[j], "weight_mse_after": weight_mse(layer, fp_weights[name])}
-            for j, (name, layer) in enumerate(layers.items())}
 
 
 def calibrate_block(problem, i, replay, targets, config):

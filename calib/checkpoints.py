@@ -209,6 +209,16 @@ class CheckpointStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def restore(checkpoints, layers):
+    """Load the last checkpoint's layers into `layers` (none saved: as they are); returns its Trainer snapshot, or
+    None when there is none to continue from."""
+    saved = checkpoints.load()
+    if saved is None:
+        return None
+    saved.restore(layers)
+    return saved.train
+
+
 class CalibLog:
     """<out_dir>/calib_log.jsonl: one JSON line per calibrated block (or stage), with the mode that wrote it."""
 

@@ -10,12 +10,10 @@ import time
 
 import torch
 
-from calib.blockwise import layer_stats
-from calib.checkpoints import Checkpoint, layers_state
-from calib.metrics import chain_errors, weight_mse
-from calib.problem import layers_of
+from calib.checkpoints import Checkpoint, layers_state, restore
+from calib.metrics import block_stats, chain_errors, errors_before
 from calib.replay import block_loss, run_chain
-from calib.train import Minibatches, argmax_assignment, seeded_generator, train
+from calib.train import Minibatches, seeded_generator, train
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +29,6 @@ def joint_loss(student_blocks, teacher_blocks, cset, rows, device):
         targets = run_chain(teacher_blocks, cset, rows, device)
     outs = run_chain(student_blocks, cset, rows, device, grad=True)
     return torch.stack([block_loss(o, t) for o, t in zip(outs, targets)]).mean()
-
-
-def errors_before(problem, cset):
-    """The errors calibration starts from: per-block chain errors and per-layer weight MSE at the argmax (= k-means
-    nearest) assignment."""
-    modules = list(problem.layers.values())
-    with argmax_assignment(modules):
-        return {"mse": chain_errors([m for _, m in problem.blocks], problem.teacher_blocks, cset, problem.device),
-                "weight": [weight_mse(layer, problem.fp_weights[n]) for n, layer in problem.layers.items()]}
-
-
-def block_stats(problem, info, before, after, **extra):
-    """Per-block stats of a run that trained every layer at once (joint, online)."""
-    per_layer = layer_stats(problem.layers, info, before["weight"], problem.fp_weights)
-    return [{"block": i, "name": name, "mse_before": before["mse"][i], "mse_after": after[i], "loss": info["loss"],
-             "penalty": info["penalty"], **extra, "layers": layers_of(per_layer, name)}
-            for i, (name, _) in enumerate(problem.blocks)]
 
 
 def calibrate_joint(problem, data, config, checkpoints, log):
@@ -83,13 +64,3 @@ def calibrate_joint(problem, data, config, checkpoints, log):
     checkpoints.save(Checkpoint.final(stats, problem.layers))
     log.append("joint", stats)
     return stats
-
-
-def restore(checkpoints, layers):
-    """Load the last checkpoint's layers into `layers` (none saved: as they are); returns its Trainer snapshot, or
-    None when there is none to continue from."""
-    saved = checkpoints.load()
-    if saved is None:
-        return None
-    saved.restore(layers)
-    return saved.train

@@ -1,7 +1,10 @@
-"""Errors of a quantized model against its full-precision teacher, computed in chunks (no stored activations)."""
+"""The statistics every calibration mode reports: errors of a quantized model against its full-precision teacher
+(computed in chunks, no stored activations), weight errors, and the per-block and per-layer stats records."""
 import torch
 
+from calib.problem import layers_of
 from calib.replay import run_chain, squared_error
+from calib.train import argmax_assignment
 
 
 @torch.no_grad()
@@ -39,3 +42,27 @@ def prediction_mse(model, teacher, adapter, calls, device):
 def weight_mse(layer, fp_weight):
     """Mean squared error of a quantized layer's reconstructed weight against the FP weight (out, in)."""
     return (layer.weight().float() - fp_weight.to(layer.codebook.device).float()).pow(2).mean().item()
+
+
+def layer_stats(layers, info, w_before, fp_weights):
+    """{name: selection outcome and weight MSE vs FP before/after} for layers {name: VQLinear} in `train` order."""
+    return {name: {"selected": info["selected"][j], "hardened_at": info["hardened_at"][j],
+                   "weight_mse_before": w_before[j], "weight_mse_after": weight_mse(layer, fp_weights[name])}
+            for j, (name, layer) in enumerate(layers.items())}
+
+
+def errors_before(problem, cset):
+    """The errors calibration starts from: per-block chain errors and per-layer weight MSE at the argmax (= k-means
+    nearest) assignment."""
+    modules = list(problem.layers.values())
+    with argmax_assignment(modules):
+        return {"mse": chain_errors([m for _, m in problem.blocks], problem.teacher_blocks, cset, problem.device),
+                "weight": [weight_mse(layer, problem.fp_weights[n]) for n, layer in problem.layers.items()]}
+
+
+def block_stats(problem, info, before, after, **extra):
+    """Per-block stats of a run that trained every layer at once (joint, online)."""
+    per_layer = layer_stats(problem.layers, info, before["weight"], problem.fp_weights)
+    return [{"block": i, "name": name, "mse_before": before["mse"][i], "mse_after": after[i], "loss": info["loss"],
+             "penalty": info["penalty"], **extra, "layers": layers_of(per_layer, name)}
+            for i, (name, _) in enumerate(problem.blocks)]

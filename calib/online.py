@@ -15,9 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from calib.checkpoints import Checkpoint, layers_state
-from calib.joint import block_stats, errors_before, restore
-from calib.metrics import chain_errors
+from calib.checkpoints import Checkpoint, layers_state, restore
+from calib.metrics import block_stats, chain_errors, errors_before
 from calib.record import BlockRecorder, recording
 from calib.replay import block_loss
 from calib.train import Trainer, seeded_generator
