@@ -17,6 +17,7 @@ from utils.outdir import MARKER, claim_out_dir
 from vq import load_quantized
 from vq.apply import quantize_linears
 from vq.artifact import ARTIFACT_FILES
+from vq.layer import CodebookSpec
 from vq4dit import QuantizedTransformer
 
 NAMES = ("model.safetensors", "README.md")
@@ -119,7 +120,7 @@ def test_quantize_refuses_an_out_another_run_is_writing(ckpt, tmp_path):
 def test_api_save_refuses_foreign_files_and_keeps_them(tmp_path):
     spec = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1)
     model = randomize(spec.build())
-    for layer in quantize_linears(model, 4, 4, kmeans_iters=2, progress=False).values():
+    for layer in quantize_linears(model, CodebookSpec(4, 4, kmeans_iters=2), progress=False).values():
         layer.harden()
     quantized = QuantizedTransformer(model, load_config(overrides={"method": "kmeans"}), {"name": spec.name})
     (tmp_path / "README.md").write_text("theirs")
