@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from calib.config import CacheConfig, CalibConfig, TeacherConfig, check_choices, check_positive, invalid
+from calib.modes import mode_for
 from utils.errors import UserError
 from utils.knobs import base_type, knob
 
@@ -142,7 +143,8 @@ class QuantizeConfig:
 
     @property
     def gptvq_applies(self):
-        return self.method in OUTPUT_AWARE_METHODS and self.calibration.calib == "blockwise"
+        """The output-aware fit refits each block's codebooks when the walk reaches it: block-wise modes only."""
+        return self.method in OUTPUT_AWARE_METHODS and mode_for(self.calibration.calib).walks_blocks
 
     @property
     def output_aware(self):
