@@ -13,7 +13,7 @@ from calib.replay import Replay, sweep
 
 logger = logging.getLogger(__name__)
 
-PROBE_ROWS = 256  # a sixth of the default's 1600 points: the guard costs a third of one forward sweep per block
+PROBE_ROWS = 256  # a sixth of the default's 1536 points: the guard costs a third of one forward sweep per block
 
 
 def starting_point(layers):
