@@ -17,7 +17,7 @@ two (M, T, D) activation tensors (a block's input and its target), as a loop wri
 import logging
 import time
 
-from calib.checkpoints import Checkpoint, layers_state
+from calib.checkpoints import Checkpoint, layers_state, restore
 from calib.guard import keep_better, starting_point
 from calib.metrics import layer_stats, weight_mse
 from calib.moments import block_input_moments
@@ -61,10 +61,7 @@ def calibrate_blockwise(problem, data, config, checkpoints, log):
     """Walk the blocks of `problem` from data.walk.next_block on, in order, on the recorded data (CalibData: the
     walk's plan and state, the activation store); after each block `checkpoints` (CheckpointStore) saves the layers
     so far and what block i + 1 needs. Returns every block's stats."""
-    saved = checkpoints.load()
-    stats = [] if saved is None else saved.stats
-    if saved is not None:
-        saved.restore(problem.layers)
+    stats, _ = restore(checkpoints, problem.layers)
     plan, walk, store, device = data.plan, data.walk, data.store, problem.device
     for i in range(walk.next_block, len(problem.blocks)):
         name, block = problem.blocks[i]

@@ -12,6 +12,7 @@ joint run) comes from its own generator seeded by the seed.
 The store knows no job config: the run key it is opened with (jobs/runkey.py RunKey, or anything with `to_json()`
 and `change(saved_json)`) says what a resume must match.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -197,7 +198,10 @@ class CheckpointStore:
         self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": c.next_block, "stats": c.stats,
                      **files, "train_state": train_meta, "complete": c.complete, "then": c.then,
                      "wiring": current.get("wiring") if c.wiring is None else c.wiring}
-        self._loaded = None
+        # load() now gives what was just written without reading it back: a fresh run does not read the activations
+        # it recorded (GiBs for DiT-XL/2) back from disk. Not a mid-training checkpoint: its optimizer state is live
+        self._loaded = None if c.acts is None or c.train is not None else dataclasses.replace(
+            c, stats=list(c.stats), wiring=self.meta["wiring"])
         write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")
         for entry in os.listdir(self.directory):
             # older checkpoints, and temporaries of a write that a SIGKILL interrupted
@@ -210,13 +214,13 @@ class CheckpointStore:
 
 
 def restore(checkpoints, layers):
-    """Load the last checkpoint's layers into `layers` (none saved: as they are); returns its Trainer snapshot, or
-    None when there is none to continue from."""
+    """Load the last checkpoint's layers into `layers` (none saved: they stay as they are); returns (its stats, its
+    Trainer snapshot or None). The checkpoint itself is not kept: its tables would outlive the blocks that free them."""
     saved = checkpoints.load()
     if saved is None:
-        return None
+        return [], None
     saved.restore(layers)
-    return saved.train
+    return saved.stats, saved.train
 
 
 class CalibLog:

@@ -37,7 +37,7 @@ def calibrate_joint(problem, data, config, checkpoints, log):
     calibration) from which a rerun continues exactly. Returns per-block stats (chain error before/after)."""
     start = time.perf_counter()
     problem.prepare_layers(problem.layers)
-    resume = restore(checkpoints, problem.layers)
+    _, resume = restore(checkpoints, problem.layers)
     cset, modules = data.cset, list(problem.layers.values())
     students, teachers = [m for _, m in problem.blocks], problem.teacher_blocks
     before = errors_before(problem, cset) if resume is None else resume["before"]

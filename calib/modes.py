@@ -153,10 +153,11 @@ class Online(CalibMode):
         from calib.teacher import eval_teacher, record_set
 
         evalset = record_set(problem, eval_teacher(teacher, ONLINE_EVAL_SAMPLES, ONLINE_EVAL_STEPS), store, False)
-        if checkpoints.load() is None:
+        saved = checkpoints.load()
+        if saved is None:
             log.clear()
         else:
-            logger.info("resuming calibration at %s from %s", checkpoints.load().resume_point, checkpoints.out_dir)
+            logger.info("resuming calibration at %s from %s", saved.resume_point, checkpoints.out_dir)
         return CalibData(evalset, store, self.teacher_plan(teacher, problem.seed))
 
     def calibrate(self, problem, data, calibration, checkpoints, log):

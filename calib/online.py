@@ -42,7 +42,7 @@ def calibrate_online(problem, data, config, checkpoints, log):
     CHECKPOINT_SECONDS, after a trajectory, `checkpoints` saves {"trajectory": trajectories done,
     **Trainer.snapshot()}."""
     problem.prepare_layers(problem.layers)
-    resume = restore(checkpoints, problem.layers)
+    _, resume = restore(checkpoints, problem.layers)
     before = errors_before(problem, data.cset) if resume is None else resume["before"]
     info = train_online(problem, data.plan, config, resume,
                         lambda snapshot: checkpoints.save(Checkpoint(layers=layers_state(problem.layers),

@@ -125,3 +125,19 @@ def test_only_a_saved_state_is_another_runs(tmp_path):
         discard_state(str(tmp_path), False, "why")
     discard_state(str(tmp_path), True, "why")
     assert not directory.exists()
+
+
+def test_a_fresh_walk_does_not_read_back_what_it_saved(tmp_path, monkeypatch):
+    """A fresh block-wise run saves its recorded tables first, then walks: nothing it saved is read back from disk
+    (for DiT-XL/2 the tables are GiBs, and a read-back copy stayed in memory beside the live ones). Catches save()
+    not keeping what it wrote for load()."""
+    import calib.checkpoints
+    from models.adapters import adapter_for
+    from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
+
+    read, load_file = [], calib.checkpoints.load_file
+    monkeypatch.setattr(calib.checkpoints, "load_file", lambda path: read.append(path) or load_file(path))
+    config = tiny_config(iters=2)
+    student, teacher, qlayers = quantized_pair(config)
+    stats = run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path))
+    assert len(stats) == 2 and read == []
