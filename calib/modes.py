@@ -67,10 +67,10 @@ class CalibMode:
 
         return teacher_plan(teacher, seed)
 
-    def footprint(self, teacher, seed, rows_per_trajectory, cache_dtype_bytes):
+    def footprint(self, teacher, plan, rows_per_trajectory, cache_dtype_bytes):
+        """The Footprint of TeacherConfig `teacher`'s data, sampled as this mode's TeacherPlan `plan`."""
         from calib.teacher import recorded_rows
 
-        plan = self.teacher_plan(teacher, seed)
         return Footprint("--calib-samples", teacher.calib_samples,
                          recorded_rows(plan, teacher.calib_timesteps, rows_per_trajectory), cache_dtype_bytes)
 
@@ -144,9 +144,8 @@ class Online(CalibMode):
 
         return teacher_plan(teacher, seed, online=True)
 
-    def footprint(self, teacher, seed, rows_per_trajectory, cache_dtype_bytes):
+    def footprint(self, teacher, plan, rows_per_trajectory, cache_dtype_bytes):
         """One trajectory batch's rows, in fp32 on the model's device."""
-        plan = self.teacher_plan(teacher, seed)
         return Footprint("--online-batch", teacher.online_batch, plan.batch_size * rows_per_trajectory, 4, True)
 
     def record(self, problem, teacher, calibration, store, checkpoints, log):

@@ -292,16 +292,13 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         model(*args, **kwargs)
     live, cache_dtype = calls[0], config.cache.dtype
 
-    def stored(t, key=None):  # (shape, bytes) of a probe tensor as the cache stores it (constant slots as they came)
-        if key is None or batched[key]:
-            return (rows, *t.shape[1:]), nbytes((rows, *t.shape[1:]), storage_dtype(t, cache_dtype))
-        return tuple(t.shape), nbytes(t.shape, t.dtype)
+    def stored(key, t):  # the probe slot as the cache stores it, on meta (constant slots as they came)
+        shape, dtype = ((rows, *t.shape[1:]), storage_dtype(t, cache_dtype)) if batched[key] else (t.shape, t.dtype)
+        return torch.empty(shape, dtype=dtype, device="meta")
 
     batched = {key: slot_is_batched(t, probe_rows) for key, t in live.slots.items()}
-    slots = [(key, *stored(t, key)) for key, t in live.slots.items()]
-    slot_bytes = {key: size for key, _, size in slots}
-    stored_slots = {key: torch.empty(shape, dtype=storage_dtype(t, cache_dtype) if batched[key] else t.dtype,
-                                     device="meta") for (key, shape, _), t in zip(slots, live.slots.values())}
+    stored_slots = {key: stored(key, t) for key, t in live.slots.items()}
+    slots = [(key, tuple(t.shape), t.numel() * t.element_size()) for key, t in stored_slots.items()]
     walk_plan = WalkPlan(live.calls, batched, rows, mode.sequential(config.calibration))
     walk = walk_peaks(walk_plan, stored_slots, live.outputs, cache_dtype)
 
@@ -335,7 +332,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
               f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
               f"{config.calibration.batch_size}",
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
-        slots=slots, cache_bytes=sum(slot_bytes.values()), walk_blocks=walk, teacher_bytes=teacher,
+        slots=slots, cache_bytes=sum(size for _, _, size in slots), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
         block_bytes=max(block_bytes), pass_bytes=sum(block_bytes) if config.calibration.e2e_iters else 0,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],

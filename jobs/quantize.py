@@ -165,8 +165,8 @@ def check_calibration_fits(base, mode, config, cache_dir):
     it a count like 10^12 met the allocator with a traceback."""
     _, block = base.adapter.blocks(base.model)[0]
     width = next(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
-    rows_per_trajectory = base.adapter.rows_per_trajectory(mode.teacher_plan(config.teacher, config.seed))
-    need = mode.footprint(config.teacher, config.seed, rows_per_trajectory, dtype_bytes(config.cache.dtype))
+    plan = mode.teacher_plan(config.teacher, config.seed)
+    need = mode.footprint(config.teacher, plan, base.adapter.rows_per_trajectory(plan), dtype_bytes(config.cache.dtype))
     needed = need.rows * width * need.value_bytes
     if need.on_device:
         device = next(base.model.parameters()).device
