@@ -45,6 +45,18 @@ def check_free_space(path, needed, what):
                         "space or write elsewhere")
 
 
+def temporary_name(name):
+    """The name of a temporary written before it is renamed onto `name`: .<name>.<8 hex>.tmp."""
+    return f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def temporary_target(entry):
+    """The name the temporary `entry` (temporary_name's form) stands for, or None when it is not one."""
+    parts = entry[1:].rsplit(".", 2)
+    is_temporary = entry.startswith(".") and len(parts) == 3 and parts[2] == "tmp"
+    return parts[0] if is_temporary else None
+
+
 @contextlib.contextmanager
 def atomic_paths(paths, needed=None):
     """Yield temporary paths beside `paths`; on success all are renamed onto their targets (so the files appear
@@ -61,7 +73,7 @@ def atomic_paths(paths, needed=None):
             os.makedirs(directory, exist_ok=True)
             # the name is recorded before the file exists: a Ctrl-C inside the creation (mkstemp's window between
             # creating the file and returning its name) would otherwise leave a temporary nobody removes
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = os.path.join(directory, temporary_name(os.path.basename(path)))
             tmps.append(tmp)
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield tmps

@@ -17,18 +17,15 @@ import json
 import os
 
 from utils.errors import UserError
-from utils.fileio import check_out_dir
+from utils.fileio import check_out_dir, temporary_target
 
 MARKER = ".vq4dit"  # {"pid": the run holding or last holding the lock}
 SHOWN = 3  # foreign entries named in an error
 
 
 def _is_own(entry, names):
-    """One of `names`, or the temporary of one (utils.fileio.atomic_paths: .<name>.<8 hex>.tmp) a kill left behind."""
-    if entry in names:
-        return True
-    parts = entry[1:].rsplit(".", 2)
-    return entry.startswith(".") and len(parts) == 3 and parts[0] in names and parts[2] == "tmp"
+    """One of `names`, or the temporary of one (utils.fileio.temporary_name) a kill left behind."""
+    return entry in names or temporary_target(entry) in names
 
 
 def _listing(entries):
