@@ -51,6 +51,21 @@ def test_a_foreign_file_of_an_output_name_is_refused_even_with_overwrite(tmp_pat
     assert os.listdir(tmp_path) == ["README.md"]  # no marker left behind
 
 
+def test_a_killed_writes_temporary_is_the_tools_own(tmp_path):
+    """A marked directory holding the temporary a killed write of one of its files left (utils.fileio.temporary_name)
+    is claimed without --overwrite; a look-alike of another name is still foreign. Catches temporaries taken as
+    foreign (a rerun after a kill refused)."""
+    with claim_out_dir(tmp_path, NAMES):
+        pass
+    (tmp_path / ".README.md.0123abcd.tmp").write_text("half a file")
+    with claim_out_dir(tmp_path, NAMES):
+        pass
+    (tmp_path / ".notes.txt.0123abcd.tmp").write_text("not ours")
+    with pytest.raises(UserError, match=r"did not write \(.notes.txt.0123abcd.tmp\)"):
+        with claim_out_dir(tmp_path, NAMES):
+            pass
+
+
 def test_other_foreign_files_need_overwrite_and_are_kept(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds files vq4dit did not write \(notes.txt\).*--overwrite"):
