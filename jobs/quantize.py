@@ -64,6 +64,11 @@ class Run:
     def cache_dir(self):
         return self.config.cache.cache_dir or self.checkpoints.cache_dir
 
+    def finish(self):
+        """The result is safe (written, or held by the caller): the checkpoints go (GiBs of activations)."""
+        if self.checkpoints is not None:
+            self.checkpoints.remove()
+
 
 def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
@@ -77,8 +82,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
         base, include, extra = load(config.model, config.device)
         layers, stats = run_stages(base, include, run)
         save(base.model, layers, extra, config, out_dir)
-        if run.checkpoints is not None:
-            run.checkpoints.remove()
+        run.finish()
         logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
                     time.time() - start, out_dir)
         return stats

@@ -70,8 +70,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         run = Run.open(config, directory, progress)
         base, include, extra = load(config.model, config.device, loaded=base)
         _, stats = run_stages(base, include, run)
-        if run.checkpoints is not None:
-            run.checkpoints.remove()
+        run.finish()
     harden(base.model)
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
     return QuantizedTransformer(base.model, config, extra, stats)
