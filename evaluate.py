@@ -1,50 +1,6 @@
-"""Evaluate a batch of samples (.npz in the ADM format: arr_0 uint8 (N, H, W, 3), arr_1 labels).
-
-digits (default for 16x16 images): FID in the digits classifier's feature space against all 1797
-real digits, and the classifier's accuracy on the conditional samples (argmax == arr_1).
-imagenet: FID against an ADM reference batch (--ref-batch), via the optional torch-fidelity package.
-With --reference (full-precision samples from the same seeds and labels): paired PSNR (dB, from the
-pooled MSE, data range 255) and MSE (pooled, on the [0, 1] pixel scale).
-
-    python evaluate.py --samples /tmp/q/samples.npz --reference /tmp/fp/samples.npz --json /tmp/q/eval.json
-
-JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null where not computed).
-FID is biased upward at small N: compare runs only at equal num_samples.
-"""
-import argparse
-import logging
-
-from evaluation.digits import DEFAULT_CLASSIFIER
-from evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
-from utils.cli import ArgumentParser, run_cli
-
-
-def main(args):
-    if args.json is not None:
-        check_result_path(args.json)  # before the metrics, which can take minutes
-    result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
-                            ref_batch_path=args.ref_batch, classifier_path=args.classifier)
-    if args.json is not None:
-        write_result_json(args.json, result)
-    print(format_table(result))
-
-
-def build_parser():
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels)")
-    parser.add_argument("--reference", default=None, help="FP samples .npz from the same seeds, for PSNR/MSE")
-    parser.add_argument("--json", default=None, help="write the metrics here as JSON")
-    parser.add_argument("--kind", choices=KINDS, default=None, help="benchmark (default: digits iff 16x16)")
-    parser.add_argument("--ref-batch", default=None, help="ADM reference batch .npz (imagenet FID)")
-    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="digits classifier safetensors")
-    return parser
-
-
-def cli(argv=None):
-    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_cli(main, build_parser().parse_args(argv))
-
+"""`python evaluate.py ...` from a clone: the same command as `vq4dit-evaluate` (vq4dit/cli/evaluate.py), which pip
+installs."""
+from vq4dit.cli.evaluate import cli
 
 if __name__ == "__main__":
     cli()

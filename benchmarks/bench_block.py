@@ -29,24 +29,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-import calib.blockwise as blockwise  # noqa: E402
-import jobs.methods as methods  # noqa: E402
-from calib.cache import ActivationStore  # noqa: E402
-from calib.calls import flatten, map_leaves  # noqa: E402
-from calib.capture import CalibrationSet  # noqa: E402
-from calib.checkpoints import CalibLog, CheckpointStore  # noqa: E402
-from calib.guard import PROBE_ROWS  # noqa: E402
-from calib.modes import CalibData  # noqa: E402
-from calib.problem import Problem  # noqa: E402
-from calib.record import BlockCall  # noqa: E402
-from calib.walk import WalkPlan, WalkState  # noqa: E402
-from jobs.config import QuantizeConfig  # noqa: E402
-from jobs.runkey import RunKey  # noqa: E402
-from models.adapters.dit import DiTAdapter  # noqa: E402
-from models.dit import DiTBlock  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from utils.precision import set_tf32  # noqa: E402
+import vq4dit.calib.blockwise as blockwise  # noqa: E402
+import vq4dit.jobs.methods as methods  # noqa: E402
+from vq4dit.calib.cache import ActivationStore  # noqa: E402
+from vq4dit.calib.calls import flatten, map_leaves  # noqa: E402
+from vq4dit.calib.capture import CalibrationSet  # noqa: E402
+from vq4dit.calib.checkpoints import CalibLog, CheckpointStore  # noqa: E402
+from vq4dit.calib.guard import PROBE_ROWS  # noqa: E402
+from vq4dit.calib.modes import CalibData  # noqa: E402
+from vq4dit.calib.problem import Problem  # noqa: E402
+from vq4dit.calib.record import BlockCall  # noqa: E402
+from vq4dit.calib.walk import WalkPlan, WalkState  # noqa: E402
+from vq4dit.jobs.config import QuantizeConfig  # noqa: E402
+from vq4dit.jobs.runkey import RunKey  # noqa: E402
+from vq4dit.models.adapters.dit import DiTAdapter  # noqa: E402
+from vq4dit.models.dit import DiTBlock  # noqa: E402
+from vq4dit.utils.device import resolve_device  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.utils.precision import set_tf32  # noqa: E402
 
 _TEACHER = QuantizeConfig().teacher  # the default calibration set: 32 trajectories x 2 (CFG) x 25 kept steps
 DEFAULT_POINTS = _TEACHER.calib_samples * 2 * _TEACHER.calib_timesteps  # 1600

@@ -23,21 +23,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from calib.cache import ActivationStore  # noqa: E402
-from calib.capture import Schedule, capture, capture_model_inputs, step_filter  # noqa: E402
-from calib.metrics import chain_errors, prediction_mse  # noqa: E402
-from calib.problem import Problem  # noqa: E402
-from calib.teacher import recorded_rows, teacher_plan  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.methods import method_for  # noqa: E402
-from jobs.quantize import Run, quantize, record_and_calibrate  # noqa: E402
-from models.adapters import adapter_for  # noqa: E402
-from models.loading import load_dit  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq import CodebookSpec, quantize_linears  # noqa: E402
+from vq4dit.calib.cache import ActivationStore  # noqa: E402
+from vq4dit.calib.capture import Schedule, capture, capture_model_inputs, step_filter  # noqa: E402
+from vq4dit.calib.metrics import chain_errors, prediction_mse  # noqa: E402
+from vq4dit.calib.problem import Problem  # noqa: E402
+from vq4dit.calib.teacher import recorded_rows, teacher_plan  # noqa: E402
+from vq4dit.jobs.config import load_config  # noqa: E402
+from vq4dit.jobs.methods import method_for  # noqa: E402
+from vq4dit.jobs.quantize import Run, quantize, record_and_calibrate  # noqa: E402
+from vq4dit.models.adapters import adapter_for  # noqa: E402
+from vq4dit.models.loading import load_dit  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq import CodebookSpec, quantize_linears  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = {"w2": "configs/digits_w2.yaml", "w3": "configs/digits_w3.yaml"}
+PRESETS = {"w2": "digits_w2", "w3": "digits_w3"}
 # name -> (preset, overrides); "kmeans" and "codebook" are the baselines the calibration must beat
 VARIANTS = {
     "w2-kmeans": ("w2", {"method": "kmeans"}),
@@ -128,7 +128,7 @@ def run_variant(name, teacher, base, overrides, evalset, cache, device):
 
 def time_default_run(preset, overrides):
     """Wall time of the whole default pipeline (load, k-means, calibration, save) for a preset."""
-    config = load_config(os.path.join(ROOT, preset), overrides)
+    config = load_config(preset, overrides)
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         quantize(config, out_dir, progress=False)
@@ -142,7 +142,7 @@ def report(rows, default_s, default_config, threads, command):
     points = teacher.calib_samples * 2 * teacher.calib_timesteps
     xl = cache_bytes(points, 256, 1152)
     timing = [] if default_s is None else [
-        f"Default W2 pipeline run (`configs/digits_w2.yaml`: load + k-means + calibration + save): "
+        f"Default W2 pipeline run (`digits_w2`: load + k-means + calibration + save): "
         f"**{default_s:.1f} s** (iters {default_config.calibration.iters}, calib_samples "
         f"{default_config.teacher.calib_samples}, calib_timesteps {default_config.teacher.calib_timesteps}, steps "
         f"{default_config.teacher.steps}).", ""]
@@ -179,9 +179,10 @@ def main(args):
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     default_s, default_config = time_default_run(PRESETS["w2"], overrides) if args.time_default else (None, None)
     logging.info("default W2 pipeline run: %s s", default_s)
-    for name in ("calib.blockwise", "calib.joint"):  # per-layer lines: the JSON results hold what matters here
+    # per-layer lines: the JSON results hold what matters here
+    for name in ("vq4dit.calib.blockwise", "vq4dit.calib.joint"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    bases = {key: load_config(os.path.join(ROOT, path), overrides).replace(device="cpu")
+    bases = {key: load_config(path, overrides).replace(device="cpu")
              for key, path in PRESETS.items()}
     teacher, _ = load_dit(bases["w2"].model.model, bases["w2"].model.ckpt, device="cpu")
     evalset = held_out(teacher, bases["w2"], "cpu")

@@ -25,7 +25,7 @@ def small_sd3(layers=4, heads=6, head_dim=64, sample_size=32, seed=0):
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from models.adapters import adapter_for
+    from vq4dit.models.adapters import adapter_for
 
     model = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, num_layers=layers,
                                   attention_head_dim=head_dim, num_attention_heads=heads,
@@ -41,9 +41,9 @@ def small_sd3(layers=4, heads=6, head_dim=64, sample_size=32, seed=0):
 
 def quantize_w2(model):
     """k-means W2 (k = 256, d = 4), hard, on the Linears the quantize job selects; in place."""
-    from models.adapters import adapter_for
-    from vq.apply import quantize_linears
-    from vq.layer import CodebookSpec
+    from vq4dit.models.adapters import adapter_for
+    from vq4dit.vq.apply import quantize_linears
+    from vq4dit.vq.layer import CodebookSpec
 
     quantize_linears(model, CodebookSpec(256, 4, kmeans_iters=5), include=adapter_for(model).quant_include(model),
                      progress=False, soft=False)
@@ -128,7 +128,7 @@ def main(argv=None):
             "torch": torch.__version__,
             "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS", "unset"),
             "load_before": load_before, "load_after": os.getloadavg()[0]}
-    from utils.fileio import write_text_atomic
+    from vq4dit.utils.fileio import write_text_atomic
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_text_atomic(args.out + ".json", json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -42,9 +42,9 @@ def probe(args):
     sys.path.insert(0, ROOT)
     import torch
 
-    from models.loading import load_dit
-    from utils.precision import apply_precision, resolve_precision
-    from vq import load_quantized
+    from vq4dit.models.loading import load_dit
+    from vq4dit.utils.precision import apply_precision, resolve_precision
+    from vq4dit.vq import load_quantized
 
     cuda = args.device.startswith("cuda")
     out = {"variant": args.probe, "import_rss": peak_rss(), "threads": torch.get_num_threads()}
@@ -207,7 +207,7 @@ def report(args, results, sizes, load_before, load_after):
 
 def main(args):
     sys.path.insert(0, ROOT)
-    from utils.fileio import write_text_atomic
+    from vq4dit.utils.fileio import write_text_atomic
 
     ckpt, artifact = prepare(args)
     load_before = os.getloadavg()[0]

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.metrics import paired_mse, psnr_from_mse  # noqa: E402
-from models.adapters.base import SampleSettings, TeacherPlan  # noqa: E402
-from models.adapters.load import load_model  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq.kmeans import kmeans  # noqa: E402
-from vq.weighted_kmeans import diagonal_blocks, gptvq, gptvq_assign, weighted_error, weighted_kmeans  # noqa: E402
+from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse  # noqa: E402
+from vq4dit.models.adapters.base import SampleSettings, TeacherPlan  # noqa: E402
+from vq4dit.models.adapters.load import load_model  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq.kmeans import kmeans  # noqa: E402
+from vq4dit.vq.weighted_kmeans import diagonal_blocks, gptvq, gptvq_assign, weighted_error, weighted_kmeans  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("W2", 256, 4), ("W3", 64, 2))

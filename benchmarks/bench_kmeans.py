@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq.kmeans import kmeans  # noqa: E402
-from vq.nearest import nearest_two  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq.kmeans import kmeans  # noqa: E402
+from vq4dit.vq.nearest import nearest_two  # noqa: E402
 
 
 def weight_like(rows, cols, seed):

@@ -43,8 +43,8 @@ def prepare(work):
     import torch
 
     from benchmarks.bench_compile import quantize_w2, small_sd3
-    from vq import save_quantized
-    from vq.modelref import reference
+    from vq4dit.vq import save_quantized
+    from vq4dit.vq.modelref import reference
 
     if os.path.isfile(os.path.join(work, "inputs.pt")):
         return
@@ -133,7 +133,7 @@ def main(argv=None):
         return probe(args.work, args.probe, args.rank)
     import torch
 
-    from utils.fileio import write_text_atomic
+    from vq4dit.utils.fileio import write_text_atomic
 
     os.makedirs(args.work, exist_ok=True)
     prepare(args.work)

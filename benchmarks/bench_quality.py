@@ -18,9 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
-from calib.checkpoints import STATE_DIR  # noqa: E402
-from evaluation.report import evaluate_files  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.calib.checkpoints import STATE_DIR  # noqa: E402
+from vq4dit.evaluation.report import evaluate_files  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 
 # (label, quantize.py flags); W = bits per index weight, d = sub-vector length
 METHODS = {  # in the order they run: the W2 comparison first

@@ -41,16 +41,16 @@ import yaml  # noqa: E402
 
 from benchmarks.bench_quality import run_method, sample_cmd, samples_path, timed  # noqa: E402
 from benchmarks.fid_bootstrap import paired_bootstrap  # noqa: E402
-from calib.capture import capture_model_inputs, step_filter  # noqa: E402
-from calib.metrics import prediction_mse  # noqa: E402
-from calib.teacher import teacher_plan  # noqa: E402
-from evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
-from evaluation.samples import load_samples  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from models.adapters import adapter_for  # noqa: E402
-from models.loading import load_dit  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq import load_quantized  # noqa: E402
+from vq4dit.calib.capture import capture_model_inputs, step_filter  # noqa: E402
+from vq4dit.calib.metrics import prediction_mse  # noqa: E402
+from vq4dit.calib.teacher import teacher_plan  # noqa: E402
+from vq4dit.evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
+from vq4dit.evaluation.samples import load_samples  # noqa: E402
+from vq4dit.jobs.config import load_config  # noqa: E402
+from vq4dit.models.adapters import adapter_for  # noqa: E402
+from vq4dit.models.loading import load_dit  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq import load_quantized  # noqa: E402
 
 AUTHORS_BUDGET = 1000  # trajectories: the authors' default (80 min per run, measured, on this 2-core CPU)
 SHORT_BUDGET = 100  # a tenth of it: what fits beside the other rows in a session here

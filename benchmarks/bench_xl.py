@@ -22,13 +22,13 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from calib.checkpoints import LOG_NAME  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.quantize import quantize  # noqa: E402
-from models.loading import DiTSpec, load_dit, save_dit  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq import load_quantized  # noqa: E402
+from vq4dit.calib.checkpoints import LOG_NAME  # noqa: E402
+from vq4dit.jobs.config import load_config  # noqa: E402
+from vq4dit.jobs.quantize import quantize  # noqa: E402
+from vq4dit.models.loading import DiTSpec, load_dit, save_dit  # noqa: E402
+from vq4dit.utils.device import resolve_device  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq import load_quantized  # noqa: E402
 
 
 def random_checkpoint(name, image_size, path, seed=0):
@@ -122,7 +122,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--config", default="configs/dit_xl_256_w2.yaml")
+    parser.add_argument("--config", default="dit_xl_256_w2")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--batch", type=int, default=16, help="batch of the forward timing")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "bench_xl"))

@@ -11,10 +11,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.plots import side_by_side  # noqa: E402
-from evaluation.report import evaluate_files  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.evaluation.report import evaluate_files  # noqa: E402
+from vq4dit.utils.cli import run_cli  # noqa: E402
+from vq4dit.utils.errors import UserError  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 
 
 def fmt(value, spec):

@@ -19,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.bench_quality import samples_path  # noqa: E402
-from evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
-from evaluation.metrics import fid_from_features  # noqa: E402
-from evaluation.samples import load_samples  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.evaluation.digits import classifier_outputs, load_digits_classifier, real_digits_uint8  # noqa: E402
+from vq4dit.evaluation.metrics import fid_from_features  # noqa: E402
+from vq4dit.evaluation.samples import load_samples  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 
 
 def paired_bootstrap(features, real, resamples, seed):

@@ -27,15 +27,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from models.dit import DiT  # noqa: E402
-from models.loading import load_dit, save_dit  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq.apply import set_submodule  # noqa: E402
-from vq.artifact import MODEL_FILE, QUANT_FILE, load_quantized, save_quantized  # noqa: E402
-from vq.layer import VQLinear  # noqa: E402
-from vq.modelref import reference  # noqa: E402
-from vq.rtn import RTNLinear  # noqa: E402
+from vq4dit.models.dit import DiT  # noqa: E402
+from vq4dit.models.loading import load_dit, save_dit  # noqa: E402
+from vq4dit.utils.errors import UserError  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq.apply import set_submodule  # noqa: E402
+from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE, load_quantized, save_quantized  # noqa: E402
+from vq4dit.vq.layer import VQLinear  # noqa: E402
+from vq4dit.vq.modelref import reference  # noqa: E402
+from vq4dit.vq.rtn import RTNLinear  # noqa: E402
 
 KINDS = ("flip", "overwrite", "truncate", "insert", "delete")
 OUTCOMES = ("identical", "user_error", "differs", "nan", "other_exception", "timeout")

@@ -13,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.bench_recipes import held_out_calls  # noqa: E402
-from calib.metrics import prediction_mse  # noqa: E402
-from evaluation.report import evaluate_files  # noqa: E402
-from vq import load_quantized  # noqa: E402
+from vq4dit.calib.metrics import prediction_mse  # noqa: E402
+from vq4dit.evaluation.report import evaluate_files  # noqa: E402
+from vq4dit.vq import load_quantized  # noqa: E402
 
 
 def samples(out, n, seed, extra):

@@ -19,14 +19,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.digits import IMAGE_SIZE, NUM_CLASSES  # noqa: E402
-from models.loading import DiTSpec, save_dit  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from vq.apply import BLOCK_LINEARS, quantize_linears  # noqa: E402
-from vq.artifact import DTYPES, save_quantized  # noqa: E402
-from vq.codecs import CODECS  # noqa: E402
-from vq.layer import CodebookSpec, VQLinear  # noqa: E402
-from vq.modelref import reference  # noqa: E402
+from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES  # noqa: E402
+from vq4dit.models.loading import DiTSpec, save_dit  # noqa: E402
+from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq.apply import BLOCK_LINEARS, quantize_linears  # noqa: E402
+from vq4dit.vq.artifact import DTYPES, save_quantized  # noqa: E402
+from vq4dit.vq.codecs import CODECS  # noqa: E402
+from vq4dit.vq.layer import CodebookSpec, VQLinear  # noqa: E402
+from vq4dit.vq.modelref import reference  # noqa: E402
 
 MB = 2**20
 SETTINGS = [("W2", 256, 4), ("W3", 64, 2)]

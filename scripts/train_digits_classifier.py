@@ -1,7 +1,7 @@
 """Train the digits classifier (sample-class checks, FID feature network) and save it as safetensors.
 
-Reproduce the committed weights/digits_classifier.safetensors:
-    python scripts/train_digits_classifier.py --epochs 30 --seed 0 --out weights/digits_classifier.safetensors
+Reproduce the committed vq4dit/weights/digits_classifier.safetensors:
+    python scripts/train_digits_classifier.py --epochs 30 --seed 0 --out vq4dit/weights/digits_classifier.safetensors
 """
 import argparse
 import logging
@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.classifier import accuracy, save_classifier, train_classifier  # noqa: E402
-from models.digits import load_digits_images, split_indices  # noqa: E402
+from vq4dit.evaluation.classifier import accuracy, save_classifier, train_classifier  # noqa: E402
+from vq4dit.models.digits import load_digits_images, split_indices  # noqa: E402
 
 
 def main(args):
@@ -35,5 +35,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="weights/digits_classifier.safetensors")
+    parser.add_argument("--out", default="vq4dit/weights/digits_classifier.safetensors")
     main(parser.parse_args())

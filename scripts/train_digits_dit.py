@@ -1,6 +1,6 @@
 """Train the embedded DiT-Digits/2 model on scikit-learn's digits and save it as safetensors.
 
-Reproduce the committed weights/dit_digits.safetensors (trained with OMP_NUM_THREADS=1 on a 2-core CPU,
+Reproduce the committed vq4dit/weights/dit_digits.safetensors (trained with OMP_NUM_THREADS=1 on a 2-core CPU,
 about 27 minutes; other thread counts may differ in the last bits):
     OMP_NUM_THREADS=1 python scripts/train_digits_dit.py --steps 3000 --lr 1e-3 --warmup 200 --seed 0 --export model
 
@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from models.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_images  # noqa: E402
-from models.dit import DiT_models  # noqa: E402
-from models.loading import save_dit  # noqa: E402
-from models.train import train_dit  # noqa: E402
+from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_images  # noqa: E402
+from vq4dit.models.dit import DiT_models  # noqa: E402
+from vq4dit.models.loading import save_dit  # noqa: E402
+from vq4dit.models.train import train_dit  # noqa: E402
 
 
 def main(args):
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="weights/dit_digits.safetensors")
+    parser.add_argument("--out", default="vq4dit/weights/dit_digits.safetensors")
     parser.add_argument("--export", choices=["model", "ema"], default="model",
                         help="weights to save: the trained model, or its EMA (decay 0.999, needs long runs)")
     parser.add_argument("--checkpoint", default="outputs/train_digits_dit/state.pt", help="resumable training state")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.loading import DiTSpec, save_dit
+from vq4dit.models.loading import DiTSpec, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 # OMP_WAIT_POLICY PASSIVE: an OpenMP thread waiting at a barrier sleeps instead of spinning; on a loaded 2-core

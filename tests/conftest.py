@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.loading import DiTSpec
+from vq4dit.models.loading import DiTSpec
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,9 +42,9 @@ def tiny_latent_dit():
 
 def sample_dit(model, out_dir, num_samples, classes=None, **settings):
     """jobs.sample.sample_to_dir for an in-memory project DiT on the CPU, progress bars off."""
-    from jobs.sample import sample_to_dir
-    from models.adapters import adapter_for
-    from models.adapters.base import SampleSettings
+    from vq4dit.jobs.sample import sample_to_dir
+    from vq4dit.models.adapters import adapter_for
+    from vq4dit.models.adapters.base import SampleSettings
 
     return sample_to_dir(model, adapter_for(model), {}, str(out_dir), num_samples,
                          SampleSettings(**{"progress": False, **settings}), "cpu", classes)

@@ -11,13 +11,13 @@ import struct
 import pytest
 import torch
 
-from models.loading import DiTSpec, save_dit
 from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
 from tests.conftest import randomize
-from vq.apply import quantize_linears
-from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, save_quantized, write_quant_config
-from vq.layer import CodebookSpec
-from vq.modelref import reference
+from vq4dit.models.loading import DiTSpec, save_dit
+from vq4dit.vq.apply import quantize_linears
+from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, save_quantized, write_quant_config
+from vq4dit.vq.layer import CodebookSpec
+from vq4dit.vq.modelref import reference
 
 
 @pytest.fixture(scope="module")

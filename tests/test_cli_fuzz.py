@@ -21,12 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import evaluate
-import quantize
-import sample
-from evaluation.classifier import DigitsClassifier, save_classifier
-from evaluation.digits import real_digits_uint8
 from tests.cli_helpers import save_tiny_ckpt
+from vq4dit.cli import evaluate, quantize, sample
+from vq4dit.evaluation.classifier import DigitsClassifier, save_classifier
+from vq4dit.evaluation.digits import real_digits_uint8
 
 SEED = int(os.environ.get("VQ4DIT_FUZZ_SEED", 0))
 SCALE = float(os.environ.get("VQ4DIT_FUZZ_SCALE", 1))  # e.g. 10 for a longer local run
@@ -257,11 +255,11 @@ def run_fuzz(spec, paths, cases, rng):
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     """Every file a template names: good inputs (a tiny checkpoint, its k-means artifact, samples) and bad ones."""
-    from models.loading import DiTSpec
-    from vq.apply import quantize_linears
-    from vq.artifact import save_quantized
-    from vq.layer import CodebookSpec
-    from vq.modelref import reference
+    from vq4dit.models.loading import DiTSpec
+    from vq4dit.vq.apply import quantize_linears
+    from vq4dit.vq.artifact import save_quantized
+    from vq4dit.vq.layer import CodebookSpec
+    from vq4dit.vq.modelref import reference
 
     root = tmp_path_factory.mktemp("fuzz")
     found = {"root": str(root)}

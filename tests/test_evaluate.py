@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-from evaluation.classifier import DigitsClassifier, save_classifier
-from evaluation.digits import real_digits_uint8
-from evaluation.metrics import paired_mse
 from tests.cli_helpers import cli_error as cli_errors
-from utils.cli import run_cli
+from vq4dit.cli import evaluate
+from vq4dit.evaluation.classifier import DigitsClassifier, save_classifier
+from vq4dit.evaluation.digits import real_digits_uint8
+from vq4dit.evaluation.metrics import paired_mse
+from vq4dit.utils.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

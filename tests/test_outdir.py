@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from jobs.config import load_config
-from models.loading import DiTSpec
 from tests.cli_helpers import assert_user_error, run, save_tiny_ckpt
 from tests.conftest import randomize
-from utils.errors import UserError
-from utils.outdir import MARKER, claim_out_dir
-from vq import load_quantized
-from vq.apply import quantize_linears
-from vq.artifact import ARTIFACT_FILES
-from vq.layer import CodebookSpec
 from vq4dit import QuantizedTransformer
+from vq4dit.jobs.config import load_config
+from vq4dit.models.loading import DiTSpec
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.outdir import MARKER, claim_out_dir
+from vq4dit.vq import load_quantized
+from vq4dit.vq.apply import quantize_linears
+from vq4dit.vq.artifact import ARTIFACT_FILES
+from vq4dit.vq.layer import CodebookSpec
 
 NAMES = ("model.safetensors", "README.md")
 RTN = ("--method", "rtn", "--device", "cpu")

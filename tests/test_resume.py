@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.cli_helpers import FAST, leftovers, popen, run, save_tiny_ckpt
-from vq.artifact import MODEL_FILE, QUANT_FILE
+from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE
 
 
 def sha256(path):

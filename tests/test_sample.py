@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
-from models.loading import load_dit, save_dit
 from tests.cli_helpers import cli_error, leftovers
 from tests.conftest import sample_dit
+from vq4dit.cli import sample
+from vq4dit.models.loading import load_dit, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "sample.py")
@@ -120,7 +120,7 @@ def test_bad_input_in_a_real_process(tmp_path, ckpt):
 
 
 def test_decoded_weights_sample_the_same_images(tmp_path, tiny_dit):
-    from vq import CodebookSpec, quantize_linears, reference, save_quantized
+    from vq4dit.vq import CodebookSpec, quantize_linears, reference, save_quantized
 
     model, spec = tiny_dit
     for layer in quantize_linears(model, CodebookSpec(4, 4, kmeans_iters=2), progress=False).values():
@@ -159,9 +159,9 @@ BEFORE_ANY_WORK = [
 @pytest.mark.parametrize("argv,named", BEFORE_ANY_WORK, ids=[" ".join(a) for a, _ in BEFORE_ANY_WORK])
 def test_numbers_and_mode_flags_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, named):
     """Mutations: no finiteness check (NaN cfg -> black images, exit 0), a flag that does nothing accepted."""
-    import jobs.sample
+    import vq4dit.jobs.sample
 
-    monkeypatch.setattr(jobs.sample, "load_for_sampling", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(vq4dit.jobs.sample, "load_for_sampling", lambda *a, **k: pytest.fail("loaded the model first"))
     line = cli_error(sample.cli, [*argv, "--out", tmp_path / "out", "-q"], capsys)
     assert named in line
     assert not (tmp_path / "out").exists()
@@ -177,10 +177,11 @@ def test_a_count_that_cannot_fit_in_memory_is_refused_before_sampling(tmp_path, 
 
 def test_too_little_free_space_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
     """Mutation: no free-space check (the disk fills after all the sampling)."""
-    import jobs.sample
+    import vq4dit.jobs.sample
 
-    monkeypatch.setattr("utils.fileio.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 5000))
-    monkeypatch.setattr(jobs.sample, "draw_shard", lambda *a, **k: pytest.fail("sampled first"))
+    monkeypatch.setattr("vq4dit.utils.fileio.shutil.disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9, 5000))
+    monkeypatch.setattr(vq4dit.jobs.sample, "draw_shard", lambda *a, **k: pytest.fail("sampled first"))
     line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out",
                                   tmp_path / "out"], capsys)
     assert f"{tmp_path / 'out'}: samples.npz and grid.png need about" in line and "only 5,000 are free" in line
@@ -226,17 +227,18 @@ def test_vae_with_a_model_that_has_none_is_an_error(tmp_path, capsys):
                                               "allocate memory: you tried to allocate 99999999999 bytes")])
 def test_a_batch_that_runs_out_of_memory_names_batch_size(tmp_path, monkeypatch, capsys, oom):
     """Mutation: no translation (a torch traceback); other RuntimeErrors still propagate (checked below)."""
-    import models.adapters.dit
+    import vq4dit.models.adapters.dit
 
     def fail(*args, **kwargs):
         raise oom
 
-    monkeypatch.setattr(models.adapters.dit, "generate", fail)
+    monkeypatch.setattr(vq4dit.models.adapters.dit, "generate", fail)
     argv = ["--num-samples", 3, "--steps", 2, "--batch-size", 3, "--device", "cpu", "-q", "--out", tmp_path / "out"]
     line = cli_error(sample.cli, argv, capsys)
     assert line == f"error: --batch-size 3: out of memory drawing 3 samples at once ({type(oom).__name__}); lower " \
                    "--batch-size"
     assert leftovers(tmp_path) == []
-    monkeypatch.setattr(models.adapters.dit, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    monkeypatch.setattr(vq4dit.models.adapters.dit, "generate",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):
         sample.cli([str(a) for a in argv])

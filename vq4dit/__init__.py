@@ -13,8 +13,22 @@ accelerate's offload hooks and torch.compile take it as any model. Sequential of
 accelerate.cpu_offload, since a VQ layer's indices (the bulk of its bytes) are a buffer, which accelerate's default
 keeps on the execution device.
 """
-from vq.lora import enable_peft_lora
-from vq4dit.load import load_transformer
-from vq4dit.quantize import QuantizedTransformer, quantize_transformer
+import importlib
 
-__all__ = ["QuantizedTransformer", "enable_peft_lora", "load_transformer", "quantize_transformer"]
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
+
+# where each public name lives; imported on first use, so that `import jobs.config` (the CLIs' config
+# errors, --help) does not import torch
+_PUBLIC = {"QuantizedTransformer": "vq4dit.quantize", "quantize_transformer": "vq4dit.quantize",
+           "load_transformer": "vq4dit.load", "enable_peft_lora": "vq4dit.vq.lora"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'vq4dit' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

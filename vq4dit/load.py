@@ -3,9 +3,9 @@ import logging
 
 import torch
 
-from utils.errors import UserError
-from vq.artifact import load_quantized, resolve_artifact
-from vq.lora import enable_peft_lora
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.artifact import load_quantized, resolve_artifact
+from vq4dit.vq.lora import enable_peft_lora
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from jobs.config import QuantizeConfig, load_config
-from utils.errors import UserError
-from vq.lora import enable_peft_lora
+from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.lora import enable_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class QuantizedTransformer:
         """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
         quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back. A directory holding files vq4dit did
         not write is refused (UserError) unless `overwrite`, and even then they are kept (utils/outdir.py)."""
-        from jobs.quantize import claim_artifact_dir, save
-        from vq.artifact import quantized_layers
+        from vq4dit.jobs.quantize import claim_artifact_dir, save
+        from vq4dit.vq.artifact import quantized_layers
 
         with claim_artifact_dir(out_dir, overwrite, "overwrite=True"):
             layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
@@ -60,7 +60,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
-    from jobs.quantize import Run, load, run_stages
+    from vq4dit.jobs.quantize import Run, load, run_stages
 
     enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
@@ -99,9 +99,9 @@ def resolved_config(pipe, config, overrides):
 def base_model(pipe, source):
     """The load stage's BaseModel for the pipeline's transformer as it is in memory, with the same model reference
     as quantize.py records for `source`."""
-    from models.adapters import adapter_for
-    from models.adapters.load import BaseModel, pipeline_reference
-    from models.pipelines import resolve_pipeline
+    from vq4dit.models.adapters import adapter_for
+    from vq4dit.models.adapters.load import BaseModel, pipeline_reference
+    from vq4dit.models.pipelines import resolve_pipeline
 
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, nn.Module):
@@ -123,7 +123,7 @@ def base_model(pipe, source):
 def harden(model):
     """Every quantized layer hard and exactly as its artifact stores it (vq/codecs.py, e.g. fp16-exact codebooks),
     so that the in-memory model, the saved artifact and the artifact loaded back compute the same."""
-    from vq.artifact import quantized_layers
+    from vq4dit.vq.artifact import quantized_layers
 
     for layer, codec in quantized_layers(model).values():
         if not layer.is_hard:

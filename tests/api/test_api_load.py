@@ -9,9 +9,9 @@ import torch
 
 from tests.api.hub_cache import put_in_hub_cache
 from tests.api.tiny_lora import make_lora, tiny_run
-from utils.errors import UserError
-from vq import load_quantized
 from vq4dit import load_transformer
+from vq4dit.utils.errors import UserError
+from vq4dit.vq import load_quantized
 
 DOCS = Path(__file__).parents[2] / "docs" / "api.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)  # the documented examples, in order
@@ -37,7 +37,7 @@ def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tm
     transformer, quantized in place, computes what the saved artifact loads back as."""
     from diffusers import StableDiffusion3Pipeline
 
-    from vq.lora import QuantLoraLinear
+    from vq4dit.vq.lora import QuantLoraLinear
 
     run = tiny_run("sd3", tmp_path_factory)
     lora, config = make_lora(StableDiffusion3Pipeline.from_pretrained(run.pipeline).transformer)
@@ -79,7 +79,7 @@ def test_hub_id_loads_the_same_model_as_the_directory_with_the_same_digest_check
 def test_device_and_dtype(tmp_path_factory):
     """dtype casts codebooks, biases and full-precision layers; indices keep their integer dtype; bad dtype is a
     one-line UserError."""
-    from vq.layer import VQLinear
+    from vq4dit.vq.layer import VQLinear
 
     run = tiny_run("sd3", tmp_path_factory)
     model = load_transformer(run.artifact, device="cpu", dtype=torch.bfloat16)
@@ -94,7 +94,7 @@ def test_device_and_dtype(tmp_path_factory):
 def test_sample_job_loads_an_artifact_by_hub_id(offline_cache, tmp_path_factory):
     """sample.py --quantized owner/name: the sample job resolves a hub id through the cache (mutation: the job
     passing the id to load_quantized as a path)."""
-    from jobs.sample import load_for_sampling
+    from vq4dit.jobs.sample import load_for_sampling
 
     run = tiny_run("sd3", tmp_path_factory)
     put_in_hub_cache(offline_cache, "someone/sd3-vq-sample", run.artifact)

@@ -4,12 +4,12 @@ and the in-memory model computes what that artifact loads back as."""
 import pytest
 import torch
 
-from models.adapters import adapter_for
 from tests.api.tiny_lora import tiny_run
 from tests.models.tiny_t2i import sd3_pipeline
-from utils.errors import UserError
-from vq.artifact import quantized_layers
 from vq4dit import load_transformer, quantize_transformer
+from vq4dit.models.adapters import adapter_for
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.artifact import quantized_layers
 
 ARTIFACT_FILES = ("model.safetensors", "quant_config.json", "config.yaml", "README.md")
 
@@ -43,7 +43,7 @@ def test_saved_artifact_is_the_one_quantize_py_writes_and_loads_as_the_in_memory
 def test_overrides_and_config_resolve_as_quantize_py_flags():
     """Keyword overrides take flat keys over the recipe's defaults (as quantize.py's flags); ckpt is the
     pipeline's source."""
-    from jobs.config import load_config
+    from vq4dit.jobs.config import load_config
     from vq4dit.quantize import resolved_config
 
     class Loaded:

@@ -8,10 +8,10 @@ import torch
 
 from tests.api import tiny_lora
 from tests.api.tiny_lora import ALPHA, RANK, add_hand_lora, latents, make_lora, tiny_run
-from utils.errors import UserError
-from vq.layer import VQLinear
-from vq.lora import QuantLoraLinear
 from vq4dit import load_transformer
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.layer import VQLinear
+from vq4dit.vq.lora import QuantLoraLinear
 
 pytest.importorskip("peft")
 PIPELINES = {"flux": diffusers.FluxPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
@@ -118,8 +118,8 @@ def test_a_lora_on_an_rtn_quantized_transformer_is_its_base_plus_the_branch_by_h
     """Round-to-nearest layers take a LoRA as VQ layers do (mutations: RTNLinear without qweight, the custom-module
     mapping listing VQLinear only, Flux's loader reading an RTN layer's weight shape: each makes load_lora_weights
     fail). Unloading gives the RTN base back exactly."""
-    from vq.rtn import RTNLinear
     from vq4dit import quantize_transformer
+    from vq4dit.vq.rtn import RTNLinear
 
     run = tiny_run(family, tmp_path_factory)
     lora = save_lora(family, run, tmp_path / "lora")

@@ -7,13 +7,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from models.dit import DiT
 from tests.api.tiny_lora import tiny_run
-from vq.apply import quantize_linears
-from vq.artifact import read_quant_config, save_quantized
-from vq.layer import CodebookSpec
-from vq.modelcard import hub_id_of, model_card
-from vq.modelref import reference
+from vq4dit.models.dit import DiT
+from vq4dit.vq.apply import quantize_linears
+from vq4dit.vq.artifact import read_quant_config, save_quantized
+from vq4dit.vq.layer import CodebookSpec
+from vq4dit.vq.modelcard import hub_id_of, model_card
+from vq4dit.vq.modelref import reference
 
 LEGACY = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 3, "in_channels": 1, "learn_sigma": True}
 
@@ -29,7 +29,7 @@ def test_the_card_leaves_the_artifact_files_byte_identical(tmp_path):
     quantize_linears(model, CodebookSpec(16, 4, kmeans_iters=2), progress=False, soft=False)
     ref, config = reference(model, name="DiT-Digits/2"), {"wbits": 2, "seed": 0}
     save_quantized(model, ref, tmp_path / "card", config)
-    with mock.patch("vq.artifact.write_model_card"):
+    with mock.patch("vq4dit.vq.artifact.write_model_card"):
         save_quantized(model, ref, tmp_path / "none", config)
     for name in ("model.safetensors", "quant_config.json", "config.yaml"):
         assert (tmp_path / "card" / name).read_bytes() == (tmp_path / "none" / name).read_bytes()

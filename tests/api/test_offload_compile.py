@@ -18,10 +18,10 @@ import os
 import pytest
 import torch
 
-from models.adapters import adapter_for
 from tests.api.tiny_lora import tiny_run
-from vq.layer import VQLinear
 from vq4dit import load_transformer
+from vq4dit.models.adapters import adapter_for
+from vq4dit.vq.layer import VQLinear
 
 VQ_TENSORS = {"codebook", "bias", "indices"}
 
@@ -131,7 +131,7 @@ def test_a_lora_branch_is_offloaded_with_its_vq_layer(model_and_inputs):
     from accelerate.hooks import remove_hook_from_module
     from peft import LoraConfig, inject_adapter_in_model
 
-    from vq.lora import QuantLoraLinear
+    from vq4dit.vq.lora import QuantLoraLinear
 
     model, inputs = model_and_inputs
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False), model)

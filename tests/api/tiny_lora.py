@@ -58,7 +58,7 @@ class HandLora(nn.Module):
 
 def add_hand_lora(transformer, lora, scale):
     """Replace every layer `lora` targets by a HandLora of it; returns the number replaced."""
-    from vq.apply import set_submodule
+    from vq4dit.vq.apply import set_submodule
 
     names = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
     for name in names:
@@ -70,7 +70,7 @@ def add_hand_lora(transformer, lora, scale):
 
 def latents(pipe, seed=0):
     """The pipeline's final latents for LATENT_CALL, noise from `seed`."""
-    from models.adapters import adapter_for
+    from vq4dit.models.adapters import adapter_for
 
     options = adapter_for(pipe.transformer).call_options  # PixArt: no resolution binning at 8 x 8
     with torch.no_grad():

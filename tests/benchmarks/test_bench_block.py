@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_block import DEFAULT_POINTS, SWEEPS, Shape, forward_flops, main
-from models.dit import DiTBlock
+from vq4dit.models.dit import DiTBlock
 
 
 def test_forward_flops_match_torch_flop_counter():

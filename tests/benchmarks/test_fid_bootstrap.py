@@ -2,7 +2,7 @@
 import numpy as np
 
 from benchmarks.fid_bootstrap import paired_bootstrap
-from evaluation.metrics import fid_from_features
+from vq4dit.evaluation.metrics import fid_from_features
 
 
 def test_paired_bootstrap_resamples_every_method_with_the_same_indices():

@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.capture import calib_steps
-from calib.problem import Problem
-from jobs.config import QuantizeConfig
-from jobs.methods import method_for
-from jobs.quantize import Run, record_and_calibrate
-from models.adapters.base import CALIB_STREAM
-from models.diffusion import make_diffusion
-from models.dit import DiT
-from models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
-from vq import CodebookSpec, VQLinear, quantize_linears
+from vq4dit.calib.capture import calib_steps
+from vq4dit.calib.problem import Problem
+from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.jobs.methods import method_for
+from vq4dit.jobs.quantize import Run, record_and_calibrate
+from vq4dit.models.adapters.base import CALIB_STREAM
+from vq4dit.models.diffusion import make_diffusion
+from vq4dit.models.dit import DiT
+from vq4dit.models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
+from vq4dit.vq import CodebookSpec, VQLinear, quantize_linears
 
 
 def tiny_dit(depth=2, seed=0):

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from calib.cache import ActivationStore
-from utils.errors import UserError
+from vq4dit.calib.cache import ActivationStore
+from vq4dit.utils.errors import UserError
 
 
 def test_tensors_past_the_budget_live_in_files_that_release_deletes(tmp_path):

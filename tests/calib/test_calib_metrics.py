@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from calib.cache import ActivationStore
-from calib.capture import Schedule, capture, step_filter
-from calib.metrics import chain_errors, prediction_mse
-from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import tiny_dit
+from vq4dit.calib.cache import ActivationStore
+from vq4dit.calib.capture import Schedule, capture, step_filter
+from vq4dit.calib.metrics import chain_errors, prediction_mse
+from vq4dit.models.adapters import TeacherPlan, adapter_for
 
 
 def perturbed(model, scale=0.05):

@@ -6,15 +6,15 @@ import logging
 import pytest
 import torch
 
-import calib.blockwise
-import calib.joint
-from calib.checkpoints import STATE_DIR
-from calib.tables import Out, ref_of
-from jobs.methods import method_for
-from models.adapters import adapter_for
+import vq4dit.calib.blockwise
+import vq4dit.calib.joint
 from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config, tiny_dit
-from utils.errors import UserError
-from vq.apply import BLOCK_LINEARS
+from vq4dit.calib.checkpoints import STATE_DIR
+from vq4dit.calib.tables import Out, ref_of
+from vq4dit.jobs.methods import method_for
+from vq4dit.models.adapters import adapter_for
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.apply import BLOCK_LINEARS
 
 
 def run(config, out_dir, depth=2):
@@ -49,7 +49,7 @@ def test_calibration_lowers_block_error_and_hardens(tmp_path, method, calib_mode
 def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
     """Block i's calibration inputs: the calibrated quantized blocks < i (sequential) or the FP blocks < i; its
     targets: the FP blocks <= i, all from the points a plain DiT sampling loop visits."""
-    original = calib.blockwise.calibrate_block
+    original = vq4dit.calib.blockwise.calibrate_block
     for mode in ("quantized", "fp"):
         config = tiny_config(block_inputs=mode, iters=10)
         student, teacher, qlayers = quantized_pair(config, depth=3)
@@ -60,7 +60,7 @@ def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
             seen[i] = (replay.table[ref].clone(), targets[0].clone())
             return original(problem, i, replay, targets, config)
 
-        monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
+        monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", spy)
         run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path / mode))
         tc = config.teacher
         x, t, y = reference_points(teacher, tc.calib_samples, tc.steps, tc.calib_timesteps, tc.cfg_scale, config.seed,
@@ -81,20 +81,20 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
     config = tiny_config(iters=20)
     _, _, whole, whole_stats = run(config, tmp_path / "whole", depth=3)
 
-    original = calib.blockwise.calibrate_block
+    original = vq4dit.calib.blockwise.calibrate_block
 
     def killed_at_block_2(problem, i, *args):
         if i == 2:
             raise KeyboardInterrupt
         return original(problem, i, *args)
 
-    monkeypatch.setattr(calib.blockwise, "calibrate_block", killed_at_block_2)
-    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", killed_at_block_2)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split", depth=3)
     assert "resume at block 2" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())
     assert saved["next_block"] == 2
-    monkeypatch.setattr(calib.blockwise, "calibrate_block", original)
+    monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", original)
     _, _, resumed, resumed_stats = run(config, tmp_path / "split", depth=3)
     a, b = state_of(whole), state_of(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -106,14 +106,14 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
 def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, caplog):
     """A joint run killed mid-training resumes from its last checkpoint (layers half soft, half hardened,
     RMSprop state, minibatch position) to the same layers and stats as an uninterrupted run."""
-    monkeypatch.setattr(calib.joint, "CHECKPOINT_SECONDS", 0)  # a checkpoint every SELECT_EVERY iterations
+    monkeypatch.setattr(vq4dit.calib.joint, "CHECKPOINT_SECONDS", 0)  # a checkpoint every SELECT_EVERY iterations
     config = tiny_config(calib="joint", iters=60, lambda_r=1.0, hard_fraction=0.2, lr_codebook=1e-3)
     _, _, whole, whole_stats = run(config, tmp_path / "whole")
     hardened_at = [layer["hardened_at"] for s in whole_stats for layer in s["layers"].values()]
     assert any(h is not None and 0 < h <= 40 for h in hardened_at)  # some layers harden before the checkpoint
     assert any(h is None or h > 40 for h in hardened_at)  # and some after it
 
-    original = calib.joint.train
+    original = vq4dit.calib.joint.train
 
     def killed_at_iteration_45(layers, loss_fn, *args, **kwargs):
         calls = itertools.count()
@@ -124,12 +124,12 @@ def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, capl
             return loss_fn(idx)
         return original(layers, dying, *args, **kwargs)
 
-    monkeypatch.setattr(calib.joint, "train", killed_at_iteration_45)
-    with caplog.at_level(logging.INFO, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(vq4dit.calib.joint, "train", killed_at_iteration_45)
+    with caplog.at_level(logging.INFO, logger="vq4dit.calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
     assert "resume at joint iteration 40" in caplog.text
-    monkeypatch.setattr(calib.joint, "train", original)
-    with caplog.at_level(logging.INFO, logger="calib.modes"):
+    monkeypatch.setattr(vq4dit.calib.joint, "train", original)
+    with caplog.at_level(logging.INFO, logger="vq4dit.calib.modes"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
     assert "resuming calibration at joint iteration 40" in caplog.text
     a, b = state_of(whole), state_of(resumed)
@@ -140,7 +140,7 @@ def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, capl
 def test_finished_state_returns_without_work(tmp_path, monkeypatch):
     config = tiny_config(iters=10)
     _, _, first, stats = run(config, tmp_path)
-    monkeypatch.setattr(calib.blockwise, "calibrate_block", None)  # any calibration would fail
+    monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", None)  # any calibration would fail
     _, _, again, again_stats = run(config, tmp_path)
     a, b = state_of(first), state_of(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -170,7 +170,7 @@ def test_deterministic_for_a_seed(tmp_path):
 
 def toy_pair(config):
     from tests.calib.toy import ToyAdapter, ToyTransformer
-    from vq import CodebookSpec, quantize_linears
+    from vq4dit.vq import CodebookSpec, quantize_linears
 
     teacher = ToyTransformer(depth=3).eval()
     student = copy.deepcopy(teacher)
@@ -200,7 +200,7 @@ def test_activations_spilled_to_disk_give_the_same_calibration(tmp_path, caplog)
     """--max-cache-gb 0: every cached tensor is a memory-mapped file; the result is bitwise the in-memory one."""
     _, _, in_memory, stats = run(tiny_config(iters=15), tmp_path / "memory", depth=3)
     config = tiny_config(iters=15, max_cache_gb=0.0, cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO, logger="calib.cache"):
+    with caplog.at_level(logging.INFO, logger="vq4dit.calib.cache"):
         _, _, spilled, spilled_stats = run(config, tmp_path / "disk", depth=3)
     assert caplog.text.count("memory budget of 0.00 GiB reached") >= 3  # the recording, then block outputs
     a, b = state_of(in_memory), state_of(spilled)
@@ -212,14 +212,14 @@ def test_activations_spilled_to_disk_give_the_same_calibration(tmp_path, caplog)
 def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
     """Calibrated = deployed: block i + 1 trains on block i's outputs with the codebooks the artifact stores (fp16),
     so the logged block errors are those of the saved model."""
-    original = calib.blockwise.calibrate_block
+    original = vq4dit.calib.blockwise.calibrate_block
     inputs = {}
 
     def spy(problem, i, replay, targets, config):
         inputs[i] = {ref: v.clone() for ref, v in replay.table.items()}
         return original(problem, i, replay, targets, config)
 
-    monkeypatch.setattr(calib.blockwise, "calibrate_block", spy)
+    monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", spy)
     config = tiny_config(iters=30, cache_dtype="fp32", lr_codebook=1e-2)
     student, teacher, qlayers, stats = run(config, tmp_path, depth=2)
     for layer in qlayers.values():
@@ -238,7 +238,7 @@ def test_layers_softened_when_their_block_comes_calibrate_like_soft_ones(tmp_pat
     quantizing them soft gives, so the result is bitwise the same (from the k-means start: the output-aware one
     refits hard layers only, so an eager soft layer would skip it)."""
     from tests.calib.conftest import tiny_dit
-    from vq import CodebookSpec, quantize_linears
+    from vq4dit.vq import CodebookSpec, quantize_linears
 
     config = tiny_config(iters=15, codebook_init="kmeans")
     _, _, eager, eager_stats = run(config, tmp_path / "eager", depth=3)
@@ -280,7 +280,7 @@ def test_calibration_never_leaves_a_block_worse_than_its_start(tmp_path, caplog)
     the probe: the comparison is exact), with a warning that gives the numbers. Catches the guard skipped or keeping
     the worse state."""
     config = tiny_config(iters=20, lr_codebook=10.0)
-    with caplog.at_level(logging.WARNING, logger="calib.guard"):
+    with caplog.at_level(logging.WARNING, logger="vq4dit.calib.guard"):
         _, _, _, stats = run(config, tmp_path)
     assert any(s["reverted"] for s in stats)
     assert all(s["mse_after"] <= s["mse_before"] * 1.01 for s in stats)  # 1%: the start's codebook rounded to fp16

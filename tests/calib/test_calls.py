@@ -4,8 +4,8 @@ import weakref
 import pytest
 import torch
 
-from calib.calls import flatten, leaves, map_leaves, unflatten
-from utils.errors import UserError
+from vq4dit.calib.calls import flatten, leaves, map_leaves, unflatten
+from vq4dit.utils.errors import UserError
 
 
 def test_flatten_round_trip_keeps_structure_and_constants():

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from calib.blockwise import allocator
-from calib.cache import ActivationStore
-from calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter, to_cache
-from calib.replay import Replay, sweep
-from calib.tables import Out
-from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import reference_points, tiny_dit
+from vq4dit.calib.blockwise import allocator
+from vq4dit.calib.cache import ActivationStore
+from vq4dit.calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter, to_cache
+from vq4dit.calib.replay import Replay, sweep
+from vq4dit.calib.tables import Out
+from vq4dit.models.adapters import TeacherPlan, adapter_for
 
 
 @pytest.mark.parametrize("steps,count", [(50, 25), (50, 1), (7, 7), (10, 3), (250, 25)])

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from calib.checkpoints import LOG_NAME, STATE_DIR, CalibLog, Checkpoint, CheckpointStore, discard_state
-from jobs.runkey import Input, RunKey
-from utils.errors import UserError
+from vq4dit.calib.checkpoints import LOG_NAME, STATE_DIR, CalibLog, Checkpoint, CheckpointStore, discard_state
+from vq4dit.jobs.runkey import Input, RunKey
+from vq4dit.utils.errors import UserError
 
 KEY = RunKey({"iters": 2}, (Input("checkpoint", "/ckpt.pt", "aaaa"),))
 
@@ -131,12 +131,12 @@ def test_a_fresh_walk_does_not_read_back_what_it_saved(tmp_path, monkeypatch):
     """A fresh block-wise run saves its recorded tables first, then walks: nothing it saved is read back from disk
     (for DiT-XL/2 the tables are GiBs, and a read-back copy stayed in memory beside the live ones). Catches save()
     not keeping what it wrote for load()."""
-    import calib.checkpoints
-    from models.adapters import adapter_for
+    import vq4dit.calib.checkpoints
     from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
+    from vq4dit.models.adapters import adapter_for
 
-    read, load_file = [], calib.checkpoints.load_file
-    monkeypatch.setattr(calib.checkpoints, "load_file", lambda path: read.append(path) or load_file(path))
+    read, load_file = [], vq4dit.calib.checkpoints.load_file
+    monkeypatch.setattr(vq4dit.calib.checkpoints, "load_file", lambda path: read.append(path) or load_file(path))
     config = tiny_config(iters=2)
     student, teacher, qlayers = quantized_pair(config)
     stats = run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path))

@@ -4,15 +4,15 @@ import copy
 
 import pytest
 
-from calib.capture import capture_model_inputs, step_filter
-from calib.metrics import prediction_mse
-from calib.teacher import teacher_plan
-from jobs.config import QuantizeConfig
-from models.adapters import adapter_for
-from models.loading import load_dit
 from tests.calib.conftest import run_calibration
 from tests.models.test_diffusers_format import diffusers_model
-from vq import CodebookSpec, quantize_linears
+from vq4dit.calib.capture import capture_model_inputs, step_filter
+from vq4dit.calib.metrics import prediction_mse
+from vq4dit.calib.teacher import teacher_plan
+from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.models.adapters import adapter_for
+from vq4dit.models.loading import load_dit
+from vq4dit.vq import CodebookSpec, quantize_linears
 
 pytest.importorskip("diffusers")
 # the paper's k-means start (the test's layers are quantized soft, as the walk's output-aware refit does not take

@@ -5,13 +5,13 @@ import logging
 import pytest
 import torch
 
-import calib.endpass
-import calib.train
-from calib.checkpoints import STATE_DIR
-from calib.endpass import EndPoints
-from models.adapters import adapter_for
+import vq4dit.calib.endpass
+import vq4dit.calib.train
 from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config
-from utils.errors import UserError
+from vq4dit.calib.checkpoints import STATE_DIR
+from vq4dit.calib.endpass import EndPoints
+from vq4dit.models.adapters import adapter_for
+from vq4dit.utils.errors import UserError
 
 DEPTH = 3
 
@@ -49,7 +49,7 @@ def test_a_pass_that_raises_the_error_is_undone(tmp_path, caplog):
     """A learning rate 10^4 x the default wrecks the codebooks in the pass: the walk's layers stay, bitwise, with a
     warning. Catches the rollback skipped or inverted."""
     _, _, walk, _ = calibrated(tmp_path / "walk", lr_codebook=1e-3)
-    with caplog.at_level(logging.WARNING, logger="calib.endpass"):
+    with caplog.at_level(logging.WARNING, logger="vq4dit.calib.endpass"):
         _, _, passed, record = calibrated(tmp_path / "bad", lr_codebook=1e-3, e2e_iters=10, e2e_lr=1.0)
     assert not record["kept"] and record["mse_after"] == record["mse_before"]
     assert "the end-to-end pass raised the chain's end error" in caplog.text
@@ -62,8 +62,9 @@ def test_the_pass_ends_in_the_best_state_it_measured(tmp_path, monkeypatch):
     at or before update 30 and far higher at 60. The layers end in the best measured state (codebooks then rounded
     to fp16: within 1% of its error), not the last. Catches the last state kept, and every measurement taken as
     best."""
-    monkeypatch.setattr(calib.endpass, "E2E_CHECK", 10)
-    monkeypatch.setattr(calib.train, "codebook_lr", lambda config, update: config.lr_codebook if update < 30 else 1.0)
+    monkeypatch.setattr(vq4dit.calib.endpass, "E2E_CHECK", 10)
+    monkeypatch.setattr(vq4dit.calib.train, "codebook_lr",
+                        lambda config, update: config.lr_codebook if update < 30 else 1.0)
     _, _, _, record = calibrated(tmp_path, e2e_iters=60, e2e_lr=1e-3)
     updates, errors = zip(*record["errors"])
     assert updates == (0, 10, 20, 30, 40, 50, 60)
@@ -77,19 +78,19 @@ def test_interrupted_pass_resumes_from_the_walk_to_the_same_layers(tmp_path, mon
     bitwise the uninterrupted run's layers. Catches the walk's last save marked complete (the pass skipped) and
     the pass's points not saved with the walk."""
     _, _, whole, _ = calibrated(tmp_path / "whole", e2e_iters=20)
-    original = calib.endpass.train
+    original = vq4dit.calib.endpass.train
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calib.endpass, "train", killed)
-    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(vq4dit.calib.endpass, "train", killed)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.calib.modes"), pytest.raises(KeyboardInterrupt):
         calibrated(tmp_path / "split", e2e_iters=20)
     assert "resume at the end-to-end pass" in caplog.text
     saved = json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())
     assert saved["next_block"] == DEPTH and not saved["complete"]
-    monkeypatch.setattr(calib.endpass, "train", original)
-    monkeypatch.setattr("calib.blockwise.calibrate_block", None)  # a block that trained again would fail
+    monkeypatch.setattr(vq4dit.calib.endpass, "train", original)
+    monkeypatch.setattr("vq4dit.calib.blockwise.calibrate_block", None)  # a block that trained again would fail
     _, _, resumed, record = calibrated(tmp_path / "split", e2e_iters=20)
     assert record is not None and record["kept"]
     assert all(torch.equal(whole[n].codebook, resumed[n].codebook) for n in whole)
@@ -99,7 +100,7 @@ def test_interrupted_pass_resumes_from_the_walk_to_the_same_layers(tmp_path, mon
 def test_points_are_spread_over_the_set_and_round_trip():
     """EndPoints.take: evenly spaced rows (every trajectory batch and step), batched slots cut, constants kept;
     to_tensors/from_tensors give them back."""
-    from calib.capture import CalibrationSet
+    from vq4dit.calib.capture import CalibrationSet
 
     slots = {"s0.0": torch.arange(10.0)[:, None], "s0.1": torch.ones(3)}
     cset = CalibrationSet([], slots, {"s0.0": True, "s0.1": False}, 10)

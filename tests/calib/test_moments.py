@@ -1,9 +1,9 @@
 """Input moments of a block's Linears (calib/moments.py) against a plain capture of every input they saw."""
 import torch
 
-from calib.moments import block_input_moments
-from calib.replay import Replay, call_block
 from tests.calib.test_replay import toy_set
+from vq4dit.calib.moments import block_input_moments
+from vq4dit.calib.replay import Replay, call_block
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-import calib.online
-from calib.checkpoints import STATE_DIR
-from models.adapters import adapter_for
+import vq4dit.calib.online
 from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
+from vq4dit.calib.checkpoints import STATE_DIR
+from vq4dit.models.adapters import adapter_for
 
 
 def authors_config(**overrides):
@@ -27,10 +27,10 @@ def run(config, out_dir, depth=2):
 
 def test_one_update_per_teacher_step_and_a_new_trajectory_per_batch(tmp_path, monkeypatch):
     steps, trajectories = [], []
-    original_step, original_new = calib.online.Trainer.step, calib.online.Trainer.new_trajectory
-    monkeypatch.setattr(calib.online.Trainer, "step", lambda self, loss: steps.append(loss.item()) or
+    original_step, original_new = vq4dit.calib.online.Trainer.step, vq4dit.calib.online.Trainer.new_trajectory
+    monkeypatch.setattr(vq4dit.calib.online.Trainer, "step", lambda self, loss: steps.append(loss.item()) or
                         original_step(self, loss))
-    monkeypatch.setattr(calib.online.Trainer, "new_trajectory", lambda self: trajectories.append(self.updates) or
+    monkeypatch.setattr(vq4dit.calib.online.Trainer, "new_trajectory", lambda self: trajectories.append(self.updates) or
                         original_new(self))
     _, _, qlayers, stats = run(authors_config(), tmp_path)
     assert len(steps) == 3 * 5 and trajectories == [0, 5, 10]  # 3 trajectories x 5 sampler steps
@@ -44,7 +44,7 @@ def test_the_loss_is_the_mean_block_error_of_the_two_chains(tmp_path, monkeypatc
     """Each update's L_d: mean over blocks of MSE(student block, fed by student blocks; teacher block, fed by teacher
     blocks), both from the teacher's current sampler inputs."""
     expected, actual = [], []
-    original_outputs, original_step = calib.online.student_outputs, calib.online.Trainer.step
+    original_outputs, original_step = vq4dit.calib.online.student_outputs, vq4dit.calib.online.Trainer.step
 
     def spy_outputs(model, blocks, args, kwargs):
         with torch.no_grad():
@@ -56,8 +56,8 @@ def test_the_loss_is_the_mean_block_error_of_the_two_chains(tmp_path, monkeypatc
         expected.append(torch.stack(errors).mean().item())
         return original_outputs(model, blocks, args, kwargs)
 
-    monkeypatch.setattr(calib.online, "student_outputs", spy_outputs)
-    monkeypatch.setattr(calib.online.Trainer, "step", lambda self, loss: actual.append(loss.item()) or
+    monkeypatch.setattr(vq4dit.calib.online, "student_outputs", spy_outputs)
+    monkeypatch.setattr(vq4dit.calib.online.Trainer, "step", lambda self, loss: actual.append(loss.item()) or
                         original_step(self, loss))
     config = authors_config(calib_samples=2, steps=3, calib_timesteps=2)
     student, teacher, qlayers = quantized_pair(config, 2)
@@ -87,10 +87,10 @@ def test_label_dropout_replaces_labels_by_the_null_class():
 
 
 def test_online_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(calib.online, "CHECKPOINT_SECONDS", 0)  # a checkpoint after every trajectory
+    monkeypatch.setattr(vq4dit.calib.online, "CHECKPOINT_SECONDS", 0)  # a checkpoint after every trajectory
     config = authors_config(calib_samples=4, student_label_dropout=0.2)
     _, _, whole, whole_stats = run(config, tmp_path / "whole")
-    original = calib.online.Trainer.step
+    original = vq4dit.calib.online.Trainer.step
     calls = itertools.count()
 
     def dying(self, loss):
@@ -98,13 +98,13 @@ def test_online_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, cap
             raise KeyboardInterrupt
         return original(self, loss)
 
-    monkeypatch.setattr(calib.online.Trainer, "step", dying)
-    with caplog.at_level(logging.WARNING, logger="calib.modes"), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(vq4dit.calib.online.Trainer, "step", dying)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.calib.modes"), pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "split")
     assert "resume at online trajectory 2" in caplog.text
     assert json.loads((tmp_path / "split" / STATE_DIR / "state.json").read_text())["train_state"]["trajectory"] == 2
-    monkeypatch.setattr(calib.online.Trainer, "step", original)
-    with caplog.at_level(logging.INFO, logger="calib.modes"):
+    monkeypatch.setattr(vq4dit.calib.online.Trainer, "step", original)
+    with caplog.at_level(logging.INFO, logger="vq4dit.calib.modes"):
         _, _, resumed, resumed_stats = run(config, tmp_path / "split")
     assert "resuming calibration at online trajectory 2" in caplog.text
     for name in whole:

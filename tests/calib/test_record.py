@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from calib.record import BlockRecorder, run_teacher
-from models.adapters import TeacherPlan, adapter_for
 from tests.calib.conftest import tiny_dit
 from tests.calib.toy import ToyAdapter, ToyTransformer
-from utils.errors import UserError
+from vq4dit.calib.record import BlockRecorder, run_teacher
+from vq4dit.models.adapters import TeacherPlan, adapter_for
+from vq4dit.utils.errors import UserError
 
 
 def record_one(model, blocks, *inputs, **kwargs):

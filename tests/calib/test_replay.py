@@ -1,10 +1,10 @@
 import torch
 
-from calib.cache import ActivationStore
-from calib.capture import Schedule, capture, step_filter
-from calib.replay import Replay, block_loss, run_chain, sweep
-from models.adapters import TeacherPlan
 from tests.calib.toy import ToyAdapter, ToyTransformer
+from vq4dit.calib.cache import ActivationStore
+from vq4dit.calib.capture import Schedule, capture, step_filter
+from vq4dit.calib.replay import Replay, block_loss, run_chain, sweep
+from vq4dit.models.adapters import TeacherPlan
 
 
 def toy_set(depth=3, num_samples=4):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from calib.train import (
+from tests.calib.conftest import block_problem, soft_layer, tiny_config
+from vq4dit.calib.train import (
     RATIO_PENALTIES,
     Minibatches,
     argmax_assignment,
@@ -14,7 +15,6 @@ from calib.train import (
     seeded_generator,
     train,
 )
-from tests.calib.conftest import block_problem, soft_layer, tiny_config
 
 SLOW_PENALTIES = {  # one sub-vector's ratios (a list of floats) -> its penalty, written out term by term
     "code": lambda r: sum(x * (1 - x) for x in r),  # n * mean over the row's n entries

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from calib.train import (
+from tests.calib.conftest import block_problem, soft_layer, tiny_config
+from vq4dit.calib.train import (
     Minibatches,
     Trainer,
     minibatches,
@@ -14,7 +15,6 @@ from calib.train import (
     seeded_generator,
     train,
 )
-from tests.calib.conftest import block_problem, soft_layer, tiny_config
 
 
 def reference_train(layers, loss_fn, num_points, config, generator):

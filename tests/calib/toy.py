@@ -7,7 +7,7 @@ blocks, `temb` a per-row conditioning vector; between blocks the model calls not
 import torch
 from torch import nn
 
-from models.adapters.base import Adapter
+from vq4dit.models.adapters.base import Adapter
 
 
 class TwoStreamBlock(nn.Module):

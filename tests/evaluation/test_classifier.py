@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from evaluation.classifier import (
+from vq4dit.evaluation.classifier import (
     DigitsClassifier,
     accuracy,
     load_classifier,
@@ -11,10 +11,10 @@ from evaluation.classifier import (
     shift_augment,
     train_classifier,
 )
-from models.digits import load_digits_images, split_indices
-from models.loading import REPO_ROOT
+from vq4dit.models.digits import load_digits_images, split_indices
+from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
-WEIGHTS = REPO_ROOT / "weights" / "digits_classifier.safetensors"
+WEIGHTS = DIGITS_CLASSIFIER
 
 
 def test_shift_augment_matches_pixel_loop():

@@ -3,17 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.classifier import DigitsClassifier, save_classifier
-from evaluation.digits import (
+from vq4dit.evaluation.classifier import DigitsClassifier, save_classifier
+from vq4dit.evaluation.digits import (
     classifier_outputs,
     digits_metrics,
     load_digits_classifier,
     real_digits_uint8,
     uint8_to_tensor,
 )
-from evaluation.metrics import fid_from_features
-from models.vae import images_to_uint8
-from utils.errors import UserError
+from vq4dit.evaluation.metrics import fid_from_features
+from vq4dit.models.vae import images_to_uint8
+from vq4dit.utils.errors import UserError
 
 
 def tiny_classifier(seed=0):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.imagenet import import_torch_fidelity, inception_fid
-from utils.errors import UserError
+from vq4dit.evaluation.imagenet import import_torch_fidelity, inception_fid
+from vq4dit.utils.errors import UserError
 
 
 def test_missing_package_is_a_user_error(monkeypatch):

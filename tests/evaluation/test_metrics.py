@@ -4,7 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import accuracy, fid_from_features, frechet_distance, gaussian_stats, paired_mse, psnr_from_mse
+from vq4dit.evaluation.metrics import (
+    accuracy,
+    fid_from_features,
+    frechet_distance,
+    gaussian_stats,
+    paired_mse,
+    psnr_from_mse,
+)
 
 
 def random_spd(rng, d, rank=None):

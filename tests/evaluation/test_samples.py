@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from evaluation.samples import check_reference, load_samples
-from utils.errors import UserError
+from vq4dit.evaluation.samples import check_reference, load_samples
+from vq4dit.utils.errors import UserError
 
 
 def batch(n=4, size=16, seed=0):

@@ -1,9 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
 
-from jobs.config import QuantizeConfig, load_config
-from utils.errors import UserError
+from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.resources import CONFIG_DIR
 
 
 def write(tmp_path, text):
@@ -63,11 +65,21 @@ def test_impossible_settings_are_user_errors(overrides, pattern):
 
 
 def test_missing_preset_file(tmp_path):
-    with pytest.raises(UserError, match="cannot read config .*nope.yaml"):
+    with pytest.raises(UserError, match="cannot read config .*nope.yaml: no such file, .*presets: .*digits_w2"):
         load_config(str(tmp_path / "nope.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("name", ["dit_xl_256_w3", "dit_xl_256_w3.yaml"])
+def test_a_preset_is_named_by_its_name_from_anywhere(name, tmp_path, monkeypatch):
+    """--config NAME finds the shipped preset from any working directory, as an installed wheel needs (mutation:
+    names not resolved -> 'no such file'); a file of that name in the working directory wins over the preset."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(name) == load_config(os.path.join(CONFIG_DIR, "dit_xl_256_w3.yaml"))
+    (tmp_path / name).write_text("seed: 7\n")
+    assert load_config(name).seed == 7
+
+
+@pytest.mark.parametrize("path", sorted(Path(CONFIG_DIR).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_preset_resolves(path):
     config = load_config(str(path))
     assert config.to_dict()["model"] == config.model.model
@@ -97,7 +109,7 @@ def test_unknown_recipe_is_a_user_error():
 def test_flat_mapping_round_trips_through_the_stage_configs():
     """Every flat key lands in exactly one stage dataclass and comes back in config.yaml's order (mutation: a key
     left out of FLAT_ORDER, or a stage field that shadows another)."""
-    from jobs.config import FIELDS, FLAT_ORDER, RUN_FIELDS
+    from vq4dit.jobs.config import FIELDS, FLAT_ORDER, RUN_FIELDS
 
     names = [n for section in FIELDS.values() for n in section] + list(RUN_FIELDS)
     assert sorted(names) == sorted(FLAT_ORDER) and len(set(names)) == len(names)
@@ -168,9 +180,9 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
     import dataclasses
     import re
 
-    import quantize
-    from jobs.config import CONFIG_KINDS, FLAT_ORDER
-    from utils.knobs import base_type
+    from vq4dit.cli import quantize
+    from vq4dit.jobs.config import CONFIG_KINDS, FLAT_ORDER
+    from vq4dit.utils.knobs import base_type
 
     actions = {a.dest: a for a in quantize.build_parser()._actions}
     knobs = {f.name: f for kind in CONFIG_KINDS for f in dataclasses.fields(kind) if "help" in f.metadata}
@@ -192,7 +204,7 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
 
 
 def test_codebook_spec_carries_the_config_with_the_methods_candidates():
-    from vq.layer import CodebookSpec
+    from vq4dit.vq.layer import CodebookSpec
 
     c = load_config(overrides={"wbits": 3, "dim": 2, "kmeans_iters": 7, "kmeans_init": "authors",
                                "ratio_init": "uniform"}).codebooks

@@ -7,15 +7,14 @@ import struct
 import pytest
 import torch
 
-from calib.problem import layers_of
-from jobs.config import load_config
-from jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
-from jobs.methods import method_for
-from models.adapters import ADAPTERS
-from models.adapters.load import load_model
-from tests.cli_helpers import ROOT
 from tests.models.tiny_t2i import quantized_run
-from vq import CodebookSpec, quantize_linears
+from vq4dit.calib.problem import layers_of
+from vq4dit.jobs.config import load_config
+from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+from vq4dit.jobs.methods import method_for
+from vq4dit.models.adapters import ADAPTERS
+from vq4dit.models.adapters.load import load_model
+from vq4dit.vq import CodebookSpec, quantize_linears
 
 pytest.importorskip("transformers")
 FAMILIES = ["pixart", "sd3", "flux"]
@@ -91,7 +90,7 @@ def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
 
 
 def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
-    config = load_config(str(ROOT / "configs" / "flux_dev_w2.yaml"))
+    config = load_config("flux_dev_w2")
     name, model_config, factor, _ = plan_source(config.model.ckpt)
     plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
                        ADAPTERS[name].text_tokens)
@@ -105,7 +104,7 @@ def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
 def test_the_end_to_end_pass_holds_every_blocks_training_at_once():
     """With e2e_iters, the plan adds the pass: the sum of the blocks' training bytes (57 blocks for Flux-dev: far
     above one block's), named on its own line. Catches the pass counted as one block."""
-    config = load_config(str(ROOT / "configs" / "flux_dev_w2.yaml"), overrides={"e2e_iters": 10})
+    config = load_config("flux_dev_w2", overrides={"e2e_iters": 10})
     name, model_config, factor, _ = plan_source(config.model.ckpt)
     plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
                        ADAPTERS[name].text_tokens)

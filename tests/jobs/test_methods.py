@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from jobs.config import METHODS, load_config
-from jobs.methods import METHODS as REGISTRY
-from jobs.methods import method_for
 from tests.calib.conftest import tiny_dit
-from vq import CodebookSpec, VQLinear, quantize_linears
-from vq.apply import BLOCK_LINEARS
-from vq.rtn import RTNLinear
-from vq.weighted_kmeans import InputMoments
+from vq4dit.jobs.config import METHODS, load_config
+from vq4dit.jobs.methods import METHODS as REGISTRY
+from vq4dit.jobs.methods import method_for
+from vq4dit.vq import CodebookSpec, VQLinear, quantize_linears
+from vq4dit.vq.apply import BLOCK_LINEARS
+from vq4dit.vq.rtn import RTNLinear
+from vq4dit.vq.weighted_kmeans import InputMoments
 
 
 def codebooks(**overrides):

@@ -4,11 +4,11 @@ import re
 import pytest
 import torch
 
-from jobs.config import load_config
-from jobs.quantize import quantize
 from tests.models.tiny_pipelines import save_tiny_dit_pipeline
-from vq import load_quantized
-from vq.layer import VQLinear
+from vq4dit.jobs.config import load_config
+from vq4dit.jobs.quantize import quantize
+from vq4dit.vq import load_quantized
+from vq4dit.vq.layer import VQLinear
 
 pytest.importorskip("diffusers")
 FAST = {"codebook_size": 16, "kmeans_iters": 3, "iters": 4, "calib_samples": 2, "calib_timesteps": 2, "steps": 3,
@@ -50,15 +50,15 @@ def test_backend_vq4dit_maps_the_pipeline_into_the_projects_dit(tmp_path):
                                     "device": "cpu"})
     quantize(config, str(tmp_path / "art"), progress=False)
     model, ref, quant = load_quantized(tmp_path / "art")
-    assert ref["class"] == "models.dit.DiT" and ref["name"] == "DiT-Digits/2"
+    assert ref["class"] == "vq4dit.models.dit.DiT" and ref["name"] == "DiT-Digits/2"
     assert "blocks.0.attn.qkv" in quant["layers"] and len(quant["layers"]) == 6 * 5
 
 
 def test_a_quantized_pipeline_samples_through_its_pipeline(pipeline_dir, tmp_path):
     """sample: the DiTPipeline the artifact came from (its VAE and scheduler) with the quantized transformer;
     grid.png + ADM npz; the same seed gives the same images, another seed other images."""
-    from jobs.sample import load_for_sampling, sample_to_dir
-    from models.adapters.base import SampleSettings
+    from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+    from vq4dit.models.adapters.base import SampleSettings
 
     config = load_config(overrides={"ckpt": str(pipeline_dir), **FAST})
     quantize(config, str(tmp_path / "art"), progress=False)

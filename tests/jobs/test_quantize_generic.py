@@ -7,9 +7,6 @@ Qwen-Image, Chroma, Z-Image (images), Wan and CogVideoX (videos).
 import numpy as np
 import pytest
 
-from jobs.sample import load_for_sampling, sample_to_dir
-from models.adapters.base import SampleSettings
-from models.adapters.load import load_model
 from tests.models.tiny_generic import FAMILIES, SIZES, generic_run
 from tests.models.tiny_t2i import (
     PROMPTS,
@@ -17,7 +14,10 @@ from tests.models.tiny_t2i import (
     assert_exact_bits,
     assert_output_aware_holds_or_improves,
 )
-from vq import load_quantized
+from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+from vq4dit.models.adapters.base import SampleSettings
+from vq4dit.models.adapters.load import load_model
+from vq4dit.vq import load_quantized
 
 pytest.importorskip("transformers")
 BLOCKS = {"sana": 2, "qwenimage": 2, "chroma": 4, "zimage": 4, "wan": 2, "cogvideox": 2}
@@ -89,8 +89,8 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
 def test_dry_run_plan_predicts_the_recorded_slots(family, tmp_path_factory):
     """The plan runs the pipeline on the meta device (no weights) up to its first transformer call; its slots are
     those the real run recorded, shape for shape and byte for byte, and its title counts the blocks called."""
-    from jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
-    from models.adapters.generic import GenericAdapter
+    from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+    from vq4dit.models.adapters.generic import GenericAdapter
 
     r = generic_run(family, tmp_path_factory.getbasetemp() / "generic_runs")
     name, config, factor, directory = plan_source(str(r.pipeline))

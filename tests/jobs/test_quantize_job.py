@@ -5,19 +5,19 @@ import pytest
 import torch
 import yaml
 
-from calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
-from jobs.config import load_config
-from jobs.quantize import quantize
-from jobs.runkey import RunKey
-from models.loading import save_dit
 from tests.conftest import randomize
-from utils.errors import UserError
-from vq import load_quantized
+from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
+from vq4dit.jobs.config import load_config
+from vq4dit.jobs.quantize import quantize
+from vq4dit.jobs.runkey import RunKey
+from vq4dit.models.loading import save_dit
+from vq4dit.utils.errors import UserError
+from vq4dit.vq import load_quantized
 
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    from models.loading import DiTSpec
+    from vq4dit.models.loading import DiTSpec
 
     model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
     path = tmp_path / "tiny.safetensors"
@@ -33,7 +33,8 @@ def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, 
     quantize(config, str(out), progress=False)
     assert not os.path.exists(out / STATE_DIR)
     model, ref, quant = load_quantized(out)
-    assert ref["class"] == "models.dit.DiT" and ref["name"] == "DiT-Digits/2" and ref["config"]["input_size"] == 8
+    assert ref["class"] == "vq4dit.models.dit.DiT" and ref["name"] == "DiT-Digits/2"
+    assert ref["config"]["input_size"] == 8
     assert len(quant["layers"]) == 6 * 5
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     assert torch.isfinite(model(x, t, y)).all()
@@ -52,7 +53,7 @@ def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path
     out = str(tmp_path / "out")  # not tmp_path, which holds the checkpoint: a file vq4dit did not write
     saved_by(out, load_config(overrides={"ckpt": tiny_ckpt, "iters": 3}))
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
-    monkeypatch.setattr("jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
+    monkeypatch.setattr("vq4dit.jobs.quantize.load_model", None)  # loading the checkpoint (or k-means) would fail
     with pytest.raises(UserError, match="config changed .*iters 3 -> 2.*new --out"):
         quantize(config, out, progress=False)
 
@@ -60,7 +61,7 @@ def test_state_of_another_config_fails_before_any_model_work(tiny_ckpt, tmp_path
 def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_path, monkeypatch):
     """After a kill, the file at --ckpt is another model: resuming would mix the two (issue 20). A copy of the same
     file (new mtime) still resumes."""
-    from models.loading import DiTSpec
+    from vq4dit.models.loading import DiTSpec
 
     config = load_config(overrides={"ckpt": tiny_ckpt, "iters": 2})
     out = str(tmp_path / "out")
@@ -71,7 +72,7 @@ def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed(tiny_ckpt, tmp_pa
     assert store_of(out, config).meta is not None  # same content: resumes
     other = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build(), seed=1)
     save_dit(other, "DiT-Digits/2", tiny_ckpt)
-    monkeypatch.setattr("jobs.quantize.load_model", None)  # refused before the model loads
+    monkeypatch.setattr("vq4dit.jobs.quantize.load_model", None)  # refused before the model loads
     with pytest.raises(UserError, match=f"checkpoint {tiny_ckpt} changed since the saved calibration state "
                                         r"\(digest \w+ != \w+\); rerun with a new --out"):
         quantize(config, out, progress=False)
@@ -125,7 +126,8 @@ def test_an_artifact_whose_config_yaml_is_missing_or_another_is_refused(tiny_ckp
 def test_a_calibration_set_that_cannot_fit_is_refused_before_k_means(tiny_ckpt, tmp_path, monkeypatch):
     """10^12 trajectories met the allocator with a traceback (issue 20); now an estimate refuses them in one line
     naming the flag, before any k-means (mutation: the check skipped, or made after the method builds the layers)."""
-    monkeypatch.setattr("jobs.quantize.method_for", lambda *a: type("M", (), {"calibrated": True, "build": None})())
+    monkeypatch.setattr("vq4dit.jobs.quantize.method_for",
+                        lambda *a: type("M", (), {"calibrated": True, "build": None})())
     config = load_config(overrides={"ckpt": tiny_ckpt, "calib_samples": 10**12})
     with pytest.raises(UserError, match=r"--calib-samples 1000000000000: .* rows need at least .* GiB, more than this "
                                         "machine's memory and the free disk under"):
@@ -136,7 +138,7 @@ def test_a_calibration_set_that_cannot_fit_is_refused_before_k_means(tiny_ckpt, 
 
 
 def test_a_cache_dir_that_is_a_file_is_refused_before_loading(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr("jobs.quantize.load_model", None)
+    monkeypatch.setattr("vq4dit.jobs.quantize.load_model", None)
     config = load_config(overrides={"ckpt": tiny_ckpt, "cache_dir": tiny_ckpt})
     with pytest.raises(UserError, match="--cache-dir .*tiny.safetensors: exists and is not a directory"):
         quantize(config, str(tmp_path / "out"), progress=False)

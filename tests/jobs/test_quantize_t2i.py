@@ -6,9 +6,6 @@ Tiny random-weight pipelines built in the test (tests/models/tiny_t2i.py), one q
 import numpy as np
 import pytest
 
-from jobs.sample import load_for_sampling, sample_to_dir
-from models.adapters.base import SampleSettings
-from models.adapters.load import load_model
 from tests.models.tiny_t2i import (
     PROMPTS,
     assert_calibration_beats_kmeans,
@@ -16,7 +13,10 @@ from tests.models.tiny_t2i import (
     assert_output_aware_holds_or_improves,
     quantized_run,
 )
-from vq import load_quantized
+from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+from vq4dit.models.adapters.base import SampleSettings
+from vq4dit.models.adapters.load import load_model
+from vq4dit.vq import load_quantized
 
 pytest.importorskip("transformers")
 FAMILIES = ["pixart", "sd3", "flux"]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.sample import sample_shard
-from models.adapters import adapter_for
-from models.adapters.base import SampleSettings
 from tests.conftest import sample_dit
-from utils import distributed
-from utils.errors import UserError
+from vq4dit.jobs.sample import sample_shard
+from vq4dit.models.adapters import adapter_for
+from vq4dit.models.adapters.base import SampleSettings
+from vq4dit.utils import distributed
+from vq4dit.utils.errors import UserError
 
 
 @pytest.mark.parametrize("classes,batch_size", [(None, 64), ([2, 7], 2)])
@@ -87,11 +87,11 @@ def test_sample_to_dir_rejects_bad_arguments(tmp_path, tiny_dit, kwargs, named):
 def test_the_job_loads_models_in_the_requested_precision(tmp_path, tiny_dit, precision, dtype):
     """sample.py --precision reaches the network through load_for_sampling, for a checkpoint and an artifact;
     codeword indices keep their integer dtype."""
-    from jobs.config import load_config
-    from jobs.quantize import quantize
-    from jobs.sample import load_for_sampling
-    from models.loading import save_dit
-    from vq.layer import VQLinear
+    from vq4dit.jobs.config import load_config
+    from vq4dit.jobs.quantize import quantize
+    from vq4dit.jobs.sample import load_for_sampling
+    from vq4dit.models.loading import save_dit
+    from vq4dit.vq.layer import VQLinear
 
     model, spec = tiny_dit
     save_dit(model, spec.name, tmp_path / "tiny.safetensors")

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.sample import LoraSpec, load_for_sampling, load_loras, sample_to_dir
-from models.adapters import adapter_for
-from models.adapters.base import SampleSettings
-from sample import build_parser, check_flags, cli, parse_loras
 from tests.api.tiny_lora import make_lora, save_lora, tiny_run
-from utils.errors import UserError
 from vq4dit import load_transformer
+from vq4dit.cli.sample import build_parser, check_flags, cli, parse_loras
+from vq4dit.jobs.sample import LoraSpec, load_for_sampling, load_loras, sample_to_dir
+from vq4dit.models.adapters import adapter_for
+from vq4dit.models.adapters.base import SampleSettings
+from vq4dit.utils.errors import UserError
 
 SAMPLING = {"seed": 3, "steps": 2, "cfg_scale": 2.0, "batch_size": 2}
 FLAGS = ["--num-samples", "2", "--prompt", "a cat", "--device", "cpu", "-q",

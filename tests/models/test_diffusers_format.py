@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.diffusers_format import diffusers_config, from_diffusers_state_dict, to_diffusers_state_dict
-from models.loading import load_dit
-from utils.errors import UserError
+from vq4dit.models.diffusers_format import diffusers_config, from_diffusers_state_dict, to_diffusers_state_dict
+from vq4dit.models.loading import load_dit
+from vq4dit.utils.errors import UserError
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import TeacherPlan
-from models.adapters.base import linear_pattern
-from models.adapters.generic import GenericAdapter
-from models.adapters.load import load_model
-from models.adapters.pipeline_runs import FirstCallPerStep
 from tests.models.tiny_generic import BUILDERS, SIZES
-from utils.errors import UserError
+from vq4dit.models.adapters import TeacherPlan
+from vq4dit.models.adapters.base import linear_pattern
+from vq4dit.models.adapters.generic import GenericAdapter
+from vq4dit.models.adapters.load import load_model
+from vq4dit.models.adapters.pipeline_runs import FirstCallPerStep
+from vq4dit.utils.errors import UserError
 
 pytest.importorskip("transformers")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.adapters import ADAPTERS
-from models.adapters.generic import block_lists
+from vq4dit.models.adapters import ADAPTERS
+from vq4dit.models.adapters.generic import block_lists
 
 pytest.importorskip("diffusers")
 LAYER_COUNT = re.compile(r"^(num_|n_)?(\w+_)?(layers|blocks|depth)$")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.dit import DiT_configs, DiT_models
-from models.loading import DiTSpec, describe_weights, load_dit, registry_name, save_dit
-from utils.errors import UserError
+from vq4dit.models.dit import DiT_configs, DiT_models
+from vq4dit.models.loading import DiTSpec, describe_weights, load_dit, registry_name, save_dit
+from vq4dit.utils.errors import UserError
 
 
 def official_keys(depth):
@@ -192,7 +192,7 @@ def test_a_flipped_byte_in_a_project_safetensors_is_caught_by_its_digest(tmp_pat
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_weights_are_read_once_and_assigned_to_a_meta_skeleton(tmp_path, tiny_dit, monkeypatch, suffix):
     """Catches building the model in memory (then copying or assigning): loading would peak at twice the weights."""
-    import models.loading as loading
+    import vq4dit.models.loading as loading
 
     model, spec = tiny_dit
     path = tmp_path / f"m{suffix}"

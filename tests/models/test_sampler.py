@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion import make_diffusion, p_mean_variance
-from models.sampler import (
+from vq4dit.models.diffusion import make_diffusion, p_mean_variance
+from vq4dit.models.sampler import (
     PerSampleNoise,
     apply_guidance,
     class_labels,

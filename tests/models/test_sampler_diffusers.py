@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion import make_diffusion, p_mean_variance
-from models.sampler import ddpm_sample
 from tests.models.test_sampler import T, ToyModel
+from vq4dit.models.diffusion import make_diffusion, p_mean_variance
+from vq4dit.models.sampler import ddpm_sample
 
 
 def diffusers_scheduler(steps):

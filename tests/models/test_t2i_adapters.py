@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import TeacherPlan, adapter_for
-from models.adapters.base import linear_pattern
-from models.adapters.load import load_model
-from models.prompts import BUILTIN_PROMPTS, prompt_list, read_prompts
 from tests.models.tiny_t2i import BUILDERS, save_tiny_t2i_pipeline
-from utils.errors import UserError
+from vq4dit.models.adapters import TeacherPlan, adapter_for
+from vq4dit.models.adapters.base import linear_pattern
+from vq4dit.models.adapters.load import load_model
+from vq4dit.models.prompts import BUILTIN_PROMPTS, prompt_list, read_prompts
+from vq4dit.utils.errors import UserError
 
 pytest.importorskip("transformers")
 FAMILIES = ["pixart", "sd3", "flux"]

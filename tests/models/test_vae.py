@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.vae import LATENT_SCALE, decode, load_vae, to_uint8
-from utils.errors import UserError
+from vq4dit.models.vae import LATENT_SCALE, decode, load_vae, to_uint8
+from vq4dit.utils.errors import UserError
 
 diffusers = pytest.importorskip("diffusers")
 

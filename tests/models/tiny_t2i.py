@@ -151,12 +151,12 @@ def quantized_run(family, root, builder=None, **overrides):
     key = (family, *sorted(overrides.items()))
     if key in _RUNS:
         return _RUNS[key]
-    import calib.cache
-    import calib.tables
-    import calib.teacher
-    import jobs.quantize
-    from jobs.config import load_config
-    from jobs.quantize import quantize
+    import vq4dit.calib.cache
+    import vq4dit.calib.tables
+    import vq4dit.calib.teacher
+    import vq4dit.jobs.quantize
+    from vq4dit.jobs.config import load_config
+    from vq4dit.jobs.quantize import quantize
 
     root = Path(root) / "_".join(str(k) for k in key)
     (builder or BUILDERS[family])().save_pretrained(str(root / "pipeline"), safe_serialization=True)
@@ -164,9 +164,9 @@ def quantized_run(family, root, builder=None, **overrides):
     config = load_config(overrides={"ckpt": str(root / "pipeline"), "prompts": str(root / "prompts.txt"),
                                     **FAST, **overrides})
     seen = {"sets": [], "peaks": [], "since": 0}
-    record, advance = calib.teacher.record_set, calib.tables.Chains.advance
+    record, advance = vq4dit.calib.teacher.record_set, vq4dit.calib.tables.Chains.advance
 
-    class Store(calib.cache.ActivationStore):
+    class Store(vq4dit.calib.cache.ActivationStore):
         def empty(self, shape, dtype):
             out = super().empty(shape, dtype)
             seen["since"], seen["store"] = max(seen["since"], self.in_memory), self
@@ -181,9 +181,9 @@ def quantized_run(family, root, builder=None, **overrides):
         seen["sets"].append(record(*args, **kwargs))
         return seen["sets"][-1]
 
-    with mock.patch.object(calib.teacher, "record_set", recorded), \
-            mock.patch.object(jobs.quantize, "ActivationStore", Store), \
-            mock.patch.object(calib.tables.Chains, "advance", advanced):
+    with mock.patch.object(vq4dit.calib.teacher, "record_set", recorded), \
+            mock.patch.object(vq4dit.jobs.quantize, "ActivationStore", Store), \
+            mock.patch.object(vq4dit.calib.tables.Chains, "advance", advanced):
         stats = quantize(config, str(root / "artifact"), progress=False)
     _RUNS[key] = QuantizedRun(root / "pipeline", root / "artifact", config, stats, seen["sets"][0], seen["peaks"])
     return _RUNS[key]

@@ -2,9 +2,17 @@ import re
 
 import pytest
 
-import utils.cli as cli_module
-from utils.cli import MAX_SEED, ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
-from utils.errors import RankError, UserError
+import vq4dit.utils.cli as cli_module
+from vq4dit.utils.cli import (
+    MAX_SEED,
+    ArgumentParser,
+    check_range,
+    check_sampling_args,
+    parse_classes,
+    run_cli,
+    split_classes,
+)
+from vq4dit.utils.errors import RankError, UserError
 
 
 def fail_with(exc):

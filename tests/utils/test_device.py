@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from utils.device import resolve_device
-from utils.errors import UserError
+from vq4dit.utils.device import resolve_device
+from vq4dit.utils.errors import UserError
 
 
 def test_resolve_device():

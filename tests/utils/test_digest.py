@@ -3,7 +3,7 @@ import hashlib
 import os
 import shutil
 
-from utils.digest import SLICE, file_sha256, sampled_digest
+from vq4dit.utils.digest import SLICE, file_sha256, sampled_digest
 
 
 def reference_file_digest(data):

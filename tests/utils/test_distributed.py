@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from utils import distributed
+from vq4dit.utils import distributed
 
 
 @pytest.mark.parametrize("n,size,block", [(10, 3, 1), (10, 3, 4), (7, 2, 3), (5, 4, 2), (1, 3, 8)])

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from utils.errors import UserError
-from utils.fileio import atomic_path, atomic_paths, write_text_atomic
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import atomic_path, atomic_paths, write_text_atomic
 
 
 def test_success_renames_onto_target_with_normal_mode(tmp_path):

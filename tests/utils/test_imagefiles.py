@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.errors import UserError
-from utils.imagefiles import make_grid, sample_files_bytes, save_samples
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.imagefiles import make_grid, sample_files_bytes, save_samples
 
 
 def colour_tiles(n):

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from utils.knobs import add_flags, declared_choices, knob, text_flags
+from vq4dit.utils.knobs import add_flags, declared_choices, knob, text_flags
 
 
 @dataclass

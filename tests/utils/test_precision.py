@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from evaluation.metrics import paired_mse, psnr_from_mse
-from models.loading import load_dit
 from tests.conftest import sample_dit
-from utils.errors import UserError
-from utils.precision import Precision, apply_precision, compute_dtype, resolve_precision
-from vq.layer import CodebookSpec, VQLinear
+from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse
+from vq4dit.models.loading import load_dit
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.precision import Precision, apply_precision, compute_dtype, resolve_precision
+from vq4dit.vq.layer import CodebookSpec, VQLinear
 
 HALF = [torch.bfloat16, torch.float16]
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from models.loading import DiTSpec
-from utils.errors import UserError
-from vq.apply import quantize_linears
-from vq.layer import CodebookSpec, VQLinear
+from vq4dit.models.loading import DiTSpec
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.apply import quantize_linears
+from vq4dit.vq.layer import CodebookSpec, VQLinear
 
 TINY = DiTSpec("DiT-Digits/2", input_size=8, num_classes=3, in_channels=1)
 

@@ -8,14 +8,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from models.dit import DiT
-from utils.errors import UserError
-from vq.apply import quantize_linears, quantize_linears_rtn
-from vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, load_quantized, save_quantized, write_quant_config
-from vq.layer import CodebookSpec, VQLinear
-from vq.modelref import reference
-from vq.packing import packed_nbytes
-from vq.rtn import RTNLinear
+from vq4dit.models.dit import DiT
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.apply import quantize_linears, quantize_linears_rtn
+from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE, file_sha256, load_quantized, save_quantized, write_quant_config
+from vq4dit.vq.layer import CodebookSpec, VQLinear
+from vq4dit.vq.modelref import reference
+from vq4dit.vq.packing import packed_nbytes
+from vq4dit.vq.rtn import RTNLinear
 
 LEGACY = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 3, "in_channels": 1, "learn_sigma": True}
 REF = reference(DiT.from_config(LEGACY), name="DiT-Digits/2")
@@ -124,7 +124,7 @@ def test_format_1_artifacts_load(tmp_path, kind):
     save_quantized(model, REF, tmp_path, CONFIG)
     as_format_1(tmp_path)
     loaded, ref, quant = load_quantized(tmp_path)
-    assert ref == {"class": "models.dit.DiT", "config": LEGACY} and quant["format_version"] == 1
+    assert ref == {"class": "vq4dit.models.dit.DiT", "config": LEGACY} and quant["format_version"] == 1
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 2])
     assert torch.equal(model(x, t, y), loaded(x, t, y))
 
@@ -237,14 +237,15 @@ def corrupt_missing_tensor(d):  # a tensor absent from the file and from quant_c
     (corrupt_shape, MODEL_FILE, "tensor pos_embed is"),
     (corrupt_layer_meta, QUANT_FILE, "blocks.1.attn.proj.indices is listed"),
     (corrupt_untrusted_class, QUANT_FILE, "model class 'os.system' is not allowed"),
-    (corrupt_base_config, MODEL_FILE, "does not fit models.dit.DiT"),
-    (corrupt_layer_name, QUANT_FILE, "layer blocks.7.mlp.fc1 does not exist in models.dit.DiT"),
+    (corrupt_base_config, MODEL_FILE, "does not fit vq4dit.models.dit.DiT"),
+    (corrupt_layer_name, QUANT_FILE, "layer blocks.7.mlp.fc1 does not exist in vq4dit.models.dit.DiT"),
     (corrupt_flipped_byte, MODEL_FILE, "sha256 differs"),
     (corrupt_truncate, MODEL_FILE, "truncated"),
     (corrupt_truncate_and_record_size, MODEL_FILE, "sha256 differs"),
     (corrupt_truncate_and_record_all, MODEL_FILE, "unreadable"),
     (corrupt_nan, MODEL_FILE, "final_layer.linear.bias holds 1 NaN/Inf"),
-    (corrupt_missing_tensor, MODEL_FILE, r"does not fit models.dit.DiT \(missing: \[.final_layer.linear.bias.\]"),
+    (corrupt_missing_tensor, MODEL_FILE, r"does not fit vq4dit.models.dit.DiT "
+     r"\(missing: \[.final_layer.linear.bias.\]"),
 ])
 def test_integrity_errors_name_the_file(saved, tmp_path, corrupt, file, match):
     tmp_path = tmp_path / "copy"

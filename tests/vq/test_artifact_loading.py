@@ -6,14 +6,14 @@ import weakref
 import pytest
 import torch
 
-import vq.artifact as artifact
-from models.dit import DiT
+import vq4dit.vq.artifact as artifact
 from tests.conftest import randomize
 from tests.vq.test_artifact import CONFIG, LEGACY, REF
-from vq.apply import BLOCK_LINEARS, quantize_linears_rtn, set_submodule
-from vq.layer import VQLinear
-from vq.packing import index_dtype
-from vq.rtn import RTNLinear
+from vq4dit.models.dit import DiT
+from vq4dit.vq.apply import BLOCK_LINEARS, quantize_linears_rtn, set_submodule
+from vq4dit.vq.layer import VQLinear
+from vq4dit.vq.packing import index_dtype
+from vq4dit.vq.rtn import RTNLinear
 
 X, T, Y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 900]), torch.tensor(
     [0, 2])
@@ -133,5 +133,5 @@ def test_forward_decodes_one_layer_weight_at_a_time(saved, monkeypatch, name):
 def test_a_tensor_left_on_the_meta_device_is_an_error(saved, monkeypatch):
     """The last guard of load_quantized: with loading itself broken (here: a no-op), no meta tensor gets through."""
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, state, strict=True, assign=False: None)
-    with pytest.raises(RuntimeError, match="tensors of models.dit.DiT got no value on load"):
+    with pytest.raises(RuntimeError, match="tensors of vq4dit.models.dit.DiT got no value on load"):
         artifact.load_quantized(saved["k16"][0])

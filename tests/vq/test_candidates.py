@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from utils.errors import UserError
-from vq import CodebookSpec, VQLinear
-from vq.candidates import (
+from vq4dit.utils.errors import UserError
+from vq4dit.vq import CodebookSpec, VQLinear
+from vq4dit.vq.candidates import (
     KEEP_ADVANTAGE,
     candidates_around,
     hard_reconstruct,

@@ -5,9 +5,9 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
-from utils.errors import UserError
-from vq import CodebookSpec, VQLinear, quantize_linears
-from vq.kmeans import authors_codebook_size, kmeans, kmeans_plusplus, lloyd
+from vq4dit.utils.errors import UserError
+from vq4dit.vq import CodebookSpec, VQLinear, quantize_linears
+from vq4dit.vq.kmeans import authors_codebook_size, kmeans, kmeans_plusplus, lloyd
 
 
 def points(n, d, seed=0):

@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
-from vq.candidates import hard_reconstruct
-from vq.kmeans import kmeans
-from vq.layer import DECODE_CHUNK, CodebookSpec, VQLinear, decode_hard
-from vq.rtn import RTNLinear
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.candidates import hard_reconstruct
+from vq4dit.vq.kmeans import kmeans
+from vq4dit.vq.layer import DECODE_CHUNK, CodebookSpec, VQLinear, decode_hard
+from vq4dit.vq.rtn import RTNLinear
 
 
 def linear(in_f, out_f, bias=True, seed=0):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.dit import DiT
 from tests.conftest import randomize
-from utils.errors import UserError
-from vq.modelref import build_skeleton, model_class, parameters_on_meta, reference
+from vq4dit.models.dit import DiT
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.modelref import build_skeleton, model_class, parameters_on_meta, reference
 
 DIGITS = {"name": "DiT-Digits/2", "input_size": 8, "num_classes": 10, "in_channels": 1}
 
@@ -37,7 +37,7 @@ def assert_skeleton(skeleton, model):
 def test_project_dit_round_trip():
     model = randomize(DiT.from_config(DIGITS))
     ref = reference(model, name="DiT-Digits/2")
-    assert ref == {"class": "models.dit.DiT", "name": "DiT-Digits/2",
+    assert ref == {"class": "vq4dit.models.dit.DiT", "name": "DiT-Digits/2",
                    "config": {"input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 128, "depth": 6,
                               "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 10, "learn_sigma": True}}
     assert json.loads(json.dumps(ref)) == ref
@@ -78,14 +78,15 @@ def test_diffusers_dit_round_trip():
 
 
 @pytest.mark.parametrize("path", ["os.system", "builtins.eval", "subprocess.Popen", "tests.conftest.randomize",
-                                  "models", "models.dit.", "models..dit.DiT", "models.dit.DiT; import os", None])
+                                  "models", "vq4dit.models.dit.", "models..dit.DiT", "models.dit.DiT; import os", None])
 def test_untrusted_classes_are_refused(path):
     with pytest.raises(UserError, match="is not allowed"):
         model_class({"class": path, "config": {}})
 
 
-@pytest.mark.parametrize("path", ["models.dit.NoSuchClass", "models.nosuchmodule.DiT", "models.dit.math",
-                                  "models.dit.modulate", "models.loading.DiTSpec", "models.dit.Mlp"])
+@pytest.mark.parametrize("path", ["vq4dit.models.dit.NoSuchClass", "vq4dit.models.nosuchmodule.DiT",
+                                  "vq4dit.models.dit.math", "vq4dit.models.dit.modulate",
+                                  "vq4dit.models.loading.DiTSpec", "vq4dit.models.dit.Mlp"])
 def test_trusted_names_that_are_no_rebuildable_model_are_refused(path):
     with pytest.raises(UserError, match=f"model class '{path}' does not exist"):
         model_class({"class": path, "config": {}})
@@ -108,9 +109,9 @@ def test_a_model_outside_the_trusted_packages_cannot_be_referenced():
 @pytest.mark.parametrize("config, detail", [({"depth": "six"}, "TypeError|str"), ({"bogus": 1}, "bogus"),
                                             ({**DIGITS, "name": "DiT-Q/2"}, "unknown model")])
 def test_configs_the_class_rejects_are_user_errors(config, detail):
-    with pytest.raises(UserError, match=f"^art/quant_config.json: cannot build models.dit.DiT from its config .*"
+    with pytest.raises(UserError, match=f"^art/quant_config.json: cannot build vq4dit.models.dit.DiT from its config .*"
                                         f"({detail})"):
-        build_skeleton({"class": "models.dit.DiT", "config": config}, source="art/quant_config.json")
+        build_skeleton({"class": "vq4dit.models.dit.DiT", "config": config}, source="art/quant_config.json")
 
 
 def test_init_functions_skip_meta_tensors_only():
@@ -129,3 +130,11 @@ def test_meta_patch_is_undone_even_on_error():
         raise RuntimeError
     assert nn.Module.register_parameter is register and nn.init.normal_ is normal
     assert not nn.Linear(3, 3).weight.is_meta
+
+
+def test_an_artifact_written_before_the_package_layout_still_names_its_model():
+    """Artifacts from before the modules moved under vq4dit/ name the DiT as models.dit.DiT (mutation: the legacy
+    prefix not mapped -> refused as untrusted)."""
+    from vq4dit.models.dit import DiT
+
+    assert model_class({"class": "models.dit.DiT", "config": {}}) is DiT

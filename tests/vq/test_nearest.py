@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vq.nearest import distance_chunks, nearest_n, nearest_two
+from vq4dit.vq.nearest import distance_chunks, nearest_n, nearest_two
 
 
 def points(n, d, seed=0):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vq.packing import index_bits, index_dtype, pack_bits, packed_nbytes, unpack_bits
+from vq4dit.vq.packing import index_bits, index_dtype, pack_bits, packed_nbytes, unpack_bits
 
 
 def reference_pack(values, bits):
@@ -27,7 +27,7 @@ def test_round_trip_matches_reference(bits, n):
 
 
 def test_chunk_boundaries(monkeypatch):
-    import vq.packing as packing
+    import vq4dit.vq.packing as packing
 
     monkeypatch.setattr(packing, "CHUNK", 16)  # several chunks with a ragged last one
     values = torch.randint(0, 1 << 5, (53,), generator=torch.Generator().manual_seed(0))

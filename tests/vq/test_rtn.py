@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from vq.apply import quantize_linears_rtn
-from vq.rtn import RTNLinear
+from vq4dit.vq.apply import quantize_linears_rtn
+from vq4dit.vq.rtn import RTNLinear
 
 
 def slow_rtn_row(row, bits):

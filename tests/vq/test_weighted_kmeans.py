@@ -4,9 +4,9 @@ exists to lower."""
 import pytest
 import torch
 
-from utils.errors import UserError
-from vq.kmeans import kmeans
-from vq.weighted_kmeans import (
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.kmeans import kmeans
+from vq4dit.vq.weighted_kmeans import (
     InputMoments,
     diagonal_blocks,
     gptvq,

@@ -1,0 +1,164 @@
+"""Record what the transformer blocks see while the full-precision teacher samples (zero-data calibration).
+
+Forward hooks on the model and on every block watch each model call (one sampler step). At the selected steps
+every block call is taken apart into its tensors (calib/calls.py), and each input tensor is traced to where it
+came from by identity:
+- an output of an earlier block in the same model call ({"out": [block, k]}): the chain between blocks, e.g.
+  the hidden states, or the (encoder_hidden_states, hidden_states) pair of a two-stream block;
+- an input seen earlier in the call ({"slot": key}): a tensor shared by blocks, e.g. DiT's conditioning c;
+- otherwise a new slot, stored: block 0's hidden states, and anything the model computes between blocks.
+This wiring is found from the recording itself, not written per model, and must be the same at every step.
+Only slots are stored (one row per calibration point); block outputs are recomputed while calibration walks
+the blocks (calib/replay.py), so the cache holds the block-0 inputs, not depth x (M, T, D) targets.
+"""
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vq4dit.calib.calls import flatten, map_leaves
+from vq4dit.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockCall:
+    """How block `name` is called: `inputs` is the spec of {"args": [...], "kwargs": {...}} whose tensor leaves are
+    {"slot": key} or {"out": [block, k]}; `outputs` is the spec of its return value ({"t": k} leaves)."""
+
+    name: str
+    inputs: dict
+    outputs: dict
+
+    def to_json(self):
+        return {"name": self.name, "inputs": self.inputs, "outputs": self.outputs}
+
+
+@dataclass
+class LiveCall:
+    """One recorded model call: the wiring, the slot tensors, every block's output tensors, the model's inputs."""
+
+    calls: list
+    slots: dict  # key -> tensor, as the model produced it (on its device)
+    outputs: list  # per block: [tensors]
+    rows: int  # batch rows of this model call
+    model_args: tuple = ()
+    model_kwargs: dict = field(default_factory=dict)
+
+
+def batch_rows(args, kwargs):
+    """Rows of a model call: the leading dimension of its first tensor argument."""
+    _, tensors = flatten({"args": list(args), "kwargs": kwargs})
+    if not tensors or tensors[0].dim() == 0:
+        raise UserError("the model's first tensor argument has no batch dimension; cannot record its blocks")
+    return tensors[0].shape[0]
+
+
+class BlockRecorder:
+    """Hooks on `model` and its `blocks` [(name, module)] that hand every selected model call to `on_call(LiveCall)`.
+
+    `keep(step)` says whether the step-th model call of the current trajectory batch (0 = the first, noisiest)
+    is recorded; `new_batch()` restarts the step count. Use as a context manager: hooks are removed on exit.
+    """
+
+    def __init__(self, model, blocks, keep, on_call):
+        self.model, self.blocks, self.keep, self.on_call = model, blocks, keep, on_call
+        self.index = {id(module): i for i, (_, module) in enumerate(blocks)}
+        self.step = -1
+        self.live = None
+        self._handles = []
+
+    def new_batch(self):
+        self.step = -1
+
+    def __enter__(self):
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._model_post, with_kwargs=True))
+        for _, module in self.blocks:
+            self._handles.append(module.register_forward_pre_hook(self._block_pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._block_post, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.live = None
+
+    def _model_pre(self, module, args, kwargs):
+        self.step += 1
+        if self.live is not None:
+            raise RuntimeError("nested model call while recording")
+        if self.keep(self.step):
+            self.live = {"calls": [], "slots": {}, "outputs": [], "rows": batch_rows(args, kwargs), "seen": {},
+                         "args": args, "kwargs": kwargs}
+
+    def _block_pre(self, module, args, kwargs):
+        live = self.live
+        if live is None:
+            return
+        i = self.index[id(module)]
+        if i != len(live["calls"]):
+            raise UserError(f"block {self.blocks[i][0]} was called out of order (expected "
+                            f"{self.blocks[len(live['calls'])][0]}); calibration needs every block called once per "
+                            "model call, in order")
+        spec, tensors = flatten({"args": list(args), "kwargs": kwargs}, where=self.blocks[i][0])
+
+        def trace(node):
+            t = tensors[node["t"]]
+            source = live["seen"].get(id(t))
+            if source is None:
+                key = f"s{i}.{node['t']}"
+                live["slots"][key] = t
+                source = live["seen"][id(t)] = {"slot": key}
+            return source
+
+        live["calls"].append(BlockCall(self.blocks[i][0], map_leaves(spec, trace), None))
+
+    def _block_post(self, module, args, kwargs, output):
+        live = self.live
+        if live is None:
+            return
+        i = self.index[id(module)]
+        spec, tensors = flatten(output, where=f"{self.blocks[i][0]} output")
+        live["calls"][i].outputs = spec
+        live["outputs"].append(tensors)
+        for k, t in enumerate(tensors):
+            live["seen"][id(t)] = {"out": [i, k]}
+
+    def _model_post(self, module, args, kwargs, output):
+        live, self.live = self.live, None
+        if live is None:
+            return
+        if len(live["calls"]) != len(self.blocks):
+            raise UserError(f"only {len(live['calls'])} of {len(self.blocks)} blocks ran in a model call; "
+                            "calibration needs every block called once per model call")
+        self.on_call(LiveCall(live["calls"], live["slots"], live["outputs"], live["rows"], live["args"],
+                              live["kwargs"]))
+
+
+def slot_is_batched(t, rows):
+    """Whether a slot tensor holds one row per batch row (else it is a constant shared by all rows)."""
+    return t.dim() > 0 and t.shape[0] == rows
+
+
+@contextlib.contextmanager
+def recording(model, blocks, keep, on_call):
+    with BlockRecorder(model, blocks, keep, on_call) as recorder:
+        yield recorder
+
+
+@torch.no_grad()
+def run_teacher(model, blocks, runs, keep, on_call, progress_total=None, progress=True):
+    """Run the teacher's sampler batches `runs` [(trajectories, run())] with the recorder attached."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=progress_total, desc="teacher", unit="trajectory", disable=not progress, leave=False)
+    with recording(model, blocks, keep, on_call) as recorder:
+        for count, run in runs:
+            recorder.new_batch()
+            run()
+            bar.update(count)
+    bar.close()

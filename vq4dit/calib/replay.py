@@ -1,0 +1,94 @@
+"""Replay recorded block calls: rebuild a block's arguments from a table of cached tensors and call it.
+
+A table maps references (calib/tables.py) to (M, ...) tensors: slots (the recorded inputs, calib/capture.py) and
+Out(block, k) (output k of a block, produced while walking the blocks). The full-precision chain and the quantized
+chain each have their own table; slots are shared by both. Everything a block returns is matched: the error of a
+block is the squared error summed over all its output tensors, divided by their total size (one tensor: plain MSE).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from vq4dit.calib.calls import flatten, unflatten
+from vq4dit.calib.capture import to_cache
+from vq4dit.calib.tables import Out, ref_of
+
+
+@dataclass
+class Replay:
+    """One recorded block call to replay over the calibration points: its wiring `call` (calib.record.BlockCall),
+    the `table` its inputs come from, which slots are `batched` (one row per point), and the number of `rows`."""
+
+    call: object
+    table: dict
+    batched: dict
+    rows: int
+
+
+def gather(spec, table, batched, rows, device, dtype=torch.float32):
+    """(args, kwargs) of a recorded block call at `rows` (slice or index tensor), on `device`, floats in `dtype`."""
+    def leaf(node):
+        ref = ref_of(node)
+        t = table[ref]
+        if batched.get(ref, True):  # block outputs always have one row per point
+            t = t[rows]
+        t = t.to(device)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    value = unflatten(spec, leaf)
+    return value["args"], value["kwargs"]
+
+
+def call_block(block, replay, rows, device):
+    """Run `block` on the replayed arguments at `rows` -> its output tensors (list)."""
+    args, kwargs = gather(replay.call.inputs, replay.table, replay.batched, rows, device)
+    return flatten(block(*args, **kwargs))[1]
+
+
+def squared_error(outs, targets):
+    """(sum of squared errors, element count) over lists of tensors."""
+    total = sum((o.float() - t.to(o.device).float()).pow(2).sum() for o, t in zip(outs, targets))
+    return total, sum(o.numel() for o in outs)
+
+
+def block_loss(outs, targets):
+    """The block output error over every output tensor: sum of squared errors / total size."""
+    total, count = squared_error(outs, targets)
+    return total / count
+
+
+@torch.no_grad()
+def sweep(block, replay, device, alloc=None, targets=None, chunk=256):
+    """Run `block` over all rows in chunks -> (outputs or None, error vs `targets` or None).
+
+    alloc(first chunk's outputs, num_rows) -> list of (M, ...) tensors to write the outputs into (one may be an input
+    of this block: a chunk's outputs depend only on that chunk's rows); None: outputs are not kept.
+    targets: optional list of (M, ...) tensors to measure the block error against.
+    """
+    total, count, out = 0.0, 0, None
+    for s in range(0, replay.rows, chunk):
+        rows = slice(s, min(s + chunk, replay.rows))
+        outs = call_block(block, replay, rows, device)
+        if targets is not None:
+            err, n = squared_error(outs, [t[rows] for t in targets])
+            total, count = total + err.item(), count + n
+        if alloc is not None:
+            out = alloc(outs, replay.rows) if out is None else out
+            for dst, o in zip(out, outs):
+                dst[rows] = to_cache(o, dst.dtype)
+    return out, (total / count if targets is not None else None)
+
+
+def run_chain(blocks, cset, rows, device, grad=False):
+    """Feed `blocks` by themselves from the calibration set's slots at `rows` (a minibatch): every block's outputs
+    (list of lists). This is how a sampler runs the model: block i + 1 sees block i's outputs, wired as recorded."""
+    table, cut = dict(cset.slots), dict(cset.batched)
+    outputs = []
+    with torch.set_grad_enabled(grad):
+        for i, (block, call) in enumerate(zip(blocks, cset.calls)):
+            args, kwargs = gather(call.inputs, table, cut, rows, device)
+            outs = flatten(block(*args, **kwargs))[1]
+            outputs.append(outs)
+            for k, o in enumerate(outs):
+                table[Out(i, k)], cut[Out(i, k)] = o, False  # already this minibatch's rows
+    return outputs

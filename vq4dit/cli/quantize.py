@@ -1,0 +1,82 @@
+"""Quantize a DiT with VQ4DiT (or a baseline) and save a compact artifact.
+
+    python quantize.py                                   # embedded digits model, W2 (k256 d4), VQ4DiT
+    python quantize.py --config dit_xl_256_w2 --ckpt DiT-XL-2-256x256.pt --out out/xl_w2
+
+Values come from the dataclass defaults, then the YAML preset (--config), then the flags given here.
+"""
+import argparse
+import logging
+import os
+
+from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
+from vq4dit.utils.knobs import add_flags, text_flags
+
+
+def config_overrides(args):
+    """{config key: flag value}; None for a flag not given, which load_config then ignores."""
+    return {name: getattr(args, name) for name in FLAGS}
+
+
+def default_out(config):
+    name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
+    return f"outputs/{name}_{config.method}_w{config.codebooks.wbits}d{config.codebooks.dim}"
+
+
+def main(args):
+    check_not_blank({"--config": args.config, **text_flags(args, CONFIG_KINDS, FLAGS), "--out": args.out})
+    config = load_config(args.config, config_overrides(args))
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
+
+        plan = dry_run_plan(config)
+        if plan is not None:
+            print(plan)
+        return
+    # imported here so that --dry-run and config errors answer without loading torch
+    from vq4dit.jobs.quantize import quantize
+
+    args.out = args.out or default_out(config)
+    quantize(config, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def resume_hint(out):
+    """After Ctrl-C: where a rerun of the same command picks up (calibration state is saved per block)."""
+    from vq4dit.calib.checkpoints import STATE_DIR, resume_point
+
+    point = resume_point(out) if out else None
+    if point is None:
+        return "no calibration state saved yet; rerun the same command to start over"
+    return f"rerun the same command to resume from {point} (state in {os.path.join(out, STATE_DIR)})"
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a shipped preset by name (digits_w2, dit_xl_256_w2, "
+                        "flux_dev_w2, ...: vq4dit/configs/) or a YAML file")
+    add_flags(parser, CONFIG_KINDS, FLAGS)  # help and type as declared on the config fields
+    parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds files vq4dit did "
+                        "not write (they are kept: a file of an artifact's name that vq4dit did not write is never "
+                        "replaced), and delete a calibration state there that this run would not resume (another "
+                        "config, checkpoint or method); without it either is an error")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
+                        "pipeline, its memory plan) and exit")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def cli(argv=None):
+    """Run quantize.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 on Ctrl-C) or
+    returns."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
+    run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,182 @@
+"""Sample a diffusion transformer (full precision or quantized) to DIR/grid.png and DIR/samples.npz (ADM format).
+
+Default: the embedded DiT-Digits/2 model. A project DiT samples with DiT's own sampler: same seed -> same images,
+whatever the batch size or number of processes. A diffusers artifact samples through its pipeline (the recorded
+source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (one npz, written by rank 0).
+"""
+import argparse
+import logging
+import math
+import os
+
+from vq4dit.utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
+from vq4dit.utils.errors import UserError
+
+# flags that choose or shape the full-precision model: a quantized artifact records its own
+MODEL_FLAGS = (("--model", "model", None), ("--ckpt", "ckpt", None), ("--backend", "backend", "auto"),
+               ("--image-size", "image_size", None), ("--num-classes", "num_classes", None))
+
+TEXT_FLAGS = ("--model", "--ckpt", "--quantized", "--pipeline", "--prompts", "--classes", "--vae", "--device", "--out")
+
+
+def check_artifact(directory):
+    """--check: load the artifact as sampling would (every tensor's size and dtype against quant_config.json)."""
+    from vq4dit.vq import load_quantized
+    from vq4dit.vq.artifact import resolve_artifact
+
+    if not directory:
+        raise UserError("--check validates a quantized artifact: give --quantized DIR")
+    _, _, quant = load_quantized(resolve_artifact(directory), "cpu")
+    print(f"ok: {directory} ({len(quant['tensors'])} tensors, {quant['model_bytes'] / 1e6:.2f} MB)")
+
+
+def read_prompts(args):
+    """--prompt TEXT (repeatable) or --prompts FILE (one per line) -> a list, or None."""
+    if args.prompts:
+        from vq4dit.models.prompts import read_prompts as read_file
+
+        return read_file(args.prompts)
+    return list(args.prompt) if args.prompt else None
+
+
+def parse_loras(values):
+    """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.sample.LoraSpec]: SCALE (default 1) is the text after the last
+    ':' when it is a number; the source must exist here or be a hub repo id owner/name."""
+    from vq4dit.jobs.sample import LoraSpec
+    from vq4dit.vq.modelcard import HUB_ID
+
+    loras = []
+    for value in values or ():
+        source, colon, tail = value.rpartition(":")
+        try:
+            scale = float(tail) if colon else None
+        except ValueError:
+            scale = None
+        if scale is None:
+            source, scale = value, 1.0
+        if not math.isfinite(scale):
+            raise UserError(f"--lora {value}: scale {tail} is not a finite number; give FILE_OR_REPO[:SCALE], e.g. "
+                            f"{source}:0.8")
+        if not (os.path.exists(source) or HUB_ID.fullmatch(source)):
+            raise UserError(f"--lora {value}: {source} is neither a file or directory here nor a hub repo id "
+                            "(owner/name); give FILE_OR_REPO[:SCALE]")
+        loras.append(LoraSpec(source, scale))
+    return loras
+
+
+def check_flags(args):
+    """Every number in range and no flag that does nothing in the mode given, before any work."""
+    check_sampling_args(args.num_samples, args.steps, args.batch_size, args.seed, args.cfg_scale)
+    for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes),
+                        ("--num-frames", args.num_frames)):
+        if value is not None:
+            check_range(flag, value, 1)
+    for flag in TEXT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} {value!r}: empty; give a value or leave the flag out")
+    if args.quantized is not None:
+        given = [flag for flag, name, default in MODEL_FLAGS if getattr(args, name) != default]
+        if given:
+            raise UserError(f"{', '.join(given)}: not used with --quantized {args.quantized} (the artifact records "
+                            "its model); drop them, or drop --quantized to sample a full-precision model")
+    else:
+        for flag, value in (("--decode-weights", args.decode_weights), ("--pipeline", args.pipeline)):
+            if value:
+                raise UserError(f"{flag}: only used with --quantized DIR (a quantized artifact); drop it")
+    if args.check and args.lora:
+        raise UserError(f"--lora {args.lora[0]}: not used with --check (which only validates the artifact); drop it")
+    if args.classes is not None:
+        split_classes(args.classes)
+    if args.prompt and args.prompts:
+        raise UserError(f"--prompt and --prompts {args.prompts}: give one of them")
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        raise UserError(f"--prompt {next(p for p in args.prompt if not p.strip())!r}: empty; give the text to draw")
+
+
+def main(args):
+    from vq4dit.jobs.sample import check_vae_flag, load_for_sampling, load_loras, sample_to_dir
+    from vq4dit.models.adapters.base import SampleSettings
+    from vq4dit.utils import distributed
+    from vq4dit.utils.device import resolve_device
+    from vq4dit.utils.fileio import check_out_dir
+    from vq4dit.utils.precision import resolve_precision
+
+    check_flags(args)  # before the (slow) model load
+    loras = parse_loras(args.lora)
+    if args.check:
+        return check_artifact(args.quantized)
+    prompts = read_prompts(args)
+    # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
+    device = distributed.init(resolve_device(args.device))
+    resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
+    check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
+    model, adapter, extra = load_for_sampling(args.quantized, args.model, args.ckpt, args.image_size,
+                                              args.num_classes, args.backend, device, args.decode_weights,
+                                              args.precision)
+    if args.pipeline and "pipeline" not in extra:
+        raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
+    check_vae_flag(args.vae, adapter, model)
+    load_loras(model, extra, loras, args.pipeline, device)
+    classes = parse_classes(args.classes, adapter.num_classes(model))
+    settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                              vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
+                              num_frames=args.num_frames)
+    sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="registry name, e.g. DiT-XL/2 (default: read from the weights)")
+    parser.add_argument("--ckpt", default=None, help=".pt/.safetensors file, diffusers pipeline directory or hub id "
+                                                     "(default: embedded digits model)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "vq4dit", "diffusers"),
+                        help="auto: a diffusers pipeline directory or hub id samples through its pipeline; "
+                             "vq4dit: map DiT weights into the project's DiT")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels, e.g. 256 or 512 (default: from weights)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from the weights")
+    parser.add_argument("--vae", default=None, help="ema | mse | local AutoencoderKL directory (the project's latent "
+                                                    "DiTs only; default: ema)")
+    parser.add_argument("--quantized", default=None, metavar="DIR",
+                        help="quantized artifact: a directory or a hub repo id (owner/name, via the hub cache)")
+    parser.add_argument("--pipeline", default=None, metavar="DIR",
+                        help="with a diffusers artifact: the pipeline to sample through (default: where it came from)")
+    parser.add_argument("--decode-weights", action="store_true",
+                        help="with --quantized: decode the weights once at load (FP speed and memory, same images); "
+                             "default: decode in every forward, keeping the weights compressed in memory")
+    parser.add_argument("--check", action="store_true",
+                        help="with --quantized: validate the artifact's tensors against quant_config.json and exit")
+    parser.add_argument("--lora", action="append", default=None, metavar="FILE_OR_REPO[:SCALE]",
+                        help="diffusers pipelines with a LoRA loader (Flux, SD3), quantized or not: a LoRA file, a "
+                             "directory with pytorch_lora_weights.safetensors or a hub repo id, at adapter weight "
+                             "SCALE (default 1); repeat for several")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video pipelines: frames per sample (default: as calibrated, else the pipeline's)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--num-samples", type=int, default=20)
+    parser.add_argument("--classes", default=None, help="comma list cycled over samples (default: uniform random)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text-to-image models: a prompt (repeat for several, cycled over samples)")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one per line")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default=None,
+                        help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
+                             "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
+    parser.add_argument("--out", default="outputs/samples", metavar="DIR")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    return parser
+
+
+def cli(argv=None):
+    """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    run_cli(main, args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,116 @@
+"""Evaluate one sample batch: pick the benchmark, compute the metrics, format them as JSON and a table.
+
+Result keys (null / None where not computed):
+  fid                FID vs the real digits (digits) or the ADM reference batch (imagenet)
+  accuracy           digits only: fraction of samples the digits classifier assigns their arr_1 label
+  psnr_vs_reference  PSNR in dB of the pooled MSE against --reference (data range 255; inf if identical)
+  mse_vs_reference   pooled MSE against --reference on the [0, 1] pixel scale
+  num_samples        N, the number of evaluated samples (FID is biased upward at small N)
+"""
+import json
+import logging
+import os
+
+from vq4dit.evaluation.digits import digits_metrics, load_digits_classifier, real_digits_uint8
+from vq4dit.evaluation.imagenet import import_torch_fidelity, inception_fid
+from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse
+from vq4dit.evaluation.samples import check_labels, check_reference, load_samples
+from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import write_text_atomic
+from vq4dit.utils.resources import DIGITS_CLASSIFIER
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("digits", "imagenet")
+NUM_CLASSES_OF_KIND = {"digits": NUM_CLASSES, "imagenet": 1000}
+RESULT_KEYS = ("fid", "accuracy", "psnr_vs_reference", "mse_vs_reference", "num_samples")
+
+
+def resolve_kind(kind, image_shape):
+    """The benchmark for images (N, H, W, 3): `kind` if given (checked), else digits iff 16x16."""
+    height, width = image_shape[1:3]
+    is_digits_size = (height, width) == (IMAGE_SIZE, IMAGE_SIZE)
+    if kind is None:
+        return "digits" if is_digits_size else "imagenet"
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind}: unknown; valid: {', '.join(KINDS)}")
+    if kind == "digits" and not is_digits_size:
+        raise UserError(f"--kind digits: samples are {height}x{width}; digits samples must be "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+    return kind
+
+
+def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=None, classifier_path=None):
+    """Metrics of the samples .npz at `samples_path` as a dict with RESULT_KEYS.
+
+    digits: FID and accuracy with the classifier at `classifier_path` (default weights file).
+    imagenet: FID against the ADM batch `ref_batch_path` (torch-fidelity). Either kind: paired
+    PSNR/MSE against `reference_path`, FP samples from the same seeds and labels.
+    """
+    images, labels = load_samples(samples_path)
+    kind = resolve_kind(kind, images.shape)
+    if labels is not None:
+        check_labels(labels, images.shape[0], NUM_CLASSES_OF_KIND[kind], samples_path)
+    if images.shape[0] < 2:
+        raise UserError(f"{samples_path}: has {images.shape[0]} image; FID needs at least 2")
+    if kind == "digits" and ref_batch_path is not None:
+        raise UserError(f"--ref-batch {ref_batch_path}: only used with --kind imagenet; digits FID is "
+                        "against the real digits set")
+    if kind == "imagenet" and ref_batch_path is None:
+        raise UserError("--ref-batch: required for --kind imagenet (an ADM reference batch .npz, "
+                        "e.g. VIRTUAL_imagenet256_labeled.npz)")
+    result = dict.fromkeys(RESULT_KEYS)
+    result["num_samples"] = int(images.shape[0])
+
+    if reference_path is not None:
+        ref_images, ref_labels = load_samples(reference_path)
+        check_reference(images, labels, ref_images, ref_labels, reference_path)
+        result["mse_vs_reference"] = paired_mse(images, ref_images)
+        result["psnr_vs_reference"] = psnr_from_mse(result["mse_vs_reference"])
+
+    if kind == "digits":
+        classifier = load_digits_classifier(classifier_path or DIGITS_CLASSIFIER)
+        real_images, _ = real_digits_uint8()
+        result.update(digits_metrics(classifier, images, labels, real_images))
+    else:
+        import_torch_fidelity()  # fail before reading a large reference batch
+        ref_batch, _ = load_samples(ref_batch_path)
+        result["fid"] = inception_fid(images, ref_batch)
+    return result
+
+
+def result_to_json(result):
+    """JSON text of a result; an infinite PSNR (identical to the reference) is written as Infinity."""
+    return json.dumps({k: result[k] for k in RESULT_KEYS}, indent=2) + "\n"
+
+
+def check_result_path(path):
+    """A one-line UserError, before any work, when the result JSON cannot be written at `path`."""
+    if not path.strip():
+        raise UserError(f"--json {path!r}: empty; give a file name, e.g. eval.json")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"--json {path}: is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"--json {path}: exists and is not a regular file; give a file name, e.g. eval.json")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--json {path}: cannot create it under {parent} (not a writable directory)")
+
+
+def write_result_json(path, result):
+    write_text_atomic(path, result_to_json(result))
+
+
+def format_table(result):
+    """A two-column plain-text table of the result."""
+    def show(value):
+        if value is None:
+            return "-"
+        return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+    rows = [(k, show(result[k])) for k in RESULT_KEYS]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,72 @@
+"""Read and validate sample batches in the ADM evaluator's .npz format.
+
+`arr_0`: uint8 images (N, H, W, 3); optional `arr_1`: integer class labels (N,).
+Every problem with a file is reported as a one-line UserError naming the file.
+"""
+import logging
+import os
+import zipfile
+
+import numpy as np
+
+from vq4dit.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def load_samples(path, num_classes=None):
+    """Load `path` -> (images uint8 (N, H, W, 3), labels int64 (N,) or None).
+
+    Labels, when present, must lie in [0, num_classes) if num_classes is given.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; expected an .npz with arr_0 uint8 (N, H, W, 3)")
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy array or refuse a pickle with another message
+        raise UserError(f"{path}: not a readable .npz (not a zip archive; a .npy array is not one); expected the "
+                        "output of np.savez with arr_0 uint8 (N, H, W, 3) and optional arr_1 labels")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise UserError(f"{path}: no arr_0 in the archive (found {', '.join(data.files) or 'nothing'}); "
+                                "expected arr_0 uint8 (N, H, W, 3) and optional arr_1 labels")
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    check_images(images, path)
+    if labels is not None:
+        labels = check_labels(labels, images.shape[0], num_classes, path)
+    logger.info("%s: %d images of %dx%d, labels %s", path, *images.shape[:3], "yes" if labels is not None else "no")
+    return images, labels
+
+
+def check_images(images, name):
+    if images.dtype != np.uint8:
+        raise UserError(f"{name}: arr_0 has dtype {images.dtype}; must be uint8 (N, H, W, 3)")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+        raise UserError(f"{name}: arr_0 has shape {images.shape}; must be (N, H, W, 3) with N >= 1")
+
+
+def check_labels(labels, n, num_classes, name):
+    """Validate arr_1 and return it as int64 (N,)."""
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{name}: arr_1 has shape {labels.shape} and dtype {labels.dtype}; "
+                        f"must be integer labels of shape ({n},)")
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{name}: arr_1 labels span [{labels.min()}, {labels.max()}]; must be in [0, {num_classes})")
+    return labels.astype(np.int64)
+
+
+def check_reference(images, labels, ref_images, ref_labels, ref_name):
+    """The reference batch must pair image-for-image with the samples: same shape and same labels."""
+    if ref_images.shape != images.shape:
+        raise UserError(f"{ref_name}: reference images have shape {ref_images.shape}; "
+                        f"must match the samples' {images.shape} (same seeds, same number)")
+    if (labels is None) != (ref_labels is None):
+        which = "the reference has arr_1 labels but the samples do not" if labels is None else \
+            "the samples have arr_1 labels but the reference does not"
+        raise UserError(f"{ref_name}: {which}; both or neither must have them")
+    if labels is not None and not np.array_equal(labels, ref_labels):
+        first = int(np.flatnonzero(labels != ref_labels)[0])
+        raise UserError(f"{ref_name}: reference label {ref_labels[first]} at index {first} differs from the "
+                        f"samples' {labels[first]}; the reference must use the same labels and seeds")

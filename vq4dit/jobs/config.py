@@ -1,0 +1,270 @@
+"""The quantize job's config: small per-stage dataclasses, composed by QuantizeConfig and filled from a recipe, a YAML
+preset, then CLI overrides.
+
+Users write one flat mapping (YAML keys and flags: `wbits`, `iters`, `cfg_scale`, ...); each key belongs to exactly
+one stage's dataclass, and the saved config.yaml is that flat mapping again (old config.yaml files still load).
+Precedence: dataclass defaults <- the recipe's preset (configs/recipes/<recipe>.yaml; `recipe` is taken from the
+command line, else from the preset, else the default) <- the YAML preset given with --config <- CLI flags.
+Unknown keys, duplicate keys, wrong types and non-finite numbers are errors naming the source.
+"""
+import dataclasses
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from vq4dit.calib.config import CacheConfig, CalibConfig, TeacherConfig, check_choices, check_positive, invalid
+from vq4dit.calib.modes import mode_for
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.knobs import base_type, knob
+from vq4dit.utils.resources import RECIPE_DIR, config_path, preset_names
+
+METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers one class per name
+RECIPES = ("vq4dit", "authors")
+BACKENDS = ("auto", "vq4dit", "diffusers")
+CODEBOOK_INITS = ("auto", "kmeans", "gptvq")
+OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise calibration can start from gptvq
+
+
+@dataclass
+class ModelSpec:
+    """Which model is quantized, and which of its Linears."""
+
+    model: str = knob("DiT-Digits/2", "registry name, e.g. DiT-XL/2 (default DiT-Digits/2)")
+    # None: the embedded digits model
+    ckpt: str | None = knob(None, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id")
+    # None: taken from the checkpoint (256 for ImageNet .pt files)
+    image_size: int | None = knob(None, "image size for latent models (256 or 512)")
+    num_classes: int | None = knob(None, "number of classes (1000 for ImageNet)")
+    backend: str = knob("auto", "auto (diffusers for a pipeline directory or hub id) | vq4dit (map into the project's "
+                        "DiT) | diffusers", BACKENDS)
+    # text-to-image pipelines (PixArt, SD3, Flux) and layer selection
+    prompts: str | None = knob(None, "text-to-image pipelines: teacher prompts, a text file with one per line "
+                               "(default: built-in class-name prompts)")
+    height: int | None = knob(None, "text-to-image pipelines: teacher image height in pixels (default: the "
+                              "pipeline's)")
+    width: int | None = knob(None, "text-to-image pipelines: teacher image width in pixels (default: the pipeline's)")
+    num_frames: int | None = knob(None, "video pipelines: teacher frames per trajectory (default: the pipeline's)")
+    # None: the adapter's rule
+    include: str | None = knob(None, "regex over qualified Linear names to quantize (default: every Linear in the "
+                               "blocks)")
+    exclude: str | None = knob(None, "regex of Linears kept in full precision (applied after --include)")
+
+    def validate(self):
+        check_choices(self)
+        for name in ("image_size", "num_classes", "height", "width", "num_frames"):
+            if getattr(self, name) is not None:
+                check_positive(self, (name,))
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except re.error as e:
+                invalid(name, getattr(self, name), f"not a regular expression ({e})")
+        return self
+
+
+@dataclass
+class CodebookConfig:
+    """The quantizer: bits, sub-vector length, codebook size, candidates and the k-means that builds codebooks."""
+
+    wbits: int = knob(2, "bits per weight (k = 2^(wbits*dim))")
+    dim: int = knob(4, "sub-vector length d")
+    codebook_size: int | None = knob(None, "codebook size k, overrides 2^(wbits*dim)")  # None: 2 ** (wbits * dim)
+    candidates: int = knob(2, "candidate codewords per sub-vector n")
+    ratio_init: str = knob("inverse_distance", "inverse_distance | uniform", ("inverse_distance", "uniform"))
+    split_qkv: bool = knob(False, "q, k, v as three codebooks")
+    kmeans_iters: int = knob(100, "Lloyd iterations")
+    # authors also: empty clusters become zero, k <= largest 2^j <= N/4 per layer
+    kmeans_init: str = knob("fast", "fast (subsample seeding and fit, then full passes) | authors (k-means++ on all "
+                            "points, exactly --kmeans-iters Lloyd iterations, empty clusters not re-seeded)",
+                            ("fast", "authors"))
+    # gptvq: input-weighted k-means, GPTQ-style error feedback across column groups, codebook refit
+    # (vq/weighted_kmeans.py), block-wise calibration of vq4dit or codebook only; auto: gptvq where it applies, else
+    # kmeans (QuantizeConfig.output_aware says which)
+    codebook_init: str = knob("auto", "kmeans (calibration starts from k-means of the weights, the paper) | gptvq "
+                              "(each block's codebooks refit to its recorded inputs first: output-aware)",
+                              CODEBOOK_INITS)
+
+    @property
+    def k(self):
+        return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
+
+    def spec(self, candidates):
+        """The vq.layer.CodebookSpec of these settings, with `candidates` per sub-vector (the method's: 1 for the
+        methods that never soften a layer)."""
+        from vq4dit.vq.layer import CodebookSpec  # here: vq imports torch, which --dry-run and config errors never load
+
+        return CodebookSpec(self.k, self.dim, candidates=candidates, kmeans_iters=self.kmeans_iters,
+                            kmeans_init=self.kmeans_init, ratio_init=self.ratio_init)
+
+    def validate(self):
+        check_choices(self)
+        check_positive(self, ("wbits", "dim", "candidates", "kmeans_iters"))
+        if self.wbits * self.dim > 16 or not 2 <= self.k <= 65536:
+            source = ("given" if self.codebook_size is not None
+                      else f"= 2^(wbits*dim) with wbits={self.wbits}, dim={self.dim}")
+            invalid("codebook_size", self.k if self.wbits * self.dim <= 64 else f"2^{self.wbits * self.dim}",
+                    f"k {source}; k must be in 2..65536")
+        if self.candidates > self.k:
+            invalid("candidates", self.candidates, f"at most the codebook size {self.k}")
+        return self
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything a quantize run computes from: the run's own fields and one dataclass per stage."""
+
+    # authors: docs/method.md "The authors' calibration"
+    recipe: str = knob("vq4dit", "vq4dit (this project's defaults) | authors (the authors' published code: online, "
+                       "CFG 4, L_r gate, codebooks frozen while soft; configs/recipes/authors.yaml)", RECIPES)
+    method: str = knob("vq4dit", "vq4dit (default) | kmeans (no calibration) | codebook (PQF-style) | rtn (scalar "
+                       "per channel)", METHODS)
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")  # auto: cuda when present, else cpu
+    model: ModelSpec = field(default_factory=ModelSpec)
+    codebooks: CodebookConfig = field(default_factory=CodebookConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def validate(self):
+        check_choices(self)
+        if self.seed < 0:
+            invalid("seed", self.seed, "must be >= 0")
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.codebooks.codebook_init == "gptvq" and not self.gptvq_applies:
+            invalid("codebook_init", "gptvq", f"needs block-wise calibration (calib blockwise, method vq4dit or "
+                    f"codebook), got calib {self.calibration.calib} with method {self.method}")
+        return self
+
+    @property
+    def gptvq_applies(self):
+        """The output-aware fit refits each block's codebooks when the walk reaches it: block-wise modes only."""
+        return self.method in OUTPUT_AWARE_METHODS and mode_for(self.calibration.calib).walks_blocks
+
+    @property
+    def output_aware(self):
+        """Whether calibration starts from the output-aware fit (codebook_init gptvq, or auto where it applies)."""
+        init = self.codebooks.codebook_init
+        return init == "gptvq" or (init == "auto" and self.gptvq_applies)
+
+    @classmethod
+    def from_flat(cls, values):
+        """A config from a flat {key: value} mapping (keys as in config.yaml; missing keys take their defaults)."""
+        run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+        parts = {s: kind(**{k: v for k, v in values.items() if k in FIELDS[s]}) for s, kind in SECTIONS.items()}
+        return cls(**run, **parts)
+
+    def to_dict(self):
+        """The flat mapping users write, in the order config.yaml has always had."""
+        flat = {name: getattr(self, name) for name in RUN_FIELDS}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return {name: flat[name] for name in FLAT_ORDER}
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **values):
+        """A validated copy with flat keys set as a YAML preset or flags would set them (e.g. iters=10)."""
+        return merge(self, values, "replace").validate()
+
+
+SECTIONS = {"model": ModelSpec, "codebooks": CodebookConfig, "teacher": TeacherConfig, "calibration": CalibConfig,
+            "cache": CacheConfig}
+FIELDS = {section: {f.name: f.type for f in fields(kind)} for section, kind in SECTIONS.items()}
+RUN_FIELDS = {f.name: f.type for f in fields(QuantizeConfig) if f.name not in SECTIONS}
+KEY_TYPES = {**RUN_FIELDS, **{k: t for types in FIELDS.values() for k, t in types.items()}}
+# config.yaml's key order since the first release (a flat dataclass then; num_frames joined with video pipelines)
+FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts", "height", "width", "num_frames",
+              "include", "exclude", "recipe", "method", "wbits", "dim", "codebook_size", "candidates", "ratio_init",
+              "split_qkv", "kmeans_iters", "calib", "block_inputs", "iters", "batch_size", "lr_ratio", "lr_codebook",
+              "lr_schedule", "rmsprop_alpha", "lambda_r", "ratio_reg", "select_threshold", "hard_fraction",
+              "train_codebooks", "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init",
+              "codebook_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps", "online_batch",
+              "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device")
+# the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
+# the order of quantize.py --help since the flags were first listed there
+FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
+         "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib", "block_inputs", "iters",
+         "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
+         "plateau", "e2e_iters", "e2e_lr", "select_every", "ratio_reg", "steps", "cfg_scale", "calib_samples",
+         "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype", "max_cache_gb", "cache_dir",
+         "prompts", "height", "width", "num_frames", "include", "exclude", "seed", "device", "split_qkv")
+CONFIG_KINDS = (QuantizeConfig, *SECTIONS.values())  # the dataclasses whose knobs are flags
+
+
+def _coerce(name, kind, value, source):
+    """`value` checked against the field type `kind` (int, float, str, bool, or X | None); floats must be finite."""
+    if value is None and type(None) in typing.get_args(kind):
+        return None
+    base = base_type(kind)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {name}={value!r} must be a finite number")
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: {name}={value!r} must be of type {base.__name__}")
+
+
+def merge(config, values, source):
+    """A copy of `config` with the flat `values` applied; unknown keys name `source` and the valid keys."""
+    unknown = sorted(set(values) - set(KEY_TYPES))
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(KEY_TYPES))}")
+    flat = config.to_dict()
+    flat.update({k: _coerce(k, KEY_TYPES[k], v, source) for k, v in values.items()})
+    return QuantizeConfig.from_flat(flat)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path):
+    """A YAML file that must hold a mapping; every problem is a UserError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except FileNotFoundError:
+        raise UserError(f"cannot read config {path}: no such file, and no preset of that name (presets: "
+                        f"{', '.join(preset_names())})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def load_config(path=None, overrides=None):
+    """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = config_path(path)
+    values = read_yaml(path) if path is not None else {}
+    recipe = overrides.get("recipe", values.get("recipe", QuantizeConfig.recipe))
+    if recipe not in RECIPES:
+        raise UserError(f"invalid recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
+    recipe_path = os.path.join(RECIPE_DIR, f"{recipe}.yaml")
+    config = merge(QuantizeConfig(), {**read_yaml(recipe_path), "recipe": recipe}, recipe_path)
+    if path is not None:
+        config = merge(config, values, path)
+    config = merge(config, overrides, "command line")
+    return config.validate()

@@ -1,0 +1,340 @@
+"""The memory plan of a quantize run on a text-to-image transformer, by shape arithmetic on the meta device.
+
+The model is built from its config with every tensor on the meta device (no memory, no weights) and called once
+under the same hooks that record a real run (calib/record.py), so the plan sees exactly the block calls, slot
+tensors and block outputs a recording stores. From them, at the config's settings:
+- host memory: the calibration set (slot tensors at calib_samples x kept steps x CFG rows; token activations in
+  cache_dtype; beyond max_cache_gb they go to files under cache_dir) and the block-wise walk's peak: the slots that
+  later blocks still read plus block i's FP targets and the quantized chain's outputs (two sets per stream);
+- device memory: the FP teacher, the student (hard layers: indices and fp32 codebook; the layers under calibration
+  soft: candidates, ratio logits, frozen flags; block-wise that is one block at a time, joint and online every
+  layer from the start) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
+  its minibatch (inputs and targets in fp32) and the activations autograd keeps at batch_size, measured by running
+  the block on meta with soft VQ layers and attention as a fused kernel keeps it (q, k, v, output);
+- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight.
+Not counted: the text encoders (they encode the prompts once, on the CPU, before calibration), forward temporaries
+that autograd does not keep, the teacher's sampling batch, and the CUDA allocator's slack.
+"""
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vq4dit.calib.modes import mode_for
+
+GIB = 2**30
+# published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
+REFERENCE_MODELS = {
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
+        attention_bias=True, interpolation_scale=2, use_additional_conditions=False)),
+    "stabilityai/stable-diffusion-3.5-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
+    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56])),
+}
+REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
+PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
+QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
+
+
+@dataclass
+class MemoryPlan:
+    title: str
+    points: str  # how the calibration rows come about
+    slots: list  # [(key, stored shape, bytes)]
+    cache_bytes: int  # the recorded calibration set (host)
+    walk_blocks: list  # the block-wise walk's peak while each block is calibrated (host)
+    teacher_bytes: int  # device: the FP teacher
+    student_bytes: int  # device: the student, its layers soft while calibrated (block-wise: one block at a time)
+    hard_bytes: int  # the student once every layer is hard
+    block_bytes: int  # device: calibrating the largest block
+    pass_bytes: int  # device: the end-to-end pass (every block's activations at once), 0 without one
+    artifact_bytes: int  # tensor bytes of model.safetensors
+    fp_bytes: int  # the transformer's tensors in fp32
+    bits: float  # bits per quantized weight, indices only
+    bits_with_codebooks: float
+    weights: int  # quantized weights
+    layers: int  # quantized Linears
+
+    @property
+    def walk_bytes(self):
+        return max(self.walk_blocks)
+
+    @property
+    def device_bytes(self):
+        return self.teacher_bytes + self.student_bytes + self.block_bytes
+
+    def format(self):
+        def gib(n):
+            return f"{n / GIB:.2f} GiB"
+
+        lines = [f"memory plan: {self.title}", f"  calibration set: {self.points}",
+                 f"  host: recorded activations {gib(self.cache_bytes)}, block-wise walk peak {gib(self.walk_bytes)}"
+                 " (past max_cache_gb they go to files in cache_dir)"]
+        lines += [f"    {key} {tuple(shape)}: {gib(nbytes)}" for key, shape, nbytes in self.slots]
+        lines += [f"  device: FP teacher {gib(self.teacher_bytes)} + student {gib(self.student_bytes)} (layers soft "
+                  f"while calibrated; {gib(self.hard_bytes)} all hard) + calibrating one block "
+                  f"{gib(self.block_bytes)} = {gib(self.device_bytes)} (text encoders: on the CPU, before calibration)"]
+        if self.pass_bytes:
+            total = self.teacher_bytes + self.hard_bytes + self.pass_bytes
+            lines.append(f"  device, end-to-end pass: FP teacher + student (all hard) + every block trained at once "
+                         f"{gib(self.pass_bytes)} (at most: counted with soft layers) = {gib(total)}")
+        lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
+                     f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
+                     f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
+        return "\n".join(lines)
+
+
+def plan_source(ckpt):
+    """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
+    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
+    if ckpt is None:
+        return None
+    path = Path(ckpt).expanduser()
+    if (path / "model_index.json").is_file():
+        from vq4dit.models.adapters.t2i import vae_scale_factor
+        from vq4dit.models.pipelines import transformer_class
+
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        return transformer_class(path)[1], config, vae_scale_factor(path), path
+    if str(ckpt) in REFERENCE_MODELS:
+        name, config = REFERENCE_MODELS[str(ckpt)]
+        return name, config, REFERENCE_VAE_FACTOR, None
+    return None
+
+
+def meta_model(name, config):
+    """The diffusers model class `name` built from `config`, every parameter and buffer on the meta device (tables
+    computed at construction too, e.g. SD3's 384 x 384 position embeddings: 1.8 GB on a real device)."""
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return model.eval()
+
+
+def dry_run_plan(config):
+    """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
+    a hub id of REFERENCE_MODELS) of a supported class and its method builds codebooks, else None. Loads no
+    weights and fetches nothing."""
+    source = plan_source(config.model.ckpt)
+    if source is None or config.method == "rtn":
+        return None
+    from vq4dit.models.adapters import ADAPTERS
+    from vq4dit.models.adapters.generic import GenericAdapter
+    from vq4dit.models.adapters.t2i import TextToImageAdapter
+
+    name, model_config, factor, directory = source
+    adapter = ADAPTERS[name]() if name in ADAPTERS else GenericAdapter() if directory else None
+    if not isinstance(adapter, TextToImageAdapter):
+        return None
+    if directory is not None:
+        spec = config.model
+        adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
+                     num_frames=spec.num_frames)
+    tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
+    text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
+    if not mode_for(config.calibration.calib).walks_blocks:
+        text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
+                 "tensors")
+    return text
+
+
+def nbytes(shape, dtype):
+    import torch
+
+    count = 1
+    for s in shape:
+        count *= s
+    return count * torch.empty(0, dtype=dtype).element_size()
+
+
+def layer_sizes(model, include, codebooks, n):
+    """{name: sizes} of the Linears `include` selects, quantized with CodebookConfig `codebooks` and n candidates
+    while soft: weights, fp32 bytes, soft and hard in-memory VQ state, the artifact's stored bytes (codec specs) and
+    its index and codebook bytes."""
+    import torch
+    from torch import nn
+
+    from vq4dit.vq.codecs import CODECS
+    from vq4dit.vq.packing import index_dtype
+
+    pattern, qkv = re.compile(include), re.compile(QKV)
+    index_bytes = torch.empty(0, dtype=index_dtype(codebooks.k)).element_size()
+    out = {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.Linear) and pattern.search(name)):
+            continue
+        groups = 3 if codebooks.split_qkv and qkv.search(name) else 1
+        meta = {"in_features": m.in_features, "out_features": m.out_features, "k": codebooks.k, "d": codebooks.dim,
+                "n": n, "groups": groups, "bias": m.bias is not None}
+        specs = CODECS["VQLinear"].tensor_specs(meta)
+        subs = m.in_features * m.out_features // codebooks.dim
+        fixed = groups * codebooks.k * codebooks.dim * 4 + (m.out_features * 4 if m.bias is not None else 0)
+        out[name] = {"weights": m.in_features * m.out_features, "subs": subs, "n": n, "groups": groups, "fixed": fixed,
+                     "fp": sum(p.numel() * 4 for p in m.parameters()),
+                     "soft": subs * (n * index_bytes + n * 4 + 1) + fixed, "hard": subs * index_bytes + fixed,
+                     "stored": sum(nbytes(*spec) for spec in specs.values()),
+                     "index": nbytes(*specs["indices"]), "codebook": nbytes(*specs["codebook"])}
+    return out
+
+
+class _FusedAttention:
+    """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
+    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix."""
+
+    def __init__(self):
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out = q.new_empty(*q.shape[:-1], v.shape[-1])
+                ctx.save_for_backward(q, k, v, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise RuntimeError("shape probe only")
+
+        self.fn = Fn
+
+    def __call__(self, query, key, value, *args, **kwargs):
+        return self.fn.apply(query, key, value)
+
+
+def _probe_layer(m, codebooks, size):
+    """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
+    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
+    import torch
+
+    from vq4dit.vq.layer import VQLinear
+
+    class Probe(VQLinear):
+        def ratios(self):
+            return torch.softmax(self.logits, dim=1)
+
+    return Probe(m.in_features, m.out_features, codebooks.k, codebooks.dim, size["n"], size["groups"],
+                 bias=m.bias is not None, device="meta")
+
+
+def block_training_bytes(block, replay, include_block, sizes, config):
+    """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
+    QuantizeConfig `config`: autograd's saved activations with soft VQ layers in place of the selected Linears
+    (`include_block`: their names inside the block), the minibatch's inputs and targets in fp32, and the gradients
+    and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vq4dit.calib.calls import flatten
+    from vq4dit.calib.replay import gather
+    from vq4dit.vq.apply import set_submodule
+
+    student = copy.deepcopy(block)
+    for local, full in include_block.items():
+        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
+    rows, batched = config.calibration.batch_size, replay.batched
+    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
+    args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
+    owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
+    inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
+    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
+    # autograd keeps (a tensor counts once however often it is saved)
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in owned:
+            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = flatten(student(*args, **kwargs))[1]
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    targets = sum(t.numel() * 4 for t in outputs)
+    optimizer = sum(2 * (sizes[f]["subs"] * sizes[f]["n"] * 4 + sizes[f]["fixed"]) for f in include_block.values())
+    return sum(held.values()) + targets + optimizer
+
+
+def memory_plan(model, adapter, config, vae_factor, tokens):
+    """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
+    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens."""
+    import torch
+
+    from vq4dit.calib.capture import calib_steps, storage_dtype
+    from vq4dit.calib.record import recording, slot_is_batched
+    from vq4dit.calib.replay import Replay
+    from vq4dit.calib.tables import Out
+    from vq4dit.calib.teacher import recorded_rows
+    from vq4dit.calib.walk import WalkPlan, walk_peaks
+    from vq4dit.jobs.methods import method_for
+    from vq4dit.models.adapters.base import linear_pattern
+
+    spec, codebooks, mode = config.model, config.codebooks, mode_for(config.calibration.calib)
+    plan = mode.teacher_plan(config.teacher, config.seed)
+    height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
+                                                                tokens, PROBE_ROWS)
+    per_trajectory = adapter.rows_per_trajectory(plan)
+    kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
+    rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
+    calls = []
+    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
+        model(*args, **kwargs)
+    live, cache_dtype = calls[0], config.cache.dtype
+
+    def stored(key, t):  # the probe slot as the cache stores it, on meta (constant slots as they came)
+        shape, dtype = ((rows, *t.shape[1:]), storage_dtype(t, cache_dtype)) if batched[key] else (t.shape, t.dtype)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    batched = {key: slot_is_batched(t, probe_rows) for key, t in live.slots.items()}
+    stored_slots = {key: stored(key, t) for key, t in live.slots.items()}
+    slots = [(key, tuple(t.shape), t.numel() * t.element_size()) for key, t in stored_slots.items()]
+    walk_plan = WalkPlan(live.calls, batched, rows, mode.sequential(config.calibration))
+    walk = walk_peaks(walk_plan, stored_slots, live.outputs, cache_dtype)
+
+    include = linear_pattern(adapter.quant_include(model), spec.include, spec.exclude)
+    sizes = layer_sizes(model, include, codebooks, method_for(config.method, codebooks).candidates)
+    table = dict(live.slots)
+    for i, outs in enumerate(live.outputs):
+        table.update({Out(i, k): t for k, t in enumerate(outs)})
+    batched.update({ref: True for ref in table if isinstance(ref, Out)})
+    block_bytes = []
+    for i, (name, block) in enumerate(adapter.blocks(model)):
+        inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
+        replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
+        block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
+    state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
+    fp_bytes = sum(t.numel() * 4 for t in state.values())
+    teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
+                                                                   for b in model.buffers())
+    kept_fp = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for key, t in state.items()
+                  if not key.startswith(tuple(f"{name}." for name in sizes)))
+    total = {key: sum(s[key] for s in sizes.values()) for key in ("weights", "fp", "soft", "hard", "stored",
+                                                                    "index", "codebook")}
+    resident = teacher - total["fp"]  # the student's full-precision tensors
+    soft_extra = total["soft"] - total["hard"]  # joint / online: every layer soft from the start
+    if mode.walks_blocks:  # block-wise: a block's layers are soft only while it is calibrated
+        soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
+                         for name, _ in adapter.blocks(model))
+    guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
+    return MemoryPlan(
+        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
+              f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
+              f"{config.calibration.batch_size}",
+        points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
+        slots=slots, cache_bytes=sum(size for _, _, size in slots), walk_blocks=walk, teacher_bytes=teacher,
+        student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
+        block_bytes=max(block_bytes), pass_bytes=sum(block_bytes) if config.calibration.e2e_iters else 0,
+        artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
+        bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
+        layers=len(sizes))

@@ -1,0 +1,123 @@
+"""Quantization methods as objects: how each builds its quantized layers, and whether and how calibration trains them.
+
+The interface is two calls. `build(model, include, seed)` replaces the selected Linears in place and returns them
+by qualified name (the job's "codebooks" stage). `prepare(layers, fp_weights, moments)` is what calibration calls
+when it reaches a group of layers (block-wise: one block at a time; joint and online: all at the start): the one
+place that decides whether a layer trains soft (VQ4DiT: candidate sets and ratio logits) or hard (codebook-only),
+and, given the layers' input moments ({name: E[x x^T]}, measured by the block-wise walk when the config is
+output_aware), refits the k-means codebooks to those inputs before calibration trains them.
+The authors' recipe is not a method: it is the vq4dit method with calibration settings (configs/recipes/).
+"""
+import torch
+
+from vq4dit.vq.apply import quantize_linears, quantize_linears_rtn
+from vq4dit.vq.weighted_kmeans import gptvq
+
+METHODS = {}  # name -> Method subclass
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+class Method:
+    """One quantization method, bound to the codebook config (jobs.config.CodebookConfig) it runs with."""
+
+    name = "abstract"
+    calibrated = False  # whether the job records a teacher and calibrates the layers `build` returns
+
+    def __init__(self, codebooks, seed=0):
+        self.codebooks, self.seed = codebooks, seed
+
+
+    @property
+    def candidates(self):
+        """Candidate codewords per sub-vector while a layer is soft (1: the method never softens a layer)."""
+        return 1
+
+    def build(self, model, include, seed, progress=True):
+        """Replace the Linears of `model` that the regex `include` selects; returns {name: QuantLinear}."""
+        raise NotImplementedError
+
+    def prepare(self, layers, fp_weights, moments=None):
+        """Make `layers` {name: layer} ready to train, given their FP weights {name: (out, in)} and, for an
+        output-aware start, their input moments {name: (in, in)}; default: as built."""
+
+
+@register
+class RTN(Method):
+    """Scalar round-to-nearest per output channel at `wbits` bits (vq/rtn.py), the baseline; no calibration."""
+
+    name = "rtn"
+
+    def build(self, model, include, seed, progress=True):
+        return quantize_linears_rtn(model, self.codebooks.wbits, include=include, progress=progress)
+
+
+@register
+class KMeans(Method):
+    """k-means codebooks of the weights, every sub-vector at its nearest codeword; no calibration."""
+
+    name = "kmeans"
+
+    def build(self, model, include, seed, progress=True):
+        c = self.codebooks
+        # hard layers: a soft one holds about 11 bytes per sub-vector at n = 2 against 1; `prepare` softens later
+        return quantize_linears(model, c.spec(self.candidates), include=include, split_qkv=c.split_qkv, seed=seed,
+                                progress=progress, soft=False)
+
+
+@register
+class Codebook(KMeans):
+    """PQF-style: k-means, then calibration of codebooks and biases with the nearest assignments fixed."""
+
+    name = "codebook"
+    calibrated = True
+
+    def prepare(self, layers, fp_weights, moments=None):
+        """Codebook-only calibration trains hard layers: every sub-vector keeps its nearest codeword (gptvq: its
+        output-aware assignment)."""
+        for name, layer in layers.items():
+            layer.harden()
+            if moments is not None:
+                fit_outputs_(layer, fp_weights[name], moments[name], self.seed)
+
+
+@register
+class VQ4DiT(KMeans):
+    """VQ4DiT: k-means, then calibration of candidate ratios, codebooks and biases (docs/method.md "VQ4DiT")."""
+
+    name = "vq4dit"
+    calibrated = True
+
+    @property
+    def candidates(self):
+        return self.codebooks.candidates
+
+    def prepare(self, layers, fp_weights, moments=None):
+        """Give each hard layer its candidate sets and ratio logits from its FP weight: exactly what quantizing it
+        soft would have given (VQLinear.soften_), at the moment calibration needs them. With moments (gptvq), every
+        layer is first refit to its inputs and its output-aware assignment stays candidate 0 and the argmax; a layer
+        handed in soft is hardened first (before calibration its argmax is its nearest codeword, the hard start)."""
+        for name, layer in layers.items():
+            if moments is not None:
+                fit_outputs_(layer.harden(), fp_weights[name], moments[name], self.seed)
+            if layer.is_hard:
+                layer.soften_(fp_weights[name], self.candidates, self.codebooks.ratio_init, keep=moments is not None)
+
+
+@torch.no_grad()
+def fit_outputs_(layer, fp_weight, h_full, seed):
+    """Refit a hard VQLinear to its inputs (vq.weighted_kmeans.gptvq from its k-means codebooks): each row group's
+    codebook and assignments then minimise the output error tr(dW H dW^T), not the weight error."""
+    rows = fp_weight.detach().float().to(layer.codebook.device).reshape(layer.groups, -1, layer.in_features)
+    h = h_full.to(layer.codebook.device)
+    fits = [gptvq(rows[g], h, layer.codebook_size, layer.dim, seed=seed + g, start=layer.codebook[g])
+            for g in range(layer.groups)]  # [(codebook (k, d), index (N/G,))]
+    layer.assign_(torch.stack([c for c, _ in fits]), torch.cat([i for _, i in fits]).to(layer.indices.dtype))
+
+
+def method_for(name, codebooks, seed=0):
+    """The Method registered as `name`, bound to `codebooks` and the run's `seed`."""
+    return METHODS[name](codebooks, seed)

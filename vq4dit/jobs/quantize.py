@@ -1,0 +1,213 @@
+"""The quantize job: load -> build codebooks -> record -> calibrate -> save, for any model an adapter describes.
+
+`quantize(config, out_dir)` is everything `quantize.py` does after parsing its arguments; the Python API
+(vq4dit.quantize_transformer) runs the same stages on a transformer already in memory (`run_stages`). Each stage
+takes the part of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound
+to the codebook config to build the quantized layers, the calibration mode (calib/modes.py) with the teacher config
+to record and the calibration config to train, and the Run's checkpoint store (calib/checkpoints.py), opened with
+the run's key (jobs/runkey.py), that makes the calibration resumable.
+"""
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+from torch import nn
+
+from vq4dit.calib.cache import ActivationStore, dtype_bytes
+from vq4dit.calib.checkpoints import (
+    CACHE_DIR,
+    LOG_NAME,
+    STATE_DIR,
+    CalibLog,
+    CheckpointStore,
+    discard_state,
+    resume_point,
+)
+from vq4dit.calib.modes import CalibMode, mode_for
+from vq4dit.calib.modes import calibrate as calibrate_mode
+from vq4dit.calib.problem import Problem
+from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.jobs.methods import Method, method_for
+from vq4dit.jobs.runkey import RunKey
+from vq4dit.models.adapters.base import linear_pattern, outside_blocks
+from vq4dit.models.adapters.load import load_model
+from vq4dit.models.prompts import read_prompts
+from vq4dit.utils.device import device_memory, physical_memory, resolve_device
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import check_dir_usable, free_bytes
+from vq4dit.utils.outdir import claim_out_dir
+from vq4dit.utils.precision import set_tf32
+from vq4dit.vq import save_quantized
+from vq4dit.vq.artifact import ARTIFACT_FILES, read_quant_config
+from vq4dit.vq.modelref import reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One quantize run: its config, the method and calibration mode it names, the checkpoint store and log of its
+    work directory (None when the method does not calibrate), and whether bars are shown."""
+
+    config: QuantizeConfig
+    method: Method
+    mode: CalibMode
+    checkpoints: CheckpointStore | None
+    log: CalibLog
+    progress: bool = True
+
+    @classmethod
+    def open(cls, config, work_dir, progress=True, overwrite=False):
+        """A run working in `work_dir`; a checkpoint left there by another run fails now, before loading and k-means
+        (overwrite: it is deleted instead)."""
+        method = method_for(config.method, config.codebooks, config.seed)
+        checkpoints = CheckpointStore(work_dir, RunKey.of(config), overwrite) if method.calibrated else None
+        if checkpoints is None:
+            discard_state(work_dir, overwrite, f"the resumable state of another run (--method {config.method} does "
+                          "not calibrate)")
+        return cls(config, method, mode_for(config.calibration.calib), checkpoints, CalibLog(work_dir), progress)
+
+    @property
+    def cache_dir(self):
+        return self.config.cache.cache_dir or self.checkpoints.cache_dir
+
+    def finish(self):
+        """The result is safe (written, or held by the caller): the checkpoints go (GiBs of activations)."""
+        if self.checkpoints is not None:
+            self.checkpoints.remove()
+
+
+def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
+    """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
+    overwrite: write beside files in out_dir that vq4dit did not write (kept), and delete a calibration state there
+    that this run will not resume (else either is a UserError); out_dir is locked for the run (utils/outdir.py)."""
+    with claim_artifact_dir(out_dir, overwrite):
+        if config.cache.cache_dir:
+            check_dir_usable(config.cache.cache_dir, "--cache-dir")
+        run = Run.open(config, out_dir, progress, overwrite)
+        start = time.time()
+        base, include, extra = load(config.model, config.device)
+        layers, stats = run_stages(base, include, run)
+        save(base.model, layers, extra, config, out_dir)
+        run.finish()
+        logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
+                    time.time() - start, out_dir)
+        return stats
+
+
+def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
+    """utils.outdir.claim_out_dir for an artifact directory: its own entries are the artifact's files and a
+    calibration's (calib/checkpoints.py); an unmarked directory holding an artifact or calibration state of a run from
+    before markers existed is ours too (it is replaced, or resumed)."""
+    def earlier(directory):
+        if resume_point(directory) is not None:
+            return True
+        try:
+            return bool(read_quant_config(directory))
+        except UserError:
+            return False
+
+    return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
+
+
+def run_stages(base, include, run):
+    """The build, record and calibrate stages of Run `run` on the loaded BaseModel `base` (its Linears matching
+    `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate)."""
+    problem, layers = build_codebooks(base, include, run)
+    if problem is None:
+        return layers, []
+    return layers, record_and_calibrate(problem, run)
+
+
+def record_and_calibrate(problem, run):
+    """The record and calibrate stages of calib.problem.Problem `problem` in Run `run`, with the activation cache
+    open between them; returns the per-block stats."""
+    cache = run.config.cache
+    max_bytes = None if cache.max_cache_gb is None else int(cache.max_cache_gb * 2**30)
+    with ActivationStore(max_bytes, run.cache_dir, cache.dtype) as store:
+        data = record(problem, run, store)
+        return calibrate(problem, data, run)
+
+
+def load(spec, device, loaded=None):
+    """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
+    artifact's model reference extras). `loaded`: a BaseModel already in memory (vq4dit.quantize_transformer: a
+    pipeline's transformer), moved to `device` instead of loading spec's model."""
+    prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
+    device = resolve_device(device)
+    set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
+    if loaded is None:
+        base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
+    else:
+        base = loaded
+        base.model.to(device)
+    extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
+    include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
+    return base, include, extra
+
+
+def build_codebooks(base, include, run):
+    """The codebook stage: the Linears of BaseModel `base` matching `include` replaced in place by the method's
+    quantized layers. When the method calibrates, the model as it was is kept as the teacher (a copy, made before
+    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None."""
+    method, config = run.method, run.config
+    outside = outside_blocks(base.adapter, base.model, include)
+    if outside and method.calibrated:
+        logger.warning("%d selected Linears lie outside the transformer blocks (first: %s): they are quantized but "
+                       "not calibrated", len(outside), outside[0])
+    if method.calibrated:
+        check_calibration_fits(base, run.mode, config, run.cache_dir)
+    teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
+    layers = method.build(base.model, include, config.seed, run.progress)
+    if not method.calibrated:
+        return None, layers
+    if config.output_aware:
+        logger.info("output-aware start: each block's codebooks are refit to its recorded inputs when calibration "
+                    "reaches it (codebook_init %s)", config.codebooks.codebook_init)
+    return Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, run.progress,
+                   needs_moments=config.output_aware), layers
+
+
+def check_calibration_fits(base, mode, config, cache_dir):
+    """Refuse, before k-means, teacher data that cannot fit this machine: the rows CalibMode `mode` records (its
+    Footprint) each hold at least one token of the first block's input, against physical memory plus the free
+    disk under `cache_dir` (a mode that keeps them on the model's device: that device's memory). A lower bound:
+    what it lets pass may still fill the disk, which the activation cache reports when it reserves a file; without
+    it a count like 10^12 met the allocator with a traceback."""
+    _, block = base.adapter.blocks(base.model)[0]
+    width = next(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
+    plan = mode.teacher_plan(config.teacher, config.seed)
+    need = mode.footprint(config.teacher, plan, base.adapter.rows_per_trajectory(plan), dtype_bytes(config.cache.dtype))
+    needed = need.rows * width * need.value_bytes
+    if need.on_device:
+        device = next(base.model.parameters()).device
+        room, where = device_memory(device), f"the memory of {device}"
+    else:
+        room = physical_memory() + free_bytes(cache_dir)
+        where = f"this machine's memory and the free disk under {cache_dir}"
+    if needed > room:
+        raise UserError(f"{need.flag} {need.count}: {need.rows:,} rows need at least {needed / 2**30:,.1f} GiB, more "
+                        f"than {where} ({room / 2**30:,.1f} GiB); even by this lower bound at most "
+                        f"{need.count * room // needed:,} fit")
+
+
+def record(problem, run, store):
+    """The record stage: the teacher data of Run `run`'s mode (calib.modes.CalibData), recorded into the activation
+    store `store` from the teacher of calib.problem.Problem `problem`, or read back from the last checkpoint."""
+    config = run.config
+    return run.mode.record(problem, config.teacher, config.calibration, store, run.checkpoints, run.log)
+
+
+def calibrate(problem, data, run):
+    """The calibrate stage: the quantized layers of `problem` trained in place on `data` by Run `run`'s mode (every
+    layer hard afterwards); returns the per-block stats."""
+    return calibrate_mode(problem, data, run.mode, run.config.calibration, run.checkpoints, run.log)
+
+
+def save(model, layers, extra, config, out_dir):
+    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config."""
+    for layer in layers.values():
+        if not layer.is_hard:
+            layer.harden()
+    save_quantized(model, reference(model, **extra), out_dir, config.to_dict())

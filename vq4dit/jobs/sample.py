@@ -1,0 +1,181 @@
+"""The sample job: load a full-precision model or a quantized artifact, draw images, write grid.png and samples.npz.
+
+Works for every model family an adapter describes (models/adapters): the project's DiT with its own sampler, a
+diffusers pipeline's transformer through that pipeline. Under torchrun the sample indices are sharded over ranks
+(blocks of batch_size, dealt round-robin) and rank 0 writes the gathered result.
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vq4dit.models.adapters import adapter_for
+from vq4dit.models.adapters.dit import DiTAdapter
+from vq4dit.models.adapters.load import load_model
+from vq4dit.models.vae import needs_vae
+from vq4dit.utils import distributed
+from vq4dit.utils.cli import check_sampling_args
+from vq4dit.utils.errors import RankError, UserError
+from vq4dit.utils.fileio import check_free_space
+from vq4dit.utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples, save_videos
+from vq4dit.utils.precision import apply_precision, resolve_precision
+
+logger = logging.getLogger(__name__)
+
+
+def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, num_classes=None, backend="auto",
+                      device="cpu", decode=False, precision=None):
+    """(model on `device` in its precision, adapter, the reference's extra keys) for a quantized artifact (`quantized`:
+    a directory or a hub repo id) or a full-precision checkpoint / pipeline (`model`, `ckpt`, ...)."""
+    from vq4dit.vq import load_quantized
+    from vq4dit.vq.artifact import resolve_artifact
+
+    if quantized:  # a directory, or a hub repo id holding an artifact (through huggingface_hub's cache)
+        net, ref, _ = load_quantized(resolve_artifact(quantized), device, decode=decode)
+        adapter, extra = adapter_for(net), {k: v for k, v in ref.items() if k not in ("class", "config")}
+    else:
+        base = load_model(model, ckpt, image_size, num_classes, backend, device)
+        net, adapter, extra = base.model, base.adapter, base.extra
+    return apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to sample with: a file, a directory holding diffusers' pytorch_lora_weights.safetensors, or a hub
+    repo id; and its adapter weight."""
+
+    source: str
+    scale: float = 1.0
+
+
+def load_loras(model, extra, loras, pipeline=None, device="cpu"):
+    """Load `loras` onto `model`, the transformer of a diffusers pipeline (quantized or not), as adapters lora0,
+    lora1, ... at their scales: the pipeline class's own load_lora_weights (diffusers + PEFT; beside a quantized
+    layer, a separate full-precision branch: vq/lora.py) on a pipeline holding only `model`, then set_adapters. The
+    sampling pipeline is built later around the same model. Only a LoRA's transformer part can be kept that way:
+    one with text-encoder layers is refused."""
+    if not loras:
+        return
+    import diffusers
+
+    from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline
+    from vq4dit.vq.lora import enable_peft_lora
+
+    recorded = extra.get("pipeline") or {}
+    cls = getattr(diffusers, recorded.get("class") or "", None)
+    if cls is None or not hasattr(cls, "load_lora_weights"):
+        what = f"{recorded['class']} pipelines have" if recorded else "the project's DiT has"
+        raise UserError(f"--lora {loras[0].source}: {what} no diffusers LoRA loader (load_lora_weights: Flux, SD3, "
+                        "...); drop --lora")
+    enable_peft_lora()
+    source = pipeline or recorded["source"]
+    directory = resolve_pipeline(source)
+    if directory is None:
+        raise UserError(f"--lora: {source} is not a diffusers pipeline directory (no model_index.json); pass "
+                        "--pipeline DIR")
+    others = [k for k in read_index(directory) if not k.startswith("_") and k not in ("transformer", "scheduler")]
+    pipe = load_pipeline(directory, device, transformer=model, **dict.fromkeys(others))
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, lora in zip(names, loras):
+        path = Path(lora.source)
+        where = {"pretrained_model_name_or_path_or_dict": str(path.parent), "weight_name": path.name} \
+            if path.is_file() else {"pretrained_model_name_or_path_or_dict": lora.source}
+        try:
+            state = cls.lora_state_dict(**where)
+            encoders = [k for k in (state[0] if isinstance(state, tuple) else state) if k.startswith("text_encoder")]
+            if encoders:
+                raise UserError(f"--lora {lora.source}: holds text-encoder LoRA layers (first: {encoders[0]}); "
+                                "sample.py applies a LoRA's transformer part only: load it with pipe.load_lora_weights "
+                                "in your own script (docs/api.md)")
+            pipe.load_lora_weights(**where, adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # not a LoRA, or one of another model
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--lora {lora.source}: cannot load it onto the {recorded['class']} transformer "
+                            f"({detail})") from None
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    logger.info("LoRAs %s at weights %s", ", ".join(lora.source for lora in loras),
+                ", ".join(f"{lora.scale:g}" for lora in loras))
+
+
+def _take(conditions, idx):
+    return conditions[torch.as_tensor(idx)] if torch.is_tensor(conditions) else [conditions[i] for i in idx]
+
+
+def check_memory(num_samples, size):
+    """Refuse, before sampling, a count whose images rank 0 could not hold: the gathered (N, H, W, 3) uint8 array
+    and the concatenation that builds it, against the machine's physical memory."""
+    needed = 2 * npz_bytes(num_samples, size)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > total:
+        raise UserError(f"--num-samples {num_samples}: {num_samples:,} images of {size[0]}x{size[1]} need about "
+                        f"{needed // 2**20:,} MiB of memory; this machine has {total // 2**20:,} MiB; give at most "
+                        f"{num_samples * total // needed:,}")
+
+
+def prepare_sampler(model, adapter, extra, num_samples, settings, device):
+    """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
+    check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
+    sampler = adapter.image_sampler(model, extra, settings, device)
+    check_memory(num_samples, sampler.size)
+    return sampler
+
+
+def check_vae_flag(vae, adapter, model):
+    """--vae names the decoder of the project's latent DiTs: with any other model it would do nothing."""
+    if vae is not None and not (adapter.family == DiTAdapter.family and needs_vae(model.in_channels)):
+        raise UserError(f"--vae {vae}: not used by {adapter.describe(model)} (only the project's latent DiTs decode "
+                        "with --vae; pixel-space DiTs have no VAE, diffusers pipelines bring their own); drop --vae")
+
+
+def _out_of_memory(error):
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def draw_shard(sampler, conditions, num_samples, batch_size):
+    """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples."""
+    rank, size = distributed.world()
+    positions = distributed.shard(num_samples, rank, size, block=batch_size)
+    images = []
+    for start in range(0, len(positions), batch_size):
+        idx = [int(i) for i in positions[start:start + batch_size]]
+        try:
+            images.append(sampler(idx, _take(conditions, idx)))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(e):
+                raise
+            raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
+                            f"({type(e).__name__}); lower --batch-size") from None
+    return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
+
+
+def sample_shard(model, adapter, extra, num_samples, settings, device, classes=None, prompts=None):
+    """(uint8 images (n_local, H, W, 3) of this process's shard, labels (N,) int64 for all samples)."""
+    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
+    conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
+    return draw_shard(sampler, conditions, num_samples, settings.batch_size), labels
+
+
+def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
+    """Sample and write out_dir/grid.png and out_dir/samples.npz (videos: arr_0 (N, F, H, W, 3), frames and mp4s in
+    out_dir/videos, the grid of first frames); returns (images, labels) on rank 0, else
+    (None, None). A sample's image depends only on the seed, its index and its condition (DiT: bitwise, whatever
+    the batch size or the number of processes)."""
+    start = time.time()
+    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
+    rank, _ = distributed.world()
+    if rank == 0:  # a full disk fails now, not after hours of sampling
+        check_free_space(out_dir, sample_files_bytes(num_samples, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
+    conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
+    local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
+    images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
+    if rank == 0:
+        save_samples(out_dir, images, labels)
+        if images.ndim == 5:  # videos (N, F, H, W, 3): frames (and mp4s) per sample beside the npz
+            save_videos(os.path.join(out_dir, "videos"), images)
+        logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
+    distributed.shutdown()
+    return (images, labels) if rank == 0 else (None, None)

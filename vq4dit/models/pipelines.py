@@ -1,0 +1,131 @@
+"""diffusers pipelines as base models: find the pipeline directory, read its model_index.json, load its transformer.
+
+A pipeline directory holds model_index.json (the pipeline class and its components) and one folder per
+component (transformer/, vae/, scheduler/, text encoders). Only the transformer is quantized; the rest is loaded
+from the same source when sampling.
+"""
+import json
+import logging
+from pathlib import Path
+
+from vq4dit.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model_index.json"
+# what a pipeline download fetches: configs and safetensors weights of every component, tokenizer files
+DOWNLOAD_IGNORE = ["*.bin", "*.msgpack", "*.onnx", "*.ckpt", "*.h5", "*.pt", "*.pth"]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")  # a path to one is never a hub id
+
+
+def is_pipeline_dir(path):
+    return (Path(path) / INDEX).is_file()
+
+
+def resolve_pipeline(source):
+    """A local pipeline directory for `source` (a directory, or a hub id that is downloaded), or None when `source`
+    is a local path that is no pipeline (a checkpoint file or a bare transformer directory)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path if is_pipeline_dir(path) else None
+    # owner/name, but not a missing checkpoint file (hub names may hold dots: stable-diffusion-3.5-medium, FLUX.1-dev)
+    if "/" not in str(source) or str(source).count("/") != 1 or Path(source).suffix in CHECKPOINT_SUFFIXES:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), ignore_patterns=DOWNLOAD_IGNORE))
+    except Exception as e:
+        raise UserError(f"{source} is not a local path and downloading it as a hub pipeline failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_index(directory):
+    """model_index.json of a pipeline directory as a dict; malformed files are a UserError."""
+    path = Path(directory) / INDEX
+    try:
+        index = json.loads(path.read_text())
+        if not isinstance(index, dict) or "_class_name" not in index:
+            raise ValueError("no _class_name")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a diffusers model_index.json ({e})") from None
+    return index
+
+
+def component_class(directory, component):
+    """(library, class name) of a pipeline component, e.g. ("diffusers", "DiTTransformer2DModel")."""
+    index = read_index(directory)
+    entry = index.get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise UserError(f"{Path(directory) / INDEX}: the pipeline {index['_class_name']} has no {component} "
+                        "component")
+    return tuple(entry)
+
+
+# diffusers' legacy Transformer2DModel, named by released pipelines (facebook/DiT-XL-2-256, PixArt-alpha/*), loads as
+# the class its norm_type selects (diffusers does the same remapping)
+LEGACY_TRANSFORMER = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
+def transformer_class(directory):
+    """(library, class name) of a pipeline's transformer, the legacy Transformer2DModel resolved by its norm_type."""
+    library, name = component_class(directory, "transformer")
+    if (library, name) == ("diffusers", "Transformer2DModel"):
+        try:
+            norm_type = json.loads((Path(directory) / "transformer" / "config.json").read_text()).get("norm_type")
+        except (OSError, ValueError, AttributeError):
+            norm_type = None
+        name = LEGACY_TRANSFORMER.get(norm_type, name)
+    return library, name
+
+
+def load_transformer(directory, supported=None):
+    """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names; None: any
+    diffusers model class)."""
+    library, name = transformer_class(directory)
+    import diffusers
+
+    known = name in supported if supported is not None else _is_model_class(diffusers, name)
+    if library != "diffusers" or not known:
+        raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported: "
+                        f"{', '.join(supported) if supported is not None else 'diffusers model classes'}")
+    try:
+        model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
+    logger.info("loaded %s from %s", name, directory)
+    return model.float().eval()
+
+
+def _is_model_class(module, name):
+    from diffusers import ModelMixin
+
+    cls = getattr(module, name, None)
+    return isinstance(cls, type) and issubclass(cls, ModelMixin)
+
+
+def load_pipeline(source, device, **components):
+    """The diffusers pipeline at `source` (directory or hub id) with `components` (e.g. transformer=a quantized
+    model) taking the place of its own, so those are never loaded from disk; on `device`, progress bars off."""
+    directory = resolve_pipeline(source)
+    if directory is None:
+        raise UserError(f"{source}: not a diffusers pipeline directory (no {INDEX}); pass --pipeline DIR")
+    import diffusers
+
+    name = read_index(directory)["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UserError(f"{directory}: pipeline class {name} is not in this diffusers installation")
+    try:
+        pipe = cls.from_pretrained(str(directory), **components)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def to_uint8_images(images):
+    """A pipeline's float images (N, H, W, 3) in [0, 1] (output_type="np") -> uint8."""
+    import numpy as np
+
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,102 @@
+"""Respaced DDPM sampling with learned-range variance and classifier-free guidance.
+
+Noise is drawn per sample from a generator seeded by (seed, sample index), so a sample's
+image depends only on its index and the seed: sharding indices over processes or changing
+the batch size gives the same images (up to floating-point effects of batch size).
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vq4dit.models.diffusion import make_diffusion, p_mean_variance
+from vq4dit.utils.precision import compute_dtype
+
+
+def sample_seed(seed, index):
+    """A 63-bit seed for sample `index` of a run seeded `seed` (distinct for distinct pairs)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class PerSampleNoise:
+    """Standard normal draws, one CPU generator per sample; the first draw is the initial latent."""
+
+    def __init__(self, seed, indices, shape, device):
+        self.gens = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self):
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+def guided_channels_for(in_channels):
+    """DiT guides only 3 of the 4 latent channels (kept for its FID numbers); others: all channels."""
+    return 3 if in_channels == 4 else in_channels
+
+
+def apply_guidance(out, scale, guided_channels):
+    """out (2N, 2C, H, W) for [cond; uncond] -> (N, 2C, H, W) guided eps + conditional variance."""
+    cond, uncond = out.chunk(2, dim=0)
+    eps = cond[:, : cond.shape[1] // 2].clone()
+    g = guided_channels
+    eps[:, :g] = uncond[:, :g] + scale * (cond[:, :g] - uncond[:, :g])
+    return torch.cat([eps, cond[:, cond.shape[1] // 2:]], dim=1)
+
+
+@torch.no_grad()
+def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guided_channels=None,
+                progress=False, on_step=None):
+    """Run the reverse process from noise() for labels y (N,); returns x_0 (N, C, H, W).
+
+    `noise` is a callable returning a fresh (N, C, H, W) standard-normal draw; `on_step(i, x, t, y)`
+    sees the exact model inputs of every step (the doubled CFG batch included). The model is called in its
+    own dtype (utils/precision.py); x, guidance and the posterior stay float32.
+    """
+    use_cfg = cfg_scale != 1.0
+    if use_cfg and null_class is None:
+        raise ValueError("classifier-free guidance needs the null class id")
+    x = noise()
+    n = x.shape[0]
+    dtype = compute_dtype(model)
+    guided_channels = guided_channels or x.shape[1]
+    for i in tqdm(reversed(range(diffusion.num_steps)), total=diffusion.num_steps, desc="sample",
+                  disable=not progress, leave=False):
+        t = torch.full((n,), int(diffusion.timestep_map[i]), device=x.device, dtype=torch.long)
+        if use_cfg:
+            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+            y_in = torch.cat([y, torch.full_like(y, null_class)])
+        else:
+            x_in, t_in, y_in = x, t, y
+        if on_step is not None:
+            on_step(i, x_in, t_in, y_in)
+        out = model(x_in.to(dtype), t_in, y_in).float()  # the network in its dtype, the rest in float32
+        if use_cfg:
+            out = apply_guidance(out, cfg_scale, guided_channels)
+        mean, log_var, _ = p_mean_variance(diffusion, out, x, i)
+        x = mean + torch.exp(0.5 * log_var) * noise() if i > 0 else mean
+    return x
+
+
+def class_labels(seed, num_samples, num_classes, classes=None):
+    """Labels of a run: `classes` cycled to num_samples, or uniform draws seeded by `seed`."""
+    if classes:
+        return torch.tensor([classes[i % len(classes)] for i in range(num_samples)], dtype=torch.long)
+    return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, labels, indices, seed, steps=50, cfg_scale=1.5, batch_size=64, device="cpu", progress=True,
+             on_step=None):
+    """Samples for the given sample indices (with their labels) in model space (N, C, H, W), on CPU."""
+    diffusion = make_diffusion(steps)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    outs = []
+    bar = tqdm(total=len(indices), desc=f"sampling {steps} steps", disable=not progress)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        y = labels[start:start + batch_size].to(device)
+        noise = PerSampleNoise(seed, idx, shape, device)
+        x = ddpm_sample(model, noise, y, diffusion, cfg_scale, null_class=model.num_classes,
+                        guided_channels=guided_channels_for(model.in_channels), on_step=on_step)
+        outs.append(x.float().cpu())
+        bar.update(len(idx))
+    bar.close()
+    return torch.cat(outs) if outs else torch.empty(0, *shape)

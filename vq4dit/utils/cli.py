@@ -1,0 +1,107 @@
+"""Entry-script helpers: the one way they end (a UserError is one line on stderr and exit status 2, never a
+traceback; under torchrun only rank 0 prints it), and checks of the flags' values."""
+import argparse
+import math
+import os
+import sys
+
+from vq4dit.utils.errors import RankError, UserError
+
+NUM_TIMESTEPS = 1000  # the DDPM training schedule that sampling respaces
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence both take 0..2^63-1
+MAX_CFG_SCALE = 100.0  # beyond any guidance used in practice (1..20); larger scales overflow fp16/bf16 outputs
+
+
+def _rank():
+    return int(os.environ.get("RANK", 0))  # torchrun's environment (utils.distributed.world), read directly
+
+
+def run_cli(main, args, on_interrupt=None):
+    """Call main(args); a UserError ends the process with one `error:` line and exit status 2 (under torchrun every
+    rank meets the same bad input, so rank 0 alone prints it; a RankError is printed by the rank that met it); on
+    Ctrl-C print `on_interrupt()` (when given) and exit 130."""
+    try:
+        main(args)
+    except UserError as e:
+        if isinstance(e, RankError) and _rank() != 0:
+            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
+        elif _rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        print(f"interrupted; {on_interrupt()}", file=sys.stderr)
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors (exit status 2) are printed by torchrun's rank 0 only."""
+
+    def error(self, message):
+        if _rank() == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_range(flag, value, low=None, high=None):
+    """`value` when it is a finite number in [low, high] (None: unbounded on that side), else a UserError naming
+    `flag`, the value and the valid range. Integer flags give integer bounds."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if finite and (low is None or value >= low) and (high is None or value <= high):
+        return value
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    if high is None:
+        valid = f"{kind} >= {low}"
+    elif isinstance(value, int):
+        valid = f"{kind} in {low}..{high}"
+    else:
+        valid = f"{kind} in [{low}, {high}]"
+    raise UserError(f"{flag} {value}: must be {valid}")
+
+
+def check_not_blank(values):
+    """UserError for the first of `values` {flag: value given or None} that is empty or blank: an empty path, name or
+    pattern would otherwise fall back to a default or match everything, silently."""
+    for flag, value in values.items():
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} {value!r}: empty; give a value or leave the flag out")
+
+
+def split_classes(text):
+    """'1,3,5' -> [1, 3, 5]: the syntax of --classes (checked before the model is loaded); an empty item ('1,,2',
+    '1,', '') is an error."""
+    items = [c.strip() for c in text.split(",")]
+    form = "expected a comma-separated list of class ids like 0,1,2"
+    if "" in items:
+        raise UserError(f"--classes {text!r}: empty item; {form}")
+    try:
+        return [int(c) for c in items]
+    except ValueError:
+        raise UserError(f"--classes {text!r}: {form}") from None
+
+
+def parse_classes(text, num_classes):
+    """'1,3,5' -> [1, 3, 5], each in 0..num_classes-1; None -> None (uniform random labels). num_classes None:
+    the model takes no class ids (a text-to-image model)."""
+    if text is None:
+        return None
+    classes = split_classes(text)
+    if num_classes is None:
+        raise UserError(f"--classes {text!r}: this model is not class-conditional; give --prompt or --prompts")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f"--classes {text!r}: {', '.join(map(str, bad))} out of range; class ids are integers in "
+                        f"0..{num_classes - 1}")
+    return classes
+
+
+def check_sampling_args(num_samples, steps, batch_size, seed=0, cfg_scale=1.0):
+    """UserError naming the first of the sampling flags that is out of range (the count's memory is checked once
+    the image size is known: jobs.sample.check_memory)."""
+    check_range("--num-samples", num_samples, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--steps", steps, 1, NUM_TIMESTEPS)
+    check_range("--seed", seed, 0, MAX_SEED)
+    check_range("--cfg-scale", cfg_scale, 0.0, MAX_CFG_SCALE)

@@ -1,0 +1,34 @@
+"""Which device a run uses: --device auto | cpu | cuda | cuda:N, checked against what this machine has."""
+import os
+import re
+
+import torch
+
+from vq4dit.utils.errors import UserError
+
+
+def resolve_device(device):
+    """'auto' -> cuda when present, else cpu; a CUDA device on a machine without one (or without that index) is a
+    UserError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use cpu or auto")
+    if device.startswith("cuda") and int(device[5:] or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def physical_memory():
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device):
+    """The memory of torch.device `device` in bytes: a CUDA device's own, else the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory()

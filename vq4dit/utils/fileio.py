@@ -1,0 +1,127 @@
+"""Atomic file output: write to a temporary name in the same directory, then rename.
+
+An interrupted run therefore never leaves a file that looks complete, and a full disk (ENOSPC, or a quota: EDQUOT)
+is a one-line UserError naming the file and, where the caller knows it, how many bytes were needed.
+"""
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+
+from vq4dit.utils.errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(paths, needed=None):
+    """The UserError for a full disk while writing the files `paths` (one directory; `needed`: the bytes the whole
+    write needs, if known)."""
+    directory = os.path.dirname(os.path.abspath(paths[0]))
+    try:
+        free = f"{shutil.disk_usage(directory).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needed {needed:,} bytes, " if needed is not None else ""
+    names = " + ".join(map(str, paths))
+    return UserError(f"{names}: no space left on the device ({need}{free} under {directory}); free some space or "
+                     "write elsewhere")
+
+
+def free_bytes(path):
+    """The bytes free on the file system that holds `path` (a file or directory, existing or not)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(path, needed, what):
+    """UserError before any work when the file system holding `path` (a file or directory, existing or not) has
+    fewer than `needed` bytes free; `what` names the files for the message."""
+    free = free_bytes(path)
+    if needed > free:
+        raise UserError(f"{path}: {what} need about {needed:,} bytes but only {free:,} are free there; free some "
+                        "space or write elsewhere")
+
+
+def temporary_name(name):
+    """The name of a temporary written before it is renamed onto `name`: .<name>.<8 hex>.tmp."""
+    return f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def temporary_target(entry):
+    """The name the temporary `entry` (temporary_name's form) stands for, or None when it is not one."""
+    parts = entry[1:].rsplit(".", 2)
+    is_temporary = entry.startswith(".") and len(parts) == 3 and parts[2] == "tmp"
+    return parts[0] if is_temporary else None
+
+
+@contextlib.contextmanager
+def atomic_paths(paths, needed=None):
+    """Yield temporary paths beside `paths`; on success all are renamed onto their targets (so the files appear
+    together: a failure before the renames leaves none of them), on any error all are removed. `needed`: the bytes
+    the files take together, named by the error on a full disk."""
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:  # renaming onto /dev/null (as root) or a directory would replace it
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path}: exists and is not a regular file; give a file name to write to")
+    tmps = []
+    try:
+        for path in paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            # the name is recorded before the file exists: a Ctrl-C inside the creation (mkstemp's window between
+            # creating the file and returning its name) would otherwise leave a temporary nobody removes
+            tmp = os.path.join(directory, temporary_name(os.path.basename(path)))
+            tmps.append(tmp)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        yield tmps
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise disk_full_error(paths, needed) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path, needed=None):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    with atomic_paths([path], needed) as (tmp,):
+        yield tmp
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path, needed=len(text.encode())) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def check_dir_usable(path, flag):
+    """A directory flag's value (created later, when needed) must be a writable directory or not exist yet."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is not a directory; give a directory")
+    if os.path.isdir(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: directory is not writable")
+
+
+def check_out_dir(out_dir):
+    """Create `out_dir` or fail early with a one-line error, before any expensive work."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable")

@@ -1,0 +1,107 @@
+"""Output directories: a tool writes only its own files there, and one run at a time.
+
+A directory a tool has written holds the marker MARKER, created when a run first claims the directory. In a marked
+directory the names the tool writes are its own: a rerun replaces them (and resumes a calibration state). Every
+other entry is foreign: refused unless `overwrite`, and even then never replaced or deleted. In a directory
+without the marker the tool's names are foreign too (a project's README.md, a pipeline's config.yaml): refused even
+with `overwrite`, since writing would replace them, unless `earlier(directory)` recognises the output of a run from
+before markers existed.
+
+The marker is also the lock: a run holds fcntl.flock on it while it writes, so a second run into the same directory
+is refused naming the holder's pid, and the OS drops the lock when the process ends, however it ends (a killed
+run leaves no stale lock).
+"""
+import contextlib
+import fcntl
+import json
+import os
+
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import check_out_dir, temporary_target
+
+MARKER = ".vq4dit"  # {"pid": the run holding or last holding the lock}
+SHOWN = 3  # foreign entries named in an error
+
+
+def _is_own(entry, names):
+    """One of `names`, or the temporary of one (utils.fileio.temporary_name) a kill left behind."""
+    return entry in names or temporary_target(entry) in names
+
+
+def _listing(entries):
+    shown = ", ".join(entries[:SHOWN])
+    return shown + (f" and {len(entries) - SHOWN} more" if len(entries) > SHOWN else "")
+
+
+def check_foreign(out_dir, names, marked, overwrite, flag):
+    """Refuse the entries of `out_dir` that the tool writing `names` did not write (see the module docstring)."""
+    entries = sorted(e for e in os.listdir(out_dir) if e != MARKER)
+    if not marked:
+        clash = [e for e in entries if _is_own(e, names)]
+        if clash:
+            raise UserError(f"{out_dir}: holds {_listing(clash)}, not written by vq4dit (no {MARKER} marker), which "
+                            f"the output would replace; give a new or empty directory ({flag} never replaces "
+                            "files vq4dit did not write)")
+    foreign = [e for e in entries if not _is_own(e, names)]
+    if foreign and not overwrite:
+        raise UserError(f"{out_dir}: holds files vq4dit did not write ({_listing(foreign)}); give a new or empty "
+                        f"directory, or pass {flag} to write beside them (they are kept)")
+
+
+def _open_marker(path):
+    """(descriptor, whether this call created the file) of the marker at `path`."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW), False
+
+
+def _lock(path, out_dir):
+    """(descriptor holding flock on the marker at `path`, whether this call created it); a UserError naming the
+    holder's pid when another process holds it."""
+    while True:
+        try:
+            fd, created = _open_marker(path)
+        except FileNotFoundError:  # removed between the two opens by a refused run: try again
+            continue
+        except OSError as e:
+            raise UserError(f"{path}: cannot open the output directory's marker ({e.strerror}); remove it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = json.loads(os.pread(fd, 4096, 0) or b"{}").get("pid", "unknown")
+            except ValueError:
+                pid = "unknown"
+            os.close(fd)
+            raise UserError(f"{out_dir}: another run (pid {pid}) is writing to it; wait for it to end or give "
+                            "another directory") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, created
+        os.close(fd)  # locked a marker a refused run had just removed: lock the one there now
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=None):
+    """Create `out_dir` if needed, lock it for this process and check that it holds no file the tool did not write
+    (`names`: the entries the tool writes there; `overwrite`: allow foreign entries, never replacing them; `flag`:
+    how the caller's user says overwrite, for messages; `earlier(out_dir)`: True when an unmarked directory is the
+    output of a run from before markers existed). The lock is released on leaving, however the block ends; on a
+    refusal a marker this call created is removed."""
+    check_out_dir(out_dir)
+    path = os.path.join(out_dir, MARKER)
+    fd, created = _lock(path, out_dir)
+    try:
+        try:
+            check_foreign(out_dir, set(names), not created or (earlier is not None and earlier(out_dir)), overwrite,
+                          flag)
+        except UserError:
+            if created:
+                os.remove(path)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)
