@@ -206,3 +206,29 @@ def test_plateau_stops_only_once_the_loss_no_longer_falls(lr, iters, stops):
     assert (info["updates"] < iters) == stops
     if stops:
         assert info["updates"] >= 100
+
+
+@pytest.mark.parametrize("step_dtype", ["fp32", "bf16"])
+def test_step_dtype_bf16_runs_the_update_forward_in_bf16_and_keeps_the_parameters_fp32(step_dtype):
+    """--step-dtype bf16: each update's forward runs under bf16 autocast (its Linear outputs are bf16), while
+    codebook, logits and their gradients stay float32 and the loss still falls; fp32 stays plain float32
+    (mutation: the autocast not entered, or entered for fp32 -> the recorded dtypes differ)."""
+    layer, linear = soft_layer(out=16, inp=16, k=16, n=2)
+    x = torch.randn(64, 16)
+    target = linear(x).detach()
+    config = tiny_config(iters=60, batch_size=8, lambda_r=0.1, step_dtype=step_dtype).calibration
+    seen = []
+
+    def loss_fn(idx):
+        out = layer(x[idx])
+        seen.append(out.dtype)
+        return torch.nn.functional.mse_loss(out.float(), target[idx])
+
+    with torch.no_grad(), argmax_assignment([layer]):
+        before = loss_fn(torch.arange(64)).item()
+    seen.clear()
+    train([layer], loss_fn, Minibatches(64, config.batch_size, seeded_generator(0)), config)
+    assert set(seen) == {torch.bfloat16 if step_dtype == "bf16" else torch.float32}
+    assert layer.codebook.dtype == torch.float32 and layer.codebook.grad.dtype == torch.float32
+    with torch.no_grad():
+        assert loss_fn(torch.arange(64)).item() < before

@@ -11,6 +11,7 @@ from vq4dit.utils.knobs import declared_choices, knob
 
 CALIB_MODES = ("blockwise", "joint", "online")
 BLOCK_INPUTS = ("quantized", "fp")
+STEP_DTYPES = ("fp32", "bf16")
 # the recorded token activations' storage dtype, by the name users write (torch is imported only where it is used)
 CACHE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -90,6 +91,9 @@ class CalibConfig:
     # the loss compared is the mean over 50 updates against the 50 before (calib/train.py)
     plateau: float = knob(0.0, "stop a block's training once every layer is hard and its mean loss over 50 updates "
                           "falls by less than this fraction (0: always --iters updates)")
+    # bf16 autocast: matmuls in bfloat16, weights, gradients, optimizer state and the loss in float32
+    step_dtype: str = knob("fp32", "dtype of the calibration updates' forward: fp32 | bf16 (autocast; parameters, "
+                           "gradients and the loss stay float32; evaluation passes always fp32)", STEP_DTYPES)
     # calib/endpass.py; issue 19 lever d
     e2e_iters: int = knob(0, "block-wise: after the walk, this many updates of every codebook and bias on the error "
                           "at the last block of the quantized chain (0: no end-to-end pass)")

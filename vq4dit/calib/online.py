@@ -20,6 +20,7 @@ from vq4dit.calib.metrics import block_stats, chain_errors, errors_before
 from vq4dit.calib.record import BlockRecorder, recording
 from vq4dit.calib.replay import block_loss
 from vq4dit.calib.train import Trainer, seeded_generator
+from vq4dit.utils.precision import update_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def train_online(problem, plan, config, resume=None, on_checkpoint=None):
         args, kwargs = live.model_args, live.model_kwargs
         if config.student_label_dropout > 0:
             args, kwargs = adapter.drop_labels(model, args, kwargs, config.student_label_dropout, dropout)
-        outs = student_outputs(model, blocks, args, kwargs)
+        with update_autocast(config.step_dtype, problem.device):
+            outs = student_outputs(model, blocks, args, kwargs)
         with torch.enable_grad():
             trainer.step(torch.stack([block_loss(o, t) for o, t in zip(outs, live.outputs)]).mean())
 

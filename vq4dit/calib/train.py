@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vq4dit.utils.precision import update_autocast
+
 logger = logging.getLogger(__name__)
 
 # train() shows the loss and offers a snapshot every CHECKPOINT_EVERY updates: reading the loss synchronises a GPU
@@ -278,8 +280,11 @@ def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoin
         next(order)
     bar = tqdm(range(trainer.updates, config.iters), desc=desc, leave=False, disable=desc is None,
                initial=trainer.updates, total=config.iters)
+    device = layers[0].codebook.device if layers else "cpu"
     for _ in bar:
-        trainer.step(loss_fn(next(order)))
+        with update_autocast(config.step_dtype, device):
+            loss = loss_fn(next(order))
+        trainer.step(loss)
         if trainer.stalled and trainer.all_hard:  # plateau: every layer hard and the loss no longer falling
             break
         if trainer.updates % CHECKPOINT_EVERY == 0:

@@ -78,3 +78,9 @@ def apply_precision(model, precision, device):
 def compute_dtype(model):
     """The dtype a model computes in: that of its first floating-point parameter (float32 if it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def update_autocast(step_dtype, device):
+    """The autocast context of a calibration update's forward: bf16 matmuls under torch.autocast for step_dtype
+    "bf16" (parameters, gradients and anything outside the autocast list stay float32), nothing for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=step_dtype == "bf16")
