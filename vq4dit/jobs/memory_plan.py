@@ -11,9 +11,14 @@ tensors and block outputs a recording stores. From them, at the config's setting
   layer from the start) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
   its minibatch (inputs and targets in fp32) and the activations autograd keeps at batch_size, measured by running
   the block on meta with soft VQ layers and attention as a fused kernel keeps it (q, k, v, output);
-- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight.
-Not counted: the text encoders (they encode the prompts once, on the CPU, before calibration), forward temporaries
-that autograd does not keep, the teacher's sampling batch, and the CUDA allocator's slack.
+- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight;
+- each stage's device and host peak (jobs/plan_stages.py), with the transients: building the quantized layers
+  holds the teacher copy and the old layers until the build ends; the recorder keeps every block's outputs for
+  the whole teacher forward at its sampling batch (measured on meta, jobs/meta_peak.py); an evaluation pass holds
+  one chunk of rows (calib/chunks.py) through a block and its forward's peak (measured on meta); output-aware
+  starts hold a block's input moments (float64, in x in per layer); the text encoders (in their config's dtype)
+  encode the prompts on the CPU before the teacher runs.
+Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
 import copy
 import json
@@ -63,6 +68,7 @@ class MemoryPlan:
     bits_with_codebooks: float
     weights: int  # quantized weights
     layers: int  # quantized Linears
+    peaks: object = None  # plan_stages.PlanPeaks
 
     @property
     def walk_bytes(self):
@@ -90,6 +96,8 @@ class MemoryPlan:
         lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
                      f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                      f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
+        if self.peaks is not None:
+            lines.append(self.peaks.format())
         return "\n".join(lines)
 
 
@@ -122,12 +130,60 @@ def meta_model(name, config):
     return model.eval()
 
 
-def dry_run_plan(config):
+def dit_source(spec):
+    """(DiTSpec, VAE factor) of ModelSpec `spec` when it names a DiT that can be built without reading weights: the
+    embedded model (no ckpt; its spec from the file's header) or a registry model (ckpt not a pipeline, ImageNet
+    sizes unless given); else None."""
+    from vq4dit.models.dit import DiT_models
+    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, embedded_ckpt_path
+
+    if spec.ckpt is None:
+        from safetensors import safe_open
+
+        with safe_open(str(embedded_ckpt_path()), "pt") as f:
+            dit = DiTSpec(**json.loads(f.metadata()["spec"]))
+        return dit, 1 if dit.in_channels != 4 else LATENT_DOWNSAMPLE
+    if spec.model not in DiT_models or (Path(spec.ckpt).expanduser() / "model_index.json").is_file():
+        return None
+    size = spec.image_size or 256
+    return DiTSpec(spec.model, size // LATENT_DOWNSAMPLE, spec.num_classes or 1000, 4), LATENT_DOWNSAMPLE
+
+
+def meta_dit(dit):
+    """The DiT of DiTSpec `dit` on the meta device (its sin-cos table is built on the CPU, then moved)."""
+    import torch
+
+    with torch.device("meta"):
+        model = dit.build()
+    return model.to("meta").eval()
+
+
+def plan_device(device):
+    """The device a run of --device `device` uses: auto is CUDA when this machine has it."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def dry_run_plan(config, json_path=None):
     """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
-    a hub id of REFERENCE_MODELS) of a supported class and its method builds codebooks, else None. Loads no
-    weights and fetches nothing."""
-    source = plan_source(config.model.ckpt)
-    if source is None or config.method == "rtn":
+    a hub id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else
+    None; `json_path`: the stage peaks (plan_stages.PlanPeaks) also written there as JSON. Loads no weights and
+    fetches nothing."""
+    if config.method == "rtn":
+        return None
+    from vq4dit.jobs.plan_stages import runtime_bytes
+
+    dit = dit_source(config.model) if config.model.backend != "diffusers" else None
+    source = None if dit is not None else plan_source(config.model.ckpt)
+    # measured before the plan's own work grows this process, with the pipeline's libraries imported
+    runtime = runtime_bytes(pipeline_classes(source[3] if source else None))
+    if dit is not None:
+        from vq4dit.models.adapters.dit import DiTAdapter
+
+        plan = memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=runtime)
+        return _finish(plan, config, json_path)
+    if source is None:
         return None
     from vq4dit.models.adapters import ADAPTERS
     from vq4dit.models.adapters.generic import GenericAdapter
@@ -142,7 +198,15 @@ def dry_run_plan(config):
         adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
                      num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
-    text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
+    plan = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens, directory, runtime)
+    return _finish(plan, config, json_path)
+
+
+def _finish(plan, config, json_path):
+    """The text of MemoryPlan `plan`; its peaks written to `json_path` (when given) as JSON."""
+    if json_path is not None:
+        plan.peaks.write_json(json_path, plan.title)
+    text = plan.format()
     if not mode_for(config.calibration.calib).walks_blocks:
         text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
                  "tensors")
@@ -266,18 +330,104 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     return sum(held.values()) + targets + optimizer
 
 
-def memory_plan(model, adapter, config, vae_factor, tokens):
+def text_encoder_bytes(directory):
+    """Bytes of the text encoders of the pipeline at `directory` (None: 0), in the dtype their configs name (fp32
+    when none), as the job loads them on the CPU to encode the prompts; built on meta from their configs."""
+    if directory is None:
+        return 0
+    import torch
+    import transformers
+
+    from vq4dit.models.pipelines import read_index
+
+    total = 0
+    for name, entry in read_index(directory).items():
+        cls = getattr(transformers, entry[1], None) if isinstance(entry, list) and entry[0] == "transformers" else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            continue
+        config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
+        dtype = getattr(config, "dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        with torch.device("meta"):
+            encoder = cls._from_config(config)
+        total += sum(t.numel() for t in encoder.parameters()) * torch.empty(0, dtype=dtype).element_size()
+        total += sum(b.numel() * b.element_size() for b in encoder.buffers())
+    return total
+
+
+def pipeline_classes(directory):
+    """[(library, class name)] of the components of the pipeline at `directory` (None: [])."""
+    if directory is None:
+        return []
+    from vq4dit.models.pipelines import read_index
+
+    return [(e[0], e[1]) for k, e in read_index(directory).items() if isinstance(e, list) and e[0] and e[1]]
+
+
+def _with_rows(tree, rows, new_rows):
+    """`tree` of meta tensors with every tensor of `rows` leading rows grown to `new_rows`."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.new_empty((new_rows, *t.shape[1:])) if getattr(t, "ndim", 0) and t.shape[0] == rows
+                    else t, tree)
+
+
+def held_bytes(tree):
+    from torch.utils._pytree import tree_leaves
+
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if hasattr(t, "element_size"))
+
+
+def record_bytes(model, adapter, plan, call, rows, per_trajectory):
+    """Device bytes of the teacher's forward at its sampling batch under the recorder, which keeps every block's
+    outputs until the model call ends: the model's inputs and the forward's peak (jobs/meta_peak.py)."""
+    from vq4dit.calib.record import recording
+    from vq4dit.jobs.meta_peak import peak_bytes
+
+    trajectories = min(plan.batch_size, getattr(adapter, "teacher_batch", plan.batch_size), plan.num_samples)
+    args, kwargs = _with_rows(call, rows, trajectories * per_trajectory)
+
+    def forward():
+        kept = []
+        with recording(model, adapter.blocks(model), lambda step: True, kept.append):
+            model(*args, **kwargs)
+
+    return held_bytes((args, kwargs)) + peak_bytes(forward)
+
+
+def evaluation_bytes(block, replay, points, largest_weight):
+    """Device bytes of an evaluation pass's chunk through `block` (calib/chunks.py's rows of the probe Replay
+    `replay`, at most the `points` of the calibration set): the chunk's fp32 inputs, the forward's peak, the
+    targets' chunk and one decoded weight of `largest_weight` bytes (a hard VQ layer builds its weight to run)."""
+    from vq4dit.calib.calls import flatten
+    from vq4dit.calib.chunks import replay_chunk
+    from vq4dit.calib.replay import gather
+    from vq4dit.jobs.meta_peak import peak_bytes
+
+    chunk = min(replay_chunk(replay), points)
+    expanded = _with_rows(dict(replay.table), replay.rows, chunk)
+    args, kwargs = gather(replay.call.inputs, expanded, replay.batched, slice(None), "meta")
+    outs = []
+    peak = peak_bytes(lambda: outs.extend(flatten(block(*args, **kwargs))[1]))
+    return held_bytes((args, kwargs)) + peak + held_bytes(outs) + largest_weight
+
+
+def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runtime=None):
     """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
-    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens."""
+    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens; `directory`: the
+    pipeline's, whose text encoders the plan counts; `runtime`: the run's process bytes (plan_stages.runtime_bytes;
+    None: measured now)."""
     import torch
 
     from vq4dit.calib.capture import calib_steps, storage_dtype
+    from vq4dit.calib.endpass import E2E_ROWS
     from vq4dit.calib.record import recording, slot_is_batched
     from vq4dit.calib.replay import Replay
     from vq4dit.calib.tables import Out
     from vq4dit.calib.teacher import recorded_rows
     from vq4dit.calib.walk import WalkPlan, walk_peaks
     from vq4dit.jobs.methods import method_for
+    from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
     from vq4dit.models.adapters.base import linear_pattern
 
     spec, codebooks, mode = config.model, config.codebooks, mode_for(config.calibration.calib)
@@ -308,11 +458,16 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes = []
+    block_bytes, evaluate, soft, moments = [], [], [], []
     for i, (name, block) in enumerate(adapter.blocks(model)):
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
         block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
+        largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
+        evaluate.append(evaluation_bytes(block, replay, rows, largest))
+        soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
+        moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)
+                       if config.output_aware and mode.walks_blocks else 0)
     state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
     fp_bytes = sum(t.numel() * 4 for t in state.values())
     teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
@@ -327,6 +482,17 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
+    end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
+    inputs = StageInputs(
+        teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
+        text_encoders=text_encoder_bytes(directory),
+        record=record_bytes(model, adapter, plan, (args, kwargs), probe_rows, per_trajectory),
+        cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
+        evaluate=evaluate, moments=moments, end_pass=end_pass,
+        end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
+        artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)])
+    runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
+    peaks = stages(inputs, plan_device(config.device), runtime)
     return MemoryPlan(
         title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
               f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
@@ -334,7 +500,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
         slots=slots, cache_bytes=sum(size for _, _, size in slots), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
-        block_bytes=max(block_bytes), pass_bytes=sum(block_bytes) if config.calibration.e2e_iters else 0,
+        block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
-        layers=len(sizes))
+        layers=len(sizes), peaks=peaks)

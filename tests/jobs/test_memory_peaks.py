@@ -1,0 +1,58 @@
+"""The plan's host peak against the measured peak resident memory (VmHWM) of real quantize runs on the CPU, each in
+a fresh process: the embedded model and the tiny Flux pipeline (tests/models/tiny_t2i.py). Memory, not time: the
+result does not depend on the machine's load."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.models.tiny_t2i import PROMPTS, save_tiny_t2i_pipeline
+
+SHORT = ["--iters", "2", "--calib-samples", "2", "--calib-timesteps", "2", "--steps", "4", "--kmeans-iters", "2",
+         "--device", "cpu"]
+MIB = 2**20
+RUN = textwrap.dedent("""
+    import sys
+    from vq4dit.cli.quantize import cli
+    cli(sys.argv[1:])
+    print("VmHWM", next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                        if line.startswith("VmHWM:")))
+""")
+
+
+def quantize(argv):
+    out = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, cwd=None)
+    return out.stdout
+
+
+def measured_and_planned(argv, tmp_path):
+    plan = tmp_path / "plan.json"
+    quantize([*argv, "--dry-run", "--json", str(plan)])
+    hwm = int(quantize([*argv, "--out", str(tmp_path / "out")]).split("VmHWM")[1].split()[0])
+    return hwm, json.loads(plan.read_text())
+
+
+def check(hwm, plan):
+    assert abs(plan["host_peak_bytes"] - hwm) <= 0.1 * hwm + 64 * MIB, (hwm / MIB, plan["host_peak_bytes"] / MIB)
+    assert plan["host_peak_bytes"] == max(s["host_bytes"] for s in plan["stages"])
+    assert plan["device"] == "cpu"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_plans_host_peak_is_the_embedded_runs(tmp_path):
+    """Catches a plan that leaves out the process itself (its libraries: 300+ MiB, the bulk at this size) or counts
+    the planning process's own growth (the meta model, the probes) as the run's."""
+    check(*measured_and_planned(SHORT, tmp_path))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_plans_host_peak_is_the_tiny_flux_runs(tmp_path):
+    """Catches the pipeline's libraries (diffusers, transformers: another 200 MiB) left out of the runtime."""
+    save_tiny_t2i_pipeline("flux", tmp_path / "pipeline")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = [*SHORT, "--ckpt", str(tmp_path / "pipeline"), "--prompts", str(tmp_path / "prompts.txt"),
+            "--codebook-size", "16", "--batch-size", "4", "--height", "8", "--width", "8"]
+    check(*measured_and_planned(argv, tmp_path))
