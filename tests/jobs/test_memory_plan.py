@@ -10,8 +10,9 @@ import torch
 from tests.models.tiny_t2i import quantized_run
 from vq4dit.calib.problem import layers_of
 from vq4dit.jobs.config import load_config
-from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan
 from vq4dit.jobs.methods import method_for
+from vq4dit.jobs.plan_sources import meta_model, plan_source
 from vq4dit.models.adapters import ADAPTERS
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import CodebookSpec, quantize_linears
@@ -113,8 +114,9 @@ def test_the_end_to_end_pass_holds_every_blocks_training_at_once():
     assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]
 
 
-def test_dry_run_prints_the_plan_of_a_pipeline_and_only_the_config_of_a_dit(tmp_path_factory):
+def test_dry_run_plans_a_pipeline_and_the_embedded_dit_but_not_rtn(tmp_path_factory):
     r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
     text = dry_run_plan(load_config(overrides={"ckpt": str(r.pipeline), "height": 8, "width": 8}))
     assert text.startswith("memory plan: FluxTransformer2DModel (4 blocks) at 8x8")
-    assert dry_run_plan(load_config(overrides={"ckpt": None})) is None
+    assert dry_run_plan(load_config(overrides={"ckpt": None})).startswith("memory plan: DiT (6 blocks) at 16x16")
+    assert dry_run_plan(load_config(overrides={"ckpt": None, "method": "rtn"})) is None

@@ -33,7 +33,7 @@ def main(args):
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
-        from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
+        from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only to plan a model
 
         plan = dry_run_plan(config, args.json)
         if plan is not None:

@@ -20,32 +20,22 @@ tensors and block outputs a recording stores. From them, at the config's setting
   encode the prompts on the CPU before the teacher runs.
 Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
-import copy
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from vq4dit.calib.modes import mode_for
+from vq4dit.jobs.plan_probes import block_training_bytes, evaluation_bytes, record_bytes
+from vq4dit.jobs.plan_sources import (
+    dit_source,
+    meta_dit,
+    meta_model,
+    pipeline_classes,
+    plan_device,
+    plan_source,
+    text_encoder_bytes,
+)
 
 GIB = 2**30
-# published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
-REFERENCE_MODELS = {
-    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
-        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
-        attention_bias=True, interpolation_scale=2, use_additional_conditions=False)),
-    "stabilityai/stable-diffusion-3.5-medium": ("SD3Transformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
-    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=[16, 56, 56])),
-}
-REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
 PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
 QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
 
@@ -101,70 +91,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_source(ckpt):
-    """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
-    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
-    if ckpt is None:
-        return None
-    path = Path(ckpt).expanduser()
-    if (path / "model_index.json").is_file():
-        from vq4dit.models.adapters.t2i import vae_scale_factor
-        from vq4dit.models.pipelines import transformer_class
-
-        config = json.loads((path / "transformer" / "config.json").read_text())
-        return transformer_class(path)[1], config, vae_scale_factor(path), path
-    if str(ckpt) in REFERENCE_MODELS:
-        name, config = REFERENCE_MODELS[str(ckpt)]
-        return name, config, REFERENCE_VAE_FACTOR, None
-    return None
-
-
-def meta_model(name, config):
-    """The diffusers model class `name` built from `config`, every parameter and buffer on the meta device (tables
-    computed at construction too, e.g. SD3's 384 x 384 position embeddings: 1.8 GB on a real device)."""
-    import diffusers
-    import torch
-
-    with torch.device("meta"):
-        model = getattr(diffusers, name).from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    return model.eval()
-
-
-def dit_source(spec):
-    """(DiTSpec, VAE factor) of ModelSpec `spec` when it names a DiT that can be built without reading weights: the
-    embedded model (no ckpt; its spec from the file's header) or a registry model (ckpt not a pipeline, ImageNet
-    sizes unless given); else None."""
-    from vq4dit.models.dit import DiT_models
-    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, embedded_ckpt_path
-
-    if spec.ckpt is None:
-        from safetensors import safe_open
-
-        with safe_open(str(embedded_ckpt_path()), "pt") as f:
-            dit = DiTSpec(**json.loads(f.metadata()["spec"]))
-        return dit, 1 if dit.in_channels != 4 else LATENT_DOWNSAMPLE
-    if spec.model not in DiT_models or (Path(spec.ckpt).expanduser() / "model_index.json").is_file():
-        return None
-    size = spec.image_size or 256
-    return DiTSpec(spec.model, size // LATENT_DOWNSAMPLE, spec.num_classes or 1000, 4), LATENT_DOWNSAMPLE
-
-
-def meta_dit(dit):
-    """The DiT of DiTSpec `dit` on the meta device (its sin-cos table is built on the CPU, then moved)."""
-    import torch
-
-    with torch.device("meta"):
-        model = dit.build()
-    return model.to("meta").eval()
-
-
-def plan_device(device):
-    """The device a run of --device `device` uses: auto is CUDA when this machine has it."""
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def dry_run_plan(config, json_path=None):
     """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
     a hub id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else
@@ -174,8 +100,8 @@ def dry_run_plan(config, json_path=None):
         return None
     from vq4dit.jobs.plan_stages import runtime_bytes
 
-    dit = dit_source(config.model) if config.model.backend != "diffusers" else None
-    source = None if dit is not None else plan_source(config.model.ckpt)
+    source = plan_source(config.model.ckpt)
+    dit = dit_source(config.model) if source is None and config.model.backend != "diffusers" else None
     # measured before the plan's own work grows this process, with the pipeline's libraries imported
     runtime = runtime_bytes(pipeline_classes(source[3] if source else None))
     if dit is not None:
@@ -250,166 +176,6 @@ def layer_sizes(model, include, codebooks, n):
                      "stored": sum(nbytes(*spec) for spec in specs.values()),
                      "index": nbytes(*specs["indices"]), "codebook": nbytes(*specs["codebook"])}
     return out
-
-
-class _FusedAttention:
-    """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
-    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix."""
-
-    def __init__(self):
-        import torch
-
-        class Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v):
-                out = q.new_empty(*q.shape[:-1], v.shape[-1])
-                ctx.save_for_backward(q, k, v, out)
-                return out
-
-            @staticmethod
-            def backward(ctx, grad):
-                raise RuntimeError("shape probe only")
-
-        self.fn = Fn
-
-    def __call__(self, query, key, value, *args, **kwargs):
-        return self.fn.apply(query, key, value)
-
-
-def _probe_layer(m, codebooks, size):
-    """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
-    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
-    import torch
-
-    from vq4dit.vq.layer import VQLinear
-
-    class Probe(VQLinear):
-        def ratios(self):
-            return torch.softmax(self.logits, dim=1)
-
-    return Probe(m.in_features, m.out_features, codebooks.k, codebooks.dim, size["n"], size["groups"],
-                 bias=m.bias is not None, device="meta")
-
-
-def block_training_bytes(block, replay, include_block, sizes, config):
-    """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
-    QuantizeConfig `config`: autograd's saved activations with soft VQ layers in place of the selected Linears
-    (`include_block`: their names inside the block), the minibatch's inputs and targets in fp32, and the gradients
-    and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
-    import torch
-    import torch.nn.functional as F
-
-    from vq4dit.calib.calls import flatten
-    from vq4dit.calib.replay import gather
-    from vq4dit.vq.apply import set_submodule
-
-    student = copy.deepcopy(block)
-    for local, full in include_block.items():
-        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
-    rows, batched = config.calibration.batch_size, replay.batched
-    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
-    args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
-    owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
-    inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
-    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
-    # autograd keeps (a tensor counts once however often it is saved)
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in owned:
-            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            outputs = flatten(student(*args, **kwargs))[1]
-    finally:
-        F.scaled_dot_product_attention = sdpa
-    targets = sum(t.numel() * 4 for t in outputs)
-    optimizer = sum(2 * (sizes[f]["subs"] * sizes[f]["n"] * 4 + sizes[f]["fixed"]) for f in include_block.values())
-    return sum(held.values()) + targets + optimizer
-
-
-def text_encoder_bytes(directory):
-    """Bytes of the text encoders of the pipeline at `directory` (None: 0), in the dtype their configs name (fp32
-    when none), as the job loads them on the CPU to encode the prompts; built on meta from their configs."""
-    if directory is None:
-        return 0
-    import torch
-    import transformers
-
-    from vq4dit.models.pipelines import read_index
-
-    total = 0
-    for name, entry in read_index(directory).items():
-        cls = getattr(transformers, entry[1], None) if isinstance(entry, list) and entry[0] == "transformers" else None
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            continue
-        config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
-        dtype = getattr(config, "dtype", None)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
-        with torch.device("meta"):
-            encoder = cls._from_config(config)
-        total += sum(t.numel() for t in encoder.parameters()) * torch.empty(0, dtype=dtype).element_size()
-        total += sum(b.numel() * b.element_size() for b in encoder.buffers())
-    return total
-
-
-def pipeline_classes(directory):
-    """[(library, class name)] of the components of the pipeline at `directory` (None: [])."""
-    if directory is None:
-        return []
-    from vq4dit.models.pipelines import read_index
-
-    return [(e[0], e[1]) for k, e in read_index(directory).items() if isinstance(e, list) and e[0] and e[1]]
-
-
-def _with_rows(tree, rows, new_rows):
-    """`tree` of meta tensors with every tensor of `rows` leading rows grown to `new_rows`."""
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t.new_empty((new_rows, *t.shape[1:])) if getattr(t, "ndim", 0) and t.shape[0] == rows
-                    else t, tree)
-
-
-def held_bytes(tree):
-    from torch.utils._pytree import tree_leaves
-
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if hasattr(t, "element_size"))
-
-
-def record_bytes(model, adapter, plan, call, rows, per_trajectory):
-    """Device bytes of the teacher's forward at its sampling batch under the recorder, which keeps every block's
-    outputs until the model call ends: the model's inputs and the forward's peak (jobs/meta_peak.py)."""
-    from vq4dit.calib.record import recording
-    from vq4dit.jobs.meta_peak import peak_bytes
-
-    trajectories = min(plan.batch_size, getattr(adapter, "teacher_batch", plan.batch_size), plan.num_samples)
-    args, kwargs = _with_rows(call, rows, trajectories * per_trajectory)
-
-    def forward():
-        kept = []
-        with recording(model, adapter.blocks(model), lambda step: True, kept.append):
-            model(*args, **kwargs)
-
-    return held_bytes((args, kwargs)) + peak_bytes(forward)
-
-
-def evaluation_bytes(block, replay, points, largest_weight):
-    """Device bytes of an evaluation pass's chunk through `block` (calib/chunks.py's rows of the probe Replay
-    `replay`, at most the `points` of the calibration set): the chunk's fp32 inputs, the forward's peak, the
-    targets' chunk and one decoded weight of `largest_weight` bytes (a hard VQ layer builds its weight to run)."""
-    from vq4dit.calib.calls import flatten
-    from vq4dit.calib.chunks import replay_chunk
-    from vq4dit.calib.replay import gather
-    from vq4dit.jobs.meta_peak import peak_bytes
-
-    chunk = min(replay_chunk(replay), points)
-    expanded = _with_rows(dict(replay.table), replay.rows, chunk)
-    args, kwargs = gather(replay.call.inputs, expanded, replay.batched, slice(None), "meta")
-    outs = []
-    peak = peak_bytes(lambda: outs.extend(flatten(block(*args, **kwargs))[1]))
-    return held_bytes((args, kwargs)) + peak + held_bytes(outs) + largest_weight
 
 
 def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runtime=None):
