@@ -135,7 +135,8 @@ def _finish(plan, config, json_path):
     text = plan.format()
     if not mode_for(config.calibration.calib).walks_blocks:
         text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
-                 "tensors")
+                 "tensors, and its error passes run the whole chain (calib/chunks.py chain_chunk), planned as one "
+                 "block's")
     return text
 
 
@@ -256,7 +257,8 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
         evaluate=evaluate, moments=moments, end_pass=end_pass,
         end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
-        artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)])
+        artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)],
+        walks_blocks=mode.walks_blocks)
     runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
     peaks = stages(inputs, plan_device(config.device), runtime)
     return MemoryPlan(

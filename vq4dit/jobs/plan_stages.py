@@ -129,6 +129,7 @@ class StageInputs:
     end_points: int  # host: the pass's points and targets
     artifact: int  # host: the artifact's tensors while they are written
     names: list  # block names
+    walks_blocks: bool = True  # False (joint, online): every layer soft and trained at once, on every block's error
 
 
 def stages(inputs, device, runtime):
@@ -144,10 +145,14 @@ def stages(inputs, device, runtime):
     if x.text_encoders:
         out.append(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders))
     out.append(stage("record (teacher batch, every block output)", resident + x.record, x.cache))
-    for i, name in enumerate(x.names):
+    if not x.walks_blocks:
+        out.append(stage("calibrate (every layer soft, every block at once)", resident + sum(x.soft) + sum(x.train),
+                         max(x.walk)))
+    for i, name in enumerate(x.names if x.walks_blocks else []):
         out.append(stage(f"walk {i} {name}", resident + x.soft[i] + x.moments[i] + x.train[i], x.walk[i]))
     worst = max(range(len(x.names)), key=lambda i: x.evaluate[i] + x.soft[i])
-    out.append(stage(f"evaluation passes (largest: {x.names[worst]})", resident + x.soft[worst] + x.evaluate[worst],
+    soft = x.soft[worst] if x.walks_blocks else sum(x.soft)
+    out.append(stage(f"evaluation passes (largest: {x.names[worst]})", resident + soft + x.evaluate[worst],
                      x.walk[worst]))
     if x.end_pass:
         out.append(stage("end-to-end pass", resident + x.end_pass, x.end_points))
