@@ -9,11 +9,12 @@ from vq4dit.calib.train import argmax_assignment
 
 
 @torch.no_grad()
-def chain_errors(blocks, teacher_blocks, cset, device):
+def chain_errors(blocks, teacher_blocks, cset, device, chunk=None):
     """Per-block output error (list of floats) of `blocks` fed by themselves vs `teacher_blocks` fed by themselves,
-    both from the recorded slots of the calibration set `cset`: the error a sampler would see; in chunks of as
-    many rows as the evaluation budget holds for both chains at once (calib/chunks.py)."""
-    totals, counts, chunk = [0.0] * len(blocks), [0] * len(blocks), chain_chunk(cset, copies=2)
+    both from the recorded slots of the calibration set `cset`: the error a sampler would see; in chunks of `chunk`
+    rows (None: as many as the evaluation budget holds for both chains at once, calib/chunks.py)."""
+    totals, counts = [0.0] * len(blocks), [0] * len(blocks)
+    chunk = chunk or chain_chunk(cset, copies=2)
     for s in range(0, cset.rows, chunk):
         rows = slice(s, min(s + chunk, cset.rows))
         outs = run_chain(blocks, cset, rows, device)
