@@ -139,7 +139,7 @@ QUANTIZE = Cli(quantize.cli, (
     Flag("--seed", ("0", "7", "9223372036854775807"), INTS + ("9223372036854775808",)),
     Flag("--device", ("cpu", "auto"), ("cuda", "cuda:7", "gpu", "cuda:x", "", "CPU")),
     Flag("--out", ("{qout}",), PATHS + ("{artifact}",)),
-    Flag("--split-qkv"), Flag("--overwrite"), Flag("--dry-run"),
+    Flag("--split-qkv"), Flag("--overwrite"), Flag("--dry-run"), Flag("--json", ("{json}",), PATHS),
 ), budget=("--ckpt", "{ckpt}", "--method", "rtn", "--codebook-size", "4", "--dim", "2", "--kmeans-iters", "1",
            "--iters", "1", "--batch-size", "2", "--calib-samples", "1", "--online-batch", "1", "--steps", "2",
            "--calib-timesteps", "1", "--device", "cpu", "--out", "{qout}"),

@@ -31,7 +31,7 @@ def test_chain_errors_match_a_direct_computation():
         for block, fp_block in zip(q.blocks, fp.blocks):
             h, h_fp = block(h, c), fp_block(h_fp, c)
             expected.append(((h - h_fp) ** 2).mean().item())
-    assert chain_errors(list(q.blocks), list(fp.blocks), cset, "cpu", batch_size=5) == pytest.approx(expected,
+    assert chain_errors(list(q.blocks), list(fp.blocks), cset, "cpu", chunk=5) == pytest.approx(expected,
                                                                                                       rel=1e-5)
     assert chain_errors(list(fp.blocks), list(fp.blocks), cset, "cpu") == [0.0, 0.0, 0.0]
 

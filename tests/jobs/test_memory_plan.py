@@ -10,8 +10,9 @@ import torch
 from tests.models.tiny_t2i import quantized_run
 from vq4dit.calib.problem import layers_of
 from vq4dit.jobs.config import load_config
-from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan
 from vq4dit.jobs.methods import method_for
+from vq4dit.jobs.plan_sources import meta_model, plan_source
 from vq4dit.models.adapters import ADAPTERS
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import CodebookSpec, quantize_linears
@@ -113,8 +114,36 @@ def test_the_end_to_end_pass_holds_every_blocks_training_at_once():
     assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]
 
 
-def test_dry_run_prints_the_plan_of_a_pipeline_and_only_the_config_of_a_dit(tmp_path_factory):
+def test_dry_run_plans_a_pipeline_and_the_embedded_dit_but_not_rtn(tmp_path_factory):
     r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
     text = dry_run_plan(load_config(overrides={"ckpt": str(r.pipeline), "height": 8, "width": 8}))
     assert text.startswith("memory plan: FluxTransformer2DModel (4 blocks) at 8x8")
-    assert dry_run_plan(load_config(overrides={"ckpt": None})) is None
+    assert dry_run_plan(load_config(overrides={"ckpt": None})).startswith("memory plan: DiT (6 blocks) at 16x16")
+    assert dry_run_plan(load_config(overrides={"ckpt": None, "method": "rtn"})) is None
+
+
+def test_flux_dev_stages_hold_the_transients_and_the_evaluation_chunk_fits_its_budget(tmp_path):
+    """Catches the build counted without the teacher copy (it holds the fp32 model twice: the largest device peak of
+    Flux-dev, above the walk the old plan named), the recorder's kept block outputs left out (record = the resident
+    models only), and evaluation passes at the old 256 rows (about 250 GiB over the resident models; the 6 GiB
+    budget gives 7 rows). The JSON holds each stage and the overall peaks."""
+    from vq4dit.calib.chunks import EVAL_BUDGET
+
+    config = load_config("flux_dev_w2", overrides={"device": "cuda"})
+    name, model_config, factor, _ = plan_source(config.model.ckpt)
+    plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor, ADAPTERS[name].text_tokens,
+                       runtime=0)
+    stages = {s.name.split(" (")[0]: s for s in plan.peaks.stages}
+    resident = plan.teacher_bytes + plan.hard_bytes
+    build = stages["build quantized layers"].device_bytes
+    assert 2 * plan.teacher_bytes < build < 2 * plan.teacher_bytes + plan.hard_bytes
+    assert plan.peaks.device_peak.name.startswith("build")
+    assert stages["record"].device_bytes > resident + 10 * 2**30  # 57 blocks' outputs at the teacher's batch
+    evaluation = stages["evaluation passes"].device_bytes - resident - plan.student_bytes + plan.hard_bytes
+    assert 2**30 < evaluation < 1.1 * EVAL_BUDGET  # the chunk, plus one decoded weight
+    path = tmp_path / "plan.json"
+    plan.peaks.write_json(path, plan.title)
+    saved = json.loads(path.read_text())
+    assert saved["device_peak_bytes"] == max(s["device_bytes"] for s in saved["stages"])
+    assert [s["name"] for s in saved["stages"]] == [s.name for s in plan.peaks.stages]
+    assert saved["device"] == "cuda" and saved["host_peak_stage"] == plan.peaks.host_peak.name

@@ -18,6 +18,7 @@ import torch
 
 from vq4dit.calib.capture import CalibrationSet
 from vq4dit.calib.checkpoints import Checkpoint
+from vq4dit.calib.chunks import chain_chunk
 from vq4dit.calib.replay import block_loss, run_chain, squared_error
 from vq4dit.calib.train import Minibatches, seeded_generator, train
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 E2E_ROWS = 256  # points of the pass: DiT-XL/2 block-0 inputs and last-block outputs there take 0.3 GiB in fp16
 E2E_CHECK = 50  # updates between two measurements of the chain's end error (each costs about 5 updates)
+E2E_CHUNK = 64  # most points of one chunk of the pass's error measurement
 E2E_STREAM = 3  # random stream (seed, E2E_STREAM) of the pass's minibatch order
 PREFIX = "e2e/"  # the pass's tensors among a saved state's activations
 
@@ -90,9 +92,10 @@ def points_tensors(points):
 
 
 @torch.no_grad()
-def end_error(blocks, cset, targets, device, chunk=64):
-    """The last block's output error of `blocks` fed by themselves from `cset`'s slots, vs `targets`."""
-    total, count = 0.0, 0
+def end_error(blocks, cset, targets, device):
+    """The last block's output error of `blocks` fed by themselves from `cset`'s slots, vs `targets`; in chunks of
+    at most E2E_CHUNK rows, fewer when the evaluation budget holds fewer (calib/chunks.py)."""
+    total, count, chunk = 0.0, 0, chain_chunk(cset, copies=1, most=E2E_CHUNK)
     for s in range(0, cset.rows, chunk):
         rows = slice(s, min(s + chunk, cset.rows))
         err, n = squared_error(run_chain(blocks, cset, rows, device)[-1], [t[rows] for t in targets])

@@ -13,7 +13,8 @@ from vq4dit.calib.replay import Replay, sweep
 
 logger = logging.getLogger(__name__)
 
-PROBE_ROWS = 256  # a sixth of the default's 1536 points: the guard costs a third of one forward sweep per block
+PROBE_ROWS = 256  # a sixth of the default's 1536 points: the guard costs a third of one forward sweep per block;
+# its sweeps run in chunks the evaluation budget holds (calib/chunks.py)
 
 
 def starting_point(layers):

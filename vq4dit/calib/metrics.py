@@ -2,18 +2,21 @@
 (computed in chunks, no stored activations), weight errors, and the per-block and per-layer stats records."""
 import torch
 
+from vq4dit.calib.chunks import chain_chunk
 from vq4dit.calib.problem import layers_of
 from vq4dit.calib.replay import run_chain, squared_error
 from vq4dit.calib.train import argmax_assignment
 
 
 @torch.no_grad()
-def chain_errors(blocks, teacher_blocks, cset, device, batch_size=256):
+def chain_errors(blocks, teacher_blocks, cset, device, chunk=None):
     """Per-block output error (list of floats) of `blocks` fed by themselves vs `teacher_blocks` fed by themselves,
-    both from the recorded slots of the calibration set `cset`: the error a sampler would see."""
+    both from the recorded slots of the calibration set `cset`: the error a sampler would see; in chunks of `chunk`
+    rows (None: as many as the evaluation budget holds for both chains at once, calib/chunks.py)."""
     totals, counts = [0.0] * len(blocks), [0] * len(blocks)
-    for s in range(0, cset.rows, batch_size):
-        rows = slice(s, min(s + batch_size, cset.rows))
+    chunk = chunk or chain_chunk(cset, copies=2)
+    for s in range(0, cset.rows, chunk):
+        rows = slice(s, min(s + chunk, cset.rows))
         outs = run_chain(blocks, cset, rows, device)
         refs = run_chain(teacher_blocks, cset, rows, device)
         for i, (o, r) in enumerate(zip(outs, refs)):

@@ -11,6 +11,7 @@ import torch
 
 from vq4dit.calib.calls import flatten, unflatten
 from vq4dit.calib.capture import to_cache
+from vq4dit.calib.chunks import replay_chunk
 from vq4dit.calib.tables import Out, ref_of
 
 
@@ -58,14 +59,15 @@ def block_loss(outs, targets):
 
 
 @torch.no_grad()
-def sweep(block, replay, device, alloc=None, targets=None, chunk=256):
-    """Run `block` over all rows in chunks -> (outputs or None, error vs `targets` or None).
+def sweep(block, replay, device, alloc=None, targets=None, chunk=None):
+    """Run `block` over all rows in chunks of `chunk` rows (None: as many as the evaluation budget holds,
+    calib/chunks.py) -> (outputs or None, error vs `targets` or None).
 
     alloc(first chunk's outputs, num_rows) -> list of (M, ...) tensors to write the outputs into (one may be an input
     of this block: a chunk's outputs depend only on that chunk's rows); None: outputs are not kept.
     targets: optional list of (M, ...) tensors to measure the block error against.
     """
-    total, count, out = 0.0, 0, None
+    total, count, out, chunk = 0.0, 0, None, chunk or replay_chunk(replay)
     for s in range(0, replay.rows, chunk):
         rows = slice(s, min(s + chunk, replay.rows))
         outs = call_block(block, replay, rows, device)

@@ -11,6 +11,7 @@ import os
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
 from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
+from vq4dit.utils.errors import UserError
 from vq4dit.utils.knobs import add_flags, text_flags
 
 
@@ -25,13 +26,16 @@ def default_out(config):
 
 
 def main(args):
-    check_not_blank({"--config": args.config, **text_flags(args, CONFIG_KINDS, FLAGS), "--out": args.out})
+    check_not_blank({"--config": args.config, **text_flags(args, CONFIG_KINDS, FLAGS), "--out": args.out,
+                     "--json": args.json})
+    if args.json is not None and not args.dry_run:
+        raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
-        from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only for a text-to-image pipeline
+        from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only to plan a model
 
-        plan = dry_run_plan(config)
+        plan = dry_run_plan(config, args.json)
         if plan is not None:
             print(plan)
         return
@@ -64,7 +68,9 @@ def build_parser():
                         "replaced), and delete a calibration state there that this run would not resume (another "
                         "config, checkpoint or method); without it either is an error")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
-                        "pipeline, its memory plan) and exit")
+                        "pipeline or a DiT, its memory plan) and exit")
+    parser.add_argument("--json", metavar="FILE", help="with --dry-run: also write the plan's peaks (each stage's "
+                        "device and host bytes, the overall peaks) to FILE as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 

@@ -11,36 +11,31 @@ tensors and block outputs a recording stores. From them, at the config's setting
   layer from the start) and the block being calibrated: gradients and RMSprop state of its VQ parameters,
   its minibatch (inputs and targets in fp32) and the activations autograd keeps at batch_size, measured by running
   the block on meta with soft VQ layers and attention as a fused kernel keeps it (q, k, v, output);
-- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight.
-Not counted: the text encoders (they encode the prompts once, on the CPU, before calibration), forward temporaries
-that autograd does not keep, the teacher's sampling batch, and the CUDA allocator's slack.
+- the artifact: every stored tensor's bytes from its codec (vq/codecs.py), and bits per quantized weight;
+- each stage's device and host peak (jobs/plan_stages.py), with the transients: building the quantized layers
+  holds the teacher copy and the old layers until the build ends; the recorder keeps every block's outputs for
+  the whole teacher forward at its sampling batch (measured on meta, jobs/meta_peak.py); an evaluation pass holds
+  one chunk of rows (calib/chunks.py) through a block and its forward's peak (measured on meta); output-aware
+  starts hold a block's input moments (float64, in x in per layer); the text encoders (in their config's dtype)
+  encode the prompts on the CPU before the teacher runs.
+Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
-import copy
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from vq4dit.calib.modes import mode_for
+from vq4dit.jobs.plan_probes import block_training_bytes, evaluation_bytes, record_bytes
+from vq4dit.jobs.plan_sources import (
+    dit_source,
+    meta_dit,
+    meta_model,
+    pipeline_classes,
+    plan_device,
+    plan_source,
+    text_encoder_bytes,
+)
 
 GIB = 2**30
-# published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
-REFERENCE_MODELS = {
-    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
-        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
-        attention_bias=True, interpolation_scale=2, use_additional_conditions=False)),
-    "stabilityai/stable-diffusion-3.5-medium": ("SD3Transformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
-    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=[16, 56, 56])),
-}
-REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
 PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
 QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
 
@@ -63,6 +58,7 @@ class MemoryPlan:
     bits_with_codebooks: float
     weights: int  # quantized weights
     layers: int  # quantized Linears
+    peaks: object = None  # plan_stages.PlanPeaks
 
     @property
     def walk_bytes(self):
@@ -90,44 +86,30 @@ class MemoryPlan:
         lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
                      f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                      f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
+        if self.peaks is not None:
+            lines.append(self.peaks.format())
         return "\n".join(lines)
 
 
-def plan_source(ckpt):
-    """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
-    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
-    if ckpt is None:
-        return None
-    path = Path(ckpt).expanduser()
-    if (path / "model_index.json").is_file():
-        from vq4dit.models.adapters.t2i import vae_scale_factor
-        from vq4dit.models.pipelines import transformer_class
-
-        config = json.loads((path / "transformer" / "config.json").read_text())
-        return transformer_class(path)[1], config, vae_scale_factor(path), path
-    if str(ckpt) in REFERENCE_MODELS:
-        name, config = REFERENCE_MODELS[str(ckpt)]
-        return name, config, REFERENCE_VAE_FACTOR, None
-    return None
-
-
-def meta_model(name, config):
-    """The diffusers model class `name` built from `config`, every parameter and buffer on the meta device (tables
-    computed at construction too, e.g. SD3's 384 x 384 position embeddings: 1.8 GB on a real device)."""
-    import diffusers
-    import torch
-
-    with torch.device("meta"):
-        model = getattr(diffusers, name).from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    return model.eval()
-
-
-def dry_run_plan(config):
+def dry_run_plan(config, json_path=None):
     """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
-    a hub id of REFERENCE_MODELS) of a supported class and its method builds codebooks, else None. Loads no
-    weights and fetches nothing."""
+    a hub id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else
+    None; `json_path`: the stage peaks (plan_stages.PlanPeaks) also written there as JSON. Loads no weights and
+    fetches nothing."""
+    if config.method == "rtn":
+        return None
+    from vq4dit.jobs.plan_stages import runtime_bytes
+
     source = plan_source(config.model.ckpt)
-    if source is None or config.method == "rtn":
+    dit = dit_source(config.model) if source is None and config.model.backend != "diffusers" else None
+    # measured before the plan's own work grows this process, with the pipeline's libraries imported
+    runtime = runtime_bytes(pipeline_classes(source[3] if source else None))
+    if dit is not None:
+        from vq4dit.models.adapters.dit import DiTAdapter
+
+        plan = memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=runtime)
+        return _finish(plan, config, json_path)
+    if source is None:
         return None
     from vq4dit.models.adapters import ADAPTERS
     from vq4dit.models.adapters.generic import GenericAdapter
@@ -142,10 +124,19 @@ def dry_run_plan(config):
         adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
                      num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
-    text = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens).format()
+    plan = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens, directory, runtime)
+    return _finish(plan, config, json_path)
+
+
+def _finish(plan, config, json_path):
+    """The text of MemoryPlan `plan`; its peaks written to `json_path` (when given) as JSON."""
+    if json_path is not None:
+        plan.peaks.write_json(json_path, plan.title)
+    text = plan.format()
     if not mode_for(config.calibration.calib).walks_blocks:
         text += (f"\n  note: the host figures are the block-wise walk's; calib {config.calibration.calib} holds other "
-                 "tensors")
+                 "tensors, and its error passes run the whole chain (calib/chunks.py chain_chunk), planned as one "
+                 "block's")
     return text
 
 
@@ -188,96 +179,22 @@ def layer_sizes(model, include, codebooks, n):
     return out
 
 
-class _FusedAttention:
-    """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
-    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix."""
-
-    def __init__(self):
-        import torch
-
-        class Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v):
-                out = q.new_empty(*q.shape[:-1], v.shape[-1])
-                ctx.save_for_backward(q, k, v, out)
-                return out
-
-            @staticmethod
-            def backward(ctx, grad):
-                raise RuntimeError("shape probe only")
-
-        self.fn = Fn
-
-    def __call__(self, query, key, value, *args, **kwargs):
-        return self.fn.apply(query, key, value)
-
-
-def _probe_layer(m, codebooks, size):
-    """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
-    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
-    import torch
-
-    from vq4dit.vq.layer import VQLinear
-
-    class Probe(VQLinear):
-        def ratios(self):
-            return torch.softmax(self.logits, dim=1)
-
-    return Probe(m.in_features, m.out_features, codebooks.k, codebooks.dim, size["n"], size["groups"],
-                 bias=m.bias is not None, device="meta")
-
-
-def block_training_bytes(block, replay, include_block, sizes, config):
-    """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
-    QuantizeConfig `config`: autograd's saved activations with soft VQ layers in place of the selected Linears
-    (`include_block`: their names inside the block), the minibatch's inputs and targets in fp32, and the gradients
-    and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
-    import torch
-    import torch.nn.functional as F
-
-    from vq4dit.calib.calls import flatten
-    from vq4dit.calib.replay import gather
-    from vq4dit.vq.apply import set_submodule
-
-    student = copy.deepcopy(block)
-    for local, full in include_block.items():
-        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
-    rows, batched = config.calibration.batch_size, replay.batched
-    expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
-    args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
-    owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
-    inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
-    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
-    # autograd keeps (a tensor counts once however often it is saved)
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in owned:
-            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            outputs = flatten(student(*args, **kwargs))[1]
-    finally:
-        F.scaled_dot_product_attention = sdpa
-    targets = sum(t.numel() * 4 for t in outputs)
-    optimizer = sum(2 * (sizes[f]["subs"] * sizes[f]["n"] * 4 + sizes[f]["fixed"]) for f in include_block.values())
-    return sum(held.values()) + targets + optimizer
-
-
-def memory_plan(model, adapter, config, vae_factor, tokens):
+def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runtime=None):
     """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
-    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens."""
+    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens; `directory`: the
+    pipeline's, whose text encoders the plan counts; `runtime`: the run's process bytes (plan_stages.runtime_bytes;
+    None: measured now)."""
     import torch
 
     from vq4dit.calib.capture import calib_steps, storage_dtype
+    from vq4dit.calib.endpass import E2E_ROWS
     from vq4dit.calib.record import recording, slot_is_batched
     from vq4dit.calib.replay import Replay
     from vq4dit.calib.tables import Out
     from vq4dit.calib.teacher import recorded_rows
     from vq4dit.calib.walk import WalkPlan, walk_peaks
     from vq4dit.jobs.methods import method_for
+    from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
     from vq4dit.models.adapters.base import linear_pattern
 
     spec, codebooks, mode = config.model, config.codebooks, mode_for(config.calibration.calib)
@@ -308,11 +225,16 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes = []
+    block_bytes, evaluate, soft, moments = [], [], [], []
     for i, (name, block) in enumerate(adapter.blocks(model)):
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
         block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
+        largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
+        evaluate.append(evaluation_bytes(block, replay, rows, largest))
+        soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
+        moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)
+                       if config.output_aware and mode.walks_blocks else 0)
     state = model.state_dict()  # what the artifact stores: parameters and persistent buffers
     fp_bytes = sum(t.numel() * 4 for t in state.values())
     teacher = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
@@ -327,6 +249,18 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
+    end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
+    inputs = StageInputs(
+        teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
+        text_encoders=text_encoder_bytes(directory),
+        record=record_bytes(model, adapter, plan, (args, kwargs), probe_rows, per_trajectory),
+        cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
+        evaluate=evaluate, moments=moments, end_pass=end_pass,
+        end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
+        artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)],
+        walks_blocks=mode.walks_blocks)
+    runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
+    peaks = stages(inputs, plan_device(config.device), runtime)
     return MemoryPlan(
         title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
               f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
@@ -334,7 +268,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens):
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
         slots=slots, cache_bytes=sum(size for _, _, size in slots), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
-        block_bytes=max(block_bytes), pass_bytes=sum(block_bytes) if config.calibration.e2e_iters else 0,
+        block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
-        layers=len(sizes))
+        layers=len(sizes), peaks=peaks)

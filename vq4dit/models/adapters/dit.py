@@ -67,6 +67,16 @@ class DiTAdapter(Adapter):
 
         return ImageSampler(draw, (size, size))
 
+    def plan_call(self, model, plan, vae_factor, size, tokens, rows):
+        """The memory plan's model call (meta tensors) at `rows` batch rows, as t2i.TextToImageAdapter.plan_call;
+        a DiT takes no size or prompt: its images are input_size latents (x vae_factor pixels)."""
+        import torch
+
+        x = torch.empty(rows, model.in_channels, model.input_size, model.input_size, device="meta")
+        t, y = torch.empty(rows, device="meta"), torch.zeros(rows, dtype=torch.long, device="meta")
+        pixels = model.input_size * vae_factor
+        return pixels, pixels, rows, (x, t, y), {}
+
     def prediction(self, model, output):
         return output[:, :model.in_channels]  # the noise; the other channels are the variance interpolation
 

@@ -1,0 +1,96 @@
+"""Memory plans of FLUX.1-dev and Qwen-Image at real size, from config-only pipeline directories (no weights).
+
+There is no internet here: each directory is one of the tests' tiny pipelines (tests/models/tiny_t2i.py,
+tests/models/tiny_generic.py: their tokenizers over a hand-written vocabulary, their scheduler) with the published
+configs written over the transformer's, the VAE's and the text encoders' (values below, from the hub repositories'
+config.json files: black-forest-labs/FLUX.1-dev with openai/clip-vit-large-patch14 and google/t5-v1_1-xxl;
+Qwen/Qwen-Image with Qwen2.5-VL-7B-Instruct), and every weight file deleted. Prompt lengths: Flux pads T5 prompts
+to 512 (as the real one); Qwen-Image pads to the longest prompt, which under the tiny vocabulary is shorter than
+the real tokenizer's (a few tokens against tens: under 1% of its 4,096 image tokens).
+
+    python benchmarks/plan_real_size.py --out /tmp/vq4dit_real_size     # writes the directories, prints the plans
+    python quantize.py --config flux_dev_w2 --ckpt /tmp/vq4dit_real_size/flux_dev --device cuda --dry-run
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLUX_TRANSFORMER = dict(
+    _class_name="FluxTransformer2DModel", patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+FLUX_VAE = dict(
+    _class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+    block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, act_fn="silu", norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+CLIP_L = dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=49408, hidden_size=768,
+              intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+              projection_dim=768, hidden_act="quick_gelu", dtype="bfloat16")
+T5_XXL = dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+              num_layers=24, num_heads=64, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+              dtype="bfloat16")
+QWEN_TRANSFORMER = dict(
+    _class_name="QwenImageTransformer2DModel", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+    axes_dims_rope=[16, 56, 56])
+QWEN_VAE = dict(
+    _class_name="AutoencoderKLQwenImage", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, latents_mean=[0.0] * 16,
+    latents_std=[1.0] * 16)
+QWEN25_VL_7B = dict(
+    architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", vocab_size=152064,
+    tie_word_embeddings=False, dtype="bfloat16",
+    text_config=dict(model_type="qwen2_5_vl_text", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, tokens_per_second=2))
+
+
+def write_config_only(pipe, directory, configs):
+    """Save the tiny pipeline `pipe` to `directory`, write `configs` {subfolder: config dict} over its components'
+    configs, and delete every weight file."""
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    for sub, config in configs.items():
+        (directory / sub / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    for path in directory.rglob("*"):
+        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".safetensors.index.json"):
+            path.unlink()
+
+
+def build(out):
+    """The two config-only directories under `out`: {name: path}."""
+    from tests.models.tiny_generic import qwenimage_pipeline
+    from tests.models.tiny_t2i import flux_pipeline
+
+    dirs = {"flux_dev": out / "flux_dev", "qwen_image": out / "qwen_image"}
+    write_config_only(flux_pipeline(), dirs["flux_dev"], {"transformer": FLUX_TRANSFORMER, "vae": FLUX_VAE,
+                                                          "text_encoder": CLIP_L, "text_encoder_2": T5_XXL})
+    write_config_only(qwenimage_pipeline(), dirs["qwen_image"], {"transformer": QWEN_TRANSFORMER, "vae": QWEN_VAE,
+                                                                 "text_encoder": QWEN25_VL_7B})
+    return dirs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="/tmp/vq4dit_real_size", help="where the directories and plans go")
+    parser.add_argument("--config", default="flux_dev_w2", help="the preset both are planned with (W2, 448 points)")
+    args = parser.parse_args()
+    from vq4dit.jobs.config import load_config
+    from vq4dit.jobs.memory_plan import dry_run_plan
+
+    out = Path(args.out)
+    for name, directory in build(out).items():
+        config = load_config(args.config, overrides={"ckpt": str(directory), "device": "cuda"})
+        print(dry_run_plan(config, out / f"{name}.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The most bytes a computation holds at once, measured on the meta device (no memory, no arithmetic).
+
+Every tensor an operation returns is counted while any tensor still refers to its storage (views share it); the
+peak of that count is what the computation needs beyond the tensors it started from. Attention runs as a fused
+kernel (flash or memory-efficient, as CUDA runs fp32 attention and the CPU's flash kernel does): its output only,
+never the (heads, tokens, tokens) score matrix.
+"""
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages operations create while it is active: `held` now, `peak` at most."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage -> [bytes, tensors referring to it]
+        self.held = self.peak = 0
+
+    def _drop(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.held -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [storage.nbytes(), 1]
+                    self.held += storage.nbytes()
+                    self.peak = max(self.peak, self.held)
+                weakref.finalize(t, self._drop, key)
+        return out
+
+
+def fused_attention(query, key, value, *args, **kwargs):
+    """F.scaled_dot_product_attention as a fused kernel allocates: the output alone."""
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+def peak_bytes(fn):
+    """The most bytes `fn()` (on meta tensors, without gradients) holds at once beyond its inputs."""
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, fused_attention
+    try:
+        with torch.no_grad(), LiveBytes() as counter:
+            fn()
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return counter.peak

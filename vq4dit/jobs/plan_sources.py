@@ -1,0 +1,129 @@
+"""Where a memory plan's model comes from, without weights: a pipeline directory's configs, the published configs of
+REFERENCE_MODELS (hub ids planned without fetching anything), or a DiT spec; each built on the meta device. Also
+what a run's pipeline adds on the host: its text encoders and the libraries of its components."""
+import json
+from pathlib import Path
+
+# published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
+REFERENCE_MODELS = {
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
+        attention_bias=True, interpolation_scale=2, use_additional_conditions=False)),
+    "stabilityai/stable-diffusion-3.5-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
+    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56])),
+}
+REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
+
+
+def plan_source(ckpt):
+    """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
+    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
+    if ckpt is None:
+        return None
+    path = Path(ckpt).expanduser()
+    if (path / "model_index.json").is_file():
+        from vq4dit.models.adapters.t2i import vae_scale_factor
+        from vq4dit.models.pipelines import transformer_class
+
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        return transformer_class(path)[1], config, vae_scale_factor(path), path
+    if str(ckpt) in REFERENCE_MODELS:
+        name, config = REFERENCE_MODELS[str(ckpt)]
+        return name, config, REFERENCE_VAE_FACTOR, None
+    return None
+
+
+def meta_model(name, config):
+    """The diffusers model class `name` built from `config`, every parameter and buffer on the meta device (tables
+    computed at construction too, e.g. SD3's 384 x 384 position embeddings: 1.8 GB on a real device)."""
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return model.eval()
+
+
+def dit_source(spec):
+    """(DiTSpec, VAE factor) of ModelSpec `spec` when it names a DiT that builds without reading its weights: the
+    embedded model (no ckpt) or a vq4dit safetensors file (the spec from the file's header), or a registry --model
+    with a checkpoint file of another format (ImageNet latents at image_size, default 256, and num_classes, default
+    1000); else None."""
+    from safetensors import SafetensorError, safe_open
+
+    from vq4dit.models.dit import DiT_models
+    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, embedded_ckpt_path
+
+    path = embedded_ckpt_path() if spec.ckpt is None else Path(spec.ckpt).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        meta = {}
+    if meta.get("format") == "vq4dit-dit":
+        dit = DiTSpec(**json.loads(meta["spec"]))
+    elif spec.model in DiT_models:
+        dit = DiTSpec(spec.model, (spec.image_size or 256) // LATENT_DOWNSAMPLE, spec.num_classes or 1000, 4)
+    else:
+        return None
+    return dit, LATENT_DOWNSAMPLE if dit.in_channels == 4 else 1
+
+
+def meta_dit(dit):
+    """The DiT of DiTSpec `dit` on the meta device (its sin-cos table is built on the CPU, then moved)."""
+    import torch
+
+    with torch.device("meta"):
+        model = dit.build()
+    return model.to("meta").eval()
+
+
+def plan_device(device):
+    """The device a run of --device `device` uses: auto is CUDA when this machine has it."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def text_encoder_bytes(directory):
+    """Bytes of the text encoders of the pipeline at `directory` (None: 0), in the dtype their configs name (fp32
+    when none), as the job loads them on the CPU to encode the prompts; built on meta from their configs."""
+    if directory is None:
+        return 0
+    import torch
+    import transformers
+
+    from vq4dit.models.pipelines import read_index
+
+    total = 0
+    for name, entry in read_index(directory).items():
+        cls = getattr(transformers, entry[1], None) if isinstance(entry, list) and entry[0] == "transformers" else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            continue
+        config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
+        dtype = getattr(config, "dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        with torch.device("meta"):
+            encoder = cls._from_config(config)
+        total += sum(t.numel() for t in encoder.parameters()) * torch.empty(0, dtype=dtype).element_size()
+        total += sum(b.numel() * b.element_size() for b in encoder.buffers())
+    return total
+
+
+def pipeline_classes(directory):
+    """[(library, class name)] of the components of the pipeline at `directory` (None: [])."""
+    if directory is None:
+        return []
+    from vq4dit.models.pipelines import read_index
+
+    return [(e[0], e[1]) for k, e in read_index(directory).items() if isinstance(e, list) and e[0] and e[1]]
