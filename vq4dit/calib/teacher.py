@@ -15,6 +15,7 @@ from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
 TEACHER_BATCH = 64  # trajectories sampled at once by the teacher (offline modes)
+CHUNKS_PER_PROCESS = 4  # under torchrun: each process samples at least this many chunks of trajectories
 
 
 def teacher_plan(teacher, seed, online=False):
@@ -62,7 +63,7 @@ def eval_teacher(teacher, samples, steps):
 class TeacherShare:
     """This process's share of the teacher's trajectories when several processes calibrate (torchrun): the plan it
     samples with (`plan`: chunks of `plan.batch_size` trajectories, a power of two that divides the single-process
-    batch, so each chunk lies inside one single-process batch), which trajectories it runs (`owned`, (N,) bool), and
+    batch, dealt round-robin), which trajectories it runs (`owned`, (N,) bool), and
     `rows`: the position in the single-process calibration set of each row it records, in recording order."""
 
     plan: object
@@ -73,12 +74,14 @@ class TeacherShare:
     @classmethod
     def of(cls, plan, kept, copies, rank, world_size):
         """The share of `rank` of TeacherPlan `plan` recorded at `kept` steps per trajectory, `copies` rows per
-        trajectory (2 with CFG): chunks dealt round-robin (utils.distributed.shard)."""
+        trajectory (2 with CFG)."""
         n = plan.num_samples
         if n < world_size:
             raise UserError(f"--calib-samples {n}: fewer teacher trajectories than the {world_size} processes; give "
                             f"at least {world_size}")
-        chunk = 1 << (min(plan.batch_size, -(-n // world_size)).bit_length() - 1)
+        # at least 4 chunks per process (so that no process holds more than about 1.25 times another's rows), each
+        # a power of two, so that a chunk lies inside one single-process batch
+        chunk = 1 << (min(plan.batch_size, max(1, n // (CHUNKS_PER_PROCESS * world_size))).bit_length() - 1)
         owned = np.zeros(n, bool)
         owned[distributed.shard(n, rank, world_size, block=chunk)] = True
         rows = [single_process_rows(np.arange(s, min(s + chunk, n)), plan.batch_size, n, kept, copies)
