@@ -91,8 +91,11 @@ def barrier():
 
 
 def _comm_device(t):
-    """Where a collective runs: the tensor's CUDA device under nccl, the CPU under gloo."""
-    return t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    """Where a collective on `t` runs: this rank's GPU under nccl (a CPU tensor goes there and back), the CPU under
+    gloo."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
 
 
 def all_sum_(t):
