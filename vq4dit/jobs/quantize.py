@@ -5,7 +5,8 @@
 takes the part of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound
 to the codebook config to build the quantized layers, the calibration mode (calib/modes.py) with the teacher config
 to record and the calibration config to train, and the Run's checkpoint store (calib/checkpoints.py), opened with
-the run's key (jobs/runkey.py), that makes the calibration resumable.
+the run's key (jobs/runkey.py), that makes the calibration resumable. Under torchrun every process runs the stages
+on its share of the data (docs/usage.md "Several processes"); rank 0 claims the directory and writes the artifact.
 """
 import contextlib
 import copy
@@ -65,7 +66,7 @@ class Run:
         (overwrite: it is deleted instead)."""
         method = method_for(config.method, config.codebooks, config.seed)
         checkpoints = CheckpointStore(work_dir, RunKey.of(config), overwrite) if method.calibrated else None
-        if checkpoints is None:
+        if checkpoints is None and distributed.rank() == 0:  # under torchrun rank 0 speaks for the directory
             discard_state(work_dir, overwrite, f"the resumable state of another run (--method {config.method} does "
                           "not calibrate)")
         return cls(config, method, mode_for(config.calibration.calib), checkpoints, CalibLog(work_dir), progress)
