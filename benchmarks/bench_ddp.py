@@ -2,7 +2,8 @@
 on the embedded model, fresh processes, run alternately. Writes a markdown table (default benchmarks/results/ddp.md).
 
 The stages are timed from the runs' own log lines: load -> k-means ("quantized N linear layers"), recording
-("recorded N calibration points"), the block-wise walk (to the last "block" line) and the whole command.
+("recorded N calibration points"), the block-wise walk (to the last "block" line) and the whole command; and the
+CPU time of the whole command (every process).
 
     python benchmarks/bench_ddp.py                       # 2 processes, the budget below
     python benchmarks/bench_ddp.py --repeats 3 --iters 200
@@ -11,6 +12,7 @@ import argparse
 import datetime
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,20 +46,26 @@ def stage_times(log):
     return last
 
 
+def cpu_seconds():
+    """User + system CPU time of this process's finished children (every rank, and torchrun's agent)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(processes, flags, out):
-    """One quantize.py run: {"total", "kmeans", "record", "walk"} in seconds."""
+    """One quantize.py run: {"total", "kmeans", "record", "walk"} in wall seconds, "cpu" in CPU seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
         if processes > 1 else [sys.executable]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     done = subprocess.run([*launcher, "quantize.py", "--out", out, *flags], cwd=REPO, env=env, capture_output=True,
                           text=True)
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if done.returncode:
         raise SystemExit(f"run with {processes} process(es) failed:\n{done.stderr[-3000:]}")
     t = stage_times(done.stderr)
     return {"total": total, "kmeans": t["kmeans"] - t["loaded"], "record": t["recorded"] - t["kmeans"],
-            "walk": t["walked"] - t["recorded"]}
+            "walk": t["walked"] - t["recorded"], "cpu": cpu}
 
 
 def main():
@@ -93,11 +101,17 @@ def main():
         f"OMP_NUM_THREADS=1; fresh processes, 1 and {args.processes} processes alternately, median of "
         f"{args.repeats}. Machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (1 / 5 / 15 min) when the table was written: the cores are shared with other jobs, so the "
-        "ratios are what this machine gave, not what idle cores give.", "",
+        "wall-clock ratios are what this machine gave, not what idle cores give. `cpu` is the CPU time of the whole "
+        "command, every process together: the work, which the load does not change much; divided by the number of "
+        "processes it estimates the wall time on as many idle cores (the processes wait for each other at every "
+        "update, so an uneven share of a minibatch's rows adds to it).", "",
         f"| stage | 1 process (s) | {args.processes} processes (s) | ratio |", "|---|---|---|---|"]
-    for k in ("kmeans", "record", "walk", "total"):
+    for k in ("kmeans", "record", "walk", "total", "cpu"):
         lines.append(f"| {k} | {med[1][k]:.1f} | {med[args.processes][k]:.1f} | "
                      f"{med[args.processes][k] / med[1][k]:.2f}x |")
+    per_core = {n: med[n]["cpu"] / n for n in med}
+    lines.append(f"| cpu / processes | {per_core[1]:.1f} | {per_core[args.processes]:.1f} | "
+                 f"{per_core[args.processes] / per_core[1]:.2f}x |")
     lines += ["", "Runs (seconds):", ""]
     for n, runs in times.items():
         for t in runs:
