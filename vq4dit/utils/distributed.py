@@ -113,6 +113,7 @@ def all_min(value):
     if not active():
         return value
     t = torch.tensor([float(value)], dtype=torch.float64)
+    t = t.to(_comm_device(t))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.item()
 
