@@ -55,10 +55,10 @@ def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
         student, teacher, qlayers = quantized_pair(config, depth=3)
         seen = {}
 
-        def spy(problem, i, replay, targets, config):
+        def spy(problem, i, replay, targets, config, shard=None):
             ref = ref_of(replay.call.inputs["dict"]["args"]["list"][0])
             seen[i] = (replay.table[ref].clone(), targets[0].clone())
-            return original(problem, i, replay, targets, config)
+            return original(problem, i, replay, targets, config, shard)
 
         monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", spy)
         run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path / mode))
@@ -215,9 +215,9 @@ def test_what_propagates_is_the_deployed_model(tmp_path, monkeypatch):
     original = vq4dit.calib.blockwise.calibrate_block
     inputs = {}
 
-    def spy(problem, i, replay, targets, config):
+    def spy(problem, i, replay, targets, config, shard=None):
         inputs[i] = {ref: v.clone() for ref, v in replay.table.items()}
-        return original(problem, i, replay, targets, config)
+        return original(problem, i, replay, targets, config, shard)
 
     monkeypatch.setattr(vq4dit.calib.blockwise, "calibrate_block", spy)
     config = tiny_config(iters=30, cache_dtype="fp32", lr_codebook=1e-2)

@@ -18,23 +18,26 @@ import logging
 import time
 
 from vq4dit.calib.checkpoints import Checkpoint, layers_state, restore
-from vq4dit.calib.guard import keep_better, starting_point
+from vq4dit.calib.guard import PROBE_ROWS, keep_better, starting_point
 from vq4dit.calib.metrics import layer_stats, weight_mse
 from vq4dit.calib.moments import block_input_moments
-from vq4dit.calib.replay import block_loss, call_block, sweep
+from vq4dit.calib.replay import Replay, block_loss, call_block, sweep
+from vq4dit.calib.shared import shared_input_moments, shared_loss
 from vq4dit.calib.train import Minibatches, argmax_assignment, seeded_generator, train
 from vq4dit.calib.walk import allocator
+from vq4dit.utils import distributed
 
 logger = logging.getLogger(__name__)
 
 BLOCK_STREAM = 1  # random stream (seed, BLOCK_STREAM, block) of a block's minibatch order
 
 
-def calibrate_block(problem, i, replay, targets, config):
+def calibrate_block(problem, i, replay, targets, config, shard=None):
     """Train the quantized layers of block i of `problem` so that the block on the inputs `replay` gives matches
     `targets` (list of (M, ...) tensors); every layer is hard afterwards. Returns the block's stats but the final
     error. "before" is the argmax (= k-means nearest) assignment of the layers as handed in, i.e. the deployable
-    model without calibration."""
+    model without calibration. shard: the utils.distributed.RowShard of the rows this process holds when several
+    processes calibrate (torchrun); None: this process holds every point."""
     start = time.perf_counter()
     name, block = problem.blocks[i]
     layers = problem.layers_of(name)
@@ -47,11 +50,16 @@ def calibrate_block(problem, i, replay, targets, config):
     def loss_fn(idx):  # idx (B,) -> L_d: error of the block's outputs vs the FP targets on the minibatch
         return block_loss(call_block(block, replay, idx, problem.device), [t[idx] for t in targets])
 
-    batches = Minibatches(replay.rows, config.batch_size, seeded_generator(problem.seed, BLOCK_STREAM, i))
-    info = train(modules, loss_fn, batches, config, desc=name if problem.progress else None)
+    points, sync, probe = replay.rows, None, replay
+    if shard is not None:
+        loss_fn = shared_loss(block, replay, targets, shard, problem.device)
+        points, sync = shard.total, distributed.GradSync()
+        probe = Replay(replay.call, replay.table, replay.batched, shard.below(PROBE_ROWS))  # the first global rows
+    batches = Minibatches(points, config.batch_size, seeded_generator(problem.seed, BLOCK_STREAM, i))
+    info = train(modules, loss_fn, batches, config, desc=name if problem.progress else None, sync=sync)
     for layer in modules:
         layer.round_codebook_()  # calibrated = deployed: later blocks see the codebooks the artifact stores
-    reverted = keep_better(block, layers, starts, replay, targets, problem.device)
+    reverted = keep_better(block, layers, starts, probe, targets, problem.device)
     return {"mse_before": mse_before, "loss": info["loss"], "penalty": info["penalty"], "updates": info["updates"],
             "reverted": reverted,
             "seconds": time.perf_counter() - start, "layers": layer_stats(layers, info, w_before, problem.fp_weights)}
@@ -71,10 +79,13 @@ def calibrate_blockwise(problem, data, config, checkpoints, log):
         targets, _ = sweep(teacher_block, step.fp_inputs, device, alloc=allocator(store, step.fp_reuse))
         # 2.-3. the method prepares the block's layers; they train on the block's inputs to match the targets
         layers = problem.layers_of(name)
-        moments = block_input_moments(teacher_block, name, layers, step.inputs, device) \
-            if problem.needs_moments else None
+        moments = None
+        if problem.needs_moments and data.cset.shard is None:
+            moments = block_input_moments(teacher_block, name, layers, step.inputs, device)
+        elif problem.needs_moments:  # under torchrun: the moments of the layers this process fits, as one process's
+            moments = shared_input_moments(teacher_block, name, layers, step.inputs, data.cset.shard, device)
         problem.prepare_layers(layers, moments)
-        block_stats = calibrate_block(problem, i, step.inputs, targets, config)
+        block_stats = calibrate_block(problem, i, step.inputs, targets, config, data.cset.shard)
         # 4. the final error, and the quantized chain's next values
         alloc = allocator(store, step.q_reuse) if plan.sequential else None
         q_outs, block_stats["mse_after"] = sweep(block, step.inputs, device, alloc=alloc, targets=targets)

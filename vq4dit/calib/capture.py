@@ -35,6 +35,7 @@ class CalibrationSet:
     slots: dict  # key -> (M, ...) cached tensor, or a constant tensor shared by all points
     batched: dict  # key -> bool
     rows: int  # M
+    shard: object = None  # utils.distributed.RowShard: the points of one of several processes (None: all points)
 
     def wiring_json(self):
         return {"calls": [c.to_json() for c in self.calls], "batched": self.batched, "rows": self.rows}

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import atomic_path, write_text_atomic
 
@@ -135,9 +136,11 @@ class CheckpointStore:
 
     def __init__(self, out_dir, key, overwrite=False):
         self.out_dir, self.key = out_dir, key
-        self.directory = os.path.join(out_dir, STATE_DIR)
+        self.directory = state_directory(out_dir)
         self.cache_dir = os.path.join(out_dir, CACHE_DIR)
         self.meta = self._read_meta(overwrite)
+        if distributed.active():
+            self.meta = agree(self.meta)
         self._loaded = None
 
     def _read_meta(self, overwrite):
@@ -150,11 +153,14 @@ class CheckpointStore:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
             change = self.key.change(meta["run"])
+            if change is None and meta.get("processes", 1) != distributed.size():
+                change = f"it was saved by {meta.get('processes', 1)} process(es), this run has {distributed.size()}"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             change = f"it cannot be resumed ({type(e).__name__}: {e})".replace("\n", " ")
         if change is None:
             return meta
-        discard_state(self.out_dir, overwrite, change)
+        if distributed.rank() == 0:  # rank 0 decides for the whole state directory (the ranks' states are in it)
+            discard_state(self.out_dir, overwrite, change)
         return None
 
     def load(self):
@@ -183,6 +189,10 @@ class CheckpointStore:
         c, current = checkpoint, self.meta or {}
         step = "" if c.train is None else f"-{c.train['iteration']:06d}"
         tag = f"{c.next_block:05d}{step}"
+        shared = distributed.active()
+        if shared:  # several processes: the generation names the files, and the previous one stays until all saved
+            generation = current.get("generation", -1) + 1
+            tag = f"g{generation:06d}-{tag}"
         files, tensors = {"layers": f"layers-{tag}.safetensors"}, {"layers": c.layers}
         if c.acts is None and "acts" in current:
             files["acts"] = current["acts"]
@@ -198,11 +208,15 @@ class CheckpointStore:
         self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": c.next_block, "stats": c.stats,
                      **files, "train_state": train_meta, "complete": c.complete, "then": c.then,
                      "wiring": current.get("wiring") if c.wiring is None else c.wiring}
+        if shared:
+            self.meta.update(processes=distributed.size(), generation=generation,
+                             previous={k: v for k, v in current.items() if k != "previous"} or None)
         # load() now gives what was just written without reading it back: a fresh run does not read the activations
         # it recorded (GiBs for DiT-XL/2) back from disk. Not a mid-training checkpoint: its optimizer state is live
         self._loaded = None if c.acts is None or c.train is not None else dataclasses.replace(
             c, stats=list(c.stats), wiring=self.meta["wiring"])
         write_text_atomic(os.path.join(self.directory, STATE_JSON), json.dumps(self.meta, indent=1) + "\n")
+        distributed.barrier()  # every rank holds this generation: the previous one may go
         for entry in os.listdir(self.directory):
             # older checkpoints, and temporaries of a write that a SIGKILL interrupted
             if (entry.endswith(".safetensors") and entry not in files.values()) or entry.endswith(".tmp"):
@@ -211,6 +225,31 @@ class CheckpointStore:
     def remove(self):
         """Delete the checkpoints once the artifact is complete (for DiT-XL/2 they hold GiBs of activations)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def state_directory(out_dir):
+    """Where this process keeps its checkpoints: <out_dir>/calib_state, and under torchrun rank r > 0 in
+    <out_dir>/calib_state/rank-<r> (each rank's own calibration points; removing the state removes every rank's)."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    return directory if distributed.rank() == 0 else os.path.join(directory, f"rank-{distributed.rank()}")
+
+
+def agree(meta):
+    """The state.json content (or None: start over) that every rank resumes from. A kill can stop the ranks' saves of
+    one generation part way: some ranks hold generation g + 1 (and g as "previous", whose files a rank deletes only
+    once every rank has saved g + 1), others g; all go back to g. No state on some rank: all start over."""
+    generation = -1 if meta is None else meta.get("generation", -1)
+    low = distributed.all_min(generation)
+    if low < 0:
+        return None
+    if generation == low:
+        return meta
+    previous = meta.get("previous")
+    if generation == low + 1 and previous is not None and previous.get("generation") == low:
+        logger.info("rank %d resumes from its previous checkpoint, the last one every rank saved", distributed.rank())
+        return {**previous, "previous": None}
+    logger.warning("the ranks' calibration states are more than one save apart: starting over")
+    return None
 
 
 def restore(checkpoints, layers):
@@ -224,16 +263,20 @@ def restore(checkpoints, layers):
 
 
 class CalibLog:
-    """<out_dir>/calib_log.jsonl: one JSON line per calibrated block (or stage), with the mode that wrote it."""
+    """<out_dir>/calib_log.jsonl: one JSON line per calibrated block (or stage), with the mode that wrote it. Under
+    torchrun rank 0 writes it (every rank has the same stats)."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, LOG_NAME)
 
     def clear(self):
-        write_text_atomic(self.path, "")
+        if distributed.rank() == 0:
+            write_text_atomic(self.path, "")
 
     def append(self, mode, records):
         """Rewritten atomically (the log is small) so a kill never leaves half a line."""
+        if distributed.rank() != 0:
+            return
         old = open(self.path).read() if os.path.exists(self.path) else ""
         write_text_atomic(self.path, old + "".join(json.dumps({"mode": mode, **r}) + "\n" for r in records))
 

@@ -79,8 +79,9 @@ class CalibMode:
         `teacher`, or restored from the last checkpoint when the run resumes."""
         from vq4dit.calib.capture import CalibrationSet
         from vq4dit.calib.checkpoints import Checkpoint
-        from vq4dit.calib.teacher import record_set
+        from vq4dit.calib.teacher import record_set, teacher_share
         from vq4dit.calib.walk import WalkPlan, WalkState
+        from vq4dit.utils import distributed
 
         sequential = self.sequential(calibration)
         saved = checkpoints.load()
@@ -94,6 +95,8 @@ class CalibMode:
             batched = saved.wiring["batched"]
             walk = WalkState.from_tensors(acts, batched, sequential, saved.next_block)
             cset = CalibrationSet.from_json(saved.wiring, walk.chains.slots())
+            if distributed.active():  # under torchrun: which of the single-process points this rank holds
+                cset.shard = teacher_share(problem, teacher).shard()
             logger.info("resuming calibration at %s from %s", saved.resume_point, checkpoints.out_dir)
         return CalibData(cset, store, WalkPlan(cset.calls, cset.batched, cset.rows, sequential), walk)
 

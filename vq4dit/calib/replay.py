@@ -13,6 +13,7 @@ from vq4dit.calib.calls import flatten, unflatten
 from vq4dit.calib.capture import to_cache
 from vq4dit.calib.chunks import replay_chunk
 from vq4dit.calib.tables import Out, ref_of
+from vq4dit.utils.distributed import mean_error
 
 
 @dataclass
@@ -78,7 +79,7 @@ def sweep(block, replay, device, alloc=None, targets=None, chunk=None):
             out = alloc(outs, replay.rows) if out is None else out
             for dst, o in zip(out, outs):
                 dst[rows] = to_cache(o, dst.dtype)
-    return out, (total / count if targets is not None else None)
+    return out, (mean_error(total, count) if targets is not None else None)  # over the processes' rows (torchrun)
 
 
 def run_chain(blocks, cset, rows, device, grad=False):

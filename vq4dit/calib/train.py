@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vq4dit.utils import distributed
 from vq4dit.utils.precision import update_autocast
 
 logger = logging.getLogger(__name__)
@@ -162,10 +163,15 @@ class Trainer:
 
     resume: a `snapshot()` taken earlier, with the layers restored to their state at that moment; the trainer
     then continues exactly as the one that took it would have.
+    sync: a utils.distributed.GradSync when several processes train the same layers on their own rows of each
+    minibatch (quantize.py under torchrun): `step` then takes this rank's share of L_d (its rows' squared errors
+    over the global minibatch's element count; a 0-d zero without gradient when it holds none of the rows), the
+    gradients and L_d are summed over the ranks, and L_r joins rank 0's loss only. Every rank then holds the same
+    parameters, L_r, loss and hardening decisions: none takes another branch.
     """
 
-    def __init__(self, layers, config, resume=None):
-        self.layers, self.config = list(layers), config
+    def __init__(self, layers, config, resume=None, sync=None):
+        self.layers, self.config, self.sync = list(layers), config, sync
         self.gated = config.ratio_gate == "running_min"
         self._sync_codebooks()
         self.optimizer = torch.optim.RMSprop(self._groups(), alpha=config.rmsprop_alpha)
@@ -216,9 +222,12 @@ class Trainer:
         c = self.config
         penalty = ratio_penalty(self.layers, c.ratio_reg)
         use_penalty = penalty is not None and self._gate(penalty)
-        loss = loss_d + c.lambda_r * penalty if use_penalty else loss_d
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.sync is None:
+            loss = loss_d + c.lambda_r * penalty if use_penalty else loss_d
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            loss_d = self._backward_shared(loss_d, c.lambda_r * penalty if use_penalty else None)
         self.optimizer.param_groups[1]["lr"] = codebook_lr(c, self.updates)
         self.optimizer.step()
         self.updates += 1
@@ -236,6 +245,15 @@ class Trainer:
             self.optimizer.param_groups[1]["params"] = self._groups()[1]["params"]
             logger.debug("update %d: hardened %d layer(s)", self.updates, len(now))
         return now
+
+    def _backward_shared(self, loss_d, regulariser):
+        """The gradients of the global minibatch's loss from this rank's share `loss_d` (see the class docstring);
+        returns the global L_d."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_d + regulariser if regulariser is not None and distributed.rank() == 0 else loss_d
+        if loss.requires_grad:
+            loss.backward()
+        return self.sync.reduce([p for group in self.optimizer.param_groups for p in group["params"]], loss_d)
 
     def _watch_plateau(self, fraction):
         """Add this update's L_d to the window (a device tensor: read once per window, not per update)."""
@@ -264,7 +282,7 @@ class Trainer:
                 "hardened_at": list(self.hardened_at), "updates": self.updates}
 
 
-def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoint=None):
+def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoint=None, sync=None):
     """Minimise L_d + lambda_r * L_r over `config.iters` minibatches of `batches` (Minibatches), or fewer when
     config.plateau > 0 and the loss stalls once every layer is hard (Trainer); every layer is hard afterwards.
     layers: list of VQLinear; loss_fn(idx) -> L_d of the minibatch idx (B,); desc: the progress bar's label (None:
@@ -273,8 +291,9 @@ def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoin
     Every CHECKPOINT_EVERY iterations `on_checkpoint(snapshot)` gets a `Trainer.snapshot()`; passing it back as
     `resume`, with the layers restored to their state at that moment and Minibatches with a fresh generator of the
     same seed, continues the run exactly. The whole run is one trajectory for ratio_gate "running_min".
+    sync: see Trainer (several processes: loss_fn(idx) gives this rank's share of the minibatch idx's L_d).
     """
-    trainer = Trainer(layers, config, resume)
+    trainer = Trainer(layers, config, resume, sync)
     order = iter(batches)
     for _ in range(trainer.updates):  # the minibatch order is a pure function of the generator's seed
         next(order)

@@ -10,7 +10,9 @@ The authors' recipe is not a method: it is the vq4dit method with calibration se
 """
 import torch
 
-from vq4dit.vq.apply import quantize_linears, quantize_linears_rtn
+from vq4dit.calib.shared import layer_owners
+from vq4dit.utils import distributed
+from vq4dit.vq.apply import quantize_linears, quantize_linears_rtn, share_hard_
 from vq4dit.vq.weighted_kmeans import gptvq
 
 METHODS = {}  # name -> Method subclass
@@ -78,10 +80,10 @@ class Codebook(KMeans):
     def prepare(self, layers, fp_weights, moments=None):
         """Codebook-only calibration trains hard layers: every sub-vector keeps its nearest codeword (gptvq: its
         output-aware assignment)."""
-        for name, layer in layers.items():
+        for layer in layers.values():
             layer.harden()
-            if moments is not None:
-                fit_outputs_(layer, fp_weights[name], moments[name], self.seed)
+        if moments is not None:
+            fit_layers_(layers, fp_weights, moments, self.seed)
 
 
 @register
@@ -100,11 +102,23 @@ class VQ4DiT(KMeans):
         soft would have given (VQLinear.soften_), at the moment calibration needs them. With moments (gptvq), every
         layer is first refit to its inputs and its output-aware assignment stays candidate 0 and the argmax; a layer
         handed in soft is hardened first (before calibration its argmax is its nearest codeword, the hard start)."""
+        if moments is not None:
+            fit_layers_(layers, fp_weights, moments, self.seed)
         for name, layer in layers.items():
-            if moments is not None:
-                fit_outputs_(layer.harden(), fp_weights[name], moments[name], self.seed)
             if layer.is_hard:
                 layer.soften_(fp_weights[name], self.candidates, self.codebooks.ratio_init, keep=moments is not None)
+
+
+def fit_layers_(layers, fp_weights, moments, seed):
+    """fit_outputs_ of each of `layers` {name: VQLinear} (hardened first) to its input moments. Under torchrun each
+    process holds the moments of its share of the layers (calib/shared.py layer_owners), fits those and sends
+    them to the others (vq.apply.share_hard_)."""
+    owner = layer_owners(list(layers.values()))
+    for (name, layer), r in zip(layers.items(), owner):
+        layer.harden()
+        if r == distributed.rank():
+            fit_outputs_(layer, fp_weights[name], moments[name], seed)
+    share_hard_(list(layers.values()), owner)
 
 
 @torch.no_grad()

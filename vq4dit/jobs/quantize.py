@@ -5,8 +5,10 @@
 takes the part of the config it needs (jobs/config.py): the model spec to load, the method (jobs/methods.py) bound
 to the codebook config to build the quantized layers, the calibration mode (calib/modes.py) with the teacher config
 to record and the calibration config to train, and the Run's checkpoint store (calib/checkpoints.py), opened with
-the run's key (jobs/runkey.py), that makes the calibration resumable.
+the run's key (jobs/runkey.py), that makes the calibration resumable. Under torchrun every process runs the stages
+on its share of the data (docs/usage.md "Several processes"); rank 0 claims the directory and writes the artifact.
 """
+import contextlib
 import copy
 import logging
 import time
@@ -33,6 +35,7 @@ from vq4dit.jobs.runkey import RunKey
 from vq4dit.models.adapters.base import linear_pattern, outside_blocks
 from vq4dit.models.adapters.load import load_model
 from vq4dit.models.prompts import read_prompts
+from vq4dit.utils import distributed
 from vq4dit.utils.device import device_memory, physical_memory, resolve_device
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import check_dir_usable, free_bytes
@@ -63,7 +66,7 @@ class Run:
         (overwrite: it is deleted instead)."""
         method = method_for(config.method, config.codebooks, config.seed)
         checkpoints = CheckpointStore(work_dir, RunKey.of(config), overwrite) if method.calibrated else None
-        if checkpoints is None:
+        if checkpoints is None and distributed.rank() == 0:  # under torchrun rank 0 speaks for the directory
             discard_state(work_dir, overwrite, f"the resumable state of another run (--method {config.method} does "
                           "not calibrate)")
         return cls(config, method, mode_for(config.calibration.calib), checkpoints, CalibLog(work_dir), progress)
@@ -82,18 +85,35 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
     overwrite: write beside files in out_dir that vq4dit did not write (kept), and delete a calibration state there
     that this run will not resume (else either is a UserError); out_dir is locked for the run (utils/outdir.py)."""
-    with claim_artifact_dir(out_dir, overwrite):
+    device = distributed.init(resolve_device(config.device))  # under torchrun: join the group, pin this rank's GPU
+    lead = distributed.rank() == 0
+    if distributed.active():
+        check_processes(config)
+    with claim_artifact_dir(out_dir, overwrite) if lead else contextlib.nullcontext():
         if config.cache.cache_dir:
             check_dir_usable(config.cache.cache_dir, "--cache-dir")
-        run = Run.open(config, out_dir, progress, overwrite)
+        run = Run.open(config, out_dir, progress and lead, overwrite)
         start = time.time()
-        base, include, extra = load(config.model, config.device)
+        base, include, extra = load(config.model, device)
         layers, stats = run_stages(base, include, run)
-        save(base.model, layers, extra, config, out_dir)
-        run.finish()
+        if lead:  # every rank holds the same layers: rank 0 writes the one artifact
+            save(base.model, layers, extra, config, out_dir)
+            run.finish()
+        distributed.shutdown()
         logger.info("quantized %s with %s in %.1f s -> %s", base.adapter.describe(base.model), config.method,
                     time.time() - start, out_dir)
         return stats
+
+
+def check_processes(config):
+    """Under torchrun: refuse what data-parallel calibration does not split (docs/usage.md "Several processes")."""
+    calibration, count = config.calibration, distributed.size()
+    if calibration.calib != "blockwise":
+        raise UserError(f"--calib {calibration.calib}: under torchrun ({count} processes) only blockwise "
+                        "calibration is split between processes; run it in one process")
+    if calibration.e2e_iters:
+        raise UserError(f"--e2e-iters {calibration.e2e_iters}: the end-to-end pass does not run under torchrun "
+                        f"({count} processes) yet; use --e2e-iters 0 or one process")
 
 
 def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):

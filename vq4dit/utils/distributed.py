@@ -67,3 +67,137 @@ def gather_rows(local, n, device, block=1, chunk=256):
                 valid = max(0, min(chunk, counts[r] - start))
                 out[shard(n, r, size, block)[start:start + valid]] = buf[:valid].cpu().numpy()
     return out
+
+
+# --- data-parallel calibration (quantize.py under torchrun) ---------------------------------------------------------
+
+def active():
+    """Whether this process is one of several in an initialised process group (else every helper below is the
+    single-process computation, or a no-op)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def size():
+    return dist.get_world_size() if active() else 1
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def _comm_device(t):
+    """Where a collective on `t` runs: this rank's GPU under nccl (a CPU tensor goes there and back), the CPU under
+    gloo."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
+
+
+def all_sum_(t):
+    """Sum `t` over the ranks in place (its dtype; moved to the backend's device and back); returns t."""
+    if active():
+        buf = t.to(_comm_device(t))
+        dist.all_reduce(buf)
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def all_min(value):
+    """The smallest of the ranks' `value`s (a number), on every rank."""
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = t.to(_comm_device(t))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
+
+
+def mean_error(total, count):
+    """total / count summed over the ranks (floats: a sum of squared errors and its element count), the same number
+    on every rank so that a comparison of errors takes the same branch everywhere. One process: total / count."""
+    if not active():
+        return total / count
+    both = all_sum_(torch.tensor([total, count], dtype=torch.float64))
+    return (both[0] / both[1]).item()
+
+
+def broadcast_(t, src):
+    """`t` on every rank := its value on rank `src`, in place; returns t. Integers travel as int64 (gloo has no
+    int16)."""
+    if active():
+        buf = t.to(_comm_device(t), t.dtype if t.is_floating_point() else torch.int64)
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def gather_rows_to(local, dst):
+    """On rank `dst`: [each rank's rows `local` (n_r, ...) as (n_r, e) tensors, e the elements per row] (n_r may be
+    0, and a rank without rows need not know the rows' shape; dtypes alike); None elsewhere."""
+    device = _comm_device(local)
+    flat = local.reshape(len(local), -1).to(device)
+    shapes = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(size())]
+    dist.all_gather(shapes, torch.tensor([flat.shape[0], flat.shape[1] if len(flat) else 0], device=device))
+    counts, width = [int(c[0]) for c in shapes], max(int(c[1]) for c in shapes)
+    padded = torch.zeros((max(counts), width), dtype=flat.dtype, device=device)
+    padded[:len(flat)] = flat
+    bufs = [torch.empty_like(padded) for _ in counts] if rank() == dst else None
+    dist.gather(padded, bufs, dst=dst)
+    return None if bufs is None else [b[:n].to(local.device) for b, n in zip(bufs, counts)]
+
+
+def owners(costs, world_size):
+    """The rank that computes each job of a list whose costs are `costs` (numbers): longest first, each to the
+    least loaded rank (ties: the lower rank). A pure function of the costs, so every rank computes the same map."""
+    load, owner = [0.0] * world_size, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[j], load[r] = r, load[r] + costs[j]
+    return owner
+
+
+class GradSync:
+    """Sums the gradients of a parameter list and a loss value over the ranks in one collective per update: each
+    rank's loss is its rows' share of the global loss (their squared errors over the global element count), so the
+    sums are the gradients and loss of the global minibatch. A parameter no backward reached on this rank (it had
+    no rows in the minibatch) contributes zeros."""
+
+    def reduce(self, params, loss):
+        """Replace p.grad of `params` by the sums over the ranks; returns the summed `loss` (a 0-d tensor)."""
+        device = loss.device
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device)
+                          for p in params] + [loss.detach().reshape(1).to(device, torch.float32)])
+        all_sum_(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        return flat[offset]
+
+
+class RowShard:
+    """The calibration points this rank holds: `rows` (M_local,) their positions in the single-process calibration
+    set, ascending, out of `total` points. A minibatch is drawn over all `total` points on every rank alike (the
+    single process's draw); each rank computes the rows of it that it holds (`local`)."""
+
+    def __init__(self, rows, total):
+        self.rows, self.total = torch.as_tensor(rows, dtype=torch.int64), int(total)
+        self._position = torch.full((self.total,), -1, dtype=torch.int64)
+        self._position[self.rows] = torch.arange(len(self.rows))
+
+    def local(self, idx):
+        """Local positions of the points of `idx` (global positions (B,)) that this rank holds, in idx's order."""
+        pos = self._position[idx]
+        return pos[pos >= 0]
+
+    def below(self, n):
+        """How many of this rank's points lie among the first n global points (a prefix of its rows)."""
+        return int((self.rows < n).sum())

@@ -3,10 +3,13 @@ import logging
 import re
 import zlib
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
+from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
+from vq4dit.vq.kmeans import authors_codebook_size
 from vq4dit.vq.layer import VQLinear, check_shape
 from vq4dit.vq.rtn import RTNLinear
 
@@ -67,11 +70,47 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
         check_shape(name, m.in_features, m.out_features, spec.dim, groups[name],
                     None if spec.kmeans_init == "authors" else spec.codebook_size)
 
+    owner = dict(zip(groups, distributed.owners([m.in_features * m.out_features for _, m in targets],
+                                                distributed.size())))
+
+    shared, weights = distributed.active(), {}
+
     def make(name, linear):
+        if shared:
+            weights[name] = linear.weight
+        if owner[name] != distributed.rank():  # under torchrun: another process runs this layer's k-means
+            return unfitted(linear, spec, groups[name])
         return VQLinear.from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name), name=name,
-                                    soft=soft)
+                                    soft=soft and not shared)
 
     out = replace_linears(model, include, make, "k-means", progress)
+    if shared:
+        share_hard_([out[name] for name in groups], [owner[name] for name in groups])
+        for name, layer in out.items():
+            if soft:  # what from_linear(soft=True) gives
+                layer.soften_(weights[name], spec.candidates, spec.ratio_init)
     logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), spec.codebook_size,
                 spec.dim, spec.candidates, split_qkv)
     return out
+
+
+def unfitted(linear, spec, groups):
+    """A hard VQLinear of `linear`'s shape and bias, its codebook and indices still to come (from the process that
+    fits them: share_hard_); the codebook size from_linear would give (kmeans_init "authors" clamps it)."""
+    k = spec.codebook_size
+    if spec.kmeans_init == "authors":
+        k = authors_codebook_size(k, linear.out_features * linear.in_features // spec.dim // groups)
+    layer = VQLinear(linear.in_features, linear.out_features, k, spec.dim, spec.candidates, groups,
+                     bias=linear.bias is not None, hard=True, device=linear.weight.device)
+    if linear.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach().float())
+    return layer
+
+
+@torch.no_grad()
+def share_hard_(layers, owner):
+    """Under torchrun: the codebook and indices of each hard VQLinear of `layers` from the rank that fitted it
+    (`owner`, one rank per layer), on every rank. One process: nothing to do."""
+    for layer, r in zip(layers, owner):
+        distributed.broadcast_(layer.codebook.data, r)
+        distributed.broadcast_(layer.indices, r)

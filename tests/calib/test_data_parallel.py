@@ -1,0 +1,218 @@
+"""Data-parallel calibration (quantize.py under torchrun): the split of the teacher's rows and of the minibatches,
+what the processes compute together, resuming per rank, and 2 gloo processes against 1 on the embedded model."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from tests.calib.test_replay import toy_set
+from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
+from vq4dit.calib.moments import block_input_moments
+from vq4dit.calib.replay import Replay
+from vq4dit.calib.shared import shared_input_moments, shared_loss
+from vq4dit.calib.teacher import TeacherShare
+from vq4dit.cli.quantize import build_parser, config_overrides
+from vq4dit.jobs.config import load_config
+from vq4dit.jobs.quantize import quantize
+from vq4dit.jobs.runkey import RunKey
+from vq4dit.models.adapters import TeacherPlan
+from vq4dit.utils import distributed
+
+KEY = RunKey({"iters": 2}, ())
+
+
+def recorded_order(trajectories, batch, kept, copies):
+    """Slow reference: (trajectory, kept step, copy) of each row, in the order one process sampling `trajectories`
+    in consecutive batches of `batch` records them (per batch, per step, the model call's copy-major rows)."""
+    out = []
+    for s in range(0, len(trajectories), batch):
+        part = trajectories[s:s + batch]
+        out += [(t, k, c) for k in range(kept) for c in range(copies) for t in part]
+    return out
+
+
+@pytest.mark.parametrize("n,size,kept,copies", [(4, 2, 3, 2), (64, 2, 12, 2), (100, 3, 2, 1), (130, 2, 2, 2),
+                                                (5, 4, 1, 2)])
+def test_teacher_shares_are_the_single_process_rows(n, size, kept, copies):
+    """Every rank's rows, read through the rank's own recording order, name the single process's row of the same
+    (trajectory, step, copy), and the ranks' rows partition the single-process set. Catches a copy-major /
+    trajectory-major mix-up, an offset of a partial last batch, or trajectories dealt to two ranks."""
+    plan = TeacherPlan(n, 10, 1.5, 0, 64)
+    single = {key: row for row, key in enumerate(recorded_order(list(range(n)), 64, kept, copies))}
+    seen = []
+    for rank in range(size):
+        share = TeacherShare.of(plan, kept, copies, rank, size)
+        mine = [t for t in range(n) if share.owned[t]]
+        assert 64 % share.plan.batch_size == 0
+        expected = [single[key] for key in recorded_order(mine, share.plan.batch_size, kept, copies)]
+        assert share.rows.tolist() == expected
+        seen += expected
+    assert sorted(seen) == list(range(n * kept * copies))
+
+
+def test_minibatch_rows_are_split_without_loss_or_overlap():
+    """RowShard.local over the ranks gives back each row of a global minibatch exactly once. Catches an
+    off-by-one in the position table or rows dropped when a rank holds none of the batch."""
+    total, idx = 24, torch.tensor([5, 0, 23, 7, 12, 13])
+    shards = [distributed.RowShard(np.arange(r, total, 3), total) for r in range(3)]
+    got = sorted(int(s.rows[p]) for s in shards for p in s.local(idx))
+    assert got == sorted(idx.tolist())
+    assert shards[0].below(7) == 3  # rows 0, 3, 6
+
+
+def test_owners_balance_by_cost():
+    """Longest first to the least loaded rank; one rank owns everything. Catches round-robin by position."""
+    assert distributed.owners([6, 1, 4, 4, 3], 2) == [0, 1, 1, 1, 0]  # loads 6+3 and 4+4+1
+    assert distributed.owners([6, 1, 4], 1) == [0, 0, 0]
+
+
+# --- two gloo processes on the toy model ----------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toy_worker(rank, size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    model, adapter, cset = toy_set(num_samples=150)  # 300 rows: two chunks of 256
+    name, block = adapter.blocks(model)[0]
+    names = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    shard = distributed.RowShard(np.concatenate([np.arange(s, min(s + 5, cset.rows)) for s in
+                                                 range(5 * rank, cset.rows, 5 * size)]), cset.rows)
+    local = {k: t[shard.rows] if cset.batched[k] else t for k, t in cset.slots.items()}
+    replay = Replay(cset.calls[0], local, cset.batched, len(shard.rows))
+    result = {"moments": shared_input_moments(block, name, names, replay, shard, "cpu")}
+    # the loss of a global minibatch, its gradient summed by GradSync
+    targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
+    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299])
+    loss = shared_loss(block, replay, [t[shard.rows] for t in targets], shard, "cpu")(idx)
+    block.zero_grad()
+    if loss.requires_grad:
+        loss.backward()
+    params = list(block.parameters())
+    result["loss"] = distributed.GradSync().reduce(params, loss.detach())
+    result["grads"] = [p.grad.clone() for p in params]
+    # resume: rank 0 saved generation 1 and was killed waiting for rank 1, which had not saved it
+    store = CheckpointStore(out, KEY)
+    store.save(Checkpoint(acts={"a": torch.tensor([rank])}, wiring={}))
+    if rank == 0:
+        def killed():
+            raise InterruptedError
+        barrier, distributed.barrier = distributed.barrier, killed
+        with pytest.raises(InterruptedError):
+            store.save(Checkpoint(1, acts={"a": torch.tensor([10])}))
+        distributed.barrier = barrier
+    result["resumed"] = CheckpointStore(out, KEY).load().acts["a"].item()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_two_processes_compute_the_single_process_moments_gradients_and_resume_point(tmp_path):
+    """Two gloo processes, each holding every other run of 5 rows of the toy set:
+    - the input moments of the block's Linears are bit-identical to one process's (each layer on the rank that fits
+      it). Catches chunks summed per rank (a float rounding apart, which the output-aware fit turns into other
+      codewords), rows gathered out of order, or the chunk's rows mis-cut;
+    - the summed per-rank loss shares and gradients equal the global minibatch's. Catches normalising by the local
+      row count, or a rank with no rows leaving the sum;
+    - a rank that saved a generation the other did not goes back to the previous one. Catches resuming each rank at
+      its own last checkpoint (ranks at different blocks)."""
+    mp.spawn(_toy_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, adapter, cset = toy_set(num_samples=150)
+    name, block = adapter.blocks(model)[0]
+    names = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    single = block_input_moments(block, name, names, Replay(cset.calls[0], cset.slots, cset.batched, cset.rows),
+                                 "cpu")
+    fitted = {**results[0]["moments"], **results[1]["moments"]}
+    assert sorted(fitted) == sorted(names) and not set(results[0]["moments"]) & set(results[1]["moments"])
+    for n in names:
+        assert torch.equal(fitted[n], single[n]), n
+    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299])
+    targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
+    whole = distributed.RowShard(np.arange(cset.rows), cset.rows)
+    replay = Replay(cset.calls[0], cset.slots, cset.batched, cset.rows)
+    block.zero_grad()
+    loss = shared_loss(block, replay, targets, whole, "cpu")(idx)
+    loss.backward()
+    for r in results:
+        assert torch.allclose(r["loss"], loss.detach(), rtol=1e-6)
+        for g, p in zip(r["grads"], block.parameters()):
+            assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-8)
+    assert [r["resumed"] for r in results] == [0, 1]
+
+
+# --- quantize.py under torchrun: 2 gloo processes against 1 on the embedded model ---------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# small: two blocks quantized (the walk still passes all six), 4 trajectories x 2 steps x CFG = 16 points in
+# batches of 16 over 8 rows per process. kmeans start: the output-aware fit (the default) turns a float rounding
+# of its inputs into other codewords (see docs/usage.md "Several processes"), and rows sampled in other batch sizes
+# differ by such roundings on a CPU
+SMALL = ["--iters", "6", "--calib-samples", "4", "--calib-timesteps", "2", "--steps", "4", "--kmeans-iters", "2",
+         "--include", r"^blocks\.[01]\.", "--codebook-init", "kmeans"]
+
+
+def torchrun(out, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "quantize.py", "--out", str(out), *SMALL], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def kill_after_first_block(out, timeout=120):
+    """Start the 2-process run and SIGKILL it (torchrun and both ranks) once both ranks saved block 0."""
+    run = torchrun(out, start_new_session=True)
+    state = out / STATE_DIR / "rank-1" / "state.json"
+    deadline = time.monotonic() + timeout
+    while run.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(state.read_text())["next_block"] >= 1:
+                os.killpg(run.pid, signal.SIGKILL)
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-calibration"
+
+
+def test_two_processes_killed_and_resumed_give_the_single_process_artifact(tmp_path):
+    """quantize.py under torchrun with 2 gloo processes, killed after block 0 and rerun: the rerun resumes at block 1
+    and the artifact has the single process's codeword indices, codebooks within 1e-4 relative (norm of the
+    difference; measured 9e-6: the gradients summed over two processes round differently, which moves a few
+    codebook entries by one or two float16 steps of 2^-11 relative, so 1e-5 has no margin) and biases within 1e-4
+    relative (1e-6 absolute). Catches a data split that is not the single-process minibatch
+    (other rows, or a loss normalised per rank), a branch taken on one rank only, a rank resuming at another block or
+    from another rank's rows, and rank 1 writing the artifact (a race) or its own checkpoints over rank 0's."""
+    single = tmp_path / "single"
+    quantize(load_config(None, config_overrides(build_parser().parse_args(SMALL))), str(single), progress=False)
+    out = tmp_path / "two"
+    kill_after_first_block(out)
+    rerun = torchrun(out)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "resuming calibration at block 1" in err
+    assert not (out / STATE_DIR).exists()
+    a, b = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        if key.endswith("codebook"):
+            assert (x.float() - y.float()).norm() <= 1e-4 * x.float().norm(), key
+        elif x.is_floating_point():
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), key
+        else:
+            assert torch.equal(x, y), key

@@ -1,0 +1,71 @@
+"""What the processes of a torchrun calibration compute together, each on the calibration points it holds
+(utils.distributed.RowShard): a block's training loss and the input moments of its Linears.
+
+The loss: each process's share of a global minibatch's L_d (calib.train.Trainer sums them and the gradients).
+The moments: an output-aware fit (vq/weighted_kmeans.py gptvq) turns a difference of one float32 rounding in
+E[x x^T] into other codewords, so the moments must be the single process's to the bit. One process sums x^T x
+over chunks of its rows in order; here each chunk's inputs are gathered, in the single process's row order, on the
+process that fits the layer (utils.distributed.owners by weight size, as jobs/methods.fit_layers_ assigns the
+fits), which sums the very same products in the same order. A row's activations do not depend on the other rows
+of its batch, so the chunk is the single process's chunk.
+"""
+import torch
+
+from vq4dit.calib.chunks import replay_chunk
+from vq4dit.calib.replay import call_block, squared_error
+from vq4dit.utils import distributed
+from vq4dit.vq.weighted_kmeans import InputMoments
+
+
+def shared_loss(block, replay, targets, shard, device):
+    """loss_fn(idx) of one of several processes: its share of L_d of the global minibatch idx (B,), the squared
+    errors of the rows of idx it holds (RowShard `shard`) over the element count of all B rows; a 0-d zero (no
+    gradient) when it holds none of them. Summed over the processes: L_d of the minibatch (calib.train.Trainer)."""
+    per_row = sum(t.shape[1:].numel() for t in targets)
+
+    def loss_fn(idx):
+        local = shard.local(idx)
+        if not len(local):
+            return torch.zeros((), device=device)
+        total, _ = squared_error(call_block(block, replay, local, device), [t[local] for t in targets])
+        return total / (len(idx) * per_row)
+
+    return loss_fn
+
+
+def layer_owners(modules):
+    """The rank that fits each of the Linears `modules` (anything with in_features and out_features)."""
+    return distributed.owners([m.in_features * m.out_features for m in modules], distributed.size())
+
+
+@torch.no_grad()
+def shared_input_moments(block, prefix, names, replay, shard, device, chunk=None):
+    """calib.moments.block_input_moments under torchrun: {qualified name: (in, in) float64 E[x x^T]} of the Linears
+    `names` of the FP `block` that this process fits (layer_owners), over every process's rows, summed as one
+    process sums them: global chunks of `chunk` rows (None: the single process's sweep chunks, replay_chunk: a
+    row's bytes, not the row count, set it, so every process computes the same chunk)."""
+    modules = [block.get_submodule(name[len(prefix) + 1:]) for name in names]
+    owner, chunk = layer_owners(modules), chunk or replay_chunk(replay)
+    me = distributed.rank()
+    accs = {name: InputMoments(m.in_features, None, full=True, device=device)
+            for name, m, r in zip(names, modules, owner) if r == me}
+    seen, handles = {}, []
+    for name, m in zip(names, modules):
+        handles.append(m.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0])))
+    try:
+        for s in range(0, shard.total, chunk):
+            lo, hi = shard.below(s), shard.below(s + chunk)  # this process's rows of the chunk: a run of its rows
+            if hi > lo:
+                call_block(block, replay, slice(lo, hi), device)
+            rows = shard.rows[lo:hi].to(device)
+            for name, m, r in zip(names, modules, owner):
+                x = seen.pop(name, torch.zeros((0, m.in_features), device=device))  # (b, ..., in)
+                pieces = distributed.gather_rows_to(x.reshape(hi - lo, -1).float(), r)  # [(b_r, T * in)]
+                where = distributed.gather_rows_to(rows, r)  # [(b_r, 1)]
+                if r == me:
+                    order = torch.cat(where)[:, 0].argsort()
+                    accs[name].add(torch.cat(pieces)[order].reshape(-1, m.in_features))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: acc.full() for name, acc in accs.items()}
