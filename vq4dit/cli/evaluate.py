@@ -41,9 +41,11 @@ def build_parser():
 
 
 def cli(argv=None):
-    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on
+    SIGINT / SIGTERM) or returns."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_cli(main, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    run_cli(main, args, on_interrupt=lambda: f"no result written{f' to {args.json}' if args.json else ''}")
 
 
 if __name__ == "__main__":
