@@ -8,7 +8,8 @@ pooled MSE, data range 255) and MSE (pooled, on the [0, 1] pixel scale).
 
     python evaluate.py --samples /tmp/q/samples.npz --reference /tmp/fp/samples.npz --json /tmp/q/eval.json
 
-JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null where not computed).
+JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null where not computed), notes
+(why a value is null: an infinite PSNR, samples identical to the reference).
 FID is biased upward at small N: compare runs only at equal num_samples.
 """
 import argparse
