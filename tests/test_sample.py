@@ -371,3 +371,14 @@ def test_num_frames_on_an_image_model_is_refused(tmp_path, capsys):
     line = cli_error(sample.cli, [*FAST_RUN, "--num-frames", "4", "--out", tmp_path / "out"], capsys)
     assert line.startswith("error: --num-frames 4: DiT depth") and "draws images, not videos" in line
     assert os.listdir(tmp_path) == []
+
+
+def test_dit_flags_with_a_diffusers_pipeline_are_refused(tmp_path, capsys):
+    """--model, --image-size, --num-classes shape the project's DiT; a pipeline's transformer ignored them silently
+    (mutation: no check_pipeline_flags)."""
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    line = cli_error(sample.cli, [*FAST_RUN, "--ckpt", tmp_path / "pipe", "--image-size", "16", "--out",
+                                  tmp_path / "out"], capsys)
+    assert line.startswith(f"error: --image-size: not used with the diffusers pipeline --ckpt {tmp_path / 'pipe'}")
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]

@@ -48,9 +48,22 @@ def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, nu
         net, ref, _ = load_quantized(resolve_artifact(quantized), device, decode=decode)
         adapter, extra = adapter_for(net), {k: v for k, v in ref.items() if k not in ("class", "config")}
     else:
+        dit_flags = {"--model": model, "--image-size": image_size, "--num-classes": num_classes}
+        check_pipeline_flags(ckpt, backend, dit_flags)
         base = load_model(model, ckpt, image_size, num_classes, backend, device)
         net, adapter, extra = base.model, base.adapter, base.extra
     return apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra
+
+
+def check_pipeline_flags(ckpt, backend, given):
+    """A diffusers pipeline's transformer has its own config: the project DiT's flags `given` {flag: value or None}
+    would do nothing with it."""
+    from vq4dit.models.pipelines import resolve_pipeline
+
+    flags = [flag for flag, value in given.items() if value is not None]
+    if flags and ckpt is not None and backend != "vq4dit" and resolve_pipeline(ckpt) is not None:
+        raise UserError(f"{', '.join(flags)}: not used with the diffusers pipeline --ckpt {ckpt} (its transformer's "
+                        "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
 
 
 @dataclass(frozen=True)

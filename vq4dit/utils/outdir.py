@@ -65,7 +65,8 @@ def _lock(path, out_dir):
         except FileNotFoundError:  # removed between the two opens by a refused run: try again
             continue
         except OSError as e:
-            raise UserError(f"{path}: cannot open the output directory's marker ({e.strerror}); remove it") from None
+            raise (disk_full(e, [path]) or UserError(f"{path}: cannot open the output directory's marker "
+                                                     f"({e.strerror}); remove it")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
