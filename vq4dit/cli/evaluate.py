@@ -16,11 +16,13 @@ import argparse
 import logging
 
 from vq4dit.evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
-from vq4dit.utils.cli import ArgumentParser, run_cli
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
 from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
 
 def main(args):
+    check_not_blank({"--samples": args.samples, "--reference": args.reference, "--json": args.json,
+                     "--ref-batch": args.ref_batch, "--classifier": args.classifier})
     if args.json is not None:
         check_result_path(args.json)  # before the metrics, which can take minutes
     result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,

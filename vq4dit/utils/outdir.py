@@ -101,6 +101,16 @@ def _missing_dirs(path):
     return missing
 
 
+def _remove_empty(directories):
+    """Remove `directories` (deepest first) as long as they are empty."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (another process wrote there meanwhile), or never created
+            if os.path.exists(directory):
+                return
+
+
 @contextlib.contextmanager
 def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=None):
     """Create `out_dir` if needed, lock it for this process and check that it holds no file the tool did not write
@@ -110,9 +120,13 @@ def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=N
     block (or the claim) fails and the run wrote nothing there, nothing is left behind: a marker this call created is
     removed, and so are the directories it created."""
     created_dirs = _missing_dirs(out_dir)
-    check_out_dir(out_dir)
     path = os.path.join(out_dir, MARKER)
-    fd, created = _lock(path, out_dir)
+    try:
+        check_out_dir(out_dir)
+        fd, created = _lock(path, out_dir)
+    except BaseException:
+        _remove_empty(created_dirs)
+        raise
     before = set(os.listdir(out_dir))
     try:
         check_foreign(out_dir, set(names), not created or (earlier is not None and earlier(out_dir)), overwrite,
@@ -122,9 +136,7 @@ def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=N
     except BaseException:
         if created and set(os.listdir(out_dir)) <= before:  # refused, or failed before writing anything
             os.remove(path)
-            for directory in created_dirs:
-                with contextlib.suppress(OSError):  # another process may have written there meanwhile
-                    os.rmdir(directory)
+            _remove_empty(created_dirs)
         raise
     finally:
         os.close(fd)
