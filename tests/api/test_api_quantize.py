@@ -127,3 +127,30 @@ def test_a_quantized_transformer_refuses_save_pretrained_and_requantizing(tmp_pa
     assert not (tmp_path / "saved" / "transformer").exists()
     with pytest.raises(UserError, match=r"transformer is already quantized \(\d+ quantized layers, first "):
         quantize_transformer(pipe, device="cpu", progress=False)
+
+
+def test_save_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
+    """QuantizedTransformer.save meeting a full disk (safetensors reports it in its own exception's text): one
+    UserError naming the files, and neither files nor the directory the save created; the same save on a disk with
+    room writes the run's artifact byte for byte (mutation: safetensors' full disk not recognised -> a
+    SafetensorError traceback)."""
+    from safetensors import SafetensorError
+
+    from vq4dit.quantize import QuantizedTransformer
+    from vq4dit.vq.artifact import read_quant_config
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    run = tiny_run("sd3", tmp_path_factory)
+    extra = {k: v for k, v in read_quant_config(run.artifact)["base_model"].items() if k not in ("class", "config")}
+    quantized = QuantizedTransformer(load_transformer(run.artifact), run.config, extra)
+    out = tmp_path / "new" / "art"
+    with monkeypatch.context() as patch:
+        patch.setattr("vq4dit.vq.artifact.save_file", full)
+        with pytest.raises(UserError, match=r"model.safetensors \+ .*: no space left on the device") as info:
+            quantized.save(out)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+    quantized.save(out)
+    for name in ARTIFACT_FILES:
+        assert (out / name).read_bytes() == (run.artifact / name).read_bytes(), name
