@@ -382,3 +382,16 @@ def test_dit_flags_with_a_diffusers_pipeline_are_refused(tmp_path, capsys):
                                   tmp_path / "out"], capsys)
     assert line.startswith(f"error: --image-size: not used with the diffusers pipeline --ckpt {tmp_path / 'pipe'}")
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+def test_a_pipelines_non_finite_images_are_refused_too():
+    """The diffusers path (SD3, Flux, PixArt: a LoRA at scale 1e30 gave NaN latents, then black PNGs): the
+    pipeline's float images hold NaN (mutation: no check in to_uint8_images)."""
+    from vq4dit.models.pipelines import to_uint8_images
+    from vq4dit.utils.errors import NonFiniteOutput
+
+    images = np.full((2, 4, 4, 3), 0.5, np.float32)
+    assert (to_uint8_images(images) == 128).all()
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteOutput, match=r"^the pipeline's images hold 1 NaN/Inf value\(s\)$"):
+        to_uint8_images(images)
