@@ -2,6 +2,7 @@
 
 Each case runs the real entry script in a subprocess on a tiny checkpoint or artifact written to tmp.
 """
+import errno
 import json
 import os
 import shlex
@@ -277,3 +278,53 @@ def test_sample_out_under_a_regular_file(ckpt, tmp_path):
                  "--out", target)
     assert_user_error(result, target)
     assert leftovers(tmp_path) == []
+
+
+# ---- issue 29: a full disk at every write of quantize.py, in-process ------------------------------------------------
+
+def safetensors_full(*args, **kwargs):
+    """safetensors' save_file on a full disk: not an OSError, the errno in its text."""
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def text_full(path, text):
+    """A text write that fills the disk half way, through the real atomic_path."""
+    from vq4dit.utils.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def card_full(path, text):
+    if path.endswith(".tmp") and ".README.md." in path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("method,target,writer,named", [
+    ("rtn", "vq4dit.vq.artifact.save_file", safetensors_full, "model.safetensors"),
+    ("rtn", "vq4dit.vq.artifact.write_text", card_full, "README.md"),
+    ("vq4dit", "vq4dit.calib.checkpoints.save_file", safetensors_full, "calib_state/layers-"),
+    ("vq4dit", "vq4dit.calib.checkpoints.write_text_atomic", text_full, "calib_log.jsonl"),
+], ids=["artifact", "model-card", "calibration-state", "calibration-log"])
+def test_a_full_disk_at_any_write_of_quantize_is_one_line(ckpt, tmp_path, monkeypatch, capsys, method, target, writer,
+                                                         named):
+    """Mutations: atomic_paths recognising only OSError (safetensors' error -> a traceback); the artifact's files
+    written one by one (the card failing -> model.safetensors and config.yaml left without quant_config.json)."""
+    from vq4dit.cli import quantize
+
+    monkeypatch.setattr(target, writer)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        quantize.cli([*FAST, "--ckpt", str(ckpt), "--method", method, "--iters", "1", "--out", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "no space left on the device" in lines[0] and named in lines[0], lines[0]
+    kept = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert not [n for n in kept if n in ("model.safetensors", "config.yaml", "README.md", "quant_config.json")
+                or n.endswith(".tmp")], kept

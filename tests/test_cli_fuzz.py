@@ -4,19 +4,30 @@ success or in exit status 2 with one error line (a UserError through run_cli, or
 another exception, and never a stray temporary file. A successful run must have written its outputs and must not
 have been given an empty or blank value (one that a script took for "use the default" silently).
 
+Issue 29 adds hazards: a share of the cases runs with its output directory locked by another run, or with the Nth
+file opened for writing failing with a full disk (ENOSPC), a Ctrl-C (KeyboardInterrupt) or a SIGTERM. Such a case
+must end in the one line of that hazard (`error: ... no space left` / `error: ... another run`, exit 2;
+`interrupted` exit 130; `terminated (SIGTERM)` exit 143), or in any ordinary outcome when it never reached the
+hazard, and must leave no temporary and no new output file. Contradictory flags are values of the specs.
+
 A CLI is a `Cli`: its cli(argv) function, the flags that keep every run cheap, what a success writes, and a list of
 `Flag` specs, each with values a user could mean and the hostile values of its kind. Another entry script is fuzzed
 by a Cli of its own and one more entry in test_fuzz's parametrize. Cases run in the fixture directory, so a relative
 path (e.g. quantize.py's default --out) lands there. VQ4DIT_FUZZ_SEED / VQ4DIT_FUZZ_SCALE run other or more cases
 locally.
 """
+import builtins
 import contextlib
 import dataclasses
+import errno
 import io
 import os
 import random
+import re
 import shutil
+import signal
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -56,6 +67,8 @@ class Cli:
     flags: tuple  # Flag specs
     budget: tuple = ()  # flags given first in every case (a later flag overrides them), templates allowed
     produces: object = None  # produces(argv) -> the files a successful run must have written
+    claims: bool = True  # whether it claims --out (utils/outdir.py), so that a held lock refuses it
+    writes: int = 5  # files a successful run opens for writing (at least): the hazards hit one of them
 
 
 SAMPLE = Cli(sample.cli, (
@@ -79,19 +92,21 @@ SAMPLE = Cli(sample.cli, (
     Flag("--device", ("cpu", "auto"), ("cuda", "cuda:7", "gpu", "cuda:x", "", "CPU")),
     Flag("--precision", ("fp32", "bf16"), ("fp8", "", "FP32")),
     Flag("--out", ("{out}",), PATHS),
+    Flag("--num-frames", (), INTS + ("4",)),  # an image model: refused whatever the value
+    Flag("--overwrite"),
 ), budget=("--num-samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu", "-q", "--out", "{out}"),
     produces=lambda argv: [] if "--check" in argv else [os.path.join(last(argv, "--out"), f)
                                                         for f in ("samples.npz", "grid.png")])
 
 EVALUATE = Cli(evaluate.cli, (
-    Flag("--samples", ("{samples}", "{samples3}"), PATHS + ("{big}", "{labels_out}")),
+    Flag("--samples", ("{samples}", "{samples3}"), PATHS + ("{big}", "{labels_out}", "{t2i_samples}")),
     Flag("--reference", ("{samples}",), PATHS + ("{samples3}", "{big}")),
     Flag("--json", ("{json}",), PATHS + ("{dir}", "{text}/eval.json")),
     Flag("--kind", ("digits",), ("imagenet", "", "Digits", "ü")),
     Flag("--ref-batch", (), PATHS),
     Flag("--classifier", ("{classifier}",), PATHS),
 ), budget=("--samples", "{samples}", "--classifier", "{classifier}"),
-    produces=lambda argv: [last(argv, "--json")] if "--json" in argv else [])
+    produces=lambda argv: [last(argv, "--json")] if "--json" in argv else [], claims=False, writes=2)
 
 CHOICE = TEXTS + ("RTN", "Vq4DiT")
 QUANTIZE = Cli(quantize.cli, (
@@ -144,9 +159,10 @@ QUANTIZE = Cli(quantize.cli, (
            "--iters", "1", "--batch-size", "2", "--calib-samples", "1", "--online-batch", "1", "--steps", "2",
            "--calib-timesteps", "1", "--device", "cpu", "--out", "{qout}"),
     produces=lambda argv: [] if "--dry-run" in argv else [os.path.join(last(argv, "--out"), f) for f in
-                                                          ("model.safetensors", "quant_config.json", "config.yaml")])
+                                                          ("model.safetensors", "quant_config.json", "config.yaml")],
+    writes=8)
 # the same flags over a calibrating budget (record, calibrate, the resumable state): fewer cases, each costs more
-QUANTIZE_CALIBRATED = dataclasses.replace(QUANTIZE, budget=QUANTIZE.budget + ("--method", "vq4dit"))
+QUANTIZE_CALIBRATED = dataclasses.replace(QUANTIZE, budget=QUANTIZE.budget + ("--method", "vq4dit"), writes=16)
 
 
 def last(argv, flag):
@@ -154,13 +170,16 @@ def last(argv, flag):
     return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
 
 
-def case(rng, spec, count):
-    """A random argv for `spec`: its budget, then `count` flags, each with a good value or a hostile one."""
+def case(rng, spec, count, good=False):
+    """A random argv for `spec`: its budget, then `count` flags, each with a good value or a hostile one (`good`:
+    good values only, so that the run is likely to reach its writes)."""
     argv = list(spec.budget)
     for flag in rng.sample(spec.flags, count):
         if flag.bad is None:
             argv.append(flag.name)
-        else:
+        elif good and flag.good:
+            argv += [flag.name, rng.choice(flag.good)]
+        elif not good:
             argv += [flag.name, rng.choice(flag.good if flag.good and rng.random() < 0.4 else flag.bad)]
     return argv
 
@@ -212,8 +231,16 @@ def _write(path, content):
             f.write(value)
 
 
+def shown(line):
+    """What a terminal shows of a stderr line (the text after its last carriage return), None for a progress bar
+    (tqdm redraws its bars with \\r) or a blank."""
+    text = line.rsplit("\r", 1)[-1]
+    return None if not text.strip() or re.search(r"\| *\d+/\d+ \[", text) else text
+
+
 def outcome(spec, argv):
-    """'ok', 'usage' (argparse), 'error' (one `error:` line), or what else happened, of one in-process run."""
+    """'ok', 'usage' (argparse), 'error' (one `error:` line), 'interrupted' / 'terminated' (one line, exit 130 /
+    143), or what else happened, of one in-process run; and its last stderr line."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -221,34 +248,135 @@ def outcome(spec, argv):
         except SystemExit as e:
             code = e.code
         except Exception as e:  # noqa: BLE001 -- the point of the test: every escaping exception is a finding
-            return f"{type(e).__name__}: {e}"
+            return f"{type(e).__name__}: {e}", ""
         else:
             code = 0
-    lines = err.getvalue().splitlines()
+    lines = [text for text in map(shown, err.getvalue().splitlines()) if text is not None]
+    last_line = lines[-1] if lines else ""
     if code == 0:
         missing = [f for f in spec.produces(argv) if not os.path.isfile(f)]
-        return f"exit 0 without {missing}" if missing else "ok"
+        return (f"exit 0 without {missing}" if missing else "ok"), last_line
     if code == 2 and lines and lines[0].startswith("usage:") and ": error: " in lines[-1]:
-        return "usage"
-    if code == 2 and len(lines) == 1 and lines[0].startswith("error: "):
-        return "error"
-    return f"exit {code} with stderr {err.getvalue()[-600:]!r}"
+        return "usage", last_line
+    one_line = {2: ("error", "error: "), 130: ("interrupted", "interrupted"),
+                143: ("terminated", "terminated (SIGTERM)")}
+    if code in one_line and len(lines) == 1 and lines[0].startswith(one_line[code][1]):
+        return one_line[code][0], last_line
+    return f"exit {code} with stderr {err.getvalue()[-600:]!r}", last_line
+
+
+HAZARD_SHARE = 0.2  # of the cases
+WRITE_HAZARDS = ("ENOSPC", "SIGINT", "SIGTERM")
+# what a run that met the hazard must end in: (outcome, text of its one line)
+MET = {"ENOSPC": ("error", "no space left on the device"), "SIGINT": ("interrupted", "interrupted"),
+       "SIGTERM": ("terminated", "terminated (SIGTERM)"), "locked": ("error", "")}
+
+
+@contextlib.contextmanager
+def write_hazard(kind, nth):
+    """The `nth` file this process opens for writing (builtins.open in a writing mode, os.open with O_CREAT: every
+    writer of the package, and the temporaries before safetensors' own writes) meets `kind`: a full disk, Ctrl-C,
+    or SIGTERM (delivered for real: run_cli's handler turns it into an exception). Yields {"met": bool}."""
+    from vq4dit.utils import cli
+
+    real_open, real_os_open, state = builtins.open, os.open, {"count": 0, "met": False}
+
+    def hit(path):
+        state["count"] += 1
+        if state["count"] != nth:
+            return
+        state["met"] = True
+        if kind == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+        if kind == "SIGINT":
+            raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGTERM) is not cli._raise_terminated:  # SIGTERM would end pytest itself
+            raise RuntimeError("a write outside run_cli's SIGTERM handler")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def opened(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+            hit(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_opened(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            hit(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    with mock.patch.object(builtins, "open", opened), mock.patch.object(os, "open", os_opened):
+        yield state
+
+
+@contextlib.contextmanager
+def held_lock(spec, argv):
+    """The case's --out locked by another run (utils.outdir.claim_out_dir held here; yields {"met": True}), or
+    nothing when --out cannot be claimed or the case writes nothing there (--check, --dry-run)."""
+    from vq4dit.utils.errors import UserError
+    from vq4dit.utils.outdir import claim_out_dir
+
+    out = last(argv, "--out") if "--out" in argv[:-1] else None
+    with contextlib.ExitStack() as stack:
+        try:
+            if out and spec.produces(argv):
+                stack.enter_context(claim_out_dir(out, (), overwrite=True))
+                yield {"met": True}
+                return
+        except UserError:
+            pass
+        yield {"met": False}
+
+
+def pick_hazard(rng, spec):
+    """None, or (kind, the number of the write it hits) for a share of the cases."""
+    if rng.random() >= HAZARD_SHARE:
+        return None
+    kinds = WRITE_HAZARDS + (("locked",) if spec.claims else ())
+    return rng.choice(kinds), rng.randint(1, spec.writes)
+
+
+def judge(result, line, hazard, state, argv):
+    """What is wrong with a case's (outcome, last line) under `hazard` (None: nothing), or None."""
+    if state["met"]:
+        kind = hazard[0]
+        want, text = MET[kind]
+        if kind == "locked":  # refused: an error (another run, or a flag checked before the claim) or usage
+            return None if result in ("error", "usage") else f"{result} while another run held --out"
+        return None if (result, text in line) == (want, True) else f"{result} ({line!r}) after {kind}"
+    if result not in ("ok", "usage", "error"):
+        return result
+    if result == "ok" and any(not a.strip() for a in argv):  # an empty value must not fall back silently
+        return "ok with an empty value"
+    return None
 
 
 def run_fuzz(spec, paths, cases, rng):
-    """Run `cases` random cases; returns (counts per outcome, failures as (argv, what happened))."""
+    """Run `cases` random cases; returns (counts per outcome and per hazard met, failures as (argv, what
+    happened))."""
     fixtures = Fixtures(paths["root"])
     counts, failures = {}, []
     for _ in range(cases):
-        argv = [a.format(**paths) for a in case(rng, spec, rng.randint(1, 4))]
-        result = outcome(spec, argv)
-        if result == "ok" and any(not a.strip() for a in argv):  # an empty value must not fall back silently
-            result = "ok with an empty value"
+        hazard = pick_hazard(rng, spec)
+        argv = [a.format(**paths) for a in case(rng, spec, rng.randint(1, 4), good=hazard is not None)]
+        if hazard is None:
+            context = contextlib.nullcontext({"met": False})
+        else:
+            context = held_lock(spec, argv) if hazard[0] == "locked" else write_hazard(*hazard)
+        existed = [f for f in spec.produces(argv) if os.path.lexists(f)]
+        with context as state:
+            result, line = outcome(spec, argv)
+        wrong = judge(result, line, hazard, state, argv)
+        # a run that failed writes nothing that looks finished
+        partial = [] if result == "ok" else [f for f in spec.produces(argv) if os.path.lexists(f) and
+                                              f not in existed]
         stray = fixtures.restore()
-        if result not in ("ok", "usage", "error") or stray:
-            failures.append((argv, f"{result}; stray temporaries {stray}" if stray else result))
-        kind = result if result in ("ok", "usage", "error") else "failure"
+        if wrong or stray or partial:
+            failures.append((argv + [f"(hazard {hazard})"] * bool(hazard), "; ".join(
+                filter(None, [wrong, stray and f"stray temporaries {stray}", partial and f"partial {partial}"]))))
+        kind = result if result in ("ok", "usage", "error") else "failure" if wrong else result
         counts[kind] = counts.get(kind, 0) + 1
+        if state["met"]:
+            counts[f"met {hazard[0]}"] = counts.get(f"met {hazard[0]}", 0) + 1
     return counts, failures
 
 
@@ -256,6 +384,7 @@ def run_fuzz(spec, paths, cases, rng):
 def paths(tmp_path_factory):
     """Every file a template names: good inputs (a tiny checkpoint, its k-means artifact, samples) and bad ones."""
     from vq4dit.models.loading import DiTSpec
+    from vq4dit.utils.imagefiles import save_samples
     from vq4dit.vq.apply import quantize_linears
     from vq4dit.vq.artifact import save_quantized
     from vq4dit.vq.layer import CodebookSpec
@@ -296,13 +425,15 @@ def paths(tmp_path_factory):
     np.savez(found["big"], arr_0=np.zeros((3, 32, 32, 3), np.uint8))
     found["labels_out"] = str(root / "labels_out.npz")
     np.savez(found["labels_out"], arr_0=images[:3], arr_1=np.array([0, 1, 10]))
+    save_samples(root / "t2i", images[:4], labels[:4] % 2, prompted=True)  # prompt indices: not digits classes
+    found["t2i_samples"] = str(root / "t2i" / "samples.npz")
     found["json"] = str(root / "json_dir" / "eval.json")
     found["classifier"] = str(root / "classifier.safetensors")
     save_classifier(DigitsClassifier(width=4, feature_dim=8), found["classifier"])
     return found
 
 
-@pytest.mark.parametrize("spec,cases", [(SAMPLE, 200), (EVALUATE, 120), (QUANTIZE, 120), (QUANTIZE_CALIBRATED, 20)],
+@pytest.mark.parametrize("spec,cases", [(SAMPLE, 200), (EVALUATE, 100), (QUANTIZE, 90), (QUANTIZE_CALIBRATED, 16)],
                          ids=["sample", "evaluate", "quantize", "quantize-calibrated"])
 def test_fuzz(spec, cases, paths, monkeypatch):
     monkeypatch.chdir(paths["root"])
@@ -311,6 +442,9 @@ def test_fuzz(spec, cases, paths, monkeypatch):
     rng = random.Random(f"{SEED}-{spec.cli.__module__}-{spec.budget[-1]}")
     counts, failures = run_fuzz(spec, paths, int(cases * SCALE), rng)
     report = "\n".join(f"{' '.join(repr(a[:80]) for a in argv)}\n    -> {what}" for argv, what in failures[:10])
-    assert not failures, f"{len(failures)} of {sum(counts.values())} cases failed (seed {SEED}):\n{report}"
+    assert not failures, f"{len(failures)} of {int(cases * SCALE)} cases failed (seed {SEED}):\n{report}"
     # the generator reaches every outcome: a fuzzer that only ever met argparse would prove nothing
     assert min(counts.get(k, 0) for k in ("ok", "usage", "error")) >= cases // 20, counts
+    # and the hazards reach the writes: each kind met in some case
+    kinds = WRITE_HAZARDS + (("locked",) if spec.claims else ())
+    assert all(counts.get(f"met {k}", 0) >= (cases >= 50) for k in kinds), counts

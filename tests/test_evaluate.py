@@ -54,7 +54,7 @@ def test_digits_json_and_table(tmp_path, digits_batches, classifier, capsys):
     out = tmp_path / "out" / "eval.json"
     evaluate.main(args(paths["q"], reference=paths["fp"], json=str(out), classifier=classifier))
     result = json.loads(out.read_text())
-    assert list(result) == ["fid", "accuracy", "psnr_vs_reference", "mse_vs_reference", "num_samples"]
+    assert list(result) == ["fid", "accuracy", "psnr_vs_reference", "mse_vs_reference", "num_samples", "notes"]
     assert result["num_samples"] == 200
     assert result["mse_vs_reference"] == pytest.approx(paired_mse(q, fp))
     assert result["psnr_vs_reference"] == pytest.approx(-10 * math.log10(result["mse_vs_reference"]))
@@ -76,8 +76,41 @@ def test_identical_reference_gives_infinite_psnr(tmp_path, digits_batches, class
     paths, _, _ = digits_batches
     out = tmp_path / "eval.json"
     evaluate.main(args(paths["fp"], reference=paths["fp"], json=str(out), classifier=classifier))
-    result = json.loads(out.read_text())
-    assert result["mse_vs_reference"] == 0 and result["psnr_vs_reference"] == math.inf
+    text = out.read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert result["mse_vs_reference"] == 0 and result["psnr_vs_reference"] is None
+    assert result["notes"] == {"psnr_vs_reference": "infinite: the samples are identical to the reference (mse 0)"}
+
+
+def test_a_non_finite_metric_is_an_error_never_invalid_json(tmp_path, digits_batches, classifier, capsys,
+                                                             monkeypatch):
+    """`--json` held Infinity (issue 29): a metric that is not finite (here a FID of NaN) is one line, no file
+    (mutation: no check_finite_metrics -> json.dumps(allow_nan=False) raises a ValueError traceback)."""
+    import vq4dit.evaluation.report
+
+    paths, _, _ = digits_batches
+    monkeypatch.setattr(vq4dit.evaluation.report, "digits_metrics", lambda *a: {"fid": math.nan, "accuracy": 0.5})
+    out = tmp_path / "out" / "eval.json"
+    line = cli_error(capsys, ["--samples", paths["q"], "--json", str(out), "--classifier", classifier])
+    assert line == f"error: {paths['q']}: fid came out nan; the samples or the reference are degenerate (e.g. all " \
+                   "images equal), no finite value to report"
+    assert not out.exists()
+
+
+def test_text_to_image_samples_are_not_scored_as_digits(tmp_path, digits_batches, classifier, capsys):
+    """sample.py records what arr_1 holds; prompt indices of 16x16 text-to-image samples were scored by the digits
+    classifier as if they were classes (mutation: label_kind not consulted)."""
+    from vq4dit.utils.imagefiles import save_samples
+
+    _, q, _ = digits_batches
+    save_samples(tmp_path / "t2i", q[:6], np.arange(6) % 3, prompted=True)
+    samples = str(tmp_path / "t2i" / "samples.npz")
+    for kind in ([], ["--kind", "digits"]):
+        line = cli_error(capsys, ["--samples", samples, *kind, "--classifier", classifier])
+        assert line.startswith(f"error: {samples}: text-to-image samples (arr_1 holds prompt indices") and \
+            "give --kind imagenet --ref-batch" in line
+    save_samples(tmp_path / "classes", q[:6], np.arange(6) % 3)
+    evaluate.main(args(str(tmp_path / "classes" / "samples.npz"), classifier=classifier))  # class samples: scored
 
 
 def exits_with_error(capsys, match, namespace):

@@ -94,12 +94,26 @@ def test_the_lock_refuses_a_second_claim_and_dies_with_its_holder(tmp_path):
 def test_the_lock_is_released_when_the_block_raises(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with claim_out_dir(tmp_path, NAMES):
+            (tmp_path / sorted(NAMES)[0]).write_text("written before the interrupt")
             raise KeyboardInterrupt
     fd = os.open(tmp_path / MARKER, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a claim still holds it
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, UserError])
+def test_a_run_that_failed_before_writing_leaves_nothing(tmp_path, error):
+    """Ctrl-C or an error after the claim and before any output: neither the marker nor the directories the claim
+    created stay (mutation: keep the marker of a claim that wrote nothing -> an empty directory with .vq4dit left)."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "foreign.txt").write_text("not ours")
+    for out in (tmp_path / "new" / "deeper", tmp_path / "kept"):
+        with pytest.raises(error):
+            with claim_out_dir(out, NAMES, overwrite=True):
+                raise error("failed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["foreign.txt", "kept"]
 
 
 # ---- quantize.py --------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ import logging
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ def test_cli_writes_grid_and_npz(tmp_path, ckpt):
                 "--batch-size", "2", "--seed", "4", "--device", "cpu", "--out", str(out), "-q"])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]
+    assert sorted(os.listdir(out)) == [".vq4dit", "grid.png", "samples.npz"]  # the marker of utils/outdir.py
     with Image.open(out / "grid.png") as grid:
         assert grid.format == "PNG" and grid.mode == "RGB"
     images, labels = read_npz(out / "samples.npz")
@@ -83,7 +85,7 @@ def test_torchrun_two_processes_match_one(tmp_path, ckpt):
     ref_images, ref_labels = reference_run(ckpt, tmp_path, num_samples=5, steps=3, batch_size=2, seed=7)
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_array_equal(images, ref_images)  # exact: a sample depends only on (seed, index)
-    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]
+    assert sorted(os.listdir(out)) == [".vq4dit", "grid.png", "samples.npz"]
 
 
 def bad_inputs(ckpt):
@@ -197,7 +199,7 @@ def test_a_disk_that_fills_while_writing_leaves_no_npz_without_its_grid(tmp_path
     out = tmp_path / "out"
     line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out", out], capsys)
     assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device (needed " in line
-    assert os.listdir(out) == []  # neither file, no temporary
+    assert not out.exists()  # neither file, no temporary, and not the directory the run created
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -242,3 +244,154 @@ def test_a_batch_that_runs_out_of_memory_names_batch_size(tmp_path, monkeypatch,
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):
         sample.cli([str(a) for a in argv])
+
+
+# ---- issue 29: interrupts, the --out claim, full disks at every write, non-finite images, ignored flags -------------
+
+FAST_RUN = ["--num-samples", "2", "--steps", "2", "--device", "cpu", "-q"]
+
+
+@pytest.mark.parametrize("signum,code,line", [(None, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_an_interrupt_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, signum, code, line):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM while sampling: one line, exit 130 / 143, and neither files nor the
+    directory the run created (mutation: run_cli without a hint for sample.py -> the 60-line traceback; the claim's
+    marker kept -> out/.vq4dit left)."""
+    import vq4dit.models.adapters.dit
+
+    def interrupt(*args, **kwargs):
+        if signum is None:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+
+    monkeypatch.setattr(vq4dit.models.adapters.dit, "generate", interrupt)
+    out = tmp_path / "a" / "out"
+    with pytest.raises(SystemExit) as info:
+        sample.cli([*FAST_RUN, "--out", str(out)])
+    assert info.value.code == code
+    assert capsys.readouterr().err.splitlines() == [f"{line}; nothing written to {out}"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_is_claimed_as_quantize_out_is(tmp_path, capsys):
+    """A second run into a --out being written is refused naming the first's pid; files sample.py did not write
+    are refused unless --overwrite, and kept then (mutation: --out not claimed -> both runs write, a project's
+    files beside the samples silently)."""
+    from vq4dit.jobs.sample import claim_sample_dir
+
+    out = tmp_path / "out"
+    with claim_sample_dir(out):
+        line = cli_error(sample.cli, [*FAST_RUN, "--out", out], capsys)
+    assert f"{out}: another run (pid {os.getpid()}) is writing to it" in line
+    (out / "notes.txt").write_text("mine")
+    line = cli_error(sample.cli, [*FAST_RUN, "--out", out], capsys)
+    assert "holds files vq4dit did not write (notes.txt)" in line and "--overwrite" in line
+    sample.cli([*FAST_RUN, "--out", str(out), "--overwrite"])
+    assert sorted(os.listdir(out)) == [".vq4dit", "grid.png", "notes.txt", "samples.npz"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_at_the_npz_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC inside np.savez (the first write): one line naming the files, nothing left (mutation: atomic_paths
+    not reporting a full disk -> an OSError traceback)."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    out = tmp_path / "out"
+    line = cli_error(sample.cli, [*FAST_RUN, "--out", out], capsys)
+    assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device" in line
+    assert os.listdir(tmp_path) == []
+
+
+def video_batch():
+    return np.random.default_rng(0).integers(0, 256, (2, 3, 4, 4, 3), dtype=np.uint8)  # (N, F, H, W, 3)
+
+
+def test_a_full_disk_at_a_video_frame_leaves_no_frame_and_no_npz(tmp_path, monkeypatch):
+    """Videos are written before the npz, into a temporary directory: ENOSPC at the 4th frame is one line naming
+    out/videos, and neither frames nor samples.npz stay (mutation: frames written in place -> 3 frames left)."""
+    from vq4dit.jobs.sample import save_all
+    from vq4dit.utils.errors import UserError
+
+    real_save, calls = Image.Image.save, []
+
+    def fill_up(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fill_up)
+    with pytest.raises(UserError) as info:
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), prompted=True)
+    assert str(info.value).startswith(f"{tmp_path / 'videos'}: no space left on the device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_videos_without_an_mp4_writer_fall_back_to_frames_with_one_warning(tmp_path, monkeypatch, caplog):
+    """imageio without its ffmpeg plugin (TiffWriter took the call and refused fps): frames, and one warning for
+    all videos (mutation: TypeError not caught -> the run fails after sampling)."""
+    import types
+
+    from vq4dit.jobs.sample import save_all
+
+    def mimwrite(path, frames, fps, format=None):
+        open(path, "wb").close()  # a writer that created its file before failing
+        raise TypeError("TiffWriter.write() got an unexpected keyword argument 'fps'")
+
+    fake = types.ModuleType("imageio")
+    fake.v2 = types.SimpleNamespace(mimwrite=mimwrite)
+    monkeypatch.setitem(sys.modules, "imageio", fake)
+    monkeypatch.setitem(sys.modules, "imageio.v2", fake.v2)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.utils.imagefiles"):
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), prompted=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "TiffWriter" in warnings[0] and "PNG frames only" in warnings[0]
+    assert sorted(os.listdir(tmp_path / "videos")) == ["00000", "00001"]
+    assert sorted(os.listdir(tmp_path / "videos" / "00001")) == ["000.png", "001.png", "002.png"]
+
+
+def test_non_finite_images_are_an_error_naming_the_cause(tmp_path, monkeypatch, capsys):
+    """A model that overflows (a LoRA at scale 1e30 did) gives NaN, which uint8 made black images with exit 0
+    (mutation: no check in images_to_uint8)."""
+    import vq4dit.models.adapters.dit
+
+    monkeypatch.setattr(vq4dit.models.adapters.dit, "generate",
+                        lambda model, labels, *a, **k: torch.full((len(labels), 1, 16, 16), float("nan")))
+    out = tmp_path / "out"
+    line = cli_error(sample.cli, [*FAST_RUN, "--out", out], capsys)
+    assert line.startswith("error: samples 0..1: the sampled images hold 512 NaN/Inf value(s): an overflow (a LoRA ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_num_frames_on_an_image_model_is_refused(tmp_path, capsys):
+    """Mutation: --num-frames ignored by image models (issue 29)."""
+    line = cli_error(sample.cli, [*FAST_RUN, "--num-frames", "4", "--out", tmp_path / "out"], capsys)
+    assert line.startswith("error: --num-frames 4: DiT depth") and "draws images, not videos" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_dit_flags_with_a_diffusers_pipeline_are_refused(tmp_path, capsys):
+    """--model, --image-size, --num-classes shape the project's DiT; a pipeline's transformer ignored them silently
+    (mutation: no check_pipeline_flags)."""
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    line = cli_error(sample.cli, [*FAST_RUN, "--ckpt", tmp_path / "pipe", "--image-size", "16", "--out",
+                                  tmp_path / "out"], capsys)
+    assert line.startswith(f"error: --image-size: not used with the diffusers pipeline --ckpt {tmp_path / 'pipe'}")
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+def test_a_pipelines_non_finite_images_are_refused_too():
+    """The diffusers path (SD3, Flux, PixArt: a LoRA at scale 1e30 gave NaN latents, then black PNGs): the
+    pipeline's float images hold NaN (mutation: no check in to_uint8_images)."""
+    from vq4dit.models.pipelines import to_uint8_images
+    from vq4dit.utils.errors import NonFiniteOutput
+
+    images = np.full((2, 4, 4, 3), 0.5, np.float32)
+    assert (to_uint8_images(images) == 128).all()
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteOutput, match=r"^the pipeline's images hold 1 NaN/Inf value\(s\)$"):
+        to_uint8_images(images)

@@ -1,4 +1,5 @@
 """Load a quantized artifact (a directory or a hub repo) as the transformer of a user's own diffusers pipeline."""
+import functools
 import logging
 
 import torch
@@ -29,5 +30,20 @@ def load_transformer(path_or_hub_id, device="cpu", dtype=None, revision=None):
     model, ref, _ = load_quantized(resolve_artifact(path_or_hub_id, revision), device)
     if dtype is not None:
         model.to(dtype)  # floating parameters and buffers only: indices stay uint8/int16/int32
+    guard_save_pretrained(model)
     logger.info("loaded quantized %s from %s", ref["class"], path_or_hub_id)
     return model
+
+
+def guard_save_pretrained(model):
+    """Make diffusers' save_pretrained of the quantized `model` (alone, or as a pipeline's component, which
+    pipe.save_pretrained calls) a one-line UserError: diffusers' format has no quantized layers, and what it wrote
+    reloaded as NaN latents with the weights left on the meta device."""
+    model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
+
+
+def _refuse_save_pretrained(name, save_directory=None, *args, **kwargs):
+    raise UserError(f"{name}.save_pretrained({str(save_directory)!r}): a quantized transformer is not saved in "
+                    "diffusers' format (it would reload as NaN); save the artifact with quantized.save(DIR) (the "
+                    "QuantizedTransformer of quantize_transformer) and load it with vq4dit.load_transformer(DIR); "
+                    "for the rest of the pipeline, set pipe.transformer = None before pipe.save_pretrained")

@@ -10,6 +10,7 @@ demand.
 """
 import contextlib
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.load import guard_save_pretrained
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.lora import enable_peft_lora
 
@@ -52,10 +54,10 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     was loaded from (pipe.name_or_path: a pipeline built in memory must be saved and loaded first); returns a
     QuantizedTransformer (.transformer, .save(out_dir)).
 
-    config: a jobs.config.QuantizeConfig (load_config("preset.yaml") reads a YAML preset as quantize.py --config
-        does); None: quantize.py's defaults (the recipe's preset). overrides: flat keys as quantize.py's flags and
-        config.yaml have them (wbits=2, iters=500, prompts="prompts.txt", device="cuda", ...). ckpt is the pipeline's
-        source.
+    config: a YAML preset's path or a shipped preset's name (as quantize.py --config takes them), or a
+        jobs.config.QuantizeConfig; None: quantize.py's defaults (the recipe's preset). overrides: flat keys as
+        quantize.py's flags and config.yaml have them (wbits=2, iters=500, prompts="prompts.txt", device="cuda",
+        ...). ckpt is the pipeline's source.
     work_dir: where the calibration keeps its resumable state, its log (calib_log.jsonl) and the activations past
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
@@ -72,6 +74,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         _, stats = run_stages(base, include, run)
         run.finish()
     harden(base.model)
+    guard_save_pretrained(base.model)  # diffusers' format cannot hold it: quantized.save(dir) is the way
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
     return QuantizedTransformer(base.model, config, extra, stats)
 
@@ -84,12 +87,18 @@ def resolved_config(pipe, config, overrides):
         raise UserError(f"quantize_transformer: the {type(pipe).__name__} was not loaded with from_pretrained "
                         "(no name_or_path): its teacher runs need the directory or hub repo of its text encoders "
                         "and scheduler; save it with pipe.save_pretrained(DIR) and load it from DIR")
-    given = overrides.get("ckpt", config.model.ckpt if config is not None else None)
+    given = overrides.get("ckpt", config.model.ckpt if isinstance(config, QuantizeConfig) else None)
     if given is not None and str(given) != str(source):
         raise UserError(f"quantize_transformer: ckpt={given!r}, but the pipeline was loaded from {source!r}; drop "
                         "ckpt (the pipeline is the model quantized)")
     values = {**overrides, "ckpt": str(source)}
-    config = load_config(overrides=values) if config is None else config.replace(**values)
+    if config is None or isinstance(config, (str, os.PathLike)):
+        config = load_config(None if config is None else os.fspath(config), values)
+    elif isinstance(config, QuantizeConfig):
+        config = config.replace(**values)
+    else:
+        raise UserError(f"quantize_transformer: config={config!r}; give a YAML preset's path, a shipped preset's "
+                        "name (dit_xl_256_w2, ...), a jobs.config.QuantizeConfig, or None for the defaults")
     if config.model.backend == "vq4dit":
         raise UserError("quantize_transformer: backend='vq4dit' maps DiT weights into the project's DiT; a "
                         "pipeline's transformer is quantized in its diffusers form: use backend='auto'")
@@ -102,11 +111,17 @@ def base_model(pipe, source):
     from vq4dit.models.adapters import adapter_for
     from vq4dit.models.adapters.load import BaseModel, pipeline_reference
     from vq4dit.models.pipelines import resolve_pipeline
+    from vq4dit.vq.artifact import quantized_layers
 
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, nn.Module):
         raise UserError(f"quantize_transformer: {type(pipe).__name__} has no transformer to quantize (UNet "
                         "pipelines are not supported)")
+    done = list(quantized_layers(transformer))
+    if done:
+        raise UserError(f"quantize_transformer: the {type(pipe).__name__}'s transformer is already quantized "
+                        f"({len(done)} quantized layers, first {done[0]}); quantize a full-precision pipeline "
+                        "(from_pretrained again), or save this one with quantized.save(DIR)")
     dtypes = sorted({str(p.dtype) for p in transformer.parameters() if p.is_floating_point()})
     if dtypes != [str(torch.float32)]:
         raise UserError(f"quantize_transformer: the transformer is in {', '.join(dtypes)}; load the pipeline in "

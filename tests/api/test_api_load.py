@@ -57,7 +57,8 @@ def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tm
     assert quantize["image"].size == (8, 8)
     in_memory, loaded = quantize["pipe"].transformer.state_dict(), quantize["transformer"].state_dict()
     assert in_memory.keys() == loaded.keys() and all(torch.equal(in_memory[k], loaded[k]) for k in loaded)
-    assert (tmp_path / "sd3.5-medium-vq4dit-w2" / "quant_config.json").is_file()
+    assert (tmp_path / "sd3.5-medium-vq4dit-w1" / "quant_config.json").is_file()
+    assert quantize["quantized"].config.codebooks.k == 16  # what the example says it asks for
 
 
 def test_hub_id_loads_the_same_model_as_the_directory_with_the_same_digest_checks(offline_cache, tmp_path_factory):

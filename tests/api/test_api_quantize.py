@@ -85,3 +85,72 @@ def test_uncalibrated_methods_model_in_memory_is_exactly_its_artifact(tmp_path_f
     in_memory = transformer_output(pipe.transformer)
     quantized.save(tmp_path / "kmeans")
     assert torch.equal(in_memory, transformer_output(load_transformer(tmp_path / "kmeans")))
+
+
+# ---- issue 29 ------------------------------------------------------------------------------------------------------
+
+def test_config_takes_a_yaml_path_or_a_preset_name_and_contradictions_are_refused(tmp_path):
+    """config="preset.yaml" was an AttributeError (mutation: only a QuantizeConfig accepted); docs/api.md's wbits=2
+    with codebook_size=16, dim=4 quantized to 1 bit silently (mutation: no check_bits)."""
+    from vq4dit.jobs.config import load_config
+    from vq4dit.quantize import resolved_config
+
+    class Loaded:
+        name_or_path = "owner/pipeline"
+
+    (tmp_path / "preset.yaml").write_text("iters: 7\nwbits: 3\ndim: 2\n")
+    for config in (str(tmp_path / "preset.yaml"), tmp_path / "preset.yaml"):
+        assert resolved_config(Loaded(), config, {"seed": 1}) == load_config(
+            str(tmp_path / "preset.yaml"), {"ckpt": "owner/pipeline", "seed": 1})
+    assert resolved_config(Loaded(), "sd3_medium_w2", {}) == load_config("sd3_medium_w2", {"ckpt": "owner/pipeline"})
+    with pytest.raises(UserError, match=r"^quantize_transformer: config=\{'wbits': 2\}; give a YAML preset's path"):
+        resolved_config(Loaded(), {"wbits": 2}, {})
+    with pytest.raises(UserError, match=r"wbits=2 with dim=4 means codebook_size 2\^\(2\*4\) = 256, but "
+                                        r"codebook_size=16 is given \(1 bit\(s\) per weight\)"):
+        resolved_config(Loaded(), None, {"wbits": 2, "dim": 4, "codebook_size": 16})
+    assert resolved_config(Loaded(), None, {"wbits": 1, "dim": 4, "codebook_size": 16}).codebooks.k == 16
+
+
+def test_a_quantized_transformer_refuses_save_pretrained_and_requantizing(tmp_path_factory, tmp_path):
+    """diffusers' pipe.save_pretrained of a quantized transformer reloaded as NaN latents, and quantize_transformer
+    of it was a bare StopIteration (mutations: no guard_save_pretrained in load_transformer; no quantized check)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tiny_run("sd3", tmp_path_factory)
+    transformer = load_transformer(run.artifact)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline), transformer=transformer)
+    for save in (pipe.save_pretrained, transformer.save_pretrained):
+        with pytest.raises(UserError, match=r"SD3Transformer2DModel.save_pretrained\(.*\): a quantized transformer "
+                                            r"is not saved in diffusers' format .*quantized.save\(DIR\)") as info:
+            save(tmp_path / "saved")
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "saved" / "transformer").exists()
+    with pytest.raises(UserError, match=r"transformer is already quantized \(\d+ quantized layers, first "):
+        quantize_transformer(pipe, device="cpu", progress=False)
+
+
+def test_save_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
+    """QuantizedTransformer.save meeting a full disk (safetensors reports it in its own exception's text): one
+    UserError naming the files, and neither files nor the directory the save created; the same save on a disk with
+    room writes the run's artifact byte for byte (mutation: safetensors' full disk not recognised -> a
+    SafetensorError traceback)."""
+    from safetensors import SafetensorError
+
+    from vq4dit.quantize import QuantizedTransformer
+    from vq4dit.vq.artifact import read_quant_config
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    run = tiny_run("sd3", tmp_path_factory)
+    extra = {k: v for k, v in read_quant_config(run.artifact)["base_model"].items() if k not in ("class", "config")}
+    quantized = QuantizedTransformer(load_transformer(run.artifact), run.config, extra)
+    out = tmp_path / "new" / "art"
+    with monkeypatch.context() as patch:
+        patch.setattr("vq4dit.vq.artifact.save_file", full)
+        with pytest.raises(UserError, match=r"model.safetensors \+ .*: no space left on the device") as info:
+            quantized.save(out)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+    quantized.save(out)
+    for name in ARTIFACT_FILES:
+        assert (out / name).read_bytes() == (run.artifact / name).read_bytes(), name

@@ -1,4 +1,8 @@
+import errno
+import os
 import re
+import signal
+import time
 
 import pytest
 
@@ -35,11 +39,42 @@ def test_interrupt_prints_the_hint_and_exits_130(capsys):
     assert capsys.readouterr().err == "interrupted; rerun to resume from block 3\n"
 
 
-def test_interrupt_without_hint_propagates_and_other_errors_are_not_swallowed():
-    with pytest.raises(KeyboardInterrupt):
+def test_interrupt_without_hint_is_one_line_and_other_errors_are_not_swallowed(capsys):
+    """Mutation: a Ctrl-C without a hint re-raised (sample.py's 60-line traceback)."""
+    with pytest.raises(SystemExit) as e:
         run_cli(fail_with(KeyboardInterrupt()), None)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with pytest.raises(ZeroDivisionError):
         run_cli(fail_with(ZeroDivisionError()), None)
+
+
+def test_sigterm_is_one_line_exit_143_after_the_cleanup(capsys, tmp_path):
+    """SIGTERM runs the same cleanup as Ctrl-C: the half-written temporary is removed (mutation: no SIGTERM handler
+    -> the process dies with the temporary left; a handler that exits at once -> no cleanup)."""
+    from vq4dit.utils.fileio import atomic_path
+
+    def main(args):
+        with atomic_path(tmp_path / "out.bin"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this frame before the sleep ends
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, None, on_interrupt=lambda: "nothing written")
+    assert e.value.code == 143 and capsys.readouterr().err == "terminated (SIGTERM); nothing written\n"
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "/x/out.bin"),
+                                   RuntimeError("Error while serializing: I/O error: No space left on device "
+                                                "(os error 28)")])
+def test_a_full_disk_no_writer_reported_is_one_line(capsys, error):
+    """Mutation: only UserError caught -> a full disk met outside utils.fileio's writers is a traceback."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail_with(error), None)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "no space left on the device" in err
+    assert err.count("\n") == 1 and ("/x/out.bin" in err) == isinstance(error, OSError)
 
 
 def test_main_receives_its_arguments():

@@ -40,6 +40,9 @@ def check_range(config, name, low, high, text):
         invalid(name, value, text)
 
 
+MAX_STEPS = 1000  # the DDPM training schedule that sampling respaces (sample.py's --steps has the same bound)
+
+
 @dataclass
 class TeacherConfig:
     """The zero-data teacher: FP sampler trajectories whose block calls become the calibration set."""
@@ -56,6 +59,8 @@ class TeacherConfig:
     def validate(self):
         check_positive(self, ("steps", "calib_samples", "calib_timesteps", "online_batch"))
         check_range(self, "cfg_scale", 0, None, "must be >= 0 (1: no guidance)")
+        if self.steps > MAX_STEPS:  # past int64, numpy's respacing failed with a UFuncTypeError
+            invalid("steps", self.steps, f"at most {MAX_STEPS} (the training schedule's timesteps)")
         if self.calib_timesteps > self.steps:
             invalid("calib_timesteps", self.calib_timesteps, f"at most steps={self.steps}")
         return self

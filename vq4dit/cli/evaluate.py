@@ -8,18 +8,21 @@ pooled MSE, data range 255) and MSE (pooled, on the [0, 1] pixel scale).
 
     python evaluate.py --samples /tmp/q/samples.npz --reference /tmp/fp/samples.npz --json /tmp/q/eval.json
 
-JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null where not computed).
+JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null where not computed), notes
+(why a value is null: an infinite PSNR, samples identical to the reference).
 FID is biased upward at small N: compare runs only at equal num_samples.
 """
 import argparse
 import logging
 
 from vq4dit.evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
-from vq4dit.utils.cli import ArgumentParser, run_cli
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
 from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
 
 def main(args):
+    check_not_blank({"--samples": args.samples, "--reference": args.reference, "--json": args.json,
+                     "--ref-batch": args.ref_batch, "--classifier": args.classifier})
     if args.json is not None:
         check_result_path(args.json)  # before the metrics, which can take minutes
     result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
@@ -41,9 +44,11 @@ def build_parser():
 
 
 def cli(argv=None):
-    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on
+    SIGINT / SIGTERM) or returns."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_cli(main, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    run_cli(main, args, on_interrupt=lambda: f"no result written{f' to {args.json}' if args.json else ''}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ whatever the batch size or number of processes. A diffusers artifact samples thr
 source, or --pipeline DIR). Multi-GPU/CPU: torchrun --nproc_per_node N sample.py ... (one npz, written by rank 0).
 """
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -95,22 +96,31 @@ def check_flags(args):
 
 
 def main(args):
-    from vq4dit.jobs.sample import check_vae_flag, load_for_sampling, load_loras, sample_to_dir
-    from vq4dit.models.adapters.base import SampleSettings
     from vq4dit.utils import distributed
     from vq4dit.utils.device import resolve_device
-    from vq4dit.utils.fileio import check_out_dir
-    from vq4dit.utils.precision import resolve_precision
 
     check_flags(args)  # before the (slow) model load
     loras = parse_loras(args.lora)
     if args.check:
         return check_artifact(args.quantized)
-    prompts = read_prompts(args)
     # under torchrun: pin this rank's GPU first, so that no rank loads its copy of the model onto cuda:0
     device = distributed.init(resolve_device(args.device))
+    with contextlib.ExitStack() as stack:
+        if distributed.world()[0] == 0:  # rank 0 writes the samples: it claims --out, before the model loads
+            from vq4dit.jobs.sample import claim_sample_dir
+
+            stack.enter_context(claim_sample_dir(args.out, args.overwrite))
+        sample(args, loras, device)
+
+
+def sample(args, loras, device):
+    """Load the model, apply the LoRAs and write the samples to --out (claimed by the caller)."""
+    from vq4dit.jobs.sample import check_vae_flag, load_for_sampling, load_loras, sample_to_dir
+    from vq4dit.models.adapters.base import SampleSettings
+    from vq4dit.utils.precision import resolve_precision
+
+    prompts = read_prompts(args)
     resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
-    check_out_dir(args.out)  # an unwritable --out fails now, not after sampling
     model, adapter, extra = load_for_sampling(args.quantized, args.model, args.ckpt, args.image_size,
                                               args.num_classes, args.backend, device, args.decode_weights,
                                               args.precision)
@@ -165,17 +175,23 @@ def build_parser():
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default=None,
                         help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
-    parser.add_argument("--out", default="outputs/samples", metavar="DIR")
+    parser.add_argument("--out", default="outputs/samples", metavar="DIR",
+                        help="sample directory: samples.npz, grid.png (videos/ for video pipelines); locked while the "
+                             "run writes it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that holds files sample.py did not write (they are kept); without "
+                             "it that is an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     return parser
 
 
 def cli(argv=None):
-    """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input) or returns."""
+    """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on SIGINT /
+    SIGTERM) or returns."""
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
-    run_cli(main, args)
+    run_cli(main, args, on_interrupt=lambda: f"nothing written to {args.out}")
 
 
 if __name__ == "__main__":

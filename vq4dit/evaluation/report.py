@@ -6,15 +6,18 @@ Result keys (null / None where not computed):
   psnr_vs_reference  PSNR in dB of the pooled MSE against --reference (data range 255; inf if identical)
   mse_vs_reference   pooled MSE against --reference on the [0, 1] pixel scale
   num_samples        N, the number of evaluated samples (FID is biased upward at small N)
+The JSON also holds `notes` {key: why it is null}: an infinite PSNR (samples identical to the reference) is
+written as null with its note, since JSON has no infinity; any other non-finite metric is an error.
 """
 import json
 import logging
+import math
 import os
 
 from vq4dit.evaluation.digits import digits_metrics, load_digits_classifier, real_digits_uint8
 from vq4dit.evaluation.imagenet import import_torch_fidelity, inception_fid
 from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse
-from vq4dit.evaluation.samples import check_labels, check_reference, load_samples
+from vq4dit.evaluation.samples import check_labels, check_reference, label_kind, load_samples
 from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import write_text_atomic
@@ -50,7 +53,12 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
     """
     images, labels = load_samples(samples_path)
     kind = resolve_kind(kind, images.shape)
-    if labels is not None:
+    prompted = label_kind(samples_path) == "prompts"
+    if prompted and kind == "digits":
+        raise UserError(f"{samples_path}: text-to-image samples (arr_1 holds prompt indices, not class ids); the "
+                        "digits benchmark scores DiT-Digits class samples with its classifier; for these give --kind "
+                        "imagenet --ref-batch REAL.npz (FID against real images) and --reference FP.npz (PSNR/MSE)")
+    if labels is not None and not prompted:
         check_labels(labels, images.shape[0], NUM_CLASSES_OF_KIND[kind], samples_path)
     if images.shape[0] < 2:
         raise UserError(f"{samples_path}: has {images.shape[0]} image; FID needs at least 2")
@@ -77,12 +85,28 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
         import_torch_fidelity()  # fail before reading a large reference batch
         ref_batch, _ = load_samples(ref_batch_path)
         result["fid"] = inception_fid(images, ref_batch)
+    check_finite_metrics(result, samples_path)
     return result
 
 
+def check_finite_metrics(result, samples_path):
+    """Every metric a finite number, or None; a PSNR of the samples identical to the reference is infinite."""
+    for key in RESULT_KEYS:
+        value = result[key]
+        identical = key == "psnr_vs_reference" and result["mse_vs_reference"] == 0
+        if value is not None and not math.isfinite(value) and not identical:
+            raise UserError(f"{samples_path}: {key} came out {value}; the samples or the reference are degenerate "
+                            "(e.g. all images equal), no finite value to report")
+
+
 def result_to_json(result):
-    """JSON text of a result; an infinite PSNR (identical to the reference) is written as Infinity."""
-    return json.dumps({k: result[k] for k in RESULT_KEYS}, indent=2) + "\n"
+    """JSON text of a result (strict JSON: no NaN or Infinity); an infinite PSNR (identical to the reference) is
+    written as null, with the reason in `notes`."""
+    values, notes = {k: result[k] for k in RESULT_KEYS}, {}
+    if values["psnr_vs_reference"] == math.inf:
+        values["psnr_vs_reference"] = None
+        notes["psnr_vs_reference"] = "infinite: the samples are identical to the reference (mse 0)"
+    return json.dumps({**values, "notes": notes}, indent=2, allow_nan=False) + "\n"
 
 
 def check_result_path(path):

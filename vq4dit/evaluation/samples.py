@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 
 from vq4dit.utils.errors import UserError
+from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,18 @@ def load_samples(path, num_classes=None):
         labels = check_labels(labels, images.shape[0], num_classes, path)
     logger.info("%s: %d images of %dx%d, labels %s", path, *images.shape[:3], "yes" if labels is not None else "no")
     return images, labels
+
+
+def label_kind(path):
+    """What arr_1 of the samples at `path` (already read by load_samples) holds, as sample.py records it: "classes",
+    "prompts" (a text-to-image model's prompt indices), or None (not recorded: another tool, or before issue 29)."""
+    with np.load(path, allow_pickle=False) as data:
+        if LABELS_KEY not in data.files:
+            return None
+        kind = data[LABELS_KEY]
+    if kind.shape != () or str(kind) not in LABEL_KINDS:
+        raise UserError(f"{path}: {LABELS_KEY}={kind!r}; must be one of {', '.join(LABEL_KINDS)} (what arr_1 holds)")
+    return str(kind)
 
 
 def check_images(images, name):

@@ -219,7 +219,21 @@ def merge(config, values, source):
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(KEY_TYPES))}")
     flat = config.to_dict()
     flat.update({k: _coerce(k, KEY_TYPES[k], v, source) for k, v in values.items()})
-    return QuantizeConfig.from_flat(flat)
+    merged = QuantizeConfig.from_flat(flat)
+    check_bits(merged.codebooks, values, source)
+    return merged
+
+
+def check_bits(codebooks, given, source):
+    """wbits and codebook_size given together (in one YAML file, the flags, the API's keywords) must agree: k
+    overrides 2^(wbits*dim) silently only when wbits comes from an earlier level (docs/api.md asked for wbits=2 with
+    codebook_size=16, dim=4 and got 1 bit)."""
+    w, d, k = codebooks.wbits, codebooks.dim, given.get("codebook_size")
+    if k is None or "wbits" not in given or w < 1 or d < 1 or (w * d <= 16 and 2 ** (w * d) == k):
+        return
+    raise UserError(f"{source}: wbits={w} with dim={d} means codebook_size 2^({w}*{d}) = "
+                    f"{2 ** (w * d) if w * d <= 16 else f'2^{w * d}'}, but codebook_size={k} is given "
+                    f"({math.log2(max(k, 1)) / d:g} bit(s) per weight); give one of wbits and codebook_size")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

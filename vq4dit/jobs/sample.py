@@ -6,6 +6,7 @@ diffusers pipeline's transformer through that pipeline. Under torchrun the sampl
 """
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,18 @@ from vq4dit.models.adapters.load import load_model
 from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
-from vq4dit.utils.errors import RankError, UserError
+from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError
 from vq4dit.utils.fileio import check_free_space
-from vq4dit.utils.imagefiles import GRID_FILE, NPZ_FILE, npz_bytes, sample_files_bytes, save_samples, save_videos
+from vq4dit.utils.imagefiles import (
+    GRID_FILE,
+    NPZ_FILE,
+    VIDEO_DIR,
+    npz_bytes,
+    sample_files_bytes,
+    save_samples,
+    save_videos,
+)
+from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import apply_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -38,9 +48,22 @@ def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, nu
         net, ref, _ = load_quantized(resolve_artifact(quantized), device, decode=decode)
         adapter, extra = adapter_for(net), {k: v for k, v in ref.items() if k not in ("class", "config")}
     else:
+        dit_flags = {"--model": model, "--image-size": image_size, "--num-classes": num_classes}
+        check_pipeline_flags(ckpt, backend, dit_flags)
         base = load_model(model, ckpt, image_size, num_classes, backend, device)
         net, adapter, extra = base.model, base.adapter, base.extra
     return apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra
+
+
+def check_pipeline_flags(ckpt, backend, given):
+    """A diffusers pipeline's transformer has its own config: the project DiT's flags `given` {flag: value or None}
+    would do nothing with it."""
+    from vq4dit.models.pipelines import resolve_pipeline
+
+    flags = [flag for flag, value in given.items() if value is not None]
+    if flags and ckpt is not None and backend != "vq4dit" and resolve_pipeline(ckpt) is not None:
+        raise UserError(f"{', '.join(flags)}: not used with the diffusers pipeline --ckpt {ckpt} (its transformer's "
+                        "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
 
 
 @dataclass(frozen=True)
@@ -116,10 +139,23 @@ def check_memory(num_samples, size):
                         f"{num_samples * total // needed:,}")
 
 
+def claim_sample_dir(out_dir, overwrite=False):
+    """utils.outdir.claim_out_dir for a sample directory, as quantize.py's --out is claimed: locked for the run, and
+    files sample.py did not write refused unless `overwrite` (and kept then). An unmarked directory holding the
+    samples.npz and grid.png of a run from before markers existed is sample.py's own."""
+    def earlier(directory):
+        return all(os.path.isfile(os.path.join(directory, name)) for name in (NPZ_FILE, GRID_FILE))
+
+    return claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier)
+
+
 def prepare_sampler(model, adapter, extra, num_samples, settings, device):
     """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
     check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
     sampler = adapter.image_sampler(model, extra, settings, device)
+    if settings.num_frames is not None and len(sampler.size) != 3:  # (F, H, W) for videos, (H, W) for images
+        raise UserError(f"--num-frames {settings.num_frames}: {adapter.describe(model)} draws images, not videos; "
+                        "drop --num-frames")
     check_memory(num_samples, sampler.size)
     return sampler
 
@@ -144,6 +180,10 @@ def draw_shard(sampler, conditions, num_samples, batch_size):
         idx = [int(i) for i in positions[start:start + batch_size]]
         try:
             images.append(sampler(idx, _take(conditions, idx)))
+        except NonFiniteOutput as e:
+            raise RankError(f"samples {idx[0]}..{idx[-1]}: {e}: an overflow (a LoRA scale, the guidance "
+                            "scale --cfg-scale or --precision fp16 too large for this model); refusing to write black "
+                            "images") from None
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not _out_of_memory(e):
                 raise
@@ -159,23 +199,35 @@ def sample_shard(model, adapter, extra, num_samples, settings, device, classes=N
     return draw_shard(sampler, conditions, num_samples, settings.batch_size), labels
 
 
+def save_all(out_dir, images, labels, prompted):
+    """samples.npz, grid.png and, for videos (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none."""
+    videos = os.path.join(out_dir, VIDEO_DIR)
+    if images.ndim == 5:
+        save_videos(videos, images)
+    try:
+        save_samples(out_dir, images, labels, prompted)
+    except BaseException:
+        if images.ndim == 5:
+            shutil.rmtree(videos, ignore_errors=True)
+        raise
+
+
 def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
     """Sample and write out_dir/grid.png and out_dir/samples.npz (videos: arr_0 (N, F, H, W, 3), frames and mp4s in
-    out_dir/videos, the grid of first frames); returns (images, labels) on rank 0, else
-    (None, None). A sample's image depends only on the seed, its index and its condition (DiT: bitwise, whatever
-    the batch size or the number of processes)."""
+    out_dir/videos, the grid of first frames), all or (on any error, a full disk, an interrupt) none of them;
+    returns (images, labels) on rank 0, else (None, None). A sample's image depends only on the seed, its index and
+    its condition (DiT: bitwise, whatever the batch size or the number of processes). sample.py claims out_dir
+    first (claim_sample_dir)."""
     start = time.time()
     sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
     rank, _ = distributed.world()
-    if rank == 0:  # a full disk fails now, not after hours of sampling
-        check_free_space(out_dir, sample_files_bytes(num_samples, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
     conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
+    if rank == 0:  # a full disk fails now, not after hours of sampling
+        check_free_space(out_dir, sample_files_bytes(labels, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
     local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
     images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
-        save_samples(out_dir, images, labels)
-        if images.ndim == 5:  # videos (N, F, H, W, 3): frames (and mp4s) per sample beside the npz
-            save_videos(os.path.join(out_dir, "videos"), images)
+        save_all(out_dir, images, labels, prompted=adapter.num_classes(model) is None)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

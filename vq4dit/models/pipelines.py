@@ -125,7 +125,11 @@ def load_pipeline(source, device, **components):
 
 
 def to_uint8_images(images):
-    """A pipeline's float images (N, H, W, 3) in [0, 1] (output_type="np") -> uint8."""
+    """A pipeline's float images (N, H, W, 3) in [0, 1] (output_type="np") -> uint8; NaN or Inf (an overflow, which
+    uint8 would turn into black pixels) is a utils.errors.NonFiniteOutput."""
     import numpy as np
 
+    from vq4dit.utils.errors import check_finite_output
+
+    check_finite_output(images, "the pipeline's images")
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

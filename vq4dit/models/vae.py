@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, check_finite_output
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,11 @@ def load_vae(name="ema", device="cpu"):
 
 
 def images_to_uint8(x):
-    """x (N, C, H, W) floats in [-1, 1], C in (1, 3) -> uint8 numpy (N, H, W, 3); grey replicated to 3 channels."""
+    """x (N, C, H, W) floats in [-1, 1], C in (1, 3) -> uint8 numpy (N, H, W, 3); grey replicated to 3 channels.
+    NaN or Inf in x is a utils.errors.NonFiniteOutput."""
     if x.shape[1] not in (1, 3):
         raise ValueError(f"expected 1 or 3 image channels, got {x.shape[1]}")
+    check_finite_output(x, "the sampled images")  # NaN would become black pixels
     # clamp(127.5 x + 128) then truncation == rounding 127.5 (x + 1), as in DiT's sampling script
     u = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # (N, C, H, W)
     return u.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous().cpu().numpy()

@@ -1,11 +1,16 @@
-"""Entry-script helpers: the one way they end (a UserError is one line on stderr and exit status 2, never a
-traceback; under torchrun only rank 0 prints it), and checks of the flags' values."""
+"""Entry-script helpers: the one way they end (a UserError, or a full disk anywhere, is one line on stderr and exit
+status 2, never a traceback; Ctrl-C (SIGINT) and SIGTERM are one line and exit status 130 / 143, after the same
+cleanup an error gets; under torchrun only rank 0 prints), and checks of the flags' values."""
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 
 from vq4dit.utils.errors import RankError, UserError
+from vq4dit.utils.fileio import disk_full
 
 NUM_TIMESTEPS = 1000  # the DDPM training schedule that sampling respaces
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence both take 0..2^63-1
@@ -16,23 +21,59 @@ def _rank():
     return int(os.environ.get("RANK", 0))  # torchrun's environment (utils.distributed.world), read directly
 
 
-def run_cli(main, args, on_interrupt=None):
-    """Call main(args); a UserError ends the process with one `error:` line and exit status 2 (under torchrun every
-    rank meets the same bad input, so rank 0 alone prints it; a RankError is printed by the rank that met it); on
-    Ctrl-C print `on_interrupt()` (when given) and exit 130."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: whatever cleans up after an interrupt
+    (temporary files, a calibration's resume message) runs for it too."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated inside the block (signal handlers can only be set from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        main(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _print(message, error):
+    """Print on rank 0 (under torchrun every rank meets the same input); a RankError by the rank that met it."""
+    if isinstance(error, RankError) and _rank() != 0:
+        print(f"error: rank {_rank()}: {message}", file=sys.stderr)
+    elif _rank() == 0:
+        print(message if isinstance(error, KeyboardInterrupt) else f"error: {message}", file=sys.stderr)
+
+
+def run_cli(main, args, on_interrupt=None):
+    """Call main(args); a UserError (or a full disk that no writer reported: utils.fileio.disk_full) ends the process
+    with one `error:` line and exit status 2 (under torchrun every rank meets the same bad input, so rank 0 alone
+    prints it; a RankError is printed by the rank that met it); Ctrl-C (SIGINT) or SIGTERM ends it with one
+    `interrupted` / `terminated (SIGTERM)` line, followed by `on_interrupt()` when given (where a rerun picks up, what
+    was written), and exit status 130 or 143 (128 + the signal's number, as a shell reports a process it killed)."""
+    try:
+        with _sigterm_raises():
+            main(args)
     except UserError as e:
-        if isinstance(e, RankError) and _rank() != 0:
-            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
-        elif _rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+        _print(e, e)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if on_interrupt is None:
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        hint = on_interrupt() if on_interrupt is not None else None
+        _print(f"{what}{'; ' + hint if hint else ''}", e)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:
+        error = disk_full(e)
+        if error is None:
             raise
-        print(f"interrupted; {on_interrupt()}", file=sys.stderr)
-        sys.exit(130)
+        _print(error, error)
+        sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):

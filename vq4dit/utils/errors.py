@@ -10,6 +10,21 @@ class RankError(UserError):
     where a plain UserError (the same flags and files on every rank) is printed by rank 0 only."""
 
 
+class NonFiniteOutput(UserError):
+    """A model's output (sampled images, a metric) holds NaN or Inf: the caller adds what it was computing."""
+
+
+def check_finite_output(values, what):
+    """Raise NonFiniteOutput when the array or tensor `values` holds NaN or Inf, naming `what` and how many."""
+    import numpy as np
+    import torch
+
+    finite = torch.isfinite(values) if torch.is_tensor(values) else np.isfinite(np.asarray(values))
+    bad = int((~finite).sum())
+    if bad:
+        raise NonFiniteOutput(f"{what} hold {bad:,} NaN/Inf value(s)")
+
+
 def check_finite(tensors, source):
     """Raise a UserError naming `source` and the first floating tensor holding NaN or Inf."""
     import torch

@@ -6,12 +6,16 @@ is a one-line UserError naming the file and, where the caller knows it, how many
 import contextlib
 import errno
 import os
+import re
 import shutil
 import uuid
 
 from vq4dit.utils.errors import UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# the same errors as writers that are not Python's file objects report them (safetensors' save_file raises a
+# SafetensorError "I/O error: No space left on device (os error 28)")
+DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b")
 
 
 def disk_full_error(paths, needed=None):
@@ -26,6 +30,18 @@ def disk_full_error(paths, needed=None):
     names = " + ".join(map(str, paths))
     return UserError(f"{names}: no space left on the device ({need}{free} under {directory}); free some space or "
                      "write elsewhere")
+
+
+def disk_full(error, paths=None, needed=None):
+    """The one-line UserError of `error` when it is a full disk (an OSError ENOSPC or EDQUOT, or another writer's
+    exception saying so), naming `paths` (default: the OSError's file name), else None."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        names = paths or [error.filename or "a file"]
+    elif not isinstance(error, UserError) and DISK_FULL_TEXT.search(str(error)):
+        names = paths or ["a file"]
+    else:
+        return None
+    return disk_full_error([os.fspath(n) for n in names], needed)
 
 
 def free_bytes(path):
@@ -85,8 +101,9 @@ def atomic_paths(paths, needed=None):
         for tmp in tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            raise disk_full_error(paths, needed) from None
+        full = disk_full(e, paths, needed)
+        if full is not None:
+            raise full from None
         raise
 
 

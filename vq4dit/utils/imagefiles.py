@@ -1,16 +1,24 @@
 """Sampled images as files: a class-sorted, labelled grid PNG and the ADM evaluator's samples.npz.
 
 samples.npz: arr_0 uint8 (N, H, W, 3) in sample-index order, arr_1 int64 labels (N,) (class ids, or prompt
-indices for text-to-image models).
+indices for text-to-image models), and `labels` ("classes" or "prompts": what arr_1 holds; the ADM evaluator reads
+arr_0 only).
 """
+import contextlib
+import logging
 import os
+import shutil
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vq4dit.utils.fileio import atomic_path, atomic_paths
+from vq4dit.utils.fileio import atomic_paths, disk_full, temporary_name
 
-NPZ_FILE, GRID_FILE = "samples.npz", "grid.png"
+logger = logging.getLogger(__name__)
+
+NPZ_FILE, GRID_FILE, VIDEO_DIR = "samples.npz", "grid.png", "videos"
+LABELS_KEY = "labels"  # samples.npz: what arr_1 holds, one of LABEL_KINDS
+LABEL_KINDS = ("classes", "prompts")
 GRID_SAMPLES = 256  # make_grid's max_samples
 ARCHIVE_OVERHEAD = 4096  # bytes: the zip and .npy headers of samples.npz
 
@@ -20,40 +28,39 @@ def npz_bytes(num_samples, size):
     return num_samples * (size[0] * size[1] * 3 + 8) + ARCHIVE_OVERHEAD
 
 
-def sample_files_bytes(num_samples, size, min_tile=64, pad=2):
-    """An upper bound on the bytes of samples.npz + grid.png for make_grid's defaults: the grid as raw RGB plus 1%
-    (PNG's worst case on noise). Its rows hold at most max_cols = 16 tiles and at most 16 rows are partly empty, so
-    it spans at most n + 256 tiles, plus the label margin (< 64 px wide) beside at most 32 rows."""
-    scale = max(1, -(-min_tile // size[0]))
-    th, tw = size[0] * scale + pad, size[1] * scale + pad
-    grid = (min(num_samples, GRID_SAMPLES) + 256) * th * tw * 3 + 32 * th * 64 * 3
-    return npz_bytes(num_samples, size) + grid * 101 // 100
+def sample_files_bytes(labels, size):
+    """Bytes to expect for samples.npz + grid.png of samples with `labels` (N,) and image `size` (H, W), make_grid's
+    defaults: samples.npz exactly; the grid as the raw RGB of its exact geometry, or less where tiles are upscaled:
+    PNG stores an upscaled tile about as its source pixels plus a few bytes per repeat, measured at 1.02x (no
+    upscale) to 3x (16x) the source pixels for noise (PNG's worst case), estimated here at 1.5 + s/4 times them for
+    upscale s, plus the headers."""
+    rows, th, _, _, (width, height) = grid_layout(labels, size)
+    shown = sum(len(idx) for _, idx in rows) * size[0] * size[1] * 3
+    grid = min((width * 3 + 1) * height * 101 // 100, int(shown * (1.5 + th / size[0] / 4)))
+    return npz_bytes(len(labels), size) + grid + ARCHIVE_OVERHEAD
 
 
-def save_samples(out_dir, images, labels):
+def save_samples(out_dir, images, labels, prompted=False):
     """out_dir/samples.npz and out_dir/grid.png, both or (on any error, e.g. a full disk) neither. Videos
-    (N, F, H, W, 3): the npz holds them whole, the grid shows their first frames."""
+    (N, F, H, W, 3): the npz holds them whole, the grid shows their first frames. `prompted`: the labels are prompt
+    indices (a text-to-image model), not class ids."""
     images = np.asarray(images, dtype=np.uint8)
     stills = images[:, 0] if images.ndim == 5 else images
     paths = [os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, GRID_FILE)]
-    needed = sample_files_bytes(len(images), stills.shape[1:3]) + images.nbytes - stills.nbytes  # videos: all frames
+    needed = sample_files_bytes(labels, stills.shape[1:3]) + images.nbytes - stills.nbytes  # videos: all frames
     with atomic_paths(paths, needed=needed) as (npz_tmp, grid_tmp):
         with open(npz_tmp, "wb") as f:
-            np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
+            np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64),
+                     **{LABELS_KEY: np.array(LABEL_KINDS[prompted])})
         make_grid(stills, labels).save(grid_tmp, format="PNG")
 
 
-def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
-    """PIL grid of the first `max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
-
-    With at most `max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
-    ascending, each row labelled on the left. With more (ImageNet): the images sorted by class, max_cols per
-    row, unlabelled. images: uint8 (N, H, W, 3); small images are upscaled (nearest) to at least `min_tile` px.
-    """
-    images, labels = np.asarray(images)[:max_samples], np.asarray(labels)[:max_samples]
-    h, w = images.shape[1:3]
-    scale = max(1, -(-min_tile // h))
-    th, tw = h * scale, w * scale
+def grid_layout(labels, size, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
+    """make_grid's layout of images of `size` (H, W) with `labels`: (rows as (label text, sample indices), tile
+    height, tile width, label margin, (grid width, grid height))."""
+    labels = np.asarray(labels)[:max_samples]
+    scale = max(1, -(-min_tile // size[0]))
+    th, tw = size[0] * scale, size[1] * scale
     rows = []  # (row label, indices of that row)
     if len(np.unique(labels)) <= max_class_rows:
         for c in np.unique(labels):
@@ -65,7 +72,21 @@ def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_
     cols = max((len(r) for _, r in rows), default=1)
     font = ImageFont.load_default()
     margin = 8 + max((int(font.getlength(text)) for text, _ in rows), default=8)
-    grid = Image.new("RGB", (margin + cols * (tw + pad) + pad, len(rows) * (th + pad) + pad), (255, 255, 255))
+    return rows, th, tw, margin, (margin + cols * (tw + pad) + pad, len(rows) * (th + pad) + pad)
+
+
+def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
+    """PIL grid of the first `max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
+
+    With at most `max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
+    ascending, each row labelled on the left. With more (ImageNet): the images sorted by class, max_cols per
+    row, unlabelled. images: uint8 (N, H, W, 3); small images are upscaled (nearest) to at least `min_tile` px.
+    """
+    images = np.asarray(images)[:max_samples]
+    rows, th, tw, margin, shape = grid_layout(labels, images.shape[1:3], max_cols, min_tile, pad, max_samples,
+                                              max_class_rows)
+    font = ImageFont.load_default()
+    grid = Image.new("RGB", shape, (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for r, (text, idx) in enumerate(rows):
         y = pad + r * (th + pad)
@@ -78,23 +99,49 @@ def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_
 
 def save_videos(directory, videos, fps=8):
     """Each video (N, F, H, W, 3) uint8 as PNG frames directory/<index>/<frame>.png, and as directory/<index>.mp4
-    where imageio with its ffmpeg plugin is installed (not a dependency: the frames are always written)."""
-    import logging
-    import os
+    where imageio has an mp4 writer (its ffmpeg plugin: not a dependency; without one, one warning and the frames
+    only). Written into a temporary directory renamed onto `directory` at the end (replacing an earlier run's), so
+    that a failure (a full disk: one line naming the file) or an interrupt leaves nothing."""
+    videos = np.asarray(videos, dtype=np.uint8)
+    parent, name = os.path.split(os.path.abspath(directory))
+    tmp = os.path.join(parent, temporary_name(name))
+    try:
+        os.makedirs(tmp)
+        mp4 = True
+        for i, video in enumerate(videos):
+            folder = os.path.join(tmp, f"{i:05d}")
+            os.mkdir(folder)
+            for f, frame in enumerate(video):
+                Image.fromarray(frame).save(os.path.join(folder, f"{f:03d}.png"), format="PNG")
+            mp4 = mp4 and write_mp4(os.path.join(tmp, f"{i:05d}.mp4"), video, fps)
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, [directory]) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
+        raise
 
+
+def write_mp4(path, video, fps):
+    """`video` (F, H, W, 3) as an mp4 at `path`; False (after one warning) when imageio has no mp4 writer."""
     try:
         import imageio.v2 as imageio
     except ImportError:
         imageio = None
-    for i, video in enumerate(np.asarray(videos, dtype=np.uint8)):
-        folder = os.path.join(directory, f"{i:05d}")
-        os.makedirs(folder, exist_ok=True)
-        for f, frame in enumerate(video):
-            with atomic_path(os.path.join(folder, f"{f:03d}.png")) as tmp:
-                Image.fromarray(frame).save(tmp, format="PNG")
-        if imageio is not None:
-            try:
-                imageio.mimwrite(os.path.join(directory, f"{i:05d}.mp4"), list(video), fps=fps)
-            except (ValueError, RuntimeError, OSError) as e:  # no ffmpeg backend
-                logging.getLogger(__name__).info("no mp4 for video %d (%s); frames written", i, e)
-                imageio = None
+    try:
+        if imageio is None:
+            raise ImportError("imageio is not installed")
+        imageio.mimwrite(path, list(video), fps=fps, format="FFMPEG")
+        return True
+    except (ImportError, ValueError, RuntimeError, TypeError, OSError) as e:
+        if disk_full(e) is not None:
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        logger.warning("no mp4 writer (imageio with its ffmpeg plugin: pip install imageio[ffmpeg]): %s; the videos "
+                       "are written as PNG frames only", detail)
+        return False

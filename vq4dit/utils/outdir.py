@@ -17,7 +17,7 @@ import json
 import os
 
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.fileio import check_out_dir, temporary_target
+from vq4dit.utils.fileio import check_out_dir, disk_full, temporary_target
 
 MARKER = ".vq4dit"  # {"pid": the run holding or last holding the lock}
 SHOWN = 3  # foreign entries named in an error
@@ -65,7 +65,8 @@ def _lock(path, out_dir):
         except FileNotFoundError:  # removed between the two opens by a refused run: try again
             continue
         except OSError as e:
-            raise UserError(f"{path}: cannot open the output directory's marker ({e.strerror}); remove it") from None
+            raise (disk_full(e, [path]) or UserError(f"{path}: cannot open the output directory's marker "
+                                                     f"({e.strerror}); remove it")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,26 +83,60 @@ def _lock(path, out_dir):
         os.close(fd)  # locked a marker a refused run had just removed: lock the one there now
 
 
+def _write_pid(fd, path):
+    """The marker's content: this run's pid (a full disk is the one-line error of any write)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode() + b"\n", 0)
+    except OSError as e:
+        raise (disk_full(e, [path]) or e) from None
+
+
+def _missing_dirs(path):
+    """The directories that creating `path` would create, deepest first."""
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    return missing
+
+
+def _remove_empty(directories):
+    """Remove `directories` (deepest first) as long as they are empty."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (another process wrote there meanwhile), or never created
+            if os.path.exists(directory):
+                return
+
+
 @contextlib.contextmanager
 def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=None):
     """Create `out_dir` if needed, lock it for this process and check that it holds no file the tool did not write
     (`names`: the entries the tool writes there; `overwrite`: allow foreign entries, never replacing them; `flag`:
     how the caller's user says overwrite, for messages; `earlier(out_dir)`: True when an unmarked directory is the
-    output of a run from before markers existed). The lock is released on leaving, however the block ends; on a
-    refusal a marker this call created is removed."""
-    check_out_dir(out_dir)
+    output of a run from before markers existed). The lock is released on leaving, however the block ends. When the
+    block (or the claim) fails and the run wrote nothing there, nothing is left behind: a marker this call created is
+    removed, and so are the directories it created."""
+    created_dirs = _missing_dirs(out_dir)
     path = os.path.join(out_dir, MARKER)
-    fd, created = _lock(path, out_dir)
     try:
-        try:
-            check_foreign(out_dir, set(names), not created or (earlier is not None and earlier(out_dir)), overwrite,
-                          flag)
-        except UserError:
-            if created:
-                os.remove(path)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode() + b"\n", 0)
+        check_out_dir(out_dir)
+        fd, created = _lock(path, out_dir)
+    except BaseException:
+        _remove_empty(created_dirs)
+        raise
+    before = set(os.listdir(out_dir))
+    try:
+        check_foreign(out_dir, set(names), not created or (earlier is not None and earlier(out_dir)), overwrite,
+                      flag)
+        _write_pid(fd, path)
         yield
+    except BaseException:
+        if created and set(os.listdir(out_dir)) <= before:  # refused, or failed before writing anything
+            os.remove(path)
+            _remove_empty(created_dirs)
+        raise
     finally:
         os.close(fd)

@@ -17,7 +17,6 @@
 Loading builds the model with its parameters on the meta device and assigns every tensor in its final dtype
 (indices uint8 / int16 / int32, as the layers keep them), so no full-precision block weight is ever allocated.
 """
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,10 +31,10 @@ from torch import nn
 
 from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError, check_finite
-from vq4dit.utils.fileio import atomic_path, write_text_atomic
+from vq4dit.utils.fileio import atomic_paths, write_text_atomic
 from vq4dit.vq.apply import set_submodule
 from vq4dit.vq.codecs import CODECS, codec_for
-from vq4dit.vq.modelcard import CARD_FILE, HUB_ID, write_model_card
+from vq4dit.vq.modelcard import CARD_FILE, HUB_ID, model_card
 from vq4dit.vq.modelref import build_skeleton, model_class
 
 logger = logging.getLogger(__name__)
@@ -64,11 +63,17 @@ def content_digest(quant):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_quant_config(out_dir, quant):
-    """Write quant_config.json with its content digest (atomically); returns the content as a reader parses it."""
+def quant_config_text(quant):
+    """(quant_config content with its content digest, as a reader parses it; the file's text)."""
     quant = json.loads(json.dumps({k: v for k, v in quant.items() if k != DIGEST}, allow_nan=False))
     quant[DIGEST] = content_digest(quant)
-    write_text_atomic(os.path.join(out_dir, QUANT_FILE), json.dumps(quant, indent=1) + "\n")
+    return quant, json.dumps(quant, indent=1) + "\n"
+
+
+def write_quant_config(out_dir, quant):
+    """Write quant_config.json with its content digest (atomically); returns the content as a reader parses it."""
+    quant, text = quant_config_text(quant)
+    write_text_atomic(os.path.join(out_dir, QUANT_FILE), text)
     return quant
 
 
@@ -108,23 +113,27 @@ def save_quantized(model, ref, out_dir, config):
         if not key.startswith(prefixes):
             tensors[key] = (t.float() if t.is_floating_point() else t).detach().contiguous().cpu()
 
-    os.makedirs(out_dir, exist_ok=True)
-    marker, model_path = os.path.join(out_dir, QUANT_FILE), os.path.join(out_dir, MODEL_FILE)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(marker)  # the directory counts as incomplete until the new marker is written
-    with atomic_path(model_path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "vq4dit-quantized"})
-        model_sha256 = file_sha256(tmp)
-    config_path = os.path.join(out_dir, CONFIG_FILE)
-    write_text_atomic(config_path, yaml.safe_dump(dict(config), sort_keys=False))
-    write_model_card(out_dir, ref, layer_entries, config)
-    quant = write_quant_config(out_dir, {
-        "format_version": FORMAT_VERSION, "base_model": dict(ref), "layers": layer_entries,
-        "tensors": {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
-        "model_bytes": os.path.getsize(model_path), "model_sha256": model_sha256,
-        "config_sha256": file_sha256(config_path)})
+    config_text = yaml.safe_dump(dict(config), sort_keys=False)
+    files = {name: os.path.join(out_dir, name) for name in (MODEL_FILE, CONFIG_FILE, CARD_FILE, QUANT_FILE)}
+    # all four appear together or (a full disk, an interrupt) none: quant_config.json, renamed last, marks the
+    # artifact complete, and its digests refuse a model.safetensors of another save
+    with atomic_paths(files.values()) as (model_tmp, config_tmp, card_tmp, quant_tmp):
+        save_file(tensors, model_tmp, metadata={"format": "vq4dit-quantized"})
+        write_text(config_tmp, config_text)
+        write_text(card_tmp, model_card(ref, layer_entries, config))
+        quant, quant_text = quant_config_text({
+            "format_version": FORMAT_VERSION, "base_model": dict(ref), "layers": layer_entries,
+            "tensors": {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
+            "model_bytes": os.path.getsize(model_tmp), "model_sha256": file_sha256(model_tmp),
+            "config_sha256": file_sha256(config_tmp)})
+        write_text(quant_tmp, quant_text)
     logger.info("saved %d quantized layers to %s (%.2f MB)", len(layers), out_dir, quant["model_bytes"] / 1e6)
     return quant
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def base_model_reference(quant):

@@ -6,12 +6,9 @@ Front matter: base_model (the pipeline's hub id, when the artifact records one) 
 the number of quantized layers, the resolved config). The body shows how to load it with vq4dit.load_transformer.
 The card is derived from what the artifact records; model.safetensors and quant_config.json do not depend on it.
 """
-import os
 import re
 
 import yaml
-
-from vq4dit.utils.fileio import write_text_atomic
 
 METHODS = {"VQLinear": "vq4dit", "RTNLinear": "rtn"}  # layer class -> the quantization method's name
 _CACHED_REPO = re.compile(r"models--([^/\\]+?)--([^/\\]+)")  # huggingface_hub's cache folder of owner/name
@@ -36,10 +33,21 @@ def weighted_bits(layers, key):
     return sum(layers[n][key] * s for n, s in sizes.items()) / max(sum(sizes.values()), 1)
 
 
+def base_name(ref, config):
+    """The model the artifact quantizes, as a reader knows it: a diffusers transformer's pipeline (its hub id, else
+    its directory), else the project DiT's registry name (config `model`, which a pipeline's run leaves at its
+    default DiT-Digits/2, unused)."""
+    source = (ref.get("pipeline") or {}).get("source")
+    if source is not None:
+        return hub_id_of(source) or str(source)
+    return dict(config).get("model") or ref["class"].rsplit(".", 1)[-1]
+
+
 def front_matter(ref, layers, config):
     short = ref["class"].rsplit(".", 1)[-1]
     methods = sorted({METHODS.get(e["class"], e["class"]) for e in layers.values()})
     base = hub_id_of((ref.get("pipeline") or {}).get("source"))
+    config = {**dict(config), "model": base_name(ref, config)} if "model" in config else dict(config)
     meta = {"base_model": base, "base_model_relation": "quantized"} if base else {}
     meta["library_name"] = "diffusers" if ref["class"].startswith("diffusers.") else "vq4dit"
     meta["tags"] = ["vq4dit", "quantized", *methods, short]
@@ -47,7 +55,7 @@ def front_matter(ref, layers, config):
         "method": "+".join(methods),
         "bits_per_weight": round(weighted_bits(layers, "bits_per_weight"), 4),
         "bits_per_weight_with_codebook": round(weighted_bits(layers, "bits_per_weight_with_codebook"), 4),
-        "quantized_layers": len(layers), "config": dict(config)}
+        "quantized_layers": len(layers), "config": config}
     return meta
 
 
@@ -75,8 +83,9 @@ def model_card(ref, layers, config):
     meta = front_matter(ref, layers, config)
     q = meta["quantization"]
     short = ref["class"].rsplit(".", 1)[-1]
+    title = f"{base_name(ref, config)} ({short})" if ref.get("pipeline") else short
     return (f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
-            f"# {short}, quantized ({q['method']}, {q['bits_per_weight']:g} bits per weight)\n\n"
+            f"# {title}, quantized ({q['method']}, {q['bits_per_weight']:g} bits per weight)\n\n"
             f"{q['quantized_layers']} linear layers of the transformer are quantized "
             f"({q['bits_per_weight_with_codebook']:g} bits per weight with codebooks); everything else is kept in "
             "full precision. Made with vq4dit (post-training vector quantization of diffusion transformers, "
@@ -86,6 +95,3 @@ def model_card(ref, layers, config):
             f"## Load\n\n```python\n{usage(ref)}```\n\n"
             "## Publish\n\n```bash\nhf upload owner/name ARTIFACT_DIR\n```\n")
 
-
-def write_model_card(out_dir, ref, layers, config):
-    write_text_atomic(os.path.join(out_dir, CARD_FILE), model_card(ref, layers, config))
