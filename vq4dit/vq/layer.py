@@ -23,6 +23,7 @@ from vq4dit.vq.candidates import (
     nearest_codewords,
     soft_reconstruct,
 )
+from vq4dit.vq.kernels.decode import gather_codewords
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.packing import index_bits, index_dtype
 from vq4dit.vq.qlinear import QuantLinear
@@ -30,7 +31,6 @@ from vq4dit.vq.qlinear import QuantLinear
 logger = logging.getLogger(__name__)
 
 CODEBOOK_STORAGE_BITS = 16  # the artifact stores codebooks in fp16
-DECODE_CHUNK = 1 << 18  # sub-vectors per index_select when decoding for inference (1 MiB of int32 indices)
 
 
 def check_shape(name, in_features, out_features, dim, groups, codebook_size=None):
@@ -44,24 +44,6 @@ def check_shape(name, in_features, out_features, dim, groups, codebook_size=None
     if codebook_size is not None and per_group < codebook_size:
         raise UserError(f"layer {name}: only {per_group} sub-vectors per codebook, fewer than "
                         f"codebook_size={codebook_size}; use a smaller codebook_size or dim")
-
-
-def decode_hard(codebook, indices, chunk=DECODE_CHUNK):
-    """C_g[indices] for inference (no autograd): codebook (G, k, d), indices (N,) any integer dtype -> (N, d).
-
-    The result, in the codebook's dtype, is the only allocation of weight size: it is written chunk by chunk, so
-    no int64 copy of all indices is ever made (at d = 4 one would be as large as the decoded weight in bf16).
-    """
-    g, _, d = codebook.shape
-    n = indices.shape[0]
-    out = torch.empty(n, d, dtype=codebook.dtype, device=codebook.device)
-    per_group = n // g
-    for group in range(g):
-        end = (group + 1) * per_group
-        for s in range(group * per_group, end, chunk):
-            e = min(s + chunk, end)
-            torch.index_select(codebook[group], 0, indices[s:e].int(), out=out[s:e])
-    return out
 
 
 @dataclass(frozen=True)
@@ -182,16 +164,19 @@ class VQLinear(QuantLinear):
             raise RuntimeError("a hard VQLinear has no ratios")
         return masked_ratios(self.logits, self.frozen)
 
-    def weight(self, dtype=None):
+    def weight(self, dtype=None, out=None):
         """(out, in) reconstructed weight in `dtype` (default: the codebook's).
 
         The small codebook is cast first and the lookup writes `dtype` directly: a bf16 forward never holds a
-        float32 copy of the weight. Without autograd (inference) the hard lookup goes chunk by chunk
-        (decode_hard); a codebook under training uses index_select's fixed-order backward (hard_reconstruct).
+        float32 copy of the weight. Without autograd (inference) the hard lookup is one gather per codebook into
+        `out` when given (a flat buffer of out * in elements, see QuantLinear.weight) or a new tensor
+        (vq.kernels.decode.gather_codewords); a codebook under training uses index_select's fixed-order backward
+        (hard_reconstruct).
         """
-        codebook = self.codebook if dtype is None else self.codebook.to(dtype)
+        codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
         if self.is_hard and not (torch.is_grad_enabled() and codebook.requires_grad):
-            subs = decode_hard(codebook.detach(), self.indices)
+            buffer = None if out is None else out.view(-1, self.dim)
+            subs = gather_codewords(codebook.detach(), self.indices, buffer)
         elif self.is_hard:
             subs = hard_reconstruct(codebook, self.indices)
         else:

@@ -22,9 +22,11 @@ def rtn_quantize(w, bits):
     return codes, scale, lo
 
 
-def rtn_dequantize(codes, scale, lo, dtype=torch.float32):
-    """codes (out, in), scale and lo (out, 1) -> weight (out, in) in `dtype`, built in place in that one tensor."""
-    return codes.to(dtype).mul_(scale.to(dtype)).add_(lo.to(dtype))
+def rtn_dequantize(codes, scale, lo, dtype=torch.float32, out=None):
+    """codes (out, in), scale and lo (out, 1) -> weight (out, in) in `dtype`, built in place in that one tensor:
+    `out` (a contiguous tensor of out * in elements, e.g. a workspace buffer) when given, else a new one."""
+    weight = torch.empty(codes.shape, dtype=dtype, device=codes.device) if out is None else out.view(codes.shape)
+    return weight.copy_(codes).mul_(scale.to(dtype)).add_(lo.to(dtype))
 
 
 class RTNLinear(QuantLinear):
@@ -56,9 +58,10 @@ class RTNLinear(QuantLinear):
         """The integer codes (out, in): see QuantLinear.qweight."""
         return self.codes
 
-    def weight(self, dtype=None):
-        """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
-        return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)
+    def weight(self, dtype=None, out=None):
+        """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype (into `out` when
+        given: see QuantLinear.weight)."""
+        return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype, out)
 
     def bits_per_weight(self, include_codebook=False):
         extra = 2 * STAT_STORAGE_BITS / self.in_features if include_codebook else 0.0
