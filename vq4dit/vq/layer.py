@@ -24,6 +24,7 @@ from vq4dit.vq.candidates import (
     soft_reconstruct,
 )
 from vq4dit.vq.kernels.decode import gather_codewords
+from vq4dit.vq.kernels.select import fused_supports
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.packing import index_bits, index_dtype
 from vq4dit.vq.qlinear import QuantLinear
@@ -152,6 +153,18 @@ class VQLinear(QuantLinear):
     @property
     def is_hard(self):
         return "indices" in self._buffers
+
+    @property
+    def has_fused_kernel(self):
+        """The fused Triton kernel (vq/kernels/triton_vq.py) handles this layer's sub-vector size."""
+        return fused_supports(self.dim)
+
+    def fused_forward(self, x):
+        """x (..., in) -> (..., out) by the fused dequantize-matmul kernel (needs triton): see QuantLinear."""
+        from vq4dit.vq.kernels.triton_vq import vq_linear  # triton is optional: imported only where it runs
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return vq_linear(x, self.codebook, self.indices, bias)
 
     @property
     def qweight(self):

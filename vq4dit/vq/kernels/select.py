@@ -4,13 +4,20 @@ The fused kernel (vq/kernels/triton_vq.py) is used only on CUDA, with triton imp
 (VQLinear), and when the input has at most FUSED_MAX_ROWS rows: there reading the weight dominates, and the fused
 kernel reads 1 byte per sub-vector where decode + matmul writes and reads the decoded weight. For more rows the
 matmul is compute-bound and cuBLAS on the decoded weight is faster than a Triton tile loop. VQ4DIT_FUSED=0/1
-forces the choice (1 still needs CUDA and triton).
+forces the choice (1 still needs CUDA and triton; with TRITON_INTERPRET=1 too, it runs the kernel on CPU tensors
+through Triton's interpreter: how the tests run the dispatch without a GPU).
 """
 import functools
 import importlib.util
 import os
 
-FUSED_MAX_ROWS = 1024  # an assumption until measured on a GPU (benchmarks/bench_deploy.py --device cuda --fused)
+FUSED_MAX_ROWS = 1024  # an assumption until measured on a GPU (benchmarks/bench_deploy.py --device cuda)
+FUSED_BLOCK_K = 64  # inputs per step of the fused kernel: a sub-vector must fit in one
+
+
+def fused_supports(dim):
+    """Whether the fused kernel handles sub-vectors of `dim` weights: a power of two up to FUSED_BLOCK_K."""
+    return dim <= FUSED_BLOCK_K and dim & (dim - 1) == 0
 
 
 @functools.cache
@@ -25,7 +32,9 @@ def fused_setting():
 
 def use_fused(layer, x):
     """Whether `layer` (a QuantLinear) computes x (..., in) with its fused kernel."""
-    if x.device.type != "cuda" or not layer.has_fused_kernel or not layer.is_hard or not triton_available():
+    if not layer.has_fused_kernel or not layer.is_hard:
         return False
     setting = fused_setting()
-    return setting == "1" or (setting != "0" and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS)
+    if x.device.type != "cuda":  # only the interpreter runs Triton on the CPU, and only when asked to
+        return setting == "1" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+    return triton_available() and (setting == "1" or (setting != "0" and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS))
