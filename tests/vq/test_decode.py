@@ -148,3 +148,18 @@ def test_lora_branch_beside_a_decoded_layer():
     model.zero_grad()
     ref.sum().backward()
     torch.testing.assert_close(grad, model[0].lora_A["default"].weight.grad)
+
+
+def test_cpu_forward_takes_the_fused_kernel_only_in_the_interpreter(monkeypatch):
+    """On CPU tensors the fused Triton kernel runs only when asked for under TRITON_INTERPRET=1 (mutation: the
+    device check dropped -> a CPU forward would try to launch a GPU kernel)."""
+    from vq4dit.vq.kernels import select
+
+    layer, x = random_vq(8, 4, 4, 4), torch.randn(2, 8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for setting in ("", "0", "1"):
+        monkeypatch.setenv("VQ4DIT_FUSED", setting)
+        assert not select.use_fused(layer, x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select.use_fused(layer, x) == select.triton_available()
+    assert not select.use_fused(random_vq(9, 4, 4, 3), torch.randn(2, 9))  # d = 3: no kernel

@@ -32,9 +32,11 @@ def fused_setting():
 
 def use_fused(layer, x):
     """Whether `layer` (a QuantLinear) computes x (..., in) with its fused kernel."""
-    if not layer.has_fused_kernel or not layer.is_hard:
-        return False
-    setting = fused_setting()
     if x.device.type != "cuda":  # only the interpreter runs Triton on the CPU, and only when asked to
-        return setting == "1" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
-    return triton_available() and (setting == "1" or (setting != "0" and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS))
+        if os.environ.get("TRITON_INTERPRET") != "1" or fused_setting() != "1":
+            return False
+    elif fused_setting() == "0" or not triton_available():
+        return False
+    elif fused_setting() != "1" and x.numel() // x.shape[-1] > FUSED_MAX_ROWS:
+        return False
+    return layer.has_fused_kernel and layer.is_hard and triton_available()
