@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vq4dit.vq.artifact as artifact
+import vq4dit.vq.qlinear as qlinear
 from tests.conftest import randomize
 from tests.vq.test_artifact import CONFIG, LEGACY, REF
 from vq4dit.models.dit import DiT
@@ -111,10 +112,10 @@ def test_forward_decodes_one_layer_weight_at_a_time(saved, monkeypatch, name):
     model, _, _ = artifact.load_quantized(saved[name][0])
     cls = VQLinear if name == "k16" else RTNLinear
     decoded, alive_at_entry = [], []
-    real_weight = cls.weight
+    real_planned_weight = qlinear.planned_weight
 
-    def weight(self, *args, **kwargs):
-        w = real_weight(self, *args, **kwargs)
+    def planned_weight(layer, *args):
+        w = real_planned_weight(layer, *args)
         shared = {b.data_ptr() for b in workspace_tensors()}
         bases = [t for t in (w, w._base) if t is not None and t.data_ptr() not in shared]
         decoded.append([weakref.ref(t) for t in bases])  # a view keeps its base alive
@@ -123,7 +124,7 @@ def test_forward_decodes_one_layer_weight_at_a_time(saved, monkeypatch, name):
     def count_alive(module, args):
         alive_at_entry.append(sum(any(r() is not None for r in refs) for refs in decoded))
 
-    monkeypatch.setattr(cls, "weight", weight)
+    monkeypatch.setattr(qlinear, "planned_weight", planned_weight)
     layers = [m for m in model.modules() if isinstance(m, cls)]
     for m in layers:
         m.register_forward_pre_hook(count_alive)

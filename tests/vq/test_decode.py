@@ -1,12 +1,21 @@
 """The inference decode path (vq/kernels/decode.py): every codec's weight and forward against slow element-by-element
 references, bit for bit, on odd shapes, groups, every codeword width, float dtypes; one workspace buffer shared by
 all layers; a LoRA branch beside a quantized layer; autograd never sees the shared buffer."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.vq.kernels.decode import gather_codewords, release_workspace, wide_dtype, workspace_bytes
+from vq4dit.vq.kernels.decode import (
+    gather_codewords,
+    planned_weight,
+    release_workspace,
+    wide_dtype,
+    workspace_bytes,
+    workspace_tensors,
+)
 from vq4dit.vq.layer import VQLinear
 from vq4dit.vq.rtn import RTNLinear
 
@@ -95,7 +104,8 @@ def test_gather_writes_into_the_given_buffer():
 
 def test_layers_share_one_buffer_grown_to_the_largest():
     """Three layers of different sizes in one model: outputs equal the references; the workspace holds one weight
-    buffer of the largest layer plus its int32 indices (mutation: a buffer per layer, or one not grown -> fails)."""
+    buffer of the largest layer plus its int32 indices (mutations: a buffer per layer, one not grown, or one grown
+    into new memory while earlier plans keep the old -> fails)."""
     layers = [random_vq(16, 8, 8, 4, seed=1), random_vq(8, 40, 8, 2, groups=2, seed=2), random_rtn(40, 16, 2)]
     model = nn.Sequential(*layers)
     x = torch.randn(3, 16)
@@ -109,6 +119,9 @@ def test_layers_share_one_buffer_grown_to_the_largest():
             assert torch.equal(model(x), ref)
     largest = 40 * 16
     assert workspace_bytes() == largest * 4 + (40 * 8 // 2) * 4
+    buffer = next(b for b in workspace_tensors() if b.is_floating_point())
+    with torch.no_grad():  # every layer's plan writes into that one buffer, the first layer's too (grown since)
+        assert all(planned_weight(m, torch.float32, x.device).data_ptr() == buffer.data_ptr() for m in layers)
 
 
 def test_autograd_forward_keeps_its_own_weights():
@@ -163,3 +176,32 @@ def test_cpu_forward_takes_the_fused_kernel_only_in_the_interpreter(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select.use_fused(layer, x) == select.triton_available()
     assert not select.use_fused(random_vq(9, 4, 4, 3), torch.randn(2, 9))  # d = 3: no kernel
+
+
+def test_decode_plans_follow_changes_to_the_layer():
+    """A layer's decode plan caches its codebook (cast) and views of the workspace: after an in-place write to the
+    codebook or the RTN scale, new indices, another dtype, or a larger layer growing the workspace, the forward still
+    equals the reference (mutation: plan_key without the codebook's write count -> the stale codebook is used)."""
+    vq, rtn = random_vq(8, 6, 4, 4, groups=3), random_rtn(8, 5, 2)
+    x = torch.randn(2, 8)
+
+    def check(dtype):  # in bfloat16, the plan holds cast copies of the float32 tables
+        for layer, ref in ((vq, slow_vq_weight), (rtn, slow_rtn_weight)):
+            w = ref(copy.deepcopy(layer).to(dtype))
+            assert torch.equal(layer(x.to(dtype)), F.linear(x.to(dtype), w, layer.bias.to(dtype)))
+
+    release_workspace()
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            check(dtype)
+            vq.codebook.mul_(2)
+            rtn.scale.mul_(0.5)
+            check(dtype)
+            vq.assign_(vq.codebook.flip(1), vq.indices.flip(0))
+            check(dtype)
+            vq.indices = vq.indices.roll(1)
+            check(dtype)
+            random_vq(64, 64, 4, 4)(torch.randn(1, 64))  # grows the workspace in place
+            check(dtype)
+        vq.to(torch.bfloat16), rtn.to(torch.bfloat16)
+        check(torch.bfloat16)

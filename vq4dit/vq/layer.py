@@ -23,7 +23,7 @@ from vq4dit.vq.candidates import (
     nearest_codewords,
     soft_reconstruct,
 )
-from vq4dit.vq.kernels.decode import gather_codewords
+from vq4dit.vq.kernels.decode import gather_codewords, gather_plan, tensor_key, workspace
 from vq4dit.vq.kernels.select import fused_supports
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.packing import index_bits, index_dtype
@@ -153,6 +153,23 @@ class VQLinear(QuantLinear):
     @property
     def is_hard(self):
         return "indices" in self._buffers
+
+    def plan_key(self, dtype):
+        """See QuantLinear.plan_key: the codebook (a plan holds it cast) and the indices tensor (read each call)."""
+        return dtype, tensor_key(self._parameters["codebook"]), self._buffers["indices"].data_ptr()
+
+    def decode_plan(self, dtype, device):
+        """See QuantLinear.decode_plan: one gather per codebook into the workspace (vq.kernels.decode.gather_plan)."""
+        n = self.out_features * self.in_features
+        buffer = workspace("weight", n, dtype, device)
+        gather = gather_plan(self.codebook.detach().to(dtype), self.indices, buffer.view(-1, self.dim))
+        weight = buffer.view(self.out_features, self.in_features)
+
+        def run():
+            gather()
+            return weight
+
+        return run
 
     @property
     def has_fused_kernel(self):

@@ -6,17 +6,17 @@ is the stored (encoded) weight tensor, `is_hard` says whether the stored form is
 layers only), and `bits_per_weight` is the storage cost. How a class is written to an artifact is its codec
 (vq/codecs.py).
 
-Inference (no autograd, not under torch.compile) decodes into this thread's workspace buffer (vq/kernels/decode.py),
-one buffer for all layers, grown to the largest: no allocation and no page faults per call, and the model holds
-its compact form plus that one buffer. With autograd on, the decoded weight is a fresh tensor (autograd may keep it
-for the backward). On CUDA, a layer with a fused dequantize-matmul kernel (`fused_forward`) uses it where
-vq/kernels/select.py says it is faster.
+Inference (no autograd, not under torch.compile) decodes a hard layer by its decode plan into this thread's
+workspace buffer (vq/kernels/decode.py), one buffer for all layers, grown to the largest: no allocation, no page
+faults and little Python per call, and the model holds its compact form plus that one buffer. With autograd on,
+the decoded weight is a fresh tensor (autograd may keep it for the backward). On CUDA, a layer with a fused
+dequantize-matmul kernel (`fused_forward`) uses it where vq/kernels/select.py says it is faster.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq4dit.vq.kernels.decode import workspace
+from vq4dit.vq.kernels.decode import planned_weight
 from vq4dit.vq.kernels.select import use_fused
 
 
@@ -29,6 +29,16 @@ class QuantLinear(nn.Module):
     def weight(self, dtype=None, out=None):
         """(out, in) decoded weight in `dtype` (default: the layer's own storage dtype), written into `out` (a
         contiguous (out * in,) tensor of that dtype) when given, else a new tensor."""
+        raise NotImplementedError
+
+    def plan_key(self, dtype):
+        """What a decode plan of this hard layer for `dtype` depends on (vq.kernels.decode.planned_weight): the
+        dtype and tensor_key of each tensor the plan reads or caches a copy of."""
+        raise NotImplementedError
+
+    def decode_plan(self, dtype, device):
+        """A function of no arguments that decodes this hard layer's (out, in) weight in `dtype` into the
+        workspace (vq.kernels.decode.workspace) and returns it; see planned_weight."""
         raise NotImplementedError
 
     def fused_forward(self, x):
@@ -53,5 +63,6 @@ class QuantLinear(nn.Module):
         if inference and use_fused(self, x):
             return self.fused_forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        buffer = workspace("weight", self.out_features * self.in_features, x.dtype, x.device) if inference else None
-        return F.linear(x, self.weight(x.dtype, out=buffer), bias)
+        if inference and self.is_hard:
+            return F.linear(x, planned_weight(self, x.dtype, x.device), bias)
+        return F.linear(x, self.weight(x.dtype), bias)
