@@ -118,6 +118,34 @@ def run_probe(variant, args, ckpt, artifact):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def random_code_artifact(model_name, ckpt, image_size, out_dir, seed=0):
+    """A W2 artifact (k256 d4) of the checkpoint whose block Linears get random codebooks and indices instead of
+    k-means ones: the same layers, sizes and decode work, made in seconds where k-means takes an hour on a loaded
+    CPU (DiT-B/2); for time and memory only."""
+    import torch
+
+    from vq4dit.models.loading import load_dit
+    from vq4dit.vq.apply import BLOCK_LINEARS, replace_linears
+    from vq4dit.vq.artifact import save_quantized
+    from vq4dit.vq.layer import VQLinear
+    from vq4dit.vq.modelref import reference
+
+    embedded = model_name == "embedded"
+    model = load_dit(None if embedded else model_name, ckpt, None if embedded else image_size)[0]
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, linear):
+        layer = VQLinear(linear.in_features, linear.out_features, 256, 4, hard=True)
+        with torch.no_grad():
+            layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=gen) * 0.02)
+            layer.indices.copy_(torch.randint(0, 256, layer.indices.shape, generator=gen))
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    replace_linears(model, BLOCK_LINEARS, make, progress=False)
+    save_quantized(model, reference(model, name=model_name), out_dir, {"method": "random codes (bench_deploy)"})
+
+
 def prepare(args):
     """The random FP checkpoint and its k-means W2 artifact in --work, made once and reused."""
     sys.path.insert(0, ROOT)
@@ -130,8 +158,10 @@ def prepare(args):
     else:
         ckpt = random_checkpoint(args.model, args.image_size, os.path.join(args.work, "fp.safetensors"))
         model_args = ["--model", args.model, "--ckpt", ckpt, "--image-size", str(args.image_size)]
-    artifact = os.path.join(args.work, "kmeans_w2")
-    if not os.path.isfile(os.path.join(artifact, "quant_config.json")):
+    artifact = os.path.join(args.work, f"{args.codes}_w2")
+    if args.codes == "random" and not os.path.isfile(os.path.join(artifact, "quant_config.json")):
+        random_code_artifact(args.model, ckpt, args.image_size, artifact)
+    elif not os.path.isfile(os.path.join(artifact, "quant_config.json")):
         cmd = [sys.executable, "quantize.py", "--method", "kmeans", *model_args, "--wbits", "2", "--dim", "4",
                "--out", artifact, "--device", args.device]
         print(f"[bench_deploy] making the artifact once: {' '.join(cmd[1:])}", flush=True)
@@ -207,7 +237,8 @@ def report(args, results, sizes, load_before, load_after):
     command = f"{threads}python benchmarks/bench_deploy.py" + "".join(f" {a}" for a in sys.argv[1:])
     model = "the embedded digits model" if args.model == "embedded" else f"{args.model} {args.image_size} px"
     weights = "" if args.model == "embedded" else ", random weights"
-    lines = [f"# Deployment cost: {model}{weights}, k-means W2 (k256 d4)", "",
+    codes = "k-means" if args.codes == "kmeans" else "random-code"
+    lines = [f"# Deployment cost: {model}{weights}, {codes} W2 (k256 d4)", "",
              f"Command: `{command}`  ", f"Machine: {machine(args.device)}; torch threads "
              f"{results['fp']['threads']}; device {args.device}, precision {results['fp']['precision']}  ",
              f"Code: {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}  ",
@@ -274,6 +305,8 @@ if __name__ == "__main__":
                                                      "(default outputs/bench_deploy/<model>-<size>)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "deploy"),
                         help="writes OUT.md and OUT.json")
+    parser.add_argument("--codes", choices=("kmeans", "random"), default="kmeans",
+                        help="the W2 artifact's codes: k-means (quantize.py) or random (seconds; time and memory only)")
     parser.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
