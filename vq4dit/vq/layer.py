@@ -200,11 +200,12 @@ class VQLinear(QuantLinear):
         The small codebook is cast first and the lookup writes `dtype` directly: a bf16 forward never holds a
         float32 copy of the weight. Without autograd (inference) the hard lookup is one gather per codebook into
         `out` when given (a flat buffer of out * in elements, see QuantLinear.weight) or a new tensor
-        (vq.kernels.decode.gather_codewords); a codebook under training uses index_select's fixed-order backward
-        (hard_reconstruct).
+        (vq.kernels.decode.gather_codewords); a codebook under training, or torch.compile tracing, uses
+        index_select's fixed-order backward (hard_reconstruct), a pure function of the tensors.
         """
         codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
-        if self.is_hard and not (torch.is_grad_enabled() and codebook.requires_grad):
+        gather = not (torch.is_grad_enabled() and codebook.requires_grad) and not torch.compiler.is_compiling()
+        if self.is_hard and gather:
             buffer = None if out is None else out.view(-1, self.dim)
             subs = gather_codewords(codebook.detach(), self.indices, buffer)
         elif self.is_hard:
