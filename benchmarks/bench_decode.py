@@ -10,6 +10,8 @@ split qkv) or RTN W2 layers, in one process, forwards alternating FP / quantized
 thread CPU seconds, the lower decile and the median of --repeats pairs. Random weights: only time means anything.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_decode.py              # writes benchmarks/results/deploy_decode.md
+
+The results file is rewritten after each model row, so a run stopped early keeps what it measured.
 """
 import argparse
 import copy
@@ -106,20 +108,21 @@ def quantized_copy(model, kind):
     return quantized.eval()
 
 
-def model_rows(batches, repeats):
-    """[{model, kind, batch, fp/quantized lower decile and median ms, ratios}], FP and quantized alternating."""
-    rows = []
-    for label, (name, size, channels, classes) in MODELS.items():
+def model_rows(args, done):
+    """Yields {model, kind, batch, fp/quantized lower decile and median ms, ratios}, FP and quantized alternating;
+    `done(row)` is called after each (the results file is rewritten, so a run cut short keeps its rows)."""
+    for label in args.models:
+        name, size, channels, classes = MODELS[label]
         fp = DiTSpec(name, size, classes, channels).build().eval()
-        for kind in ("vq", "rtn"):
+        for kind in args.kinds:
             quantized = quantized_copy(fp, kind)
-            for batch in batches:
+            for batch in args.batches:
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randn(batch, channels, size, size, generator=gen)
                 t = torch.randint(0, 1000, (batch,), generator=gen)
                 y = torch.randint(0, classes, (batch,), generator=gen)
                 times = {"fp": [], "q": []}
-                reps = max(2, repeats // (4 if batch > 8 else 1) // (8 if label != "embedded" else 1))
+                reps = max(2, args.repeats // (4 if batch > 8 else 1) // (8 if label != "embedded" else 1))
                 with torch.no_grad():
                     fp(x, t, y), quantized(x, t, y)
                     for _ in range(reps):
@@ -129,11 +132,9 @@ def model_rows(batches, repeats):
                             times[key].append(time.thread_time() - start)
                 low = {k: sorted(v)[len(v) // 10] * 1e3 for k, v in times.items()}
                 mid = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-                rows.append({"model": label, "kind": kind, "batch": batch, "pairs": reps, "fp_low": low["fp"],
-                             "q_low": low["q"], "fp_median": mid["fp"], "q_median": mid["q"],
-                             "ratio_low": low["q"] / low["fp"], "ratio_median": mid["q"] / mid["fp"]})
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
+                done({"model": label, "kind": kind, "batch": batch, "pairs": reps, "fp_low": low["fp"],
+                      "q_low": low["q"], "fp_median": mid["fp"], "q_median": mid["q"],
+                      "ratio_low": low["q"] / low["fp"], "ratio_median": mid["q"] / mid["fp"]})
 
 
 def report(layers, models, args, load):
@@ -160,20 +161,30 @@ def report(layers, models, args, load):
 
 
 def main(args):
+    from vq4dit.utils.fileio import write_text_atomic
+
     torch.manual_seed(0)
-    load = [os.getloadavg()[0]]
-    layers = layer_rows(args.layer_repeats)
-    models = model_rows(args.batches, args.repeats)
-    load.append(os.getloadavg()[0])
-    with open(args.out + ".md", "w") as f:
-        f.write(report(layers, models, args, load))
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": sys.argv, "load_average": load, "layers": layers, "models": models}, f, indent=1)
+    load = [os.getloadavg()[0], os.getloadavg()[0]]
+    layers, models = layer_rows(args.layer_repeats), []
+
+    def write(row=None):
+        if row is not None:
+            models.append(row)
+            print(json.dumps(row), flush=True)
+        load[1] = os.getloadavg()[0]
+        write_text_atomic(args.out + ".md", report(layers, models, args, load))
+        write_text_atomic(args.out + ".json", json.dumps({"command": sys.argv, "load_average": load, "layers": layers,
+                                                          "models": models}, indent=1) + "\n")
+
+    write()
+    model_rows(args, write)
     print(open(args.out + ".md").read())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--kinds", nargs="+", choices=["vq", "rtn"], default=["vq", "rtn"])
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 32])
     parser.add_argument("--repeats", type=int, default=40, help="FP / quantized forward pairs (fewer for big ones)")
     parser.add_argument("--layer-repeats", type=int, default=30)
