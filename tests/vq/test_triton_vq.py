@@ -13,12 +13,24 @@ from torch import nn
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BEFORE = os.environ.get("TRITON_INTERPRET")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # read when triton and the kernel are imported
 
 from tests.vq.test_decode import VQ_SHAPES, random_rtn, random_vq, slow_rtn_weight, slow_vq_weight  # noqa: E402
 from vq4dit.vq.kernels.select import fused_supports, use_fused  # noqa: E402
 from vq4dit.vq.kernels.triton_vq import vq_linear  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_interpret_setting():
+    """The rest of the session sees TRITON_INTERPRET as it was (the kernel stays interpreted once defined)."""
+    yield
+    if _BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _BEFORE
+
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
