@@ -194,20 +194,19 @@ class VQLinear(QuantLinear):
             raise RuntimeError("a hard VQLinear has no ratios")
         return masked_ratios(self.logits, self.frozen)
 
-    def weight(self, dtype=None, out=None):
-        """(out, in) reconstructed weight in `dtype` (default: the codebook's).
+    def weight(self, dtype=None):
+        """(out, in) reconstructed weight in `dtype` (default: the codebook's), a new tensor.
 
         The small codebook is cast first and the lookup writes `dtype` directly: a bf16 forward never holds a
-        float32 copy of the weight. Without autograd (inference) the hard lookup is one gather per codebook into
-        `out` when given (a flat buffer of out * in elements, see QuantLinear.weight) or a new tensor
-        (vq.kernels.decode.gather_codewords); a codebook under training, or torch.compile tracing, uses
-        index_select's fixed-order backward (hard_reconstruct), a pure function of the tensors.
+        float32 copy of the weight. Without autograd the hard lookup is one gather per codebook
+        (vq.kernels.decode.gather_codewords; an inference forward decodes by its plan instead, see QuantLinear); a
+        codebook under training, or torch.compile tracing, uses index_select's fixed-order backward
+        (hard_reconstruct), a pure function of the tensors.
         """
         codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
         gather = not (torch.is_grad_enabled() and codebook.requires_grad) and not torch.compiler.is_compiling()
         if self.is_hard and gather:
-            buffer = None if out is None else out.view(-1, self.dim)
-            subs = gather_codewords(codebook.detach(), self.indices, buffer)
+            subs = gather_codewords(codebook.detach(), self.indices)
         elif self.is_hard:
             subs = hard_reconstruct(codebook, self.indices)
         else:

@@ -1,10 +1,9 @@
 """QuantLinear: the one contract every quantized Linear keeps (VQLinear, RTNLinear, and any later method's layer).
 
-A QuantLinear stores its weight in some compact form and decodes it on the fly: `weight(dtype, out)` returns the
-(out, in) weight in `dtype` (written into the flat buffer `out` when given), `forward` is F.linear with it, `qweight`
-is the stored (encoded) weight tensor, `is_hard` says whether the stored form is final (an artifact saves hard
-layers only), and `bits_per_weight` is the storage cost. How a class is written to an artifact is its codec
-(vq/codecs.py).
+A QuantLinear stores its weight in some compact form and decodes it on the fly: `weight(dtype)` returns the
+(out, in) weight in `dtype` as a new tensor, `forward` is F.linear with it, `qweight` is the stored (encoded) weight
+tensor, `is_hard` says whether the stored form is final (an artifact saves hard layers only), and `bits_per_weight`
+is the storage cost. How a class is written to an artifact is its codec (vq/codecs.py).
 
 Inference (no autograd, not under torch.compile) decodes a hard layer by its decode plan into this thread's
 workspace buffer (vq/kernels/decode.py), one buffer for all layers, grown to the largest: no allocation, no page
@@ -26,9 +25,8 @@ class QuantLinear(nn.Module):
     is_hard = True  # a layer with a calibration-time (soft) form overrides this
     has_fused_kernel = False  # True: fused_forward computes the hard layer's forward on CUDA
 
-    def weight(self, dtype=None, out=None):
-        """(out, in) decoded weight in `dtype` (default: the layer's own storage dtype), written into `out` (a
-        contiguous (out * in,) tensor of that dtype) when given, else a new tensor."""
+    def weight(self, dtype=None):
+        """(out, in) decoded weight in `dtype` (default: the layer's own storage dtype), a new tensor."""
         raise NotImplementedError
 
     def plan_key(self, dtype):

@@ -59,10 +59,9 @@ class RTNLinear(QuantLinear):
         """The integer codes (out, in): see QuantLinear.qweight."""
         return self.codes
 
-    def weight(self, dtype=None, out=None):
-        """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype (into `out` when
-        given: see QuantLinear.weight)."""
-        return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype, out)
+    def weight(self, dtype=None):
+        """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
+        return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)
 
     def plan_key(self, dtype):
         """See QuantLinear.plan_key: scale and minimum (a plan holds them cast) and the codes tensor."""
