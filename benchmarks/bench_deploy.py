@@ -146,29 +146,39 @@ def random_code_artifact(model_name, ckpt, image_size, out_dir, seed=0):
     save_quantized(model, reference(model, name=model_name), out_dir, {"method": "random codes (bench_deploy)"})
 
 
-def prepare(args):
-    """The random FP checkpoint and its k-means W2 artifact in --work, made once and reused."""
+def work_paths(args):
+    """(checkpoint, artifact) paths of this run: the embedded model's file or --work/fp.safetensors, and
+    --work/<codes>_w2."""
     sys.path.insert(0, ROOT)
-    from benchmarks.bench_xl import random_checkpoint
     from vq4dit.utils.resources import EMBEDDED_DIT
+
+    ckpt = EMBEDDED_DIT if args.model == "embedded" else os.path.join(args.work, "fp.safetensors")
+    return ckpt, os.path.join(args.work, f"{args.codes}_w2")
+
+
+def prepare(args):
+    """The random FP checkpoint and its W2 artifact in --work, made once and reused. Run in a child process (see
+    main): a probe's peak RSS starts from its parent's at the fork, so the parent must not have loaded a model."""
+    ckpt, artifact = work_paths(args)  # puts the repository on sys.path
+    from benchmarks.bench_xl import random_checkpoint
 
     os.makedirs(args.work, exist_ok=True)
     if args.model == "embedded":
-        ckpt, model_args = EMBEDDED_DIT, []
+        model_args = []
     else:
-        ckpt = random_checkpoint(args.model, args.image_size, os.path.join(args.work, "fp.safetensors"))
+        random_checkpoint(args.model, args.image_size, ckpt)
         model_args = ["--model", args.model, "--ckpt", ckpt, "--image-size", str(args.image_size)]
-    artifact = os.path.join(args.work, f"{args.codes}_w2")
-    if args.codes == "random" and not os.path.isfile(os.path.join(artifact, "quant_config.json")):
+    if os.path.isfile(os.path.join(artifact, "quant_config.json")):
+        return
+    if args.codes == "random":
         random_code_artifact(args.model, ckpt, args.image_size, artifact)
-    elif not os.path.isfile(os.path.join(artifact, "quant_config.json")):
-        cmd = [sys.executable, "quantize.py", "--method", "kmeans", *model_args, "--wbits", "2", "--dim", "4",
-               "--out", artifact, "--device", args.device]
-        print(f"[bench_deploy] making the artifact once: {' '.join(cmd[1:])}", flush=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        print(f"[bench_deploy] artifact made in {time.perf_counter() - start:.0f} s", flush=True)
-    return ckpt, artifact
+        return
+    cmd = [sys.executable, "quantize.py", "--method", "kmeans", *model_args, "--wbits", "2", "--dim", "4",
+           "--out", artifact, "--device", args.device]
+    print(f"[bench_deploy] making the artifact once: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    print(f"[bench_deploy] artifact made in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def machine(device):
@@ -277,7 +287,10 @@ def main(args):
     sys.path.insert(0, ROOT)
     from vq4dit.utils.fileio import write_text_atomic
 
-    ckpt, artifact = prepare(args)
+    ckpt, artifact = work_paths(args)
+    if not (os.path.isfile(ckpt) and os.path.isfile(os.path.join(artifact, "quant_config.json"))):
+        subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--work", args.work,
+                        "--prepare-only"], cwd=ROOT, check=True)
     load_before = os.getloadavg()[0]
     results = {variant: run_probe(variant, args, ckpt, artifact) for variant in variants(args.device)}
     load_after = os.getloadavg()[0]
@@ -307,7 +320,8 @@ if __name__ == "__main__":
                         help="writes OUT.md and OUT.json")
     parser.add_argument("--codes", choices=("kmeans", "random"), default="kmeans",
                         help="the W2 artifact's codes: k-means (quantize.py) or random (seconds; time and memory only)")
-    parser.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", choices=VARIANTS + tuple(CUDA_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -316,4 +330,7 @@ if __name__ == "__main__":
     else:
         tag = f"{cli.model.replace('/', '_').lower()}-{cli.image_size}"
         cli.work = cli.work or os.path.join(ROOT, "outputs", "bench_deploy", tag)
-        main(cli)
+        if cli.prepare_only:
+            prepare(cli)
+        else:
+            main(cli)
