@@ -23,6 +23,8 @@ from vq4dit.vq.candidates import (
     nearest_codewords,
     soft_reconstruct,
 )
+from vq4dit.vq.kernels.decode import gather_codewords, gather_plan, tensor_key, workspace
+from vq4dit.vq.kernels.select import fused_supports
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.packing import index_bits, index_dtype
 from vq4dit.vq.qlinear import QuantLinear
@@ -30,7 +32,6 @@ from vq4dit.vq.qlinear import QuantLinear
 logger = logging.getLogger(__name__)
 
 CODEBOOK_STORAGE_BITS = 16  # the artifact stores codebooks in fp16
-DECODE_CHUNK = 1 << 18  # sub-vectors per index_select when decoding for inference (1 MiB of int32 indices)
 
 
 def check_shape(name, in_features, out_features, dim, groups, codebook_size=None):
@@ -44,24 +45,6 @@ def check_shape(name, in_features, out_features, dim, groups, codebook_size=None
     if codebook_size is not None and per_group < codebook_size:
         raise UserError(f"layer {name}: only {per_group} sub-vectors per codebook, fewer than "
                         f"codebook_size={codebook_size}; use a smaller codebook_size or dim")
-
-
-def decode_hard(codebook, indices, chunk=DECODE_CHUNK):
-    """C_g[indices] for inference (no autograd): codebook (G, k, d), indices (N,) any integer dtype -> (N, d).
-
-    The result, in the codebook's dtype, is the only allocation of weight size: it is written chunk by chunk, so
-    no int64 copy of all indices is ever made (at d = 4 one would be as large as the decoded weight in bf16).
-    """
-    g, _, d = codebook.shape
-    n = indices.shape[0]
-    out = torch.empty(n, d, dtype=codebook.dtype, device=codebook.device)
-    per_group = n // g
-    for group in range(g):
-        end = (group + 1) * per_group
-        for s in range(group * per_group, end, chunk):
-            e = min(s + chunk, end)
-            torch.index_select(codebook[group], 0, indices[s:e].int(), out=out[s:e])
-    return out
 
 
 @dataclass(frozen=True)
@@ -171,6 +154,35 @@ class VQLinear(QuantLinear):
     def is_hard(self):
         return "indices" in self._buffers
 
+    def plan_key(self, dtype):
+        """See QuantLinear.plan_key: the codebook (a plan holds it cast) and the indices tensor (read each call)."""
+        return dtype, tensor_key(self._parameters["codebook"]), self._buffers["indices"].data_ptr()
+
+    def decode_plan(self, dtype, device):
+        """See QuantLinear.decode_plan: one gather per codebook into the workspace (vq.kernels.decode.gather_plan)."""
+        n = self.out_features * self.in_features
+        buffer = workspace("weight", n, dtype, device)
+        gather = gather_plan(self.codebook.detach().to(dtype), self.indices, buffer.view(-1, self.dim))
+        weight = buffer.view(self.out_features, self.in_features)
+
+        def run():
+            gather()
+            return weight
+
+        return run
+
+    @property
+    def has_fused_kernel(self):
+        """The fused Triton kernel (vq/kernels/triton_vq.py) handles this layer's sub-vector size."""
+        return fused_supports(self.dim)
+
+    def fused_forward(self, x):
+        """x (..., in) -> (..., out) by the fused dequantize-matmul kernel (needs triton): see QuantLinear."""
+        from vq4dit.vq.kernels.triton_vq import vq_linear  # triton is optional: imported only where it runs
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return vq_linear(x, self.codebook, self.indices, bias)
+
     @property
     def qweight(self):
         """The stored form of the weight (indices, or soft candidates): see QuantLinear.qweight."""
@@ -183,15 +195,18 @@ class VQLinear(QuantLinear):
         return masked_ratios(self.logits, self.frozen)
 
     def weight(self, dtype=None):
-        """(out, in) reconstructed weight in `dtype` (default: the codebook's).
+        """(out, in) reconstructed weight in `dtype` (default: the codebook's), a new tensor.
 
         The small codebook is cast first and the lookup writes `dtype` directly: a bf16 forward never holds a
-        float32 copy of the weight. Without autograd (inference) the hard lookup goes chunk by chunk
-        (decode_hard); a codebook under training uses index_select's fixed-order backward (hard_reconstruct).
+        float32 copy of the weight. Without autograd the hard lookup is one gather per codebook
+        (vq.kernels.decode.gather_codewords; an inference forward decodes by its plan instead, see QuantLinear); a
+        codebook under training, or torch.compile tracing, uses index_select's fixed-order backward
+        (hard_reconstruct), a pure function of the tensors.
         """
-        codebook = self.codebook if dtype is None else self.codebook.to(dtype)
-        if self.is_hard and not (torch.is_grad_enabled() and codebook.requires_grad):
-            subs = decode_hard(codebook.detach(), self.indices)
+        codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
+        gather = not (torch.is_grad_enabled() and codebook.requires_grad) and not torch.compiler.is_compiling()
+        if self.is_hard and gather:
+            subs = gather_codewords(codebook.detach(), self.indices)
         elif self.is_hard:
             subs = hard_reconstruct(codebook, self.indices)
         else:

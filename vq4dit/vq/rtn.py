@@ -6,6 +6,7 @@ The scale and the row minimum are stored in fp16 (rounded here, so the artifact 
 import torch
 from torch import nn
 
+from vq4dit.vq.kernels.decode import tensor_key, workspace
 from vq4dit.vq.packing import index_dtype
 from vq4dit.vq.qlinear import QuantLinear
 
@@ -22,9 +23,11 @@ def rtn_quantize(w, bits):
     return codes, scale, lo
 
 
-def rtn_dequantize(codes, scale, lo, dtype=torch.float32):
-    """codes (out, in), scale and lo (out, 1) -> weight (out, in) in `dtype`, built in place in that one tensor."""
-    return codes.to(dtype).mul_(scale.to(dtype)).add_(lo.to(dtype))
+def rtn_dequantize(codes, scale, lo, dtype=torch.float32, out=None):
+    """codes (out, in), scale and lo (out, 1) -> weight (out, in) in `dtype`, built in place in that one tensor:
+    `out` (a contiguous tensor of out * in elements, e.g. a workspace buffer) when given, else a new one."""
+    weight = torch.empty(codes.shape, dtype=dtype, device=codes.device) if out is None else out.view(codes.shape)
+    return weight.copy_(codes).mul_(scale.to(dtype)).add_(lo.to(dtype))
 
 
 class RTNLinear(QuantLinear):
@@ -59,6 +62,17 @@ class RTNLinear(QuantLinear):
     def weight(self, dtype=None):
         """(out, in) weight in `dtype` (default: the scale's), decoded straight into that dtype."""
         return rtn_dequantize(self.codes, self.scale, self.lo, dtype or self.scale.dtype)
+
+    def plan_key(self, dtype):
+        """See QuantLinear.plan_key: scale and minimum (a plan holds them cast) and the codes tensor."""
+        buffers = self._buffers
+        return dtype, tensor_key(buffers["scale"]), tensor_key(buffers["lo"]), buffers["codes"].data_ptr()
+
+    def decode_plan(self, dtype, device):
+        """See QuantLinear.decode_plan: rtn_dequantize into the workspace, scale and minimum cast once."""
+        weight = workspace("weight", self.out_features * self.in_features, dtype, device)
+        codes, scale, lo = self.codes, self.scale.to(dtype), self.lo.to(dtype)
+        return lambda: rtn_dequantize(codes, scale, lo, dtype, weight)
 
     def bits_per_weight(self, include_codebook=False):
         extra = 2 * STAT_STORAGE_BITS / self.in_features if include_codebook else 0.0
