@@ -210,3 +210,23 @@ def test_codebook_spec_carries_the_config_with_the_methods_candidates():
                                "ratio_init": "uniform"}).codebooks
     assert c.spec(1) == CodebookSpec(codebook_size=64, dim=2, candidates=1, kmeans_iters=7, kmeans_init="authors",
                                      ratio_init="uniform")
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    ({"method": "rtn", "iters": 5}, "--iters"), ({"method": "rtn", "dim": 2}, "--dim"),
+    ({"method": "kmeans", "candidates": 3}, "--candidates"), ({"method": "kmeans", "steps": 40}, "--steps"),
+    ({"method": "kmeans", "codebook_init": "kmeans"}, "--codebook-init"),
+    ({"method": "codebook", "lambda_r": 0.1}, "--lambda-r"), ({"online_batch": 8}, "--online-batch"),
+    ({"calib": "joint", "student_label_dropout": 0.1}, "--student-label-dropout")])
+def test_a_flag_the_method_or_mode_ignores_is_refused(overrides, flag):
+    """usage.md: flags that do nothing are errors (mutation: the check not run -> the run goes ahead silently)."""
+    with pytest.raises(UserError, match=f"^{flag} does nothing here: .*; drop it"):
+        load_config(overrides=overrides)
+
+
+def test_a_preset_may_carry_keys_the_chosen_method_ignores():
+    """One preset serves every --method (run.sh: --config digits_w2 --method kmeans): only keys given on the
+    command line are checked (mutation: the check applied to the preset's keys -> refused)."""
+    config = load_config("digits_w2", overrides={"method": "kmeans", "wbits": 2})
+    assert config.method == "kmeans"
+    assert load_config(overrides={"calib": "online", "online_batch": 8}).teacher.online_batch == 8

@@ -268,6 +268,39 @@ def read_yaml(path):
     return values
 
 
+# keys a method or mode never reads: given on the command line (or as API keywords) they would do nothing, so they
+# are refused; a YAML preset may carry them (one preset serves every --method)
+_UNCALIBRATED = {"teacher", "calibration", "cache"}
+_SOFT_ONLY = {"candidates", "ratio_init", "lr_ratio", "lambda_r", "ratio_reg", "ratio_gate", "select_every"}
+_ONLINE_ONLY = {"online_batch", "student_label_dropout"}
+
+
+def ignored_keys(config):
+    """{key: why} of the keys `config`'s method and calibration mode ignore."""
+    sections = _UNCALIBRATED if config.method in ("rtn", "kmeans") else set()
+    keys = {k: f"--method {config.method} does not calibrate" for s in sections for k in FIELDS[s]}
+    if config.method == "rtn":
+        keys.update({k: "--method rtn rounds each weight to --wbits bits (no codebooks)"
+                     for k in FIELDS["codebooks"] if k != "wbits"})
+    if config.method == "kmeans":
+        keys["codebook_init"] = "the output-aware fit is a step of calibration, which --method kmeans does not run"
+    if config.method in ("kmeans", "codebook"):
+        keys.update({k: f"--method {config.method} keeps every sub-vector at one codeword (no candidates or ratios)"
+                     for k in _SOFT_ONLY if k in FIELDS["codebooks"] or config.method == "codebook"})
+    if config.method not in ("rtn", "kmeans") and config.calibration.calib != "online":
+        keys.update({k: f"only --calib online reads it (this run: --calib {config.calibration.calib})"
+                     for k in _ONLINE_ONLY})
+    return keys
+
+
+def check_not_ignored(config, given):
+    """UserError naming the first key of `given` (keys set on the command line) that `config` ignores."""
+    ignored = ignored_keys(config)
+    for key in sorted(k for k in given if k in ignored):
+        raise UserError(f"--{key.replace('_', '-')} does nothing here: {ignored[key]}; drop it")
+    return config
+
+
 def load_config(path=None, overrides=None):
     """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -281,4 +314,4 @@ def load_config(path=None, overrides=None):
     if path is not None:
         config = merge(config, values, path)
     config = merge(config, overrides, "command line")
-    return config.validate()
+    return check_not_ignored(config.validate(), set(overrides) - {"recipe", "method"})
