@@ -8,6 +8,7 @@ The choice is a multiple-choice knapsack solved exactly by vq/allocate.py. The c
 method's build as per-layer codebook specs, so the rest of the run (k-means, calibration, save) is unchanged.
 """
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from vq4dit.vq.layer import CodebookSpec, VQLinear
 
 logger = logging.getLogger(__name__)
 
-ESTIMATE_ITERS = 25  # Lloyd iterations of the k-means fits that measure each setting's weight error
+ESTIMATE_ITERS = 25  # Lloyd iterations (at most the run's) of the k-means fits that measure a setting's weight error
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def allocate(model, adapter, include, config, progress=True):
     linears = selected_linears(model, include)
     qkv = re.compile(QKV_PATTERN)
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
-    errors = weight_errors(linears, settings, groups, config.seed, c.kmeans_init, progress=progress)
+    errors = weight_errors(linears, settings, groups, config.seed, c.kmeans_init, min(ESTIMATE_ITERS, c.kmeans_iters),
+                           progress)
     for name, options in errors.items():
         if not options:
             m = linears[name]
@@ -150,3 +152,65 @@ def allocate(model, adapter, include, config, progress=True):
     for line in allocation.lines():
         logger.info("%s", line)
     return allocation
+
+
+def meta_linears(spec):
+    """{name: nn.Linear on meta} that ModelSpec `spec` would quantize, read from the model's shapes alone (a DiT of
+    the registry, or a text-to-image pipeline jobs.memory_plan knows); None for a model known only once loaded."""
+    from vq4dit.jobs.memory_plan import meta_model, plan_source
+    from vq4dit.models.adapters import ADAPTERS
+    from vq4dit.models.adapters.base import linear_pattern
+    from vq4dit.models.dit import DiT_models
+    from vq4dit.models.loading import DiTSpec
+
+    source = plan_source(spec.ckpt)
+    if source is not None and source[0] in ADAPTERS:
+        model = meta_model(source[0], source[1])
+        default = ADAPTERS[source[0]]().quant_include(model)
+    elif source is None and spec.model in DiT_models:
+        with torch.device("meta"):
+            model = DiTSpec(spec.model, 32, 10, 4).build()  # block Linears do not depend on size or classes
+        default = ADAPTERS["DiT"]().quant_include(model)
+    else:
+        return None
+    return selected_linears(model, linear_pattern(default, spec.include, spec.exclude))
+
+
+def budget_text(config):
+    """--dry-run's lines for a --bits run: the quantized weights, the index bytes the budget allows and the codebook
+    bytes, next to each setting's size were it given to every layer (from the VQLinear codec's tensor specs)."""
+    from vq4dit.vq.codecs import CODECS
+    from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS
+
+    c = config.codebooks
+    linears = meta_linears(config.model)
+    if linears is None:
+        return f"--bits {c.bits:g}: sizes are shown once the model is loaded"
+    settings = parse_settings(c.settings_text)
+    qkv = re.compile(QKV_PATTERN)
+    groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
+    weights = sum(m.in_features * m.out_features for m in linears.values())
+
+    def stored(s):  # bytes of every layer at setting s (codec specs), or None when s does not fit every layer
+        if not all(fits(m, s, groups[n]) for n, m in linears.items()):
+            return None
+        codec = CODECS["VQLinear"]
+        metas = [{"in_features": m.in_features, "out_features": m.out_features, "k": s.k, "d": s.d, "n": 1,
+                  "groups": groups[n], "bias": m.bias is not None} for n, m in linears.items()]
+        return sum(math.prod(shape) * dtype.itemsize for meta in metas
+                   for shape, dtype in codec.tensor_specs(meta).values())
+
+    codebooks = [sum(groups.values()) * s.k * s.d * CODEBOOK_STORAGE_BITS / 8 for s in settings]
+    index = size_text(c.bits * weights / 8)
+    lines = [f"--bits {c.bits:g}: index bits at most {c.bits:g} x {weights:,} weights = {index} over {len(linears)} "
+             f"Linears, codebooks {size_text(min(codebooks))} to {size_text(max(codebooks))} (fp16), biases as stored; "
+             "each setting on every layer, for comparison (indices, codebooks, biases):"]
+    for s in settings:
+        size = stored(s)
+        lines.append(f"  {s} ({s.bits:.3g} bits): " + (size_text(size) if size is not None else
+                                                        "does not fit every layer"))
+    return "\n".join(lines)
+
+
+def size_text(nbytes):
+    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
