@@ -176,10 +176,22 @@ def meta_linears(spec):
     return selected_linears(model, linear_pattern(default, spec.include, spec.exclude))
 
 
+def setting_bytes(linears, groups, setting):
+    """Stored bytes (indices, codebooks, biases: the VQLinear codec's tensor specs) of the Linears {name: nn.Linear}
+    with {name: codebook groups} all at `setting`, or None when it does not fit every one of them."""
+    from vq4dit.vq.codecs import CODECS
+
+    if not all(fits(m, setting, groups[n]) for n, m in linears.items()):
+        return None
+    metas = [{"in_features": m.in_features, "out_features": m.out_features, "k": setting.k, "d": setting.d, "n": 1,
+              "groups": groups[n], "bias": m.bias is not None} for n, m in linears.items()]
+    return sum(math.prod(shape) * dtype.itemsize for meta in metas
+               for shape, dtype in CODECS["VQLinear"].tensor_specs(meta).values())
+
+
 def budget_text(config):
     """--dry-run's lines for a --bits run: the quantized weights, the index bytes the budget allows and the codebook
     bytes, next to each setting's size were it given to every layer (from the VQLinear codec's tensor specs)."""
-    from vq4dit.vq.codecs import CODECS
     from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS
 
     c = config.codebooks
@@ -191,22 +203,13 @@ def budget_text(config):
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
     weights = sum(m.in_features * m.out_features for m in linears.values())
 
-    def stored(s):  # bytes of every layer at setting s (codec specs), or None when s does not fit every layer
-        if not all(fits(m, s, groups[n]) for n, m in linears.items()):
-            return None
-        codec = CODECS["VQLinear"]
-        metas = [{"in_features": m.in_features, "out_features": m.out_features, "k": s.k, "d": s.d, "n": 1,
-                  "groups": groups[n], "bias": m.bias is not None} for n, m in linears.items()]
-        return sum(math.prod(shape) * dtype.itemsize for meta in metas
-                   for shape, dtype in codec.tensor_specs(meta).values())
-
     codebooks = [sum(groups.values()) * s.k * s.d * CODEBOOK_STORAGE_BITS / 8 for s in settings]
     index = size_text(c.bits * weights / 8)
     lines = [f"--bits {c.bits:g}: index bits at most {c.bits:g} x {weights:,} weights = {index} over {len(linears)} "
              f"Linears, codebooks {size_text(min(codebooks))} to {size_text(max(codebooks))} (fp16), biases as stored; "
              "each setting on every layer, for comparison (indices, codebooks, biases):"]
     for s in settings:
-        size = stored(s)
+        size = setting_bytes(linears, groups, s)
         lines.append(f"  {s} ({s.bits:.3g} bits): " + (size_text(size) if size is not None else
                                                         "does not fit every layer"))
     return "\n".join(lines)
