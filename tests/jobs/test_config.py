@@ -109,10 +109,10 @@ def test_unknown_recipe_is_a_user_error():
 def test_flat_mapping_round_trips_through_the_stage_configs():
     """Every flat key lands in exactly one stage dataclass and comes back in config.yaml's order (mutation: a key
     left out of FLAT_ORDER, or a stage field that shadows another)."""
-    from vq4dit.jobs.config import FIELDS, FLAT_ORDER, RUN_FIELDS
+    from vq4dit.jobs.config import FIELDS, FLAT_ORDER, OPTIONAL_KEYS, RUN_FIELDS
 
     names = [n for section in FIELDS.values() for n in section] + list(RUN_FIELDS)
-    assert sorted(names) == sorted(FLAT_ORDER) and len(set(names)) == len(names)
+    assert sorted(names) == sorted(FLAT_ORDER + OPTIONAL_KEYS) and len(set(names)) == len(names)
     config = load_config(overrides={"recipe": "authors", "iters": 7, "cfg_scale": 3.0, "dim": 2, "cache_dtype": "bf16"})
     flat = config.to_dict()
     assert list(flat) == list(FLAT_ORDER)
@@ -181,12 +181,12 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
     import re
 
     from vq4dit.cli import quantize
-    from vq4dit.jobs.config import CONFIG_KINDS, FLAT_ORDER
+    from vq4dit.jobs.config import CONFIG_KINDS, FLAT_ORDER, OPTIONAL_KEYS
     from vq4dit.utils.knobs import base_type
 
     actions = {a.dest: a for a in quantize.build_parser()._actions}
     knobs = {f.name: f for kind in CONFIG_KINDS for f in dataclasses.fields(kind) if "help" in f.metadata}
-    assert sorted(knobs) == sorted(set(FLAT_ORDER) - YAML_ONLY)
+    assert sorted(knobs) == sorted(set(FLAT_ORDER + OPTIONAL_KEYS) - YAML_ONLY)
     assert sorted(actions) == sorted([*knobs, "help", "config", "out", "overwrite", "dry_run", "json", "verbose"])
     for name, f in knobs.items():
         action = actions[name]

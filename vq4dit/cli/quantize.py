@@ -22,7 +22,16 @@ def config_overrides(args):
 
 def default_out(config):
     name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
-    return f"outputs/{name}_{config.method}_w{config.codebooks.wbits}d{config.codebooks.dim}"
+    c = config.codebooks
+    return f"outputs/{name}_{config.method}_" + (f"b{c.bits:g}" if c.bits is not None else f"w{c.wbits}d{c.dim}")
+
+
+def check_bits_alone(args):
+    """--bits allocates k and d per layer: --wbits, --dim and --codebook-size beside it would be ignored."""
+    given = [flag for flag, value in (("--wbits", args.wbits), ("--dim", args.dim),
+                                      ("--codebook-size", args.codebook_size)) if value is not None]
+    if args.bits is not None and given:
+        raise UserError(f"--bits {args.bits:g} chooses k and d per layer; it cannot be given with {', '.join(given)}")
 
 
 def main(args):
@@ -30,9 +39,14 @@ def main(args):
                      "--json": args.json})
     if args.json is not None and not args.dry_run:
         raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
+    check_bits_alone(args)
     config = load_config(args.config, config_overrides(args))
     if args.dry_run:
         print(config.to_yaml(), end="")
+        if config.codebooks.bits is not None:
+            from vq4dit.jobs.allocation import budget_text
+
+            print(budget_text(config))
         from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only to plan a model
 
         plan = dry_run_plan(config, args.json)

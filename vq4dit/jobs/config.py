@@ -87,6 +87,11 @@ class CodebookConfig:
     codebook_init: str = knob("auto", "kmeans (calibration starts from k-means of the weights, the paper) | gptvq "
                               "(each block's codebooks refit to its recorded inputs first: output-aware)",
                               CODEBOOK_INITS)
+    # None: every layer at wbits / dim; a number: a per-layer allocation (jobs/allocation.py, vq/allocate.py)
+    bits: float | None = knob(None, "average index bits per weight: each layer gets one of --bits-settings, chosen to "
+                              "minimise the estimated output error (replaces --wbits, --dim, --codebook-size)")
+    bits_settings: str | None = knob(None, "with --bits: the settings a layer may get, KxD,KxD,... (default "
+                                     "256x8,256x6,64x4,256x4,64x2: 1, 1.33, 1.5, 2 and 3 bits)")
 
     @property
     def k(self):
@@ -110,7 +115,38 @@ class CodebookConfig:
                     f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             invalid("candidates", self.candidates, f"at most the codebook size {self.k}")
+        if self.bits is not None or self.bits_settings is not None:
+            self.validate_bits()
         return self
+
+    def validate_bits(self):
+        """--bits replaces the uniform setting: wbits, dim and codebook_size stay at their defaults, and every setting
+        offered holds at least `candidates` codewords."""
+        from vq4dit.vq.allocate import parse_settings  # here: vq imports torch (see spec)
+
+        if self.bits is None:
+            invalid("bits_settings", self.bits_settings, "only with bits (the average bit budget)")
+        uniform = {name: getattr(self, name) for name in ("wbits", "dim", "codebook_size")}
+        if uniform != {"wbits": 2, "dim": 4, "codebook_size": None}:
+            given = ", ".join(f"{k}={v}" for k, v in uniform.items() if v is not None)
+            invalid("bits", self.bits, f"replaces wbits, dim and codebook_size; give either bits or those ({given})")
+        try:
+            settings = parse_settings(self.settings_text)
+        except ValueError as e:
+            invalid("bits_settings", self.bits_settings, str(e))
+        if not settings[0].bits <= self.bits:
+            invalid("bits", self.bits, f"below the fewest bits a setting offers ({settings[0]}: "
+                    f"{settings[0].bits:.3g} bits per weight)")
+        small = [str(s) for s in settings if s.k < self.candidates]
+        if small:
+            invalid("bits_settings", self.settings_text, f"{', '.join(small)} hold fewer codewords than candidates="
+                    f"{self.candidates}")
+
+    @property
+    def settings_text(self):
+        from vq4dit.vq.allocate import DEFAULT_SETTINGS
+
+        return self.bits_settings if self.bits_settings is not None else DEFAULT_SETTINGS
 
 
 @dataclass
@@ -136,6 +172,9 @@ class QuantizeConfig:
             invalid("seed", self.seed, "must be >= 0")
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.codebooks.bits is not None and self.method == "rtn":
+            invalid("bits", self.codebooks.bits, "allocates codebook settings: methods vq4dit, kmeans or codebook, not "
+                    "rtn (which takes wbits)")
         if self.codebooks.codebook_init == "gptvq" and not self.gptvq_applies:
             invalid("codebook_init", "gptvq", f"needs block-wise calibration (calib blockwise, method vq4dit or "
                     f"codebook), got calib {self.calibration.calib} with method {self.method}")
@@ -164,7 +203,8 @@ class QuantizeConfig:
         flat = {name: getattr(self, name) for name in RUN_FIELDS}
         for section in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, section)))
-        return {name: flat[name] for name in FLAT_ORDER}
+        order = FLAT_ORDER + tuple(name for name in OPTIONAL_KEYS if flat[name] is not None)
+        return {name: flat[name] for name in order}
 
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -187,10 +227,13 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "train_codebooks", "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init",
               "codebook_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps", "online_batch",
               "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device", "step_dtype")
+# keys written to config.yaml only when set (a run without them writes the config.yaml it always has)
+OPTIONAL_KEYS = ("bits", "bits_settings")
 # the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
 # the order of quantize.py --help since the flags were first listed there
 FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
-         "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib", "block_inputs", "iters",
+         "bits", "bits_settings", "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib",
+         "block_inputs", "iters",
          "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
          "plateau", "e2e_iters", "e2e_lr", "step_dtype", "select_every", "ratio_reg", "steps", "cfg_scale",
          "calib_samples", "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype", "max_cache_gb",

@@ -8,6 +8,8 @@ and, given the layers' input moments ({name: E[x x^T]}, measured by the block-wi
 output_aware), refits the k-means codebooks to those inputs before calibration trains them.
 The authors' recipe is not a method: it is the vq4dit method with calibration settings (configs/recipes/).
 """
+import dataclasses
+
 import torch
 
 from vq4dit.calib.shared import layer_owners
@@ -38,8 +40,9 @@ class Method:
         """Candidate codewords per sub-vector while a layer is soft (1: the method never softens a layer)."""
         return 1
 
-    def build(self, model, include, seed, progress=True):
-        """Replace the Linears of `model` that the regex `include` selects; returns {name: QuantLinear}."""
+    def build(self, model, include, seed, progress=True, settings=None):
+        """Replace the Linears of `model` that the regex `include` selects; returns {name: QuantLinear}. settings:
+        {name: vq.allocate.Setting} of a --bits allocation (codebook methods only)."""
         raise NotImplementedError
 
     def prepare(self, layers, fp_weights, moments=None):
@@ -53,7 +56,7 @@ class RTN(Method):
 
     name = "rtn"
 
-    def build(self, model, include, seed, progress=True):
+    def build(self, model, include, seed, progress=True, settings=None):
         return quantize_linears_rtn(model, self.codebooks.wbits, include=include, progress=progress)
 
 
@@ -63,11 +66,12 @@ class KMeans(Method):
 
     name = "kmeans"
 
-    def build(self, model, include, seed, progress=True):
-        c = self.codebooks
+    def build(self, model, include, seed, progress=True, settings=None):
+        c, spec = self.codebooks, self.codebooks.spec(self.candidates)
+        specs = {name: dataclasses.replace(spec, codebook_size=s.k, dim=s.d) for name, s in (settings or {}).items()}
         # hard layers: a soft one holds about 11 bytes per sub-vector at n = 2 against 1; `prepare` softens later
-        return quantize_linears(model, c.spec(self.candidates), include=include, split_qkv=c.split_qkv, seed=seed,
-                                progress=progress, soft=False)
+        return quantize_linears(model, spec, include=include, split_qkv=c.split_qkv, seed=seed, progress=progress,
+                                soft=False, specs=specs)
 
 
 @register

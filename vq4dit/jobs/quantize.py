@@ -29,6 +29,7 @@ from vq4dit.calib.checkpoints import (
 from vq4dit.calib.modes import CalibMode, mode_for
 from vq4dit.calib.modes import calibrate as calibrate_mode
 from vq4dit.calib.problem import Problem
+from vq4dit.jobs.allocation import allocate
 from vq4dit.jobs.config import QuantizeConfig
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
@@ -178,8 +179,11 @@ def build_codebooks(base, include, run):
                        "not calibrated", len(outside), outside[0])
     if method.calibrated:
         check_calibration_fits(base, run.mode, config, run.cache_dir)
+    settings = None
+    if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
+        settings = allocate(base.model, base.adapter, include, config, run.progress).settings
     teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
-    layers = method.build(base.model, include, config.seed, run.progress)
+    layers = method.build(base.model, include, config.seed, run.progress, settings)
     if not method.calibrated:
         return None, layers
     if config.output_aware:

@@ -48,9 +48,11 @@ def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS, progress=False):
     return replace_linears(model, include, lambda name, linear: RTNLinear.from_linear(linear, bits), "rtn", progress)
 
 
-def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0, progress=True, soft=True):
+def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0, progress=True, soft=True,
+                     specs=None):
     """Replace every nn.Linear whose qualified name matches `include` by a VQLinear built as `spec` (a
-    vq.layer.CodebookSpec) says, from a per-layer seed (layer_seed); returns {name: VQLinear}.
+    vq.layer.CodebookSpec) says, from a per-layer seed (layer_seed); returns {name: VQLinear}. specs: {name:
+    CodebookSpec} for layers built otherwise (a --bits allocation, jobs/allocation.py).
 
     soft: every layer gets its candidate sets and ratio logits now; soft=False keeps them hard (nearest codeword)
     until calibration softens them one block at a time (VQLinear.soften_), which at n = 2 holds 0.25 instead of
@@ -66,9 +68,10 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
     pattern, qkv = re.compile(include), re.compile(QKV_PATTERN)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
     groups = {name: 3 if split_qkv and qkv.search(name) else 1 for name, _ in targets}
+    specs = {name: (specs or {}).get(name, spec) for name, _ in targets}
     for name, m in targets:
-        check_shape(name, m.in_features, m.out_features, spec.dim, groups[name],
-                    None if spec.kmeans_init == "authors" else spec.codebook_size)
+        check_shape(name, m.in_features, m.out_features, specs[name].dim, groups[name],
+                    None if spec.kmeans_init == "authors" else specs[name].codebook_size)
 
     owner = dict(zip(groups, distributed.owners([m.in_features * m.out_features for _, m in targets],
                                                 distributed.size())))
@@ -79,8 +82,8 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
         if shared:
             weights[name] = linear.weight
         if owner[name] != distributed.rank():  # under torchrun: another process runs this layer's k-means
-            return unfitted(linear, spec, groups[name])
-        return VQLinear.from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name), name=name,
+            return unfitted(linear, specs[name], groups[name])
+        return VQLinear.from_linear(linear, specs[name], groups=groups[name], seed=layer_seed(seed, name), name=name,
                                     soft=soft and not shared)
 
     out = replace_linears(model, include, make, "k-means", progress)
@@ -88,9 +91,10 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
         share_hard_([out[name] for name in groups], [owner[name] for name in groups])
         for name, layer in out.items():
             if soft:  # what from_linear(soft=True) gives
-                layer.soften_(weights[name], spec.candidates, spec.ratio_init)
-    logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s)", len(out), spec.codebook_size,
-                spec.dim, spec.candidates, split_qkv)
+                layer.soften_(weights[name], specs[name].candidates, specs[name].ratio_init)
+    logger.info("quantized %d linear layers (k=%d, d=%d, n=%d, split_qkv=%s; %d with their own k and d)", len(out),
+                spec.codebook_size, spec.dim, spec.candidates, split_qkv,
+                sum(s != spec for s in specs.values()))
     return out
 
 

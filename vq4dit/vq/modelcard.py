@@ -77,6 +77,19 @@ def usage(ref):
             "# LoRAs stay a separate full-precision branch: pipe.load_lora_weights(...) works, fuse_lora is refused\n")
 
 
+def allocation_text(layers, config):
+    """The card's paragraph on a --bits allocation (how many layers got each k, d), or "" for a uniform run."""
+    if config.get("bits") is None:
+        return ""
+    counts = {}
+    for e in layers.values():
+        counts[(e["k"], e["d"])] = counts.get((e["k"], e["d"]), 0) + 1
+    parts = ", ".join(f"{n} x k{k} d{d}" for (k, d), n in sorted(counts.items(), key=lambda i: (i[0][1], -i[0][0])))
+    return (f"Bit allocation (`--bits {config['bits']:g}`): {parts}, chosen per layer to minimise the estimated "
+            f"prediction error; {weighted_bits(layers, 'bits_per_weight'):.4f} index bits per weight on average "
+            "(per-layer settings in `quant_config.json`).\n\n")
+
+
 def model_card(ref, layers, config):
     """README.md text for an artifact of model reference `ref`, quant_config layer entries `layers` and the
     resolved quantization config."""
@@ -92,6 +105,7 @@ def model_card(ref, layers, config):
             "VQ4DiT). `model.safetensors` holds the packed tensors, `quant_config.json` their layout and sha256 "
             "digests (checked on load), `config.yaml` the resolved quantization config (also in the metadata "
             "above).\n\n"
+            f"{allocation_text(layers, config)}"
             f"## Load\n\n```python\n{usage(ref)}```\n\n"
             "## Publish\n\n```bash\nhf upload owner/name ARTIFACT_DIR\n```\n")
 

@@ -1,0 +1,87 @@
+"""--bits on constructed problems: noise-probe sensitivities (calib/sensitivity.py) and the allocation
+(jobs/allocation.py) give the bits to the layer the output depends on."""
+import pytest
+import torch
+from torch import nn
+
+from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
+from vq4dit.jobs.allocation import allocate, choose
+from vq4dit.jobs.config import load_config
+from vq4dit.vq.allocate import Setting
+
+WIDTH = 32
+LOW, HIGH = Setting(16, 8), Setting(16, 2)  # 0.5 and 2 index bits per weight
+
+
+class Two(nn.Module):
+    """out = 10 a(x) + 0.1 b(x): the output is 10^4 times as sensitive to a's relative weight error as to b's.
+    a's rows are constant (+-1) plus a little noise (both settings fit it well: more bits lower its relative error by
+    about 0.005), b's weight is Gaussian (by about 0.5): by weight error alone b would get the bits."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a, self.b = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            signs = torch.randint(0, 2, (WIDTH, 1), generator=gen) * 2.0 - 1  # (out, 1)
+            self.a.weight.copy_(signs + 0.1 * torch.randn(WIDTH, WIDTH, generator=gen))
+            self.b.weight.copy_(torch.randn(WIDTH, WIDTH, generator=gen))
+
+    def forward(self, x):
+        return 10 * self.a(x) + 0.1 * self.b(x)
+
+
+class Stub:
+    """A teacher that runs `steps` calls per batch on Gaussian inputs; the whole output is the prediction."""
+
+    def teacher_runs(self, model, plan, device):
+        gen = torch.Generator().manual_seed(plan.seed)
+        for start in range(0, plan.num_samples, plan.batch_size):
+            n = min(plan.batch_size, plan.num_samples - start)
+
+            def run(n=n):
+                for _ in range(plan.steps):
+                    model(torch.randn(n, WIDTH, generator=gen))
+
+            yield n, run
+
+    def prediction(self, model, output):
+        return output
+
+
+def config(**values):
+    return load_config(overrides={"steps": 5, "calib_timesteps": 5, "kmeans_iters": 5, "method": "kmeans",
+                                  "bits_settings": f"{LOW.k}x{LOW.d},{HIGH.k}x{HIGH.d}", **values})
+
+
+def test_probes_find_the_sensitive_layer_and_leave_the_model_unchanged():
+    """a_a / a_b is about 10^4 (the output scales a by 10 and b by 0.1, weights of similar norm). Catches probes
+    that perturb the wrong layer, measure nothing (a = 0), or leave the noise in the weights."""
+    model, c = Two().eval(), config(bits=1.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = probe_calls(model, Stub(), c.teacher, 0, "cpu")
+    sens = noise_sensitivities(model, Stub(), calls, ["a", "b"])
+    assert sens["a"] > 1000 * sens["b"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_sensitive_layer_gets_the_bits():
+    """Budget 1.25 bits: one layer at 2 bits, the other at 0.5. The output-sensitive layer a gets 2 bits although
+    b's weight error gains more from them (mutation "sensitivities ignored" in jobs.allocation.choose -> b gets
+    them, fails)."""
+    allocation = allocate(Two().eval(), Stub(), r"^(a|b)$", config(bits=1.25), progress=False)
+    assert allocation.settings == {"a": HIGH, "b": LOW}
+    assert allocation.bits == pytest.approx(1.25)
+    errors = {n: c.weight_error for n, c in allocation.layers.items()}
+    assert errors["a"] < 0.02 < errors["b"]
+
+
+def test_choose_spends_the_budget_where_the_estimate_falls_most():
+    """Three equal layers, budget for one at the high setting: it goes to the layer with the largest sensitivity
+    x gain; with a budget for all three, all get it; below the cheapest settings, None."""
+    errors = {n: {LOW: 0.2, HIGH: 0.05} for n in "xyz"}
+    weights = dict.fromkeys("xyz", 1024)
+    sens = {"x": 1.0, "y": 3.0, "z": 2.0}
+    assert choose(errors, sens, weights, (2 + 0.5 + 0.5) / 3) == {"x": LOW, "y": HIGH, "z": LOW}
+    assert choose(errors, sens, weights, 2.0) == dict.fromkeys("xyz", HIGH)
+    assert choose(errors, sens, weights, 0.4) is None

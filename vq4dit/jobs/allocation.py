@@ -1,0 +1,219 @@
+"""--bits B: every quantized layer gets one codebook setting (k, d) so that the average index bits per weight stay
+within B and the estimated prediction error is least.
+
+The estimate (HIGGS-style) is sum over layers of a_l t_l^2: t_l^2 the layer's relative weight error at a setting,
+measured by fitting its k-means codebook at that setting (ESTIMATE_ITERS Lloyd iterations), and a_l the model's
+sensitivity to that layer (calib/sensitivity.py: noise probes of the full-precision model on a few teacher calls).
+The choice is a multiple-choice knapsack solved exactly by vq/allocate.py. The chosen settings then go to the
+method's build as per-layer codebook specs, so the rest of the run (k-means, calibration, save) is unchanged.
+"""
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
+from vq4dit.utils.errors import UserError
+from vq4dit.vq.allocate import Option, parse_settings, solve
+from vq4dit.vq.apply import QKV_PATTERN, layer_seed
+from vq4dit.vq.layer import CodebookSpec, VQLinear
+
+logger = logging.getLogger(__name__)
+
+ESTIMATE_ITERS = 25  # Lloyd iterations (at most the run's) of the k-means fits that measure a setting's weight error
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The setting one layer got, its number of weights, its relative weight error t^2 there and its sensitivity."""
+
+    setting: object  # vq.allocate.Setting
+    weights: int
+    weight_error: float
+    sensitivity: float
+
+    @property
+    def estimate(self):
+        return self.sensitivity * self.weight_error
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The allocation of a budget of `budget` index bits per weight: {layer name: LayerChoice}, in module order."""
+
+    budget: float
+    layers: dict
+
+    @property
+    def settings(self):
+        return {name: c.setting for name, c in self.layers.items()}
+
+    @property
+    def bits(self):
+        """Index bits per weight over all allocated layers."""
+        weights = sum(c.weights for c in self.layers.values())
+        return sum(c.setting.bits * c.weights for c in self.layers.values()) / weights
+
+    @property
+    def estimate(self):
+        """Estimated relative prediction MSE of the k-means layers (sum of a_l t_l^2)."""
+        return sum(c.estimate for c in self.layers.values())
+
+    def summary(self):
+        """One line: the budget, the bits spent, and how many layers got each setting."""
+        counts = Counter(c.setting for c in self.layers.values())
+        parts = ", ".join(f"{n} x {s} ({s.bits:.3g} bits)" for s, n in sorted(counts.items(), key=lambda i: i[0].bits))
+        return (f"bit allocation: budget {self.budget:g}, spent {self.bits:.4f} index bits per weight over "
+                f"{len(self.layers)} layers: {parts}; estimated relative prediction MSE {self.estimate:.3g}")
+
+    def lines(self):
+        """One line per layer: its setting, weight error, sensitivity and estimated share of the error."""
+        return [f"  {name}: {c.setting} ({c.setting.bits:.3g} bits), weight error t^2 {c.weight_error:.3g}, "
+                f"sensitivity {c.sensitivity:.3g}, estimate {c.estimate:.3g}" for name, c in self.layers.items()]
+
+
+def selected_linears(model, include):
+    """{name: nn.Linear} of `model` whose qualified names match the regex `include`, in module order."""
+    pattern = re.compile(include)
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)}
+
+
+def fits(linear, setting, groups):
+    """Whether a Linear can be cut into d-sub-vectors with at least k of them per codebook."""
+    return linear.in_features % setting.d == 0 and linear.out_features * linear.in_features // setting.d // groups \
+        >= setting.k
+
+
+@torch.no_grad()
+def weight_errors(linears, settings, groups, seed, kmeans_init="fast", iters=ESTIMATE_ITERS, progress=False):
+    """{name: {Setting: t^2}}: the relative squared weight error ||W - Q(W)||^2 / ||W||^2 of each Linear's k-means
+    codebook at each setting that fits it (from the layer's seed, as the build fits it, with `iters` iterations)."""
+    out = {}
+    for name, linear in linears.items():
+        w = linear.weight.detach().float()  # (out, in)
+        norm = w.pow(2).sum().clamp_min(1e-30)
+        out[name] = {}
+        for s in settings:
+            if not fits(linear, s, groups[name]):
+                continue
+            spec = CodebookSpec(s.k, s.d, candidates=1, kmeans_iters=iters, kmeans_init=kmeans_init)
+            layer = VQLinear.from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name), name=name,
+                                         soft=False)
+            out[name][s] = ((layer.weight().float() - w).pow(2).sum() / norm).item()
+        if progress:
+            logger.info("weight errors of %s: %s", name, ", ".join(f"{s} {e:.3g}" for s, e in out[name].items()))
+    return out
+
+
+def choose(errors, sensitivities, weights, budget):
+    """{name: Setting} minimising sum a_l t_l^2 with sum (bits x weights) <= budget x total weights, or None when the
+    cheapest settings exceed it. errors {name: {Setting: t^2}}, sensitivities {name: a_l}, weights {name: count}."""
+    names = list(errors)
+    options = [[Option(weights[n] * s.bits, sensitivities[n] * e) for s, e in errors[n].items()] for n in names]
+    options = [[Option(round(o.cost), o.error) for o in layer] for layer in options]  # integer: d divides in
+    picks = solve(options, int(budget * sum(weights.values())))
+    if picks is None:
+        return None
+    return {n: list(errors[n])[j] for n, j in zip(names, picks, strict=True)}
+
+
+def allocate(model, adapter, include, config, progress=True):
+    """The Allocation of QuantizeConfig `config`'s --bits over the Linears of the full-precision `model` (left
+    unchanged) that `include` selects, with models.adapters.Adapter `adapter`'s teacher for the probes."""
+    c = config.codebooks
+    settings = parse_settings(c.settings_text)
+    linears = selected_linears(model, include)
+    qkv = re.compile(QKV_PATTERN)
+    groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
+    errors = weight_errors(linears, settings, groups, config.seed, c.kmeans_init, min(ESTIMATE_ITERS, c.kmeans_iters),
+                           progress)
+    for name, options in errors.items():
+        if not options:
+            m = linears[name]
+            raise UserError(f"--bits-settings {c.settings_text}: no setting fits layer {name} (in_features "
+                            f"{m.in_features}, {m.out_features * m.in_features} weights): d must divide in_features "
+                            "and k be at most the number of sub-vectors")
+    device = next(model.parameters()).device
+    calls = probe_calls(model, adapter, config.teacher, config.seed, device)
+    sensitivities = noise_sensitivities(model, adapter, calls, list(linears), seed=config.seed, progress=progress)
+    weights = {name: m.in_features * m.out_features for name, m in linears.items()}
+    chosen = choose(errors, sensitivities, weights, c.bits)
+    if chosen is None:
+        least = sum(min(s.bits for s in errors[n]) * weights[n] for n in linears) / sum(weights.values())
+        raise UserError(f"invalid bits={c.bits!r}: the settings that fit these layers need at least {least:.4f} "
+                        "index bits per weight")
+    allocation = Allocation(c.bits, {n: LayerChoice(s, weights[n], errors[n][s], sensitivities[n])
+                                     for n, s in chosen.items()})
+    logger.info("%s", allocation.summary())
+    for line in allocation.lines():
+        logger.info("%s", line)
+    return allocation
+
+
+def meta_linears(spec):
+    """{name: nn.Linear on meta} that ModelSpec `spec` would quantize, read from the model's shapes alone (a DiT of
+    the registry, or a text-to-image pipeline jobs.memory_plan knows); None for a model known only once loaded."""
+    from vq4dit.jobs.memory_plan import meta_model, plan_source
+    from vq4dit.models.adapters import ADAPTERS
+    from vq4dit.models.adapters.base import linear_pattern
+    from vq4dit.models.dit import DiT_models
+    from vq4dit.models.loading import DiTSpec
+
+    source = plan_source(spec.ckpt)
+    if source is not None and source[0] in ADAPTERS:
+        model = meta_model(source[0], source[1])
+        default = ADAPTERS[source[0]]().quant_include(model)
+    elif source is None and spec.model in DiT_models:
+        with torch.device("meta"):
+            model = DiTSpec(spec.model, 32, 10, 4).build()  # block Linears do not depend on size or classes
+        default = ADAPTERS["DiT"]().quant_include(model)
+    else:
+        return None
+    return selected_linears(model, linear_pattern(default, spec.include, spec.exclude))
+
+
+def setting_bytes(linears, groups, setting):
+    """Stored bytes (indices, codebooks, biases: the VQLinear codec's tensor specs) of the Linears {name: nn.Linear}
+    with {name: codebook groups} all at `setting`, or None when it does not fit every one of them."""
+    from vq4dit.vq.codecs import CODECS
+
+    if not all(fits(m, setting, groups[n]) for n, m in linears.items()):
+        return None
+    metas = [{"in_features": m.in_features, "out_features": m.out_features, "k": setting.k, "d": setting.d, "n": 1,
+              "groups": groups[n], "bias": m.bias is not None} for n, m in linears.items()]
+    return sum(math.prod(shape) * dtype.itemsize for meta in metas
+               for shape, dtype in CODECS["VQLinear"].tensor_specs(meta).values())
+
+
+def budget_text(config):
+    """--dry-run's lines for a --bits run: the quantized weights, the index bytes the budget allows and the codebook
+    bytes, next to each setting's size were it given to every layer (from the VQLinear codec's tensor specs)."""
+    from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS
+
+    c = config.codebooks
+    linears = meta_linears(config.model)
+    if linears is None:
+        return f"--bits {c.bits:g}: sizes are shown once the model is loaded"
+    settings = parse_settings(c.settings_text)
+    qkv = re.compile(QKV_PATTERN)
+    groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
+    weights = sum(m.in_features * m.out_features for m in linears.values())
+
+    codebooks = [sum(groups.values()) * s.k * s.d * CODEBOOK_STORAGE_BITS / 8 for s in settings]
+    index = size_text(c.bits * weights / 8)
+    lines = [f"--bits {c.bits:g}: index bits at most {c.bits:g} x {weights:,} weights = {index} over {len(linears)} "
+             f"Linears, codebooks {size_text(min(codebooks))} to {size_text(max(codebooks))} (fp16), biases as stored; "
+             "each setting on every layer, for comparison (indices, codebooks, biases):"]
+    for s in settings:
+        size = setting_bytes(linears, groups, s)
+        lines.append(f"  {s} ({s.bits:.3g} bits): " + (size_text(size) if size is not None else
+                                                        "does not fit every layer"))
+    return "\n".join(lines)
+
+
+def size_text(nbytes):
+    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
