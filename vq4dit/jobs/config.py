@@ -321,6 +321,8 @@ _ONLINE_ONLY = {"online_batch", "student_label_dropout"}
 def ignored_keys(config):
     """{key: why} of the keys `config`'s method and calibration mode ignore."""
     sections = _UNCALIBRATED if config.method in ("rtn", "kmeans") else set()
+    if config.codebooks.bits is not None:  # --bits: the sensitivity probes run the teacher (jobs/allocation.py)
+        sections = sections - {"teacher"}
     keys = {k: f"--method {config.method} does not calibrate" for s in sections for k in FIELDS[s]}
     if config.method == "rtn":
         keys.update({k: "--method rtn rounds each weight to --wbits bits (no codebooks)"
