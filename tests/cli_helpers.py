@@ -74,3 +74,19 @@ def cli_error(cli, argv, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]
     assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
     return lines[0]
+
+
+def read_by(method, overrides):
+    """`overrides` (config keys -> values) without the keys `method` ignores, which quantize refuses: a cheap
+    budget written once for every method."""
+    from vq4dit.jobs.config import ignored_keys, load_config
+
+    ignored = ignored_keys(load_config(overrides={"method": method}))
+    return {k: v for k, v in overrides.items() if k not in ignored}
+
+
+def flags_read_by(method, argv):
+    """The `--flag value` pairs of `argv` that `method` reads (see read_by)."""
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    kept = read_by(method, {flag[2:].replace("-", "_"): value for flag, value in pairs.items()})
+    return [x for key, value in kept.items() for x in (f"--{key.replace('_', '-')}", value)]

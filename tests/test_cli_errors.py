@@ -12,7 +12,7 @@ import struct
 import pytest
 import torch
 
-from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
+from tests.cli_helpers import FAST, assert_user_error, flags_read_by, leftovers, run, save_tiny_ckpt
 from tests.conftest import randomize
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.vq.apply import quantize_linears
@@ -321,7 +321,8 @@ def test_a_full_disk_at_any_write_of_quantize_is_one_line(ckpt, tmp_path, monkey
     monkeypatch.setattr(target, writer)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        quantize.cli([*FAST, "--ckpt", str(ckpt), "--method", method, "--iters", "1", "--out", str(out)])
+        quantize.cli([*flags_read_by(method, [*FAST, "--iters", "1"]), "--ckpt", str(ckpt), "--method", method,
+                      "--out", str(out)])
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
     assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "no space left on the device" in lines[0] and named in lines[0], lines[0]

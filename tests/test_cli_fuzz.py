@@ -36,6 +36,7 @@ from tests.cli_helpers import save_tiny_ckpt
 from vq4dit.cli import evaluate, quantize, sample
 from vq4dit.evaluation.classifier import DigitsClassifier, save_classifier
 from vq4dit.evaluation.digits import real_digits_uint8
+from vq4dit.jobs.config import ignored_keys, load_config
 
 SEED = int(os.environ.get("VQ4DIT_FUZZ_SEED", 0))
 SCALE = float(os.environ.get("VQ4DIT_FUZZ_SCALE", 1))  # e.g. 10 for a longer local run
@@ -155,12 +156,14 @@ QUANTIZE = Cli(quantize.cli, (
     Flag("--device", ("cpu", "auto"), ("cuda", "cuda:7", "gpu", "cuda:x", "", "CPU")),
     Flag("--out", ("{qout}",), PATHS + ("{artifact}",)),
     Flag("--split-qkv"), Flag("--overwrite"), Flag("--dry-run"), Flag("--json", ("{json}",), PATHS),
-), budget=("--ckpt", "{ckpt}", "--method", "rtn", "--codebook-size", "4", "--dim", "2", "--kmeans-iters", "1",
-           "--iters", "1", "--batch-size", "2", "--calib-samples", "1", "--online-batch", "1", "--steps", "2",
-           "--calib-timesteps", "1", "--device", "cpu", "--out", "{qout}"),
+), budget=("--config", "{preset}", "--ckpt", "{ckpt}", "--device", "cpu", "--out", "{qout}"),
     produces=lambda argv: [] if "--dry-run" in argv else [os.path.join(last(argv, "--out"), f) for f in
                                                           ("model.safetensors", "quant_config.json", "config.yaml")],
     writes=8)
+# the cheap budget as a preset (a flag given with a method that ignores it is refused; a preset's key is not), so a
+# drawn --config keeps it too
+PRESET = ("method: rtn\ncodebook_size: 4\ndim: 2\nkmeans_iters: 1\niters: 1\nbatch_size: 2\ncalib_samples: 1\n"
+          "online_batch: 1\nsteps: 2\ncalib_timesteps: 1\n")
 # the same flags over a calibrating budget (record, calibrate, the resumable state): fewer cases, each costs more
 QUANTIZE_CALIBRATED = dataclasses.replace(QUANTIZE, budget=QUANTIZE.budget + ("--method", "vq4dit"), writes=16)
 
@@ -170,11 +173,21 @@ def last(argv, flag):
     return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
 
 
+def read_flags(spec):
+    """The flags a run of `spec`'s budget reads: quantize refuses a flag its method ignores, and a drawn --method
+    would change which those are."""
+    if spec.cli is not quantize.cli:
+        return spec.flags
+    method = last(spec.budget, "--method") if "--method" in spec.budget else "rtn"  # PRESET's
+    ignored = ignored_keys(load_config(overrides={"method": method}))
+    return [f for f in spec.flags if f.name[2:].replace("-", "_") not in ignored and f.name != "--method"]
+
+
 def case(rng, spec, count, good=False):
     """A random argv for `spec`: its budget, then `count` flags, each with a good value or a hostile one (`good`:
-    good values only, so that the run is likely to reach its writes)."""
+    good values of flags the run reads only, so that the run is likely to reach its writes)."""
     argv = list(spec.budget)
-    for flag in rng.sample(spec.flags, count):
+    for flag in rng.sample(read_flags(spec) if good else spec.flags, count):
         if flag.bad is None:
             argv.append(flag.name)
         elif good and flag.good:
@@ -409,7 +422,7 @@ def paths(tmp_path_factory):
     save_quantized(model, reference(model, name=DiTSpec("DiT-Digits/2", input_size=8, num_classes=10,
                                                         in_channels=1).name), found["artifact"], {"method": "kmeans"})
     found |= {"qout": str(root / "qout"), "cache": str(root / "cache")}
-    for name, text in (("preset", "iters: 1\ncodebook_size: 4\n"), ("dup_yaml", "iters: 1\niters: 2\n"),
+    for name, text in (("preset", PRESET), ("dup_yaml", "iters: 1\niters: 2\n"),
                        ("list_yaml", "- iters\n")):
         found[name] = str(root / f"{name}.yaml")
         (root / f"{name}.yaml").write_text(text)
@@ -447,4 +460,4 @@ def test_fuzz(spec, cases, paths, monkeypatch):
     assert min(counts.get(k, 0) for k in ("ok", "usage", "error")) >= cases // 20, counts
     # and the hazards reach the writes: each kind met in some case
     kinds = WRITE_HAZARDS + (("locked",) if spec.claims else ())
-    assert all(counts.get(f"met {k}", 0) >= (cases >= 50) for k in kinds), counts
+    assert all(counts.get(f"met {k}", 0) >= (cases >= 50) for k in kinds), str(counts)

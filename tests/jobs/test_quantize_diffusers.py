@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+from tests.cli_helpers import read_by
 from tests.models.tiny_pipelines import save_tiny_dit_pipeline
 from vq4dit.jobs.config import load_config
 from vq4dit.jobs.quantize import quantize
@@ -24,7 +25,7 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["vq4dit", "rtn"])
 def test_pipeline_transformer_is_quantized_in_diffusers_form(pipeline_dir, tmp_path, method):
-    config = load_config(overrides={"ckpt": str(pipeline_dir), "method": method, **FAST})
+    config = load_config(overrides={"ckpt": str(pipeline_dir), "method": method, **read_by(method, FAST)})
     quantize(config, str(tmp_path / "art"), progress=False)
     model, ref, quant = load_quantized(tmp_path / "art")
     assert type(model).__name__ == "DiTTransformer2DModel"

@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from tests.cli_helpers import read_by
 from tests.conftest import randomize
 from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
 from vq4dit.jobs.config import load_config
@@ -27,8 +28,8 @@ def tiny_ckpt(tmp_path):
 
 @pytest.mark.parametrize("method", ["vq4dit", "kmeans", "codebook", "rtn"])
 def test_every_method_writes_a_loadable_artifact_and_drops_the_state(tiny_ckpt, tmp_path, method):
-    config = load_config(overrides={"ckpt": tiny_ckpt, "method": method, "codebook_size": 16, "kmeans_iters": 3,
-                                    "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 3})
+    budget = {"codebook_size": 16, "kmeans_iters": 3, "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 3}
+    config = load_config(overrides={"ckpt": tiny_ckpt, "method": method, **read_by(method, budget)})
     out = tmp_path / method
     quantize(config, str(out), progress=False)
     assert not os.path.exists(out / STATE_DIR)
