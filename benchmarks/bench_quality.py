@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
 from vq4dit.calib.checkpoints import STATE_DIR  # noqa: E402
 from vq4dit.evaluation.report import evaluate_files  # noqa: E402
-from vq4dit.jobs.config import ignored_keys, load_config  # noqa: E402
+from vq4dit.jobs.config import flags_read_by  # noqa: E402
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 
 # (label, quantize.py flags); W = bits per index weight, d = sub-vector length
@@ -79,19 +79,9 @@ def samples_path(out, key):
     return os.path.join(out, "runs", key, *sub, "samples.npz")
 
 
-def read_extra(flags, extra):
-    """The extra quantize.py flags the method of `flags` reads: quantize refuses a flag its method ignores, and one
-    set of extras (e.g. -- --iters 50) serves every method here."""
-    method = flags[len(flags) - 1 - flags[::-1].index("--method") + 1] if "--method" in flags else "vq4dit"
-    ignored = ignored_keys(load_config(overrides={"method": method}))
-    kept, i = [], 0
-    while i < len(extra):
-        takes_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
-        item = extra[i:i + 1 + takes_value]
-        if extra[i][2:].replace("-", "_") not in ignored:
-            kept += item
-        i += len(item)
-    return kept
+def last_method(flags):
+    """The --method of quantize.py `flags` (the last one given; vq4dit when none is)."""
+    return flags[len(flags) - 1 - flags[::-1].index("--method") + 1] if "--method" in flags else "vq4dit"
 
 
 def run_method(key, args, reference, label=None, flags=None):
@@ -100,7 +90,8 @@ def run_method(key, args, reference, label=None, flags=None):
     art = os.path.join(args.out, "runs", key)
     samples = samples_path(args.out, key)
     resumed = os.path.isdir(os.path.join(art, STATE_DIR))  # an interrupted calibration left its state: go on
-    extra = read_extra(flags, args.extra)
+    method = last_method(flags)
+    extra = flags_read_by(method, args.extra)  # one set of extras serves every method
     q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *extra, "--out", art],
                           art + ".quantize.log", append=resumed)  # a method's own --seed wins
     s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")

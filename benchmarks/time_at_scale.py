@@ -115,8 +115,9 @@ def fitted_today(anchor, dtype):
     return t1 - slope * b1, slope
 
 
-def hours(family, gpus, scenario, anchor):
-    blocks, linears = block_costs(family)
+def hours(family, costs, gpus, scenario, anchor):
+    """(total hours, block updates' hours) of `family` whose block_costs are `costs` on `gpus` GPUs."""
+    blocks, linears = costs
     points = family.samples * family.kept * family.rows_per_step
     total_flops_row = sum(b.flops_per_row for b in blocks)
     record = family.samples * family.steps * family.rows_per_step * total_flops_row / (TARGET_FLOPS * gpus)
@@ -150,11 +151,12 @@ def main(args):
              "| model | blocks | GFLOP/row (all blocks) | GPUs | today fp32 h | today bf16 h | target h |",
              "|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
-        blocks, _ = block_costs(family)
+        costs = block_costs(family)  # one meta-device model per family
+        blocks = costs[0]
         gflop = sum(b.flops_per_row for b in blocks) / 1e9
         for gpus in (1, 2, 4, 8):
             cells = [f"{total:.2f} ({train:.2f})" for total, train in
-                     (hours(family, gpus, s, anchor) for s in ("fp32", "bf16", "target"))]
+                     (hours(family, costs, gpus, s, anchor) for s in ("fp32", "bf16", "target"))]
             lines.append(f"| {family.name} | {len(blocks)} | {gflop:,.0f} | {gpus} | " + " | ".join(cells) + " |")
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))

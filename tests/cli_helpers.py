@@ -79,14 +79,7 @@ def cli_error(cli, argv, capsys):
 def read_by(method, overrides):
     """`overrides` (config keys -> values) without the keys `method` ignores, which quantize refuses: a cheap
     budget written once for every method."""
-    from vq4dit.jobs.config import ignored_keys, load_config
+    from vq4dit.jobs.config import ignored_by
 
-    ignored = ignored_keys(load_config(overrides={"method": method}))
+    ignored = ignored_by(method)
     return {k: v for k, v in overrides.items() if k not in ignored}
-
-
-def flags_read_by(method, argv):
-    """The `--flag value` pairs of `argv` that `method` reads (see read_by)."""
-    pairs = dict(zip(argv[::2], argv[1::2]))
-    kept = read_by(method, {flag[2:].replace("-", "_"): value for flag, value in pairs.items()})
-    return [x for key, value in kept.items() for x in (f"--{key.replace('_', '-')}", value)]

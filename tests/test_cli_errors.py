@@ -12,7 +12,7 @@ import struct
 import pytest
 import torch
 
-from tests.cli_helpers import FAST, assert_user_error, flags_read_by, leftovers, run, save_tiny_ckpt
+from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
 from tests.conftest import randomize
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.vq.apply import quantize_linears
@@ -317,6 +317,7 @@ def test_a_full_disk_at_any_write_of_quantize_is_one_line(ckpt, tmp_path, monkey
     """Mutations: atomic_paths recognising only OSError (safetensors' error -> a traceback); the artifact's files
     written one by one (the card failing -> model.safetensors and config.yaml left without quant_config.json)."""
     from vq4dit.cli import quantize
+    from vq4dit.jobs.config import flags_read_by
 
     monkeypatch.setattr(target, writer)
     out = tmp_path / "out"

@@ -36,7 +36,8 @@ from tests.cli_helpers import save_tiny_ckpt
 from vq4dit.cli import evaluate, quantize, sample
 from vq4dit.evaluation.classifier import DigitsClassifier, save_classifier
 from vq4dit.evaluation.digits import real_digits_uint8
-from vq4dit.jobs.config import ignored_keys, load_config
+from vq4dit.jobs.config import ignored_by
+from vq4dit.utils.knobs import key_name
 
 SEED = int(os.environ.get("VQ4DIT_FUZZ_SEED", 0))
 SCALE = float(os.environ.get("VQ4DIT_FUZZ_SCALE", 1))  # e.g. 10 for a longer local run
@@ -179,8 +180,8 @@ def read_flags(spec):
     if spec.cli is not quantize.cli:
         return spec.flags
     method = last(spec.budget, "--method") if "--method" in spec.budget else "rtn"  # PRESET's
-    ignored = ignored_keys(load_config(overrides={"method": method}))
-    return [f for f in spec.flags if f.name[2:].replace("-", "_") not in ignored and f.name != "--method"]
+    ignored = ignored_by(method)
+    return [f for f in spec.flags if key_name(f.name) not in ignored and f.name != "--method"]
 
 
 def case(rng, spec, count, good=False):

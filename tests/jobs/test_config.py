@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.jobs.config import QuantizeConfig, flags_read_by, load_config
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.resources import CONFIG_DIR
 
@@ -230,3 +230,12 @@ def test_a_preset_may_carry_keys_the_chosen_method_ignores():
     config = load_config("digits_w2", overrides={"method": "kmeans", "wbits": 2})
     assert config.method == "kmeans"
     assert load_config(overrides={"calib": "online", "online_batch": 8}).teacher.online_batch == 8
+
+
+def test_flags_read_by_keeps_each_flag_with_its_value_or_alone():
+    """One set of extra flags for every method (bench_quality, tests): rtn reads --seed, not --iters or
+    --split-qkv (which takes no value); vq4dit reads all three (mutation: a valueless flag taking the next flag as
+    its value -> --seed dropped with it, or kept for rtn)."""
+    argv = ["--iters", "50", "--split-qkv", "--seed", "1"]
+    assert flags_read_by("rtn", argv) == ["--seed", "1"]
+    assert flags_read_by("vq4dit", argv) == argv

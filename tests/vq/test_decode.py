@@ -21,6 +21,7 @@ from vq4dit.vq.rtn import RTNLinear
 
 
 def random_vq(in_f, out_f, k, dim, groups=1, dtype=torch.float32, seed=0):
+    """A hard VQLinear with random codebooks, indices and bias, built without k-means (fast at any size)."""
     gen = torch.Generator().manual_seed(seed)
     layer = VQLinear(in_f, out_f, k, dim, groups=groups, hard=True)
     with torch.no_grad():

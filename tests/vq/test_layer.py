@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.vq.test_decode import random_vq
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.candidates import hard_reconstruct
 from vq4dit.vq.kernels.decode import release_workspace
@@ -112,21 +113,10 @@ def test_bad_shapes_are_user_errors(k, dim, groups, match):
         VQLinear.from_linear(linear(16, 24), CodebookSpec(k, dim), groups=groups)
 
 
-def random_hard_vq(out_f, in_f, groups=1, k=256, dim=4, seed=0):
-    """A hard VQLinear with random codebooks and indices, built without k-means (fast at any size)."""
-    gen = torch.Generator().manual_seed(seed)
-    layer = VQLinear(in_f, out_f, k, dim, groups=groups, hard=True)
-    with torch.no_grad():
-        layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=gen))
-        layer.indices.copy_(torch.randint(0, k, layer.indices.shape, generator=gen))
-        layer.bias.copy_(torch.randn(out_f, generator=gen))
-    return layer.eval()
-
-
 @pytest.mark.parametrize("groups", [1, 3])
 def test_inference_and_autograd_decode_match_reference(groups):
     """Mutation caught: the no-grad gather indexes the wrong group's codebook (groups=3) -> not equal."""
-    layer = random_hard_vq(24, 16, groups=groups, k=8)
+    layer = random_vq(16, 24, 8, 4, groups=groups)
     ref = reference_weight(layer)
     with torch.no_grad():
         assert torch.equal(layer.weight(), ref)  # the gather path
@@ -156,7 +146,7 @@ def quantized_layer(kind):
     """A 2304 x 1024 quantized layer: 589824 sub-vectors at d = 4, more than two decode chunks."""
     if kind == "rtn":
         return RTNLinear.from_linear(linear(1024, 2304), bits=2).eval()
-    return random_hard_vq(2304, 1024, groups=3 if kind == "vq groups" else 1)
+    return random_vq(1024, 2304, 256, 4, groups=3 if kind == "vq groups" else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -19,7 +19,7 @@ import yaml
 from vq4dit.calib.config import CacheConfig, CalibConfig, TeacherConfig, check_choices, check_positive, invalid
 from vq4dit.calib.modes import mode_for
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.knobs import base_type, knob
+from vq4dit.utils.knobs import base_type, flag_name, key_name, knob
 from vq4dit.utils.resources import RECIPE_DIR, config_path, preset_names
 
 METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers one class per name
@@ -342,8 +342,25 @@ def check_not_ignored(config, given):
     """UserError naming the first key of `given` (keys set on the command line) that `config` ignores."""
     ignored = ignored_keys(config)
     for key in sorted(k for k in given if k in ignored):
-        raise UserError(f"--{key.replace('_', '-')} does nothing here: {ignored[key]}; drop it")
+        raise UserError(f"{flag_name(key)} does nothing here: {ignored[key]}; drop it")
     return config
+
+
+def ignored_by(method):
+    """{key: why} of the keys a run of `method` with the other settings at their defaults ignores."""
+    return ignored_keys(load_config(overrides={"method": method}))
+
+
+def flags_read_by(method, argv):
+    """The flags of `argv` (each with its value, when one follows) that `method` reads: one set of extra flags for
+    every method, as benchmarks and tests pass them, since quantize refuses the others."""
+    ignored, kept, i = ignored_by(method), [], 0
+    while i < len(argv):
+        item = argv[i:i + 2] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else argv[i:i + 1]
+        if key_name(argv[i]) not in ignored:
+            kept += item
+        i += len(item)
+    return kept
 
 
 def load_config(path=None, overrides=None):

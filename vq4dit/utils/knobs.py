@@ -26,6 +26,11 @@ def flag_name(name):
     return "--" + name.replace("_", "-")
 
 
+def key_name(flag):
+    """flag_name's inverse: "--calib-samples" -> "calib_samples"."""
+    return flag[2:].replace("-", "_")
+
+
 def knobs(kinds, order):
     """{name: the dataclass field} for the knob fields of the dataclasses `kinds`, in `order`, which must name each of
     them exactly once (a knob without a flag, or a flag without a knob, is a programming error)."""
