@@ -2,6 +2,8 @@ import errno
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -181,3 +183,15 @@ def test_blank_values_are_refused_naming_the_flag():
     for value in ("", " ", "\t"):
         with pytest.raises(UserError, match=re.escape(f"--include {value!r}: empty; give a value or leave")):
             cli_module.check_not_blank({"--out": "dir", "--include": value})
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_setup_logging_quiets_info_on_ranks_other_than_0(rank, shown):
+    """Under torchrun rank 0 logs progress and the other ranks warnings only (mutation: the rank ignored, so every
+    process prints every line -> rank 1 shows the info line)."""
+    code = ("import logging; from vq4dit.utils.cli import setup_logging; setup_logging(); "
+            "logging.getLogger('x').info('progress'); logging.getLogger('x').warning('careful')")
+    env = {**os.environ, "RANK": rank}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    assert "careful" in err
+    assert ("progress" in err) == shown

@@ -13,10 +13,9 @@ JSON keys: fid, accuracy, psnr_vs_reference, mse_vs_reference, num_samples (null
 FID is biased upward at small N: compare runs only at equal num_samples.
 """
 import argparse
-import logging
 
 from vq4dit.evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
-from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli, setup_logging
 from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
 
@@ -46,7 +45,7 @@ def build_parser():
 def cli(argv=None):
     """Run evaluate.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on
     SIGINT / SIGTERM) or returns."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     run_cli(main, args, on_interrupt=lambda: f"no result written{f' to {args.json}' if args.json else ''}")
 

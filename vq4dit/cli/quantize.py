@@ -10,7 +10,7 @@ import logging
 import os
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
-from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli, setup_logging
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.knobs import add_flags, text_flags
 
@@ -93,8 +93,7 @@ def cli(argv=None):
     """Run quantize.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 on Ctrl-C) or
     returns."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s")
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))
 
 

@@ -10,7 +10,15 @@ import logging
 import math
 import os
 
-from vq4dit.utils.cli import ArgumentParser, check_range, check_sampling_args, parse_classes, run_cli, split_classes
+from vq4dit.utils.cli import (
+    ArgumentParser,
+    check_range,
+    check_sampling_args,
+    parse_classes,
+    run_cli,
+    setup_logging,
+    split_classes,
+)
 from vq4dit.utils.errors import UserError
 
 # flags that choose or shape the full-precision model: a quantized artifact records its own
@@ -189,8 +197,7 @@ def cli(argv=None):
     """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on SIGINT /
     SIGTERM) or returns."""
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     run_cli(main, args, on_interrupt=lambda: f"nothing written to {args.out}")
 
 

@@ -3,6 +3,7 @@ status 2, never a traceback; Ctrl-C (SIGINT) and SIGTERM are one line and exit s
 cleanup an error gets; under torchrun only rank 0 prints), and checks of the flags' values."""
 import argparse
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -19,6 +20,13 @@ MAX_CFG_SCALE = 100.0  # beyond any guidance used in practice (1..20); larger sc
 
 def _rank():
     return int(os.environ.get("RANK", 0))  # torchrun's environment (utils.distributed.world), read directly
+
+
+def setup_logging(level=logging.INFO):
+    """The scripts' log format at `level`; under torchrun ranks other than 0 log warnings and errors only (every rank
+    runs the same stages, and N copies of each progress line hide the one that matters)."""
+    logging.basicConfig(level=level if _rank() == 0 else max(level, logging.WARNING),
+                        format="%(asctime)s %(name)s %(message)s")
 
 
 class Terminated(KeyboardInterrupt):
