@@ -11,7 +11,8 @@ from vq4dit.utils.errors import UserError
 
 def record_one(model, blocks, *inputs, **kwargs):
     seen = []
-    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=seen.append), torch.no_grad():
+    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=seen.append, keep_outputs=True), \
+            torch.no_grad():
         model(*inputs, **kwargs)
     return seen[0]
 

@@ -205,7 +205,8 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
     calls = []
-    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
+    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append,
+                                            keep_outputs=True):
         model(*args, **kwargs)
     live, cache_dtype = calls[0], config.cache.dtype
 
