@@ -82,9 +82,10 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
     assert seen[0]["block_dtypes"] == seen[0]["after"] == {torch.bfloat16} and seen[0]["moves"] > 0
 
 
-def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit):
-    """Mutations caught: auto streaming on the CPU (the default run would change its path); --stream on accepted
-    with --bits (whose probes need the whole model on the device)."""
+def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):
+    """Mutations caught: auto streaming on the CPU however small its memory (the default run would change its path);
+    --stream on accepted with --bits (whose probes need the whole model on the device)."""
+    monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device: 0)
     assert not wants_stream(load_config(overrides={"ckpt": bf16_dit, "device": "cpu"}), "cpu")
     with pytest.raises(UserError, match="--stream on: the --bits allocation"):
         check_streamable(load_config(overrides={"ckpt": bf16_dit, "stream": "on", "bits": 2.0}))
