@@ -8,7 +8,7 @@ config.json files: black-forest-labs/FLUX.1-dev with openai/clip-vit-large-patch
 Qwen/Qwen-Image with Qwen2.5-VL-7B-Instruct; stabilityai/stable-diffusion-3.5-large with CLIP-L, OpenCLIP bigG and
 T5-XXL; Wan-AI/Wan2.1-T2V-14B-Diffusers with UMT5-XXL), and every weight file deleted. The streamed plans count the
 teacher on the host in bf16, the dtype these checkpoints store. Wan is planned at 832x480, 81 frames, with a
-calibration set sized for video (WAN_VIDEO: 4 trajectories x 8 kept steps x 2 CFG rows = 64 points of 32,760
+calibration set sized for video (WAN_VIDEO: 4 trajectories x 8 kept steps = 32 points of 32,760
 tokens). Prompt lengths: Flux pads T5 prompts
 to 512 (as the real one); Qwen-Image pads to the longest prompt, which under the tiny vocabulary is shorter than
 the real tokenizer's (a few tokens against tens: under 1% of its 4,096 image tokens).
