@@ -66,6 +66,7 @@ class MemoryPlan:
     stream: bool = False  # the peaks are a streamed run's (jobs/streaming.py)
     stored_bytes: int = 0  # host: the transformer as its checkpoint stores it
     block_fp_bytes: int = 0  # device: the largest block in fp32
+    inputs: object = None  # the plan_stages.StageInputs the peaks come from
 
     @property
     def walk_bytes(self):
@@ -293,4 +294,5 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
-        layers=len(sizes), peaks=peaks, stream=stream, stored_bytes=inputs.stored, block_fp_bytes=max(fp_blocks))
+        layers=len(sizes), peaks=peaks, stream=stream, stored_bytes=inputs.stored, block_fp_bytes=max(fp_blocks),
+        inputs=inputs)
