@@ -64,6 +64,7 @@ class MemoryPlan:
     layers: int  # quantized Linears
     peaks: object = None  # plan_stages.PlanPeaks
     stream: bool = False  # the peaks are a streamed run's (jobs/streaming.py)
+    stream_flag: str = "off"  # the config's --stream
     stored_bytes: int = 0  # host: the transformer as its checkpoint stores it
     block_fp_bytes: int = 0  # device: the largest block in fp32
     inputs: object = None  # the plan_stages.StageInputs the peaks come from
@@ -94,9 +95,13 @@ class MemoryPlan:
         lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
                      f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                      f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
-        lines.append(f"  streamed (--stream {'on' if self.stream else 'off'}): the teacher on the host as stored "
-                     f"{gib(self.stored_bytes)}, one block in fp32 on the device at a time (largest "
-                     f"{gib(self.block_fp_bytes)})" + ("" if self.stream else "; not in these peaks"))
+        streamed = (f"the teacher on the host as stored {gib(self.stored_bytes)}, one block in fp32 on the device at "
+                    f"a time (largest {gib(self.block_fp_bytes)})")
+        if self.stream:
+            lines.append(f"  streamed (--stream {self.stream_flag}): {streamed}")
+        else:
+            auto = "; auto streams where the CUDA device holds less than the device peak" * (self.stream_flag == "auto")
+            lines.append(f"  not streamed (--stream {self.stream_flag}{auto}); --stream on would keep {streamed}")
         if self.peaks is not None:
             lines.append(self.peaks.format())
         return "\n".join(lines)
@@ -294,5 +299,5 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
-        layers=len(sizes), peaks=peaks, stream=stream, stored_bytes=inputs.stored, block_fp_bytes=max(fp_blocks),
-        inputs=inputs)
+        layers=len(sizes), peaks=peaks, stream=stream, stream_flag=config.stream, stored_bytes=inputs.stored,
+        block_fp_bytes=max(fp_blocks), inputs=inputs)

@@ -34,7 +34,11 @@ def wants_stream(config, device):
     if config.stream == "auto" and device.type == "cuda":
         from vq4dit.jobs.memory_plan import plan_for
 
-        plan = plan_for(config.replace(stream="off"))
+        try:
+            plan = plan_for(config.replace(stream="off"))
+        except UserError as e:  # a pipeline the plan cannot run on meta: run as before
+            logger.warning("--stream auto: no memory plan (%s); not streaming", e)
+            plan = None
         need, room = (plan.peaks.device_peak.device_bytes if plan else 0), device_memory(device)
         on = need > room
         if on:
