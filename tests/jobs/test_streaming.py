@@ -99,3 +99,25 @@ def test_stream_is_written_only_when_given_and_is_no_part_of_the_run_key(bf16_di
     default, on = load_config(overrides={"ckpt": bf16_dit}), load_config(overrides={"ckpt": bf16_dit, "stream": "on"})
     assert "stream" not in default.to_dict() and on.to_dict()["stream"] == "on"
     assert RunKey.of(default) == RunKey.of(on)
+
+
+def test_stream_auto_on_a_cuda_device_follows_the_unstreamed_plan(bf16_dit, monkeypatch):
+    """auto streams exactly when the unstreamed plan's device peak exceeds the device's memory (a fake CUDA device
+    here), and runs unstreamed where there is no plan. Mutations caught: the comparison inverted or made >=; the
+    streamed plan compared (the config's own stream); a plan error ending the run."""
+    from vq4dit.jobs.memory_plan import plan_for
+
+    config = load_config(overrides={"ckpt": bf16_dit})
+    plan, asked = plan_for(config), []
+    need = plan.peaks.device_peak.device_bytes
+    monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", lambda config: asked.append(config.stream) or plan)
+    for room, streams in ((need, False), (need - 1, True)):
+        monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device, room=room: room)
+        assert wants_stream(config, "cuda") == streams
+    assert asked == ["off", "off"]
+
+    def no_plan(config):
+        raise UserError("no plan here")
+
+    monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", no_plan)
+    assert not wants_stream(config, "cuda")
