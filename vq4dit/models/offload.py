@@ -10,11 +10,8 @@ parameter sees the resident copy while the block is resident. `.to()` of the who
 leaves the blocks on the host: their `_apply` is pinned until `close()`.
 """
 import contextlib
-import logging
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def _tensors(module, recurse=True):
@@ -61,11 +58,6 @@ class HostBlocks:
             self._handles.append(block.register_forward_hook(lambda m, args, out: self._exit(m)))
             block._apply = lambda fn, recurse=True, block=block: block  # a pipeline's .to() leaves it on the host
 
-    @property
-    def host_bytes(self):
-        """Bytes of the blocks' host tensors."""
-        return sum(t.numel() * t.element_size() for refs in self._host.values() for *_, t in refs)
-
     def _enter(self, block):
         key = id(block)
         if self._depth[key] == 0:
@@ -89,12 +81,6 @@ class HostBlocks:
             yield block
         finally:
             self._exit(block)
-
-    def drop(self, block):
-        """Forget `block`'s host tensors (a method that does not calibrate needs no teacher once its layers are
-        built): its parameters become empty, and the host memory is freed when nothing else holds it."""
-        for *ref, host in self._host.pop(id(block)):
-            _set(*ref, host.new_empty((0,)))
 
     def close(self):
         for handle in self._handles:
