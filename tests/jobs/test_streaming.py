@@ -14,7 +14,7 @@ from vq4dit.jobs.streaming import check_streamable, wants_stream
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.utils.errors import UserError
 
-BUDGET = {"codebook_size": 16, "kmeans_iters": 2, "iters": 3, "calib_samples": 2, "calib_timesteps": 2, "steps": 3,
+BUDGET = {"codebook_size": 16, "kmeans_iters": 2, "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 2,
           "device": "cpu"}
 
 
