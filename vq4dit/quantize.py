@@ -66,6 +66,9 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
 
     enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
+    if config.stream == "on":  # auto: the transformer is on the device already, or not; either way not streamed
+        raise UserError("stream='on': quantize_transformer quantizes a transformer already in memory in fp32; stream "
+                        "with quantize.py --stream on, which loads the checkpoint on the host in its stored dtype")
     base = base_model(pipe, config.model.ckpt)
     with contextlib.ExitStack() as stack:
         directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))

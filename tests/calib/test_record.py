@@ -1,4 +1,6 @@
 """Recording block calls: the wiring between blocks is found from tensor identity, for any block signature."""
+import weakref
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from vq4dit.utils.errors import UserError
 
 def record_one(model, blocks, *inputs, **kwargs):
     seen = []
-    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=seen.append), torch.no_grad():
+    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=seen.append, keep_outputs=True), \
+            torch.no_grad():
         model(*inputs, **kwargs)
     return seen[0]
 
@@ -69,3 +72,22 @@ def test_a_block_skipped_or_called_out_of_order_is_an_error():
     extra = torch.nn.Linear(2, 2)
     with pytest.raises(UserError, match="only 3 of 4 blocks ran"):
         record_one(model, blocks + [("extra", extra)], x, t, y)
+
+
+@pytest.mark.parametrize("keep_outputs", [False, True])
+def test_the_recorder_holds_no_block_output_unless_asked(keep_outputs):
+    """When the model call ends, the block outputs the recorder saw are freed (the model's forward drops each once the
+    next block has run) unless keep_outputs asks for them. Mutation caught: outputs kept whatever keep_outputs (depth
+    x (B, T, D) held on the device for the whole teacher forward)."""
+    model = tiny_dit(depth=3)
+    blocks, outputs, alive = list(model.blocks.named_children()), [], []
+    for _, block in blocks:
+        block.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+
+    def on_call(live):
+        alive.append(sum(ref() is not None for ref in outputs))
+
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])
+    with BlockRecorder(model, blocks, lambda step: True, on_call, keep_outputs), torch.no_grad():
+        model(x, t, y)
+    assert alive == [3 if keep_outputs else 0]

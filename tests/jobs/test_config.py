@@ -112,7 +112,7 @@ def test_flat_mapping_round_trips_through_the_stage_configs():
     from vq4dit.jobs.config import FIELDS, FLAT_ORDER, OPTIONAL_KEYS, RUN_FIELDS
 
     names = [n for section in FIELDS.values() for n in section] + list(RUN_FIELDS)
-    assert sorted(names) == sorted(FLAT_ORDER + OPTIONAL_KEYS) and len(set(names)) == len(names)
+    assert sorted(names) == sorted(FLAT_ORDER + tuple(OPTIONAL_KEYS)) and len(set(names)) == len(names)
     config = load_config(overrides={"recipe": "authors", "iters": 7, "cfg_scale": 3.0, "dim": 2, "cache_dtype": "bf16"})
     flat = config.to_dict()
     assert list(flat) == list(FLAT_ORDER)
@@ -186,7 +186,7 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
 
     actions = {a.dest: a for a in quantize.build_parser()._actions}
     knobs = {f.name: f for kind in CONFIG_KINDS for f in dataclasses.fields(kind) if "help" in f.metadata}
-    assert sorted(knobs) == sorted(set(FLAT_ORDER + OPTIONAL_KEYS) - YAML_ONLY)
+    assert sorted(knobs) == sorted(set(FLAT_ORDER + tuple(OPTIONAL_KEYS)) - YAML_ONLY)
     assert sorted(actions) == sorted([*knobs, "help", "config", "out", "overwrite", "dry_run", "json", "verbose"])
     for name, f in knobs.items():
         action = actions[name]

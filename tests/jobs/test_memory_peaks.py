@@ -49,6 +49,18 @@ def test_the_plans_host_peak_is_the_embedded_runs(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_streamed_plans_host_peak_is_the_streamed_embedded_runs(tmp_path):
+    """--stream on: the plan's streamed stages (the teacher as stored on the host, one block at a time) against the
+    run. Catches streamed stages that leave out the process (its libraries); the embedded model's own tensors (a few
+    MiB) are within the tolerance, so its teacher's bytes are checked on real sizes by plan arithmetic only."""
+    hwm, plan = measured_and_planned([*SHORT, "--stream", "on"], tmp_path)
+    check(hwm, plan)
+    walk = max(s["host_bytes"] for s in plan["stages"] if s["name"].startswith("walk"))
+    assert abs(walk - hwm) <= 0.1 * hwm + 64 * MIB, (hwm / MIB, walk / MIB)  # not only the save stage's
+    assert plan["stages"][1]["name"] == "build quantized layers (block by block)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_plans_host_peak_is_the_tiny_flux_runs(tmp_path):
     """The same for a pipeline's run (prompt encoding, the pipeline's teacher): catches the process left out (its
     libraries, diffusers and transformers among them, are 440 of its 490 MiB)."""

@@ -74,18 +74,18 @@ def calibrate_blockwise(problem, data, config, checkpoints, log):
     for i in range(walk.next_block, len(problem.blocks)):
         name, block = problem.blocks[i]
         step = plan.step(i, walk.chains)
-        # 1. the FP targets (and the FP chain's next values)
-        teacher_block = problem.teacher.get_submodule(name)
-        targets, _ = sweep(teacher_block, step.fp_inputs, device, alloc=allocator(store, step.fp_reuse))
-        # 2.-3. the method prepares the block's layers; they train on the block's inputs to match the targets
-        layers = problem.layers_of(name)
-        moments = None
-        if problem.needs_moments and data.cset.shard is None:
-            moments = block_input_moments(teacher_block, name, layers, step.inputs, device)
-        elif problem.needs_moments:  # under torchrun: the moments of the layers this process fits, as one process's
-            moments = shared_input_moments(teacher_block, name, layers, step.inputs, data.cset.shard, device)
-        problem.prepare_layers(layers, moments)
-        block_stats = calibrate_block(problem, i, step.inputs, targets, config, data.cset.shard)
+        with problem.teacher_block(name) as teacher_block:  # streamed: on the device for this block's work
+            # 1. the FP targets (and the FP chain's next values)
+            targets, _ = sweep(teacher_block, step.fp_inputs, device, alloc=allocator(store, step.fp_reuse))
+            # 2.-3. the method prepares the block's layers; they train on the block's inputs to match the targets
+            layers = problem.layers_of(name)
+            moments = None
+            if problem.needs_moments and data.cset.shard is None:
+                moments = block_input_moments(teacher_block, name, layers, step.inputs, device)
+            elif problem.needs_moments:  # under torchrun: the moments of the layers this process fits
+                moments = shared_input_moments(teacher_block, name, layers, step.inputs, data.cset.shard, device)
+            problem.prepare_layers(layers, moments)
+            block_stats = calibrate_block(problem, i, step.inputs, targets, config, data.cset.shard)
         # 4. the final error, and the quantized chain's next values
         alloc = allocator(store, step.q_reuse) if plan.sequential else None
         q_outs, block_stats["mse_after"] = sweep(block, step.inputs, device, alloc=alloc, targets=targets)

@@ -31,7 +31,8 @@ DROPOUT_STREAM = 3  # random stream (seed, DROPOUT_STREAM) of the student's labe
 def student_outputs(model, blocks, args, kwargs):
     """The student's own forward on the model inputs `args, kwargs`: every block's outputs, with gradients."""
     captured = []
-    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=captured.append), torch.enable_grad():
+    with BlockRecorder(model, blocks, keep=lambda step: True, on_call=captured.append,
+                       keep_outputs=True), torch.enable_grad():
         model(*args, **kwargs)
     return captured[0].outputs
 
@@ -80,7 +81,8 @@ def train_online(problem, plan, config, resume=None, on_checkpoint=None):
                 plan.steps, total * plan.steps, done)
     bar = tqdm(total=total, initial=done, desc="online", unit="trajectory", disable=not problem.progress)
     last_save = time.monotonic()
-    with recording(teacher, adapter.blocks(teacher), lambda step: True, on_step) as recorder, torch.no_grad():
+    with recording(teacher, adapter.blocks(teacher), lambda step: True, on_step, keep_outputs=True) as recorder, \
+            torch.no_grad():
         for index, (_, run) in enumerate(adapter.teacher_runs(teacher, plan, problem.device)):
             if index < done:
                 continue

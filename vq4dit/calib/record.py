@@ -9,10 +9,14 @@ came from by identity:
 - otherwise a new slot, stored: block 0's hidden states, and anything the model computes between blocks.
 This wiring is found from the recording itself, not written per model, and must be the same at every step.
 Only slots are stored (one row per calibration point); block outputs are recomputed while calibration walks
-the blocks (calib/replay.py), so the cache holds the block-0 inputs, not depth x (M, T, D) targets.
+the blocks (calib/replay.py), so the cache holds the block-0 inputs, not depth x (M, T, D) targets. The recorder
+itself holds the slots of the call and, by default, no block output: an output is known by a weak reference (its
+identity while it lives), so the model frees it as its own forward would; `keep_outputs` keeps them for the
+LiveCall (online calibration's targets, the memory plan's shapes).
 """
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -60,11 +64,13 @@ class BlockRecorder:
     """Hooks on `model` and its `blocks` [(name, module)] that hand every selected model call to `on_call(LiveCall)`.
 
     `keep(step)` says whether the step-th model call of the current trajectory batch (0 = the first, noisiest)
-    is recorded; `new_batch()` restarts the step count. Use as a context manager: hooks are removed on exit.
+    is recorded; `new_batch()` restarts the step count; `keep_outputs`: the LiveCall holds every block's outputs
+    (else its `outputs` is empty and the recorder holds none). Use as a context manager: hooks are removed on exit.
     """
 
-    def __init__(self, model, blocks, keep, on_call):
+    def __init__(self, model, blocks, keep, on_call, keep_outputs=False):
         self.model, self.blocks, self.keep, self.on_call = model, blocks, keep, on_call
+        self.keep_outputs = keep_outputs
         self.index = {id(module): i for i, (_, module) in enumerate(blocks)}
         self.step = -1
         self.live = None
@@ -108,11 +114,12 @@ class BlockRecorder:
 
         def trace(node):
             t = tensors[node["t"]]
-            source = live["seen"].get(id(t))
-            if source is None:
+            ref, source = live["seen"].get(id(t), (None, None))
+            if ref is None or ref() is not t:  # never seen, or a freed tensor's id taken by a new one
                 key = f"s{i}.{node['t']}"
                 live["slots"][key] = t
-                source = live["seen"][id(t)] = {"slot": key}
+                source = {"slot": key}
+                live["seen"][id(t)] = (weakref.ref(t), source)
             return source
 
         live["calls"].append(BlockCall(self.blocks[i][0], map_leaves(spec, trace), None))
@@ -124,9 +131,10 @@ class BlockRecorder:
         i = self.index[id(module)]
         spec, tensors = flatten(output, where=f"{self.blocks[i][0]} output")
         live["calls"][i].outputs = spec
-        live["outputs"].append(tensors)
+        if self.keep_outputs:
+            live["outputs"].append(tensors)
         for k, t in enumerate(tensors):
-            live["seen"][id(t)] = {"out": [i, k]}
+            live["seen"][id(t)] = (weakref.ref(t), {"out": [i, k]})
 
     def _model_post(self, module, args, kwargs, output):
         live, self.live = self.live, None
@@ -145,8 +153,8 @@ def slot_is_batched(t, rows):
 
 
 @contextlib.contextmanager
-def recording(model, blocks, keep, on_call):
-    with BlockRecorder(model, blocks, keep, on_call) as recorder:
+def recording(model, blocks, keep, on_call, keep_outputs=False):
+    with BlockRecorder(model, blocks, keep, on_call, keep_outputs) as recorder:
         yield recorder
 
 

@@ -26,7 +26,8 @@ METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers o
 RECIPES = ("vq4dit", "authors")
 BACKENDS = ("auto", "vq4dit", "diffusers")
 CODEBOOK_INITS = ("auto", "kmeans", "gptvq")
-OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise calibration can start from gptvq
+OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")
+STREAM_MODES = ("auto", "on", "off")  # the methods whose block-wise calibration can start from gptvq
 
 
 @dataclass
@@ -160,6 +161,10 @@ class QuantizeConfig:
                        "per channel)", METHODS)
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")  # auto: cuda when present, else cpu
+    # jobs/streaming.py; the result does not depend on it (the same artifact either way)
+    stream: str = knob("auto", "auto (on when the memory plan's device peak exceeds the device's memory; off on the "
+                       "CPU) | on (the teacher stays on the host in its stored dtype, its blocks move to the device "
+                       "one at a time) | off", STREAM_MODES)
     model: ModelSpec = field(default_factory=ModelSpec)
     codebooks: CodebookConfig = field(default_factory=CodebookConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -203,7 +208,7 @@ class QuantizeConfig:
         flat = {name: getattr(self, name) for name in RUN_FIELDS}
         for section in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, section)))
-        order = FLAT_ORDER + tuple(name for name in OPTIONAL_KEYS if flat[name] is not None)
+        order = FLAT_ORDER + tuple(name for name in OPTIONAL_KEYS if flat[name] != OPTIONAL_KEYS[name])
         return {name: flat[name] for name in order}
 
     def to_yaml(self):
@@ -227,8 +232,9 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "train_codebooks", "ratio_gate", "select_every", "plateau", "e2e_iters", "e2e_lr", "kmeans_init",
               "codebook_init", "steps", "cfg_scale", "calib_samples", "calib_timesteps", "online_batch",
               "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device", "step_dtype")
-# keys written to config.yaml only when set (a run without them writes the config.yaml it always has)
-OPTIONAL_KEYS = ("bits", "bits_settings")
+# keys written to config.yaml only when they differ from their default (a run without them writes the config.yaml it
+# always has): {key: default}
+OPTIONAL_KEYS = {"bits": None, "bits_settings": None, "stream": "auto"}
 # the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
 # the order of quantize.py --help since the flags were first listed there
 FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
@@ -237,7 +243,8 @@ FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "met
          "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
          "plateau", "e2e_iters", "e2e_lr", "step_dtype", "select_every", "ratio_reg", "steps", "cfg_scale",
          "calib_samples", "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype", "max_cache_gb",
-         "cache_dir", "prompts", "height", "width", "num_frames", "include", "exclude", "seed", "device", "split_qkv")
+         "cache_dir", "prompts", "height", "width", "num_frames", "include", "exclude", "seed", "device", "stream",
+         "split_qkv")
 CONFIG_KINDS = (QuantizeConfig, *SECTIONS.values())  # the dataclasses whose knobs are flags
 
 

@@ -20,18 +20,22 @@ tensors and block outputs a recording stores. From them, at the config's setting
   encode the prompts on the CPU before the teacher runs.
 Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
+import dataclasses
 import re
 from dataclasses import dataclass
 
 from vq4dit.calib.modes import mode_for
 from vq4dit.jobs.plan_probes import block_training_bytes, evaluation_bytes, record_bytes
 from vq4dit.jobs.plan_sources import (
+    REFERENCE_MODELS,
     dit_source,
     meta_dit,
     meta_model,
     pipeline_classes,
     plan_device,
     plan_source,
+    plans_stream,
+    stored_bytes,
     text_encoder_bytes,
 )
 
@@ -59,6 +63,11 @@ class MemoryPlan:
     weights: int  # quantized weights
     layers: int  # quantized Linears
     peaks: object = None  # plan_stages.PlanPeaks
+    stream: bool = False  # the peaks are a streamed run's (jobs/streaming.py)
+    stream_flag: str = "off"  # the config's --stream
+    stored_bytes: int = 0  # host: the transformer as its checkpoint stores it
+    block_fp_bytes: int = 0  # device: the largest block in fp32
+    inputs: object = None  # the plan_stages.StageInputs the peaks come from
 
     @property
     def walk_bytes(self):
@@ -86,16 +95,29 @@ class MemoryPlan:
         lines.append(f"  artifact: {self.artifact_bytes / 1e9:.3f} GB (fp32: {self.fp_bytes / 1e9:.2f} GB); "
                      f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                      f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
+        streamed = (f"the teacher on the host as stored {gib(self.stored_bytes)}, one block in fp32 on the device at "
+                    f"a time (largest {gib(self.block_fp_bytes)})")
+        if self.stream:
+            lines.append(f"  streamed (--stream {self.stream_flag}): {streamed}")
+        else:
+            auto = "; auto streams where the CUDA device holds less than the device peak" * (self.stream_flag == "auto")
+            lines.append(f"  not streamed (--stream {self.stream_flag}{auto}); --stream on would keep {streamed}")
         if self.peaks is not None:
             lines.append(self.peaks.format())
         return "\n".join(lines)
 
 
 def dry_run_plan(config, json_path=None):
-    """The formatted plan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or
-    a hub id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else
-    None; `json_path`: the stage peaks (plan_stages.PlanPeaks) also written there as JSON. Loads no weights and
-    fetches nothing."""
+    """The formatted plan of QuantizeConfig `config` (plan_for), None where there is none; `json_path`: the stage
+    peaks (plan_stages.PlanPeaks) also written there as JSON."""
+    plan = plan_for(config)
+    return None if plan is None else _finish(plan, config, json_path)
+
+
+def plan_for(config):
+    """The MemoryPlan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or a hub
+    id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else None.
+    Loads no weights and fetches nothing."""
     if config.method == "rtn":
         return None
     from vq4dit.jobs.plan_stages import runtime_bytes
@@ -107,8 +129,7 @@ def dry_run_plan(config, json_path=None):
     if dit is not None:
         from vq4dit.models.adapters.dit import DiTAdapter
 
-        plan = memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=runtime)
-        return _finish(plan, config, json_path)
+        return memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=runtime)
     if source is None:
         return None
     from vq4dit.models.adapters import ADAPTERS
@@ -124,8 +145,7 @@ def dry_run_plan(config, json_path=None):
         adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
                      num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
-    plan = memory_plan(meta_model(name, model_config), adapter, config, factor, tokens, directory, runtime)
-    return _finish(plan, config, json_path)
+    return memory_plan(meta_model(name, model_config), adapter, config, factor, tokens, directory, runtime)
 
 
 def _finish(plan, config, json_path):
@@ -205,7 +225,8 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
     calls = []
-    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append):
+    with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append,
+                                            keep_outputs=True):
         model(*args, **kwargs)
     live, cache_dtype = calls[0], config.cache.dtype
 
@@ -225,8 +246,10 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes, evaluate, soft, moments = [], [], [], []
+    block_bytes, evaluate, soft, moments, fp_blocks = [], [], [], [], []
     for i, (name, block) in enumerate(adapter.blocks(model)):
+        fp_blocks.append(sum(p.numel() * 4 for p in block.parameters()) + sum(b.numel() * b.element_size()
+                                                                             for b in block.buffers()))
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
         block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
@@ -258,9 +281,14 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         evaluate=evaluate, moments=moments, end_pass=end_pass,
         end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
         artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)],
-        walks_blocks=mode.walks_blocks)
+        walks_blocks=mode.walks_blocks, fp_blocks=fp_blocks,
+        stored=stored_bytes(model, directory is not None or spec.ckpt in REFERENCE_MODELS, directory))
     runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
-    peaks = stages(inputs, plan_device(config.device), runtime)
+    device = plan_device(config.device)
+    peaks = stages(inputs, device, runtime)
+    stream = plans_stream(config.stream, device, peaks)
+    if stream:
+        peaks = stages(dataclasses.replace(inputs, stream=True), device, runtime)
     return MemoryPlan(
         title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
               f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
@@ -271,4 +299,5 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
-        layers=len(sizes), peaks=peaks)
+        layers=len(sizes), peaks=peaks, stream=stream, stream_flag=config.stream, stored_bytes=inputs.stored,
+        block_fp_bytes=max(fp_blocks), inputs=inputs)

@@ -127,3 +127,33 @@ def pipeline_classes(directory):
     from vq4dit.models.pipelines import read_index
 
     return [(e[0], e[1]) for k, e in read_index(directory).items() if isinstance(e, list) and e[0] and e[1]]
+
+
+def stored_bytes(model, pipeline, directory=None):
+    """Host bytes of `model` (on meta) as its checkpoint stores it, as a streamed run keeps its teacher: the dtype
+    of the transformer's safetensors files under pipeline `directory`, else bf16 for a `pipeline` (the dtype the
+    large published ones store; a config-only directory has no weights to read) and fp32 for a DiT."""
+    import torch
+
+    from vq4dit.models.pipelines import widest_stored_dtype
+
+    dtype = widest_stored_dtype(Path(directory) / "transformer") if directory is not None else None
+    dtype = dtype or (torch.bfloat16 if pipeline else torch.float32)
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+               for t in [*model.parameters(), *model.buffers()])
+
+
+def plans_stream(stream, device, peaks):
+    """Whether a run of --stream `stream` on `device` streams, given the PlanPeaks `peaks` of its unstreamed plan:
+    on, off, or auto: on when a CUDA device of this machine holds less than the plan's device peak (a machine
+    without it: off, as planned here)."""
+    if stream != "auto":
+        return stream == "on"
+    import torch
+
+    from vq4dit.utils.device import device_memory
+
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return False
+    return peaks.device_peak.device_bytes > device_memory(torch.device(device))

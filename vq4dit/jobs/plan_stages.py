@@ -118,7 +118,7 @@ class StageInputs:
     hard: int  # the student with every layer hard
     quantized_hard: int  # the quantized layers alone, hard
     text_encoders: int  # the pipeline's text encoders, in fp32 on the CPU while the prompts are encoded
-    record: int  # the teacher's forward at its sampling batch, every block output kept by the recorder
+    record: int  # the teacher's forward at its sampling batch under the recorder
     cache: int  # host: the recorded calibration set
     walk: list  # host: the walk's tables while block i is calibrated
     soft: list  # device: block i's layers soft (over hard)
@@ -130,10 +130,15 @@ class StageInputs:
     artifact: int  # host: the artifact's tensors while they are written
     names: list  # block names
     walks_blocks: bool = True  # False (joint, online): every layer soft and trained at once, on every block's error
+    fp_blocks: list = None  # device: block i of the teacher in fp32
+    stored: int = 0  # host: the model as its checkpoint stores it (a streamed run's teacher)
+    stream: bool = False  # the run streams the model through the device block by block (jobs/streaming.py)
 
 
 def stages(inputs, device, runtime):
     """PlanPeaks of StageInputs `inputs` for a run on `device` whose process holds `runtime` bytes of its own."""
+    if inputs.stream:
+        return streamed_stages(inputs, device, runtime)
     x, cpu = inputs, device == "cpu"
 
     def stage(name, on_device, host):
@@ -144,7 +149,7 @@ def stages(inputs, device, runtime):
            stage("build quantized layers (teacher copy + old layers)", 2 * x.teacher + x.quantized_hard, 0)]
     if x.text_encoders:
         out.append(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders))
-    out.append(stage("record (teacher batch, every block output)", resident + x.record, x.cache))
+    out.append(stage("record (teacher batch)", resident + x.record, x.cache))
     if not x.walks_blocks:
         out.append(stage("calibrate (every layer soft, every block at once)", resident + sum(x.soft) + sum(x.train),
                          max(x.walk)))
@@ -157,4 +162,36 @@ def stages(inputs, device, runtime):
     if x.end_pass:
         out.append(stage("end-to-end pass", resident + x.end_pass, x.end_points))
     out.append(stage("save", x.hard, x.artifact))
+    return PlanPeaks("cpu" if cpu else device, out)
+
+
+def streamed_stages(inputs, device, runtime):
+    """PlanPeaks of a streamed run (jobs/streaming.py): the teacher on the host as stored, its parts outside the
+    blocks on the device in fp32, one block at a time in fp32 beside the student (every layer hard but the block's
+    under calibration)."""
+    x, cpu = inputs, device == "cpu"
+
+    def stage(name, on_device, host):
+        return StagePeak(name, on_device, runtime + x.stored + host + (on_device if cpu else 0))
+
+    block, outside = max(x.fp_blocks), x.teacher - sum(x.fp_blocks)
+    resident = outside + x.hard  # the teacher's parts outside the blocks and the student
+    out = [stage("load (host, stored dtype)", 0, 0),
+           stage("build quantized layers (block by block)", x.hard + block, 0)]
+    if x.text_encoders:
+        out.append(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders))
+    out.append(stage("record (teacher batch, one block on the device)", resident + block + x.record, x.cache))
+    if not x.walks_blocks:
+        out.append(stage("calibrate (every layer soft, every block at once)",
+                         resident + block + sum(x.soft) + sum(x.train), max(x.walk)))
+    for i, name in enumerate(x.names if x.walks_blocks else []):
+        out.append(stage(f"walk {i} {name}", resident + x.fp_blocks[i] + x.soft[i] + x.moments[i] + x.train[i],
+                         x.walk[i]))
+    worst = max(range(len(x.names)), key=lambda i: x.fp_blocks[i] + x.evaluate[i] + x.soft[i])
+    soft = x.soft[worst] if x.walks_blocks else sum(x.soft)
+    out.append(stage(f"evaluation passes (largest: {x.names[worst]})",
+                     resident + x.fp_blocks[worst] + soft + x.evaluate[worst], x.walk[worst]))
+    if x.end_pass:
+        out.append(stage("end-to-end pass", resident + x.end_pass, x.end_points))
+    out.append(StagePeak("save", x.hard, runtime + x.artifact + (x.hard if cpu else 0)))
     return PlanPeaks("cpu" if cpu else device, out)

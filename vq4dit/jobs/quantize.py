@@ -33,6 +33,7 @@ from vq4dit.jobs.allocation import allocate
 from vq4dit.jobs.config import QuantizeConfig
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
+from vq4dit.jobs.streaming import build_streamed, wants_stream
 from vq4dit.models.adapters.base import linear_pattern, outside_blocks
 from vq4dit.models.adapters.load import load_model
 from vq4dit.models.prompts import read_prompts
@@ -95,8 +96,9 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
             check_dir_usable(config.cache.cache_dir, "--cache-dir")
         run = Run.open(config, out_dir, progress and lead, overwrite)
         start = time.time()
-        base, include, extra = load(config.model, device)
-        layers, stats = run_stages(base, include, run)
+        stream = wants_stream(config, device)
+        base, include, extra = load(config.model, device, stream=stream)
+        layers, stats = run_stages(base, include, run, stream)
         if lead:  # every rank holds the same layers: rank 0 writes the one artifact
             save(base.model, layers, extra, config, out_dir)
             run.finish()
@@ -132,10 +134,12 @@ def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
     return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
 
 
-def run_stages(base, include, run):
+def run_stages(base, include, run, stream=False):
     """The build, record and calibrate stages of Run `run` on the loaded BaseModel `base` (its Linears matching
-    `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate)."""
-    problem, layers = build_codebooks(base, include, run)
+    `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate).
+    stream: `base` was loaded on the host in its stored dtype and the run streams it (jobs/streaming.py); base.model
+    becomes the student."""
+    problem, layers = build_codebooks(base, include, run, stream)
     if problem is None:
         return layers, []
     return layers, record_and_calibrate(problem, run)
@@ -151,15 +155,17 @@ def record_and_calibrate(problem, run):
         return calibrate(problem, data, run)
 
 
-def load(spec, device, loaded=None):
+def load(spec, device, loaded=None, stream=False):
     """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
     artifact's model reference extras). `loaded`: a BaseModel already in memory (vq4dit.quantize_transformer: a
-    pipeline's transformer), moved to `device` instead of loading spec's model."""
+    pipeline's transformer), moved to `device` instead of loading spec's model; stream: loaded on the host in the
+    checkpoint's dtypes (jobs/streaming.py moves it)."""
     prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
     device = resolve_device(device)
     set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
     if loaded is None:
-        base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device)
+        base = load_model(spec.model, spec.ckpt, spec.image_size, spec.num_classes, spec.backend, device,
+                          stored_dtype=stream)
     else:
         base = loaded
         base.model.to(device)
@@ -168,10 +174,12 @@ def load(spec, device, loaded=None):
     return base, include, extra
 
 
-def build_codebooks(base, include, run):
+def build_codebooks(base, include, run, stream=False):
     """The codebook stage: the Linears of BaseModel `base` matching `include` replaced in place by the method's
     quantized layers. When the method calibrates, the model as it was is kept as the teacher (a copy, made before
-    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None."""
+    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None. stream: base.model
+    is on the host; the quantized student is built block by block on the device and becomes base.model, and the
+    host model is the teacher (jobs/streaming.py)."""
     method, config = run.method, run.config
     outside = outside_blocks(base.adapter, base.model, include)
     if outside and method.calibrated:
@@ -182,15 +190,20 @@ def build_codebooks(base, include, run):
     settings = None
     if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
         settings = allocate(base.model, base.adapter, include, config, run.progress).settings
-    teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before Linears are replaced
-    layers = method.build(base.model, include, config.seed, run.progress, settings)
+    offload = None
+    if stream:
+        base.model, teacher, offload, layers = build_streamed(base.model, base.adapter, include, method, config.seed,
+                                                              resolve_device(config.device), run.progress)
+    else:
+        teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before the Linears go
+        layers = method.build(base.model, include, config.seed, run.progress, settings)
     if not method.calibrated:
         return None, layers
     if config.output_aware:
         logger.info("output-aware start: each block's codebooks are refit to its recorded inputs when calibration "
                     "reaches it (codebook_init %s)", config.codebooks.codebook_init)
     return Problem(base.model, teacher, base.adapter, layers, method.prepare, config.seed, run.progress,
-                   needs_moments=config.output_aware), layers
+                   needs_moments=config.output_aware, offload=offload), layers
 
 
 def check_calibration_fits(base, mode, config, cache_dir):

@@ -10,7 +10,7 @@ from vq4dit.models.loading import embedded_ckpt_path
 from vq4dit.utils.digest import sampled_digest
 from vq4dit.utils.errors import UserError
 
-RUN_ONLY_FIELDS = ("device", "cache_dir", "max_cache_gb")  # where the run happens, not what it computes
+RUN_ONLY_FIELDS = ("device", "stream", "cache_dir", "max_cache_gb")  # where the run happens, not what it computes
 
 
 @dataclass(frozen=True)

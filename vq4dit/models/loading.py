@@ -174,7 +174,7 @@ def _learn_sigma(state, in_channels):
     return w is None or w.shape[0] == patch * patch * in_channels * 2
 
 
-def _build_checked(name, spec_args, state, source):
+def _build_checked(name, spec_args, state, source, stored_dtype=False):
     if name not in DiT_models:
         raise UserError(f"unknown --model {name!r}; valid: {', '.join(DiT_models)}")
     if not spec_args[3]:  # learn_sigma
@@ -184,22 +184,24 @@ def _build_checked(name, spec_args, state, source):
     with torch.device("meta"):
         model = spec.build()  # no memory: the weights read from the file become the parameters
     _check_matches(model, state, name, source)
-    model.load_state_dict(_float32(state, source), strict=True, assign=True)
+    model.load_state_dict(_float32(state, source, stored_dtype), strict=True, assign=True)
     on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
     if on_meta:
         raise RuntimeError(f"{len(on_meta)} tensors of {name} got no value on load (first: {on_meta[0]})")
     return model, spec
 
 
-def _float32(state, source):
-    """The state with every tensor float32, as the DiT keeps its weights (a no-op for fp32 checkpoints)."""
+def _float32(state, source, stored_dtype=False):
+    """The state with every tensor float32, as the DiT keeps its weights (a no-op for fp32 checkpoints);
+    stored_dtype: each tensor as the file stores it (a streamed teacher upcasts it block by block:
+    models/offload.py)."""
     bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
     if bad is not None:
         raise UserError(f"{source}: tensor {bad} is {state[bad].dtype}; a DiT's weights are floating point")
-    return {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}
+    return {k: v if v.dtype == torch.float32 or stored_dtype else v.float() for k, v in state.items()}
 
 
-def _load_diffusers(directory, name, image_size, num_classes, source):
+def _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype=False):
     config = json.loads((directory / "config.json").read_text())
     depth, hidden, heads, patch, input_size, n_cls, in_ch, learn_sigma = spec_fields_from_config(config, source)
     weights = next(directory / f for f in _WEIGHT_FILES if (directory / f).is_file())
@@ -220,11 +222,12 @@ def _load_diffusers(directory, name, image_size, num_classes, source):
     # diffusers does not store the fixed sin-cos table; it is the same function of (hidden, grid)
     table = sincos_pos_embed_2d(hidden, input_size // patch)  # (T, D)
     state["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
-    return _build_checked(name, (input_size, n_cls, in_ch, learn_sigma), state, source)
+    return _build_checked(name, (input_size, n_cls, in_ch, learn_sigma), state, source, stored_dtype)
 
 
-def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
-    """Load a DiT: returns (model in eval mode on `device`, DiTSpec).
+def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", stored_dtype=False):
+    """Load a DiT: returns (model in eval mode on `device`, DiTSpec); stored_dtype: its tensors in the dtypes the
+    file stores (else fp32).
 
     name: registry name, or None to take it from the weights. ckpt: None for the embedded digits
     model, else a file, a diffusers directory or a hub id. image_size/num_classes: None to read
@@ -243,7 +246,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
         if directory is None:
             raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
                             f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
-        model, spec = _load_diffusers(directory, name, image_size, num_classes, source)
+        model, spec = _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype)
     else:
         state, meta = read_state_file(path)
         if meta.get("format") == "vq4dit-dit":
@@ -254,7 +257,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
                 raise UserError(f"{source} is a {spec.image_size}px model with {spec.num_classes} classes, "
                                 f"not {image_size}px with {num_classes}")
             model, spec = _build_checked(name or spec.name, (spec.input_size, spec.num_classes, spec.in_channels,
-                                                             spec.learn_sigma), state, source)
+                                                             spec.learn_sigma), state, source, stored_dtype)
         elif is_diffusers_state_dict(state):
             raise UserError(f"{source} holds diffusers-format weights; pass the directory with its config.json")
         else:
@@ -264,7 +267,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu"):
                                 f"pass --model (valid: {', '.join(DiT_models)})")
             input_size, num_classes = _sizes(image_size, num_classes, in_channels, state)
             spec_args = (input_size, num_classes, in_channels, _learn_sigma(state, in_channels))
-            model, spec = _build_checked(name or guess, spec_args, state, source)
+            model, spec = _build_checked(name or guess, spec_args, state, source, stored_dtype)
     logger.info("loaded %s from %s", spec.name, source)
     return model.to(device).eval(), spec
 

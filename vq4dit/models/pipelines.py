@@ -79,9 +79,10 @@ def transformer_class(directory):
     return library, name
 
 
-def load_transformer(directory, supported=None):
+def load_transformer(directory, supported=None, stored_dtype=False):
     """The pipeline's transformer (eval mode, CPU, fp32); its class must be one of `supported` (names; None: any
-    diffusers model class)."""
+    diffusers model class). stored_dtype: in the widest floating dtype its safetensors files store (bf16 for a bf16
+    checkpoint: every value as stored), fp32 when that is unknown."""
     library, name = transformer_class(directory)
     import diffusers
 
@@ -90,11 +91,35 @@ def load_transformer(directory, supported=None):
         raise UserError(f"{directory}: the pipeline's transformer is {library}.{name}; supported: "
                         f"{', '.join(supported) if supported is not None else 'diffusers model classes'}")
     try:
-        model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer")
+        dtype = widest_stored_dtype(Path(directory) / "transformer") if stored_dtype else None
+        model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
     logger.info("loaded %s from %s", name, directory)
-    return model.float().eval()
+    return (model if stored_dtype else model.float()).eval()
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def widest_stored_dtype(directory):
+    """The floating torch dtype that holds every floating value the *.safetensors files in `directory` store (read
+    from their headers): the one they store, fp32 for several (bf16 and fp16 do not hold each other's values), or
+    None (no such file)."""
+    import struct
+
+    import torch
+
+    found = set()
+    for path in Path(directory).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        found |= {e["dtype"] for k, e in header.items() if k != "__metadata__" and e["dtype"] in SAFETENSORS_DTYPES}
+    if not found:
+        return None
+    if len(found) > 1:
+        return torch.float64 if "F64" in found else torch.float32
+    return getattr(torch, SAFETENSORS_DTYPES[found.pop()])
 
 
 def _is_model_class(module, name):

@@ -24,8 +24,9 @@ class BaseModel:
         return getattr(self.model, "num_classes", None) or getattr(self.model.config, "num_embeds_ada_norm", None)
 
 
-def load_model(name, ckpt, image_size=None, num_classes=None, backend="auto", device="cpu"):
-    """The base model on `device` in eval mode.
+def load_model(name, ckpt, image_size=None, num_classes=None, backend="auto", device="cpu", stored_dtype=False):
+    """The base model on `device` in eval mode (stored_dtype: on the CPU, its tensors in the dtype the checkpoint
+    stores them in, for a streamed run: models/offload.py; else fp32).
 
     backend: "vq4dit" loads a DiT checkpoint into the project's DiT (official / training .pt, safetensors, diffusers
     DiT weights mapped into the original architecture); "diffusers" loads a pipeline's transformer in its own
@@ -36,9 +37,11 @@ def load_model(name, ckpt, image_size=None, num_classes=None, backend="auto", de
         raise UserError(f"--backend diffusers needs a diffusers pipeline directory (with model_index.json) or a hub "
                         f"id, got {ckpt}")
     if pipeline is None:
-        model, spec = load_dit(name, ckpt, image_size, num_classes, device=device)
+        model, spec = load_dit(name, ckpt, image_size, num_classes, device="cpu" if stored_dtype else device,
+                               stored_dtype=stored_dtype)
         return BaseModel(model, adapter_for(model), {"name": spec.name})
-    model = load_transformer(pipeline).to(device)  # a class without a dedicated adapter gets the generic one
+    model = load_transformer(pipeline, stored_dtype=stored_dtype)  # a class without a dedicated adapter: generic
+    model = model if stored_dtype else model.to(device)
     adapter = adapter_for(model)
     logger.info("%s", adapter.describe(model))
     return BaseModel(model, adapter, pipeline_reference(ckpt, pipeline))

@@ -1,0 +1,123 @@
+"""--stream on: the same artifact as an unstreamed run, with the teacher on the host in its stored dtype (bf16 here)
+and the student built block by block (jobs/streaming.py, models/offload.py). On the CPU the "device" is the host:
+what is checked is the dtype each tensor is kept in, the moves and the bytes, not a second memory."""
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.conftest import randomize
+from tests.models.tiny_t2i import FAST, PROMPTS, flux_pipeline
+from vq4dit.jobs.config import load_config
+from vq4dit.jobs.quantize import quantize
+from vq4dit.jobs.streaming import check_streamable, wants_stream
+from vq4dit.models.loading import DiTSpec, save_dit
+from vq4dit.utils.errors import UserError
+
+BUDGET = {"codebook_size": 16, "kmeans_iters": 2, "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 2,
+          "device": "cpu"}
+
+
+@pytest.fixture
+def bf16_dit(tmp_path):
+    """A tiny DiT whose checkpoint stores bf16 weights (as Flux's does)."""
+    model = randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build())
+    path = tmp_path / "bf16.safetensors"
+    save_dit(model.to(torch.bfloat16), "DiT-Digits/2", path)
+    return str(path)
+
+
+def observed_run(overrides, out):
+    """quantize with `overrides`: (model.safetensors bytes, [what the teacher held when recording started])."""
+    import vq4dit.calib.teacher
+
+    seen, record = [], vq4dit.calib.teacher.record_set
+
+    def recorded(problem, *args, **kwargs):
+        blocks = problem.teacher_blocks
+        before = {t.dtype for b in blocks for t in b.parameters()}
+        data = record(problem, *args, **kwargs)
+        moves = problem.offload.moves if problem.offload is not None else None
+        seen.append({"block_dtypes": before, "moves": moves, "blocks": len(blocks),
+                     "after": {t.dtype for b in blocks for t in b.parameters()},
+                     "student": {t.dtype for t in problem.student.parameters() if t.is_floating_point()}})
+        return data
+
+    with mock.patch.object(vq4dit.calib.teacher, "record_set", recorded):
+        quantize(load_config(overrides=overrides), str(out), progress=False)
+    return (out / "model.safetensors").read_bytes(), seen
+
+
+@pytest.mark.parametrize("method", ["vq4dit", "kmeans"])
+def test_streamed_dit_run_is_byte_identical_with_a_bf16_teacher_on_the_host(bf16_dit, tmp_path, method):
+    """Mutations caught: the per-block build seeding layers by block (seed + i) or building a layer twice or not at
+    all (artifact differs); the load upcasting to fp32 anyway (the teacher's blocks are fp32: no streaming); the
+    teacher's blocks left on the device after their forward (dtype fp32 after recording); no moves counted."""
+    budget = BUDGET if method == "vq4dit" else {k: BUDGET[k] for k in ("codebook_size", "kmeans_iters", "device")}
+    common = {"ckpt": bf16_dit, "method": method, **budget}
+    off, _ = observed_run({**common, "stream": "off"}, tmp_path / "off")
+    on, seen = observed_run({**common, "stream": "on"}, tmp_path / "on")
+    assert on == off
+    if method == "vq4dit":
+        (s,) = seen
+        assert s["block_dtypes"] == s["after"] == {torch.bfloat16}
+        assert s["student"] == {torch.float32}
+        # every block moved in once per recorded teacher call: 2 trajectories of 3 steps, one batch
+        assert s["moves"] == s["blocks"] * BUDGET["steps"]
+
+
+def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
+    """The same through a diffusers pipeline stored in bf16 (from_pretrained in the stored dtype, the pipeline's
+    .to(device) that must leave the blocks on the host, the non-block parts in fp32). Mutation caught: load_transformer
+    ignoring stored_dtype's torch_dtype and keeping bf16 for the student (artifact differs) or upcasting the
+    teacher (block dtypes fp32)."""
+    pipe = flux_pipeline()
+    pipe.transformer.to(torch.bfloat16)
+    pipe.save_pretrained(str(tmp_path / "pipeline"), safe_serialization=True)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    common = {**FAST, "ckpt": str(tmp_path / "pipeline"), "prompts": str(tmp_path / "prompts.txt"), "iters": 3}
+    off, _ = observed_run({**common, "stream": "off"}, tmp_path / "off")
+    on, seen = observed_run({**common, "stream": "on"}, tmp_path / "on")
+    assert on == off
+    assert seen[0]["block_dtypes"] == seen[0]["after"] == {torch.bfloat16} and seen[0]["moves"] > 0
+
+
+def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):
+    """Mutations caught: auto streaming on the CPU however small its memory (the default run would change its path);
+    --stream on accepted with --bits (whose probes need the whole model on the device)."""
+    monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device: 0)
+    assert not wants_stream(load_config(overrides={"ckpt": bf16_dit, "device": "cpu"}), "cpu")
+    with pytest.raises(UserError, match="--stream on: the --bits allocation"):
+        check_streamable(load_config(overrides={"ckpt": bf16_dit, "stream": "on", "bits": 2.0}))
+
+
+def test_stream_is_written_only_when_given_and_is_no_part_of_the_run_key(bf16_dit):
+    """Mutations caught: config.yaml gaining a stream line in the default run (every default artifact's bytes
+    change); a run streamed on refusing to resume one streamed off (stream in the run key)."""
+    from vq4dit.jobs.runkey import RunKey
+
+    default, on = load_config(overrides={"ckpt": bf16_dit}), load_config(overrides={"ckpt": bf16_dit, "stream": "on"})
+    assert "stream" not in default.to_dict() and on.to_dict()["stream"] == "on"
+    assert RunKey.of(default) == RunKey.of(on)
+
+
+def test_stream_auto_on_a_cuda_device_follows_the_unstreamed_plan(bf16_dit, monkeypatch):
+    """auto streams exactly when the unstreamed plan's device peak exceeds the device's memory (a fake CUDA device
+    here), and runs unstreamed where there is no plan. Mutations caught: the comparison inverted or made >=; the
+    streamed plan compared (the config's own stream); a plan error ending the run."""
+    from vq4dit.jobs.memory_plan import plan_for
+
+    config = load_config(overrides={"ckpt": bf16_dit})
+    plan, asked = plan_for(config), []
+    need = plan.peaks.device_peak.device_bytes
+    monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", lambda config: asked.append(config.stream) or plan)
+    for room, streams in ((need, False), (need - 1, True)):
+        monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device, room=room: room)
+        assert wants_stream(config, "cuda") == streams
+    assert asked == ["off", "off"]
+
+    def no_plan(config):
+        raise UserError("no plan here")
+
+    monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", no_plan)
+    assert not wants_stream(config, "cuda")

@@ -1,0 +1,48 @@
+"""models/offload.py HostBlocks: blocks kept on the host as stored, upcast while they run, pinned against .to()."""
+import copy
+
+import torch
+
+from tests.calib.conftest import tiny_dit
+from vq4dit.models.offload import HostBlocks
+
+
+def bf16_dit():
+    """A tiny DiT stored in bf16, and the same values in fp32 (what an fp32 load of its checkpoint gives)."""
+    stored = tiny_dit(depth=3).to(torch.bfloat16).eval()
+    return stored, copy.deepcopy(stored).float()
+
+
+def test_a_streamed_model_computes_what_the_fp32_model_computes_and_keeps_its_blocks_bf16():
+    """Mutations caught: a block left in fp32 after its forward (the post hook not restoring the host tensors); the
+    parts outside the blocks not upcast (bf16 embedders: outputs differ); the block upcast to bf16's neighbour
+    dtype fp16 (outputs differ)."""
+    stored, fp32 = bf16_dit()
+    offload = HostBlocks(stored, list(stored.blocks.named_children()), "cpu")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(stored(x, t, y), fp32(x, t, y))
+    assert {p.dtype for p in stored.blocks.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in stored.x_embedder.parameters()} == {torch.float32}
+    assert offload.moves == 3
+
+
+def test_resident_moves_a_block_once_for_many_calls_and_to_leaves_blocks_on_the_host():
+    """Mutations caught: every forward inside resident() moving the block again (no depth count: a walk's sweep
+    would copy the block once per chunk); a pipeline's .to() converting the blocks (no _apply pin: the whole
+    teacher on the device); close() leaving the pin behind."""
+    stored, _ = bf16_dit()
+    blocks = list(stored.blocks.named_children())
+    offload = HostBlocks(stored, blocks, "cpu")
+    block = blocks[1][1]
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    with torch.no_grad(), offload.resident(block):
+        assert {p.dtype for p in block.parameters()} == {torch.float32}
+        for _ in range(3):
+            block(h, c)
+    assert offload.moves == 1 and {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    stored.to(torch.float64)
+    assert {p.dtype for p in stored.blocks.parameters()} == {torch.bfloat16}
+    offload.close()
+    stored.to(torch.float64)
+    assert {p.dtype for p in stored.blocks.parameters()} == {torch.float64}

@@ -1,0 +1,118 @@
+"""Streaming a quantize run through the device block by block (--stream), for models whose fp32 teacher and student
+do not fit the device together.
+
+Streamed, the loaded model stays on the host in its stored dtype and becomes the teacher (models/offload.py: each
+block visits the device in fp32 while it runs); the student is a copy of its module tree whose tensors start on the
+meta device, filled block by block: block i's tensors are upcast onto the device and its Linears replaced by the
+method's quantized layers at once (each FP Linear freed as its replacement is built), so the build holds one block in
+fp32 beside the quantized layers so far, never a whole copy. A method that does not calibrate needs no teacher: its
+model itself is filled (each block's host tensors go as it moves). Every value is the one an fp32 load gives and each
+layer's k-means seed depends on its name only (vq.apply.layer_seed), so the artifact is byte-identical to an
+unstreamed run's.
+"""
+import copy
+import logging
+import re
+
+import torch
+from torch import nn
+
+from vq4dit.models.offload import HostBlocks, upcast
+from vq4dit.utils import distributed
+from vq4dit.utils.device import device_memory
+from vq4dit.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def wants_stream(config, device):
+    """Whether the run of QuantizeConfig `config` on `device` streams: --stream on or off as given; auto: on when
+    the memory plan of the unstreamed run (jobs/memory_plan.py; a model it cannot plan: never) needs more than the
+    device holds; never on the CPU. A streamed run that cannot stream is a UserError."""
+    device = torch.device(device)
+    on = config.stream == "on"
+    if config.stream == "auto" and device.type == "cuda":
+        from vq4dit.jobs.memory_plan import plan_for
+
+        try:
+            plan = plan_for(config.replace(stream="off"))
+        except UserError as e:  # a pipeline the plan cannot run on meta: run as before
+            logger.warning("--stream auto: no memory plan (%s); not streaming", e)
+            plan = None
+        need, room = (plan.peaks.device_peak.device_bytes if plan else 0), device_memory(device)
+        on = need > room
+        if on:
+            logger.info("--stream auto: the plan needs %.1f GiB of %s's %.1f GiB; streaming the model block by block",
+                        need / 2**30, device, room / 2**30)
+    if on:
+        check_streamable(config)
+    return on
+
+
+def check_streamable(config):
+    """UserError for what a streamed run does not do yet."""
+    if distributed.active():
+        raise UserError(f"--stream {config.stream}: streaming does not run under torchrun yet; use --stream off or "
+                        "one process")
+    if config.codebooks.bits is not None:
+        raise UserError(f"--stream {config.stream}: the --bits allocation's probes need the whole model on the "
+                        "device; use --stream off or --wbits")
+
+
+def within(include, prefix):
+    """A regex selecting what `include` selects (re.search semantics) among the names under `prefix`."""
+    return rf"^(?={re.escape(prefix)}\.)(?=.*?(?:{include}))"
+
+
+def skeleton(model):
+    """A copy of `model`'s module tree whose parameters and buffers are empty tensors on the meta device."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def fill_(target, source, device, recurse=True):
+    """Every parameter and buffer of module `target` (its children too when `recurse`) set to `source`'s tensor of
+    the same name (source may be target itself), upcast onto `device`."""
+    values = {**dict(source.named_parameters(recurse=recurse)), **dict(source.named_buffers(recurse=recurse))}
+    for name, t in [*target.named_parameters(recurse=recurse), *target.named_buffers(recurse=recurse)]:
+        owner_name, _, attr = name.rpartition(".")
+        owner = target.get_submodule(owner_name) if owner_name else target
+        value = upcast(values[name], device)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=t.requires_grad)
+        else:
+            owner._buffers[attr] = value
+
+
+def selected(model, pattern):
+    regex = re.compile(pattern)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and regex.search(n)]
+
+
+def build_streamed(model, adapter, include, method, seed, device, progress=True):
+    """(student on `device`, teacher (the host model; None when the method does not calibrate), HostBlocks
+    streaming the teacher or None, {name: quantized layer}) of host model `model` (stored dtype), its Linears
+    matching `include` built block by block by Method `method` (see the module's docstring)."""
+    device = torch.device(device)
+    blocks = adapter.blocks(model)
+    student = skeleton(model) if method.calibrated else model
+    inside = {id(m) for _, block in blocks for m in block.modules()}
+    for name, module in model.named_modules():  # the parts outside the blocks: embedders, final layer
+        if id(module) not in inside:
+            fill_(student.get_submodule(name), module, device, recurse=False)
+    outside = [n for n in selected(student, include) if not n.startswith(tuple(f"{b}." for b, _ in blocks))]
+    layers = {}
+    if outside:
+        layers.update(method.build(student, rf"^(?:{'|'.join(map(re.escape, outside))})$", seed, progress))
+    for name, block in blocks:
+        fill_(student.get_submodule(name), block, device)
+        if selected(student, within(include, name)):
+            layers.update(method.build(student, within(include, name), seed, progress=False))
+    order = [n for n, _ in student.named_modules() if n in layers]
+    layers = {n: layers[n] for n in order}
+    if not method.calibrated:
+        return student, None, None, layers
+    return student, model, HostBlocks(model, blocks, device), layers

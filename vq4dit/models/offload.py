@@ -1,0 +1,90 @@
+"""A model whose blocks stay on the host in their stored dtype and visit the device, upcast, one at a time.
+
+`HostBlocks(model, blocks, device)`: every tensor outside the `blocks` [(name, module)] moves to `device` in fp32 now
+(embedders, final layer: small); each block keeps its host tensors (e.g. bf16, as the checkpoint stores them) and,
+while it runs, holds fp32 copies on the device instead: forward pre and post hooks on the block (as diffusers'
+sequential offload does, no edit of the model's code), or `resident(block)` around several calls (the block-wise
+walk's sweeps). Upcasting a bf16 value to fp32 is exact, so the block computes what the model loaded in fp32
+computes. The same Parameter objects stay in the model throughout (their data is swapped), so what holds a
+parameter sees the resident copy while the block is resident. `.to()` of the whole model (a pipeline's .to(device))
+leaves the blocks on the host: their `_apply` is pinned until `close()`.
+"""
+import contextlib
+
+import torch
+
+
+def _tensors(module, recurse=True):
+    """[(owner module, attribute name, is a parameter)] of `module`'s parameters and buffers."""
+    owners = module.modules() if recurse else [module]
+    return [(m, name, kind == "p") for m in owners for kind, table in (("p", m._parameters), ("b", m._buffers))
+            for name, t in table.items() if t is not None]
+
+
+def _set(owner, name, is_param, value):
+    if is_param:
+        owner._parameters[name].data = value
+    else:
+        owner._buffers[name] = value
+
+
+def _get(owner, name, is_param):
+    return owner._parameters[name].data if is_param else owner._buffers[name]
+
+
+def upcast(t, device):
+    """`t` on `device`, floats in fp32 (exact from bf16 or fp16)."""
+    t = t.to(device)
+    return t.float() if t.is_floating_point() else t
+
+
+class HostBlocks:
+    """The blocks of `model` on the host, streamed to `device` (see the module's docstring); `moves` counts the
+    times a block was moved in (tests and logs)."""
+
+    def __init__(self, model, blocks, device):
+        self.model, self.device, self.moves = model, torch.device(device), 0
+        self.blocks = {id(block): (name, block) for name, block in blocks}
+        self._host = {id(block): [(*ref, _get(*ref)) for ref in _tensors(block)] for _, block in blocks}
+        self._depth = dict.fromkeys(self.blocks, 0)
+        inside = {id(m) for _, block in blocks for m in block.modules()}
+        for m in model.modules():
+            if id(m) not in inside:
+                for ref in _tensors(m, recurse=False):
+                    _set(*ref, upcast(_get(*ref), self.device))
+        self._handles = []
+        for _, block in blocks:
+            self._handles.append(block.register_forward_pre_hook(lambda m, args: self._enter(m)))
+            self._handles.append(block.register_forward_hook(lambda m, args, out: self._exit(m)))
+            block._apply = lambda fn, recurse=True, block=block: block  # a pipeline's .to() leaves it on the host
+
+    def _enter(self, block):
+        key = id(block)
+        if self._depth[key] == 0:
+            for *ref, host in self._host[key]:
+                _set(*ref, upcast(host, self.device))
+            self.moves += 1
+        self._depth[key] += 1
+
+    def _exit(self, block):
+        key = id(block)
+        self._depth[key] -= 1
+        if self._depth[key] == 0:
+            for *ref, host in self._host[key]:
+                _set(*ref, host)
+
+    @contextlib.contextmanager
+    def resident(self, block):
+        """`block` on the device in fp32 for the whole context (its forward calls inside move nothing)."""
+        self._enter(block)
+        try:
+            yield block
+        finally:
+            self._exit(block)
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for _, block in self.blocks.values():
+            block.__dict__.pop("_apply", None)
