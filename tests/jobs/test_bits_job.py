@@ -113,3 +113,27 @@ def test_dry_run_shows_the_size_at_the_budget(capsys):
     cli(["--bits", "1.5", "--dry-run"])
     out = capsys.readouterr().out
     assert "bits: 1.5" in out and "--bits 1.5: index bits" in out
+
+
+def test_residual_settings_calibrate_store_exactly_and_sample(tiny_ckpt, tmp_path):
+    """--bits 2 --bits-settings 16x4x2 (two residual stages, 2 bits) with VQ4DiT's calibration and output-aware
+    start: every layer is a ResidualVQLinear storing 2 x N indices at 4 bits and a (2, 16, 4) codebook, the loaded
+    model saves to the same bytes, and sample.py draws from the artifact (mutation: the build drops the setting's
+    stages -> one-stage layers, fails)."""
+    from vq4dit.cli.sample import cli as sample_cli
+
+    out = run(tiny_ckpt, tmp_path / "residual", bits=2.0, bits_settings="16x4x2", method="vq4dit", iters=2,
+              calib_samples=2)
+    model, ref, quant = load_quantized(out)
+    for name, e in quant["layers"].items():
+        n_sub = e["in_features"] * e["out_features"] // 4
+        assert (e["class"], e["k"], e["d"], e["stages"], e["bits_per_weight"]) == ("ResidualVQLinear", 16, 4, 2, 2)
+        assert quant["tensors"][f"{name}.indices"]["shape"] == [2 * n_sub * 4 // 8]
+        assert quant["tensors"][f"{name}.codebook"]["shape"] == [2, 16, 4]
+    again = tmp_path / "again"
+    save_quantized(model, ref, again, yaml.safe_load((out / "config.yaml").read_text()))
+    assert sha(again / "model.safetensors") == sha(out / "model.safetensors")
+    sample_cli(["--quantized", str(out), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "samples"),
+                "-q"])
+    with np.load(tmp_path / "samples" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 8, 8, 3)
