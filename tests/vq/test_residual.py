@@ -189,3 +189,23 @@ def test_codec_stores_every_stage_exactly(tmp_path, stages, k, split_qkv):
     save_quantized(loaded, ref, tmp_path / "b", CONFIG)
     digest = [hashlib.sha256((tmp_path / d / MODEL_FILE).read_bytes()).hexdigest() for d in ("a", "b")]
     assert digest[0] == digest[1]
+
+
+def test_lora_branch_beside_a_residual_layer():
+    """PEFT's LoRA over a ResidualVQLinear (vq/lora.py maps every QuantLinear): the summed stages (decode plan) plus
+    scale * B A x, equal to the per-stage reference plus the branch by hand (mutation: the plan sums stage 0 only, or
+    PEFT's wrapper reads the layer's size as S x out -> fails)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from vq4dit.vq.lora import enable_peft_lora
+
+    enable_peft_lora()
+    layer = ResidualVQLinear.from_linear(linear(16, 12), CodebookSpec(8, 4, candidates=1, kmeans_iters=3, stages=2),
+                                         soft=False)
+    model = nn.Sequential(layer)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False), model)
+    x = torch.randn(5, 16)
+    lora_a, lora_b = model[0].lora_A["default"].weight, model[0].lora_B["default"].weight
+    with torch.no_grad():
+        want = F.linear(x, reference_weight(layer), layer.bias) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)
+        torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
