@@ -26,7 +26,7 @@ from vq4dit.vq.kernels.decode import gather_codewords, gather_plan, workspace
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS, VQLinear, check_shape
 from vq4dit.vq.packing import index_bits, index_dtype
-from vq4dit.vq.weighted_kmeans import gptvq
+from vq4dit.vq.weighted_kmeans import diagonal_blocks, gptvq_assign, refit_codebook, weighted_kmeans
 
 
 class ResidualVQLinear(VQLinear):
@@ -102,19 +102,32 @@ class ResidualVQLinear(VQLinear):
 
     @torch.no_grad()
     def fit_outputs_(self, fp_weight, h_full, seed):
-        """Refit the hard stages in turn to the layer's inputs (vq.weighted_kmeans.gptvq of each stage's target from
-        its current codebook, input moments h_full (in, in)): each stage then minimises the output error tr(dW H
-        dW^T) given the others; returns self."""
+        """Refit the hard stages to the layer's inputs (input moments h_full (in, in)), as vq.weighted_kmeans.gptvq
+        fits one codebook: 1. each stage's codebook by input-weighted k-means of its target (stage_targets), in
+        turn from its current codebook; 2. every stage's assignment in one GPTQ sweep (gptvq_assign with the
+        stages' codebooks: each column group takes its stages' codewords in turn, and the error fed back is what
+        they all leave); 3. each stage's codebook refit in turn to the output error for those assignments. The
+        stages then minimise tr(dW H dW^T) together; returns self."""
         h = h_full.to(self.codebook.device)
-        per_codebook = self.indices.numel() // (self.stages * self.groups)  # M
-        for s in range(self.stages):
-            rows = self.stage_targets(fp_weight)[s].reshape(self.groups, -1, self.in_features)  # (G, out/G, in)
-            for g in range(self.groups):
-                j = s * self.groups + g
-                codebook, index = gptvq(rows[g], h, self.codebook_size, self.dim, seed=seed + j,
-                                        start=self.codebook[j])
-                self.codebook[j] = codebook
-                self.indices[j * per_codebook:(j + 1) * per_codebook] = index.to(self.indices.dtype)
+        per = self.indices.numel() // (self.stages * self.groups)  # M: sub-vectors per codebook
+
+        def refit_stages(fit):
+            for s in range(self.stages):
+                rows = self.stage_targets(fp_weight)[s].reshape(self.groups, -1, self.in_features)  # (G, out/G, in)
+                for g in range(self.groups):
+                    j = s * self.groups + g
+                    self.codebook[j] = fit(rows[g], j, self.indices[j * per:(j + 1) * per].long())
+
+        blocks = diagonal_blocks(h, self.dim)
+        refit_stages(lambda rows, j, _: weighted_kmeans(rows, blocks, self.codebook_size, self.dim, seed=seed + j,
+                                                        start=self.codebook[j])[0])
+        w = fp_weight.detach().float().to(self.codebook.device).reshape(self.groups, -1, self.in_features)
+        for g in range(self.groups):
+            js = [s * self.groups + g for s in range(self.stages)]
+            index = gptvq_assign(w[g], h, self.codebook[js], self.dim)  # (S, M)
+            for s, j in enumerate(js):
+                self.indices[j * per:(j + 1) * per] = index[s].to(self.indices.dtype)
+        refit_stages(lambda rows, j, index: refit_codebook(rows, h, self.codebook[j], index, self.dim))
         return self
 
     def decode_plan(self, dtype, device):
