@@ -210,3 +210,16 @@ def test_lora_branch_beside_a_residual_layer():
     with torch.no_grad():
         want = F.linear(x, reference_weight(layer), layer.bias) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)
         torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_skeleton_another_process_fills_has_the_fitted_layer_shapes():
+    """Under torchrun a layer fitted by another rank starts as vq.apply.unfitted and receives the codebook and
+    indices by broadcast: its tensors must have the fitted residual layer's shapes and dtypes (mutation: unfitted
+    builds a one-stage VQLinear -> fails)."""
+    from vq4dit.vq.apply import unfitted
+
+    lin, spec = linear(), CodebookSpec(8, 4, candidates=2, kmeans_iters=2, stages=2)
+    fitted, skeleton = ResidualVQLinear.from_linear(lin, spec, groups=3, soft=False), unfitted(lin, spec, 3)
+    assert type(skeleton) is ResidualVQLinear
+    assert {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in fitted.state_dict().items()}
