@@ -223,3 +223,20 @@ def test_the_skeleton_another_process_fills_has_the_fitted_layer_shapes():
     assert type(skeleton) is ResidualVQLinear
     assert {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()} == \
         {k: (v.shape, v.dtype) for k, v in fitted.state_dict().items()}
+
+
+def test_offload_hooks_and_compiled_tracing_keep_the_outputs():
+    """accelerate's sequential offload hooks (every tensor of the layer leaves it between calls) and torch.compile's
+    tracing (aot_eager: the traced decode, index_select and the stages' sum) give the eager outputs (mutation: the
+    traced branch of weight() keeps stage 0 only -> fails)."""
+    from accelerate import cpu_offload
+
+    layer = ResidualVQLinear.from_linear(linear(), CodebookSpec(8, 4, candidates=1, kmeans_iters=2, stages=2),
+                                         soft=False)
+    model, x = nn.Sequential(layer), torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), want, rtol=1e-6, atol=1e-6)
+        cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=True)
+        assert layer.indices.device.type == "meta"  # offloaded between calls
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
