@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
-from vq4dit.jobs.allocation import allocate, choose
+from vq4dit.jobs.allocation import allocate, choose, weight_errors
 from vq4dit.jobs.config import load_config
 from vq4dit.vq.allocate import Setting
 
@@ -85,3 +85,16 @@ def test_choose_spends_the_budget_where_the_estimate_falls_most():
     assert choose(errors, sens, weights, (2 + 0.5 + 0.5) / 3) == {"x": LOW, "y": HIGH, "z": LOW}
     assert choose(errors, sens, weights, 2.0) == dict.fromkeys("xyz", HIGH)
     assert choose(errors, sens, weights, 0.4) is None
+
+
+def test_a_residual_setting_is_measured_as_its_stages_and_can_win():
+    """Settings k16 d8 (0.5 bits), k16 d8 x2 (1 bit, two residual stages) and k16 d2 (2 bits), budget 0.75 bits:
+    the sensitive layer a gets the residual setting, whose weight error is measured on the residual layer (below
+    the one-stage k16 d8's: mutation "the estimate fits a residual setting as one stage" -> equal errors, fails)."""
+    residual = Setting(16, 8, 2)
+    c = config(bits=0.75, bits_settings="16x8,16x8x2,16x2")
+    allocation = allocate(Two().eval(), Stub(), r"^(a|b)$", c, progress=False)
+    assert allocation.settings == {"a": residual, "b": LOW}
+    assert allocation.bits == pytest.approx(0.75)
+    errors = weight_errors({"b": Two().b}, [LOW, residual], {"b": 1}, seed=0, iters=5)["b"]
+    assert errors[residual] < 0.7 * errors[LOW]

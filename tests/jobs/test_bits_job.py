@@ -76,9 +76,11 @@ def test_a_budget_only_the_uniform_setting_meets_gives_todays_artifact(tiny_ckpt
     assert "bits" not in yaml.safe_load((uniform / "config.yaml").read_text())
 
 
-def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path):
-    """The diffusers path with --bits: probes through the pipeline's teacher, mixed layers in the artifact, sampling
-    through the pipeline (k-means only: calibration treats each layer alone, as the tiny DiT runs show)."""
+@pytest.mark.parametrize("settings,stages", [("16x8,16x4,16x2", 1), ("16x8x2,16x4x2", 2)])
+def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path, settings, stages):
+    """The diffusers path with --bits: probes through the pipeline's teacher, mixed layers in the artifact (one
+    codebook each, or two residual stages each), sampling through the pipeline (k-means only: calibration treats
+    each layer alone, as the tiny DiT runs show)."""
     pytest.importorskip("transformers")
     from tests.models.tiny_t2i import BUILDERS, PROMPTS
     from tests.models.tiny_t2i import FAST as T2I_FAST
@@ -89,10 +91,11 @@ def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path):
     unread = {"codebook_size", "codebook_init", *FIELDS["calibration"], *FIELDS["cache"]}  # kmeans refuses them
     values = {k: v for k, v in T2I_FAST.items() if k not in unread}
     config = load_config(overrides={**values, "ckpt": str(tmp_path / "pipeline"), "method": "kmeans", "bits": 1.25,
-                                    "bits_settings": "16x8,16x4,16x2"})
+                                    "bits_settings": settings})
     quantize(config, str(tmp_path / "artifact"), progress=False)
     _, _, quant = load_quantized(tmp_path / "artifact")
     assert len({(e["k"], e["d"]) for e in quant["layers"].values()}) > 1
+    assert all(e.get("stages", 1) == stages for e in quant["layers"].values())
     model, adapter, extra = load_for_sampling(quantized=str(tmp_path / "artifact"))
     images, _ = sample_to_dir(model, adapter, extra, tmp_path / "samples", 1,
                               SampleSettings(steps=2, cfg_scale=2.0, progress=False), prompts=list(PROMPTS))
@@ -113,3 +116,27 @@ def test_dry_run_shows_the_size_at_the_budget(capsys):
     cli(["--bits", "1.5", "--dry-run"])
     out = capsys.readouterr().out
     assert "bits: 1.5" in out and "--bits 1.5: index bits" in out
+
+
+def test_residual_settings_calibrate_store_exactly_and_sample(tiny_ckpt, tmp_path):
+    """--bits 2 --bits-settings 16x4x2 (two residual stages, 2 bits) with VQ4DiT's calibration and output-aware
+    start: every layer is a ResidualVQLinear storing 2 x N indices at 4 bits and a (2, 16, 4) codebook, the loaded
+    model saves to the same bytes, and sample.py draws from the artifact (mutation: the build drops the setting's
+    stages -> one-stage layers, fails)."""
+    from vq4dit.cli.sample import cli as sample_cli
+
+    out = run(tiny_ckpt, tmp_path / "residual", bits=2.0, bits_settings="16x4x2", method="vq4dit", iters=2,
+              calib_samples=2)
+    model, ref, quant = load_quantized(out)
+    for name, e in quant["layers"].items():
+        n_sub = e["in_features"] * e["out_features"] // 4
+        assert (e["class"], e["k"], e["d"], e["stages"], e["bits_per_weight"]) == ("ResidualVQLinear", 16, 4, 2, 2)
+        assert quant["tensors"][f"{name}.indices"]["shape"] == [2 * n_sub * 4 // 8]
+        assert quant["tensors"][f"{name}.codebook"]["shape"] == [2, 16, 4]
+    again = tmp_path / "again"
+    save_quantized(model, ref, again, yaml.safe_load((out / "config.yaml").read_text()))
+    assert sha(again / "model.safetensors") == sha(out / "model.safetensors")
+    sample_cli(["--quantized", str(out), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "samples"),
+                "-q"])
+    with np.load(tmp_path / "samples" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 8, 8, 3)

@@ -101,3 +101,20 @@ def test_dry_run_plan_predicts_the_recorded_slots(family, tmp_path_factory):
     assert [(key, tuple(shape)) for key, shape, _ in plan.slots] == [(k, tuple(t.shape)) for k, t in recorded.items()]
     assert plan.cache_bytes == sum(t.numel() * t.element_size() for t in recorded.values())
     assert dry_run_plan(r.config).startswith(f"memory plan: {name} ({BLOCKS[family]} blocks)")
+
+
+def test_residual_layers_calibrate_and_load_through_the_generic_adapter(tmp_path_factory):
+    """Qwen-Image with two residual stages per Linear (--bits 2 --bits-settings 16x4x2) and the output-aware start:
+    calibration walks every block, every layer is stored as a ResidualVQLinear and the artifact loads as the
+    pipeline's transformer, giving finite outputs in a sampled image (mutation: the generic build drops the
+    setting's stages -> one-stage layers, fails)."""
+    root = tmp_path_factory.getbasetemp() / "generic_runs"
+    r = generic_run("qwenimage", root, codebook_size=None, bits=2.0, bits_settings="16x4x2", codebook_init="auto")
+    assert len(r.stats) == BLOCKS["qwenimage"] and all(np.isfinite(s["mse_after"]) for s in r.stats)
+    _, _, quant = load_quantized(r.artifact)
+    assert {(e["class"], e["stages"], e["bits_per_weight"]) for e in quant["layers"].values()} == \
+        {("ResidualVQLinear", 2, 2.0)}
+    model, adapter, extra = load_for_sampling(quantized=str(r.artifact))
+    images, _ = sample_to_dir(model, adapter, extra, tmp_path_factory.mktemp("samples"), 1,
+                              SampleSettings(steps=2, cfg_scale=2.0, progress=False), prompts=list(PROMPTS))
+    assert images.shape[0] == 1 and images.dtype == np.uint8

@@ -69,3 +69,13 @@ def test_parse_settings_sorts_by_bits_and_refuses_bad_entries():
     for bad in ("256", "x4", "256x0", "1x4", "70000x4", "256x4,"):
         with pytest.raises(ValueError, match="not KxD"):
             parse_settings(bad)
+
+
+def test_residual_settings_count_every_stage():
+    """KxDxS: S residual stages cost S x ceil(log2 k) / d bits (mutation: bits of one stage -> k256 d8 x2 sorts
+    before k256 d4 and reads 1 bit, fails); KxDx1 is KxD."""
+    assert parse_settings("256x4,256x8x2,256x8x1") == (Setting(256, 8), Setting(256, 4), Setting(256, 8, 2))
+    assert Setting(256, 8, 2).bits == 2 and Setting(4096, 8).bits == 1.5 and str(Setting(256, 8, 2)) == "k256 d8 x2"
+    for bad in ("256x8x0", "256x8x9", "256x8x2x1", "256x8x"):
+        with pytest.raises(ValueError, match="KxDxS"):
+            parse_settings(bad)

@@ -193,6 +193,35 @@ def test_error_feedback_equals_the_explicit_obs_steps():
     assert torch.equal(gptvq_assign(w, h, codebook, 4, block=12), ref)
 
 
+def residual_obs_reference(w, h, codebooks, dim):
+    """obs_reference with S residual stages (S, k, d): group g takes stage 1's codeword under the metric, then stage
+    2's for what stage 1 leaves, ...; the error spread onto the later columns is what all stages leave."""
+    work, hd = w.double().clone(), damped(h)
+    index = []
+    for s in range(0, w.shape[1], dim):
+        hinv = torch.linalg.inv(hd[s:, s:])  # (|F|, |F|)
+        metric = torch.linalg.inv(hinv[:dim, :dim])  # (d, d)
+        e, picks = work[:, s:s + dim].clone(), []
+        for cb in codebooks.double():
+            diff = e[:, None] - cb[None]  # (out, k, d)
+            picks.append(torch.einsum("rki,ij,rkj->rk", diff, metric, diff).argmin(1))  # (out,)
+            e = e - cb[picks[-1]]
+        work[:, s + dim:] -= e @ metric @ hinv[:dim, dim:]
+        index.append(torch.stack(picks))  # (S, out)
+    return torch.stack(index, 2).reshape(len(codebooks), -1)
+
+
+def test_residual_stages_error_feedback_equals_the_explicit_obs_steps():
+    """gptvq_assign with a (S, k, d) codebook (vq/residual.py's output-aware fit) against the written-out steps, and
+    a (1, k, d) codebook gives the (k, d) codebook's assignments (mutation: feedback of stage 1's error only, not of
+    what both stages leave -> fails)."""
+    w, x_fit, _ = anisotropic_problem(3)
+    h = x_fit.double().t() @ x_fit.double() / x_fit.shape[0]  # (32, 32)
+    stages = torch.stack([torch.randn(16, 4, generator=gen(9)) * 3, torch.randn(16, 4, generator=gen(10))])
+    assert torch.equal(gptvq_assign(w, h, stages, 4, block=12), residual_obs_reference(w, h, stages, 4))
+    assert torch.equal(gptvq_assign(w, h, stages[:1], 4, block=8)[0], gptvq_assign(w, h, stages[0], 4, block=8))
+
+
 def correlated_problem(seed):
     """The 64 x 32 weight of anisotropic_problem with inputs correlated across column groups (a rank-3 shared
     factor plus noise, 4 columns scaled by 10): what error feedback needs to have something to spread."""

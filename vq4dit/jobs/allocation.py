@@ -20,7 +20,8 @@ from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.allocate import Option, parse_settings, solve
 from vq4dit.vq.apply import QKV_PATTERN, layer_seed
-from vq4dit.vq.layer import CodebookSpec, VQLinear
+from vq4dit.vq.layer import CodebookSpec
+from vq4dit.vq.residual import layer_class
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,9 @@ def weight_errors(linears, settings, groups, seed, kmeans_init="fast", iters=EST
         for s in settings:
             if not fits(linear, s, groups[name]):
                 continue
-            spec = CodebookSpec(s.k, s.d, candidates=1, kmeans_iters=iters, kmeans_init=kmeans_init)
-            layer = VQLinear.from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name), name=name,
-                                         soft=False)
+            spec = CodebookSpec(s.k, s.d, candidates=1, kmeans_iters=iters, kmeans_init=kmeans_init, stages=s.stages)
+            layer = layer_class(spec).from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name),
+                                                  name=name, soft=False)
             out[name][s] = ((layer.weight().float() - w).pow(2).sum() / norm).item()
         if progress:
             logger.info("weight errors of %s: %s", name, ", ".join(f"{s} {e:.3g}" for s, e in out[name].items()))
@@ -177,16 +178,19 @@ def meta_linears(spec):
 
 
 def setting_bytes(linears, groups, setting):
-    """Stored bytes (indices, codebooks, biases: the VQLinear codec's tensor specs) of the Linears {name: nn.Linear}
-    with {name: codebook groups} all at `setting`, or None when it does not fit every one of them."""
+    """Stored bytes (indices, codebooks, biases: the tensor specs of the VQLinear codec, or of the ResidualVQLinear
+    codec for a setting of several stages) of the Linears {name: nn.Linear} with {name: codebook groups} all at
+    `setting`, or None when it does not fit every one of them."""
     from vq4dit.vq.codecs import CODECS
 
     if not all(fits(m, setting, groups[n]) for n, m in linears.items()):
         return None
+    codec, stages = (CODECS["ResidualVQLinear"], {"stages": setting.stages}) if setting.stages > 1 else \
+        (CODECS["VQLinear"], {})
     metas = [{"in_features": m.in_features, "out_features": m.out_features, "k": setting.k, "d": setting.d, "n": 1,
-              "groups": groups[n], "bias": m.bias is not None} for n, m in linears.items()]
+              "groups": groups[n], "bias": m.bias is not None, **stages} for n, m in linears.items()]
     return sum(math.prod(shape) * dtype.itemsize for meta in metas
-               for shape, dtype in CODECS["VQLinear"].tensor_specs(meta).values())
+               for shape, dtype in codec.tensor_specs(meta).values())
 
 
 def budget_text(config):
@@ -203,7 +207,7 @@ def budget_text(config):
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
     weights = sum(m.in_features * m.out_features for m in linears.values())
 
-    codebooks = [sum(groups.values()) * s.k * s.d * CODEBOOK_STORAGE_BITS / 8 for s in settings]
+    codebooks = [sum(groups.values()) * s.stages * s.k * s.d * CODEBOOK_STORAGE_BITS / 8 for s in settings]
     index = size_text(c.bits * weights / 8)
     lines = [f"--bits {c.bits:g}: index bits at most {c.bits:g} x {weights:,} weights = {index} over {len(linears)} "
              f"Linears, codebooks {size_text(min(codebooks))} to {size_text(max(codebooks))} (fp16), biases as stored; "

@@ -15,6 +15,7 @@ import torch
 from vq4dit.calib.shared import layer_owners
 from vq4dit.utils import distributed
 from vq4dit.vq.apply import quantize_linears, quantize_linears_rtn, share_hard_
+from vq4dit.vq.residual import ResidualVQLinear
 from vq4dit.vq.weighted_kmeans import gptvq
 
 METHODS = {}  # name -> Method subclass
@@ -68,7 +69,8 @@ class KMeans(Method):
 
     def build(self, model, include, seed, progress=True, settings=None):
         c, spec = self.codebooks, self.codebooks.spec(self.candidates)
-        specs = {name: dataclasses.replace(spec, codebook_size=s.k, dim=s.d) for name, s in (settings or {}).items()}
+        specs = {name: dataclasses.replace(spec, codebook_size=s.k, dim=s.d, stages=s.stages)
+                 for name, s in (settings or {}).items()}
         # hard layers: a soft one holds about 11 bytes per sub-vector at n = 2 against 1; `prepare` softens later
         return quantize_linears(model, spec, include=include, split_qkv=c.split_qkv, seed=seed, progress=progress,
                                 soft=False, specs=specs)
@@ -128,7 +130,11 @@ def fit_layers_(layers, fp_weights, moments, seed):
 @torch.no_grad()
 def fit_outputs_(layer, fp_weight, h_full, seed):
     """Refit a hard VQLinear to its inputs (vq.weighted_kmeans.gptvq from its k-means codebooks): each row group's
-    codebook and assignments then minimise the output error tr(dW H dW^T), not the weight error."""
+    codebook and assignments then minimise the output error tr(dW H dW^T), not the weight error. A
+    ResidualVQLinear refits its stages in turn (its fit_outputs_)."""
+    if isinstance(layer, ResidualVQLinear):
+        layer.fit_outputs_(fp_weight, h_full, seed)
+        return
     rows = fp_weight.detach().float().to(layer.codebook.device).reshape(layer.groups, -1, layer.in_features)
     h = h_full.to(layer.codebook.device)
     fits = [gptvq(rows[g], h, layer.codebook_size, layer.dim, seed=seed + g, start=layer.codebook[g])

@@ -21,28 +21,33 @@ DEFAULT_SETTINGS = "256x8,256x6,64x4,256x4,64x2"  # 1, 1.33, 1.5, 2 and 3 index 
 
 @dataclass(frozen=True)
 class Setting:
-    """A layer's codebook setting: k codewords of d weights; ceil(log2 k) / d index bits per weight as stored."""
+    """A layer's codebook setting: k codewords of d weights, in `stages` residual stages whose codewords add
+    (vq.residual); stages x ceil(log2 k) / d index bits per weight as stored."""
 
     k: int
     d: int
+    stages: int = 1
 
     @property
     def bits(self):
-        return index_bits(self.k) / self.d
+        return self.stages * index_bits(self.k) / self.d
 
     def __str__(self):
-        return f"k{self.k} d{self.d}"
+        return f"k{self.k} d{self.d}" + (f" x{self.stages}" if self.stages > 1 else "")
 
 
 def parse_settings(text):
-    """Settings from "KxD,KxD,..." (e.g. "256x8,256x4"), sorted by bits then k; a ValueError names a bad entry."""
+    """Settings from "KxD,KxDxS,..." (e.g. "256x8,256x4,256x8x2": S residual stages, 1 when not given), sorted by
+    bits, then k, d and stages; a ValueError names a bad entry."""
     out = set()
     for part in text.split(","):
-        k, sep, d = part.strip().partition("x")
-        if not (sep and k.isdigit() and d.isdigit()) or not 2 <= int(k) <= 65536 or int(d) < 1:
-            raise ValueError(f"{part.strip()!r} is not KxD with k in 2..65536 and d >= 1 (e.g. 256x4)")
-        out.add(Setting(int(k), int(d)))
-    return tuple(sorted(out, key=lambda s: (s.bits, s.k, s.d)))
+        fields = part.strip().split("x")
+        if not (2 <= len(fields) <= 3 and all(f.isdigit() for f in fields)) or not 2 <= int(fields[0]) <= 65536 \
+                or int(fields[1]) < 1 or (len(fields) == 3 and not 1 <= int(fields[2]) <= 8):
+            raise ValueError(f"{part.strip()!r} is not KxD or KxDxS with k in 2..65536, d >= 1 and S in 1..8 "
+                             "(e.g. 256x4, 256x8x2)")
+        out.add(Setting(*map(int, fields)))
+    return tuple(sorted(out, key=lambda s: (s.bits, s.k, s.d, s.stages)))
 
 
 @dataclass(frozen=True)

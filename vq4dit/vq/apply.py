@@ -10,7 +10,8 @@ from tqdm import tqdm
 from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.kmeans import authors_codebook_size
-from vq4dit.vq.layer import VQLinear, check_shape
+from vq4dit.vq.layer import check_shape
+from vq4dit.vq.residual import layer_class
 from vq4dit.vq.rtn import RTNLinear
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ def quantize_linears_rtn(model, bits, include=BLOCK_LINEARS, progress=False):
 
 def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0, progress=True, soft=True,
                      specs=None):
-    """Replace every nn.Linear whose qualified name matches `include` by a VQLinear built as `spec` (a
-    vq.layer.CodebookSpec) says, from a per-layer seed (layer_seed); returns {name: VQLinear}. specs: {name:
-    CodebookSpec} for layers built otherwise (a --bits allocation, jobs/allocation.py).
+    """Replace every nn.Linear whose qualified name matches `include` by a VQLinear (a vq.residual.ResidualVQLinear
+    for spec.stages > 1) built as `spec` (a vq.layer.CodebookSpec) says, from a per-layer seed (layer_seed);
+    returns {name: VQLinear}. specs: {name: CodebookSpec} for layers built otherwise (a --bits allocation,
+    jobs/allocation.py).
 
     soft: every layer gets its candidate sets and ratio logits now; soft=False keeps them hard (nearest codeword)
     until calibration softens them one block at a time (VQLinear.soften_), which at n = 2 holds 0.25 instead of
@@ -83,8 +85,8 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
             weights[name] = linear.weight
         if owner[name] != distributed.rank():  # under torchrun: another process runs this layer's k-means
             return unfitted(linear, specs[name], groups[name])
-        return VQLinear.from_linear(linear, specs[name], groups=groups[name], seed=layer_seed(seed, name), name=name,
-                                    soft=soft and not shared)
+        return layer_class(specs[name]).from_linear(linear, specs[name], groups=groups[name],
+                                                    seed=layer_seed(seed, name), name=name, soft=soft and not shared)
 
     out = replace_linears(model, include, make, "k-means", progress)
     if shared:
@@ -99,13 +101,16 @@ def quantize_linears(model, spec, include=BLOCK_LINEARS, split_qkv=False, seed=0
 
 
 def unfitted(linear, spec, groups):
-    """A hard VQLinear of `linear`'s shape and bias, its codebook and indices still to come (from the process that
-    fits them: share_hard_); the codebook size from_linear would give (kmeans_init "authors" clamps it)."""
+    """A hard VQLinear (ResidualVQLinear for spec.stages > 1) of `linear`'s shape and bias, its codebook and
+    indices still to come (from the process that fits them: share_hard_); the codebook size from_linear would give
+    (kmeans_init "authors" clamps it)."""
     k = spec.codebook_size
     if spec.kmeans_init == "authors":
         k = authors_codebook_size(k, linear.out_features * linear.in_features // spec.dim // groups)
-    layer = VQLinear(linear.in_features, linear.out_features, k, spec.dim, spec.candidates, groups,
-                     bias=linear.bias is not None, hard=True, device=linear.weight.device)
+    stages = {"stages": spec.stages} if spec.stages > 1 else {}  # a ResidualVQLinear's (vq.residual.layer_class)
+    layer = layer_class(spec)(linear.in_features, linear.out_features, k, spec.dim, num_candidates=spec.candidates,
+                              groups=groups, bias=linear.bias is not None, hard=True, device=linear.weight.device,
+                              **stages)
     if linear.bias is not None:
         layer.bias.data.copy_(linear.bias.detach().float())
     return layer

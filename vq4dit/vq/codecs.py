@@ -12,6 +12,7 @@ import torch
 
 from vq4dit.vq.layer import VQLinear
 from vq4dit.vq.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
+from vq4dit.vq.residual import ResidualVQLinear
 from vq4dit.vq.rtn import RTNLinear
 
 
@@ -49,10 +50,10 @@ def _vq_describe(layer):
             "d": layer.dim, "n": layer.num_candidates, "groups": layer.groups, "bias": layer.bias is not None}
 
 
-def _vq_specs(meta):
-    n_sub = meta["out_features"] * meta["in_features"] // meta["d"]
+def _vq_specs(meta, stages=1):
+    n_sub = stages * meta["out_features"] * meta["in_features"] // meta["d"]
     return {"indices": ((packed_nbytes(n_sub, index_bits(meta["k"])),), torch.uint8),
-            "codebook": ((meta["groups"], meta["k"], meta["d"]), torch.float16), **_bias_spec(meta)}
+            "codebook": ((stages * meta["groups"], meta["k"], meta["d"]), torch.float16), **_bias_spec(meta)}
 
 
 def _vq_pack(layer):
@@ -67,8 +68,8 @@ def _vq_build(meta):
                     bias=meta["bias"], hard=True)
 
 
-def _vq_unpack(meta, packed):
-    n_sub = meta["out_features"] * meta["in_features"] // meta["d"]
+def _vq_unpack(meta, packed, stages=1):
+    n_sub = stages * meta["out_features"] * meta["in_features"] // meta["d"]
     indices = unpack_bits(packed["indices"], index_bits(meta["k"]), n_sub)
     if n_sub and int(indices.max()) >= meta["k"]:  # possible when k is not a power of two: a corrupt file
         raise ValueError(f"codeword index {int(indices.max())} out of range for k={meta['k']}")
@@ -79,6 +80,23 @@ def _vq_unpack(meta, packed):
 
 
 register_codec(LayerCodec(VQLinear, _vq_describe, _vq_specs, _vq_pack, _vq_build, _vq_unpack,
+                          prepare=VQLinear.round_codebook_))
+
+
+# --- ResidualVQLinear: VQLinear's tensors with its S stages stacked (stage-major): S x N indices at ceil(log2 k)
+# bits each in one packed tensor, fp16 codebooks (S x G, k, d), fp32 bias -------------------------------------
+
+def _residual_describe(layer):
+    return {**_vq_describe(layer), "stages": layer.stages}
+
+
+def _residual_build(meta):
+    return ResidualVQLinear(meta["in_features"], meta["out_features"], meta["k"], meta["d"], meta["stages"], meta["n"],
+                            meta["groups"], bias=meta["bias"], hard=True)
+
+
+register_codec(LayerCodec(ResidualVQLinear, _residual_describe, lambda meta: _vq_specs(meta, meta["stages"]),
+                          _vq_pack, _residual_build, lambda meta, packed: _vq_unpack(meta, packed, meta["stages"]),
                           prepare=VQLinear.round_codebook_))
 
 

@@ -52,7 +52,7 @@ class CodebookSpec:
     """How VQLinear.from_linear builds a layer: k = codebook_size codewords of dim weights per codebook, fitted by
     kmeans_iters Lloyd iterations from kmeans_init "fast" or "authors" (vq.kmeans.kmeans; "authors" clamps k for a
     small layer); while soft, `candidates` codewords per sub-vector whose ratios start as ratio_init
-    (vq.candidates.init_logits)."""
+    (vq.candidates.init_logits); stages > 1: that many residual codebooks whose codewords add (vq.residual)."""
 
     codebook_size: int
     dim: int
@@ -60,6 +60,7 @@ class CodebookSpec:
     kmeans_iters: int = 100
     kmeans_init: str = "fast"
     ratio_init: str = "inverse_distance"
+    stages: int = 1
 
 
 class VQLinear(QuantLinear):

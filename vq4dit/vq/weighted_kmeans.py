@@ -263,7 +263,9 @@ def inverse_cholesky(h_full, damp=0.01):
 def gptvq_assign(w, h_full, codebook, dim, damp=0.01, block=128):
     """Assignments of w (out, in) to a fixed codebook (k, dim) with GPTQ / GPTVQ error feedback (docs/method.md
     "Output-aware start")
-    -> (N,) int64 over W.reshape(-1, dim).
+    -> (N,) int64 over W.reshape(-1, dim). A codebook (S, k, dim) holds S residual stages (vq/residual.py): each
+    column group takes stage 1's codeword, then stage 2's for what stage 1 leaves, and so on, and the error fed
+    back is what all stages leave -> (S, N).
 
     Column groups of `dim` inputs are quantized left to right; a group's quantization error is spread onto the
     columns not yet quantized so that the layer output error under the full H (in, in) is what is minimised, not
@@ -276,21 +278,24 @@ def gptvq_assign(w, h_full, codebook, dim, damp=0.01, block=128):
         raise UserError(f"gptvq_assign: in={n} and block={block} must be multiples of dim={dim}")
     u = inverse_cholesky(h_full, damp).to(w.device)  # (n, n)
     work = w.detach().double().clone()  # (out, n): the weight with the feedback received so far
-    cb = codebook.double()  # (k, d)
-    index = torch.empty(out, n // dim, dtype=torch.int64, device=w.device)
+    stages = codebook.double().reshape(-1, *codebook.shape[-2:])  # (S, k, d)
+    index = torch.empty(len(stages), out, n // dim, dtype=torch.int64, device=w.device)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         errs = torch.empty(out, b1 - b0, dtype=torch.float64, device=w.device)  # (out, B): scaled errors of the block
         for s in range(b0, b1, dim):
             g = slice(s, s + dim)
             u_inv = torch.linalg.inv(u[g, g])  # (d, d)
-            dist = torch.cdist(work[:, g] @ u_inv, cb @ u_inv)  # (out, k)
-            index[:, s // dim] = dist.argmin(1)
-            err = (work[:, g] - cb[index[:, s // dim]]) @ u_inv  # (out, d)
+            left = work[:, g]  # (out, d): what the stages so far leave
+            for j, cb in enumerate(stages):
+                dist = torch.cdist(left @ u_inv, cb @ u_inv)  # (out, k)
+                index[j, :, s // dim] = dist.argmin(1)
+                left = left - cb[index[j, :, s // dim]]
+            err = left @ u_inv  # (out, d)
             errs[:, s - b0:s - b0 + dim] = err
             work[:, s + dim:b1] -= err @ u[g, s + dim:b1]
         work[:, b1:] -= errs @ u[b0:b1, b1:]
-    return index.reshape(-1)
+    return index.reshape(-1) if codebook.dim() == 2 else index.reshape(len(stages), -1)
 
 
 def refit_codebook(w, h_full, codebook, index, dim, steps=10):
