@@ -56,11 +56,14 @@ def init_logits(dist, mode="inverse_distance"):
 
 
 def masked_ratios(logits, frozen):
-    """softmax(logits) (N, n), with frozen rows replaced by the one-hot of their argmax (no gradient there)."""
+    """softmax(logits) (N, n), with frozen rows replaced by the one-hot of their argmax (no gradient there).
+
+    Selected on the device whether any row is frozen or not: asking would make the host wait for the device at
+    every forward of a calibration update. With no row frozen the values and gradients are softmax's, bit for bit.
+    """
     soft = torch.softmax(logits, dim=1)
-    if not frozen.any():
-        return soft
-    hard = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(soft.dtype)
+    choices = torch.arange(logits.shape[1], device=logits.device)  # (n,)
+    hard = (logits.argmax(1, keepdim=True) == choices).to(soft.dtype)  # (N, n) one-hot of the argmax
     return torch.where(frozen[:, None], hard, soft)
 
 
