@@ -90,6 +90,41 @@ def test_reconstruction_matches_loop(groups):
         assert torch.equal(hard[i], cb[g, cand[i, 0]])
 
 
+def slow_soft_weight(codebook, candidates, ratios):
+    """sum_j r_j * C_g[cand_j] written out candidate by candidate (float64): one gather and product per j."""
+    g, _, d = codebook.shape
+    group = torch.arange(candidates.shape[0]) // (candidates.shape[0] // g)  # (N,)
+    return sum(ratios[:, j, None] * codebook[group, candidates[:, j].long()] for j in range(candidates.shape[1]))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_both_soft_weight_forms_match_the_slow_reference(groups, n, d):
+    """The one-pass form (a GPU's default) and einsum's (a CPU's) give the weight and the gradients of the codebook
+    and of the ratios of the candidate-by-candidate float64 reference within 1e-6 (relative to the largest),
+    with a group's codebook per block of rows (fused qkv) and one codebook (split qkv). Mutations: the backward's
+    gather into the wrong group, the ratios' gradient summed over j instead of d, a candidate's r_j left out of
+    the codebook gradient -> far off."""
+    g = torch.Generator().manual_seed(groups * 100 + n * 10 + d)
+    codebook = torch.randn(groups, 16, d, generator=g)
+    candidates = torch.randint(0, 16, (groups * 500, n), dtype=torch.uint8, generator=g)
+    logits, upstream = torch.randn(groups * 500, n, generator=g), torch.randn(groups * 500, d, generator=g)
+
+    def weight_and_grads(fn, dtype):
+        cb, lg = codebook.to(dtype, copy=True).requires_grad_(), logits.to(dtype, copy=True).requires_grad_()
+        w = fn(cb, candidates, torch.softmax(lg, 1))
+        (w * upstream.to(dtype)).sum().backward()
+        return w.detach(), cb.grad, lg.grad
+
+    reference = weight_and_grads(slow_soft_weight, torch.float64)
+    for one_pass in (True, False):
+        got = weight_and_grads(lambda c, i, r: soft_reconstruct(c, i, r, one_pass=one_pass), torch.float32)
+        for name, a, b in zip(("weight", "codebook grad", "ratio grad"), got, reference):
+            atol = 1e-6 * b.abs().max().item() + 1e-12  # n = 1: the ratios' gradient is 0
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=atol, msg=f"{name}, one_pass={one_pass}")
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 def test_codebook_gradient_is_bitwise_reproducible_with_two_threads(groups):
     """The calibration gradient of a codebook sums many sub-vectors' contributions; with 2 threads that sum

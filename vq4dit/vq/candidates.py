@@ -75,17 +75,60 @@ def _lookup(codebook, indices):
     backward, a multi-threaded index_put with accumulate, is not).
     """
     g, k, d = codebook.shape
-    flat = indices.long() + k * torch.arange(g, device=codebook.device)[:, None]  # (G, M) rows of (G*k, d)
-    return codebook.reshape(g * k, d).index_select(0, flat.reshape(-1)).view(g, -1, d)
+    return codebook.reshape(g * k, d).index_select(0, indices_into_flat(codebook, indices)).view(g, -1, d)
 
 
-def soft_reconstruct(codebook, candidates, ratios):
+def indices_into_flat(codebook, indices):
+    """indices (G, M) any integer dtype into each group's own codebook (G, k, d) -> (G*M,) int64 rows of the
+    flattened (G*k, d) codebook (int64: a CPU's index_add is several times slower with int32 indices)."""
+    g, k, _ = codebook.shape
+    return (indices.long() + k * torch.arange(g, device=codebook.device)[:, None]).reshape(-1)
+
+
+class _SoftWeight(torch.autograd.Function):
+    """sum_j r_j * C[row_j] in one pass: flat codebook (R, d), rows (N*n,) int64, ratios (N, n) -> (N, d).
+
+    Forward: one gather of the N*n candidate codewords and one elementwise weighted sum over j (einsum's form is a
+    batched (1 x n) @ (n x d) product: N tiny matrix-vector products, slow kernels on a GPU). Backward: the gather
+    again rather than its (N, n, d) result kept from the forward (n*d floats per sub-vector of every soft layer,
+    held through the whole update); the ratios' gradient elementwise; the codebook's, each candidate's r_j * grad
+    summed into its codeword, by index_add (what index_select's backward does).
+    """
+
+    @staticmethod
+    def forward(ctx, flat, rows, ratios):
+        n, d = ratios.shape[1], flat.shape[1]
+        vecs = flat.index_select(0, rows).view(-1, n, d)  # (N, n, d)
+        ctx.save_for_backward(flat, rows, ratios)
+        return (vecs * ratios[:, :, None]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, d)
+        flat, rows, ratios = ctx.saved_tensors
+        n, d = ratios.shape[1], flat.shape[1]
+        grad_flat = grad_ratios = None
+        if ctx.needs_input_grad[2]:
+            vecs = flat.index_select(0, rows).view(-1, n, d)  # (N, n, d)
+            grad_ratios = (vecs * grad[:, None, :]).sum(2)  # (N, n)
+        if ctx.needs_input_grad[0]:
+            per_candidate = ratios[:, :, None] * grad[:, None, :]  # (N, n, d)
+            grad_flat = torch.zeros_like(flat).index_add_(0, rows, per_candidate.view(-1, d))
+        return grad_flat, None, grad_ratios
+
+
+def soft_reconstruct(codebook, candidates, ratios, one_pass=None):
     """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n) any integer dtype, ratios (N, n) -> (N, d).
 
     Sub-vector i belongs to group i // (N / G) (groups are consecutive blocks of output rows).
+    one_pass: the one-pass form (_SoftWeight) or einsum's; None: one pass off the CPU. On a CPU einsum's form is
+    the faster (its batched product beats the elementwise sum there) and keeps every artifact as it was, bit for
+    bit; the two agree within float rounding (tests/vq/test_candidates.py).
     """
-    g, _, d = codebook.shape
+    g, k, d = codebook.shape
     n = candidates.shape[1]
+    if one_pass or (one_pass is None and codebook.device.type != "cpu"):
+        flat = indices_into_flat(codebook, candidates.reshape(g, -1))  # (N*n,)
+        return _SoftWeight.apply(codebook.reshape(g * k, d), flat, ratios)
     vecs = _lookup(codebook, candidates.reshape(g, -1)).view(g, -1, n, d)  # (G, N/G, n, d)
     return torch.einsum("gmj,gmjd->gmd", ratios.view(g, -1, n), vecs).reshape(-1, d)
 
