@@ -3,8 +3,9 @@
 An update is what the walk's minibatch loop does once: the block's forward on a minibatch with its Linears soft VQ
 (k 256, d 4, n 2), the MSE to fixed targets, Trainer.step (backward, RMSprop step). Each (code, case) runs in a
 fresh process, in turns (before, after, before, after, ...), each giving the median of its updates; the table
-gives the median over its processes. Only the public API both checkouts share is used (VQLinear via
-quantize_linears, CalibConfig, Trainer.step), so the other checkout may be any earlier commit:
+gives the median CPU time over its processes (time.process_time: on a shared machine the wall time of the same
+code varied 2x from one process to the next) and the least wall time. Only the public API both checkouts share is
+used (VQLinear via quantize_linears, CalibConfig, Trainer.step), so the other checkout may be any earlier commit:
 
     git archive f7dbe32 | tar -x -C /tmp/base          # the code before issue 31 item 4's step changes
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py --before /tmp/base  # -> benchmarks/results/step.md
@@ -27,7 +28,8 @@ CASES = {"embedded block, batch 16": (128, 4, 64, 16), "DiT-B/2 block, batch 2":
 
 
 def child(repo, case, updates):
-    """Runs in a fresh process with `repo` first on sys.path: seconds of each of `updates` updates of `case`."""
+    """Runs in a fresh process with `repo` first on sys.path: [(wall seconds, CPU seconds of this process)] of each
+    of `updates` updates of `case`."""
     sys.path.insert(0, repo)
     import torch
 
@@ -50,17 +52,19 @@ def child(repo, case, updates):
     trainer = Trainer(layers, CalibConfig(select_every=10 ** 6))  # no selection: every update the same work
     times = []
     for _ in range(updates + 1):  # the first one warms up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.step(torch.nn.functional.mse_loss(block(x, c), target))
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     return times[1:]
 
 
 def run(repo, case, updates):
+    """(median wall seconds, median CPU seconds) of an update of `case` with `repo`'s code, in a fresh process."""
     code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from benchmarks.bench_step import child; "
             f"print(json.dumps(child({repo!r}, {case!r}, {updates})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return statistics.median(json.loads(done.stdout.strip().splitlines()[-1]))
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def commit_of(repo):
@@ -75,9 +79,10 @@ def main(args):
         for _ in range(args.rounds):
             for label, repo in (("before", args.before), ("after", ROOT)):
                 seconds[label].append(run(repo, case, args.updates))
-        before, after = statistics.median(seconds["before"]), statistics.median(seconds["after"])
-        rows.append((case, before, after, seconds))
-        print(f"{case}: before {before:.3f} s/update, after {after:.3f} s/update", flush=True)
+        cpu = {k: statistics.median(c for _, c in v) for k, v in seconds.items()}
+        wall = {k: min(w for w, _ in v) for k, v in seconds.items()}
+        rows.append((case, cpu, wall, seconds))
+        print(f"{case}: CPU s/update before {cpu['before']:.3f}, after {cpu['after']:.3f}", flush=True)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     lines = ["# One calibration update of one block, before and after", "",
              f"`OMP_NUM_THREADS={threads} python benchmarks/bench_step.py --before {args.before} --rounds "
@@ -85,13 +90,17 @@ def main(args):
              f"- before: {args.before} ({commit_of(args.before)}); after: this checkout ({commit_of(ROOT)})",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
              f"{threads}; {args.note}",
-             f"- each cell: median over {args.rounds} fresh processes (alternating) of the median of {args.updates} "
-             "updates after one warm-up", "",
-             "| case | before s/update | after s/update | after / before | per process (before; after) |",
-             "|---|---|---|---|---|"]
-    for case, before, after, seconds in rows:
-        per = "; ".join(", ".join(f"{s:.3f}" for s in seconds[k]) for k in ("before", "after"))
-        lines.append(f"| {case} | {before:.3f} | {after:.3f} | {after / before:.2f} | {per} |")
+             f"- per process: the median of {args.updates} updates after one warm-up, as CPU seconds of the process "
+             f"(time.process_time: what other processes' load changes least) and wall seconds; {args.rounds} fresh "
+             "processes per code, alternating; the table: the median CPU seconds and the least wall seconds over "
+             "them", "",
+             "| case | before CPU s | after CPU s | after / before | before wall s (least) | after wall s (least) | "
+             "per process CPU s (before; after) |",
+             "|---|---|---|---|---|---|---|"]
+    for case, cpu, wall, seconds in rows:
+        per = "; ".join(", ".join(f"{c:.3f}" for _, c in seconds[k]) for k in ("before", "after"))
+        lines.append(f"| {case} | {cpu['before']:.3f} | {cpu['after']:.3f} | {cpu['after'] / cpu['before']:.2f} | "
+                     f"{wall['before']:.3f} | {wall['after']:.3f} | {per} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
