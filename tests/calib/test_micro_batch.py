@@ -6,7 +6,10 @@ import torch
 
 from tests.calib.conftest import tiny_config
 from vq4dit.calib.train import Trainer, micro_losses, minibatch_loss
-from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.jobs.memory_plan import memory_plan
+from vq4dit.jobs.plan_sources import dit_source, meta_dit
+from vq4dit.models.adapters.dit import DiTAdapter
 from vq4dit.models.loading import load_dit
 from vq4dit.utils.errors import UserError
 from vq4dit.vq import CodebookSpec, quantize_linears
@@ -75,3 +78,16 @@ def test_micro_batch_is_refused_where_it_does_nothing():
     with pytest.raises(UserError, match="micro_batch=0"):
         QuantizeConfig.from_flat({"micro_batch": 0}).validate()
     assert "micro_batch" not in QuantizeConfig().to_dict()  # default: config.yaml as before
+
+
+def test_the_memory_plan_holds_a_micro_batch_of_activations():
+    """The plan's block training bytes (embedded DiT, batch 16) fall with --micro-batch 2, and --micro-batch 16 (the
+    whole minibatch) plans as none (mutation: the plan still at batch_size rows -> equal; at micro_batch rows
+    when it is larger than the batch -> larger)."""
+    def block_bytes(micro_batch):
+        config = load_config(overrides={"ckpt": None, "micro_batch": micro_batch})
+        dit = dit_source(config.model)
+        return memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=0).block_bytes
+
+    whole = block_bytes(None)
+    assert block_bytes(2) < 0.5 * whole and block_bytes(32) == whole
