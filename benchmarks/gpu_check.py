@@ -15,7 +15,8 @@ Sections, in order, each skipped when too little of the time budget is left, the
 - dit_step: the same for one DiT-XL/2 block (1152 wide, 256 tokens) at batch 16, and the implied time per block at
   the default 500 updates.
 - soft_weight: one Flux-dev-shaped soft layer (12288 x 3072, k 256, d 4, n 2): its weight's forward and backward in
-  the one-pass form (the GPU's, vq.candidates._SoftWeight) against einsum's (the CPU's), ms and peak memory.
+  the one-pass form (the GPU's, vq.candidates._SoftWeight; its codebook gradient by index_add, the default, and by
+  sorted sums, no atomics) against einsum's (the CPU's), ms and peak memory.
 - kmeans: the codebook fit (VQLinear.from_linear: k-means + candidate sets) of one Linear of every distinct shape
   of Flux-dev's blocks, and the total over all its block Linears (shapes counted on a meta-device model); and one
   3072 x 3072 fit with the GPU's large distance blocks (vq.nearest.chunk_rows) against 4096-row ones.
@@ -234,22 +235,26 @@ def section_soft_weight(sizes, device, report):
     logits = torch.randn(n_sub, W2.candidates, device=device, requires_grad=True)
     upstream = torch.randn(n_sub, W2.dim, device=device)
     results = {}
-    for form, one_pass in (("einsum (before)", False), ("one pass", True)):
-        def forward_backward(one_pass=one_pass):
-            w = candidates.soft_reconstruct(codebook, cands, torch.softmax(logits, 1), one_pass=one_pass)
+    forms = (("einsum (before)", False, "index_add"), ("one pass, codebook grad by index_add", True, "index_add"),
+             ("one pass, codebook grad by sorted sums", True, "sorted"))
+    for form, one_pass, method in forms:
+        def forward_backward(one_pass=one_pass, method=method):
+            w = candidates.soft_reconstruct(codebook, cands, torch.softmax(logits, 1), one_pass, method)
             (w * upstream).sum().backward()
             return w
 
         reset_peak(device)
         ms = 1e3 * median_seconds(forward_backward, device, repeats=10)
+        codebook.grad = logits.grad = None
         results[form] = forward_backward().detach(), codebook.grad.clone(), logits.grad.clone()
         codebook.grad = logits.grad = None
         report.add_row("soft_weight", {"layer": f"{out} x {inp}", "form": form, "fwd+bwd ms": round(ms, 2),
                                        "peak GiB": peak_gib(device)})
-    before, after = results.values()
-    report.facts["soft weight: one pass vs einsum, largest relative difference (weight, codebook grad, ratio "
-                 "grad)"] = [float(f"{((a - b).abs().max() / b.abs().max()).item():.2g}")
-                             for a, b in zip(after, before)]
+    before = results.pop(forms[0][0])
+    for form, after in results.items():
+        report.facts[f"soft weight, {form} vs einsum: largest relative difference (weight, codebook grad, ratio "
+                     "grad)"] = [float(f"{((a - b).abs().max() / b.abs().max()).item():.2g}")
+                                 for a, b in zip(after, before)]
 
 
 def flux_block_shapes(sizes):

@@ -85,6 +85,26 @@ def indices_into_flat(codebook, indices):
     return (indices.long() + k * torch.arange(g, device=codebook.device)[:, None]).reshape(-1)
 
 
+CODEBOOK_GRADS = ("index_add", "sorted")
+
+
+def sum_into_rows(values, rows, size, method="index_add"):
+    """out[r] = sum of values[i] over i with rows[i] == r: values (M, d), rows (M,) int64 in [0, size) -> (size, d).
+
+    "index_add": index_add_ into zeros (index_select's own backward; a CPU adds in a fixed order, a GPU by atomic
+    adds, thousands of them to each of the few codewords). "sorted": no atomics, deterministic on a GPU too: the
+    values in the order of their rows (a stable sort), float64 running sums, each row's sum the difference of the
+    running sums at its ends (exact to float64 rounding of the running total, far below float32's resolution).
+    """
+    if method == "index_add":
+        return values.new_zeros(size, values.shape[1]).index_add_(0, rows, values)
+    order = torch.argsort(rows, stable=True)  # (M,)
+    ends = torch.searchsorted(rows[order], torch.arange(size + 1, device=rows.device))  # (size + 1,)
+    running = torch.cat([values.new_zeros(1, values.shape[1], dtype=torch.float64),
+                         values.index_select(0, order).double().cumsum(0)])  # (M + 1, d)
+    return (running[ends[1:]] - running[ends[:-1]]).to(values.dtype)
+
+
 class _SoftWeight(torch.autograd.Function):
     """sum_j r_j * C[row_j] in one pass: flat codebook (R, d), rows (N*n,) int64, ratios (N, n) -> (N, d).
 
@@ -92,14 +112,15 @@ class _SoftWeight(torch.autograd.Function):
     batched (1 x n) @ (n x d) product: N tiny matrix-vector products, slow kernels on a GPU). Backward: the gather
     again rather than its (N, n, d) result kept from the forward (n*d floats per sub-vector of every soft layer,
     held through the whole update); the ratios' gradient elementwise; the codebook's, each candidate's r_j * grad
-    summed into its codeword, by index_add (what index_select's backward does).
+    summed into its codeword by sum_into_rows(..., `method`).
     """
 
     @staticmethod
-    def forward(ctx, flat, rows, ratios):
+    def forward(ctx, flat, rows, ratios, method):
         n, d = ratios.shape[1], flat.shape[1]
         vecs = flat.index_select(0, rows).view(-1, n, d)  # (N, n, d)
         ctx.save_for_backward(flat, rows, ratios)
+        ctx.method = method
         return (vecs * ratios[:, :, None]).sum(1)
 
     @staticmethod
@@ -112,23 +133,24 @@ class _SoftWeight(torch.autograd.Function):
             grad_ratios = (vecs * grad[:, None, :]).sum(2)  # (N, n)
         if ctx.needs_input_grad[0]:
             per_candidate = ratios[:, :, None] * grad[:, None, :]  # (N, n, d)
-            grad_flat = torch.zeros_like(flat).index_add_(0, rows, per_candidate.view(-1, d))
-        return grad_flat, None, grad_ratios
+            grad_flat = sum_into_rows(per_candidate.view(-1, d), rows, flat.shape[0], ctx.method)
+        return grad_flat, None, grad_ratios, None
 
 
-def soft_reconstruct(codebook, candidates, ratios, one_pass=None):
+def soft_reconstruct(codebook, candidates, ratios, one_pass=None, codebook_grad="index_add"):
     """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n) any integer dtype, ratios (N, n) -> (N, d).
 
     Sub-vector i belongs to group i // (N / G) (groups are consecutive blocks of output rows).
     one_pass: the one-pass form (_SoftWeight) or einsum's; None: one pass off the CPU. On a CPU einsum's form is
     the faster (its batched product beats the elementwise sum there) and keeps every artifact as it was, bit for
-    bit; the two agree within float rounding (tests/vq/test_candidates.py).
+    bit; the two agree within float rounding (tests/vq/test_candidates.py). codebook_grad (one pass only): how the
+    codebook's gradient is summed (sum_into_rows; benchmarks/gpu_check.py times both on a GPU).
     """
     g, k, d = codebook.shape
     n = candidates.shape[1]
     if one_pass or (one_pass is None and codebook.device.type != "cpu"):
         flat = indices_into_flat(codebook, candidates.reshape(g, -1))  # (N*n,)
-        return _SoftWeight.apply(codebook.reshape(g * k, d), flat, ratios)
+        return _SoftWeight.apply(codebook.reshape(g * k, d), flat, ratios, codebook_grad)
     vecs = _lookup(codebook, candidates.reshape(g, -1)).view(g, -1, n, d)  # (G, N/G, n, d)
     return torch.einsum("gmj,gmjd->gmd", ratios.view(g, -1, n), vecs).reshape(-1, d)
 
