@@ -45,7 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vq4dit.calib.config import CalibConfig  # noqa: E402
-from vq4dit.calib.train import Trainer, micro_losses  # noqa: E402
+from vq4dit.calib.micro import micro_losses  # noqa: E402
+from vq4dit.calib.train import Trainer  # noqa: E402
 from vq4dit.models.dit import DiT_models, DiTBlock  # noqa: E402
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 from vq4dit.vq import candidates, nearest  # noqa: E402

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from tests.calib.test_replay import toy_set
 from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
+from vq4dit.calib.micro import micro_losses
 from vq4dit.calib.moments import block_input_moments
 from vq4dit.calib.replay import Replay
 from vq4dit.calib.shared import shared_input_moments, shared_loss
 from vq4dit.calib.teacher import TeacherShare
-from vq4dit.calib.train import micro_losses
 from vq4dit.cli.quantize import build_parser, config_overrides
 from vq4dit.jobs.config import load_config
 from vq4dit.jobs.quantize import quantize

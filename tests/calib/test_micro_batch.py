@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.calib.conftest import tiny_config
-from vq4dit.calib.train import Trainer, micro_losses, minibatch_loss
+from vq4dit.calib.micro import micro_losses, minibatch_loss
+from vq4dit.calib.train import Trainer
 from vq4dit.jobs.config import QuantizeConfig, load_config
 from vq4dit.jobs.memory_plan import memory_plan
 from vq4dit.jobs.plan_sources import dit_source, meta_dit

@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.calib.conftest import block_problem, tiny_config
-from vq4dit.calib.train import Trainer, minibatch_loss
+from vq4dit.calib.micro import minibatch_loss
+from vq4dit.calib.train import Trainer
 
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,

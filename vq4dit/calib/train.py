@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vq4dit.calib.micro import minibatch_loss
 from vq4dit.utils import distributed
-from vq4dit.utils.precision import update_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ class Trainer:
     def step(self, loss_d):
         """One update from L_d (a scalar tensor with gradients to the layers): loss_d + lambda_r * L_r (when the
         gate lets it), backward, RMSprop step, then progressive selection when its turn comes. loss_d may also be
-        an iterable of scalar tensors that sum to L_d (micro_losses): each one's backward runs before the next is
-        made, so the gradients accumulate while one micro-batch's activations are held at a time.
+        an iterable of scalar tensors that sum to L_d (calib.micro.micro_losses): each one's backward runs before
+        the next is made, so the gradients accumulate while one micro-batch's activations are held at a time.
 
         Returns the positions (in `layers`) of the layers this update hardened.
         """
@@ -339,29 +339,6 @@ def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoin
             if on_checkpoint is not None:
                 on_checkpoint(trainer.snapshot())
     return trainer.finish()
-
-
-def minibatch_loss(loss_fn, idx, config, device):
-    """L_d of the minibatch idx (B,) as Trainer.step takes it: loss_fn(idx) in one pass, or, with config.micro_batch
-    below B, micro_losses' parts; each forward under the update's autocast (config.step_dtype)."""
-    if config.micro_batch is None or config.micro_batch >= len(idx):
-        with update_autocast(config.step_dtype, device):
-            return loss_fn(idx)
-    return micro_losses(loss_fn, idx, config.micro_batch, lambda: update_autocast(config.step_dtype, device))
-
-
-def micro_losses(loss_fn, idx, rows, autocast=contextlib.nullcontext):
-    """L_d of the minibatch idx (B,) in parts, one per run of at most `rows` indices: loss_fn(part) * len(part) / B.
-
-    loss_fn(part) must be a mean over the rows of `part` of per-row terms of one size (a block's output error: every
-    row has the same element count), so the parts sum to loss_fn(idx) up to rounding. A generator: a part's forward
-    runs only when the previous part's backward is done (Trainer.step), under a fresh `autocast()` context.
-    """
-    for s in range(0, len(idx), rows):
-        part = idx[s:s + rows]
-        with autocast():
-            loss = loss_fn(part)
-        yield loss * (len(part) / len(idx))
 
 
 def seeded_generator(seed, *stream):
