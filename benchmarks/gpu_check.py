@@ -9,10 +9,17 @@ Sections, in order, each skipped when too little of the time budget is left, the
   weights, its Linears soft VQ (k 256, d 4, n 2): one calibration update (forward, MSE, backward, the Trainer's
   RMSprop step) at batch 1 and 4, fp32 and bf16 autocast: seconds, peak memory, FLOPs counted by
   torch.utils.flop_counter, achieved TFLOP/s and % of the measured bf16 GEMM rate.
+  Each update row also says whether an update ran without a host synchronisation (torch.cuda.set_sync_debug_mode
+  "error" around one update between selections), and the batch-4 rows are repeated with --micro-batch 1 (gradient
+  accumulation: the peak memory it bounds, the time it costs).
 - dit_step: the same for one DiT-XL/2 block (1152 wide, 256 tokens) at batch 16, and the implied time per block at
   the default 500 updates.
+- soft_weight: one Flux-dev-shaped soft layer (12288 x 3072, k 256, d 4, n 2): its weight's forward and backward in
+  the one-pass form (the GPU's, vq.candidates._SoftWeight; its codebook gradient by index_add, the default, and by
+  sorted sums, no atomics) against einsum's (the CPU's), ms and peak memory.
 - kmeans: the codebook fit (VQLinear.from_linear: k-means + candidate sets) of one Linear of every distinct shape
-  of Flux-dev's blocks, and the total over all its block Linears (shapes counted on a meta-device model).
+  of Flux-dev's blocks, and the total over all its block Linears (shapes counted on a meta-device model); and one
+  3072 x 3072 fit with the GPU's large distance blocks (vq.nearest.chunk_rows) against 4096-row ones.
 - deploy: DiT-XL/2 forward, full precision vs hard W2 VQ layers (random codebooks and indices: decode speed does
   not depend on the values) at batch 1 and 16, fp32 and bf16, with peak memory.
 - plan: `quantize.py --dry-run --json` for the embedded model on this device against a real run's
@@ -38,9 +45,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vq4dit.calib.config import CalibConfig  # noqa: E402
+from vq4dit.calib.micro import micro_losses  # noqa: E402
 from vq4dit.calib.train import Trainer  # noqa: E402
 from vq4dit.models.dit import DiT_models, DiTBlock  # noqa: E402
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.vq import candidates, nearest  # noqa: E402
 from vq4dit.vq.apply import quantize_linears, replace_linears  # noqa: E402
 from vq4dit.vq.layer import CodebookSpec, VQLinear  # noqa: E402
 
@@ -128,8 +137,8 @@ def flux_call(sizes, batch, device):
     angles = torch.randn(tokens, head, device=device)
     rotary = (angles.cos(), angles.sin())
 
-    def call(block):
-        text_out, image_out = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb,
+    def call(block, rows=slice(None)):
+        text_out, image_out = block(hidden_states=hidden[rows], encoder_hidden_states=text[rows], temb=temb[rows],
                                     image_rotary_emb=rotary)
         return torch.cat([text_out, image_out], dim=1)
 
@@ -139,22 +148,45 @@ def flux_call(sizes, batch, device):
 def dit_call(sizes, batch, device):
     x = torch.randn(batch, sizes.dit_tokens, sizes.dit_hidden, device=device)
     c = torch.randn(batch, sizes.dit_hidden, device=device)
-    return lambda block: block(x, c)
+    return lambda block, rows=slice(None): block(x[rows], c[rows])
 
 
-def update_row(name, block, call, device, dtype):
+def syncs_in(update, device):
+    """"none" when update() runs without a host synchronisation (CUDA's sync debug mode raises at the first one),
+    else the first one's message; "n/a" off CUDA."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        update()
+        return "none"
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def update_row(name, block, call, device, dtype, batch, micro_batch=None):
     """One calibration update of `block` (soft VQ Linears): forward under autocast `dtype`, MSE to a fixed target,
-    the Trainer's backward and RMSprop step. -> row of seconds, peak GiB, FLOPs, TFLOP/s."""
+    the Trainer's backward and RMSprop step (micro_batch: the `batch` rows in micro-batches of that many, gradients
+    accumulated). -> row of seconds, peak GiB, FLOPs, TFLOP/s, host synchronisations inside an update."""
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
-    trainer = Trainer(layers, CalibConfig())
+    trainer = Trainer(layers, CalibConfig(select_every=10 ** 6))  # no selection: every update the same work
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with torch.no_grad(), autocast:
         target = call(block).float()
 
-    def update():
+    def loss_fn(rows):
         with autocast:
-            out = call(block)
-        trainer.step(nn.functional.mse_loss(out.float(), target))
+            out = call(block, rows)
+        return nn.functional.mse_loss(out.float(), target[rows])
+
+    def update():
+        if micro_batch is None:
+            trainer.step(loss_fn(slice(None)))
+        else:
+            trainer.step(micro_losses(loss_fn, torch.arange(batch, device=device), micro_batch))
 
     with FlopCounterMode(display=False) as counter:
         with autocast:
@@ -163,8 +195,9 @@ def update_row(name, block, call, device, dtype):
     reset_peak(device)
     seconds = median_seconds(update, device, repeats=5)
     flops = counter.get_total_flops()
-    return {"case": name, "dtype": dtype, "s/update": round(seconds, 4), "peak GiB": peak_gib(device),
-            "GFLOP/update": float(f"{flops / 1e9:.3g}"), "TFLOP/s": float(f"{flops / seconds / 1e12:.3g}")}
+    return {"case": name, "dtype": dtype, "micro-batch": micro_batch or "", "s/update": round(seconds, 4),
+            "peak GiB": peak_gib(device), "GFLOP/update": float(f"{flops / 1e9:.3g}"),
+            "TFLOP/s": float(f"{flops / seconds / 1e12:.3g}"), "host syncs in an update": syncs_in(update, device)}
 
 
 def soft_block(block, sizes):
@@ -178,8 +211,9 @@ def section_flux_step(sizes, device, report):
     for batch in sizes.flux_batches:
         call = flux_call(sizes, batch, device)
         for dtype in ("fp32", "bf16"):
-            report.add_row("flux_step", {"batch": batch, **update_row("Flux-dev double block", block, call, device,
-                                                                     dtype)})
+            for micro in (None, 1) if batch == max(sizes.flux_batches) else (None,):
+                row = update_row("Flux-dev double block", block, call, device, dtype, batch, micro)
+                report.add_row("flux_step", {"batch": batch, **row})
     del block
 
 
@@ -188,9 +222,40 @@ def section_dit_step(sizes, device, report):
     block = soft_block(DiTBlock(sizes.dit_hidden, sizes.dit_heads).to(device), sizes)
     call = dit_call(sizes, sizes.dit_batch, device)
     for dtype in ("fp32", "bf16"):
-        row = update_row(f"{sizes.dit_model} block", block, call, device, dtype)
+        row = update_row(f"{sizes.dit_model} block", block, call, device, dtype, sizes.dit_batch)
         row["s/block at 500 updates"] = round(500 * row["s/update"], 1)
         report.add_row("dit_step", {"batch": sizes.dit_batch, **row})
+
+
+def section_soft_weight(sizes, device, report):
+    torch.manual_seed(0)
+    out, inp = 4 * sizes.flux_dim, sizes.flux_dim
+    n_sub = out * inp // W2.dim
+    codebook = torch.randn(1, W2.codebook_size, W2.dim, device=device, requires_grad=True)
+    cands = torch.randint(0, W2.codebook_size, (n_sub, W2.candidates), device=device, dtype=torch.uint8)
+    logits = torch.randn(n_sub, W2.candidates, device=device, requires_grad=True)
+    upstream = torch.randn(n_sub, W2.dim, device=device)
+    results = {}
+    forms = (("einsum (before)", False, "index_add"), ("one pass, codebook grad by index_add", True, "index_add"),
+             ("one pass, codebook grad by sorted sums", True, "sorted"))
+    for form, one_pass, method in forms:
+        def forward_backward(one_pass=one_pass, method=method):
+            w = candidates.soft_reconstruct(codebook, cands, torch.softmax(logits, 1), one_pass, method)
+            (w * upstream).sum().backward()
+            return w
+
+        reset_peak(device)
+        ms = 1e3 * median_seconds(forward_backward, device, repeats=10)
+        codebook.grad = logits.grad = None
+        results[form] = forward_backward().detach(), codebook.grad.clone(), logits.grad.clone()
+        codebook.grad = logits.grad = None
+        report.add_row("soft_weight", {"layer": f"{out} x {inp}", "form": form, "fwd+bwd ms": round(ms, 2),
+                                       "peak GiB": peak_gib(device)})
+    before = results.pop(forms[0][0])
+    for form, after in results.items():
+        report.facts[f"soft weight, {form} vs einsum: largest relative difference (weight, codebook grad, ratio "
+                     "grad)"] = [float(f"{((a - b).abs().max() / b.abs().max()).item():.2g}")
+                                 for a, b in zip(after, before)]
 
 
 def flux_block_shapes(sizes):
@@ -224,6 +289,19 @@ def section_kmeans(sizes, device, report):
         report.add_row("kmeans", {"shape (out, in)": f"{out} x {inp}", "layers": count, "s/layer": round(seconds, 2),
                                   "s total": round(count * seconds, 1)})
     report.facts["k-means + candidates, all Flux-dev block Linears (s)"] = round(total, 1)
+    linear = nn.Linear(sizes.flux_dim, sizes.flux_dim, device=device)
+    default = nearest.GPU_CHUNK_ELEMENTS
+    for label, elements in (("4096-row blocks (before)", 0), ("large blocks", default)):
+        nearest.GPU_CHUNK_ELEMENTS = elements
+        try:
+            sync(device)
+            start = time.perf_counter()
+            VQLinear.from_linear(linear, spec, soft=True)
+            sync(device)
+        finally:
+            nearest.GPU_CHUNK_ELEMENTS = default
+        report.add_row("kmeans_blocks", {"shape (out, in)": f"{sizes.flux_dim} x {sizes.flux_dim}",
+                                         "distance blocks": label, "s/layer": round(time.perf_counter() - start, 2)})
 
 
 def hard_random_vq(model, device):
@@ -330,9 +408,9 @@ class Report:
 
 
 # (name, function, the seconds it needs at full size: a section starts only if that much budget is left)
-SECTIONS = [("device", section_device, 10), ("flux_step", section_flux_step, 90), ("dit_step", section_dit_step, 30),
-            ("kmeans", section_kmeans, 120), ("deploy", section_deploy, 40), ("plan", section_plan, 60),
-            ("ddp", section_ddp, 90)]
+SECTIONS = [("device", section_device, 10), ("flux_step", section_flux_step, 120), ("dit_step", section_dit_step, 30),
+            ("soft_weight", section_soft_weight, 10), ("kmeans", section_kmeans, 130), ("deploy", section_deploy, 40),
+            ("plan", section_plan, 60), ("ddp", section_ddp, 90)]
 
 
 def main(args):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.calib.test_replay import toy_set
 from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
+from vq4dit.calib.micro import micro_losses
 from vq4dit.calib.moments import block_input_moments
 from vq4dit.calib.replay import Replay
 from vq4dit.calib.shared import shared_input_moments, shared_loss
@@ -105,6 +106,15 @@ def _toy_worker(rank, size, port, out):
     params = list(block.parameters())
     result["loss"] = distributed.GradSync().reduce(params, loss.detach())
     result["grads"] = [p.grad.clone() for p in params]
+    # the same in micro-batches of 3 rows (--micro-batch): rank 0 holds none of the last part's rows (6, 299)
+    block.zero_grad()
+    total = 0.0
+    for part in micro_losses(shared_loss(block, replay, [t[shard.rows] for t in targets], shard, "cpu"), idx, 3):
+        if part.requires_grad:
+            part.backward()
+        total = total + part.detach()
+    result["micro_loss"] = distributed.GradSync().reduce(params, total)
+    result["micro_grads"] = [p.grad.clone() for p in params]
     # resume: rank 0 saved generation 1 and was killed waiting for rank 1, which had not saved it
     store = CheckpointStore(out, KEY)
     store.save(Checkpoint(acts={"a": torch.tensor([rank])}, wiring={}))
@@ -126,7 +136,8 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
       it). Catches chunks summed per rank (a float rounding apart, which the output-aware fit turns into other
       codewords), rows gathered out of order, or the chunk's rows mis-cut;
     - the summed per-rank loss shares and gradients equal the global minibatch's. Catches normalising by the local
-      row count, or a rank with no rows leaving the sum;
+      row count, or a rank with no rows leaving the sum; and so do they accumulated over micro-batches of 3 rows
+      (--micro-batch), one of which holds no row of rank 0. Catches a part normalised by its own row count;
     - a rank that saved a generation the other did not goes back to the previous one. Catches resuming each rank at
       its own last checkpoint (ranks at different blocks)."""
     mp.spawn(_toy_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
@@ -149,8 +160,10 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
     loss.backward()
     for r in results:
         assert torch.allclose(r["loss"], loss.detach(), rtol=1e-6)
-        for g, p in zip(r["grads"], block.parameters()):
+        assert torch.allclose(r["micro_loss"], loss.detach(), rtol=1e-6)
+        for g, micro, p in zip(r["grads"], r["micro_grads"], block.parameters()):
             assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-8)
+            assert torch.allclose(micro, p.grad, rtol=1e-5, atol=1e-8)
     assert [r["resumed"] for r in results] == [0, 1]
 
 

@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from tests.calib.toy import ToyAdapter, ToyTransformer
 from vq4dit.calib.cache import ActivationStore
 from vq4dit.calib.capture import Schedule, capture, step_filter
-from vq4dit.calib.replay import Replay, block_loss, run_chain, sweep
+from vq4dit.calib.replay import Replay, block_loss, rows_to, run_chain, sweep
 from vq4dit.models.adapters import TeacherPlan
 
 
@@ -45,3 +46,15 @@ def test_block_loss_weighs_every_output_element_equally():
     outs = [torch.zeros(2, 3), torch.zeros(2, 1)]
     targets = [torch.ones(2, 3), torch.full((2, 1), 2.0)]
     assert block_loss(outs, targets).item() == (6 * 1 + 2 * 4) / 8  # not the mean of the two MSEs (1 and 4)
+
+
+@pytest.mark.parametrize("rows", [slice(2, 5), torch.tensor([4, 0, 3])])
+def test_rows_to_gives_the_rows_on_the_device(rows):
+    """rows_to(t, rows, device) is t[rows] on the device: on a CPU directly, to a GPU through pinned memory (checked
+    where one is present). Mutation: the pinned buffer filled from the wrong rows (t[:len(rows)]) -> fails there."""
+    t = torch.arange(60.0).view(6, 10).half()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = rows_to(t, rows, device)
+        assert got.device.type == device and got.dtype == t.dtype
+        assert torch.equal(got.cpu(), t[rows])

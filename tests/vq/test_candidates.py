@@ -12,6 +12,7 @@ from vq4dit.vq.candidates import (
     masked_ratios,
     nearest_codewords,
     soft_reconstruct,
+    sum_into_rows,
 )
 
 
@@ -88,6 +89,55 @@ def test_reconstruction_matches_loop(groups):
         g = i // per_group
         assert torch.allclose(soft[i], sum(ratios[i, j] * cb[g, cand[i, j]] for j in range(n)), atol=1e-6)
         assert torch.equal(hard[i], cb[g, cand[i, 0]])
+
+
+def slow_soft_weight(codebook, candidates, ratios):
+    """sum_j r_j * C_g[cand_j] written out candidate by candidate (float64): one gather and product per j."""
+    g, _, d = codebook.shape
+    group = torch.arange(candidates.shape[0]) // (candidates.shape[0] // g)  # (N,)
+    return sum(ratios[:, j, None] * codebook[group, candidates[:, j].long()] for j in range(candidates.shape[1]))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_both_soft_weight_forms_match_the_slow_reference(groups, n, d):
+    """The one-pass form (a GPU's default; its codebook gradient by index_add and by sorted sums) and einsum's (a
+    CPU's) give the weight and the gradients of the codebook and of the ratios of the candidate-by-candidate
+    float64 reference within 1e-6 (relative to the largest),
+    with a group's codebook per block of rows (fused qkv) and one codebook (split qkv). Mutations: the backward's
+    gather into the wrong group, the ratios' gradient summed over j instead of d, a candidate's r_j left out of
+    the codebook gradient -> far off."""
+    g = torch.Generator().manual_seed(groups * 100 + n * 10 + d)
+    codebook = torch.randn(groups, 16, d, generator=g)
+    candidates = torch.randint(0, 16, (groups * 500, n), dtype=torch.uint8, generator=g)
+    logits, upstream = torch.randn(groups * 500, n, generator=g), torch.randn(groups * 500, d, generator=g)
+
+    def weight_and_grads(fn, dtype):
+        cb, lg = codebook.to(dtype, copy=True).requires_grad_(), logits.to(dtype, copy=True).requires_grad_()
+        w = fn(cb, candidates, torch.softmax(lg, 1))
+        (w * upstream.to(dtype)).sum().backward()
+        return w.detach(), cb.grad, lg.grad
+
+    reference = weight_and_grads(slow_soft_weight, torch.float64)
+    for one_pass, method in ((True, "index_add"), (True, "sorted"), (False, "index_add")):
+        got = weight_and_grads(lambda c, i, r: soft_reconstruct(c, i, r, one_pass, method), torch.float32)
+        for name, a, b in zip(("weight", "codebook grad", "ratio grad"), got, reference):
+            atol = 1e-6 * b.abs().max().item() + 1e-12  # n = 1: the ratios' gradient is 0
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=atol, msg=f"{name}, {one_pass}, {method}")
+
+
+def test_sorted_sums_leave_unused_rows_zero_and_match_index_add():
+    """sum_into_rows "sorted" against "index_add" on rows that skip some targets (their sums 0) and repeat others,
+    int64 rows in any order. Mutations: the running sums' ends shifted by one row, float32 running sums (off by
+    far more than 1e-6 at 200000 values) -> fail."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 40, (200000,), generator=g) * 2  # only the even rows of 80 are used
+    values = torch.randn(200000, 3, generator=g) + 5.0  # a large running total: float32 sums would lose the rows
+    fast = sum_into_rows(values, rows, 80, "sorted")
+    reference = sum_into_rows(values.double(), rows, 80, "index_add")
+    assert torch.equal(fast[1::2], torch.zeros(40, 3))
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("groups", [1, 3])

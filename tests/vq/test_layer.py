@@ -85,8 +85,8 @@ def test_freeze_harden_and_gradients():
         layer.logits.zero_()
         layer.logits[:10, 1] = 10.0  # confident: ratio ~ 1 - 4.5e-5
         layer.logits[10:12, 0] = 3.0  # ratio 0.95, below threshold
-    assert layer.freeze_confident(0.99) == pytest.approx(10 / 32)
-    assert layer.selected_fraction() == pytest.approx(10 / 32)
+    layer.freeze_confident_(0.99)
+    assert layer.selected_fraction() == pytest.approx(10 / 32) == layer.frozen_fraction().item()
     assert torch.equal(layer.ratios()[:10], torch.tensor([[0.0, 1.0]] * 10))
     layer(torch.randn(3, 8)).sum().backward()
     assert (layer.logits.grad[:10] == 0).all() and layer.logits.grad[12:].abs().sum() > 0

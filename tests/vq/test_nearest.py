@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vq4dit.vq.nearest import distance_chunks, nearest_n, nearest_two
+from vq4dit.vq.nearest import GPU_CHUNK_ELEMENTS, chunk_rows, distance_chunks, nearest_n, nearest_two
 
 
 def points(n, d, seed=0):
@@ -49,3 +49,12 @@ def test_distances_never_negative_for_points_on_codewords():
     _, sqdist, _ = nearest_two(c, c)
     _, sq_n = nearest_n(c, c, 2)
     assert (sqdist >= 0).all() and (sq_n >= 0).all()
+
+
+def test_gpu_blocks_are_large_and_cpu_blocks_as_asked():
+    """A CPU keeps the asked block (its artifacts stay as they were); a GPU takes blocks of GPU_CHUNK_ELEMENTS
+    distances, never fewer rows than asked (mutation: the GPU size applied on a CPU, or divided by d not k -> fails)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert chunk_rows(4096, 256, cpu) == 4096 and chunk_rows(5, 7, cpu) == 5
+    assert chunk_rows(4096, 256, gpu) == GPU_CHUNK_ELEMENTS // 256 == 65536
+    assert chunk_rows(4096, 1 << 16, gpu) == 4096 and chunk_rows(4096, 1, gpu) == GPU_CHUNK_ELEMENTS

@@ -99,6 +99,10 @@ class CalibConfig:
     # bf16 autocast: matmuls in bfloat16, weights, gradients, optimizer state and the loss in float32
     step_dtype: str = knob("fp32", "dtype of the calibration updates' forward: fp32 | bf16 (autocast; parameters, "
                            "gradients and the loss stay float32; evaluation passes always fp32)", STEP_DTYPES)
+    # gradient accumulation (calib/train.py): bounds the update's activation memory; the update equals the one-pass one
+    micro_batch: int | None = knob(None, "split each update's minibatch into micro-batches of at most this many rows "
+                                   "(forward and backward per micro-batch, one optimizer step; default: the whole "
+                                   "minibatch in one pass)")
     # calib/endpass.py; issue 19 lever d
     e2e_iters: int = knob(0, "block-wise: after the walk, this many updates of every codebook and bias on the error "
                           "at the last block of the quantized chain (0: no end-to-end pass)")
@@ -111,6 +115,8 @@ class CalibConfig:
 
         check_choices(self)
         check_positive(self, ("iters", "batch_size", "select_every"))
+        if self.micro_batch is not None:
+            check_positive(self, ("micro_batch",))
         check_range(self, "e2e_iters", 0, None, "must be >= 0 (updates; 0: no end-to-end pass)")
         check_range(self, "e2e_lr", 0, None, "must be >= 0 (a learning rate)")
         mode_for(self.calib).validate(self)  # the mode refuses the options it ignores

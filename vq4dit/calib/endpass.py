@@ -19,7 +19,7 @@ import torch
 from vq4dit.calib.capture import CalibrationSet
 from vq4dit.calib.checkpoints import Checkpoint
 from vq4dit.calib.chunks import chain_chunk
-from vq4dit.calib.replay import block_loss, run_chain, squared_error
+from vq4dit.calib.replay import block_loss, rows_to, run_chain, squared_error
 from vq4dit.calib.train import Minibatches, seeded_generator, train
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def end_pass(problem, calls, points, config):
     walked = best["layers"]
 
     def loss_fn(idx):  # idx (B,) -> the chain's last-block output error on the minibatch
-        return block_loss(run_chain(blocks, cset, idx, device, grad=True)[-1], [t[idx] for t in points.targets])
+        outs = run_chain(blocks, cset, idx, device, grad=True)[-1]
+        return block_loss(outs, [rows_to(t, idx, device) for t in points.targets])
 
     def check(snapshot):
         if snapshot["iteration"] % E2E_CHECK == 0 and snapshot["iteration"] < config.e2e_iters:

@@ -141,6 +141,9 @@ class Online(CalibMode):
         if calibration.lr_schedule != "constant":
             invalid("lr_schedule", calibration.lr_schedule, "calib online makes one update per teacher step, not "
                     "`iters` updates: use lr_schedule=constant")
+        if calibration.micro_batch is not None:
+            invalid("micro_batch", calibration.micro_batch, "calib online updates on the teacher's sampler step, not "
+                    "on minibatches of recorded points: leave it unset")
 
     def teacher_plan(self, teacher, seed):
         from vq4dit.calib.teacher import teacher_plan

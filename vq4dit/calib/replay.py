@@ -27,14 +27,28 @@ class Replay:
     rows: int
 
 
+def rows_to(t, rows, device):
+    """t[rows] (rows: a slice or an index tensor) on `device`. From host memory to a GPU the rows are gathered into
+    pinned memory and copied without blocking the host, so the host queues the update's kernels meanwhile (a copy
+    from pageable memory waits for the device); the values are t[rows]'s either way."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t[rows].to(device)
+    if isinstance(rows, slice):
+        picked = t[rows]  # a view
+        pinned = torch.empty(picked.shape, dtype=t.dtype, pin_memory=True).copy_(picked)
+    else:
+        pinned = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        torch.index_select(t, 0, rows, out=pinned)
+    return pinned.to(device, non_blocking=True)  # the pinned block is not reused before the copy is done
+
+
 def gather(spec, table, batched, rows, device, dtype=torch.float32):
     """(args, kwargs) of a recorded block call at `rows` (slice or index tensor), on `device`, floats in `dtype`."""
     def leaf(node):
         ref = ref_of(node)
         t = table[ref]
-        if batched.get(ref, True):  # block outputs always have one row per point
-            t = t[rows]
-        t = t.to(device)
+        # block outputs always have one row per point
+        t = rows_to(t, rows, device) if batched.get(ref, True) else t.to(device)
         return t.to(dtype) if t.is_floating_point() else t
 
     value = unflatten(spec, leaf)

@@ -12,7 +12,7 @@ of its batch, so the chunk is the single process's chunk.
 import torch
 
 from vq4dit.calib.chunks import replay_chunk
-from vq4dit.calib.replay import call_block, squared_error
+from vq4dit.calib.replay import call_block, rows_to, squared_error
 from vq4dit.utils import distributed
 from vq4dit.vq.weighted_kmeans import InputMoments
 
@@ -27,7 +27,7 @@ def shared_loss(block, replay, targets, shard, device):
         local = shard.local(idx)
         if not len(local):
             return torch.zeros((), device=device)
-        total, _ = squared_error(call_block(block, replay, local, device), [t[local] for t in targets])
+        total, _ = squared_error(call_block(block, replay, local, device), [rows_to(t, local, device) for t in targets])
         return total / (len(idx) * per_row)
 
     return loss_fn

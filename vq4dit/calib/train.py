@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vq4dit.calib.micro import minibatch_loss
 from vq4dit.utils import distributed
-from vq4dit.utils.precision import update_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +32,31 @@ RATIO_PENALTIES = {
 }
 
 
-def ratio_penalty(layers, form="code"):
+def ratio_penalty(layers, form="code", active=None):
     """L_r over the not-yet-frozen sub-vectors of each soft layer (`form`: a key of RATIO_PENALTIES), averaged
     over the soft layers (so lambda_r does not scale with how many layers share one loss).
 
+    active: per layer, the (A,) positions of its free sub-vectors, None for a layer without any (active_rows);
+    default: read from the layers' `frozen` flags, which makes the host wait for the device.
     Returns a scalar tensor, or None when no layer has a free sub-vector left.
     """
-    terms = []
-    for layer in layers:
-        if layer.is_hard:
-            continue
-        active = ~layer.frozen  # (N,)
-        if not active.any():
-            continue
-        terms.append(RATIO_PENALTIES[form](torch.softmax(layer.logits[active], dim=1)))  # (A, n) -> ()
+    active = active_rows(layers) if active is None else active
+    terms = [RATIO_PENALTIES[form](torch.softmax(layer.logits.index_select(0, rows), dim=1))  # (A, n) -> ()
+             for layer, rows in zip(layers, active) if rows is not None]
     return torch.stack(terms).mean() if terms else None
+
+
+def active_rows(layers):
+    """Per layer of `layers`, the (A,) positions of its free (not frozen) sub-vectors in increasing order, None
+    for a hard layer or one whose sub-vectors are all frozen. Reads each soft layer's frozen count: call it when
+    the flags change (progressive_select), not at every update."""
+    soft = [layer for layer in layers if not layer.is_hard]
+    counts = iter(torch.stack([(~layer.frozen).sum() for layer in soft]).tolist() if soft else [])
+    out = []
+    for layer in layers:
+        free = 0 if layer.is_hard else next(counts)
+        out.append(torch.nonzero_static(~layer.frozen, size=free)[:, 0] if free else None)
+    return out
 
 
 def codebook_lr(config, update):
@@ -91,13 +101,15 @@ def drop_hardened(optimizer, layers):
 def progressive_select(layers, threshold, hard_fraction):
     """Freeze confident sub-vectors; harden a layer whose frozen fraction passes `hard_fraction`.
 
-    Returns the positions (in `layers`) of the layers hardened now.
+    Returns the positions (in `layers`) of the layers hardened now. The frozen fractions are read together, once.
     """
-    hardened = []
-    for j, layer in enumerate(layers):
-        if not layer.is_hard and layer.freeze_confident(threshold) > hard_fraction:
-            layer.harden()
-            hardened.append(j)
+    soft = [j for j, layer in enumerate(layers) if not layer.is_hard]
+    for j in soft:
+        layers[j].freeze_confident_(threshold)
+    fractions = torch.stack([layers[j].frozen_fraction() for j in soft]).tolist() if soft else []
+    hardened = [j for j, fraction in zip(soft, fractions) if fraction > hard_fraction]
+    for j in hardened:
+        layers[j].harden()
     return hardened
 
 
@@ -174,17 +186,20 @@ class Trainer:
         self.layers, self.config, self.sync = list(layers), config, sync
         self.gated = config.ratio_gate == "running_min"
         self._sync_codebooks()
+        self.active = active_rows(self.layers)  # the free rows L_r covers, refreshed when selection freezes rows
         self.optimizer = torch.optim.RMSprop(self._groups(), alpha=config.rmsprop_alpha)
         self.updates = 0  # updates made so far, the count snapshots and `hardened_at` use
         self.hardened_at = [0 if layer.is_hard else None for layer in self.layers]
-        self.ratio_min = None  # smallest L_r of the current trajectory (None: none seen yet)
+        self._ratio_min = None  # smallest L_r of the current trajectory, a 0-d tensor (None: none seen yet)
         self.loss = self.penalty = None  # last L_d and L_r (tensors, or floats restored from a snapshot)
         self.window = [None, 0.0]  # plateau: [previous window's mean L_d, sum of L_d in the current window]
         self.stalled = False
         if resume is not None:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.updates, self.hardened_at = resume["iteration"], list(resume["hardened_at"])
-            self.ratio_min, self.loss, self.penalty = resume["ratio_min"], resume["loss"], resume["penalty"]
+            self.loss, self.penalty = resume["loss"], resume["penalty"]
+            if resume["ratio_min"] is not None:
+                self._ratio_min = torch.tensor(resume["ratio_min"], device=self.layers[0].codebook.device)
             self.window = list(resume.get("window", self.window))
 
     def _groups(self):
@@ -200,34 +215,39 @@ class Trainer:
     def all_hard(self):
         return all(layer.is_hard for layer in self.layers)
 
+    @property
+    def ratio_min(self):
+        """The smallest L_r of the current trajectory (ratio_gate "running_min"), a float; None: none seen yet."""
+        return _value(self._ratio_min)
+
     def new_trajectory(self):
         """Start a new trajectory: the running minimum of L_r (ratio_gate "running_min") is forgotten."""
-        self.ratio_min = None
+        self._ratio_min = None
 
-    def _gate(self, penalty):
-        """Whether lambda_r * L_r joins this update's loss (see the class docstring); updates the minimum."""
+    def _regulariser(self, penalty):
+        """lambda_r * L_r as it joins this update's loss (see the class docstring), None when it does not; updates
+        the running minimum. The gate stays on the device: a closed gate multiplies the term by 0, which adds exact
+        zeros to the gradients, so the host never waits to read L_r."""
+        if penalty is None:
+            return None
+        term = self.config.lambda_r * penalty
         if not self.gated:
-            return True
-        value = penalty.item()
-        is_open = self.ratio_min is not None and value > self.ratio_min
-        self.ratio_min = value if self.ratio_min is None else min(self.ratio_min, value)
-        return is_open
+            return term
+        value, least = penalty.detach(), self._ratio_min
+        self._ratio_min = value if least is None else torch.minimum(least, value)
+        return None if least is None else term * (value > least).to(term.dtype)
 
     def step(self, loss_d):
         """One update from L_d (a scalar tensor with gradients to the layers): loss_d + lambda_r * L_r (when the
-        gate lets it), backward, RMSprop step, then progressive selection when its turn comes.
+        gate lets it), backward, RMSprop step, then progressive selection when its turn comes. loss_d may also be
+        an iterable of scalar tensors that sum to L_d (calib.micro.micro_losses): each one's backward runs before
+        the next is made, so the gradients accumulate while one micro-batch's activations are held at a time.
 
         Returns the positions (in `layers`) of the layers this update hardened.
         """
         c = self.config
-        penalty = ratio_penalty(self.layers, c.ratio_reg)
-        use_penalty = penalty is not None and self._gate(penalty)
-        if self.sync is None:
-            loss = loss_d + c.lambda_r * penalty if use_penalty else loss_d
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        else:
-            loss_d = self._backward_shared(loss_d, c.lambda_r * penalty if use_penalty else None)
+        penalty = ratio_penalty(self.layers, c.ratio_reg, self.active)
+        loss_d = self._backward(loss_d, self._regulariser(penalty))
         self.optimizer.param_groups[1]["lr"] = codebook_lr(c, self.updates)
         self.optimizer.step()
         self.updates += 1
@@ -237,6 +257,7 @@ class Trainer:
         if self.updates % c.select_every:
             return []
         now = progressive_select(self.layers, c.select_threshold, c.hard_fraction)
+        self.active = active_rows(self.layers)
         if now:
             for j in now:
                 self.hardened_at[j] = self.updates
@@ -246,14 +267,23 @@ class Trainer:
             logger.debug("update %d: hardened %d layer(s)", self.updates, len(now))
         return now
 
-    def _backward_shared(self, loss_d, regulariser):
-        """The gradients of the global minibatch's loss from this rank's share `loss_d` (see the class docstring);
-        returns the global L_d."""
+    def _backward(self, loss_d, regulariser):
+        """The gradients of L_d (+ `regulariser`, on rank 0 only under `sync`), L_d a tensor or an iterable of its
+        parts (see step); under `sync` the gradients and L_d are summed over the ranks (see the class docstring).
+        Returns L_d, detached."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_d + regulariser if regulariser is not None and distributed.rank() == 0 else loss_d
-        if loss.requires_grad:
-            loss.backward()
-        return self.sync.reduce([p for group in self.optimizer.param_groups for p in group["params"]], loss_d)
+        if self.sync is not None and distributed.rank() != 0:
+            regulariser = None
+        total = None
+        for part in [loss_d] if torch.is_tensor(loss_d) else loss_d:
+            loss = part if regulariser is None else part + regulariser
+            regulariser = None  # joins the first part's backward only
+            if loss.requires_grad:  # a rank holding none of a part's rows has nothing to differentiate
+                loss.backward()
+            total = part.detach() if total is None else total + part.detach()
+        if self.sync is None:
+            return total
+        return self.sync.reduce([p for group in self.optimizer.param_groups for p in group["params"]], total)
 
     def _watch_plateau(self, fraction):
         """Add this update's L_d to the window (a device tensor: read once per window, not per update)."""
@@ -301,9 +331,7 @@ def train(layers, loss_fn, batches, config, desc=None, resume=None, on_checkpoin
                initial=trainer.updates, total=config.iters)
     device = layers[0].codebook.device if layers else "cpu"
     for _ in bar:
-        with update_autocast(config.step_dtype, device):
-            loss = loss_fn(next(order))
-        trainer.step(loss)
+        trainer.step(minibatch_loss(loss_fn, next(order), config, device))
         if trainer.stalled and trainer.all_hard:  # plateau: every layer hard and the loss no longer falling
             break
         if trainer.updates % CHECKPOINT_EVERY == 0:

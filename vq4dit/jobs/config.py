@@ -234,17 +234,17 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device", "step_dtype")
 # keys written to config.yaml only when they differ from their default (a run without them writes the config.yaml it
 # always has): {key: default}
-OPTIONAL_KEYS = {"bits": None, "bits_settings": None, "stream": "auto"}
+OPTIONAL_KEYS = {"bits": None, "bits_settings": None, "stream": "auto", "micro_batch": None}
 # the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
 # the order of quantize.py --help since the flags were first listed there
 FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
          "bits", "bits_settings", "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib",
          "block_inputs", "iters",
          "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
-         "plateau", "e2e_iters", "e2e_lr", "step_dtype", "select_every", "ratio_reg", "steps", "cfg_scale",
-         "calib_samples", "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype", "max_cache_gb",
-         "cache_dir", "prompts", "height", "width", "num_frames", "include", "exclude", "seed", "device", "stream",
-         "split_qkv")
+         "plateau", "e2e_iters", "e2e_lr", "step_dtype", "micro_batch", "select_every", "ratio_reg", "steps",
+         "cfg_scale", "calib_samples", "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype",
+         "max_cache_gb", "cache_dir", "prompts", "height", "width", "num_frames", "include", "exclude", "seed",
+         "device", "stream", "split_qkv")
 CONFIG_KINDS = (QuantizeConfig, *SECTIONS.values())  # the dataclasses whose knobs are flags
 
 

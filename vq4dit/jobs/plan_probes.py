@@ -1,6 +1,7 @@
 """Device bytes a quantize run's block computations need, measured on the meta device (jobs/meta_peak.py): a block
 in training (autograd's saved tensors with soft VQ layers), the teacher's recorded forward, an evaluation chunk."""
 import copy
+import math
 
 from vq4dit.jobs.meta_peak import fused_attention
 
@@ -46,8 +47,9 @@ def _probe_layer(m, codebooks, size):
 
 def block_training_bytes(block, replay, include_block, sizes, config):
     """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
-    QuantizeConfig `config`: autograd's saved activations with soft VQ layers in place of the selected Linears
-    (`include_block`: their names inside the block), the minibatch's inputs and targets in fp32, and the gradients
+    QuantizeConfig `config` (with micro_batch: at the micro-batch's rows): autograd's saved activations with soft
+    VQ layers in place of the selected Linears (`include_block`: their names inside the block), the minibatch's
+    inputs and targets in fp32, and the gradients
     and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
     import torch
     import torch.nn.functional as F
@@ -59,7 +61,7 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     student = copy.deepcopy(block)
     for local, full in include_block.items():
         set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
-    rows, batched = config.calibration.batch_size, replay.batched
+    rows, batched = min(config.calibration.batch_size, config.calibration.micro_batch or math.inf), replay.batched
     expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
     args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
     owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}

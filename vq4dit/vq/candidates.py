@@ -56,11 +56,14 @@ def init_logits(dist, mode="inverse_distance"):
 
 
 def masked_ratios(logits, frozen):
-    """softmax(logits) (N, n), with frozen rows replaced by the one-hot of their argmax (no gradient there)."""
+    """softmax(logits) (N, n), with frozen rows replaced by the one-hot of their argmax (no gradient there).
+
+    Selected on the device whether any row is frozen or not: asking would make the host wait for the device at
+    every forward of a calibration update. With no row frozen the values and gradients are softmax's, bit for bit.
+    """
     soft = torch.softmax(logits, dim=1)
-    if not frozen.any():
-        return soft
-    hard = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(soft.dtype)
+    choices = torch.arange(logits.shape[1], device=logits.device)  # (n,)
+    hard = (logits.argmax(1, keepdim=True) == choices).to(soft.dtype)  # (N, n) one-hot of the argmax
     return torch.where(frozen[:, None], hard, soft)
 
 
@@ -72,17 +75,82 @@ def _lookup(codebook, indices):
     backward, a multi-threaded index_put with accumulate, is not).
     """
     g, k, d = codebook.shape
-    flat = indices.long() + k * torch.arange(g, device=codebook.device)[:, None]  # (G, M) rows of (G*k, d)
-    return codebook.reshape(g * k, d).index_select(0, flat.reshape(-1)).view(g, -1, d)
+    return codebook.reshape(g * k, d).index_select(0, indices_into_flat(codebook, indices)).view(g, -1, d)
 
 
-def soft_reconstruct(codebook, candidates, ratios):
+def indices_into_flat(codebook, indices):
+    """indices (G, M) any integer dtype into each group's own codebook (G, k, d) -> (G*M,) int64 rows of the
+    flattened (G*k, d) codebook (int64: a CPU's index_add is several times slower with int32 indices)."""
+    g, k, _ = codebook.shape
+    return (indices.long() + k * torch.arange(g, device=codebook.device)[:, None]).reshape(-1)
+
+
+CODEBOOK_GRADS = ("index_add", "sorted")
+
+
+def sum_into_rows(values, rows, size, method="index_add"):
+    """out[r] = sum of values[i] over i with rows[i] == r: values (M, d), rows (M,) int64 in [0, size) -> (size, d).
+
+    "index_add": index_add_ into zeros (index_select's own backward; a CPU adds in a fixed order, a GPU by atomic
+    adds, thousands of them to each of the few codewords). "sorted": no atomics, deterministic on a GPU too: the
+    values in the order of their rows (a stable sort), float64 running sums, each row's sum the difference of the
+    running sums at its ends (exact to float64 rounding of the running total, far below float32's resolution).
+    """
+    if method == "index_add":
+        return values.new_zeros(size, values.shape[1]).index_add_(0, rows, values)
+    order = torch.argsort(rows, stable=True)  # (M,)
+    ends = torch.searchsorted(rows[order], torch.arange(size + 1, device=rows.device))  # (size + 1,)
+    running = torch.cat([values.new_zeros(1, values.shape[1], dtype=torch.float64),
+                         values.index_select(0, order).double().cumsum(0)])  # (M + 1, d)
+    return (running[ends[1:]] - running[ends[:-1]]).to(values.dtype)
+
+
+class _SoftWeight(torch.autograd.Function):
+    """sum_j r_j * C[row_j] in one pass: flat codebook (R, d), rows (N*n,) int64, ratios (N, n) -> (N, d).
+
+    Forward: one gather of the N*n candidate codewords and one elementwise weighted sum over j (einsum's form is a
+    batched (1 x n) @ (n x d) product: N tiny matrix-vector products, slow kernels on a GPU). Backward: the gather
+    again rather than its (N, n, d) result kept from the forward (n*d floats per sub-vector of every soft layer,
+    held through the whole update); the ratios' gradient elementwise; the codebook's, each candidate's r_j * grad
+    summed into its codeword by sum_into_rows(..., `method`).
+    """
+
+    @staticmethod
+    def forward(ctx, flat, rows, ratios, method):
+        n, d = ratios.shape[1], flat.shape[1]
+        vecs = flat.index_select(0, rows).view(-1, n, d)  # (N, n, d)
+        ctx.save_for_backward(flat, rows, ratios)
+        ctx.method = method
+        return (vecs * ratios[:, :, None]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, d)
+        flat, rows, ratios = ctx.saved_tensors
+        n, d = ratios.shape[1], flat.shape[1]
+        grad_flat = grad_ratios = None
+        if ctx.needs_input_grad[2]:
+            vecs = flat.index_select(0, rows).view(-1, n, d)  # (N, n, d)
+            grad_ratios = (vecs * grad[:, None, :]).sum(2)  # (N, n)
+        if ctx.needs_input_grad[0]:
+            per_candidate = ratios[:, :, None] * grad[:, None, :]  # (N, n, d)
+            grad_flat = sum_into_rows(per_candidate.view(-1, d), rows, flat.shape[0], ctx.method)
+        return grad_flat, None, grad_ratios, None
+
+
+def soft_reconstruct(codebook, candidates, ratios, one_pass=None, codebook_grad="index_add"):
     """sum_j r_j * C_g[cand_j]: codebook (G, k, d), candidates (N, n) any integer dtype, ratios (N, n) -> (N, d).
 
     Sub-vector i belongs to group i // (N / G) (groups are consecutive blocks of output rows).
+    one_pass: the one-pass form (_SoftWeight) or einsum's; None: one pass off the CPU. On a CPU einsum's form is
+    the faster (its batched product beats the elementwise sum there) and keeps every artifact as it was, bit for
+    bit; the two agree within float rounding (tests/vq/test_candidates.py). codebook_grad (one pass only): how the
+    codebook's gradient is summed (sum_into_rows; benchmarks/gpu_check.py times both on a GPU).
     """
-    g, _, d = codebook.shape
+    g, k, d = codebook.shape
     n = candidates.shape[1]
+    if one_pass or (one_pass is None and codebook.device.type != "cpu"):
+        flat = indices_into_flat(codebook, candidates.reshape(g, -1))  # (N*n,)
+        return _SoftWeight.apply(codebook.reshape(g * k, d), flat, ratios, codebook_grad)
     vecs = _lookup(codebook, candidates.reshape(g, -1)).view(g, -1, n, d)  # (G, N/G, n, d)
     return torch.einsum("gmj,gmjd->gmd", ratios.view(g, -1, n), vecs).reshape(-1, d)
 

@@ -215,15 +215,18 @@ class VQLinear(QuantLinear):
         return subs.reshape(self.out_features, self.in_features)
 
     @torch.no_grad()
-    def freeze_confident(self, threshold=0.99):
-        """Freeze every sub-vector whose largest ratio exceeds `threshold`; returns the frozen fraction."""
+    def freeze_confident_(self, threshold=0.99):
+        """Freeze every sub-vector whose largest ratio exceeds `threshold` (on the device: nothing is read back)."""
         if self.is_hard:
-            raise RuntimeError("freeze_confident needs a soft VQLinear")
+            raise RuntimeError("freeze_confident_ needs a soft VQLinear")
         self.frozen |= torch.softmax(self.logits, dim=1).amax(1) > threshold
-        return self.selected_fraction()
+
+    def frozen_fraction(self):
+        """The fraction of frozen sub-vectors of a soft layer, a 0-d float32 tensor on its device."""
+        return self.frozen.float().mean()
 
     def selected_fraction(self):
-        return 1.0 if self.is_hard else self.frozen.float().mean().item()
+        return 1.0 if self.is_hard else self.frozen_fraction().item()
 
     @torch.no_grad()
     def harden(self):

@@ -6,14 +6,25 @@ cache on CPU and bounded in memory on a GPU. Pure functions of tensors, on the d
 import torch
 
 DEFAULT_CHUNK = 4096  # rows per distance block: (4096, 256) fp32 = 4 MiB, cache-sized on CPU
+# off the CPU a block of at least this many distances (64 MiB in fp32; 65536 rows at k = 256): at 4096 rows each
+# block's half-dozen small kernels cost their launches more than their work, and k-means runs thousands of blocks
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(chunk_size, k, device):
+    """Rows per distance block of a k-codeword search on `device`: `chunk_size` on a CPU, at least
+    GPU_CHUNK_ELEMENTS / k elsewhere. Each row's result is its own whatever the block (only the block's size
+    changes, so a GPU's float roundings may differ from a 4096-row block's; runs stay deterministic)."""
+    return chunk_size if device.type == "cpu" else max(chunk_size, GPU_CHUNK_ELEMENTS // max(k, 1))
 
 
 def distance_chunks(x, codebook, chunk_size=DEFAULT_CHUNK):
     """Yield (rows, part, x_sq) per chunk of x (N, d) against codebook (k, d): rows the slice of x, part (c, k) =
     ||c||^2 - 2 x c^T and x_sq (c,) = ||x||^2, so part + x_sq[:, None] is the squared distance. `part` is fresh
-    for every chunk: callers may overwrite it."""
+    for every chunk: callers may overwrite it. Chunks of chunk_rows(chunk_size, k, x.device) rows."""
     c_sq = (codebook * codebook).sum(1)  # (k,)
     ct = codebook.t().contiguous()  # (d, k)
+    chunk_size = chunk_rows(chunk_size, codebook.shape[0], x.device)
     for s in range(0, x.shape[0], chunk_size):
         xs = x[s:s + chunk_size]  # (c, d)
         yield slice(s, s + xs.shape[0]), torch.addmm(c_sq, xs, ct, beta=1.0, alpha=-2.0), (xs * xs).sum(1)
