@@ -9,8 +9,9 @@ import torch
 from tests.conftest import randomize
 from tests.models.tiny_t2i import FAST, PROMPTS, flux_pipeline
 from vq4dit.jobs.config import load_config
+from vq4dit.jobs.fit import RESERVE_BYTES, fit_to_device
 from vq4dit.jobs.quantize import quantize
-from vq4dit.jobs.streaming import check_streamable, wants_stream
+from vq4dit.jobs.streaming import check_streamable
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.utils.errors import UserError
 
@@ -85,8 +86,9 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
 def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):
     """Mutations caught: auto streaming on the CPU however small its memory (the default run would change its path);
     --stream on accepted with --bits (whose probes need the whole model on the device)."""
-    monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device: 0)
-    assert not wants_stream(load_config(overrides={"ckpt": bf16_dit, "device": "cpu"}), "cpu")
+    monkeypatch.setattr("vq4dit.jobs.fit.device_memory", lambda device: 0)
+    config = load_config(overrides={"ckpt": bf16_dit, "device": "cpu"})
+    assert fit_to_device(config, "cpu") == config
     with pytest.raises(UserError, match="--stream on: the --bits allocation"):
         check_streamable(load_config(overrides={"ckpt": bf16_dit, "stream": "on", "bits": 2.0}))
 
@@ -112,12 +114,13 @@ def test_stream_auto_on_a_cuda_device_follows_the_unstreamed_plan(bf16_dit, monk
     need = plan.peaks.device_peak.device_bytes
     monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", lambda config: asked.append(config.stream) or plan)
     for room, streams in ((need, False), (need - 1, True)):
-        monkeypatch.setattr("vq4dit.jobs.streaming.device_memory", lambda device, room=room: room)
-        assert wants_stream(config, "cuda") == streams
-    assert asked == ["off", "off"]
+        monkeypatch.setattr("vq4dit.jobs.fit.device_memory", lambda device, room=room: room + RESERVE_BYTES)
+        asked.clear()
+        assert fit_to_device(config, "cuda").stream == ("on" if streams else "off")
+        assert asked[0] == "off"
 
     def no_plan(config):
         raise UserError("no plan here")
 
     monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", no_plan)
-    assert not wants_stream(config, "cuda")
+    assert fit_to_device(config, "cuda").stream == "off"

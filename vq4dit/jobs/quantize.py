@@ -31,9 +31,10 @@ from vq4dit.calib.modes import calibrate as calibrate_mode
 from vq4dit.calib.problem import Problem
 from vq4dit.jobs.allocation import allocate
 from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.jobs.fit import fit_to_device
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
-from vq4dit.jobs.streaming import build_streamed, wants_stream
+from vq4dit.jobs.streaming import build_streamed
 from vq4dit.models.adapters.base import linear_pattern, outside_blocks
 from vq4dit.models.adapters.load import load_model
 from vq4dit.models.prompts import read_prompts
@@ -94,9 +95,10 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     with claim_artifact_dir(out_dir, overwrite) if lead else contextlib.nullcontext():
         if config.cache.cache_dir:
             check_dir_usable(config.cache.cache_dir, "--cache-dir")
+        config = fit_to_device(config, device)  # --stream auto and the micro-batch, from the memory plan
         run = Run.open(config, out_dir, progress and lead, overwrite)
         start = time.time()
-        stream = wants_stream(config, device)
+        stream = config.stream == "on"
         base, include, extra = load(config.model, device, stream=stream)
         layers, stats = run_stages(base, include, run, stream)
         if lead:  # every rank holds the same layers: rank 0 writes the one artifact

@@ -10,7 +10,9 @@ from vq4dit.models.loading import embedded_ckpt_path
 from vq4dit.utils.digest import sampled_digest
 from vq4dit.utils.errors import UserError
 
-RUN_ONLY_FIELDS = ("device", "stream", "cache_dir", "max_cache_gb")  # where the run happens, not what it computes
+# where the run happens, not what it computes (micro_batch: the same update, summed in another order, so that a run
+# fitted to one device resumes on another, jobs/fit.py)
+RUN_ONLY_FIELDS = ("device", "stream", "micro_batch", "cache_dir", "max_cache_gb")
 
 
 @dataclass(frozen=True)

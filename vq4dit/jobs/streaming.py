@@ -19,34 +19,9 @@ from torch import nn
 
 from vq4dit.models.offload import HostBlocks, upcast
 from vq4dit.utils import distributed
-from vq4dit.utils.device import device_memory
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def wants_stream(config, device):
-    """Whether the run of QuantizeConfig `config` on `device` streams: --stream on or off as given; auto: on when
-    the memory plan of the unstreamed run (jobs/memory_plan.py; a model it cannot plan: never) needs more than the
-    device holds; never on the CPU. A streamed run that cannot stream is a UserError."""
-    device = torch.device(device)
-    on = config.stream == "on"
-    if config.stream == "auto" and device.type == "cuda":
-        from vq4dit.jobs.memory_plan import plan_for
-
-        try:
-            plan = plan_for(config.replace(stream="off"))
-        except UserError as e:  # a pipeline the plan cannot run on meta: run as before
-            logger.warning("--stream auto: no memory plan (%s); not streaming", e)
-            plan = None
-        need, room = (plan.peaks.device_peak.device_bytes if plan else 0), device_memory(device)
-        on = need > room
-        if on:
-            logger.info("--stream auto: the plan needs %.1f GiB of %s's %.1f GiB; streaming the model block by block",
-                        need / 2**30, device, room / 2**30)
-    if on:
-        check_streamable(config)
-    return on
 
 
 def check_streamable(config):
