@@ -204,15 +204,17 @@ class VQLinear(QuantLinear):
         codebook under training, or torch.compile tracing, uses index_select's fixed-order backward
         (hard_reconstruct), a pure function of the tensors.
         """
+        return self.subvectors(dtype).reshape(self.out_features, self.in_features)
+
+    def subvectors(self, dtype=None):
+        """(N, d) the decoded sub-vectors in `dtype`, row-major over the stored rows (see weight)."""
         codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
         gather = not (torch.is_grad_enabled() and codebook.requires_grad) and not torch.compiler.is_compiling()
         if self.is_hard and gather:
-            subs = gather_codewords(codebook.detach(), self.indices)
-        elif self.is_hard:
-            subs = hard_reconstruct(codebook, self.indices)
-        else:
-            subs = soft_reconstruct(codebook, self.candidates, self.ratios().to(codebook.dtype))
-        return subs.reshape(self.out_features, self.in_features)
+            return gather_codewords(codebook.detach(), self.indices)
+        if self.is_hard:
+            return hard_reconstruct(codebook, self.indices)
+        return soft_reconstruct(codebook, self.candidates, self.ratios().to(codebook.dtype))
 
     @torch.no_grad()
     def freeze_confident_(self, threshold=0.99):

@@ -20,9 +20,8 @@ from vq4dit.vq.candidates import (
     hard_reconstruct,
     init_logits,
     nearest_codewords,
-    soft_reconstruct,
 )
-from vq4dit.vq.kernels.decode import gather_codewords, gather_plan, workspace
+from vq4dit.vq.kernels.decode import gather_plan, workspace
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS, VQLinear, check_shape
 from vq4dit.vq.packing import index_bits, index_dtype
@@ -152,15 +151,7 @@ class ResidualVQLinear(VQLinear):
     def weight(self, dtype=None):
         """(out, in) weight in `dtype` (default: the codebook's), a new tensor: the sum of the stages' decodes, each
         decoded as VQLinear.weight decodes (gather without autograd, index_select's fixed-order backward with it)."""
-        codebook = self.codebook if dtype in (None, self.codebook.dtype) else self.codebook.to(dtype)
-        gather = not (torch.is_grad_enabled() and codebook.requires_grad) and not torch.compiler.is_compiling()
-        if self.is_hard and gather:
-            subs = gather_codewords(codebook.detach(), self.indices)
-        elif self.is_hard:
-            subs = hard_reconstruct(codebook, self.indices)
-        else:
-            subs = soft_reconstruct(codebook, self.candidates, self.ratios().to(codebook.dtype))
-        return subs.reshape(self.stages, self.out_features, self.in_features).sum(0)
+        return self.subvectors(dtype).reshape(self.stages, self.out_features, self.in_features).sum(0)
 
     def bits_per_weight(self, include_codebook=False):
         bits = self.stages * index_bits(self.codebook_size) / self.dim
