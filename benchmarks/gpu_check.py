@@ -23,7 +23,8 @@ Sections, in order, each skipped when too little of the time budget is left, the
 - deploy: DiT-XL/2 forward, full precision vs hard W2 VQ layers (random codebooks and indices: decode speed does
   not depend on the values) at batch 1 and 16, fp32 and bf16, with peak memory.
 - plan: `quantize.py --dry-run --json` for the embedded model on this device against a real run's
-  torch.cuda.max_memory_allocated (skipped where quantize.py has no --json yet).
+  torch.cuda.max_memory_allocated, with --stream off and on (the streamed path on CUDA: host teacher, blocks moved
+  in and upcast, the student built block by block).
 - ddp: with 2 or more GPUs, the embedded model quantized by 2 processes under torchrun against 1.
 """
 import argparse
@@ -354,22 +355,22 @@ SMALL_RUN = ["--iters", "20", "--calib-samples", "4", "--calib-timesteps", "3", 
 
 
 def section_plan(sizes, device, report, timeout):
-    helptext = subprocess.run([sys.executable, "quantize.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    if "--json" not in helptext.stdout:
-        report.facts["plan"] = "skipped: quantize.py has no --json yet"
-        return
+    """The plan's device peak against a real run's max_memory_allocated, unstreamed and streamed (--stream on: the
+    teacher on the host, one block on the device at a time)."""
     with tempfile.TemporaryDirectory() as tmp:
-        plan_file = os.path.join(tmp, "plan.json")
-        subprocess.run([sys.executable, "quantize.py", *SMALL_RUN, "--device", device.type, "--dry-run", "--json",
-                        plan_file], cwd=ROOT, check=True, capture_output=True, timeout=timeout)
-        with open(plan_file) as f:
-            plan = json.load(f)
-        code, seconds, peak, err = run_quantize([*SMALL_RUN, "--out", os.path.join(tmp, "art")], device, timeout)
-    planned = plan.get("device_peak_bytes")
-    report.add_row("plan", {"run": "embedded, small budget", "exit": code, "s": round(seconds, 1),
-                            "measured device GiB": None if peak is None else round(peak, 3),
-                            "planned device GiB": None if planned is None else round(planned / 2**30, 3),
-                            "stderr tail": err.strip().splitlines()[-1] if code else ""})
+        for stream in ("off", "on"):
+            plan_file = os.path.join(tmp, f"plan-{stream}.json")
+            flags = [*SMALL_RUN, "--stream", stream]
+            subprocess.run([sys.executable, "quantize.py", *flags, "--device", device.type, "--dry-run", "--json",
+                            plan_file], cwd=ROOT, check=True, capture_output=True, timeout=timeout)
+            with open(plan_file) as f:
+                planned = json.load(f).get("device_peak_bytes")
+            code, seconds, peak, err = run_quantize([*flags, "--out", os.path.join(tmp, stream)], device, timeout)
+            report.add_row("plan", {"run": f"embedded, small budget, --stream {stream}", "exit": code,
+                                    "s": round(seconds, 1),
+                                    "measured device GiB": None if peak is None else round(peak, 3),
+                                    "planned device GiB": None if planned is None else round(planned / 2**30, 3),
+                                    "stderr tail": err.strip().splitlines()[-1] if code else ""})
 
 
 def section_ddp(sizes, device, report, timeout):
@@ -410,7 +411,7 @@ class Report:
 # (name, function, the seconds it needs at full size: a section starts only if that much budget is left)
 SECTIONS = [("device", section_device, 10), ("flux_step", section_flux_step, 120), ("dit_step", section_dit_step, 30),
             ("soft_weight", section_soft_weight, 10), ("kmeans", section_kmeans, 130), ("deploy", section_deploy, 40),
-            ("plan", section_plan, 60), ("ddp", section_ddp, 90)]
+            ("plan", section_plan, 90), ("ddp", section_ddp, 90)]
 
 
 def main(args):

@@ -81,6 +81,7 @@ UMT5_XXL = dict(architectures=["UMT5EncoderModel"], model_type="umt5", vocab_siz
                 relative_attention_num_buckets=32, dtype="bfloat16")
 # Wan 2.1 at 480p: 81 frames of 832x480, its 50 steps at guidance 5 (CFG doubles the batch); 4 trajectories x 8
 # kept steps: each point is 21 x 30 x 52 = 32,760 tokens (one Flux image is 4,096)
+MICRO_BATCHES = (16, 8, 4, 2, 1)  # rows per micro-batch of the streamed table (the presets' batch is 16)
 WAN_VIDEO = dict(height=480, width=832, num_frames=81, steps=50, cfg_scale=5.0, calib_samples=4, calib_timesteps=8)
 
 
@@ -120,15 +121,24 @@ def main():
                         "Wan: with WAN_VIDEO's settings over it)")
     args = parser.parse_args()
     from vq4dit.jobs.config import load_config
-    from vq4dit.jobs.memory_plan import dry_run_plan
+    from vq4dit.jobs.memory_plan import dry_run_plan, plan_for
 
     out = Path(args.out)
+    table = ["| streamed, rows per micro-batch | " + " | ".join(map(str, MICRO_BATCHES)) + " |",
+             "|---|" + "---|" * len(MICRO_BATCHES)]
     for name, directory in build(out).items():
+        video = WAN_VIDEO if name.startswith("wan") else {}
         for stream in ("off", "on"):
-            video = WAN_VIDEO if name.startswith("wan") else {}
             config = load_config(args.config, overrides={"ckpt": str(directory), "device": "cuda", "stream": stream,
                                                          **video})
             print(dry_run_plan(config, out / f"{name}_stream_{stream}.json"))
+        peaks = []
+        for rows in MICRO_BATCHES:
+            config = load_config(args.config, overrides={"ckpt": str(directory), "device": "cuda", "stream": "on",
+                                                         "micro_batch": rows, **video})
+            peaks.append(plan_for(config).peaks.device_peak.device_bytes / 2**30)
+        table.append(f"| {name} | " + " | ".join(f"{p:.1f}" for p in peaks) + " |")
+    print("device peak (GiB) of the streamed run by --micro-batch:\n" + "\n".join(table))
 
 
 if __name__ == "__main__":
