@@ -47,7 +47,7 @@ def timed(cmd, log_path, append=False):
     the wall seconds are summed over every segment in the log (the interrupted ones included), the RSS is the
     largest."""
     with open(log_path, "a" if append else "w") as log:
-        subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
+        subprocess.run(["/usr/bin/time", "-f", "TIME %e %M %U %S", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
     runs = time_lines(log_path)
     return sum(seconds for seconds, _ in runs), max(kib for _, kib in runs) / 1024
 
@@ -57,6 +57,14 @@ def time_lines(log_path):
     interrupted run was resumed)."""
     with open(log_path) as f:
         return [(float(p[1]), int(p[2])) for p in (line.split() for line in f if line.startswith("TIME "))]
+
+
+def cpu_seconds(log_path):
+    """User + system CPU seconds of every process /usr/bin/time logged in log_path, summed (None when a logged
+    process has no CPU fields: logs written before they were recorded)."""
+    with open(log_path) as f:
+        runs = [line.split() for line in f if line.startswith("TIME ")]
+    return sum(float(p[3]) + float(p[4]) for p in runs) if all(len(p) == 5 for p in runs) else None
 
 
 def bits_per_weight(artifact):
@@ -99,7 +107,8 @@ def run_method(key, args, reference, label=None, flags=None):
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
     return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
-            "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
+            "artifact_mib": size, "quantize_s": q_time,
+            "quantize_cpu_s": cpu_seconds(art + ".quantize.log"), "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
             "sample_peak_rss_mib": s_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
 
 
