@@ -3,6 +3,7 @@ allocated VQ4DiT (`--bits B`) at 1 to 3 bits, each row measured as bench_recipes
 
     python benchmarks/bench_bits_curve.py --rows alloc-1,alloc-1.5,alloc-2,uniform-2 --resume
     python benchmarks/bench_bits_curve.py --rows alloc-1.5-seed1 --resume     # calibration seed 1
+    python benchmarks/bench_bits_curve.py --rows kmeans-1,kmeans-2 --noise-only kmeans-1,kmeans-2 --resume
     python benchmarks/bench_bits_curve.py --resume --family 'alloc-res=--bits {bits} --residual 2' --rows alloc-res-1.5
 
 A row is FAMILY-BITS[-seedN]. Families: rtn (2, 3 bits: round-to-nearest has no fractional setting), kmeans and
@@ -11,8 +12,9 @@ codebooks only, or VQ4DiT's calibration), alloc (VQ4DiT with `--bits B`, any bud
 whose quantize.py flags hold `{bits}`. -seedN sets the calibration seed (default: the sampling seed --seed).
 Each row: quantize, 1000 samples (50 steps, CFG 1.5, sampling seed 0, the FP model's seeds), FID in the digits
 classifier's space with a 95% paired-bootstrap interval of FID(row) - FID(FP), PSNR vs the FP samples, the noise
-MSE vs FP on held-out teacher calls, quantize wall and CPU seconds, artifact size. Writes --out (runs/ and the
-report's base name): bits_curve.md, bits_curve.json and bits_curve.png next to the folder.
+MSE vs FP on held-out teacher calls, quantize wall and CPU seconds, artifact size; --noise-only rows skip the
+samples (a later run without them samples the artifact). Writes --out (runs/ and the report's base name):
+bits_curve.md, bits_curve.json and bits_curve.png next to the folder.
 """
 import argparse
 import json
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.bench_quality import sample_cmd, samples_path, timed  # noqa: E402
+from benchmarks.bench_quality import sample_cmd, sample_method, samples_path, timed  # noqa: E402
 from benchmarks.bench_recipes import bootstrap_fids, held_out_calls, interval, measure_row  # noqa: E402
 from benchmarks.plots import plot_bits_curve  # noqa: E402
 from vq4dit.evaluation.report import evaluate_files  # noqa: E402
@@ -120,6 +122,9 @@ def main(args):
         specs = [parse_row(key, custom) for key in args.rows]
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    stray = [key for key in args.noise_only if key not in args.rows]
+    if stray:
+        raise SystemExit(f"--noise-only {','.join(stray)}: not in --rows {','.join(args.rows)}")
     base = os.path.normpath(args.out)
     report = load_report(base + ".json", args)
     reference = samples_path(args.out, "fp")
@@ -129,13 +134,20 @@ def main(args):
     report["fp"] = evaluate_files(reference)
     todo = [s for s in specs if s.key not in report["rows"]]
     held_out = held_out_calls() if todo else None
-    for spec in todo:
-        row = measure_row(spec.key, spec.label, list(spec.flags), args, reference, held_out)
-        report["rows"][spec.key] = {**row, "family": spec.family, "index_bits": spec.bits, "calib_seed": spec.seed}
+    for spec in specs:
+        row = report["rows"].get(spec.key)
+        if row is None:
+            row = measure_row(spec.key, spec.label, list(spec.flags), args, reference, held_out,
+                              sample=spec.key not in args.noise_only)
+            row = {**row, "family": spec.family, "index_bits": spec.bits, "calib_seed": spec.seed}
+        elif "fid" not in row and spec.key not in args.noise_only:  # measured noise-only before: sample it now
+            row = {**row, **sample_method(spec.key, args, reference)}
+        else:
+            continue
+        report["rows"][spec.key] = row
         print(json.dumps(row), flush=True)
         write_report(report, args.out, base)  # after every row: a stopped run keeps what it measured
-    if not todo:
-        write_report(report, args.out, base)
+    write_report(report, args.out, base)
 
 
 def write_report(report, out, base):
@@ -144,7 +156,7 @@ def write_report(report, out, base):
     # a row whose samples were deleted keeps its recorded interval (the index sets depend only on the seed)
     report["versus_fp"] = {**report["versus_fp"], **{k: interval(boot, k, "fp") for k in rows if k in boot}}
     write_text_atomic(base + ".json", json.dumps(report, indent=1))
-    write_text_atomic(base + ".md", "\n".join(table_lines(report)) + "\n")
+    write_text_atomic(base + ".md", "\n".join(table_lines(report) + target_lines(report)) + "\n")
     plot_bits_curve(curve_series(rows), report["fp"]["fid"], base + ".png")
 
 
@@ -167,23 +179,52 @@ def table_lines(report):
              "| row | key | index bits | bits/weight (+codebook) | FID | FID - FID(FP), 95% | PSNR vs FP (dB) | "
              "noise MSE | quantize s (CPU s) | artifact MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ordered(report["rows"]):
-        lo, hi = report["versus_fp"][r["key"]]
+        if "fid" in r:
+            lo, hi = report["versus_fp"][r["key"]]
+            fid = f"{r['fid']:.1f} | [{lo:+.1f}, {hi:+.1f}] | {r['psnr_vs_reference']:.2f}"
+        else:
+            fid = "not sampled | - | -"
         cpu = "" if r.get("quantize_cpu_s") is None else f" ({r['quantize_cpu_s']:.0f})"
         lines.append(f"| {r['method']} | {r['key']} | {r['index_bits']:g} | {r['bits_per_weight']:.2f} "
-                     f"({r['bits_per_weight_with_codebook']:.2f}) | {r['fid']:.1f} | [{lo:+.1f}, {hi:+.1f}] | "
-                     f"{r['psnr_vs_reference']:.2f} | {r['noise_mse']:.4g} | {r['quantize_s']:.0f}{cpu} | "
-                     f"{r['artifact_mib']:.2f} |")
+                     f"({r['bits_per_weight_with_codebook']:.2f}) | {fid} | {r['noise_mse']:.4g} | "
+                     f"{r['quantize_s']:.0f}{cpu} | {r['artifact_mib']:.2f} |")
+    return lines
+
+
+def target_lines(report):
+    """Issue 33's targets, per calibration seed, for the rows measured so far."""
+    rows, fp = report["rows"], report["fp"]["fid"]
+    lines = ["", "Targets (issue 33), per calibration seed:", ""]
+    for suffix in ("", "-seed1"):
+        seed = "1" if suffix else "0 (--seed)"
+        if "fid" in rows.get(f"alloc-1.5{suffix}", {}):
+            lo, hi = report["versus_fp"][f"alloc-1.5{suffix}"]
+            lines.append(f"- {'met' if lo <= 0 <= hi else 'NOT met'}: seed {seed}, 1.5 bits: FID - FID(FP) in "
+                         f"[{lo:+.1f}, {hi:+.1f}]; target: 0 inside (within the sampling noise of FP)")
+        if "fid" in rows.get(f"alloc-1{suffix}", {}):
+            ratio = rows[f"alloc-1{suffix}"]["fid"] / fp
+            lines.append(f"- {'met' if ratio <= 1.2 else 'NOT met'}: seed {seed}, 1 bit: FID "
+                         f"{rows[f'alloc-1{suffix}']['fid']:.1f} = {ratio:.2f} x FP's {fp:.1f}; target <= 1.2 x")
+        alloc, uniform = rows.get(f"alloc-2{suffix}"), rows.get(f"uniform-2{suffix}")
+        if alloc and uniform:
+            noise = alloc["noise_mse"] / uniform["noise_mse"]
+            wall = alloc["quantize_s"] / uniform["quantize_s"]
+            cpu = (alloc.get("quantize_cpu_s") or float("nan")) / (uniform.get("quantize_cpu_s") or float("nan"))
+            lines.append(f"- {'met' if noise <= 0.7 and cpu <= 1.2 else 'NOT met'}: seed {seed}, 2 bits: noise "
+                         f"MSE {noise:.2f} x uniform W2's (target <= 0.7 x) at {cpu:.2f} x its quantize CPU "
+                         f"seconds, {wall:.2f} x its wall seconds (target <= 1.2 x)")
     return lines
 
 
 def curve_series(rows):
-    """{family label: [(bits/weight with codebooks, FID, noise MSE)]} of calibration seed 0's rows (the default)."""
+    """{family label: [(bits/weight with codebooks, FID or None, noise MSE)]} of the rows at the default
+    calibration seed."""
     names = {"rtn": "RTN", "kmeans": "k-means", "uniform": "VQ4DiT uniform", "alloc": "VQ4DiT allocated"}
     series = {}
     for r in ordered(rows):
         if r["calib_seed"] is None:
             series.setdefault(names.get(r["family"], r["family"]), []).append(
-                (r["bits_per_weight_with_codebook"], r["fid"], r["noise_mse"]))
+                (r["bits_per_weight_with_codebook"], r.get("fid"), r["noise_mse"]))
     return series
 
 
@@ -198,6 +239,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the default calibration seed)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--resume", action="store_true", help="keep the rows the report already holds")
+    parser.add_argument("--noise-only", type=lambda s: s.split(","), default=[],
+                        help="comma list of rows to quantize and score by noise MSE only, not sampled (no FID); "
+                             "a later run without them in this list samples their artifacts")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bits_curve"))
     parser.add_argument("extra", nargs="*", help="quantize.py flags for every row after --, e.g. for a smoke test: "
                                                  "-- --iters 5 --calib-samples 2 --steps 5 --calib-timesteps 2")

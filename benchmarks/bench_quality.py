@@ -95,21 +95,29 @@ def last_method(flags):
 def run_method(key, args, reference, label=None, flags=None):
     """Quantize (METHODS[key], or `label` and quantize.py `flags`), sample, evaluate; one row of the table."""
     label, flags = (label, flags) if flags is not None else METHODS[key]
+    return {**quantize_method(key, args, label, flags), **sample_method(key, args, reference)}
+
+
+def quantize_method(key, args, label, flags):
+    """Quantize into --out/runs/key with quantize.py `flags`: the row's label, bits, size and quantize cost."""
     art = os.path.join(args.out, "runs", key)
-    samples = samples_path(args.out, key)
     resumed = os.path.isdir(os.path.join(art, STATE_DIR))  # an interrupted calibration left its state: go on
-    method = last_method(flags)
-    extra = flags_read_by(method, args.extra)  # one set of extras serves every method
+    extra = flags_read_by(last_method(flags), args.extra)  # one set of extras serves every method
     q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *extra, "--out", art],
                           art + ".quantize.log", append=resumed)  # a method's own --seed wins
-    s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
-    row = evaluate_files(samples, reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
-    return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
-            "artifact_mib": size, "quantize_s": q_time,
-            "quantize_cpu_s": cpu_seconds(art + ".quantize.log"), "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
-            "sample_peak_rss_mib": s_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
+    return {"key": key, "method": label, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
+            "artifact_mib": size, "quantize_s": q_time, "quantize_cpu_s": cpu_seconds(art + ".quantize.log"),
+            "quantize_peak_rss_mib": q_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
+
+
+def sample_method(key, args, reference):
+    """Sample the artifact --out/runs/key and evaluate it against the FP samples `reference`."""
+    art = os.path.join(args.out, "runs", key)
+    samples = samples_path(args.out, key)
+    s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
+    return {**evaluate_files(samples, reference_path=reference), "sample_s": s_time, "sample_peak_rss_mib": s_rss}
 
 
 def write_table(rows, path, args):

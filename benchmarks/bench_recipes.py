@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.bench_quality import last_method, run_method, sample_cmd, samples_path, timed  # noqa: E402
+from benchmarks.bench_quality import last_method, quantize_method, sample_cmd, sample_method, samples_path, timed  # noqa: E402
 from benchmarks.fid_bootstrap import paired_bootstrap  # noqa: E402
 from vq4dit.calib.capture import capture_model_inputs, step_filter  # noqa: E402
 from vq4dit.calib.metrics import prediction_mse  # noqa: E402
@@ -232,16 +232,17 @@ def updates_of(artifact):
     return sum(r.get("updates", iters) for r in records)  # block-wise records hold their own (plateau: fewer)
 
 
-def measure_row(key, label, flags, args, reference, held_out):
-    """One row: quantize with `flags`, sample and evaluate (bench_quality.run_method), then the noise MSE vs the
-    FP model on the held-out calls `held_out` (held_out_calls()) and the calibration's optimizer updates."""
-    row = run_method(key, args, reference, label=label, flags=flags)
+def measure_row(key, label, flags, args, reference, held_out, sample=True):
+    """One row: quantize with `flags`, the noise MSE vs the FP model on the held-out calls `held_out`
+    (held_out_calls()) and the calibration's optimizer updates; then, unless `sample` is False, sample and evaluate
+    against the FP samples `reference` (bench_quality.sample_method)."""
+    row = quantize_method(key, args, label, flags)
     art = os.path.join(args.out, "runs", key)
     model, _, _ = load_quantized(art)
     row["noise_mse"] = prediction_mse(model, *held_out, "cpu")
     row["updates"] = 0 if last_method(flags) in UNCALIBRATED else updates_of(art)
     row["flags"] = flags
-    return row
+    return {**row, **sample_method(key, args, reference)} if sample else row
 
 
 def main(args):

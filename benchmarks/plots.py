@@ -39,7 +39,8 @@ def plot_fid_vs_bits(rows, fp_fid, path):
 
 
 def plot_bits_curve(series, fp_fid, path):
-    """series {name: [(bits per weight, FID, noise MSE)]}: FID and noise MSE against bits, one line per name."""
+    """series {name: [(bits per weight, FID or None: not sampled, noise MSE)]}: FID and noise MSE against bits,
+    one line per name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,9 +48,11 @@ def plot_bits_curve(series, fp_fid, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, points in series.items():
-        bits, fid, noise = zip(*sorted(points))
-        left.plot(bits, fid, marker="o", label=name)
-        right.plot(bits, noise, marker="o", label=name)
+        points = sorted(points)
+        sampled = [(b, fid) for b, fid, _ in points if fid is not None]
+        if sampled:
+            left.plot(*zip(*sampled), marker="o", label=name)
+        right.plot([b for b, _, _ in points], [n for _, _, n in points], marker="o", label=name)
     left.axhline(fp_fid, color="gray", linestyle="--", label="full precision")
     left.set_ylabel("FID (digits-classifier features, lower is better)")
     right.set_ylabel("noise-prediction MSE vs FP (held-out calls)")
