@@ -37,15 +37,29 @@ def devices(requested, cuda_available):
 
 
 def model_flags(model, ckpt, image_size):
-    """sample.py / quantize.py flags naming the model: none for the embedded digits model."""
+    """quantize.py / FP sample.py flags naming the model: none for the embedded digits model."""
     return [] if model == "embedded" else ["--model", model, "--ckpt", ckpt, "--image-size", str(image_size)]
+
+
+def random_vae(path):
+    """An AutoencoderKL of sd-vae-ft's shape with its initial random weights, saved at `path` once: a latent DiT's
+    sample.py decodes through a VAE, and the GPU machine reaches no hub (time only; the images mean nothing)."""
+    if not os.path.isdir(path):
+        from diffusers import AutoencoderKL
+
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                      sample_size=256).save_pretrained(path)
+    return path
 
 
 def sample_command(variant, device, artifacts, model_args, args, out_dir):
     """The sample.py command of one run (a quantized variant samples its artifact; FP the model itself)."""
     source = model_args if variant == "fp" else ["--quantized", artifacts[variant]]
-    return [sys.executable, "sample.py", *source, "--num-samples", str(args.num_samples), "--steps", str(args.steps),
-            "--seed", "0", "--batch-size", str(args.batch_size), "--device", device, "--out", out_dir]
+    vae = ["--vae", args.vae] if args.vae else []
+    return [sys.executable, "sample.py", *source, *vae, "--num-samples", str(args.num_samples),
+            "--steps", str(args.steps), "--seed", "0", "--batch-size", str(args.batch_size), "--device", device,
+            "--out", out_dir]
 
 
 def job_seconds(log_path):
@@ -91,6 +105,7 @@ def main(args):
         from benchmarks.bench_xl import random_checkpoint
 
         random_checkpoint(args.model, args.image_size, ckpt)
+        args.vae = args.vae or random_vae(os.path.join(args.work, "vae"))
     model_args = model_flags(args.model, ckpt, args.image_size)
     artifacts = prepare(args, model_args)
     runs = {}  # (device, variant) -> [run]
@@ -133,6 +148,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="embedded", help="embedded, or a registry name (random weights)")
     parser.add_argument("--image-size", type=int, default=256, help="with a registry --model")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when a GPU is present")
+    parser.add_argument("--vae", default=None, help="a local AutoencoderKL directory for a latent registry --model "
+                                                    "(default: one with random weights, made in --work)")
     parser.add_argument("--quantize-device", default="cpu", help="where the W2 / W3 artifacts are made (once)")
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--steps", type=int, default=50)
