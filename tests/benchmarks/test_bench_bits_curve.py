@@ -12,6 +12,7 @@ def test_row_specs_give_each_familys_flags_and_the_calibration_seed():
                                                     "--seed", "1")
     assert parse_row("kmeans-1").flags == ("--method", "kmeans", "--wbits", "1", "--dim", "8")
     assert parse_row("rtn-3").flags == ("--method", "rtn", "--wbits", "3")
+    assert parse_row("allocsub-1").flags[-2:] == ("--bits-settings", "256x16,256x8,256x6,64x4,256x4,64x2")
     spec = parse_row("alloc-2-seed1")
     assert (spec.family, spec.bits, spec.seed) == ("alloc", 2.0, 1)
 
