@@ -47,12 +47,12 @@ def plot_bits_curve(series, fp_fid, path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, points in series.items():
-        points = sorted(points)
+    for i, (name, points) in enumerate(series.items()):
+        points, color = sorted(points), f"C{i}"  # one colour per series in both panels
         sampled = [(b, fid) for b, fid, _ in points if fid is not None]
         if sampled:
-            left.plot(*zip(*sampled), marker="o", label=name)
-        right.plot([b for b, _, _ in points], [n for _, _, n in points], marker="o", label=name)
+            left.plot(*zip(*sampled), marker="o", color=color, label=name)
+        right.plot([b for b, _, _ in points], [n for _, _, n in points], marker="o", color=color, label=name)
     left.axhline(fp_fid, color="gray", linestyle="--", label="full precision")
     left.set_ylabel("FID (digits-classifier features, lower is better)")
     right.set_ylabel("noise-prediction MSE vs FP (held-out calls)")
