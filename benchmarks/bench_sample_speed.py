@@ -99,7 +99,7 @@ def run(cmd, log_path):
 def main(args):
     import torch
 
-    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(os.path.join(args.work, "samples"), exist_ok=True)
     ckpt = os.path.join(args.work, "fp.safetensors")
     if args.model != "embedded":
         from benchmarks.bench_xl import random_checkpoint
