@@ -47,7 +47,7 @@ def timed(cmd, log_path, append=False):
     the wall seconds are summed over every segment in the log (the interrupted ones included), the RSS is the
     largest."""
     with open(log_path, "a" if append else "w") as log:
-        subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
+        subprocess.run(["/usr/bin/time", "-f", "TIME %e %M %U %S", *cmd], cwd=ROOT, stdout=log, stderr=log, check=True)
     runs = time_lines(log_path)
     return sum(seconds for seconds, _ in runs), max(kib for _, kib in runs) / 1024
 
@@ -57,6 +57,14 @@ def time_lines(log_path):
     interrupted run was resumed)."""
     with open(log_path) as f:
         return [(float(p[1]), int(p[2])) for p in (line.split() for line in f if line.startswith("TIME "))]
+
+
+def cpu_seconds(log_path):
+    """User + system CPU seconds of every process /usr/bin/time logged in log_path, summed (None when a logged
+    process has no CPU fields: logs written before they were recorded)."""
+    with open(log_path) as f:
+        runs = [line.split() for line in f if line.startswith("TIME ")]
+    return sum(float(p[3]) + float(p[4]) for p in runs) if all(len(p) == 5 for p in runs) else None
 
 
 def bits_per_weight(artifact):
@@ -87,20 +95,29 @@ def last_method(flags):
 def run_method(key, args, reference, label=None, flags=None):
     """Quantize (METHODS[key], or `label` and quantize.py `flags`), sample, evaluate; one row of the table."""
     label, flags = (label, flags) if flags is not None else METHODS[key]
+    return {**quantize_method(key, args, label, flags), **sample_method(key, args, reference)}
+
+
+def quantize_method(key, args, label, flags):
+    """Quantize into --out/runs/key with quantize.py `flags`: the row's label, bits, size and quantize cost."""
     art = os.path.join(args.out, "runs", key)
-    samples = samples_path(args.out, key)
     resumed = os.path.isdir(os.path.join(art, STATE_DIR))  # an interrupted calibration left its state: go on
-    method = last_method(flags)
-    extra = flags_read_by(method, args.extra)  # one set of extras serves every method
+    extra = flags_read_by(last_method(flags), args.extra)  # one set of extras serves every method
     q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *extra, "--out", art],
                           art + ".quantize.log", append=resumed)  # a method's own --seed wins
-    s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
-    row = evaluate_files(samples, reference_path=reference)
     bpw, bpw_full = bits_per_weight(art)
     size = os.path.getsize(os.path.join(art, "model.safetensors")) / 2**20
-    return {"key": key, "method": label, **row, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
-            "artifact_mib": size, "quantize_s": q_time, "quantize_peak_rss_mib": q_rss, "sample_s": s_time,
-            "sample_peak_rss_mib": s_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
+    return {"key": key, "method": label, "bits_per_weight": bpw, "bits_per_weight_with_codebook": bpw_full,
+            "artifact_mib": size, "quantize_s": q_time, "quantize_cpu_s": cpu_seconds(art + ".quantize.log"),
+            "quantize_peak_rss_mib": q_rss, "quantize_segments": len(time_lines(art + ".quantize.log"))}
+
+
+def sample_method(key, args, reference):
+    """Sample the artifact --out/runs/key and evaluate it against the FP samples `reference`."""
+    art = os.path.join(args.out, "runs", key)
+    samples = samples_path(args.out, key)
+    s_time, s_rss = timed(sample_cmd(args, os.path.dirname(samples), ["--quantized", art]), art + ".sample.log")
+    return {**evaluate_files(samples, reference_path=reference), "sample_s": s_time, "sample_peak_rss_mib": s_rss}
 
 
 def write_table(rows, path, args):

@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.bench_quality import run_method, sample_cmd, samples_path, timed  # noqa: E402
+from benchmarks.bench_quality import last_method, quantize_method, sample_cmd, sample_method, samples_path, timed  # noqa: E402
 from benchmarks.fid_bootstrap import paired_bootstrap  # noqa: E402
 from vq4dit.calib.capture import capture_model_inputs, step_filter  # noqa: E402
 from vq4dit.calib.metrics import prediction_mse  # noqa: E402
@@ -115,6 +115,7 @@ PAIRS = [("ours-5x", "authors-100"), ("ours-5x-seed1", "authors-100-seed1"), ("o
          # both changes to ours at once, against the authors' rows of about its cost
          ("ours-5x-cfg4", "authors-100"), ("ours-5x-cfg4-seed1", "authors-100-seed1"),
          ("ours-5x-cfg4", "authors"), ("ours-5x-cfg4-seed1", "authors-seed1")]
+UNCALIBRATED = ("kmeans", "rtn")  # methods without a calibration (no calib_log.jsonl)
 HELD_OUT = dict(calib_samples=16, calib_timesteps=10, seed=1000, cfg_scale=1.5)
 
 
@@ -145,22 +146,29 @@ def bootstrap_intervals(rows, out, resamples=200):
     {key: [lo, hi]}. A row whose samples were deleted (they take disk) keeps the intervals recorded in recipes.json
     while they existed: the resampled index sets depend only on the seed, so they are the same."""
     saved = saved_report(os.path.join(out, "recipes.json"))
-    present = [key for key in rows if os.path.exists(samples_path(out, key))]
-    classifier = load_digits_classifier()
-    real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
-    # the FP samples too: index sets depend only on the seed, so adding a key leaves the other intervals unchanged
-    features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0]
-                for key in [*present, "fp"]}
-    boot = paired_bootstrap(features, real, resamples, seed=0)
-
-    def interval(a, b):  # 95% of FID(a) - FID(b) over the same resampled indices
-        return [float(v) for v in np.percentile(boot[a] - boot[b], [2.5, 97.5])]
-
-    intervals = {key: interval(key, REFERENCE) for key in present} if REFERENCE in present else {}
-    pairs = {f"{a} - {b}": interval(a, b) for a, b in PAIRS if a in present and b in present}
-    versus_fp = {key: interval(key, "fp") for key in present}
+    boot = bootstrap_fids(rows, out, resamples)
+    present = [key for key in rows if key in boot]
+    intervals = {key: interval(boot, key, REFERENCE) for key in present} if REFERENCE in present else {}
+    pairs = {f"{a} - {b}": interval(boot, a, b) for a, b in PAIRS if a in present and b in present}
+    versus_fp = {key: interval(boot, key, "fp") for key in present}
     return ({**saved.get("intervals", {}), **intervals}, {**saved.get("pairs", {}), **pairs},
             {**saved.get("versus_fp", {}), **versus_fp})
+
+
+def bootstrap_fids(keys, out, resamples=200):
+    """{key: (resamples,) FIDs} of the rows `keys` whose samples are under `out`, and of "fp", on the same resampled
+    index sets (seed 0: they depend only on it, so adding a key leaves the other intervals unchanged)."""
+    present = [key for key in keys if os.path.exists(samples_path(out, key))]
+    classifier = load_digits_classifier()
+    real, _ = classifier_outputs(classifier, real_digits_uint8()[0])
+    features = {key: classifier_outputs(classifier, load_samples(samples_path(out, key))[0])[0]
+                for key in [*present, "fp"]}
+    return paired_bootstrap(features, real, resamples, seed=0)
+
+
+def interval(boot, a, b):
+    """95% interval [lo, hi] of FID(a) - FID(b) over the same resampled indices."""
+    return [float(v) for v in np.percentile(boot[a] - boot[b], [2.5, 97.5])]
 
 
 def saved_report(path):
@@ -224,6 +232,19 @@ def updates_of(artifact):
     return sum(r.get("updates", iters) for r in records)  # block-wise records hold their own (plateau: fewer)
 
 
+def measure_row(key, label, flags, args, reference, held_out, sample=True):
+    """One row: quantize with `flags`, the noise MSE vs the FP model on the held-out calls `held_out`
+    (held_out_calls()) and the calibration's optimizer updates; then, unless `sample` is False, sample and evaluate
+    against the FP samples `reference` (bench_quality.sample_method)."""
+    row = quantize_method(key, args, label, flags)
+    art = os.path.join(args.out, "runs", key)
+    model, _, _ = load_quantized(art)
+    row["noise_mse"] = prediction_mse(model, *held_out, "cpu")
+    row["updates"] = 0 if last_method(flags) in UNCALIBRATED else updates_of(art)
+    row["flags"] = flags
+    return {**row, **sample_method(key, args, reference)} if sample else row
+
+
 def main(args):
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     path = os.path.join(args.out, "recipes.json")
@@ -241,12 +262,7 @@ def main(args):
         label, flags = ROWS[key]
         if "{matched}" in flags:
             flags = [f.format(matched=matched_trajectories(rows)) for f in flags]
-        row = run_method(key, args, reference, label=label, flags=flags)
-        art = os.path.join(args.out, "runs", key)
-        model, _, _ = load_quantized(art)
-        row["noise_mse"] = prediction_mse(model, teacher, adapter, calls, "cpu")
-        row["updates"] = updates_of(art) if key not in ("kmeans",) else 0
-        row["flags"] = flags
+        row = measure_row(key, label, flags, args, reference, (teacher, adapter, calls))
         if "--recipe" in flags:
             row["trajectories"] = int(flags[flags.index("--calib-samples") + 1]) if "--calib-samples" in flags \
                 else AUTHORS_BUDGET

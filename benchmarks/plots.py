@@ -38,6 +38,33 @@ def plot_fid_vs_bits(rows, fp_fid, path):
     plt.close(fig)
 
 
+def plot_bits_curve(series, fp_fid, path):
+    """series {name: [(bits per weight, FID or None: not sampled, noise MSE)]}: FID and noise MSE against bits,
+    one line per name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (name, points) in enumerate(series.items()):
+        points, color = sorted(points), f"C{i}"  # one colour per series in both panels
+        sampled = [(b, fid) for b, fid, _ in points if fid is not None]
+        if sampled:
+            left.plot(*zip(*sampled), marker="o", color=color, label=name)
+        right.plot([b for b, _, _ in points], [n for _, _, n in points], marker="o", color=color, label=name)
+    left.axhline(fp_fid, color="gray", linestyle="--", label="full precision")
+    left.set_ylabel("FID (digits-classifier features, lower is better)")
+    right.set_ylabel("noise-prediction MSE vs FP (held-out calls)")
+    for ax in (left, right):
+        ax.set_xlabel("bits per weight (with codebooks / scales)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def side_by_side(panels, path, count=40, cols=10, scale=3, pad=2, title_h=18):
     """panels: [(title, npz path)]; the first `count` samples of each (same seeds), tiled, next to each other."""
     tiles = []

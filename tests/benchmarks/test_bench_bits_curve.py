@@ -1,0 +1,33 @@
+"""The row specs of benchmarks/bench_bits_curve.py: FAMILY-BITS[-seedN] -> the quantize.py flags of that row."""
+import pytest
+
+from benchmarks.bench_bits_curve import parse_families, parse_row
+
+
+def test_row_specs_give_each_familys_flags_and_the_calibration_seed():
+    """Mutation caught: the -seedN suffix dropped (seed-1 rows would quantize with the sampling seed), or a uniform
+    row given the other method (k-means rows calibrated)."""
+    assert parse_row("alloc-1.25").flags == ("--method", "vq4dit", "--bits", "1.25")
+    assert parse_row("uniform-1.5-seed1").flags == ("--method", "vq4dit", "--dim", "4", "--codebook-size", "64",
+                                                    "--seed", "1")
+    assert parse_row("kmeans-1").flags == ("--method", "kmeans", "--wbits", "1", "--dim", "8")
+    assert parse_row("rtn-3").flags == ("--method", "rtn", "--wbits", "3")
+    assert parse_row("allocsub-1").flags[-2:] == ("--bits-settings", "256x16,256x8,256x6,64x4,256x4,64x2")
+    spec = parse_row("alloc-2-seed1")
+    assert (spec.family, spec.bits, spec.seed) == ("alloc", 2.0, 1)
+
+
+def test_a_custom_family_fills_in_the_bits():
+    """Mutation caught: {bits} left unformatted, or a family name with a dash split at the dash."""
+    custom = parse_families(["alloc-res=--bits {bits} --residual 2"])
+    spec = parse_row("alloc-res-1.5-seed1", custom)
+    assert spec.family == "alloc-res"
+    assert spec.flags == ("--bits", "1.5", "--residual", "2", "--seed", "1")
+
+
+@pytest.mark.parametrize("key, words", [("rtn-1.5", "valid bits: 2, 3"), ("uniform-1.25", "valid: 1, 1.33"),
+                                        ("lloyd-2", "valid: rtn"), ("alloc", "FAMILY-BITS")])
+def test_bad_rows_name_what_is_valid(key, words):
+    """Mutation caught: a row without a setting silently run at another one (e.g. RTN at 1.5 bits as W1)."""
+    with pytest.raises(ValueError, match=words):
+        parse_row(key)
