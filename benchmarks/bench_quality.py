@@ -22,6 +22,7 @@ from vq4dit.calib.checkpoints import STATE_DIR  # noqa: E402
 from vq4dit.evaluation.report import evaluate_files  # noqa: E402
 from vq4dit.jobs.config import flags_read_by  # noqa: E402
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
+from vq4dit.utils.resources import EMBEDDED_DIT  # noqa: E402
 
 # (label, quantize.py flags); W = bits per index weight, d = sub-vector length
 METHODS = {  # in the order they run: the W2 comparison first
@@ -166,7 +167,7 @@ def main(args):
         fp_time, fp_rss = timed(sample_cmd(args, fp_dir, []), fp_dir + ".sample.log")
         rows = [{"key": "fp", "method": "full precision", **evaluate_files(reference), "bits_per_weight": 32.0,
                  "bits_per_weight_with_codebook": 32.0, "quantize_s": 0.0, "quantize_peak_rss_mib": 0.0,
-                 "artifact_mib": os.path.getsize(os.path.join(ROOT, "weights", "dit_digits.safetensors")) / 2**20,
+                 "artifact_mib": os.path.getsize(EMBEDDED_DIT) / 2**20,
                  "sample_s": fp_time, "sample_peak_rss_mib": fp_rss}]
     for key in args.methods:
         if any(r["key"] == key for r in rows):
