@@ -20,14 +20,15 @@ from vq4dit.calib.config import CacheConfig, CalibConfig, TeacherConfig, check_c
 from vq4dit.calib.modes import mode_for
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.knobs import base_type, flag_name, key_name, knob
-from vq4dit.utils.resources import RECIPE_DIR, config_path, preset_names
+from vq4dit.utils.resources import RECIPE_DIR, config_path
+from vq4dit.utils.yamlfile import read_yaml
 
 METHODS = ("vq4dit", "kmeans", "codebook", "rtn")  # jobs/methods.py registers one class per name
 RECIPES = ("vq4dit", "authors")
 BACKENDS = ("auto", "vq4dit", "diffusers")
 CODEBOOK_INITS = ("auto", "kmeans", "gptvq")
-OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")
-STREAM_MODES = ("auto", "on", "off")  # the methods whose block-wise calibration can start from gptvq
+OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise calibration can start from gptvq
+STREAM_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -284,38 +285,6 @@ def check_bits(codebooks, given, source):
     raise UserError(f"{source}: wbits={w} with dim={d} means codebook_size 2^({w}*{d}) = "
                     f"{2 ** (w * d) if w * d <= 16 else f'2^{w * d}'}, but codebook_size={k} is given "
                     f"({math.log2(max(k, 1)) / d:g} bit(s) per weight); give one of wbits and codebook_size")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path):
-    """A YAML file that must hold a mapping; every problem is a UserError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-    except FileNotFoundError:
-        raise UserError(f"cannot read config {path}: no such file, and no preset of that name (presets: "
-                        f"{', '.join(preset_names())})") from None
-    except OSError as e:
-        raise UserError(f"cannot read config {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config {path} must be a mapping of keys to values, got {type(values).__name__}")
-    return values
 
 
 # keys a method or mode never reads: given on the command line (or as API keywords) they would do nothing, so they
