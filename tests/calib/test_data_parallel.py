@@ -178,10 +178,10 @@ SMALL = ["--iters", "6", "--calib-samples", "4", "--calib-timesteps", "2", "--st
          "--include", r"^blocks\.[01]\.", "--codebook-init", "kmeans"]
 
 
-def torchrun(out, **popen):
+def torchrun(out, *flags, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "quantize.py", "--out", str(out), *SMALL], cwd=REPO, env=env,
+                             "quantize.py", "--out", str(out), *SMALL, *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -209,15 +209,18 @@ def test_two_processes_killed_and_resumed_give_the_single_process_artifact(tmp_p
     codebook entries by one or two float16 steps of 2^-11 relative, so 1e-5 has no margin) and biases within 1e-4
     relative (1e-6 absolute). Catches a data split that is not the single-process minibatch
     (other rows, or a loss normalised per rank), a branch taken on one rank only, a rank resuming at another block or
-    from another rank's rows, and rank 1 writing the artifact (a race) or its own checkpoints over rank 0's."""
+    from another rank's rows, and rank 1 writing the artifact (a race) or its own checkpoints over rank 0's. The
+    rerun streams the model (--stream on, which is not in the run key): streaming under torchrun builds each block's
+    layers split between the processes and lands where one unstreamed process does."""
     single = tmp_path / "single"
     quantize(load_config(None, config_overrides(build_parser().parse_args(SMALL))), str(single), progress=False)
     out = tmp_path / "two"
     kill_after_first_block(out)
-    rerun = torchrun(out)
+    rerun = torchrun(out, "--stream", "on")  # the teacher streamed through the device (not in the run key)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-3000:]
     assert "resuming calibration at block 1" in err
+    assert "streaming (--stream on)" in err
     assert not (out / STATE_DIR).exists()
     a, b = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()

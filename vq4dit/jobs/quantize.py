@@ -194,6 +194,8 @@ def build_codebooks(base, include, run, stream=False):
         settings = allocate(base.model, base.adapter, include, config, run.progress).settings
     offload = None
     if stream:
+        logger.info("streaming (--stream %s): the model stays on the host as stored, its blocks visit %s one at a "
+                    "time", config.stream, resolve_device(config.device))
         base.model, teacher, offload, layers = build_streamed(base.model, base.adapter, include, method, config.seed,
                                                               resolve_device(config.device), run.progress)
     else:

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from vq4dit.models.offload import HostBlocks, upcast
-from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,9 +25,6 @@ logger = logging.getLogger(__name__)
 
 def check_streamable(config):
     """UserError for what a streamed run does not do yet."""
-    if distributed.active():
-        raise UserError(f"--stream {config.stream}: streaming does not run under torchrun yet; use --stream off or "
-                        "one process")
     if config.codebooks.bits is not None:
         raise UserError(f"--stream {config.stream}: the --bits allocation's probes need the whole model on the "
                         "device; use --stream off or --wbits")
