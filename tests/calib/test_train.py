@@ -232,3 +232,21 @@ def test_step_dtype_bf16_runs_the_update_forward_in_bf16_and_keeps_the_parameter
     assert layer.codebook.dtype == torch.float32 and layer.codebook.grad.dtype == torch.float32
     with torch.no_grad():
         assert loss_fn(torch.arange(64)).item() < before
+
+
+def test_active_rows_are_the_free_positions_in_order():
+    """active_rows against torch.nonzero, the obvious form (mutations caught: the frozen rows taken instead of the
+    free ones; an unstable sort, which may order equal keys otherwise; a layer with every row frozen given an empty
+    tensor instead of None)."""
+    from types import SimpleNamespace
+
+    from vq4dit.calib.train import active_rows
+
+    g = torch.Generator().manual_seed(0)
+    layers = [SimpleNamespace(is_hard=False, frozen=torch.rand(n, generator=g) < p)
+              for n, p in ((1000, 0.3), (37, 0.9), (64, 0.0))]
+    layers += [SimpleNamespace(is_hard=False, frozen=torch.ones(5, dtype=torch.bool)), SimpleNamespace(is_hard=True)]
+    rows = active_rows(layers)
+    for layer, got in zip(layers[:3], rows):
+        assert torch.equal(got, torch.nonzero(~layer.frozen)[:, 0])
+    assert rows[3] is None and rows[4] is None

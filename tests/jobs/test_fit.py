@@ -18,15 +18,19 @@ def fake_peak(config):
     return 100 if config.stream == "off" else 20 + 2 * rows
 
 
-@pytest.fixture
-def device(monkeypatch):
-    """A CUDA device of `usable` bytes past the reserve (device.usable = N sets it), planned by fake_peak."""
-    state = SimpleNamespace(usable=0)
+def fake_device(monkeypatch, usable=0):
+    """A CUDA device of `usable` bytes past the reserve (state.usable = N sets it), planned by fake_peak."""
+    state = SimpleNamespace(usable=usable)
     monkeypatch.setattr("vq4dit.jobs.fit.device_memory", lambda device: state.usable + RESERVE_BYTES)
     plan = lambda config: SimpleNamespace(peaks=SimpleNamespace(  # noqa: E731
         device_peak=SimpleNamespace(device_bytes=fake_peak(config))))
     monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", plan)
     return state
+
+
+@pytest.fixture
+def device(monkeypatch):
+    return fake_device(monkeypatch)
 
 
 def test_halvings():
@@ -76,3 +80,25 @@ def test_the_fitted_config_resumes_the_unfitted_run(device):
     assert fitted.calibration.micro_batch == 4
     assert RunKey.of(fitted) == RunKey.of(config)
     assert fitted.to_dict()["micro_batch"] == 4  # config.yaml says how it ran
+
+
+def test_a_plan_that_fails_or_a_bits_run_stays_unstreamed(device, monkeypatch, caplog):
+    """Mutations caught: only UserError caught from the plan (a pipeline whose tracing fails on meta tensors with a
+    RuntimeError would stop a default CUDA run that worked before); --bits given the streamed path it refuses (auto
+    would end a run that may fit in a UserError); the micro-batch log formatting a missing plan (TypeError)."""
+    device.usable = 30
+
+    def tracing_fails(config):
+        raise RuntimeError("meta tensors have no data")
+
+    monkeypatch.setattr("vq4dit.jobs.memory_plan.plan_for", tracing_fails)
+    assert fit_to_device(load_config(overrides={"batch_size": 16}), "cuda").stream == "off"
+    monkeypatch.undo()
+    device = fake_device(monkeypatch, usable=30)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.fit"):
+        fitted = fit_to_device(load_config(overrides={"bits": 2.0}), "cuda")
+    assert fitted.stream == "off" and "--bits runs unstreamed" in caplog.text
+    plans = iter([100, None])  # unstreamed too big; the streamed plan at the given micro-batch: none
+    monkeypatch.setattr("vq4dit.jobs.fit.device_peak", lambda config: next(plans))
+    fitted = fit_to_device(load_config(overrides={"batch_size": 16, "micro_batch": 2}), "cuda")
+    assert (fitted.stream, fitted.calibration.micro_batch) == ("on", 2)

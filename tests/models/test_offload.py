@@ -46,3 +46,34 @@ def test_resident_moves_a_block_once_for_many_calls_and_to_leaves_blocks_on_the_
     offload.close()
     stored.to(torch.float64)
     assert {p.dtype for p in stored.blocks.parameters()} == {torch.float64}
+
+
+def test_a_forward_that_raises_sends_its_block_back_and_close_frees_the_teacher():
+    """Mutations caught: the post hook without always_call (a forward that raises, e.g. out of memory, leaves the
+    block in fp32 on the device for good, and every later call skips the move); close() neither removing the hooks
+    nor dropping its references (a cycle block -> hook -> HostBlocks -> model keeps the host teacher alive until a
+    full garbage collection; either measure alone breaks it)."""
+    import gc
+    import weakref
+
+    stored, _ = bf16_dit()
+    blocks = list(stored.blocks.named_children())
+    offload = HostBlocks(stored, blocks, "cpu")
+    block = blocks[0][1]
+    broken = block.register_forward_pre_hook(lambda m, args: 1 / 0)  # runs after HostBlocks' own pre hook
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    try:
+        block(h, c)
+    except ZeroDivisionError:
+        pass
+    broken.remove()
+    assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    offload.close()
+    gc.collect()
+    gc.disable()
+    try:
+        alive = weakref.ref(stored)
+        del stored, blocks, block, offload
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -55,7 +55,9 @@ def active_rows(layers):
     out = []
     for layer in layers:
         free = 0 if layer.is_hard else next(counts)
-        out.append(torch.nonzero_static(~layer.frozen, size=free)[:, 0] if free else None)
+        # the free rows sort first (0 < 1), in increasing order: nonzero_static's result, which CUDA lacks before
+        # torch 2.6, with no read of the count (nonzero would read it)
+        out.append(torch.argsort(layer.frozen.to(torch.int8), stable=True)[:free] if free else None)
     return out
 
 

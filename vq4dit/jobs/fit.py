@@ -13,8 +13,8 @@ import torch
 
 from vq4dit.jobs.methods import METHODS
 from vq4dit.jobs.streaming import check_streamable
+from vq4dit.utils import distributed
 from vq4dit.utils.device import device_memory
-from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ def fit_to_device(config, device):
     (off). A streamed run that cannot stream is a UserError."""
     device = torch.device(device)
     if config.stream == "auto" and device.type == "cuda":
-        config = fit_cuda(config, device_memory(device) - RESERVE_BYTES, str(device))
+        # under torchrun every process takes the same path (the streamed build's collectives differ): the least room
+        room = int(distributed.all_min(device_memory(device) - RESERVE_BYTES))
+        config = fit_cuda(config, room, str(device))
     if config.stream == "on":
         check_streamable(config)
     return config
@@ -40,8 +42,8 @@ def device_peak(config):
 
     try:
         plan = plan_for(config)
-    except UserError as e:  # a pipeline the plan cannot run on meta: run as before
-        logger.warning("--stream auto: no memory plan (%s); not streaming", e)
+    except Exception as e:  # a pipeline the plan cannot run on meta (any error of its tracing): run as before
+        logger.warning("--stream auto: no memory plan (%s: %s); not streaming", type(e).__name__, e)
         return None
     return None if plan is None else plan.peaks.device_peak.device_bytes
 
@@ -56,6 +58,10 @@ def fit_cuda(config, room, where):
     need = device_peak(config.replace(stream="off"))
     if need is None or need <= room:
         return config.replace(stream="off")
+    if config.codebooks.bits is not None:  # the --bits probes need the whole model on the device (check_streamable)
+        logger.warning("the plan needs %.1f GiB, more than the %.1f GiB usable on %s, but --bits runs unstreamed; "
+                       "the run may run out of memory", need / 2**30, room / 2**30, where)
+        return config.replace(stream="off")
     gib = 2**30
     logger.info("--stream auto: the plan needs %.1f GiB of the %.1f GiB usable on %s; streaming the model block by "
                 "block", need / gib, room / gib, where)
@@ -69,7 +75,7 @@ def fit_cuda(config, room, where):
         need = device_peak(fitted)
         if need is None or need <= room:
             break
-    if fitted.calibration.micro_batch is not None:
+    if fitted.calibration.micro_batch is not None and need is not None:
         logger.info("--stream auto: each update in micro-batches of %d rows (the plan: %.1f GiB)", rows, need / gib)
     if need is not None and need > room:
         logger.warning("the streamed plan needs %.1f GiB, more than the %.1f GiB usable on %s; the run may run out of "

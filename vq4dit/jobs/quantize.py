@@ -144,7 +144,11 @@ def run_stages(base, include, run, stream=False):
     problem, layers = build_codebooks(base, include, run, stream)
     if problem is None:
         return layers, []
-    return layers, record_and_calibrate(problem, run)
+    try:
+        return layers, record_and_calibrate(problem, run)
+    finally:
+        if problem.offload is not None:  # the streamed teacher's hooks go, and with them its last references
+            problem.offload.close()
 
 
 def record_and_calibrate(problem, run):

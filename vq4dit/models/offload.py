@@ -55,7 +55,8 @@ class HostBlocks:
         self._handles = []
         for _, block in blocks:
             self._handles.append(block.register_forward_pre_hook(lambda m, args: self._enter(m)))
-            self._handles.append(block.register_forward_hook(lambda m, args, out: self._exit(m)))
+            # always_call: a forward that raises (out of memory) still sends the block back to the host
+            self._handles.append(block.register_forward_hook(lambda m, args, out: self._exit(m), always_call=True))
             block._apply = lambda fn, recurse=True, block=block: block  # a pipeline's .to() leaves it on the host
 
     def _enter(self, block):
@@ -88,3 +89,4 @@ class HostBlocks:
         self._handles.clear()
         for _, block in self.blocks.values():
             block.__dict__.pop("_apply", None)
+        self.model, self.blocks, self._host = None, {}, {}  # no cycle keeps the host teacher alive after the run
