@@ -140,6 +140,11 @@ def main(args):
         os.makedirs(os.path.dirname(reference), exist_ok=True)
         timed(sample_cmd(args, os.path.dirname(reference), []), os.path.dirname(reference) + ".sample.log")
     report["fp"] = evaluate_files(reference)
+    for spec in specs:  # a row measured noise-only whose artifact is gone (runs/ deleted, another clone): measure anew
+        row = report["rows"].get(spec.key)
+        if row is not None and "fid" not in row and spec.key not in args.noise_only \
+                and not os.path.isdir(os.path.join(args.out, "runs", spec.key)):
+            del report["rows"][spec.key]
     todo = [s for s in specs if s.key not in report["rows"]]
     held_out = held_out_calls() if todo else None
     for spec in specs:
