@@ -144,11 +144,16 @@ class VQLinear(QuantLinear):
                 idx, dist = nearest_codewords(subs[g], self.codebook.data[g], candidates)
             cands.append(idx)
             logits.append(init_logits(dist, ratio_init))
+        return self.set_soft_(torch.cat(cands), torch.cat(logits), candidates)
+
+    def set_soft_(self, candidates, logits, num_candidates):
+        """Turn this hard layer soft in place: its (N, n) candidate indices and ratio logits replace its indices
+        (num_candidates: n as asked), with no sub-vector frozen yet."""
         del self.indices
-        self.num_candidates = candidates
-        self.register_buffer("candidates", torch.cat(cands).to(index_dtype(self.codebook_size)))
-        self.logits = nn.Parameter(torch.cat(logits))
-        self.register_buffer("frozen", torch.zeros(self.logits.shape[0], dtype=torch.bool, device=self.logits.device))
+        self.num_candidates = num_candidates
+        self.register_buffer("candidates", candidates.to(index_dtype(self.codebook_size)))
+        self.logits = nn.Parameter(logits)
+        self.register_buffer("frozen", torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
         return self
 
     @property

@@ -24,7 +24,7 @@ from vq4dit.vq.candidates import (
 from vq4dit.vq.kernels.decode import gather_plan, workspace
 from vq4dit.vq.kmeans import authors_codebook_size, kmeans
 from vq4dit.vq.layer import CODEBOOK_STORAGE_BITS, VQLinear, check_shape
-from vq4dit.vq.packing import index_bits, index_dtype
+from vq4dit.vq.packing import index_bits
 from vq4dit.vq.weighted_kmeans import diagonal_blocks, gptvq_assign, refit_codebook, weighted_kmeans
 
 
@@ -92,12 +92,7 @@ class ResidualVQLinear(VQLinear):
             idx, dist = candidates_around(targets[j], self.codebook.data[j], current[j], candidates)
             cands.append(idx)
             logits.append(init_logits(dist, ratio_init))
-        del self.indices
-        self.num_candidates = candidates
-        self.register_buffer("candidates", torch.cat(cands).to(index_dtype(self.codebook_size)))
-        self.logits = nn.Parameter(torch.cat(logits))
-        self.register_buffer("frozen", torch.zeros(self.logits.shape[0], dtype=torch.bool, device=self.logits.device))
-        return self
+        return self.set_soft_(torch.cat(cands), torch.cat(logits), candidates)
 
     @torch.no_grad()
     def fit_outputs_(self, fp_weight, h_full, seed):
