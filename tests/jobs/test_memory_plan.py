@@ -13,7 +13,7 @@ from vq4dit.calib.problem import layers_of
 from vq4dit.jobs.config import load_config
 from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan
 from vq4dit.jobs.methods import method_for
-from vq4dit.jobs.plan_sources import meta_model, plan_source
+from vq4dit.jobs.plan_sources import meta_dit, meta_model, plan_source
 from vq4dit.models.adapters import ADAPTERS
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import CodebookSpec, quantize_linears
@@ -175,3 +175,31 @@ def test_flux_dev_streamed_plan_holds_one_fp32_block_and_the_bf16_teacher_on_the
     assert off.stored_bytes == sum(p.numel() * 2 for p in model.parameters()) and not off.stream
     assert all(s.host_bytes >= off.stored_bytes for s in on.stages[:-1])
     assert on.device_peak.device_bytes < 40 * 2**30 < off.peaks.device_peak.device_bytes
+
+
+def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each_process(monkeypatch):
+    """Each of 2 processes records only its trajectories: the slots hold the largest share's rows (5 trajectories:
+    one process records 3 of them, not 2.5), and the host line counts both processes. Mutations: the plan ignoring
+    WORLD_SIZE (every figure the single process's), or rows halved (the smaller share) -> fail."""
+    from vq4dit.calib.teacher import TeacherShare, teacher_plan
+    from vq4dit.jobs.plan_sources import dit_source
+    from vq4dit.models.adapters.dit import DiTAdapter
+
+    config = load_config(overrides={"ckpt": None, "calib_samples": 5, "calib_timesteps": 2, "steps": 4})
+    model, factor = dit_source(config.model)
+
+    def plan():
+        return memory_plan(meta_dit(model), DiTAdapter(), config, factor, 0, runtime=0)
+
+    one = plan()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = plan()
+    shares = [len(TeacherShare.of(teacher_plan(config.teacher, config.seed), 2, 2, r, 2).rows) for r in range(2)]
+    assert sorted(shares) == [8, 12]  # 2 and 3 trajectories x 2 kept steps x 2 (CFG)
+    for (key, shape, _), (key_two, shape_two, _) in zip(one.slots, two.slots):
+        assert key == key_two and shape[0] == 20 and shape_two[0] == max(shares), key
+    assert two.cache_bytes * 20 == one.cache_bytes * max(shares)
+    host = two.peaks.host_peak.host_bytes
+    assert f"2 processes x {host / 2**30:.2f} GiB = {2 * host / 2**30:.2f} GiB" in two.format()
+    assert "processes" not in one.format().split("\n")[-1]

@@ -105,6 +105,11 @@ class TeacherShare:
         return distributed.RowShard(np.sort(self.rows), self.total)
 
 
+def largest_share(plan, kept, copies, world_size):
+    """The most rows any one of `world_size` processes records of TeacherPlan `plan` (see TeacherShare.of)."""
+    return max(len(TeacherShare.of(plan, kept, copies, r, world_size).rows) for r in range(world_size))
+
+
 def single_process_rows(trajectories, batch, n, kept, copies):
     """Positions, in the calibration set one process records (batches of `batch` of the `n` trajectories; per batch,
     per kept step, the model call's rows: `copies` blocks of the batch's trajectories), of the rows that the

@@ -21,6 +21,7 @@ tensors and block outputs a recording stores. From them, at the config's setting
 Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from vq4dit.jobs.plan_sources import (
     stored_bytes,
     text_encoder_bytes,
 )
+from vq4dit.utils import distributed
 
 GIB = 2**30
 PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
@@ -68,6 +70,7 @@ class MemoryPlan:
     stored_bytes: int = 0  # host: the transformer as its checkpoint stores it
     block_fp_bytes: int = 0  # device: the largest block in fp32
     inputs: object = None  # the plan_stages.StageInputs the peaks come from
+    processes_here: int = 1  # torchrun processes on this machine, each holding the host figures
 
     @property
     def walk_bytes(self):
@@ -104,6 +107,10 @@ class MemoryPlan:
             lines.append(f"  not streamed (--stream {self.stream_flag}{auto}); --stream on would keep {streamed}")
         if self.peaks is not None:
             lines.append(self.peaks.format())
+            if self.processes_here > 1:
+                host = self.peaks.host_peak.host_bytes
+                lines.append(f"  this machine's host memory: {self.processes_here} processes x {gib(host)} = "
+                             f"{gib(self.processes_here * host)} (each process loads the model)")
         return "\n".join(lines)
 
 
@@ -211,7 +218,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     from vq4dit.calib.record import recording, slot_is_batched
     from vq4dit.calib.replay import Replay
     from vq4dit.calib.tables import Out
-    from vq4dit.calib.teacher import recorded_rows
+    from vq4dit.calib.teacher import largest_share, recorded_rows
     from vq4dit.calib.walk import WalkPlan, walk_peaks
     from vq4dit.jobs.methods import method_for
     from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
@@ -223,7 +230,10 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
                                                                 tokens, PROBE_ROWS)
     per_trajectory = adapter.rows_per_trajectory(plan)
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
-    rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
+    rows = all_rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
+    processes, on_this_machine = torchrun_processes()
+    if processes > 1:  # under torchrun each process records, walks and evaluates its own share of the points
+        rows = largest_share(plan, kept, per_trajectory, processes)
     calls = []
     with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append,
                                             keep_outputs=True):
@@ -293,11 +303,20 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
               f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
               f"{config.calibration.batch_size}",
-        points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {rows} points",
+        points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {all_rows} points"
+               + (f"; each of the {processes} processes (torchrun) holds at most {rows} of them, and every figure "
+                  "below is one process's" if processes > 1 else ""),
         slots=slots, cache_bytes=sum(size for _, _, size in slots), walk_blocks=walk, teacher_bytes=teacher,
         student_bytes=resident + total["hard"] + soft_extra, hard_bytes=resident + total["hard"],
         block_bytes=max(block_bytes), pass_bytes=end_pass,
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
         layers=len(sizes), peaks=peaks, stream=stream, stream_flag=config.stream, stored_bytes=inputs.stored,
-        block_fp_bytes=max(fp_blocks), inputs=inputs)
+        block_fp_bytes=max(fp_blocks), inputs=inputs, processes_here=on_this_machine if processes > 1 else 1)
+
+
+def torchrun_processes():
+    """(processes in all, processes on this machine) from the torchrun environment ((1, 1) without torchrun): read
+    from the environment, not the process group, so that --dry-run plans a torchrun run without joining one."""
+    size = distributed.world()[1]
+    return size, int(os.environ.get("LOCAL_WORLD_SIZE", size))
