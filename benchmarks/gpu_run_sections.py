@@ -1,0 +1,115 @@
+"""benchmarks/gpu_check.py's sections on the chip and whole runs: the dense GEMM rate every "% of the chip" refers to
+(device), the DiT-XL/2 forward full precision vs W2 (deploy), quantize.py's plan against a real run's peak (plan) and
+2 processes against 1 (ddp). Each section is fn(sizes, device, report), plan and ddp with a timeout for their child
+processes too.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.gpu_measure import median_seconds, peak_gib, reset_peak
+from vq4dit.models.dit import DiT_models
+from vq4dit.vq.apply import replace_linears
+from vq4dit.vq.layer import VQLinear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # quantize.py's directory: the child runs there
+
+
+def gemm_tflops(device, n, dtype):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats=10) / 1e12
+
+
+def section_device(sizes, device, report):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    report.facts["fp32 GEMM TFLOP/s"] = round(gemm_tflops(device, sizes.gemm, torch.float32), 2)
+    report.facts["bf16 GEMM TFLOP/s"] = round(gemm_tflops(device, sizes.gemm, torch.bfloat16), 2)
+
+
+def hard_random_vq(model, device):
+    """Every Linear of the blocks -> a hard W2 VQLinear with random codebook and indices (no k-means)."""
+    def make(name, linear):
+        layer = VQLinear(linear.in_features, linear.out_features, 256, 4, bias=linear.bias is not None, hard=True,
+                         device=device)
+        layer.codebook.data.normal_(0, 0.02)
+        layer.indices.random_(0, 256)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data)
+        return layer
+
+    replace_linears(model, r"^blocks\.", make, progress=False)
+    return model
+
+
+def section_deploy(sizes, device, report):
+    torch.manual_seed(0)
+    fp = DiT_models[sizes.dit_model](input_size=sizes.dit_input).to(device).eval()
+    quantized = hard_random_vq(DiT_models[sizes.dit_model](input_size=sizes.dit_input).to(device).eval(), device)
+    for batch in (1, sizes.dit_batch):
+        x = torch.randn(batch, 4, sizes.dit_input, sizes.dit_input, device=device)
+        t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, 1000, (batch,), device=device)
+        for dtype in ("fp32", "bf16"):
+            cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            row = {"batch": batch, "dtype": dtype}
+            for name, model in (("FP", fp), ("W2", quantized)):
+                reset_peak(device)
+                with torch.no_grad(), cast:
+                    row[f"{name} ms"] = round(1e3 * median_seconds(lambda: model(x, t, y), device, repeats=10), 2)
+                row[f"{name} peak GiB"] = peak_gib(device)
+            row["W2 / FP"] = round(row["W2 ms"] / row["FP ms"], 2)
+            report.add_row("deploy", row)
+
+
+def run_quantize(args, device, timeout):
+    """quantize.py on the embedded model in a child process; -> (exit code, seconds, peak device GiB, stderr tail)."""
+    probe = ("import runpy, sys, torch; sys.argv = ['quantize.py'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_path('quantize.py', run_name='__main__')\nfinally:\n"
+             "    print('PEAK', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, *args, "--device", device.type], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    peak = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK")]
+    return done.returncode, time.perf_counter() - start, int(peak[0]) / 2**30 if peak else None, done.stderr[-400:]
+
+
+SMALL_RUN = ["--iters", "20", "--calib-samples", "4", "--calib-timesteps", "3", "--steps", "10"]
+
+
+def section_plan(sizes, device, report, timeout):
+    """The plan's device peak against a real run's max_memory_allocated, unstreamed and streamed (--stream on: the
+    teacher on the host, one block on the device at a time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for stream in ("off", "on"):
+            plan_file = os.path.join(tmp, f"plan-{stream}.json")
+            flags = [*SMALL_RUN, "--stream", stream]
+            subprocess.run([sys.executable, "quantize.py", *flags, "--device", device.type, "--dry-run", "--json",
+                            plan_file], cwd=ROOT, check=True, capture_output=True, timeout=timeout)
+            with open(plan_file) as f:
+                planned = json.load(f).get("device_peak_bytes")
+            code, seconds, peak, err = run_quantize([*flags, "--out", os.path.join(tmp, stream)], device, timeout)
+            report.add_row("plan", {"run": f"embedded, small budget, --stream {stream}", "exit": code,
+                                    "s": round(seconds, 1),
+                                    "measured device GiB": None if peak is None else round(peak, 3),
+                                    "planned device GiB": None if planned is None else round(planned / 2**30, 3),
+                                    "stderr tail": err.strip().splitlines()[-1] if code else ""})
+
+
+def section_ddp(sizes, device, report, timeout):
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        report.facts["ddp"] = "skipped: fewer than 2 GPUs"
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in (1, 2):
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "quantize.py",
+                       *SMALL_RUN, "--device", "cuda", "--out", os.path.join(tmp, str(procs))]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            report.add_row("ddp", {"processes": procs, "exit": done.returncode,
+                                   "s": round(time.perf_counter() - start, 1)})
+
+
