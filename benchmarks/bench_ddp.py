@@ -1,5 +1,6 @@
 """Data-parallel calibration: quantize.py under torchrun with N processes x 1 thread against 1 process x 1 thread
-on the embedded model, fresh processes, run alternately. Writes a markdown table (default benchmarks/results/ddp.md).
+on the embedded model, or a registry DiT with random weights (--model), fresh processes, run alternately. Writes a
+markdown table (default benchmarks/results/ddp.md).
 
 The stages are timed from the runs' own log lines: load -> k-means ("quantized N linear layers"), recording
 ("recorded N calibration points"), the block-wise walk (to the last "block" line) and the whole command; and the
@@ -7,6 +8,11 @@ CPU time of the whole command (every process).
 
     python benchmarks/bench_ddp.py                       # 2 processes, the budget below
     python benchmarks/bench_ddp.py --repeats 3 --iters 200
+    python benchmarks/bench_ddp.py --model DiT-S/2 --image-size 256 --iters 10   # DiT-XL/2's 256 tokens, 384 wide
+
+Why another model: what each process repeats at every update (the soft weights, their backward, the optimizer step,
+the all-reduce) grows with the number of weights, what it splits (the rows of the minibatch through the block) with
+the weights times the minibatch's tokens: the embedded model's blocks see 64 tokens per sample, DiT-XL/2's 256.
 """
 import argparse
 import datetime
@@ -52,6 +58,21 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def model_flags(model, image_size, work):
+    """(quantize.py flags, a description) of the model a run calibrates: "embedded" (the default, no flags) or a
+    registry name whose random-weight checkpoint (N(0, 0.02), benchmarks/bench_xl.random_checkpoint) is written
+    under `work` once."""
+    if model == "embedded":
+        return [], "Embedded model (DiT-Digits/2, 6 blocks, 30 Linears, 128 wide, 64 tokens)"
+    from benchmarks.bench_xl import random_checkpoint
+
+    name = f"{model.replace('/', '-')}-{image_size}.safetensors"
+    ckpt = random_checkpoint(model, image_size, os.path.join(work, name))
+    tokens = (image_size // 8 // int(model.rsplit("/", 1)[1])) ** 2
+    return (["--model", model, "--ckpt", ckpt, "--image-size", str(image_size)],
+            f"{model} at {image_size} px with random weights ({tokens} tokens)")
+
+
 def run(processes, flags, out):
     """One quantize.py run: {"total", "kmeans", "record", "walk"} in wall seconds, "cpu" in CPU seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -78,6 +99,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--extra", default="", help="more quantize.py flags, e.g. '--codebook-init kmeans'")
+    p.add_argument("--model", default="embedded", help="embedded, or a registry name (random weights), e.g. DiT-S/2")
+    p.add_argument("--image-size", type=int, default=256, help="with --model NAME")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "ddp.md"))
     args = p.parse_args()
     flags = ["--iters", str(args.iters), "--calib-samples", str(args.calib_samples), "--calib-timesteps",
@@ -85,9 +108,10 @@ def main():
              *args.extra.split()]
     times = {1: [], args.processes: []}
     with tempfile.TemporaryDirectory() as tmp:
+        model_args, described = model_flags(args.model, args.image_size, tmp)
         for r in range(args.repeats):
             for n in times:  # alternately, so that a change of the machine's load hits both
-                times[n].append(run(n, flags, os.path.join(tmp, f"n{n}-{r}")))
+                times[n].append(run(n, flags + model_args, os.path.join(tmp, f"n{n}-{r}")))
                 print(n, "process(es):", {k: round(v, 1) for k, v in times[n][-1].items()}, flush=True)
     med = {n: {k: statistics.median(t[k] for t in runs) for k in runs[0]} for n, runs in times.items()}
     load = os.getloadavg()
@@ -95,9 +119,10 @@ def main():
         "# Data-parallel calibration: quantize.py under torchrun (gloo, CPU)", "",
         f"Command: `python benchmarks/bench_ddp.py --processes {args.processes} --repeats {args.repeats} --iters "
         f"{args.iters} --calib-samples {args.calib_samples} --calib-timesteps {args.calib_timesteps} --steps "
-        f"{args.steps} --kmeans-iters {args.kmeans_iters}" + (f" --extra '{args.extra}'" if args.extra else "") + "`",
+        f"{args.steps} --kmeans-iters {args.kmeans_iters}" + (f" --extra '{args.extra}'" if args.extra else "")
+        + ("" if args.model == "embedded" else f" --model {args.model} --image-size {args.image_size}") + "`",
         "",
-        f"Embedded model (DiT-Digits/2, 6 blocks, 30 Linears), quantize.py flags `{' '.join(flags)}`; every process "
+        f"{described}, quantize.py flags `{' '.join(flags)}`; every process "
         f"OMP_NUM_THREADS=1; fresh processes, 1 and {args.processes} processes alternately, median of "
         f"{args.repeats}. Machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (1 / 5 / 15 min) when the table was written: the cores are shared with other jobs, so the "
