@@ -8,8 +8,10 @@ allocated VQ4DiT (`--bits B`) at 1 to 3 bits, each row measured as bench_recipes
 
 A row is FAMILY-BITS[-seedN]. Families: rtn (2, 3 bits: round-to-nearest has no fractional setting), kmeans and
 uniform (one setting for every Linear: 1 = k256 d8, 1.33 = k256 d6, 1.5 = k64 d4, 2 = k256 d4, 3 = k64 d2; k-means
-codebooks only, or VQ4DiT's calibration), alloc (VQ4DiT with `--bits B`, any budget), allocsub (the same with a
-0.5-bit setting, k256 d16, offered too: at 1 bit alloc has no choice); --family NAME=FLAGS adds one whose
+codebooks only, or VQ4DiT's calibration), alloc (VQ4DiT with `--bits B`, any budget, one codebook per layer:
+ONE_CODEBOOK_SETTINGS), allocsub (the same with a 0.5-bit setting, k256 d16, offered too: at 1 bit alloc has no
+choice), allocres (`--bits B` at the default --bits-settings: those and two residual stages, k256 d16 x2 and k256 d8
+x2); --family NAME=FLAGS adds one whose
 quantize.py flags hold `{bits}`. -seedN sets the calibration seed (default: the sampling seed --seed).
 Each row: quantize, 1000 samples (50 steps, CFG 1.5, sampling seed 0, the FP model's seeds), FID in the digits
 classifier's space with a 95% paired-bootstrap interval of FID(row) - FID(FP), PSNR vs the FP samples, the noise
@@ -41,8 +43,10 @@ UNIFORM = {1.0: ("k256 d8", ["--wbits", "1", "--dim", "8"]),
            2.0: ("k256 d4", ["--wbits", "2", "--dim", "4"]),
            3.0: ("k64 d2", ["--wbits", "3", "--dim", "2"])}
 RTN_BITS = (2.0, 3.0)
-# allocsub: --bits with a 0.5-bit setting (k256 d16) added to the default ones; at a budget of 1 bit the default
-# settings leave no choice (every Linear at the cheapest, k256 d8: the uniform-1 row)
+# alloc: --bits with one codebook per layer (the --bits-settings default before residual stages joined it)
+ONE_CODEBOOK_SETTINGS = "256x8,256x6,64x4,256x4,64x2"
+# allocsub: those and a 0.5-bit setting (k256 d16); at a budget of 1 bit the one-codebook settings leave no choice
+# (every Linear at the cheapest, k256 d8: the uniform-1 row)
 SUB_BIT_SETTINGS = "256x16,256x8,256x6,64x4,256x4,64x2"
 ROW = re.compile(r"^(?P<family>[a-z][a-z0-9+_-]*?)-(?P<bits>\d+(\.\d+)?)(-seed(?P<seed>\d+))?$")
 TARGET_ROWS = ["uniform-2", "alloc-2", "alloc-1.5", "alloc-1", "uniform-2-seed1", "alloc-2-seed1", "alloc-1.5-seed1",
@@ -64,7 +68,10 @@ def family_flags(family, bits, custom):
     if family in custom:
         return f"{family} {bits:g} bits", shlex.split(custom[family].replace("{bits}", f"{bits:g}"))
     if family == "alloc":
-        return f"VQ4DiT allocated {bits:g} bits", ["--method", "vq4dit", "--bits", f"{bits:g}"]
+        return (f"VQ4DiT allocated {bits:g} bits, one codebook", ["--method", "vq4dit", "--bits", f"{bits:g}",
+                                                                   "--bits-settings", ONE_CODEBOOK_SETTINGS])
+    if family == "allocres":
+        return (f"VQ4DiT allocated {bits:g} bits, + residual", ["--method", "vq4dit", "--bits", f"{bits:g}"])
     if family == "allocsub":
         return (f"VQ4DiT allocated {bits:g} bits, + k256 d16", ["--method", "vq4dit", "--bits", f"{bits:g}",
                                                                   "--bits-settings", SUB_BIT_SETTINGS])
@@ -79,7 +86,7 @@ def family_flags(family, bits, custom):
         setting, flags = UNIFORM[bits]
         name, method = ("k-means", "kmeans") if family == "kmeans" else ("VQ4DiT uniform", "vq4dit")
         return f"{name} {setting}", ["--method", method, *flags]
-    raise ValueError(f"row family {family!r}: valid: rtn, kmeans, uniform, alloc, allocsub"
+    raise ValueError(f"row family {family!r}: valid: rtn, kmeans, uniform, alloc, allocres, allocsub"
                      f"{''.join(', ' + c for c in custom)}")
 
 

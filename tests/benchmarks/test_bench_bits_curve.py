@@ -7,7 +7,9 @@ from benchmarks.bench_bits_curve import parse_families, parse_row
 def test_row_specs_give_each_familys_flags_and_the_calibration_seed():
     """Mutation caught: the -seedN suffix dropped (seed-1 rows would quantize with the sampling seed), or a uniform
     row given the other method (k-means rows calibrated)."""
-    assert parse_row("alloc-1.25").flags == ("--method", "vq4dit", "--bits", "1.25")
+    assert parse_row("alloc-1.25").flags == ("--method", "vq4dit", "--bits", "1.25", "--bits-settings",
+                                             "256x8,256x6,64x4,256x4,64x2")
+    assert parse_row("allocres-1.5").flags == ("--method", "vq4dit", "--bits", "1.5")  # the default settings
     assert parse_row("uniform-1.5-seed1").flags == ("--method", "vq4dit", "--dim", "4", "--codebook-size", "64",
                                                     "--seed", "1")
     assert parse_row("kmeans-1").flags == ("--method", "kmeans", "--wbits", "1", "--dim", "8")

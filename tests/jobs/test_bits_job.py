@@ -101,7 +101,7 @@ def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--bits", "1.5", "--wbits", "2"], ["--bits", "1.5", "--dim", "4"],
-                                   ["--bits", "0.9"], ["--bits-settings", "256x4"], ["--bits", "2", "--method", "rtn"]])
+                                   ["--bits", "0.4"], ["--bits-settings", "256x4"], ["--bits", "2", "--method", "rtn"]])
 def test_bad_mixes_are_refused(flags, capsys):
     """--wbits / --dim given with --bits are refused even at their default values (they would be ignored)."""
     with pytest.raises(SystemExit) as e:

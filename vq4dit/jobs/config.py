@@ -92,8 +92,9 @@ class CodebookConfig:
     # None: every layer at wbits / dim; a number: a per-layer allocation (jobs/allocation.py, vq/allocate.py)
     bits: float | None = knob(None, "average index bits per weight: each layer gets one of --bits-settings, chosen to "
                               "minimise the estimated output error (replaces --wbits, --dim, --codebook-size)")
-    bits_settings: str | None = knob(None, "with --bits: the settings a layer may get, KxD,KxD,... (default "
-                                     "256x8,256x6,64x4,256x4,64x2: 1, 1.33, 1.5, 2 and 3 bits)")
+    bits_settings: str | None = knob(None, "with --bits: the settings a layer may get, KxD or KxDxS (S residual "
+                                     "stages), comma-separated (default 256x16,256x8,256x16x2,256x8x2,256x6,64x4,"
+                                     "256x4,64x2: 0.5 to 3 bits)")
 
     @property
     def k(self):

@@ -16,7 +16,7 @@ import numpy as np
 from vq4dit.vq.packing import index_bits
 
 MAX_CELLS = 1 << 16  # cost-grid cells of the dynamic program (its choice table holds layers x cells bytes)
-DEFAULT_SETTINGS = "256x8,256x6,64x4,256x4,64x2"  # 1, 1.33, 1.5, 2 and 3 index bits per weight
+DEFAULT_SETTINGS = "256x16,256x8,256x16x2,256x8x2,256x6,64x4,256x4,64x2"  # 0.5 to 3 index bits; two residual stages
 
 
 @dataclass(frozen=True)
