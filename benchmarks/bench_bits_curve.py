@@ -49,8 +49,8 @@ ONE_CODEBOOK_SETTINGS = "256x8,256x6,64x4,256x4,64x2"
 # (every Linear at the cheapest, k256 d8: the uniform-1 row)
 SUB_BIT_SETTINGS = "256x16,256x8,256x6,64x4,256x4,64x2"
 ROW = re.compile(r"^(?P<family>[a-z][a-z0-9+_-]*?)-(?P<bits>\d+(\.\d+)?)(-seed(?P<seed>\d+))?$")
-TARGET_ROWS = ["uniform-2", "alloc-2", "alloc-1.5", "alloc-1", "uniform-2-seed1", "alloc-2-seed1", "alloc-1.5-seed1",
-               "alloc-1-seed1"]
+TARGET_ROWS = ["uniform-2", "allocres-2", "allocres-1.5", "allocres-1", "uniform-2-seed1", "allocres-2-seed1",
+               "allocres-1.5-seed1", "allocres-1-seed1"]
 
 
 @dataclass(frozen=True)
@@ -212,36 +212,39 @@ def table_lines(report):
 
 
 def target_lines(report):
-    """Issue 33's targets, per calibration seed, for the rows measured so far."""
+    """Issue 33's targets, per calibration seed and allocation family (allocres: the default --bits-settings; alloc:
+    one codebook per layer), for the rows measured so far."""
     rows, fp = report["rows"], report["fp"]["fid"]
     lines = ["", "Targets (issue 33), per calibration seed:", ""]
-    for suffix in ("", "-seed1"):
+    for suffix, family in [(s, f) for s in ("", "-seed1") for f in ("allocres", "alloc")]:
         seed = "1" if suffix else "0 (--seed)"
-        if "fid" in rows.get(f"alloc-1.5{suffix}", {}):
-            lo, hi = report["versus_fp"][f"alloc-1.5{suffix}"]
-            lines.append(f"- {'met' if lo <= 0 <= hi else 'NOT met'}: seed {seed}, 1.5 bits: FID - FID(FP) in "
+        key = f"{family}-1.5{suffix}"
+        if "fid" in rows.get(key, {}):
+            lo, hi = report["versus_fp"][key]
+            lines.append(f"- {'met' if lo <= 0 <= hi else 'NOT met'}: seed {seed}, 1.5 bits ({key}): FID - FID(FP) in "
                          f"[{lo:+.1f}, {hi:+.1f}]; target: 0 inside (within the sampling noise of FP)")
-        for key in (f"allocsub-1{suffix}", f"alloc-1{suffix}"):  # alloc-1 is uniform k256 d8 (no cheaper setting)
+        one_bit = (f"{family}-1{suffix}",) + ((f"allocsub-1{suffix}",) if family == "alloc" else ())
+        for key in one_bit:  # alloc-1 is uniform k256 d8 (no cheaper one-codebook setting): allocsub offers d16
             if "fid" in rows.get(key, {}):
                 ratio = rows[key]["fid"] / fp
                 lines.append(f"- {'met' if ratio <= 1.2 else 'NOT met'}: seed {seed}, 1 bit ({key}): FID "
                              f"{rows[key]['fid']:.1f} = {ratio:.2f} x FP's {fp:.1f}; target <= 1.2 x")
-        alloc, uniform = rows.get(f"alloc-2{suffix}"), rows.get(f"uniform-2{suffix}")
+        alloc, uniform = rows.get(f"{family}-2{suffix}"), rows.get(f"uniform-2{suffix}")
         if alloc and uniform:
             noise = alloc["noise_mse"] / uniform["noise_mse"]
             wall = alloc["quantize_s"] / uniform["quantize_s"]
             cpu = (alloc.get("quantize_cpu_s") or float("nan")) / (uniform.get("quantize_cpu_s") or float("nan"))
-            lines.append(f"- {'met' if noise <= 0.7 and cpu <= 1.2 else 'NOT met'}: seed {seed}, 2 bits: noise "
-                         f"MSE {noise:.2f} x uniform W2's (target <= 0.7 x) at {cpu:.2f} x its quantize CPU "
-                         f"seconds, {wall:.2f} x its wall seconds (target <= 1.2 x)")
+            lines.append(f"- {'met' if noise <= 0.7 and cpu <= 1.2 else 'NOT met'}: seed {seed}, 2 bits "
+                         f"({family}-2{suffix}): noise MSE {noise:.2f} x uniform W2's (target <= 0.7 x) at {cpu:.2f} "
+                         f"x its quantize CPU seconds, {wall:.2f} x its wall seconds (target <= 1.2 x)")
     return lines
 
 
 def curve_series(rows):
     """{family label: [(bits/weight with codebooks, FID or None, noise MSE)]} of the rows at the default
     calibration seed."""
-    names = {"rtn": "RTN", "kmeans": "k-means", "uniform": "VQ4DiT uniform", "alloc": "VQ4DiT allocated",
-             "allocsub": "VQ4DiT allocated, + k256 d16"}
+    names = {"rtn": "RTN", "kmeans": "k-means", "uniform": "VQ4DiT uniform", "alloc": "VQ4DiT allocated, one codebook",
+             "allocsub": "VQ4DiT allocated, + k256 d16", "allocres": "VQ4DiT allocated, + residual (default)"}
     series = {}
     for r in ordered(rows):
         if r["calib_seed"] is None:

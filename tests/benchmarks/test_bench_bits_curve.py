@@ -33,3 +33,20 @@ def test_bad_rows_name_what_is_valid(key, words):
     """Mutation caught: a row without a setting silently run at another one (e.g. RTN at 1.5 bits as W1)."""
     with pytest.raises(ValueError, match=words):
         parse_row(key)
+
+
+def test_targets_are_judged_for_the_default_and_the_one_codebook_allocation():
+    """Both allocation families get a line per target, judged on their own rows. Mutations: the targets read from
+    the one-codebook rows only (the default's met target goes unreported), or an interval with 0 inside called not
+    met -> fail."""
+    from benchmarks.bench_bits_curve import target_lines
+
+    rows = {"allocres-1.5": {"fid": 85.0}, "alloc-1.5": {"fid": 97.0}, "allocres-1": {"fid": 95.0},
+            "allocres-2": {"noise_mse": 0.5, "quantize_s": 10, "quantize_cpu_s": 10},
+            "uniform-2": {"noise_mse": 1.0, "quantize_s": 10, "quantize_cpu_s": 10}}
+    report = {"rows": rows, "fp": {"fid": 82.5}, "versus_fp": {"allocres-1.5": [-1.0, 8.0], "alloc-1.5": [7.0, 21.0]}}
+    lines = "\n".join(target_lines(report))
+    assert "- met: seed 0 (--seed), 1.5 bits (allocres-1.5)" in lines
+    assert "- NOT met: seed 0 (--seed), 1.5 bits (alloc-1.5)" in lines
+    assert "- met: seed 0 (--seed), 1 bit (allocres-1): FID 95.0 = 1.15 x" in lines
+    assert "- met: seed 0 (--seed), 2 bits (allocres-2): noise MSE 0.50 x" in lines
