@@ -21,7 +21,6 @@ tensors and block outputs a recording stores. From them, at the config's setting
 Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 
@@ -231,7 +230,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     per_trajectory = adapter.rows_per_trajectory(plan)
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = all_rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
-    processes, on_this_machine = torchrun_processes()
+    processes, on_this_machine = distributed.launched_sizes()
     if processes > 1:  # under torchrun each process records, walks and evaluates its own share of the points
         rows = largest_share(plan, kept, per_trajectory, processes)
     calls = []
@@ -314,9 +313,3 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         layers=len(sizes), peaks=peaks, stream=stream, stream_flag=config.stream, stored_bytes=inputs.stored,
         block_fp_bytes=max(fp_blocks), inputs=inputs, processes_here=on_this_machine if processes > 1 else 1)
 
-
-def torchrun_processes():
-    """(processes in all, processes on this machine) from the torchrun environment ((1, 1) without torchrun): read
-    from the environment, not the process group, so that --dry-run plans a torchrun run without joining one."""
-    size = distributed.world()[1]
-    return size, int(os.environ.get("LOCAL_WORLD_SIZE", size))

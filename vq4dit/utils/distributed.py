@@ -15,6 +15,13 @@ def world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def launched_sizes():
+    """(processes in all, processes on this machine) from the torchrun environment, (1, 1) when not launched by
+    torchrun: read without joining a process group (a --dry-run plans a torchrun run without starting one)."""
+    size = world()[1]
+    return size, int(os.environ.get("LOCAL_WORLD_SIZE", size))
+
+
 def init(device):
     """Join the process group when launched with WORLD_SIZE > 1; returns the device this rank uses."""
     rank, size = world()
