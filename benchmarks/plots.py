@@ -3,13 +3,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def plot_fid_vs_bits(rows, fp_fid, path):
-    """One point per method (rows with bits_per_weight_with_codebook, fid, method); FP as a line."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files only (no display here), imported when a plot is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_fid_vs_bits(rows, fp_fid, path):
+    """One point per method (rows with bits_per_weight_with_codebook, fid, method); FP as a line."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = {}
     for r in rows:
@@ -33,19 +45,13 @@ def plot_fid_vs_bits(rows, fp_fid, path):
     ax.set_ylabel("FID (digits-classifier features, lower is better)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_bits_curve(series, fp_fid, path):
     """series {name: [(bits per weight, FID or None: not sampled, noise MSE)]}: FID and noise MSE against bits,
     one line per name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, (name, points) in enumerate(series.items()):
         points, color = sorted(points), f"C{i}"  # one colour per series in both panels
@@ -60,9 +66,7 @@ def plot_bits_curve(series, fp_fid, path):
         ax.set_xlabel("bits per weight (with codebooks / scales)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def side_by_side(panels, path, count=40, cols=10, scale=3, pad=2, title_h=18):
