@@ -14,6 +14,7 @@ from vq4dit.jobs.quantize import quantize
 from vq4dit.jobs.streaming import check_streamable
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.utils.errors import UserError
+from vq4dit.utils.host_memory import mapped_bytes
 
 BUDGET = {"codebook_size": 16, "kmeans_iters": 2, "iters": 2, "calib_samples": 2, "calib_timesteps": 2, "steps": 2,
           "device": "cpu"}
@@ -39,7 +40,9 @@ def observed_run(overrides, out):
         before = {t.dtype for b in blocks for t in b.parameters()}
         data = record(problem, *args, **kwargs)
         moves = problem.offload.moves if problem.offload is not None else None
+        host = [t for b in blocks for t in b.parameters()]
         seen.append({"block_dtypes": before, "moves": moves, "blocks": len(blocks),
+                     "mapped": (mapped_bytes(host), sum(t.nbytes for t in host)),
                      "after": {t.dtype for b in blocks for t in b.parameters()},
                      "student": {t.dtype for t in problem.student.parameters() if t.is_floating_point()}})
         return data
@@ -71,7 +74,7 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
     """The same through a diffusers pipeline stored in bf16 (from_pretrained in the stored dtype, the pipeline's
     .to(device) that must leave the blocks on the host, the non-block parts in fp32). Mutation caught: load_transformer
     ignoring stored_dtype's torch_dtype and keeping bf16 for the student (artifact differs) or upcasting the
-    teacher (block dtypes fp32)."""
+    teacher (block dtypes fp32); the stored teacher copied on load (private memory in every process: mapped 0)."""
     pipe = flux_pipeline()
     pipe.transformer.to(torch.bfloat16)
     pipe.save_pretrained(str(tmp_path / "pipeline"), safe_serialization=True)
@@ -81,6 +84,9 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
     on, seen = observed_run({**common, "stream": "on"}, tmp_path / "on")
     assert on == off
     assert seen[0]["block_dtypes"] == seen[0]["after"] == {torch.bfloat16} and seen[0]["moves"] > 0
+    # the host teacher's blocks are the checkpoint's mapped pages (one copy per machine under torchrun), not copies
+    mapped, total = seen[0]["mapped"]
+    assert mapped == total > 0
 
 
 def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):

@@ -19,6 +19,7 @@ from torch import nn
 
 from vq4dit.models.offload import HostBlocks, upcast
 from vq4dit.utils.errors import UserError
+from vq4dit.utils.host_memory import mapped_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -86,4 +87,8 @@ def build_streamed(model, adapter, include, method, seed, device, progress=True)
     layers = {n: layers[n] for n in order}
     if not method.calibrated:
         return student, None, None, layers
+    host = [t for _, block in blocks for t in [*block.parameters(), *block.buffers()]]
+    logger.info("the teacher's blocks on the host: %.2f GiB, of which %.2f GiB are its checkpoint files' mapped pages "
+                "(held once per machine, whatever the processes)", sum(t.nbytes for t in host) / 2**30,
+                mapped_bytes(host) / 2**30)
     return student, model, HostBlocks(model, blocks, device), layers
