@@ -213,3 +213,48 @@ def test_image_size_must_fit_the_vae_and_the_tokens(pipelines):
         base.adapter.image_size(base.model, 1, 8, 9)
     with pytest.raises(UserError, match="height=1000 is not a multiple of 16"):
         base.adapter.image_size(base.model, 8, 1000)
+
+
+def _encode_worker(rank, port, directory, out):
+    import os
+
+    import vq4dit.models.adapters.t2i as t2i
+    from vq4dit.utils import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    loads, load = [], t2i.load_pipeline
+    t2i.load_pipeline = lambda *a, **k: loads.append(a) or load(*a, **k)
+    adapter = adapter_for(BUILDERS["flux"]().transformer)
+    positive, negative = adapter._encode_once(directory, list(PROMPTS_2P))
+    torch.save({"positive": positive, "negative": negative, "loads": len(loads)}, f"{out}/rank{rank}.pt")
+    distributed.shutdown()
+
+
+PROMPTS_2P = ("a photo of a cat", "a red car", "a tree under the sky")
+
+
+def test_under_torchrun_rank_0_alone_loads_the_text_encoders_and_every_rank_gets_its_embeddings(tmp_path):
+    """Two gloo processes encode the teacher's prompts: rank 0 loads the text encoders, rank 1 none, and both hold
+    the embeddings one process computes, bit for bit. Catches every rank loading the encoders (a machine holding one
+    T5-XXL per process), and embeddings lost or reshaped on the way (names, shapes, dtypes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    directory = tmp_path / "flux"
+    save_tiny_t2i_pipeline("flux", directory)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_encode_worker, args=(port, str(directory), str(tmp_path)), nprocs=2)
+    single = adapter_for(BUILDERS["flux"]().transformer)._encode_once(str(directory), list(PROMPTS_2P))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["loads"] for r in results] == [1, 0]
+    assert single[0]  # Flux's guidance is distilled: no negative embeddings
+    for r in results:
+        for got, want in zip((r["positive"], r["negative"]), single):
+            assert sorted(got) == sorted(want)
+            for k in want:
+                assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

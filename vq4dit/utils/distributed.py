@@ -145,6 +145,19 @@ def broadcast_(t, src):
     return t
 
 
+def broadcast_tensors(tensors, src):
+    """{name: tensor} on every rank := rank `src`'s `tensors` (CPU tensors; the other ranks pass None): their names,
+    shapes and dtypes first, then each tensor. One process: `tensors` itself."""
+    if not active():
+        return tensors
+    meta = [[(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
+            if rank() == src else None]
+    dist.broadcast_object_list(meta, src, device=_comm_device(torch.empty(0)))
+    if rank() == src:
+        return {k: broadcast_(t.contiguous(), src) for k, t in tensors.items()}
+    return {k: broadcast_(torch.empty(shape, dtype=getattr(torch, dtype)), src) for k, shape, dtype in meta[0]}
+
+
 def gather_rows_to(local, dst):
     """On rank `dst`: [each rank's rows `local` (n_r, ...) as (n_r, e) tensors, e the elements per row] (n_r may be
     0, and a rank without rows need not know the rows' shape; dtypes alike); None elsewhere."""

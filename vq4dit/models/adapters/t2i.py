@@ -5,7 +5,8 @@ embeddings, so that every transformer call is one sampler step:
 1. the prompts (a --prompts file, or the built-in class-name prompts of models/prompts.py) are encoded once, on the
    CPU, by a pipeline holding only the text encoders and tokenizers; that pipeline is dropped before the first
    sampler step: no text encoder is in memory while the transformer samples or calibrates, and none ever takes
-   device memory (T5-XXL in fp32 is 19 GB; encoding a few dozen prompts on the CPU takes minutes, once);
+   device memory (T5-XXL in fp32 is 19 GB; encoding a few dozen prompts on the CPU takes minutes, once); under
+   torchrun rank 0 encodes them and sends the embeddings to the other processes;
 2. the teacher pipeline holds the scheduler and the transformer only (no VAE: output_type="latent"); trajectory i is
    conditioned on a prompt drawn from the seed and starts from noise of its own generator, seeded by (seed, i), so
    a trajectory does not depend on the batch it runs in.
@@ -24,6 +25,7 @@ from vq4dit.models.adapters.base import CALIB_STREAM, Adapter, ImageSampler
 from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline, to_uint8_images
 from vq4dit.models.prompts import prompt_list
 from vq4dit.models.sampler import sample_seed
+from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class TextToImageAdapter(Adapter):
     guided_batch = True  # classifier-free guidance doubles the transformer's batch (False: guidance is an input)
     text_tokens = 0  # prompt tokens the pipeline pads to (its max_sequence_length default)
     video = False  # whether the pipeline draws frames (num_frames)
+    encodes_once = True  # the prompts are encoded before the teacher runs (under torchrun: by rank 0 alone)
 
     def __init__(self):
         self.source, self.prompts, self.height, self.width, self.num_frames = None, prompt_list(), None, None, None
@@ -131,7 +134,11 @@ class TextToImageAdapter(Adapter):
 
     def _encode_once(self, directory, prompts):
         """{name: (P, ...) CPU tensor} of `prompts` and {name: (1, ...)} of the negative prompt, from a pipeline
-        that holds only the text encoders (on the CPU); it is released before this returns."""
+        that holds only the text encoders (on the CPU); it is released before this returns. Under torchrun rank 0
+        alone loads the encoders and sends the embeddings to the others: a machine holds one set of encoders, not
+        one per process."""
+        if distributed.rank() != 0:
+            return distributed.broadcast_tensors(None, 0), distributed.broadcast_tensors(None, 0)
         pipe = load_pipeline(directory, ENCODE_DEVICE, transformer=None, vae=None)
         with torch.no_grad():
             chunks = [self.encode(pipe, prompts[s:s + ENCODE_BATCH], ENCODE_DEVICE)
@@ -140,7 +147,8 @@ class TextToImageAdapter(Adapter):
         del pipe
         gc.collect()
         logger.info("encoded %d prompts on the CPU; text encoders released", len(prompts))
-        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}, negative
+        positive = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        return distributed.broadcast_tensors(positive, 0), distributed.broadcast_tensors(negative, 0)
 
     def teacher_runs(self, model, plan, device):
         directory = self._directory(self.source)
