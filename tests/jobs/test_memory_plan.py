@@ -200,6 +200,40 @@ def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each
     for (key, shape, _), (key_two, shape_two, _) in zip(one.slots, two.slots):
         assert key == key_two and shape[0] == 20 and shape_two[0] == max(shares), key
     assert two.cache_bytes * 20 == one.cache_bytes * max(shares)
-    host = two.peaks.host_peak.host_bytes
-    assert f"2 processes x {host / 2**30:.2f} GiB = {2 * host / 2**30:.2f} GiB" in two.format()
+    host = two.peaks.host_peak
+    assert (f"this machine's host memory: {2 * host.host_bytes / 2**30:.2f} GiB at {host.name} = 2 processes x "
+            f"{host.host_bytes / 2**30:.2f} GiB each") in two.format()
     assert "processes" not in one.format().split("\n")[-1]
+
+
+@pytest.mark.parametrize("dtypes", ["bf16", "bf16+fp32"])
+def test_under_torchrun_a_machine_holds_the_mapped_teacher_and_the_text_encoders_once(dtypes, tmp_path, monkeypatch):
+    """2 processes on one machine, a streamed Flux pipeline. Its files store bf16 only: each process's host teacher
+    is the files' mapped pages (tests/jobs/test_streaming.py checks that a run's are), which the machine holds
+    once; and rank 0 alone encodes the prompts, so while it holds the text encoders the other process holds the
+    rest. Its files store two dtypes: the load converts them, and each process holds its own copy. Catches the
+    teacher counted once per process although mapped (or once although converted), and the text encoders counted
+    in every process."""
+    from tests.models.tiny_t2i import flux_pipeline
+    from vq4dit.jobs.memory_plan import plan_for
+
+    pipe = flux_pipeline()
+    pipe.transformer.to(torch.bfloat16)
+    if dtypes == "bf16+fp32":
+        pipe.transformer.proj_out.to(torch.float32)
+    pipe.save_pretrained(str(tmp_path / "flux"), safe_serialization=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    plan = plan_for(load_config(overrides={"ckpt": str(tmp_path / "flux"), "height": 8, "width": 8, "stream": "on",
+                                           "device": "cpu"}))
+    peaks, x = plan.peaks, plan.inputs
+    mapped = x.stored if dtypes == "bf16" else 0
+    assert plan.stream and x.stored > 0 and x.text_encoders > 0
+    encode = next(s for s in peaks.stages if s.name.startswith("encode prompts"))
+    assert peaks.machine_host(encode) == encode.host_bytes + (encode.host_bytes - x.text_encoders) - mapped
+    for stage in peaks.stages[:-1]:  # every stage but save holds the host teacher
+        if stage is not encode:
+            assert peaks.machine_host(stage) == 2 * stage.host_bytes - mapped, stage.name
+    saved = peaks.to_json(plan.title)
+    assert saved["machine_host_peak_bytes"] == max(peaks.machine_host(s) for s in peaks.stages)
+

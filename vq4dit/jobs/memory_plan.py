@@ -36,6 +36,7 @@ from vq4dit.jobs.plan_sources import (
     plan_source,
     plans_stream,
     stored_bytes,
+    stored_is_mapped,
     text_encoder_bytes,
 )
 from vq4dit.utils import distributed
@@ -69,7 +70,6 @@ class MemoryPlan:
     stored_bytes: int = 0  # host: the transformer as its checkpoint stores it
     block_fp_bytes: int = 0  # device: the largest block in fp32
     inputs: object = None  # the plan_stages.StageInputs the peaks come from
-    processes_here: int = 1  # torchrun processes on this machine, each holding the host figures
 
     @property
     def walk_bytes(self):
@@ -78,6 +78,18 @@ class MemoryPlan:
     @property
     def device_bytes(self):
         return self.teacher_bytes + self.student_bytes + self.block_bytes
+
+    def machine_line(self):
+        """This machine's host memory under torchrun, at its worst stage (plan_stages.PlanPeaks.machine_host)."""
+        worst = self.peaks.machine_host_peak
+        n, mapped = self.peaks.processes_here, worst.mapped_bytes
+        parts = [f"{n} processes x {(worst.host_bytes - mapped - worst.rank0_bytes) / GIB:.2f} GiB each"]
+        if worst.rank0_bytes:
+            parts.append(f"the text encoders once (rank 0 encodes the prompts) {worst.rank0_bytes / GIB:.2f} GiB")
+        if mapped:
+            parts.append(f"the teacher's checkpoint pages once (mapped by every process) {mapped / GIB:.2f} GiB")
+        return (f"  this machine's host memory: {self.peaks.machine_host(worst) / GIB:.2f} GiB at {worst.name} = "
+                + " + ".join(parts))
 
     def format(self):
         def gib(n):
@@ -106,10 +118,8 @@ class MemoryPlan:
             lines.append(f"  not streamed (--stream {self.stream_flag}{auto}); --stream on would keep {streamed}")
         if self.peaks is not None:
             lines.append(self.peaks.format())
-            if self.processes_here > 1:
-                host = self.peaks.host_peak.host_bytes
-                lines.append(f"  this machine's host memory: {self.processes_here} processes x {gib(host)} = "
-                             f"{gib(self.processes_here * host)} (each process loads the model)")
+            if self.peaks.processes_here > 1:
+                lines.append(self.machine_line())
         return "\n".join(lines)
 
 
@@ -281,6 +291,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         soft_extra = max(sum(s["soft"] - s["hard"] for full, s in sizes.items() if full.startswith(f"{name}."))
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
+    pipeline = directory is not None or spec.ckpt in REFERENCE_MODELS
     end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
     inputs = StageInputs(
         teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
@@ -291,7 +302,9 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
         artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)],
         walks_blocks=mode.walks_blocks, fp_blocks=fp_blocks,
-        stored=stored_bytes(model, directory is not None or spec.ckpt in REFERENCE_MODELS, directory))
+        stored=stored_bytes(model, pipeline, directory), stored_mapped=stored_is_mapped(pipeline, directory),
+        encode_on_rank0=getattr(adapter, "encodes_once", False),
+        processes_here=on_this_machine if processes > 1 else 1)
     runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
     device = plan_device(config.device)
     peaks = stages(inputs, device, runtime)
@@ -311,5 +324,5 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         artifact_bytes=kept_fp + total["stored"], fp_bytes=fp_bytes, bits=total["index"] * 8 / total["weights"],
         bits_with_codebooks=(total["index"] + total["codebook"]) * 8 / total["weights"], weights=total["weights"],
         layers=len(sizes), peaks=peaks, stream=stream, stream_flag=config.stream, stored_bytes=inputs.stored,
-        block_fp_bytes=max(fp_blocks), inputs=inputs, processes_here=on_this_machine if processes > 1 else 1)
+        block_fp_bytes=max(fp_blocks), inputs=inputs)
 

@@ -144,6 +144,19 @@ def stored_bytes(model, pipeline, directory=None):
                for t in [*model.parameters(), *model.buffers()])
 
 
+def stored_is_mapped(pipeline, directory=None):
+    """Whether a streamed run's host teacher is a view of its checkpoint files' mapped pages (shared by the processes
+    of a machine, utils/host_memory.py): a pipeline's transformer whose files store one floating dtype (loaded as
+    stored, nothing converted); a config-only directory is taken to be as published (bf16 only). A DiT is counted
+    per process: its .safetensors loads are mapped too, but a diffusers-format DiT is converted (an over-count of at
+    most its weights, 2.7 GB for DiT-XL/2)."""
+    if not pipeline:
+        return False
+    from vq4dit.models.pipelines import stored_float_dtypes
+
+    return directory is None or len(stored_float_dtypes(Path(directory) / "transformer")) <= 1
+
+
 def plans_stream(stream, device, peaks):
     """Whether a run of --stream `stream` on `device` streams, given the PlanPeaks `peaks` of its unstreamed plan:
     on, off, or auto: on when a CUDA device of this machine holds less than the plan's device peak (a machine

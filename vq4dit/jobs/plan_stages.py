@@ -24,14 +24,18 @@ class StagePeak:
     name: str
     device_bytes: int
     host_bytes: int
+    rank0_bytes: int = 0  # of host_bytes, what only rank 0 holds under torchrun (the text encoders)
+    mapped_bytes: int = 0  # of host_bytes, checkpoint files' pages every process maps (held once per machine)
 
 
 @dataclass
 class PlanPeaks:
-    """Every stage's peak in run order; `device` the run's device ("cpu": the host holds the device's bytes)."""
+    """Every stage's peak in run order; `device` the run's device ("cpu": the host holds the device's bytes). The
+    figures are one process's (the largest); `processes_here` torchrun processes share this machine."""
 
     device: str
     stages: list
+    processes_here: int = 1
 
     @property
     def device_peak(self):
@@ -41,10 +45,23 @@ class PlanPeaks:
     def host_peak(self):
         return max(self.stages, key=lambda s: s.host_bytes)
 
+    def machine_host(self, stage):
+        """This machine's host bytes with each of its processes at `stage`: the mapped files once, every process's
+        own bytes, what rank 0 alone holds once."""
+        n = self.processes_here
+        return stage.mapped_bytes + n * (stage.host_bytes - stage.mapped_bytes) - (n - 1) * stage.rank0_bytes
+
+    @property
+    def machine_host_peak(self):
+        return max(self.stages, key=self.machine_host)
+
     def to_json(self, title):
+        machine = self.machine_host_peak
         return {"title": title, "device": self.device, "stages": [dataclasses.asdict(s) for s in self.stages],
                 "device_peak_bytes": self.device_peak.device_bytes, "device_peak_stage": self.device_peak.name,
-                "host_peak_bytes": self.host_peak.host_bytes, "host_peak_stage": self.host_peak.name}
+                "host_peak_bytes": self.host_peak.host_bytes, "host_peak_stage": self.host_peak.name,
+                "processes_here": self.processes_here,
+                "machine_host_peak_bytes": self.machine_host(machine), "machine_host_peak_stage": machine.name}
 
     def write_json(self, path, title):
         write_text_atomic(path, json.dumps(self.to_json(title), indent=1) + "\n")
@@ -133,6 +150,14 @@ class StageInputs:
     fp_blocks: list = None  # device: block i of the teacher in fp32
     stored: int = 0  # host: the model as its checkpoint stores it (a streamed run's teacher)
     stream: bool = False  # the run streams the model through the device block by block (jobs/streaming.py)
+    stored_mapped: bool = False  # the streamed teacher's host tensors are views of its files' mapped pages
+    encode_on_rank0: bool = False  # under torchrun rank 0 alone loads the text encoders
+    processes_here: int = 1  # torchrun processes on this machine
+
+
+def _peaks(x, device, out):
+    """PlanPeaks of the stages `out` of StageInputs `x`."""
+    return PlanPeaks("cpu" if device == "cpu" else device, out, x.processes_here)
 
 
 def stages(inputs, device, runtime):
@@ -148,7 +173,8 @@ def stages(inputs, device, runtime):
     out = [stage("load", x.teacher, 0 if cpu else x.teacher),
            stage("build quantized layers (teacher copy + old layers)", 2 * x.teacher + x.quantized_hard, 0)]
     if x.text_encoders:
-        out.append(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders))
+        out.append(dataclasses.replace(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders),
+                                       rank0_bytes=x.text_encoders * x.encode_on_rank0))
     out.append(stage("record (teacher batch)", resident + x.record, x.cache))
     if not x.walks_blocks:
         out.append(stage("calibrate (every layer soft, every block at once)", resident + sum(x.soft) + sum(x.train),
@@ -162,7 +188,7 @@ def stages(inputs, device, runtime):
     if x.end_pass:
         out.append(stage("end-to-end pass", resident + x.end_pass, x.end_points))
     out.append(stage("save", x.hard, x.artifact))
-    return PlanPeaks("cpu" if cpu else device, out)
+    return _peaks(x, device, out)
 
 
 def streamed_stages(inputs, device, runtime):
@@ -172,14 +198,16 @@ def streamed_stages(inputs, device, runtime):
     x, cpu = inputs, device == "cpu"
 
     def stage(name, on_device, host):
-        return StagePeak(name, on_device, runtime + x.stored + host + (on_device if cpu else 0))
+        return StagePeak(name, on_device, runtime + x.stored + host + (on_device if cpu else 0),
+                         mapped_bytes=x.stored * x.stored_mapped)
 
     block, outside = max(x.fp_blocks), x.teacher - sum(x.fp_blocks)
     resident = outside + x.hard  # the teacher's parts outside the blocks and the student
     out = [stage("load (host, stored dtype)", 0, 0),
            stage("build quantized layers (block by block)", x.hard + block, 0)]
     if x.text_encoders:
-        out.append(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders))
+        out.append(dataclasses.replace(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders),
+                                       rank0_bytes=x.text_encoders * x.encode_on_rank0))
     out.append(stage("record (teacher batch, one block on the device)", resident + block + x.record, x.cache))
     if not x.walks_blocks:
         out.append(stage("calibrate (every layer soft, every block at once)",
@@ -194,4 +222,4 @@ def streamed_stages(inputs, device, runtime):
     if x.end_pass:
         out.append(stage("end-to-end pass", resident + x.end_pass, x.end_points))
     out.append(StagePeak("save", x.hard, runtime + x.artifact + (x.hard if cpu else 0)))
-    return PlanPeaks("cpu" if cpu else device, out)
+    return _peaks(x, device, out)

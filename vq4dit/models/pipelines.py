@@ -102,19 +102,27 @@ def load_transformer(directory, supported=None, stored_dtype=False):
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def widest_stored_dtype(directory):
-    """The floating torch dtype that holds every floating value the *.safetensors files in `directory` store (read
-    from their headers): the one they store, fp32 for several (bf16 and fp16 do not hold each other's values), or
-    None (no such file)."""
+def stored_float_dtypes(directory):
+    """The safetensors names ("BF16", "F32", ...) of the floating dtypes the *.safetensors files in `directory` store,
+    read from their headers (an empty set: no such file)."""
     import struct
-
-    import torch
 
     found = set()
     for path in Path(directory).glob("*.safetensors"):
         with open(path, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
         found |= {e["dtype"] for k, e in header.items() if k != "__metadata__" and e["dtype"] in SAFETENSORS_DTYPES}
+    return found
+
+
+def widest_stored_dtype(directory):
+    """The floating torch dtype that holds every floating value the *.safetensors files in `directory` store (read
+    from their headers): the one they store, fp32 for several (bf16 and fp16 do not hold each other's values), or
+    None (no such file). Loaded in the one dtype they store, the tensors are views of the files' mapped pages
+    (utils/host_memory.py); converted, they are copies."""
+    import torch
+
+    found = stored_float_dtypes(directory)
     if not found:
         return None
     if len(found) > 1:

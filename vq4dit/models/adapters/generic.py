@@ -109,6 +109,7 @@ def _default(pipe, name):
 class GenericAdapter(TextToImageAdapter):
     family = "generic"
     video = True  # num_frames is accepted when the pipeline's __call__ takes it
+    encodes_once = False  # the teacher is the whole pipeline: every process holds the text encoders while it runs
 
     def __init__(self):
         super().__init__()
