@@ -237,3 +237,40 @@ def test_under_torchrun_a_machine_holds_the_mapped_teacher_and_the_text_encoders
     saved = peaks.to_json(plan.title)
     assert saved["machine_host_peak_bytes"] == max(peaks.machine_host(s) for s in peaks.stages)
 
+
+def test_the_plans_training_bytes_cover_what_a_real_update_saves_for_its_backward(tmp_path):
+    """A real block-wise run of the embedded model on the CPU: the tensors autograd saves in each update (the block's
+    forward with soft layers and the ratio penalty L_r; parameters are not counted, as in the plan) and the
+    gradients and RMSprop state it leaves, against the plan's bytes for calibrating that block. Catches L_r
+    left out of the probe, and a CPU run planned with the one-pass soft weight of a GPU (einsum's form keeps each
+    layer's (N, n, d) codewords: twice the fp32 weight at d = 4, n = 2)."""
+    from unittest import mock
+
+    import vq4dit.calib.train as train
+    from vq4dit.jobs.memory_plan import plan_for
+    from vq4dit.jobs.quantize import quantize
+
+    config = load_config(overrides={"ckpt": None, "iters": 1, "calib_samples": 4, "calib_timesteps": 2, "steps": 4,
+                                    "kmeans_iters": 2, "codebook_init": "kmeans", "batch_size": 16, "device": "cpu"})
+    saved, per_update, step = {}, [], train.Trainer.step
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    def counted(self, loss):
+        out = step(self, loss)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+        per_update.append((sum(saved.values()), state + grads))
+        saved.clear()
+        return out
+
+    with mock.patch.object(train.Trainer, "step", counted), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        quantize(config, str(tmp_path / "out"), progress=False)
+    planned = plan_for(config).inputs.train
+    assert len(per_update) == len(planned) == 6  # one update per block
+    for (kept, optimizer), plan in zip(per_update, planned):  # the plan also holds the minibatch's targets
+        assert kept + optimizer <= plan <= 1.05 * (kept + optimizer)

@@ -30,16 +30,22 @@ class _FusedAttention:
         return self.fn.apply(query, key, value)
 
 
-def _probe_layer(m, codebooks, size):
+def _probe_layer(m, codebooks, size, device):
     """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
-    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold)."""
+    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold). Its soft
+    weight is built as a run on `device` builds it (vq.candidates.soft_reconstruct: einsum's form on a CPU, which
+    keeps the (N, n, d) codewords for its backward; the one-pass form elsewhere)."""
     import torch
 
+    from vq4dit.vq.candidates import soft_reconstruct
     from vq4dit.vq.layer import VQLinear
 
     class Probe(VQLinear):
         def ratios(self):
             return torch.softmax(self.logits, dim=1)
+
+        def subvectors(self, dtype=None):
+            return soft_reconstruct(self.codebook, self.candidates, self.ratios(), one_pass=device != "cpu")
 
     return Probe(m.in_features, m.out_features, codebooks.k, codebooks.dim, size["n"], size["groups"],
                  bias=m.bias is not None, device="meta")
@@ -48,19 +54,22 @@ def _probe_layer(m, codebooks, size):
 def block_training_bytes(block, replay, include_block, sizes, config):
     """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
     QuantizeConfig `config` (with micro_batch: at the micro-batch's rows): autograd's saved activations with soft
-    VQ layers in place of the selected Linears (`include_block`: their names inside the block), the minibatch's
-    inputs and targets in fp32, and the gradients
-    and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
+    VQ layers in place of the selected Linears (`include_block`: their names inside the block) and of the ratio
+    penalty L_r over their free rows (every row at the start, and the rows' index), the minibatch's inputs and
+    targets in fp32, and the gradients and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
     import torch
     import torch.nn.functional as F
 
     from vq4dit.calib.calls import flatten
     from vq4dit.calib.replay import gather
+    from vq4dit.calib.train import ratio_penalty
+    from vq4dit.jobs.plan_sources import plan_device
     from vq4dit.vq.apply import set_submodule
 
     student = copy.deepcopy(block)
     for local, full in include_block.items():
-        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full]))
+        set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full],
+                                                   plan_device(config.device)))
     rows, batched = min(config.calibration.batch_size, config.calibration.micro_batch or math.inf), replay.batched
     expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
     args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
@@ -74,10 +83,14 @@ def block_training_bytes(block, replay, include_block, sizes, config):
             held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
 
+    soft = [student.get_submodule(local) for local in include_block]
+    active = [torch.arange(layer.logits.shape[0], device="meta") for layer in soft]  # the free rows: all, at first
+    held.update({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in active})
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = flatten(student(*args, **kwargs))[1]
+            ratio_penalty(soft, config.calibration.ratio_reg, active)  # L_r: what its backward keeps, per layer
     finally:
         F.scaled_dot_product_attention = sdpa
     targets = sum(t.numel() * 4 for t in outputs)
