@@ -5,6 +5,7 @@ maps the file; diffusers and `load_state_dict(assign=True)` keep the tensors the
 the page cache, once per machine, however many processes map them: torchrun's processes that each load the same
 checkpoint share one copy. A tensor converted on load (bf16 -> fp32) is private memory of each process.
 """
+import bisect
 
 
 def _file_ranges():
@@ -25,6 +26,7 @@ def _file_ranges():
 def mapped_bytes(tensors):
     """Bytes of the distinct storages of CPU `tensors` that lie in a file mapping of this process (0 off Linux)."""
     ranges = _file_ranges()
+    starts = [lo for lo, _ in ranges]
     seen, total = set(), 0
     for t in tensors:
         storage = t.untyped_storage()
@@ -32,7 +34,8 @@ def mapped_bytes(tensors):
             continue
         seen.add(storage.data_ptr())
         start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        if any(lo <= start and end <= hi for lo, hi in ranges):
+        i = bisect.bisect_right(starts, start) - 1  # the last mapping that begins at or before the storage
+        if i >= 0 and end <= ranges[i][1]:
             total += storage.nbytes()
     return total
 
