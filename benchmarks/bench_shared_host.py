@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from vq4dit.utils.host_memory import memory_split  # noqa: E402
+
 # the text widths are the tiny encoders'
 MID = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=128,
            num_attention_heads=8, joint_attention_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -50,17 +52,6 @@ def build_pipeline(path):
     return sum(p.numel() for p in transformer.parameters())
 
 
-def rollup(pid):
-    """{Rss, Pss, Private} bytes of process `pid` now, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            fields = {p[0].rstrip(":"): int(p[1]) * 1024 for p in (line.split() for line in f) if len(p) == 3}
-    except OSError:
-        return None
-    return {"Rss": fields["Rss"], "Pss": fields["Pss"],
-            "Private": fields["Private_Clean"] + fields["Private_Dirty"]}
-
-
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -75,11 +66,11 @@ def watch(command, env):
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     start, machine, rss, private = time.time(), 0, {}, {}
     while run.poll() is None:
-        sizes = {pid: rollup(pid) for pid in children(run.pid)}
-        sizes = {pid: s for pid, s in sizes.items() if s is not None}
-        machine = max(machine, sum(s["Pss"] for s in sizes.values()))
+        sizes = {pid: memory_split(pid) for pid in children(run.pid)}
+        sizes = {pid: s for pid, s in sizes.items() if s}  # {}: the process has gone
+        machine = max(machine, sum(s["pss"] for s in sizes.values()))
         for pid, s in sizes.items():
-            rss[pid], private[pid] = max(rss.get(pid, 0), s["Rss"]), max(private.get(pid, 0), s["Private"])
+            rss[pid], private[pid] = max(rss.get(pid, 0), s["rss"]), max(private.get(pid, 0), s["private"])
         time.sleep(0.1)
     if run.returncode:
         print(run.stderr.read()[-3000:], file=sys.stderr)

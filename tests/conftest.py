@@ -1,4 +1,6 @@
 """Shared test fixtures: tiny DiTs with non-trivial (non-zero adaLN) weights."""
+import socket
+
 import pytest
 import torch
 
@@ -48,3 +50,10 @@ def sample_dit(model, out_dir, num_samples, classes=None, **settings):
 
     return sample_to_dir(model, adapter_for(model), {}, str(out_dir), num_samples,
                          SampleSettings(**{"progress": False, **settings}), "cpu", classes)
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (the rendezvous of a test's gloo processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

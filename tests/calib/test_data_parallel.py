@@ -3,7 +3,6 @@ what the processes compute together, resuming per rank, and 2 gloo processes aga
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests.calib.test_replay import toy_set
+from tests.conftest import free_port
 from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
 from vq4dit.calib.micro import micro_losses
 from vq4dit.calib.moments import block_input_moments
@@ -95,12 +95,6 @@ def test_a_fit_costs_more_with_more_inputs_at_the_same_weights():
 
 # --- two gloo processes on the toy model ----------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _toy_worker(rank, size, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
     torch.set_num_threads(1)
@@ -157,7 +151,7 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
       (--micro-batch), one of which holds no row of rank 0. Catches a part normalised by its own row count;
     - a rank that saved a generation the other did not goes back to the previous one. Catches resuming each rank at
       its own last checkpoint (ranks at different blocks)."""
-    mp.spawn(_toy_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_toy_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model, adapter, cset = toy_set(num_samples=150)
     name, block = adapter.blocks(model)[0]

@@ -239,16 +239,13 @@ def test_under_torchrun_rank_0_alone_loads_the_text_encoders_and_every_rank_gets
     """Two gloo processes encode the teacher's prompts: rank 0 loads the text encoders, rank 1 none, and both hold
     the embeddings one process computes, bit for bit. Catches every rank loading the encoders (a machine holding one
     T5-XXL per process), and embeddings lost or reshaped on the way (names, shapes, dtypes)."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
 
     directory = tmp_path / "flux"
     save_tiny_t2i_pipeline("flux", directory)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_encode_worker, args=(port, str(directory), str(tmp_path)), nprocs=2)
+    mp.spawn(_encode_worker, args=(free_port(), str(directory), str(tmp_path)), nprocs=2)
     single = adapter_for(BUILDERS["flux"]().transformer)._encode_once(str(directory), list(PROMPTS_2P))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["loads"] for r in results] == [1, 0]

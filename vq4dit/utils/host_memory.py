@@ -40,12 +40,12 @@ def mapped_bytes(tensors):
     return total
 
 
-def memory_split():
-    """{"rss", "private", "shared", "pss"}: this process's resident bytes, those only it holds, those it shares
-    with other processes, and its proportional share (shared pages divided by the processes that map them), from
-    /proc/self/smaps_rollup; {} where there is none."""
+def memory_split(pid="self"):
+    """{"rss", "private", "shared", "pss"}: process `pid`'s resident bytes (default: this process), those only it
+    holds, those it shares with other processes, and its proportional share (shared pages divided by the processes
+    that map them), from /proc/PID/smaps_rollup; {} where there is none (not Linux, or the process is gone)."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             fields = {p[0].rstrip(":"): int(p[1]) * 1024 for p in (line.split() for line in f) if len(p) == 3}
     except OSError:
         return {}
