@@ -238,6 +238,43 @@ def test_under_torchrun_a_machine_holds_the_mapped_teacher_and_the_text_encoders
     assert saved["machine_host_peak_bytes"] == max(peaks.machine_host(s) for s in peaks.stages)
 
 
+@pytest.mark.parametrize("family", ["flux", "qwenimage"])
+def test_the_plans_text_encoders_are_what_the_teacher_holds_and_under_torchrun_rank_0_alone_holds_them(family, tmp_path,
+                                                                                                   monkeypatch):
+    """Text encoders stored in bf16. Flux's adapter encodes with them as loaded (bf16); the generic adapter's teacher
+    pipeline (Qwen-Image) upcasts them to fp32: the plan counts the bytes of the encoders the job actually holds, and
+    under torchrun once per machine (rank 0 encodes for every process: Flux before the teacher, Qwen-Image through
+    its encode_prompt). Catches the generic teacher's fp32 encoders planned at their stored bf16 (half their size),
+    and the generic adapter's encoders counted in every process."""
+    from tests.models.tiny_generic import BUILDERS as GENERIC
+    from tests.models.tiny_generic import SIZES
+    from tests.models.tiny_t2i import flux_pipeline
+    from vq4dit.jobs.memory_plan import plan_for
+    from vq4dit.models.adapters.load import load_model
+    from vq4dit.models.adapters.pipeline_runs import teacher_pipeline
+    from vq4dit.models.pipelines import load_pipeline
+
+    pipe = flux_pipeline() if family == "flux" else GENERIC[family]()
+    for name, component in pipe.components.items():
+        if name.startswith("text_encoder"):
+            component.to(torch.bfloat16)
+    directory = str(tmp_path / family)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    if family == "flux":
+        held = load_pipeline(directory, "cpu", transformer=None, vae=None)
+    else:
+        held = teacher_pipeline(directory, load_model(None, directory).model)
+    encoders = [c for name, c in held.components.items() if name.startswith("text_encoder")]
+    held_bytes = sum(t.numel() * t.element_size() for c in encoders for t in [*c.parameters(), *c.buffers()])
+    size = {"height": 8, "width": 8} if family == "flux" else SIZES[family]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    plan = plan_for(load_config(overrides={"ckpt": directory, **size, "device": "cpu"}))
+    assert plan.inputs.text_encoders == held_bytes > 0
+    encode = next(s for s in plan.peaks.stages if s.name.startswith("encode prompts"))
+    assert plan.peaks.machine_host(encode) == 2 * encode.host_bytes - held_bytes
+
+
 def test_the_plans_training_bytes_cover_what_a_real_update_saves_for_its_backward(tmp_path):
     """A real block-wise run of the embedded model on the CPU: the tensors autograd saves in each update (the block's
     forward with soft layers and the ratio penalty L_r; parameters are not counted, as in the plan) and the

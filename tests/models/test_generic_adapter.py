@@ -148,3 +148,77 @@ def test_wan_teacher_records_one_call_per_step_and_releases_its_text_encoder(tmp
     assert len(all_calls) == 2 * len(recorded)  # the negative prompt's calls ran, unseen
     assert adapter.pipe is None
     assert [type(o).__name__ for o in text_encoders() if not any(o is b for b in before)] == []
+
+
+# --- under torchrun: rank 0 alone holds the text encoders -------------------------------------------------------
+
+def _teacher_calls(directory, family, owned):
+    """[(batch, kwargs of each recorded transformer call)] of the generic teacher's runs of the tiny `family` pipeline
+    at `directory`, for the batches `owned(b)` (the others are skipped, as a rank skips another rank's share), and the
+    teacher pipeline's text encoder: (its calls, whether it holds weights)."""
+    base = load_model(None, directory)
+    adapter = base.adapter
+    adapter.bind(base.extra, prompts=["a cat", "a dog", "a red car"], **SIZES[family])
+    adapter.blocks(base.model)
+    encoder, encodes = adapter.pipeline(base.model).text_encoder, []
+    encoder.register_forward_pre_hook(lambda m, a: encodes.append(1))
+    holds = not any(p.is_meta for p in encoder.parameters())
+    calls, batch = [], [None]
+    base.model.register_forward_pre_hook(lambda m, a, k: calls.append((batch[0], {n: v.clone() for n, v in k.items()
+                                                                                  if torch.is_tensor(v)})),
+                                         with_kwargs=True)
+    plan = TeacherPlan(num_samples=4, steps=2, cfg_scale=3.0, seed=0, batch_size=1)
+    with torch.no_grad():
+        for b, (_, run) in enumerate(adapter.teacher_runs(base.model, plan, "cpu")):
+            batch[0] = b
+            if owned(b):
+                run()
+    return [(b, kwargs) for b, kwargs in calls if b is not None], len(encodes), holds  # None: the probe's
+
+
+def _replay_worker(rank, port, directory, out):
+    import os
+
+    from vq4dit.utils import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    calls, encodes, holds = _teacher_calls(directory, "qwenimage", lambda b: b % 2 == rank)
+    torch.save({"calls": calls, "encodes": encodes, "holds": holds}, f"{out}/rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_under_torchrun_rank_0_alone_encodes_the_generic_teachers_prompts(tmp_path):
+    """Two gloo processes run the Qwen-Image teacher, each its own batches: rank 1's text encoder holds no weights and
+    never runs (rank 0 probes for it), rank 0 encodes every batch once (as one process does: the probe at the
+    teacher's guidance, then 4 batches; the count starts after the first probe), and every
+    transformer call of either rank equals one process's call of that batch, bit for bit. Catches the encoders loaded
+    in every process, a rank conditioning on the stand-in's zeros, rank 0 encoding its own batches twice, and a
+    batch given another batch's embeddings."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    directory = str(tmp_path / "qwenimage")
+    BUILDERS["qwenimage"]().save_pretrained(directory)
+    mp.spawn(_replay_worker, args=(free_port(), directory, str(tmp_path)), nprocs=2)
+    single, encodes, _ = _teacher_calls(directory, "qwenimage", lambda b: True)
+    assert encodes == 1 + 4
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["holds"] for r in ranks] == [True, False]
+    assert [r["encodes"] for r in ranks] == [1 + 4, 0]
+    want = {}
+    for b, kwargs in single:
+        want.setdefault(b, []).append(kwargs)
+    for r, result in enumerate(ranks):
+        got = {}
+        for b, kwargs in result["calls"]:
+            got.setdefault(b, []).append(kwargs)
+        assert sorted(got) == [b for b in range(4) if b % 2 == r]
+        for b, seen in got.items():
+            assert len(seen) == len(want[b]) == 2  # one call per step
+            for kwargs, reference in zip(seen, want[b]):
+                assert sorted(kwargs) == sorted(reference)
+                for name, value in reference.items():
+                    assert torch.equal(kwargs[name], value), (r, b, name)

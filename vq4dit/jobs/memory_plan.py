@@ -295,7 +295,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
     inputs = StageInputs(
         teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
-        text_encoders=text_encoder_bytes(directory),
+        text_encoders=text_encoder_bytes(directory, getattr(adapter, "encoder_dtype", None)),
         record=record_bytes(model, adapter, plan, (args, kwargs), probe_rows, per_trajectory),
         cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
         evaluate=evaluate, moments=moments, end_pass=end_pass,

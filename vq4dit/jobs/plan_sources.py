@@ -95,9 +95,10 @@ def plan_device(device):
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def text_encoder_bytes(directory):
-    """Bytes of the text encoders of the pipeline at `directory` (None: 0), in the dtype their configs name (fp32
-    when none), as the job loads them on the CPU to encode the prompts; built on meta from their configs."""
+def text_encoder_bytes(directory, dtype=None):
+    """Bytes of the text encoders of the pipeline at `directory` (None: 0) in `dtype`, as the job holds them on the
+    CPU to encode the prompts (None: the dtype their configs name, fp32 when none: as transformers loads them);
+    built on meta from their configs."""
     if directory is None:
         return 0
     import torch
@@ -111,11 +112,11 @@ def text_encoder_bytes(directory):
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             continue
         config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
-        dtype = getattr(config, "dtype", None)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        stored = getattr(config, "dtype", None)
+        stored = getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
         with torch.device("meta"):
             encoder = cls._from_config(config)
-        total += sum(t.numel() for t in encoder.parameters()) * torch.empty(0, dtype=dtype).element_size()
+        total += sum(t.numel() for t in encoder.parameters()) * (dtype or stored).itemsize
         total += sum(b.numel() * b.element_size() for b in encoder.buffers())
     return total
 

@@ -158,6 +158,36 @@ def broadcast_tensors(tensors, src):
     return {k: broadcast_(torch.empty(shape, dtype=getattr(torch, dtype)), src) for k, shape, dtype in meta[0]}
 
 
+class _Slot(int):
+    """Where a tensor stood in a structure sent by broadcast_nested: its position in the tensors sent beside it."""
+
+
+def broadcast_nested(value, src):
+    """`value` on every rank := rank `src`'s `value` (the other ranks pass None): nested lists and tuples of CPU
+    tensors and plain values (None, numbers, strings). The structure travels as an object, the tensors as
+    broadcast_tensors sends them. One process: `value` itself."""
+    if not active():
+        return value
+    tensors = []
+
+    def strip(v):
+        if torch.is_tensor(v):
+            tensors.append(v)
+            return _Slot(len(tensors) - 1)
+        return type(v)(strip(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    skeleton = [strip(value) if rank() == src else None]
+    dist.broadcast_object_list(skeleton, src, device=_comm_device(torch.empty(0)))
+    sent = broadcast_tensors({str(i): t for i, t in enumerate(tensors)} if rank() == src else None, src)
+
+    def fill(v):
+        if isinstance(v, _Slot):
+            return sent[str(int(v))]
+        return type(v)(fill(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return fill(skeleton[0])
+
+
 def gather_rows_to(local, dst):
     """On rank `dst`: [each rank's rows `local` (n_r, ...) as (n_r, e) tensors, e the elements per row] (n_r may be
     0, and a rank without rows need not know the rows' shape; dtypes alike); None elsewhere."""

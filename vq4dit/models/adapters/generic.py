@@ -20,7 +20,8 @@ calls seen, with and without guidance.
 The teacher is the pipeline's own __call__ on prompts (output_type="latent"), trajectory i from a generator seeded
 by (seed, i), with whatever text encoders the pipeline has: in fp32 on the CPU (on a GPU their inputs are moved to
 the CPU and their outputs back), held from the probe to the teacher's last run and released before calibration;
-the VAE stays on the CPU, unused. Sampling goes through the whole pipeline; a video pipeline (num_frames) draws
+the VAE stays on the CPU, unused. Under torchrun rank 0 alone holds the text encoders: it probes for every process
+and encodes every process's teacher batches (encode_replay.py). Sampling goes through the whole pipeline; a video pipeline (num_frames) draws
 uint8 frames (N, F, H, W, 3).
 """
 import gc
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vq4dit.models.adapters.encode_replay import replayable, replayed_runs
 from vq4dit.models.adapters.pipeline_runs import (
     FirstCallPerStep,
     call_order,
@@ -40,6 +42,8 @@ from vq4dit.models.adapters.pipeline_runs import (
     teacher_pipeline,
 )
 from vq4dit.models.adapters.t2i import TextToImageAdapter
+from vq4dit.models.pipelines import read_index
+from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -109,7 +113,7 @@ def _default(pipe, name):
 class GenericAdapter(TextToImageAdapter):
     family = "generic"
     video = True  # num_frames is accepted when the pipeline's __call__ takes it
-    encodes_once = False  # the teacher is the whole pipeline: every process holds the text encoders while it runs
+    encoder_dtype = torch.float32  # the teacher pipeline's text encoders are upcast (pipeline_runs.teacher_pipeline)
 
     def __init__(self):
         super().__init__()
@@ -143,24 +147,46 @@ class GenericAdapter(TextToImageAdapter):
         names = "|".join(name.replace(".", r"\.") for name, _ in self.blocks(model))
         return rf"^(?:{names})\."
 
+    @property
+    def encodes_once(self):
+        """Whether under torchrun rank 0 alone holds the text encoders: the pipeline encodes through encode_prompt,
+        which rank 0 runs for every process (encode_replay.py); else every process holds them while the teacher
+        runs."""
+        if self.source is None:
+            return False
+        import diffusers
+
+        return replayable(getattr(diffusers, read_index(self._directory(self.source))["_class_name"], None))
+
     # --- probe ----------------------------------------------------------------------------------------------------
     def probe(self, model, cfg_scale):
-        """What one trajectory of the pipeline does at guidance scale `cfg_scale` (see the module docstring)."""
+        """What one trajectory of the pipeline does at guidance scale `cfg_scale` (see the module docstring). Under
+        torchrun, when rank 0 alone holds the text encoders (encodes_once), rank 0 probes and tells the others."""
         if cfg_scale not in self.probes:
-            pipe = self.pipeline(model)
-            blocks = self.blocks(model) if self.names else candidates(model)
-            calls, order = run_probe(pipe, model, blocks, self._call(pipe, [PROBE_PROMPT], cfg_scale, PROBE_STEPS))
-            if not calls:
-                raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
-            probe = self.probes[cfg_scale] = Probe(order, _rows(*calls[0]), len(calls) / PROBE_STEPS)
-            logger.info("probe at guidance %.3g: %d blocks called, %d rows per trajectory, %.3g calls per step",
-                        cfg_scale, len(order), probe.rows, probe.calls_per_step)
+            shared = distributed.active() and self.encodes_once
+            found = self._probe(model, cfg_scale) if distributed.rank() == 0 or not shared else None
+            if shared:
+                found = Probe(*distributed.broadcast_nested(None if found is None else
+                                                            (found.order, found.rows, found.calls_per_step), 0))
+            self.probes[cfg_scale] = found
         return self.probes[cfg_scale]
+
+    def _probe(self, model, cfg_scale):
+        pipe = self.pipeline(model)
+        blocks = self.blocks(model) if self.names else candidates(model)
+        calls, order = run_probe(pipe, model, blocks, self._call(pipe, [PROBE_PROMPT], cfg_scale, PROBE_STEPS))
+        if not calls:
+            raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
+        probe = Probe(order, _rows(*calls[0]), len(calls) / PROBE_STEPS)
+        logger.info("probe at guidance %.3g: %d blocks called, %d rows per trajectory, %.3g calls per step",
+                    cfg_scale, len(order), probe.rows, probe.calls_per_step)
+        return probe
 
     def pipeline(self, model):
         """The teacher pipeline, loaded once, with `model` as its transformer."""
         if self.pipe is None:
-            self.pipe = teacher_pipeline(self._directory(self.source), model)
+            encoders = distributed.rank() == 0 or not self.encodes_once  # elsewhere rank 0's encodings are replayed
+            self.pipe = teacher_pipeline(self._directory(self.source), model, text_encoders=encoders)
         self.pipe.__dict__["transformer"] = FirstCallPerStep(model)  # no re-registration: the proxy is no module
         return self.pipe
 
@@ -188,7 +214,11 @@ class GenericAdapter(TextToImageAdapter):
         return self.probe(self.subject, plan.cfg_scale).rows
 
     def teacher_runs(self, model, plan, device):
-        yield from super().teacher_runs(model, plan, device)
+        runs = super().teacher_runs(model, plan, device)
+        if distributed.active() and self.encodes_once:
+            runs = list(runs)  # every batch's run, the teacher pipeline loaded
+            runs = replayed_runs(self.pipe, model, runs)
+        yield from runs
         self.pipe = None
         gc.collect()
         logger.info("teacher done: text encoders released")

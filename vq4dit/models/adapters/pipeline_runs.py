@@ -95,15 +95,20 @@ def pin_execution_device(pipe, device):
     pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: torch.device(device))})
 
 
-def teacher_pipeline(directory, model):
+def teacher_pipeline(directory, model, text_encoders=True):
     """The pipeline at `directory` with `model` as its transformer, executing on the model's device; its other
-    models (text encoders in fp32, VAE) on the CPU."""
+    models (text encoders in fp32, VAE) on the CPU. text_encoders=False: the text encoders built on the meta device
+    instead (no weight read), answering zeros of their output shapes (shapes_only): for a pipeline whose encode_prompt
+    is given its results (models/adapters/encode_replay.py)."""
     import diffusers
 
     device = next(model.parameters()).device
-    name = read_index(directory)["_class_name"]
+    index = read_index(directory)
+    name = index["_class_name"]
+    stand_ins = {} if text_encoders else {k: meta_component(directory, k, entry) for k, entry in index.items()
+                                           if k.startswith("text_encoder") and isinstance(entry, list) and entry[0]}
     try:
-        pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model)
+        pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model, **stand_ins)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
@@ -112,7 +117,7 @@ def teacher_pipeline(directory, model):
             component.float()
             if device.type != "cpu":
                 on_cpu(component, device)
-    if device.type != "cpu":
+    if device.type != "cpu" or stand_ins:  # diffusers would run on the first component's device (meta: a stand-in)
         pin_execution_device(pipe, device)
     return pipe
 
@@ -141,51 +146,70 @@ def shapes_only(encoder):
     return encoder
 
 
+def meta_component(directory, name, entry):
+    """Component `name` of the pipeline at `directory` (its model_index.json `entry`: [library, class]) built on the
+    meta device from its config: a diffusers model as is, a transformers model answering zeros (shapes_only); None
+    for anything else (tokenizers, schedulers: loaded from their files)."""
+    import diffusers
+    import transformers
+
+    cls = getattr(diffusers if entry[0] == "diffusers" else transformers, entry[1], None)
+    with torch.device("meta"):
+        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
+            return cls.from_config(cls.load_config(str(directory), subfolder=name))
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return shapes_only(cls._from_config(transformers.AutoConfig.from_pretrained(str(directory),
+                                                                                        subfolder=name)))
+    return None
+
+
 def meta_pipeline(directory, model):
     """The pipeline at `directory` executing on the CPU, with every model component built on the meta device from its
     config (`model` as the transformer; text encoders answering zeros of their output shapes); tokenizers and
     scheduler loaded from their files. No weight is read."""
     import diffusers
-    import transformers
 
     index = read_index(directory)
     components = {"transformer": model}
     for name, entry in index.items():
         if name.startswith("_") or name == "transformer" or not (isinstance(entry, list) and entry[0]):
             continue
-        cls = getattr(diffusers if entry[0] == "diffusers" else transformers, entry[1], None)
-        with torch.device("meta"):
-            if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
-                components[name] = cls.from_config(cls.load_config(str(directory), subfolder=name))
-            elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-                config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
-                components[name] = shapes_only(cls._from_config(config))
+        component = meta_component(directory, name, entry)
+        if component is not None:
+            components[name] = component
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(directory), **components)
     pipe.set_progress_bar_config(disable=True)
     pin_execution_device(pipe, "cpu")
     return pipe
 
 
-def first_call(pipe, model, call):
-    """(args, kwargs) of the pipeline's first transformer call, moved to the meta device (the meta model never
-    runs here: the call is stopped before it)."""
+def until_transformer(model, run):
+    """run() (a pipeline call), stopped at its first call of `model` (before any hook registered earlier sees it);
+    returns (args, kwargs) of that call, or None when the pipeline never called its transformer."""
     seen = []
 
     def stop(module, args, kwargs):
-        seen.append(_map((list(args), kwargs), lambda t: t.to("meta")))
+        seen.append((list(args), kwargs))
         raise _Stop
 
-    handle = model.register_forward_pre_hook(stop, with_kwargs=True)
+    handle = model.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
     try:
         with torch.no_grad():
-            pipe(**call)
+            run()
     except _Stop:
         pass
     finally:
         handle.remove()
-    if not seen:
+    return seen[0] if seen else None
+
+
+def first_call(pipe, model, call):
+    """(args, kwargs) of the pipeline's first transformer call, moved to the meta device (the meta model never
+    runs here: the call is stopped before it)."""
+    seen = until_transformer(model, lambda: pipe(**call))
+    if seen is None:
         raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
-    return seen[0]
+    return _map(seen, lambda t: t.to("meta"))
 
 
 def call_order(model, blocks, args, kwargs):
