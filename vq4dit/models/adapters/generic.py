@@ -20,9 +20,10 @@ calls seen, with and without guidance.
 The teacher is the pipeline's own __call__ on prompts (output_type="latent"), trajectory i from a generator seeded
 by (seed, i), with whatever text encoders the pipeline has: in fp32 on the CPU (on a GPU their inputs are moved to
 the CPU and their outputs back), held from the probe to the teacher's last run and released before calibration;
-the VAE stays on the CPU, unused. Under torchrun rank 0 alone holds the text encoders: it probes for every process
-and encodes every process's teacher batches (encode_replay.py). Sampling goes through the whole pipeline; a video pipeline (num_frames) draws
-uint8 frames (N, F, H, W, 3).
+the VAE stays on the CPU, unused. A pipeline with an encode_prompt method has every teacher batch's prompts encoded
+before the first runs and padded to one token length; under torchrun rank 0 alone holds the text encoders: it
+probes for every process and encodes every process's batches (encode_replay.py). Sampling goes through the whole
+pipeline; a video pipeline (num_frames) draws uint8 frames (N, F, H, W, 3).
 """
 import gc
 import inspect
@@ -215,7 +216,7 @@ class GenericAdapter(TextToImageAdapter):
 
     def teacher_runs(self, model, plan, device):
         runs = super().teacher_runs(model, plan, device)
-        if distributed.active() and self.encodes_once:
+        if self.encodes_once:  # every batch encoded first, at one token length (encode_replay.py)
             runs = list(runs)  # every batch's run, the teacher pipeline loaded
             runs = replayed_runs(self.pipe, model, runs)
         yield from runs
