@@ -206,6 +206,36 @@ def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each
     assert "processes" not in one.format().split("\n")[-1]
 
 
+def test_under_torchrun_the_end_pass_points_are_those_the_process_holds(monkeypatch):
+    """800 calibration points, an end-to-end pass over 256 of them: one process holds all 256, each of 2 processes
+    the ones among its rows, as EndPoints.take picks them from its share; the plan's pass data is the largest
+    process's. Catches the plan counting 256 points in every process (twice what each holds)."""
+    from vq4dit.calib.capture import CalibrationSet
+    from vq4dit.calib.endpass import EndPoints
+    from vq4dit.calib.teacher import TeacherShare, teacher_plan
+    from vq4dit.jobs.plan_sources import dit_source
+    from vq4dit.models.adapters.dit import DiTAdapter
+
+    config = load_config(overrides={"ckpt": None, "calib_samples": 200, "calib_timesteps": 2, "steps": 4,
+                                    "e2e_iters": 10})
+    model, factor = dit_source(config.model)
+
+    def plan():
+        return memory_plan(meta_dit(model), DiTAdapter(), config, factor, 0, runtime=0)
+
+    one = plan()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = plan()
+    shares = [TeacherShare.of(teacher_plan(config.teacher, config.seed), 2, 2, r, 2) for r in range(2)]
+    held = [len(EndPoints.take(CalibrationSet([], {"x": torch.zeros(len(s.rows), 1)}, {"x": True}, len(s.rows),
+                                              s.shard())).rows) for s in shares]
+    assert sum(held) == 256 and max(held) < 256
+    per_row = [one.cache_bytes / 800, two.cache_bytes / max(len(s.rows) for s in shares)]
+    assert one.inputs.end_points == pytest.approx(2 * per_row[0] * 256, abs=2)
+    assert two.inputs.end_points == pytest.approx(2 * per_row[1] * max(held), abs=2)
+
+
 @pytest.mark.parametrize("dtypes", ["bf16", "bf16+fp32"])
 def test_under_torchrun_a_machine_holds_the_mapped_teacher_and_the_text_encoders_once(dtypes, tmp_path, monkeypatch):
     """2 processes on one machine, a streamed Flux pipeline. Its files store bf16 only: each process's host teacher

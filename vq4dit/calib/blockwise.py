@@ -53,7 +53,8 @@ def calibrate_block(problem, i, replay, targets, config, shard=None):
 
     points, sync, probe = replay.rows, None, replay
     if shard is not None:
-        loss_fn = shared_loss(block, replay, targets, shard, problem.device)
+        loss_fn = shared_loss(lambda rows: call_block(block, replay, rows, problem.device), targets, shard,
+                              problem.device)
         points, sync = shard.total, distributed.GradSync()
         probe = Replay(replay.call, replay.table, replay.batched, shard.below(PROBE_ROWS))  # the first global rows
     batches = Minibatches(points, config.batch_size, seeded_generator(problem.seed, BLOCK_STREAM, i))

@@ -7,6 +7,8 @@ them, end where the FP teacher's chain ends: the loss is the error of the last b
 model's FP head. Data: E2E_ROWS calibration points evenly spaced over the set (every trajectory batch and kept
 step), copied before the walk frees the recorded inputs, and the FP chain's last-block outputs at those points,
 copied when the walk computes them. The pass ends in the best state it measured there, the walk's included.
+Under torchrun the points are the single process's; each process holds those among its calibration points, and the
+processes compute the chain's loss, gradients and errors together (as calib/shared.py does for a block).
 """
 import copy
 import dataclasses
@@ -19,8 +21,10 @@ import torch
 from vq4dit.calib.capture import CalibrationSet
 from vq4dit.calib.checkpoints import Checkpoint
 from vq4dit.calib.chunks import chain_chunk
-from vq4dit.calib.replay import block_loss, rows_to, run_chain, squared_error
+from vq4dit.calib.replay import run_chain, squared_error
+from vq4dit.calib.shared import shared_loss
 from vq4dit.calib.train import Minibatches, seeded_generator, train
+from vq4dit.utils import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -31,24 +35,35 @@ E2E_STREAM = 3  # random stream (seed, E2E_STREAM) of the pass's minibatch order
 PREFIX = "e2e/"  # the pass's tensors among a saved state's activations
 
 
+def spaced_rows(total, count=E2E_ROWS):
+    """The pass's points among `total` calibration points: (R,) `count` positions evenly spaced (all when fewer)."""
+    n = min(count, total)
+    return torch.arange(n) * total // n
+
+
 @dataclass
 class EndPoints:
-    """The pass's data: `rows` (R,) the chosen calibration points, `slots` {key: (R, ...) tensor, or a constant shared
-    by all points} the recorded inputs there, `targets` [(R, ...)] the FP chain's last-block outputs there (empty
-    until the walk reaches the last block)."""
+    """The pass's data: `rows` (R,) the chosen calibration points (positions in this process's calibration set),
+    `slots` {key: (R, ...) tensor, or a constant shared by all points} the recorded inputs there, `targets`
+    [(R, ...)] the FP chain's last-block outputs there (empty until the walk reaches the last block), and under
+    torchrun `shard`, the utils.distributed.RowShard saying which of the pass's points these are (None: all)."""
 
     rows: torch.Tensor
     slots: dict
     batched: dict
     targets: list
+    shard: distributed.RowShard | None = None
 
     @classmethod
     def take(cls, cset, count=E2E_ROWS):
-        """`count` points of the calibration set `cset` evenly spaced over its rows (all of them when it has fewer)."""
-        n = min(count, cset.rows)
-        rows = torch.arange(n) * cset.rows // n  # (R,)
+        """`count` points of the calibration set `cset` evenly spaced over its rows (all of them when it has fewer);
+        under torchrun (cset.shard) over every process's rows, this process keeping those it holds."""
+        rows, shard = spaced_rows(cset.rows if cset.shard is None else cset.shard.total, count), None  # (R,)
+        if cset.shard is not None:
+            held = cset.shard.held(rows)
+            rows, shard = cset.shard.local(rows), distributed.RowShard(torch.arange(len(rows))[held], len(rows))
         slots = {k: t[rows].clone() if cset.batched[k] else t for k, t in cset.slots.items()}
-        return cls(rows, slots, dict(cset.batched), [])
+        return cls(rows, slots, dict(cset.batched), [], shard)
 
     def set_targets(self, targets):
         """The FP chain's last-block outputs [(M, ...)] over every point -> kept at the pass's rows."""
@@ -57,6 +72,8 @@ class EndPoints:
     def to_tensors(self):
         """{name: tensor} to save beside the walk's tables (names under PREFIX)."""
         out = {f"{PREFIX}rows": self.rows}
+        if self.shard is not None:
+            out.update({f"{PREFIX}held": self.shard.rows, f"{PREFIX}of": torch.tensor(self.shard.total)})
         out.update({f"{PREFIX}slot/{k}": t for k, t in self.slots.items()})
         out.update({f"{PREFIX}target/{k}": t for k, t in enumerate(self.targets)})
         return out
@@ -73,7 +90,10 @@ class EndPoints:
                 slots[key] = t
             elif name.startswith(PREFIX) and kind == "target":
                 targets[int(key)] = t
-        return cls(tensors[f"{PREFIX}rows"], slots, dict(batched), [targets[k] for k in sorted(targets)])
+        shard = None
+        if f"{PREFIX}held" in tensors:
+            shard = distributed.RowShard(tensors[f"{PREFIX}held"], int(tensors[f"{PREFIX}of"]))
+        return cls(tensors[f"{PREFIX}rows"], slots, dict(batched), [targets[k] for k in sorted(targets)], shard)
 
     def calibration_set(self, calls):
         return CalibrationSet(calls, self.slots, self.batched, len(self.rows))
@@ -94,13 +114,15 @@ def points_tensors(points):
 @torch.no_grad()
 def end_error(blocks, cset, targets, device):
     """The last block's output error of `blocks` fed by themselves from `cset`'s slots, vs `targets`; in chunks of
-    at most E2E_CHUNK rows, fewer when the evaluation budget holds fewer (calib/chunks.py)."""
-    total, count, chunk = 0.0, 0, chain_chunk(cset, copies=1, most=E2E_CHUNK)
+    at most E2E_CHUNK rows, fewer when the evaluation budget holds fewer (calib/chunks.py). Under torchrun over
+    every process's points (the same number on every process)."""
+    total, count = 0.0, 0
+    chunk = chain_chunk(cset, copies=1, most=E2E_CHUNK) if cset.rows else 1
     for s in range(0, cset.rows, chunk):
         rows = slice(s, min(s + chunk, cset.rows))
         err, n = squared_error(run_chain(blocks, cset, rows, device)[-1], [t[rows] for t in targets])
         total, count = total + err.item(), count + n
-    return total / count
+    return distributed.mean_error(total, count)
 
 
 def end_pass(problem, calls, points, config):
@@ -125,17 +147,18 @@ def end_pass(problem, calls, points, config):
     measure(0)
     walked = best["layers"]
 
-    def loss_fn(idx):  # idx (B,) -> the chain's last-block output error on the minibatch
-        outs = run_chain(blocks, cset, idx, device, grad=True)[-1]
-        return block_loss(outs, [rows_to(t, idx, device) for t in points.targets])
-
     def check(snapshot):
         if snapshot["iteration"] % E2E_CHECK == 0 and snapshot["iteration"] < config.e2e_iters:
             measure(snapshot["iteration"])
 
-    batches = Minibatches(cset.rows, config.batch_size, seeded_generator(problem.seed, E2E_STREAM))
+    shard = points.shard
+    loss_fn = shared_loss(lambda rows: run_chain(blocks, cset, rows, device, grad=True)[-1], points.targets, shard,
+                          device)
+    batches = Minibatches(cset.rows if shard is None else shard.total, config.batch_size,
+                          seeded_generator(problem.seed, E2E_STREAM))
     settings = dataclasses.replace(config, iters=config.e2e_iters, lr_codebook=config.e2e_lr, plateau=0.0)
-    info = train(modules, loss_fn, batches, settings, desc="e2e" if problem.progress else None, on_checkpoint=check)
+    info = train(modules, loss_fn, batches, settings, desc="e2e" if problem.progress else None, on_checkpoint=check,
+                 sync=None if shard is None else distributed.GradSync())
     measure(info["updates"])
     for name, layer in problem.layers.items():
         layer.load_state_dict(best["layers"][name])
@@ -150,7 +173,7 @@ def end_pass(problem, calls, points, config):
                        "layers kept", errors[0][1], errors[-1][1])
     stats = {"stage": "e2e", "mse_before": errors[0][1], "mse_after": after, "kept": kept,
              "best_at": best["updates"] if kept else 0, "errors": errors, "updates": info["updates"],
-             "points": cset.rows, "seconds": time.perf_counter() - start}
+             "points": cset.rows if shard is None else shard.total, "seconds": time.perf_counter() - start}
     logger.info("end-to-end pass: chain end error %.4g -> %.4g over %d points (best of %d updates at %d, %.1f s)",
-                stats["mse_before"], after, cset.rows, info["updates"], stats["best_at"], stats["seconds"])
+                stats["mse_before"], after, stats["points"], info["updates"], stats["best_at"], stats["seconds"])
     return stats

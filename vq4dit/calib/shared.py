@@ -17,17 +17,19 @@ from vq4dit.utils import distributed
 from vq4dit.vq.weighted_kmeans import InputMoments
 
 
-def shared_loss(block, replay, targets, shard, device):
-    """loss_fn(idx) of one of several processes: its share of L_d of the global minibatch idx (B,), the squared
-    errors of the rows of idx it holds (RowShard `shard`) over the element count of all B rows; a 0-d zero (no
-    gradient) when it holds none of them. Summed over the processes: L_d of the minibatch (calib.train.Trainer)."""
+def shared_loss(forward, targets, shard, device):
+    """loss_fn(idx) of one of several processes: its share of the error of forward(rows) -> [output tensors]
+    (a block on its replayed inputs, or the chain of blocks) against `targets` [(M, ...)] on the global minibatch idx
+    (B,): the squared errors of the rows of idx it holds (RowShard `shard`; None: all) over the element count of all
+    B rows; a 0-d zero (no gradient) when it holds none of them. Summed over the processes: the error of the
+    minibatch (calib.train.Trainer)."""
     per_row = sum(t.shape[1:].numel() for t in targets)
 
     def loss_fn(idx):
-        local = shard.local(idx)
+        local = idx if shard is None else shard.local(idx)
         if not len(local):
             return torch.zeros((), device=device)
-        total, _ = squared_error(call_block(block, replay, local, device), [rows_to(t, local, device) for t in targets])
+        total, _ = squared_error(forward(local), [rows_to(t, local, device) for t in targets])
         return total / (len(idx) * per_row)
 
     return loss_fn

@@ -105,9 +105,11 @@ class TeacherShare:
         return distributed.RowShard(np.sort(self.rows), self.total)
 
 
-def largest_share(plan, kept, copies, world_size):
-    """The most rows any one of `world_size` processes records of TeacherPlan `plan` (see TeacherShare.of)."""
-    return max(len(TeacherShare.of(plan, kept, copies, r, world_size).rows) for r in range(world_size))
+def largest_share(plan, kept, copies, world_size, among=None):
+    """The most rows any one of `world_size` processes records of TeacherPlan `plan` (see TeacherShare.of); with
+    `among` (global positions), the most of those that any one process holds."""
+    shares = [TeacherShare.of(plan, kept, copies, r, world_size).rows for r in range(world_size)]
+    return max(len(rows) if among is None else int(np.isin(among, rows).sum()) for rows in shares)
 
 
 def single_process_rows(trajectories, batch, n, kept, copies):

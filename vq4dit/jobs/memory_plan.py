@@ -223,7 +223,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     import torch
 
     from vq4dit.calib.capture import calib_steps, storage_dtype
-    from vq4dit.calib.endpass import E2E_ROWS
+    from vq4dit.calib.endpass import spaced_rows
     from vq4dit.calib.record import recording, slot_is_batched
     from vq4dit.calib.replay import Replay
     from vq4dit.calib.tables import Out
@@ -241,8 +241,10 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
     rows = all_rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
     processes, on_this_machine = distributed.launched_sizes()
+    end_rows = len(spaced_rows(all_rows))  # the end-to-end pass's points (of this process, below)
     if processes > 1:  # under torchrun each process records, walks and evaluates its own share of the points
         rows = largest_share(plan, kept, per_trajectory, processes)
+        end_rows = largest_share(plan, kept, per_trajectory, processes, spaced_rows(all_rows).numpy())
     calls = []
     with torch.no_grad(), recording(model, adapter.blocks(model), lambda step: True, calls.append,
                                             keep_outputs=True):
@@ -299,7 +301,7 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
         record=record_bytes(model, adapter, plan, (args, kwargs), probe_rows, per_trajectory),
         cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
         evaluate=evaluate, moments=moments, end_pass=end_pass,
-        end_points=2 * sum(n for _, _, n in slots) * min(E2E_ROWS, rows) // rows if end_pass else 0,
+        end_points=2 * sum(n for _, _, n in slots) * end_rows // rows if end_pass else 0,
         artifact=kept_fp + total["stored"], names=[name for name, _ in adapter.blocks(model)],
         walks_blocks=mode.walks_blocks, fp_blocks=fp_blocks,
         stored=stored_bytes(model, pipeline, directory), stored_mapped=stored_is_mapped(pipeline, directory),

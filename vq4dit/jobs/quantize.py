@@ -116,9 +116,6 @@ def check_processes(config):
     if calibration.calib != "blockwise":
         raise UserError(f"--calib {calibration.calib}: under torchrun ({count} processes) only blockwise "
                         "calibration is split between processes; run it in one process")
-    if calibration.e2e_iters:
-        raise UserError(f"--e2e-iters {calibration.e2e_iters}: the end-to-end pass does not run under torchrun "
-                        f"({count} processes) yet; use --e2e-iters 0 or one process")
 
 
 def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):

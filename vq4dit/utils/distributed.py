@@ -248,6 +248,10 @@ class RowShard:
         pos = self._position[idx]
         return pos[pos >= 0]
 
+    def held(self, idx):
+        """Which entries of `idx` (global positions (B,)) this rank holds: (B,) bool."""
+        return self._position[idx] >= 0
+
     def below(self, n):
         """How many of this rank's points lie among the first n global points (a prefix of its rows)."""
         return int((self.rows < n).sum())
