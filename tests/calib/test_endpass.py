@@ -114,6 +114,26 @@ def test_points_are_spread_over_the_set_and_round_trip():
     assert EndPoints.from_tensors({"fp/o0.0": torch.zeros(1)}, cset.batched) is None
 
 
+def test_a_process_takes_the_single_processs_points_it_holds_and_they_round_trip():
+    """Under torchrun (a RowShard on the set): the process holding global rows 0-2 and 6-8 of 10 keeps those of the
+    single process's points [0, 2, 5, 7] it holds (0, 2 and 7, at its local rows 0, 2 and 4) and knows which of the
+    4 they are (the 1st, 2nd and 4th); to_tensors/from_tensors give the shard back (a resumed process must not take
+    them as all 4).
+    Catches the points taken over the process's own rows as if they were all, and the shard lost on resume."""
+    from vq4dit.calib.capture import CalibrationSet
+    from vq4dit.utils.distributed import RowShard
+
+    mine = torch.tensor([0, 1, 2, 6, 7, 8])
+    cset = CalibrationSet([], {"s0.0": mine[:, None].float()}, {"s0.0": True}, 6, RowShard(mine, 10))
+    points = EndPoints.take(cset, count=4)
+    assert points.rows.tolist() == [0, 2, 4] and points.slots["s0.0"].squeeze(1).tolist() == [0, 2, 7]
+    assert points.shard.rows.tolist() == [0, 1, 3] and points.shard.total == 4
+    back = EndPoints.from_tensors(points.to_tensors(), cset.batched)
+    assert torch.equal(back.shard.rows, points.shard.rows) and back.shard.total == 4
+    assert EndPoints.from_tensors(EndPoints.take(CalibrationSet([], cset.slots, cset.batched, 6)).to_tensors(),
+                                  cset.batched).shard is None
+
+
 @pytest.mark.parametrize("calib_mode", ["joint", "online"])
 def test_the_pass_follows_the_blockwise_walk_only(calib_mode):
     with pytest.raises(UserError, match="e2e_iters=5.*block-wise walk only"):
