@@ -98,15 +98,20 @@ def test_interrupted_pass_resumes_from_the_walk_to_the_same_layers(tmp_path, mon
 
 
 def test_points_are_spread_over_the_set_and_round_trip():
-    """EndPoints.take: evenly spaced rows (every trajectory batch and step), batched slots cut, constants kept;
-    to_tensors/from_tensors give them back."""
+    """EndPoints.take: evenly spaced rows (every trajectory batch and step), batched slots cut, constants kept as
+    copies (a checkpoint saves them beside the walk's slots: safetensors refuses a tensor twice, which stopped every
+    --e2e-iters run of a model with constant block inputs, Flux's or Qwen-Image's rotary tables, at its first
+    checkpoint); to_tensors/from_tensors give them back."""
+    from safetensors.torch import save
+
     from vq4dit.calib.capture import CalibrationSet
 
     slots = {"s0.0": torch.arange(10.0)[:, None], "s0.1": torch.ones(3)}
     cset = CalibrationSet([], slots, {"s0.0": True, "s0.1": False}, 10)
     points = EndPoints.take(cset, count=4)
     assert points.rows.tolist() == [0, 2, 5, 7]
-    assert points.slots["s0.0"].squeeze(1).tolist() == [0, 2, 5, 7] and points.slots["s0.1"] is slots["s0.1"]
+    assert points.slots["s0.0"].squeeze(1).tolist() == [0, 2, 5, 7] and torch.equal(points.slots["s0.1"], slots["s0.1"])
+    save({**{f"shared/{k}": t for k, t in slots.items()}, **points.to_tensors()})  # as a checkpoint does
     points.set_targets([torch.arange(10.0) * 2])
     back = EndPoints.from_tensors({"fp/o0.0": torch.zeros(1), **points.to_tensors()}, cset.batched)
     assert torch.equal(back.rows, points.rows) and torch.equal(back.targets[0], torch.tensor([0.0, 4, 10, 14]))

@@ -62,7 +62,9 @@ class EndPoints:
         if cset.shard is not None:
             held = cset.shard.held(rows)
             rows, shard = cset.shard.local(rows), distributed.RowShard(torch.arange(len(rows))[held], len(rows))
-        slots = {k: t[rows].clone() if cset.batched[k] else t for k, t in cset.slots.items()}
+        # constants copied too: a checkpoint saves these beside the walk's slots, and safetensors refuses a tensor
+        # saved twice
+        slots = {k: t[rows].clone() if cset.batched[k] else t.clone() for k, t in cset.slots.items()}
         return cls(rows, slots, dict(cset.batched), [], shard)
 
     def set_targets(self, targets):
