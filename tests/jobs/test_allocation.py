@@ -48,6 +48,9 @@ class Stub:
     def prediction(self, model, output):
         return output
 
+    def blocks(self, model):
+        return []  # every Linear lies outside the blocks: --bits-probe block probes them with the whole model
+
 
 def config(**values):
     return load_config(overrides={"steps": 5, "calib_timesteps": 5, "kmeans_iters": 5, "method": "kmeans",
@@ -98,3 +101,75 @@ def test_a_residual_setting_is_measured_as_its_stages_and_can_win():
     assert allocation.bits == pytest.approx(0.75)
     errors = weight_errors({"b": Two().b}, [LOW, residual], {"b": 1}, seed=0, iters=5)["b"]
     assert errors[residual] < 0.7 * errors[LOW]
+
+
+class Stack(nn.Module):
+    """Two blocks and a head: block 0 holds a (output x 10) and b (x 0.1), block 1 holds c alone, each block adds its
+    Linears to the residual stream; head, outside the blocks, is the prediction."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.blocks = nn.ModuleList([Pair(gen), Single(gen)])
+        self.head = nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(WIDTH) + 0.01 * torch.randn(WIDTH, WIDTH, generator=gen))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class Pair(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.a, self.b = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            for m in (self.a, self.b):
+                m.weight.copy_(torch.randn(WIDTH, WIDTH, generator=gen) / WIDTH**0.5)
+
+    def forward(self, x):
+        return x + 10 * self.a(x) + 0.1 * self.b(x)
+
+
+class Single(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.c = nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            self.c.weight.copy_(torch.randn(WIDTH, WIDTH, generator=gen) / WIDTH**0.5)
+
+    def forward(self, x):
+        return x + self.c(x)
+
+
+class StackStub(Stub):
+    def blocks(self, model):
+        return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+
+
+def test_block_probes_match_the_per_layer_probes_where_a_block_error_reaches_the_prediction_alike():
+    """--bits-probe block against the per-layer probes (the slow, direct reference), on a model whose blocks add to
+    a residual stream that the prediction passes on nearly unchanged: c, alone in its block, gets the per-layer
+    value to the bit (the same noise draw and the same whole-model pass); a and b, split by block 0's own output
+    errors, within 10% (the two layers' noise adds with a small cross term); head, outside the blocks, is probed
+    with the whole model. Catches a block's total given to each of its layers (a and b both get it), a split by
+    weight error rather than output error (b, scaled down 100 times, then about equal to a), the per-block pass
+    missing (every a_l 0), and the model left perturbed."""
+    from vq4dit.calib.sensitivity import block_sensitivities
+
+    model, c = Stack().eval(), config(bits=1.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = probe_calls(model, StackStub(), c.teacher, 0, "cpu")
+    reference = noise_sensitivities(model, StackStub(), calls, ["blocks.0.a", "blocks.0.b", "blocks.1.c"])
+    by_block = block_sensitivities(model, StackStub(), calls, ["blocks.0.a", "blocks.0.b", "blocks.1.c", "head"])
+    assert sorted(by_block) == ["blocks.0.a", "blocks.0.b", "blocks.1.c"]  # head is left to the caller
+    assert by_block["blocks.1.c"] == reference["blocks.1.c"]
+    for name in ("blocks.0.a", "blocks.0.b"):
+        assert by_block[name] == pytest.approx(reference[name], rel=0.1), name
+    assert by_block["blocks.0.a"] > 1000 * by_block["blocks.0.b"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    allocation = allocate(model, StackStub(), r"^(blocks\.0\.[ab]|head)$", config(bits=1.0, bits_probe="block"),
+                          progress=False)
+    assert allocation.layers["head"].sensitivity > 0 and allocation.settings["blocks.0.a"] == HIGH

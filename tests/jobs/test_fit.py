@@ -85,7 +85,8 @@ def test_the_fitted_config_resumes_the_unfitted_run(device):
 def test_a_plan_that_fails_or_a_bits_run_stays_unstreamed(device, monkeypatch, caplog):
     """Mutations caught: only UserError caught from the plan (a pipeline whose tracing fails on meta tensors with a
     RuntimeError would stop a default CUDA run that worked before); --bits given the streamed path it refuses (auto
-    would end a run that may fit in a UserError); the micro-batch log formatting a missing plan (TypeError)."""
+    would end a run that may fit in a UserError), or --bits --bits-probe block kept unstreamed (it streams); the
+    micro-batch log formatting a missing plan (TypeError)."""
     device.usable = 30
 
     def tracing_fails(config):
@@ -97,7 +98,8 @@ def test_a_plan_that_fails_or_a_bits_run_stays_unstreamed(device, monkeypatch, c
     device = fake_device(monkeypatch, usable=30)
     with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.fit"):
         fitted = fit_to_device(load_config(overrides={"bits": 2.0}), "cuda")
-    assert fitted.stream == "off" and "--bits runs unstreamed" in caplog.text
+    assert fitted.stream == "off" and "--bits with --bits-probe model runs unstreamed" in caplog.text
+    assert fit_to_device(load_config(overrides={"bits": 2.0, "bits_probe": "block"}), "cuda").stream == "on"
     plans = iter([100, None])  # unstreamed too big; the streamed plan at the given micro-batch: none
     monkeypatch.setattr("vq4dit.jobs.fit.device_peak", lambda config: next(plans))
     fitted = fit_to_device(load_config(overrides={"batch_size": 16, "micro_batch": 2}), "cuda")

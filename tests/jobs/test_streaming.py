@@ -70,6 +70,30 @@ def test_streamed_dit_run_is_byte_identical_with_a_bf16_teacher_on_the_host(bf16
         assert s["moves"] == s["blocks"] * BUDGET["steps"]
 
 
+@pytest.mark.parametrize("method", ["vq4dit", "kmeans"])
+def test_a_streamed_bits_allocation_by_blocks_is_the_unstreamed_one(bf16_dit, tmp_path, method):
+    """--bits 1 --bits-probe block: each block's noise probes run while it is resident (upcast to fp32), so the
+    streamed allocation (every layer's weight error and sensitivity, to the bit) and the artifact are the
+    unstreamed ones, for a method that keeps a teacher and one that fills the model itself. Mutations caught: the
+    noise added to a block's bf16 host weights (not resident: another perturbation, other sensitivities); a block
+    left on the host by a probe that stops the model at it (models.offload: torch sends it back although it never
+    came in; the next call fails on bf16 weights)."""
+    import vq4dit.jobs.quantize
+
+    budget = BUDGET if method == "vq4dit" else {k: BUDGET[k] for k in ("kmeans_iters", "device")}
+    common = {"ckpt": bf16_dit, "method": method, **budget, "bits": 1.0, "bits_settings": "16x8,16x4,16x2",
+              "bits_probe": "block"}
+    common.pop("codebook_size", None)
+    allocations, allocate = [], vq4dit.jobs.quantize.allocate
+    with mock.patch.object(vq4dit.jobs.quantize, "allocate", lambda *a, **k: allocations.append(allocate(*a, **k))
+                           or allocations[-1]):
+        off, _ = observed_run({**common, "stream": "off"}, tmp_path / "off")
+        on, _ = observed_run({**common, "stream": "on"}, tmp_path / "on")
+    assert on == off
+    assert allocations[0].layers == allocations[1].layers
+    assert len(set(allocations[0].settings.values())) > 1  # an allocation, not one setting everywhere
+
+
 def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
     """The same through a diffusers pipeline stored in bf16 (from_pretrained in the stored dtype, the pipeline's
     .to(device) that must leave the blocks on the host, the non-block parts in fp32). Mutation caught: load_transformer
@@ -91,12 +115,14 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
 
 def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):
     """Mutations caught: auto streaming on the CPU however small its memory (the default run would change its path);
-    --stream on accepted with --bits (whose probes need the whole model on the device)."""
+    --stream on accepted with --bits --bits-probe model (a streamed pass of the whole model per Linear), or refused
+    with --bits-probe block (which streams)."""
     monkeypatch.setattr("vq4dit.jobs.fit.device_memory", lambda device: 0)
     config = load_config(overrides={"ckpt": bf16_dit, "device": "cpu"})
     assert fit_to_device(config, "cpu") == config
-    with pytest.raises(UserError, match="--stream on: the --bits allocation"):
+    with pytest.raises(UserError, match="--stream on: --bits with --bits-probe model probes each Linear"):
         check_streamable(load_config(overrides={"ckpt": bf16_dit, "stream": "on", "bits": 2.0}))
+    check_streamable(load_config(overrides={"ckpt": bf16_dit, "stream": "on", "bits": 2.0, "bits_probe": "block"}))
 
 
 def test_stream_is_written_only_when_given_and_is_no_part_of_the_run_key(bf16_dit):

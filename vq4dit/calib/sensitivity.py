@@ -2,16 +2,25 @@
 
 The prediction error of a model whose layers l carry relative weight errors t_l is modelled as sum_l a_l t_l^2
 (errors of different layers add, each grows with the square of its size). a_l is measured on the full-precision
-model: Gaussian noise of relative Frobenius norm `noise` is added to layer l alone, the model is run on recorded
-teacher calls, and a_l = (prediction MSE against the unperturbed model / mean square of the prediction) / noise^2.
-So sum_l a_l t_l^2 estimates the relative prediction MSE of the quantized model. No gradients, one forward of the
-probe calls per layer.
+model with Gaussian noise of relative Frobenius norm `noise` on the recorded teacher calls, in one of two ways:
+- "model" (noise_sensitivities): the noise on layer l alone, the whole model run; a_l = (prediction MSE against the
+  unperturbed model / mean square of the prediction) / noise^2. One forward of the probe calls per layer.
+- "block" (block_sensitivities): per block, the noise on all its Linears at once, the whole model run: a_b, the sum
+  of its layers' a_l; the block alone then tells them apart: a_l = a_b x e_l / sum_b e, e_l the block's relative
+  output MSE with the noise on layer l alone. One forward of the probe calls per block (and one up to it, for its
+  inputs), and a block call per layer: at Flux-dev's 57 blocks and 494 Linears about a fifth of the "model" cost,
+  and the whole model is only run forward, so a streamed teacher can run it. The split inside a block assumes that
+  every layer's block-output error reaches the prediction alike; on the embedded model its a_l rank as the "model"
+  ones do with Spearman 0.92 (0.98 between two noise draws of "model").
+So sum_l a_l t_l^2 estimates the relative prediction MSE of the quantized model. No gradients.
 """
+import contextlib
 import logging
 
 import torch
 from tqdm import tqdm
 
+from vq4dit.calib.calls import flatten
 from vq4dit.calib.capture import capture_model_inputs, step_filter
 from vq4dit.calib.teacher import eval_teacher, teacher_plan
 
@@ -66,3 +75,79 @@ def noise_sensitivities(model, adapter, calls, names, noise=PROBE_NOISE, seed=0,
         mse = sum((p - r).pow(2).sum().item() for p, r in zip(preds, refs)) / sum(r.numel() for r in refs)
         out[name] = mse / max(power, 1e-30) / noise**2
     return out
+
+
+class _Reached(Exception):
+    """Raised by a block's pre-hook to stop a model call once the block's inputs are kept."""
+
+
+def block_inputs(model, block, calls, device):
+    """[(args, kwargs)] of `block`'s call within each model call of `calls`, each model call stopped there (the
+    hook runs before any other, so a streamed block is not moved in)."""
+    seen = []
+
+    def keep(module, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Reached
+
+    handle = block.register_forward_pre_hook(keep, with_kwargs=True, prepend=True)
+    try:
+        for args, kwargs in calls:
+            try:
+                model(*[a.to(device) if torch.is_tensor(a) else a for a in args],
+                      **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            except _Reached:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def block_sensitivities(model, adapter, calls, names, seed=0, offload=None, progress=False):
+    """noise_sensitivities' {name: a_l} by blocks (see the module docstring): the Linears `names` of each block of
+    adapter.blocks(model) that holds any (the others are left out), `model` unchanged on return. offload: the
+    models.offload.HostBlocks streaming `model`'s blocks (None: it is on its device); a block is resident while
+    its weights carry noise, so the noise is drawn and added in fp32 on the device, as in the unstreamed model."""
+    device = offload.device if offload is not None else next(model.parameters()).device
+    refs = _predictions(model, adapter, calls, device)
+    power = max(sum(r.pow(2).sum().item() for r in refs), 1e-30)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for block_name, block in tqdm(adapter.blocks(model), desc="sensitivity", unit="block", disable=not progress):
+        mine = [n for n in names if n.startswith(f"{block_name}.")]
+        if not mine:
+            continue
+        with offload.resident(block) if offload is not None else contextlib.nullcontext():
+            out.update(_block_split(model, adapter, block, mine, calls, refs, power, generator))
+    return out
+
+
+def _block_split(model, adapter, block, names, calls, refs, power, generator):
+    """{name: a_l} of the Linears `names` of `block` (on its device): a_b from one noisy pass of the whole model,
+    split by the block's own output errors."""
+    device = refs[0].device
+    weights = [model.get_submodule(n).weight for n in names]
+    kept = [w.detach().clone() for w in weights]
+    draws = [relative_noise(k, PROBE_NOISE, generator).to(w.dtype) for w, k in zip(weights, kept)]
+    try:
+        for w, z in zip(weights, draws):
+            w.add_(z)
+        preds = _predictions(model, adapter, calls, device)
+    finally:
+        for w, k in zip(weights, kept):
+            w.copy_(k)
+    total = sum((p - r).pow(2).sum().item() for p, r in zip(preds, refs)) / power / PROBE_NOISE**2  # a_b
+    local = dict.fromkeys(names, 0.0)
+    for call in calls:  # one call's block inputs at a time: a few GiB at Flux-dev's size
+        (args, kwargs), = block_inputs(model, block, [call], device)
+        ref = flatten(block(*args, **kwargs))[1]
+        for n, w, k, z in zip(names, weights, kept, draws):
+            w.add_(z)
+            try:
+                local[n] += sum((o.float() - r.float()).pow(2).sum().item()
+                                for o, r in zip(flatten(block(*args, **kwargs))[1], ref))
+            finally:
+                w.copy_(k)
+    spread = max(sum(local.values()), 1e-30)
+    return {n: total * local[n] / spread for n in names}

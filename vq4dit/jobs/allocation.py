@@ -7,6 +7,7 @@ sensitivity to that layer (calib/sensitivity.py: noise probes of the full-precis
 The choice is a multiple-choice knapsack solved exactly by vq/allocate.py. The chosen settings then go to the
 method's build as per-layer codebook specs, so the rest of the run (k-means, calibration, save) is unchanged.
 """
+import contextlib
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
+from vq4dit.calib.sensitivity import block_sensitivities, noise_sensitivities, probe_calls
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.allocate import Option, parse_settings, solve
 from vq4dit.vq.apply import QKV_PATTERN, layer_seed
@@ -110,6 +111,18 @@ def weight_errors(linears, settings, groups, seed, kmeans_init="fast", iters=EST
     return out
 
 
+def by_block(blocks, linears):
+    """[(block or None, [names of `linears` in it])]: the Linears {name: module} grouped by the blocks [(name,
+    module)] that hold them, then those outside every block (None)."""
+    groups, left = [], list(linears)
+    for name, block in blocks:
+        mine = [n for n in left if n.startswith(f"{name}.")]
+        if mine:
+            groups.append((block, mine))
+            left = [n for n in left if n not in mine]
+    return groups + ([(None, left)] if left else [])
+
+
 def choose(errors, sensitivities, weights, budget):
     """{name: Setting} minimising sum a_l t_l^2 with sum (bits x weights) <= budget x total weights, or None when the
     cheapest settings exceed it. errors {name: {Setting: t^2}}, sensitivities {name: a_l}, weights {name: count}."""
@@ -122,25 +135,36 @@ def choose(errors, sensitivities, weights, budget):
     return {n: list(errors[n])[j] for n, j in zip(names, picks, strict=True)}
 
 
-def allocate(model, adapter, include, config, progress=True):
+def allocate(model, adapter, include, config, offload=None, progress=True):
     """The Allocation of QuantizeConfig `config`'s --bits over the Linears of the full-precision `model` (left
-    unchanged) that `include` selects, with models.adapters.Adapter `adapter`'s teacher for the probes."""
+    unchanged) that `include` selects, with models.adapters.Adapter `adapter`'s teacher for the probes. offload:
+    the models.offload.HostBlocks streaming `model` through the device (None: it is on its device); each block's
+    weight errors are then measured while it is resident, and the sensitivities must be --bits-probe block's."""
     c = config.codebooks
     settings = parse_settings(c.settings_text)
     linears = selected_linears(model, include)
     qkv = re.compile(QKV_PATTERN)
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
-    errors = weight_errors(linears, settings, groups, config.seed, c.kmeans_init, min(ESTIMATE_ITERS, c.kmeans_iters),
-                           progress)
+    errors = {}
+    for block, names in by_block(adapter.blocks(model), linears):
+        with offload.resident(block) if offload is not None and block is not None else contextlib.nullcontext():
+            errors.update(weight_errors({n: linears[n] for n in names}, settings, groups, config.seed, c.kmeans_init,
+                                        min(ESTIMATE_ITERS, c.kmeans_iters), progress))
+    errors = {n: errors[n] for n in linears}
     for name, options in errors.items():
         if not options:
             m = linears[name]
             raise UserError(f"--bits-settings {c.settings_text}: no setting fits layer {name} (in_features "
                             f"{m.in_features}, {m.out_features * m.in_features} weights): d must divide in_features "
                             "and k be at most the number of sub-vectors")
-    device = next(model.parameters()).device
+    device = offload.device if offload is not None else next(model.parameters()).device
     calls = probe_calls(model, adapter, config.teacher, config.seed, device)
-    sensitivities = noise_sensitivities(model, adapter, calls, list(linears), seed=config.seed, progress=progress)
+    sensitivities = {}
+    if c.bits_probe == "block":
+        sensitivities = block_sensitivities(model, adapter, calls, list(linears), config.seed, offload, progress)
+    rest = [n for n in linears if n not in sensitivities]  # "model", or the Linears outside the blocks
+    sensitivities.update(noise_sensitivities(model, adapter, calls, rest, seed=config.seed, progress=progress))
+    sensitivities = {n: sensitivities[n] for n in linears}
     weights = {name: m.in_features * m.out_features for name, m in linears.items()}
     chosen = choose(errors, sensitivities, weights, c.bits)
     if chosen is None:

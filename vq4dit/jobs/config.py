@@ -95,6 +95,10 @@ class CodebookConfig:
     bits_settings: str | None = knob(None, "with --bits: the settings a layer may get, KxD or KxDxS (S residual "
                                      "stages), comma-separated (default 256x16,256x8,256x16x2,256x8x2,256x6,64x4,"
                                      "256x4,64x2: 0.5 to 3 bits)")
+    bits_probe: str = knob("model", "with --bits: how each layer's sensitivity is measured: model (noise on one "
+                           "layer, the whole model run, per layer) | block (noise on a block's layers, the whole model "
+                           "run, per block; the block alone splits it between its layers: cheaper, and it streams)",
+                           ("model", "block"))
 
     @property
     def k(self):
@@ -118,7 +122,7 @@ class CodebookConfig:
                     f"k {source}; k must be in 2..65536")
         if self.candidates > self.k:
             invalid("candidates", self.candidates, f"at most the codebook size {self.k}")
-        if self.bits is not None or self.bits_settings is not None:
+        if self.bits is not None or self.bits_settings is not None or self.bits_probe != "model":
             self.validate_bits()
         return self
 
@@ -128,7 +132,8 @@ class CodebookConfig:
         from vq4dit.vq.allocate import parse_settings  # here: vq imports torch (see spec)
 
         if self.bits is None:
-            invalid("bits_settings", self.bits_settings, "only with bits (the average bit budget)")
+            name = "bits_settings" if self.bits_settings is not None else "bits_probe"
+            invalid(name, getattr(self, name), "only with bits (the average bit budget)")
         uniform = {name: getattr(self, name) for name in ("wbits", "dim", "codebook_size")}
         if uniform != {"wbits": 2, "dim": 4, "codebook_size": None}:
             given = ", ".join(f"{k}={v}" for k, v in uniform.items() if v is not None)
@@ -236,12 +241,12 @@ FLAT_ORDER = ("model", "ckpt", "image_size", "num_classes", "backend", "prompts"
               "student_label_dropout", "cache_dtype", "max_cache_gb", "cache_dir", "seed", "device", "step_dtype")
 # keys written to config.yaml only when they differ from their default (a run without them writes the config.yaml it
 # always has): {key: default}
-OPTIONAL_KEYS = {"bits": None, "bits_settings": None, "stream": "auto", "micro_batch": None}
+OPTIONAL_KEYS = {"bits": None, "bits_settings": None, "bits_probe": "model", "stream": "auto", "micro_batch": None}
 # the knobs (utils.knobs.knob: every key but rmsprop_alpha, select_threshold and hard_fraction, which are YAML-only) in
 # the order of quantize.py --help since the flags were first listed there
 FLAGS = ("model", "ckpt", "image_size", "num_classes", "backend", "recipe", "method", "wbits", "dim", "codebook_size",
-         "bits", "bits_settings", "candidates", "ratio_init", "kmeans_iters", "kmeans_init", "codebook_init", "calib",
-         "block_inputs", "iters",
+         "bits", "bits_settings", "bits_probe", "candidates", "ratio_init", "kmeans_iters", "kmeans_init",
+         "codebook_init", "calib", "block_inputs", "iters",
          "batch_size", "lr_ratio", "lr_codebook", "lr_schedule", "lambda_r", "ratio_gate", "train_codebooks",
          "plateau", "e2e_iters", "e2e_lr", "step_dtype", "micro_batch", "select_every", "ratio_reg", "steps",
          "cfg_scale", "calib_samples", "online_batch", "student_label_dropout", "calib_timesteps", "cache_dtype",

@@ -58,9 +58,10 @@ def fit_cuda(config, room, where):
     need = device_peak(config.replace(stream="off"))
     if need is None or need <= room:
         return config.replace(stream="off")
-    if config.codebooks.bits is not None:  # the --bits probes need the whole model on the device (check_streamable)
-        logger.warning("the plan needs %.1f GiB, more than the %.1f GiB usable on %s, but --bits runs unstreamed; "
-                       "the run may run out of memory", need / 2**30, room / 2**30, where)
+    if config.codebooks.bits is not None and config.codebooks.bits_probe != "block":  # check_streamable
+        logger.warning("the plan needs %.1f GiB, more than the %.1f GiB usable on %s, but --bits with --bits-probe "
+                       "%s runs unstreamed (--bits-probe block streams); the run may run out of memory", need / 2**30,
+                       room / 2**30, where, config.codebooks.bits_probe)
         return config.replace(stream="off")
     gib = 2**30
     logger.info("--stream auto: the plan needs %.1f GiB of the %.1f GiB usable on %s; streaming the model block by "

@@ -34,7 +34,7 @@ from vq4dit.jobs.config import QuantizeConfig
 from vq4dit.jobs.fit import fit_to_device
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
-from vq4dit.jobs.streaming import build_streamed
+from vq4dit.jobs.streaming import StreamedModel
 from vq4dit.models.adapters.base import linear_pattern, outside_blocks
 from vq4dit.models.adapters.load import load_model
 from vq4dit.models.prompts import read_prompts
@@ -190,15 +190,16 @@ def build_codebooks(base, include, run, stream=False):
                        "not calibrated", len(outside), outside[0])
     if method.calibrated:
         check_calibration_fits(base, run.mode, config, run.cache_dir)
-    settings = None
-    if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
-        settings = allocate(base.model, base.adapter, include, config, run.progress).settings
-    offload = None
+    settings, offload, streamed = None, None, None
     if stream:
         logger.info("streaming (--stream %s): the model stays on the host as stored, its blocks visit %s one at a "
                     "time", config.stream, resolve_device(config.device))
-        base.model, teacher, offload, layers = build_streamed(base.model, base.adapter, include, method, config.seed,
-                                                              resolve_device(config.device), run.progress)
+        streamed = StreamedModel.open(base.model, base.adapter, resolve_device(config.device), method.calibrated)
+    if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
+        settings = allocate(base.model, base.adapter, include, config, None if streamed is None else streamed.offload,
+                            run.progress).settings
+    if stream:
+        base.model, teacher, offload, layers = streamed.build(include, method, config.seed, settings, run.progress)
     else:
         teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before the Linears go
         layers = method.build(base.model, include, config.seed, run.progress, settings)

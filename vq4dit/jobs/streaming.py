@@ -13,6 +13,7 @@ unstreamed run's.
 import copy
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,10 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_streamable(config):
-    """UserError for what a streamed run does not do yet."""
-    if config.codebooks.bits is not None:
-        raise UserError(f"--stream {config.stream}: the --bits allocation's probes need the whole model on the "
-                        "device; use --stream off or --wbits")
+    """UserError for what a streamed run does not do."""
+    if config.codebooks.bits is not None and config.codebooks.bits_probe != "block":
+        raise UserError(f"--stream {config.stream}: --bits with --bits-probe {config.codebooks.bits_probe} probes "
+                        "each Linear with a pass of the whole model; streamed, use --bits-probe block (one pass per "
+                        "block), or --stream off")
 
 
 def within(include, prefix):
@@ -64,31 +66,50 @@ def selected(model, pattern):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and regex.search(n)]
 
 
-def build_streamed(model, adapter, include, method, seed, device, progress=True):
-    """(student on `device`, teacher (the host model; None when the method does not calibrate), HostBlocks
-    streaming the teacher or None, {name: quantized layer}) of host model `model` (stored dtype), its Linears
-    matching `include` built block by block by Method `method` (see the module's docstring)."""
-    device = torch.device(device)
-    blocks = adapter.blocks(model)
-    student = skeleton(model) if method.calibrated else model
-    inside = {id(m) for _, block in blocks for m in block.modules()}
-    for name, module in model.named_modules():  # the parts outside the blocks: embedders, final layer
-        if id(module) not in inside:
-            fill_(student.get_submodule(name), module, device, recurse=False)
-    outside = [n for n in selected(student, include) if not n.startswith(tuple(f"{b}." for b, _ in blocks))]
-    layers = {}
-    if outside:
-        layers.update(method.build(student, rf"^(?:{'|'.join(map(re.escape, outside))})$", seed, progress))
-    for name, block in blocks:
-        fill_(student.get_submodule(name), block, device)
-        if selected(student, within(include, name)):
-            layers.update(method.build(student, within(include, name), seed, progress=False))
-    order = [n for n, _ in student.named_modules() if n in layers]
-    layers = {n: layers[n] for n in order}
-    if not method.calibrated:
-        return student, None, None, layers
-    host = [t for _, block in blocks for t in [*block.parameters(), *block.buffers()]]
-    logger.info("the teacher's blocks on the host: %.2f GiB, of which %.2f GiB are its checkpoint files' mapped pages "
-                "(held once per machine, whatever the processes)", sum(t.nbytes for t in host) / 2**30,
-                mapped_bytes(host) / 2**30)
-    return student, model, HostBlocks(model, blocks, device), layers
+@dataclass
+class StreamedModel:
+    """Host model `model` streamed through the device by `offload` (models.offload.HostBlocks: runnable as the FP
+    model, each block upcast onto the device while it runs), and the `student` to build: a skeleton whose parts
+    outside the blocks are on the device already (`model` itself when no teacher is kept)."""
+
+    model: nn.Module
+    adapter: object
+    student: nn.Module
+    offload: HostBlocks
+
+    @classmethod
+    def open(cls, model, adapter, device, keep_teacher):
+        device, blocks = torch.device(device), adapter.blocks(model)
+        student = skeleton(model) if keep_teacher else model
+        inside = {id(m) for _, block in blocks for m in block.modules()}
+        for name, module in model.named_modules():  # the parts outside the blocks: embedders, final layer
+            if id(module) not in inside:
+                fill_(student.get_submodule(name), module, device, recurse=False)
+        return cls(model, adapter, student, HostBlocks(model, blocks, device))
+
+    def build(self, include, method, seed, settings=None, progress=True):
+        """(student on the device, teacher (the host model; None when the method does not calibrate), the HostBlocks
+        streaming the teacher or None, {name: quantized layer}): the Linears matching `include` built block by
+        block by Method `method` (settings: a --bits allocation's {name: Setting}; see the module's docstring)."""
+        model, student, device = self.model, self.student, self.offload.device
+        if not method.calibrated:  # the model itself is filled: its blocks stream no more
+            self.offload.close()
+        blocks = self.adapter.blocks(model)
+        outside = [n for n in selected(student, include) if not n.startswith(tuple(f"{b}." for b, _ in blocks))]
+        layers = {}
+        if outside:
+            layers.update(method.build(student, rf"^(?:{'|'.join(map(re.escape, outside))})$", seed, progress,
+                                       settings))
+        for name, block in blocks:
+            fill_(student.get_submodule(name), block, device)
+            if selected(student, within(include, name)):
+                layers.update(method.build(student, within(include, name), seed, False, settings))
+        order = [n for n, _ in student.named_modules() if n in layers]
+        layers = {n: layers[n] for n in order}
+        if not method.calibrated:
+            return student, None, None, layers
+        host = [t for _, block in blocks for t in [*block.parameters(), *block.buffers()]]
+        logger.info("the teacher's blocks on the host: %.2f GiB, of which %.2f GiB are its checkpoint files' mapped "
+                    "pages (held once per machine, whatever the processes)", sum(t.nbytes for t in host) / 2**30,
+                    mapped_bytes(host) / 2**30)
+        return student, model, self.offload, layers

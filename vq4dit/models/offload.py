@@ -52,12 +52,23 @@ class HostBlocks:
             if id(m) not in inside:
                 for ref in _tensors(m, recurse=False):
                     _set(*ref, upcast(_get(*ref), self.device))
-        self._handles = []
+        self._handles, self._calls = [], dict.fromkeys(self.blocks, 0)
         for _, block in blocks:
-            self._handles.append(block.register_forward_pre_hook(lambda m, args: self._enter(m)))
+            self._handles.append(block.register_forward_pre_hook(lambda m, args: self._call_in(m)))
             # always_call: a forward that raises (out of memory) still sends the block back to the host
-            self._handles.append(block.register_forward_hook(lambda m, args, out: self._exit(m), always_call=True))
+            self._handles.append(block.register_forward_hook(lambda m, args, out: self._call_out(m), always_call=True))
             block._apply = lambda fn, recurse=True, block=block: block  # a pipeline's .to() leaves it on the host
+
+    def _call_in(self, block):
+        self._calls[id(block)] += 1
+        self._enter(block)
+
+    def _call_out(self, block):
+        # torch runs always_call hooks also when a pre-hook before ours raised (a probe that stops the model at this
+        # block): our _call_in never ran then, and there is nothing to send back
+        if self._calls[id(block)]:
+            self._calls[id(block)] -= 1
+            self._exit(block)
 
     def _enter(self, block):
         key = id(block)
