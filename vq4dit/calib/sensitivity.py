@@ -16,6 +16,7 @@ So sum_l a_l t_l^2 estimates the relative prediction MSE of the quantized model.
 """
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -110,8 +111,8 @@ def block_sensitivities(model, adapter, calls, names, seed=0, offload=None, prog
     models.offload.HostBlocks streaming `model`'s blocks (None: it is on its device); a block is resident while
     its weights carry noise, so the noise is drawn and added in fp32 on the device, as in the unstreamed model."""
     device = offload.device if offload is not None else next(model.parameters()).device
-    refs = _predictions(model, adapter, calls, device)
-    power = max(sum(r.pow(2).sum().item() for r in refs), 1e-30)
+    preds = _predictions(model, adapter, calls, device)
+    reference = Reference(calls, preds, max(sum(r.pow(2).sum().item() for r in preds), 1e-30))
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for block_name, block in tqdm(adapter.blocks(model), desc="sensitivity", unit="block", disable=not progress):
@@ -119,13 +120,23 @@ def block_sensitivities(model, adapter, calls, names, seed=0, offload=None, prog
         if not mine:
             continue
         with offload.resident(block) if offload is not None else contextlib.nullcontext():
-            out.update(_block_split(model, adapter, block, mine, calls, refs, power, generator))
+            out.update(_block_split(model, adapter, block, mine, reference, generator))
     return out
 
 
-def _block_split(model, adapter, block, names, calls, refs, power, generator):
+@dataclass(frozen=True)
+class Reference:
+    """The probe `calls`, the unperturbed model's predictions `preds` on them, and their sum of squares `power`."""
+
+    calls: list
+    preds: list
+    power: float
+
+
+def _block_split(model, adapter, block, names, reference, generator):
     """{name: a_l} of the Linears `names` of `block` (on its device): a_b from one noisy pass of the whole model,
     split by the block's own output errors."""
+    calls, refs, power = reference.calls, reference.preds, reference.power
     device = refs[0].device
     weights = [model.get_submodule(n).weight for n in names]
     kept = [w.detach().clone() for w in weights]
