@@ -73,7 +73,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     with contextlib.ExitStack() as stack:
         directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
         run = Run.open(config, directory, progress)
-        base, include, extra = load(config.model, config.device, loaded=base)
+        base, include, extra, _ = load(config.model, config.device, loaded=base)
         _, stats = run_stages(base, include, run)
         run.finish()
     harden(base.model)

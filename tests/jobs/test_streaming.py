@@ -113,6 +113,26 @@ def test_streamed_flux_pipeline_is_byte_identical(tmp_path):
     assert mapped == total > 0
 
 
+def test_a_streamed_generic_pipeline_is_byte_identical(tmp_path):
+    """Qwen-Image through the generic adapter, stored in bf16: the adapter finds its blocks by a probe that runs the
+    pipeline, so the model streams from the load on (its candidate block lists under HostBlocks), and the student's
+    skeleton, copied after, takes none of the teacher's hooks. Mutations caught: the probe run on the bf16 host
+    model (dtype error: every generic pipeline failed with --stream on, and so under --stream auto on a small
+    GPU); the skeleton copying the streaming hooks (the student's blocks call the teacher's HostBlocks)."""
+    from tests.models.tiny_generic import BUILDERS, SIZES
+
+    pipe = BUILDERS["qwenimage"]()
+    pipe.transformer.to(torch.bfloat16)
+    pipe.save_pretrained(str(tmp_path / "pipeline"), safe_serialization=True)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    common = {**FAST, **SIZES["qwenimage"], "ckpt": str(tmp_path / "pipeline"),
+              "prompts": str(tmp_path / "prompts.txt"), "iters": 3}
+    off, _ = observed_run({**common, "stream": "off"}, tmp_path / "off")
+    on, seen = observed_run({**common, "stream": "on"}, tmp_path / "on")
+    assert on == off
+    assert seen[0]["block_dtypes"] == {torch.bfloat16} and seen[0]["moves"] > 0
+
+
 def test_stream_auto_is_off_on_the_cpu_and_on_refuses_what_it_cannot_stream(bf16_dit, monkeypatch):
     """Mutations caught: auto streaming on the CPU however small its memory (the default run would change its path);
     --stream on accepted with --bits --bits-probe model (a streamed pass of the whole model per Linear), or refused

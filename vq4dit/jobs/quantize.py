@@ -37,6 +37,7 @@ from vq4dit.jobs.runkey import RunKey
 from vq4dit.jobs.streaming import StreamedModel
 from vq4dit.models.adapters.base import linear_pattern, outside_blocks
 from vq4dit.models.adapters.load import load_model
+from vq4dit.models.offload import HostBlocks
 from vq4dit.models.prompts import read_prompts
 from vq4dit.utils import distributed
 from vq4dit.utils.device import device_memory, physical_memory, resolve_device
@@ -99,8 +100,8 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
         run = Run.open(config, out_dir, progress and lead, overwrite)
         start = time.time()
         stream = config.stream == "on"
-        base, include, extra = load(config.model, device, stream=stream)
-        layers, stats = run_stages(base, include, run, stream)
+        base, include, extra, offload = load(config.model, device, stream=stream)
+        layers, stats = run_stages(base, include, run, offload)
         if lead:  # every rank holds the same layers: rank 0 writes the one artifact
             save(base.model, layers, extra, config, out_dir)
             run.finish()
@@ -133,12 +134,12 @@ def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
     return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
 
 
-def run_stages(base, include, run, stream=False):
+def run_stages(base, include, run, offload=None):
     """The build, record and calibrate stages of Run `run` on the loaded BaseModel `base` (its Linears matching
     `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate).
-    stream: `base` was loaded on the host in its stored dtype and the run streams it (jobs/streaming.py); base.model
-    becomes the student."""
-    problem, layers = build_codebooks(base, include, run, stream)
+    offload: the models.offload.HostBlocks of a streamed run (load), which streams base.model from the host in its
+    stored dtype (jobs/streaming.py); base.model becomes the student."""
+    problem, layers = build_codebooks(base, include, run, offload)
     if problem is None:
         return layers, []
     try:
@@ -160,9 +161,11 @@ def record_and_calibrate(problem, run):
 
 def load(spec, device, loaded=None, stream=False):
     """The load stage for ModelSpec `spec`: (models.adapters.load.BaseModel, the regex of Linears to quantize, the
-    artifact's model reference extras). `loaded`: a BaseModel already in memory (vq4dit.quantize_transformer: a
-    pipeline's transformer), moved to `device` instead of loading spec's model; stream: loaded on the host in the
-    checkpoint's dtypes (jobs/streaming.py moves it)."""
+    artifact's model reference extras, the HostBlocks of a streamed run or None). `loaded`: a BaseModel already in
+    memory (vq4dit.quantize_transformer: a pipeline's transformer), moved to `device` instead of loading spec's
+    model; stream: loaded on the host in the checkpoint's dtypes, its blocks streamed through `device` by a
+    models.offload.HostBlocks from here on, so that a pipeline probe finding the blocks (the generic adapter's)
+    runs it as the fp32 model (jobs/streaming.py builds the student)."""
     prompts = read_prompts(spec.prompts) if spec.prompts else None  # a bad file fails before loading the model
     device = resolve_device(device)
     set_tf32(str(device).startswith("cuda"))  # fp32 storage, TF32 matmuls on CUDA (as the authors' code runs)
@@ -172,17 +175,18 @@ def load(spec, device, loaded=None, stream=False):
     else:
         base = loaded
         base.model.to(device)
+    offload = HostBlocks(base.model, base.adapter.stream_blocks(base.model), device) if stream else None
     extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
     include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
-    return base, include, extra
+    return base, include, extra, offload
 
 
-def build_codebooks(base, include, run, stream=False):
+def build_codebooks(base, include, run, offload=None):
     """The codebook stage: the Linears of BaseModel `base` matching `include` replaced in place by the method's
     quantized layers. When the method calibrates, the model as it was is kept as the teacher (a copy, made before
-    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None. stream: base.model
-    is on the host; the quantized student is built block by block on the device and becomes base.model, and the
-    host model is the teacher (jobs/streaming.py)."""
+    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None. offload: the
+    HostBlocks streaming base.model from the host (None: not streamed); the quantized student is then built block by
+    block on the device and becomes base.model, and the host model is the teacher (jobs/streaming.py)."""
     method, config = run.method, run.config
     outside = outside_blocks(base.adapter, base.model, include)
     if outside and method.calibrated:
@@ -190,15 +194,15 @@ def build_codebooks(base, include, run, stream=False):
                        "not calibrated", len(outside), outside[0])
     if method.calibrated:
         check_calibration_fits(base, run.mode, config, run.cache_dir)
-    settings, offload, streamed = None, None, None
-    if stream:
+    settings, streamed = None, None
+    if offload is not None:
         logger.info("streaming (--stream %s): the model stays on the host as stored, its blocks visit %s one at a "
-                    "time", config.stream, resolve_device(config.device))
-        streamed = StreamedModel.open(base.model, base.adapter, resolve_device(config.device), method.calibrated)
+                    "time", config.stream, offload.device)
+        streamed = StreamedModel.open(base.model, base.adapter, offload, method.calibrated)
     if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
         settings = allocate(base.model, base.adapter, include, config, None if streamed is None else streamed.offload,
                             run.progress).settings
-    if stream:
+    if streamed is not None:
         base.model, teacher, offload, layers = streamed.build(include, method, config.seed, settings, run.progress)
     else:
         teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before the Linears go

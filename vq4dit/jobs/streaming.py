@@ -55,6 +55,8 @@ def fill_(target, source, device, recurse=True):
         owner_name, _, attr = name.rpartition(".")
         owner = target.get_submodule(owner_name) if owner_name else target
         value = upcast(values[name], device)
+        if value is values[name] and target is not source:  # already on the device in fp32: the student's own copy
+            value = value.clone()
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(value, requires_grad=t.requires_grad)
         else:
@@ -78,14 +80,16 @@ class StreamedModel:
     offload: HostBlocks
 
     @classmethod
-    def open(cls, model, adapter, device, keep_teacher):
-        device, blocks = torch.device(device), adapter.blocks(model)
-        student = skeleton(model) if keep_teacher else model
+    def open(cls, model, adapter, offload, keep_teacher):
+        """`offload` streams `model` (jobs.quantize.load sets it up, over adapter.stream_blocks)."""
+        blocks = adapter.blocks(model)
+        with offload.paused():  # the skeleton takes none of the teacher's streaming hooks along
+            student = skeleton(model) if keep_teacher else model
         inside = {id(m) for _, block in blocks for m in block.modules()}
         for name, module in model.named_modules():  # the parts outside the blocks: embedders, final layer
             if id(module) not in inside:
-                fill_(student.get_submodule(name), module, device, recurse=False)
-        return cls(model, adapter, student, HostBlocks(model, blocks, device))
+                fill_(student.get_submodule(name), module, offload.device, recurse=False)
+        return cls(model, adapter, student, offload)
 
     def build(self, include, method, seed, settings=None, progress=True):
         """(student on the device, teacher (the host model; None when the method does not calibrate), the HostBlocks

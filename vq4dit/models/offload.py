@@ -53,11 +53,31 @@ class HostBlocks:
                 for ref in _tensors(m, recurse=False):
                     _set(*ref, upcast(_get(*ref), self.device))
         self._handles, self._calls = [], dict.fromkeys(self.blocks, 0)
-        for _, block in blocks:
+        self._hook()
+
+    def _hook(self):
+        for _, block in self.blocks.values():
             self._handles.append(block.register_forward_pre_hook(lambda m, args: self._call_in(m)))
             # always_call: a forward that raises (out of memory) still sends the block back to the host
             self._handles.append(block.register_forward_hook(lambda m, args, out: self._call_out(m), always_call=True))
             block._apply = lambda fn, recurse=True, block=block: block  # a pipeline's .to() leaves it on the host
+
+    def _unhook(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for _, block in self.blocks.values():
+            block.__dict__.pop("_apply", None)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The blocks without this object's hooks and .to() pins for the context: a deep copy of the model made
+        inside (the streamed student's skeleton) takes none of them along."""
+        self._unhook()
+        try:
+            yield
+        finally:
+            self._hook()
 
     def _call_in(self, block):
         self._calls[id(block)] += 1
@@ -95,9 +115,5 @@ class HostBlocks:
             self._exit(block)
 
     def close(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for _, block in self.blocks.values():
-            block.__dict__.pop("_apply", None)
+        self._unhook()
         self.model, self.blocks, self._host = None, {}, {}  # no cycle keeps the host teacher alive after the run

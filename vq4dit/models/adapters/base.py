@@ -69,6 +69,11 @@ class Adapter:
             out += [(f"{attr}.{i}", block) for i, block in enumerate(getattr(model, attr))]
         return out
 
+    def stream_blocks(self, model):
+        """[(qualified name, module)] a streamed run keeps on the host (models/offload.py): found without running
+        the model, since a streamed model runs only once they stream; `blocks` or more."""
+        return self.blocks(model)
+
     def quant_include(self, model):
         """Regex over qualified names: the nn.Linear layers inside the blocks that get quantized."""
         prefixes = "|".join(re.escape(attr) for attr in self.block_lists)

@@ -144,6 +144,9 @@ class GenericAdapter(TextToImageAdapter):
                            ", ".join(left[:4]) + (" ..." if len(left) > 4 else ""))
         return order
 
+    def stream_blocks(self, model):
+        return candidates(model)  # blocks() probes the pipeline, which runs the model
+
     def quant_include(self, model):
         names = "|".join(name.replace(".", r"\.") for name, _ in self.blocks(model))
         return rf"^(?:{names})\."
