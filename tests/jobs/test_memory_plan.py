@@ -177,15 +177,14 @@ def test_flux_dev_streamed_plan_holds_one_fp32_block_and_the_bf16_teacher_on_the
     assert on.device_peak.device_bytes < 40 * 2**30 < off.peaks.device_peak.device_bytes
 
 
-def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each_process(monkeypatch):
-    """Each of 2 processes records only its trajectories: the slots hold the largest share's rows (5 trajectories:
-    one process records 3 of them, not 2.5), and the host line counts both processes. Mutations: the plan ignoring
-    WORLD_SIZE (every figure the single process's), or rows halved (the smaller share) -> fail."""
+def one_and_two_processes(monkeypatch, **overrides):
+    """(the embedded model's plan in one process, its plan in each of 2 processes on one machine, the 2 processes'
+    TeacherShares) of a config with `overrides`."""
     from vq4dit.calib.teacher import TeacherShare, teacher_plan
     from vq4dit.jobs.plan_sources import dit_source
     from vq4dit.models.adapters.dit import DiTAdapter
 
-    config = load_config(overrides={"ckpt": None, "calib_samples": 5, "calib_timesteps": 2, "steps": 4})
+    config = load_config(overrides={"ckpt": None, "calib_timesteps": 2, "steps": 4, **overrides})
     model, factor = dit_source(config.model)
 
     def plan():
@@ -194,8 +193,15 @@ def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each
     one = plan()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    two = plan()
-    shares = [len(TeacherShare.of(teacher_plan(config.teacher, config.seed), 2, 2, r, 2).rows) for r in range(2)]
+    return one, plan(), [TeacherShare.of(teacher_plan(config.teacher, config.seed), 2, 2, r, 2) for r in range(2)]
+
+
+def test_under_torchrun_the_plan_is_one_process_share_and_the_machine_holds_each_process(monkeypatch):
+    """Each of 2 processes records only its trajectories: the slots hold the largest share's rows (5 trajectories:
+    one process records 3 of them, not 2.5), and the host line counts both processes. Mutations: the plan ignoring
+    WORLD_SIZE (every figure the single process's), or rows halved (the smaller share) -> fail."""
+    one, two, teacher_shares = one_and_two_processes(monkeypatch, calib_samples=5)
+    shares = [len(share.rows) for share in teacher_shares]
     assert sorted(shares) == [8, 12]  # 2 and 3 trajectories x 2 kept steps x 2 (CFG)
     for (key, shape, _), (key_two, shape_two, _) in zip(one.slots, two.slots):
         assert key == key_two and shape[0] == 20 and shape_two[0] == max(shares), key
@@ -212,22 +218,8 @@ def test_under_torchrun_the_end_pass_points_are_those_the_process_holds(monkeypa
     process's. Catches the plan counting 256 points in every process (twice what each holds)."""
     from vq4dit.calib.capture import CalibrationSet
     from vq4dit.calib.endpass import EndPoints
-    from vq4dit.calib.teacher import TeacherShare, teacher_plan
-    from vq4dit.jobs.plan_sources import dit_source
-    from vq4dit.models.adapters.dit import DiTAdapter
 
-    config = load_config(overrides={"ckpt": None, "calib_samples": 200, "calib_timesteps": 2, "steps": 4,
-                                    "e2e_iters": 10})
-    model, factor = dit_source(config.model)
-
-    def plan():
-        return memory_plan(meta_dit(model), DiTAdapter(), config, factor, 0, runtime=0)
-
-    one = plan()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    two = plan()
-    shares = [TeacherShare.of(teacher_plan(config.teacher, config.seed), 2, 2, r, 2) for r in range(2)]
+    one, two, shares = one_and_two_processes(monkeypatch, calib_samples=200, e2e_iters=10)
     held = [len(EndPoints.take(CalibrationSet([], {"x": torch.zeros(len(s.rows), 1)}, {"x": True}, len(s.rows),
                                               s.shard())).rows) for s in shares]
     assert sum(held) == 256 and max(held) < 256
