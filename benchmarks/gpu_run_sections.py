@@ -80,19 +80,26 @@ def run_quantize(args, device, timeout):
 SMALL_RUN = ["--iters", "20", "--calib-samples", "4", "--calib-timesteps", "3", "--steps", "10"]
 
 
+# the runs of section_plan: unstreamed, streamed (--stream on: the teacher on the host, one block on the device at a
+# time), and a streamed --bits allocation by blocks (its noise probes on resident blocks; the plan does not count the
+# probes) with the end-to-end pass (whose points the plan counts)
+PLAN_RUNS = {"off": ["--stream", "off"], "on": ["--stream", "on"],
+             "on, --bits 1.5 --bits-probe block --e2e-iters 20": ["--stream", "on", "--bits", "1.5", "--bits-probe",
+                                                                  "block", "--e2e-iters", "20"]}
+
+
 def section_plan(sizes, device, report, timeout):
-    """The plan's device peak against a real run's max_memory_allocated, unstreamed and streamed (--stream on: the
-    teacher on the host, one block on the device at a time)."""
+    """The plan's device peak against a real run's max_memory_allocated (PLAN_RUNS)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for stream in ("off", "on"):
-            plan_file = os.path.join(tmp, f"plan-{stream}.json")
-            flags = [*SMALL_RUN, "--stream", stream]
+        for n, (label, extra) in enumerate(PLAN_RUNS.items()):
+            plan_file = os.path.join(tmp, f"plan-{n}.json")
+            flags = [*SMALL_RUN, *extra]
             subprocess.run([sys.executable, "quantize.py", *flags, "--device", device.type, "--dry-run", "--json",
                             plan_file], cwd=ROOT, check=True, capture_output=True, timeout=timeout)
             with open(plan_file) as f:
                 planned = json.load(f).get("device_peak_bytes")
-            code, seconds, peak, err = run_quantize([*flags, "--out", os.path.join(tmp, stream)], device, timeout)
-            report.add_row("plan", {"run": f"embedded, small budget, --stream {stream}", "exit": code,
+            code, seconds, peak, err = run_quantize([*flags, "--out", os.path.join(tmp, str(n))], device, timeout)
+            report.add_row("plan", {"run": f"embedded, small budget, --stream {label}", "exit": code,
                                     "s": round(seconds, 1),
                                     "measured device GiB": None if peak is None else round(peak, 3),
                                     "planned device GiB": None if planned is None else round(planned / 2**30, 3),
@@ -107,7 +114,7 @@ def section_ddp(sizes, device, report, timeout):
         for procs in (1, 2):
             start = time.perf_counter()
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "quantize.py",
-                       *SMALL_RUN, "--device", "cuda", "--out", os.path.join(tmp, str(procs))]
+                       *SMALL_RUN, "--e2e-iters", "20", "--device", "cuda", "--out", os.path.join(tmp, str(procs))]
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             report.add_row("ddp", {"processes": procs, "exit": done.returncode,
                                    "s": round(time.perf_counter() - start, 1)})
