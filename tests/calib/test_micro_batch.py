@@ -8,7 +8,7 @@ from tests.calib.conftest import tiny_config
 from vq4dit.calib.micro import micro_losses, minibatch_loss
 from vq4dit.calib.train import Trainer
 from vq4dit.jobs.config import QuantizeConfig, load_config
-from vq4dit.jobs.memory_plan import memory_plan
+from vq4dit.jobs.memory_plan import Planned, memory_plan
 from vq4dit.jobs.plan_sources import dit_source, meta_dit
 from vq4dit.models.adapters.dit import DiTAdapter
 from vq4dit.models.loading import load_dit
@@ -88,7 +88,7 @@ def test_the_memory_plan_holds_a_micro_batch_of_activations():
     def block_bytes(micro_batch):
         config = load_config(overrides={"ckpt": None, "micro_batch": micro_batch})
         dit = dit_source(config.model)
-        return memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=0).block_bytes
+        return memory_plan(Planned(meta_dit(dit[0]), DiTAdapter(), dit[1]), config, runtime=0).block_bytes
 
     whole = block_bytes(None)
     assert block_bytes(2) < 0.5 * whole and block_bytes(32) == whole

@@ -11,7 +11,7 @@ import torch
 from tests.models.tiny_t2i import quantized_run
 from vq4dit.calib.problem import layers_of
 from vq4dit.jobs.config import load_config
-from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan
+from vq4dit.jobs.memory_plan import Planned, dry_run_plan, memory_plan
 from vq4dit.jobs.methods import method_for
 from vq4dit.jobs.plan_sources import meta_dit, meta_model, plan_source
 from vq4dit.models.adapters import ADAPTERS
@@ -32,8 +32,8 @@ def run(request, tmp_path_factory):
     if request.param not in PLANS:
         name, config, factor, directory = plan_source(str(r.pipeline))
         adapter = ADAPTERS[name]()
-        PLANS[request.param] = memory_plan(meta_model(name, config), adapter, r.config, factor,
-                                           adapter.prompt_tokens(directory))
+        PLANS[request.param] = memory_plan(Planned(meta_model(name, config), adapter, factor,
+                                                   adapter.prompt_tokens(directory)), r.config)
     return r, PLANS[request.param]
 
 
@@ -94,8 +94,8 @@ def test_the_plan_predicts_teacher_and_soft_student_bytes(run):
 def test_flux_dev_plan_has_no_cfg_rows_and_every_block_linear():
     config = load_config("flux_dev_w2")
     name, model_config, factor, _ = plan_source(config.model.ckpt)
-    plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
-                       ADAPTERS[name].text_tokens)
+    plan = memory_plan(Planned(meta_model(name, model_config), ADAPTERS[name](), factor, ADAPTERS[name].text_tokens),
+                       config)
     points = config.teacher.calib_samples * config.teacher.calib_timesteps
     assert plan.points.endswith(f"= {points} points")  # guidance distilled
     assert plan.layers == 19 * 14 + 38 * 6 and plan.bits == 2.0
@@ -108,8 +108,8 @@ def test_the_end_to_end_pass_holds_every_blocks_training_at_once():
     above one block's), named on its own line. Catches the pass counted as one block."""
     config = load_config("flux_dev_w2", overrides={"e2e_iters": 10})
     name, model_config, factor, _ = plan_source(config.model.ckpt)
-    plan = memory_plan(meta_model(name, model_config), ADAPTERS[name](), config, factor,
-                       ADAPTERS[name].text_tokens)
+    plan = memory_plan(Planned(meta_model(name, model_config), ADAPTERS[name](), factor, ADAPTERS[name].text_tokens),
+                       config)
     assert 19 * plan.block_bytes < plan.pass_bytes <= 57 * plan.block_bytes
     assert "end-to-end pass" in plan.format()
     assert [tuple(shape) for key, shape, _ in plan.slots[:2]] == [(448, 4096, 3072), (448, 512, 3072)]
@@ -129,7 +129,7 @@ def flux_dev_plan():
     config = load_config("flux_dev_w2", overrides={"device": "cuda"})
     name, model_config, factor, _ = plan_source(config.model.ckpt)
     model = meta_model(name, model_config)
-    return model, memory_plan(model, ADAPTERS[name](), config, factor, ADAPTERS[name].text_tokens, runtime=0)
+    return model, memory_plan(Planned(model, ADAPTERS[name](), factor, ADAPTERS[name].text_tokens), config, runtime=0)
 
 
 def test_flux_dev_stages_hold_the_transients_and_the_evaluation_chunk_fits_its_budget(tmp_path):
@@ -188,7 +188,7 @@ def one_and_two_processes(monkeypatch, **overrides):
     model, factor = dit_source(config.model)
 
     def plan():
-        return memory_plan(meta_dit(model), DiTAdapter(), config, factor, 0, runtime=0)
+        return memory_plan(Planned(meta_dit(model), DiTAdapter(), factor), config, runtime=0)
 
     one = plan()
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -89,14 +89,14 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
 def test_dry_run_plan_predicts_the_recorded_slots(family, tmp_path_factory):
     """The plan runs the pipeline on the meta device (no weights) up to its first transformer call; its slots are
     those the real run recorded, shape for shape and byte for byte, and its title counts the blocks called."""
-    from vq4dit.jobs.memory_plan import dry_run_plan, memory_plan, meta_model, plan_source
+    from vq4dit.jobs.memory_plan import Planned, dry_run_plan, memory_plan, meta_model, plan_source
     from vq4dit.models.adapters.generic import GenericAdapter
 
     r = generic_run(family, tmp_path_factory.getbasetemp() / "generic_runs")
     name, config, factor, directory = plan_source(str(r.pipeline))
     adapter = GenericAdapter()
     adapter.bind({"pipeline": {"source": str(directory)}}, **SIZES[family])
-    plan = memory_plan(meta_model(name, config), adapter, r.config, factor, 0)
+    plan = memory_plan(Planned(meta_model(name, config), adapter, factor), r.config)
     recorded = r.calibration_set.slots
     assert [(key, tuple(shape)) for key, shape, _ in plan.slots] == [(k, tuple(t.shape)) for k, t in recorded.items()]
     assert plan.cache_bytes == sum(t.numel() * t.element_size() for t in recorded.values())

@@ -52,13 +52,13 @@ def layer_owners(modules):
 
 
 @torch.no_grad()
-def shared_input_moments(block, prefix, names, replay, shard, device, chunk=None):
+def shared_input_moments(block, prefix, names, replay, shard, device):
     """calib.moments.block_input_moments under torchrun: {qualified name: (in, in) float64 E[x x^T]} of the Linears
     `names` of the FP `block` that this process fits (layer_owners), over every process's rows, summed as one
-    process sums them: global chunks of `chunk` rows (None: the single process's sweep chunks, replay_chunk: a
-    row's bytes, not the row count, set it, so every process computes the same chunk)."""
+    process sums them: in the single process's sweep chunks (replay_chunk: a row's bytes, not the row count, set
+    them, so every process computes the same chunk)."""
     modules = [block.get_submodule(name[len(prefix) + 1:]) for name in names]
-    owner, chunk = layer_owners(modules), chunk or replay_chunk(replay)
+    owner, chunk = layer_owners(modules), replay_chunk(replay)
     me = distributed.rank()
     accs = {name: InputMoments(m.in_features, None, full=True, device=device)
             for name, m, r in zip(names, modules, owner) if r == me}

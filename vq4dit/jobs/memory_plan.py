@@ -145,7 +145,7 @@ def plan_for(config):
     if dit is not None:
         from vq4dit.models.adapters.dit import DiTAdapter
 
-        return memory_plan(meta_dit(dit[0]), DiTAdapter(), config, dit[1], 0, runtime=runtime)
+        return memory_plan(Planned(meta_dit(dit[0]), DiTAdapter(), dit[1]), config, runtime)
     if source is None:
         return None
     from vq4dit.models.adapters import ADAPTERS
@@ -161,7 +161,7 @@ def plan_for(config):
         adapter.bind({"pipeline": {"source": str(directory)}}, height=spec.height, width=spec.width,
                      num_frames=spec.num_frames)
     tokens = adapter.prompt_tokens(directory) if directory else adapter.text_tokens
-    return memory_plan(meta_model(name, model_config), adapter, config, factor, tokens, directory, runtime)
+    return memory_plan(Planned(meta_model(name, model_config), adapter, factor, tokens, directory), config, runtime)
 
 
 def _finish(plan, config, json_path):
@@ -215,11 +215,22 @@ def layer_sizes(model, include, codebooks, n):
     return out
 
 
-def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runtime=None):
-    """The MemoryPlan of quantizing `model` (on meta) described by `adapter` with QuantizeConfig `config`; images of
-    the model spec's height x width (None: the pipeline's default), `tokens` prompt tokens; `directory`: the
-    pipeline's, whose text encoders the plan counts; `runtime`: the run's process bytes (plan_stages.runtime_bytes;
-    None: measured now)."""
+@dataclass(frozen=True)
+class Planned:
+    """What a plan is of: `model` (on meta) described by `adapter`, its VAE's pixels per latent pixel `vae_factor`,
+    `tokens` prompt tokens, and `directory`, the pipeline's, whose text encoders the plan counts (None: none)."""
+
+    model: object
+    adapter: object
+    vae_factor: int
+    tokens: int = 0
+    directory: object = None
+
+
+def memory_plan(planned, config, runtime=None):
+    """The MemoryPlan of quantizing Planned `planned` with QuantizeConfig `config`; images of the model spec's height x
+    width (None: the pipeline's default); `runtime`: the run's process bytes (plan_stages.runtime_bytes; None:
+    measured now)."""
     import torch
 
     from vq4dit.calib.capture import calib_steps, storage_dtype
@@ -233,6 +244,8 @@ def memory_plan(model, adapter, config, vae_factor, tokens, directory=None, runt
     from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
     from vq4dit.models.adapters.base import linear_pattern
 
+    model, adapter, vae_factor, tokens, directory = (planned.model, planned.adapter, planned.vae_factor,
+                                                     planned.tokens, planned.directory)
     spec, codebooks, mode = config.model, config.codebooks, mode_for(config.calibration.calib)
     plan = mode.teacher_plan(config.teacher, config.seed)
     height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
