@@ -69,8 +69,12 @@ def plot_bits_curve(series, fp_fid, path):
     _save(fig, path)
 
 
-def side_by_side(panels, path, count=40, cols=10, scale=3, pad=2, title_h=18):
+COLS, SCALE, PAD, TITLE_H = 10, 3, 2, 18  # side_by_side's grid: samples per row, upscaling, gaps, title band (px)
+
+
+def side_by_side(panels, path, count=40):
     """panels: [(title, npz path)]; the first `count` samples of each (same seeds), tiled, next to each other."""
+    cols, scale, pad, title_h = COLS, SCALE, PAD, TITLE_H
     tiles = []
     for title, npz in panels:
         images = np.load(npz)["arr_0"][:count]  # (count, H, W, 3) uint8
