@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vq4dit.utils.device import resolve_device
+from vq4dit.utils.device import model_device, resolve_device
 from vq4dit.utils.errors import UserError
 
 
@@ -27,3 +27,12 @@ def test_a_cuda_index_the_machine_lacks(monkeypatch):
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
     with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0..cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_a_streamed_model_runs_on_the_device_its_host_blocks_are_not_on():
+    """A streamed model's first parameters may be a block's, kept on the host; the run's device is that of the parts
+    that are not ("meta" stands for a GPU here). Catches the first parameter's device taken (the pipeline would run
+    on the CPU beside a model on the GPU)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    assert model_device(model) == torch.device("meta")
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")

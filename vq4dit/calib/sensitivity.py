@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vq4dit.calib.calls import flatten
 from vq4dit.calib.capture import capture_model_inputs, step_filter
 from vq4dit.calib.teacher import eval_teacher, teacher_plan
+from vq4dit.utils.device import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def relative_noise(weight, noise, generator):
 def noise_sensitivities(model, adapter, calls, names, noise=PROBE_NOISE, seed=0, progress=False):
     """{name: a_l} for the Linears `names` of `model` (full precision, unchanged on return): the relative prediction
     MSE per unit of squared relative weight error, measured with one noise draw per layer (from `seed`)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     refs = _predictions(model, adapter, calls, device)
     power = sum(r.pow(2).sum().item() for r in refs) / max(sum(r.numel() for r in refs), 1)
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +111,7 @@ def block_sensitivities(model, adapter, calls, names, seed=0, offload=None, prog
     adapter.blocks(model) that holds any (the others are left out), `model` unchanged on return. offload: the
     models.offload.HostBlocks streaming `model`'s blocks (None: it is on its device); a block is resident while
     its weights carry noise, so the noise is drawn and added in fp32 on the device, as in the unstreamed model."""
-    device = offload.device if offload is not None else next(model.parameters()).device
+    device = model_device(model)
     preds = _predictions(model, adapter, calls, device)
     reference = Reference(calls, preds, max(sum(r.pow(2).sum().item() for r in preds), 1e-30))
     generator = torch.Generator().manual_seed(seed)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vq4dit.calib.sensitivity import block_sensitivities, noise_sensitivities, probe_calls
+from vq4dit.utils.device import model_device
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.allocate import Option, parse_settings, solve
 from vq4dit.vq.apply import QKV_PATTERN, layer_seed
@@ -157,13 +158,14 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
             raise UserError(f"--bits-settings {c.settings_text}: no setting fits layer {name} (in_features "
                             f"{m.in_features}, {m.out_features * m.in_features} weights): d must divide in_features "
                             "and k be at most the number of sub-vectors")
-    device = offload.device if offload is not None else next(model.parameters()).device
+    device = model_device(model)
     calls = probe_calls(model, adapter, config.teacher, config.seed, device)
     sensitivities = {}
     if c.bits_probe == "block":
         sensitivities = block_sensitivities(model, adapter, calls, list(linears), config.seed, offload, progress)
     rest = [n for n in linears if n not in sensitivities]  # "model", or the Linears outside the blocks
-    sensitivities.update(noise_sensitivities(model, adapter, calls, rest, seed=config.seed, progress=progress))
+    if rest:
+        sensitivities.update(noise_sensitivities(model, adapter, calls, rest, seed=config.seed, progress=progress))
     sensitivities = {n: sensitivities[n] for n in linears}
     weights = {name: m.in_features * m.out_features for name, m in linears.items()}
     chosen = choose(errors, sensitivities, weights, c.bits)

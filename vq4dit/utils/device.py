@@ -32,3 +32,9 @@ def device_memory(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return physical_memory()
+
+
+def model_device(model):
+    """The device `model` runs on: its first parameter's not on the CPU (a streamed model keeps its blocks on the host
+    in their stored dtype, and the rest on the device: models/offload.py), else the CPU."""
+    return next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from vq4dit.models.pipelines import read_index
+from vq4dit.utils.device import model_device
 from vq4dit.utils.errors import UserError
 
 
@@ -102,7 +103,7 @@ def teacher_pipeline(directory, model, text_encoders=True):
     is given its results (models/adapters/encode_replay.py)."""
     import diffusers
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     index = read_index(directory)
     name = index["_class_name"]
     stand_ins = {} if text_encoders else {k: meta_component(directory, k, entry) for k, entry in index.items()
