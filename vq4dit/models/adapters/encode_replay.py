@@ -40,10 +40,12 @@ def _prompt_of(args, kwargs):
     return kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
 
 
-def _on(value, device):
+def _on(value, device, fresh=False):
+    """`value` (a tensor, or lists and tuples of them and plain values) with its tensors on `device`; fresh: copies
+    even where they are there already (a record the pipeline's run cannot edit)."""
     if torch.is_tensor(value):
-        return value.to(device)
-    return type(value)(_on(v, device) for v in value) if isinstance(value, (list, tuple)) else value
+        return value.detach().to(device, copy=fresh)
+    return type(value)(_on(v, device, fresh) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def record_encodings(pipe, model, runs):
@@ -54,7 +56,7 @@ def record_encodings(pipe, model, runs):
     def recording(*args, **kwargs):
         prompt = copy.deepcopy(_prompt_of(args, kwargs))  # as given: Z-Image's encode_prompt edits its list in place
         out = encode(*args, **kwargs)
-        calls.append((prompt, _on(out, "cpu")))
+        calls.append((prompt, _on(out, "cpu", fresh=True)))
         return out
 
     records = []
