@@ -264,16 +264,17 @@ def test_under_torchrun_a_machine_holds_the_mapped_teacher_and_the_text_encoders
 def test_the_plans_text_encoders_are_what_the_teacher_holds_and_under_torchrun_rank_0_alone_holds_them(family, tmp_path,
                                                                                                    monkeypatch):
     """Text encoders stored in bf16. Flux's adapter encodes with them as loaded (bf16); the generic adapter's teacher
-    pipeline (Qwen-Image) upcasts them to fp32: the plan counts the bytes of the encoders the job actually holds, and
-    under torchrun once per machine (rank 0 encodes for every process: Flux before the teacher, Qwen-Image through
-    its encode_prompt). Catches the generic teacher's fp32 encoders planned at their stored bf16 (half their size),
-    and the generic adapter's encoders counted in every process."""
+    pipeline (Qwen-Image) computes in fp32 one layer at a time (the parts outside its layers upcast, each layer's fp32
+    copy while it runs, measured here by a hook on every layer): the plan counts the bytes the job holds at most,
+    and under torchrun once per machine (rank 0 encodes for every process: Flux before the teacher, Qwen-Image
+    through its encode_prompt). Catches the generic teacher's encoders planned as stored (no fp32 parts) or upcast
+    whole, and the generic adapter's encoders counted in every process."""
     from tests.models.tiny_generic import BUILDERS as GENERIC
     from tests.models.tiny_generic import SIZES
     from tests.models.tiny_t2i import flux_pipeline
     from vq4dit.jobs.memory_plan import plan_for
     from vq4dit.models.adapters.load import load_model
-    from vq4dit.models.adapters.pipeline_runs import teacher_pipeline
+    from vq4dit.models.adapters.pipeline_runs import layer_lists, teacher_pipeline
     from vq4dit.models.pipelines import load_pipeline
 
     pipe = flux_pipeline() if family == "flux" else GENERIC[family]()
@@ -288,6 +289,12 @@ def test_the_plans_text_encoders_are_what_the_teacher_holds_and_under_torchrun_r
         held = teacher_pipeline(directory, load_model(None, directory).model)
     encoders = [c for name, c in held.components.items() if name.startswith("text_encoder")]
     held_bytes = sum(t.numel() * t.element_size() for c in encoders for t in [*c.parameters(), *c.buffers()])
+    running = [0]  # the largest fp32 copy of a layer while it runs (its bf16 weights stay held meanwhile)
+    for _, layer in layer_lists(encoders[0]) if family != "flux" else []:
+        layer.register_forward_pre_hook(lambda m, a: running.append(sum(p.nbytes for p in m.parameters())))
+    with torch.no_grad():
+        held.encode_prompt(["a cat"], device="cpu")
+    held_bytes += max(running)
     size = {"height": 8, "width": 8} if family == "flux" else SIZES[family]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -71,3 +71,33 @@ def test_qwen_image_batches_of_other_prompt_lengths_condition_on_one_padded_leng
     with torch.no_grad():
         padded_out, plain_out = (base.model(**{**k, "return_dict": False})[0] for k in (kwargs, unpadded))
     torch.testing.assert_close(padded_out, plain_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "wan"])
+def test_text_encoders_stored_in_bf16_compute_what_the_upcast_ones_do_holding_half(family, tmp_path):
+    """The generic teacher's text encoders compute in fp32 from their bf16 weights, one layer upcast at a time
+    (pipeline_runs.teacher_pipeline): encode_prompt gives the embeddings of the encoder upcast whole, bit for bit,
+    while the layers' weights stay bf16 (Qwen2.5-VL, whose dtype the pipeline reads from its first parameter, and
+    UMT5). Catches an encoder left in bf16 (other embeddings), and one upcast whole (fp32 layers held)."""
+    from vq4dit.models.adapters.pipeline_runs import layer_lists, teacher_pipeline
+
+    pipe = BUILDERS[family]()
+    pipe.text_encoder.to(torch.bfloat16)
+    directory = str(tmp_path / family)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    model = load_model(None, directory).model
+    held = teacher_pipeline(directory, model)
+    whole = teacher_pipeline(directory, model)
+    whole.text_encoder.float()  # HostBlocks pins each layer's .float(): upcast whole by hand
+    for _, layer in layer_lists(whole.text_encoder):
+        for p in layer.parameters():
+            p.data = p.data.float()
+    prompts = ["a cat", "a much longer prompt about a dog"]
+    with torch.no_grad():
+        got, want = held.encode_prompt(prompts, device="cpu"), whole.encode_prompt(prompts, device="cpu")
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.dtype == w.dtype and torch.equal(g, w)
+    layers = layer_lists(held.text_encoder)
+    assert layers and {p.dtype for _, layer in layers for p in layer.parameters()} == {torch.bfloat16}

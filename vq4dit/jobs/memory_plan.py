@@ -310,7 +310,7 @@ def memory_plan(planned, config, runtime=None):
     end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
     inputs = StageInputs(
         teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
-        text_encoders=text_encoder_bytes(directory, getattr(adapter, "encoder_dtype", None)),
+        text_encoders=text_encoder_bytes(directory, getattr(adapter, "encoders_by_layer", False)),
         record=record_bytes(model, adapter, plan, (args, kwargs), probe_rows, per_trajectory),
         cache=sum(n for _, _, n in slots), walk=walk, soft=soft, train=block_bytes,
         evaluate=evaluate, moments=moments, end_pass=end_pass,

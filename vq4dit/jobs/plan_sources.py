@@ -95,15 +95,17 @@ def plan_device(device):
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def text_encoder_bytes(directory, dtype=None):
-    """Bytes of the text encoders of the pipeline at `directory` (None: 0) in `dtype`, as the job holds them on the
-    CPU to encode the prompts (None: the dtype their configs name, fp32 when none: as transformers loads them);
-    built on meta from their configs."""
+def text_encoder_bytes(directory, by_layer=False):
+    """Bytes of the text encoders of the pipeline at `directory` (None: 0) as the job holds them on the CPU to encode
+    the prompts: in the dtype their configs name (fp32 when none), as transformers loads them; by_layer: computing
+    in fp32 one layer at a time (pipeline_runs.teacher_pipeline: the parts outside the layers in fp32, the layers
+    as stored, and the largest layer's fp32 copy while it runs). Built on meta from their configs."""
     if directory is None:
         return 0
     import torch
     import transformers
 
+    from vq4dit.models.adapters.pipeline_runs import layer_lists
     from vq4dit.models.pipelines import read_index
 
     total = 0
@@ -113,10 +115,12 @@ def text_encoder_bytes(directory, dtype=None):
             continue
         config = transformers.AutoConfig.from_pretrained(str(directory), subfolder=name)
         stored = getattr(config, "dtype", None)
-        stored = getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
+        stored = (getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32).itemsize
         with torch.device("meta"):
             encoder = cls._from_config(config)
-        total += sum(t.numel() for t in encoder.parameters()) * (dtype or stored).itemsize
+        weights = sum(t.numel() for t in encoder.parameters())
+        layers = [sum(t.numel() for t in layer.parameters()) for _, layer in layer_lists(encoder)] if by_layer else []
+        total += (weights - sum(layers)) * (4 if by_layer else stored) + sum(layers) * stored + 4 * max(layers or [0])
         total += sum(b.numel() * b.element_size() for b in encoder.buffers())
     return total
 

@@ -18,12 +18,13 @@ batches both (SANA, CogVideoX, LTX-Video) records both halves. The probe counts 
 calls seen, with and without guidance.
 
 The teacher is the pipeline's own __call__ on prompts (output_type="latent"), trajectory i from a generator seeded
-by (seed, i), with whatever text encoders the pipeline has: in fp32 on the CPU (on a GPU their inputs are moved to
-the CPU and their outputs back), held from the probe to the teacher's last run and released before calibration;
-the VAE stays on the CPU, unused. A pipeline with an encode_prompt method has every teacher batch's prompts encoded
-before the first runs and padded to one token length; under torchrun rank 0 alone holds the text encoders: it
-probes for every process and encodes every process's batches (encode_replay.py). Sampling goes through the whole
-pipeline; a video pipeline (num_frames) draws uint8 frames (N, F, H, W, 3).
+by (seed, i), with whatever text encoders the pipeline has: on the CPU, computing in fp32 one layer at a time from
+their weights as stored (on a GPU their inputs are moved to the CPU and their outputs back), held from the probe to
+the teacher's last run and released before calibration; the VAE stays on the CPU, unused. A pipeline with an
+encode_prompt method has every teacher batch's prompts encoded before the first runs and padded to one token length;
+under torchrun rank 0 alone holds the text encoders: it probes for every process and encodes every process's batches
+(encode_replay.py). Sampling goes through the whole pipeline; a video pipeline (num_frames) draws uint8 frames (N,
+F, H, W, 3).
 """
 import gc
 import inspect
@@ -114,7 +115,7 @@ def _default(pipe, name):
 class GenericAdapter(TextToImageAdapter):
     family = "generic"
     video = True  # num_frames is accepted when the pipeline's __call__ takes it
-    encoder_dtype = torch.float32  # the teacher pipeline's text encoders are upcast (pipeline_runs.teacher_pipeline)
+    encoders_by_layer = True  # the teacher pipeline's text encoders (pipeline_runs.teacher_pipeline)
 
     def __init__(self):
         super().__init__()

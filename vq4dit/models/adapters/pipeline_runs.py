@@ -4,6 +4,7 @@ FirstCallPerStep, which lets calibration record one transformer call per sampler
 import torch
 from torch import nn
 
+from vq4dit.models.offload import HostBlocks
 from vq4dit.models.pipelines import read_index
 from vq4dit.utils.device import model_device
 from vq4dit.utils.errors import UserError
@@ -96,12 +97,27 @@ def pin_execution_device(pipe, device):
     pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: torch.device(device))})
 
 
+def layer_lists(module):
+    """[(qualified name, layer)] of the items of `module`'s outermost nn.ModuleLists whose every item holds two or
+    more Linears (a text encoder's transformer layers), in declaration order."""
+    out, taken = [], []
+    for name, child in module.named_modules():
+        if (isinstance(child, nn.ModuleList) and len(child) and not any(name.startswith(f"{t}.") for t in taken)
+                and all(sum(isinstance(m, nn.Linear) for m in item.modules()) >= 2 for item in child)):
+            taken.append(name)
+            out += [(f"{name}.{i}", item) for i, item in enumerate(child)]
+    return out
+
+
 def teacher_pipeline(directory, model, text_encoders=True):
     """The pipeline at `directory` with `model` as its transformer, executing on the model's device; its other
-    models (text encoders in fp32, VAE) on the CPU. text_encoders=False: the text encoders built on the meta device
-    instead (no weight read), answering zeros of their output shapes (shapes_only): for a pipeline whose encode_prompt
-    is given its results (models/adapters/encode_replay.py)."""
+    models on the CPU in fp32: the VAE upcast, the text encoders computing in fp32 from their weights as stored (their
+    layers upcast one at a time while they run, models/offload.HostBlocks: bf16 to fp32 is exact, so they compute what
+    the encoders upcast whole compute, holding half the bytes where the files store bf16). text_encoders=False: the
+    text encoders built on the meta device instead (no weight read), answering zeros of their output shapes
+    (shapes_only): for a pipeline whose encode_prompt is given its results (models/adapters/encode_replay.py)."""
     import diffusers
+    import transformers
 
     device = model_device(model)
     index = read_index(directory)
@@ -113,9 +129,12 @@ def teacher_pipeline(directory, model, text_encoders=True):
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
-    for component in pipe.components.values():
+    for key, component in pipe.components.items():
         if isinstance(component, nn.Module) and component is not model:
-            component.float()
+            if key.startswith("text_encoder") and text_encoders and isinstance(component, transformers.PreTrainedModel):
+                HostBlocks(component, layer_lists(component), "cpu")  # lives as long as the encoder (its hooks)
+            else:
+                component.float()
             if device.type != "cpu":
                 on_cpu(component, device)
     if device.type != "cpu" or stand_ins:  # diffusers would run on the first component's device (meta: a stand-in)

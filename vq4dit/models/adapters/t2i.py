@@ -58,7 +58,7 @@ class TextToImageAdapter(Adapter):
     text_tokens = 0  # prompt tokens the pipeline pads to (its max_sequence_length default)
     video = False  # whether the pipeline draws frames (num_frames)
     encodes_once = True  # the prompts are encoded before the teacher runs (under torchrun: by rank 0 alone)
-    encoder_dtype = None  # the text encoders' dtype while they encode (None: as their configs name, as loaded)
+    encoders_by_layer = False  # True: the text encoders compute in fp32 one layer at a time (else: as loaded)
 
     def __init__(self):
         self.source, self.prompts, self.height, self.width, self.num_frames = None, prompt_list(), None, None, None
