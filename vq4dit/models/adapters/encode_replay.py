@@ -13,8 +13,8 @@ Two things come of encoding first:
   one of ones.
 - Under torchrun rank 0 alone holds the text encoders. It encodes every batch of every process and sends the
   results. The other processes' pipelines hold text encoders built on the meta device (no weights:
-  pipeline_runs.teacher_pipeline). A machine then holds one set of encoders (Qwen-Image's Qwen2.5-VL in fp32 is
-  33 GB), and every process conditions on what one process computes for the same batch, bit for bit.
+  pipeline_runs.teacher_pipeline). A machine then holds one set of encoders (Qwen-Image's Qwen2.5-VL: 18 GiB as
+  the teacher holds it), and every process conditions on what one process computes for the same batch, bit for bit.
 A pipeline without encode_prompt encodes inside each call, as it would alone, in every process.
 """
 import copy
