@@ -200,8 +200,7 @@ def build_codebooks(base, include, run, offload=None):
                     "time", config.stream, offload.device)
         streamed = StreamedModel.open(base.model, base.adapter, offload, method.calibrated)
     if config.codebooks.bits is not None:  # per-layer settings under the --bits budget (jobs/allocation.py)
-        settings = allocate(base.model, base.adapter, include, config, None if streamed is None else streamed.offload,
-                            run.progress).settings
+        settings = allocate(base.model, base.adapter, include, config, offload, run.progress).settings
     if streamed is not None:
         base.model, teacher, offload, layers = streamed.build(include, method, config.seed, settings, run.progress)
     else:
