@@ -23,7 +23,7 @@ from collections import deque
 
 import torch
 
-from vq4dit.models.adapters.pipeline_runs import FirstCallPerStep, until_transformer
+from vq4dit.models.adapters.pipeline_runs import FirstCallPerStep, map_tensors, until_transformer
 from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
@@ -40,14 +40,6 @@ def _prompt_of(args, kwargs):
     return kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
 
 
-def _on(value, device, fresh=False):
-    """`value` (a tensor, or lists and tuples of them and plain values) with its tensors on `device`; fresh: copies
-    even where they are there already (a record the pipeline's run cannot edit)."""
-    if torch.is_tensor(value):
-        return value.detach().to(device, copy=fresh)
-    return type(value)(_on(v, device, fresh) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def record_encodings(pipe, model, runs):
     """Rank 0: for each (count, run) of `runs`, [(prompt, what encode_prompt returned, on the CPU)] of every
     encode_prompt call of that run, the run stopped at its first transformer call."""
@@ -56,7 +48,7 @@ def record_encodings(pipe, model, runs):
     def recording(*args, **kwargs):
         prompt = copy.deepcopy(_prompt_of(args, kwargs))  # as given: Z-Image's encode_prompt edits its list in place
         out = encode(*args, **kwargs)
-        calls.append((prompt, _on(out, "cpu", fresh=True)))
+        calls.append((prompt, map_tensors(out, lambda t: t.detach().to("cpu", copy=True))))  # the run cannot edit it
         return out
 
     records = []
@@ -157,7 +149,7 @@ def _replay(pipe, run, calls):
         if prompt != _prompt_of(args, kwargs):
             raise RuntimeError(f"{type(pipe).__name__}.encode_prompt called with {_prompt_of(args, kwargs)!r} where "
                                f"rank 0's run had {prompt!r}")
-        return _on(out, device)
+        return map_tensors(out, lambda t: t.to(device))
 
     pipe.__dict__["encode_prompt"] = answer
     try:

@@ -70,24 +70,24 @@ def run_probe(pipe, model, blocks, call):
     return calls, order
 
 
-def _map(value, fn):
+def map_tensors(value, fn):
     """`value` (nested tuples, lists, dicts, transformers' ModelOutput) with fn applied to every tensor."""
     if torch.is_tensor(value):
         return fn(value)
     if isinstance(value, dict):
         for key in list(value.keys()):
-            value[key] = _map(value[key], fn)
+            value[key] = map_tensors(value[key], fn)
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
 
 
 def on_cpu(module, device):
     """Run `module` (kept on the CPU) for a pipeline executing on `device`: inputs to the CPU, outputs back."""
-    module.register_forward_pre_hook(lambda m, args, kwargs: _map((args, kwargs), lambda t: t.to("cpu")),
+    module.register_forward_pre_hook(lambda m, args, kwargs: map_tensors((args, kwargs), lambda t: t.to("cpu")),
                                      with_kwargs=True)
-    module.register_forward_hook(lambda m, args, kwargs, output: _map(output, lambda t: t.to(device)),
+    module.register_forward_hook(lambda m, args, kwargs, output: map_tensors(output, lambda t: t.to(device)),
                                  with_kwargs=True)
 
 
@@ -152,7 +152,7 @@ def shapes_only(encoder):
 
     def forward(*args, **kwargs):
         try:
-            out = run(*_map(list(args), lambda t: t.to("meta")), **_map(kwargs, lambda t: t.to("meta")))
+            out = run(*map_tensors(list(args), lambda t: t.to("meta")), **map_tensors(kwargs, lambda t: t.to("meta")))
         except (RuntimeError, NotImplementedError):
             config = getattr(encoder.config, "text_config", encoder.config)
             ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
@@ -160,7 +160,7 @@ def shapes_only(encoder):
             hidden = torch.zeros(*ids.shape, width)
             layers = getattr(config, "num_hidden_layers", None) or config.num_layers
             return BaseModelOutput(last_hidden_state=hidden, hidden_states=(hidden,) * (layers + 1))
-        return _map(out, lambda t: torch.zeros(t.shape, dtype=t.dtype))
+        return map_tensors(out, lambda t: torch.zeros(t.shape, dtype=t.dtype))
 
     encoder.forward = forward
     return encoder
@@ -229,7 +229,7 @@ def first_call(pipe, model, call):
     seen = until_transformer(model, lambda: pipe(**call))
     if seen is None:
         raise UserError(f"the {type(pipe).__name__} pipeline never called its transformer")
-    return _map(seen, lambda t: t.to("meta"))
+    return map_tensors(seen, lambda t: t.to("meta"))
 
 
 def call_order(model, blocks, args, kwargs):
