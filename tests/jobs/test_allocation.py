@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vq4dit.calib.sensitivity import noise_sensitivities, probe_calls
-from vq4dit.jobs.allocation import allocate, choose, weight_errors
+from vq4dit.jobs.allocation import WeightFit, allocate, choose, weight_errors
 from vq4dit.jobs.config import load_config
 from vq4dit.vq.allocate import Setting
 
@@ -62,8 +62,8 @@ def test_probes_find_the_sensitive_layer_and_leave_the_model_unchanged():
     that perturb the wrong layer, measure nothing (a = 0), or leave the noise in the weights."""
     model, c = Two().eval(), config(bits=1.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    calls = probe_calls(model, Stub(), c.teacher, 0, "cpu")
-    sens = noise_sensitivities(model, Stub(), calls, ["a", "b"])
+    probes = probe_calls(model, Stub(), c.teacher, 0, "cpu")
+    sens = noise_sensitivities(probes, ["a", "b"])
     assert sens["a"] > 1000 * sens["b"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -99,7 +99,7 @@ def test_a_residual_setting_is_measured_as_its_stages_and_can_win():
     allocation = allocate(Two().eval(), Stub(), r"^(a|b)$", c, progress=False)
     assert allocation.settings == {"a": residual, "b": LOW}
     assert allocation.bits == pytest.approx(0.75)
-    errors = weight_errors({"b": Two().b}, [LOW, residual], {"b": 1}, seed=0, iters=5)["b"]
+    errors = weight_errors({"b": Two().b}, [LOW, residual], {"b": 1}, seed=0, fit=WeightFit(iters=5))["b"]
     assert errors[residual] < 0.7 * errors[LOW]
 
 
@@ -161,9 +161,9 @@ def test_block_probes_match_the_per_layer_probes_where_a_block_error_reaches_the
 
     model, c = Stack().eval(), config(bits=1.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    calls = probe_calls(model, StackStub(), c.teacher, 0, "cpu")
-    reference = noise_sensitivities(model, StackStub(), calls, ["blocks.0.a", "blocks.0.b", "blocks.1.c"])
-    by_block = block_sensitivities(model, StackStub(), calls, ["blocks.0.a", "blocks.0.b", "blocks.1.c", "head"])
+    probes = probe_calls(model, StackStub(), c.teacher, 0, "cpu")
+    reference = noise_sensitivities(probes, ["blocks.0.a", "blocks.0.b", "blocks.1.c"])
+    by_block = block_sensitivities(probes, ["blocks.0.a", "blocks.0.b", "blocks.1.c", "head"])
     assert sorted(by_block) == ["blocks.0.a", "blocks.0.b", "blocks.1.c"]  # head is left to the caller
     assert by_block["blocks.1.c"] == reference["blocks.1.c"]
     for name in ("blocks.0.a", "blocks.0.b"):

@@ -32,23 +32,45 @@ PROBE_SAMPLES, PROBE_STEPS = 8, 4  # teacher trajectories and kept sampler steps
 PROBE_NOISE = 0.1  # relative weight noise of a probe: near the errors of 1 to 3 bit codebooks
 
 
+@dataclass(frozen=True)
+class Probes:
+    """The full-precision `model` the probes perturb, its models.adapters.Adapter `adapter`, and the model `calls`
+    [(args, kwargs)] (CPU) they run it on."""
+
+    model: object
+    adapter: object
+    calls: list
+
+    def predictions(self):
+        """The model's predictions (adapter.prediction) on the calls, float32 on the device the model runs on."""
+        device, out = model_device(self.model), []
+        for args, kwargs in self.calls:
+            args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            out.append(self.adapter.prediction(self.model, self.model(*args, **kwargs)).float())
+        return out
+
+
 def probe_calls(model, adapter, teacher, seed, device, progress=False):
-    """Model calls [(args, kwargs)] (CPU) of a small teacher run of TeacherConfig `teacher`'s guidance: PROBE_SAMPLES
+    """The Probes of `model`: its calls of a small teacher run of TeacherConfig `teacher`'s guidance, PROBE_SAMPLES
     trajectories, PROBE_STEPS kept steps each, from the calibration stream of `seed`."""
     small = eval_teacher(teacher, PROBE_SAMPLES, PROBE_STEPS)
     plan = teacher_plan(small, seed)
-    return capture_model_inputs(model, adapter.teacher_runs(model, plan, device),
-                                step_filter(plan.steps, small.calib_timesteps), progress=progress)
+    return Probes(model, adapter, capture_model_inputs(model, adapter.teacher_runs(model, plan, device),
+                                                       step_filter(plan.steps, small.calib_timesteps),
+                                                       progress=progress))
 
 
-def _predictions(model, adapter, calls, device):
-    """The model's predictions (adapter.prediction) on `calls`, float32 on `device`."""
-    out = []
-    for args, kwargs in calls:
-        args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        out.append(adapter.prediction(model, model(*args, **kwargs)).float())
-    return out
+def linears_by_block(blocks, names):
+    """[(block or None, [the names of `names` in it])]: Linear names grouped by the blocks [(name, module)] that hold
+    them, in block order, then those outside every block (None)."""
+    groups, left = [], list(names)
+    for name, block in blocks:
+        mine = [n for n in left if n.startswith(f"{name}.")]
+        if mine:
+            groups.append((block, mine))
+            left = [n for n in left if n not in mine]
+    return groups + ([(None, left)] if left else [])
 
 
 def relative_noise(weight, noise, generator):
@@ -58,20 +80,19 @@ def relative_noise(weight, noise, generator):
 
 
 @torch.no_grad()
-def noise_sensitivities(model, adapter, calls, names, noise=PROBE_NOISE, seed=0, progress=False):
-    """{name: a_l} for the Linears `names` of `model` (full precision, unchanged on return): the relative prediction
-    MSE per unit of squared relative weight error, measured with one noise draw per layer (from `seed`)."""
-    device = model_device(model)
-    refs = _predictions(model, adapter, calls, device)
+def noise_sensitivities(probes, names, noise=PROBE_NOISE, seed=0, progress=False):
+    """{name: a_l} for the Linears `names` of the Probes' model (full precision, unchanged on return): the relative
+    prediction MSE per unit of squared relative weight error, measured with one noise draw per layer (from `seed`)."""
+    refs = probes.predictions()
     power = sum(r.pow(2).sum().item() for r in refs) / max(sum(r.numel() for r in refs), 1)
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name in tqdm(names, desc="sensitivity", unit="layer", disable=not progress):
-        weight = model.get_submodule(name).weight
+        weight = probes.model.get_submodule(name).weight
         kept = weight.detach().clone()
         weight.add_(relative_noise(kept, noise, generator).to(weight.dtype))
         try:
-            preds = _predictions(model, adapter, calls, device)
+            preds = probes.predictions()
         finally:
             weight.copy_(kept)
         mse = sum((p - r).pow(2).sum().item() for p, r in zip(preds, refs)) / sum(r.numel() for r in refs)
@@ -106,38 +127,34 @@ def block_inputs(model, block, calls, device):
 
 
 @torch.no_grad()
-def block_sensitivities(model, adapter, calls, names, seed=0, offload=None, progress=False):
-    """noise_sensitivities' {name: a_l} by blocks (see the module docstring): the Linears `names` of each block of
-    adapter.blocks(model) that holds any (the others are left out), `model` unchanged on return. offload: the
-    models.offload.HostBlocks streaming `model`'s blocks (None: it is on its device); a block is resident while
+def block_sensitivities(probes, names, seed=0, offload=None, progress=False):
+    """noise_sensitivities' {name: a_l} by blocks (see the module docstring): the Linears `names` of each block of the
+    Probes' adapter that holds any (the others are left out), the model unchanged on return. offload: the
+    models.offload.HostBlocks streaming the model's blocks (None: it is on its device); a block is resident while
     its weights carry noise, so the noise is drawn and added in fp32 on the device, as in the unstreamed model."""
-    device = model_device(model)
-    preds = _predictions(model, adapter, calls, device)
-    reference = Reference(calls, preds, max(sum(r.pow(2).sum().item() for r in preds), 1e-30))
+    preds = probes.predictions()
+    reference = Reference(preds, max(sum(r.pow(2).sum().item() for r in preds), 1e-30))
     generator = torch.Generator().manual_seed(seed)
     out = {}
-    for block_name, block in tqdm(adapter.blocks(model), desc="sensitivity", unit="block", disable=not progress):
-        mine = [n for n in names if n.startswith(f"{block_name}.")]
-        if not mine:
-            continue
+    groups = [(b, mine) for b, mine in linears_by_block(probes.adapter.blocks(probes.model), names) if b is not None]
+    for block, mine in tqdm(groups, desc="sensitivity", unit="block", disable=not progress):
         with offload.resident(block) if offload is not None else contextlib.nullcontext():
-            out.update(_block_split(model, adapter, block, mine, reference, generator))
+            out.update(_block_split(probes, block, mine, reference, generator))
     return out
 
 
 @dataclass(frozen=True)
 class Reference:
-    """The probe `calls`, the unperturbed model's predictions `preds` on them, and their sum of squares `power`."""
+    """The unperturbed model's predictions `preds` on the probe calls and their sum of squares `power`."""
 
-    calls: list
     preds: list
     power: float
 
 
-def _block_split(model, adapter, block, names, reference, generator):
+def _block_split(probes, block, names, reference, generator):
     """{name: a_l} of the Linears `names` of `block` (on its device): a_b from one noisy pass of the whole model,
     split by the block's own output errors."""
-    calls, refs, power = reference.calls, reference.preds, reference.power
+    model, refs = probes.model, reference.preds
     device = refs[0].device
     weights = [model.get_submodule(n).weight for n in names]
     kept = [w.detach().clone() for w in weights]
@@ -145,13 +162,13 @@ def _block_split(model, adapter, block, names, reference, generator):
     try:
         for w, z in zip(weights, draws):
             w.add_(z)
-        preds = _predictions(model, adapter, calls, device)
+        preds = probes.predictions()
     finally:
         for w, k in zip(weights, kept):
             w.copy_(k)
-    total = sum((p - r).pow(2).sum().item() for p, r in zip(preds, refs)) / power / PROBE_NOISE**2  # a_b
+    total = sum((p - r).pow(2).sum().item() for p, r in zip(preds, refs)) / reference.power / PROBE_NOISE**2  # a_b
     local = dict.fromkeys(names, 0.0)
-    for call in calls:  # one call's block inputs at a time: a few GiB at Flux-dev's size
+    for call in probes.calls:  # one call's block inputs at a time: a few GiB at Flux-dev's size
         (args, kwargs), = block_inputs(model, block, [call], device)
         ref = flatten(block(*args, **kwargs))[1]
         for n, w, k, z in zip(names, weights, kept, draws):

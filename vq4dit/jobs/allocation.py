@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vq4dit.calib.sensitivity import block_sensitivities, noise_sensitivities, probe_calls
+from vq4dit.calib.sensitivity import block_sensitivities, linears_by_block, noise_sensitivities, probe_calls
 from vq4dit.utils.device import model_device
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.allocate import Option, parse_settings, solve
@@ -91,10 +91,18 @@ def fits(linear, setting, groups):
         >= setting.k
 
 
+@dataclass(frozen=True)
+class WeightFit:
+    """How weight_errors fits a setting's k-means codebook: `iters` Lloyd iterations from `kmeans_init`."""
+
+    iters: int = ESTIMATE_ITERS
+    kmeans_init: str = "fast"
+
+
 @torch.no_grad()
-def weight_errors(linears, settings, groups, seed, kmeans_init="fast", iters=ESTIMATE_ITERS, progress=False):
+def weight_errors(linears, settings, groups, seed, fit=WeightFit(), progress=False):
     """{name: {Setting: t^2}}: the relative squared weight error ||W - Q(W)||^2 / ||W||^2 of each Linear's k-means
-    codebook at each setting that fits it (from the layer's seed, as the build fits it, with `iters` iterations)."""
+    codebook at each setting that fits it (from the layer's seed, as the build fits it, as WeightFit `fit` says)."""
     out = {}
     for name, linear in linears.items():
         w = linear.weight.detach().float()  # (out, in)
@@ -103,25 +111,14 @@ def weight_errors(linears, settings, groups, seed, kmeans_init="fast", iters=EST
         for s in settings:
             if not fits(linear, s, groups[name]):
                 continue
-            spec = CodebookSpec(s.k, s.d, candidates=1, kmeans_iters=iters, kmeans_init=kmeans_init, stages=s.stages)
+            spec = CodebookSpec(s.k, s.d, candidates=1, kmeans_iters=fit.iters, kmeans_init=fit.kmeans_init,
+                                stages=s.stages)
             layer = layer_class(spec).from_linear(linear, spec, groups=groups[name], seed=layer_seed(seed, name),
                                                   name=name, soft=False)
             out[name][s] = ((layer.weight().float() - w).pow(2).sum() / norm).item()
         if progress:
             logger.info("weight errors of %s: %s", name, ", ".join(f"{s} {e:.3g}" for s, e in out[name].items()))
     return out
-
-
-def by_block(blocks, linears):
-    """[(block or None, [names of `linears` in it])]: the Linears {name: module} grouped by the blocks [(name,
-    module)] that hold them, then those outside every block (None)."""
-    groups, left = [], list(linears)
-    for name, block in blocks:
-        mine = [n for n in left if n.startswith(f"{name}.")]
-        if mine:
-            groups.append((block, mine))
-            left = [n for n in left if n not in mine]
-    return groups + ([(None, left)] if left else [])
 
 
 def choose(errors, sensitivities, weights, budget):
@@ -146,11 +143,10 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
     linears = selected_linears(model, include)
     qkv = re.compile(QKV_PATTERN)
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
-    errors = {}
-    for block, names in by_block(adapter.blocks(model), linears):
+    errors, fit = {}, WeightFit(min(ESTIMATE_ITERS, c.kmeans_iters), c.kmeans_init)
+    for block, names in linears_by_block(adapter.blocks(model), linears):
         with offload.resident(block) if offload is not None and block is not None else contextlib.nullcontext():
-            errors.update(weight_errors({n: linears[n] for n in names}, settings, groups, config.seed, c.kmeans_init,
-                                        min(ESTIMATE_ITERS, c.kmeans_iters), progress))
+            errors.update(weight_errors({n: linears[n] for n in names}, settings, groups, config.seed, fit, progress))
     errors = {n: errors[n] for n in linears}
     for name, options in errors.items():
         if not options:
@@ -158,14 +154,13 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
             raise UserError(f"--bits-settings {c.settings_text}: no setting fits layer {name} (in_features "
                             f"{m.in_features}, {m.out_features * m.in_features} weights): d must divide in_features "
                             "and k be at most the number of sub-vectors")
-    device = model_device(model)
-    calls = probe_calls(model, adapter, config.teacher, config.seed, device)
+    probes = probe_calls(model, adapter, config.teacher, config.seed, model_device(model))
     sensitivities = {}
     if c.bits_probe == "block":
-        sensitivities = block_sensitivities(model, adapter, calls, list(linears), config.seed, offload, progress)
+        sensitivities = block_sensitivities(probes, list(linears), config.seed, offload, progress)
     rest = [n for n in linears if n not in sensitivities]  # "model", or the Linears outside the blocks
     if rest:
-        sensitivities.update(noise_sensitivities(model, adapter, calls, rest, seed=config.seed, progress=progress))
+        sensitivities.update(noise_sensitivities(probes, rest, seed=config.seed, progress=progress))
     sensitivities = {n: sensitivities[n] for n in linears}
     weights = {name: m.in_features * m.out_features for name, m in linears.items()}
     chosen = choose(errors, sensitivities, weights, c.bits)
