@@ -110,6 +110,13 @@ def capture(model, blocks, schedule, store, progress=True):
     return CalibrationSet(writer.calls, writer.slots, writer.batched, schedule.rows)
 
 
+def call_on(call, device):
+    """A recorded model call (args, kwargs) (capture_model_inputs) with its tensors moved to `device`."""
+    args, kwargs = call
+    return ([a.to(device) if torch.is_tensor(a) else a for a in args],
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+
 def capture_model_inputs(model, runs, keep, progress=True):
     """The model's own inputs [(args, kwargs)] (CPU) at the kept sampler steps: held-out points for metrics."""
     calls = []

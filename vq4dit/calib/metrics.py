@@ -2,6 +2,7 @@
 (computed in chunks, no stored activations), weight errors, and the per-block and per-layer stats records."""
 import torch
 
+from vq4dit.calib.capture import call_on
 from vq4dit.calib.chunks import chain_chunk
 from vq4dit.calib.problem import layers_of
 from vq4dit.calib.replay import run_chain, squared_error
@@ -31,9 +32,8 @@ def prediction_mse(model, teacher, adapter, calls, device):
     """MSE of the model's prediction (adapter.prediction, e.g. DiT's noise channels) against the teacher's, over
     recorded model calls [(args, kwargs)] (calib.capture.capture_model_inputs)."""
     total, count = 0.0, 0
-    for args, kwargs in calls:
-        args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    for call in calls:
+        args, kwargs = call_on(call, device)
         out = adapter.prediction(model, model(*args, **kwargs))
         ref = adapter.prediction(teacher, teacher(*args, **kwargs))
         total += (out.float() - ref.float()).pow(2).sum().item()

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vq4dit.calib.calls import flatten
-from vq4dit.calib.capture import capture_model_inputs, step_filter
+from vq4dit.calib.capture import call_on, capture_model_inputs, step_filter
 from vq4dit.calib.teacher import eval_teacher, teacher_plan
 from vq4dit.utils.device import model_device
 
@@ -44,9 +44,8 @@ class Probes:
     def predictions(self):
         """The model's predictions (adapter.prediction) on the calls, float32 on the device the model runs on."""
         device, out = model_device(self.model), []
-        for args, kwargs in self.calls:
-            args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        for call in self.calls:
+            args, kwargs = call_on(call, device)
             out.append(self.adapter.prediction(self.model, self.model(*args, **kwargs)).float())
         return out
 
@@ -115,10 +114,10 @@ def block_inputs(model, block, calls, device):
 
     handle = block.register_forward_pre_hook(keep, with_kwargs=True, prepend=True)
     try:
-        for args, kwargs in calls:
+        for call in calls:
+            args, kwargs = call_on(call, device)
             try:
-                model(*[a.to(device) if torch.is_tensor(a) else a for a in args],
-                      **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+                model(*args, **kwargs)
             except _Reached:
                 pass
     finally:
