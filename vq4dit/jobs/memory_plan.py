@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from vq4dit.calib.modes import mode_for
-from vq4dit.jobs.plan_probes import block_training_bytes, evaluation_bytes, record_bytes
+from vq4dit.jobs.plan_probes import block_key, block_training_bytes, evaluation_bytes, record_bytes
 from vq4dit.jobs.plan_sources import (
     REFERENCE_MODELS,
     dit_source,
@@ -280,15 +280,19 @@ def memory_plan(planned, config, runtime=None):
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes, evaluate, soft, moments, fp_blocks = [], [], [], [], []
+    block_bytes, evaluate, soft, moments, fp_blocks, measured = [], [], [], [], [], {}
     for i, (name, block) in enumerate(adapter.blocks(model)):
         fp_blocks.append(sum(p.numel() * 4 for p in block.parameters()) + sum(b.numel() * b.element_size()
                                                                              for b in block.buffers()))
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
-        block_bytes.append(block_training_bytes(block, replay, inside, sizes, config))
         largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
-        evaluate.append(evaluation_bytes(block, replay, rows, largest))
+        key = block_key(block, replay, {local: sizes[full] for local, full in inside.items()})
+        if key not in measured:  # blocks of one shape, called alike, are measured once
+            measured[key] = (block_training_bytes(block, replay, inside, sizes, config),
+                             evaluation_bytes(block, replay, rows, largest))
+        block_bytes.append(measured[key][0])
+        evaluate.append(measured[key][1])
         soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
         moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)
                        if config.output_aware and mode.walks_blocks else 0)

@@ -45,8 +45,13 @@ class LiveBytes(TorchDispatchMode):
 
 
 def fused_attention(query, key, value, *args, **kwargs):
-    """F.scaled_dot_product_attention as a fused kernel allocates: the output alone."""
-    return query.new_empty(*query.shape[:-1], value.shape[-1])
+    """F.scaled_dot_product_attention as a fused kernel allocates: the output alone, (B, heads, T, D) laid out as
+    (B, T, heads, D) as the flash kernels of CPUs and GPUs lay it out (so the usual transpose(1, 2) and reshape to
+    (B, T, heads * D) after attention is a view, not a copy)."""
+    if query.dim() != 4:
+        return query.new_empty(*query.shape[:-1], value.shape[-1])
+    b, heads, t, _ = query.shape
+    return query.new_empty(b, t, heads, value.shape[-1]).transpose(1, 2)
 
 
 def peak_bytes(fn):

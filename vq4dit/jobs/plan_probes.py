@@ -1,5 +1,6 @@
 """Device bytes a quantize run's block computations need, measured on the meta device (jobs/meta_peak.py): a block
-in training (autograd's saved tensors with soft VQ layers), the teacher's recorded forward, an evaluation chunk."""
+in training (two whole updates with soft VQ layers: forward, backward, RMSprop step), the teacher's recorded
+forward, an evaluation chunk."""
 import copy
 import math
 
@@ -8,7 +9,8 @@ from vq4dit.jobs.meta_peak import fused_attention
 
 class _FusedAttention:
     """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
-    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix."""
+    efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix, and
+    its backward returns the gradients of q, k and v."""
 
     def __init__(self):
         import torch
@@ -22,7 +24,8 @@ class _FusedAttention:
 
             @staticmethod
             def backward(ctx, grad):
-                raise RuntimeError("shape probe only")
+                q, k, v, _ = ctx.saved_tensors
+                return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
         self.fn = Fn
 
@@ -31,19 +34,13 @@ class _FusedAttention:
 
 
 def _probe_layer(m, codebooks, size, device):
-    """A soft VQLinear on meta in place of Linear `m`; its ratios are the softmax of its logits (the start of
-    calibration, nothing frozen: the check for frozen rows would read data meta tensors do not hold). Its soft
-    weight is built as a run on `device` builds it (vq.candidates.soft_reconstruct: einsum's form on a CPU, which
-    keeps the (N, n, d) codewords for its backward; the one-pass form elsewhere)."""
-    import torch
-
+    """A soft VQLinear on meta in place of Linear `m`, nothing frozen (the start of calibration). Its soft weight is
+    built as a run on `device` builds it (vq.candidates.soft_reconstruct: einsum's form on a CPU, which keeps the
+    (N, n, d) codewords for its backward; the one-pass form elsewhere)."""
     from vq4dit.vq.candidates import soft_reconstruct
     from vq4dit.vq.layer import VQLinear
 
     class Probe(VQLinear):
-        def ratios(self):
-            return torch.softmax(self.logits, dim=1)
-
         def subvectors(self, dtype=None):
             return soft_reconstruct(self.codebook, self.candidates, self.ratios(), one_pass=device != "cpu")
 
@@ -53,49 +50,75 @@ def _probe_layer(m, codebooks, size, device):
 
 def block_training_bytes(block, replay, include_block, sizes, config):
     """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
-    QuantizeConfig `config` (with micro_batch: at the micro-batch's rows): autograd's saved activations with soft
-    VQ layers in place of the selected Linears (`include_block`: their names inside the block) and of the ratio
-    penalty L_r over their free rows (every row at the start, and the rows' index), the minibatch's inputs and
-    targets in fp32, and the gradients and RMSprop state of the VQ parameters (logits, codebooks, biases)."""
+    QuantizeConfig `config` (with micro_batch: at the micro-batch's rows): the most that two updates hold at once,
+    run on meta as calib.train.Trainer runs them, with soft VQ layers in place of the selected Linears
+    (`include_block`: their names inside the block): the minibatch's inputs and targets, the forward with
+    autograd's saved tensors beside the last update's gradients, L_d and the ratio penalty L_r over every row (as
+    at the start), the backward, the gradients summed over the processes under torchrun (utils.distributed.
+    GradSync), and RMSprop's step and state (one tensor at a time on a CPU; on a GPU every tensor at once, as
+    torch's foreach form runs there)."""
     import torch
     import torch.nn.functional as F
 
     from vq4dit.calib.calls import flatten
-    from vq4dit.calib.replay import gather
+    from vq4dit.calib.replay import gather, squared_error
     from vq4dit.calib.train import ratio_penalty
+    from vq4dit.jobs.meta_peak import LiveBytes
     from vq4dit.jobs.plan_sources import plan_device
+    from vq4dit.utils import distributed
     from vq4dit.vq.apply import set_submodule
 
+    device, calibration = plan_device(config.device), config.calibration
     student = copy.deepcopy(block)
     for local, full in include_block.items():
         set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full],
-                                                   plan_device(config.device)))
-    rows, batched = min(config.calibration.batch_size, config.calibration.micro_batch or math.inf), replay.batched
+                                                   device))
+    rows, batched = min(calibration.batch_size, calibration.micro_batch or math.inf), replay.batched
     expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
     args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
-    owned = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
-    inputs = [t for t in flatten((args, kwargs))[1] if t.is_floating_point()]
-    held = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs}  # the minibatch, and what
-    # autograd keeps (a tensor counts once however often it is saved)
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in owned:
-            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
+    with torch.no_grad():
+        outputs = [t.shape for t in flatten(student(*args, **kwargs))[1]]  # the targets' shapes
     soft = [student.get_submodule(local) for local in include_block]
+    params = [p for layer in soft for p in (layer.logits, layer.codebook, layer.bias) if p is not None]
+    optimizer = torch.optim.RMSprop(params, foreach=device != "cpu")
+    sync = distributed.GradSync(collective=None) if distributed.launched_sizes()[0] > 1 else None
     active = [torch.arange(layer.logits.shape[0], device="meta") for layer in soft]  # the free rows: all, at first
-    held.update({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in active})
+
+    def loss():  # the minibatch's inputs and targets, gathered as calib.blockwise's loss gathers them
+        args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
+        targets = [torch.empty(shape, device="meta") for shape in outputs]
+        return squared_error(flatten(student(*args, **kwargs))[1], targets)[0]
+
+    def update():  # Trainer.step's order: the forward runs beside the last update's gradients (a micro-batch after
+        # the first, beside this update's), freed before the backward
+        first = loss()
+        optimizer.zero_grad(set_to_none=True)
+        (first + calibration.lambda_r * ratio_penalty(soft, calibration.ratio_reg, active)).backward()
+        if sync is not None:
+            sync.reduce(params, first.detach())
+        optimizer.step()
+
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            outputs = flatten(student(*args, **kwargs))[1]
-            ratio_penalty(soft, config.calibration.ratio_reg, active)  # L_r: what its backward keeps, per layer
+        with torch.enable_grad(), LiveBytes() as counter:
+            update()
+            update()  # with the first's RMSprop state and gradients held
     finally:
         F.scaled_dot_product_attention = sdpa
-    targets = sum(t.numel() * 4 for t in outputs)
-    optimizer = sum(2 * (sizes[f]["subs"] * sizes[f]["n"] * 4 + sizes[f]["fixed"]) for f in include_block.values())
-    return sum(held.values()) + targets + optimizer
+    return held_bytes(active) + counter.peak
+
+
+def block_key(block, replay, layers):
+    """What the device bytes of `block`'s computations on the probe call `replay` depend on: the block's class and
+    tensors, the layers it quantizes ({local name: their sizes}), and how it is called (the replayed arguments'
+    structure, shapes and dtypes; a batched slot's first dimension is the probe's rows)."""
+    from vq4dit.calib.calls import flatten
+    from vq4dit.calib.replay import gather
+
+    spec, tensors = flatten(gather(replay.call.inputs, replay.table, replay.batched, slice(None), "meta"))
+    held = [(name, tuple(t.shape), t.dtype) for name, t in [*block.named_parameters(), *block.named_buffers()]]
+    return (type(block), tuple(held), repr(sorted((name, sorted(size.items())) for name, size in layers.items())),
+            repr(spec), tuple((tuple(t.shape), t.dtype) for t in tensors))
 
 
 def _with_rows(tree, rows, new_rows):

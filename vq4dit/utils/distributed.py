@@ -217,14 +217,19 @@ class GradSync:
     """Sums the gradients of a parameter list and a loss value over the ranks in one collective per update: each
     rank's loss is its rows' share of the global loss (their squared errors over the global element count), so the
     sums are the gradients and loss of the global minibatch. A parameter no backward reached on this rank (it had
-    no rows in the minibatch) contributes zeros."""
+    no rows in the minibatch) contributes zeros. `collective(flat)` sums a flat tensor in place over the ranks
+    (None: leaves it as it is, for the memory plan's updates on the meta device)."""
+
+    def __init__(self, collective=all_sum_):
+        self.collective = collective
 
     def reduce(self, params, loss):
         """Replace p.grad of `params` by the sums over the ranks; returns the summed `loss` (a 0-d tensor)."""
         device = loss.device
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device)
                           for p in params] + [loss.detach().reshape(1).to(device, torch.float32)])
-        all_sum_(flat)
+        if self.collective is not None:
+            self.collective(flat)
         offset = 0
         for p in params:
             n = p.numel()
