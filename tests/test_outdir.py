@@ -116,6 +116,52 @@ def test_a_run_that_failed_before_writing_leaves_nothing(tmp_path, error):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["foreign.txt", "kept"]
 
 
+def test_a_nested_vq4dit_output_is_kept_and_refuses_nothing(tmp_path):
+    """sample.py's output inside an artifact (the README's DIR/samples): a subdirectory with its own marker is
+    vq4dit's, so rerunning the quantize into DIR is not refused, and it is kept; a plain subdirectory is still
+    foreign. Catches the nested marker ignored (a rerun of the README's steps refused)."""
+    with claim_out_dir(tmp_path, NAMES, tool="a quantized artifact"):
+        (tmp_path / "README.md").write_text("ours")
+    with claim_out_dir(tmp_path / "samples", ("samples.npz",), tool="samples"):
+        (tmp_path / "samples" / "samples.npz").write_text("samples")
+    with claim_out_dir(tmp_path, NAMES, tool="a quantized artifact"):
+        (tmp_path / "README.md").write_text("ours again")
+    assert (tmp_path / "samples" / "samples.npz").read_text() == "samples"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match=r"did not write \(plain\)"):
+        with claim_out_dir(tmp_path, NAMES, tool="a quantized artifact"):
+            pass
+
+
+def test_another_tools_directory_is_named_for_what_it_holds(tmp_path):
+    """sample.py given an artifact's directory says it holds an artifact (not "files vq4dit did not write", which
+    was false); --overwrite still writes beside it and keeps it. Catches the marker's tool not written or not read."""
+    with claim_out_dir(tmp_path, NAMES, tool="a quantized artifact"):
+        (tmp_path / "README.md").write_text("ours")
+    with pytest.raises(UserError, match=rf"{tmp_path}: holds a quantized artifact \(README.md\), not samples; give "
+                                        "another directory"):
+        with claim_out_dir(tmp_path, ("samples.npz",), tool="samples"):
+            pass
+    with claim_out_dir(tmp_path, ("samples.npz",), overwrite=True, tool="samples"):
+        (tmp_path / "samples.npz").write_text("samples")
+    assert sorted(os.listdir(tmp_path)) == [MARKER, "README.md", "samples.npz"]
+
+
+def test_rerunning_the_readmes_steps_into_one_directory_works(ckpt, tmp_path):
+    """quantize.py --out DIR, sample.py --out DIR/samples, then quantize.py --out DIR again (run.sh's layout): the
+    second quantize writes DIR and keeps DIR/samples; sample.py --out DIR is refused naming the artifact."""
+    out = tmp_path / "w2"
+    assert run("quantize.py", "--ckpt", ckpt, *RTN, "--out", out).returncode == 0
+    sampled = run("sample.py", "--quantized", out, "--num-samples", 2, "--steps", 2, "--device", "cpu", "--out",
+                  out / "samples")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    again = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "samples" / "samples.npz").is_file()
+    assert_user_error(run("sample.py", "--quantized", out, "--num-samples", 2, "--steps", 2, "--device", "cpu",
+                          "--out", out), f"{out}: holds a quantized artifact")
+
+
 # ---- quantize.py --------------------------------------------------------------------------------------------------
 def test_quantize_refuses_a_foreign_readme_and_keeps_it(ckpt, tmp_path):
     (tmp_path / "README.md").write_bytes(b"# my project\n")

@@ -119,6 +119,9 @@ def check_processes(config):
                         "calibration is split between processes; run it in one process")
 
 
+ARTIFACT_TOOL = "a quantized artifact"  # what an artifact directory's marker says it holds
+
+
 def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
     """utils.outdir.claim_out_dir for an artifact directory: its own entries are the artifact's files and a
     calibration's (calib/checkpoints.py); an unmarked directory holding an artifact or calibration state of a run from
@@ -131,7 +134,8 @@ def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
         except UserError:
             return False
 
-    return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier)
+    return claim_out_dir(out_dir, (*ARTIFACT_FILES, STATE_DIR, LOG_NAME, CACHE_DIR), overwrite, flag, earlier,
+                         ARTIFACT_TOOL)
 
 
 def run_stages(base, include, run, offload=None):

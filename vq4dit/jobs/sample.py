@@ -146,7 +146,8 @@ def claim_sample_dir(out_dir, overwrite=False):
     def earlier(directory):
         return all(os.path.isfile(os.path.join(directory, name)) for name in (NPZ_FILE, GRID_FILE))
 
-    return claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier)
+    return claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier,
+                         "sample.py's samples")
 
 
 def prepare_sampler(model, adapter, extra, num_samples, settings, device):

@@ -7,6 +7,10 @@ without the marker the tool's names are foreign too (a project's README.md, a pi
 with `overwrite`, since writing would replace them, unless `earlier(directory)` recognises the output of a run from
 before markers existed.
 
+The marker also says which tool wrote the directory ("tool": a quantized artifact, samples), so that a tool given
+another tool's directory says what it is; and a subdirectory holding its own marker (sample.py's output inside an
+artifact, as the README lays them out) is vq4dit's too: kept, never replaced, and no reason to refuse a rerun.
+
 The marker is also the lock: a run holds fcntl.flock on it while it writes, so a second run into the same directory
 is refused naming the holder's pid, and the OS drops the lock when the process ends, however it ends (a killed
 run leaves no stale lock).
@@ -19,7 +23,7 @@ import os
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import check_out_dir, disk_full, temporary_target
 
-MARKER = ".vq4dit"  # {"pid": the run holding or last holding the lock}
+MARKER = ".vq4dit"  # {"pid": the run holding or last holding the lock, "tool": what it writes there}
 SHOWN = 3  # foreign entries named in an error
 
 
@@ -33,9 +37,15 @@ def _listing(entries):
     return shown + (f" and {len(entries) - SHOWN} more" if len(entries) > SHOWN else "")
 
 
-def check_foreign(out_dir, names, marked, overwrite, flag):
-    """Refuse the entries of `out_dir` that the tool writing `names` did not write (see the module docstring)."""
-    entries = sorted(e for e in os.listdir(out_dir) if e != MARKER)
+def _nested_output(out_dir, entry):
+    """Whether `entry` of `out_dir` is a directory another vq4dit run wrote (it holds its own marker)."""
+    return os.path.isfile(os.path.join(out_dir, entry, MARKER))
+
+
+def check_foreign(out_dir, names, marked, overwrite, flag, tools=(None, None)):
+    """Refuse the entries of `out_dir` that the tool writing `names` did not write (see the module docstring);
+    `tools`: (what this tool writes, what the marker says the directory holds: None when it does not say)."""
+    entries = sorted(e for e in os.listdir(out_dir) if e != MARKER and not _nested_output(out_dir, e))
     if not marked:
         clash = [e for e in entries if _is_own(e, names)]
         if clash:
@@ -44,6 +54,10 @@ def check_foreign(out_dir, names, marked, overwrite, flag):
                             "files vq4dit did not write)")
     foreign = [e for e in entries if not _is_own(e, names)]
     if foreign and not overwrite:
+        tool, held = tools
+        if marked and held is not None and held != tool:
+            raise UserError(f"{out_dir}: holds {held} ({_listing(foreign)}), not {tool}; give another directory "
+                            f"(a new subdirectory of it will do), or pass {flag} to write beside it (it is kept)")
         raise UserError(f"{out_dir}: holds files vq4dit did not write ({_listing(foreign)}); give a new or empty "
                         f"directory, or pass {flag} to write beside them (they are kept)")
 
@@ -70,10 +84,7 @@ def _lock(path, out_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                pid = json.loads(os.pread(fd, 4096, 0) or b"{}").get("pid", "unknown")
-            except ValueError:
-                pid = "unknown"
+            pid = _read_marker(fd).get("pid", "unknown")
             os.close(fd)
             raise UserError(f"{out_dir}: another run (pid {pid}) is writing to it; wait for it to end or give "
                             "another directory") from None
@@ -83,11 +94,20 @@ def _lock(path, out_dir):
         os.close(fd)  # locked a marker a refused run had just removed: lock the one there now
 
 
-def _write_pid(fd, path):
-    """The marker's content: this run's pid (a full disk is the one-line error of any write)."""
+def _read_marker(fd):
+    """The marker's content ({} when it is empty or unreadable: a marker from before it held anything)."""
+    try:
+        content = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _write_pid(fd, path, tool):
+    """The marker's content: this run's pid and what it writes (a full disk is the one-line error of any write)."""
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode() + b"\n", 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "tool": tool}).encode() + b"\n", 0)
     except OSError as e:
         raise (disk_full(e, [path]) or e) from None
 
@@ -112,11 +132,12 @@ def _remove_empty(directories):
 
 
 @contextlib.contextmanager
-def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=None):
+def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=None, tool=None):
     """Create `out_dir` if needed, lock it for this process and check that it holds no file the tool did not write
     (`names`: the entries the tool writes there; `overwrite`: allow foreign entries, never replacing them; `flag`:
     how the caller's user says overwrite, for messages; `earlier(out_dir)`: True when an unmarked directory is the
-    output of a run from before markers existed). The lock is released on leaving, however the block ends. When the
+    output of a run from before markers existed; `tool`: what the tool writes, e.g. "a quantized artifact", kept in
+    the marker for messages). The lock is released on leaving, however the block ends. When the
     block (or the claim) fails and the run wrote nothing there, nothing is left behind: a marker this call created is
     removed, and so are the directories it created."""
     created_dirs = _missing_dirs(out_dir)
@@ -130,8 +151,8 @@ def claim_out_dir(out_dir, names, overwrite=False, flag="--overwrite", earlier=N
     before = set(os.listdir(out_dir))
     try:
         check_foreign(out_dir, set(names), not created or (earlier is not None and earlier(out_dir)), overwrite,
-                      flag)
-        _write_pid(fd, path)
+                      flag, (tool, _read_marker(fd).get("tool")))
+        _write_pid(fd, path, tool)
         yield
     except BaseException:
         if created and set(os.listdir(out_dir)) <= before:  # refused, or failed before writing anything
