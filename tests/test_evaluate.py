@@ -169,6 +169,49 @@ def test_json_to_a_directory_or_under_a_file_fails_before_the_metrics(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["fp.npz", "q.npz"]
 
 
+def test_json_over_a_file_that_is_not_a_result_is_refused_and_a_result_is_replaced(tmp_path, digits_batches,
+                                                                                   classifier, capsys, monkeypatch):
+    """--json naming the samples themselves (or an artifact's config.yaml) destroyed them; now only an earlier
+    evaluate.py result may be replaced. Catches the check left out (the .npz replaced by JSON) or any existing file
+    refused (a rerun into the same eval.json refused)."""
+    paths, _, _ = digits_batches
+    before = open(paths["q"], "rb").read()
+    line = cli_error(capsys, ["--samples", paths["q"], "--json", paths["q"]])
+    assert f"--json {paths['q']}: exists and is not an evaluate.py result" in line
+    assert open(paths["q"], "rb").read() == before
+    out = tmp_path / "eval.json"
+    for _ in range(2):  # the second run replaces the first's result
+        evaluate.main(args(paths["q"], json=str(out), classifier=classifier))
+    assert json.loads(out.read_text())["num_samples"] == 200
+
+
+def test_samples_given_sample_pys_directory_read_its_samples_npz(tmp_path, digits_batches, classifier, capsys):
+    """--samples DIR (sample.py's --out) reads DIR/samples.npz; a directory without one is one line saying so, not
+    "no such file" (mutation: the directory passed on as a file)."""
+    paths, _, _ = digits_batches
+    (tmp_path / "run").mkdir()
+    os.replace(paths["q"], tmp_path / "run" / "samples.npz")
+    out = tmp_path / "eval.json"
+    evaluate.main(args(str(tmp_path / "run"), json=str(out), classifier=classifier))
+    assert json.loads(out.read_text())["num_samples"] == 200
+    (tmp_path / "empty").mkdir()
+    line = cli_error(capsys, ["--samples", str(tmp_path / "empty")])
+    assert f"--samples {tmp_path / 'empty'}: is a directory without samples.npz" in line
+
+
+def test_path_flags_expand_the_home_directory(tmp_path, digits_batches, classifier, monkeypatch):
+    """--json=~/eval.json (the shell leaves ~ after = alone): the file lands in $HOME, not in a directory named ~
+    (mutation: the flag without local_path)."""
+    paths, _, _ = digits_batches
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    parsed = evaluate.build_parser().parse_args(["--samples=~/../q.npz", "--json=~/eval.json", "--classifier",
+                                                 classifier])
+    evaluate.main(parsed)
+    assert (tmp_path / "home" / "eval.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_samples_given_a_npy(tmp_path, digits_batches, capsys):
     _, q, _ = digits_batches
     np.save(tmp_path / "q.npy", q)

@@ -121,6 +121,42 @@ def test_flat_mapping_round_trips_through_the_stage_configs():
         7, 3.0, 2, "bf16")
 
 
+@pytest.mark.parametrize("preset, codebook_size", [(None, 16), ("digits_w3", 16), (None, 256), (None, None)])
+def test_a_runs_config_yaml_loads_back_as_the_same_config(tmp_path, preset, codebook_size):
+    """config.yaml, as a run writes it, given back with --config: the same config. A codebook size that overrides
+    wbits (--codebook-size 16 at the default W2 d4, or over digits_w3's wbits 3) was written beside wbits and the
+    file was refused as contradicting itself (mutation: wbits written whatever k is -> check_bits' error)."""
+    config = load_config(preset, {"codebook_size": codebook_size, "iters": 7})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    again = load_config(str(path))
+    def settings(c):  # what the run does: wbits only names k, which codebook_size overrides
+        return {key: value for key, value in c.to_dict().items() if key != "wbits" or codebook_size is None}
+
+    assert again.codebooks.k == config.codebooks.k and settings(again) == settings(config)
+    assert ("wbits" in config.to_dict()) == (codebook_size in (None, 256))
+
+
+@pytest.mark.parametrize("overrides, name", [({}, "digits_2_vq4dit_w2d4"), ({"codebook_size": 16}, "digits_2_vq4dit_k16d4"),
+                                             ({"codebook_size": 256}, "digits_2_vq4dit_w2d4"),
+                                             ({"bits": 1.5}, "digits_2_vq4dit_b1.5")])
+def test_the_default_out_names_the_codebook_size_that_overrides_wbits(overrides, name):
+    """A --codebook-size 16 run (1 bit at d 4) went to the default W2 run's directory, replacing its artifact
+    (mutation: the name from wbits alone)."""
+    from vq4dit.cli.quantize import default_out
+
+    assert default_out(load_config(overrides=overrides)) == f"outputs/{name}"
+
+
+def test_quantize_path_flags_expand_the_home_directory(monkeypatch, tmp_path):
+    """--out=~/x and --json=~/p.json (the shell leaves ~ after = alone) name $HOME's, not a directory called ~."""
+    from vq4dit.cli import quantize
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parsed = quantize.build_parser().parse_args(["--out=~/w2", "--json=~/plan.json"])
+    assert (parsed.out, parsed.json) == (str(tmp_path / "w2"), str(tmp_path / "plan.json"))
+
+
 @pytest.mark.parametrize("text,pattern", [
     ("iters: 3\niters: 4\n", "duplicate key 'iters'"),
     ("lr_ratio: .nan\n", "lr_ratio=nan must be a finite number"),

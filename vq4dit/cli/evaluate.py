@@ -15,7 +15,8 @@ FID is biased upward at small N: compare runs only at equal num_samples.
 import argparse
 
 from vq4dit.evaluation.report import KINDS, check_result_path, evaluate_files, format_table, write_result_json
-from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli, setup_logging
+from vq4dit.evaluation.samples import samples_file
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, local_path, run_cli, setup_logging
 from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
 
@@ -24,6 +25,8 @@ def main(args):
                      "--ref-batch": args.ref_batch, "--classifier": args.classifier})
     if args.json is not None:
         check_result_path(args.json)  # before the metrics, which can take minutes
+    args.samples = samples_file(args.samples, "--samples")
+    args.reference = args.reference and samples_file(args.reference, "--reference")
     result = evaluate_files(args.samples, reference_path=args.reference, kind=args.kind,
                             ref_batch_path=args.ref_batch, classifier_path=args.classifier)
     if args.json is not None:
@@ -33,12 +36,15 @@ def main(args):
 
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels)")
-    parser.add_argument("--reference", default=None, help="FP samples .npz from the same seeds, for PSNR/MSE")
-    parser.add_argument("--json", default=None, help="write the metrics here as JSON")
+    parser.add_argument("--samples", required=True, type=local_path,
+                        help="samples .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels), or sample.py's --out directory")
+    parser.add_argument("--reference", default=None, type=local_path,
+                        help="FP samples .npz from the same seeds (or their directory), for PSNR/MSE")
+    parser.add_argument("--json", default=None, type=local_path, help="write the metrics here as JSON")
     parser.add_argument("--kind", choices=KINDS, default=None, help="benchmark (default: digits iff 16x16)")
-    parser.add_argument("--ref-batch", default=None, help="ADM reference batch .npz (imagenet FID)")
-    parser.add_argument("--classifier", default=DIGITS_CLASSIFIER, help="digits classifier safetensors")
+    parser.add_argument("--ref-batch", default=None, type=local_path, help="ADM reference batch .npz (imagenet FID)")
+    parser.add_argument("--classifier", default=DIGITS_CLASSIFIER, type=local_path,
+                        help="digits classifier safetensors")
     return parser
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
-from vq4dit.utils.cli import ArgumentParser, check_not_blank, run_cli, setup_logging
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, local_path, run_cli, setup_logging
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.knobs import add_flags, text_flags
 
@@ -23,7 +23,11 @@ def config_overrides(args):
 def default_out(config):
     name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
     c = config.codebooks
-    return f"outputs/{name}_{config.method}_" + (f"b{c.bits:g}" if c.bits is not None else f"w{c.wbits}d{c.dim}")
+    if c.bits is not None:
+        size = f"b{c.bits:g}"
+    else:  # a codebook size that overrides wbits names the run by k (a k16 d4 run is not w2d4's artifact)
+        size = f"k{c.k}d{c.dim}" if c.k != 2 ** (c.wbits * c.dim) else f"w{c.wbits}d{c.dim}"
+    return f"outputs/{name}_{config.method}_{size}"
 
 
 def check_bits_alone(args):
@@ -76,15 +80,18 @@ def build_parser():
     parser.add_argument("--config", help="a shipped preset by name (digits_w2, dit_xl_256_w2, "
                         "flux_dev_w2, ...: vq4dit/configs/) or a YAML file")
     add_flags(parser, CONFIG_KINDS, FLAGS)  # help and type as declared on the config fields
-    parser.add_argument("--out", help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>)")
+    parser.add_argument("--out", type=local_path,
+                        help="artifact directory (default outputs/<model>_<method>_w<bits>d<dim>, or k<k>d<dim> with "
+                             "--codebook-size)")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds files vq4dit did "
                         "not write (they are kept: a file of an artifact's name that vq4dit did not write is never "
                         "replaced), and delete a calibration state there that this run would not resume (another "
                         "config, checkpoint or method); without it either is an error")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
                         "pipeline or a DiT, its memory plan) and exit")
-    parser.add_argument("--json", metavar="FILE", help="with --dry-run: also write the plan's peaks (each stage's "
-                        "device and host bytes, the overall peaks) to FILE as JSON")
+    parser.add_argument("--json", metavar="FILE", type=local_path,
+                        help="with --dry-run: also write the plan's peaks (each stage's device and host bytes, the "
+                             "overall peaks) to FILE as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 

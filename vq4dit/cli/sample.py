@@ -14,6 +14,7 @@ from vq4dit.utils.cli import (
     ArgumentParser,
     check_range,
     check_sampling_args,
+    local_path,
     parse_classes,
     run_cli,
     setup_logging,
@@ -176,14 +177,15 @@ def build_parser():
     parser.add_argument("--classes", default=None, help="comma list cycled over samples (default: uniform random)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-to-image models: a prompt (repeat for several, cycled over samples)")
-    parser.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one per line")
+    parser.add_argument("--prompts", default=None, type=local_path, metavar="FILE",
+                        help="text-to-image models: prompts, one per line")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default=None,
                         help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
-    parser.add_argument("--out", default="outputs/samples", metavar="DIR",
+    parser.add_argument("--out", default="outputs/samples", type=local_path, metavar="DIR",
                         help="sample directory: samples.npz, grid.png (videos/ for video pipelines); locked while the "
                              "run writes it")
     parser.add_argument("--overwrite", action="store_true",

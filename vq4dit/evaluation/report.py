@@ -117,11 +117,24 @@ def check_result_path(path):
         raise UserError(f"--json {path}: is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise UserError(f"--json {path}: exists and is not a regular file; give a file name, e.g. eval.json")
+    if os.path.isfile(path) and not is_result_json(path):
+        raise UserError(f"--json {path}: exists and is not an evaluate.py result, which it would replace (samples, "
+                        "a config?); give another file name, e.g. eval.json")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"--json {path}: cannot create it under {parent} (not a writable directory)")
+
+
+def is_result_json(path):
+    """Whether the file at `path` is a result JSON evaluate.py wrote (a rerun may replace it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and set(RESULT_KEYS) <= set(content)
 
 
 def write_result_json(path, result):

@@ -216,6 +216,10 @@ class QuantizeConfig:
         for section in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, section)))
         order = FLAT_ORDER + tuple(name for name in OPTIONAL_KEYS if flat[name] != OPTIONAL_KEYS[name])
+        c = self.codebooks
+        if c.codebook_size is not None and c.k != 2 ** (c.wbits * c.dim):
+            # k overrides wbits: written beside it, the file would contradict itself (check_bits refuses the pair)
+            order = tuple(name for name in order if name != "wbits")
         return {name: flat[name] for name in order}
 
     def to_yaml(self):

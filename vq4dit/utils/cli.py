@@ -94,6 +94,11 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def local_path(text):
+    """argparse type of a path flag: `~` expanded, as the shell does not in --out=~/x or inside a preset."""
+    return os.path.expanduser(text)
+
+
 def check_range(flag, value, low=None, high=None):
     """`value` when it is a finite number in [low, high] (None: unbounded on that side), else a UserError naming
     `flag`, the value and the valid range. Integer flags give integer bounds."""
