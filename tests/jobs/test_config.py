@@ -56,6 +56,7 @@ def test_int_is_accepted_for_float_fields(tmp_path):
     ({"ratio_reg": "l1"}, "ratio_reg=.l1.: choose one of code, paper"),
     ({"candidates": 5, "codebook_size": 4}, "at most the codebook size 4"),
     ({"calib_timesteps": 60}, "at most steps=50"),
+    ({"steps": 8}, r"calib_timesteps=12: at most steps=8 .*12 by default\); give --calib-timesteps 8 or fewer"),
     ({"lr_schedule": "linear"}, "lr_schedule=.linear.: choose one of constant, cosine"),
     ({"lr_schedule": "cosine", "calib": "online"}, "lr_schedule='cosine': calib online makes one update per teacher"),
 ])
@@ -137,9 +138,9 @@ def test_a_runs_config_yaml_loads_back_as_the_same_config(tmp_path, preset, code
     assert ("wbits" in config.to_dict()) == (codebook_size in (None, 256))
 
 
-@pytest.mark.parametrize("overrides, name", [({}, "digits_2_vq4dit_w2d4"), ({"codebook_size": 16}, "digits_2_vq4dit_k16d4"),
-                                             ({"codebook_size": 256}, "digits_2_vq4dit_w2d4"),
-                                             ({"bits": 1.5}, "digits_2_vq4dit_b1.5")])
+@pytest.mark.parametrize("overrides, name", [
+    ({}, "digits_2_vq4dit_w2d4"), ({"codebook_size": 16}, "digits_2_vq4dit_k16d4"),
+    ({"codebook_size": 256}, "digits_2_vq4dit_w2d4"), ({"bits": 1.5}, "digits_2_vq4dit_b1.5")])
 def test_the_default_out_names_the_codebook_size_that_overrides_wbits(overrides, name):
     """A --codebook-size 16 run (1 bit at d 4) went to the default W2 run's directory, replacing its artifact
     (mutation: the name from wbits alone)."""

@@ -66,3 +66,19 @@ def test_a_full_disk_names_the_files_and_bytes_and_leaves_nothing(tmp_path, monk
     assert str(info.value).startswith(f"{tmp_path / 'a.npz'} + {tmp_path / 'b.png'}: no space left on the device "
                                       "(needed 12,345 bytes, ")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.EFBIG, "File too large", "/data/a.npz"), "file-size limit (ulimit -f)"),
+    (OSError(errno.EROFS, "Read-only file system", "/data/a.npz"), "read-only"),
+    (RuntimeError("Error while serializing: I/O error: Read-only file system (os error 30)"), "read-only"),
+])
+def test_a_write_the_file_system_refuses_is_one_line_naming_why(error, says):
+    """EFBIG and EROFS, as OSErrors or in a writer's text (safetensors), are UserErrors naming the file and the
+    reason; other errors are not (mutation: the errno table left out -> None, a traceback at the CLI)."""
+    from vq4dit.utils.fileio import disk_full
+
+    named = disk_full(error, ["/data/a.npz"])
+    assert isinstance(named, UserError) and str(named).startswith("/data/a.npz: cannot be written: ")
+    assert says in str(named)
+    assert disk_full(ValueError("File too small")) is None

@@ -62,7 +62,10 @@ class TeacherConfig:
         if self.steps > MAX_STEPS:  # past int64, numpy's respacing failed with a UFuncTypeError
             invalid("steps", self.steps, f"at most {MAX_STEPS} (the training schedule's timesteps)")
         if self.calib_timesteps > self.steps:
-            invalid("calib_timesteps", self.calib_timesteps, f"at most steps={self.steps}")
+            invalid("calib_timesteps", self.calib_timesteps,
+                    f"at most steps={self.steps} (it counts the sampler steps kept per trajectory, "
+                    f"{type(self).calib_timesteps} by default); give --calib-timesteps {self.steps} or "
+                    "fewer, or more --steps")
         return self
 
 

@@ -233,7 +233,8 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
     model, else a file, a diffusers directory or a hub id. image_size/num_classes: None to read
     them from the weights (ImageNet defaults 256/1000 where the weights do not say).
     """
-    if ckpt is None:
+    embedded = ckpt is None
+    if embedded:
         path = embedded_ckpt_path()
         if not path.is_file():
             raise UserError(f"the embedded model {EMBEDDED_DIT} is missing; train it with "
@@ -253,6 +254,13 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
             spec = DiTSpec(**json.loads(meta["spec"]))
             image_size = image_size or spec.image_size
             num_classes = num_classes or spec.num_classes
+            wanted = (name or spec.name, image_size, num_classes)
+            if embedded and wanted != (spec.name, spec.image_size, spec.num_classes):
+                asked = wanted[0] + (f" at {image_size}px" if image_size != spec.image_size else "") + (
+                    f" with {num_classes} classes" if num_classes != spec.num_classes else "")
+                raise UserError(f"no --ckpt given: without one only the embedded {spec.name} ({spec.image_size}px, "
+                                f"{spec.num_classes} classes) is available; {asked} needs --ckpt (its checkpoint, "
+                                "e.g. DiT-XL-2-256x256.pt)")
             if (image_size, num_classes) != (spec.image_size, spec.num_classes):
                 raise UserError(f"{source} is a {spec.image_size}px model with {spec.num_classes} classes, "
                                 f"not {image_size}px with {num_classes}")

@@ -16,6 +16,12 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # the same errors as writers that are not Python's file objects report them (safetensors' save_file raises a
 # SafetensorError "I/O error: No space left on device (os error 28)")
 DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b")
+# other writes the file system refuses whatever the program does: a file past the file system's or the process's
+# size limit (ulimit -f; FAT32's 4 GiB), a read-only mount; the text: as safetensors reports them
+WRITE_REFUSED = {errno.EFBIG: "the file is larger than the file system or the process's file-size limit (ulimit -f) "
+                              "allows", errno.EROFS: "the file system is read-only"}
+WRITE_REFUSED_TEXT = {errno.EFBIG: re.compile(r"File too large|os error 27\b"),
+                      errno.EROFS: re.compile(r"Read-only file system|os error 30\b")}
 
 
 def disk_full_error(paths, needed=None):
@@ -34,14 +40,19 @@ def disk_full_error(paths, needed=None):
 
 def disk_full(error, paths=None, needed=None):
     """The one-line UserError of `error` when it is a full disk (an OSError ENOSPC or EDQUOT, or another writer's
-    exception saying so), naming `paths` (default: the OSError's file name), else None."""
-    if isinstance(error, OSError) and error.errno in DISK_FULL:
-        names = paths or [error.filename or "a file"]
-    elif not isinstance(error, UserError) and DISK_FULL_TEXT.search(str(error)):
-        names = paths or ["a file"]
+    exception saying so) or another write the file system refuses (WRITE_REFUSED), naming `paths` (default: the
+    OSError's file name), else None."""
+    text = "" if isinstance(error, UserError) else str(error)
+    code = error.errno if isinstance(error, OSError) else None
+    refused = code if code in WRITE_REFUSED else next((c for c, found in WRITE_REFUSED_TEXT.items()
+                                                       if found.search(text)), None)
+    if code in DISK_FULL or DISK_FULL_TEXT.search(text) or refused is not None:
+        names = [os.fspath(n) for n in paths or [getattr(error, "filename", None) or "a file"]]
     else:
         return None
-    return disk_full_error([os.fspath(n) for n in names], needed)
+    if refused is not None:
+        return UserError(f"{' + '.join(names)}: cannot be written: {WRITE_REFUSED[refused]}; write elsewhere")
+    return disk_full_error(names, needed)
 
 
 def free_bytes(path):
