@@ -363,3 +363,17 @@ def test_a_real_model_without_ckpt_says_ckpt_is_missing(tmp_path, script, args, 
     result = run(script, *args, "--out", tmp_path / "out")
     assert_user_error(result, "no --ckpt given", asked)
     assert "dit_digits" not in result.stderr
+
+
+@pytest.mark.parametrize("method", ["vq4dit", "rtn"])
+def test_dry_run_refuses_a_missing_or_unreadable_ckpt(tmp_path, method):
+    """--dry-run passed a run that fails at once: a missing --ckpt printed the config with exit 0, and a truncated
+    safetensors file got a plan for an ImageNet DiT (mutations: no existence check in plan_source; the unreadable
+    header taken as a .pt checkpoint's)."""
+    assert_user_error(run("quantize.py", "--dry-run", "--method", method, "--ckpt", tmp_path / "nope.pt"),
+                      f"checkpoint {tmp_path / 'nope.pt'} does not exist")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    if method != "rtn":  # rtn has no plan
+        assert_user_error(run("quantize.py", "--dry-run", "--ckpt", truncated),
+                          f"{truncated}: not a readable safetensors file")

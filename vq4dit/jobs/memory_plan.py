@@ -134,11 +134,11 @@ def plan_for(config):
     """The MemoryPlan of QuantizeConfig `config` when its ckpt is a text-to-image pipeline (a local directory or a hub
     id of REFERENCE_MODELS) of a supported class or a DiT (dit_source), and its method builds codebooks, else None.
     Loads no weights and fetches nothing."""
+    source = plan_source(config.model.ckpt)  # a --ckpt that does not exist: a UserError
     if config.method == "rtn":
         return None
     from vq4dit.jobs.plan_stages import runtime_bytes
 
-    source = plan_source(config.model.ckpt)
     dit = dit_source(config.model) if source is None and config.model.backend != "diffusers" else None
     # measured before the plan's own work grows this process, with the pipeline's libraries imported
     runtime = runtime_bytes(pipeline_classes(source[3] if source else None))

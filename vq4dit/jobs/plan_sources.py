@@ -4,6 +4,8 @@ what a run's pipeline adds on the host: its text encoders and the libraries of i
 import json
 from pathlib import Path
 
+from vq4dit.utils.errors import UserError
+
 # published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
 REFERENCE_MODELS = {
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
@@ -25,9 +27,13 @@ REFERENCE_VAE_FACTOR = 8  # the 4-block AutoencoderKL of all three
 
 def plan_source(ckpt):
     """(transformer class name, config dict, VAE factor, pipeline directory or None) of a local pipeline directory
-    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched)."""
+    or a hub id of REFERENCE_MODELS; None for anything else (a DiT checkpoint, another hub id: nothing is fetched); a
+    UserError for a path that does not exist."""
     if ckpt is None:
         return None
+    from vq4dit.models.loading import check_ckpt_exists
+
+    check_ckpt_exists(ckpt)
     path = Path(ckpt).expanduser()
     if (path / "model_index.json").is_file():
         from vq4dit.models.adapters.t2i import vae_scale_factor
@@ -68,7 +74,9 @@ def dit_source(spec):
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
+    except (SafetensorError, OSError, ValueError) as e:
+        if path.suffix == ".safetensors":  # else a .pt checkpoint, which the plan takes at --image-size
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); no plan") from None
         meta = {}
     if meta.get("format") == "vq4dit-dit":
         dit = DiTSpec(**json.loads(meta["spec"]))

@@ -124,15 +124,22 @@ def _diffusers_dir(path):
     return None
 
 
+def check_ckpt_exists(ckpt):
+    """A UserError when `ckpt` is neither a local path nor a string that looks like a hub id (which a load fetches)."""
+    if Path(ckpt).expanduser().exists():
+        return
+    looks_like_file = re.search(r"\.(pt|pth|bin|ckpt|safetensors)$", str(ckpt))
+    if looks_like_file or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
+        raise UserError(f"checkpoint {ckpt} does not exist; give a .pt/.safetensors file, "
+                        "a diffusers directory or a hub id like facebook/DiT-XL-2-256")
+
+
 def _resolve(ckpt):
     """A local Path for `ckpt`; a string that is no local path but looks like a hub id is downloaded."""
     path = Path(ckpt).expanduser()
     if path.exists():
         return path
-    looks_like_file = re.search(r"\.(pt|pth|bin|ckpt|safetensors)$", str(ckpt))
-    if looks_like_file or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
-        raise UserError(f"checkpoint {ckpt} does not exist; give a .pt/.safetensors file, "
-                        "a diffusers directory or a hub id like facebook/DiT-XL-2-256")
+    check_ckpt_exists(ckpt)
     try:
         from huggingface_hub import snapshot_download
 
