@@ -71,3 +71,16 @@ def test_hub_id_of_a_pipeline_source():
     assert hub_id_of("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
     assert hub_id_of("/home/u/.cache/huggingface/hub/models--owner--name/snapshots/abc") == "owner/name"
     assert hub_id_of("/data/pipelines/flux") is None and hub_id_of("pipeline") is None and hub_id_of(None) is None
+
+
+def test_the_card_names_the_runs_method_not_the_layer_class(tmp_path):
+    """--method kmeans builds VQLinear layers as vq4dit does: the card said `method: vq4dit` and "1 bits" for a k16
+    d4 k-means artifact (mutation: the method from the layer class alone)."""
+    torch.manual_seed(0)
+    model = DiT.from_config(LEGACY)
+    quantize_linears(model, CodebookSpec(16, 4, kmeans_iters=2), progress=False, soft=False)
+    save_quantized(model, reference(model, name="DiT-Digits/2"), tmp_path / "km", {"method": "kmeans", "seed": 0})
+    text = (tmp_path / "km" / "README.md").read_text()
+    meta = front_matter(text)
+    assert meta["quantization"]["method"] == "kmeans" and "kmeans" in meta["tags"] and "vq4dit" in meta["tags"]
+    assert "quantized (kmeans, 1 bit per weight)" in text

@@ -46,7 +46,9 @@ def base_name(ref, config):
 
 def front_matter(ref, layers, config):
     short = ref["class"].rsplit(".", 1)[-1]
-    methods = sorted({METHODS.get(e["class"], e["class"]) for e in layers.values()})
+    # the run's --method where the config says it (kmeans and codebook build the same layer class as vq4dit)
+    methods = [config["method"]] if dict(config).get("method") else sorted({METHODS.get(e["class"], e["class"])
+                                                                            for e in layers.values()})
     base = hub_id_of((ref.get("pipeline") or {}).get("source"))
     config = {**dict(config), "model": base_name(ref, config)} if "model" in config else dict(config)
     meta = {"base_model": base, "base_model_relation": "quantized"} if base else {}
@@ -99,7 +101,8 @@ def model_card(ref, layers, config):
     short = ref["class"].rsplit(".", 1)[-1]
     title = f"{base_name(ref, config)} ({short})" if ref.get("pipeline") else short
     return (f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
-            f"# {title}, quantized ({q['method']}, {q['bits_per_weight']:g} bits per weight)\n\n"
+            f"# {title}, quantized ({q['method']}, {q['bits_per_weight']:g} "
+            f"bit{'' if q['bits_per_weight'] == 1 else 's'} per weight)\n\n"
             f"{q['quantized_layers']} linear layers of the transformer are quantized "
             f"({q['bits_per_weight_with_codebook']:g} bits per weight with codebooks); everything else is kept in "
             "full precision. Made with vq4dit (post-training vector quantization of diffusion transformers, "
