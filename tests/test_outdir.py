@@ -208,3 +208,31 @@ def test_api_save_refuses_foreign_files_and_keeps_them(tmp_path):
     quantized.save(tmp_path, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == sorted([MARKER, "notes.txt", *ARTIFACT_FILES])
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_rerun_says_what_it_replaces_and_leaves_no_stale_calibration_log(ckpt, tmp_path):
+    """A rerun into an artifact's directory with another seed, then another method, replaced it without a word and
+    left the calibrated run's calib_log.jsonl beside an uncalibrated artifact. Now each replacement is a warning
+    naming the changed keys, and a method without calibration removes the log (mutations: no announcement; the log
+    kept)."""
+    from tests.cli_helpers import FAST
+
+    out = tmp_path / "w"
+    assert run("quantize.py", "--ckpt", ckpt, *FAST, "--out", out).returncode == 0
+    assert (out / "calib_log.jsonl").is_file()
+    again = run("quantize.py", "--ckpt", ckpt, *FAST, "--seed", 3, "--out", out)
+    assert again.returncode == 0 and "replacing the artifact there, made with another config (seed 0 -> 3)" in \
+        again.stderr, again.stderr[-2000:]
+    rtn = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", out)
+    assert rtn.returncode == 0 and "method 'vq4dit' -> 'rtn'" in rtn.stderr, rtn.stderr[-2000:]
+    assert not (out / "calib_log.jsonl").exists()
+
+
+def test_sampling_over_earlier_samples_warns(tmp_path):
+    """A second sample.py into one --out (a reference set given by mistake) replaced its samples.npz silently; now a
+    warning says so, and the first run says nothing (mutation: the warning left out, or given always)."""
+    argv = ("sample.py", "--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "s")
+    first, second = run(*argv), run(*argv)
+    assert first.returncode == second.returncode == 0, second.stderr[-2000:]
+    assert "replacing the samples.npz" not in first.stderr
+    assert f"{tmp_path / 's'}: replacing the samples.npz there" in second.stderr

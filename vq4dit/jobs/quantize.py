@@ -11,9 +11,11 @@ on its share of the data (docs/usage.md "Several processes"); rank 0 claims the 
 import contextlib
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 
+import yaml
 from torch import nn
 
 from vq4dit.calib.cache import ActivationStore, dtype_bytes
@@ -46,7 +48,7 @@ from vq4dit.utils.fileio import check_dir_usable, free_bytes
 from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import set_tf32
 from vq4dit.vq import save_quantized
-from vq4dit.vq.artifact import ARTIFACT_FILES, read_quant_config
+from vq4dit.vq.artifact import ARTIFACT_FILES, CONFIG_FILE, read_quant_config
 from vq4dit.vq.modelref import reference
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     if distributed.active():
         check_processes(config)
     with claim_artifact_dir(out_dir, overwrite) if lead else contextlib.nullcontext():
+        if lead:
+            announce_replacement(out_dir, config)
         if config.cache.cache_dir:
             check_dir_usable(config.cache.cache_dir, "--cache-dir")
         config = fit_to_device(config, device)  # --stream auto and the micro-batch, from the memory plan
@@ -120,6 +124,8 @@ def check_processes(config):
 
 
 ARTIFACT_TOOL = "a quantized artifact"  # what an artifact directory's marker says it holds
+SHOWN_CHANGES = 4  # config differences named when a run replaces an artifact, these keys first:
+KEYS_FIRST = ("ckpt", "model", "method", "recipe", "bits", "wbits", "dim", "codebook_size", "seed")
 
 
 def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
@@ -256,8 +262,33 @@ def calibrate(problem, data, run):
 
 
 def save(model, layers, extra, config, out_dir):
-    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config."""
+    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config; a
+    method that does not calibrate removes an earlier run's calibration log, which would describe another model."""
     for layer in layers.values():
         if not layer.is_hard:
             layer.harden()
     save_quantized(model, reference(model, **extra), out_dir, config.to_dict())
+    if not method_for(config.method, config.codebooks).calibrated:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, LOG_NAME))
+
+
+def announce_replacement(out_dir, config):
+    """Log what a run replaces: a complete artifact already in `out_dir`, and how its config differs (a rerun with
+    another seed or method replaces it; the marker's rules let it, as the artifact is vq4dit's own)."""
+    try:
+        read_quant_config(out_dir)
+        with open(os.path.join(out_dir, CONFIG_FILE)) as f:
+            before = yaml.safe_load(f) or {}
+    except (UserError, OSError, yaml.YAMLError):
+        return
+    now = config.to_dict()
+    first = {key: i for i, key in enumerate(KEYS_FIRST)}
+    keys = sorted(set(before) | set(now), key=lambda k: (first.get(k, len(first)), k))
+    changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)]
+    if changed:
+        logger.warning("%s: replacing the artifact there, made with another config (%s%s)", out_dir,
+                       "; ".join(changed[:SHOWN_CHANGES]), f"; {len(changed) - SHOWN_CHANGES} more"
+                       if len(changed) > SHOWN_CHANGES else "")
+    else:
+        logger.info("%s: replacing the artifact there, made with the same config", out_dir)

@@ -4,6 +4,7 @@ Works for every model family an adapter describes (models/adapters): the project
 diffusers pipeline's transformer through that pipeline. Under torchrun the sample indices are sharded over ranks
 (blocks of batch_size, dealt round-robin) and rank 0 writes the gathered result.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -139,15 +140,20 @@ def check_memory(num_samples, size):
                         f"{num_samples * total // needed:,}")
 
 
+@contextlib.contextmanager
 def claim_sample_dir(out_dir, overwrite=False):
     """utils.outdir.claim_out_dir for a sample directory, as quantize.py's --out is claimed: locked for the run, and
     files sample.py did not write refused unless `overwrite` (and kept then). An unmarked directory holding the
-    samples.npz and grid.png of a run from before markers existed is sample.py's own."""
+    samples.npz and grid.png of a run from before markers existed is sample.py's own. Samples already there are
+    replaced, with a warning (a reference set given as another run's --out by mistake is gone otherwise unnoticed)."""
     def earlier(directory):
         return all(os.path.isfile(os.path.join(directory, name)) for name in (NPZ_FILE, GRID_FILE))
 
-    return claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier,
-                         "sample.py's samples")
+    with claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier,
+                       "sample.py's samples"):
+        if os.path.isfile(os.path.join(out_dir, NPZ_FILE)):
+            logger.warning("%s: replacing the %s there (an earlier run's samples)", out_dir, NPZ_FILE)
+        yield
 
 
 def prepare_sampler(model, adapter, extra, num_samples, settings, device):
