@@ -31,3 +31,19 @@ def test_attention_is_counted_as_a_fused_kernel_keeps_it():
     assert peak == q.numel() * 4
     assert F.scaled_dot_product_attention is not None  # restored after the measurement
     assert F.scaled_dot_product_attention.__module__ != "vq4dit.jobs.meta_peak"
+
+
+def test_an_in_place_update_or_a_view_of_a_tensor_from_before_creates_nothing():
+    """A weight updated in place (an optimizer's step, a probe's noise) and a view of it held: nothing new; one new
+    tensor beside them counts. The counter took the weight's whole storage as new (mutation: inputs' storages not
+    told apart -> twice the size), which made a real update seem to hold its parameters twice."""
+    w = torch.empty(64, 32, device="meta")
+    size = 64 * 32 * 4
+
+    def fn():
+        w.add_(1)
+        view = w.t()
+        fresh = w * 2
+        return view, fresh
+
+    assert peak_bytes(fn) == size

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from vq4dit.calib.modes import mode_for
-from vq4dit.jobs.plan_probes import block_key, block_training_bytes, evaluation_bytes, record_bytes
+from vq4dit.jobs.plan_probes import allocation_bytes, block_key, block_training_bytes, evaluation_bytes, record_bytes
 from vq4dit.jobs.plan_sources import (
     REFERENCE_MODELS,
     dit_source,
@@ -280,11 +280,12 @@ def memory_plan(planned, config, runtime=None):
     for i, outs in enumerate(live.outputs):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
-    block_bytes, evaluate, soft, moments, fp_blocks, measured = [], [], [], [], [], {}
+    block_bytes, evaluate, soft, moments, fp_blocks, measured, linears = [], [], [], [], [], {}, []
     for i, (name, block) in enumerate(adapter.blocks(model)):
         fp_blocks.append(sum(p.numel() * 4 for p in block.parameters()) + sum(b.numel() * b.element_size()
                                                                              for b in block.buffers()))
         inside = {full[len(name) + 1:]: full for full in sizes if full.startswith(f"{name}.")}
+        linears.append([sizes[full]["fp"] for full in inside.values()])
         replay = Replay(live.calls[i], table, batched, PROBE_ROWS)
         largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
         key = block_key(block, replay, {local: sizes[full] for local, full in inside.items()})
@@ -312,6 +313,8 @@ def memory_plan(planned, config, runtime=None):
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
     pipeline = directory is not None or spec.ckpt in REFERENCE_MODELS
     end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
+    bits = (0, 0) if codebooks.bits is None else allocation_bytes(model, (args, kwargs), probe_rows, per_trajectory,
+                                                                  config, linears)
     inputs = StageInputs(
         teacher=teacher, hard=resident + total["hard"], quantized_hard=total["hard"],
         text_encoders=text_encoder_bytes(directory, getattr(adapter, "encoders_by_layer", False)),
@@ -323,7 +326,7 @@ def memory_plan(planned, config, runtime=None):
         walks_blocks=mode.walks_blocks, fp_blocks=fp_blocks,
         stored=stored_bytes(model, pipeline, directory), stored_mapped=stored_is_mapped(pipeline, directory),
         encode_on_rank0=getattr(adapter, "encodes_once", False),
-        processes_here=on_this_machine if processes > 1 else 1)
+        processes_here=on_this_machine if processes > 1 else 1, bits=bits[0], bits_host=bits[1])
     runtime = runtime_bytes(pipeline_classes(directory)) if runtime is None else runtime
     device = plan_device(config.device)
     peaks = stages(inputs, device, runtime)

@@ -1,9 +1,10 @@
 """The most bytes a computation holds at once, measured on the meta device (no memory, no arithmetic).
 
 Every tensor an operation returns is counted while any tensor still refers to its storage (views share it); the
-peak of that count is what the computation needs beyond the tensors it started from. Attention runs as a fused
-kernel (flash or memory-efficient, as CUDA runs fp32 attention and the CPU's flash kernel does): its output only,
-never the (heads, tokens, tokens) score matrix.
+peak of that count is what the computation needs beyond the tensors it started from. An operation that returns the
+storage of one of its inputs from before (an in-place update of a weight, a view of one) creates nothing. Attention
+runs as a fused kernel (flash or memory-efficient, as CUDA runs fp32 attention and the CPU's flash kernel does): its
+output only, never the (heads, tokens, tokens) score matrix.
 """
 import weakref
 
@@ -30,12 +31,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
                 if key in self.live:
                     self.live[key][1] += 1
+                elif key in inputs:  # an input's own storage (an in-place op, a view) from before: nothing new
+                    continue
                 else:
                     self.live[key] = [storage.nbytes(), 1]
                     self.held += storage.nbytes()

@@ -108,6 +108,56 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     return held_bytes(active) + counter.peak
 
 
+# jobs.allocation.weight_errors' fits of one Linear at one --bits setting (k-means, decode, difference) hold at most
+# about this many bytes per weight (measured by the plan's counter on real fits of the default settings at 0.5 to 8 M
+# weights: 25 to 31), plus the nearest-codeword search's distance blocks (DEFAULT_CHUNK x k float32, two at once)
+FIT_BYTES_PER_WEIGHT = 32
+
+
+def allocation_bytes(model, call, rows, per_trajectory, config, linears):
+    """(device, host) bytes of --bits' allocation (jobs/allocation.py) beyond the resident model: the larger of the
+    weight-error fits (fit_bytes) and the sensitivity probes (probe_bytes); host: the probe calls' inputs. call: the
+    plan's model call (args, kwargs) at `rows` rows; linears: per block, the fp32 bytes of each selected Linear."""
+    device, host = probe_bytes(model, call, rows, per_trajectory, config, linears)
+    return max(fit_bytes(config, linears), device), host
+
+
+def fit_bytes(config, linears):
+    """Device bytes of the weight-error fits (jobs.allocation.weight_errors): the largest Linear at the largest k of
+    --bits-settings (FIT_BYTES_PER_WEIGHT)."""
+    from vq4dit.vq.allocate import parse_settings
+    from vq4dit.vq.nearest import DEFAULT_CHUNK
+
+    largest = max(max(block, default=0) for block in linears)
+    k = max(s.k for s in parse_settings(config.codebooks.settings_text))
+    return largest // 4 * FIT_BYTES_PER_WEIGHT + DEFAULT_CHUNK * k * 8
+
+
+def probe_bytes(model, call, rows, per_trajectory, config, linears):
+    """(device, host) bytes of the sensitivity probes (calib/sensitivity.py): the model's forward at the probe
+    teacher's batch (PROBE_SAMPLES trajectories of `per_trajectory` rows, no gradients), every probe call's reference
+    and noisy predictions, and the noise: per block, kept and drawn copies of its Linears in fp32 (--bits-probe
+    block), else three copies of the largest Linear; host: the probe calls' inputs (PROBE_STEPS model calls)."""
+    from vq4dit.calib.sensitivity import PROBE_SAMPLES, PROBE_STEPS
+    from vq4dit.jobs.meta_peak import peak_bytes
+
+    args, kwargs = _with_rows(call, rows, PROBE_SAMPLES * per_trajectory)
+    outs = []
+    peak = peak_bytes(lambda: outs.append(model(*args, **kwargs)))
+    prediction = sum(t.numel() * 4 for t in _tensors(outs))  # fp32, as Probes.predictions keeps them
+    largest = max(max(block, default=0) for block in linears)
+    noise = max(2 * sum(block) + max(block, default=0) for block in linears) \
+        if config.codebooks.bits_probe == "block" else 3 * largest
+    inputs = held_bytes((args, kwargs))
+    return inputs + peak + 2 * PROBE_STEPS * prediction + noise, PROBE_STEPS * inputs
+
+
+def _tensors(tree):
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if hasattr(t, "numel")]
+
+
 def block_key(block, replay, layers):
     """What the device bytes of `block`'s computations on the probe call `replay` depend on: the block's class and
     tensors, the layers it quantizes ({local name: their sizes}), and how it is called (the replayed arguments'

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from vq4dit.utils.fileio import write_text_atomic
 
 GIB, MIB = 2**30, 2**20
+ALLOCATION = "bit allocation (--bits: k-means fits, probes)"
 RUNTIME_ALLOWANCE = 64 * MIB
 
 
@@ -153,6 +154,8 @@ class StageInputs:
     stored_mapped: bool = False  # the streamed teacher's host tensors are views of its files' mapped pages
     encode_on_rank0: bool = False  # under torchrun rank 0 alone loads the text encoders
     processes_here: int = 1  # torchrun processes on this machine
+    bits: int = 0  # device: --bits' allocation beside the teacher (plan_probes.allocation_bytes), 0 without --bits
+    bits_host: int = 0  # host: its probe calls
 
 
 def _peaks(x, device, out):
@@ -170,8 +173,10 @@ def stages(inputs, device, runtime):
         return StagePeak(name, on_device, runtime + host + (on_device if cpu else 0))
 
     resident = x.teacher + x.hard
-    out = [stage("load", x.teacher, 0 if cpu else x.teacher),
-           stage("build quantized layers (teacher copy + old layers)", 2 * x.teacher + x.quantized_hard, 0)]
+    out = [stage("load", x.teacher, 0 if cpu else x.teacher)]
+    if x.bits:
+        out.append(stage(ALLOCATION, x.teacher + x.bits, x.bits_host))
+    out.append(stage("build quantized layers (teacher copy + old layers)", 2 * x.teacher + x.quantized_hard, 0))
     if x.text_encoders:
         out.append(dataclasses.replace(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders),
                                        rank0_bytes=x.text_encoders * x.encode_on_rank0))
@@ -203,8 +208,10 @@ def streamed_stages(inputs, device, runtime):
 
     block, outside = max(x.fp_blocks), x.teacher - sum(x.fp_blocks)
     resident = outside + x.hard  # the teacher's parts outside the blocks and the student
-    out = [stage("load (host, stored dtype)", 0, 0),
-           stage("build quantized layers (block by block)", x.hard + block, 0)]
+    out = [stage("load (host, stored dtype)", 0, 0)]
+    if x.bits:
+        out.append(stage(ALLOCATION, outside + block + x.bits, x.bits_host))
+    out.append(stage("build quantized layers (block by block)", x.hard + block, 0))
     if x.text_encoders:
         out.append(dataclasses.replace(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders),
                                        rank0_bytes=x.text_encoders * x.encode_on_rank0))
