@@ -236,3 +236,24 @@ def test_a_full_disk_writing_the_json_is_one_line_and_leaves_nothing(tmp_path, d
     line = cli_error(capsys, ["--samples", paths["q"], "--json", str(out), "--classifier", classifier])
     assert f"{out}: no space left on the device (needed " in line
     assert os.listdir(out.parent) == []  # no eval.json, no temporary file
+
+
+def test_a_reference_sampled_with_other_settings_is_refused(tmp_path, digits_batches, classifier, capsys):
+    """Samples and reference drawn with another seed (or steps, guidance) share labels and shapes, and gave a
+    plausible, meaningless PSNR; sample.py now records its settings and a paired comparison checks them. Files
+    without the record (another tool's) are compared as before (mutations: the check left out; settings not
+    written)."""
+    from vq4dit.utils.imagefiles import save_samples
+
+    _, q, fp = digits_batches
+    labels = real_digits_uint8()[1][:200]
+    for name, images, seed in (("fp", fp, 0), ("q", q, 0), ("other", q, 1)):
+        (tmp_path / name).mkdir()
+        save_samples(str(tmp_path / name), images, labels, sampling={"seed": seed, "steps": 4, "cfg_scale": 1.5})
+    out = tmp_path / "eval.json"
+    evaluate.main(args(str(tmp_path / "q" / "samples.npz"), reference=str(tmp_path / "fp" / "samples.npz"),
+                       json=str(out), classifier=classifier))
+    assert json.loads(out.read_text())["psnr_vs_reference"] > 30
+    line = cli_error(capsys, ["--samples", str(tmp_path / "other"), "--reference", str(tmp_path / "fp"),
+                              "--classifier", classifier])
+    assert "the reference was sampled with seed 0 (the samples: 1)" in line

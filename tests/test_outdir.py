@@ -236,3 +236,7 @@ def test_sampling_over_earlier_samples_warns(tmp_path):
     assert first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert "replacing the samples.npz" not in first.stderr
     assert f"{tmp_path / 's'}: replacing the samples.npz there" in second.stderr
+    from vq4dit.evaluation.samples import sampling_of
+
+    recorded = sampling_of(str(tmp_path / "s" / "samples.npz"))  # what evaluate.py's pairing check reads
+    assert (recorded["seed"], recorded["steps"]) == (0, 2)

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.cli_helpers import cli_error, leftovers
 from tests.conftest import sample_dit
 from vq4dit.cli import sample
+from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.loading import load_dit, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,7 +326,7 @@ def test_a_full_disk_at_a_video_frame_leaves_no_frame_and_no_npz(tmp_path, monke
 
     monkeypatch.setattr(Image.Image, "save", fill_up)
     with pytest.raises(UserError) as info:
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), prompted=True)
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), True, SampleSettings())
     assert str(info.value).startswith(f"{tmp_path / 'videos'}: no space left on the device")
     assert os.listdir(tmp_path) == []
 
@@ -346,7 +347,7 @@ def test_videos_without_an_mp4_writer_fall_back_to_frames_with_one_warning(tmp_p
     monkeypatch.setitem(sys.modules, "imageio", fake)
     monkeypatch.setitem(sys.modules, "imageio.v2", fake.v2)
     with caplog.at_level(logging.WARNING, logger="vq4dit.utils.imagefiles"):
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), prompted=True)
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), True, SampleSettings())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "TiffWriter" in warnings[0] and "PNG frames only" in warnings[0]
     assert sorted(os.listdir(tmp_path / "videos")) == ["00000", "00001"]

@@ -17,7 +17,7 @@ import os
 from vq4dit.evaluation.digits import digits_metrics, load_digits_classifier, real_digits_uint8
 from vq4dit.evaluation.imagenet import import_torch_fidelity, inception_fid
 from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse
-from vq4dit.evaluation.samples import check_labels, check_reference, label_kind, load_samples
+from vq4dit.evaluation.samples import check_labels, check_pairing, check_reference, label_kind, load_samples
 from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import write_text_atomic
@@ -74,6 +74,7 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
     if reference_path is not None:
         ref_images, ref_labels = load_samples(reference_path)
         check_reference(images, labels, ref_images, ref_labels, reference_path)
+        check_pairing(samples_path, reference_path)
         result["mse_vs_reference"] = paired_mse(images, ref_images)
         result["psnr_vs_reference"] = psnr_from_mse(result["mse_vs_reference"])
 

@@ -3,6 +3,7 @@
 `arr_0`: uint8 images (N, H, W, 3); optional `arr_1`: integer class labels (N,).
 Every problem with a file is reported as a one-line UserError naming the file.
 """
+import json
 import logging
 import os
 import zipfile
@@ -10,7 +11,7 @@ import zipfile
 import numpy as np
 
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY
+from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY, SAMPLING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,34 @@ def label_kind(path):
     if kind.shape != () or str(kind) not in LABEL_KINDS:
         raise UserError(f"{path}: {LABELS_KEY}={kind!r}; must be one of {', '.join(LABEL_KINDS)} (what arr_1 holds)")
     return str(kind)
+
+
+def sampling_of(path):
+    """The sampling settings sample.py recorded in the samples at `path` (a dict), or None (not recorded)."""
+    with np.load(path, allow_pickle=False) as data:
+        if SAMPLING_KEY not in data.files:
+            return None
+        text = str(data[SAMPLING_KEY])
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: {SAMPLING_KEY}={text[:80]!r}; must be the JSON object sample.py writes")
+    return settings
+
+
+def check_pairing(path, ref_path):
+    """A paired comparison needs the samples and the reference drawn alike (seed, steps, guidance, ...): a
+    UserError naming what differs, where both recorded their settings."""
+    mine, theirs = sampling_of(path), sampling_of(ref_path)
+    if mine is None or theirs is None:
+        return
+    differ = [f"{key} {theirs.get(key)!r} (the samples: {mine.get(key)!r})" for key in sorted(set(mine) | set(theirs))
+              if mine.get(key) != theirs.get(key)]
+    if differ:
+        raise UserError(f"{ref_path}: the reference was sampled with {', '.join(differ)}; a paired PSNR needs the "
+                        "same seed and sampler settings")
 
 
 def check_images(images, name):

@@ -206,13 +206,16 @@ def sample_shard(model, adapter, extra, num_samples, settings, device, classes=N
     return draw_shard(sampler, conditions, num_samples, settings.batch_size), labels
 
 
-def save_all(out_dir, images, labels, prompted):
-    """samples.npz, grid.png and, for videos (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none."""
+def save_all(out_dir, images, labels, prompted, settings):
+    """samples.npz (with the SampleSettings `settings` the images depend on), grid.png and, for videos
+    (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none."""
     videos = os.path.join(out_dir, VIDEO_DIR)
     if images.ndim == 5:
         save_videos(videos, images)
+    sampling = {"seed": settings.seed, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+                "num_frames": settings.num_frames, "vae": settings.vae}
     try:
-        save_samples(out_dir, images, labels, prompted)
+        save_samples(out_dir, images, labels, prompted, sampling)
     except BaseException:
         if images.ndim == 5:
             shutil.rmtree(videos, ignore_errors=True)
@@ -234,7 +237,7 @@ def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device=
     local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
     images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
-        save_all(out_dir, images, labels, prompted=adapter.num_classes(model) is None)
+        save_all(out_dir, images, labels, adapter.num_classes(model) is None, settings)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -5,6 +5,7 @@ indices for text-to-image models), and `labels` ("classes" or "prompts": what ar
 arr_0 only).
 """
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 NPZ_FILE, GRID_FILE, VIDEO_DIR = "samples.npz", "grid.png", "videos"
 LABELS_KEY = "labels"  # samples.npz: what arr_1 holds, one of LABEL_KINDS
 LABEL_KINDS = ("classes", "prompts")
+SAMPLING_KEY = "sampling"  # samples.npz: JSON of the settings the images depend on (seed, steps, guidance, ...)
 GRID_SAMPLES = 256  # make_grid's max_samples
 ARCHIVE_OVERHEAD = 4096  # bytes: the zip and .npy headers of samples.npz
 
@@ -40,18 +42,20 @@ def sample_files_bytes(labels, size):
     return npz_bytes(len(labels), size) + grid + ARCHIVE_OVERHEAD
 
 
-def save_samples(out_dir, images, labels, prompted=False):
+def save_samples(out_dir, images, labels, prompted=False, sampling=None):
     """out_dir/samples.npz and out_dir/grid.png, both or (on any error, e.g. a full disk) neither. Videos
     (N, F, H, W, 3): the npz holds them whole, the grid shows their first frames. `prompted`: the labels are prompt
-    indices (a text-to-image model), not class ids."""
+    indices (a text-to-image model), not class ids; `sampling`: the settings the images depend on, recorded so that
+    a paired comparison can check it compares like with like (evaluation.samples.check_pairing)."""
     images = np.asarray(images, dtype=np.uint8)
     stills = images[:, 0] if images.ndim == 5 else images
     paths = [os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, GRID_FILE)]
     needed = sample_files_bytes(labels, stills.shape[1:3]) + images.nbytes - stills.nbytes  # videos: all frames
     with atomic_paths(paths, needed=needed) as (npz_tmp, grid_tmp):
         with open(npz_tmp, "wb") as f:
+            extra = {} if sampling is None else {SAMPLING_KEY: np.array(json.dumps(sampling, sort_keys=True))}
             np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64),
-                     **{LABELS_KEY: np.array(LABEL_KINDS[prompted])})
+                     **{LABELS_KEY: np.array(LABEL_KINDS[prompted])}, **extra)
         make_grid(stills, labels).save(grid_tmp, format="PNG")
 
 
