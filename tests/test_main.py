@@ -20,8 +20,9 @@ def test_python_m_runs_the_same_command_as_the_script():
     assert via_m.stdout == via_script.stdout and "seed: 5" in via_m.stdout and "wbits: 3" in via_m.stdout
 
 
-@pytest.mark.parametrize("argv, code, text", [([], 2, "usage: python -m vq4dit"), (["--help"], 0, "usage"),
-                                              (["quantise"], 2, "unknown command 'quantise'")])
+@pytest.mark.parametrize("argv, code, text", [
+    ([], 2, "usage: python -m vq4dit"), (["--help"], 0, "usage"), (["quantise"], 2, "unknown command 'quantise'"),
+    (["--version"], 0, "vq4dit 0."), (["sample", "--version"], 0, "vq4dit 0.")])
 def test_a_missing_or_unknown_command_is_one_line(argv, code, text, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,5 +1,5 @@
 """python -m vq4dit quantize|sample|evaluate [flags]: the same commands as vq4dit-quantize, vq4dit-sample and
-vq4dit-evaluate."""
+vq4dit-evaluate; python -m vq4dit --version."""
 import importlib
 import sys
 
@@ -8,6 +8,11 @@ COMMANDS = ("quantize", "sample", "evaluate")
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from vq4dit import __version__
+
+        print(f"vq4dit {__version__}")
+        raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
         given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
         print(f"usage: python -m vq4dit {{{','.join(COMMANDS)}}} [flags]  ({given}see python -m vq4dit quantize "

@@ -54,3 +54,16 @@ def test_a_full_disk_is_one_line_naming_the_file_and_bytes_and_leaves_no_file(tm
     assert "\n" not in message and f"act-{os.getpid()}-0.bin" in message and "needed 600 bytes" in message
     assert str(tmp_path) in message
     assert os.listdir(tmp_path) == []  # mutation: keeping the partial file
+
+
+def test_closing_removes_the_cache_directory_it_made_and_keeps_one_from_before(tmp_path):
+    """--max-cache-gb 0 left an empty calib_cache/ in the finished artifact, and --cache-dir NEW an empty NEW: the
+    store removes a directory it created once its files are gone, never one that was there (mutations: no removal;
+    removing any empty directory)."""
+    for made, existed in ((tmp_path / "new" / "cache", False), (tmp_path / "kept", True)):
+        if existed:
+            made.mkdir()
+        with ActivationStore(max_bytes=0, cache_dir=str(made)) as store:
+            store.empty((4, 4), torch.float32)
+            assert len(os.listdir(made)) == 1
+        assert made.exists() == existed

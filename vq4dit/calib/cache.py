@@ -53,6 +53,7 @@ class ActivationStore:
         self.peak = 0
         self._files = {}  # id(tensor) -> path of a file-backed tensor
         self._count = 0
+        self._made_dir = False  # whether this store created cache_dir (removed on close once empty)
 
     def empty(self, shape, dtype):
         nbytes = dtype_bytes(dtype)
@@ -62,7 +63,10 @@ class ActivationStore:
             self.in_memory += nbytes
             self.peak = max(self.peak, self.in_memory)
             return torch.empty(shape, dtype=dtype)
-        os.makedirs(self.cache_dir, exist_ok=True)
+        if not os.path.isdir(self.cache_dir):
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another run: not this store's
+                os.makedirs(self.cache_dir)
+                self._made_dir = True
         path = os.path.join(self.cache_dir, f"act-{os.getpid()}-{self._count}.bin")
         self._count += 1
         numel = nbytes // dtype_bytes(dtype)
@@ -97,3 +101,7 @@ class ActivationStore:
             if os.path.exists(path):
                 os.remove(path)
         self._files.clear()
+        if self._made_dir:  # an empty directory left in a finished artifact (or where --cache-dir named a new one)
+            with contextlib.suppress(OSError):  # not empty: another run's files are there
+                os.rmdir(self.cache_dir)
+            self._made_dir = False

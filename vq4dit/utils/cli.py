@@ -85,7 +85,13 @@ def run_cli(main, args, on_interrupt=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose usage errors (exit status 2) are printed by torchrun's rank 0 only."""
+    """argparse's parser, whose usage errors (exit status 2) are printed by torchrun's rank 0 only, with --version."""
+
+    def __init__(self, *args, **kwargs):
+        from vq4dit import __version__
+
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"vq4dit {__version__}")
 
     def error(self, message):
         if _rank() == 0:
