@@ -68,6 +68,22 @@ def test_a_state_of_an_older_format_is_refused_not_resumed(tmp_path):
         CheckpointStore(str(tmp_path), KEY)
 
 
+@pytest.mark.parametrize("kind", ["acts", "layers"])
+def test_a_state_file_changed_on_disk_is_refused_not_resumed(tmp_path, kind):
+    """One byte of a saved tensor flipped (a bad disk, a copy gone wrong): the header still parses, and the resume
+    gave another artifact without a word. Each file's sha256 is in state.json and checked on resume, also for the
+    recorded tables a later save keeps (mutation: no check -> the flipped value loads)."""
+    store = CheckpointStore(str(tmp_path), KEY)
+    store.save(Checkpoint(acts={"fp/s0.0": torch.ones(64)}, wiring={}))
+    store.save(Checkpoint(1, [{"block": 0}], {"blocks.0.fc.weight": torch.ones(64)}, None))  # keeps the tables
+    path = tmp_path / STATE_DIR / f"{kind}-0000{0 if kind == 'acts' else 1}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # the last tensor's last byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"cannot resume from .*: {path.name} is not the file this run saved"):
+        CheckpointStore(str(tmp_path), KEY).load()
+
+
 def test_block_checkpoints_load_back_what_was_saved_last(tmp_path):
     """What a rerun loads is what the last save wrote: next block, stats, layers, tables, wiring (kept when a save
     gives none), and the resume point in words (mutations: acts None not keeping the previous file; the wiring

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vq4dit.utils import distributed
+from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import atomic_path, write_text_atomic
 
@@ -172,6 +173,11 @@ class CheckpointStore:
         return self._loaded
 
     def _read(self, meta):
+        for kind, digest in (meta.get("digests") or {}).items():  # a state from before digests has none
+            path = os.path.join(self.directory, meta[kind])
+            if os.path.isfile(path) and file_sha256(path) != digest:
+                raise UserError(f"cannot resume from {self.directory}: {meta[kind]} is not the file this run saved "
+                                "(its sha256 differs: corrupted or replaced); delete it to start over")
         try:
             layers = load_file(os.path.join(self.directory, meta["layers"]))
             acts = load_file(os.path.join(self.directory, meta["acts"]))
@@ -202,12 +208,15 @@ class CheckpointStore:
         if c.train is not None:
             train_meta, tensors["train"] = flatten_optimizer(c.train["optimizer"])
             train_meta, files["train"] = {**c.train, "optimizer": train_meta}, f"train-{tag}.safetensors"
+        digests = {"acts": (current.get("digests") or {}).get("acts")} if "acts" not in tensors else {}
         for kind, group in tensors.items():
             with atomic_path(os.path.join(self.directory, files[kind])) as tmp:
                 save_file({k: v.contiguous() for k, v in group.items()}, tmp)
+                digests[kind] = file_sha256(tmp)  # checked on resume: a corrupted file must not resume silently
         self.meta = {"format": FORMAT, "run": self.key.to_json(), "next_block": c.next_block, "stats": c.stats,
                      **files, "train_state": train_meta, "complete": c.complete, "then": c.then,
-                     "wiring": current.get("wiring") if c.wiring is None else c.wiring}
+                     "wiring": current.get("wiring") if c.wiring is None else c.wiring,
+                     "digests": {kind: d for kind, d in digests.items() if d is not None}}
         if shared:
             self.meta.update(processes=distributed.size(), generation=generation,
                              previous={k: v for k, v in current.items() if k != "previous"} or None)
