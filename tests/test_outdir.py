@@ -240,3 +240,30 @@ def test_sampling_over_earlier_samples_warns(tmp_path):
 
     recorded = sampling_of(str(tmp_path / "s" / "samples.npz"))  # what evaluate.py's pairing check reads
     assert (recorded["seed"], recorded["steps"]) == (0, 2)
+
+
+def test_sampling_an_artifact_another_run_is_writing_names_the_writer(tmp_path):
+    """sample.py --quantized DIR while quantize.py writes DIR said "quant_config.json: missing ... (interrupted
+    save?)"; it now names the run holding DIR's lock (mutation: the lock not looked at -> the old text)."""
+    from vq4dit.vq.artifact import read_quant_config
+
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(UserError, match=f"{tmp_path}: another run \\(pid {holder.pid}\\) is writing it"):
+            read_quant_config(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(UserError, match="missing; .* not a complete quantized artifact"):
+        read_quant_config(str(tmp_path))
+
+
+def test_an_artifacts_model_file_given_as_ckpt_says_what_it_is(ckpt, tmp_path):
+    """--ckpt ARTIFACT/model.safetensors said "does not match model DiT-Digits/2 ...; the weights look like
+    DiT-Digits/2" (self-contradictory); it now says it is a quantized artifact and how to sample it (mutation: the
+    format not looked at -> the old text)."""
+    out = tmp_path / "w"
+    assert run("quantize.py", "--ckpt", ckpt, *RTN, "--out", out).returncode == 0
+    assert_user_error(run("sample.py", "--ckpt", out / "model.safetensors", "--num-samples", 2, "--steps", 2,
+                          "--device", "cpu", "--out", tmp_path / "s"),
+                      "the packed tensors of a quantized vq4dit artifact", f"sample.py --quantized {out}")

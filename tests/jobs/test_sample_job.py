@@ -1,5 +1,6 @@
 """The sample job on the project's DiT: the ADM npz, same seed -> same bytes whatever the batch size, torchrun
 sharding, bad arguments refused before any work."""
+import json
 import os
 
 import numpy as np
@@ -19,9 +20,10 @@ def test_npz_format(tmp_path, tiny_dit, classes, batch_size):
     model, _ = tiny_dit
     images, labels = sample_dit(model, tmp_path, 5, classes=classes, seed=1, steps=3, batch_size=batch_size)
     with np.load(tmp_path / "samples.npz") as npz:
-        assert sorted(npz.files) == ["arr_0", "arr_1", "labels"]  # labels: what arr_1 holds (issue 29)
+        assert sorted(npz.files) == ["arr_0", "arr_1", "labels", "sampling"]  # labels: what arr_1 holds (issue 29)
         arr, lab = npz["arr_0"], npz["arr_1"]
         assert str(npz["labels"]) == "classes"
+        assert json.loads(str(npz["sampling"]))["seed"] == 1  # what evaluate.py's pairing check reads
     assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 3)
     assert lab.dtype == np.int64 and lab.shape == (5,)
     np.testing.assert_array_equal(arr, images)

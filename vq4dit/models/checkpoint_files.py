@@ -79,6 +79,9 @@ def read_state_file(path):
         raise UserError(f"{path}: empty file (0 bytes); expected a DiT .pt/.pth or .safetensors checkpoint")
     if str(path).endswith(".safetensors"):
         state, meta = _read_safetensors(path)
+        if meta.get("format") == "vq4dit-quantized":  # an artifact's packed tensors, not a model's weights
+            raise UserError(f"{path}: the packed tensors of a quantized vq4dit artifact, not full-precision weights; "
+                            f"sample it with sample.py --quantized {Path(path).parent}")
         check_finite(state, path)
         return state, meta
     with open(path, "rb") as f:

@@ -103,6 +103,21 @@ def _read_marker(fd):
     return content if isinstance(content, dict) else {}
 
 
+def writer_of(out_dir):
+    """The pid of the run writing `out_dir` now (it holds the marker's lock), or None."""
+    try:
+        fd = os.open(os.path.join(out_dir, MARKER), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_marker(fd).get("pid", "unknown")
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return None
+
+
 def _write_pid(fd, path, tool):
     """The marker's content: this run's pid and what it writes (a full disk is the one-line error of any write)."""
     try:

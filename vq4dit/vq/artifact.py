@@ -32,6 +32,7 @@ from torch import nn
 from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError, check_finite
 from vq4dit.utils.fileio import atomic_paths, write_text_atomic
+from vq4dit.utils.outdir import writer_of
 from vq4dit.vq.apply import set_submodule
 from vq4dit.vq.codecs import CODECS, codec_for
 from vq4dit.vq.modelcard import CARD_FILE, HUB_ID, model_card
@@ -152,6 +153,9 @@ def read_quant_config(out_dir):
     """Parse and validate quant_config.json, its content digest first; every problem is a one-line UserError."""
     path = os.path.join(out_dir, QUANT_FILE)
     if not os.path.isfile(path):
+        writer = writer_of(out_dir)
+        if writer is not None:
+            raise UserError(f"{out_dir}: another run (pid {writer}) is writing it; wait for it to end")
         raise UserError(f"{path}: missing; {out_dir} is not a complete quantized artifact (interrupted save?)")
     try:
         with open(path, "rb") as f:
