@@ -171,23 +171,27 @@ def build_parser():
                              "SCALE (default 1); repeat for several")
     parser.add_argument("--num-frames", type=int, default=None,
                         help="video pipelines: frames per sample (default: as calibrated, else the pipeline's)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--num-samples", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5,
+                        help="classifier-free guidance scale (1 = off; default: %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=20, help="images to draw (default: %(default)s)")
     parser.add_argument("--classes", default=None, help="comma list cycled over samples (default: uniform random)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-to-image models: a prompt (repeat for several, cycled over samples)")
     parser.add_argument("--prompts", default=None, type=local_path, metavar="FILE",
                         help="text-to-image models: prompts, one per line")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the samples' noise and classes (default: %(default)s); the same seed gives the same "
+                             "images")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per forward (default: %(default)s); the images do not depend on it")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present; the default) | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default=None,
                         help="dtype of the network: fp32 | tf32 (fp32 with TF32 CUDA matmuls; fp32 on CPU) | bf16 | "
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
     parser.add_argument("--out", default="outputs/samples", type=local_path, metavar="DIR",
                         help="sample directory: samples.npz, grid.png (videos/ for video pipelines); locked while the "
-                             "run writes it")
+                             "run writes it (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that holds files sample.py did not write (they are kept); without "
                              "it that is an error")

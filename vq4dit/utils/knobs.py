@@ -40,14 +40,25 @@ def knobs(kinds, order):
     return {name: declared[name] for name in order}
 
 
+def flag_help(f):
+    """A knob's --help text: its help and its default (a preset or --recipe may set another), unless the help says
+    what its default means (None: "the pipeline's", "every Linear in the blocks", ...)."""
+    if "default" in f.metadata["help"]:
+        return f.metadata["help"]
+    default = f.default
+    shown = {False: "off", True: "on", None: "none"}.get(default, default) if isinstance(default, (bool, type(None))) \
+        else default
+    return f"{f.metadata['help']} (default: {shown})"
+
+
 def add_flags(parser, kinds, order):
     """Add to `parser` one flag per knob (--image-size for image_size), in `order`: its type from the field, a bool
     as a store_true switch, and default None, so that a flag not given leaves the YAML preset's value in place."""
     for name, f in knobs(kinds, order).items():
         if base_type(f.type) is bool:
-            parser.add_argument(flag_name(name), action="store_true", default=None, help=f.metadata["help"])
+            parser.add_argument(flag_name(name), action="store_true", default=None, help=flag_help(f))
         else:
-            parser.add_argument(flag_name(name), type=base_type(f.type), default=None, help=f.metadata["help"])
+            parser.add_argument(flag_name(name), type=base_type(f.type), default=None, help=flag_help(f))
 
 
 def text_flags(args, kinds, order):
