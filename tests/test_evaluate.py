@@ -257,3 +257,17 @@ def test_a_reference_sampled_with_other_settings_is_refused(tmp_path, digits_bat
     line = cli_error(capsys, ["--samples", str(tmp_path / "other"), "--reference", str(tmp_path / "fp"),
                               "--classifier", classifier])
     assert "the reference was sampled with seed 0 (the samples: 1)" in line
+
+
+def test_an_fid_from_fewer_samples_than_feature_dimensions_warns(tmp_path, classifier, caplog):
+    """FID at 2-6 samples printed a number (2492.9) with no word that it is mostly bias: now a warning when the
+    samples are no more than the features' dimensions (8 for this classifier), none above (mutation: no warning)."""
+    import logging
+
+    images, labels = real_digits_uint8()
+    for n, warned in ((6, True), (40, False)):
+        np.savez(tmp_path / f"s{n}.npz", arr_0=images[:n], arr_1=labels[:n])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vq4dit.evaluation.digits"):
+            evaluate.main(args(str(tmp_path / f"s{n}.npz"), classifier=classifier))
+        assert any("no more than the 8 feature dimensions" in r.getMessage() for r in caplog.records) == warned

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 
 from vq4dit.evaluation.classifier import load_classifier
-from vq4dit.evaluation.metrics import accuracy, fid_from_features
+from vq4dit.evaluation.metrics import accuracy, fid_from_features, warn_small_fid
 from vq4dit.models.digits import IMAGE_SIZE, load_digits_images
 from vq4dit.models.vae import images_to_uint8
 from vq4dit.utils.errors import UserError
@@ -64,6 +64,7 @@ def digits_metrics(classifier, images, labels, real_images):
     features, logits = classifier_outputs(classifier, images)
     real_features, _ = classifier_outputs(classifier, real_images)
     fid = fid_from_features(features, real_features)
+    warn_small_fid(len(images), features.shape[1], logger)
     acc = accuracy(logits, labels) if labels is not None else None
     logger.info("digits: fid %.4f over %d samples vs %d real images, accuracy %s", fid, len(images), len(real_images),
                 "-" if acc is None else f"{acc:.4f}")

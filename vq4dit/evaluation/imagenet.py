@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from vq4dit.evaluation.metrics import warn_small_fid
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class _UInt8Images(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[i]).permute(2, 0, 1).contiguous()
 
 
+INCEPTION_DIMS = 2048  # Inception pool_3 features
+
+
 def inception_fid(images, ref_images, batch_size=100):
     """FID (Inception pool_3, 2048-d) between uint8 (N, H, W, 3) samples and reference images."""
     torch_fidelity = import_torch_fidelity()
@@ -46,5 +50,6 @@ def inception_fid(images, ref_images, batch_size=100):
         input1=_UInt8Images(images), input2=_UInt8Images(ref_images), fid=True, batch_size=batch_size,
         cuda=torch.cuda.is_available(), cache=False, verbose=False)
     fid = float(metrics["frechet_inception_distance"])
+    warn_small_fid(len(images), INCEPTION_DIMS, logger)
     logger.info("imagenet: fid %.4f over %d samples vs %d reference images", fid, len(images), len(ref_images))
     return fid

@@ -94,3 +94,12 @@ def accuracy(logits, labels):
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"need logits (N, C) and labels (N,), got {logits.shape} and {labels.shape}")
     return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def warn_small_fid(samples, dims, logger):
+    """A warning when an FID is computed from no more samples than its features have dimensions: their covariance
+    is then singular and the FID mostly bias (a 2-sample FID printed 2492.9 without a word)."""
+    if samples <= dims:
+        logger.warning("FID over %d samples, no more than the %d feature dimensions: the samples' covariance is "
+                       "singular and the value is mostly bias; compare FIDs only at equal and larger sample counts "
+                       "(the results tables use 1000)", samples, dims)
