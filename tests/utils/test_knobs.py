@@ -24,7 +24,9 @@ def test_flags_take_type_help_and_order_from_the_knobs_and_default_to_none():
     parser, args = parse([])
     assert vars(args) == {"mode": None, "size": None, "switch": None}  # not given: the preset's value stays
     assert [a.option_strings for a in parser._actions[1:]] == [["--mode"], ["--size"], ["--switch"]]
-    assert [a.help for a in parser._actions[1:]] == ["a | b", "a size", "a switch"]
+    # --help shows each default (mutation: the help alone)
+    assert [a.help for a in parser._actions[1:]] == ["a | b (default: a)", "a size (default: none)",
+                                                     "a switch (default: off)"]
     assert vars(parse(["--size", "3", "--switch", "--mode", "b"])[1]) == {"mode": "b", "size": 3, "switch": True}
 
 
