@@ -157,3 +157,15 @@ def test_a_fresh_walk_does_not_read_back_what_it_saved(tmp_path, monkeypatch):
     student, teacher, qlayers = quantized_pair(config)
     stats = run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path))
     assert len(stats) == 2 and read == []
+
+
+def test_a_joint_runs_resume_point_says_what_is_kept_and_what_is_redone():
+    """Ctrl-C in --calib joint said "resume from block 0": the recording is kept, but joint progress since its last
+    save (at most every 10 minutes) is made again, which the text did not say (mutation: the block-wise words)."""
+    from vq4dit.calib.checkpoints import describe_point
+
+    joint = {"run": {"config": {"calib": "joint"}}, "next_block": 0}
+    assert describe_point(joint) == "the recorded calibration set (joint training starts over)"
+    assert describe_point({**joint, "train_state": {"iteration": 40}}).startswith(
+        "joint iteration 40 (saved at most every 10 minutes: the updates since are made again)")
+    assert describe_point({"run": {"config": {"calib": "blockwise"}}, "next_block": 3}) == "block 3"

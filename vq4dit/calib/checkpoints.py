@@ -306,10 +306,16 @@ def describe_point(meta):
         train = meta.get("train_state")
         if not train and meta.get("then"):
             return meta["then"]
+        joint = (meta.get("run") or {}).get("config", {}).get("calib") == "joint"
+        if not train and joint:  # joint training's first save comes CHECKPOINT_SECONDS in: until then, the recording
+            return "the recorded calibration set (joint training starts over)"
         if not train:
             return f"block {int(meta['next_block'])}"
         if "trajectory" in train:
             return f"online trajectory {int(train['trajectory'])}"
-        return f"joint iteration {int(train['iteration'])}"
+        from vq4dit.calib.joint import CHECKPOINT_SECONDS
+
+        return (f"joint iteration {int(train['iteration'])} (saved at most every {CHECKPOINT_SECONDS // 60} minutes: "
+                "the updates since are made again)")
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
