@@ -255,6 +255,9 @@ def test_sampling_an_artifact_another_run_is_writing_names_the_writer(tmp_path):
         holder.wait()
     with pytest.raises(UserError, match="missing; .* not a complete quantized artifact"):
         read_quant_config(str(tmp_path))
+    with claim_out_dir(tmp_path, NAMES):  # this process's own claim is no other run (mutation: pid not compared)
+        with pytest.raises(UserError, match="missing; .* not a complete quantized artifact"):
+            read_quant_config(str(tmp_path))
 
 
 def test_an_artifacts_model_file_given_as_ckpt_says_what_it_is(ckpt, tmp_path):

@@ -12,6 +12,7 @@ joint run) comes from its own generator seeded by the seed.
 The store knows no job config: the run key it is opened with (jobs/runkey.py RunKey, or anything with `to_json()`
 and `change(saved_json)`) says what a resume must match.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -277,6 +278,12 @@ class CalibLog:
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, LOG_NAME)
+
+    def remove(self):
+        """Delete the log (an earlier run's, beside a result it no longer describes)."""
+        if distributed.rank() == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
 
     def clear(self):
         if distributed.rank() == 0:

@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import yaml
 from torch import nn
 
 from vq4dit.calib.cache import ActivationStore, dtype_bytes
@@ -47,6 +46,7 @@ from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import check_dir_usable, free_bytes
 from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import set_tf32
+from vq4dit.utils.yamlfile import read_yaml
 from vq4dit.vq import save_quantized
 from vq4dit.vq.artifact import ARTIFACT_FILES, CONFIG_FILE, read_quant_config
 from vq4dit.vq.modelref import reference
@@ -82,9 +82,12 @@ class Run:
         return self.config.cache.cache_dir or self.checkpoints.cache_dir
 
     def finish(self):
-        """The result is safe (written, or held by the caller): the checkpoints go (GiBs of activations)."""
+        """The result is safe (written, or held by the caller): the checkpoints go (GiBs of activations); a method
+        that does not calibrate removes an earlier run's calibration log, which would describe another model."""
         if self.checkpoints is not None:
             self.checkpoints.remove()
+        else:
+            self.log.remove()
 
 
 def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
@@ -262,15 +265,11 @@ def calibrate(problem, data, run):
 
 
 def save(model, layers, extra, config, out_dir):
-    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config; a
-    method that does not calibrate removes an earlier run's calibration log, which would describe another model."""
+    """The save stage: every layer hard, then the artifact (vq/artifact.py) with its model reference and config."""
     for layer in layers.values():
         if not layer.is_hard:
             layer.harden()
     save_quantized(model, reference(model, **extra), out_dir, config.to_dict())
-    if not method_for(config.method, config.codebooks).calibrated:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, LOG_NAME))
 
 
 def announce_replacement(out_dir, config):
@@ -278,9 +277,8 @@ def announce_replacement(out_dir, config):
     another seed or method replaces it; the marker's rules let it, as the artifact is vq4dit's own)."""
     try:
         read_quant_config(out_dir)
-        with open(os.path.join(out_dir, CONFIG_FILE)) as f:
-            before = yaml.safe_load(f) or {}
-    except (UserError, OSError, yaml.YAMLError):
+        before = read_yaml(os.path.join(out_dir, CONFIG_FILE))
+    except UserError:
         return
     now = config.to_dict()
     first = {key: i for i, key in enumerate(KEYS_FIRST)}

@@ -104,7 +104,8 @@ def _read_marker(fd):
 
 
 def writer_of(out_dir):
-    """The pid of the run writing `out_dir` now (it holds the marker's lock), or None."""
+    """The pid of another run writing `out_dir` now (it holds the marker's lock), or None; None also inside this
+    process's own claim, whose marker names this process (its lock refuses this process's other descriptors too)."""
     try:
         fd = os.open(os.path.join(out_dir, MARKER), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -112,7 +113,8 @@ def writer_of(out_dir):
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _read_marker(fd).get("pid", "unknown")
+        pid = _read_marker(fd).get("pid", "unknown")
+        return None if pid == os.getpid() else pid
     finally:
         os.close(fd)  # closing drops a lock taken here
     return None
