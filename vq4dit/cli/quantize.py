@@ -26,7 +26,7 @@ def default_out(config):
     if c.bits is not None:
         size = f"b{c.bits:g}"
     else:  # a codebook size that overrides wbits names the run by k (a k16 d4 run is not w2d4's artifact)
-        size = f"k{c.k}d{c.dim}" if c.k != 2 ** (c.wbits * c.dim) else f"w{c.wbits}d{c.dim}"
+        size = f"k{c.k}d{c.dim}" if c.overrides_wbits else f"w{c.wbits}d{c.dim}"
     return f"outputs/{name}_{config.method}_{size}"
 
 

@@ -11,22 +11,19 @@ import zipfile
 import numpy as np
 
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY, SAMPLING_KEY
+from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY, NPZ_FILE, SAMPLING_KEY
 
 logger = logging.getLogger(__name__)
-
-
-SAMPLES_FILE = "samples.npz"  # what sample.py writes in its --out directory
 
 
 def samples_file(path, flag):
     """The samples .npz that `path` names: the file, or sample.py's samples.npz in a directory (its --out)."""
     if not os.path.isdir(path):
         return path
-    inside = os.path.join(path, SAMPLES_FILE)
+    inside = os.path.join(path, NPZ_FILE)
     if not os.path.isfile(inside):
-        raise UserError(f"{flag} {path}: is a directory without {SAMPLES_FILE}; give the .npz (sample.py writes "
-                        f"{SAMPLES_FILE} in its --out directory)")
+        raise UserError(f"{flag} {path}: is a directory without {NPZ_FILE}; give the .npz (sample.py writes "
+                        f"{NPZ_FILE} in its --out directory)")
     logger.info("%s %s: reading %s", flag, path, inside)
     return inside
 

@@ -104,6 +104,11 @@ class CodebookConfig:
     def k(self):
         return self.codebook_size if self.codebook_size is not None else 2 ** (self.wbits * self.dim)
 
+    @property
+    def overrides_wbits(self):
+        """Whether codebook_size gives another k than wbits would (wbits then names nothing about the run)."""
+        return self.k != 2 ** (self.wbits * self.dim)
+
     def spec(self, candidates):
         """The vq.layer.CodebookSpec of these settings, with `candidates` per sub-vector (the method's: 1 for the
         methods that never soften a layer)."""
@@ -216,9 +221,7 @@ class QuantizeConfig:
         for section in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, section)))
         order = FLAT_ORDER + tuple(name for name in OPTIONAL_KEYS if flat[name] != OPTIONAL_KEYS[name])
-        c = self.codebooks
-        if c.codebook_size is not None and c.k != 2 ** (c.wbits * c.dim):
-            # k overrides wbits: written beside it, the file would contradict itself (check_bits refuses the pair)
+        if self.codebooks.overrides_wbits:  # written beside k, the file would contradict itself (check_bits)
             order = tuple(name for name in order if name != "wbits")
         return {name: flat[name] for name in order}
 

@@ -46,8 +46,7 @@ def flag_help(f):
     if "default" in f.metadata["help"]:
         return f.metadata["help"]
     default = f.default
-    shown = {False: "off", True: "on", None: "none"}.get(default, default) if isinstance(default, (bool, type(None))) \
-        else default
+    shown = "off" if default is False else "on" if default is True else "none" if default is None else default
     return f"{f.metadata['help']} (default: {shown})"
 
 
