@@ -1,11 +1,13 @@
 """Tiny DiTs with non-trivial weights for the calibration tests (fast on one CPU thread)."""
 import copy
+import json
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vq4dit.calib.capture import calib_steps
+from vq4dit.calib.checkpoints import CalibLog
 from vq4dit.calib.problem import Problem
 from vq4dit.jobs.config import QuantizeConfig
 from vq4dit.jobs.methods import method_for
@@ -41,6 +43,12 @@ def run_calibration(student, teacher, adapter, qlayers, config, out_dir):
     problem = Problem(student, teacher, adapter, qlayers, method.prepare, config.seed, progress=False,
                       needs_moments=config.output_aware)
     return record_and_calibrate(problem, Run.open(config, str(out_dir), progress=False))
+
+
+def calib_log(out_dir):
+    """The lines of a run_calibration's log: until the artifact is written it is in the calibration state."""
+    with open(CalibLog(str(out_dir)).working) as f:
+        return [json.loads(line) for line in f.read().splitlines()]
 
 
 def quantized_pair(config, depth=2, seed=0):

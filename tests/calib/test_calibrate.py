@@ -8,7 +8,7 @@ import torch
 
 import vq4dit.calib.blockwise
 import vq4dit.calib.joint
-from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config, tiny_dit
+from tests.calib.conftest import calib_log, quantized_pair, reference_points, run_calibration, tiny_config, tiny_dit
 from vq4dit.calib.checkpoints import STATE_DIR
 from vq4dit.calib.tables import Out, ref_of
 from vq4dit.jobs.methods import method_for
@@ -42,8 +42,7 @@ def test_calibration_lowers_block_error_and_hardens(tmp_path, method, calib_mode
     assert all(layer.is_hard for layer in qlayers.values())
     assert [s["block"] for s in stats] == [0, 1]
     assert sum(s["mse_after"] for s in stats) < sum(s["mse_before"] for s in stats)
-    lines = (tmp_path / "calib_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["block"] for line in lines] == [0, 1]
+    assert [r["block"] for r in calib_log(tmp_path)] == [0, 1]
 
 
 def test_block_inputs_are_the_quantized_or_fp_chain(tmp_path, monkeypatch):
@@ -99,8 +98,7 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, caplog)
     a, b = state_of(whole), state_of(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_time(resumed_stats) == without_time(whole_stats)
-    log = [json.loads(line)["block"] for line in (tmp_path / "split" / "calib_log.jsonl").read_text().splitlines()]
-    assert log == [0, 1, 2]
+    assert [r["block"] for r in calib_log(tmp_path / "split")] == [0, 1, 2]
 
 
 def test_joint_resume_mid_training_is_byte_identical(tmp_path, monkeypatch, caplog):

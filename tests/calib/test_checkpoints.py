@@ -116,13 +116,20 @@ def test_a_training_snapshot_round_trips_with_its_optimizer(tmp_path):
     assert torch.equal(back.train["optimizer"]["state"][0]["square_avg"], optimizer.state[p]["square_avg"])
 
 
-def test_the_log_appends_each_record_once(tmp_path):
+def test_the_log_appends_each_record_once_and_replaces_the_old_one_only_when_published(tmp_path):
+    """The lines go to the calibration state until `publish`; the log beside the artifact before then is the
+    earlier run's, untouched (mutation: the log written beside the artifact as it grows -> the earlier log is gone at
+    once)."""
+    (tmp_path / LOG_NAME).write_text("the earlier run's\n")
     log = CalibLog(str(tmp_path))
     log.clear()
     log.append("blockwise", [{"block": 0}])
     log.append("e2e", [{"stage": "e2e"}])
+    assert (tmp_path / LOG_NAME).read_text() == "the earlier run's\n"
+    log.publish()
     lines = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert lines == [{"mode": "blockwise", "block": 0}, {"mode": "e2e", "stage": "e2e"}]
+    assert not (tmp_path / STATE_DIR / LOG_NAME).exists()
 
 
 def layers_of(layer):

@@ -7,7 +7,7 @@ import torch
 
 import vq4dit.calib.endpass
 import vq4dit.calib.train
-from tests.calib.conftest import quantized_pair, reference_points, run_calibration, tiny_config
+from tests.calib.conftest import calib_log, quantized_pair, reference_points, run_calibration, tiny_config
 from vq4dit.calib.checkpoints import STATE_DIR
 from vq4dit.calib.endpass import EndPoints
 from vq4dit.models.adapters import adapter_for
@@ -21,7 +21,7 @@ def calibrated(tmp_path, **overrides):
     config = tiny_config(iters=20, calib_samples=4, **overrides)
     student, teacher, qlayers = quantized_pair(config, DEPTH)
     run_calibration(student, teacher, adapter_for(student), qlayers, config, str(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "calib_log.jsonl").read_text().splitlines()]
+    records = calib_log(tmp_path)
     return student, teacher, qlayers, next((r for r in records if r["mode"] == "e2e"), None)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vq4dit.calib.online
-from tests.calib.conftest import quantized_pair, run_calibration, tiny_config
+from tests.calib.conftest import calib_log, quantized_pair, run_calibration, tiny_config
 from vq4dit.calib.checkpoints import STATE_DIR
 from vq4dit.models.adapters import adapter_for
 
@@ -36,7 +36,7 @@ def test_one_update_per_teacher_step_and_a_new_trajectory_per_batch(tmp_path, mo
     assert len(steps) == 3 * 5 and trajectories == [0, 5, 10]  # 3 trajectories x 5 sampler steps
     assert all(layer.is_hard for layer in qlayers.values())
     assert stats[0]["updates"] == 15 and [s["block"] for s in stats] == [0, 1]
-    log = [json.loads(line) for line in (tmp_path / "calib_log.jsonl").read_text().splitlines()]
+    log = calib_log(tmp_path)
     assert [r["mode"] for r in log] == ["online", "online"]
 
 

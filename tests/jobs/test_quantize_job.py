@@ -143,3 +143,32 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_loading(tiny_ckpt, tmp_pat
     config = load_config(overrides={"ckpt": tiny_ckpt, "cache_dir": tiny_ckpt})
     with pytest.raises(UserError, match="--cache-dir .*tiny.safetensors: exists and is not a directory"):
         quantize(config, str(tmp_path / "out"), progress=False)
+
+
+def test_an_interrupted_rerun_keeps_the_artifacts_log_until_it_has_its_own(tiny_ckpt, tmp_path, monkeypatch):
+    """A calibrating rerun into an artifact's directory cleared the artifact's calib_log.jsonl when it started, so a
+    Ctrl-C left the old artifact with a log of one block of another run. Now the old log stays until the new
+    artifact is written, and the resumed run's log has every block once (mutation: the log written beside the
+    artifact while it grows -> after the interrupt the old log is gone)."""
+    from vq4dit.calib.checkpoints import LOG_NAME, CalibLog
+
+    budget = {"codebook_size": 16, "kmeans_iters": 2, "iters": 2, "calib_samples": 2, "calib_timesteps": 2,
+              "steps": 3, "ckpt": tiny_ckpt}
+    out = tmp_path / "w"
+    quantize(load_config(overrides=budget), str(out), progress=False)
+    before = (out / LOG_NAME).read_text()
+    rerun = load_config(overrides={**budget, "seed": 1})
+    append = CalibLog.append
+
+    def interrupted(self, mode, records):
+        append(self, mode, records)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CalibLog, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(rerun, str(out), progress=False)
+    assert (out / LOG_NAME).read_text() == before
+    monkeypatch.setattr(CalibLog, "append", append)
+    quantize(rerun, str(out), progress=False)
+    log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    assert [r["block"] for r in log] == list(range(6)) and (out / LOG_NAME).read_text() != before

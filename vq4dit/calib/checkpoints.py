@@ -273,11 +273,14 @@ def restore(checkpoints, layers):
 
 
 class CalibLog:
-    """<out_dir>/calib_log.jsonl: one JSON line per calibrated block (or stage), with the mode that wrote it. Under
-    torchrun rank 0 writes it (every rank has the same stats)."""
+    """<out_dir>/calib_log.jsonl: one JSON line per calibrated block (or stage), with the mode that wrote it. Until
+    the run's artifact is written the lines go to the calibration state (<out_dir>/calib_state/calib_log.jsonl), so
+    an interrupted rerun leaves the log of the artifact already there as it was; `publish` moves them beside the new
+    artifact. Under torchrun rank 0 writes it (every rank has the same stats)."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, LOG_NAME)
+        self.working = os.path.join(out_dir, STATE_DIR, LOG_NAME)
 
     def remove(self):
         """Delete the log (an earlier run's, beside a result it no longer describes)."""
@@ -287,14 +290,25 @@ class CalibLog:
 
     def clear(self):
         if distributed.rank() == 0:
-            write_text_atomic(self.path, "")
+            os.makedirs(os.path.dirname(self.working), exist_ok=True)
+            write_text_atomic(self.working, "")
 
     def append(self, mode, records):
         """Rewritten atomically (the log is small) so a kill never leaves half a line."""
         if distributed.rank() != 0:
             return
-        old = open(self.path).read() if os.path.exists(self.path) else ""
-        write_text_atomic(self.path, old + "".join(json.dumps({"mode": mode, **r}) + "\n" for r in records))
+        old = open(self.working).read() if os.path.exists(self.working) else ""
+        write_text_atomic(self.working, old + "".join(json.dumps({"mode": mode, **r}) + "\n" for r in records))
+
+    def publish(self):
+        """The artifact this run calibrated is written: its log replaces the one beside it (none kept: the earlier
+        log goes, it described another result)."""
+        if distributed.rank() != 0:
+            return
+        if os.path.exists(self.working):
+            os.replace(self.working, self.path)
+        else:
+            self.remove()
 
 
 def resume_point(out_dir):

@@ -82,9 +82,11 @@ class Run:
         return self.config.cache.cache_dir or self.checkpoints.cache_dir
 
     def finish(self):
-        """The result is safe (written, or held by the caller): the checkpoints go (GiBs of activations); a method
-        that does not calibrate removes an earlier run's calibration log, which would describe another model."""
+        """The result is safe (written, or held by the caller): the calibration log moves beside it and the
+        checkpoints go (GiBs of activations); a method that does not calibrate removes an earlier run's calibration
+        log, which would describe another model."""
         if self.checkpoints is not None:
+            self.log.publish()
             self.checkpoints.remove()
         else:
             self.log.remove()
