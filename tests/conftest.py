@@ -44,12 +44,12 @@ def tiny_latent_dit():
 
 def sample_dit(model, out_dir, num_samples, classes=None, **settings):
     """jobs.sample.sample_to_dir for an in-memory project DiT on the CPU, progress bars off."""
-    from vq4dit.jobs.sample import sample_to_dir
+    from vq4dit.jobs.sample import Loaded, Request, sample_to_dir
     from vq4dit.models.adapters import adapter_for
     from vq4dit.models.adapters.base import SampleSettings
 
-    return sample_to_dir(model, adapter_for(model), {}, str(out_dir), num_samples,
-                         SampleSettings(**{"progress": False, **settings}), "cpu", classes)
+    return sample_to_dir(Loaded(model, adapter_for(model), {}), str(out_dir), Request(num_samples, classes),
+                         SampleSettings(**{"progress": False, **settings}), "cpu")
 
 
 def free_port():

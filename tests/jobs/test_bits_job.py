@@ -83,7 +83,7 @@ def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path):
     pytest.importorskip("transformers")
     from tests.models.tiny_t2i import BUILDERS, PROMPTS
     from tests.models.tiny_t2i import FAST as T2I_FAST
-    from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+    from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
     from vq4dit.models.adapters.base import SampleSettings
 
     BUILDERS["flux"]().save_pretrained(str(tmp_path / "pipeline"), safe_serialization=True)
@@ -94,9 +94,8 @@ def test_a_flux_pipeline_quantizes_and_samples_with_mixed_layers(tmp_path):
     quantize(config, str(tmp_path / "artifact"), progress=False)
     _, _, quant = load_quantized(tmp_path / "artifact")
     assert len({(e["k"], e["d"]) for e in quant["layers"].values()}) > 1
-    model, adapter, extra = load_for_sampling(quantized=str(tmp_path / "artifact"))
-    images, _ = sample_to_dir(model, adapter, extra, tmp_path / "samples", 1,
-                              SampleSettings(steps=2, cfg_scale=2.0, progress=False), prompts=list(PROMPTS))
+    images, _ = sample_to_dir(load_for_sampling(quantized=str(tmp_path / "artifact")), tmp_path / "samples",
+                              Request(1, prompts=list(PROMPTS)), SampleSettings(steps=2, cfg_scale=2.0, progress=False))
     assert images.shape == (1, 8, 8, 3) and images.dtype == np.uint8
 
 

@@ -58,17 +58,17 @@ def test_backend_vq4dit_maps_the_pipeline_into_the_projects_dit(tmp_path):
 def test_a_quantized_pipeline_samples_through_its_pipeline(pipeline_dir, tmp_path):
     """sample: the DiTPipeline the artifact came from (its VAE and scheduler) with the quantized transformer;
     grid.png + ADM npz; the same seed gives the same images, another seed other images."""
-    from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+    from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
     from vq4dit.models.adapters.base import SampleSettings
 
     config = load_config(overrides={"ckpt": str(pipeline_dir), **FAST})
     quantize(config, str(tmp_path / "art"), progress=False)
-    model, adapter, extra = load_for_sampling(quantized=str(tmp_path / "art"))
+    loaded, request = load_for_sampling(quantized=str(tmp_path / "art")), Request(5, classes=[7, 3])
     settings = SampleSettings(steps=3, batch_size=2, progress=False)
-    images, labels = sample_to_dir(model, adapter, extra, str(tmp_path / "a"), 5, settings, classes=[7, 3])
+    images, labels = sample_to_dir(loaded, str(tmp_path / "a"), request, settings)
     assert images.shape == (5, 8, 8, 3) and images.dtype == "uint8" and list(labels) == [7, 3, 7, 3, 7]
     assert (tmp_path / "a" / "grid.png").is_file() and (tmp_path / "a" / "samples.npz").is_file()
-    again, _ = sample_to_dir(model, adapter, extra, str(tmp_path / "b"), 5, settings, classes=[7, 3])
-    other, _ = sample_to_dir(model, adapter, extra, str(tmp_path / "c"), 5, SampleSettings(
-        seed=1, steps=3, batch_size=2, progress=False), classes=[7, 3])
+    again, _ = sample_to_dir(loaded, str(tmp_path / "b"), request, settings)
+    other, _ = sample_to_dir(loaded, str(tmp_path / "c"), request, SampleSettings(seed=1, steps=3, batch_size=2,
+                                                                                 progress=False))
     assert (again == images).all() and not (other == images).all()

@@ -14,7 +14,7 @@ from tests.models.tiny_t2i import (
     assert_exact_bits,
     assert_output_aware_holds_or_improves,
 )
-from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import load_quantized
@@ -61,12 +61,11 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
     """The same seed draws the same images (videos: frames) whatever the batch size, up to a rounding step of one
     pixel value (CogVideoX's 3-D VAE sums in a batch-dependent order); labels are prompt indices."""
     family, r = run
-    model, adapter, extra = load_for_sampling(quantized=r.artifact)
+    loaded = load_for_sampling(quantized=r.artifact)
     outs = []
     for batch in (3, 2):
         settings = SampleSettings(seed=5, steps=2, cfg_scale=2.0, batch_size=batch, progress=False)
-        images, labels = sample_to_dir(model, adapter, extra, tmp_path / f"b{batch}", 3, settings,
-                                       prompts=list(PROMPTS))
+        images, labels = sample_to_dir(loaded, tmp_path / f"b{batch}", Request(3, prompts=list(PROMPTS)), settings)
         outs.append(images)
         assert images.dtype == np.uint8 and images.shape[0] == 3 and images.shape[-1] == 3
         assert labels.tolist() == [0, 1, 2]
@@ -79,7 +78,7 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
         assert len(frames) == images.shape[1] >= 2
         longer = SampleSettings(seed=5, steps=2, cfg_scale=2.0, num_frames=SIZES[family]["num_frames"] + 4,
                                 progress=False)  # sample.py --num-frames over the calibrated frames
-        videos, _ = sample_to_dir(model, adapter, extra, tmp_path / "longer", 1, longer, prompts=list(PROMPTS))
+        videos, _ = sample_to_dir(loaded, tmp_path / "longer", Request(1, prompts=list(PROMPTS)), longer)
         assert videos.shape[1] > images.shape[1]
     else:
         assert images.shape[1:3] == (SIZES[family]["height"], SIZES[family]["width"])
@@ -114,7 +113,6 @@ def test_residual_layers_calibrate_and_load_through_the_generic_adapter(tmp_path
     _, _, quant = load_quantized(r.artifact)
     assert {(e["class"], e["stages"], e["bits_per_weight"]) for e in quant["layers"].values()} == \
         {("ResidualVQLinear", 2, 2.0)}
-    model, adapter, extra = load_for_sampling(quantized=str(r.artifact))
-    images, _ = sample_to_dir(model, adapter, extra, tmp_path_factory.mktemp("samples"), 1,
-                              SampleSettings(steps=2, cfg_scale=2.0, progress=False), prompts=list(PROMPTS))
+    images, _ = sample_to_dir(load_for_sampling(quantized=str(r.artifact)), tmp_path_factory.mktemp("samples"),
+                              Request(1, prompts=list(PROMPTS)), SampleSettings(steps=2, cfg_scale=2.0, progress=False))
     assert images.shape[0] == 1 and images.dtype == np.uint8

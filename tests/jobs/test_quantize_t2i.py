@@ -13,7 +13,7 @@ from tests.models.tiny_t2i import (
     assert_output_aware_holds_or_improves,
     quantized_run,
 )
-from vq4dit.jobs.sample import load_for_sampling, sample_to_dir
+from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import load_quantized
@@ -62,19 +62,18 @@ def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
 def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
     """The same seed draws the same images whatever the batch size; labels are the prompt indices."""
     family, r = run
-    model, adapter, extra = load_for_sampling(quantized=r.artifact)
+    loaded, request = load_for_sampling(quantized=r.artifact), Request(4, prompts=list(PROMPTS))
     outs = []
     for batch in (3, 2):
         settings = SampleSettings(seed=5, steps=2, cfg_scale=2.0, batch_size=batch, progress=False)
-        images, labels = sample_to_dir(model, adapter, extra, tmp_path / f"b{batch}", 4, settings,
-                                       prompts=list(PROMPTS))
+        images, labels = sample_to_dir(loaded, tmp_path / f"b{batch}", request, settings)
         outs.append(images)
         assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
         assert labels.tolist() == [0, 1, 2, 0]
         assert (tmp_path / f"b{batch}" / "grid.png").stat().st_size > 0
     np.testing.assert_array_equal(outs[0], outs[1])
-    other, _ = sample_to_dir(model, adapter, extra, tmp_path / "seed6", 1,
-                             SampleSettings(seed=6, steps=2, cfg_scale=2.0, progress=False), prompts=list(PROMPTS))
+    other, _ = sample_to_dir(loaded, tmp_path / "seed6", Request(1, prompts=list(PROMPTS)),
+                             SampleSettings(seed=6, steps=2, cfg_scale=2.0, progress=False))
     assert not np.array_equal(other[0], outs[0][0])
 
 
@@ -86,8 +85,7 @@ def test_sampling_in_bf16_casts_the_whole_pipeline(tmp_path_factory, tmp_path):
     settings = SampleSettings(seed=1, steps=2, cfg_scale=2.0, progress=False)
     images = {}
     for precision in ("fp32", "bf16"):
-        model, adapter, extra = load_for_sampling(quantized=r.artifact, precision=precision)
-        images[precision], _ = sample_to_dir(model, adapter, extra, tmp_path / precision, 2, settings,
-                                             prompts=list(PROMPTS))
+        loaded = load_for_sampling(quantized=r.artifact, precision=precision)
+        images[precision], _ = sample_to_dir(loaded, tmp_path / precision, Request(2, prompts=list(PROMPTS)), settings)
     difference = np.abs(images["bf16"].astype(int) - images["fp32"].astype(int)).mean()
     assert 0 < difference < 8, difference  # measured 0.36 of 255

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import sample_dit
-from vq4dit.jobs.sample import sample_shard
+from vq4dit.jobs.sample import Loaded, Request, sample_shard
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.utils import distributed
@@ -46,8 +46,8 @@ def test_same_seed_same_bytes_any_batch_size(tmp_path, tiny_dit):
 
 
 def shard(model, num_samples, classes=None, **settings):
-    return sample_shard(model, adapter_for(model), {}, num_samples, SampleSettings(progress=False, **settings), "cpu",
-                        classes)
+    return sample_shard(Loaded(model, adapter_for(model), {}), Request(num_samples, classes),
+                        SampleSettings(progress=False, **settings), "cpu")
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -92,13 +92,13 @@ def test_the_job_loads_models_in_the_requested_precision(tmp_path, tiny_dit, pre
     codeword indices keep their integer dtype."""
     from vq4dit.jobs.config import load_config
     from vq4dit.jobs.quantize import quantize
-    from vq4dit.jobs.sample import load_for_sampling
+    from vq4dit.jobs.sample import FPSource, load_for_sampling
     from vq4dit.models.loading import save_dit
     from vq4dit.vq.layer import VQLinear
 
     model, spec = tiny_dit
     save_dit(model, spec.name, tmp_path / "tiny.safetensors")
-    fp, _, _ = load_for_sampling(ckpt=str(tmp_path / "tiny.safetensors"), precision=precision)
+    fp, _, _ = load_for_sampling(source=FPSource(ckpt=str(tmp_path / "tiny.safetensors")), precision=precision)
     assert {p.dtype for p in fp.parameters()} == {dtype}
     quantize(load_config(overrides={"ckpt": str(tmp_path / "tiny.safetensors"), "method": "kmeans",
                                     "codebook_size": 16, "kmeans_iters": 2, "device": "cpu"}), str(tmp_path / "art"),

@@ -8,7 +8,7 @@ import torch
 from tests.api.tiny_lora import make_lora, save_lora, tiny_run
 from vq4dit import load_transformer
 from vq4dit.cli.sample import build_parser, check_flags, cli, parse_loras
-from vq4dit.jobs.sample import LoraSpec, load_for_sampling, load_loras, sample_to_dir
+from vq4dit.jobs.sample import Loaded, LoraSpec, Request, load_for_sampling, load_loras, sample_to_dir
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.utils.errors import UserError
@@ -45,7 +45,8 @@ def test_cli_lora_samples_what_the_api_path_samples(tmp_path_factory, tmp_path):
     pipe.load_lora_weights(tmp_path / "two", adapter_name="b")
     pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 1.0])
     settings = SampleSettings(progress=False, **SAMPLING)
-    api, _ = sample_to_dir(model, adapter_for(model), extra, tmp_path / "api", 2, settings, prompts=["a cat"])
+    api, _ = sample_to_dir(Loaded(model, adapter_for(model), extra), tmp_path / "api", Request(2, prompts=["a cat"]),
+                           settings)
     np.testing.assert_array_equal(with_lora, api)
     assert np.abs(with_lora.astype(int) - without).max() > 10
 

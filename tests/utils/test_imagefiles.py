@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.imagefiles import make_grid, sample_files_bytes, save_samples
+from vq4dit.utils.imagefiles import GridStyle, make_grid, sample_files_bytes, save_samples
 
 
 def colour_tiles(n):
@@ -32,7 +32,7 @@ def tile_boxes(grid, images):
 @pytest.mark.parametrize("labels,max_cols", [([3, 1, 3, 0, 1, 3], 16), ([2, 2, 0, 2, 2, 2, 0], 2)])
 def test_grid_rows_are_classes_in_order(labels, max_cols):
     images = colour_tiles(len(labels))
-    grid = make_grid(images, labels, max_cols=max_cols, min_tile=8)
+    grid = make_grid(images, labels, GridStyle(max_cols=max_cols, min_tile=8))
     boxes = tile_boxes(grid, images)
     # expected layout: classes ascending, sample-index order within a class, wrapping after max_cols
     expected_rows = []
@@ -54,7 +54,7 @@ def test_grid_rows_are_classes_in_order(labels, max_cols):
 def test_grid_is_bounded_and_many_classes_pack_into_rows():
     labels = [5, 3, 4, 1, 0, 2, 9, 8, 7, 6]
     images = colour_tiles(len(labels))
-    grid = make_grid(images, labels, max_cols=3, min_tile=4, pad=0, max_samples=7, max_class_rows=4)
+    grid = make_grid(images, labels, GridStyle(max_cols=3, min_tile=4, pad=0, max_samples=7, max_class_rows=4))
     arr = np.asarray(grid)
     for i in range(7, 10):  # beyond max_samples: not drawn
         assert not (arr == images[i, 0, 0]).all(axis=2).any()

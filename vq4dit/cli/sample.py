@@ -124,15 +124,15 @@ def main(args):
 
 def sample(args, loras, device):
     """Load the model, apply the LoRAs and write the samples to --out (claimed by the caller)."""
-    from vq4dit.jobs.sample import check_vae_flag, load_for_sampling, load_loras, sample_to_dir
+    from vq4dit.jobs.sample import FPSource, Request, check_vae_flag, load_for_sampling, load_loras, sample_to_dir
     from vq4dit.models.adapters.base import SampleSettings
     from vq4dit.utils.precision import resolve_precision
 
     prompts = read_prompts(args)
     resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
-    model, adapter, extra = load_for_sampling(args.quantized, args.model, args.ckpt, args.image_size,
-                                              args.num_classes, args.backend, device, args.decode_weights,
-                                              args.precision)
+    source = FPSource(args.model, args.ckpt, args.image_size, args.num_classes, args.backend)
+    loaded = load_for_sampling(args.quantized, source, device, args.decode_weights, args.precision)
+    model, adapter, extra = loaded
     if args.pipeline and "pipeline" not in extra:
         raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
     check_vae_flag(args.vae, adapter, model)
@@ -141,7 +141,7 @@ def sample(args, loras, device):
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
                               num_frames=args.num_frames)
-    sample_to_dir(model, adapter, extra, args.out, args.num_samples, settings, device, classes, prompts)
+    sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device)
 
 
 def build_parser():

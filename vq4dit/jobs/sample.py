@@ -11,9 +11,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.dit import DiTAdapter
@@ -38,10 +40,39 @@ from vq4dit.utils.precision import apply_precision, resolve_precision
 logger = logging.getLogger(__name__)
 
 
-def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, num_classes=None, backend="auto",
-                      device="cpu", decode=False, precision=None):
-    """(model on `device` in its precision, adapter, the reference's extra keys) for a quantized artifact (`quantized`:
-    a directory or a hub repo id) or a full-precision checkpoint / pipeline (`model`, `ckpt`, ...)."""
+class Loaded(NamedTuple):
+    """A model ready to sample: the network (eval mode, in its precision, on its device), its adapter, and the
+    reference's extra keys (a diffusers pipeline's record, ...)."""
+
+    model: nn.Module
+    adapter: object
+    extra: dict
+
+
+@dataclass(frozen=True)
+class FPSource:
+    """A full-precision model, as sample.py's --model, --ckpt, --image-size, --num-classes and --backend name it
+    (None: read from the checkpoint; no ckpt: the embedded digits model)."""
+
+    model: str | None = None
+    ckpt: str | None = None
+    image_size: int | None = None
+    num_classes: int | None = None
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to draw: `num_samples` samples, with these classes or prompts (None: the adapter's default conditions)."""
+
+    num_samples: int
+    classes: list | None = None
+    prompts: list | None = None
+
+
+def load_for_sampling(quantized=None, source=FPSource(), device="cpu", decode=False, precision=None):
+    """The Loaded model of a quantized artifact (`quantized`: a directory or a hub repo id) or else of the
+    full-precision FPSource `source`."""
     from vq4dit.vq import load_quantized
     from vq4dit.vq.artifact import resolve_artifact
 
@@ -49,11 +80,11 @@ def load_for_sampling(quantized=None, model=None, ckpt=None, image_size=None, nu
         net, ref, _ = load_quantized(resolve_artifact(quantized), device, decode=decode)
         adapter, extra = adapter_for(net), {k: v for k, v in ref.items() if k not in ("class", "config")}
     else:
-        dit_flags = {"--model": model, "--image-size": image_size, "--num-classes": num_classes}
-        check_pipeline_flags(ckpt, backend, dit_flags)
-        base = load_model(model, ckpt, image_size, num_classes, backend, device)
+        dit_flags = {"--model": source.model, "--image-size": source.image_size, "--num-classes": source.num_classes}
+        check_pipeline_flags(source.ckpt, source.backend, dit_flags)
+        base = load_model(source.model, source.ckpt, source.image_size, source.num_classes, source.backend, device)
         net, adapter, extra = base.model, base.adapter, base.extra
-    return apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra
+    return Loaded(apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra)
 
 
 def check_pipeline_flags(ckpt, backend, given):
@@ -156,15 +187,20 @@ def claim_sample_dir(out_dir, overwrite=False):
         yield
 
 
-def prepare_sampler(model, adapter, extra, num_samples, settings, device):
+def prepare_sampler(loaded, num_samples, settings, device):
     """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
     check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
-    sampler = adapter.image_sampler(model, extra, settings, device)
+    sampler = loaded.adapter.image_sampler(loaded.model, loaded.extra, settings, device)
     if settings.num_frames is not None and len(sampler.size) != 3:  # (F, H, W) for videos, (H, W) for images
-        raise UserError(f"--num-frames {settings.num_frames}: {adapter.describe(model)} draws images, not videos; "
-                        "drop --num-frames")
+        raise UserError(f"--num-frames {settings.num_frames}: {loaded.adapter.describe(loaded.model)} draws images, "
+                        "not videos; drop --num-frames")
     check_memory(num_samples, sampler.size)
     return sampler
+
+
+def conditions_of(loaded, request, seed):
+    """(every sample's condition, labels (N,) int64) of the Request `request`, drawn from `seed` where not given."""
+    return loaded.adapter.conditions(loaded.model, request.num_samples, seed, request.classes, request.prompts)
 
 
 def check_vae_flag(vae, adapter, model):
@@ -199,11 +235,12 @@ def draw_shard(sampler, conditions, num_samples, batch_size):
     return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
 
 
-def sample_shard(model, adapter, extra, num_samples, settings, device, classes=None, prompts=None):
-    """(uint8 images (n_local, H, W, 3) of this process's shard, labels (N,) int64 for all samples)."""
-    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
-    conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
-    return draw_shard(sampler, conditions, num_samples, settings.batch_size), labels
+def sample_shard(loaded, request, settings, device):
+    """(uint8 images (n_local, H, W, 3) of this process's shard, labels (N,) int64 for all samples) of the Loaded
+    model `loaded` for the Request `request`."""
+    sampler = prepare_sampler(loaded, request.num_samples, settings, device)
+    conditions, labels = conditions_of(loaded, request, settings.seed)
+    return draw_shard(sampler, conditions, request.num_samples, settings.batch_size), labels
 
 
 def save_all(out_dir, images, labels, prompted, settings):
@@ -222,22 +259,22 @@ def save_all(out_dir, images, labels, prompted, settings):
         raise
 
 
-def sample_to_dir(model, adapter, extra, out_dir, num_samples, settings, device="cpu", classes=None, prompts=None):
-    """Sample and write out_dir/grid.png and out_dir/samples.npz (videos: arr_0 (N, F, H, W, 3), frames and mp4s in
-    out_dir/videos, the grid of first frames), all or (on any error, a full disk, an interrupt) none of them;
-    returns (images, labels) on rank 0, else (None, None). A sample's image depends only on the seed, its index and
-    its condition (DiT: bitwise, whatever the batch size or the number of processes). sample.py claims out_dir
-    first (claim_sample_dir)."""
-    start = time.time()
-    sampler = prepare_sampler(model, adapter, extra, num_samples, settings, device)
+def sample_to_dir(loaded, out_dir, request, settings, device="cpu"):
+    """Sample the Loaded model `loaded` for the Request `request` and write out_dir/grid.png and out_dir/samples.npz
+    (videos: arr_0 (N, F, H, W, 3), frames and mp4s in out_dir/videos, the grid of first frames), all or (on any
+    error, a full disk, an interrupt) none of them; returns (images, labels) on rank 0, else (None, None). A sample's
+    image depends only on the seed, its index and its condition (DiT: bitwise, whatever the batch size or the number
+    of processes). sample.py claims out_dir first (claim_sample_dir)."""
+    start, num_samples = time.time(), request.num_samples
+    sampler = prepare_sampler(loaded, num_samples, settings, device)
     rank, _ = distributed.world()
-    conditions, labels = adapter.conditions(model, num_samples, settings.seed, classes, prompts)
+    conditions, labels = conditions_of(loaded, request, settings.seed)
     if rank == 0:  # a full disk fails now, not after hours of sampling
         check_free_space(out_dir, sample_files_bytes(labels, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
     local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
     images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
-        save_all(out_dir, images, labels, adapter.num_classes(model) is None, settings)
+        save_all(out_dir, images, labels, loaded.adapter.num_classes(loaded.model) is None, settings)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -36,8 +37,9 @@ def sample_files_bytes(labels, size):
     PNG stores an upscaled tile about as its source pixels plus a few bytes per repeat, measured at 1.02x (no
     upscale) to 3x (16x) the source pixels for noise (PNG's worst case), estimated here at 1.5 + s/4 times them for
     upscale s, plus the headers."""
-    rows, th, _, _, (width, height) = grid_layout(labels, size)
-    shown = sum(len(idx) for _, idx in rows) * size[0] * size[1] * 3
+    layout = grid_layout(labels, size)
+    (width, height), th = layout.shape, layout.tile[0]
+    shown = sum(len(idx) for _, idx in layout.rows) * size[0] * size[1] * 3
     grid = min((width * 3 + 1) * height * 101 // 100, int(shown * (1.5 + th / size[0] / 4)))
     return npz_bytes(len(labels), size) + grid + ARCHIVE_OVERHEAD
 
@@ -59,40 +61,62 @@ def save_samples(out_dir, images, labels, prompted=False, sampling=None):
         make_grid(stills, labels).save(grid_tmp, format="PNG")
 
 
-def grid_layout(labels, size, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
-    """make_grid's layout of images of `size` (H, W) with `labels`: (rows as (label text, sample indices), tile
-    height, tile width, label margin, (grid width, grid height))."""
-    labels = np.asarray(labels)[:max_samples]
-    scale = max(1, -(-min_tile // size[0]))
+@dataclass(frozen=True)
+class GridStyle:
+    """How make_grid lays samples out: at most `max_cols` tiles per row, tiles upscaled to at least `min_tile` px,
+    `pad` px between them, the first `max_samples` samples, one row per class up to `max_class_rows` classes."""
+
+    max_cols: int = 16
+    min_tile: int = 64
+    pad: int = 2
+    max_samples: int = GRID_SAMPLES
+    max_class_rows: int = 16
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """rows [(label text, sample indices)], tile (height, width), the label margin and the grid's (width, height)."""
+
+    rows: list
+    tile: tuple
+    margin: int
+    shape: tuple
+
+
+def grid_layout(labels, size, style=GridStyle()):
+    """make_grid's GridLayout of images of `size` (H, W) with `labels` in GridStyle `style`."""
+    labels = np.asarray(labels)[:style.max_samples]
+    scale = max(1, -(-style.min_tile // size[0]))
     th, tw = size[0] * scale, size[1] * scale
-    rows = []  # (row label, indices of that row)
-    if len(np.unique(labels)) <= max_class_rows:
+    rows, cols = [], style.max_cols  # (row label, indices of that row)
+    if len(np.unique(labels)) <= style.max_class_rows:
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)  # stable: sample-index order within a class
-            rows += [(str(c), idx[s:s + max_cols]) for s in range(0, len(idx), max_cols)]
+            rows += [(str(c), idx[s:s + cols]) for s in range(0, len(idx), cols)]
     else:
         idx = np.argsort(labels, kind="stable")
-        rows = [("", idx[s:s + max_cols]) for s in range(0, len(idx), max_cols)]
-    cols = max((len(r) for _, r in rows), default=1)
+        rows = [("", idx[s:s + cols]) for s in range(0, len(idx), cols)]
+    widest = max((len(r) for _, r in rows), default=1)
     font = ImageFont.load_default()
     margin = 8 + max((int(font.getlength(text)) for text, _ in rows), default=8)
-    return rows, th, tw, margin, (margin + cols * (tw + pad) + pad, len(rows) * (th + pad) + pad)
+    pad = style.pad
+    return GridLayout(rows, (th, tw), margin, (margin + widest * (tw + pad) + pad, len(rows) * (th + pad) + pad))
 
 
-def make_grid(images, labels, max_cols=16, min_tile=64, pad=2, max_samples=GRID_SAMPLES, max_class_rows=16):
-    """PIL grid of the first `max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
+def make_grid(images, labels, style=GridStyle()):
+    """PIL grid of the first `style.max_samples` images (a 50k-sample ImageNet run must not build a gigapixel PNG).
 
-    With at most `max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
+    With at most `style.max_class_rows` classes among them: one row per class (wrapping after max_cols), classes
     ascending, each row labelled on the left. With more (ImageNet): the images sorted by class, max_cols per
     row, unlabelled. images: uint8 (N, H, W, 3); small images are upscaled (nearest) to at least `min_tile` px.
     """
-    images = np.asarray(images)[:max_samples]
-    rows, th, tw, margin, shape = grid_layout(labels, images.shape[1:3], max_cols, min_tile, pad, max_samples,
-                                              max_class_rows)
+    images = np.asarray(images)[:style.max_samples]
+    layout, pad = grid_layout(labels, images.shape[1:3], style), style.pad
+    (th, tw), margin = layout.tile, layout.margin
     font = ImageFont.load_default()
-    grid = Image.new("RGB", shape, (255, 255, 255))
+    grid = Image.new("RGB", layout.shape, (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for r, (text, idx) in enumerate(rows):
+    for r, (text, idx) in enumerate(layout.rows):
         y = pad + r * (th + pad)
         draw.text((4, y + th // 2 - 6), text, fill=(0, 0, 0), font=font)
         for j, i in enumerate(idx):
