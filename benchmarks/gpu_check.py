@@ -22,6 +22,9 @@ Sections, in order, each skipped when too little of the time budget is left, the
   3072 x 3072 fit with the GPU's large distance blocks (vq.nearest.chunk_rows) against 4096-row ones.
 - deploy: DiT-XL/2 forward, full precision vs hard W2 VQ layers (random codebooks and indices: decode speed does
   not depend on the values) at batch 1 and 16, fp32 and bf16, with peak memory.
+- stream: 6 Flux-dev double blocks stored in bf16 on the host, run in turn at batch 1 as a streamed record's teacher
+  forward runs them (models.offload.HostBlocks): with the next block's copies staged ahead on a side stream (the
+  default on a GPU) and without, against the blocks resident in fp32; ms per forward, peak memory, outputs equal.
 - plan: `quantize.py --dry-run --json` for the embedded model on this device against a real run's
   torch.cuda.max_memory_allocated, with --stream off and on (the streamed path on CUDA: host teacher, blocks moved
   in and upcast, the student built block by block).
@@ -50,7 +53,13 @@ from benchmarks.gpu_calib_sections import (  # noqa: E402
     section_soft_weight,
 )
 from benchmarks.gpu_measure import SMOKE, Sizes  # noqa: E402
-from benchmarks.gpu_run_sections import section_ddp, section_deploy, section_device, section_plan  # noqa: E402
+from benchmarks.gpu_run_sections import (  # noqa: E402
+    section_ddp,
+    section_deploy,
+    section_device,
+    section_plan,
+    section_stream,
+)
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 
 
@@ -78,7 +87,7 @@ class Report:
 # (name, function, the seconds it needs at full size: a section starts only if that much budget is left)
 SECTIONS = [("device", section_device, 10), ("flux_step", section_flux_step, 120), ("dit_step", section_dit_step, 30),
             ("soft_weight", section_soft_weight, 10), ("kmeans", section_kmeans, 130), ("deploy", section_deploy, 40),
-            ("plan", section_plan, 90), ("ddp", section_ddp, 90)]
+            ("stream", section_stream, 45), ("plan", section_plan, 90), ("ddp", section_ddp, 90)]
 
 
 def main(args):

@@ -1,8 +1,10 @@
 """benchmarks/gpu_check.py's sections on the chip and whole runs: the dense GEMM rate every "% of the chip" refers to
-(device), the DiT-XL/2 forward full precision vs W2 (deploy), quantize.py's plan against a real run's peak (plan) and
+(device), the DiT-XL/2 forward full precision vs W2 (deploy), Flux blocks streamed from the host with and without
+the next block staged ahead (stream), quantize.py's plan against a real run's peak (plan) and
 2 processes against 1 (ddp). Each section is fn(sizes, device, report), plan and ddp with a timeout for their child
 processes too.
 """
+import copy
 import json
 import os
 import subprocess
@@ -11,8 +13,9 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 
-from benchmarks.gpu_measure import median_seconds, peak_gib, reset_peak
+from benchmarks.gpu_measure import SMOKE, median_seconds, peak_gib, reset_peak
 from vq4dit.models.dit import DiT_models
 from vq4dit.vq.apply import replace_linears
 from vq4dit.vq.layer import VQLinear
@@ -63,6 +66,56 @@ def section_deploy(sizes, device, report):
                 row[f"{name} peak GiB"] = peak_gib(device)
             row["W2 / FP"] = round(row["W2 ms"] / row["FP ms"], 2)
             report.add_row("deploy", row)
+
+
+STREAM_BLOCKS = 6  # Flux-dev double blocks streamed in the stream section (each 340 M weights, 0.63 GiB in bf16)
+
+
+class BlockStack(nn.Module):
+    """Flux double blocks called in turn on one batch: the teacher forward a streamed record runs, without the rest
+    of the model."""
+
+    def __init__(self, blocks, call):
+        super().__init__()
+        self.blocks, self.call = nn.ModuleList(blocks), call
+
+    def forward(self):
+        return [self.call(block) for block in self.blocks]
+
+
+def section_stream(sizes, device, report):
+    """Blocks stored in bf16 on the host, streamed through the device (models.offload.HostBlocks) as a streamed
+    record's teacher forward runs them: with the next block's copies staged ahead (the default on a GPU) and
+    without, against the same blocks resident in fp32 (no transfer at all); outputs compared bit for bit."""
+    from benchmarks.gpu_calib_sections import flux_block, flux_call
+    from vq4dit.models.offload import HostBlocks
+
+    count = 2 if sizes is SMOKE else STREAM_BLOCKS
+    blocks = [flux_block(sizes, "cpu").to(torch.bfloat16).eval() for _ in range(count)]
+    call = flux_call(sizes, 1, device)
+    stored = BlockStack(blocks, call)
+    resident = BlockStack([copy.deepcopy(b).float().to(device) for b in blocks], call)
+    rows, outputs = [], {}
+    with torch.no_grad():
+        reset_peak(device)
+        outputs["resident fp32"] = resident()
+        rows.append({"blocks": "resident fp32", "ms per forward": round(1e3 * median_seconds(resident, device, 3), 1),
+                     "peak GiB": peak_gib(device)})
+        del resident
+        for label, stager in (("streamed, staged ahead", "device"), ("streamed, no staging", None)):
+            offload = HostBlocks(stored, list(stored.blocks.named_children()), device, stager=stager)
+            reset_peak(device)
+            outputs[label] = stored()
+            seconds = median_seconds(stored, device, 3)
+            rows.append({"blocks": label, "ms per forward": round(1e3 * seconds, 1), "peak GiB": peak_gib(device),
+                         "moves staged": f"{offload.staged_in} of {offload.moves}"})
+            offload.close()
+    same = all(torch.equal(a, b) for label in outputs for a, b in zip(outputs[label], outputs["resident fp32"]))
+    host = sum(t.nbytes for t in stored.parameters())
+    for row in rows:
+        row["bf16 GiB per block"] = round(host / count / 2**30, 2)
+        report.add_row("stream", row)
+    report.facts["stream outputs equal the resident fp32 blocks"] = same
 
 
 def run_quantize(args, device, timeout):

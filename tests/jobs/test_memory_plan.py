@@ -158,9 +158,10 @@ def test_flux_dev_stages_hold_the_transients_and_the_evaluation_chunk_fits_its_b
 
 
 def test_flux_dev_streamed_plan_holds_one_fp32_block_and_the_bf16_teacher_on_the_host():
-    """--stream on: the walk's block i holds the unstreamed stage less the fp32 teacher's blocks plus block i, and
-    the host holds the teacher in bf16 at every stage but save. Catches streamed stages that leave out the block on
-    the device or keep the whole teacher there, and a host teacher counted in fp32."""
+    """--stream on: the walk's block i holds the unstreamed stage less the fp32 teacher's blocks plus block i and
+    the largest block in bf16 (the next one's copies, staged ahead on a GPU; not on a CPU), and the host holds the
+    teacher in bf16 at every stage but save. Catches streamed stages that leave out the block on the device or keep
+    the whole teacher there, a host teacher counted in fp32, and the staged block left out (or counted in fp32)."""
     import dataclasses
 
     from vq4dit.jobs.plan_stages import stages
@@ -171,7 +172,10 @@ def test_flux_dev_streamed_plan_holds_one_fp32_block_and_the_bf16_teacher_on_the
     fp_blocks = [sum(p.numel() * 4 for p in block.parameters()) for _, block in blocks]
     walk = {s.name: s.device_bytes for s in off.peaks.stages if s.name.startswith("walk")}
     streamed = {s.name: s.device_bytes for s in on.stages if s.name.startswith("walk")}
-    assert [streamed[n] - walk[n] for n in walk] == [f - sum(fp_blocks) for f in fp_blocks]
+    staged = max(sum(p.numel() * 2 for p in block.parameters()) for _, block in blocks)
+    assert [streamed[n] - walk[n] for n in walk] == [f - sum(fp_blocks) + staged for f in fp_blocks]
+    on_cpu = {s.name: s.device_bytes for s in stages(dataclasses.replace(off.inputs, stream=True), "cpu", 0).stages}
+    assert [on_cpu[n] - streamed[n] for n in walk] == [-staged] * len(walk)
     assert off.stored_bytes == sum(p.numel() * 2 for p in model.parameters()) and not off.stream
     assert all(s.host_bytes >= off.stored_bytes for s in on.stages[:-1])
     assert on.device_peak.device_bytes < 40 * 2**30 < off.peaks.device_peak.device_bytes

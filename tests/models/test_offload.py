@@ -77,3 +77,47 @@ def test_a_forward_that_raises_sends_its_block_back_and_close_frees_the_teacher(
         assert alive() is None
     finally:
         gc.enable()
+
+
+class CloneStager:
+    """A stager for the CPU: the 'copies' are clones made at start; counts what is in flight."""
+
+    def __init__(self):
+        self.in_flight, self.most_in_flight, self.closed = 0, 0, False
+
+    def start(self, tensors):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return [t.clone() for t in tensors]
+
+    def finish(self, pending):
+        self.in_flight -= 1
+        return pending
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_next_block_is_staged_while_one_runs_and_the_result_is_the_same():
+    """With a stager (a GPU's copies ahead of use, models.offload.CudaStager), each block moved in stages the next
+    one, the last the first: in two forwards every move but the first takes staged copies, one staging at a time,
+    and the outputs equal those of the unstaged stream bit for bit. A block moved in out of order drops what was
+    staged and moves itself. Mutations caught: a block staging itself instead of the next (only the walk's repeats
+    would be staged in); staged copies used for whatever block comes (the out-of-order block computes with another
+    block's weights); staged copies never finished (the in-flight count grows)."""
+    stored, fp32 = bf16_dit()
+    blocks = list(stored.blocks.named_children())
+    stager = CloneStager()
+    offload = HostBlocks(stored, blocks, "cpu", stager=stager)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(stored(x, t, y), fp32(x, t, y))
+    assert (offload.moves, offload.staged_in, stager.most_in_flight) == (6, 5, 1)
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    with torch.no_grad():  # block 0 is staged now; block 2 comes instead
+        with offload.resident(blocks[2][1]) as block:
+            assert torch.equal(block(h, c), fp32.blocks[2](h, c))
+    assert (offload.moves, offload.staged_in, stager.in_flight) == (7, 5, 1)  # block 2 staged block 0 again
+    offload.close()
+    assert stager.in_flight == 0 and stager.closed

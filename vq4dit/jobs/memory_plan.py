@@ -110,7 +110,7 @@ class MemoryPlan:
                      f"{self.layers} quantized Linears, {self.weights / 1e9:.3f} B weights at {self.bits:.3f} bits "
                      f"({self.bits_with_codebooks:.3f} with fp16 codebooks)")
         streamed = (f"the teacher on the host as stored {gib(self.stored_bytes)}, one block in fp32 on the device at "
-                    f"a time (largest {gib(self.block_fp_bytes)})")
+                    f"a time (largest {gib(self.block_fp_bytes)}; on a GPU the next one staged as stored beside it)")
         if self.stream:
             lines.append(f"  streamed (--stream {self.stream_flag}): {streamed}")
         else:

@@ -207,11 +207,14 @@ def streamed_stages(inputs, device, runtime):
                          mapped_bytes=x.stored * x.stored_mapped)
 
     block, outside = max(x.fp_blocks), x.teacher - sum(x.fp_blocks)
-    resident = outside + x.hard  # the teacher's parts outside the blocks and the student
+    # on a GPU the next block's copies are staged while a block runs (models.offload.CudaStager): one block more, in
+    # its stored dtype (the stored model's share of the fp32 one), from the first block moved in until the end
+    staged = 0 if cpu else block * x.stored // max(x.teacher, 1)
+    resident = outside + x.hard + staged  # the teacher's parts outside the blocks, the student, the staged block
     out = [stage("load (host, stored dtype)", 0, 0)]
     if x.bits:
-        out.append(stage(ALLOCATION, outside + block + x.bits, x.bits_host))
-    out.append(stage("build quantized layers (block by block)", x.hard + block, 0))
+        out.append(stage(ALLOCATION, outside + staged + block + x.bits, x.bits_host))
+    out.append(stage("build quantized layers (block by block)", x.hard + staged + block, 0))
     if x.text_encoders:
         out.append(dataclasses.replace(stage("encode prompts (text encoders, CPU)", resident, x.text_encoders),
                                        rank0_bytes=x.text_encoders * x.encode_on_rank0))

@@ -8,6 +8,11 @@ walk's sweeps). Upcasting a bf16 value to fp32 is exact, so the block computes w
 computes. The same Parameter objects stay in the model throughout (their data is swapped), so what holds a
 parameter sees the resident copy while the block is resident. `.to()` of the whole model (a pipeline's .to(device))
 leaves the blocks on the host: their `_apply` is pinned until `close()`.
+
+On a GPU the copies of the block that comes next (in the blocks' order, the last followed by the first) start when a
+block moves in (`CudaStager`), so they overlap the block's work: the device holds that one block more, in its stored
+dtype (the memory plan counts it). A block moved in out of order (a probe, a resident block of the walk) takes its
+copies itself, as on a CPU, where nothing is staged.
 """
 import contextlib
 
@@ -38,13 +43,56 @@ def upcast(t, device):
     return t.float() if t.is_floating_point() else t
 
 
+class CudaStager:
+    """Copies a block's host tensors to a CUDA device ahead of use: a worker thread issues the copies on a side
+    stream while the main thread runs the block before (a copy from pageable memory holds only the thread that
+    issues it). The host tensors stay where they are (pageable, or views of the checkpoint files' mapped pages, shared
+    by the processes of a machine), so the host memory is unchanged; the device holds one more block in its stored
+    dtype."""
+
+    def __init__(self, device):
+        import concurrent.futures
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vq4dit-stage")
+
+    def _copy(self, tensors):
+        with torch.cuda.stream(self.stream):
+            staged = [t.to(self.device, non_blocking=True) for t in tensors]
+            return staged, self.stream.record_event()
+
+    def start(self, tensors):
+        return self._pool.submit(self._copy, tensors)
+
+    def finish(self, pending):
+        """The staged copies, usable on the current stream (their memory kept until its work on them is done)."""
+        staged, event = pending.result()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in staged:
+            t.record_stream(current)
+        return staged
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
 class HostBlocks:
     """The blocks of `model` on the host, streamed to `device` (see the module's docstring); `moves` counts the
-    times a block was moved in (tests and logs)."""
+    times a block was moved in, `staged_in` those whose copies had been staged ahead (tests and logs). `stager`: what
+    copies the next block ahead: "device" (CudaStager on a GPU, nothing on a CPU), None (nothing), or an object with
+    CudaStager's start, finish and close."""
 
-    def __init__(self, model, blocks, device):
-        self.model, self.device, self.moves = model, torch.device(device), 0
+    def __init__(self, model, blocks, device, stager="device"):
+        self.model, self.device, self.moves, self.staged_in = model, torch.device(device), 0, 0
         self.blocks = {id(block): (name, block) for name, block in blocks}
+        keys = list(self.blocks)
+        self._next = {key: keys[(i + 1) % len(keys)] for i, key in enumerate(keys)}
+        if stager == "device":
+            stager = CudaStager(self.device) if self.device.type == "cuda" else None
+        self.stager = stager
+        self._staged = None  # (block key, the stager's pending copies) of the block expected next
         self._host = {id(block): [(*ref, _get(*ref)) for ref in _tensors(block)] for _, block in blocks}
         self._depth = dict.fromkeys(self.blocks, 0)
         inside = {id(m) for _, block in blocks for m in block.modules()}
@@ -93,10 +141,25 @@ class HostBlocks:
     def _enter(self, block):
         key = id(block)
         if self._depth[key] == 0:
-            for *ref, host in self._host[key]:
-                _set(*ref, upcast(host, self.device))
-            self.moves += 1
+            host = self._host[key]
+            staged = self._take(key)
+            for (*ref, t), copy in zip(host, staged or [None] * len(host)):
+                _set(*ref, upcast(t if copy is None else copy, self.device))
+            self.moves, self.staged_in = self.moves + 1, self.staged_in + (staged is not None)
+            self._stage(self._next[key])
         self._depth[key] += 1
+
+    def _take(self, key):
+        """The staged copies of block `key`, or None; copies staged for another block are waited for and dropped."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return None
+        copies = self.stager.finish(staged[1])
+        return copies if staged[0] == key else None
+
+    def _stage(self, key):
+        if self.stager is not None and self._depth[key] == 0:
+            self._staged = (key, self.stager.start([t for *_, t in self._host[key]]))
 
     def _exit(self, block):
         key = id(block)
@@ -115,5 +178,8 @@ class HostBlocks:
             self._exit(block)
 
     def close(self):
+        if self.stager is not None:
+            self._take(None)
+            self.stager.close()
         self._unhook()
         self.model, self.blocks, self._host = None, {}, {}  # no cycle keeps the host teacher alive after the run
