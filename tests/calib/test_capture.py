@@ -6,7 +6,7 @@ from tests.calib.conftest import reference_points, tiny_dit
 from vq4dit.calib.blockwise import allocator
 from vq4dit.calib.cache import ActivationStore
 from vq4dit.calib.capture import Schedule, calib_steps, capture, capture_model_inputs, step_filter, to_cache
-from vq4dit.calib.replay import Replay, sweep
+from vq4dit.calib.replay import Replay, call_block, sweep
 from vq4dit.calib.tables import Out
 from vq4dit.models.adapters import TeacherPlan, adapter_for
 
@@ -67,3 +67,25 @@ def test_values_beyond_the_cache_range_stop_the_run():
     assert to_cache(torch.full((2, 3, 4), 1e5), torch.float32).dtype == torch.float32
     with pytest.raises(FloatingPointError, match="range of the calibration cache.*--cache-dtype"):
         to_cache(torch.full((2, 3, 4), 1e5), torch.float16)
+
+
+@torch.no_grad()
+def test_a_table_as_long_as_the_batch_is_cached_once_and_replays_at_any_rows():
+    """The toy's 9-row rope table under a teacher batch of 9 rows: capture keeps it once, as the constant it is, and
+    a minibatch of 4 points replays block 0 as the teacher ran it (mutation: capture by the shapes alone -> the
+    table cached per row, and the replay's rows take 4 of its 9 rows: a shape error)."""
+    from tests.calib.toy import ToyAdapter, ToyTransformer
+
+    model, adapter = ToyTransformer(depth=2), ToyAdapter()
+    plan = TeacherPlan(num_samples=9, steps=2, cfg_scale=1.0, seed=0, batch_size=9)
+    cset = capture(model, adapter.blocks(model), Schedule(adapter.teacher_runs(model, plan, "cpu"),
+                                                          step_filter(2, 1), 9), ActivationStore(), progress=False)
+    assert cset.batched == {"s0.0": True, "s0.1": True, "s0.2": True, "s0.3": False}
+    assert torch.equal(cset.slots["s0.3"], model.rope)
+    rows, block = torch.arange(4), model.transformer_blocks[0]
+    outs = call_block(block, Replay(cset.calls[0], dict(cset.slots), cset.batched, 9), rows, "cpu")
+    slot = {k: t[rows].float() for k, t in cset.slots.items() if cset.batched[k]}
+    expected = block(hidden_states=slot["s0.0"], encoder_hidden_states=slot["s0.1"], temb=slot["s0.2"],
+                     rope=model.rope)
+    for out, want in zip(outs, expected):
+        torch.testing.assert_close(out, want)

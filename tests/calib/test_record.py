@@ -6,7 +6,7 @@ import torch
 
 from tests.calib.conftest import tiny_dit
 from tests.calib.toy import ToyAdapter, ToyTransformer
-from vq4dit.calib.record import BlockRecorder, run_teacher
+from vq4dit.calib.record import BlockRecorder, run_teacher, slot_is_batched
 from vq4dit.models.adapters import TeacherPlan, adapter_for
 from vq4dit.utils.errors import UserError
 
@@ -91,3 +91,25 @@ def test_the_recorder_holds_no_block_output_unless_asked(keep_outputs):
     with BlockRecorder(model, blocks, lambda step: True, on_call, keep_outputs), torch.no_grad():
         model(x, t, y)
     assert alive == [3 if keep_outputs else 0]
+
+
+@pytest.mark.parametrize("rows,table,alike", [(9, None, False), (1, 1, False), (9, None, True)])
+def test_a_constant_whose_first_dimension_is_the_batch_is_told_from_a_batched_slot(rows, table, alike):
+    """The toy's rope table has no batch dimension; at 9 rows (9 = its length) or 1 row (a 1-row table), its shape
+    alone says batched, as it did for Qwen-Image's text-rotary table under torchrun (cached per row: the walk
+    failed). Rerunning the call with its rows reversed (or one row doubled) tells it apart; slots whose rows are all
+    alike (one prompt, one noise) stay batched, and the rerun is not counted as a sampler step. Mutations caught:
+    the shape rule alone; one row not doubled (rows 1); rows alike taken for a constant."""
+    model = ToyTransformer(depth=2)
+    if table:
+        model.rope = torch.randn(table, model.dim)
+    x, ctx, t = torch.randn(rows, 6, 4), torch.randn(rows, 3, 8), torch.arange(rows) * 100
+    if alike:
+        x, ctx, t = x[:1].expand_as(x), ctx[:1].expand_as(ctx), t[:1].expand_as(t)
+    seen = []
+    with BlockRecorder(model, list(ToyAdapter().blocks(model)), lambda step: True, seen.append,
+                       tell_batched=True) as recorder, torch.no_grad():
+        model(x, ctx, t)
+    assert len(seen) == 1 and recorder.step == 0
+    assert slot_is_batched(seen[0].slots["s0.3"], rows)  # by its shape
+    assert seen[0].batched == {"s0.0": True, "s0.1": True, "s0.2": True, "s0.3": False}

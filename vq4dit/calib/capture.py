@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vq4dit.calib.record import BlockCall, run_teacher, slot_is_batched
+from vq4dit.calib.record import BlockCall, run_teacher
 from vq4dit.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class _Writer:
             self.calls = live.calls
             self.first = json.dumps(wiring, sort_keys=True)
             for key, t in live.slots.items():
-                self.batched[key] = slot_is_batched(t, live.rows)
+                self.batched[key] = live.batched[key]
                 if self.batched[key]:
                     self.slots[key] = self.store.empty((self.total_rows, *t.shape[1:]),
                                                        storage_dtype(t, self.cache_dtype))

@@ -50,6 +50,7 @@ class LiveCall:
     rows: int  # batch rows of this model call
     model_args: tuple = ()
     model_kwargs: dict = field(default_factory=dict)
+    batched: dict | None = None  # key -> whether the slot holds one row per batch row (BlockRecorder tell_batched)
 
 
 def batch_rows(args, kwargs):
@@ -65,12 +66,14 @@ class BlockRecorder:
 
     `keep(step)` says whether the step-th model call of the current trajectory batch (0 = the first, noisiest)
     is recorded; `new_batch()` restarts the step count; `keep_outputs`: the LiveCall holds every block's outputs
-    (else its `outputs` is empty and the recorder holds none). Use as a context manager: hooks are removed on exit.
+    (else its `outputs` is empty and the recorder holds none); `tell_batched`: the LiveCall says which slots are
+    batched, found once, at the first recorded call (tell_batched). Use as a context manager: hooks are removed on
+    exit.
     """
 
-    def __init__(self, model, blocks, keep, on_call, keep_outputs=False):
+    def __init__(self, model, blocks, keep, on_call, keep_outputs=False, tell_batched=False):
         self.model, self.blocks, self.keep, self.on_call = model, blocks, keep, on_call
-        self.keep_outputs = keep_outputs
+        self.keep_outputs, self.tell_batched, self.batched, self.muted = keep_outputs, tell_batched, None, False
         self.index = {id(module): i for i, (_, module) in enumerate(blocks)}
         self.step = -1
         self.live = None
@@ -94,6 +97,8 @@ class BlockRecorder:
         self.live = None
 
     def _model_pre(self, module, args, kwargs):
+        if self.muted:
+            return
         self.step += 1
         if self.live is not None:
             raise RuntimeError("nested model call while recording")
@@ -143,28 +148,77 @@ class BlockRecorder:
         if len(live["calls"]) != len(self.blocks):
             raise UserError(f"only {len(live['calls'])} of {len(self.blocks)} blocks ran in a model call; "
                             "calibration needs every block called once per model call")
-        self.on_call(LiveCall(live["calls"], live["slots"], live["outputs"], live["rows"], live["args"],
-                              live["kwargs"]))
+        call = LiveCall(live["calls"], live["slots"], live["outputs"], live["rows"], live["args"], live["kwargs"])
+        if self.tell_batched:
+            self.batched = self.batched or tell_batched(self, call)
+            call.batched = self.batched
+        self.on_call(call)
 
 
 def slot_is_batched(t, rows):
-    """Whether a slot tensor holds one row per batch row (else it is a constant shared by all rows)."""
+    """Whether a slot tensor holds one row per batch row, by its shape alone (else it is a constant shared by all
+    rows): a constant whose first dimension happens to be `rows` is taken for batched (tell_batched tells them
+    apart)."""
     return t.dim() > 0 and t.shape[0] == rows
 
 
+def rearranged(value, rows):
+    """A model input of a call of `rows` rows with its rows reversed (rows > 1) or doubled (rows == 1): a tensor or
+    a list (Qwen-Image's per-row img_shapes, txt_seq_lens) whose length is `rows`; anything else as it is."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows:
+        return value.flip(0) if rows > 1 else torch.cat([value, value])
+    if isinstance(value, list) and len(value) == rows:
+        return value[::-1] if rows > 1 else value * 2
+    return value
+
+
+def tell_batched(recorder, call):
+    """{slot key: batched} of LiveCall `call`, told by running the model once more on its inputs rearranged
+    (reversed rows, or one row doubled) with `recorder` muted: a batched slot follows its rows, a constant does
+    not. By shape alone (slot_is_batched) a constant whose first dimension equals the call's rows, such as a
+    4-token text-rotary table in a call of 4 rows (which under torchrun's smaller per-process batches is common),
+    was cached per row and broke the walk. Where the rerun fails, the shapes decide, with a warning."""
+    rows, seen = call.rows, {}
+    args = [rearranged(a, rows) for a in call.model_args]
+    kwargs = {k: rearranged(v, rows) for k, v in call.model_kwargs.items()}
+    recorder.muted = True
+    try:
+        with torch.no_grad(), BlockRecorder(recorder.model, recorder.blocks, lambda step: True,
+                                            lambda probe: seen.update(probe.slots)):
+            recorder.model(*args, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        logger.warning("could not rerun the model on its inputs rearranged (%s: %s); its slots are taken as "
+                       "batched by their shapes", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    finally:
+        recorder.muted = False
+    return {key: follows_rows(t, seen.get(key), rows) for key, t in call.slots.items()}
+
+
+def follows_rows(t, probe, rows):
+    """Whether slot `t` of a call of `rows` rows is batched, given `probe`, the slot when the call's inputs were
+    rearranged (None: not seen, the shape decides): with one row, it doubled; with more, it changed with the order
+    of the rows (a slot whose rows are all alike is taken as batched: a constant's are not)."""
+    if not slot_is_batched(t, rows) or probe is None:
+        return slot_is_batched(t, rows)
+    if rows == 1:
+        return probe.shape[0] == 2
+    return not torch.equal(probe, t) or torch.equal(t, t.flip(0))
+
+
 @contextlib.contextmanager
-def recording(model, blocks, keep, on_call, keep_outputs=False):
-    with BlockRecorder(model, blocks, keep, on_call, keep_outputs) as recorder:
+def recording(model, blocks, keep, on_call, keep_outputs=False, tell_batched=False):
+    with BlockRecorder(model, blocks, keep, on_call, keep_outputs, tell_batched) as recorder:
         yield recorder
 
 
 @torch.no_grad()
 def run_teacher(model, blocks, runs, keep, on_call, progress_total=None, progress=True):
-    """Run the teacher's sampler batches `runs` [(trajectories, run())] with the recorder attached."""
+    """Run the teacher's sampler batches `runs` [(trajectories, run())] with the recorder attached (its LiveCalls
+    say which slots are batched)."""
     from tqdm import tqdm
 
     bar = tqdm(total=progress_total, desc="teacher", unit="trajectory", disable=not progress, leave=False)
-    with recording(model, blocks, keep, on_call) as recorder:
+    with recording(model, blocks, keep, on_call, tell_batched=bool(blocks)) as recorder:
         for count, run in runs:
             recorder.new_batch()
             run()
