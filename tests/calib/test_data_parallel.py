@@ -29,6 +29,7 @@ from vq4dit.jobs.quantize import quantize
 from vq4dit.jobs.runkey import RunKey
 from vq4dit.models.adapters import TeacherPlan
 from vq4dit.utils import distributed
+from vq4dit.utils.errors import UserError
 
 KEY = RunKey({"iters": 2}, ())
 
@@ -145,6 +146,10 @@ def _toy_worker(rank, size, port, out):
             store.save(Checkpoint(1, acts={"a": torch.tensor([10])}))
         distributed.barrier = barrier
     result["resumed"] = CheckpointStore(out, KEY).load().acts["a"].item()
+    try:  # another run's state: rank 0 refuses it, and every rank stops with it
+        CheckpointStore(out, RunKey({"iters": 3}, ()))
+    except UserError as e:
+        result["refused"] = str(e)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     distributed.shutdown()
 
@@ -158,9 +163,12 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
       row count, or a rank with no rows leaving the sum; and so do they accumulated over micro-batches of 3 rows
       (--micro-batch), one of which holds no row of rank 0. Catches a part normalised by its own row count;
     - a rank that saved a generation the other did not goes back to the previous one. Catches resuming each rank at
-      its own last checkpoint (ranks at different blocks)."""
+      its own last checkpoint (ranks at different blocks);
+    - another run's state refused by rank 0 stops every rank with a UserError. Catches rank 1 going on into agree's
+      collective alone (a gloo traceback under rank 0's one-line error)."""
     mp.spawn(_toy_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert "iters 2 -> 3" in results[0]["refused"] and "rank 0 refused" in results[1]["refused"]
     model, adapter, cset = toy_set(num_samples=150)
     name, block = adapter.blocks(model)[0]
     names = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -140,9 +140,18 @@ class CheckpointStore:
         self.out_dir, self.key = out_dir, key
         self.directory = state_directory(out_dir)
         self.cache_dir = os.path.join(out_dir, CACHE_DIR)
-        self.meta = self._read_meta(overwrite)
+        try:
+            self.meta, refused = self._read_meta(overwrite), None
+        except UserError as e:
+            self.meta, refused = None, e
         if distributed.active():
+            # rank 0 alone speaks for the directory: every rank must stop with it before agree's collective, which
+            # the others would otherwise enter alone (a gloo traceback under rank 0's one-line error)
+            if distributed.all_min(refused is None) == 0:
+                raise refused or UserError(f"{self.directory}: rank 0 refused the calibration state there")
             self.meta = agree(self.meta)
+        elif refused is not None:
+            raise refused
         self._loaded = None
 
     def _read_meta(self, overwrite):
