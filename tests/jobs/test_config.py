@@ -168,6 +168,15 @@ def test_duplicate_keys_and_non_finite_numbers_in_yaml(tmp_path, text, pattern):
         load_config(write(tmp_path, text))
 
 
+def test_a_float_with_an_exponent_and_no_dot_is_a_number_in_yaml(tmp_path):
+    """`lr_ratio: 1e-2` (YAML 1.1 reads it as a string: "must be of type float") is 0.01, as --lr-ratio 1e-2 is; a
+    quoted "1e-2" stays a string (mutation: the resolver left out -> the type error)."""
+    config = load_config(write(tmp_path, "lr_ratio: 1e-2\nlr_codebook: 2E-5\n"))
+    assert (config.calibration.lr_ratio, config.calibration.lr_codebook) == (0.01, 2e-5)
+    with pytest.raises(UserError, match="lr_ratio='1e-2' must be of type float"):
+        load_config(write(tmp_path, "lr_ratio: '1e-2'\n"))
+
+
 def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("model: caf\xe9\n".encode("latin-1"))

@@ -1,4 +1,6 @@
 """Reading a YAML config file strictly: a mapping, each key once, every problem one UserError naming the file."""
+import re
+
 import yaml
 
 from vq4dit.utils.errors import UserError
@@ -16,6 +18,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads a float with an exponent and no dot, `lr: 1e-2`, as the string "1e-2"; YAML 1.2 and every
+# command line read it as a number, and so does a config here
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
 
 
 def read_yaml(path):
