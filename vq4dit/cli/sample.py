@@ -68,6 +68,10 @@ def parse_loras(values):
             raise UserError(f"--lora {value}: scale {tail} is not a finite number; give FILE_OR_REPO[:SCALE], e.g. "
                             f"{source}:0.8")
         if not (os.path.exists(source) or HUB_ID.fullmatch(source)):
+            head = value.rpartition(":")[0]
+            if colon and (os.path.exists(head) or HUB_ID.fullmatch(head)):  # the source is there; its scale is not
+                raise UserError(f"--lora {value}: scale {tail!r} is not a number; give FILE_OR_REPO[:SCALE], e.g. "
+                                f"{head}:0.8")
             raise UserError(f"--lora {value}: {source} is neither a file or directory here nor a hub repo id "
                             "(owner/name); give FILE_OR_REPO[:SCALE]")
         loras.append(LoraSpec(source, scale))
