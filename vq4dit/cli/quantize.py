@@ -45,6 +45,7 @@ def main(args):
         raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
     check_bits_alone(args)
     config = load_config(args.config, config_overrides(args))
+    config.model.check_pipeline_flags()
     if args.dry_run:
         print(config.to_yaml(), end="")
         if config.codebooks.bits is not None:

@@ -67,6 +67,15 @@ class ModelSpec:
                 invalid(name, getattr(self, name), f"not a regular expression ({e})")
         return self
 
+    def check_pipeline_flags(self):
+        """Refuse the project DiT's settings (model, image_size, num_classes: flags or a preset's) with a diffusers
+        pipeline checkpoint, whose transformer's config sets them (quantize.py recorded and ignored them)."""
+        from vq4dit.models.pipelines import check_pipeline_flags
+
+        model = self.model if self.model != ModelSpec.model else None
+        check_pipeline_flags(self.ckpt, self.backend, {"model": model, "image_size": self.image_size,
+                                                       "num_classes": self.num_classes})
+
 
 @dataclass
 class CodebookConfig:

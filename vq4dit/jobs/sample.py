@@ -20,6 +20,7 @@ from torch import nn
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.dit import DiTAdapter
 from vq4dit.models.adapters.load import load_model
+from vq4dit.models.pipelines import check_pipeline_flags
 from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
@@ -85,17 +86,6 @@ def load_for_sampling(quantized=None, source=FPSource(), device="cpu", decode=Fa
         base = load_model(source.model, source.ckpt, source.image_size, source.num_classes, source.backend, device)
         net, adapter, extra = base.model, base.adapter, base.extra
     return Loaded(apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra)
-
-
-def check_pipeline_flags(ckpt, backend, given):
-    """A diffusers pipeline's transformer has its own config: the project DiT's flags `given` {flag: value or None}
-    would do nothing with it."""
-    from vq4dit.models.pipelines import resolve_pipeline
-
-    flags = [flag for flag, value in given.items() if value is not None]
-    if flags and ckpt is not None and backend != "vq4dit" and resolve_pipeline(ckpt) is not None:
-        raise UserError(f"{', '.join(flags)}: not used with the diffusers pipeline --ckpt {ckpt} (its transformer's "
-                        "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
 
 
 @dataclass(frozen=True)

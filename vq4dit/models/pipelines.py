@@ -40,6 +40,24 @@ def resolve_pipeline(source):
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def names_pipeline(source):
+    """Whether `source` names a diffusers pipeline (resolve_pipeline's test, without downloading): a local directory
+    holding model_index.json, or a hub id owner/name."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return is_pipeline_dir(path)
+    return str(source).count("/") == 1 and Path(source).suffix not in CHECKPOINT_SUFFIXES
+
+
+def check_pipeline_flags(ckpt, backend, given):
+    """A diffusers pipeline's transformer has its own config: the project DiT's settings `given` {flag: value or None}
+    would do nothing with it (and an artifact would record them)."""
+    flags = [flag for flag, value in given.items() if value is not None]
+    if flags and ckpt is not None and backend != "vq4dit" and names_pipeline(ckpt):
+        raise UserError(f"{', '.join(flags)}: not used with the diffusers pipeline --ckpt {ckpt} (its transformer's "
+                        "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
+
+
 def read_index(directory):
     """model_index.json of a pipeline directory as a dict; malformed files are a UserError."""
     path = Path(directory) / INDEX
