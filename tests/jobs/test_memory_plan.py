@@ -335,3 +335,10 @@ def test_blocks_of_one_shape_are_measured_once_with_what_each_gives_alone(tmp_pa
     assert len(once.train) == 4 and measured == 3  # double blocks 0 and 1 differ; the two single blocks are alike
     assert once.train == alone.train and once.evaluate == alone.evaluate
     assert once.train[0] != once.train[1]
+
+
+def test_a_dit_preset_without_its_checkpoint_plans_that_dit_not_the_embedded_one():
+    """`--config dit_xl_256_w2 --dry-run` (no --ckpt yet: a user checking whether DiT-XL/2 fits) printed the plan of
+    the embedded 6-block digits model, 0.10 GiB (mutation: the embedded file's spec taken whatever the model)."""
+    assert dry_run_plan(load_config("dit_xl_256_w2")).startswith("memory plan: DiT (28 blocks) at 256x256")
+    assert dry_run_plan(load_config(None)).startswith("memory plan: DiT (6 blocks) at 16x16")

@@ -61,8 +61,8 @@ def meta_model(name, config):
 def dit_source(spec):
     """(DiTSpec, VAE factor) of ModelSpec `spec` when it names a DiT that builds without reading its weights: the
     embedded model (no ckpt) or a vq4dit safetensors file (the spec from the file's header), or a registry --model
-    with a checkpoint file of another format (ImageNet latents at image_size, default 256, and num_classes, default
-    1000); else None."""
+    with a checkpoint file of another format or none yet (ImageNet latents at image_size, default 256, and
+    num_classes, default 1000); else None."""
     from safetensors import SafetensorError, safe_open
 
     from vq4dit.models.dit import DiT_models
@@ -78,7 +78,9 @@ def dit_source(spec):
         if path.suffix == ".safetensors":  # else a .pt checkpoint, which the plan takes at --image-size
             raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); no plan") from None
         meta = {}
-    if meta.get("format") == "vq4dit-dit":
+    embedded_other = spec.ckpt is None and spec.model in DiT_models and spec.model != json.loads(
+        meta.get("spec", "{}")).get("name")  # a registry model without its --ckpt (a preset): plan that one
+    if meta.get("format") == "vq4dit-dit" and not embedded_other:
         dit = DiTSpec(**json.loads(meta["spec"]))
     elif spec.model in DiT_models:
         dit = DiTSpec(spec.model, (spec.image_size or 256) // LATENT_DOWNSAMPLE, spec.num_classes or 1000, 4)
