@@ -82,9 +82,19 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     return QuantizedTransformer(base.model, config, extra, stats)
 
 
+KEYWORDS = "quantize_transformer keywords"  # where a bad key came from, in its error
+
+
 def resolved_config(pipe, config, overrides):
     """The QuantizeConfig of the run: `config` (None: the defaults and recipe preset quantize.py starts from) with
     the flat `overrides` and ckpt set to the pipeline's source, as quantize.py --ckpt SOURCE would resolve it."""
+    if not isinstance(getattr(pipe, "components", None), dict):  # a path, or pipe.transformer, given for the pipeline
+        raise UserError(f"quantize_transformer: got a {type(pipe).__name__}; give the diffusers pipeline itself "
+                        "(DiffusionPipeline.from_pretrained(DIR)), whose transformer it quantizes and whose text "
+                        "encoders and scheduler its teacher runs")
+    if "out" in overrides:
+        raise UserError(f"quantize_transformer: out={overrides['out']!r}: the result is returned, not written; save "
+                        "it with quantize_transformer(...).save(DIR)")
     source = getattr(pipe, "name_or_path", None)
     if not source:
         raise UserError(f"quantize_transformer: the {type(pipe).__name__} was not loaded with from_pretrained "
@@ -96,9 +106,9 @@ def resolved_config(pipe, config, overrides):
                         "ckpt (the pipeline is the model quantized)")
     values = {**overrides, "ckpt": str(source)}
     if config is None or isinstance(config, (str, os.PathLike)):
-        config = load_config(None if config is None else os.fspath(config), values)
+        config = load_config(None if config is None else os.fspath(config), values, KEYWORDS)
     elif isinstance(config, QuantizeConfig):
-        config = config.replace(**values)
+        config = config.replace(KEYWORDS, **values)
     else:
         raise UserError(f"quantize_transformer: config={config!r}; give a YAML preset's path, a shipped preset's "
                         "name (dit_xl_256_w2, ...), a jobs.config.QuantizeConfig, or None for the defaults")

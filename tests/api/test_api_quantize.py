@@ -47,7 +47,7 @@ def test_overrides_and_config_resolve_as_quantize_py_flags():
     from vq4dit.quantize import resolved_config
 
     class Loaded:
-        name_or_path = "owner/pipeline"
+        name_or_path, components = "owner/pipeline", {}
 
     got = resolved_config(Loaded(), None, {"wbits": 3, "iters": 7})
     assert got == load_config(overrides={"ckpt": "owner/pipeline", "wbits": 3, "iters": 7})
@@ -56,6 +56,25 @@ def test_overrides_and_config_resolve_as_quantize_py_flags():
         resolved_config(Loaded(), None, {"ckpt": "other/model"})
     with pytest.raises(UserError, match="wbits=0"):
         resolved_config(Loaded(), None, {"wbits": 0})
+
+
+@pytest.mark.parametrize("given, overrides, message", [
+    ("/path/to/pipeline", {}, r"got a str; give the diffusers pipeline itself"),
+    (None, {"wbitz": 2}, r"^quantize_transformer keywords: unknown key\(s\) wbitz"),
+    (None, {"wbits": "two"}, r"^quantize_transformer keywords: wbits='two' must be of type int"),
+    (None, {"out": "/tmp/x"}, r"out='/tmp/x': the result is returned, not written; save it with .*\.save\(DIR\)"),
+])
+def test_api_mistakes_name_the_api_and_what_to_give(given, overrides, message):
+    """A path or pipe.transformer given for the pipeline was 'not loaded with from_pretrained' (false for the
+    transformer); keyword errors were labelled 'command line:'; out= (quantize.py's flag) was an unknown key
+    (mutations: the components check left out; load_config's source left at 'command line')."""
+    from vq4dit.quantize import resolved_config
+
+    class Loaded:
+        name_or_path, components = "owner/pipeline", {}
+
+    with pytest.raises(UserError, match=message):
+        resolved_config(Loaded() if given is None else given, None, overrides)
 
 
 def test_bad_pipelines_are_one_line_errors(tmp_path):
@@ -96,7 +115,7 @@ def test_config_takes_a_yaml_path_or_a_preset_name_and_contradictions_are_refuse
     from vq4dit.quantize import resolved_config
 
     class Loaded:
-        name_or_path = "owner/pipeline"
+        name_or_path, components = "owner/pipeline", {}
 
     (tmp_path / "preset.yaml").write_text("iters: 7\nwbits: 3\ndim: 2\n")
     for config in (str(tmp_path / "preset.yaml"), tmp_path / "preset.yaml"):

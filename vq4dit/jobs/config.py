@@ -237,9 +237,10 @@ class QuantizeConfig:
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def replace(self, **values):
-        """A validated copy with flat keys set as a YAML preset or flags would set them (e.g. iters=10)."""
-        return merge(self, values, "replace").validate()
+    def replace(self, source="replace", **values):
+        """A validated copy with flat keys set as a YAML preset or flags would set them (e.g. iters=10); errors name
+        `source` as where they came from."""
+        return merge(self, values, source).validate()
 
 
 SECTIONS = {"model": ModelSpec, "codebooks": CodebookConfig, "teacher": TeacherConfig, "calibration": CalibConfig,
@@ -361,8 +362,9 @@ def flags_read_by(method, argv):
     return kept
 
 
-def load_config(path=None, overrides=None):
-    """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given)."""
+def load_config(path=None, overrides=None, source="command line"):
+    """Defaults <- the recipe's preset <- YAML preset at `path` <- `overrides` (CLI values that were given; errors
+    name `source` as where they came from)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     path = config_path(path)
     values = read_yaml(path) if path is not None else {}
@@ -373,5 +375,5 @@ def load_config(path=None, overrides=None):
     config = merge(QuantizeConfig(), {**read_yaml(recipe_path), "recipe": recipe}, recipe_path)
     if path is not None:
         config = merge(config, values, path)
-    config = merge(config, overrides, "command line")
+    config = merge(config, overrides, source)
     return check_not_ignored(config.validate(), set(overrides) - {"recipe", "method"})
