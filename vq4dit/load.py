@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from vq4dit.utils.device import resolve_device
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.artifact import load_quantized, resolve_artifact
 from vq4dit.vq.lora import enable_peft_lora
@@ -26,6 +27,7 @@ def load_transformer(path_or_hub_id, device="cpu", dtype=None, revision=None):
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UserError(f"load_transformer: dtype={dtype!r}; give a floating torch.dtype (torch.bfloat16, ...) or None")
+    device = resolve_device(device, "load_transformer: device")  # before the artifact is read, which it would blame
     enable_peft_lora()
     model, ref, _ = load_quantized(resolve_artifact(path_or_hub_id, revision), device)
     if dtype is not None:

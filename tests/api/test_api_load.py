@@ -90,6 +90,13 @@ def test_device_and_dtype(tmp_path_factory):
     assert not model.training
     with pytest.raises(UserError, match="dtype=torch.int8"):
         load_transformer(run.artifact, dtype=torch.int8)
+    # a bad device blamed the artifact ("model.safetensors: unreadable (device gpu is invalid)"), and cuda without a
+    # GPU was a raw pin_memory RuntimeError (mutation: the device not resolved first)
+    with pytest.raises(UserError, match="^load_transformer: device gpu: use auto, cpu, cuda or cuda:N$"):
+        load_transformer(run.artifact, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="^load_transformer: device cuda: CUDA is not available here"):
+            load_transformer(run.artifact, device=torch.device("cuda"))
 
 
 def test_sample_job_loads_an_artifact_by_hub_id(offline_cache, tmp_path_factory):

@@ -7,17 +7,18 @@ import torch
 from vq4dit.utils.errors import UserError
 
 
-def resolve_device(device):
+def resolve_device(device, what="--device"):
     """'auto' -> cuda when present, else cpu; a CUDA device on a machine without one (or without that index) is a
-    UserError."""
+    UserError naming `what` was given (a flag, or an API argument)."""
+    device = str(device)  # a torch.device from the API
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+        raise UserError(f"{what} {device}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use cpu or auto")
+        raise UserError(f"{what} {device}: CUDA is not available here; use cpu or auto")
     if device.startswith("cuda") and int(device[5:] or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise UserError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
