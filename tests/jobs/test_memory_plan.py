@@ -341,4 +341,12 @@ def test_a_dit_preset_without_its_checkpoint_plans_that_dit_not_the_embedded_one
     """`--config dit_xl_256_w2 --dry-run` (no --ckpt yet: a user checking whether DiT-XL/2 fits) printed the plan of
     the embedded 6-block digits model, 0.10 GiB (mutation: the embedded file's spec taken whatever the model)."""
     assert dry_run_plan(load_config("dit_xl_256_w2")).startswith("memory plan: DiT (28 blocks) at 256x256")
-    assert dry_run_plan(load_config(None)).startswith("memory plan: DiT (6 blocks) at 16x16")
+    assert dry_run_plan(load_config(None)).startswith("memory plan: DiT (6 blocks) at 16x16, W2 (k 256, d 4), ")
+
+
+def test_a_bits_plan_says_it_sizes_the_layers_as_the_uniform_quantizer():
+    """--bits 1.5 --dry-run titled its plan "W2 (k 256, d 4)" under a 1.5-bit budget (mutation: the title of the
+    uniform run whatever --bits)."""
+    title = dry_run_plan(load_config(overrides={"bits": 1.5})).splitlines()[0]
+    assert ", --bits 1.5 (per-layer settings chosen at run time; layers and artifact sized here as W2 (k 256, d 4)" \
+        in title

@@ -118,6 +118,15 @@ class CodebookConfig:
         """Whether codebook_size gives another k than wbits would (wbits then names nothing about the run)."""
         return self.k != 2 ** (self.wbits * self.dim)
 
+    def label(self):
+        """The quantizer in words, for a memory plan's title: "W2 (k 256, d 4)"; with --bits, that the plan sizes the
+        layers (and the artifact) as the uniform one, the allocation being chosen at run time."""
+        uniform = f"W{self.wbits} (k {self.k}, d {self.dim})"
+        if self.bits is None:
+            return uniform
+        return (f"--bits {self.bits:g} (per-layer settings chosen at run time; layers and artifact sized here as "
+                f"{uniform}, an upper bound where the settings offered are at most that)")
+
     def spec(self, candidates):
         """The vq.layer.CodebookSpec of these settings, with `candidates` per sub-vector (the method's: 1 for the
         methods that never soften a layer)."""

@@ -334,9 +334,8 @@ def memory_plan(planned, config, runtime=None):
     if stream:
         peaks = stages(dataclasses.replace(inputs, stream=True), device, runtime)
     return MemoryPlan(
-        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, W{codebooks.wbits} (k "
-              f"{codebooks.k}, d {codebooks.dim}), cache {config.cache.cache_dtype}, batch "
-              f"{config.calibration.batch_size}",
+        title=f"{type(model).__name__} ({len(live.calls)} blocks) at {height}x{width}, {codebooks.label()}, cache "
+              f"{config.cache.cache_dtype}, batch {config.calibration.batch_size}",
         points=f"{plan.num_samples} trajectories x {kept} steps x {per_trajectory} ({guidance}) = {all_rows} points"
                + (f"; each of the {processes} processes (torchrun) holds at most {rows} of them, and every figure "
                   "below is one process's" if processes > 1 else ""),
