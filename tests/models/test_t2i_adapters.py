@@ -255,3 +255,16 @@ def test_under_torchrun_rank_0_alone_loads_the_text_encoders_and_every_rank_gets
             assert sorted(got) == sorted(want)
             for k in want:
                 assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_sampling_through_a_pipeline_of_another_transformer_class_is_refused(tmp_path):
+    """sample.py --quantized SD3_ART --pipeline FLUX_DIR was a traceback deep in the pipeline (AttributeError
+    'guidance_embeds'); now load_pipeline compares the transformer it is given with the directory's own and says
+    which is which, before loading anything (mutation: the check left out -> another error, or a traceback)."""
+    from vq4dit.models.pipelines import load_pipeline
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(UserError, match=rf"^{tmp_path}: its transformer is a FluxTransformer2DModel, this model a "
+                                        r"Linear; give the pipeline the model came from"):
+        load_pipeline(tmp_path, "cpu", transformer=nn.Linear(2, 2))

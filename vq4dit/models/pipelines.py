@@ -161,6 +161,10 @@ def load_pipeline(source, device, **components):
     directory = resolve_pipeline(source)
     if directory is None:
         raise UserError(f"{source}: not a diffusers pipeline directory (no {INDEX}); pass --pipeline DIR")
+    given = components.get("transformer")
+    if given is not None and transformer_class(directory)[1] != type(given).__name__:
+        raise UserError(f"{directory}: its transformer is a {transformer_class(directory)[1]}, this model a "
+                        f"{type(given).__name__}; give the pipeline the model came from (sample.py --pipeline DIR)")
     import diffusers
 
     name = read_index(directory)["_class_name"]
