@@ -78,3 +78,17 @@ def test_different_embedder_copies_rejected(tiny_latent_dit):
     state["transformer_blocks.3.norm1.emb.timestep_embedder.linear_1.bias"] += 1
     with pytest.raises(UserError, match="block 3"):
         from_diffusers_state_dict(state)
+
+
+def test_another_familys_transformer_config_is_named_not_called_a_broken_dit():
+    """An SD3 pipeline's transformer/ folder (a natural guess for --ckpt), or the pipeline with --backend vq4dit,
+    read as 'not a diffusers DiT config (missing or bad field num_embeds_ada_norm)'; now the message names the class
+    found and what to give (mutation: the class not looked at)."""
+    from vq4dit.models.diffusers_format import spec_fields_from_config
+
+    with pytest.raises(UserError, match=r"^dir: a SD3Transformer2DModel config, not a DiT's: give the pipeline "
+                                        r"directory that holds model_index.json"):
+        spec_fields_from_config({"_class_name": "SD3Transformer2DModel", "num_layers": 2}, "dir")
+    with pytest.raises(UserError, match=r"^dir: not a diffusers DiT config \(missing or bad field 'patch_size'\)"):
+        spec_fields_from_config({"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,
+                                 "attention_head_dim": 4, "in_channels": 4, "num_layers": 2}, "dir")

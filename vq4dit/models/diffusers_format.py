@@ -117,4 +117,8 @@ def spec_fields_from_config(config, source):
         return (int(config["num_layers"]), hidden, heads, int(config["patch_size"]), int(config["sample_size"]),
                 int(config["num_embeds_ada_norm"]), in_channels, out_channels == 2 * in_channels)
     except (KeyError, TypeError, ValueError) as e:
+        kind = config.get("_class_name") if isinstance(config, dict) else None
+        if kind and kind not in ("DiTTransformer2DModel", "Transformer2DModel"):  # another family's transformer
+            raise UserError(f"{source}: a {kind} config, not a DiT's: give the pipeline directory that holds "
+                            "model_index.json (with --backend auto, not vq4dit, which maps DiT weights only)") from None
         raise UserError(f"{source}: not a diffusers DiT config (missing or bad field {e})") from None
