@@ -59,6 +59,7 @@ def test_card_metadata_is_what_the_artifact_holds(tmp_path_factory):
     assert q["config"] == {**config, "model": source} and config["model"] == "DiT-Digits/2"
     assert f"# {source} (SD3Transformer2DModel), quantized" in text and "DiT-Digits" not in text
     assert meta["library_name"] == "diffusers" and "SD3Transformer2DModel" in meta["tags"]
+    assert len(meta["tags"]) == len(set(meta["tags"])), meta["tags"]  # "vq4dit" twice for the vq4dit method
     assert "StableDiffusion3Pipeline.from_pretrained(" in text and "from vq4dit import load_transformer" in text
     ref = {**quant["base_model"], "pipeline": {"class": "StableDiffusion3Pipeline", "source":
            "/cache/hub/models--stabilityai--stable-diffusion-3.5-medium/snapshots/0123abcd"}}

@@ -53,7 +53,7 @@ def front_matter(ref, layers, config):
     config = {**dict(config), "model": base_name(ref, config)} if "model" in config else dict(config)
     meta = {"base_model": base, "base_model_relation": "quantized"} if base else {}
     meta["library_name"] = "diffusers" if ref["class"].startswith("diffusers.") else "vq4dit"
-    meta["tags"] = ["vq4dit", "quantized", *methods, short]
+    meta["tags"] = list(dict.fromkeys(["vq4dit", "quantized", *methods, short]))  # the method may be "vq4dit"
     meta["quantization"] = {
         "method": "+".join(methods),
         "bits_per_weight": round(weighted_bits(layers, "bits_per_weight"), 4),
