@@ -105,12 +105,29 @@ def test_text_to_image_samples_are_not_scored_as_digits(tmp_path, digits_batches
     _, q, _ = digits_batches
     save_samples(tmp_path / "t2i", q[:6], np.arange(6) % 3, prompted=True)
     samples = str(tmp_path / "t2i" / "samples.npz")
-    for kind in ([], ["--kind", "digits"]):
-        line = cli_error(capsys, ["--samples", samples, *kind, "--classifier", classifier])
-        assert line.startswith(f"error: {samples}: text-to-image samples (arr_1 holds prompt indices") and \
-            "give --kind imagenet --ref-batch" in line
+    line = cli_error(capsys, ["--samples", samples, "--kind", "digits", "--classifier", classifier])
+    assert line.startswith(f"error: {samples}: text-to-image samples (arr_1 holds prompt indices") and \
+        "give --reference FP.npz (paired PSNR/MSE" in line
+    line = cli_error(capsys, ["--samples", samples])  # auto: not digits; with nothing to compare against
+    assert line.startswith("error: --ref-batch or --reference: required for --kind imagenet and text-to-image")
     save_samples(tmp_path / "classes", q[:6], np.arange(6) % 3)
     evaluate.main(args(str(tmp_path / "classes" / "samples.npz"), classifier=classifier))  # class samples: scored
+
+
+def test_text_to_image_samples_get_a_paired_psnr_without_fid_or_a_reference_batch(tmp_path, digits_batches, capsys):
+    """Quantized text-to-image samples against full-precision ones: a PSNR needed --kind imagenet --ref-batch and
+    torch-fidelity (mutations: the reference batch still required; FID computed without one -> torch-fidelity's
+    error, or a crash on a missing file)."""
+    from vq4dit.evaluation.report import evaluate_files
+    from vq4dit.evaluation.metrics import paired_mse
+    from vq4dit.utils.imagefiles import save_samples
+
+    _, q, fp = digits_batches
+    save_samples(tmp_path / "q", q[:6], np.arange(6) % 3, prompted=True)
+    save_samples(tmp_path / "fp", fp[:6], np.arange(6) % 3, prompted=True)
+    result = evaluate_files(str(tmp_path / "q" / "samples.npz"), str(tmp_path / "fp" / "samples.npz"))
+    assert result["fid"] is None and result["mse_vs_reference"] == paired_mse(q[:6], fp[:6])
+    assert result["psnr_vs_reference"] > 0 and result["num_samples"] == 6
 
 
 def exits_with_error(capsys, match, namespace):
@@ -130,7 +147,7 @@ def test_user_errors(tmp_path, digits_batches, capsys):
     big = np.zeros((3, 32, 32, 3), np.uint8)
     np.savez(tmp_path / "big.npz", arr_0=big)
     exits_with_error(capsys, "--kind digits: samples are 32x32", args(str(tmp_path / "big.npz"), kind="digits"))
-    exits_with_error(capsys, "--ref-batch: required", args(str(tmp_path / "big.npz")))
+    exits_with_error(capsys, "--ref-batch or --reference: required", args(str(tmp_path / "big.npz")))
     np.savez(tmp_path / "labels.npz", arr_0=fp[:3], arr_1=np.array([0, 1, 10]))
     exits_with_error(capsys, "must be in [0, 10)", args(str(tmp_path / "labels.npz")))
 

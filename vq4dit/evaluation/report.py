@@ -48,26 +48,29 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
     """Metrics of the samples .npz at `samples_path` as a dict with RESULT_KEYS.
 
     digits: FID and accuracy with the classifier at `classifier_path` (default weights file).
-    imagenet: FID against the ADM batch `ref_batch_path` (torch-fidelity). Either kind: paired
-    PSNR/MSE against `reference_path`, FP samples from the same seeds and labels.
+    imagenet (and text-to-image samples): FID against the ADM batch `ref_batch_path` (torch-fidelity), when given.
+    Either kind: paired PSNR/MSE against `reference_path`, FP samples from the same seeds and labels.
     """
     images, labels = load_samples(samples_path)
-    kind = resolve_kind(kind, images.shape)
     prompted = label_kind(samples_path) == "prompts"
+    kind = resolve_kind(kind if kind is not None or not prompted else "imagenet", images.shape)
     if prompted and kind == "digits":
         raise UserError(f"{samples_path}: text-to-image samples (arr_1 holds prompt indices, not class ids); the "
-                        "digits benchmark scores DiT-Digits class samples with its classifier; for these give --kind "
-                        "imagenet --ref-batch REAL.npz (FID against real images) and --reference FP.npz (PSNR/MSE)")
+                        "digits benchmark scores DiT-Digits class samples with its classifier; for these give "
+                        "--reference FP.npz (paired PSNR/MSE against full-precision samples) and/or --ref-batch "
+                        "REAL.npz (FID against real images)")
     if labels is not None and not prompted:
         check_labels(labels, images.shape[0], NUM_CLASSES_OF_KIND[kind], samples_path)
-    if images.shape[0] < 2:
+    fid = kind == "digits" or ref_batch_path is not None
+    if images.shape[0] < 2 and fid:
         raise UserError(f"{samples_path}: has {images.shape[0]} image; FID needs at least 2")
     if kind == "digits" and ref_batch_path is not None:
         raise UserError(f"--ref-batch {ref_batch_path}: only used with --kind imagenet; digits FID is "
                         "against the real digits set")
-    if kind == "imagenet" and ref_batch_path is None:
-        raise UserError("--ref-batch: required for --kind imagenet (an ADM reference batch .npz, "
-                        "e.g. VIRTUAL_imagenet256_labeled.npz)")
+    if kind == "imagenet" and ref_batch_path is None and reference_path is None:
+        raise UserError("--ref-batch or --reference: required for --kind imagenet and text-to-image samples (an ADM "
+                        "reference batch .npz such as VIRTUAL_imagenet256_labeled.npz for FID, and/or full-precision "
+                        "samples of the same seeds for a paired PSNR/MSE)")
     result = dict.fromkeys(RESULT_KEYS)
     result["num_samples"] = int(images.shape[0])
 
@@ -82,7 +85,7 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
         classifier = load_digits_classifier(classifier_path or DIGITS_CLASSIFIER)
         real_images, _ = real_digits_uint8()
         result.update(digits_metrics(classifier, images, labels, real_images))
-    else:
+    elif fid:  # without a reference batch: the paired metrics alone
         import_torch_fidelity()  # fail before reading a large reference batch
         ref_batch, _ = load_samples(ref_batch_path)
         result["fid"] = inception_fid(images, ref_batch)
