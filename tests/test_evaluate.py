@@ -118,8 +118,8 @@ def test_text_to_image_samples_get_a_paired_psnr_without_fid_or_a_reference_batc
     """Quantized text-to-image samples against full-precision ones: a PSNR needed --kind imagenet --ref-batch and
     torch-fidelity (mutations: the reference batch still required; FID computed without one -> torch-fidelity's
     error, or a crash on a missing file)."""
-    from vq4dit.evaluation.report import evaluate_files
     from vq4dit.evaluation.metrics import paired_mse
+    from vq4dit.evaluation.report import evaluate_files
     from vq4dit.utils.imagefiles import save_samples
 
     _, q, fp = digits_batches

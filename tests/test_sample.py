@@ -326,7 +326,7 @@ def test_a_full_disk_at_a_video_frame_leaves_no_frame_and_no_npz(tmp_path, monke
 
     monkeypatch.setattr(Image.Image, "save", fill_up)
     with pytest.raises(UserError) as info:
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), True, SampleSettings())
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), SampleSettings(), ["a", "b"])
     assert str(info.value).startswith(f"{tmp_path / 'videos'}: no space left on the device")
     assert os.listdir(tmp_path) == []
 
@@ -347,7 +347,7 @@ def test_videos_without_an_mp4_writer_fall_back_to_frames_with_one_warning(tmp_p
     monkeypatch.setitem(sys.modules, "imageio", fake)
     monkeypatch.setitem(sys.modules, "imageio.v2", fake.v2)
     with caplog.at_level(logging.WARNING, logger="vq4dit.utils.imagefiles"):
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), True, SampleSettings())
+        save_all(str(tmp_path), video_batch(), np.array([0, 1]), SampleSettings(), ["a", "b"])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "TiffWriter" in warnings[0] and "PNG frames only" in warnings[0]
     assert sorted(os.listdir(tmp_path / "videos")) == ["00000", "00001"]
@@ -396,3 +396,21 @@ def test_a_pipelines_non_finite_images_are_refused_too():
     images[1, 0, 0, 0] = np.nan
     with pytest.raises(NonFiniteOutput, match=r"^the pipeline's images hold 1 NaN/Inf value\(s\)$"):
         to_uint8_images(images)
+
+
+def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
+    """Text-to-image samples keep prompt indices in arr_1, so samples of "a red car" paired with a reference of
+    "a cat" (same seed, steps) passed the pairing check; sample.py now records a digest of the prompts (mutation:
+    the digest not recorded -> the pair accepted)."""
+    from vq4dit.evaluation.samples import check_pairing
+    from vq4dit.jobs.sample import save_all
+    from vq4dit.models.adapters.base import SampleSettings
+    from vq4dit.utils.errors import UserError
+
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    for name, prompts in (("cat", ["a cat", "a cat"]), ("car", ["a red car", "a red car"]), ("cat2", ["a cat"] * 2)):
+        (tmp_path / name).mkdir()
+        save_all(str(tmp_path / name), images, np.array([0, 0]), SampleSettings(), prompts)
+    check_pairing(tmp_path / "cat2" / "samples.npz", tmp_path / "cat" / "samples.npz")
+    with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
+        check_pairing(tmp_path / "car" / "samples.npz", tmp_path / "cat" / "samples.npz")

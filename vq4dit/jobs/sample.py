@@ -5,6 +5,8 @@ diffusers pipeline's transformer through that pipeline. Under torchrun the sampl
 (blocks of batch_size, dealt round-robin) and rank 0 writes the gathered result.
 """
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -233,16 +235,20 @@ def sample_shard(loaded, request, settings, device):
     return draw_shard(sampler, conditions, request.num_samples, settings.batch_size), labels
 
 
-def save_all(out_dir, images, labels, prompted, settings):
+def save_all(out_dir, images, labels, settings, prompts=None):
     """samples.npz (with the SampleSettings `settings` the images depend on), grid.png and, for videos
-    (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none."""
+    (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none. prompts: each sample's prompt (a
+    text-to-image model: the labels are prompt indices, and a digest of the prompts is recorded, so that a reference
+    drawn from other prompts is refused), None for class labels."""
     videos = os.path.join(out_dir, VIDEO_DIR)
     if images.ndim == 5:
         save_videos(videos, images)
     sampling = {"seed": settings.seed, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
                 "num_frames": settings.num_frames, "vae": settings.vae}
+    if prompts is not None:
+        sampling["prompts"] = hashlib.sha256(json.dumps(list(prompts), default=str).encode()).hexdigest()[:16]
     try:
-        save_samples(out_dir, images, labels, prompted, sampling)
+        save_samples(out_dir, images, labels, prompts is not None, sampling)
     except BaseException:
         if images.ndim == 5:
             shutil.rmtree(videos, ignore_errors=True)
@@ -264,7 +270,8 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu"):
     local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
     images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
     if rank == 0:
-        save_all(out_dir, images, labels, loaded.adapter.num_classes(loaded.model) is None, settings)
+        prompted = loaded.adapter.num_classes(loaded.model) is None
+        save_all(out_dir, images, labels, settings, conditions if prompted else None)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)
