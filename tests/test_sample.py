@@ -155,7 +155,7 @@ BEFORE_ANY_WORK = [
     (["--pipeline", "p"], "--pipeline: only used with --quantized"), (["--classes", "1,,2"], "empty item"),
     (["--classes", ""], "--classes '': empty"), (["--ckpt", " "], "--ckpt ' ': empty"),
     (["--prompt", "a", "--prompts", "p.txt"], "--prompt and --prompts p.txt: give one"),
-    (["--prompt", ""], "--prompt '': empty"),
+    (["--prompt", ""], "--prompt '': empty"), (["--height", "0"], "--height 0: must be"),
 ]
 
 
@@ -414,3 +414,11 @@ def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
     check_pairing(tmp_path / "cat2" / "samples.npz", tmp_path / "cat" / "samples.npz")
     with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
         check_pairing(tmp_path / "car" / "samples.npz", tmp_path / "cat" / "samples.npz")
+
+
+def test_a_size_for_a_class_conditional_dit_is_refused(tmp_path, capsys):
+    """--height/--width set a pipeline's size; a class-conditional DiT samples at its trained size, so they would do
+    nothing (mutation: the check left out -> the run writes samples at 16 x 16)."""
+    line = cli_error(sample.cli, ["--height", "16", "--num-samples", "2", "--steps", "2", "--out", tmp_path / "o",
+                                  "-q"], capsys)
+    assert "--height: DiT depth 6" in line and "samples at the size it was trained at" in line

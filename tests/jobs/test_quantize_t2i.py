@@ -89,3 +89,18 @@ def test_sampling_in_bf16_casts_the_whole_pipeline(tmp_path_factory, tmp_path):
         images[precision], _ = sample_to_dir(loaded, tmp_path / precision, Request(2, prompts=list(PROMPTS)), settings)
     difference = np.abs(images["bf16"].astype(int) - images["fp32"].astype(int)).mean()
     assert 0 < difference < 8, difference  # measured 0.36 of 255
+
+
+def test_a_full_precision_reference_is_drawn_at_the_artifacts_size(tmp_path, tmp_path_factory):
+    """The artifact samples at the size it was calibrated at (8 x 8 here); the full-precision pipeline drew its own
+    default (128 x 128 for the tiny Flux), so the two never paired. --height/--width (SampleSettings) set the size
+    of either (mutation: the settings' size not passed to the pipeline -> 128 x 128)."""
+    from vq4dit.jobs.sample import FPSource
+
+    r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
+    settings = SampleSettings(seed=5, steps=2, cfg_scale=2.0, progress=False, height=16, width=8)
+    fp, _ = sample_to_dir(load_for_sampling(source=FPSource(ckpt=str(r.pipeline))), tmp_path / "fp",
+                          Request(2, prompts=list(PROMPTS)), settings)
+    quantized, _ = sample_to_dir(load_for_sampling(quantized=r.artifact), tmp_path / "q",
+                                 Request(2, prompts=list(PROMPTS)), settings)
+    assert fp.shape == quantized.shape == (2, 16, 8, 3)

@@ -82,7 +82,7 @@ def check_flags(args):
     """Every number in range and no flag that does nothing in the mode given, before any work."""
     check_sampling_args(args.num_samples, args.steps, args.batch_size, args.seed, args.cfg_scale)
     for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes),
-                        ("--num-frames", args.num_frames)):
+                        ("--num-frames", args.num_frames), ("--height", args.height), ("--width", args.width)):
         if value is not None:
             check_range(flag, value, 1)
     for flag in TEXT_FLAGS:
@@ -144,7 +144,7 @@ def sample(args, loras, device):
     classes = parse_classes(args.classes, adapter.num_classes(model))
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
-                              num_frames=args.num_frames)
+                              num_frames=args.num_frames, height=args.height, width=args.width)
     sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device)
 
 
@@ -175,6 +175,10 @@ def build_parser():
                              "SCALE (default 1); repeat for several")
     parser.add_argument("--num-frames", type=int, default=None,
                         help="video pipelines: frames per sample (default: as calibrated, else the pipeline's)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="text-to-image and video pipelines: pixels (default: as calibrated, else the "
+                             "pipeline's); e.g. a full-precision reference at the quantized artifact's size")
+    parser.add_argument("--width", type=int, default=None, help="as --height")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s)")
     parser.add_argument("--cfg-scale", type=float, default=1.5,
                         help="classifier-free guidance scale (1 = off; default: %(default)s)")

@@ -182,6 +182,10 @@ def claim_sample_dir(out_dir, overwrite=False):
 def prepare_sampler(loaded, num_samples, settings, device):
     """The adapter's ImageSampler, once the counts are known to be valid and the images to fit in memory."""
     check_sampling_args(num_samples, settings.steps, settings.batch_size, settings.seed, settings.cfg_scale)
+    sized = [flag for flag, value in (("--height", settings.height), ("--width", settings.width)) if value]
+    if sized and loaded.adapter.num_classes(loaded.model) is not None:
+        raise UserError(f"{', '.join(sized)}: {loaded.adapter.describe(loaded.model)} samples at the size it was "
+                        "trained at (text-to-image and video pipelines take a size); drop them")
     sampler = loaded.adapter.image_sampler(loaded.model, loaded.extra, settings, device)
     if settings.num_frames is not None and len(sampler.size) != 3:  # (F, H, W) for videos, (H, W) for images
         raise UserError(f"--num-frames {settings.num_frames}: {loaded.adapter.describe(loaded.model)} draws images, "

@@ -28,6 +28,8 @@ class SampleSettings:
     vae: str = "ema"  # latent DiTs of the project: ema | mse | a local AutoencoderKL directory
     pipeline: str | None = None  # diffusers artifacts: the pipeline to sample through (None: the recorded source)
     num_frames: int | None = None  # video pipelines: frames per sample (None: as calibrated, else the pipeline's)
+    height: int | None = None  # text-to-image and video pipelines: pixels (None: as calibrated, else the pipeline's)
+    width: int | None = None
     progress: bool = True
 
 

@@ -241,7 +241,8 @@ class GenericAdapter(TextToImageAdapter):
     # --- sampling -------------------------------------------------------------------------------------------------
     def sample_size(self, model, pipe, directory, recorded, settings):
         frames = settings.num_frames or recorded.get("num_frames")
-        size = self.size_options(pipe, recorded.get("height"), recorded.get("width"), frames)
+        size = self.size_options(pipe, settings.height or recorded.get("height"),
+                                 settings.width or recorded.get("width"), frames)
         self.video = "num_frames" in inspect.signature(pipe.__call__).parameters
         shape = tuple(size.get(k) or _default(pipe, k) for k in ("num_frames", "height", "width")[not self.video:])
         return size, shape

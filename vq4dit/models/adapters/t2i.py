@@ -231,8 +231,8 @@ class TextToImageAdapter(Adapter):
 
     def sample_size(self, model, pipe, directory, recorded, settings):
         """(size keywords of the sampling pipeline's calls, the shape of one sample without its channels)."""
-        height, width = self.image_size(model, vae_scale_factor(directory), recorded.get("height"),
-                                        recorded.get("width"))
+        height, width = self.image_size(model, vae_scale_factor(directory), settings.height or recorded.get("height"),
+                                        settings.width or recorded.get("width"))
         return {"height": height, "width": width}, (height, width)
 
     def prediction(self, model, output):
