@@ -18,7 +18,7 @@ def main(argv=None):
         print(f"usage: python -m vq4dit {{{','.join(COMMANDS)}}} [flags]  ({given}see python -m vq4dit quantize "
               "--help)", file=sys.stderr if given else sys.stdout)
         raise SystemExit(2 if given or not argv else 0)
-    sys.argv = [f"vq4dit {argv[0]}"] + argv[1:]
+    sys.argv = [f"python -m vq4dit {argv[0]}"] + argv[1:]  # argparse names the program from it
     importlib.import_module(f"vq4dit.cli.{argv[0]}").cli(argv[1:])
 
 

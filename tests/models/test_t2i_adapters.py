@@ -145,14 +145,21 @@ def test_a_trajectory_does_not_depend_on_its_batch(pipelines):
     assert not torch.equal(firsts[0][0], firsts[0][1])
 
 
-def test_conditions_cycle_the_prompts():
+def test_conditions_cycle_the_prompts(caplog):
+    """Without prompts the built-in ones are drawn, and the log says so: samples.npz keeps only their indices
+    (mutation: no log line -> the user cannot tell which prompts made the images)."""
+    import logging
+
     model = BUILDERS["pixart"]().transformer
     adapter = adapter_for(model)
     prompts, labels = adapter.conditions(model, 5, seed=0, prompts=["a", "b"])
     assert prompts == ["a", "b", "a", "b", "a"] and labels.tolist() == [0, 1, 0, 1, 0]
     assert labels.dtype == np.int64
-    prompts, _ = adapter.conditions(model, 2, seed=0)
+    with caplog.at_level(logging.INFO, logger="vq4dit.models.adapters.t2i"):
+        prompts, _ = adapter.conditions(model, 2, seed=0)
     assert prompts == list(BUILTIN_PROMPTS[:2])
+    assert any(f"the built-in prompts ({len(BUILTIN_PROMPTS)} ImageNet class names" in r.getMessage()
+               for r in caplog.records)
     with pytest.raises(UserError, match="text-to-image model: give prompts"):
         adapter.conditions(model, 2, seed=0, classes=[1, 2])
 

@@ -10,7 +10,7 @@ import logging
 import os
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
-from vq4dit.utils.cli import ArgumentParser, check_not_blank, local_path, run_cli, setup_logging
+from vq4dit.utils.cli import ArgumentParser, check_not_blank, launch_rank, local_path, run_cli, setup_logging
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.knobs import add_flags, text_flags
 
@@ -63,7 +63,8 @@ def main(args):
 
     args.out = args.out or default_out(config)
     quantize(config, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}")
+    if launch_rank() == 0:  # under torchrun rank 0 writes the artifact (and says so once)
+        print(f"wrote {args.out}")
 
 
 def resume_hint(out):

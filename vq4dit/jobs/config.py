@@ -37,7 +37,8 @@ class ModelSpec:
 
     model: str = knob("DiT-Digits/2", "registry name, e.g. DiT-XL/2 (default DiT-Digits/2)")
     # None: the embedded digits model
-    ckpt: str | None = knob(None, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id")
+    ckpt: str | None = knob(None, "checkpoint: official .pt, training .pt (ema), safetensors, diffusers dir or hub id "
+                            "(default: the embedded digits model)")
     # None: taken from the checkpoint (256 for ImageNet .pt files)
     image_size: int | None = knob(None, "image size for latent models (256 or 512)")
     num_classes: int | None = knob(None, "number of classes (1000 for ImageNet)")

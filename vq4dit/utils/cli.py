@@ -18,14 +18,16 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence bot
 MAX_CFG_SCALE = 100.0  # beyond any guidance used in practice (1..20); larger scales overflow fp16/bf16 outputs
 
 
-def _rank():
-    return int(os.environ.get("RANK", 0))  # torchrun's environment (utils.distributed.world), read directly
+def launch_rank():
+    """This process's rank in torchrun's environment (utils.distributed.world), read without importing torch: 0 when
+    not launched by torchrun, and still after the process group is shut down."""
+    return int(os.environ.get("RANK", 0))
 
 
 def setup_logging(level=logging.INFO):
     """The scripts' log format at `level`; under torchrun ranks other than 0 log warnings and errors only (every rank
     runs the same stages, and N copies of each progress line hide the one that matters)."""
-    logging.basicConfig(level=level if _rank() == 0 else max(level, logging.WARNING),
+    logging.basicConfig(level=level if launch_rank() == 0 else max(level, logging.WARNING),
                         format="%(asctime)s %(name)s %(message)s")
 
 
@@ -53,9 +55,9 @@ def _sigterm_raises():
 
 def _print(message, error):
     """Print on rank 0 (under torchrun every rank meets the same input); a RankError by the rank that met it."""
-    if isinstance(error, RankError) and _rank() != 0:
-        print(f"error: rank {_rank()}: {message}", file=sys.stderr)
-    elif _rank() == 0:
+    if isinstance(error, RankError) and launch_rank() != 0:
+        print(f"error: rank {launch_rank()}: {message}", file=sys.stderr)
+    elif launch_rank() == 0:
         print(message if isinstance(error, KeyboardInterrupt) else f"error: {message}", file=sys.stderr)
 
 
@@ -94,7 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=f"vq4dit {__version__}")
 
     def error(self, message):
-        if _rank() == 0:
+        if launch_rank() == 0:
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)

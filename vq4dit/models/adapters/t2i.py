@@ -23,7 +23,7 @@ import torch
 
 from vq4dit.models.adapters.base import CALIB_STREAM, Adapter, ImageSampler
 from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline, to_uint8_images
-from vq4dit.models.prompts import prompt_list
+from vq4dit.models.prompts import BUILTIN_PROMPTS, prompt_list
 from vq4dit.models.sampler import sample_seed
 from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
@@ -207,6 +207,9 @@ class TextToImageAdapter(Adapter):
         if classes is not None:
             raise UserError(f"{type(model).__name__} is a text-to-image model: give prompts (--prompt / --prompts), "
                             "not class ids")
+        if not prompts:  # samples.npz keeps only prompt indices: say which prompts they index
+            logger.info("no --prompt or --prompts: the built-in prompts (%d ImageNet class names: %r, %r, ...)",
+                        len(BUILTIN_PROMPTS), BUILTIN_PROMPTS[0], BUILTIN_PROMPTS[1])
         prompts = prompt_list(prompts)
         labels = np.arange(num_samples, dtype=np.int64) % len(prompts)
         return [prompts[i] for i in labels], labels
