@@ -110,3 +110,23 @@ def test_sample_job_loads_an_artifact_by_hub_id(offline_cache, tmp_path_factory)
     by_dir, _, _ = load_for_sampling(quantized=str(run.artifact))
     a, b = by_id.state_dict(), by_dir.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pipeline_or_samples_directory_is_named_for_what_it_is(tmp_path):
+    """load_transformer(PIPELINE_DIR) or (SAMPLES_DIR) said "quant_config.json: missing; ... (interrupted save?)";
+    a pipeline (model_index.json) and a directory whose marker says it holds samples are now named (mutations:
+    either check left out -> the interrupted-save message)."""
+    from vq4dit.utils.outdir import claim_out_dir
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'pipe'}: a diffusers pipeline directory, not a quantized"):
+        load_transformer(tmp_path / "pipe")
+    with claim_out_dir(tmp_path / "samples", ("samples.npz",), tool="sample.py's samples"):
+        pass
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'samples'}: holds sample.py's samples, not a quantized"):
+        load_transformer(tmp_path / "samples")
+    with claim_out_dir(tmp_path / "half", ("model.safetensors",), tool="a quantized artifact"):
+        pass
+    with pytest.raises(UserError, match=r"quant_config.json: missing; .* \(interrupted save\?\)"):
+        load_transformer(tmp_path / "half")

@@ -48,7 +48,7 @@ from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import set_tf32
 from vq4dit.utils.yamlfile import read_yaml
 from vq4dit.vq import save_quantized
-from vq4dit.vq.artifact import ARTIFACT_FILES, CONFIG_FILE, read_quant_config
+from vq4dit.vq.artifact import ARTIFACT_FILES, ARTIFACT_TOOL, CONFIG_FILE, read_quant_config
 from vq4dit.vq.modelref import reference
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,6 @@ def check_processes(config):
                         "calibration is split between processes; run it in one process")
 
 
-ARTIFACT_TOOL = "a quantized artifact"  # what an artifact directory's marker says it holds
 SHOWN_CHANGES = 4  # config differences named when a run replaces an artifact, these keys first:
 KEYS_FIRST = ("ckpt", "model", "method", "recipe", "bits", "wbits", "dim", "codebook_size", "seed")
 

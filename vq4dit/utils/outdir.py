@@ -120,6 +120,19 @@ def writer_of(out_dir):
     return None
 
 
+def held_by(out_dir):
+    """What the marker of `out_dir` says the directory holds ("a quantized artifact", ...); None without a marker or
+    when it does not say."""
+    try:
+        fd = os.open(os.path.join(out_dir, MARKER), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _read_marker(fd).get("tool")
+    finally:
+        os.close(fd)
+
+
 def _write_pid(fd, path, tool):
     """The marker's content: this run's pid and what it writes (a full disk is the one-line error of any write)."""
     try:

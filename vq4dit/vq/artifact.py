@@ -32,7 +32,7 @@ from torch import nn
 from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError, check_finite
 from vq4dit.utils.fileio import atomic_paths, write_text_atomic
-from vq4dit.utils.outdir import writer_of
+from vq4dit.utils.outdir import held_by, writer_of
 from vq4dit.vq.apply import set_submodule
 from vq4dit.vq.codecs import CODECS, codec_for
 from vq4dit.vq.modelcard import CARD_FILE, HUB_ID, model_card
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MODEL_FILE, QUANT_FILE, CONFIG_FILE = "model.safetensors", "quant_config.json", "config.yaml"
 ARTIFACT_FILES = (MODEL_FILE, QUANT_FILE, CONFIG_FILE, CARD_FILE)
+ARTIFACT_TOOL = "a quantized artifact"  # what an artifact directory's marker (utils/outdir.py) says it holds
 DIGEST = "content_sha256"  # quant_config.json's digest of its own content
 LEGACY_DIT = "vq4dit.models.dit.DiT"  # the class every format-1 artifact describes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "int64": torch.int64}
@@ -156,6 +157,13 @@ def read_quant_config(out_dir):
         writer = writer_of(out_dir)
         if writer is not None:
             raise UserError(f"{out_dir}: another run (pid {writer}) is writing it; wait for it to end")
+        if os.path.isfile(os.path.join(out_dir, "model_index.json")):
+            raise UserError(f"{out_dir}: a diffusers pipeline directory, not a quantized artifact; quantize it "
+                            f"(quantize.py --ckpt {out_dir}, or vq4dit.quantize_transformer) or load it with "
+                            "diffusers")
+        held = held_by(out_dir)
+        if held not in (None, ARTIFACT_TOOL):
+            raise UserError(f"{out_dir}: holds {held}, not a quantized artifact")
         raise UserError(f"{path}: missing; {out_dir} is not a complete quantized artifact (interrupted save?)")
     try:
         with open(path, "rb") as f:
