@@ -275,3 +275,25 @@ def test_sampling_through_a_pipeline_of_another_transformer_class_is_refused(tmp
     with pytest.raises(UserError, match=rf"^{tmp_path}: its transformer is a FluxTransformer2DModel, this model a "
                                         r"Linear; give the pipeline the model came from"):
         load_pipeline(tmp_path, "cpu", transformer=nn.Linear(2, 2))
+
+
+def test_a_named_vae_without_its_config_is_an_incomplete_pipeline(tmp_path):
+    """A pipeline directory whose vae/ folder is gone fell back to a VAE factor of 8, and the run then blamed
+    --height (mutation: the fallback kept for a VAE model_index.json names); a VAE config of another layout
+    (Qwen-Image's) or no VAE at all still gives 8."""
+    from vq4dit.models.adapters.t2i import vae_scale_factor
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(UserError, match=r"model_index.json names a vae, but .*vae/config.json cannot be read"):
+        vae_scale_factor(tmp_path)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4]}))
+    assert vae_scale_factor(tmp_path) == 8
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2]}))
+    assert vae_scale_factor(tmp_path) == 2
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"base_dim": 96}))
+    assert vae_scale_factor(tmp_path) == 8
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": [None, None]}))
+    (tmp_path / "vae" / "config.json").unlink()
+    assert vae_scale_factor(tmp_path) == 8

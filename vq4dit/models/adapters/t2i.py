@@ -37,12 +37,20 @@ NEGATIVE_PROMPT = ""  # the unconditional branch of classifier-free guidance, as
 
 def vae_scale_factor(directory):
     """Pixels per latent pixel of a pipeline's VAE, from its config alone (2 ** (number of blocks - 1), as the
-    pipelines compute it); 8 when the pipeline has no readable VAE config."""
+    pipelines compute it); 8 when the pipeline names no VAE or its VAE config has another layout. A VAE its
+    model_index.json names without a readable config is a UserError (a missing vae/ folder was blamed on --height,
+    as no multiple of the guessed factor)."""
+    path = Path(directory) / "vae" / "config.json"
     try:
-        blocks = json.loads((Path(directory) / "vae" / "config.json").read_text())["block_out_channels"]
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        index = Path(directory) / "model_index.json"
+        if index.is_file() and (read_index(directory).get("vae") or [None])[-1] is not None:
+            raise UserError(f"{directory}: model_index.json names a vae, but {path} cannot be read "
+                            f"({type(e).__name__}); the pipeline directory is incomplete") from None
         return 8
-    return 2 ** (len(blocks) - 1)
+    blocks = config.get("block_out_channels") if isinstance(config, dict) else None
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) else 8  # a VAE of another layout (Qwen-Image's)
 
 
 class TextToImageAdapter(Adapter):
