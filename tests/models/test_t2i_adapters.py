@@ -297,3 +297,15 @@ def test_a_named_vae_without_its_config_is_an_incomplete_pipeline(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": [None, None]}))
     (tmp_path / "vae" / "config.json").unlink()
     assert vae_scale_factor(tmp_path) == 8
+
+
+def test_a_pipeline_class_that_is_not_the_transformers_is_one_line(tmp_path):
+    """model_index.json naming FluxPipeline over SD3's components was a TypeError traceback from encode_prompt
+    (prompt_3); now one line naming the pipeline class and the transformer's family (mutation: TypeError not
+    caught)."""
+    pipe = save_tiny_t2i_pipeline("sd3", tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match=r"its FluxPipeline does not encode prompts as the sd3 transformer's "
+                                        r"pipeline does \(.*prompt_3.*\); model_index.json's _class_name"):
+        adapter_for(pipe.transformer)._encode_once(tmp_path, ["a cat"])

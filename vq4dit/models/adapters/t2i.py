@@ -149,10 +149,15 @@ class TextToImageAdapter(Adapter):
         if distributed.rank() != 0:
             return distributed.broadcast_tensors(None, 0), distributed.broadcast_tensors(None, 0)
         pipe = load_pipeline(directory, ENCODE_DEVICE, transformer=None, vae=None)
-        with torch.no_grad():
-            chunks = [self.encode(pipe, prompts[s:s + ENCODE_BATCH], ENCODE_DEVICE)
-                      for s in range(0, len(prompts), ENCODE_BATCH)]
-            negative = self.negative(pipe, ENCODE_DEVICE)
+        try:
+            with torch.no_grad():
+                chunks = [self.encode(pipe, prompts[s:s + ENCODE_BATCH], ENCODE_DEVICE)
+                          for s in range(0, len(prompts), ENCODE_BATCH)]
+                negative = self.negative(pipe, ENCODE_DEVICE)
+        except TypeError as e:  # e.g. a FluxPipeline asked for SD3's three prompts
+            raise UserError(f"{directory}: its {type(pipe).__name__} does not encode prompts as the {self.family} "
+                            f"transformer's pipeline does ({str(e).splitlines()[0]}); model_index.json's _class_name "
+                            "and transformer do not belong together") from None
         del pipe
         gc.collect()
         logger.info("encoded %d prompts on the CPU; text encoders released", len(prompts))
