@@ -26,7 +26,7 @@ from vq4dit.models.pipelines import check_pipeline_flags
 from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
-from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError
+from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError, error_detail
 from vq4dit.utils.fileio import check_free_space
 from vq4dit.utils.imagefiles import (
     GRID_FILE,
@@ -140,7 +140,7 @@ def load_loras(model, extra, loras, pipeline=None, device="cpu"):
                                 "in your own script (docs/api.md)")
             pipe.load_lora_weights(**where, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # not a LoRA, or one of another model
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            detail = error_detail(e)
             raise UserError(f"--lora {lora.source}: cannot load it onto the {recorded['class']} transformer "
                             f"({detail})") from None
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])

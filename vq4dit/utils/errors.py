@@ -34,3 +34,11 @@ def check_finite(tensors, source):
             bad = (~torch.isfinite(t)).sum().item()
             raise UserError(f"{source}: tensor {key} holds {bad} NaN/Inf value(s); the file is corrupt or the "
                             "model diverged, refusing to produce garbage images")
+
+
+def error_detail(e):
+    """An exception's message on one line for a UserError: its first line, and the next one too when the first only
+    introduces it ("Error(s) in loading state_dict for X:" says nothing without its "size mismatch for ..."); the
+    exception's type when it has no message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]

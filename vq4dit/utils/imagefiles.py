@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vq4dit.utils.errors import error_detail
 from vq4dit.utils.fileio import atomic_paths, disk_full, temporary_name
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def write_mp4(path, video, fps):
             raise
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = error_detail(e)
         logger.warning("no mp4 writer (imageio with its ffmpeg plugin: pip install imageio[ffmpeg]): %s; the videos "
                        "are written as PNG frames only", detail)
         return False

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vq4dit.utils.digest import file_sha256
-from vq4dit.utils.errors import UserError, check_finite
+from vq4dit.utils.errors import UserError, check_finite, error_detail
 from vq4dit.utils.fileio import atomic_paths, write_text_atomic
 from vq4dit.utils.outdir import held_by, writer_of
 from vq4dit.vq.apply import set_submodule
@@ -280,7 +280,7 @@ def resolve_artifact(source, revision=None):
     try:
         return snapshot_download(str(source), revision=revision, allow_patterns=list(ARTIFACT_FILES))
     except Exception as e:  # network, missing repo or revision, not in the offline cache: one line either way
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = error_detail(e)
         raise UserError(f"{source}: not a local directory, and fetching it as a hub repo failed ({detail})") from None
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 TRUSTED_PREFIXES = ("vq4dit.models.", "diffusers.")
 # artifacts written before the modules moved under the vq4dit package name the project's DiT as models.dit.DiT
@@ -118,5 +118,5 @@ def build_skeleton(ref, source="model reference"):
         with parameters_on_meta():
             return cls.from_config(dict(config))
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = error_detail(e)
         raise UserError(f"{source}: cannot build {ref['class']} from its config ({detail})") from None
