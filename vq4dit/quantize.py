@@ -36,6 +36,15 @@ class QuantizedTransformer:
     extra: dict
     stats: list = field(default_factory=list)
 
+    def __repr__(self):  # the dataclass's would print the whole module tree, the config and every block's stats
+        from vq4dit.vq.artifact import quantized_layers
+
+        c = self.config
+        quantizer = f"bits={c.codebooks.bits:g}" if c.codebooks.bits is not None else \
+            f"wbits={c.codebooks.wbits}, dim={c.codebooks.dim}, k={c.codebooks.k}"
+        return (f"QuantizedTransformer({type(self.transformer).__name__}, {len(quantized_layers(self.transformer))} "
+                f"quantized layers, method={c.method!r}, {quantizer}, {len(self.stats)} calibrated blocks)")
+
     def save(self, out_dir, overwrite=False):
         """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
         quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back. A directory holding files vq4dit did

@@ -130,3 +130,15 @@ def test_a_pipeline_or_samples_directory_is_named_for_what_it_is(tmp_path):
         pass
     with pytest.raises(UserError, match=r"quant_config.json: missing; .* \(interrupted save\?\)"):
         load_transformer(tmp_path / "half")
+
+
+@pytest.mark.parametrize("source, revision, message", [
+    (42, None, r"^42: give an artifact directory or a hub repo id"),
+    ("", None, r"^'': give an artifact directory"),
+    (".", "v1", r"^revision='v1': only used with a hub repo id; . is a local path"),
+])
+def test_a_source_that_is_no_path_or_a_revision_of_a_directory_is_refused(source, revision, message):
+    """load_transformer(42) was a raw TypeError, ("") said ": not a directory", and revision= with a local directory
+    was ignored (mutations: each check left out)."""
+    with pytest.raises(UserError, match=message):
+        load_transformer(source, revision=revision)

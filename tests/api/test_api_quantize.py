@@ -101,6 +101,9 @@ def test_uncalibrated_methods_model_in_memory_is_exactly_its_artifact(tmp_path_f
     run = tiny_run("sd3", tmp_path_factory)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
     quantized = quantize_transformer(pipe, run.config, progress=False, method="kmeans")
+    # a short repr: the dataclass's printed the module tree, the config and every block's stats
+    assert repr(quantized) == ("QuantizedTransformer(SD3Transformer2DModel, 29 quantized layers, method='kmeans', "
+                               "wbits=2, dim=4, k=16, 0 calibrated blocks)")
     in_memory = transformer_output(pipe.transformer)
     quantized.save(tmp_path / "kmeans")
     assert torch.equal(in_memory, transformer_output(load_transformer(tmp_path / "kmeans")))

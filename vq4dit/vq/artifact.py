@@ -272,8 +272,12 @@ def resolve_artifact(source, revision=None):
     the cached snapshot of `revision` (default: the branch main) is used without any network access. The files are
     checked by load_quantized like any local artifact (content and model digests).
     """
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+        raise UserError(f"{source!r}: give an artifact directory or a hub repo id (owner/name)")
     path = os.path.expanduser(os.fspath(source))
     if os.path.exists(path) or not HUB_ID.fullmatch(str(source)):
+        if revision is not None:
+            raise UserError(f"revision={revision!r}: only used with a hub repo id; {source} is a local path")
         return path
     from huggingface_hub import snapshot_download
 
