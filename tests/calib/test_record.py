@@ -113,3 +113,17 @@ def test_a_constant_whose_first_dimension_is_the_batch_is_told_from_a_batched_sl
     assert len(seen) == 1 and recorder.step == 0
     assert slot_is_batched(seen[0].slots["s0.3"], rows)  # by its shape
     assert seen[0].batched == {"s0.0": True, "s0.1": True, "s0.2": True, "s0.3": False}
+
+
+def test_per_row_inputs_inside_dicts_and_tuples_are_rearranged_too():
+    """A per-row tensor inside the attention kwargs (a dict) or a pair was not reversed, so a slot computed from it
+    looked constant (mutation: top-level tensors and lists only)."""
+    from vq4dit.calib.record import rearranged
+
+    rows = torch.arange(3.0)
+    value = {"mask": rows, "pair": (rows, torch.zeros(5)), "shapes": [(1, 2, 2)] * 3, "flag": True}
+    out = rearranged(value, 3)
+    assert torch.equal(out["mask"], rows.flip(0)) and torch.equal(out["pair"][0], rows.flip(0))
+    assert torch.equal(out["pair"][1], torch.zeros(5)) and out["shapes"] == [(1, 2, 2)] * 3 and out["flag"] is True
+    one = rearranged({"mask": rows[:1], "lens": (7,)}, 1)
+    assert torch.equal(one["mask"], torch.zeros(2)) and one["lens"] == (7, 7)

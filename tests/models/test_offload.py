@@ -1,6 +1,7 @@
 """models/offload.py HostBlocks: blocks kept on the host as stored, upcast while they run, pinned against .to()."""
 import copy
 
+import pytest
 import torch
 
 from tests.calib.conftest import tiny_dit
@@ -121,3 +122,32 @@ def test_the_next_block_is_staged_while_one_runs_and_the_result_is_the_same():
     assert (offload.moves, offload.staged_in, stager.in_flight) == (7, 5, 1)  # block 2 staged block 0 again
     offload.close()
     assert stager.in_flight == 0 and stager.closed
+
+
+class BrokenStager(CloneStager):
+    """Its first finished staging breaks part way through the move (a tensor that cannot be copied, as an out of
+    memory would)."""
+
+    def finish(self, pending):
+        pending = super().finish(pending)
+        if not getattr(self, "broke", False):
+            self.broke = True
+            pending = [*pending[:2], torch.empty(pending[2].shape, device="meta"), *pending[3:]]
+        return pending
+
+
+def test_a_move_that_raises_leaves_the_block_on_the_host_and_the_next_call_moves_it():
+    """A move that failed part way (out of memory in the upcast, a failed staged copy) left the block half on the
+    device and its depth at -1 (the always_call post hook sent back a block that never came in): it never moved again
+    and the run failed later with an unrelated error. Mutations caught: the call counted before the move; no
+    restore of the host tensors when the move raises."""
+    stored, fp32 = bf16_dit()
+    blocks = list(stored.blocks.named_children())
+    offload = HostBlocks(stored, blocks, "cpu", stager=BrokenStager())
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.no_grad(), pytest.raises(NotImplementedError):
+        stored(x, t, y)  # block 1's staged copies break
+    assert {p.dtype for p in stored.blocks.parameters()} == {torch.bfloat16}
+    assert set(offload._depth.values()) == {0}
+    with torch.no_grad():
+        assert torch.equal(stored(x, t, y), fp32(x, t, y))

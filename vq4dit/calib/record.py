@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vq4dit.calib.calls import flatten, map_leaves
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +164,16 @@ def slot_is_batched(t, rows):
 
 def rearranged(value, rows):
     """A model input of a call of `rows` rows with its rows reversed (rows > 1) or doubled (rows == 1): a tensor or
-    a list (Qwen-Image's per-row img_shapes, txt_seq_lens) whose length is `rows`; anything else as it is."""
+    a list or tuple (Qwen-Image's per-row img_shapes, txt_seq_lens) whose length is `rows`, also inside a dict or a
+    shorter list or tuple (attention kwargs); anything else as it is."""
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows:
         return value.flip(0) if rows > 1 else torch.cat([value, value])
-    if isinstance(value, list) and len(value) == rows:
-        return value[::-1] if rows > 1 else value * 2
+    if isinstance(value, (list, tuple)) and len(value) == rows:
+        return type(value)(value[::-1] if rows > 1 else [*value, *value])
+    if isinstance(value, (list, tuple)):
+        return type(value)(rearranged(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: rearranged(v, rows) for k, v in value.items()}
     return value
 
 
@@ -186,9 +191,11 @@ def tell_batched(recorder, call):
         with torch.no_grad(), BlockRecorder(recorder.model, recorder.blocks, lambda step: True,
                                             lambda probe: seen.update(probe.slots)):
             recorder.model(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise  # not a model that cannot take its rows rearranged: the run would fail at its next step anyway
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         logger.warning("could not rerun the model on its inputs rearranged (%s: %s); its slots are taken as "
-                       "batched by their shapes", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                       "batched by their shapes", type(e).__name__, error_detail(e))
     finally:
         recorder.muted = False
     return {key: follows_rows(t, seen.get(key), rows) for key, t in call.slots.items()}

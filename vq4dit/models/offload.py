@@ -53,17 +53,24 @@ class CudaStager:
     def __init__(self, device):
         import concurrent.futures
 
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vq4dit-stage")
+        # the worker's current device is this one: a new thread starts on cuda:0, and leaving a stream context there
+        # would open a CUDA context on GPU 0 in every torchrun rank
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", self.index)
+        self.stream = torch.cuda.Stream(self.device)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vq4dit-stage",
+                                                           initializer=torch.cuda.set_device, initargs=(self.index,))
 
-    def _copy(self, tensors):
+    def _copy(self, tensors, ready):
+        # the compute stream has passed the last upcast: the copies released then are free for these to reuse (a
+        # second block's worth otherwise, which the memory plan does not count)
+        ready.synchronize()
         with torch.cuda.stream(self.stream):
             staged = [t.to(self.device, non_blocking=True) for t in tensors]
             return staged, self.stream.record_event()
 
     def start(self, tensors):
-        return self._pool.submit(self._copy, tensors)
+        return self._pool.submit(self._copy, tensors, torch.cuda.current_stream(self.device).record_event())
 
     def finish(self, pending):
         """The staged copies, usable on the current stream (their memory kept until its work on them is done)."""
@@ -128,8 +135,8 @@ class HostBlocks:
             self._hook()
 
     def _call_in(self, block):
-        self._calls[id(block)] += 1
         self._enter(block)
+        self._calls[id(block)] += 1  # after: a move that raised leaves nothing for _call_out to send back
 
     def _call_out(self, block):
         # torch runs always_call hooks also when a pre-hook before ours raised (a probe that stops the model at this
@@ -141,13 +148,24 @@ class HostBlocks:
     def _enter(self, block):
         key = id(block)
         if self._depth[key] == 0:
-            host = self._host[key]
+            self.staged_in += self._move_in(key)
+            self.moves += 1
+            self._stage(self._next[key])  # after the move: its staged copies are released by now
+        self._depth[key] += 1
+
+    def _move_in(self, key):
+        """Block `key`'s tensors upcast onto the device (from its staged copies where they are ready); whether they
+        were. A move that raises (out of memory) leaves the block on the host, as it was."""
+        host = self._host[key]
+        try:
             staged = self._take(key)
             for (*ref, t), copy in zip(host, staged or [None] * len(host)):
                 _set(*ref, upcast(t if copy is None else copy, self.device))
-            self.moves, self.staged_in = self.moves + 1, self.staged_in + (staged is not None)
-            self._stage(self._next[key])
-        self._depth[key] += 1
+        except BaseException:
+            for *ref, t in host:
+                _set(*ref, t)
+            raise
+        return staged is not None
 
     def _take(self, key):
         """The staged copies of block `key`, or None; copies staged for another block are waited for and dropped."""
@@ -179,7 +197,8 @@ class HostBlocks:
 
     def close(self):
         if self.stager is not None:
-            self._take(None)
+            with contextlib.suppress(Exception):  # a failed copy of a block no one will run must not mask the run's end
+                self._take(None)
             self.stager.close()
         self._unhook()
         self.model, self.blocks, self._host = None, {}, {}  # no cycle keeps the host teacher alive after the run

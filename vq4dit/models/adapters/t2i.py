@@ -26,7 +26,7 @@ from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline,
 from vq4dit.models.prompts import BUILTIN_PROMPTS, prompt_list
 from vq4dit.models.sampler import sample_seed
 from vq4dit.utils import distributed
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class TextToImageAdapter(Adapter):
                 negative = self.negative(pipe, ENCODE_DEVICE)
         except TypeError as e:  # e.g. a FluxPipeline asked for SD3's three prompts
             raise UserError(f"{directory}: its {type(pipe).__name__} does not encode prompts as the {self.family} "
-                            f"transformer's pipeline does ({str(e).splitlines()[0]}); model_index.json's _class_name "
+                            f"transformer's pipeline does ({error_detail(e)}); model_index.json's _class_name "
                             "and transformer do not belong together") from None
         del pipe
         gc.collect()
