@@ -309,3 +309,26 @@ def test_a_pipeline_class_that_is_not_the_transformers_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"its FluxPipeline does not encode prompts as the sd3 transformer's "
                                         r"pipeline does \(.*prompt_3.*\); model_index.json's _class_name"):
         adapter_for(pipe.transformer)._encode_once(tmp_path, ["a cat"])
+
+
+def test_a_pipeline_saved_without_its_transformer_or_a_subclass_is_not_refused(tmp_path):
+    """pipe.transformer = None; pipe.save_pretrained(DIR) (what the project's own save_pretrained message advises)
+    writes "transformer": [null, null], and a subclass or torch.compile'd model is its class: none is refused
+    (mutations: the check without the null entry -> 'has no transformer component'; by exact class name)."""
+    import diffusers
+
+    from vq4dit.models.pipelines import check_transformer
+
+    index = {"_class_name": "FluxPipeline", "transformer": [None, None]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    check_transformer(tmp_path, nn.Linear(2, 2))
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers",
+                                                                                   "FluxTransformer2DModel"]}))
+    subclass = type("MyFlux", (diffusers.FluxTransformer2DModel,), {})
+    model = subclass.__new__(subclass)
+    check_transformer(tmp_path, model)
+    compiled = nn.Module()
+    compiled._orig_mod = model
+    check_transformer(tmp_path, compiled)
+    with pytest.raises(UserError, match="its transformer is a FluxTransformer2DModel, this model a Linear"):
+        check_transformer(tmp_path, nn.Linear(2, 2))

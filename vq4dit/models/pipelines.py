@@ -155,18 +155,33 @@ def _is_model_class(module, name):
     return isinstance(cls, type) and issubclass(cls, ModelMixin)
 
 
+def check_transformer(directory, given):
+    """Refuse a transformer `given` to a pipeline whose model_index.json names another class (sample.py --quantized
+    SD3_ART --pipeline FLUX_DIR failed deep inside the pipeline). A pipeline saved without its transformer
+    ([null, null], as `pipe.transformer = None` writes it) names none; a subclass, or a torch.compile'd model of the
+    class, is that class."""
+    import diffusers
+
+    entry = read_index(directory).get("transformer") or [None, None]
+    if given is None or entry[-1] is None:
+        return
+    name = transformer_class(directory)[1]
+    model = getattr(given, "_orig_mod", given)  # torch.compile's wrapper
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(model, cls) if isinstance(cls, type) else type(model).__name__ == name):
+        raise UserError(f"{directory}: its transformer is a {name}, this model a {type(model).__name__}; give the "
+                        "pipeline the model came from (sample.py --pipeline DIR)")
+
+
 def load_pipeline(source, device, **components):
     """The diffusers pipeline at `source` (directory or hub id) with `components` (e.g. transformer=a quantized
     model) taking the place of its own, so those are never loaded from disk; on `device`, progress bars off."""
     directory = resolve_pipeline(source)
     if directory is None:
         raise UserError(f"{source}: not a diffusers pipeline directory (no {INDEX}); pass --pipeline DIR")
-    given = components.get("transformer")
-    if given is not None and transformer_class(directory)[1] != type(given).__name__:
-        raise UserError(f"{directory}: its transformer is a {transformer_class(directory)[1]}, this model a "
-                        f"{type(given).__name__}; give the pipeline the model came from (sample.py --pipeline DIR)")
     import diffusers
 
+    check_transformer(directory, components.get("transformer"))
     name = read_index(directory)["_class_name"]
     cls = getattr(diffusers, name, None)
     if cls is None:
