@@ -380,12 +380,16 @@ def test_dry_run_refuses_a_missing_or_unreadable_ckpt(tmp_path, method):
 
 
 @pytest.mark.parametrize("given, named", [(("--image-size", 256), "image_size"), (("--model", "DiT-XL/2"), "model"),
-                                          (("--config", "dit_xl_256_w2"), "model, image_size, num_classes")])
+                                          (("--num-classes", 10, "--image-size", 32), "image_size, num_classes")])
 def test_quantize_refuses_dit_settings_with_a_pipeline(tmp_path, given, named):
-    """--model, --image-size and --num-classes (or a DiT preset's) with a diffusers pipeline did nothing and were
-    written to the artifact's config.yaml; now they are refused before anything runs, as sample.py refuses them
-    (mutation: the check left out of quantize.py -> the run goes on to load the pipeline)."""
+    """--model, --image-size and --num-classes with a diffusers pipeline did nothing and were written to the
+    artifact's config.yaml; now they are refused before anything runs, as sample.py refuses them (mutation: the
+    check left out of quantize.py -> the run goes on to load the pipeline). A DiT preset's values are not: the
+    preset may name a diffusers DiT pipeline, and no flag could unset them."""
+    from vq4dit.jobs.config import load_config
+
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     assert_user_error(run("quantize.py", "--ckpt", tmp_path / "pipe", *given, "--dry-run"),
                       f"{named}: not used with the diffusers pipeline --ckpt {tmp_path / 'pipe'}")
+    load_config("dit_xl_256_w2", {"ckpt": str(tmp_path / "pipe")}).model.check_pipeline_flags({"ckpt"})

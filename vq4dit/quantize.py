@@ -124,7 +124,7 @@ def resolved_config(pipe, config, overrides):
     if config.model.backend == "vq4dit":
         raise UserError("quantize_transformer: backend='vq4dit' maps DiT weights into the project's DiT; a "
                         "pipeline's transformer is quantized in its diffusers form: use backend='auto'")
-    config.model.check_pipeline_flags()
+    config.model.check_pipeline_flags(overrides)
     return config
 
 

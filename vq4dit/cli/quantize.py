@@ -44,8 +44,9 @@ def main(args):
     if args.json is not None and not args.dry_run:
         raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
     check_bits_alone(args)
-    config = load_config(args.config, config_overrides(args))
-    config.model.check_pipeline_flags()
+    overrides = config_overrides(args)
+    config = load_config(args.config, overrides)
+    config.model.check_pipeline_flags(overrides)
     if args.dry_run:
         print(config.to_yaml(), end="")
         if config.codebooks.bits is not None:

@@ -68,14 +68,14 @@ class ModelSpec:
                 invalid(name, getattr(self, name), f"not a regular expression ({e})")
         return self
 
-    def check_pipeline_flags(self):
-        """Refuse the project DiT's settings (model, image_size, num_classes: flags or a preset's) with a diffusers
-        pipeline checkpoint, whose transformer's config sets them (quantize.py recorded and ignored them)."""
+    def check_pipeline_flags(self, given):
+        """Refuse the project DiT's settings (model, image_size, num_classes) among the keys `given` (flags, API
+        keywords) with a diffusers pipeline checkpoint, whose transformer's config sets them (quantize.py recorded
+        and ignored them). A preset's are not refused: a DiT preset may name a diffusers DiT pipeline."""
         from vq4dit.models.pipelines import check_pipeline_flags
 
-        model = self.model if self.model != ModelSpec.model else None
-        check_pipeline_flags(self.ckpt, self.backend, {"model": model, "image_size": self.image_size,
-                                                       "num_classes": self.num_classes})
+        check_pipeline_flags(self.ckpt, self.backend, {key: getattr(self, key) for key in
+                                                       ("model", "image_size", "num_classes") if key in given})
 
 
 @dataclass
