@@ -132,6 +132,18 @@ def test_the_log_appends_each_record_once_and_replaces_the_old_one_only_when_pub
     assert not (tmp_path / STATE_DIR / LOG_NAME).exists()
 
 
+def test_a_state_saved_before_the_log_moved_into_it_keeps_its_lines(tmp_path):
+    """A calibration state saved by an earlier version kept its log beside the artifact; resuming it appends to the
+    working log, which then starts from those lines (mutation: an empty working log -> the first blocks' lines lost
+    when it is published)."""
+    (tmp_path / LOG_NAME).write_text('{"mode": "blockwise", "block": 0}\n')
+    log = CalibLog(str(tmp_path))
+    os.makedirs(tmp_path / STATE_DIR)
+    log.append("blockwise", [{"block": 1}])
+    log.publish()
+    assert [json.loads(line)["block"] for line in (tmp_path / LOG_NAME).read_text().splitlines()] == [0, 1]
+
+
 def layers_of(layer):
     return {f"blocks.0.fc.{k}": t.detach().clone() for k, t in layer.state_dict().items()}
 

@@ -142,7 +142,7 @@ class CheckpointStore:
         self.cache_dir = os.path.join(out_dir, CACHE_DIR)
         try:
             self.meta, refused = self._read_meta(overwrite), None
-        except UserError as e:
+        except Exception as e:  # a UserError, or rank 0's OSError deleting the state: every rank must stop
             self.meta, refused = None, e
         if distributed.active():
             # rank 0 alone speaks for the directory: every rank must stop with it before agree's collective, which
@@ -306,7 +306,9 @@ class CalibLog:
         """Rewritten atomically (the log is small) so a kill never leaves half a line."""
         if distributed.rank() != 0:
             return
-        old = open(self.working).read() if os.path.exists(self.working) else ""
+        # no working log yet: a state saved before the log moved into it (its lines so far are beside the artifact)
+        source = self.working if os.path.exists(self.working) else self.path
+        old = open(source).read() if os.path.exists(source) else ""
         write_text_atomic(self.working, old + "".join(json.dumps({"mode": mode, **r}) + "\n" for r in records))
 
     def publish(self):

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from vq4dit.models.checkpoint_files import DIGEST_KEY, read_state_file, state_digest
 from vq4dit.models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
 from vq4dit.models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 from vq4dit.utils.fileio import atomic_path
 from vq4dit.utils.resources import EMBEDDED_DIT
 
@@ -147,7 +147,7 @@ def _resolve(ckpt):
         return Path(snapshot_download(str(ckpt), allow_patterns=patterns))
     except Exception as e:
         raise UserError(f"checkpoint {ckpt} is not a local path and downloading it as a hub id failed: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{error_detail(e)}") from None
 
 
 def _sizes(image_size, num_classes, in_channels, state):

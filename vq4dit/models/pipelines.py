@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def resolve_pipeline(source):
         return Path(snapshot_download(str(source), ignore_patterns=DOWNLOAD_IGNORE))
     except Exception as e:
         raise UserError(f"{source} is not a local path and downloading it as a hub pipeline failed: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{error_detail(e)}") from None
 
 
 def names_pipeline(source):
@@ -112,7 +112,7 @@ def load_transformer(directory, supported=None, stored_dtype=False):
         dtype = widest_stored_dtype(Path(directory) / "transformer") if stored_dtype else None
         model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{directory}/transformer: cannot load {name} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{directory}/transformer: cannot load {name} ({error_detail(e)})") from None
     logger.info("loaded %s from %s", name, directory)
     return (model if stored_dtype else model.float()).eval()
 
@@ -189,7 +189,7 @@ def load_pipeline(source, device, **components):
     try:
         pipe = cls.from_pretrained(str(directory), **components)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{directory}: cannot load the {name} pipeline ({error_detail(e)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from vq4dit.utils.errors import UserError, check_finite_output
+from vq4dit.utils.errors import UserError, check_finite_output, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_vae(name="ema", device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise UserError(f"--vae {name}: cannot load AutoencoderKL from {source} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--vae {name}: cannot load AutoencoderKL from {source} ({error_detail(e)})") from None
     logger.info("loaded VAE %s", source)
     return vae.to(device).eval()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _check_half_on_cpu(dtype):
     except RuntimeError as e:
         name = "fp16" if dtype == torch.float16 else "bf16"
         raise UserError(f"--precision {name}: this torch build cannot run {dtype} on the CPU "
-                        f"({str(e).splitlines()[0]}); use --precision fp32") from None
+                        f"({error_detail(e)}); use --precision fp32") from None
 
 
 def resolve_precision(name, device):

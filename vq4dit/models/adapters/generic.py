@@ -46,7 +46,7 @@ from vq4dit.models.adapters.pipeline_runs import (
 from vq4dit.models.adapters.t2i import TextToImageAdapter
 from vq4dit.models.pipelines import read_index
 from vq4dit.utils import distributed
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class GenericAdapter(TextToImageAdapter):
             self.names = call_order(model, candidates(model), args, kwargs)
         except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError, KeyError) as e:
             raise UserError(f"{type(pipe).__name__} cannot run on the meta device for a memory plan "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"({type(e).__name__}: {error_detail(e)})") from None
         self.subject = model
         self.probes[plan.cfg_scale] = Probe(self.names, _rows(args, kwargs) // rows, None)
         height, width = self.height or _default(pipe, "height"), self.width or _default(pipe, "width")

@@ -7,7 +7,7 @@ from torch import nn
 from vq4dit.models.offload import HostBlocks
 from vq4dit.models.pipelines import read_index
 from vq4dit.utils.device import model_device
-from vq4dit.utils.errors import UserError
+from vq4dit.utils.errors import UserError, error_detail
 
 
 class FirstCallPerStep:
@@ -127,7 +127,7 @@ def teacher_pipeline(directory, model, text_encoders=True):
     try:
         pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model, **stand_ins)
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{directory}: cannot load the {name} pipeline ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{directory}: cannot load the {name} pipeline ({error_detail(e)})") from None
     pipe.set_progress_bar_config(disable=True)
     for key, component in pipe.components.items():
         if isinstance(component, nn.Module) and component is not model:
