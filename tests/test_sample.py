@@ -406,6 +406,7 @@ def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
     from vq4dit.jobs.sample import save_all
     from vq4dit.models.adapters.base import SampleSettings
     from vq4dit.utils.errors import UserError
+    from vq4dit.utils.imagefiles import save_samples
 
     images = np.zeros((2, 8, 8, 3), np.uint8)
     for name, prompts in (("cat", ["a cat", "a cat"]), ("car", ["a red car", "a red car"]), ("cat2", ["a cat"] * 2)):
@@ -414,6 +415,10 @@ def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
     check_pairing(tmp_path / "cat2" / "samples.npz", tmp_path / "cat" / "samples.npz")
     with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
         check_pairing(tmp_path / "car" / "samples.npz", tmp_path / "cat" / "samples.npz")
+    (tmp_path / "old").mkdir()  # an older sample.py's file records no digest: not known to differ
+    save_samples(str(tmp_path / "old"), images, np.array([0, 0]), True, {"seed": 0, "steps": 50, "cfg_scale": 1.5,
+                                                                          "num_frames": None, "vae": "ema"})
+    check_pairing(tmp_path / "old" / "samples.npz", tmp_path / "cat" / "samples.npz")
 
 
 def test_a_size_for_a_class_conditional_dit_is_refused(tmp_path, capsys):

@@ -118,6 +118,18 @@ def test_num_frames_is_refused_by_an_image_pipeline(tmp_path):
         base.adapter.blocks(base.model)
 
 
+def test_a_size_for_a_pipeline_that_takes_none_is_refused():
+    """sample.py --height with a pipeline whose __call__ has no height failed at the first draw, after the model
+    loaded (mutation: only num_frames checked against the signature)."""
+    class Fixed:
+        def __call__(self, prompt, num_inference_steps=1):
+            pass
+
+    with pytest.raises(UserError, match="^height=8: Fixed takes no size; drop it$"):
+        GenericAdapter().size_options(Fixed(), 8, None, None)
+    assert GenericAdapter().size_options(Fixed(), None, None, None) == {}
+
+
 def text_encoders():
     from transformers import PreTrainedModel
 

@@ -207,6 +207,9 @@ class GenericAdapter(TextToImageAdapter):
         parameters = inspect.signature(pipe.__call__).parameters
         if num_frames is not None and "num_frames" not in parameters:
             raise UserError(f"num_frames={num_frames}: {type(pipe).__name__} draws images, not videos")
+        fixed = [f"{k}={v}" for k, v in (("height", height), ("width", width)) if v is not None and k not in parameters]
+        if fixed:
+            raise UserError(f"{', '.join(fixed)}: {type(pipe).__name__} takes no size; drop it")
         size = {k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
         if (height or width) and "use_resolution_binning" in parameters:
             size["use_resolution_binning"] = False
