@@ -69,13 +69,14 @@ class ModelSpec:
         return self
 
     def check_pipeline_flags(self, given):
-        """Refuse the project DiT's settings (model, image_size, num_classes) among the keys `given` (flags, API
-        keywords) with a diffusers pipeline checkpoint, whose transformer's config sets them (quantize.py recorded
-        and ignored them). A preset's are not refused: a DiT preset may name a diffusers DiT pipeline."""
+        """Refuse the project DiT's settings (model, image_size, num_classes) among the values `given` {key: value
+        or None} (flags, API keywords) with a diffusers pipeline checkpoint, whose transformer's config sets them
+        (quantize.py recorded and ignored them). A preset's are not refused: a DiT preset may name a diffusers DiT
+        pipeline."""
         from vq4dit.models.pipelines import check_pipeline_flags
 
-        check_pipeline_flags(self.ckpt, self.backend, {key: getattr(self, key) for key in
-                                                       ("model", "image_size", "num_classes") if key in given})
+        keys = [key for key in ("model", "image_size", "num_classes") if given.get(key) is not None]
+        check_pipeline_flags(self.ckpt, self.backend, {key: getattr(self, key) for key in keys})
 
 
 @dataclass
