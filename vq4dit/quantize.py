@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.jobs.plan_sources import warn_preset_family
 from vq4dit.load import guard_save_pretrained
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.lora import enable_peft_lora
@@ -115,6 +116,7 @@ def resolved_config(pipe, config, overrides):
                         "ckpt (the pipeline is the model quantized)")
     values = {**overrides, "ckpt": str(source)}
     if config is None or isinstance(config, (str, os.PathLike)):
+        warn_preset_family(None if config is None else os.fspath(config), source)
         config = load_config(None if config is None else os.fspath(config), values, KEYWORDS)
     elif isinstance(config, QuantizeConfig):
         config = config.replace(KEYWORDS, **values)

@@ -287,3 +287,26 @@ def test_flags_read_by_keeps_each_flag_with_its_value_or_alone():
     argv = ["--iters", "50", "--split-qkv", "--seed", "1"]
     assert flags_read_by("rtn", argv) == ["--seed", "1"]
     assert flags_read_by("vq4dit", argv) == argv
+
+
+def test_a_preset_of_another_family_than_the_pipeline_warns(tmp_path, caplog):
+    """--config flux_dev_w2 --ckpt SD3_PIPELINE ran Flux's teacher settings (28 steps, guidance 3.5) on SD3 without a
+    word; now a warning names both classes. A pipeline of the preset's class (a fine-tune) gets none, nor does a
+    preset without a reference model (mutations: no warning; a warning whatever the class)."""
+    import json
+    import logging
+
+    from vq4dit.jobs.plan_sources import warn_preset_family
+
+    for name, cls in (("sd3", "SD3Transformer2DModel"), ("flux", "FluxTransformer2DModel")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": "P",
+                                                                      "transformer": ["diffusers", cls]}))
+    with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.plan_sources"):
+        for preset, pipe in (("flux_dev_w2", "sd3"), ("flux_dev_w2", "flux"), ("sd3_medium_w2", "sd3"),
+                             ("digits_w2", "sd3"), (None, "sd3")):
+            warn_preset_family(preset, tmp_path / pipe)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("--config flux_dev_w2 is the preset of "
+                                                     "black-forest-labs/FLUX.1-dev (a FluxTransformer2DModel); ")
+    assert "holds a SD3Transformer2DModel" in warned[0]

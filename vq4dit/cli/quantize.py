@@ -47,6 +47,9 @@ def main(args):
     overrides = config_overrides(args)
     config = load_config(args.config, overrides)
     config.model.check_pipeline_flags(overrides)
+    from vq4dit.jobs.plan_sources import warn_preset_family
+
+    warn_preset_family(args.config, config.model.ckpt)
     if args.dry_run:
         print(config.to_yaml(), end="")
         if config.codebooks.bits is not None:

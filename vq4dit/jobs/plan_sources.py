@@ -2,9 +2,12 @@
 REFERENCE_MODELS (hub ids planned without fetching anything), or a DiT spec; each built on the meta device. Also
 what a run's pipeline adds on the host: its text encoders and the libraries of its components."""
 import json
+import logging
 from pathlib import Path
 
 from vq4dit.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # published transformer configs (transformer/config.json of each hub repository; see README for how they were read)
 REFERENCE_MODELS = {
@@ -45,6 +48,30 @@ def plan_source(ckpt):
         name, config = REFERENCE_MODELS[str(ckpt)]
         return name, config, REFERENCE_VAE_FACTOR, None
     return None
+
+
+def warn_preset_family(preset, ckpt):
+    """Warn when the YAML preset at `preset` names a reference model (REFERENCE_MODELS) of another transformer class
+    than the local pipeline `ckpt` quantized with it: its teacher settings (steps, guidance, cache dtype) are that
+    model's (--config flux_dev_w2 --ckpt SD3_PIPELINE ran Flux's 28 steps at guidance 3.5 without a word). A
+    fine-tune of the preset's class is not warned about."""
+    from vq4dit.models.pipelines import transformer_class
+    from vq4dit.utils.resources import config_path
+    from vq4dit.utils.yamlfile import read_yaml
+
+    reference = str(read_yaml(config_path(preset)).get("ckpt")) if preset is not None else None
+    path = Path(str(ckpt)).expanduser() if ckpt is not None else None
+    if reference not in REFERENCE_MODELS or path is None or not (path / "model_index.json").is_file():
+        return
+    try:
+        given = transformer_class(path)[1]
+    except UserError:
+        return  # the load names what is wrong with the directory
+    expected = REFERENCE_MODELS[reference][0]
+    if given != expected:
+        logger.warning("--config %s is the preset of %s (a %s); %s holds a %s: its teacher settings (steps, "
+                       "guidance, cache dtype) are tuned for the other model", preset, reference, expected, ckpt,
+                       given)
 
 
 def meta_model(name, config):
