@@ -116,8 +116,9 @@ def resolved_config(pipe, config, overrides):
                         "ckpt (the pipeline is the model quantized)")
     values = {**overrides, "ckpt": str(source)}
     if config is None or isinstance(config, (str, os.PathLike)):
-        warn_preset_family(None if config is None else os.fspath(config), source)
-        config = load_config(None if config is None else os.fspath(config), values, KEYWORDS)
+        preset = None if config is None else os.fspath(config)
+        warn_preset_family(preset, source)
+        config = load_config(preset, values, KEYWORDS)
     elif isinstance(config, QuantizeConfig):
         config = config.replace(KEYWORDS, **values)
     else:

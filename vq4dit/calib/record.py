@@ -205,8 +205,9 @@ def follows_rows(t, probe, rows):
     """Whether slot `t` of a call of `rows` rows is batched, given `probe`, the slot when the call's inputs were
     rearranged (None: not seen, the shape decides): with one row, it doubled; with more, it changed with the order
     of the rows (a slot whose rows are all alike is taken as batched: a constant's are not)."""
-    if not slot_is_batched(t, rows) or probe is None:
-        return slot_is_batched(t, rows)
+    shaped = slot_is_batched(t, rows)
+    if not shaped or probe is None:
+        return shaped
     if rows == 1:
         return probe.shape[0] == 2
     return not torch.equal(probe, t) or torch.equal(t, t.flip(0))

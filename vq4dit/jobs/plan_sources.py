@@ -55,13 +55,13 @@ def warn_preset_family(preset, ckpt):
     than the local pipeline `ckpt` quantized with it: its teacher settings (steps, guidance, cache dtype) are that
     model's (--config flux_dev_w2 --ckpt SD3_PIPELINE ran Flux's 28 steps at guidance 3.5 without a word). A
     fine-tune of the preset's class is not warned about."""
-    from vq4dit.models.pipelines import transformer_class
+    from vq4dit.models.pipelines import is_pipeline_dir, transformer_class
     from vq4dit.utils.resources import config_path
     from vq4dit.utils.yamlfile import read_yaml
 
     reference = str(read_yaml(config_path(preset)).get("ckpt")) if preset is not None else None
     path = Path(str(ckpt)).expanduser() if ckpt is not None else None
-    if reference not in REFERENCE_MODELS or path is None or not (path / "model_index.json").is_file():
+    if reference not in REFERENCE_MODELS or path is None or not is_pipeline_dir(path):
         return
     try:
         given = transformer_class(path)[1]

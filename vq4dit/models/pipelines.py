@@ -28,8 +28,7 @@ def resolve_pipeline(source):
     path = Path(source).expanduser()
     if path.exists():
         return path if is_pipeline_dir(path) else None
-    # owner/name, but not a missing checkpoint file (hub names may hold dots: stable-diffusion-3.5-medium, FLUX.1-dev)
-    if "/" not in str(source) or str(source).count("/") != 1 or Path(source).suffix in CHECKPOINT_SUFFIXES:
+    if not hub_id_like(source):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -40,13 +39,17 @@ def resolve_pipeline(source):
                         f"{error_detail(e)}") from None
 
 
+def hub_id_like(source):
+    """Whether `source`, a path that does not exist here, reads as a hub id: owner/name, but not a missing checkpoint
+    file (hub names may hold dots: stable-diffusion-3.5-medium, FLUX.1-dev)."""
+    return str(source).count("/") == 1 and Path(source).suffix not in CHECKPOINT_SUFFIXES
+
+
 def names_pipeline(source):
     """Whether `source` names a diffusers pipeline (resolve_pipeline's test, without downloading): a local directory
     holding model_index.json, or a hub id owner/name."""
     path = Path(source).expanduser()
-    if path.exists():
-        return is_pipeline_dir(path)
-    return str(source).count("/") == 1 and Path(source).suffix not in CHECKPOINT_SUFFIXES
+    return is_pipeline_dir(path) if path.exists() else hub_id_like(source)
 
 
 def check_pipeline_flags(ckpt, backend, given):
@@ -68,6 +71,12 @@ def read_index(directory):
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a diffusers model_index.json ({e})") from None
     return index
+
+
+def names_component(directory, component):
+    """Whether model_index.json names `component` (a pipeline saved without it has [null, null] there)."""
+    entry = read_index(directory).get(component) or [None]
+    return entry[-1] is not None
 
 
 def component_class(directory, component):
@@ -162,8 +171,7 @@ def check_transformer(directory, given):
     class, is that class."""
     import diffusers
 
-    entry = read_index(directory).get("transformer") or [None, None]
-    if given is None or entry[-1] is None:
+    if given is None or not names_component(directory, "transformer"):
         return
     name = transformer_class(directory)[1]
     model = getattr(given, "_orig_mod", given)  # torch.compile's wrapper

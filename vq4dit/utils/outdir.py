@@ -103,34 +103,39 @@ def _read_marker(fd):
     return content if isinstance(content, dict) else {}
 
 
-def writer_of(out_dir):
-    """The pid of another run writing `out_dir` now (it holds the marker's lock), or None; None also inside this
-    process's own claim, whose marker names this process (its lock refuses this process's other descriptors too)."""
+@contextlib.contextmanager
+def _marker_read_only(out_dir):
+    """The marker of `out_dir` opened for reading (its descriptor), or None where there is none."""
     try:
         fd = os.open(os.path.join(out_dir, MARKER), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return None
+        yield None
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _read_marker(fd).get("pid", "unknown")
-        return None if pid == os.getpid() else pid
+        yield fd
     finally:
-        os.close(fd)  # closing drops a lock taken here
+        os.close(fd)  # closing drops a lock taken on it
+
+
+def writer_of(out_dir):
+    """The pid of another run writing `out_dir` now (it holds the marker's lock), or None; None also inside this
+    process's own claim, whose marker names this process (its lock refuses this process's other descriptors too)."""
+    with _marker_read_only(out_dir) as fd:
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_marker(fd).get("pid", "unknown")
+            return None if pid == os.getpid() else pid
     return None
 
 
 def held_by(out_dir):
     """What the marker of `out_dir` says the directory holds ("a quantized artifact", ...); None without a marker or
     when it does not say."""
-    try:
-        fd = os.open(os.path.join(out_dir, MARKER), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        return _read_marker(fd).get("tool")
-    finally:
-        os.close(fd)
+    with _marker_read_only(out_dir) as fd:
+        return None if fd is None else _read_marker(fd).get("tool")
 
 
 def _write_pid(fd, path, tool):

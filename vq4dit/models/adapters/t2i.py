@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from vq4dit.models.adapters.base import CALIB_STREAM, Adapter, ImageSampler
-from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline, to_uint8_images
+from vq4dit.models.pipelines import (
+    is_pipeline_dir,
+    load_pipeline,
+    names_component,
+    read_index,
+    resolve_pipeline,
+    to_uint8_images,
+)
 from vq4dit.models.prompts import BUILTIN_PROMPTS, prompt_list
 from vq4dit.models.sampler import sample_seed
 from vq4dit.utils import distributed
@@ -44,8 +51,7 @@ def vae_scale_factor(directory):
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        index = Path(directory) / "model_index.json"
-        if index.is_file() and (read_index(directory).get("vae") or [None])[-1] is not None:
+        if is_pipeline_dir(directory) and names_component(directory, "vae"):
             raise UserError(f"{directory}: model_index.json names a vae, but {path} cannot be read "
                             f"({type(e).__name__}); the pipeline directory is incomplete") from None
         return 8
