@@ -18,7 +18,6 @@ from PIL import Image
 from tests.cli_helpers import cli_error, leftovers
 from tests.conftest import sample_dit
 from vq4dit.cli import sample
-from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.loading import load_dit, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,54 +305,6 @@ def test_a_full_disk_at_the_npz_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     assert os.listdir(tmp_path) == []
 
 
-def video_batch():
-    return np.random.default_rng(0).integers(0, 256, (2, 3, 4, 4, 3), dtype=np.uint8)  # (N, F, H, W, 3)
-
-
-def test_a_full_disk_at_a_video_frame_leaves_no_frame_and_no_npz(tmp_path, monkeypatch):
-    """Videos are written before the npz, into a temporary directory: ENOSPC at the 4th frame is one line naming
-    out/videos, and neither frames nor samples.npz stay (mutation: frames written in place -> 3 frames left)."""
-    from vq4dit.jobs.sample import save_all
-    from vq4dit.utils.errors import UserError
-
-    real_save, calls = Image.Image.save, []
-
-    def fill_up(self, fp, *args, **kwargs):
-        calls.append(fp)
-        if len(calls) == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", fill_up)
-    with pytest.raises(UserError) as info:
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), SampleSettings(), ["a", "b"])
-    assert str(info.value).startswith(f"{tmp_path / 'videos'}: no space left on the device")
-    assert os.listdir(tmp_path) == []
-
-
-def test_videos_without_an_mp4_writer_fall_back_to_frames_with_one_warning(tmp_path, monkeypatch, caplog):
-    """imageio without its ffmpeg plugin (TiffWriter took the call and refused fps): frames, and one warning for
-    all videos (mutation: TypeError not caught -> the run fails after sampling)."""
-    import types
-
-    from vq4dit.jobs.sample import save_all
-
-    def mimwrite(path, frames, fps, format=None):
-        open(path, "wb").close()  # a writer that created its file before failing
-        raise TypeError("TiffWriter.write() got an unexpected keyword argument 'fps'")
-
-    fake = types.ModuleType("imageio")
-    fake.v2 = types.SimpleNamespace(mimwrite=mimwrite)
-    monkeypatch.setitem(sys.modules, "imageio", fake)
-    monkeypatch.setitem(sys.modules, "imageio.v2", fake.v2)
-    with caplog.at_level(logging.WARNING, logger="vq4dit.utils.imagefiles"):
-        save_all(str(tmp_path), video_batch(), np.array([0, 1]), SampleSettings(), ["a", "b"])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "TiffWriter" in warnings[0] and "PNG frames only" in warnings[0]
-    assert sorted(os.listdir(tmp_path / "videos")) == ["00000", "00001"]
-    assert sorted(os.listdir(tmp_path / "videos" / "00001")) == ["000.png", "001.png", "002.png"]
-
-
 def test_non_finite_images_are_an_error_naming_the_cause(tmp_path, monkeypatch, capsys):
     """A model that overflows (a LoRA at scale 1e30 did) gives NaN, which uint8 made black images with exit 0
     (mutation: no check in images_to_uint8)."""
@@ -396,29 +347,6 @@ def test_a_pipelines_non_finite_images_are_refused_too():
     images[1, 0, 0, 0] = np.nan
     with pytest.raises(NonFiniteOutput, match=r"^the pipeline's images hold 1 NaN/Inf value\(s\)$"):
         to_uint8_images(images)
-
-
-def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
-    """Text-to-image samples keep prompt indices in arr_1, so samples of "a red car" paired with a reference of
-    "a cat" (same seed, steps) passed the pairing check; sample.py now records a digest of the prompts (mutation:
-    the digest not recorded -> the pair accepted)."""
-    from vq4dit.evaluation.samples import check_pairing
-    from vq4dit.jobs.sample import save_all
-    from vq4dit.models.adapters.base import SampleSettings
-    from vq4dit.utils.errors import UserError
-    from vq4dit.utils.imagefiles import save_samples
-
-    images = np.zeros((2, 8, 8, 3), np.uint8)
-    for name, prompts in (("cat", ["a cat", "a cat"]), ("car", ["a red car", "a red car"]), ("cat2", ["a cat"] * 2)):
-        (tmp_path / name).mkdir()
-        save_all(str(tmp_path / name), images, np.array([0, 0]), SampleSettings(), prompts)
-    check_pairing(tmp_path / "cat2" / "samples.npz", tmp_path / "cat" / "samples.npz")
-    with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
-        check_pairing(tmp_path / "car" / "samples.npz", tmp_path / "cat" / "samples.npz")
-    (tmp_path / "old").mkdir()  # an older sample.py's file records no digest: not known to differ
-    save_samples(str(tmp_path / "old"), images, np.array([0, 0]), True, {"seed": 0, "steps": 50, "cfg_scale": 1.5,
-                                                                          "num_frames": None, "vae": "ema"})
-    check_pairing(tmp_path / "old" / "samples.npz", tmp_path / "cat" / "samples.npz")
 
 
 def test_a_size_for_a_class_conditional_dit_is_refused(tmp_path, capsys):
