@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from tests.calib.test_replay import toy_set
 from tests.conftest import free_port
 from vq4dit.calib.checkpoints import STATE_DIR, Checkpoint, CheckpointStore
-from vq4dit.calib.micro import micro_losses
 from vq4dit.calib.moments import block_input_moments
-from vq4dit.calib.replay import Replay, call_block
-from vq4dit.calib.shared import shared_input_moments, shared_loss
+from vq4dit.calib.replay import Replay
+from vq4dit.calib.shared import shared_block_loss, shared_input_moments
 from vq4dit.calib.teacher import TeacherShare
 from vq4dit.cli.quantize import build_parser, config_overrides
 from vq4dit.jobs.config import load_config
@@ -96,9 +95,13 @@ def test_a_fit_costs_more_with_more_inputs_at_the_same_weights():
     assert owner[2] == owner[3] and owner.count(owner[3]) == 2  # fc1 and fc2 together, the other three elsewhere
 
 
-def block_on(block, replay):
-    """forward(rows) of calib.shared.shared_loss: `block` on its replayed inputs."""
-    return lambda rows: call_block(block, replay, rows, "cpu")
+class Counted:
+    """shared_block_loss(...) whose forward records how many rows each call computes (`rows`)."""
+
+    def __init__(self, *args):
+        self.loss, self.rows = shared_block_loss(*args), []
+        forward = self.loss.forward
+        self.loss.forward = lambda batch, rows: self.rows.append(len(forward(batch, rows)[0])) or forward(batch, rows)
 
 
 # --- two gloo processes on the toy model ----------------------------------------------------------------------------
@@ -115,26 +118,27 @@ def _toy_worker(rank, size, port, out):
     local = {k: t[shard.rows] if cset.batched[k] else t for k, t in cset.slots.items()}
     replay = Replay(cset.calls[0], local, cset.batched, len(shard.rows))
     result = {"moments": shared_input_moments(block, name, names, replay, shard, "cpu")}
-    # the loss of a global minibatch, its gradient summed by GradSync
+    # the loss of a global minibatch, its gradient summed by GradSync: rank 0 holds 6 of its 10 rows, rank 1 4
     targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
-    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299])
-    loss = shared_loss(block_on(block, replay), [t[shard.rows] for t in targets], shard, "cpu")(idx)
+    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299, 0, 2])
+    counted = Counted(block, replay, [t[shard.rows] for t in targets], shard, "cpu")
+    loss = counted.loss(idx)
     block.zero_grad()
-    if loss.requires_grad:
-        loss.backward()
+    loss.backward()
     params = list(block.parameters())
     result["loss"] = distributed.GradSync().reduce(params, loss.detach())
     result["grads"] = [p.grad.clone() for p in params]
-    # the same in micro-batches of 3 rows (--micro-batch): rank 0 holds none of the last part's rows (6, 299)
+    # the same in micro-batches of 3 of this rank's 5 rows (--micro-batch)
     block.zero_grad()
     total = 0.0
-    mine = [t[shard.rows] for t in targets]
-    for part in micro_losses(shared_loss(block_on(block, replay), mine, shard, "cpu"), idx, 3):
-        if part.requires_grad:
-            part.backward()
+    for part in counted.loss.parts(idx, 3):
+        part.backward()
         total = total + part.detach()
     result["micro_loss"] = distributed.GradSync().reduce(params, total)
     result["micro_grads"] = [p.grad.clone() for p in params]
+    # a minibatch of 1 row (held by rank 0) leaves rank 1 nothing to compute
+    result["one_row"] = [p.requires_grad for p in counted.loss.parts(idx[:1], 3)]
+    result["rows"] = counted.rows
     # resume: rank 0 saved generation 1 and was killed waiting for rank 1, which had not saved it
     store = CheckpointStore(out, KEY)
     store.save(Checkpoint(acts={"a": torch.tensor([rank])}, wiring={}))
@@ -159,9 +163,12 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
     - the input moments of the block's Linears are bit-identical to one process's (each layer on the rank that fits
       it). Catches chunks summed per rank (a float rounding apart, which the output-aware fit turns into other
       codewords), rows gathered out of order, or the chunk's rows mis-cut;
-    - the summed per-rank loss shares and gradients equal the global minibatch's. Catches normalising by the local
-      row count, or a rank with no rows leaving the sum; and so do they accumulated over micro-batches of 3 rows
-      (--micro-batch), one of which holds no row of rank 0. Catches a part normalised by its own row count;
+    - the minibatch's 10 rows, 6 held by rank 0, are computed 5 and 5 (calib/balance.py: one row's inputs and targets
+      sent to rank 1), and the summed per-rank loss shares and gradients equal the global minibatch's. Catches
+      each rank computing the rows it holds (6 and 4), a row sent from the wrong position or received in place of
+      another, normalising by the local row count; and so do they accumulated over micro-batches of 3 of each
+      rank's rows (--micro-batch). Catches a part normalised by its own row count, or micro-batches cut from the
+      global minibatch; a 1-row minibatch leaves rank 1 one 0-d zero without gradient;
     - a rank that saved a generation the other did not goes back to the previous one. Catches resuming each rank at
       its own last checkpoint (ranks at different blocks);
     - another run's state refused by rank 0 stops every rank with a UserError. Catches rank 1 going on into agree's
@@ -178,12 +185,12 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
     assert sorted(fitted) == sorted(names) and not set(results[0]["moments"]) & set(results[1]["moments"])
     for n in names:
         assert torch.equal(fitted[n], single[n]), n
-    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299])
+    idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299, 0, 2])
     targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
     whole = distributed.RowShard(np.arange(cset.rows), cset.rows)
     replay = Replay(cset.calls[0], cset.slots, cset.batched, cset.rows)
     block.zero_grad()
-    loss = shared_loss(block_on(block, replay), targets, whole, "cpu")(idx)
+    loss = shared_block_loss(block, replay, targets, whole, "cpu")(idx)
     loss.backward()
     for r in results:
         assert torch.allclose(r["loss"], loss.detach(), rtol=1e-6)
@@ -191,6 +198,9 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
         for g, micro, p in zip(r["grads"], r["micro_grads"], block.parameters()):
             assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-8)
             assert torch.allclose(micro, p.grad, rtol=1e-5, atol=1e-8)
+    # 5 rows each (one of rank 0's sent to rank 1), then micro-batches of 3 and 2; the 1-row minibatch on rank 0
+    assert [r["rows"] for r in results] == [[5, 3, 2, 1], [5, 3, 2]]
+    assert [r["one_row"] for r in results] == [[True], [False]]
     assert [r["resumed"] for r in results] == [0, 1]
 
 

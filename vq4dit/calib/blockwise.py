@@ -22,7 +22,7 @@ from vq4dit.calib.guard import PROBE_ROWS, keep_better, starting_point
 from vq4dit.calib.metrics import layer_stats, weight_mse
 from vq4dit.calib.moments import block_input_moments
 from vq4dit.calib.replay import Replay, block_loss, call_block, rows_to, sweep
-from vq4dit.calib.shared import shared_input_moments, shared_loss
+from vq4dit.calib.shared import shared_block_loss, shared_input_moments
 from vq4dit.calib.train import Minibatches, argmax_assignment, seeded_generator, train
 from vq4dit.calib.walk import allocator
 from vq4dit.utils import distributed
@@ -53,8 +53,7 @@ def calibrate_block(problem, i, replay, targets, config, shard=None):
 
     points, sync, probe = replay.rows, None, replay
     if shard is not None:
-        loss_fn = shared_loss(lambda rows: call_block(block, replay, rows, problem.device), targets, shard,
-                              problem.device)
+        loss_fn = shared_block_loss(block, replay, targets, shard, problem.device)
         points, sync = shard.total, distributed.GradSync()
         probe = Replay(replay.call, replay.table, replay.batched, shard.below(PROBE_ROWS))  # the first global rows
     batches = Minibatches(points, config.batch_size, seeded_generator(problem.seed, BLOCK_STREAM, i))

@@ -21,8 +21,8 @@ import torch
 from vq4dit.calib.capture import CalibrationSet
 from vq4dit.calib.checkpoints import Checkpoint
 from vq4dit.calib.chunks import chain_chunk
-from vq4dit.calib.replay import run_chain, squared_error
-from vq4dit.calib.shared import shared_loss
+from vq4dit.calib.replay import block_loss, rows_to, run_chain, squared_error
+from vq4dit.calib.shared import SharedLoss
 from vq4dit.calib.train import Minibatches, seeded_generator, train
 from vq4dit.utils import distributed
 
@@ -154,8 +154,17 @@ def end_pass(problem, calls, points, config):
             measure(snapshot["iteration"])
 
     shard = points.shard
-    loss_fn = shared_loss(lambda rows: run_chain(blocks, cset, rows, device, grad=True)[-1], points.targets, shard,
-                          device)
+    if shard is None:
+        def loss_fn(idx):  # idx (B,) -> the chain's end error on the minibatch
+            outs = run_chain(blocks, cset, idx, device, grad=True)[-1]
+            return block_loss(outs, [rows_to(t, idx, device) for t in points.targets])
+    else:
+        def forward(batch, rows):  # the chain on this process's share of a minibatch (SharedLoss)
+            share = CalibrationSet(cset.calls, {**cset.slots, **batch}, cset.batched, None)
+            return run_chain(blocks, share, rows, device, grad=True)[-1]
+
+        sources = {key: t for key, t in cset.slots.items() if cset.batched[key]}
+        loss_fn = SharedLoss(forward, sources, points.targets, shard, device)
     batches = Minibatches(cset.rows if shard is None else shard.total, config.batch_size,
                           seeded_generator(problem.seed, E2E_STREAM))
     settings = dataclasses.replace(config, iters=config.e2e_iters, lr_codebook=config.e2e_lr, plateau=0.0)

@@ -2,12 +2,16 @@
 made only when the previous part's backward is done (calib.train.Trainer.step takes the parts)."""
 import contextlib
 
+from vq4dit.calib.shared import SharedLoss
 from vq4dit.utils.precision import update_autocast
 
 
 def minibatch_loss(loss_fn, idx, config, device):
     """L_d of the minibatch idx (B,) as Trainer.step takes it: loss_fn(idx) in one pass, or, with config.micro_batch
-    below B, micro_losses' parts; each forward under the update's autocast (config.step_dtype)."""
+    below B, micro_losses' parts; each forward under the update's autocast (config.step_dtype). Under torchrun
+    (calib.shared.SharedLoss) the micro-batches are of this process's share of the rows."""
+    if isinstance(loss_fn, SharedLoss):
+        return loss_fn.parts(idx, config.micro_batch, lambda: update_autocast(config.step_dtype, device))
     if config.micro_batch is None or config.micro_batch >= len(idx):
         with update_autocast(config.step_dtype, device):
             return loss_fn(idx)

@@ -1,7 +1,8 @@
 """What the processes of a torchrun calibration compute together, each on the calibration points it holds
 (utils.distributed.RowShard): a block's training loss and the input moments of its Linears.
 
-The loss: each process's share of a global minibatch's L_d (calib.train.Trainer sums them and the gradients).
+The loss: each process's share of a global minibatch's L_d (calib.train.Trainer sums them and the gradients), the
+minibatch's rows dealt evenly over the processes (calib/balance.py).
 The moments: an output-aware fit (vq/weighted_kmeans.py gptvq) turns a difference of one float32 rounding in
 E[x x^T] into other codewords, so the moments must be the single process's to the bit. One process sums x^T x
 over chunks of its rows in order; here each chunk's inputs are gathered, in the single process's row order, on the
@@ -9,30 +10,65 @@ process that fits the layer (utils.distributed.owners by weight size, as jobs/me
 fits), which sums the very same products in the same order. A row's activations do not depend on the other rows
 of its batch, so the chunk is the single process's chunk.
 """
+import contextlib
+
 import torch
 
+from vq4dit.calib.balance import RowExchange
+from vq4dit.calib.calls import leaves
 from vq4dit.calib.chunks import replay_chunk
-from vq4dit.calib.replay import call_block, rows_to, squared_error
+from vq4dit.calib.replay import Replay, call_block, squared_error
+from vq4dit.calib.tables import ref_of
 from vq4dit.utils import distributed
 from vq4dit.vq.weighted_kmeans import InputMoments
 
 
-def shared_loss(forward, targets, shard, device):
-    """loss_fn(idx) of one of several processes: its share of the error of forward(rows) -> [output tensors]
-    (a block on its replayed inputs, or the chain of blocks) against `targets` [(M, ...)] on the global minibatch idx
-    (B,): the squared errors of the rows of idx it holds (RowShard `shard`; None: all) over the element count of all
-    B rows; a 0-d zero (no gradient) when it holds none of them. Summed over the processes: the error of the
-    minibatch (calib.train.Trainer)."""
-    per_row = sum(t.shape[1:].numel() for t in targets)
+class SharedLoss:
+    """L_d of a global minibatch on one of several processes, as calib.train.Trainer takes it (through
+    calib.micro.minibatch_loss): this process's share of the minibatch's rows (calib.balance: dealt evenly, the rows
+    it does not hold received from those that do), their squared errors over the element count of all B rows, in
+    micro-batches of at most `micro_batch` rows of its share. Summed over the processes (the Trainer sums them and
+    the gradients): the single process's L_d.
 
-    def loss_fn(idx):
-        local = idx if shard is None else shard.local(idx)
-        if not len(local):
-            return torch.zeros((), device=device)
-        total, _ = squared_error(forward(local), [rows_to(t, local, device) for t in targets])
-        return total / (len(idx) * per_row)
+    forward(batch, rows) -> output tensors: the block (or chain) on `batch` {key: (n, ...)}, the batched inputs it
+    reads at this process's share of the rows, at `rows` (a slice of them). sources {key: (M_local, ...)}: those
+    inputs at the rows this process holds (RowShard `shard`); targets [(M_local, ...)]: the outputs to match there."""
 
-    return loss_fn
+    def __init__(self, forward, sources, targets, shard, device):
+        self.forward, self.sources, self.targets, self.device = forward, sources, targets, device
+        self.exchange = RowExchange(shard, device)
+        self.per_row = sum(t.shape[1:].numel() for t in targets)
+
+    def parts(self, idx, micro_batch=None, autocast=contextlib.nullcontext):
+        """L_d's parts on this process (0-d tensors, summing to its share), one per micro-batch of its rows; a part's
+        forward runs under a fresh autocast() when the generator reaches it (Trainer.step: after the previous part's
+        backward). A process computing none of the rows (B below the process count) yields a 0-d zero."""
+        taken = self.exchange.take(idx, [*self.sources.values(), *self.targets])
+        batch, targets = dict(zip(self.sources, taken)), taken[len(self.sources):]
+        n = len(targets[0])
+        if not n:
+            yield torch.zeros((), device=self.device)
+        step = micro_batch or max(n, 1)
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            with autocast():
+                total, _ = squared_error(self.forward(batch, rows), [t[rows] for t in targets])
+            yield total / (len(idx) * self.per_row)
+
+    def __call__(self, idx):
+        """This process's share of the minibatch idx's L_d, in one pass."""
+        return sum(self.parts(idx))
+
+
+def shared_block_loss(block, replay, targets, shard, device):
+    """The SharedLoss of `block` on its replayed inputs `replay` (Replay of the rows RowShard `shard` holds) against
+    `targets` [(M_local, ...)]."""
+    def forward(batch, rows):
+        return call_block(block, Replay(replay.call, {**replay.table, **batch}, replay.batched, None), rows, device)
+
+    refs = map(ref_of, leaves(replay.call.inputs))
+    sources = {ref: replay.table[ref] for ref in refs if replay.batched.get(ref, True)}  # the batched ones it reads
+    return SharedLoss(forward, sources, targets, shard, device)
 
 
 # an output-aware fit of an (out, in) Linear costs about in * out * (1 + in / FIT_IN_SCALE): the k-means terms grow

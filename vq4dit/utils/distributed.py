@@ -188,6 +188,24 @@ def broadcast_nested(value, src):
     return fill(skeleton[0])
 
 
+def exchange(outgoing, incoming, device):
+    """Point to point: send `outgoing` {destination rank: [tensors]} and receive `incoming` {source rank: [(shape,
+    dtype)]} -> {source rank: [tensors on `device`]}. Every rank calls it with its side of one plan: what a rank sends
+    to another is what that one expects from it, in order. The tensors travel on the backend's device."""
+    if not outgoing and not incoming:
+        return {}
+    comm = _comm_device(torch.empty(0, device=device))
+    ops, received = [], {}
+    for dest, tensors in sorted(outgoing.items()):
+        ops += [dist.P2POp(dist.isend, t.to(comm).contiguous(), dest) for t in tensors]
+    for src, specs in sorted(incoming.items()):
+        received[src] = [torch.empty(shape, dtype=dtype, device=comm) for shape, dtype in specs]
+        ops += [dist.P2POp(dist.irecv, t, src) for t in received[src]]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return {src: [t.to(device) for t in tensors] for src, tensors in received.items()}
+
+
 def gather_rows_to(local, dst):
     """On rank `dst`: [each rank's rows `local` (n_r, ...) as (n_r, e) tensors, e the elements per row] (n_r may be
     0, and a rank without rows need not know the rows' shape; dtypes alike); None elsewhere."""
