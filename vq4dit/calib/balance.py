@@ -56,5 +56,7 @@ class RowExchange:
                 incoming[src] = [((count, *t.shape[1:]), t.dtype) for t in tensors]
         received = distributed.exchange(outgoing, incoming, self.device)
         own = self.shard.local(idx[mine & (computer == self.rank)])
+        if not received:  # no copy of a copy
+            return [rows_to(t, own, self.device) for t in tensors]
         return [torch.cat([rows_to(t, own, self.device), *(received[src][k] for src in sorted(received))])
                 for k, t in enumerate(tensors)]

@@ -60,8 +60,10 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     import torch
     import torch.nn.functional as F
 
-    from vq4dit.calib.calls import flatten
+    from vq4dit.calib.calls import flatten, leaves
+    from vq4dit.calib.capture import storage_dtype
     from vq4dit.calib.replay import gather, squared_error
+    from vq4dit.calib.tables import ref_of
     from vq4dit.calib.train import ratio_penalty
     from vq4dit.jobs.meta_peak import LiveBytes
     from vq4dit.jobs.plan_sources import plan_device
@@ -73,11 +75,20 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     for local, full in include_block.items():
         set_submodule(student, local, _probe_layer(student.get_submodule(local), config.codebooks, sizes[full],
                                                    device))
-    rows, batched = min(calibration.batch_size, calibration.micro_batch or math.inf), replay.batched
+    processes = distributed.launched_sizes()[0]
+    share = -(-calibration.batch_size // processes)  # rows a process computes per update (calib.balance)
+    rows, batched = min(share, calibration.micro_batch or math.inf), replay.batched
     expanded = {k: t.new_empty((rows, *t.shape[1:])) if batched.get(k, True) else t for k, t in replay.table.items()}
     args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
     with torch.no_grad():
-        outputs = [t.shape for t in flatten(student(*args, **kwargs))[1]]  # the targets' shapes
+        outputs = flatten(student(*args, **kwargs))[1]
+    # under torchrun a process's share of the rows, inputs and targets as the cache stores them, is on the device for
+    # the whole update (calib.shared.SharedLoss), its micro-batches cut from it
+    read = {ref_of(node) for node in leaves(replay.call.inputs)} & {k for k in replay.table if batched.get(k, True)}
+    per_row = sum(storage_dtype(t, config.cache.dtype).itemsize * t[0].numel()
+                  for t in [*(replay.table[k] for k in read), *outputs])
+    share_bytes = share * per_row if processes > 1 else 0
+    outputs = [t.shape for t in outputs]  # the targets' shapes
     soft = [student.get_submodule(local) for local in include_block]
     params = [p for layer in soft for p in (layer.logits, layer.codebook, layer.bias) if p is not None]
     optimizer = torch.optim.RMSprop(params, foreach=device != "cpu")
@@ -105,7 +116,7 @@ def block_training_bytes(block, replay, include_block, sizes, config):
             update()  # with the first's RMSprop state and gradients held
     finally:
         F.scaled_dot_product_attention = sdpa
-    return held_bytes(active) + counter.peak
+    return held_bytes(active) + counter.peak + share_bytes
 
 
 # jobs.allocation.weight_errors' fits of one Linear at one --bits setting (k-means, decode, difference) hold at most

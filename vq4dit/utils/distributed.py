@@ -253,7 +253,7 @@ class GradSync:
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
-        return flat[offset]
+        return flat[offset].clone()  # not a view: it would keep the whole flat sum alive as long as the loss is kept
 
 
 class RowShard:
