@@ -248,9 +248,15 @@ def test_two_processes_killed_and_resumed_give_the_single_process_artifact(tmp_p
     (other rows, or a loss normalised per rank), a branch taken on one rank only, a rank resuming at another block or
     from another rank's rows, and rank 1 writing the artifact (a race) or its own checkpoints over rank 0's. The
     rerun streams the model (--stream on, which is not in the run key): streaming under torchrun builds each block's
-    layers split between the processes and lands where one unstreamed process does."""
+    layers split between the processes and lands where one unstreamed process does. The single run's log: the
+    blocks without a quantized layer make no update. Catches the walk training them (6 updates of forwards that
+    change nothing, the full --iters in a real run)."""
     single = tmp_path / "single"
     quantize(load_config(None, config_overrides(build_parser().parse_args(SMALL))), str(single), progress=False)
+    # blocks 2-5 hold no quantized layer: walked (their outputs feed the next block) without an update
+    blocks = [json.loads(line) for line in (single / "calib_log.jsonl").read_text().splitlines()]
+    assert [b["updates"] for b in blocks] == [6, 6, 0, 0, 0, 0]
+    assert all(b["mse_after"] == b["mse_before"] for b in blocks[2:])
     out = tmp_path / "two"
     kill_after_first_block(out)
     rerun = torchrun(out, "--stream", "on")  # the teacher streamed through the device (not in the run key)

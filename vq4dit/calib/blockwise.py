@@ -45,6 +45,9 @@ def calibrate_block(problem, i, replay, targets, config, shard=None):
     with argmax_assignment(modules):
         _, mse_before = sweep(block, replay, problem.device, targets=targets)
         w_before = [weight_mse(layer, problem.fp_weights[n]) for n, layer in layers.items()]
+    if not modules:  # nothing of this block is quantized (--include, --exclude): no update would change it
+        return {"mse_before": mse_before, "loss": None, "penalty": None, "updates": 0, "reverted": [],
+                "seconds": time.perf_counter() - start, "layers": {}}
     starts = starting_point(layers)
 
     def loss_fn(idx):  # idx (B,) -> L_d: error of the block's outputs vs the FP targets on the minibatch
