@@ -129,7 +129,7 @@ def main():
         "wall-clock ratios are what this machine gave, not what idle cores give. `cpu` is the CPU time of the whole "
         "command, every process together: the work, which the load does not change much; divided by the number of "
         "processes it estimates the wall time on as many idle cores (the processes wait for each other at every "
-        "update, so an uneven share of a minibatch's rows adds to it).", "",
+        "update: for the busiest one's rows before 2026-12-05, for about B / N rows each since).", "",
         f"| stage | 1 process (s) | {args.processes} processes (s) | ratio |", "|---|---|---|---|"]
     for k in ("kmeans", "record", "walk", "total", "cpu"):
         lines.append(f"| {k} | {med[1][k]:.1f} | {med[args.processes][k]:.1f} | "

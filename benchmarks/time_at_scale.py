@@ -14,7 +14,8 @@ Model, per block of a family (B = batch rows per update, P = calibration points,
   the batch, so more GPUs hardly help today's update.
 - "target": 3 x B x F FLOPs per update (forward and backward) at 30% of an H100's 989 dense bf16 TFLOP/s, split
   over N GPUs in even shares (vq4dit/calib/balance.py deals each minibatch's rows so; drawn at random, the busiest
-  of 8 GPUs would compute about 4.2 of 16 rows, 2.1x the even share), plus a ring all-reduce of the block's gradients (ratio logits, n = 2 fp32 per sub-vector) at 400 GB/s.
+  of 8 GPUs would compute about 4.2 of 16 rows, 2.1x the even share), plus a ring all-reduce of the block's
+  gradients (ratio logits, n = 2 fp32 per sub-vector) at 400 GB/s.
 - Both: 500 updates per block; 5 forward sweeps over P points per block (FP targets, argmax, final, moments,
   guard) and the teacher's recording (trajectories x steps x rows per step full-model forwards) at the target's
   rate, split over N; k-means + candidates 1.4 s per Linear (H200, issue 31), split over N by layer.
