@@ -1,5 +1,6 @@
 """models/offload.py HostBlocks: blocks kept on the host as stored, upcast while they run, pinned against .to()."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ class CloneStager:
         self.closed = True
 
 
-def test_the_next_block_is_staged_while_one_runs_and_the_result_is_the_same():
+def test_the_next_block_is_staged_while_one_runs_and_the_result_is_the_same(caplog):
     """With a stager (a GPU's copies ahead of use, models.offload.CudaStager), each block moved in stages the next
     one, the last the first: in two forwards every move but the first takes staged copies, one staging at a time,
     and the outputs equal those of the unstaged stream bit for bit. A block moved in out of order drops what was
@@ -120,8 +121,10 @@ def test_the_next_block_is_staged_while_one_runs_and_the_result_is_the_same():
         with offload.resident(blocks[2][1]) as block:
             assert torch.equal(block(h, c), fp32.blocks[2](h, c))
     assert (offload.moves, offload.staged_in, stager.in_flight) == (7, 5, 1)  # block 2 staged block 0 again
-    offload.close()
+    with caplog.at_level(logging.INFO, logger="vq4dit.models.offload"):
+        offload.close()
     assert stager.in_flight == 0 and stager.closed
+    assert "streamed 3 blocks through cpu: 7 moves, 5 of them staged ahead" in caplog.text
 
 
 class BrokenStager(CloneStager):

@@ -15,8 +15,11 @@ dtype (the memory plan counts it). A block moved in out of order (a probe, a res
 copies itself, as on a CPU, where nothing is staged.
 """
 import contextlib
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _tensors(module, recurse=True):
@@ -196,6 +199,9 @@ class HostBlocks:
             self._exit(block)
 
     def close(self):
+        if self.moves:  # on a GPU, a move not staged ahead waited for its copies: the log says how many did
+            logger.info("streamed %d blocks through %s: %d moves, %d of them staged ahead", len(self.blocks),
+                        self.device, self.moves, self.staged_in)
         if self.stager is not None:
             with contextlib.suppress(Exception):  # a failed copy of a block no one will run must not mask the run's end
                 self._take(None)
