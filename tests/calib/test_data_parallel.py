@@ -99,9 +99,20 @@ class Counted:
     """shared_block_loss(...) whose forward records how many rows each call computes (`rows`)."""
 
     def __init__(self, *args):
-        self.loss, self.rows = shared_block_loss(*args), []
-        forward = self.loss.forward
-        self.loss.forward = lambda batch, rows: self.rows.append(len(forward(batch, rows)[0])) or forward(batch, rows)
+        self.loss, self.rows, self._forward = shared_block_loss(*args), [], None
+        self._forward, self.loss.forward = self.loss.forward, self.forward
+
+    def forward(self, batch, rows):
+        outs = self._forward(batch, rows)
+        self.rows.append(len(outs[0]))
+        return outs
+
+
+def toy_targets(cset):
+    """Random targets of the toy block's two outputs at every point (rows that differ: a row taken for another
+    changes the loss)."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randn(cset.rows, *t.shape[1:], generator=generator) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
 
 
 # --- two gloo processes on the toy model ----------------------------------------------------------------------------
@@ -119,10 +130,10 @@ def _toy_worker(rank, size, port, out):
     replay = Replay(cset.calls[0], local, cset.batched, len(shard.rows))
     result = {"moments": shared_input_moments(block, name, names, replay, shard, "cpu")}
     # the loss of a global minibatch, its gradient summed by GradSync: rank 0 holds 6 of its 10 rows, rank 1 4
-    targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
+    targets = toy_targets(cset)
     idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299, 0, 2])
     counted = Counted(block, replay, [t[shard.rows] for t in targets], shard, "cpu")
-    loss = counted.loss(idx)
+    loss = sum(counted.loss.parts(idx))
     block.zero_grad()
     loss.backward()
     params = list(block.parameters())
@@ -186,11 +197,11 @@ def test_two_processes_compute_the_single_process_moments_gradients_and_resume_p
     for n in names:
         assert torch.equal(fitted[n], single[n]), n
     idx = torch.tensor([3, 17, 4, 250, 9, 11, 6, 299, 0, 2])
-    targets = [torch.zeros(cset.rows, *t.shape[1:]) for t in (cset.slots["s0.1"], cset.slots["s0.0"])]
+    targets = toy_targets(cset)
     whole = distributed.RowShard(np.arange(cset.rows), cset.rows)
     replay = Replay(cset.calls[0], cset.slots, cset.batched, cset.rows)
     block.zero_grad()
-    loss = shared_block_loss(block, replay, targets, whole, "cpu")(idx)
+    loss = sum(shared_block_loss(block, replay, targets, whole, "cpu").parts(idx))
     loss.backward()
     for r in results:
         assert torch.allclose(r["loss"], loss.detach(), rtol=1e-6)

@@ -32,7 +32,9 @@ def deal(holders, size):
 
 class RowExchange:
     """Deals each minibatch (`deal`) over the processes, one of which this is, holding the rows of RowShard `shard`
-    (the others' shards are learnt once, here, with one collective), and brings this process the rows it computes."""
+    (the others' shards are learnt here, with one collective, so every process builds it at the same point: each
+    SharedLoss does, once per block and once for the end-to-end pass), and brings this process the rows it
+    computes."""
 
     def __init__(self, shard, device):
         self.shard, self.device = shard, device
@@ -47,14 +49,17 @@ class RowExchange:
         held = self.holders[idx]
         computer = deal(held, self.size)
         mine = held == self.rank
-        outgoing = {dest: [rows_to(t, self.shard.local(idx[mine & (computer == dest)]), self.device) for t in tensors]
-                    for dest in range(self.size) if dest != self.rank and (mine & (computer == dest)).any()}
         incoming = {}
         for src in range(self.size):
             count = int(((held == src) & (computer == self.rank)).sum())
             if src != self.rank and count:
                 incoming[src] = [((count, *t.shape[1:]), t.dtype) for t in tensors]
-        received = distributed.exchange(outgoing, incoming, self.device)
+        # the rows sent are gathered in the call: freed once sent, before this process's own rows are
+        received = distributed.exchange({dest: [rows_to(t, self.shard.local(idx[mine & (computer == dest)]),
+                                                        self.device) for t in tensors]
+                                         for dest in range(self.size)
+                                         if dest != self.rank and (mine & (computer == dest)).any()},
+                                        incoming, self.device)
         own = self.shard.local(idx[mine & (computer == self.rank)])
         if not received:  # no copy of a copy
             return [rows_to(t, own, self.device) for t in tensors]

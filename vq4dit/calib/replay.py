@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vq4dit.calib.calls import flatten, unflatten
+from vq4dit.calib.calls import flatten, leaves, unflatten
 from vq4dit.calib.capture import to_cache
 from vq4dit.calib.chunks import replay_chunk
 from vq4dit.calib.tables import Out, ref_of
@@ -53,6 +53,11 @@ def gather(spec, table, batched, rows, device, dtype=torch.float32):
 
     value = unflatten(spec, leaf)
     return value["args"], value["kwargs"]
+
+
+def batched_reads(spec, table, batched):
+    """{ref: (M, ...) tensor} of `table`'s batched tensors (one row per point) that the recorded call `spec` reads."""
+    return {ref: table[ref] for ref in map(ref_of, leaves(spec)) if batched.get(ref, True)}
 
 
 def call_block(block, replay, rows, device):

@@ -15,10 +15,8 @@ import contextlib
 import torch
 
 from vq4dit.calib.balance import RowExchange
-from vq4dit.calib.calls import leaves
 from vq4dit.calib.chunks import replay_chunk
-from vq4dit.calib.replay import Replay, call_block, squared_error
-from vq4dit.calib.tables import ref_of
+from vq4dit.calib.replay import Replay, batched_reads, call_block, squared_error
 from vq4dit.utils import distributed
 from vq4dit.vq.weighted_kmeans import InputMoments
 
@@ -55,10 +53,6 @@ class SharedLoss:
                 total, _ = squared_error(self.forward(batch, rows), [t[rows] for t in targets])
             yield total / (len(idx) * self.per_row)
 
-    def __call__(self, idx):
-        """This process's share of the minibatch idx's L_d, in one pass."""
-        return sum(self.parts(idx))
-
 
 def shared_block_loss(block, replay, targets, shard, device):
     """The SharedLoss of `block` on its replayed inputs `replay` (Replay of the rows RowShard `shard` holds) against
@@ -66,9 +60,8 @@ def shared_block_loss(block, replay, targets, shard, device):
     def forward(batch, rows):
         return call_block(block, Replay(replay.call, {**replay.table, **batch}, replay.batched, None), rows, device)
 
-    refs = map(ref_of, leaves(replay.call.inputs))
-    sources = {ref: replay.table[ref] for ref in refs if replay.batched.get(ref, True)}  # the batched ones it reads
-    return SharedLoss(forward, sources, targets, shard, device)
+    return SharedLoss(forward, batched_reads(replay.call.inputs, replay.table, replay.batched), targets, shard,
+                      device)
 
 
 # an output-aware fit of an (out, in) Linear costs about in * out * (1 + in / FIT_IN_SCALE): the k-means terms grow

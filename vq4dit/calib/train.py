@@ -177,9 +177,10 @@ class Trainer:
 
     resume: a `snapshot()` taken earlier, with the layers restored to their state at that moment; the trainer
     then continues exactly as the one that took it would have.
-    sync: a utils.distributed.GradSync when several processes train the same layers on their own rows of each
-    minibatch (quantize.py under torchrun): `step` then takes this rank's share of L_d (its rows' squared errors
-    over the global minibatch's element count; a 0-d zero without gradient when it holds none of the rows), the
+    sync: a utils.distributed.GradSync when several processes train the same layers, each on its share of each
+    minibatch's rows (quantize.py under torchrun, calib.shared.SharedLoss): `step` then takes this rank's share of
+    L_d (its rows' squared errors over the global minibatch's element count; a 0-d zero without gradient when it
+    computes none of the rows), the
     gradients and L_d are summed over the ranks, and L_r joins rank 0's loss only. Every rank then holds the same
     parameters, L_r, loss and hardening decisions: none takes another branch.
     """

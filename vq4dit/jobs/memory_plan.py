@@ -281,6 +281,7 @@ def memory_plan(planned, config, runtime=None):
         table.update({Out(i, k): t for k, t in enumerate(outs)})
     batched.update({ref: True for ref in table if isinstance(ref, Out)})
     block_bytes, evaluate, soft, moments, fp_blocks, measured, linears = [], [], [], [], [], {}, []
+    updates, shares = [], []  # per block: the update's bytes, a torchrun process's share (block_training_bytes)
     for i, (name, block) in enumerate(adapter.blocks(model)):
         fp_blocks.append(sum(p.numel() * 4 for p in block.parameters()) + sum(b.numel() * b.element_size()
                                                                              for b in block.buffers()))
@@ -292,7 +293,10 @@ def memory_plan(planned, config, runtime=None):
         if key not in measured:  # blocks of one shape, called alike, are measured once
             measured[key] = (block_training_bytes(block, replay, inside, sizes, config),
                              evaluation_bytes(block, replay, rows, largest))
-        block_bytes.append(measured[key][0])
+        (update, share), _ = measured[key]
+        updates.append(update)
+        shares.append(share)
+        block_bytes.append(update + share if inside else 0)  # a block with no quantized layer makes no update
         evaluate.append(measured[key][1])
         soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
         moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)
@@ -312,7 +316,8 @@ def memory_plan(planned, config, runtime=None):
                          for name, _ in adapter.blocks(model))
     guidance = "CFG doubles the batch" if per_trajectory == 2 else "no CFG batch"
     pipeline = directory is not None or spec.ckpt in REFERENCE_MODELS
-    end_pass = sum(block_bytes) if config.calibration.e2e_iters else 0
+    # the pass: every block's activations at once, and one share of the chain's inputs and targets under torchrun
+    end_pass = sum(updates) + max(shares) if config.calibration.e2e_iters else 0
     bits = (0, 0) if codebooks.bits is None else allocation_bytes(model, (args, kwargs), probe_rows, per_trajectory,
                                                                   config, linears)
     inputs = StageInputs(

@@ -49,21 +49,23 @@ def _probe_layer(m, codebooks, size, device):
 
 
 def block_training_bytes(block, replay, include_block, sizes, config):
-    """Device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the batch size of
-    QuantizeConfig `config` (with micro_batch: at the micro-batch's rows): the most that two updates hold at once,
+    """(update, share): device bytes of calibrating `block` on the probe call `replay` (calib.replay.Replay) at the
+    rows one process computes per update (the batch size of QuantizeConfig `config`; under torchrun a process's
+    share of it, calib/balance.py; with micro_batch: at most the micro-batch's rows): `update`, the most that two
+    updates hold at once,
     run on meta as calib.train.Trainer runs them, with soft VQ layers in place of the selected Linears
     (`include_block`: their names inside the block): the minibatch's inputs and targets, the forward with
     autograd's saved tensors beside the last update's gradients, L_d and the ratio penalty L_r over every row (as
     at the start), the backward, the gradients summed over the processes under torchrun (utils.distributed.
     GradSync), and RMSprop's step and state (one tensor at a time on a CPU; on a GPU every tensor at once, as
-    torch's foreach form runs there)."""
+    torch's foreach form runs there); `share`, under torchrun, the inputs and targets of a process's share as the
+    cache stores them, on the device for the whole update (calib.shared.SharedLoss), 0 for one process."""
     import torch
     import torch.nn.functional as F
 
-    from vq4dit.calib.calls import flatten, leaves
+    from vq4dit.calib.calls import flatten
     from vq4dit.calib.capture import storage_dtype
-    from vq4dit.calib.replay import gather, squared_error
-    from vq4dit.calib.tables import ref_of
+    from vq4dit.calib.replay import batched_reads, gather, squared_error
     from vq4dit.calib.train import ratio_penalty
     from vq4dit.jobs.meta_peak import LiveBytes
     from vq4dit.jobs.plan_sources import plan_device
@@ -84,15 +86,14 @@ def block_training_bytes(block, replay, include_block, sizes, config):
         outputs = flatten(student(*args, **kwargs))[1]
     # under torchrun a process's share of the rows, inputs and targets as the cache stores them, is on the device for
     # the whole update (calib.shared.SharedLoss), its micro-batches cut from it
-    read = {ref_of(node) for node in leaves(replay.call.inputs)} & {k for k in replay.table if batched.get(k, True)}
     per_row = sum(storage_dtype(t, config.cache.dtype).itemsize * t[0].numel()
-                  for t in [*(replay.table[k] for k in read), *outputs])
+                  for t in [*batched_reads(replay.call.inputs, replay.table, batched).values(), *outputs])
     share_bytes = share * per_row if processes > 1 else 0
     outputs = [t.shape for t in outputs]  # the targets' shapes
     soft = [student.get_submodule(local) for local in include_block]
     params = [p for layer in soft for p in (layer.logits, layer.codebook, layer.bias) if p is not None]
     optimizer = torch.optim.RMSprop(params, foreach=device != "cpu")
-    sync = distributed.GradSync(collective=None) if distributed.launched_sizes()[0] > 1 else None
+    sync = distributed.GradSync(collective=None) if processes > 1 else None
     active = [torch.arange(layer.logits.shape[0], device="meta") for layer in soft]  # the free rows: all, at first
 
     def loss():  # the minibatch's inputs and targets, gathered as calib.blockwise's loss gathers them
@@ -116,7 +117,7 @@ def block_training_bytes(block, replay, include_block, sizes, config):
             update()  # with the first's RMSprop state and gradients held
     finally:
         F.scaled_dot_product_attention = sdpa
-    return held_bytes(active) + counter.peak + share_bytes
+    return held_bytes(active) + counter.peak, share_bytes
 
 
 # jobs.allocation.weight_errors' fits of one Linear at one --bits setting (k-means, decode, difference) hold at most

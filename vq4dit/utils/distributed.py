@@ -233,10 +233,10 @@ def owners(costs, world_size):
 
 class GradSync:
     """Sums the gradients of a parameter list and a loss value over the ranks in one collective per update: each
-    rank's loss is its rows' share of the global loss (their squared errors over the global element count), so the
-    sums are the gradients and loss of the global minibatch. A parameter no backward reached on this rank (it had
-    no rows in the minibatch) contributes zeros. `collective(flat)` sums a flat tensor in place over the ranks
-    (None: leaves it as it is, for the memory plan's updates on the meta device)."""
+    rank's loss is the share of the global loss of the rows it computed (their squared errors over the global
+    element count), so the sums are the gradients and loss of the global minibatch. A parameter no backward reached
+    on this rank (it computed none of the minibatch's rows) contributes zeros. `collective(flat)` sums a flat
+    tensor in place over the ranks (None: leaves it as it is, for the memory plan's updates on the meta device)."""
 
     def __init__(self, collective=all_sum_):
         self.collective = collective
@@ -259,7 +259,8 @@ class GradSync:
 class RowShard:
     """The calibration points this rank holds: `rows` (M_local,) their positions in the single-process calibration
     set, ascending, out of `total` points. A minibatch is drawn over all `total` points on every rank alike (the
-    single process's draw); each rank computes the rows of it that it holds (`local`)."""
+    single process's draw); its rows are dealt evenly over the ranks (calib/balance.py), each rank sending the
+    rows it holds (`local`) beyond its share to ranks short of theirs."""
 
     def __init__(self, rows, total):
         self.rows, self.total = torch.as_tensor(rows, dtype=torch.int64), int(total)
