@@ -1,7 +1,7 @@
 """What only a GPU shows, in one command (issue 31 item 6, issue 32 item 4): <= 8 minutes on one GPU.
 
     python benchmarks/gpu_check.py            # on a GPU: writes benchmarks/results/gpu.md and gpu.json
-    python benchmarks/gpu_check.py --smoke    # on a CPU, tiny widths: every section runs (checks the script)
+    python benchmarks/gpu_check.py --smoke    # on a CPU, tiny widths: every section runs (outputs/gpu_check_smoke.md)
 
 Sections, in order, each skipped when too little of the time budget is left, the results file rewritten after each:
 - device: measured dense GEMM TFLOP/s in fp32 (TF32 off) and bf16, the reference for "% of the chip".
@@ -73,6 +73,7 @@ class Report:
         self.sections.setdefault(section, []).append(row)
 
     def write(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with_json = os.path.splitext(self.path)[0] + ".json"
         write_text_atomic(with_json, json.dumps({"facts": self.facts, "sections": self.sections}, indent=1) + "\n")
         lines = ["# GPU check", "", f"`python benchmarks/gpu_check.py` ({__doc__.splitlines()[0]})", ""]
@@ -122,5 +123,9 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny widths, for a CPU: checks that every section runs")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--budget", type=float, default=450, help="seconds for all sections together")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu.md"))
-    main(parser.parse_args())
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/gpu.md; with --smoke "
+                        "outputs/gpu_check_smoke.md (a CPU's smoke figures are not the GPU results)")
+    args = parser.parse_args()
+    args.out = args.out or os.path.join(ROOT, *(("outputs", "gpu_check_smoke.md") if args.smoke else
+                                                ("benchmarks", "results", "gpu.md")))
+    main(args)
