@@ -48,18 +48,13 @@ class RowExchange:
         `tensors` [(M_local, ...)], its own rows first (in idx's order), then those received, by sender."""
         held = self.holders[idx]
         computer = deal(held, self.size)
-        mine = held == self.rank
-        incoming = {}
-        for src in range(self.size):
-            count = int(((held == src) & (computer == self.rank)).sum())
-            if src != self.rank and count:
-                incoming[src] = [((count, *t.shape[1:]), t.dtype) for t in tensors]
+        mine, others = held == self.rank, [r for r in range(self.size) if r != self.rank]
+        sent = {dest: self.shard.local(idx[mine & (computer == dest)]) for dest in others}
+        counts = {src: int(((held == src) & (computer == self.rank)).sum()) for src in others}
+        incoming = {src: [((count, *t.shape[1:]), t.dtype) for t in tensors] for src, count in counts.items() if count}
         # the rows sent are gathered in the call: freed once sent, before this process's own rows are
-        received = distributed.exchange({dest: [rows_to(t, self.shard.local(idx[mine & (computer == dest)]),
-                                                        self.device) for t in tensors]
-                                         for dest in range(self.size)
-                                         if dest != self.rank and (mine & (computer == dest)).any()},
-                                        incoming, self.device)
+        received = distributed.exchange({dest: [rows_to(t, rows, self.device) for t in tensors]
+                                         for dest, rows in sent.items() if len(rows)}, incoming, self.device)
         own = self.shard.local(idx[mine & (computer == self.rank)])
         if not received:  # no copy of a copy
             return [rows_to(t, own, self.device) for t in tensors]

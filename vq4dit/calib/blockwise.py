@@ -21,7 +21,7 @@ from vq4dit.calib.checkpoints import Checkpoint, layers_state, restore
 from vq4dit.calib.guard import PROBE_ROWS, keep_better, starting_point
 from vq4dit.calib.metrics import layer_stats, weight_mse
 from vq4dit.calib.moments import block_input_moments
-from vq4dit.calib.replay import Replay, block_loss, call_block, rows_to, sweep
+from vq4dit.calib.replay import Replay, call_block, rows_loss, sweep
 from vq4dit.calib.shared import shared_block_loss, shared_input_moments
 from vq4dit.calib.train import Minibatches, argmax_assignment, seeded_generator, train
 from vq4dit.calib.walk import allocator
@@ -50,10 +50,8 @@ def calibrate_block(problem, i, replay, targets, config, shard=None):
                 "seconds": time.perf_counter() - start, "layers": {}}
     starts = starting_point(layers)
 
-    def loss_fn(idx):  # idx (B,) -> L_d: error of the block's outputs vs the FP targets on the minibatch
-        outs = call_block(block, replay, idx, problem.device)
-        return block_loss(outs, [rows_to(t, idx, problem.device) for t in targets])
-
+    # L_d: the error of the block's outputs against the FP targets on a minibatch
+    loss_fn = rows_loss(lambda idx: call_block(block, replay, idx, problem.device), targets, problem.device)
     points, sync, probe = replay.rows, None, replay
     if shard is not None:
         loss_fn = shared_block_loss(block, replay, targets, shard, problem.device)

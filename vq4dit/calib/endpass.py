@@ -21,7 +21,7 @@ import torch
 from vq4dit.calib.capture import CalibrationSet
 from vq4dit.calib.checkpoints import Checkpoint
 from vq4dit.calib.chunks import chain_chunk
-from vq4dit.calib.replay import block_loss, rows_to, run_chain, squared_error
+from vq4dit.calib.replay import rows_loss, run_chain, squared_error
 from vq4dit.calib.shared import SharedLoss
 from vq4dit.calib.train import Minibatches, seeded_generator, train
 from vq4dit.utils import distributed
@@ -154,10 +154,8 @@ def end_pass(problem, calls, points, config):
             measure(snapshot["iteration"])
 
     shard = points.shard
-    if shard is None:
-        def loss_fn(idx):  # idx (B,) -> the chain's end error on the minibatch
-            outs = run_chain(blocks, cset, idx, device, grad=True)[-1]
-            return block_loss(outs, [rows_to(t, idx, device) for t in points.targets])
+    if shard is None:  # the chain's end error on a minibatch
+        loss_fn = rows_loss(lambda idx: run_chain(blocks, cset, idx, device, grad=True)[-1], points.targets, device)
     else:
         def forward(batch, rows):  # the chain on this process's share of a minibatch (SharedLoss)
             share = CalibrationSet(cset.calls, {**cset.slots, **batch}, cset.batched, None)

@@ -78,6 +78,16 @@ def block_loss(outs, targets):
     return total / count
 
 
+def rows_loss(forward, targets, device):
+    """loss_fn(idx) of one process holding every point: block_loss of forward(idx) -> output tensors (a block on its
+    replayed inputs, or the chain of blocks) against `targets` [(M, ...)] at the minibatch idx (B,)."""
+    def loss_fn(idx):
+        outs = forward(idx)
+        return block_loss(outs, [rows_to(t, idx, device) for t in targets])
+
+    return loss_fn
+
+
 @torch.no_grad()
 def sweep(block, replay, device, alloc=None, targets=None, chunk=None):
     """Run `block` over all rows in chunks of `chunk` rows (None: as many as the evaluation budget holds,
