@@ -252,16 +252,17 @@ def kill_after_first_block(out, timeout=120):
 
 def test_two_processes_killed_and_resumed_give_the_single_process_artifact(tmp_path):
     """quantize.py under torchrun with 2 gloo processes, killed after block 0 and rerun: the rerun resumes at block 1
-    and the artifact has the single process's codeword indices, codebooks within 1e-4 relative (norm of the
-    difference; measured 9e-6: the gradients summed over two processes round differently, which moves a few
-    codebook entries by one or two float16 steps of 2^-11 relative, so 1e-5 has no margin) and biases within 1e-4
-    relative (1e-6 absolute). Catches a data split that is not the single-process minibatch
-    (other rows, or a loss normalised per rank), a branch taken on one rank only, a rank resuming at another block or
-    from another rank's rows, and rank 1 writing the artifact (a race) or its own checkpoints over rank 0's. The
-    rerun streams the model (--stream on, which is not in the run key): streaming under torchrun builds each block's
-    layers split between the processes and lands where one unstreamed process does. The single run's log: the
-    blocks without a quantized layer make no update. Catches the walk training them (6 updates of forwards that
-    change nothing, the full --iters in a real run)."""
+    and the artifact has the single process's codeword indices but for at most 1 in 1000 of each layer, codebooks
+    within 1e-4 relative (norm of the difference) and biases within 1e-4 relative (1e-6 absolute). The gradients
+    summed over two processes round differently from one process's, which moves a few codebook entries by one or two
+    float16 steps of 2^-11 relative and can tip a near-tie of the hardening: measured 9e-6 and no index apart on one
+    CPU (2026-12-04), 1.4e-5 and 1 index of 12288 on another (2026-12-05). Catches a data split that is not the
+    single-process minibatch (other rows, or a loss normalised per rank), a branch taken on one rank only, a rank
+    resuming at another block or from another rank's rows, and rank 1 writing the artifact (a race) or its own
+    checkpoints over rank 0's. The rerun streams the model (--stream on, which is not in the run key): streaming
+    under torchrun builds each block's layers split between the processes and lands where one unstreamed process
+    does. The single run's log: the blocks without a quantized layer make no update. Catches the walk training them
+    (6 updates of forwards that change nothing, the full --iters in a real run)."""
     single = tmp_path / "single"
     quantize(load_config(None, config_overrides(build_parser().parse_args(SMALL))), str(single), progress=False)
     # blocks 2-5 hold no quantized layer: walked (their outputs feed the next block) without an update
@@ -284,8 +285,8 @@ def test_two_processes_killed_and_resumed_give_the_single_process_artifact(tmp_p
             assert (x.float() - y.float()).norm() <= 1e-4 * x.float().norm(), key
         elif x.is_floating_point():
             assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), key
-        else:
-            assert torch.equal(x, y), key
+        else:  # near-ties of the hardening may fall the other way
+            assert (x != y).sum() <= x.numel() // 1000, key
 
 
 def end_pass_line(log):
@@ -295,13 +296,15 @@ def end_pass_line(log):
 
 
 def test_the_end_to_end_pass_under_torchrun_is_the_single_process_pass(tmp_path, caplog):
-    """--e2e-iters under torchrun, 2 gloo processes: the pass runs over the single process's points (each process
-    its own), its chain end errors before and after are the single process's (4 significant digits, as logged), and
-    the artifact has the single process's indices, codebooks within 5e-4 relative and biases within 2e-3 relative
-    (norms of the difference; measured 6e-5 and 2.4e-4 at 12 updates: RMSprop's first updates are near sign
-    updates, so a gradient entry near zero that rounds to the other sign when summed over two processes moves by
-    the learning rate). Catches each process training on its own points (no gradient sum), the pass's points taken
-    from one process's rows as if they were all, and an end error measured on one process's points only."""
+    """--e2e-iters under torchrun, 2 gloo processes: the pass runs over the single process's points (each process its
+    own), its chain end errors before and after are the single process's (4 significant digits, as logged), and the
+    artifact has the single process's indices (but for 1 in 1000), codebooks within 2e-3 relative and biases within
+    2e-2 relative (norms of the difference; measured at 12 updates 6e-5 and 2.4e-4 on one CPU, 5.1e-4 and 5.0e-3 on
+    another: RMSprop's first updates are near sign updates, so a gradient entry near zero that rounds to the other
+    sign when summed over two processes moves by the learning rate; without the gradient sum the log line's errors
+    differ by more than 1e-3 and a bias by 3e-2). Catches each process training on its own points (no gradient sum),
+    the pass's points taken from one process's rows as if they were all, and an end error measured on one process's
+    points only."""
     flags = ["--e2e-iters", "12"]
     single = tmp_path / "single"
     caplog.set_level(logging.INFO, logger="vq4dit.calib.endpass")
@@ -319,7 +322,7 @@ def test_the_end_to_end_pass_under_torchrun_is_the_single_process_pass(tmp_path,
     for key, x in a.items():
         y = b[key]
         if x.is_floating_point():
-            bound = 5e-4 if key.endswith("codebook") else 2e-3
+            bound = 2e-3 if key.endswith("codebook") else 2e-2
             assert (x.float() - y.float()).norm() <= bound * x.float().norm(), key
-        else:
-            assert torch.equal(x, y), key
+        else:  # near-ties of the hardening may fall the other way
+            assert (x != y).sum() <= x.numel() // 1000, key
