@@ -1,6 +1,7 @@
 """The inference decode path (vq/kernels/decode.py): every codec's weight and forward against slow element-by-element
 references, bit for bit, on odd shapes, groups, every codeword width, float dtypes; one workspace buffer shared by
-all layers; a LoRA branch beside a quantized layer; autograd never sees the shared buffer."""
+all layers; a LoRA branch beside a quantized layer; autograd never sees the shared buffer. Every test runs twice:
+with the native CPU gather (vq/kernels/native.py) and with torch.index_select."""
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq4dit.vq.kernels import native
 from vq4dit.vq.kernels.decode import (
     gather_codewords,
     planned_weight,
@@ -18,6 +20,19 @@ from vq4dit.vq.kernels.decode import (
 )
 from vq4dit.vq.layer import VQLinear
 from vq4dit.vq.rtn import RTNLinear
+
+
+@pytest.fixture(autouse=True, params=["native", "index_select"])
+def gather_path(request, monkeypatch):
+    """Which gather the CPU decode takes in this test (VQ4DIT_NATIVE), plans and buffers made afresh for it."""
+    monkeypatch.setenv("VQ4DIT_NATIVE", "1" if request.param == "native" else "0")
+    native._load.cache_clear()
+    release_workspace()
+    if request.param == "native" and native.native_gather() is None:
+        pytest.skip("the native gather could not be built here (no C compiler?)")
+    yield request.param
+    native._load.cache_clear()
+    release_workspace()
 
 
 def random_vq(in_f, out_f, k, dim, groups=1, dtype=torch.float32, seed=0):
@@ -103,10 +118,10 @@ def test_gather_writes_into_the_given_buffer():
     assert result.data_ptr() == buffer.data_ptr() and torch.equal(buffer.reshape(6, 12), slow_vq_weight(layer))
 
 
-def test_layers_share_one_buffer_grown_to_the_largest():
+def test_layers_share_one_buffer_grown_to_the_largest(gather_path):
     """Three layers of different sizes in one model: outputs equal the references; the workspace holds one weight
-    buffer of the largest layer plus its int32 indices (mutations: a buffer per layer, one not grown, or one grown
-    into new memory while earlier plans keep the old -> fails)."""
+    buffer of the largest layer, plus its int32 indices where index_select gathers (mutations: a buffer per layer,
+    one not grown, or one grown into new memory while earlier plans keep the old -> fails)."""
     layers = [random_vq(16, 8, 8, 4, seed=1), random_vq(8, 40, 8, 2, groups=2, seed=2), random_rtn(40, 16, 2)]
     model = nn.Sequential(*layers)
     x = torch.randn(3, 16)
@@ -119,7 +134,8 @@ def test_layers_share_one_buffer_grown_to_the_largest():
         for _ in range(2):
             assert torch.equal(model(x), ref)
     largest = 40 * 16
-    assert workspace_bytes() == largest * 4 + (40 * 8 // 2) * 4
+    index_scratch = 0 if gather_path == "native" else (40 * 8 // 2) * 4
+    assert workspace_bytes() == largest * 4 + index_scratch
     buffer = next(b for b in workspace_tensors() if b.is_floating_point())
     with torch.no_grad():  # every layer's plan writes into that one buffer, the first layer's too (grown since)
         assert all(planned_weight(m, torch.float32, x.device).data_ptr() == buffer.data_ptr() for m in layers)
