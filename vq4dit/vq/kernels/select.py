@@ -32,6 +32,8 @@ def fused_setting():
 
 def use_fused(layer, x):
     """Whether `layer` (a QuantLinear) computes x (..., in) with its fused kernel."""
+    if not triton_available():  # first: it is cached, and reading the environment costs microseconds per layer
+        return False
     if x.device.type != "cuda":  # only the interpreter runs Triton on the CPU, and only when asked to
         if os.environ.get("TRITON_INTERPRET") != "1" or fused_setting() != "1":
             return False
