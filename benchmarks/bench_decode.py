@@ -1,19 +1,24 @@
 """Where a quantized layer's decode time goes, and what it adds to a model's forward, on this CPU.
 
-Part 1, per layer (DiT layer shapes, W2 k256 d4, random indices): thread CPU microseconds of each step of the
+Part 1, per layer (DiT layer shapes, W2 k256 d4, random indices): process CPU microseconds of each step of the
 previous decode (index_select of (k, d) codebook rows chunk by chunk, each chunk's indices cast to int32, into a
-freshly allocated weight) and of the current one (vq/kernels/decode.py: indices cast once into a reused int32
-scratch, one gather of 16-byte codewords into the reused workspace buffer), beside the layer's matmul at a batch.
+freshly allocated weight), of the index_select decode (indices cast once into a reused int32 scratch, one gather of
+16-byte codewords into the reused workspace buffer) and of the current one (vq/kernels/native.py: the uint8
+indices read as stored by a C loop), beside the layer's matmul at a batch.
 
 Part 2, per model: a full-precision DiT and a copy whose block Linears are hard VQ (random codebooks and indices,
 split qkv) or RTN W2 layers, in one process, forwards alternating FP / quantized so that both see the same load;
-thread CPU seconds, the lower decile and the median of --repeats pairs. Random weights: only time means anything.
+process CPU seconds (all its threads; other processes' jobs disturb it far less than wall time), the lower decile
+and the median of --repeats rounds. A VQ model runs twice per round: decoding with the native CPU gather (the
+default where a C compiler is found) and, as a second copy whose decode plans were made under VQ4DIT_NATIVE=0,
+with torch.index_select. Random weights: only time means anything.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_decode.py              # writes benchmarks/results/deploy_decode.md
 
 The results file is rewritten after each model row, so a run stopped early keeps what it measured.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -28,7 +33,8 @@ sys.path.insert(0, ROOT)
 
 from vq4dit.models.loading import DiTSpec  # noqa: E402
 from vq4dit.vq.apply import BLOCK_LINEARS, replace_linears  # noqa: E402
-from vq4dit.vq.kernels.decode import gather_codewords, workspace  # noqa: E402
+from vq4dit.vq.kernels import native  # noqa: E402
+from vq4dit.vq.kernels.decode import gather_plan, workspace  # noqa: E402
 from vq4dit.vq.layer import VQLinear  # noqa: E402
 from vq4dit.vq.rtn import RTNLinear  # noqa: E402
 
@@ -40,13 +46,13 @@ OLD_CHUNK = 1 << 18  # sub-vectors per index_select in the previous decode
 
 
 def micros(fn, repeats):
-    """Lower decile of `repeats` thread CPU times of fn(), in microseconds, after two warm-up calls."""
+    """Lower decile of `repeats` process CPU times of fn(), in microseconds, after two warm-up calls."""
     fn(), fn()
     times = []
     for _ in range(repeats):
-        start = time.thread_time_ns()
+        start = time.process_time_ns()
         fn()
-        times.append(time.thread_time_ns() - start)
+        times.append(time.process_time_ns() - start)
     return sorted(times)[len(times) // 10] / 1e3
 
 
@@ -62,8 +68,24 @@ def old_decode(codebook, indices):
     return out
 
 
+@contextlib.contextmanager
+def native_setting(value):
+    """Decode plans made inside take the native gather ("1") or index_select ("0"); the setting is restored after
+    (plans already made keep their gather)."""
+    previous = os.environ.get("VQ4DIT_NATIVE")
+    os.environ["VQ4DIT_NATIVE"] = value
+    native._load.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop("VQ4DIT_NATIVE") if previous is None else os.environ.update(VQ4DIT_NATIVE=previous)
+        native._load.cache_clear()
+
+
+@torch.no_grad()
 def layer_rows(repeats):
-    """{layer: {step: microseconds}} for the decode steps and the layer's matmul."""
+    """{layer: {step: microseconds}} for the decode steps and the layer's inference forward (no autograd: the
+    decode plan into the workspace) and matmul."""
     rows = {}
     for name, (in_f, out_f, m) in LAYERS.items():
         groups = 3 if name.endswith("qkv") else 1
@@ -73,6 +95,10 @@ def layer_rows(repeats):
         cb, idx, n = layer.codebook.detach(), layer.indices, layer.indices.shape[0]
         index, buffer = workspace("index", n, torch.int32, idx.device), workspace("weight", n * 4, torch.float32, "cpu")
         x, weight = torch.randn(m, in_f), layer.weight().detach()
+        plans = {}
+        for setting in ("0", "1"):  # a forward's decode with index_select, then with the native gather
+            with native_setting(setting):
+                plans[setting] = gather_plan(cb, idx, buffer.view(n, 4))
         rows[name] = {
             "previous decode (chunked row gather, fresh weight)": micros(lambda: old_decode(cb, idx), repeats),
             "  fresh weight: allocate + first write": micros(lambda: torch.empty(n * 4).fill_(0), repeats),
@@ -80,11 +106,11 @@ def layer_rows(repeats):
             "  row gather (k, 4) into a buffer": micros(
                 lambda: torch.index_select(cb[0], 0, index[:n // groups], out=buffer.view(n, 4)[:n // groups]),
                 repeats) * groups,
-            "current decode (16-byte gather into the workspace)": micros(
-                lambda: gather_codewords(cb, idx, buffer.view(n, 4)), repeats),
+            "index_select decode (16-byte gather into the workspace)": micros(plans["0"], repeats),
             "  the gather alone": micros(lambda: torch.index_select(
                 cb[0].view(torch.complex128).view(-1), 0, index[:n // groups],
                 out=buffer.view(torch.complex128)[:n // groups]), repeats) * groups,
+            "current decode: native gather, uint8 indices (no cast)": micros(plans["1"], repeats),
             "layer forward (decode + matmul)": micros(lambda: layer(x), repeats),
             "matmul alone, batch 2": micros(lambda: F.linear(x, weight, layer.bias), repeats),
         }
@@ -109,32 +135,41 @@ def quantized_copy(model, kind):
 
 
 def model_rows(args, done):
-    """Yields {model, kind, batch, fp/quantized lower decile and median ms, ratios}, FP and quantized alternating;
-    `done(row)` is called after each (the results file is rewritten, so a run cut short keeps its rows)."""
+    """Yields {model, kind, batch, lower decile and median ms of each variant, ratios to FP}, the variants alternating
+    (FP, quantized, and for VQ the index_select copy); `done(row)` is called after each (the results file is
+    rewritten, so a run cut short keeps its rows)."""
     for label in args.models:
         name, size, channels, classes = MODELS[label]
         fp = DiTSpec(name, size, classes, channels).build().eval()
         for kind in args.kinds:
-            quantized = quantized_copy(fp, kind)
+            variants = {"fp": fp, "q": quantized_copy(fp, kind)}
+            if kind == "vq":
+                variants["q_index_select"] = copy.deepcopy(variants["q"])
             for batch in args.batches:
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randn(batch, channels, size, size, generator=gen)
                 t = torch.randint(0, 1000, (batch,), generator=gen)
                 y = torch.randint(0, classes, (batch,), generator=gen)
-                times = {"fp": [], "q": []}
+                times = {key: [] for key in variants}
                 reps = max(2, args.repeats // (4 if batch > 8 else 1) // (8 if label != "embedded" else 1))
                 with torch.no_grad():
-                    fp(x, t, y), quantized(x, t, y)
-                    for _ in range(reps):
-                        for key, model in (("fp", fp), ("q", quantized)):
-                            start = time.thread_time()
+                    for key, model in variants.items():  # warm-up; makes each copy's decode plans
+                        with native_setting("0" if key == "q_index_select" else "1"):
                             model(x, t, y)
-                            times[key].append(time.thread_time() - start)
-                low = {k: sorted(v)[len(v) // 10] * 1e3 for k, v in times.items()}
-                mid = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-                done({"model": label, "kind": kind, "batch": batch, "pairs": reps, "fp_low": low["fp"],
-                      "q_low": low["q"], "fp_median": mid["fp"], "q_median": mid["q"],
-                      "ratio_low": low["q"] / low["fp"], "ratio_median": mid["q"] / mid["fp"]})
+                    for _ in range(reps):
+                        for key, model in variants.items():
+                            start = time.process_time()
+                            model(x, t, y)
+                            times[key].append(time.process_time() - start)
+                row = {"model": label, "kind": kind, "batch": batch, "pairs": reps}
+                for key, values in times.items():
+                    row[key + "_low"] = sorted(values)[len(values) // 10] * 1e3
+                    row[key + "_median"] = sorted(values)[len(values) // 2] * 1e3
+                for key in variants:
+                    if key != "fp":
+                        row[key + "_ratio_low"] = row[key + "_low"] / row["fp_low"]
+                        row[key + "_ratio_median"] = row[key + "_median"] / row["fp_median"]
+                done(row)
 
 
 def report(layers, models, args, load):
@@ -143,20 +178,26 @@ def report(layers, models, args, load):
              + "".join(f" {a}" for a in sys.argv[1:]) + "`  ",
              f"torch threads {torch.get_num_threads()}; {time.strftime('%Y-%m-%d %H:%M')}; load average (1 min) "
              f"before / after {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores (other sessions' jobs)", "",
-             "Thread CPU microseconds, lower decile of the repeats; indented rows are parts of the row above.", ""]
+             "Process CPU microseconds, lower decile of the repeats; indented rows are parts of the row above.", ""]
     names = list(layers)
     heads = [f"{n} ({LAYERS[n][1]} x {LAYERS[n][0]}, x: {LAYERS[n][2]} rows)" for n in names]
     lines += ["| step | " + " | ".join(heads) + " |", "|---|" + "---|" * len(names)]
     for step in layers[names[0]]:
         lines.append(f"| {step} | " + " | ".join(f"{layers[n][step]:.0f}" for n in names) + " |")
-    lines += ["", "Forward of a whole model, FP and quantized alternating in one process (thread CPU ms):", "",
-              "| model | quantized | batch | pairs | FP ms (low / median) | quantized ms "
-              "| quantized / FP (low / median) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Forward of a whole model, the variants alternating in one process (process CPU ms; for VQ, "
+              "the quantized model decodes with the native gather and its copy with index_select):", "",
+              "| model | quantized | batch | rounds | FP ms (low / median) | quantized ms | quantized / FP "
+              "(low / median) | index_select copy ms | index_select / FP (low / median) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in models:
-        lines.append(f"| {r['model']} | {r['kind']} W2 | {r['batch']} | {r['pairs']} | {r['fp_low']:.1f} / "
-                     f"{r['fp_median']:.1f} | {r['q_low']:.1f} / {r['q_median']:.1f} | {r['ratio_low']:.3f} / "
-                     f"{r['ratio_median']:.3f} |")
+        cells = [r["model"], f"{r['kind']} W2", r["batch"], r["pairs"], f"{r['fp_low']:.1f} / {r['fp_median']:.1f}"]
+        for key in ("q", "q_index_select"):
+            if key + "_low" in r:
+                cells += [f"{r[key + '_low']:.1f} / {r[key + '_median']:.1f}",
+                          f"**{r[key + '_ratio_low']:.3f}** / {r[key + '_ratio_median']:.3f}"]
+            else:
+                cells += ["", ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
