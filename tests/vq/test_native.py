@@ -49,8 +49,8 @@ def test_equals_the_slow_gather(bind, row, dtype, index_dtype):
 @pytest.mark.parametrize("groups,threads", [(1, 2), (1, 7), (3, 2), (3, 7)])
 def test_threads_cover_every_position_once(bind, groups, threads):
     """A large gather split over threads at uneven boundaries (n not a multiple of the thread count, shares that
-    start and end inside a group) writes every position from its group's table (mutations: a share's end off by
-    one, the last share dropped, a share starting at its group's first position -> NaN left or wrong values)."""
+    start and end inside a group) writes every position from its group's table (mutations: a share's piece of a
+    group ending one short -> NaN left; a group's table offset not scaled by the codeword width -> wrong values)."""
     n = (native.PARALLEL_MIN + 5) * groups
     table = torch.randn(groups, 256, 4).view(torch.complex128).view(groups, 256)
     indices = torch.randint(0, 256, (n,), dtype=torch.uint8)
