@@ -51,7 +51,7 @@ def test_threads_cover_every_position_once(bind, groups, threads):
     """A large gather split over threads at uneven boundaries (n not a multiple of the thread count, shares that
     start and end inside a group) writes every position from its group's table (mutations: a share's piece of a
     group ending one short -> NaN left; a group's table offset not scaled by the codeword width -> wrong values)."""
-    n = (native.PARALLEL_MIN + 5) * groups
+    n = (threads * native.PARALLEL_MIN // groups + 5) * groups  # enough codewords for `threads` threads
     table = torch.randn(groups, 256, 4).view(torch.complex128).view(groups, 256)
     indices = torch.randint(0, 256, (n,), dtype=torch.uint8)
     out = torch.full((n,), complex(float("nan"), 0), dtype=torch.complex128)

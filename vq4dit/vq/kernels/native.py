@@ -104,7 +104,8 @@ int64_t vq_gather(const void* table, int64_t k, int64_t width, const void* idx, 
 }
 """
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
-PARALLEL_MIN = 1 << 16  # codewords below which a second thread costs more (its start, ~30 us) than it saves
+PARALLEL_MIN = 1 << 16  # codewords per thread at least: a thread's start (~30 us) costs more than a smaller share
+# saves, and a machine with many cores would otherwise start dozens of threads for a middling layer
 
 
 def cache_dir():
@@ -167,21 +168,22 @@ class BoundGather:
         width = table[0, 0].nbytes if self.k else 0
         self.head = (table.data_ptr(), self.k, width, indices.data_ptr(), indices.element_size())
         self.tail = (self.n, groups)
+        self.max_threads = max(1, self.n // PARALLEL_MIN)
 
     def __call__(self, threads):
-        bad = self.fn(*self.head, self.out.data_ptr(), *self.tail, threads if self.n >= PARALLEL_MIN else 1)
+        bad = self.fn(*self.head, self.out.data_ptr(), *self.tail, min(threads, self.max_threads))
         if bad:
             raise IndexError(f"index {int(self.indices[bad - 1])} out of range for a codebook of {self.k} codewords")
         return self.out
 
 
 def native_gather():
-    """bind(table, indices, out) -> run(threads) -> out, which writes out[i] = table[g][indices[i]] (g: the group
-    of position i, the g-th n / G of them) on contiguous CPU tensors: table (G, k, ...) and out (n, ...) of one dtype
-    and row size (codebook rows, or rows viewed as one wide scalar each: see decode.gather_plan), indices (n,) of any
-    integer dtype, read as stored at each run; `threads` threads for a large n. None where the native code is not
-    available. The table and indices stay where they were at bind; out's memory is looked up at each run (a
-    workspace buffer may have grown)."""
+    """bind(table, indices, out) -> run(threads) -> out, which writes out[i] = table[g][indices[i]] (g: the group of
+    position i, the g-th n / G of them) on contiguous CPU tensors: table (G, k, ...) and out (n, ...) of one dtype
+    and row size (codebook rows, or rows viewed as one wide scalar each: see decode.gather_plan), indices (n,) of
+    any integer dtype, read as stored at each run; up to `threads` threads, each with PARALLEL_MIN codewords or
+    more. None where the native code is not available. The table and indices stay where they were at bind; out's
+    memory is looked up at each run (a workspace buffer may have grown)."""
     fn = _load()
     if fn is None:
         return None
