@@ -118,8 +118,7 @@ def cache_dir():
 
 def build(compiler, directory):
     """Compile SOURCE with `compiler` into `directory` (once per source, flags, compiler and machine type) -> the
-    library path.
-    Raises OSError or subprocess.CalledProcessError when it cannot."""
+    library path. Raises OSError or subprocess.CalledProcessError when it cannot."""
     digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine()]).encode()).hexdigest()[:16]
     path = os.path.join(directory, f"vq_gather-{digest}.so")
     if os.path.exists(path):
