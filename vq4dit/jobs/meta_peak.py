@@ -6,12 +6,29 @@ storage of one of its inputs from before (an in-place update of a weight, a view
 runs as a fused kernel (flash or memory-efficient, as CUDA runs fp32 attention and the CPU's flash kernel does): its
 output only, never the (heads, tokens, tokens) score matrix.
 """
+import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+
+def tensors_in(tree):
+    """The tensors in an ATen operation's arguments or result: a tensor, or tuples, lists and dicts of them beside
+    scalars (the only containers an operation's schema has; torch's general pytree walk costs 3x more here)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    found, stack = [], [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
 
 
 class LiveBytes(TorchDispatchMode):
@@ -20,9 +37,11 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = {}  # storage -> [bytes, tensors referring to it]
+        self.refs = {}  # id -> a weak reference to a counted tensor, whose callback uncounts it when it is freed
         self.held = self.peak = 0
 
-    def _drop(self, key):
+    def _drop(self, key, ref):
+        del self.refs[id(ref)]
         entry = self.live[key]
         entry[1] -= 1
         if entry[1] == 0:
@@ -31,20 +50,22 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key in self.live:
-                    self.live[key][1] += 1
-                elif key in inputs:  # an input's own storage (an in-place op, a view) from before: nothing new
+        inputs = None
+        for t in tensors_in(out):
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self.live:
+                self.live[key][1] += 1
+            else:
+                if inputs is None:
+                    inputs = {i.untyped_storage()._cdata for i in tensors_in((args, kwargs))}
+                if key in inputs:  # an input's own storage (an in-place op, a view) from before: nothing new
                     continue
-                else:
-                    self.live[key] = [storage.nbytes(), 1]
-                    self.held += storage.nbytes()
-                    self.peak = max(self.peak, self.held)
-                weakref.finalize(t, self._drop, key)
+                self.live[key] = [storage.nbytes(), 1]
+                self.held += storage.nbytes()
+                self.peak = max(self.peak, self.held)
+            ref = weakref.ref(t, functools.partial(self._drop, key))
+            self.refs[id(ref)] = ref
         return out
 
 
