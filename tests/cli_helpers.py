@@ -1,4 +1,8 @@
 """Running the real entry scripts in a subprocess and checking what they leave behind (issue 6)."""
+import contextlib
+import importlib
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -8,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vq4dit.models.loading import DiTSpec, save_dit
+from vq4dit.utils.cli import LOG_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 # OMP_WAIT_POLICY PASSIVE: an OpenMP thread waiting at a barrier sleeps instead of spinning; on a loaded 2-core
@@ -24,6 +29,29 @@ def run(script, *args, timeout=300, threads=1):
     env = {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+SCRIPTS = {"quantize.py": "vq4dit.cli.quantize", "sample.py": "vq4dit.cli.sample", "evaluate.py": "vq4dit.cli.evaluate"}
+
+
+def run_here(script, *args):
+    """The entry script's cli(argv) in this process, its outcome as run() reports a subprocess's (returncode, stdout,
+    stderr): a case without the 3 s of a new interpreter importing torch. stderr holds the prints and the log's
+    warnings (pytest's capture keeps the root logger at WARNING); an exception other than SystemExit propagates (the
+    test fails, as a traceback from the real script would fail it)."""
+    cli = importlib.import_module(SCRIPTS[script]).cli
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    log = logging.StreamHandler(err)
+    log.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(log)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        logging.getLogger().removeHandler(log)
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def popen(script, *args):

@@ -1,6 +1,9 @@
 """Issue 6: every bad input to quantize.py / sample.py is one `error:` line, exit 2, no traceback, no output.
 
-Each case runs the real entry script in a subprocess on a tiny checkpoint or artifact written to tmp.
+Each case runs an entry script on a tiny checkpoint or artifact written to tmp. Those that fail at load run its
+cli(argv) in this process (tests.cli_helpers.run_here: the same run_cli ending, without 3 s of a new interpreter
+importing torch); a missing checkpoint and a sound artifact's --check run the real scripts in a subprocess, as do the
+flag checks that answer before torch is imported and the file-size limit, which needs a process of its own.
 """
 import errno
 import json
@@ -12,7 +15,7 @@ import struct
 import pytest
 import torch
 
-from tests.cli_helpers import FAST, assert_user_error, leftovers, run, save_tiny_ckpt
+from tests.cli_helpers import FAST, assert_user_error, leftovers, run, run_here, save_tiny_ckpt
 from tests.conftest import randomize
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.vq.apply import quantize_linears
@@ -44,16 +47,16 @@ def copy_of(artifact, tmp_path):
     return shutil.copytree(artifact, tmp_path / "art")
 
 
-def quantize_errors(ckpt, tmp_path, *args):
+def quantize_errors(ckpt, tmp_path, *args, runner=run_here):
     out = tmp_path / "out"
-    return run("quantize.py", "--ckpt", ckpt, *FAST, *args, "--out", out), out
+    return runner("quantize.py", "--ckpt", ckpt, *FAST, *args, "--out", out), out
 
 
 # ---- quantize.py: checkpoints -------------------------------------------------------------------------------------
 
 def test_missing_checkpoint(tmp_path):
     missing = tmp_path / "missing.safetensors"
-    result, out = quantize_errors(missing, tmp_path)
+    result, out = quantize_errors(missing, tmp_path, runner=run)  # the real script's ending, in a process of its own
     assert_user_error(result, missing, "does not exist", out=out)
 
 
@@ -147,7 +150,7 @@ def test_dim_not_dividing_in_features(ckpt, tmp_path):
 def test_quantize_out_under_a_regular_file(ckpt, tmp_path):
     (tmp_path / "afile").write_text("x")
     target = tmp_path / "afile" / "sub"
-    result = run("quantize.py", "--ckpt", ckpt, *FAST, "--out", target)
+    result = run_here("quantize.py", "--ckpt", ckpt, *FAST, "--out", target)
     assert_user_error(result, target)
 
 
@@ -161,7 +164,8 @@ def test_cuda_without_gpu(ckpt, tmp_path):
 
 def sample_errors(tmp_path, *args):
     out = tmp_path / "samples"
-    return run("sample.py", *args, "--out", out, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q"), out
+    result = run_here("sample.py", *args, "--out", out, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q")
+    return result, out
 
 
 def _data_range(path, key):
@@ -264,7 +268,7 @@ def test_check_reports_a_damaged_artifact(artifact, tmp_path):
     """NaN bytes in a codebook: what sampling would load, --check refuses (sampling runs the same load)."""
     art = copy_of(artifact, tmp_path)
     path, what = _corrupt_data(art)
-    result = run("sample.py", "--quantized", art, "--check")
+    result = run_here("sample.py", "--quantized", art, "--check")
     assert_user_error(result, path, what)
     assert "ok:" not in result.stdout
 
@@ -274,8 +278,8 @@ def test_check_reports_a_damaged_artifact(artifact, tmp_path):
 def test_sample_out_under_a_regular_file(ckpt, tmp_path):
     (tmp_path / "afile").write_text("x")
     target = tmp_path / "afile" / "sub"
-    result = run("sample.py", "--ckpt", ckpt, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q",
-                 "--out", target)
+    result = run_here("sample.py", "--ckpt", ckpt, "--steps", "2", "--num-samples", "2", "--device", "cpu", "-q",
+                      "--out", target)
     assert_user_error(result, target)
     assert leftovers(tmp_path) == []
 
@@ -349,7 +353,7 @@ def test_a_file_past_the_size_limit_is_one_line_not_a_traceback(ckpt, tmp_path):
                              text=True, timeout=300,  # no .pyc: one cut by the limit would break later imports
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)))
     assert_user_error(limited, "file-size limit (ulimit -f)")
-    again = subprocess.run(argv, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = run_here("quantize.py", *argv[2:])
     assert again.returncode == 0, again.stderr[-2000:]
 
 
@@ -360,7 +364,7 @@ def test_a_file_past_the_size_limit_is_one_line_not_a_traceback(ckpt, tmp_path):
 def test_a_real_model_without_ckpt_says_ckpt_is_missing(tmp_path, script, args, asked):
     """A preset or --model of a real DiT without --ckpt blamed the embedded digits file the user never named ("is a
     16px model"; "does not match model DiT-XL/2"); now it says --ckpt is missing (mutation: the check left out)."""
-    result = run(script, *args, "--out", tmp_path / "out")
+    result = run_here(script, *args, "--out", tmp_path / "out")
     assert_user_error(result, "no --ckpt given", asked)
     assert "dit_digits" not in result.stderr
 
@@ -370,12 +374,12 @@ def test_dry_run_refuses_a_missing_or_unreadable_ckpt(tmp_path, method):
     """--dry-run passed a run that fails at once: a missing --ckpt printed the config with exit 0, and a truncated
     safetensors file got a plan for an ImageNet DiT (mutations: no existence check in plan_source; the unreadable
     header taken as a .pt checkpoint's)."""
-    assert_user_error(run("quantize.py", "--dry-run", "--method", method, "--ckpt", tmp_path / "nope.pt"),
+    assert_user_error(run_here("quantize.py", "--dry-run", "--method", method, "--ckpt", tmp_path / "nope.pt"),
                       f"checkpoint {tmp_path / 'nope.pt'} does not exist")
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
     if method != "rtn":  # rtn has no plan
-        assert_user_error(run("quantize.py", "--dry-run", "--ckpt", truncated),
+        assert_user_error(run_here("quantize.py", "--dry-run", "--ckpt", truncated),
                           f"{truncated}: not a readable safetensors file")
 
 

@@ -1,5 +1,7 @@
 """Output directories (issue 29): files vq4dit did not write are refused unless --overwrite and never replaced, and
-one run at a time writes a directory (utils/outdir.py, wired into quantize.py and QuantizedTransformer.save)."""
+one run at a time writes a directory (utils/outdir.py, wired into quantize.py and QuantizedTransformer.save). The real
+scripts run in subprocesses where a case holds a lock against them or follows the README; the other cases call their
+cli(argv) here (tests.cli_helpers.run_here)."""
 import fcntl
 import json
 import os
@@ -8,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.cli_helpers import assert_user_error, run, save_tiny_ckpt
+from tests.cli_helpers import assert_user_error, run, run_here, save_tiny_ckpt
 from tests.conftest import randomize
 from vq4dit import QuantizedTransformer
 from vq4dit.jobs.config import load_config
@@ -165,16 +167,16 @@ def test_rerunning_the_readmes_steps_into_one_directory_works(ckpt, tmp_path):
 # ---- quantize.py --------------------------------------------------------------------------------------------------
 def test_quantize_refuses_a_foreign_readme_and_keeps_it(ckpt, tmp_path):
     (tmp_path / "README.md").write_bytes(b"# my project\n")
-    result = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
+    result = run_here("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
     assert_user_error(result, tmp_path, "README.md", "not written by vq4dit")
     assert sorted(os.listdir(tmp_path)) == ["README.md"] and (tmp_path / "README.md").read_bytes() == b"# my project\n"
 
 
 def test_quantize_overwrite_writes_beside_a_foreign_file(ckpt, tmp_path):
     (tmp_path / "notes.txt").write_bytes(b"keep me\n")
-    assert_user_error(run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path), tmp_path, "notes.txt",
+    assert_user_error(run_here("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path), tmp_path, "notes.txt",
                       "--overwrite")
-    result = run("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
+    result = run_here("quantize.py", "--ckpt", ckpt, *RTN, "--out", tmp_path, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "notes.txt").read_bytes() == b"keep me\n" and load_quantized(tmp_path)[2]["layers"]
 
@@ -218,9 +220,9 @@ def test_a_rerun_says_what_it_replaces_and_leaves_no_stale_calibration_log(ckpt,
     from tests.cli_helpers import FAST
 
     out = tmp_path / "w"
-    assert run("quantize.py", "--ckpt", ckpt, *FAST, "--out", out).returncode == 0
+    assert run_here("quantize.py", "--ckpt", ckpt, *FAST, "--out", out).returncode == 0
     assert (out / "calib_log.jsonl").is_file()
-    rtn = run("quantize.py", "--ckpt", ckpt, *RTN, "--seed", 3, "--out", out)
+    rtn = run_here("quantize.py", "--ckpt", ckpt, *RTN, "--seed", 3, "--out", out)
     assert rtn.returncode == 0, rtn.stderr[-2000:]
     warned = rtn.stderr.split("replacing the artifact there, made with another config (")[1].split("\n")[0]
     assert warned.startswith("method 'vq4dit' -> 'rtn'; ") and "seed 0 -> 3" in warned, warned  # these keys first
@@ -231,7 +233,7 @@ def test_sampling_over_earlier_samples_warns(tmp_path):
     """A second sample.py into one --out (a reference set given by mistake) replaced its samples.npz silently; now a
     warning says so, and the first run says nothing (mutation: the warning left out, or given always)."""
     argv = ("sample.py", "--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "s")
-    first, second = run(*argv), run(*argv)
+    first, second = run_here(*argv), run_here(*argv)
     assert first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert "replacing the samples.npz" not in first.stderr
     assert f"{tmp_path / 's'}: replacing the samples.npz there" in second.stderr
@@ -265,7 +267,7 @@ def test_an_artifacts_model_file_given_as_ckpt_says_what_it_is(ckpt, tmp_path):
     DiT-Digits/2" (self-contradictory); it now says it is a quantized artifact and how to sample it (mutation: the
     format not looked at -> the old text)."""
     out = tmp_path / "w"
-    assert run("quantize.py", "--ckpt", ckpt, *RTN, "--out", out).returncode == 0
-    assert_user_error(run("sample.py", "--ckpt", out / "model.safetensors", "--num-samples", 2, "--steps", 2,
-                          "--device", "cpu", "--out", tmp_path / "s"),
+    assert run_here("quantize.py", "--ckpt", ckpt, *RTN, "--out", out).returncode == 0
+    assert_user_error(run_here("sample.py", "--ckpt", out / "model.safetensors", "--num-samples", 2, "--steps", 2,
+                               "--device", "cpu", "--out", tmp_path / "s"),
                       "the packed tensors of a quantized vq4dit artifact", f"sample.py --quantized {out}")

@@ -16,6 +16,7 @@ from vq4dit.utils.fileio import disk_full
 NUM_TIMESTEPS = 1000  # the DDPM training schedule that sampling respaces
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence both take 0..2^63-1
 MAX_CFG_SCALE = 100.0  # beyond any guidance used in practice (1..20); larger scales overflow fp16/bf16 outputs
+LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 
 
 def launch_rank():
@@ -28,7 +29,7 @@ def setup_logging(level=logging.INFO):
     """The scripts' log format at `level`; under torchrun ranks other than 0 log warnings and errors only (every rank
     runs the same stages, and N copies of each progress line hide the one that matters)."""
     logging.basicConfig(level=level if launch_rank() == 0 else max(level, logging.WARNING),
-                        format="%(asctime)s %(name)s %(message)s")
+                        format=LOG_FORMAT)
 
 
 class Terminated(KeyboardInterrupt):
