@@ -350,3 +350,17 @@ def test_a_bits_plan_says_it_sizes_the_layers_as_the_uniform_quantizer():
     title = dry_run_plan(load_config(overrides={"bits": 1.5})).splitlines()[0]
     assert ", --bits 1.5 (per-layer settings chosen at run time; layers and artifact sized here as W2 (k 256, d 4)" \
         in title
+
+
+def test_blocks_without_a_quantized_layer_plan_no_update():
+    """`--include '^blocks\\.[01]\\.' --dry-run` (quantize two blocks; the walk still passes the other four, without an
+    update) raised "optimizer got an empty parameter list" from the plan's training probe of block 2, and on a GPU
+    --stream auto then went without a plan (not streaming, whatever the model's size). Now such a block plans no
+    training bytes, and the selected blocks plan what they plan when every block is selected (mutation: the probe
+    run for every block -> the ValueError)."""
+    from vq4dit.jobs.memory_plan import plan_for
+
+    every = plan_for(load_config(overrides={"device": "cpu"})).inputs
+    two = plan_for(load_config(overrides={"device": "cpu", "include": r"^blocks\.[01]\."})).inputs
+    assert two.train[:2] == every.train[:2] and min(every.train) > 0
+    assert two.train[2:] == [0, 0, 0, 0]

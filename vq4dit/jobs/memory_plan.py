@@ -291,12 +291,12 @@ def memory_plan(planned, config, runtime=None):
         largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
         key = block_key(block, replay, {local: sizes[full] for local, full in inside.items()})
         if key not in measured:  # blocks of one shape, called alike, are measured once
-            measured[key] = (block_training_bytes(block, replay, inside, sizes, config),
-                             evaluation_bytes(block, replay, rows, largest))
-        (update, share), _ = measured[key]
+            training = block_training_bytes(block, replay, inside, sizes, config) if inside else (0, 0)
+            measured[key] = (training, evaluation_bytes(block, replay, rows, largest))
+        (update, share), _ = measured[key]  # a block with no quantized layer makes no update
         updates.append(update)
         shares.append(share)
-        block_bytes.append(update + share if inside else 0)  # a block with no quantized layer makes no update
+        block_bytes.append(update + share)
         evaluate.append(measured[key][1])
         soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
         moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)
