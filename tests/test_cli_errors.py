@@ -154,6 +154,17 @@ def test_quantize_out_under_a_regular_file(ckpt, tmp_path):
     assert_user_error(result, target)
 
 
+@pytest.mark.parametrize("flags, named", [(("--include", "^nothing"), "--include '^nothing'"),
+                                          (("--exclude", ".", "--dry-run"), "--exclude '.'")])
+def test_a_selection_of_no_layer_names_the_flags(ckpt, tmp_path, flags, named):
+    """--include / --exclude that select no Linear: the run said "include pattern '^(?=.*?(?:^nothing))' matches no
+    nn.Linear" (the combined regex, not what the user typed), and --dry-run ended in a ZeroDivisionError traceback.
+    Now both name the flags and show how the layers are named (mutations: the plan not checking -> the traceback;
+    the combined pattern in the message)."""
+    result, out = quantize_errors(ckpt, tmp_path, *flags)
+    assert_user_error(result, f"no nn.Linear of the model matches {named}", "blocks.0.attn.qkv", out=out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_gpu(ckpt, tmp_path):
     result, out = quantize_errors(ckpt, tmp_path, "--device", "cuda")

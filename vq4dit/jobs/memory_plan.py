@@ -242,7 +242,7 @@ def memory_plan(planned, config, runtime=None):
     from vq4dit.calib.walk import WalkPlan, walk_peaks
     from vq4dit.jobs.methods import method_for
     from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
-    from vq4dit.models.adapters.base import linear_pattern
+    from vq4dit.models.adapters.base import selected_pattern
 
     model, adapter, vae_factor, tokens, directory = (planned.model, planned.adapter, planned.vae_factor,
                                                      planned.tokens, planned.directory)
@@ -274,7 +274,7 @@ def memory_plan(planned, config, runtime=None):
     walk_plan = WalkPlan(live.calls, batched, rows, mode.sequential(config.calibration))
     walk = walk_peaks(walk_plan, stored_slots, live.outputs, cache_dtype)
 
-    include = linear_pattern(adapter.quant_include(model), spec.include, spec.exclude)
+    include = selected_pattern(adapter, model, spec.include, spec.exclude)
     sizes = layer_sizes(model, include, codebooks, method_for(config.method, codebooks).candidates)
     table = dict(live.slots)
     for i, outs in enumerate(live.outputs):

@@ -36,7 +36,7 @@ from vq4dit.jobs.fit import fit_to_device
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
 from vq4dit.jobs.streaming import StreamedModel
-from vq4dit.models.adapters.base import linear_pattern, outside_blocks
+from vq4dit.models.adapters.base import outside_blocks, selected_pattern
 from vq4dit.models.adapters.load import load_model
 from vq4dit.models.offload import HostBlocks
 from vq4dit.models.prompts import read_prompts
@@ -191,7 +191,7 @@ def load(spec, device, loaded=None, stream=False):
         base.model.to(device)
     offload = HostBlocks(base.model, base.adapter.stream_blocks(base.model), device) if stream else None
     extra = base.adapter.bind(base.extra, prompts, spec.height, spec.width, spec.num_frames)
-    include = linear_pattern(base.adapter.quant_include(base.model), spec.include, spec.exclude)
+    include = selected_pattern(base.adapter, base.model, spec.include, spec.exclude)
     return base, include, extra, offload
 
 

@@ -144,6 +144,19 @@ def linear_pattern(default, include=None, exclude=None):
     return f"^{keep}(?!.*?(?:{exclude}))" if exclude else f"^{keep}"
 
 
+def selected_pattern(adapter, model, include=None, exclude=None):
+    """linear_pattern of Adapter `adapter`'s rule for `model` and the user's --include / --exclude; a UserError
+    naming the flags, with a few of the model's Linear names, when it selects no nn.Linear of `model`."""
+    pattern = linear_pattern(adapter.quant_include(model), include, exclude)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(re.search(pattern, n) for n in names):
+        given = " and ".join(f"--{flag} {value!r}" for flag, value in (("include", include), ("exclude", exclude))
+                             if value)
+        raise UserError(f"no nn.Linear of the model matches {given or 'the model rule'}; its {len(names)} Linears "
+                        f"are named like {', '.join(names[:3])}")
+    return pattern
+
+
 def outside_blocks(adapter, model, pattern):
     """Qualified names of the Linears `pattern` selects that lie outside the transformer blocks (calibration
     replays block calls only, so these keep their k-means codebooks uncalibrated)."""
