@@ -267,6 +267,18 @@ def test_damaged_artifact(artifact, tmp_path, damage):
     assert_user_error(result, path, what, out=out)
 
 
+@pytest.mark.parametrize("name", [MODEL_FILE, QUANT_FILE])
+def test_a_file_of_an_artifact_given_as_quantized_names_its_directory(artifact, ckpt, tmp_path, name):
+    """--quantized ART/model.safetensors (a file where the directory belongs) said "give an artifact directory
+    written by quantize.py", as for any file; it now names ART, and any other file keeps the general hint
+    (mutation: the artifact's directory named for every file)."""
+    result, out = sample_errors(tmp_path, "--quantized", artifact / name)
+    assert_user_error(result, f"{artifact / name}: not a directory; give the artifact's directory, {artifact}",
+                      out=out)
+    result, out = sample_errors(tmp_path, "--quantized", ckpt)
+    assert_user_error(result, f"{ckpt}: not a directory; give an artifact directory written by quantize.py", out=out)
+
+
 def test_check_reports_a_sound_artifact(artifact, tmp_path):
     result = run("sample.py", "--quantized", artifact, "--check")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -297,7 +297,11 @@ def load_quantized(out_dir, device="cpu", decode=False):
     """
     out_dir = os.fspath(out_dir)
     if not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir}: not a directory; give an artifact directory written by quantize.py")
+        parent = os.path.dirname(out_dir) or "."
+        inside = os.path.basename(out_dir) in ARTIFACT_FILES and os.path.isfile(os.path.join(parent, QUANT_FILE))
+        hint = (f"give the artifact's directory, {parent}" if inside
+                else "give an artifact directory written by quantize.py")
+        raise UserError(f"{out_dir}: not a directory; {hint}")
     quant_path, model_path = os.path.join(out_dir, QUANT_FILE), os.path.join(out_dir, MODEL_FILE)
     quant = read_quant_config(out_dir)
     check_config_file(out_dir, quant)
