@@ -356,8 +356,9 @@ def test_blocks_without_a_quantized_layer_plan_no_update():
     """`--include '^blocks\\.[01]\\.' --dry-run` (quantize two blocks; the walk still passes the other four, without an
     update) raised "optimizer got an empty parameter list" from the plan's training probe of block 2, and on a GPU
     --stream auto then went without a plan (not streaming, whatever the model's size). Now such a block plans no
-    training bytes, and the selected blocks plan what they plan when every block is selected (mutation: the probe
-    run for every block -> the ValueError)."""
+    update in the walk (what the end-to-end pass holds through it: test_memory_plan_vs_runs), and the selected
+    blocks plan what they plan when every block is selected (mutation: the probe's optimizer built without
+    parameters -> the ValueError)."""
     from vq4dit.jobs.memory_plan import plan_for
 
     every = plan_for(load_config(overrides={"device": "cpu"})).inputs

@@ -291,12 +291,12 @@ def memory_plan(planned, config, runtime=None):
         largest = max([sizes[f]["fp"] for f in inside.values()], default=0)
         key = block_key(block, replay, {local: sizes[full] for local, full in inside.items()})
         if key not in measured:  # blocks of one shape, called alike, are measured once
-            training = block_training_bytes(block, replay, inside, sizes, config) if inside else (0, 0)
-            measured[key] = (training, evaluation_bytes(block, replay, rows, largest))
-        (update, share), _ = measured[key]  # a block with no quantized layer makes no update
-        updates.append(update)
+            measured[key] = (block_training_bytes(block, replay, inside, sizes, config),
+                             evaluation_bytes(block, replay, rows, largest))
+        (update, share), _ = measured[key]
+        updates.append(update)  # a block with no quantized layer: what the end-to-end pass holds through it
         shares.append(share)
-        block_bytes.append(update + share)
+        block_bytes.append(update + share if inside else 0)  # ... and no update of its own in the walk
         evaluate.append(measured[key][1])
         soft.append(sum(sizes[f]["soft"] - sizes[f]["hard"] for f in inside.values()))
         moments.append(sum(block.get_submodule(local).in_features ** 2 * 8 for local in inside)

@@ -92,7 +92,11 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     outputs = [t.shape for t in outputs]  # the targets' shapes
     soft = [student.get_submodule(local) for local in include_block]
     params = [p for layer in soft for p in (layer.logits, layer.codebook, layer.bias) if p is not None]
-    optimizer = torch.optim.RMSprop(params, foreach=device != "cpu")
+    if not params:  # no quantized layer: only the end-to-end pass trains through the block, back to the blocks
+        # before it, holding what autograd saves for its inputs' gradients
+        expanded = {k: t.requires_grad_() if batched.get(k, True) and t.is_floating_point() else t
+                    for k, t in expanded.items()}
+    optimizer = torch.optim.RMSprop(params, foreach=device != "cpu") if params else None
     sync = distributed.GradSync(collective=None) if processes > 1 else None
     active = [torch.arange(layer.logits.shape[0], device="meta") for layer in soft]  # the free rows: all, at first
 
@@ -104,8 +108,14 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     def update():  # Trainer.step's order: the forward runs beside the last update's gradients (a micro-batch after
         # the first, beside this update's), freed before the backward
         first = loss()
+        penalty = ratio_penalty(soft, calibration.ratio_reg, active)  # None without quantized layers
+        if optimizer is None:
+            first.backward()
+            for t in expanded.values():
+                t.grad = None  # the inputs' gradients pass on to the block before; nothing keeps them
+            return
         optimizer.zero_grad(set_to_none=True)
-        (first + calibration.lambda_r * ratio_penalty(soft, calibration.ratio_reg, active)).backward()
+        (first + calibration.lambda_r * penalty).backward()
         if sync is not None:
             sync.reduce(params, first.detach())
         optimizer.step()
