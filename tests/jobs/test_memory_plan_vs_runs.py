@@ -7,6 +7,18 @@ import torch
 from vq4dit.jobs.config import load_config
 
 
+def counting(fn, peaks):
+    """fn, each call's peak of live bytes (jobs.meta_peak.LiveBytes, on real tensors) appended to `peaks`."""
+    from vq4dit.jobs.meta_peak import LiveBytes
+
+    def counted(*args, **kwargs):
+        with LiveBytes() as counter:
+            out = fn(*args, **kwargs)
+        peaks.append(counter.peak)
+        return out
+    return counted
+
+
 @pytest.mark.parametrize("source, micro_batch, shared", [("embedded", None, False), ("embedded", 4, False),
                                                          ("flux", None, False), ("embedded", 4, True)])
 def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, micro_batch, shared, tmp_path,
@@ -32,7 +44,6 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
     import vq4dit.calib.blockwise as blockwise
     from tests.models.tiny_t2i import PROMPTS, save_tiny_t2i_pipeline
     from vq4dit.jobs.memory_plan import plan_for
-    from vq4dit.jobs.meta_peak import LiveBytes
     from vq4dit.jobs.quantize import quantize
     from vq4dit.utils import distributed
     from vq4dit.utils.distributed import RowShard
@@ -51,13 +62,7 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
                             calibrate_block(problem, i, replay, targets, config,
                                             RowShard(torch.arange(replay.rows), replay.rows)))
 
-    def counted(*args, **kwargs):
-        with LiveBytes() as counter:
-            out = train(*args, **kwargs)
-        measured.append(counter.peak)
-        return out
-
-    with mock.patch.object(blockwise, "train", counted):
+    with mock.patch.object(blockwise, "train", counting(train, measured)):
         quantize(config, str(tmp_path / "out"), progress=False)
     if shared:
         monkeypatch.setattr(distributed, "launched_sizes", lambda: (2, 2))
@@ -130,20 +135,12 @@ def test_the_plans_end_pass_holds_a_real_one_through_blocks_without_quantized_la
 
     import vq4dit.calib.endpass as endpass
     from vq4dit.jobs.memory_plan import plan_for
-    from vq4dit.jobs.meta_peak import LiveBytes
     from vq4dit.jobs.quantize import quantize
 
     config = load_config(overrides={"steps": 4, "calib_timesteps": 2, "kmeans_iters": 2, "iters": 2, "e2e_iters": 2,
                                     "calib_samples": 8, "device": "cpu", "include": r"^blocks\.[03]\."})
-    peaks, train = [], endpass.train
-
-    def counted(*args, **kwargs):
-        with LiveBytes() as counter:
-            out = train(*args, **kwargs)
-        peaks.append(counter.peak)
-        return out
-
-    with mock.patch.object(endpass, "train", counted):
+    peaks = []
+    with mock.patch.object(endpass, "train", counting(endpass.train, peaks)):
         quantize(config, str(tmp_path / "out"), progress=False)
     planned = plan_for(config).inputs.end_pass
     assert peaks[0] <= planned <= 1.6 * peaks[0], (peaks, planned)
