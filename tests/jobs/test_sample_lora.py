@@ -54,10 +54,10 @@ def test_cli_lora_samples_what_the_api_path_samples(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize("value,message", [
     ("{file}:nan", r"--lora {file}:nan: scale nan is not a finite number"),
     ("{file}:inf", r"--lora {file}:inf: scale inf is not a finite number"),
-    ("missing.safetensors:0.5", r"--lora missing.safetensors:0.5: missing.safetensors is neither a file or directory"),
+    ("missing.safetensors:0.5", r"--lora missing.safetensors:0.5: missing.safetensors is not a file or directory here"),
     ("owner/name:x", r"--lora owner/name:x: scale 'x' is not a number; .* e.g. owner/name:0.8"),
     ("{file}:abc", r"--lora {file}:abc: scale 'abc' is not a number"),  # was: "{file}:abc is neither a file ..."
-    ("missing:abc", r"--lora missing:abc: missing:abc is neither a file or directory"),
+    ("missing:abc", r"--lora missing:abc: missing:abc is not a file or directory here"),
 ])
 def test_bad_lora_values_are_refused_before_any_work(tmp_path, value, message):
     file = tmp_path / "lora.safetensors"

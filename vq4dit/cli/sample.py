@@ -72,7 +72,7 @@ def parse_loras(values):
             if colon and (os.path.exists(head) or HUB_ID.fullmatch(head)):  # the source is there; its scale is not
                 raise UserError(f"--lora {value}: scale {tail!r} is not a number; give FILE_OR_REPO[:SCALE], e.g. "
                                 f"{head}:0.8")
-            raise UserError(f"--lora {value}: {source} is neither a file or directory here nor a hub repo id "
+            raise UserError(f"--lora {value}: {source} is not a file or directory here, nor a hub repo id "
                             "(owner/name); give FILE_OR_REPO[:SCALE]")
         loras.append(LoraSpec(source, scale))
     return loras
