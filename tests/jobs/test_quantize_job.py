@@ -152,8 +152,9 @@ def test_an_interrupted_rerun_keeps_the_artifacts_log_until_it_has_its_own(tiny_
     artifact while it grows -> after the interrupt the old log is gone)."""
     from vq4dit.calib.checkpoints import LOG_NAME, CalibLog
 
+    # the k-means start: the output-aware fit (4 s a run here) has nothing to do with the log
     budget = {"codebook_size": 16, "kmeans_iters": 2, "iters": 2, "calib_samples": 2, "calib_timesteps": 2,
-              "steps": 3, "ckpt": tiny_ckpt}
+              "steps": 3, "codebook_init": "kmeans", "ckpt": tiny_ckpt}
     out = tmp_path / "w"
     quantize(load_config(overrides=budget), str(out), progress=False)
     before = (out / LOG_NAME).read_text()
