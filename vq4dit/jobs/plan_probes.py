@@ -108,14 +108,13 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     def update():  # Trainer.step's order: the forward runs beside the last update's gradients (a micro-batch after
         # the first, beside this update's), freed before the backward
         first = loss()
-        penalty = ratio_penalty(soft, calibration.ratio_reg, active)  # None without quantized layers
-        if optimizer is None:
+        if optimizer is None:  # no quantized layer (and no L_r)
             first.backward()
             for t in expanded.values():
                 t.grad = None  # the inputs' gradients pass on to the block before; nothing keeps them
             return
         optimizer.zero_grad(set_to_none=True)
-        (first + calibration.lambda_r * penalty).backward()
+        (first + calibration.lambda_r * ratio_penalty(soft, calibration.ratio_reg, active)).backward()
         if sync is not None:
             sync.reduce(params, first.detach())
         optimizer.step()
