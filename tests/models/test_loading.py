@@ -1,5 +1,6 @@
 import argparse
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,6 +217,25 @@ def test_weights_are_read_once_and_assigned_to_a_meta_skeleton(tmp_path, tiny_di
     assert builds == [True]
     assert all(t.data_ptr() == read[n].data_ptr() for n, t in loaded.state_dict().items())
     assert_same_weights(model, loaded)
+
+
+def test_a_load_skips_the_init_that_would_import_torchs_compiler_and_a_cpu_build_initialises():
+    """Loading builds on meta with no weight init: in a fresh process, loading the embedded model leaves torch._dynamo
+    unimported (normal_ of a meta tensor imports it: 2 of sample.py's 5.5 s on a slow CPU). Mutations: the init run
+    on meta, or the embedding's own normal_ there -> imported. A build on the CPU still initialises as DiT does
+    (mutation: the init skipped everywhere -> an uninitialised embedding, default-initialised adaLN)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vq4dit.models.loading import load_dit; load_dit(None); "
+            "print('torch._dynamo' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert found.stdout.strip() == "False", found.stderr[-2000:]
+    torch.manual_seed(0)
+    built = DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build()
+    assert built.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert not built.blocks[0].adaLN_modulation[-1].weight.any()
 
 
 def test_half_precision_weights_load_as_float32(tmp_path, tiny_dit):

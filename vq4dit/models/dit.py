@@ -39,13 +39,21 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
+def building_on_meta():
+    """Whether modules built now land on the meta device (`with torch.device("meta")`: a build for loading). Such a
+    build skips the weight init: there are no values to set, and torch imports its compiler (2 s on a slow CPU) for
+    the first normal_ of a meta tensor."""
+    return torch.get_default_device().type == "meta"
+
+
 class LabelEmbedder(nn.Module):
     """Class embedding with one extra row, the null class used for classifier-free guidance."""
 
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.num_classes = num_classes
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        table = torch.empty(num_classes + 1, hidden_size) if building_on_meta() else None  # None: nn.Embedding's init
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size, _weight=table)
 
     def forward(self, y):
         return self.embedding_table(y)
@@ -153,7 +161,8 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # (1, T, D), fixed
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        if not building_on_meta():
+            self.initialize_weights()
 
     @property
     def config(self):
