@@ -186,20 +186,31 @@ def test_too_little_free_space_is_refused_before_sampling(tmp_path, monkeypatch,
     monkeypatch.setattr(vq4dit.jobs.sample, "draw_shard", lambda *a, **k: pytest.fail("sampled first"))
     line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out",
                                   tmp_path / "out"], capsys)
-    assert f"{tmp_path / 'out'}: samples.npz and grid.png need about" in line and "only 5,000 are free" in line
+    assert f"{tmp_path / 'out'}: samples.npz and grid.png with the batches kept until then need about" in line
+    assert "only 5,000 are free" in line
     assert leftovers(tmp_path) == []
 
 
 def test_a_disk_that_fills_while_writing_leaves_no_npz_without_its_grid(tmp_path, monkeypatch, capsys):
-    """The case of issue 20: samples.npz written, grid.png failing with ENOSPC -> one line, exit 2, no file left."""
+    """The case of issue 20: samples.npz written, grid.png failing with ENOSPC -> one line, exit 2, neither file
+    and no temporary; the samples drawn stay in out/sample_state, which the line says, and the same command, once
+    there is space, writes both without drawing again (mutation: the state removed on any failure)."""
+    import vq4dit.models.adapters.dit
+
     def full(self, fp, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", full)
+    argv = ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out", tmp_path / "out"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", full)
+        line = cli_error(sample.cli, argv, capsys)
     out = tmp_path / "out"
-    line = cli_error(sample.cli, ["--num-samples", 2, "--steps", 2, "--device", "cpu", "-q", "--out", out], capsys)
     assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device (needed " in line
-    assert not out.exists()  # neither file, no temporary, and not the directory the run created
+    assert line.endswith(f"; 2 samples kept in {out / 'sample_state'}: rerun the same command to finish")
+    assert sorted(os.listdir(out)) == [".vq4dit", "sample_state"] and leftovers(tmp_path) == []
+    monkeypatch.setattr(vq4dit.models.adapters.dit, "generate", lambda *a, **k: pytest.fail("drawn again"))
+    sample.cli([str(a) for a in argv])
+    assert sorted(os.listdir(out)) == [".vq4dit", "grid.png", "samples.npz"]
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -292,16 +303,16 @@ def test_out_is_claimed_as_quantize_out_is(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_a_full_disk_at_the_npz_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    """ENOSPC inside np.savez (the first write): one line naming the files, nothing left (mutation: atomic_paths
-    not reporting a full disk -> an OSError traceback)."""
+def test_a_full_disk_at_the_first_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC inside np.savez (the first write: the first batch kept for a rerun): one line naming the file, nothing
+    left (mutation: atomic_paths not reporting a full disk -> an OSError traceback)."""
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez", full)
     out = tmp_path / "out"
     line = cli_error(sample.cli, [*FAST_RUN, "--out", out], capsys)
-    assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device" in line
+    assert f"{out / 'sample_state' / 'part-0-2.npz'}: no space left on the device" in line
     assert os.listdir(tmp_path) == []
 
 

@@ -128,7 +128,16 @@ def main(args):
 
 def sample(args, loras, device):
     """Load the model, apply the LoRAs and write the samples to --out (claimed by the caller)."""
-    from vq4dit.jobs.sample import FPSource, Request, check_vae_flag, load_for_sampling, load_loras, sample_to_dir
+    from vq4dit.jobs.sample import (
+        FPSource,
+        Request,
+        Resume,
+        check_vae_flag,
+        load_for_sampling,
+        load_loras,
+        sample_to_dir,
+    )
+    from vq4dit.jobs.sample_state import source_key
     from vq4dit.models.adapters.base import SampleSettings
     from vq4dit.utils.precision import resolve_precision
 
@@ -145,7 +154,8 @@ def sample(args, loras, device):
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
                               num_frames=args.num_frames, height=args.height, width=args.width)
-    sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device)
+    resume = Resume(source_key(args.quantized, source, loras, args.precision, args.decode_weights), args.overwrite)
+    sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device, resume)
 
 
 def build_parser():
@@ -199,7 +209,8 @@ def build_parser():
                              "fp16 (default: tf32 on CUDA, fp32 on CPU); the sampler's arithmetic stays fp32")
     parser.add_argument("--out", default="outputs/samples", type=local_path, metavar="DIR",
                         help="sample directory: samples.npz, grid.png (videos/ for video pipelines); locked while the "
-                             "run writes it (default: %(default)s)")
+                             "run writes it; the batches drawn are kept in DIR/sample_state until the end, so that "
+                             "the same command rerun after an interrupt resumes (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that holds files sample.py did not write (they are kept); without "
                              "it that is an error")
@@ -207,12 +218,19 @@ def build_parser():
     return parser
 
 
+def interrupted(out):
+    """What an interrupt leaves for a rerun (the import waits until then: --help and bad flags need no torch)."""
+    from vq4dit.jobs.sample_state import resume_hint
+
+    return resume_hint(out)
+
+
 def cli(argv=None):
     """Run sample.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 / 143 on SIGINT /
     SIGTERM) or returns."""
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    run_cli(main, args, on_interrupt=lambda: f"nothing written to {args.out}")
+    run_cli(main, args, on_interrupt=lambda: interrupted(args.out))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vq4dit.jobs.sample_state import STATE_DIR, SampleState, kept_on_failure, open_state, sampling_key
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.dit import DiTAdapter
 from vq4dit.models.adapters.load import load_model
@@ -172,7 +173,7 @@ def claim_sample_dir(out_dir, overwrite=False):
     def earlier(directory):
         return all(os.path.isfile(os.path.join(directory, name)) for name in (NPZ_FILE, GRID_FILE))
 
-    with claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR), overwrite, "--overwrite", earlier,
+    with claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR, STATE_DIR), overwrite, "--overwrite", earlier,
                        "sample.py's samples"):
         if os.path.isfile(os.path.join(out_dir, NPZ_FILE)):
             logger.warning("%s: replacing the %s there (an earlier run's samples)", out_dir, NPZ_FILE)
@@ -210,15 +211,18 @@ def _out_of_memory(error):
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
 
 
-def draw_shard(sampler, conditions, num_samples, batch_size):
-    """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples."""
+def draw_shard(sampler, conditions, num_samples, batch_size, state=None):
+    """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples; `state`: a
+    jobs.sample_state.SampleState whose kept samples are taken instead of drawn, and which keeps each batch drawn."""
     rank, size = distributed.world()
     positions = distributed.shard(num_samples, rank, size, block=batch_size)
     images = []
     for start in range(0, len(positions), batch_size):
         idx = [int(i) for i in positions[start:start + batch_size]]
+        kept = state.take(idx) if state is not None else {}
+        todo = [i for i in idx if i not in kept]  # a batch partly kept draws the rest only
         try:
-            images.append(sampler(idx, _take(conditions, idx)))
+            drawn = sampler(todo, _take(conditions, todo)) if todo else None
         except NonFiniteOutput as e:
             raise RankError(f"samples {idx[0]}..{idx[-1]}: {e}: an overflow (a LoRA scale, the guidance "
                             "scale --cfg-scale or --precision fp16 too large for this model); refusing to write black "
@@ -228,6 +232,12 @@ def draw_shard(sampler, conditions, num_samples, batch_size):
                 raise
             raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
                             f"({type(e).__name__}); lower --batch-size") from None
+        if state is not None and todo:
+            state.keep(todo, drawn)
+        if kept:
+            kept.update(zip(todo, drawn if todo else ()))
+            drawn = np.stack([kept[i] for i in idx])
+        images.append(drawn)
     return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
 
 
@@ -259,23 +269,56 @@ def save_all(out_dir, images, labels, settings, prompts=None):
         raise
 
 
-def sample_to_dir(loaded, out_dir, request, settings, device="cpu"):
+@dataclass(frozen=True)
+class Resume:
+    """Keep each batch drawn in out_dir/sample_state until the samples are written, and take the batches an
+    interrupted run kept (jobs/sample_state.py): `source` is sample_state.source_key's record of the model;
+    `overwrite` drops the state of a run with another key instead of refusing it."""
+
+    source: dict
+    overwrite: bool = False
+
+
+def _open_state(out_dir, key, overwrite, size):
+    """Every process's SampleState of out_dir for `key`, opened (checked, created) by rank 0 first."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    if distributed.world()[0] == 0:
+        open_state(out_dir, key, overwrite)
+    distributed.barrier()
+    state = SampleState(directory, size)
+    if len(state) and distributed.world()[0] == 0:
+        logger.info("resuming: %d samples kept in %s", len(state), directory)
+    return state
+
+
+def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None):
     """Sample the Loaded model `loaded` for the Request `request` and write out_dir/grid.png and out_dir/samples.npz
     (videos: arr_0 (N, F, H, W, 3), frames and mp4s in out_dir/videos, the grid of first frames), all or (on any
     error, a full disk, an interrupt) none of them; returns (images, labels) on rank 0, else (None, None). A sample's
     image depends only on the seed, its index and its condition (DiT: bitwise, whatever the batch size or the number
-    of processes). sample.py claims out_dir first (claim_sample_dir)."""
+    of processes). `resume`: a Resume, to keep the drawn batches for a rerun (sample.py's). sample.py claims out_dir
+    first (claim_sample_dir)."""
     start, num_samples = time.time(), request.num_samples
     sampler = prepare_sampler(loaded, num_samples, settings, device)
     rank, _ = distributed.world()
     conditions, labels = conditions_of(loaded, request, settings.seed)
-    if rank == 0:  # a full disk fails now, not after hours of sampling
-        check_free_space(out_dir, sample_files_bytes(labels, sampler.size), f"{NPZ_FILE} and {GRID_FILE}")
-    local = draw_shard(sampler, conditions, num_samples, settings.batch_size)
-    images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
+    state = None
+    if resume is not None:
+        key = sampling_key(resume.source, request, settings, device)
+        state = _open_state(out_dir, key, resume.overwrite, sampler.size)
+    with kept_on_failure(state.directory) if state is not None and rank == 0 else contextlib.nullcontext():
+        if rank == 0:  # a full disk fails now, not after hours of sampling
+            parts = npz_bytes(num_samples - len(state), sampler.size) if state is not None else 0
+            check_free_space(out_dir, sample_files_bytes(labels, sampler.size) + parts,
+                             f"{NPZ_FILE} and {GRID_FILE}" + (" with the batches kept until then" if parts else ""))
+        local = draw_shard(sampler, conditions, num_samples, settings.batch_size, state)
+        images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
+        if rank == 0:
+            prompted = loaded.adapter.num_classes(loaded.model) is None
+            save_all(out_dir, images, labels, settings, conditions if prompted else None)
+    if state is not None and rank == 0:
+        shutil.rmtree(state.directory, ignore_errors=True)
     if rank == 0:
-        prompted = loaded.adapter.num_classes(loaded.model) is None
-        save_all(out_dir, images, labels, settings, conditions if prompted else None)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -1,0 +1,143 @@
+"""Resuming sample.py (jobs/sample_state.py): the batches an interrupted run drew are kept in OUT/sample_state, and
+the rerun draws only the rest and writes the samples.npz an uninterrupted run writes."""
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import vq4dit.jobs.sample as sample_job
+from tests.cli_helpers import run_here, save_tiny_ckpt
+from vq4dit.jobs.sample import FPSource, Loaded, Request, Resume, sample_to_dir
+from vq4dit.jobs.sample_state import STATE_DIR, source_key
+from vq4dit.models.adapters import adapter_for
+from vq4dit.models.adapters.base import SampleSettings
+from vq4dit.utils.errors import UserError
+
+SOURCE = {"model": "the tiny DiT of the test"}  # what source_key records, for runs of one in-memory model
+PREPARE = sample_job.prepare_sampler
+
+
+def counted(monkeypatch, stop_after=None):
+    """Wrap the sampler of every run: the sample indices it draws are appended to the list returned; with
+    `stop_after`, the batch after that many raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+    drawn = []
+
+    def prepare(*args):
+        sampler = PREPARE(*args)
+
+        def draw(idx, conditions):
+            if stop_after is not None and len(drawn) >= stop_after:
+                raise KeyboardInterrupt
+            drawn.append(list(idx))
+            return sampler(idx, conditions)
+        return type(sampler)(draw, sampler.size)
+    monkeypatch.setattr(sample_job, "prepare_sampler", prepare)
+    return drawn
+
+
+def run(model, out, batch_size=4, seed=0, resume=Resume(SOURCE)):
+    settings = SampleSettings(seed=seed, steps=3, batch_size=batch_size, progress=False)
+    sample_to_dir(Loaded(model, adapter_for(model), {}), str(out), Request(12), settings, "cpu", resume)
+    return (out / "samples.npz").read_bytes()
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_samples(tiny_dit, tmp_path, monkeypatch):
+    """Interrupted after 2 batches of 4, rerun at batch size 3: the rerun draws only samples 8-11 (of its batch
+    6-8, only 8) and writes the uninterrupted run's bytes; the state is gone after. Mutations: kept batches not
+    taken (the rerun draws all 12), a partly kept batch drawn whole, a batch kept under other indices (other
+    bytes), the state left behind."""
+    model, _ = tiny_dit
+    reference = run(model, tmp_path / "ref", resume=None)
+    assert not (tmp_path / "ref" / STATE_DIR).exists()  # the API without Resume keeps nothing
+    out = tmp_path / "out"
+    counted(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out)
+    assert sorted(os.listdir(out / STATE_DIR)) == ["key.json", "part-0-4.npz", "part-4-4.npz"]
+    assert not (out / "samples.npz").exists()
+    drawn = counted(monkeypatch)
+    assert run(model, out, batch_size=3) == reference
+    assert drawn == [[8], [9, 10, 11]]
+    assert not (out / STATE_DIR).exists()
+
+
+def test_a_state_of_another_run_is_refused_and_overwrite_starts_over(tiny_dit, tmp_path, monkeypatch, caplog):
+    """A rerun with another seed: a UserError naming the state and the change, the kept batches untouched; with
+    overwrite they are dropped (a warning) and every sample is drawn. Mutation: the key without the settings -> the
+    other seed's rerun takes seed 0's batches."""
+    model, _ = tiny_dit
+    out = tmp_path / "out"
+    counted(monkeypatch, stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out)
+    drawn = counted(monkeypatch)
+    with pytest.raises(UserError, match=f"{out / STATE_DIR}: holds samples of another sample.py run "
+                                         r"\(settings.seed 0 -> 1\); rerun that command"):
+        run(model, out, seed=1)
+    assert "part-0-4.npz" in os.listdir(out / STATE_DIR) and drawn == []
+    with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.sample_state"):
+        samples = run(model, out, seed=1, resume=Resume(SOURCE, overwrite=True))
+    assert "dropping the samples of another run" in caplog.text
+    assert len(drawn) == 3 and samples == run(model, tmp_path / "ref", seed=1, resume=None)
+
+
+def test_a_damaged_part_is_drawn_again(tiny_dit, tmp_path, monkeypatch, caplog):
+    """A kept batch cut short on disk: a warning naming it, its samples drawn again, the bytes of an uninterrupted
+    run. Mutation: a part taken without its checks -> an error or other images."""
+    model, _ = tiny_dit
+    out = tmp_path / "out"
+    counted(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out)
+    part = out / STATE_DIR / "part-4-4.npz"
+    part.write_bytes(part.read_bytes()[:300])
+    drawn = counted(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.sample_state"):
+        samples = run(model, out)
+    assert "part-4-4.npz: unreadable" in caplog.text
+    assert sorted(i for idx in drawn for i in idx) == list(range(4, 12))
+    assert samples == run(model, tmp_path / "ref", resume=None)
+
+
+def test_the_key_follows_the_checkpoints_content(tmp_path):
+    """The same path holding another checkpoint is another key (mutation: the key by path only); an artifact's key
+    reads its two files only, so samples written inside the artifact (the README's layout) leave it as it was
+    (mutation: the whole directory digested -> every kept batch would change the key of its own run)."""
+    ckpt = tmp_path / "m.safetensors"
+    save_tiny_ckpt(ckpt)
+    first = source_key(None, FPSource(ckpt=str(ckpt)))
+    from tests.conftest import randomize
+    from vq4dit.models.loading import DiTSpec, save_dit
+
+    save_dit(randomize(DiTSpec("DiT-Digits/2", input_size=8, num_classes=10, in_channels=1).build(), seed=5),
+             "DiT-Digits/2", ckpt)
+    assert source_key(None, FPSource(ckpt=str(ckpt))) != first
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.safetensors").write_bytes(b"weights")
+    (art / "quant_config.json").write_text("{}")
+    before = source_key(str(art), FPSource())
+    (art / "samples" / STATE_DIR).mkdir(parents=True)
+    (art / "samples" / STATE_DIR / "part-0-4.npz").write_bytes(b"kept")
+    assert source_key(str(art), FPSource()) == before
+    (art / "model.safetensors").write_bytes(b"other weights")
+    assert source_key(str(art), FPSource()) != before
+
+
+def test_sample_py_interrupted_says_what_it_kept_and_its_rerun_finishes(tmp_path, monkeypatch):
+    """sample.py itself (in this process): Ctrl-C after one batch exits 130 with `interrupted; 4 samples kept in
+    OUT/sample_state; rerun the same command ...`, and the same command then writes the uninterrupted samples
+    (mutation: the hint saying nothing was written; the CLI not passing Resume -> nothing kept)."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    flags = ["--num-samples", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu", "-q"]
+    assert run_here("sample.py", *flags, "--out", ref).returncode == 0
+    counted(monkeypatch, stop_after=1)
+    stopped = run_here("sample.py", *flags, "--out", out)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (f"interrupted; 4 samples kept in {out / STATE_DIR}; rerun the "
+                                                       "same command to draw the rest")
+    drawn = counted(monkeypatch)
+    assert run_here("sample.py", *flags, "--out", out).returncode == 0
+    assert drawn == [[4, 5, 6, 7]]
+    assert np.load(out / "samples.npz")["arr_0"].tobytes() == np.load(ref / "samples.npz")["arr_0"].tobytes()

@@ -1,0 +1,187 @@
+"""Resuming sample.py: each batch of samples drawn is kept in OUT/sample_state until samples.npz is written, so an
+interrupted run (Ctrl-C, a kill, a lost node, an out-of-memory batch) rerun with the same command draws only the
+samples it had not drawn, and writes the samples.npz an uninterrupted run writes.
+
+A sample's image depends only on the seed, its index and its condition (jobs/sample.py), so a kept image is the one
+a rerun would draw. The state records the key of what the images depend on (the model's files by content, the
+LoRAs, the precision, the device type, the sampling settings and the request); a rerun under another key is refused,
+naming what changed, and --overwrite drops the state and starts over. The batch size and the number of processes are
+not in the key: a rerun after an out-of-memory batch may lower --batch-size and keep what was drawn.
+
+Files: key.json, and one part-<first index>-<count>.npz per batch (arrays `indices` (n,) int64 and `images`
+(n, H, W, 3) or (n, F, H, W, 3) uint8), each written atomically; under torchrun every process keeps its own batches.
+"""
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import asdict
+
+import numpy as np
+
+from vq4dit.jobs.runkey import Input
+from vq4dit.models.loading import embedded_ckpt_path
+from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import atomic_path, write_text_atomic
+from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "sample_state"
+KEY_FILE = "key.json"
+PART = re.compile(r"part-(\d+)-(\d+)\.npz")
+
+
+def source_key(quantized, source, loras=(), precision=None, decode=False):
+    """What sample.py's model depends on, JSON-able: a quantized artifact's two files or the full-precision
+    checkpoint (jobs.sample.FPSource `source`), each by content (runkey.Input), the LoRAs (LoraSpec) by content and
+    scale, the precision and the weight decode."""
+    if quantized:
+        names = [os.path.join(quantized, n) for n in (MODEL_FILE, QUANT_FILE)] if os.path.isdir(quantized) else [
+            quantized]  # a hub repo id: by its name
+        model = {"quantized": [asdict(Input.of("artifact", n)) for n in names]}
+    else:
+        ckpt = source.ckpt if source.ckpt is not None else str(embedded_ckpt_path())
+        model = {**asdict(source), "ckpt": asdict(Input.of("checkpoint", ckpt))}
+    return {"model": model, "loras": [[asdict(Input.of("LoRA", lora.source)), lora.scale] for lora in loras],
+            "precision": precision, "decode_weights": decode}
+
+
+def sampling_key(source, request, settings, device):
+    """The key of a run: `source` (source_key), the Request, the SampleSettings the images depend on and the device
+    type (a CPU and a GPU draw other roundings)."""
+    prompts = request.prompts
+    digest = None if prompts is None else hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+    drawn = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "progress")}
+    key = {"source": source, "num_samples": request.num_samples, "classes": request.classes, "prompts": digest,
+           "settings": drawn, "device": str(device).split(":")[0]}
+    return json.loads(json.dumps(key))
+
+
+def _change(saved, key, path=""):
+    """The first difference of two keys in words ("settings.seed 0 -> 1"), or None."""
+    if isinstance(saved, dict) and isinstance(key, dict):
+        for name in sorted(saved.keys() | key.keys()):
+            found = _change(saved.get(name), key.get(name), f"{path}.{name}" if path else name)
+            if found:
+                return found
+        return None
+    return None if saved == key else f"{path} {saved!r} -> {key!r}"
+
+
+def open_state(out_dir, key, overwrite=False):
+    """Rank 0, before drawing: the state directory of `out_dir` for `key`, created (key.json) when there is none;
+    a state saved under another key is a UserError naming what changed, or with `overwrite` removed first."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    path = os.path.join(directory, KEY_FILE)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None  # none, or a run killed before its key was written: its parts cannot be trusted
+    if saved is not None and saved != key:
+        if not overwrite:
+            raise UserError(f"{directory}: holds samples of another sample.py run ({_change(saved, key)}); rerun "
+                            "that command to finish it, or pass --overwrite to drop them and start over")
+        logger.warning("%s: dropping the samples of another run (--overwrite): %s", directory, _change(saved, key))
+    if saved != key:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        write_text_atomic(path, json.dumps(key, sort_keys=True) + "\n")
+    return directory
+
+
+class SampleState:
+    """The kept batches of a run in `directory` (open_state's): take() the kept images of a batch, keep() a batch
+    drawn. Every process reads the parts on disk when it starts drawing."""
+
+    def __init__(self, directory, size):
+        self.directory, self.size = directory, tuple(size)
+        self.parts = {}  # sample index -> part file
+        for name in sorted(os.listdir(directory)):
+            if PART.fullmatch(name):
+                self.parts.update(dict.fromkeys(self._indices(name), name))
+        self._cached = (None, None)
+
+    def _indices(self, name):
+        start, count = map(int, PART.fullmatch(name).groups())
+        return range(start, start + count)
+
+    def _read(self, name):
+        """(indices, images) of a part; None (with a warning) when it does not hold what its name says."""
+        if self._cached[0] != name:
+            try:
+                with np.load(os.path.join(self.directory, name), allow_pickle=False) as f:
+                    indices, images = f["indices"], f["images"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                indices = images = None
+                logger.warning("%s: unreadable (%s); drawing its samples again", name, e)
+            self._cached = (name, (indices, images))
+        indices, images = self._cached[1]
+        if images is None or images.dtype != np.uint8 or images.shape[1:1 + len(self.size)] != self.size or \
+                list(indices) != list(self._indices(name)) or len(images) != len(indices):
+            return None
+        return indices, images
+
+    def take(self, idx):
+        """{index: uint8 image} of the samples of `idx` (a list of indices) that were kept."""
+        found = {}
+        for i in idx:
+            name = self.parts.get(i)
+            part = None if name is None else self._read(name)
+            if part is not None:
+                found[i] = part[1][i - int(part[0][0])]
+            elif name is not None:  # not what its name says: dropped, its samples drawn again
+                os.remove(os.path.join(self.directory, name))
+                self.parts = {j: n for j, n in self.parts.items() if n != name}
+        return found
+
+    def keep(self, idx, images):
+        """Keep the drawn `images` of the samples `idx`: a part per run of consecutive indices."""
+        start = 0
+        for end in range(1, len(idx) + 1):
+            if end == len(idx) or idx[end] != idx[end - 1] + 1:
+                name = f"part-{idx[start]}-{end - start}.npz"
+                with atomic_path(os.path.join(self.directory, name), needed=images[start:end].nbytes) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, indices=np.asarray(idx[start:end], dtype=np.int64), images=images[start:end])
+                start = end
+
+    def __len__(self):
+        return len(self.parts)
+
+
+def kept_count(directory):
+    """The samples kept in the state `directory` by every process (0 when there is none)."""
+    try:
+        return sum(int(PART.fullmatch(n)[2]) for n in os.listdir(directory) if PART.fullmatch(n))
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def kept_on_failure(directory):
+    """Rank 0, around the drawing and the writing: on an error or interrupt inside, a state that kept no sample is
+    removed (the run leaves nothing behind), and one that did stays for a rerun, which a UserError then says."""
+    try:
+        yield
+    except BaseException as e:
+        kept = kept_count(directory)
+        if not kept:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif isinstance(e, UserError):
+            raise UserError(f"{e}; {kept} samples kept in {directory}: rerun the same command to finish") from None
+        raise
+
+
+def resume_hint(out_dir):
+    """sample.py's words after an interrupt: how many samples are kept for a rerun, or that nothing was written."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    kept = kept_count(directory)
+    if not kept:
+        return f"nothing written to {out_dir}"
+    return f"{kept} samples kept in {directory}; rerun the same command to draw the rest"
