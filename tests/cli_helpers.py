@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vq4dit.__main__ import COMMANDS
 from vq4dit.models.loading import DiTSpec, save_dit
 from vq4dit.utils.cli import LOG_FORMAT
 
@@ -31,15 +32,14 @@ def run(script, *args, timeout=300, threads=1):
                           capture_output=True, text=True, timeout=timeout)
 
 
-SCRIPTS = {"quantize.py": "vq4dit.cli.quantize", "sample.py": "vq4dit.cli.sample", "evaluate.py": "vq4dit.cli.evaluate"}
-
-
 def run_here(script, *args):
     """The entry script's cli(argv) in this process, its outcome as run() reports a subprocess's (returncode, stdout,
     stderr): a case without the 3 s of a new interpreter importing torch. stderr holds the prints and the log's
     warnings (pytest's capture keeps the root logger at WARNING); an exception other than SystemExit propagates (the
     test fails, as a traceback from the real script would fail it)."""
-    cli = importlib.import_module(SCRIPTS[script]).cli
+    command = script.removesuffix(".py")
+    assert command in COMMANDS, script
+    cli = importlib.import_module(f"vq4dit.cli.{command}").cli  # as python -m vq4dit COMMAND finds it
     out, err, code = io.StringIO(), io.StringIO(), 0
     log = logging.StreamHandler(err)
     log.setFormatter(logging.Formatter(LOG_FORMAT))
