@@ -69,13 +69,29 @@ def torchrun_available():
 
 
 @pytest.mark.skipif(not torchrun_available(), reason="torch.distributed with gloo is not available")
-def test_torchrun_two_processes_match_one(tmp_path, ckpt):
-    """5 samples over 2 gloo ranks (3 + 2, batch 2): rank 0 writes the same npz as a single process."""
+def test_torchrun_two_processes_match_one(tmp_path, ckpt, monkeypatch):
+    """5 samples over 2 gloo ranks (3 + 2, batch 2): rank 0 writes the same npz as a single process. The run
+    resumes a single process's run interrupted after samples 0-3, whose kept batches are planted inverted: each rank
+    takes its kept batch (rank 0 samples 0-1, rank 1 samples 2-3) instead of drawing it, and rank 0 removes the
+    state at the end (mutations: a rank drawing its kept batch again, the state left behind)."""
+    import vq4dit.models.adapters.dit as dit_adapter
+
     out = tmp_path / "dist"
+    flags = ["--ckpt", str(ckpt), "--num-samples", "5", "--steps", "3", "--batch-size", "2", "--seed", "7",
+             "--device", "cpu", "--out", str(out), "-q"]
+    calls, generate = [], dit_adapter.generate
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):  # Ctrl-C after 2 batches
+        patch.setattr(dit_adapter, "generate", lambda *a, **k: (calls.append(1), generate(*a, **k))[1]
+                      if len(calls) < 2 else (_ for _ in ()).throw(KeyboardInterrupt))
+        sample.cli(flags)
+    for part in ("part-0-2.npz", "part-2-2.npz"):
+        path = out / "sample_state" / part
+        with np.load(path) as kept:
+            indices, planted = kept["indices"], 255 - kept["images"]
+        np.savez(path, indices=indices, images=planted)
     try:
-        proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
-                    "--ckpt", str(ckpt), "--num-samples", "5", "--steps", "3", "--batch-size", "2", "--seed", "7",
-                    "--device", "cpu", "--out", str(out), "-q"], timeout=60)
+        proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *flags],
+                   timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("torchrun did not finish in 60 s")
     if proc.returncode != 0 and ("gloo" in proc.stderr.lower() or "rendezvous" in proc.stderr.lower()):
@@ -84,7 +100,8 @@ def test_torchrun_two_processes_match_one(tmp_path, ckpt):
     images, labels = read_npz(out / "samples.npz")
     ref_images, ref_labels = reference_run(ckpt, tmp_path, num_samples=5, steps=3, batch_size=2, seed=7)
     np.testing.assert_array_equal(labels, ref_labels)
-    np.testing.assert_array_equal(images, ref_images)  # exact: a sample depends only on (seed, index)
+    np.testing.assert_array_equal(images[4:], ref_images[4:])  # exact: a sample depends only on (seed, index)
+    np.testing.assert_array_equal(images[:4], 255 - ref_images[:4])  # the planted batches, taken
     assert sorted(os.listdir(out)) == [".vq4dit", "grid.png", "samples.npz"]
 
 
