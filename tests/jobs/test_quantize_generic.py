@@ -14,7 +14,7 @@ from tests.models.tiny_t2i import (
     assert_exact_bits,
     assert_output_aware_holds_or_improves,
 )
-from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
+from vq4dit.jobs.sample import Request, Resume, load_for_sampling, sample_to_dir
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.adapters.load import load_model
 from vq4dit.vq import load_quantized
@@ -65,11 +65,14 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
     outs = []
     for batch in (3, 2):
         settings = SampleSettings(seed=5, steps=2, cfg_scale=2.0, batch_size=batch, progress=False)
-        images, labels = sample_to_dir(loaded, tmp_path / f"b{batch}", Request(3, prompts=list(PROMPTS)), settings)
+        resume = Resume({"family": family}) if batch == 2 else None  # the batches kept, then removed
+        images, labels = sample_to_dir(loaded, tmp_path / f"b{batch}", Request(3, prompts=list(PROMPTS)), settings,
+                                       resume=resume)
         outs.append(images)
         assert images.dtype == np.uint8 and images.shape[0] == 3 and images.shape[-1] == 3
         assert labels.tolist() == [0, 1, 2]
         assert (tmp_path / f"b{batch}" / "grid.png").stat().st_size > 0
+        assert not (tmp_path / f"b{batch}" / "sample_state").exists()
     assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1
     assert not np.array_equal(outs[0][0], outs[0][1])  # another prompt and noise
     if "num_frames" in SIZES[family]:

@@ -141,3 +141,23 @@ def test_sample_py_interrupted_says_what_it_kept_and_its_rerun_finishes(tmp_path
     assert run_here("sample.py", *flags, "--out", out).returncode == 0
     assert drawn == [[4, 5, 6, 7]]
     assert np.load(out / "samples.npz")["arr_0"].tobytes() == np.load(ref / "samples.npz")["arr_0"].tobytes()
+
+
+@pytest.mark.parametrize("size", [(8, 8), (3, 8, 8)], ids=["images", "videos"])
+def test_kept_samples_come_back_by_index(tmp_path, size):
+    """SampleState alone: images and videos kept from non-consecutive indices (a part per run of them) come back by
+    index, in any grouping, and a part of another shape is not taken (mutations: a run split off by one; the shape
+    check dropped)."""
+    from vq4dit.jobs.sample_state import SampleState
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, *size, 3), dtype=np.uint8)
+    state = SampleState(str(tmp_path), size)
+    state.keep([0, 1, 4, 5, 6], images)
+    assert sorted(os.listdir(tmp_path)) == ["part-0-2.npz", "part-4-3.npz"]
+    again = SampleState(str(tmp_path), size)
+    found = again.take([6, 2, 1, 4])
+    assert sorted(found) == [1, 4, 6]
+    for i, row in zip([0, 1, 4, 5, 6], images):
+        assert i not in found or np.array_equal(found[i], row)
+    assert SampleState(str(tmp_path), (*size[:-1], size[-1] + 1)).take([0, 5]) == {}

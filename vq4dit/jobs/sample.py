@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -308,7 +309,7 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
         state = _open_state(out_dir, key, resume.overwrite, sampler.size)
     with kept_on_failure(state.directory) if state is not None and rank == 0 else contextlib.nullcontext():
         if rank == 0:  # a full disk fails now, not after hours of sampling
-            parts = npz_bytes(num_samples - len(state), sampler.size) if state is not None else 0
+            parts = (num_samples - len(state)) * 3 * math.prod(sampler.size) if state is not None else 0  # videos too
             check_free_space(out_dir, sample_files_bytes(labels, sampler.size) + parts,
                              f"{NPZ_FILE} and {GRID_FILE}" + (" with the batches kept until then" if parts else ""))
         local = draw_shard(sampler, conditions, num_samples, settings.batch_size, state)
