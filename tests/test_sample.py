@@ -223,7 +223,8 @@ def test_a_disk_that_fills_while_writing_leaves_no_npz_without_its_grid(tmp_path
         line = cli_error(sample.cli, argv, capsys)
     out = tmp_path / "out"
     assert f"{out / 'samples.npz'} + {out / 'grid.png'}: no space left on the device (needed " in line
-    assert line.endswith(f"; 2 samples kept in {out / 'sample_state'}: rerun the same command to finish")
+    assert line.endswith(f"; 2 samples kept in {out / 'sample_state'}: a rerun with the same flags (any "
+                         "--batch-size) draws only the rest")
     assert sorted(os.listdir(out)) == [".vq4dit", "sample_state"] and leftovers(tmp_path) == []
     monkeypatch.setattr(vq4dit.models.adapters.dit, "generate", lambda *a, **k: pytest.fail("drawn again"))
     sample.cli([str(a) for a in argv])

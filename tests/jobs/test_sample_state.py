@@ -18,9 +18,9 @@ SOURCE = {"model": "the tiny DiT of the test"}  # what source_key records, for r
 PREPARE = sample_job.prepare_sampler
 
 
-def counted(monkeypatch, stop_after=None):
+def counted(monkeypatch, stop_after=None, error=KeyboardInterrupt):
     """Wrap the sampler of every run: the sample indices it draws are appended to the list returned; with
-    `stop_after`, the batch after that many raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+    `stop_after`, the batch after that many raises `error` (default: a Ctrl-C mid-run)."""
     drawn = []
 
     def prepare(*args):
@@ -28,7 +28,7 @@ def counted(monkeypatch, stop_after=None):
 
         def draw(idx, conditions):
             if stop_after is not None and len(drawn) >= stop_after:
-                raise KeyboardInterrupt
+                raise error
             drawn.append(list(idx))
             return sampler(idx, conditions)
         return type(sampler)(draw, sampler.size)
@@ -161,3 +161,20 @@ def test_kept_samples_come_back_by_index(tmp_path, size):
     for i, row in zip([0, 1, 4, 5, 6], images):
         assert i not in found or np.array_equal(found[i], row)
     assert SampleState(str(tmp_path), (*size[:-1], size[-1] + 1)).take([0, 5]) == {}
+
+
+def test_after_an_out_of_memory_batch_a_smaller_batch_size_keeps_what_was_drawn(tmp_path, monkeypatch):
+    """sample.py's second batch runs out of memory: one line naming --batch-size and the samples kept, exit 2; the
+    same flags at a smaller --batch-size draw only the rest (mutation: the batch size in the key -> refused)."""
+    import torch
+
+    out = tmp_path / "out"
+    flags = ["--num-samples", "8", "--steps", "3", "--device", "cpu", "-q", "--out", out]
+    counted(monkeypatch, stop_after=1, error=torch.OutOfMemoryError("CUDA out of memory"))
+    failed = run_here("sample.py", *flags, "--batch-size", "4")
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
+        "error: --batch-size 4: out of memory drawing 4 samples at once (OutOfMemoryError); lower --batch-size; 4 "
+        f"samples kept in {out / STATE_DIR}: a rerun with the same flags (any --batch-size) draws only the rest")
+    drawn = counted(monkeypatch)
+    assert run_here("sample.py", *flags, "--batch-size", "2").returncode == 0
+    assert drawn == [[4, 5], [6, 7]]

@@ -174,7 +174,8 @@ def kept_on_failure(directory):
         if not kept:
             shutil.rmtree(directory, ignore_errors=True)
         elif isinstance(e, UserError):
-            raise UserError(f"{e}; {kept} samples kept in {directory}: rerun the same command to finish") from None
+            raise type(e)(f"{e}; {kept} samples kept in {directory}: a rerun with the same flags (any "
+                          "--batch-size) draws only the rest") from None  # a RankError stays one
         raise
 
 
