@@ -91,7 +91,11 @@ def open_state(out_dir, key, overwrite=False):
     if saved != key:
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
-        write_text_atomic(path, json.dumps(key, sort_keys=True) + "\n")
+        try:
+            write_text_atomic(path, json.dumps(key, sort_keys=True) + "\n")
+        except BaseException:  # a full disk: no state without its key left behind
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
     return directory
 
 
@@ -112,20 +116,23 @@ class SampleState:
         return range(start, start + count)
 
     def _read(self, name):
-        """(indices, images) of a part; None (with a warning) when it does not hold what its name says."""
+        """(indices, images) of a part; None, with a warning, when it cannot be read or does not hold what its name
+        says (the state's image size, uint8, the indices of its name)."""
         if self._cached[0] != name:
+            path, part = os.path.join(self.directory, name), None
             try:
-                with np.load(os.path.join(self.directory, name), allow_pickle=False) as f:
+                with np.load(path, allow_pickle=False) as f:
                     indices, images = f["indices"], f["images"]
+                if images.dtype == np.uint8 and images.shape == (len(indices), *self.size, 3) and \
+                        list(indices) == list(self._indices(name)):
+                    part = indices, images
+                else:
+                    logger.warning("%s: holds %s %s images of samples %s..., not what its name says; drawing its "
+                                   "samples again", path, images.dtype, images.shape, indices[:1].tolist())
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                indices = images = None
-                logger.warning("%s: unreadable (%s); drawing its samples again", name, e)
-            self._cached = (name, (indices, images))
-        indices, images = self._cached[1]
-        if images is None or images.dtype != np.uint8 or images.shape[1:1 + len(self.size)] != self.size or \
-                list(indices) != list(self._indices(name)) or len(images) != len(indices):
-            return None
-        return indices, images
+                logger.warning("%s: unreadable (%s); drawing its samples again", path, e)
+            self._cached = (name, part)
+        return self._cached[1]
 
     def take(self, idx):
         """{index: uint8 image} of the samples of `idx` (a list of indices) that were kept."""
@@ -135,7 +142,7 @@ class SampleState:
             part = None if name is None else self._read(name)
             if part is not None:
                 found[i] = part[1][i - int(part[0][0])]
-            elif name is not None:  # not what its name says: dropped, its samples drawn again
+            elif name is not None:  # dropped: its samples are drawn again
                 os.remove(os.path.join(self.directory, name))
                 self.parts = {j: n for j, n in self.parts.items() if n != name}
         return found
