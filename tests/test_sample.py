@@ -80,9 +80,15 @@ def test_torchrun_two_processes_match_one(tmp_path, ckpt, monkeypatch):
     flags = ["--ckpt", str(ckpt), "--num-samples", "5", "--steps", "3", "--batch-size", "2", "--seed", "7",
              "--device", "cpu", "--out", str(out), "-q"]
     calls, generate = [], dit_adapter.generate
-    with monkeypatch.context() as patch, pytest.raises(SystemExit):  # Ctrl-C after 2 batches
-        patch.setattr(dit_adapter, "generate", lambda *a, **k: (calls.append(1), generate(*a, **k))[1]
-                      if len(calls) < 2 else (_ for _ in ()).throw(KeyboardInterrupt))
+
+    def ctrl_c_after_two_batches(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(dit_adapter, "generate", ctrl_c_after_two_batches)
         sample.cli(flags)
     for part in ("part-0-2.npz", "part-2-2.npz"):
         path = out / "sample_state" / part

@@ -5,8 +5,6 @@ diffusers pipeline's transformer through that pipeline. Under torchrun the sampl
 (blocks of batch_size, dealt round-robin) and rank 0 writes the gathered result.
 """
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -28,6 +26,7 @@ from vq4dit.models.pipelines import check_pipeline_flags
 from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
+from vq4dit.utils.digest import prompts_digest
 from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError, error_detail
 from vq4dit.utils.fileio import check_free_space
 from vq4dit.utils.imagefiles import (
@@ -261,7 +260,7 @@ def save_all(out_dir, images, labels, settings, prompts=None):
     sampling = {"seed": settings.seed, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
                 "num_frames": settings.num_frames, "vae": settings.vae}
     if prompts is not None:
-        sampling["prompts"] = hashlib.sha256(json.dumps(list(prompts), default=str).encode()).hexdigest()[:16]
+        sampling["prompts"] = prompts_digest(prompts)
     try:
         save_samples(out_dir, images, labels, prompts is not None, sampling)
     except BaseException:
@@ -317,9 +316,9 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
         if rank == 0:
             prompted = loaded.adapter.num_classes(loaded.model) is None
             save_all(out_dir, images, labels, settings, conditions if prompted else None)
-    if state is not None and rank == 0:
-        shutil.rmtree(state.directory, ignore_errors=True)
     if rank == 0:
+        if state is not None:
+            shutil.rmtree(state.directory, ignore_errors=True)
         logger.info("wrote %d samples to %s in %.1f s", num_samples, out_dir, time.time() - start)
     distributed.shutdown()
     return (images, labels) if rank == 0 else (None, None)

@@ -12,7 +12,6 @@ Files: key.json, and one part-<first index>-<count>.npz per batch (arrays `indic
 (n, H, W, 3) or (n, F, H, W, 3) uint8), each written atomically; under torchrun every process keeps its own batches.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import numpy as np
 
 from vq4dit.jobs.runkey import Input
 from vq4dit.models.loading import embedded_ckpt_path
+from vq4dit.utils.digest import prompts_digest
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import atomic_path, write_text_atomic
 from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE
@@ -54,8 +54,7 @@ def source_key(quantized, source, loras=(), precision=None, decode=False):
 def sampling_key(source, request, settings, device):
     """The key of a run: `source` (source_key), the Request, the SampleSettings the images depend on and the device
     type (a CPU and a GPU draw other roundings)."""
-    prompts = request.prompts
-    digest = None if prompts is None else hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+    digest = None if request.prompts is None else prompts_digest(request.prompts)
     drawn = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "progress")}
     key = {"source": source, "num_samples": request.num_samples, "classes": request.classes, "prompts": digest,
            "settings": drawn, "device": str(device).split(":")[0]}
@@ -106,14 +105,9 @@ class SampleState:
     def __init__(self, directory, size):
         self.directory, self.size = directory, tuple(size)
         self.parts = {}  # sample index -> part file
-        for name in sorted(os.listdir(directory)):
-            if PART.fullmatch(name):
-                self.parts.update(dict.fromkeys(self._indices(name), name))
+        for name, indices in kept_parts(directory).items():
+            self.parts.update(dict.fromkeys(indices, name))
         self._cached = (None, None)
-
-    def _indices(self, name):
-        start, count = map(int, PART.fullmatch(name).groups())
-        return range(start, start + count)
 
     def _read(self, name):
         """(indices, images) of a part; None, with a warning, when it cannot be read or does not hold what its name
@@ -124,7 +118,7 @@ class SampleState:
                 with np.load(path, allow_pickle=False) as f:
                     indices, images = f["indices"], f["images"]
                 if images.dtype == np.uint8 and images.shape == (len(indices), *self.size, 3) and \
-                        list(indices) == list(self._indices(name)):
+                        list(indices) == list(part_indices(name)):
                     part = indices, images
                 else:
                     logger.warning("%s: holds %s %s images of samples %s..., not what its name says; drawing its "
@@ -162,12 +156,24 @@ class SampleState:
         return len(self.parts)
 
 
+def part_indices(name):
+    """The sample indices a part file's name says it holds (PART: part-<first index>-<count>.npz)."""
+    start, count = map(int, PART.fullmatch(name).groups())
+    return range(start, start + count)
+
+
+def kept_parts(directory):
+    """{part file: its sample indices} of the state `directory`, every process's, in name order ({} without one)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    return {name: part_indices(name) for name in names if PART.fullmatch(name)}
+
+
 def kept_count(directory):
     """The samples kept in the state `directory` by every process (0 when there is none)."""
-    try:
-        return sum(int(PART.fullmatch(n)[2]) for n in os.listdir(directory) if PART.fullmatch(n))
-    except OSError:
-        return 0
+    return sum(len(indices) for indices in kept_parts(directory).values())
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 a cheap sampled digest of a file or a directory tree (the identity of a base model's checkpoint, see sampled_digest).
 """
 import hashlib
+import json
 import os
 
 SLICE = 1 << 20  # bytes of each sampled slice
@@ -49,3 +50,9 @@ def _sampled_file(path):
             f.seek(offset)
             h.update(f.read(SLICE if len(offsets) > 1 else size))
     return h.hexdigest()
+
+
+def prompts_digest(prompts):
+    """A sha256 (hex, 16 digits) of a list of prompts, in order: what samples.npz records of its prompts and a
+    sampling run's resume key holds, so that samples of other prompts are told apart."""
+    return hashlib.sha256(json.dumps(list(prompts), default=str).encode()).hexdigest()[:16]
