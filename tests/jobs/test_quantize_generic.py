@@ -7,6 +7,7 @@ Qwen-Image, Chroma, Z-Image (images), Wan and CogVideoX (videos).
 import numpy as np
 import pytest
 
+import vq4dit.jobs.sample
 from tests.models.tiny_generic import FAMILIES, SIZES, generic_run
 from tests.models.tiny_t2i import (
     PROMPTS,
@@ -57,9 +58,10 @@ def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
     assert_exact_bits(r.artifact, quant, r.config.codebooks.k, r.config.codebooks.dim)
 
 
-def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
+def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path, monkeypatch):
     """The same seed draws the same images (videos: frames) whatever the batch size, up to a rounding step of one
-    pixel value (CogVideoX's 3-D VAE sums in a batch-dependent order); labels are prompt indices."""
+    pixel value (CogVideoX's 3-D VAE sums in a batch-dependent order); labels are prompt indices. A video run's
+    free-space check counts what it writes (mutation: its size (F, H, W) read as an image's (H, W) -> below)."""
     family, r = run
     loaded = load_for_sampling(quantized=r.artifact)
     outs = []
@@ -81,8 +83,12 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):
         assert len(frames) == images.shape[1] >= 2
         longer = SampleSettings(seed=5, steps=2, cfg_scale=2.0, num_frames=SIZES[family]["num_frames"] + 4,
                                 progress=False)  # sample.py --num-frames over the calibrated frames
+        needed = []
+        monkeypatch.setattr(vq4dit.jobs.sample, "check_free_space", lambda path, size, what: needed.append(size))
         videos, _ = sample_to_dir(loaded, tmp_path / "longer", Request(1, prompts=list(PROMPTS)), longer)
         assert videos.shape[1] > images.shape[1]
+        written = sum(p.stat().st_size for p in (tmp_path / "longer").rglob("*") if p.is_file() and p.suffix != ".mp4")
+        assert written <= needed[0] <= 2 * written
     else:
         assert images.shape[1:3] == (SIZES[family]["height"], SIZES[family]["width"])
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vq4dit.jobs.sample import check_memory
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.imagefiles import GridStyle, make_grid, sample_files_bytes, save_samples
+from vq4dit.utils.imagefiles import GridStyle, make_grid, sample_files_bytes, save_samples, save_videos
 
 
 def colour_tiles(n):
@@ -107,3 +108,28 @@ def test_the_space_estimate_bounds_the_files_written_and_is_honest(tmp_path):
         save_samples(out, images, labels)
         written = sum(p.stat().st_size for p in out.iterdir())
         assert written <= sample_files_bytes(labels, (size, size)) <= 2 * written, (size, len(labels))
+
+
+@pytest.mark.parametrize("frames,size,count", [(5, 16, 3), (9, 8, 20), (2, 64, 2)])
+def test_the_space_estimate_of_videos_bounds_their_files(tmp_path, frames, size, count):
+    """sample_files_bytes of (F, H, W) counts what a video run writes: samples.npz with every frame, the grid of
+    first frames and a PNG per frame in videos/ (mp4s, where imageio writes them, are not counted), within 2x
+    (mutations: the npz sized from (F, H) as if F were the height, as before -> below; the frames' PNGs left out ->
+    below)."""
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, (count, frames, size, size, 3), dtype=np.uint8)
+    labels = np.arange(count) % 2
+    save_videos(tmp_path / "videos", videos)
+    save_samples(tmp_path, videos, labels)
+    written = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".mp4")
+    assert written <= sample_files_bytes(labels, (frames, size, size)) <= 2 * written
+
+
+def test_a_video_count_that_cannot_fit_in_memory_is_refused_with_its_frames():
+    """check_memory counts every frame of a video (mutation: the size read as (H, W), so 16 frames of 512x512 were
+    16 x 512 pixels and any count passed)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    count = total // (16 * 512 * 512 * 3) + 1
+    with pytest.raises(UserError, match=f"--num-samples {count}: {count:,} videos of 16 frames of 512x512 need"):
+        check_memory(count, (16, 512, 512))
+    check_memory(count // 4, (16, 512, 512))

@@ -154,12 +154,14 @@ def _take(conditions, idx):
 
 
 def check_memory(num_samples, size):
-    """Refuse, before sampling, a count whose images rank 0 could not hold: the gathered (N, H, W, 3) uint8 array
-    and the concatenation that builds it, against the machine's physical memory."""
+    """Refuse, before sampling, a count whose samples rank 0 could not hold: the gathered (N, H, W, 3) or
+    (N, F, H, W, 3) uint8 array and the concatenation that builds it, against the machine's physical memory."""
     needed = 2 * npz_bytes(num_samples, size)
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > total:
-        raise UserError(f"--num-samples {num_samples}: {num_samples:,} images of {size[0]}x{size[1]} need about "
+        what = f"images of {size[0]}x{size[1]}" if len(size) == 2 else \
+            f"videos of {size[0]} frames of {size[1]}x{size[2]}"
+        raise UserError(f"--num-samples {num_samples}: {num_samples:,} {what} need about "
                         f"{needed // 2**20:,} MiB of memory; this machine has {total // 2**20:,} MiB; give at most "
                         f"{num_samples * total // needed:,}")
 

@@ -7,6 +7,7 @@ arr_0 only).
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,24 +26,38 @@ LABEL_KINDS = ("classes", "prompts")
 SAMPLING_KEY = "sampling"  # samples.npz: JSON of the settings the images depend on (seed, steps, guidance, ...)
 GRID_SAMPLES = 256  # make_grid's max_samples
 ARCHIVE_OVERHEAD = 4096  # bytes: the zip and .npy headers of samples.npz
+PNG_HEADERS = 128  # bytes: a PNG's signature, IHDR, IEND and the first IDAT's chunk header
 
 
 def npz_bytes(num_samples, size):
-    """Bytes of samples.npz for `num_samples` images of `size` (H, W) (np.savez stores them uncompressed)."""
-    return num_samples * (size[0] * size[1] * 3 + 8) + ARCHIVE_OVERHEAD
+    """Bytes of samples.npz for `num_samples` samples of `size`: (H, W) images or (F, H, W) videos (np.savez stores
+    them uncompressed)."""
+    return num_samples * (math.prod(size) * 3 + 8) + ARCHIVE_OVERHEAD
 
 
-def sample_files_bytes(labels, size):
-    """Bytes to expect for samples.npz + grid.png of samples with `labels` (N,) and image `size` (H, W), make_grid's
-    defaults: samples.npz exactly; the grid as the raw RGB of its exact geometry, or less where tiles are upscaled:
-    PNG stores an upscaled tile about as its source pixels plus a few bytes per repeat, measured at 1.02x (no
-    upscale) to 3x (16x) the source pixels for noise (PNG's worst case), estimated here at 1.5 + s/4 times them for
-    upscale s, plus the headers."""
+def grid_bytes(labels, size):
+    """Bytes to expect for make_grid's PNG (its defaults) of images of `size` (H, W) with `labels`: the raw RGB of
+    its exact geometry, or less where tiles are upscaled: PNG stores an upscaled tile about as its source pixels plus
+    a few bytes per repeat, measured at 1.02x (no upscale) to 3x (16x) the source pixels for noise (PNG's worst
+    case), estimated here at 1.5 + s/4 times them for upscale s; plus the headers."""
     layout = grid_layout(labels, size)
     (width, height), th = layout.shape, layout.tile[0]
     shown = sum(len(idx) for _, idx in layout.rows) * size[0] * size[1] * 3
-    grid = min((width * 3 + 1) * height * 101 // 100, int(shown * (1.5 + th / size[0] / 4)))
-    return npz_bytes(len(labels), size) + grid + ARCHIVE_OVERHEAD
+    return min((width * 3 + 1) * height * 101 // 100, int(shown * (1.5 + th / size[0] / 4))) + ARCHIVE_OVERHEAD
+
+
+def frame_png_bytes(size):
+    """An upper bound on one video frame of `size` (H, W) as save_videos' PNG: its rows with a filter byte each,
+    deflate's worst case (stored blocks, 1% more) and the PNG's chunk headers."""
+    return (size[1] * 3 + 1) * size[0] * 101 // 100 + PNG_HEADERS
+
+
+def sample_files_bytes(labels, size):
+    """Bytes to expect for what save_all writes for samples with `labels` (N,) of `size`: (H, W) images, samples.npz
+    (exactly) and grid.png; (F, H, W) videos, samples.npz holding every frame, the grid of first frames, and videos/
+    with each frame as a PNG (the mp4s beside them, where imageio writes them, are compressed video: not counted)."""
+    frames = len(labels) * size[0] * frame_png_bytes(size[1:]) if len(size) == 3 else 0
+    return npz_bytes(len(labels), size) + grid_bytes(labels, size[-2:]) + frames
 
 
 def save_samples(out_dir, images, labels, prompted=False, sampling=None):
@@ -53,7 +68,7 @@ def save_samples(out_dir, images, labels, prompted=False, sampling=None):
     images = np.asarray(images, dtype=np.uint8)
     stills = images[:, 0] if images.ndim == 5 else images
     paths = [os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, GRID_FILE)]
-    needed = sample_files_bytes(labels, stills.shape[1:3]) + images.nbytes - stills.nbytes  # videos: all frames
+    needed = npz_bytes(len(labels), images.shape[1:-1]) + grid_bytes(labels, stills.shape[1:3])  # videos: all frames
     with atomic_paths(paths, needed=needed) as (npz_tmp, grid_tmp):
         with open(npz_tmp, "wb") as f:
             extra = {} if sampling is None else {SAMPLING_KEY: np.array(json.dumps(sampling, sort_keys=True))}
