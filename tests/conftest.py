@@ -42,6 +42,19 @@ def tiny_latent_dit():
     return randomize(spec.build(), seed=1), spec
 
 
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache under tmp_path, offline (HF_HUB_OFFLINE=1): nothing may reach the network."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def sample_dit(model, out_dir, num_samples, classes=None, **settings):
     """jobs.sample.sample_to_dir for an in-memory project DiT on the CPU, progress bars off."""
     from vq4dit.jobs.sample import Loaded, Request, sample_to_dir

@@ -26,3 +26,4 @@ def put_in_hub_cache(cache, repo_id, source, revision="0123456789abcdef012345678
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+

@@ -17,19 +17,6 @@ DOCS = Path(__file__).parents[2] / "docs" / "api.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)  # the documented examples, in order
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty huggingface_hub cache under tmp_path, offline (HF_HUB_OFFLINE=1): nothing may reach the network."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_api_examples_run_offline_from_the_hub_cache(offline_cache, tmp_path, tmp_path_factory, monkeypatch):
     """docs/api.md's examples as written, each in its own namespace, in the page's order. Loading: the artifact, the
     base pipeline and a LoRA all come by hub id from the cache; the pipeline's transformer is the quantized one with

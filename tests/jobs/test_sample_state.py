@@ -1,5 +1,6 @@
 """Resuming sample.py (jobs/sample_state.py): the batches an interrupted run drew are kept in OUT/sample_state, and
 the rerun draws only the rest and writes the samples.npz an uninterrupted run writes."""
+import json
 import logging
 import os
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 
 import vq4dit.jobs.sample as sample_job
+from tests.api.hub_cache import put_in_hub_cache
 from tests.cli_helpers import run_here, save_tiny_ckpt
 from vq4dit.jobs.sample import FPSource, Loaded, Request, Resume, sample_to_dir
-from vq4dit.jobs.sample_state import STATE_DIR, source_key
+from vq4dit.jobs.sample_state import KEY_FILE, STATE_DIR, source_key
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.utils.errors import UserError
@@ -178,3 +180,27 @@ def test_after_an_out_of_memory_batch_a_smaller_batch_size_keeps_what_was_drawn(
     drawn = counted(monkeypatch)
     assert run_here("sample.py", *flags, "--batch-size", "2").returncode == 0
     assert drawn == [[4, 5], [6, 7]]
+
+
+def test_sample_py_keys_a_hub_artifact_by_its_snapshots_files(offline_cache, tmp_path, tmp_path_factory, monkeypatch):
+    """sample.py --quantized owner/name, interrupted: the kept batches' key holds the digests of the cached snapshot's
+    two files, and a rerun after the repo moved to another revision is refused naming the artifact (mutation: the
+    key by the repo id -> the moved repo's samples mixed with the first revision's)."""
+    from tests.api.tiny_lora import tiny_run
+    from vq4dit.utils.digest import sampled_digest
+    from vq4dit.vq import load_quantized, save_quantized
+
+    run = tiny_run("sd3", tmp_path_factory)
+    first = put_in_hub_cache(offline_cache, "someone/sd3-vq", run.artifact)
+    flags = ["--quantized", "someone/sd3-vq", "--prompt", "a cat", "--num-samples", "2", "--batch-size", "1",
+             "--steps", "1", "--device", "cpu", "-q", "--out", tmp_path / "out"]
+    counted(monkeypatch, stop_after=1)
+    assert run_here("sample.py", *flags).returncode == 130
+    key = json.loads((tmp_path / "out" / STATE_DIR / KEY_FILE).read_text())["source"]["model"]["quantized"]
+    assert [entry["digest"] for entry in key] == [sampled_digest(first / name)
+                                                  for name in ("model.safetensors", "quant_config.json")]
+    model, ref, _ = load_quantized(run.artifact)
+    save_quantized(model, ref, tmp_path / "moved", {"note": "revision 2"})  # another config.yaml: another artifact
+    put_in_hub_cache(offline_cache, "someone/sd3-vq", tmp_path / "moved", revision="1" * 40)
+    refused = run_here("sample.py", *flags)
+    assert refused.returncode == 2 and "source.model.quantized" in refused.stderr.strip().splitlines()[-1]

@@ -140,11 +140,13 @@ def sample(args, loras, device):
     from vq4dit.jobs.sample_state import source_key
     from vq4dit.models.adapters.base import SampleSettings
     from vq4dit.utils.precision import resolve_precision
+    from vq4dit.vq.artifact import resolve_artifact
 
     prompts = read_prompts(args)
     resolve_precision(args.precision, device)  # an unsupported --precision fails now, not after the load
     source = FPSource(args.model, args.ckpt, args.image_size, args.num_classes, args.backend)
-    loaded = load_for_sampling(args.quantized, source, device, args.decode_weights, args.precision)
+    quantized = resolve_artifact(args.quantized) if args.quantized else None  # a hub repo: its snapshot, once
+    loaded = load_for_sampling(quantized, source, device, args.decode_weights, args.precision)
     model, adapter, extra = loaded
     if args.pipeline and "pipeline" not in extra:
         raise UserError(f"--pipeline {args.pipeline}: {args.quantized} is not a diffusers artifact; drop --pipeline")
@@ -154,7 +156,7 @@ def sample(args, loras, device):
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
                               num_frames=args.num_frames, height=args.height, width=args.width)
-    resume = Resume(source_key(args.quantized, source, loras, args.precision, args.decode_weights), args.overwrite)
+    resume = Resume(source_key(quantized, source, loras, args.precision, args.decode_weights), args.overwrite)
     sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device, resume)
 
 

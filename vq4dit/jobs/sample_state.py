@@ -37,12 +37,12 @@ PART = re.compile(r"part-(\d+)-(\d+)\.npz")
 
 
 def source_key(quantized, source, loras=(), precision=None, decode=False):
-    """What sample.py's model depends on, JSON-able: a quantized artifact's two files or the full-precision
-    checkpoint (jobs.sample.FPSource `source`), each by content (runkey.Input), the LoRAs (LoraSpec) by content and
-    scale, the precision and the weight decode."""
+    """What sample.py's model depends on, JSON-able: a quantized artifact's two files (`quantized`: its local
+    directory, a hub repo's cached snapshot as vq.artifact.resolve_artifact gives it) or the full-precision checkpoint
+    (jobs.sample.FPSource `source`), each by content (runkey.Input), the LoRAs (LoraSpec) by content and scale (a
+    hub LoRA by its name), the precision and the weight decode."""
     if quantized:
-        names = [os.path.join(quantized, n) for n in (MODEL_FILE, QUANT_FILE)] if os.path.isdir(quantized) else [
-            quantized]  # a hub repo id: by its name
+        names = [os.path.join(quantized, n) for n in (MODEL_FILE, QUANT_FILE)]
         model = {"quantized": [asdict(Input.of("artifact", n)) for n in names]}
     else:
         ckpt = source.ckpt if source.ckpt is not None else str(embedded_ckpt_path())
