@@ -137,6 +137,44 @@ def exits_with_error(capsys, match, namespace):
     assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and match in err
 
 
+def write_videos(directory, frames=16, height=16, seed=0, sampling=None):
+    """sample.py's samples.npz of 4 videos (N, F, H, W, 3) of 2 prompts, (the videos, its path)."""
+    from vq4dit.utils.imagefiles import save_samples
+
+    videos = np.random.default_rng(seed).integers(0, 256, (4, frames, height, 8, 3), dtype=np.uint8)
+    save_samples(directory, videos, np.arange(4) % 2, prompted=True, sampling=sampling)
+    return videos, str(directory / "samples.npz")
+
+
+def test_videos_get_a_paired_psnr_over_every_frame(tmp_path, capsys):
+    """sample.py's videos against full-precision ones: the paired PSNR/MSE of every frame, as JSON and table
+    (mutation: videos read as images -> refused for their shape, or, 16 frames of 16 rows, scored as 16x16 digits)."""
+    q, q_path = write_videos(tmp_path / "q")
+    fp, fp_path = write_videos(tmp_path / "fp", seed=1)
+    out = tmp_path / "eval.json"
+    evaluate.main(args(q_path, reference=fp_path, json=str(out), classifier=None))
+    result = json.loads(out.read_text())
+    diff = (q.astype(np.float64) - fp) / 255
+    assert result["mse_vs_reference"] == pytest.approx(float(np.mean(diff * diff)), rel=1e-12)
+    assert result["num_samples"] == 4 and result["fid"] is None and result["accuracy"] is None
+    assert "psnr_vs_reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({}, "--reference: required for"),
+    ({"kind": "digits"}, "--kind: "),
+    ({"ref_batch": "real.npz"}, "--ref-batch: "),
+    ({"reference": "frames"}, "have shape (4, 5, 16, 8, 3); must match the samples' (4, 16, 16, 8, 3)"),
+    ({"reference": "settings"}, "the reference was sampled with seed 1 (the samples: 0)"),
+])
+def test_videos_without_a_reference_or_with_an_image_benchmark_are_refused(tmp_path, capsys, flags, match):
+    _, q_path = write_videos(tmp_path / "q", sampling={"seed": 0})
+    other = {"frames": write_videos(tmp_path / "frames", frames=5, sampling={"seed": 0})[1],
+             "settings": write_videos(tmp_path / "settings", sampling={"seed": 1})[1]}
+    flags = {k: other.get(v, v) for k, v in flags.items()}
+    exits_with_error(capsys, match, args(q_path, **flags))
+
+
 def test_user_errors(tmp_path, digits_batches, capsys):
     paths, _, fp = digits_batches
     exits_with_error(capsys, "no such file", args(str(tmp_path / "missing.npz")))

@@ -4,7 +4,8 @@ digits (default for 16x16 images): FID in the digits classifier's feature space 
 real digits, and the classifier's accuracy on the conditional samples (argmax == arr_1).
 imagenet: FID against an ADM reference batch (--ref-batch), via the optional torch-fidelity package.
 With --reference (full-precision samples from the same seeds and labels): paired PSNR (dB, from the
-pooled MSE, data range 255) and MSE (pooled, on the [0, 1] pixel scale).
+pooled MSE, data range 255) and MSE (pooled, on the [0, 1] pixel scale). Videos (arr_0 (N, F, H, W, 3), as
+sample.py writes them for a video pipeline): the paired PSNR/MSE over every frame, with --reference only.
 
     python evaluate.py --samples /tmp/q/samples.npz --reference /tmp/fp/samples.npz --json /tmp/q/eval.json
 
@@ -37,7 +38,8 @@ def main(args):
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", required=True, type=local_path,
-                        help="samples .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels), or sample.py's --out directory")
+                        help="samples .npz (arr_0 uint8 (N, H, W, 3) or videos (N, F, H, W, 3), arr_1 labels), or "
+                             "sample.py's --out directory")
     parser.add_argument("--reference", default=None, type=local_path,
                         help="FP samples .npz from the same seeds (or their directory), for PSNR/MSE")
     parser.add_argument("--json", default=None, type=local_path, help="write the metrics here as JSON")

@@ -49,9 +49,12 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
 
     digits: FID and accuracy with the classifier at `classifier_path` (default weights file).
     imagenet (and text-to-image samples): FID against the ADM batch `ref_batch_path` (torch-fidelity), when given.
-    Either kind: paired PSNR/MSE against `reference_path`, FP samples from the same seeds and labels.
+    Either kind: paired PSNR/MSE against `reference_path`, FP samples from the same seeds and labels. Videos
+    (N, F, H, W, 3): the paired metrics over every frame, and nothing else.
     """
     images, labels = load_samples(samples_path)
+    if images.ndim == 5:
+        return evaluate_videos(images, labels, samples_path, reference_path, kind, ref_batch_path)
     prompted = label_kind(samples_path) == "prompts"
     kind = resolve_kind(kind if kind is not None or not prompted else "imagenet", images.shape)
     if prompted and kind == "digits":
@@ -75,11 +78,7 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
     result["num_samples"] = int(images.shape[0])
 
     if reference_path is not None:
-        ref_images, ref_labels = load_samples(reference_path)
-        check_reference(images, labels, ref_images, ref_labels, reference_path)
-        check_pairing(samples_path, reference_path)
-        result["mse_vs_reference"] = paired_mse(images, ref_images)
-        result["psnr_vs_reference"] = psnr_from_mse(result["mse_vs_reference"])
+        result.update(paired_metrics(images, labels, samples_path, reference_path))
 
     if kind == "digits":
         classifier = load_digits_classifier(classifier_path or DIGITS_CLASSIFIER)
@@ -89,6 +88,32 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
         import_torch_fidelity()  # fail before reading a large reference batch
         ref_batch, _ = load_samples(ref_batch_path)
         result["fid"] = inception_fid(images, ref_batch)
+    check_finite_metrics(result, samples_path)
+    return result
+
+
+def paired_metrics(images, labels, samples_path, reference_path):
+    """{mse_vs_reference, psnr_vs_reference} of the samples against the reference at `reference_path`, once the
+    two are known to pair sample for sample (shape, labels, recorded sampling settings)."""
+    ref_images, ref_labels = load_samples(reference_path)
+    check_reference(images, labels, ref_images, ref_labels, reference_path)
+    check_pairing(samples_path, reference_path)
+    mse = paired_mse(images, ref_images)
+    return {"mse_vs_reference": mse, "psnr_vs_reference": psnr_from_mse(mse)}
+
+
+def evaluate_videos(videos, labels, samples_path, reference_path, kind, ref_batch_path):
+    """The metrics of videos (N, F, H, W, 3): the paired MSE / PSNR over every frame against --reference; FID and
+    the digits benchmark score images."""
+    flags = [f for f, value in (("--kind", kind), ("--ref-batch", ref_batch_path)) if value is not None]
+    if flags:
+        raise UserError(f"{', '.join(flags)}: {samples_path} holds videos; FID and the digits benchmark score images "
+                        "(give --reference FP.npz alone: a paired PSNR/MSE over every frame)")
+    if reference_path is None:
+        raise UserError(f"--reference: required for {samples_path}, which holds videos (N, F, H, W, 3): give the "
+                        "full-precision videos of the same seeds and prompts for a paired PSNR/MSE over every frame")
+    result = {**dict.fromkeys(RESULT_KEYS), "num_samples": int(videos.shape[0])}
+    result.update(paired_metrics(videos, labels, samples_path, reference_path))
     check_finite_metrics(result, samples_path)
     return result
 

@@ -1,6 +1,7 @@
 """Read and validate sample batches in the ADM evaluator's .npz format.
 
-`arr_0`: uint8 images (N, H, W, 3); optional `arr_1`: integer class labels (N,).
+`arr_0`: uint8 images (N, H, W, 3), or videos (N, F, H, W, 3) as sample.py writes them; optional `arr_1`: integer
+labels (N,).
 Every problem with a file is reported as a one-line UserError naming the file.
 """
 import json
@@ -50,7 +51,9 @@ def load_samples(path, num_classes=None):
     check_images(images, path)
     if labels is not None:
         labels = check_labels(labels, images.shape[0], num_classes, path)
-    logger.info("%s: %d images of %dx%d, labels %s", path, *images.shape[:3], "yes" if labels is not None else "no")
+    what = "images" if images.ndim == 4 else f"videos of {images.shape[1]} frames"
+    logger.info("%s: %d %s of %dx%d, labels %s", path, images.shape[0], what, *images.shape[-3:-1],
+                "yes" if labels is not None else "no")
     return images, labels
 
 
@@ -98,8 +101,9 @@ def check_pairing(path, ref_path):
 def check_images(images, name):
     if images.dtype != np.uint8:
         raise UserError(f"{name}: arr_0 has dtype {images.dtype}; must be uint8 (N, H, W, 3)")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
-        raise UserError(f"{name}: arr_0 has shape {images.shape}; must be (N, H, W, 3) with N >= 1")
+    if images.ndim not in (4, 5) or images.shape[-1] != 3 or 0 in images.shape:
+        raise UserError(f"{name}: arr_0 has shape {images.shape}; must be (N, H, W, 3) images or (N, F, H, W, 3) "
+                        "videos with N >= 1")
 
 
 def check_labels(labels, n, num_classes, name):
