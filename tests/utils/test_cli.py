@@ -41,6 +41,29 @@ def test_interrupt_prints_the_hint_and_exits_130(capsys):
     assert capsys.readouterr().err == "interrupted; rerun to resume from block 3\n"
 
 
+@pytest.mark.parametrize("error, line", [(UserError("/x: cannot be written"), "error: /x: cannot be written"),
+                                         (KeyboardInterrupt(), "interrupted; 4 samples kept")])
+@pytest.mark.parametrize("leave", [True, False])
+def test_a_failure_inside_a_progress_bar_starts_its_own_line_and_is_the_last(capsys, error, line, leave):
+    """The bar a failure left open is closed before the message, which then starts a line of its own (after the bar's
+    newline, or the \r of an erased leave=False bar) and is the last output (mutation: not closed -> `teacher: 0%| |
+    0/4 [...]error: ...` on one line, and the bar printed again after it when collected)."""
+    from tqdm import tqdm
+
+    def main(args):
+        bar = tqdm(total=4, desc="teacher", leave=leave, file=sys.stderr)
+        bar.update(1)
+        raise error
+
+    with pytest.raises(SystemExit):
+        run_cli(main, None, on_interrupt=lambda: "4 samples kept")
+    import gc
+
+    gc.collect()  # a bar still open would print itself now
+    err = capsys.readouterr().err
+    assert re.search(rf"[\r\n]{re.escape(line)}\n$", err) and err.count(line) == 1  # a left=False bar: erased, \r
+
+
 def test_interrupt_without_hint_is_one_line_and_other_errors_are_not_swallowed(capsys):
     """Mutation: a Ctrl-C without a hint re-raised (sample.py's 60-line traceback)."""
     with pytest.raises(SystemExit) as e:

@@ -55,7 +55,13 @@ def _sigterm_raises():
 
 
 def _print(message, error):
-    """Print on rank 0 (under torchrun every rank meets the same input); a RankError by the rank that met it."""
+    """Print on rank 0 (under torchrun every rank meets the same input); a RankError by the rank that met it. The
+    progress bars the failure left open are closed first, so that the message starts its own line and is the last
+    (a bar collected at exit would print itself again after it)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     if isinstance(error, RankError) and launch_rank() != 0:
         print(f"error: rank {launch_rank()}: {message}", file=sys.stderr)
     elif launch_rank() == 0:
