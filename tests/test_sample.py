@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.cli_helpers import cli_error, leftovers
+from tests.cli_helpers import cli_error, leftovers, run_here
 from tests.conftest import sample_dit
 from vq4dit.cli import sample
 from vq4dit.models.loading import load_dit, save_dit
@@ -62,6 +62,20 @@ def test_cli_writes_grid_and_npz(tmp_path, ckpt):
     ref_images, ref_labels = reference_run(ckpt, tmp_path, num_samples=5, classes=[0, 1], steps=3, seed=4)
     assert labels.tolist() == [0, 1, 0, 1, 0] == ref_labels.tolist()
     np.testing.assert_array_equal(images, ref_images)
+
+
+def test_one_bar_counts_the_whole_runs_samples(tmp_path, ckpt):
+    """sample.py's progress: one bar of all the run's samples, moving after each batch, beside an erased bar of each
+    batch's steps (mutation: a bar per batch, as before: 0/4 .. 4/4, then 0/4 again, never the run's 10 samples)."""
+    import re
+
+    proc = run_here("sample.py", "--ckpt", ckpt, "--num-samples", "10", "--batch-size", "4", "--steps", "3",
+                    "--device", "cpu", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = [(int(n), int(total)) for n, total in re.findall(r"sampling: +\d+%\|[^|]*\| (\d+)/(\d+)", proc.stderr)]
+    shown = [n for n, _ in counts]  # tqdm redraws at most every 0.1 s: not every batch's count is shown
+    assert {total for _, total in counts} == {10} and shown == sorted(shown) and shown[-1] == 10
+    assert re.search(r"steps: +\d+%\|[^|]*\| \d+/3", proc.stderr)
 
 
 def torchrun_available():

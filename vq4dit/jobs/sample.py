@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vq4dit.jobs.sample_state import STATE_DIR, SampleState, kept_on_failure, open_state, sampling_key
 from vq4dit.models.adapters import adapter_for
@@ -213,34 +214,42 @@ def _out_of_memory(error):
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
 
 
-def draw_shard(sampler, conditions, num_samples, batch_size, state=None):
+def draw_shard(sampler, conditions, num_samples, batch_size, state=None, progress=False):
     """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples; `state`: a
-    jobs.sample_state.SampleState whose kept samples are taken instead of drawn, and which keeps each batch drawn."""
+    jobs.sample_state.SampleState whose kept samples are taken instead of drawn, and which keeps each batch drawn.
+    `progress`: rank 0 shows one bar of its shard's samples for the whole run (its time left included)."""
     rank, size = distributed.world()
     positions = distributed.shard(num_samples, rank, size, block=batch_size)
     images = []
-    for start in range(0, len(positions), batch_size):
-        idx = [int(i) for i in positions[start:start + batch_size]]
-        kept = state.take(idx) if state is not None else {}
-        todo = [i for i in idx if i not in kept]  # a batch partly kept draws the rest only
-        try:
-            drawn = sampler(todo, _take(conditions, todo)) if todo else None
-        except NonFiniteOutput as e:
-            raise RankError(f"samples {idx[0]}..{idx[-1]}: {e}: an overflow (a LoRA scale, the guidance "
-                            "scale --cfg-scale or --precision fp16 too large for this model); refusing to write black "
-                            "images") from None
-        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-            if not _out_of_memory(e):
-                raise
-            raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
-                            f"({type(e).__name__}); lower --batch-size") from None
-        if state is not None and todo:
-            state.keep(todo, drawn)
-        if kept:
-            kept.update(zip(todo, drawn if todo else ()))
-            drawn = np.stack([kept[i] for i in idx])
-        images.append(drawn)
+    with tqdm(total=len(positions), desc="sampling", unit="sample", disable=not progress or rank != 0) as bar:
+        for start in range(0, len(positions), batch_size):
+            idx = [int(i) for i in positions[start:start + batch_size]]
+            images.append(_draw_batch(sampler, conditions, idx, state, batch_size))
+            bar.update(len(idx))
     return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
+
+
+def _draw_batch(sampler, conditions, idx, state, batch_size):
+    """draw_shard's images of the samples `idx`: those `state` kept taken, the rest drawn (and kept)."""
+    kept = state.take(idx) if state is not None else {}
+    todo = [i for i in idx if i not in kept]  # a batch partly kept draws the rest only
+    try:
+        drawn = sampler(todo, _take(conditions, todo)) if todo else None
+    except NonFiniteOutput as e:
+        raise RankError(f"samples {idx[0]}..{idx[-1]}: {e}: an overflow (a LoRA scale, the guidance "
+                        "scale --cfg-scale or --precision fp16 too large for this model); refusing to write black "
+                        "images") from None
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        raise RankError(f"--batch-size {batch_size}: out of memory drawing {len(idx)} samples at once "
+                        f"({type(e).__name__}); lower --batch-size") from None
+    if state is not None and todo:
+        state.keep(todo, drawn)
+    if kept:
+        kept.update(zip(todo, drawn if todo else ()))
+        drawn = np.stack([kept[i] for i in idx])
+    return drawn
 
 
 def sample_shard(loaded, request, settings, device):
@@ -248,7 +257,7 @@ def sample_shard(loaded, request, settings, device):
     model `loaded` for the Request `request`."""
     sampler = prepare_sampler(loaded, request.num_samples, settings, device)
     conditions, labels = conditions_of(loaded, request, settings.seed)
-    return draw_shard(sampler, conditions, request.num_samples, settings.batch_size), labels
+    return draw_shard(sampler, conditions, request.num_samples, settings.batch_size, progress=settings.progress), labels
 
 
 def save_all(out_dir, images, labels, settings, prompts=None):
@@ -313,7 +322,7 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
             parts = (num_samples - len(state)) * 3 * math.prod(sampler.size) if state is not None else 0  # videos too
             check_free_space(out_dir, sample_files_bytes(labels, sampler.size) + parts,
                              f"{NPZ_FILE} and {GRID_FILE}" + (" with the batches kept until then" if parts else ""))
-        local = draw_shard(sampler, conditions, num_samples, settings.batch_size, state)
+        local = draw_shard(sampler, conditions, num_samples, settings.batch_size, state, settings.progress)
         images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
         if rank == 0:
             prompted = loaded.adapter.num_classes(loaded.model) is None

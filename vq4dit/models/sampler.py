@@ -58,7 +58,7 @@ def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guid
     n = x.shape[0]
     dtype = compute_dtype(model)
     guided_channels = guided_channels or x.shape[1]
-    for i in tqdm(reversed(range(diffusion.num_steps)), total=diffusion.num_steps, desc="sample",
+    for i in tqdm(reversed(range(diffusion.num_steps)), total=diffusion.num_steps, desc="steps",
                   disable=not progress, leave=False):
         t = torch.full((n,), int(diffusion.timestep_map[i]), device=x.device, dtype=torch.long)
         if use_cfg:
@@ -85,18 +85,17 @@ def class_labels(seed, num_samples, num_classes, classes=None):
 
 def generate(model, labels, indices, seed, steps=50, cfg_scale=1.5, batch_size=64, device="cpu", progress=True,
              on_step=None):
-    """Samples for the given sample indices (with their labels) in model space (N, C, H, W), on CPU."""
+    """Samples for the given sample indices (with their labels) in model space (N, C, H, W), on CPU. `progress`: a
+    bar of each batch's steps, erased when the batch ends (the run's bar of samples is the caller's:
+    jobs.sample.draw_shard)."""
     diffusion = make_diffusion(steps)
     shape = (model.in_channels, model.input_size, model.input_size)
     outs = []
-    bar = tqdm(total=len(indices), desc=f"sampling {steps} steps", disable=not progress)
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         y = labels[start:start + batch_size].to(device)
         noise = PerSampleNoise(seed, idx, shape, device)
         x = ddpm_sample(model, noise, y, diffusion, cfg_scale, null_class=model.num_classes,
-                        guided_channels=guided_channels_for(model.in_channels), on_step=on_step)
+                        guided_channels=guided_channels_for(model.in_channels), progress=progress, on_step=on_step)
         outs.append(x.float().cpu())
-        bar.update(len(idx))
-    bar.close()
     return torch.cat(outs) if outs else torch.empty(0, *shape)
