@@ -53,7 +53,7 @@ def parse_loras(values):
     """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.sample.LoraSpec]: SCALE (default 1) is the text after the last
     ':' when it is a number; the source must exist here or be a hub repo id owner/name."""
     from vq4dit.jobs.sample import LoraSpec
-    from vq4dit.vq.modelcard import HUB_ID
+    from vq4dit.utils.hubid import hub_id_like
 
     loras = []
     for value in values or ():
@@ -67,9 +67,9 @@ def parse_loras(values):
         if not math.isfinite(scale):
             raise UserError(f"--lora {value}: scale {tail} is not a finite number; give FILE_OR_REPO[:SCALE], e.g. "
                             f"{source}:0.8")
-        if not (os.path.exists(source) or HUB_ID.fullmatch(source)):
+        if not (os.path.exists(source) or hub_id_like(source)):
             head = value.rpartition(":")[0]
-            if colon and (os.path.exists(head) or HUB_ID.fullmatch(head)):  # the source is there; its scale is not
+            if colon and (os.path.exists(head) or hub_id_like(head)):  # the source is there; its scale is not
                 raise UserError(f"--lora {value}: scale {tail!r} is not a number; give FILE_OR_REPO[:SCALE], e.g. "
                                 f"{head}:0.8")
             raise UserError(f"--lora {value}: {source} is not a file or directory here, nor a hub repo id "

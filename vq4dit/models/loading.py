@@ -9,7 +9,6 @@ built on the meta device, so loading peaks near the weights' size, not twice it.
 """
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from vq4dit.models.checkpoint_files import DIGEST_KEY, read_state_file, state_digest
 from vq4dit.models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
 from vq4dit.models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
+from vq4dit.models.pipelines import pipeline_id_like
 from vq4dit.utils.errors import UserError, error_detail
 from vq4dit.utils.fileio import atomic_path
 from vq4dit.utils.resources import EMBEDDED_DIT
@@ -128,8 +128,7 @@ def check_ckpt_exists(ckpt):
     """A UserError when `ckpt` is neither a local path nor a string that looks like a hub id (which a load fetches)."""
     if Path(ckpt).expanduser().exists():
         return
-    looks_like_file = re.search(r"\.(pt|pth|bin|ckpt|safetensors)$", str(ckpt))
-    if looks_like_file or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
+    if not pipeline_id_like(ckpt):  # a missing file, or a path under a local directory (outputs/model)
         raise UserError(f"checkpoint {ckpt} does not exist; give a .pt/.safetensors file, "
                         "a diffusers directory or a hub id like facebook/DiT-XL-2-256")
 

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from vq4dit.utils.errors import UserError, error_detail
+from vq4dit.utils.hubid import hub_id_like
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def resolve_pipeline(source):
     path = Path(source).expanduser()
     if path.exists():
         return path if is_pipeline_dir(path) else None
-    if not hub_id_like(source):
+    if not pipeline_id_like(source):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -39,17 +40,17 @@ def resolve_pipeline(source):
                         f"{error_detail(e)}") from None
 
 
-def hub_id_like(source):
-    """Whether `source`, a path that does not exist here, reads as a hub id: owner/name, but not a missing checkpoint
-    file (hub names may hold dots: stable-diffusion-3.5-medium, FLUX.1-dev)."""
-    return str(source).count("/") == 1 and Path(source).suffix not in CHECKPOINT_SUFFIXES
+def pipeline_id_like(source):
+    """Whether `source`, a path that does not exist here, reads as a hub id (utils.hubid.hub_id_like: owner/name, the
+    owner no local directory), but not a missing checkpoint file (hub names may hold dots: FLUX.1-dev)."""
+    return hub_id_like(source) and Path(source).suffix not in CHECKPOINT_SUFFIXES
 
 
 def names_pipeline(source):
     """Whether `source` names a diffusers pipeline (resolve_pipeline's test, without downloading): a local directory
     holding model_index.json, or a hub id owner/name."""
     path = Path(source).expanduser()
-    return is_pipeline_dir(path) if path.exists() else hub_id_like(source)
+    return is_pipeline_dir(path) if path.exists() else pipeline_id_like(source)
 
 
 def check_pipeline_flags(ckpt, backend, given):

@@ -32,10 +32,11 @@ from torch import nn
 from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError, check_finite, error_detail
 from vq4dit.utils.fileio import atomic_paths, write_text_atomic
+from vq4dit.utils.hubid import hub_id_like
 from vq4dit.utils.outdir import held_by, writer_of
 from vq4dit.vq.apply import set_submodule
 from vq4dit.vq.codecs import CODECS, codec_for
-from vq4dit.vq.modelcard import CARD_FILE, HUB_ID, model_card
+from vq4dit.vq.modelcard import CARD_FILE, model_card
 from vq4dit.vq.modelref import build_skeleton, model_class
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def resolve_artifact(source, revision=None):
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
         raise UserError(f"{source!r}: give an artifact directory or a hub repo id (owner/name)")
     path = os.path.expanduser(os.fspath(source))
-    if os.path.exists(path) or not HUB_ID.fullmatch(str(source)):
+    if os.path.exists(path) or not hub_id_like(source):
         if revision is not None:
             raise UserError(f"revision={revision!r}: only used with a hub repo id; {source} is a local path")
         return path

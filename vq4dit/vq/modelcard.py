@@ -10,10 +10,11 @@ import re
 
 import yaml
 
+from vq4dit.utils.hubid import HUB_ID
+
 # layer class -> the quantization method's name
 METHODS = {"VQLinear": "vq4dit", "ResidualVQLinear": "vq4dit", "RTNLinear": "rtn"}
 _CACHED_REPO = re.compile(r"models--([^/\\]+?)--([^/\\]+)")  # huggingface_hub's cache folder of owner/name
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells repo ids
 CARD_FILE = "README.md"
 
 
