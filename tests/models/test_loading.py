@@ -120,6 +120,18 @@ def test_bad_inputs(tmp_path):
         load_dit("DiT-Q/2", str(tmp_path / "ok.pt"))
 
 
+@pytest.mark.parametrize("argv", [["sample.py", "--model", "foo"], ["quantize.py", "--model", "DiT-XL/9"],
+                                  ["quantize.py", "--model", "DiT-XL/9", "--dry-run"]])
+def test_an_unknown_model_name_is_named_before_any_hint_about_its_checkpoint(tmp_path, argv):
+    """Without --ckpt, an unknown --model said `foo needs --ckpt (its checkpoint ...)`, and the dry run planned the
+    embedded model (mutations: the name checked only once the weights are read; the plan not checking it)."""
+    from tests.cli_helpers import run_here
+
+    proc = run_here(*argv, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: unknown --model {argv[2]!r}; valid: DiT-XL/2")
+
+
 # ---- reading files: empty, truncated or altered checkpoints, memory ----------------------------------------------
 
 def test_empty_and_truncated_files_are_one_line_errors(tmp_path, tiny_dit):

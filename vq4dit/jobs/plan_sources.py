@@ -93,11 +93,13 @@ def dit_source(spec):
     from safetensors import SafetensorError, safe_open
 
     from vq4dit.models.dit import DiT_models
-    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, embedded_ckpt_path
+    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, check_model_name, embedded_ckpt_path
 
     path = embedded_ckpt_path() if spec.ckpt is None else Path(spec.ckpt).expanduser()
     if not path.is_file():
         return None
+    if spec.model is not None:
+        check_model_name(spec.model)  # as the run would: a plan of another model is no plan of this one
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

@@ -180,9 +180,14 @@ def _learn_sigma(state, in_channels):
     return w is None or w.shape[0] == patch * patch * in_channels * 2
 
 
-def _build_checked(name, spec_args, state, source, stored_dtype=False):
+def check_model_name(name):
+    """A UserError naming --model `name` and the valid names when the registry has no such DiT."""
     if name not in DiT_models:
         raise UserError(f"unknown --model {name!r}; valid: {', '.join(DiT_models)}")
+
+
+def _build_checked(name, spec_args, state, source, stored_dtype=False):
+    check_model_name(name)
     if not spec_args[3]:  # learn_sigma
         raise UserError(f"{source}: the model predicts the noise only (learn_sigma=False); this sampler is DiT's "
                         "learned-variance DDPM and needs the noise and variance outputs of every released DiT")
@@ -239,6 +244,8 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
     model, else a file, a diffusers directory or a hub id. image_size/num_classes: None to read
     them from the weights (ImageNet defaults 256/1000 where the weights do not say).
     """
+    if name is not None:
+        check_model_name(name)  # before any hint about the checkpoint it would need
     embedded = ckpt is None
     if embedded:
         path = embedded_ckpt_path()
