@@ -118,6 +118,13 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="unknown --model"):
         torch.save(DiTSpec("DiT-Digits/2", 8, 10, 1).build().state_dict(), tmp_path / "ok.pt")
         load_dit("DiT-Q/2", str(tmp_path / "ok.pt"))
+    # a quantized artifact's directory is named as one, as its model.safetensors is (mutation: only the file checked)
+    from safetensors.torch import save_file
+
+    (tmp_path / "art").mkdir()
+    save_file({"x": torch.zeros(1)}, tmp_path / "art" / "model.safetensors", metadata={"format": "vq4dit-quantized"})
+    with pytest.raises(UserError, match=f"quantized vq4dit artifact.*sample.py --quantized {tmp_path / 'art'}$"):
+        load_dit(None, str(tmp_path / "art"))
 
 
 @pytest.mark.parametrize("argv", [["sample.py", "--model", "foo"], ["quantize.py", "--model", "DiT-XL/9"],

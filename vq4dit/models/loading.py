@@ -258,6 +258,8 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
     if path.is_dir():
         directory = _diffusers_dir(path)
         if directory is None:
+            if (path / "model.safetensors").is_file():  # a quantized artifact's is refused naming sample.py --quantized
+                read_state_file(path / "model.safetensors")
             raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
                             f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
         model, spec = _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype)
