@@ -19,6 +19,7 @@ from tests.cli_helpers import cli_error, leftovers, run_here
 from tests.conftest import sample_dit
 from vq4dit.cli import sample
 from vq4dit.models.loading import load_dit, save_dit
+from vq4dit.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "sample.py")
@@ -76,6 +77,22 @@ def test_one_bar_counts_the_whole_runs_samples(tmp_path, ckpt):
     shown = [n for n, _ in counts]  # tqdm redraws at most every 0.1 s: not every batch's count is shown
     assert {total for _, total in counts} == {10} and shown == sorted(shown) and shown[-1] == 10
     assert re.search(r"steps: +\d+%\|[^|]*\| \d+/3", proc.stderr)
+
+
+@pytest.mark.parametrize("flags, named", [(["--steps", "7", "--seed", "5"], "--steps, --seed: not used with --check"),
+                                          (["--out", "x", "--device", "cpu"], "--device, --out: not used"),
+                                          (["-q"], None)])
+def test_check_refuses_the_flags_it_does_not_use(flags, named):
+    """sample.py --check validates an artifact only: a sampling flag beside it did nothing and exited 0 (mutation: only
+    --lora refused, as before)."""
+    from vq4dit.cli.sample import build_parser, check_flags
+
+    args = build_parser().parse_args(["--quantized", "art", "--check", *flags])
+    if named is None:
+        check_flags(args)
+    else:
+        with pytest.raises(UserError, match=f"^{named}"):
+            check_flags(args)
 
 
 def torchrun_available():

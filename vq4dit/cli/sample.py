@@ -98,8 +98,15 @@ def check_flags(args):
         for flag, value in (("--decode-weights", args.decode_weights), ("--pipeline", args.pipeline)):
             if value:
                 raise UserError(f"{flag}: only used with --quantized DIR (a quantized artifact); drop it")
-    if args.check and args.lora:
-        raise UserError(f"--lora {args.lora[0]}: not used with --check (which only validates the artifact); drop it")
+    if args.check:
+        defaults = build_parser().parse_args([])
+        unused = [name for name, value in vars(args).items()
+                  if name not in ("check", "quantized", "quiet") and value != getattr(defaults, name)]
+        if unused:
+            shown = [f"--{name.replace('_', '-')}" + (f" {getattr(args, name)[0]}" if name == "lora" else "")
+                     for name in unused]
+            raise UserError(f"{', '.join(shown)}: not used with --check (which only validates the artifact); drop "
+                            f"{'it' if len(shown) == 1 else 'them'}")
     if args.classes is not None:
         split_classes(args.classes)
     if args.prompt and args.prompts:
