@@ -310,3 +310,21 @@ def test_a_preset_of_another_family_than_the_pipeline_warns(tmp_path, caplog):
     assert len(warned) == 1 and warned[0].startswith("--config flux_dev_w2 is the preset of "
                                                      "black-forest-labs/FLUX.1-dev (a FluxTransformer2DModel); ")
     assert "holds a SD3Transformer2DModel" in warned[0]
+
+
+@pytest.mark.parametrize("flags, named", [(["--num-frames", "8"], "num_frames: not used with the embedded digits DiT"),
+                                          (["--height", "64", "--ckpt", "CKPT", "--prompts", "p.txt"],
+                                           "prompts, height: not used with the DiT --ckpt")])
+def test_pipeline_settings_with_a_dit_are_refused_naming_them_before_the_load(tmp_path, flags, named):
+    """--num-frames, --height, --width and --prompts do nothing for a class-conditional DiT: refused by name before
+    the model loads (mutation: left to the adapter's bind, after the load: `dit models are class-conditional ...`,
+    naming no flag)."""
+    from tests.cli_helpers import run_here, save_tiny_ckpt
+
+    save_tiny_ckpt(tmp_path / "m.safetensors")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    flags = [str(tmp_path / "m.safetensors") if f == "CKPT" else str(tmp_path / f) if f == "p.txt" else f
+             for f in flags]
+    proc = run_here("quantize.py", *flags, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {named}")
+    assert not (tmp_path / "out").exists()

@@ -182,9 +182,12 @@ def test_prompt_files(tmp_path):
 
 
 def test_class_conditional_adapters_refuse_prompts(tiny_dit):
+    """The API's bind names what it refuses (mutation: the old message, naming none of them)."""
     model, _ = tiny_dit
-    with pytest.raises(UserError, match="class-conditional"):
+    with pytest.raises(UserError, match="^prompts: not used with a dit model, class-conditional"):
         adapter_for(model).bind({}, prompts=["a cat"])
+    with pytest.raises(UserError, match="^height, num_frames: not used with a dit model"):
+        adapter_for(model).bind({}, height=64, num_frames=8)
 
 
 def test_an_unsupported_transformer_names_the_supported_classes(pipelines, tmp_path):

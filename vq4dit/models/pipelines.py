@@ -62,6 +62,17 @@ def check_pipeline_flags(ckpt, backend, given):
                         "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
 
 
+def check_dit_flags(ckpt, given):
+    """A text-to-image or video pipeline's settings `given` {key: value or None} would do nothing with a DiT
+    checkpoint file or the embedded model (`ckpt` None), class-conditional at a fixed size: refused naming them."""
+    keys = [key for key, value in given.items() if value is not None]
+    if keys and (ckpt is None or Path(ckpt).expanduser().is_file()):
+        source = f"the DiT --ckpt {ckpt}" if ckpt is not None else "the embedded digits DiT"
+        raise UserError(f"{', '.join(keys)}: not used with {source}, class-conditional at a fixed size (for "
+                        "text-to-image and video pipelines: PixArt, SD3, Flux, Wan, ...); drop "
+                        f"{'it' if len(keys) == 1 else 'them'}")
+
+
 def read_index(directory):
     """model_index.json of a pipeline directory as a dict; malformed files are a UserError."""
     path = Path(directory) / INDEX

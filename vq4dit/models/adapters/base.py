@@ -91,9 +91,11 @@ class Adapter:
         """Hand the adapter what its teacher needs beyond the model, before teacher_runs: the model reference's extra
         keys (e.g. the diffusers pipeline source), the teacher's prompts, image size and frames (diffusers
         pipelines). Returns the extra keys to record in the artifact's model reference."""
-        if prompts or height or width or num_frames:
-            raise UserError(f"{self.family} models are class-conditional at a fixed size: prompts, height and width "
-                            "are for text-to-image pipelines (PixArt, SD3, Flux)")
+        given = [k for k, v in (("prompts", prompts), ("height", height), ("width", width), ("num_frames", num_frames))
+                 if v]
+        if given:
+            raise UserError(f"{', '.join(given)}: not used with a {self.family} model, class-conditional at a fixed "
+                            "size (for text-to-image and video pipelines: PixArt, SD3, Flux, Wan, ...)")
         return dict(extra)
 
     def rows_per_trajectory(self, plan):
