@@ -283,3 +283,21 @@ def test_calibration_never_leaves_a_block_worse_than_its_start(tmp_path, caplog)
     assert any(s["reverted"] for s in stats)
     assert all(s["mse_after"] <= s["mse_before"] * 1.01 for s in stats)  # 1%: the start's codebook rounded to fp16
     assert "calibration left the block worse than its start" in caplog.text
+
+
+def test_the_block_log_says_when_each_layer_hardened_in_words(caplog):
+    """A short run (--iters 20) logged `hard at iteration None` for every layer (mutation: the raw value logged)."""
+    import logging
+
+    from vq4dit.calib.blockwise import log_block
+
+    layer = {"selected": 0.0, "weight_mse_before": 1.0, "weight_mse_after": 0.5}
+    stats = {"block": 0, "name": "blocks.0", "mse_before": 1.0, "mse_after": 0.5, "seconds": 1.0,
+             "layers": {"a": {**layer, "hardened_at": None}, "b": {**layer, "hardened_at": 0},
+                        "c": {**layer, "hardened_at": 30}}}
+    with caplog.at_level(logging.INFO, logger="vq4dit.calib.blockwise"):
+        log_block(stats)
+    lines = caplog.messages[1:]
+    assert ["hard at the end, at its argmax" in lines[0], "hard from the start" in lines[1],
+            "hard at update 30" in lines[2]] == [True] * 3
+    assert "None" not in caplog.text

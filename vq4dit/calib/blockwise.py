@@ -105,6 +105,13 @@ def log_block(stats):
     logger.info("block %d (%s): output MSE %.4g -> %.4g (%.1f s)", stats["block"], stats["name"],
                 stats["mse_before"], stats["mse_after"], stats["seconds"])
     for layer_name, s in stats["layers"].items():
-        logger.info("  %s: selected %.3f before hardening (hard at iteration %s), weight MSE %.3g -> %.3g",
-                    layer_name, s["selected"], s["hardened_at"], s["weight_mse_before"], s["weight_mse_after"])
+        logger.info("  %s: selected %.3f before hardening (%s), weight MSE %.3g -> %.3g", layer_name, s["selected"],
+                    hardened_when(s["hardened_at"]), s["weight_mse_before"], s["weight_mse_after"])
     return stats
+
+
+def hardened_when(update):
+    """The log's words for Trainer.finish's `hardened_at` of a layer: 0, None or the update count."""
+    if update is None:  # progressive selection never froze it whole: its argmax when the updates ran out
+        return "hard at the end, at its argmax"
+    return "hard from the start" if update == 0 else f"hard at update {update}"
