@@ -125,6 +125,13 @@ def test_bad_inputs(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "art" / "model.safetensors", metadata={"format": "vq4dit-quantized"})
     with pytest.raises(UserError, match=f"quantized vq4dit artifact.*sample.py --quantized {tmp_path / 'art'}$"):
         load_dit(None, str(tmp_path / "art"))
+    # weights of another network: named for what they hold, with or without --model (mutation: the check left out ->
+    # "cannot tell which model these weights are ...; pass --model", which no --model can satisfy)
+    save_file({"conv.0.weight": torch.zeros(2, 1, 3, 3), "fc.weight": torch.zeros(10, 2)}, tmp_path / "cls.safetensors")
+    for name in (None, "DiT-S/2"):
+        with pytest.raises(UserError, match=r"cls.safetensors: not a DiT checkpoint \(no x_embedder.proj.weight; its "
+                                            r"2 tensors are named like conv.0.weight, fc.weight\)"):
+            load_dit(name, str(tmp_path / "cls.safetensors"))
 
 
 @pytest.mark.parametrize("argv", [["sample.py", "--model", "foo"], ["quantize.py", "--model", "DiT-XL/9"],

@@ -284,6 +284,10 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
         elif is_diffusers_state_dict(state):
             raise UserError(f"{source} holds diffusers-format weights; pass the directory with its config.json")
         else:
+            if "x_embedder.proj.weight" not in state:  # no --model can help: say what the file holds instead
+                raise UserError(f"{source}: not a DiT checkpoint (no x_embedder.proj.weight; its {len(state)} tensors "
+                                f"are named like {', '.join(list(state)[:3])}); give a DiT .pt/.safetensors file, a "
+                                "diffusers DiT directory or a pipeline")
             guess, in_channels = _infer_arch(state)
             if name is None and guess is None:
                 raise UserError(f"{source}: cannot tell which model these weights are: {describe_weights(state)}; "
