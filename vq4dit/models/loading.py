@@ -21,6 +21,7 @@ from vq4dit.models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
 from vq4dit.models.pipelines import pipeline_id_like
 from vq4dit.utils.errors import UserError, error_detail
 from vq4dit.utils.fileio import atomic_path
+from vq4dit.utils.hubid import local_reading
 from vq4dit.utils.resources import EMBEDDED_DIT
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def check_ckpt_exists(ckpt):
     """A UserError when `ckpt` is neither a local path nor a string that looks like a hub id (which a load fetches)."""
     if Path(ckpt).expanduser().exists():
         return
-    if not pipeline_id_like(ckpt):  # a missing file, or a path under a local directory (outputs/model)
+    if not pipeline_id_like(ckpt):  # a missing checkpoint file
         raise UserError(f"checkpoint {ckpt} does not exist; give a .pt/.safetensors file, "
                         "a diffusers directory or a hub id like facebook/DiT-XL-2-256")
 
@@ -145,8 +146,8 @@ def _resolve(ckpt):
         patterns = [f"{sub}{f}" for sub in ("", "transformer/") for f in ("config.json", *_WEIGHT_FILES)]
         return Path(snapshot_download(str(ckpt), allow_patterns=patterns))
     except Exception as e:
-        raise UserError(f"checkpoint {ckpt} is not a local path and downloading it as a hub id failed: "
-                        f"{error_detail(e)}") from None
+        raise UserError(f"checkpoint {ckpt} is not a local path{local_reading(ckpt)} and downloading it as a hub id "
+                        f"failed: {error_detail(e)}") from None
 
 
 def _sizes(image_size, num_classes, in_channels, state):

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from vq4dit.utils.errors import UserError, error_detail
-from vq4dit.utils.hubid import hub_id_like
+from vq4dit.utils.hubid import hub_id_like, local_reading
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,13 @@ def resolve_pipeline(source):
 
         return Path(snapshot_download(str(source), ignore_patterns=DOWNLOAD_IGNORE))
     except Exception as e:
-        raise UserError(f"{source} is not a local path and downloading it as a hub pipeline failed: "
-                        f"{error_detail(e)}") from None
+        raise UserError(f"{source} is not a local path{local_reading(source)} and downloading it as a hub pipeline "
+                        f"failed: {error_detail(e)}") from None
 
 
 def pipeline_id_like(source):
-    """Whether `source`, a path that does not exist here, reads as a hub id (utils.hubid.hub_id_like: owner/name, the
-    owner no local directory), but not a missing checkpoint file (hub names may hold dots: FLUX.1-dev)."""
+    """Whether `source`, a path that does not exist here, reads as a hub id (utils.hubid.hub_id_like: owner/name), but
+    not a missing checkpoint file (hub names may hold dots: FLUX.1-dev)."""
     return hub_id_like(source) and Path(source).suffix not in CHECKPOINT_SUFFIXES
 
 

@@ -6,8 +6,13 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as 
 
 
 def hub_id_like(source):
-    """Whether `source`, which does not exist here, reads as a hub repo id: owner/name, whose owner is not a local
-    directory. `outputs/w2` before a run wrote it (the README's own path, or a typo in it) is a missing local path,
-    not a repo to look up over the network."""
-    text = os.fspath(source)
-    return bool(HUB_ID.fullmatch(text)) and not os.path.isdir(text.split("/")[0])
+    """Whether `source`, which does not exist here, reads as a hub repo id owner/name (then it is looked up)."""
+    return bool(HUB_ID.fullmatch(os.fspath(source)))
+
+
+def local_reading(source):
+    """For the error of a hub lookup that failed: how `source` reads as a local path when its owner part is a local
+    directory (`outputs/w2` before the run that writes it, or a typo in it): " (outputs/ is a local directory
+    without w2)", else ""."""
+    owner, _, name = os.fspath(source).partition("/")
+    return f" ({owner}/ is a local directory without {name})" if os.path.isdir(owner) else ""

@@ -32,7 +32,7 @@ from torch import nn
 from vq4dit.utils.digest import file_sha256
 from vq4dit.utils.errors import UserError, check_finite, error_detail
 from vq4dit.utils.fileio import atomic_paths, write_text_atomic
-from vq4dit.utils.hubid import hub_id_like
+from vq4dit.utils.hubid import hub_id_like, local_reading
 from vq4dit.utils.outdir import held_by, writer_of
 from vq4dit.vq.apply import set_submodule
 from vq4dit.vq.codecs import CODECS, codec_for
@@ -286,7 +286,8 @@ def resolve_artifact(source, revision=None):
         return snapshot_download(str(source), revision=revision, allow_patterns=list(ARTIFACT_FILES))
     except Exception as e:  # network, missing repo or revision, not in the offline cache: one line either way
         detail = error_detail(e)
-        raise UserError(f"{source}: not a local directory, and fetching it as a hub repo failed ({detail})") from None
+        raise UserError(f"{source}: not a local directory{local_reading(source)}, and fetching it as a hub repo failed "
+                        f"({detail})") from None
 
 
 def load_quantized(out_dir, device="cpu", decode=False):
