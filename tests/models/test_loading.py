@@ -125,6 +125,11 @@ def test_bad_inputs(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "art" / "model.safetensors", metadata={"format": "vq4dit-quantized"})
     with pytest.raises(UserError, match=f"quantized vq4dit artifact.*sample.py --quantized {tmp_path / 'art'}$"):
         load_dit(None, str(tmp_path / "art"))
+    # another directory's model.safetensors (a text encoder's: GBs) is not read (mutation: read whole -> its NaN named)
+    (tmp_path / "te").mkdir()
+    save_file({"w": torch.tensor([float("nan")])}, tmp_path / "te" / "model.safetensors")
+    with pytest.raises(UserError, match="is a directory without a diffusers DiT"):
+        load_dit(None, str(tmp_path / "te"))
     # weights of another network: named for what they hold, with or without --model (mutation: the check left out ->
     # "cannot tell which model these weights are ...; pass --model", which no --model can satisfy)
     save_file({"conv.0.weight": torch.zeros(2, 1, 3, 3), "fc.weight": torch.zeros(10, 2)}, tmp_path / "cls.safetensors")
@@ -132,6 +137,11 @@ def test_bad_inputs(tmp_path):
         with pytest.raises(UserError, match=r"cls.safetensors: not a DiT checkpoint \(no x_embedder.proj.weight; its "
                                             r"2 tensors are named like conv.0.weight, fc.weight\)"):
             load_dit(name, str(tmp_path / "cls.safetensors"))
+    # a DiT saved through DDP: the prefix named (mutation: called no DiT)
+    wrapped = {f"module.{k}": v for k, v in DiTSpec("DiT-Digits/2", 8, 10, 1).build().state_dict().items()}
+    torch.save(wrapped, tmp_path / "ddp.pt")
+    with pytest.raises(UserError, match="ddp.pt: a DiT whose tensor names carry the prefix 'module.'"):
+        load_dit(None, str(tmp_path / "ddp.pt"))
 
 
 @pytest.mark.parametrize("argv", [["sample.py", "--model", "foo"], ["quantize.py", "--model", "DiT-XL/9"],

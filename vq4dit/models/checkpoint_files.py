@@ -73,15 +73,26 @@ def _check_zip_records(path):
                         "by torch.save") from None
 
 
+def refuse_artifact_file(path):
+    """A UserError pointing at sample.py --quantized when the safetensors file `path` is a quantized artifact's packed
+    tensors (its header's format), read from the header only; nothing for any other file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not safetensors: the caller's reading says what it is
+        return
+    if meta.get("format") == "vq4dit-quantized":  # an artifact's packed tensors, not a model's weights
+        raise UserError(f"{path}: the packed tensors of a quantized vq4dit artifact, not full-precision weights; "
+                        f"sample it with sample.py --quantized {Path(path).parent}")
+
+
 def read_state_file(path):
     """A dict of tensors from a .safetensors or torch pickle file (weights_only), plus safetensors metadata."""
     if Path(path).stat().st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes); expected a DiT .pt/.pth or .safetensors checkpoint")
     if str(path).endswith(".safetensors"):
+        refuse_artifact_file(path)
         state, meta = _read_safetensors(path)
-        if meta.get("format") == "vq4dit-quantized":  # an artifact's packed tensors, not a model's weights
-            raise UserError(f"{path}: the packed tensors of a quantized vq4dit artifact, not full-precision weights; "
-                            f"sample it with sample.py --quantized {Path(path).parent}")
         check_finite(state, path)
         return state, meta
     with open(path, "rb") as f:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vq4dit.models.checkpoint_files import DIGEST_KEY, read_state_file, state_digest
+from vq4dit.models.checkpoint_files import DIGEST_KEY, read_state_file, refuse_artifact_file, state_digest
 from vq4dit.models.diffusers_format import from_diffusers_state_dict, is_diffusers_state_dict, spec_fields_from_config
 from vq4dit.models.dit import DiT_configs, DiT_models, sincos_pos_embed_2d
 from vq4dit.models.pipelines import pipeline_id_like
@@ -181,6 +181,18 @@ def _learn_sigma(state, in_channels):
     return w is None or w.shape[0] == patch * patch * in_channels * 2
 
 
+def refuse_non_dit(state, source):
+    """The UserError of a state dict without the DiT's x_embedder.proj.weight: a DiT whose names carry a wrapper's
+    prefix (DDP's module., torch.compile's _orig_mod.), or the weights of another network."""
+    wrapped = next((k[:-len("x_embedder.proj.weight")] for k in state if k.endswith(".x_embedder.proj.weight")), None)
+    if wrapped is not None:
+        raise UserError(f"{source}: a DiT whose tensor names carry the prefix {wrapped!r} (a DDP or torch.compile "
+                        "wrapper's); save the unwrapped model's state_dict(), or strip the prefix from every name")
+    raise UserError(f"{source}: not a DiT checkpoint (no x_embedder.proj.weight; its {len(state)} tensors are named "
+                    f"like {', '.join(list(state)[:3])}); give a DiT .pt/.safetensors file, a diffusers DiT directory "
+                    "or a pipeline")
+
+
 def check_model_name(name):
     """A UserError naming --model `name` and the valid names when the registry has no such DiT."""
     if name not in DiT_models:
@@ -260,7 +272,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
         directory = _diffusers_dir(path)
         if directory is None:
             if (path / "model.safetensors").is_file():  # a quantized artifact's is refused naming sample.py --quantized
-                read_state_file(path / "model.safetensors")
+                refuse_artifact_file(path / "model.safetensors")
             raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
                             f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
         model, spec = _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype)
@@ -286,9 +298,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
             raise UserError(f"{source} holds diffusers-format weights; pass the directory with its config.json")
         else:
             if "x_embedder.proj.weight" not in state:  # no --model can help: say what the file holds instead
-                raise UserError(f"{source}: not a DiT checkpoint (no x_embedder.proj.weight; its {len(state)} tensors "
-                                f"are named like {', '.join(list(state)[:3])}); give a DiT .pt/.safetensors file, a "
-                                "diffusers DiT directory or a pipeline")
+                refuse_non_dit(state, source)
             guess, in_channels = _infer_arch(state)
             if name is None and guess is None:
                 raise UserError(f"{source}: cannot tell which model these weights are: {describe_weights(state)}; "
