@@ -3,6 +3,7 @@ the rerun draws only the rest and writes the samples.npz an uninterrupted run wr
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -204,3 +205,10 @@ def test_sample_py_keys_a_hub_artifact_by_its_snapshots_files(offline_cache, tmp
     put_in_hub_cache(offline_cache, "someone/sd3-vq", tmp_path / "moved", revision="1" * 40)
     refused = run_here("sample.py", *flags)
     assert refused.returncode == 2 and "source.model.quantized" in refused.stderr.strip().splitlines()[-1]
+    # a commit that changed only the model card: the same two files at another snapshot path, so the rerun resumes
+    # (mutation: the key by path -> refused, and the kept batch lost to --overwrite)
+    shutil.copytree(run.artifact, tmp_path / "card")
+    (tmp_path / "card" / "README.md").write_text("a better card\n")
+    put_in_hub_cache(offline_cache, "someone/sd3-vq", tmp_path / "card", revision="2" * 40)
+    drawn = counted(monkeypatch)
+    assert run_here("sample.py", *flags).returncode == 0 and drawn == [[1]]

@@ -40,10 +40,12 @@ def source_key(quantized, source, loras=(), precision=None, decode=False):
     """What sample.py's model depends on, JSON-able: a quantized artifact's two files (`quantized`: its local
     directory, a hub repo's cached snapshot as vq.artifact.resolve_artifact gives it) or the full-precision checkpoint
     (jobs.sample.FPSource `source`), each by content (runkey.Input), the LoRAs (LoraSpec) by content and scale (a
-    hub LoRA by its name), the precision and the weight decode."""
+    hub LoRA by its name), the precision and the weight decode. The artifact's files by name and content only: the
+    same artifact at another path (a hub repo's snapshot after a commit that changed only its model card) is the
+    same model."""
     if quantized:
-        names = [os.path.join(quantized, n) for n in (MODEL_FILE, QUANT_FILE)]
-        model = {"quantized": [asdict(Input.of("artifact", n)) for n in names]}
+        model = {"quantized": [{"file": n, "digest": Input.of("artifact", os.path.join(quantized, n)).digest}
+                               for n in (MODEL_FILE, QUANT_FILE)]}
     else:
         ckpt = source.ckpt if source.ckpt is not None else str(embedded_ckpt_path())
         model = {**asdict(source), "ckpt": asdict(Input.of("checkpoint", ckpt))}
