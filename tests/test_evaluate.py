@@ -202,6 +202,18 @@ def test_imagenet_needs_torch_fidelity(tmp_path, capsys):
                      args(str(tmp_path / "big.npz"), ref_batch=str(tmp_path / "big.npz")))
 
 
+def test_a_video_reference_batch_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """--ref-batch of videos with image samples ended in a traceback inside the FID's dataset (mutation: no check)."""
+    import vq4dit.evaluation.report as report
+
+    monkeypatch.setattr(report, "import_torch_fidelity", lambda: None)
+    monkeypatch.setattr(report, "inception_fid", lambda *a: pytest.fail("computed an FID"))
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((3, 32, 32, 3), np.uint8), arr_1=np.array([0, 999, 5]))
+    _, videos = write_videos(tmp_path / "v")
+    exits_with_error(capsys, f"--ref-batch {videos}: holds videos (4, 16, 16, 8, 3); an ADM reference batch holds",
+                     args(str(tmp_path / "images.npz"), ref_batch=videos, kind="imagenet"))
+
+
 def test_cli_exit_status_without_traceback(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "evaluate.py", "--samples", str(tmp_path / "missing.npz")],

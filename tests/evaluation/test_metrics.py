@@ -140,6 +140,8 @@ def test_mse_matches_pixel_loop():
     assert psnr_from_mse(paired_mse(a, b)) == pytest.approx(10 * math.log10(255 ** 2 / mse_255), rel=1e-12)
     with pytest.raises(ValueError):
         paired_mse(a, b[:2])
+    with pytest.raises(ValueError, match="no values"):  # not a ZeroDivisionError, nor the NaN it was before
+        paired_mse(a[:0], b[:0])
 
 
 @pytest.mark.parametrize("shape, chunk_bytes", [((7, 5, 6, 3), 200), ((7, 5, 6, 3), 1), ((4, 3, 2, 5, 3), 2**24)])

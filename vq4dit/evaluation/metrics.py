@@ -80,6 +80,8 @@ def paired_mse(images, reference, chunk_bytes=2**24):
     stays that of a few chunks (a float64 difference of 50,000 ImageNet samples would be 79 GB)."""
     if images.shape != reference.shape:
         raise ValueError(f"shape mismatch: {images.shape} vs {reference.shape}")
+    if images.size == 0:
+        raise ValueError(f"no values to compare: shape {images.shape}")
     rows = max(1, chunk_bytes // max(1, images[:1].nbytes))
     total = 0  # a Python int: 255^2 per value, exact for any count
     for start in range(0, len(images), rows):

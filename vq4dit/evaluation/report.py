@@ -87,6 +87,9 @@ def evaluate_files(samples_path, reference_path=None, kind=None, ref_batch_path=
     elif fid:  # without a reference batch: the paired metrics alone
         import_torch_fidelity()  # fail before reading a large reference batch
         ref_batch, _ = load_samples(ref_batch_path)
+        if ref_batch.ndim != 4:
+            raise UserError(f"--ref-batch {ref_batch_path}: holds videos {ref_batch.shape}; an ADM reference batch "
+                            "holds images (N, H, W, 3)")
         result["fid"] = inception_fid(images, ref_batch)
     check_finite_metrics(result, samples_path)
     return result
