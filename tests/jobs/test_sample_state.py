@@ -146,6 +146,21 @@ def test_sample_py_interrupted_says_what_it_kept_and_its_rerun_finishes(tmp_path
     assert np.load(out / "samples.npz")["arr_0"].tobytes() == np.load(ref / "samples.npz")["arr_0"].tobytes()
 
 
+def test_a_resumed_runs_bar_starts_at_the_kept_samples(tmp_path, monkeypatch):
+    """The run's bar counts the kept samples from its start, so its rate and time left are the drawing's (mutation: the
+    kept batches counted as instant updates -> 0/8 first, and a time left far too short)."""
+    import re
+
+    flags = ["--num-samples", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu", "--out", tmp_path / "out"]
+    counted(monkeypatch, stop_after=1)
+    assert run_here("sample.py", *flags).returncode == 130
+    counted(monkeypatch)
+    rerun = run_here("sample.py", *flags)
+    assert rerun.returncode == 0
+    shown = [int(n) for n in re.findall(r"sampling: +\d+%\|[^|]*\| (\d+)/8", rerun.stderr)]
+    assert shown[0] == 4 and shown[-1] == 8
+
+
 @pytest.mark.parametrize("size", [(8, 8), (3, 8, 8)], ids=["images", "videos"])
 def test_kept_samples_come_back_by_index(tmp_path, size):
     """SampleState alone: images and videos kept from non-consecutive indices (a part per run of them) come back by

@@ -217,15 +217,18 @@ def _out_of_memory(error):
 def draw_shard(sampler, conditions, num_samples, batch_size, state=None, progress=False):
     """uint8 images (n_local, H, W, 3) of this process's shard of the `num_samples` samples; `state`: a
     jobs.sample_state.SampleState whose kept samples are taken instead of drawn, and which keeps each batch drawn.
-    `progress`: rank 0 shows one bar of its shard's samples for the whole run (its time left included)."""
+    `progress`: rank 0 shows one bar of its shard's samples (all of them in one process) for the whole run, the kept
+    ones counted from the start, so that its time left is the drawing's."""
     rank, size = distributed.world()
     positions = distributed.shard(num_samples, rank, size, block=batch_size)
     images = []
-    with tqdm(total=len(positions), desc="sampling", unit="sample", disable=not progress or rank != 0) as bar:
+    kept = set(state.parts) if state is not None else set()
+    with tqdm(total=len(positions), initial=sum(int(i) in kept for i in positions), desc="sampling", unit="sample",
+              disable=not progress or rank != 0) as bar:
         for start in range(0, len(positions), batch_size):
             idx = [int(i) for i in positions[start:start + batch_size]]
             images.append(_draw_batch(sampler, conditions, idx, state, batch_size))
-            bar.update(len(idx))
+            bar.update(sum(i not in kept for i in idx))
     return np.concatenate(images) if images else np.zeros((0, *sampler.size, 3), np.uint8)
 
 

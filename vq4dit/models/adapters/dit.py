@@ -6,6 +6,7 @@ from vq4dit.models.diffusion import make_diffusion
 from vq4dit.models.loading import LATENT_DOWNSAMPLE
 from vq4dit.models.sampler import PerSampleNoise, class_labels, ddpm_sample, generate, guided_channels_for, sample_seed
 from vq4dit.models.vae import load_vae, needs_vae, to_uint8
+from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
 
 
@@ -62,7 +63,7 @@ class DiTAdapter(Adapter):
 
         def draw(indices, labels):
             x = generate(model, labels, indices, settings.seed, settings.steps, settings.cfg_scale,
-                         settings.batch_size, device, progress=settings.progress)
+                         settings.batch_size, device, progress=settings.progress and distributed.world()[0] == 0)
             return to_uint8(x, decoder)
 
         return ImageSampler(draw, (size, size))
