@@ -43,6 +43,8 @@ def main(args):
                      "--json": args.json})
     if args.json is not None and not args.dry_run:
         raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
+    if args.skip_existing and args.dry_run:
+        raise UserError("--skip-existing: --dry-run writes nothing to keep; drop one of them")
     check_bits_alone(args)
     overrides = config_overrides(args)
     config = load_config(args.config, overrides)
@@ -63,9 +65,13 @@ def main(args):
             print(plan)
         return
     # imported here so that --dry-run and config errors answer without loading torch
-    from vq4dit.jobs.quantize import quantize
+    from vq4dit.jobs.quantize import made_by_this_run, quantize
 
     args.out = args.out or default_out(config)
+    if args.skip_existing and made_by_this_run(args.out, config):
+        if launch_rank() == 0:
+            print(f"kept {args.out}: it holds the artifact of this run (the same config and input files)")
+        return
     quantize(config, args.out, overwrite=args.overwrite)
     if launch_rank() == 0:  # under torchrun rank 0 writes the artifact (and says so once)
         print(f"wrote {args.out}")
@@ -93,6 +99,9 @@ def build_parser():
                         "not write (they are kept: a file of an artifact's name that vq4dit did not write is never "
                         "replaced), and delete a calibration state there that this run would not resume (another "
                         "config, checkpoint or method); without it either is an error")
+    parser.add_argument("--skip-existing", action="store_true", help="keep an artifact in --out that this same run "
+                        "made (every setting that changes the result, and the checkpoint and prompts file by content, "
+                        "as its quant_config.json records them) and exit 0 without quantizing: a rerun of run.sh")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and, for a text-to-image "
                         "pipeline or a DiT, its memory plan) and exit")
     parser.add_argument("--json", metavar="FILE", type=local_path,

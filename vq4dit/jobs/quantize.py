@@ -120,6 +120,17 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
         return stats
 
 
+def made_by_this_run(out_dir, config):
+    """Whether out_dir holds a complete artifact whose recorded run_key is this run's: every config field that can
+    change the result, and the checkpoint and prompts file by content (jobs.runkey.RunKey). An artifact saved before
+    run keys were recorded, or a partial one, is not."""
+    try:
+        quant = read_quant_config(out_dir)
+    except UserError:
+        return False
+    return quant.get("run_key") == RunKey.of(config).digest()
+
+
 def check_processes(config):
     """Under torchrun: refuse what data-parallel calibration does not split (docs/usage.md "Several processes")."""
     calibration, count = config.calibration, distributed.size()
@@ -270,7 +281,7 @@ def save(model, layers, extra, config, out_dir):
     for layer in layers.values():
         if not layer.is_hard:
             layer.harden()
-    save_quantized(model, reference(model, **extra), out_dir, config.to_dict())
+    save_quantized(model, reference(model, **extra), out_dir, config.to_dict(), RunKey.of(config).digest())
 
 
 def announce_replacement(out_dir, config):

@@ -2,6 +2,7 @@
 
 The checkpoint store (calib/checkpoints.py) is opened with a RunKey and refuses a checkpoint saved under another.
 """
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -57,6 +58,11 @@ class RunKey:
 
     def to_json(self):
         return {"config": self.config, "inputs": [asdict(i) for i in self.inputs]}
+
+    def digest(self):
+        """sha256 of the key: an artifact records it (quant_config.json's run_key) so that a rerun of the same
+        command can keep the artifact instead of making it again (quantize.py --skip-existing)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
     def change(self, saved):
         """What differs from `saved` (a to_json() read back) in words, or None: an input file whose content changed

@@ -80,10 +80,11 @@ def write_quant_config(out_dir, quant):
     return quant
 
 
-def save_quantized(model, ref, out_dir, config):
+def save_quantized(model, ref, out_dir, config, run_key=None):
     """Write `model` (every quantized layer hard) as an artifact directory; returns the quant_config dict.
 
-    ref: the base model's reference (vq.modelref.reference(model, **extra)), stored as `base_model`.
+    ref: the base model's reference (vq.modelref.reference(model, **extra)), stored as `base_model`. run_key: a
+    string naming what made it (jobs.runkey.RunKey.digest), stored as `run_key` when given.
     Codebooks are first rounded in place to what the file stores (fp16), and every layer's packed tensors are
     decoded again and compared with the layer, so the in-memory model equals the one load_quantized returns.
     """
@@ -128,7 +129,7 @@ def save_quantized(model, ref, out_dir, config):
             "format_version": FORMAT_VERSION, "base_model": dict(ref), "layers": layer_entries,
             "tensors": {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
             "model_bytes": os.path.getsize(model_tmp), "model_sha256": file_sha256(model_tmp),
-            "config_sha256": file_sha256(config_tmp)})
+            "config_sha256": file_sha256(config_tmp), **({} if run_key is None else {"run_key": run_key})})
         write_text(quant_tmp, quant_text)
     logger.info("saved %d quantized layers to %s (%.2f MB)", len(layers), out_dir, quant["model_bytes"] / 1e6)
     return quant
