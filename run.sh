@@ -19,12 +19,12 @@ SEED=${SEED:-0}
 
 if [ "$MODE" = digits ]; then
   N=${NUM_SAMPLES:-200}
-  # --skip-existing: a rerun keeps an artifact this same run made (config and checkpoint content unchanged)
+  # --skip-existing: a rerun keeps an artifact or samples this same run made (settings and input files unchanged)
   python quantize.py --config digits_w2 --seed "$SEED" --out "$OUT/vq4dit_w2" --skip-existing
   python quantize.py --config digits_w2 --method kmeans --seed "$SEED" --out "$OUT/kmeans_w2" --skip-existing
-  python sample.py --num-samples "$N" --seed "$SEED" --out "$OUT/fp"
+  python sample.py --num-samples "$N" --seed "$SEED" --out "$OUT/fp" --skip-existing
   for run in kmeans_w2 vq4dit_w2; do
-    python sample.py --quantized "$OUT/$run" --num-samples "$N" --seed "$SEED" --out "$OUT/$run/samples"
+    python sample.py --quantized "$OUT/$run" --num-samples "$N" --seed "$SEED" --out "$OUT/$run/samples" --skip-existing
   done
   python benchmarks/compare.py --reference "$OUT/fp/samples.npz" --out "$OUT" \
     --run "k-means W2=$OUT/kmeans_w2/samples/samples.npz" --run "VQ4DiT W2=$OUT/vq4dit_w2/samples/samples.npz"
@@ -33,7 +33,7 @@ elif [ "$MODE" = xl ]; then
   RES=${RES:-256}; BITS=${BITS:-2}; STEPS=${STEPS:-50}; N=${NUM_SAMPLES:-10000}; GPUS=${GPUS:-1}
   Q="$OUT/xl${RES}_w${BITS}"
   python quantize.py --config "dit_xl_${RES}_w${BITS}" --ckpt "$CKPT" --seed "$SEED" --out "$Q" --skip-existing
-  SAMPLE=(torchrun --nproc_per_node "$GPUS" sample.py --steps "$STEPS" --num-samples "$N" --seed "$SEED")
+  SAMPLE=(torchrun --nproc_per_node "$GPUS" sample.py --steps "$STEPS" --num-samples "$N" --seed "$SEED" --skip-existing)
   "${SAMPLE[@]}" --model DiT-XL/2 --ckpt "$CKPT" --image-size "$RES" --out "$OUT/xl${RES}_fp_s${STEPS}"
   "${SAMPLE[@]}" --quantized "$Q" --out "$Q/samples_s${STEPS}"
   if [ -n "${REF_BATCH:-}" ]; then

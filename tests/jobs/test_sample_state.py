@@ -51,7 +51,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_samples(tiny_dit, tmp_p
     taken (the rerun draws all 12), a partly kept batch drawn whole, a batch kept under other indices (other
     bytes), the state left behind."""
     model, _ = tiny_dit
-    reference = run(model, tmp_path / "ref", resume=None)
+    reference = run(model, tmp_path / "ref")  # uninterrupted: the same key, so the same run_key recorded
     assert not (tmp_path / "ref" / STATE_DIR).exists()  # the API without Resume keeps nothing
     out = tmp_path / "out"
     counted(monkeypatch, stop_after=2)
@@ -82,7 +82,7 @@ def test_a_state_of_another_run_is_refused_and_overwrite_starts_over(tiny_dit, t
     with caplog.at_level(logging.WARNING, logger="vq4dit.jobs.sample_state"):
         samples = run(model, out, seed=1, resume=Resume(SOURCE, overwrite=True))
     assert "dropping the samples of another run" in caplog.text
-    assert len(drawn) == 3 and samples == run(model, tmp_path / "ref", seed=1, resume=None)
+    assert len(drawn) == 3 and samples == run(model, tmp_path / "ref", seed=1)
 
 
 def test_a_damaged_part_is_drawn_again(tiny_dit, tmp_path, monkeypatch, caplog):
@@ -100,7 +100,7 @@ def test_a_damaged_part_is_drawn_again(tiny_dit, tmp_path, monkeypatch, caplog):
         samples = run(model, out)
     assert "part-4-4.npz: unreadable" in caplog.text
     assert sorted(i for idx in drawn for i in idx) == list(range(4, 12))
-    assert samples == run(model, tmp_path / "ref", resume=None)
+    assert samples == run(model, tmp_path / "ref")
 
 
 def test_the_key_follows_the_checkpoints_content(tmp_path):
@@ -227,3 +227,25 @@ def test_sample_py_keys_a_hub_artifact_by_its_snapshots_files(offline_cache, tmp
     put_in_hub_cache(offline_cache, "someone/sd3-vq", tmp_path / "card", revision="2" * 40)
     drawn = counted(monkeypatch)
     assert run_here("sample.py", *flags).returncode == 0 and drawn == [[1]]
+
+
+def test_skip_existing_keeps_this_runs_samples_and_draws_any_other(tmp_path, monkeypatch):
+    """sample.py --skip-existing (run.sh's reruns): the same command keeps the samples and draws nothing; another seed
+    draws (mutations: no check -> drawn again; the key not recorded -> never kept). A paired evaluation ignores the
+    run key, which names the model too (mutation: compared -> every quantized-vs-FP pair refused)."""
+    from vq4dit.evaluation.samples import check_pairing
+    from vq4dit.utils.imagefiles import save_samples
+
+    out = tmp_path / "out"
+    flags = ["--num-samples", "4", "--batch-size", "4", "--steps", "3", "--device", "cpu", "-q", "--out", out,
+             "--skip-existing"]
+    assert run_here("sample.py", *flags).returncode == 0
+    written = (out / "samples.npz").stat().st_mtime_ns
+    drawn = counted(monkeypatch)
+    assert run_here("sample.py", *flags).returncode == 0 and drawn == []
+    assert (out / "samples.npz").stat().st_mtime_ns == written
+    assert run_here("sample.py", *flags, "--seed", "1").returncode == 0 and drawn == [[0, 1, 2, 3]]
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    save_samples(tmp_path / "q", images, [0, 1], sampling={"seed": 0, "run_key": "a"})
+    save_samples(tmp_path / "fp", images, [0, 1], sampling={"seed": 0, "run_key": "b"})
+    check_pairing(tmp_path / "q" / "samples.npz", tmp_path / "fp" / "samples.npz")

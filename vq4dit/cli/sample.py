@@ -163,7 +163,8 @@ def sample(args, loras, device):
     settings = SampleSettings(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                               vae=args.vae or SampleSettings.vae, pipeline=args.pipeline, progress=not args.quiet,
                               num_frames=args.num_frames, height=args.height, width=args.width)
-    resume = Resume(source_key(quantized, source, loras, args.precision, args.decode_weights), args.overwrite)
+    resume = Resume(source_key(quantized, source, loras, args.precision, args.decode_weights), args.overwrite,
+                    args.skip_existing)
     sample_to_dir(loaded, args.out, Request(args.num_samples, classes, prompts), settings, device, resume)
 
 
@@ -220,6 +221,9 @@ def build_parser():
                         help="sample directory: samples.npz, grid.png (videos/ for video pipelines); locked while the "
                              "run writes it; the batches drawn are kept in DIR/sample_state until the end, so that "
                              "the same command rerun after an interrupt resumes (default: %(default)s)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep the samples in --out that this same run drew (the same model files, settings and "
+                             "conditions, as samples.npz records them) and draw nothing: a rerun of run.sh")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that holds files sample.py did not write (they are kept); without "
                              "it that is an error")

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY, NPZ_FILE, SAMPLING_KEY
+from vq4dit.utils.imagefiles import LABEL_KINDS, LABELS_KEY, NPZ_FILE, RUN_KEY, SAMPLING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def check_pairing(path, ref_path):
         return
     # a key one side does not record (an older sample.py's: no prompts digest) is not known to differ
     differ = [f"{key} {theirs[key]!r} (the samples: {mine[key]!r})" for key in sorted(set(mine) & set(theirs))
-              if mine[key] != theirs[key]]
+              if mine[key] != theirs[key] and key != RUN_KEY]  # the run key names the model too: it differs
     if differ:
         raise UserError(f"{ref_path}: the reference was sampled with {', '.join(differ)}; a paired PSNR needs the "
                         "same seed and sampler settings")

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vq4dit.jobs.sample_state import STATE_DIR, SampleState, kept_on_failure, open_state, sampling_key
+from vq4dit.jobs.sample_state import (
+    STATE_DIR,
+    kept_on_failure,
+    key_digest,
+    open_shared_state,
+    samples_of_run,
+    sampling_key,
+)
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.dit import DiTAdapter
 from vq4dit.models.adapters.load import load_model
@@ -33,6 +40,7 @@ from vq4dit.utils.fileio import check_free_space
 from vq4dit.utils.imagefiles import (
     GRID_FILE,
     NPZ_FILE,
+    RUN_KEY,
     VIDEO_DIR,
     npz_bytes,
     sample_files_bytes,
@@ -171,15 +179,13 @@ def check_memory(num_samples, size):
 def claim_sample_dir(out_dir, overwrite=False):
     """utils.outdir.claim_out_dir for a sample directory, as quantize.py's --out is claimed: locked for the run, and
     files sample.py did not write refused unless `overwrite` (and kept then). An unmarked directory holding the
-    samples.npz and grid.png of a run from before markers existed is sample.py's own. Samples already there are
-    replaced, with a warning (a reference set given as another run's --out by mistake is gone otherwise unnoticed)."""
+    samples.npz and grid.png of a run from before markers existed is sample.py's own (sample_to_dir replaces its
+    samples with a warning)."""
     def earlier(directory):
         return all(os.path.isfile(os.path.join(directory, name)) for name in (NPZ_FILE, GRID_FILE))
 
     with claim_out_dir(out_dir, (NPZ_FILE, GRID_FILE, VIDEO_DIR, STATE_DIR), overwrite, "--overwrite", earlier,
                        "sample.py's samples"):
-        if os.path.isfile(os.path.join(out_dir, NPZ_FILE)):
-            logger.warning("%s: replacing the %s there (an earlier run's samples)", out_dir, NPZ_FILE)
         yield
 
 
@@ -263,7 +269,7 @@ def sample_shard(loaded, request, settings, device):
     return draw_shard(sampler, conditions, request.num_samples, settings.batch_size, progress=settings.progress), labels
 
 
-def save_all(out_dir, images, labels, settings, prompts=None):
+def save_all(out_dir, images, labels, settings, prompts=None, run_key=None):
     """samples.npz (with the SampleSettings `settings` the images depend on), grid.png and, for videos
     (N, F, H, W, 3), the frames and mp4s in out_dir/videos: all or none. prompts: each sample's prompt (a
     text-to-image model: the labels are prompt indices, and a digest of the prompts is recorded, so that a reference
@@ -275,6 +281,8 @@ def save_all(out_dir, images, labels, settings, prompts=None):
                 "num_frames": settings.num_frames, "vae": settings.vae}
     if prompts is not None:
         sampling["prompts"] = prompts_digest(prompts)
+    if run_key is not None:
+        sampling[RUN_KEY] = run_key
     try:
         save_samples(out_dir, images, labels, prompts is not None, sampling)
     except BaseException:
@@ -287,22 +295,12 @@ def save_all(out_dir, images, labels, settings, prompts=None):
 class Resume:
     """Keep each batch drawn in out_dir/sample_state until the samples are written, and take the batches an
     interrupted run kept (jobs/sample_state.py): `source` is sample_state.source_key's record of the model;
-    `overwrite` drops the state of a run with another key instead of refusing it."""
+    `overwrite` drops the state of a run with another key instead of refusing it; `skip_existing` keeps the samples
+    already in out_dir when this same run (its key) wrote them, and draws nothing."""
 
     source: dict
     overwrite: bool = False
-
-
-def _open_state(out_dir, key, overwrite, size):
-    """Every process's SampleState of out_dir for `key`, opened (checked, created) by rank 0 first."""
-    directory = os.path.join(out_dir, STATE_DIR)
-    if distributed.world()[0] == 0:
-        open_state(out_dir, key, overwrite)
-    distributed.barrier()
-    state = SampleState(directory, size)
-    if len(state) and distributed.world()[0] == 0:
-        logger.info("resuming: %d samples kept in %s", len(state), directory)
-    return state
+    skip_existing: bool = False
 
 
 def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None):
@@ -316,10 +314,18 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
     sampler = prepare_sampler(loaded, num_samples, settings, device)
     rank, _ = distributed.world()
     conditions, labels = conditions_of(loaded, request, settings.seed)
-    state = None
+    state = key = None
     if resume is not None:
         key = sampling_key(resume.source, request, settings, device)
-        state = _open_state(out_dir, key, resume.overwrite, sampler.size)
+        kept = samples_of_run(out_dir, key) if resume.skip_existing else None
+        if kept is not None:
+            logger.info("%s: holds the samples of this run (the same model files and settings); kept "
+                        "(--skip-existing)", out_dir)
+            distributed.shutdown()
+            return kept if rank == 0 else (None, None)
+        state = open_shared_state(out_dir, key, resume.overwrite, sampler.size)
+    if rank == 0 and os.path.isfile(os.path.join(out_dir, NPZ_FILE)):
+        logger.warning("%s: replacing the %s there (an earlier run's samples)", out_dir, NPZ_FILE)
     with kept_on_failure(state.directory) if state is not None and rank == 0 else contextlib.nullcontext():
         if rank == 0:  # a full disk fails now, not after hours of sampling
             parts = (num_samples - len(state)) * 3 * math.prod(sampler.size) if state is not None else 0  # videos too
@@ -329,7 +335,8 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
         images = distributed.gather_rows(local, num_samples, device, block=settings.batch_size)
         if rank == 0:
             prompted = loaded.adapter.num_classes(loaded.model) is None
-            save_all(out_dir, images, labels, settings, conditions if prompted else None)
+            save_all(out_dir, images, labels, settings, conditions if prompted else None,
+                     None if key is None else key_digest(key))
     if rank == 0:
         if state is not None:
             shutil.rmtree(state.directory, ignore_errors=True)

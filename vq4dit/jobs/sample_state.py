@@ -12,6 +12,7 @@ Files: key.json, and one part-<first index>-<count>.npz per batch (arrays `indic
 (n, H, W, 3) or (n, F, H, W, 3) uint8), each written atomically; under torchrun every process keeps its own batches.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -24,9 +25,11 @@ import numpy as np
 
 from vq4dit.jobs.runkey import Input
 from vq4dit.models.loading import embedded_ckpt_path
+from vq4dit.utils import distributed
 from vq4dit.utils.digest import prompts_digest
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import atomic_path, write_text_atomic
+from vq4dit.utils.imagefiles import GRID_FILE, NPZ_FILE, RUN_KEY, VIDEO_DIR
 from vq4dit.vq.artifact import MODEL_FILE, QUANT_FILE
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,29 @@ def sampling_key(source, request, settings, device):
     key = {"source": source, "num_samples": request.num_samples, "classes": request.classes, "prompts": digest,
            "settings": drawn, "device": str(device).split(":")[0]}
     return json.loads(json.dumps(key))
+
+
+def key_digest(key):
+    """sha256 of a sampling key: samples.npz records it (its sampling JSON's run_key), so that a rerun of the same
+    command can keep the samples (sample.py --skip-existing)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def samples_of_run(out_dir, key):
+    """(images, labels) of the samples in out_dir when the run that wrote them had the sampling key `key` (the
+    run_key samples.npz records) and grid.png (and videos/, for videos) is beside them; else None."""
+    from vq4dit.evaluation.samples import load_samples, sampling_of
+
+    npz = os.path.join(out_dir, NPZ_FILE)
+    if not (os.path.isfile(npz) and os.path.isfile(os.path.join(out_dir, GRID_FILE))):
+        return None
+    try:
+        if (sampling_of(npz) or {}).get(RUN_KEY) != key_digest(key):
+            return None
+        images, labels = load_samples(npz)
+    except UserError:  # unreadable: drawn again
+        return None
+    return None if images.ndim == 5 and not os.path.isdir(os.path.join(out_dir, VIDEO_DIR)) else (images, labels)
 
 
 def _change(saved, key, path=""):
@@ -98,6 +124,19 @@ def open_state(out_dir, key, overwrite=False):
             shutil.rmtree(directory, ignore_errors=True)
             raise
     return directory
+
+
+def open_shared_state(out_dir, key, overwrite, size):
+    """Every process's SampleState of out_dir for `key` and images of `size`, opened (checked, created: open_state)
+    by rank 0 first."""
+    directory = os.path.join(out_dir, STATE_DIR)
+    if distributed.world()[0] == 0:
+        open_state(out_dir, key, overwrite)
+    distributed.barrier()
+    state = SampleState(directory, size)
+    if len(state) and distributed.world()[0] == 0:
+        logger.info("resuming: %d samples kept in %s", len(state), directory)
+    return state
 
 
 class SampleState:

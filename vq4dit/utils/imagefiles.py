@@ -24,6 +24,7 @@ NPZ_FILE, GRID_FILE, VIDEO_DIR = "samples.npz", "grid.png", "videos"
 LABELS_KEY = "labels"  # samples.npz: what arr_1 holds, one of LABEL_KINDS
 LABEL_KINDS = ("classes", "prompts")
 SAMPLING_KEY = "sampling"  # samples.npz: JSON of the settings the images depend on (seed, steps, guidance, ...)
+RUN_KEY = "run_key"  # in that JSON: the digest of sample.py's whole sampling key (the model's files included)
 GRID_SAMPLES = 256  # make_grid's max_samples
 ARCHIVE_OVERHEAD = 4096  # bytes: the zip and .npy headers of samples.npz
 PNG_HEADERS = 128  # bytes: a PNG's signature, IHDR, IEND and the first IDAT's chunk header
