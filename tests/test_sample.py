@@ -421,3 +421,18 @@ def test_a_size_for_a_class_conditional_dit_is_refused(tmp_path, capsys):
     line = cli_error(sample.cli, ["--height", "16", "--num-samples", "2", "--steps", "2", "--out", tmp_path / "o",
                                   "-q"], capsys)
     assert "--height: DiT depth 6" in line and "samples at the size it was trained at" in line
+
+
+def test_videos_record_the_frames_they_hold(tmp_path):
+    """samples.npz records the frames drawn, not the flag: the calibrated default recorded null and diffusers' rounding
+    of --num-frames 4 to 5 recorded 4, so evaluate.py refused a reference drawn with --num-frames 5 (mutation: the
+    flag recorded)."""
+    from vq4dit.evaluation.samples import sampling_of
+    from vq4dit.jobs.sample import save_all
+    from vq4dit.models.adapters.base import SampleSettings
+
+    videos = np.zeros((2, 5, 8, 8, 3), np.uint8)
+    for name, frames in (("default", None), ("rounded", 4)):
+        save_all(tmp_path / name, videos, [0, 1], SampleSettings(num_frames=frames), prompts=["a", "b"])
+        assert sampling_of(tmp_path / name / "samples.npz")["num_frames"] == 5
+

@@ -328,3 +328,13 @@ def test_pipeline_settings_with_a_dit_are_refused_naming_them_before_the_load(tm
     proc = run_here("quantize.py", *flags, "--out", tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {named}")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_without_a_plan_writes_no_json_silently(tmp_path):
+    """--dry-run --json for a source with no memory plan exited 0 having written nothing (mutation: no check)."""
+    (tmp_path / "dir").mkdir()
+    from tests.cli_helpers import run_here
+
+    proc = run_here("quantize.py", "--ckpt", tmp_path / "dir", "--dry-run", "--json", tmp_path / "plan.json")
+    assert proc.returncode == 2 and "no memory plan for this model" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "plan.json").exists()

@@ -278,7 +278,7 @@ def save_all(out_dir, images, labels, settings, prompts=None, run_key=None):
     if images.ndim == 5:
         save_videos(videos, images)
     sampling = {"seed": settings.seed, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-                "num_frames": settings.num_frames, "vae": settings.vae}
+                "num_frames": images.shape[1] if images.ndim == 5 else None, "vae": settings.vae}  # frames drawn
     if prompts is not None:
         sampling["prompts"] = prompts_digest(prompts)
     if run_key is not None:
