@@ -436,3 +436,14 @@ def test_videos_record_the_frames_they_hold(tmp_path):
         save_all(tmp_path / name, videos, [0, 1], SampleSettings(num_frames=frames), prompts=["a", "b"])
         assert sampling_of(tmp_path / name / "samples.npz")["num_frames"] == 5
 
+
+
+def test_a_missing_artifact_with_out_inside_it_is_named_missing(tmp_path):
+    """--quantized GHOST --out GHOST/samples (the docs' layout, with a typo) said `GHOST/quant_config.json: missing;
+    ... (interrupted save?)`, the claim of --out having made GHOST (mutation: no check before the claim)."""
+    from vq4dit.cli.sample import build_parser, check_flags
+
+    ghost = tmp_path / "ghost"
+    with pytest.raises(UserError, match=f"^--quantized {ghost}: no such directory"):
+        check_flags(build_parser().parse_args(["--quantized", str(ghost), "--out", str(ghost / "samples")]))
+    assert not ghost.exists()

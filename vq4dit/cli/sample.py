@@ -90,6 +90,10 @@ def check_flags(args):
         if value is not None and not value.strip():
             raise UserError(f"{flag} {value!r}: empty; give a value or leave the flag out")
     if args.quantized is not None:
+        artifact = os.path.abspath(os.path.expanduser(args.quantized))
+        if not os.path.exists(artifact) and os.path.abspath(args.out).startswith(artifact + os.sep):
+            raise UserError(f"--quantized {args.quantized}: no such directory (claiming --out {args.out} inside it "
+                            "would create it empty); give an artifact directory written by quantize.py")
         given = [flag for flag, name, default in MODEL_FLAGS if getattr(args, name) != default]
         if given:
             raise UserError(f"{', '.join(given)}: not used with --quantized {args.quantized} (the artifact records "
