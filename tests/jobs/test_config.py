@@ -338,3 +338,14 @@ def test_a_dry_run_without_a_plan_writes_no_json_silently(tmp_path):
     proc = run_here("quantize.py", "--ckpt", tmp_path / "dir", "--dry-run", "--json", tmp_path / "plan.json")
     assert proc.returncode == 2 and "no memory plan for this model" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_a_dry_run_refuses_a_prompts_file_the_run_cannot_read(tmp_path):
+    """--dry-run planned a run whose --prompts file does not exist (mutation: not read in the dry run)."""
+    from tests.cli_helpers import run_here
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    proc = run_here("quantize.py", "--ckpt", tmp_path / "pipe", "--prompts", tmp_path / "none.txt", "--dry-run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read prompts file {tmp_path / 'none.txt'}")

@@ -53,6 +53,10 @@ def main(args):
 
     warn_preset_family(args.config, config.model.ckpt)
     if args.dry_run:
+        if config.model.prompts:  # the run reads them first: a plan for prompts it cannot read is no plan
+            from vq4dit.models.prompts import read_prompts
+
+            read_prompts(config.model.prompts)
         print(config.to_yaml(), end="")
         if config.codebooks.bits is not None:
             from vq4dit.jobs.allocation import budget_text
