@@ -349,3 +349,21 @@ def test_a_dry_run_refuses_a_prompts_file_the_run_cannot_read(tmp_path):
     proc = run_here("quantize.py", "--ckpt", tmp_path / "pipe", "--prompts", tmp_path / "none.txt", "--dry-run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read prompts file {tmp_path / 'none.txt'}")
+
+
+def test_quantize_quiet_shows_no_bars_or_info_and_refuses_verbose(tmp_path):
+    """quantize.py -q, as sample.py -q (it was an unrecognized argument): no progress bar, no info line, the final
+    `wrote DIR` kept (mutation: progress left on -> the k-means bar)."""
+    import logging
+
+    from tests.cli_helpers import run_here
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        proc = run_here("quantize.py", "--method", "kmeans", "--kmeans-iters", "2", "--out", tmp_path / "q", "-q")
+    finally:
+        root.setLevel(level)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {tmp_path / 'q'}"
+    assert "%|" not in proc.stderr and " INFO " not in proc.stderr, proc.stderr[-500:]
+    assert run_here("quantize.py", "-q", "-v").returncode == 2

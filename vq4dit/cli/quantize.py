@@ -79,7 +79,7 @@ def main(args):
         if launch_rank() == 0:
             print(f"kept {args.out}: it holds the artifact of this run (the same config and input files)")
         return
-    quantize(config, args.out, overwrite=args.overwrite)
+    quantize(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
     if launch_rank() == 0:  # under torchrun rank 0 writes the artifact (and says so once)
         print(f"wrote {args.out}")
 
@@ -114,7 +114,8 @@ def build_parser():
     parser.add_argument("--json", metavar="FILE", type=local_path,
                         help="with --dry-run: also write the plan's peaks (each stage's device and host bytes, the "
                              "overall peaks) to FILE as JSON")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs (as sample.py -q)")
     return parser
 
 
@@ -122,7 +123,9 @@ def cli(argv=None):
     """Run quantize.py with `argv` (default: sys.argv[1:]); ends with SystemExit (2 on bad input, 130 on Ctrl-C) or
     returns."""
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if args.verbose and args.quiet:
+        build_parser().error("-v and -q: give one of them")
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))
 
 
