@@ -235,7 +235,7 @@ def test_every_knob_is_a_flag_with_the_help_and_choices_declared_on_its_field():
     knobs = {f.name: f for kind in CONFIG_KINDS for f in dataclasses.fields(kind) if "help" in f.metadata}
     assert sorted(knobs) == sorted(set(FLAT_ORDER + tuple(OPTIONAL_KEYS)) - YAML_ONLY)
     assert sorted(actions) == sorted([*knobs, "help", "version", "config", "out", "overwrite", "dry_run", "json",
-                                      "verbose"])
+                                      "verbose", "quiet", "skip_existing"])
     for name, f in knobs.items():
         action = actions[name]
         assert (action.option_strings, action.default) == ([f"--{name.replace('_', '-')}"], None)
