@@ -2,13 +2,12 @@
 
 The checkpoint store (calib/checkpoints.py) is opened with a RunKey and refuses a checkpoint saved under another.
 """
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 
 from vq4dit.models.loading import embedded_ckpt_path
-from vq4dit.utils.digest import sampled_digest
+from vq4dit.utils.digest import json_digest, sampled_digest
 from vq4dit.utils.errors import UserError
 
 # where the run happens, not what it computes (micro_batch: the same update, summed in another order, so that a run
@@ -62,7 +61,7 @@ class RunKey:
     def digest(self):
         """sha256 of the key: an artifact records it (quant_config.json's run_key) so that a rerun of the same
         command can keep the artifact instead of making it again (quantize.py --skip-existing)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        return json_digest(self.to_json())
 
     def change(self, saved):
         """What differs from `saved` (a to_json() read back) in words, or None: an input file whose content changed

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from vq4dit.jobs.sample_state import (
     STATE_DIR,
     kept_on_failure,
-    key_digest,
     open_shared_state,
     samples_of_run,
     sampling_key,
@@ -34,7 +33,7 @@ from vq4dit.models.pipelines import check_pipeline_flags
 from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
-from vq4dit.utils.digest import prompts_digest
+from vq4dit.utils.digest import json_digest, prompts_digest
 from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError, error_detail
 from vq4dit.utils.fileio import check_free_space
 from vq4dit.utils.imagefiles import (
@@ -336,7 +335,7 @@ def sample_to_dir(loaded, out_dir, request, settings, device="cpu", resume=None)
         if rank == 0:
             prompted = loaded.adapter.num_classes(loaded.model) is None
             save_all(out_dir, images, labels, settings, conditions if prompted else None,
-                     None if key is None else key_digest(key))
+                     None if key is None else json_digest(key))
     if rank == 0:
         if state is not None:
             shutil.rmtree(state.directory, ignore_errors=True)

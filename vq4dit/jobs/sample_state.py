@@ -12,7 +12,6 @@ Files: key.json, and one part-<first index>-<count>.npz per batch (arrays `indic
 (n, H, W, 3) or (n, F, H, W, 3) uint8), each written atomically; under torchrun every process keeps its own batches.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import numpy as np
 from vq4dit.jobs.runkey import Input
 from vq4dit.models.loading import embedded_ckpt_path
 from vq4dit.utils import distributed
-from vq4dit.utils.digest import prompts_digest
+from vq4dit.utils.digest import json_digest, prompts_digest
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.fileio import atomic_path, write_text_atomic
 from vq4dit.utils.imagefiles import GRID_FILE, NPZ_FILE, RUN_KEY, VIDEO_DIR
@@ -66,12 +65,6 @@ def sampling_key(source, request, settings, device):
     return json.loads(json.dumps(key))
 
 
-def key_digest(key):
-    """sha256 of a sampling key: samples.npz records it (its sampling JSON's run_key), so that a rerun of the same
-    command can keep the samples (sample.py --skip-existing)."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
 def samples_of_run(out_dir, key):
     """(images, labels) of the samples in out_dir when the run that wrote them had the sampling key `key` (the
     run_key samples.npz records) and grid.png (and videos/, for videos) is beside them; else None."""
@@ -81,7 +74,7 @@ def samples_of_run(out_dir, key):
     if not (os.path.isfile(npz) and os.path.isfile(os.path.join(out_dir, GRID_FILE))):
         return None
     try:
-        if (sampling_of(npz) or {}).get(RUN_KEY) != key_digest(key):
+        if (sampling_of(npz) or {}).get(RUN_KEY) != json_digest(key):
             return None
         images, labels = load_samples(npz)
     except UserError:  # unreadable: drawn again

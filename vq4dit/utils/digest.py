@@ -52,6 +52,12 @@ def _sampled_file(path):
     return h.hexdigest()
 
 
+def json_digest(value):
+    """The sha256 (hex) of a JSON-able `value` as json.dumps writes it with sorted keys: what a run records of its key
+    (quant_config.json's and samples.npz's run_key), so that a rerun of the same command can keep its output."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def prompts_digest(prompts):
     """A sha256 (hex, 16 digits) of a list of prompts, in order: what samples.npz records of its prompts and a
     sampling run's resume key holds, so that samples of other prompts are told apart."""
