@@ -280,6 +280,24 @@ def test_sampling_through_a_pipeline_of_another_transformer_class_is_refused(tmp
         load_pipeline(tmp_path, "cpu", transformer=nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("source", ["moved", "owner/name"])
+def test_a_recorded_pipeline_that_is_gone_says_to_pass_pipeline(source, tmp_path, offline_cache):
+    """Sampling an artifact whose recorded pipeline moved (a directory) or cannot be fetched (a hub id, offline)
+    named the path only; now it says the path is the artifact's record and to pass --pipeline DIR, and a
+    --pipeline given by hand gets no such hint. Mutation: the hint left out (the first message, as it was)."""
+    from vq4dit.models.adapters.base import SampleSettings
+
+    adapter = adapter_for(BUILDERS["flux"]().transformer)
+    source = str(tmp_path / source) if source == "moved" else source
+    extra = {"pipeline": {"source": source}}
+    hint = r"[^.]; pass --pipeline DIR \(the pipeline the artifact came from"
+    with pytest.raises(UserError, match=rf"^{source}[: ].*{hint}"):
+        adapter.image_sampler(None, extra, SampleSettings(), "cpu")
+    with pytest.raises(UserError) as given:
+        adapter.image_sampler(None, extra, SampleSettings(pipeline=source), "cpu")
+    assert "--pipeline" not in str(given.value)
+
+
 def test_a_named_vae_without_its_config_is_an_incomplete_pipeline(tmp_path):
     """A pipeline directory whose vae/ folder is gone fell back to a VAE factor of 8, and the run then blamed
     --height (mutation: the fallback kept for a VAE model_index.json names); a VAE config of another layout

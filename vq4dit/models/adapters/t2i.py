@@ -138,13 +138,20 @@ class TextToImageAdapter(Adapter):
                                 f"{step // factor} of {type(model).__name__})")
         return size
 
-    def _directory(self, source):
+    def _directory(self, source, recorded=False):
+        """The local pipeline directory of `source`; `recorded`: the one an artifact records (sampling without
+        --pipeline), which may have moved since it was quantized."""
         if source is None:
             raise UserError(f"the {self.family} adapter knows no pipeline to run: quantize a diffusers pipeline "
                             "directory or hub id (--ckpt), or pass --pipeline DIR when sampling")
-        directory = resolve_pipeline(source)
+        hint = "; pass --pipeline DIR (the pipeline the artifact came from, wherever it is now)" if recorded else ""
+        try:
+            directory = resolve_pipeline(source)
+        except UserError as e:  # a hub id that cannot be fetched
+            raise UserError(f"{str(e).rstrip('.')}{hint}") from None
         if directory is None:
-            raise UserError(f"{source}: not a diffusers pipeline directory (no model_index.json)")
+            what = "the pipeline the artifact records is " if recorded else ""
+            raise UserError(f"{source}: {what}not a diffusers pipeline directory (no model_index.json){hint}")
         return directory
 
     def _encode_once(self, directory, prompts):
@@ -236,7 +243,7 @@ class TextToImageAdapter(Adapter):
     def image_sampler(self, model, extra, settings, device):
         """Through the pipeline the model came from (its text encoders, VAE and scheduler), with this transformer."""
         recorded = extra.get("pipeline") or {}
-        directory = self._directory(settings.pipeline or recorded.get("source"))
+        directory = self._directory(settings.pipeline or recorded.get("source"), recorded=not settings.pipeline)
         pipe = load_pipeline(directory, device, transformer=model)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         if dtype != torch.float32:  # sample.py --precision bf16 / fp16: text encoders and VAE run in it too
