@@ -104,3 +104,21 @@ def test_a_full_precision_reference_is_drawn_at_the_artifacts_size(tmp_path, tmp
     quantized, _ = sample_to_dir(load_for_sampling(quantized=r.artifact), tmp_path / "q",
                                  Request(2, prompts=list(PROMPTS)), settings)
     assert fp.shape == quantized.shape == (2, 16, 8, 3)
+
+
+def test_sample_quiet_silences_the_libraries_loading_bars(tmp_path_factory, tmp_path):
+    """sample.py -q showed diffusers' "Loading pipeline components" bar (a new user's trial); now -q turns the Hugging
+    Face libraries' bars off for the run (utils.cli.quiet_libraries, models.pipelines.loading_bars) and restores
+    them after. Without -q the bar is there (the check can see it). Mutations: loading_bars not following the hub's
+    switch (the bar under -q); the switch not restored (hub bars still off after the run)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from tests.cli_helpers import run_here
+
+    r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
+    for quiet in ([], ["-q"]):
+        proc = run_here("sample.py", "--quantized", r.artifact, "--num-samples", "1", "--steps", "1", "--device",
+                        "cpu", "--out", tmp_path / f"out{len(quiet)}", *quiet)
+        assert proc.returncode == 0, proc.stderr[-500:]
+        assert ("Loading pipeline components" in proc.stderr) == (not quiet), proc.stderr[-500:]
+        assert not are_progress_bars_disabled()

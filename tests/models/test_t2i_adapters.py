@@ -353,3 +353,25 @@ def test_a_pipeline_saved_without_its_transformer_or_a_subclass_is_not_refused(t
     check_transformer(tmp_path, compiled)
     with pytest.raises(UserError, match="its transformer is a FluxTransformer2DModel, this model a Linear"):
         check_transformer(tmp_path, nn.Linear(2, 2))
+
+
+def test_loading_bars_follow_the_hubs_switch_and_leave_it_off():
+    """models.pipelines.loading_bars: with huggingface_hub's bars off (-q), diffusers' and transformers' loading
+    bars are off inside and restored after, and the hub's stay off (transformers' enable_progress_bar turns them on).
+    With the hub's on, nothing changes. Mutations: the restore leaving the hub's bars on (later downloads show
+    bars under -q); the libraries' bars not turned off."""
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as tl
+    from diffusers.utils import logging as dl
+
+    from vq4dit.models.pipelines import loading_bars
+
+    with loading_bars():
+        assert dl.is_progress_bar_enabled() and tl.is_progress_bar_enabled()
+    hub.disable_progress_bars()
+    try:
+        with loading_bars():
+            assert not dl.is_progress_bar_enabled() and not tl.is_progress_bar_enabled()
+        assert dl.is_progress_bar_enabled() and tl.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+    finally:
+        hub.enable_progress_bars()

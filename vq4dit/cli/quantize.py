@@ -126,7 +126,7 @@ def cli(argv=None):
     if args.verbose and args.quiet:
         build_parser().error("-v and -q: give one of them")
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    run_cli(main, args, on_interrupt=lambda: resume_hint(args.out))
+    run_cli(main, args, on_interrupt=lambda: resume_hint(args.out), quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def cli(argv=None):
     SIGTERM) or returns."""
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    run_cli(main, args, on_interrupt=lambda: interrupted(args.out))
+    run_cli(main, args, on_interrupt=lambda: interrupted(args.out), quiet=args.quiet)
 
 
 if __name__ == "__main__":

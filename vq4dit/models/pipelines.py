@@ -4,8 +4,10 @@ A pipeline directory holds model_index.json (the pipeline class and its componen
 component (transformer/, vae/, scheduler/, text encoders). Only the transformer is quantized; the rest is loaded
 from the same source when sampling.
 """
+import contextlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 from vq4dit.utils.errors import UserError, error_detail
@@ -17,6 +19,29 @@ INDEX = "model_index.json"
 # what a pipeline download fetches: configs and safetensors weights of every component, tokenizer files
 DOWNLOAD_IGNORE = ["*.bin", "*.msgpack", "*.onnx", "*.ckpt", "*.h5", "*.pt", "*.pth"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")  # a path to one is never a hub id
+
+
+@contextlib.contextmanager
+def loading_bars():
+    """Around a diffusers from_pretrained: its "Loading pipeline components" bar, and transformers' "Loading
+    checkpoint shards", off while huggingface_hub's bars are (sample.py / quantize.py -q: utils.cli.quiet_libraries;
+    transformers reads the hub's switch only when it is imported, diffusers never)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    if not are_progress_bars_disabled():
+        yield
+        return
+    libraries = [diffusers_logging, getattr(sys.modules.get("transformers.utils"), "logging", None)]
+    turned = [lib for lib in libraries if lib is not None and lib.is_progress_bar_enabled()]
+    for lib in turned:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in turned:
+            lib.enable_progress_bar()
+        disable_progress_bars()  # transformers' enable_progress_bar turns the hub's bars on too
 
 
 def is_pipeline_dir(path):
@@ -131,7 +156,9 @@ def load_transformer(directory, supported=None, stored_dtype=False):
                         f"{', '.join(supported) if supported is not None else 'diffusers model classes'}")
     try:
         dtype = widest_stored_dtype(Path(directory) / "transformer") if stored_dtype else None
-        model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer", torch_dtype=dtype)
+        with loading_bars():
+            model = getattr(diffusers, name).from_pretrained(str(directory), subfolder="transformer",
+                                                             torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{directory}/transformer: cannot load {name} ({error_detail(e)})") from None
     logger.info("loaded %s from %s", name, directory)
@@ -207,7 +234,8 @@ def load_pipeline(source, device, **components):
     if cls is None:
         raise UserError(f"{directory}: pipeline class {name} is not in this diffusers installation")
     try:
-        pipe = cls.from_pretrained(str(directory), **components)
+        with loading_bars():
+            pipe = cls.from_pretrained(str(directory), **components)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{directory}: cannot load the {name} pipeline ({error_detail(e)})") from None
     pipe.set_progress_bar_config(disable=True)

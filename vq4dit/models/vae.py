@@ -25,11 +25,14 @@ def load_vae(name="ema", device="cpu"):
     """AutoencoderKL from `ema`/`mse` (the SD VAEs on the hub) or a local diffusers directory."""
     from diffusers.models import AutoencoderKL
 
+    from vq4dit.models.pipelines import loading_bars
+
     source = VAE_IDS.get(name, name)
     if name not in VAE_IDS and not os.path.isdir(name):
         raise UserError(f"--vae {name}: not a directory; use ema, mse or a local AutoencoderKL directory")
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        with loading_bars():
+            vae = AutoencoderKL.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"--vae {name}: cannot load AutoencoderKL from {source} ({error_detail(e)})") from None
     logger.info("loaded VAE %s", source)

@@ -32,6 +32,33 @@ def setup_logging(level=logging.INFO):
                         format=LOG_FORMAT)
 
 
+HUB_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's switch, read when it is imported
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet):
+    """-q: the Hugging Face libraries' progress bars off inside the block (downloads, and the loading bars of
+    transformers and diffusers, which follow huggingface_hub's switch: models/pipelines.py), restored after. Through
+    the environment while huggingface_hub is not imported (importing it to flip the switch costs a second)."""
+    if not quiet:
+        yield
+        return
+    hub, saved = sys.modules.get("huggingface_hub.utils"), os.environ.get(HUB_BARS_OFF)
+    was_off = hub is not None and hub.are_progress_bars_disabled()
+    os.environ[HUB_BARS_OFF] = "1"
+    if hub is not None:
+        hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[HUB_BARS_OFF]
+        else:
+            os.environ[HUB_BARS_OFF] = saved
+        if hub is not None and not was_off:
+            hub.enable_progress_bars()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: whatever cleans up after an interrupt
     (temporary files, a calibration's resume message) runs for it too."""
@@ -68,14 +95,15 @@ def _print(message, error):
         print(message if isinstance(error, KeyboardInterrupt) else f"error: {message}", file=sys.stderr)
 
 
-def run_cli(main, args, on_interrupt=None):
+def run_cli(main, args, on_interrupt=None, quiet=False):
     """Call main(args); a UserError (or a full disk that no writer reported: utils.fileio.disk_full) ends the process
     with one `error:` line and exit status 2 (under torchrun every rank meets the same bad input, so rank 0 alone
     prints it; a RankError is printed by the rank that met it); Ctrl-C (SIGINT) or SIGTERM ends it with one
     `interrupted` / `terminated (SIGTERM)` line, followed by `on_interrupt()` when given (where a rerun picks up, what
-    was written), and exit status 130 or 143 (128 + the signal's number, as a shell reports a process it killed)."""
+    was written), and exit status 130 or 143 (128 + the signal's number, as a shell reports a process it killed).
+    quiet (-q): the Hugging Face libraries' progress bars off too (quiet_libraries)."""
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), quiet_libraries(quiet):
             main(args)
     except UserError as e:
         _print(e, e)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vq4dit.models.offload import HostBlocks
-from vq4dit.models.pipelines import read_index
+from vq4dit.models.pipelines import loading_bars, read_index
 from vq4dit.utils.device import model_device
 from vq4dit.utils.errors import UserError, error_detail
 
@@ -125,7 +125,8 @@ def teacher_pipeline(directory, model, text_encoders=True):
     stand_ins = {} if text_encoders else {k: meta_component(directory, k, entry) for k, entry in index.items()
                                            if k.startswith("text_encoder") and isinstance(entry, list) and entry[0]}
     try:
-        pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model, **stand_ins)
+        with loading_bars():
+            pipe = getattr(diffusers, name).from_pretrained(str(directory), transformer=model, **stand_ins)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{directory}: cannot load the {name} pipeline ({error_detail(e)})") from None
     pipe.set_progress_bar_config(disable=True)
