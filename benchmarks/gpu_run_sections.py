@@ -134,9 +134,11 @@ SMALL_RUN = ["--iters", "20", "--calib-samples", "4", "--calib-timesteps", "3", 
 
 
 # the runs of section_plan: unstreamed, streamed (--stream on: the teacher on the host, one block on the device at a
-# time), and a streamed --bits allocation by blocks (its noise probes on resident blocks; the plan does not count the
-# probes) with the end-to-end pass (whose points the plan counts)
+# time), an unstreamed run with a bf16 step (the plan's autocast stand-in, jobs.meta_peak.PlannedAutocast, against
+# CUDA's autocast), and a streamed --bits allocation by blocks (its noise probes on resident blocks; the plan does
+# not count the probes) with the end-to-end pass (whose points the plan counts)
 PLAN_RUNS = {"off": ["--stream", "off"], "on": ["--stream", "on"],
+             "off, --step-dtype bf16 (autocast's CUDA lists)": ["--stream", "off", "--step-dtype", "bf16"],
              "on, --bits 1.5 --bits-probe block --e2e-iters 20": ["--stream", "on", "--bits", "1.5", "--bits-probe",
                                                                   "block", "--e2e-iters", "20"]}
 

@@ -14,6 +14,7 @@ to 512 (as the real one); Qwen-Image pads to the longest prompt, which under the
 the real tokenizer's (a few tokens against tens: under 1% of its 4,096 image tokens).
 
     python benchmarks/plan_real_size.py --out /tmp/vq4dit_real_size     # writes the directories, prints the plans
+    python benchmarks/plan_real_size.py --out /tmp/vq4dit_real_size --step-dtype bf16   # the updates under autocast
     python quantize.py --config flux_dev_w2 --ckpt /tmp/vq4dit_real_size/flux_dev --device cuda --dry-run \
         --stream on
 """
@@ -119,6 +120,8 @@ def main():
     parser.add_argument("--out", default="/tmp/vq4dit_real_size", help="where the directories and plans go")
     parser.add_argument("--config", default="flux_dev_w2", help="the preset all are planned with (W2, 448 points; "
                         "Wan: with WAN_VIDEO's settings over it)")
+    parser.add_argument("--step-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="the calibration updates' dtype (bf16: their forward under autocast)")
     args = parser.parse_args()
     from vq4dit.jobs.config import load_config
     from vq4dit.jobs.memory_plan import dry_run_plan, plan_for
@@ -130,12 +133,13 @@ def main():
         video = WAN_VIDEO if name.startswith("wan") else {}
         for stream in ("off", "on"):
             config = load_config(args.config, overrides={"ckpt": str(directory), "device": "cuda", "stream": stream,
-                                                         **video})
+                                                         "step_dtype": args.step_dtype, **video})
             print(dry_run_plan(config, out / f"{name}_stream_{stream}.json"))
         peaks = []
         for rows in MICRO_BATCHES:
             config = load_config(args.config, overrides={"ckpt": str(directory), "device": "cuda", "stream": "on",
-                                                         "micro_batch": rows, **video})
+                                                         "micro_batch": rows, "step_dtype": args.step_dtype,
+                                                         **video})
             peaks.append(plan_for(config).peaks.device_peak.device_bytes / 2**30)
         table.append(f"| {name} | " + " | ".join(f"{p:.1f}" for p in peaks) + " |")
     print("device peak (GiB) of the streamed run by --micro-batch:\n" + "\n".join(table))

@@ -19,10 +19,11 @@ def counting(fn, peaks):
     return counted
 
 
-@pytest.mark.parametrize("source, micro_batch, shared", [("embedded", None, False), ("embedded", 4, False),
-                                                         ("flux", None, False), ("embedded", 4, True)])
-def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, micro_batch, shared, tmp_path,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("source, micro_batch, shared, step_dtype", [
+    ("embedded", None, False, "fp32"), ("embedded", 4, False, "fp32"), ("flux", None, False, "fp32"),
+    ("embedded", 4, True, "fp32"), ("embedded", None, False, "bf16"), ("flux", None, False, "bf16")])
+def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, micro_batch, shared, step_dtype,
+                                                                       tmp_path, monkeypatch):
     """Real block-wise runs on the CPU: every tensor each block's calibration (calib.train.train: 3 updates) creates,
     counted while it lives by the plan's own counter (jobs.meta_peak.LiveBytes, here on real tensors), at its most,
     against the plan's bytes of calibrating that block: within 3% (measured: 1.8% to 0.1% under). Mutations that fail
@@ -38,7 +39,11 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
     of 2 processes at batch 32 (a share of 16): measured 1.7% under. Mutations that fail it: the plan leaving the
     share's inputs and targets out (6.2% under); the plan's forward at the share's rows, not a micro-batch's;
     GradSync returning the summed loss as a view of its flat gradient sum, which the Trainer kept through the next
-    update (a gradient's worth more: 6.6% under, as it was)."""
+    update (a gradient's worth more: 6.6% under, as it was).
+
+    step_dtype bf16: the updates' forward under torch.autocast on the CPU (calib.micro), the plan's under its stand-in
+    on meta (jobs.meta_peak.PlannedAutocast), which keeps the bf16 copies autograd saves. Mutation that fails it: the
+    plan ignoring --step-dtype, as it did (the embedded model's block planned 51% over)."""
     from unittest import mock
 
     import vq4dit.calib.blockwise as blockwise
@@ -49,7 +54,8 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
     from vq4dit.utils.distributed import RowShard
 
     overrides = {"ckpt": None, "iters": 3, "calib_samples": 4, "calib_timesteps": 2, "steps": 4, "kmeans_iters": 2,
-                 "codebook_init": "kmeans", "batch_size": 16, "micro_batch": micro_batch, "device": "cpu"}
+                 "codebook_init": "kmeans", "batch_size": 16, "micro_batch": micro_batch, "device": "cpu",
+                 "step_dtype": step_dtype}
     if source == "flux":
         save_tiny_t2i_pipeline("flux", tmp_path / "pipeline")
         (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

@@ -11,6 +11,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -88,3 +89,53 @@ def peak_bytes(fn):
     finally:
         F.scaled_dot_product_attention = sdpa
     return counter.peak
+
+
+# torch.autocast's op lists (aten/src/ATen/autocast_mode.{h,cpp}), by the name an op has at the Python level (F.linear,
+# Tensor.matmul and torch.matmul alike): the matmul family runs in the lower precision on every device; CUDA runs
+# norms, softmax, reductions and transcendental ops in float32, the CPU only the losses
+LOWER_PRECISION = frozenset({
+    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv",
+    "einsum", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "prelu",
+    "scaled_dot_product_attention", "chain_matmul", "multi_dot"})
+_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div", "nll_loss", "cross_entropy",
+           "binary_cross_entropy_with_logits", "cosine_embedding_loss", "margin_ranking_loss", "soft_margin_loss"}
+FLOAT32 = {
+    "cpu": frozenset(_LOSSES),
+    "cuda": frozenset({*_LOSSES, "layer_norm", "group_norm", "softmax", "log_softmax", "sum", "prod", "cumsum",
+                       "cumprod", "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p", "log2", "log10",
+                       "rsqrt", "reciprocal", "__rtruediv__", "__rdiv__", "softplus", "norm", "normalize", "logsumexp",
+                       "cdist", "dist", "cosine_similarity", "erfinv", "acos", "asin", "cosh", "sinh", "tan"})}
+
+
+def _cast(tree, src, dst):
+    """`tree` (a function's arguments) with every tensor of a dtype in `src` cast to `dst`."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dst) if tree.dtype in src else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_cast(item, src, dst) for item in tree)
+    if isinstance(tree, dict):
+        return {key: _cast(item, src, dst) for key, item in tree.items()}
+    return tree
+
+
+class PlannedAutocast(TorchFunctionMode):
+    """torch.autocast(device_type, dtype) for meta tensors, which torch.autocast refuses: the casts it makes before
+    each op of its lists, made above autograd as autocast makes them, so the backward keeps the cast copies. Not
+    modelled: autocast's cache of cast weights (each call casts its weight again; a block uses each weight once)."""
+
+    def __init__(self, device_type, dtype=torch.bfloat16):
+        super().__init__()
+        self.float32, self.dtype = FLOAT32.get(device_type, FLOAT32["cuda"]), dtype
+
+    def lower(self, tree):
+        """`tree` with its float32 tensors in the autocast dtype (the lower-precision policy)."""
+        return _cast(tree, {torch.float32}, self.dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None)
+        if name in LOWER_PRECISION:
+            args, kwargs = self.lower((args, kwargs or {}))
+        elif name in self.float32:
+            args, kwargs = _cast((args, kwargs or {}), {torch.float16, torch.bfloat16}, torch.float32)
+        return func(*args, **(kwargs or {}))

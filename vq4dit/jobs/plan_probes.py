@@ -1,6 +1,7 @@
 """Device bytes a quantize run's block computations need, measured on the meta device (jobs/meta_peak.py): a block
 in training (two whole updates with soft VQ layers: forward, backward, RMSprop step), the teacher's recorded
 forward, an evaluation chunk."""
+import contextlib
 import copy
 import math
 
@@ -10,10 +11,13 @@ from vq4dit.jobs.meta_peak import fused_attention
 class _FusedAttention:
     """F.scaled_dot_product_attention stand-in for the autograd measurement: a fused kernel (flash or memory-
     efficient, as CUDA runs fp32 attention) keeps q, k, v and the output for backward, never the score matrix, and
-    its backward returns the gradients of q, k and v."""
+    its backward returns the gradients of q, k and v; under `autocast` (jobs.meta_peak.PlannedAutocast) in its
+    lower precision."""
 
-    def __init__(self):
+    def __init__(self, autocast=None):
         import torch
+
+        self.autocast = autocast
 
         class Fn(torch.autograd.Function):
             @staticmethod
@@ -30,6 +34,8 @@ class _FusedAttention:
         self.fn = Fn
 
     def __call__(self, query, key, value, *args, **kwargs):
+        if self.autocast is not None:  # the lower-precision policy of attention (a stand-in is no torch function)
+            query, key, value = self.autocast.lower((query, key, value))
         return self.fn.apply(query, key, value)
 
 
@@ -67,7 +73,7 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     from vq4dit.calib.capture import storage_dtype
     from vq4dit.calib.replay import batched_reads, gather, squared_error
     from vq4dit.calib.train import ratio_penalty
-    from vq4dit.jobs.meta_peak import LiveBytes
+    from vq4dit.jobs.meta_peak import LiveBytes, PlannedAutocast
     from vq4dit.jobs.plan_sources import plan_device
     from vq4dit.utils import distributed
     from vq4dit.vq.apply import set_submodule
@@ -100,10 +106,14 @@ def block_training_bytes(block, replay, include_block, sizes, config):
     sync = distributed.GradSync(collective=None) if processes > 1 else None
     active = [torch.arange(layer.logits.shape[0], device="meta") for layer in soft]  # the free rows: all, at first
 
+    # --step-dtype bf16: the forward under autocast (calib.micro), as the run's device autocasts
+    autocast = PlannedAutocast(torch.device(device).type) if calibration.step_dtype == "bf16" else None
+
     def loss():  # the minibatch's inputs and targets, gathered as calib.blockwise's loss gathers them
         args, kwargs = gather(replay.call.inputs, expanded, batched, slice(None), "meta")
         targets = [torch.empty(shape, device="meta") for shape in outputs]
-        return squared_error(flatten(student(*args, **kwargs))[1], targets)[0]
+        with autocast or contextlib.nullcontext():
+            return squared_error(flatten(student(*args, **kwargs))[1], targets)[0]
 
     def update():  # Trainer.step's order: the forward runs beside the last update's gradients (a micro-batch after
         # the first, beside this update's), freed before the backward
@@ -119,7 +129,7 @@ def block_training_bytes(block, replay, include_block, sizes, config):
             sync.reduce(params, first.detach())
         optimizer.step()
 
-    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention()
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FusedAttention(autocast)
     try:
         with torch.enable_grad(), LiveBytes() as counter:
             update()
