@@ -330,14 +330,39 @@ def test_pipeline_settings_with_a_dit_are_refused_naming_them_before_the_load(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_dry_run_without_a_plan_writes_no_json_silently(tmp_path):
-    """--dry-run --json for a source with no memory plan exited 0 having written nothing (mutation: no check)."""
-    (tmp_path / "dir").mkdir()
+def test_a_dry_run_without_a_plan_says_so_and_writes_no_json_silently(tmp_path):
+    """--dry-run --json for a run with no memory plan (here --method rtn) exited 0 having written nothing, and
+    --dry-run alone printed the config and nothing about the plan (mutations: no check; no line)."""
     from tests.cli_helpers import run_here
 
-    proc = run_here("quantize.py", "--ckpt", tmp_path / "dir", "--dry-run", "--json", tmp_path / "plan.json")
-    assert proc.returncode == 2 and "no memory plan for this model" in proc.stderr.strip().splitlines()[-1]
+    proc = run_here("quantize.py", "--method", "rtn", "--dry-run", "--json", tmp_path / "plan.json")
+    assert proc.returncode == 2 and "no memory plan for this run" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "plan.json").exists()
+    proc = run_here("quantize.py", "--method", "rtn", "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].startswith("no memory plan for this run")
+
+
+@pytest.mark.parametrize("case", ["empty directory", "bare Flux transformer", "codebook larger than a layer"])
+def test_a_dry_run_refuses_what_the_run_refuses_in_its_words(tmp_path, case):
+    """A new user's trial: --dry-run planned (or printed nothing for) a --ckpt the run refuses, a pipeline's bare
+    transformer/ folder or an empty directory, and a codebook larger than a layer's sub-vectors. Now the dry run
+    asks the run's checks (models.loading.diffusers_dit_dir, vq.layer.check_shape) and ends with the run's error
+    line. Mutations: either check left out of the plan (the dry run exits 0)."""
+    import json
+
+    from tests.cli_helpers import run_here
+
+    flags = ["--ckpt", tmp_path / "t"]
+    (tmp_path / "t").mkdir()
+    if case == "bare Flux transformer":
+        (tmp_path / "t" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+        (tmp_path / "t" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    elif case == "codebook larger than a layer":
+        flags = ["--codebook-size", "65536", "--dim", "8"]
+    planned = run_here("quantize.py", *flags, "--dry-run")
+    run = run_here("quantize.py", *flags, "--out", tmp_path / "out")
+    assert planned.returncode == run.returncode == 2
+    assert planned.stderr.strip().splitlines()[-1] == run.stderr.strip().splitlines()[-1], planned.stderr[-300:]
 
 
 def test_a_dry_run_refuses_a_prompts_file_the_run_cannot_read(tmp_path):

@@ -65,10 +65,13 @@ def main(args):
         from vq4dit.jobs.memory_plan import dry_run_plan  # torch is imported only to plan a model
 
         plan = dry_run_plan(config, args.json)
-        if plan is None and args.json is not None:
-            raise UserError(f"--json {args.json}: no memory plan for this model (the embedded DiT, a DiT checkpoint "
-                            "file and diffusers pipelines are planned); nothing written")
-        if plan is not None:
+        if plan is None:
+            none = ("no memory plan for this run (the embedded DiT, a DiT checkpoint file and diffusers pipelines are "
+                    "planned, with a method that builds codebooks)")
+            if args.json is not None:
+                raise UserError(f"--json {args.json}: {none}; nothing written")
+            print(none)
+        else:
             print(plan)
         return
     # imported here so that --dry-run and config errors answer without loading torch

@@ -21,10 +21,10 @@ tensors and block outputs a recording stores. From them, at the config's setting
 Not counted: k-means temporaries, the CUDA allocator's slack and the CUDA libraries' host memory.
 """
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from vq4dit.calib.modes import mode_for
+from vq4dit.jobs.plan_layers import layer_sizes
 from vq4dit.jobs.plan_probes import allocation_bytes, block_key, block_training_bytes, evaluation_bytes, record_bytes
 from vq4dit.jobs.plan_sources import (
     REFERENCE_MODELS,
@@ -43,7 +43,6 @@ from vq4dit.utils import distributed
 
 GIB = 2**30
 PROBE_ROWS = 3  # batch rows of the shape probe (no other dimension of these models is 3)
-QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
 
 
 @dataclass
@@ -174,45 +173,6 @@ def _finish(plan, config, json_path):
                  "tensors, and its error passes run the whole chain (calib/chunks.py chain_chunk), planned as one "
                  "block's")
     return text
-
-
-def nbytes(shape, dtype):
-    import torch
-
-    count = 1
-    for s in shape:
-        count *= s
-    return count * torch.empty(0, dtype=dtype).element_size()
-
-
-def layer_sizes(model, include, codebooks, n):
-    """{name: sizes} of the Linears `include` selects, quantized with CodebookConfig `codebooks` and n candidates
-    while soft: weights, fp32 bytes, soft and hard in-memory VQ state, the artifact's stored bytes (codec specs) and
-    its index and codebook bytes."""
-    import torch
-    from torch import nn
-
-    from vq4dit.vq.codecs import CODECS
-    from vq4dit.vq.packing import index_dtype
-
-    pattern, qkv = re.compile(include), re.compile(QKV)
-    index_bytes = torch.empty(0, dtype=index_dtype(codebooks.k)).element_size()
-    out = {}
-    for name, m in model.named_modules():
-        if not (isinstance(m, nn.Linear) and pattern.search(name)):
-            continue
-        groups = 3 if codebooks.split_qkv and qkv.search(name) else 1
-        meta = {"in_features": m.in_features, "out_features": m.out_features, "k": codebooks.k, "d": codebooks.dim,
-                "n": n, "groups": groups, "bias": m.bias is not None}
-        specs = CODECS["VQLinear"].tensor_specs(meta)
-        subs = m.in_features * m.out_features // codebooks.dim
-        fixed = groups * codebooks.k * codebooks.dim * 4 + (m.out_features * 4 if m.bias is not None else 0)
-        out[name] = {"weights": m.in_features * m.out_features, "subs": subs, "n": n, "groups": groups, "fixed": fixed,
-                     "fp": sum(p.numel() * 4 for p in m.parameters()),
-                     "soft": subs * (n * index_bytes + n * 4 + 1) + fixed, "hard": subs * index_bytes + fixed,
-                     "stored": sum(nbytes(*spec) for spec in specs.values()),
-                     "index": nbytes(*specs["indices"]), "codebook": nbytes(*specs["codebook"])}
-    return out
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,18 @@ def dit_source(spec):
     from safetensors import SafetensorError, safe_open
 
     from vq4dit.models.dit import DiT_models
-    from vq4dit.models.loading import LATENT_DOWNSAMPLE, DiTSpec, check_model_name, embedded_ckpt_path
+    from vq4dit.models.loading import (
+        LATENT_DOWNSAMPLE,
+        DiTSpec,
+        check_model_name,
+        diffusers_dit_dir,
+        embedded_ckpt_path,
+    )
 
     path = embedded_ckpt_path() if spec.ckpt is None else Path(spec.ckpt).expanduser()
+    if path.is_dir():  # no pipeline (plan_source): the run loads it as a diffusers DiT or refuses it, as here
+        diffusers_dit_dir(path, spec.ckpt)
+        return None
     if not path.is_file():
         return None
     if spec.model is not None:

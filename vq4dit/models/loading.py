@@ -117,12 +117,18 @@ def _check_matches(model, state, name, source):
                         f"{describe_weights(state)}; pass the matching --model/--image-size/--num-classes")
 
 
-def _diffusers_dir(path):
-    """The directory holding config.json + weights inside `path` (itself or its transformer/), or None."""
-    for d in (path / "transformer", path):
-        if (d / "config.json").is_file() and any((d / f).is_file() for f in _WEIGHT_FILES):
-            return d
-    return None
+def diffusers_dit_dir(path, source):
+    """(directory, spec_fields_from_config's fields) of the diffusers DiT in the local directory `path` (itself or its
+    transformer/: config.json + weights); a UserError naming what `path` holds instead (a quantized artifact, another
+    family's transformer, no weights). The load and the dry run's plan (jobs/plan_sources.py) both ask it."""
+    directory = next((d for d in (path / "transformer", path) if (d / "config.json").is_file()
+                      and any((d / f).is_file() for f in _WEIGHT_FILES)), None)
+    if directory is None:
+        if (path / "model.safetensors").is_file():  # a quantized artifact's is refused naming sample.py --quantized
+            refuse_artifact_file(path / "model.safetensors")
+        raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
+                        f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
+    return directory, spec_fields_from_config(json.loads((directory / "config.json").read_text()), source)
 
 
 def check_ckpt_exists(ckpt):
@@ -225,9 +231,9 @@ def _float32(state, source, stored_dtype=False):
     return {k: v if v.dtype == torch.float32 or stored_dtype else v.float() for k, v in state.items()}
 
 
-def _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype=False):
-    config = json.loads((directory / "config.json").read_text())
-    depth, hidden, heads, patch, input_size, n_cls, in_ch, learn_sigma = spec_fields_from_config(config, source)
+def _load_diffusers(path, name, image_size, num_classes, source, stored_dtype=False):
+    directory, fields = diffusers_dit_dir(path, source)
+    depth, hidden, heads, patch, input_size, n_cls, in_ch, learn_sigma = fields
     weights = next(directory / f for f in _WEIGHT_FILES if (directory / f).is_file())
     state, _ = read_state_file(weights)
     state = from_diffusers_state_dict(state, source)
@@ -269,13 +275,7 @@ def load_dit(name, ckpt=None, image_size=None, num_classes=None, device="cpu", s
     source = str(ckpt)
     path = _resolve(ckpt)
     if path.is_dir():
-        directory = _diffusers_dir(path)
-        if directory is None:
-            if (path / "model.safetensors").is_file():  # a quantized artifact's is refused naming sample.py --quantized
-                refuse_artifact_file(path / "model.safetensors")
-            raise UserError(f"{source} is a directory without a diffusers DiT (config.json + "
-                            f"{' or '.join(_WEIGHT_FILES)}, directly or under transformer/)")
-        model, spec = _load_diffusers(directory, name, image_size, num_classes, source, stored_dtype)
+        model, spec = _load_diffusers(path, name, image_size, num_classes, source, stored_dtype)
     else:
         state, meta = read_state_file(path)
         if meta.get("format") == "vq4dit-dit":
