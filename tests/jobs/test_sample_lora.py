@@ -8,7 +8,8 @@ import torch
 from tests.api.tiny_lora import make_lora, save_lora, tiny_run
 from vq4dit import load_transformer
 from vq4dit.cli.sample import build_parser, check_flags, cli, parse_loras
-from vq4dit.jobs.sample import Loaded, LoraSpec, Request, load_for_sampling, load_loras, sample_to_dir
+from vq4dit.jobs.loras import LoraSpec, load_loras
+from vq4dit.jobs.sample import Loaded, Request, load_for_sampling, sample_to_dir
 from vq4dit.models.adapters import adapter_for
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.utils.errors import UserError
@@ -97,3 +98,29 @@ def test_families_without_a_lora_loader_and_text_encoder_loras_are_refused(tmp_p
     with pytest.raises(UserError, match=r"holds text-encoder LoRA layers \(first: text_encoder\.") as e:
         load_loras(model, extra, [LoraSpec(str(tmp_path))])
     assert "\n" not in str(e.value)
+
+
+def test_a_lora_of_another_model_is_refused_naming_the_layers_it_misses(tmp_path_factory, tmp_path):
+    """A LoRA that adapts layers this transformer does not have (a new user's trial: an SD3 LoRA on a Sana artifact)
+    was applied where the names matched, PEFT only warning about the rest. Here a Flux LoRA with its layers also
+    written under a block Flux does not have: refused, naming the count and the first (mutation: no check -> it
+    loads). The LoRA itself loads (the check does not refuse a LoRA of this model)."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file, save_file
+
+    run = tiny_run("flux", tmp_path_factory)
+    lora = save_lora(FluxPipeline, run.pipeline, tmp_path / "ok")
+    state = load_file(tmp_path / "ok" / "pytorch_lora_weights.safetensors")
+    extra_keys = {k.replace("transformer_blocks.0.", "transformer_blocks.99."): v.clone() for k, v in state.items()
+                  if ".transformer_blocks.0." in k}
+    (tmp_path / "other").mkdir()
+    save_file({**state, **extra_keys}, tmp_path / "other" / "pytorch_lora_weights.safetensors")
+    model, _, extra = load_for_sampling(quantized=run.artifact)
+    adapted = len({k.split(".lora_")[0] for k in lora})
+    with pytest.raises(UserError, match=rf"^--lora {tmp_path / 'other'}: {len(extra_keys) // 2} of "
+                                        rf"{adapted + len(extra_keys) // 2} layers it adapts are not in this "
+                                        r"FluxTransformer2DModel \(first: transformer_blocks\.99\."):
+        load_loras(model, extra, [LoraSpec(str(tmp_path / "other"))])
+    model, _, extra = load_for_sampling(quantized=run.artifact)
+    load_loras(model, extra, [LoraSpec(str(tmp_path / "ok"))])
+    assert any("lora_A" in name for name, _ in model.named_modules())

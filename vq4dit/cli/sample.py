@@ -52,7 +52,7 @@ def read_prompts(args):
 def parse_loras(values):
     """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.sample.LoraSpec]: SCALE (default 1) is the text after the last
     ':' when it is a number; the source must exist here or be a hub repo id owner/name."""
-    from vq4dit.jobs.sample import LoraSpec
+    from vq4dit.jobs.loras import LoraSpec
     from vq4dit.utils.hubid import hub_id_like
 
     loras = []
@@ -139,13 +139,13 @@ def main(args):
 
 def sample(args, loras, device):
     """Load the model, apply the LoRAs and write the samples to --out (claimed by the caller)."""
+    from vq4dit.jobs.loras import load_loras
     from vq4dit.jobs.sample import (
         FPSource,
         Request,
         Resume,
         check_vae_flag,
         load_for_sampling,
-        load_loras,
         sample_to_dir,
     )
     from vq4dit.jobs.sample_state import source_key

@@ -11,7 +11,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +33,7 @@ from vq4dit.models.vae import needs_vae
 from vq4dit.utils import distributed
 from vq4dit.utils.cli import check_sampling_args
 from vq4dit.utils.digest import json_digest, prompts_digest
-from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError, error_detail
+from vq4dit.utils.errors import NonFiniteOutput, RankError, UserError
 from vq4dit.utils.fileio import check_free_space
 from vq4dit.utils.imagefiles import (
     GRID_FILE,
@@ -97,64 +96,6 @@ def load_for_sampling(quantized=None, source=FPSource(), device="cpu", decode=Fa
         base = load_model(source.model, source.ckpt, source.image_size, source.num_classes, source.backend, device)
         net, adapter, extra = base.model, base.adapter, base.extra
     return Loaded(apply_precision(net.eval(), resolve_precision(precision, device), device), adapter, extra)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA to sample with: a file, a directory holding diffusers' pytorch_lora_weights.safetensors, or a hub
-    repo id; and its adapter weight."""
-
-    source: str
-    scale: float = 1.0
-
-
-def load_loras(model, extra, loras, pipeline=None, device="cpu"):
-    """Load `loras` onto `model`, the transformer of a diffusers pipeline (quantized or not), as adapters lora0,
-    lora1, ... at their scales: the pipeline class's own load_lora_weights (diffusers + PEFT; beside a quantized
-    layer, a separate full-precision branch: vq/lora.py) on a pipeline holding only `model`, then set_adapters. The
-    sampling pipeline is built later around the same model. Only a LoRA's transformer part can be kept that way:
-    one with text-encoder layers is refused."""
-    if not loras:
-        return
-    import diffusers
-
-    from vq4dit.models.pipelines import load_pipeline, read_index, resolve_pipeline
-    from vq4dit.vq.lora import enable_peft_lora
-
-    recorded = extra.get("pipeline") or {}
-    cls = getattr(diffusers, recorded.get("class") or "", None)
-    if cls is None or not hasattr(cls, "load_lora_weights"):
-        what = f"{recorded['class']} pipelines have" if recorded else "the project's DiT has"
-        raise UserError(f"--lora {loras[0].source}: {what} no diffusers LoRA loader (load_lora_weights: Flux, SD3, "
-                        "...); drop --lora")
-    enable_peft_lora()
-    source = pipeline or recorded["source"]
-    directory = resolve_pipeline(source)
-    if directory is None:
-        raise UserError(f"--lora: {source} is not a diffusers pipeline directory (no model_index.json); pass "
-                        "--pipeline DIR")
-    others = [k for k in read_index(directory) if not k.startswith("_") and k not in ("transformer", "scheduler")]
-    pipe = load_pipeline(directory, device, transformer=model, **dict.fromkeys(others))
-    names = [f"lora{i}" for i in range(len(loras))]
-    for name, lora in zip(names, loras):
-        path = Path(lora.source)
-        where = {"pretrained_model_name_or_path_or_dict": str(path.parent), "weight_name": path.name} \
-            if path.is_file() else {"pretrained_model_name_or_path_or_dict": lora.source}
-        try:
-            state = cls.lora_state_dict(**where)
-            encoders = [k for k in (state[0] if isinstance(state, tuple) else state) if k.startswith("text_encoder")]
-            if encoders:
-                raise UserError(f"--lora {lora.source}: holds text-encoder LoRA layers (first: {encoders[0]}); "
-                                "sample.py applies a LoRA's transformer part only: load it with pipe.load_lora_weights "
-                                "in your own script (docs/api.md)")
-            pipe.load_lora_weights(**where, adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # not a LoRA, or one of another model
-            detail = error_detail(e)
-            raise UserError(f"--lora {lora.source}: cannot load it onto the {recorded['class']} transformer "
-                            f"({detail})") from None
-    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
-    logger.info("LoRAs %s at weights %s", ", ".join(lora.source for lora in loras),
-                ", ".join(f"{lora.scale:g}" for lora in loras))
 
 
 def _take(conditions, idx):
