@@ -1,6 +1,8 @@
 """Load a quantized artifact (a directory or a hub repo) as the transformer of a user's own diffusers pipeline."""
 import functools
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -44,8 +46,27 @@ def guard_save_pretrained(model):
     model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
 
 
-def _refuse_save_pretrained(name, save_directory=None, *args, **kwargs):
+def guard_pipeline_save(pipe, model):
+    """Make pipe.save_pretrained refuse, before it writes anything, while the quantized `model` is pipe.transformer
+    (its own guard refuses only when the pipeline reaches it, after the components saved before it: VAE, text
+    encoders); with pipe.transformer = None it saves the rest."""
+    save = pipe.save_pretrained
+
+    def guarded(save_directory=None, *args, **kwargs):
+        if getattr(pipe, "transformer", None) is model:
+            _refuse_save_pretrained(type(model).__name__, os.path.join(str(save_directory), "transformer"),
+                                    whole=True)
+        return save(save_directory, *args, **kwargs)
+
+    pipe.save_pretrained = guarded
+
+
+def _refuse_save_pretrained(name, save_directory=None, *args, whole=False, **kwargs):
+    left = ""
+    if Path(str(save_directory)).name == "transformer" and not whole:  # called by a pipeline's save_pretrained
+        left = (f"; pipe.save_pretrained had saved the components before the transformer into "
+                f"{Path(str(save_directory)).parent} already")
     raise UserError(f"{name}.save_pretrained({str(save_directory)!r}): a quantized transformer is not saved in "
                     "diffusers' format (it would reload as NaN); save the artifact with quantized.save(DIR) (the "
                     "QuantizedTransformer of quantize_transformer) and load it with vq4dit.load_transformer(DIR); "
-                    "for the rest of the pipeline, set pipe.transformer = None before pipe.save_pretrained")
+                    f"for the rest of the pipeline, set pipe.transformer = None before pipe.save_pretrained{left}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from vq4dit.jobs.config import QuantizeConfig, load_config
 from vq4dit.jobs.plan_sources import warn_preset_family
-from vq4dit.load import guard_save_pretrained
+from vq4dit.load import guard_pipeline_save, guard_save_pretrained
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.lora import enable_peft_lora
 
@@ -88,6 +88,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         run.finish()
     harden(base.model)
     guard_save_pretrained(base.model)  # diffusers' format cannot hold it: quantized.save(dir) is the way
+    guard_pipeline_save(pipe, base.model)  # ... and pipe.save_pretrained refuses before writing the other parts
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
     return QuantizedTransformer(base.model, config, extra, stats)
 

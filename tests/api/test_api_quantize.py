@@ -135,7 +135,8 @@ def test_config_takes_a_yaml_path_or_a_preset_name_and_contradictions_are_refuse
 
 def test_a_quantized_transformer_refuses_save_pretrained_and_requantizing(tmp_path_factory, tmp_path):
     """diffusers' pipe.save_pretrained of a quantized transformer reloaded as NaN latents, and quantize_transformer
-    of it was a bare StopIteration (mutations: no guard_save_pretrained in load_transformer; no quantized check)."""
+    of it was a bare StopIteration (mutations: no guard_save_pretrained in load_transformer; no quantized check; the
+    components a pipeline saved before the transformer not named)."""
     from diffusers import StableDiffusion3Pipeline
 
     run = tiny_run("sd3", tmp_path_factory)
@@ -146,9 +147,30 @@ def test_a_quantized_transformer_refuses_save_pretrained_and_requantizing(tmp_pa
                                             r"is not saved in diffusers' format .*quantized.save\(DIR\)") as info:
             save(tmp_path / "saved")
         assert "\n" not in str(info.value)
+        # the pipeline's components before the transformer are on disk: said (its own pipeline is unguarded here)
+        written = f"had saved the components before the transformer into {tmp_path / 'saved'} already"
+        assert (written in str(info.value)) == (save == pipe.save_pretrained)
     assert not (tmp_path / "saved" / "transformer").exists()
     with pytest.raises(UserError, match=r"transformer is already quantized \(\d+ quantized layers, first "):
         quantize_transformer(pipe, device="cpu", progress=False)
+
+
+def test_pipe_save_pretrained_after_quantize_transformer_writes_nothing(tmp_path_factory, tmp_path):
+    """pipe.save_pretrained of the pipeline quantize_transformer quantized wrote its VAE and text encoders before the
+    transformer's refusal (a new user's trial); now it refuses before writing anything, and with pipe.transformer =
+    None it saves the rest, as the message says. Mutation: no pipeline guard (the VAE and encoders written)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tiny_run("sd3", tmp_path_factory)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
+    quantize_transformer(pipe, run.config, progress=False, method="kmeans")
+    with pytest.raises(UserError, match=r"SD3Transformer2DModel.save_pretrained\(.*transformer'\): a quantized "
+                                        r"transformer is not saved in diffusers' format .*pipe.save_pretrained$"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.transformer = None
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "vae").is_dir() and not (tmp_path / "saved" / "transformer").exists()
 
 
 def test_save_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
