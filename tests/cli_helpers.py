@@ -32,6 +32,8 @@ def run(script, *args, timeout=300, threads=1):
                           capture_output=True, text=True, timeout=timeout)
 
 
+FAST_RUN = ["--num-samples", "2", "--steps", "2", "--device", "cpu", "-q"]  # a sample.py run of seconds
+
 def run_here(script, *args):
     """The entry script's cli(argv) in this process, its outcome as run() reports a subprocess's (returncode, stdout,
     stderr): a case without the 3 s of a new interpreter importing torch. stderr holds the prints and the log's

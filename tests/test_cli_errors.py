@@ -296,7 +296,7 @@ def test_check_reports_a_damaged_artifact(artifact, tmp_path):
     assert "ok:" not in result.stdout
 
 
-# sample.py's --num-samples / --steps / --classes checks are covered in tests/test_sample.py
+# sample.py's --num-samples / --steps / --classes checks: tests/test_sample.py and tests/test_sample_flags.py
 
 def test_sample_out_under_a_regular_file(ckpt, tmp_path):
     (tmp_path / "afile").write_text("x")
