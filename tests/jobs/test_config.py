@@ -330,6 +330,19 @@ def test_pipeline_settings_with_a_dit_are_refused_naming_them_before_the_load(tm
     assert not (tmp_path / "out").exists()
 
 
+def test_the_default_out_of_a_pipeline_is_named_after_it(tmp_path, monkeypatch):
+    """A pipeline run without --out went to outputs/digits_2_vq4dit_w2d4 (the DiT name, which a pipeline does not
+    use), where the default digits run writes too (mutation: the name from --model alone)."""
+    from vq4dit.cli.quantize import default_out
+
+    (tmp_path / "My-Flux").mkdir()
+    (tmp_path / "My-Flux" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for ckpt, name in ((str(tmp_path / "My-Flux") + "/", "my-flux"), ("My-Flux", "my-flux"),
+                       ("black-forest-labs/FLUX.1-dev", "flux.1-dev")):
+        assert default_out(load_config(overrides={"ckpt": ckpt})) == f"outputs/{name}_vq4dit_w2d4"
+
+
 def test_a_dry_run_without_a_plan_says_so_and_writes_no_json_silently(tmp_path):
     """--dry-run --json for a run with no memory plan (here --method rtn) exited 0 having written nothing, and
     --dry-run alone printed the config and nothing about the plan (mutations: no check; no line)."""

@@ -8,6 +8,7 @@ Values come from the dataclass defaults, then the YAML preset (--config), then t
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
 from vq4dit.utils.cli import ArgumentParser, check_not_blank, launch_rank, local_path, run_cli, setup_logging
@@ -21,7 +22,15 @@ def config_overrides(args):
 
 
 def default_out(config):
-    name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
+    """outputs/<model>_<method>_<size>: the model a DiT's registry name, a pipeline's its directory or hub repo name
+    (the DiT name, which a pipeline does not use, sent Flux runs to outputs/digits_2_...)."""
+    from vq4dit.models.pipelines import names_pipeline
+
+    ckpt = config.model.ckpt
+    if ckpt is not None and names_pipeline(ckpt):
+        name = Path(str(ckpt).rstrip("/")).expanduser().resolve().name.lower()
+    else:
+        name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
     c = config.codebooks
     if c.bits is not None:
         size = f"b{c.bits:g}"
