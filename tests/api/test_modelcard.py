@@ -54,9 +54,10 @@ def test_card_metadata_is_what_the_artifact_holds(tmp_path_factory):
     assert q["method"] == "vq4dit" and q["quantized_layers"] == len(quant["layers"])
     config = yaml.safe_load((run.artifact / "config.yaml").read_text())
     # the config's `model` is the project DiT's registry name, unused for a pipeline (issue 29: the card said
-    # `model: DiT-Digits/2` for SD3 and Flux): the card names the pipeline instead (mutation: the config as saved)
+    # `model: DiT-Digits/2` for SD3 and Flux; config.yaml left it out since 2026-12-06): the card names the pipeline
+    # instead (mutation: the config as saved)
     source = quant["base_model"]["pipeline"]["source"]
-    assert q["config"] == {**config, "model": source} and config["model"] == "DiT-Digits/2"
+    assert q["config"] == {**config, "model": source} and "model" not in config
     assert f"# {source} (SD3Transformer2DModel), quantized" in text and "DiT-Digits" not in text
     assert meta["library_name"] == "diffusers" and "SD3Transformer2DModel" in meta["tags"]
     assert len(meta["tags"]) == len(set(meta["tags"])), meta["tags"]  # "vq4dit" twice for the vq4dit method

@@ -13,9 +13,11 @@ from tests.models.tiny_t2i import (
     assert_output_aware_holds_or_improves,
     quantized_run,
 )
+from vq4dit.jobs.config import load_config
 from vq4dit.jobs.sample import Request, load_for_sampling, sample_to_dir
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.adapters.load import load_model
+from vq4dit.utils.yamlfile import read_yaml
 from vq4dit.vq import load_quantized
 
 pytest.importorskip("transformers")
@@ -57,6 +59,10 @@ def test_artifact_loads_as_the_pipelines_transformer_with_exact_bits(run):
     fp = load_model(None, str(r.pipeline))
     assert sorted(quant["layers"]) == sorted(fp.adapter.linears(fp.model))
     assert_exact_bits(r.artifact, quant, r.config.codebooks.k, r.config.codebooks.dim)
+    # config.yaml leaves out the DiT name a pipeline does not use (it said model: DiT-Digits/2); read back, the
+    # same config (mutation: to_yaml writing to_dict as it is)
+    saved = r.artifact / "config.yaml"
+    assert "model" not in read_yaml(saved) and load_config(str(saved)).to_dict() == r.config.to_dict()
 
 
 def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path):

@@ -24,11 +24,8 @@ def config_overrides(args):
 def default_out(config):
     """outputs/<model>_<method>_<size>: the model a DiT's registry name, a pipeline's its directory or hub repo name
     (the DiT name, which a pipeline does not use, sent Flux runs to outputs/digits_2_...)."""
-    from vq4dit.models.pipelines import names_pipeline
-
-    ckpt = config.model.ckpt
-    if ckpt is not None and names_pipeline(ckpt):
-        name = Path(str(ckpt).rstrip("/")).expanduser().resolve().name.lower()
+    if config.model.uses_pipeline():
+        name = Path(str(config.model.ckpt).rstrip("/")).expanduser().resolve().name.lower()
     else:
         name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
     c = config.codebooks

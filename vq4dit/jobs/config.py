@@ -68,6 +68,13 @@ class ModelSpec:
                 invalid(name, getattr(self, name), f"not a regular expression ({e})")
         return self
 
+    def uses_pipeline(self):
+        """Whether ckpt is a diffusers pipeline whose own transformer is quantized (models.adapters.load.load_model's
+        rule: not with --backend vq4dit), so the DiT fields do not apply."""
+        from vq4dit.models.pipelines import names_pipeline
+
+        return self.ckpt is not None and self.backend != "vq4dit" and names_pipeline(self.ckpt)
+
     def check_pipeline_flags(self, given):
         """Refuse the project DiT's settings (model, image_size, num_classes) among the values `given` {key: value
         or None} (flags, API keywords) with a diffusers pipeline checkpoint, whose transformer's config sets them
@@ -248,8 +255,16 @@ class QuantizeConfig:
             order = tuple(name for name in order if name != "wbits")
         return {name: flat[name] for name in order}
 
+    def recorded(self):
+        """What config.yaml records: to_dict without `model` for a pipeline's transformer, which does not use the DiT
+        name (read back, the default fills it in: the same config and run key)."""
+        flat = self.to_dict()
+        if self.model.uses_pipeline():
+            del flat["model"]
+        return flat
+
     def to_yaml(self):
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.recorded(), sort_keys=False)
 
     def replace(self, source="replace", **values):
         """A validated copy with flat keys set as a YAML preset or flags would set them (e.g. iters=10); errors name

@@ -281,7 +281,7 @@ def save(model, layers, extra, config, out_dir):
     for layer in layers.values():
         if not layer.is_hard:
             layer.harden()
-    save_quantized(model, reference(model, **extra), out_dir, config.to_dict(), RunKey.of(config).digest())
+    save_quantized(model, reference(model, **extra), out_dir, config.recorded(), RunKey.of(config).digest())
 
 
 def announce_replacement(out_dir, config):
@@ -292,7 +292,7 @@ def announce_replacement(out_dir, config):
         before = read_yaml(os.path.join(out_dir, CONFIG_FILE))
     except UserError:
         return
-    now = config.to_dict()
+    now = config.recorded()
     first = {key: i for i, key in enumerate(KEYS_FIRST)}
     keys = sorted(set(before) | set(now), key=lambda k: (first.get(k, len(first)), k))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)]

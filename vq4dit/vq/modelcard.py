@@ -37,8 +37,8 @@ def weighted_bits(layers, key):
 
 def base_name(ref, config):
     """The model the artifact quantizes, as a reader knows it: a diffusers transformer's pipeline (its hub id, else
-    its directory), else the project DiT's registry name (config `model`, which a pipeline's run leaves at its
-    default DiT-Digits/2, unused)."""
+    its directory), else the project DiT's registry name (config `model`, which a pipeline's config.yaml leaves
+    out: a pipeline does not use it)."""
     source = (ref.get("pipeline") or {}).get("source")
     if source is not None:
         return hub_id_of(source) or str(source)
@@ -51,7 +51,8 @@ def front_matter(ref, layers, config):
     methods = [config["method"]] if dict(config).get("method") else sorted({METHODS.get(e["class"], e["class"])
                                                                             for e in layers.values()})
     base = hub_id_of((ref.get("pipeline") or {}).get("source"))
-    config = {**dict(config), "model": base_name(ref, config)} if "model" in config else dict(config)
+    named = "model" in config or ref.get("pipeline")  # a pipeline's config.yaml leaves the DiT name out
+    config = {**dict(config), "model": base_name(ref, config)} if named else dict(config)
     meta = {"base_model": base, "base_model_relation": "quantized"} if base else {}
     meta["library_name"] = "diffusers" if ref["class"].startswith("diffusers.") else "vq4dit"
     meta["tags"] = list(dict.fromkeys(["vq4dit", "quantized", *methods, short]))  # the method may be "vq4dit"
