@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.diffusion import make_diffusion, p_mean_variance
 from vq4dit.models.sampler import (
     PerSampleNoise,
@@ -298,7 +299,7 @@ def test_generate_matches_reference_with_per_sample_noise(cfg_scale):
         gen = torch.Generator().manual_seed(sample_seed(seed, i))
         per_sample.append([torch.randn(shape, generator=gen).double().numpy() for _ in range(steps)])
     draws = [np.stack([d[k] for d in per_sample]) for k in range(steps)]
-    got = generate(model, labels, indices, seed, steps, cfg_scale, batch_size=2, progress=False)
+    got = generate(model, labels, indices, SampleSettings(seed, steps, cfg_scale, batch_size=2, progress=False))
     ref = reference_sample(model.forward64, 4, model.num_classes, draws, labels.numpy(), steps, cfg_scale)
     assert_close_to_reference(got, ref)
 
@@ -306,17 +307,20 @@ def test_generate_matches_reference_with_per_sample_noise(cfg_scale):
 # ---------------------------------------------------------------- batching and index invariance
 
 def test_generate_is_batch_size_and_subset_invariant(tiny_dit):
+    def drawn(seed=3, batch_size=64):
+        return SampleSettings(seed, steps=4, batch_size=batch_size, progress=False)
+
     model, _ = tiny_dit
     labels = class_labels(0, 5, model.num_classes)
     indices = list(range(5))
-    runs = [generate(model, labels, indices, seed=3, steps=4, batch_size=b, progress=False) for b in (1, 2, 5)]
+    runs = [generate(model, labels, indices, drawn(batch_size=b)) for b in (1, 2, 5)]
     # equal up to the float effects of batch size on matmul kernels (exact uint8 equality: test_images.py)
     for other in runs[1:]:
         torch.testing.assert_close(other, runs[0], rtol=1e-4, atol=1e-4)
     subset = [4, 1]
-    part = generate(model, labels[subset], subset, seed=3, steps=4, batch_size=2, progress=False)
+    part = generate(model, labels[subset], subset, drawn(batch_size=2))
     torch.testing.assert_close(part, runs[0][subset], rtol=1e-4, atol=1e-4)
-    other_seed = generate(model, labels, indices, seed=4, steps=4, batch_size=5, progress=False)
+    other_seed = generate(model, labels, indices, drawn(seed=4, batch_size=5))
     assert (other_seed - runs[0]).abs().flatten(1).amax(1).min() > 1e-2  # every sample changes with the seed
 
 

@@ -83,19 +83,19 @@ def class_labels(seed, num_samples, num_classes, classes=None):
     return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
 
 
-def generate(model, labels, indices, seed, steps=50, cfg_scale=1.5, batch_size=64, device="cpu", progress=True,
-             on_step=None):
-    """Samples for the given sample indices (with their labels) in model space (N, C, H, W), on CPU. `progress`: a
-    bar of each batch's steps, erased when the batch ends (the run's bar of samples is the caller's:
-    jobs.sample.draw_shard)."""
-    diffusion = make_diffusion(steps)
+def generate(model, labels, indices, settings, device="cpu", on_step=None):
+    """Samples for the given sample indices (with their labels) in model space (N, C, H, W), on CPU, drawn as
+    `settings` says (models.adapters.base.SampleSettings: seed, steps, cfg_scale, batch_size; progress: a bar of each
+    batch's steps, erased when the batch ends; the run's bar of samples is the caller's, jobs.sample.draw_shard)."""
+    diffusion = make_diffusion(settings.steps)
     shape = (model.in_channels, model.input_size, model.input_size)
     outs = []
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        y = labels[start:start + batch_size].to(device)
-        noise = PerSampleNoise(seed, idx, shape, device)
-        x = ddpm_sample(model, noise, y, diffusion, cfg_scale, null_class=model.num_classes,
-                        guided_channels=guided_channels_for(model.in_channels), progress=progress, on_step=on_step)
+    for start in range(0, len(indices), settings.batch_size):
+        idx = indices[start:start + settings.batch_size]
+        y = labels[start:start + settings.batch_size].to(device)
+        noise = PerSampleNoise(settings.seed, idx, shape, device)
+        x = ddpm_sample(model, noise, y, diffusion, settings.cfg_scale, null_class=model.num_classes,
+                        guided_channels=guided_channels_for(model.in_channels), progress=settings.progress,
+                        on_step=on_step)
         outs.append(x.float().cpu())
     return torch.cat(outs) if outs else torch.empty(0, *shape)

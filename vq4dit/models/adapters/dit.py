@@ -1,6 +1,8 @@
 """Class-conditional DiTs: the project's own DiT (models/dit.py) and, through a thin wrapper, diffusers'
 DiTTransformer2DModel. Both run DiT's learned-variance DDPM sampler with classifier-free guidance as teacher."""
 
+import dataclasses
+
 from vq4dit.models.adapters.base import CALIB_STREAM, Adapter, ImageSampler, drop_rows
 from vq4dit.models.diffusion import make_diffusion
 from vq4dit.models.loading import LATENT_DOWNSAMPLE
@@ -62,8 +64,8 @@ class DiTAdapter(Adapter):
         size = model.input_size * (LATENT_DOWNSAMPLE if decoder is not None else 1)
 
         def draw(indices, labels):
-            x = generate(model, labels, indices, settings.seed, settings.steps, settings.cfg_scale,
-                         settings.batch_size, device, progress=settings.progress and distributed.world()[0] == 0)
+            bars = settings.progress and distributed.world()[0] == 0  # under torchrun rank 0's only
+            x = generate(model, labels, indices, dataclasses.replace(settings, progress=bars), device)
             return to_uint8(x, decoder)
 
         return ImageSampler(draw, (size, size))
