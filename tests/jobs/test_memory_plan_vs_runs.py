@@ -56,6 +56,8 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
     overrides = {"ckpt": None, "iters": 3, "calib_samples": 4, "calib_timesteps": 2, "steps": 4, "kmeans_iters": 2,
                  "codebook_init": "kmeans", "batch_size": 16, "micro_batch": micro_batch, "device": "cpu",
                  "step_dtype": step_dtype}
+    if step_dtype == "bf16":  # bf16 matmuls are slow on a CPU without bf16 units: two blocks (the plan's others: 0)
+        overrides["include"] = r"^blocks\.[03]\."
     if source == "flux":
         save_tiny_t2i_pipeline("flux", tmp_path / "pipeline")
         (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -73,7 +75,7 @@ def test_the_plans_training_bytes_are_what_a_real_update_holds_at_most(source, m
     if shared:
         monkeypatch.setattr(distributed, "launched_sizes", lambda: (2, 2))
         config = load_config(overrides={**overrides, "batch_size": 32})
-    planned = plan_for(config).inputs.train
+    planned = [plan for plan in plan_for(config).inputs.train if plan]  # blocks without quantized layers: none
     assert len(measured) == len(planned) > 1
     for i, (real, plan) in enumerate(zip(measured, planned)):
         assert abs(plan - real) <= 0.03 * real, (i, real / 2**20, plan / 2**20)
