@@ -15,7 +15,7 @@ from vq4dit.jobs.quantize import Run, record_and_calibrate
 from vq4dit.models.adapters.base import CALIB_STREAM
 from vq4dit.models.diffusion import make_diffusion
 from vq4dit.models.dit import DiT
-from vq4dit.models.sampler import PerSampleNoise, class_labels, ddpm_sample, sample_seed
+from vq4dit.models.sampler import Guidance, PerSampleNoise, class_labels, ddpm_sample, sample_seed
 from vq4dit.vq import CodebookSpec, VQLinear, quantize_linears
 
 
@@ -78,8 +78,8 @@ def reference_points(model, num_samples, steps, kept, cfg_scale, seed, batch_siz
                 ts.append(t.clone())
                 ys.append(y.clone())
 
-        ddpm_sample(model, noise, labels[idx.start:idx.stop], make_diffusion(steps), cfg_scale,
-                    null_class=model.num_classes, guided_channels=1, on_step=on_step)
+        ddpm_sample(model, noise, labels[idx.start:idx.stop], make_diffusion(steps),
+                    Guidance(cfg_scale, model.num_classes, channels=1), on_step=on_step)
     return torch.cat(xs), torch.cat(ts), torch.cat(ys)
 
 

@@ -16,6 +16,7 @@ import torch
 from vq4dit.models.adapters.base import SampleSettings
 from vq4dit.models.diffusion import make_diffusion, p_mean_variance
 from vq4dit.models.sampler import (
+    Guidance,
     PerSampleNoise,
     apply_guidance,
     class_labels,
@@ -203,8 +204,8 @@ def test_ddpm_sample_matches_reference(steps, cfg_scale, channels):
     model = ToyModel(channels, seed=channels)
     y = torch.tensor([0, 3, 4])
     noise = RecordedNoise(steps, (3, channels, 4, 4), seed=steps)
-    got = ddpm_sample(model, noise, y, make_diffusion(steps), cfg_scale, null_class=model.num_classes,
-                      guided_channels=guided_channels_for(channels))
+    got = ddpm_sample(model, noise, y, make_diffusion(steps),
+                      Guidance(cfg_scale, model.num_classes, guided_channels_for(channels)))
     assert noise.used == steps  # x_T plus one draw per step but the last
     assert model.calls == steps  # the CFG batch is one call
     ref = reference_sample(model.forward64, channels, model.num_classes, noise.numpy(), y.numpy(), steps, cfg_scale)
@@ -224,8 +225,7 @@ def test_ddpm_sample_tiny_dit_matches_reference(tiny_latent_dit):
 
     y = torch.tensor([1, 7])
     noise = RecordedNoise(5, (2, 4, 8, 8), seed=3)
-    got = ddpm_sample(model, noise, y, make_diffusion(5), 1.5, null_class=model.num_classes,
-                      guided_channels=guided_channels_for(4))
+    got = ddpm_sample(model, noise, y, make_diffusion(5), Guidance(1.5, model.num_classes, guided_channels_for(4)))
     ref = reference_sample(forward64, 4, model.num_classes, noise.numpy(), y.numpy(), 5, 1.5)
     assert_close_to_reference(got, ref, rtol=1e-3)
 
@@ -235,7 +235,7 @@ def test_model_sees_original_timesteps_and_null_labels(cfg_scale):
     model = ToyModel(1)
     seen = []
     y = torch.tensor([2, 1])
-    ddpm_sample(model, RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), cfg_scale, null_class=5,
+    ddpm_sample(model, RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), Guidance(cfg_scale, 5),
                 on_step=lambda i, x, t, labels: seen.append((i, x.shape[0], t.tolist(), labels.tolist())))
     keep, _ = reference_schedule(5)
     assert [s[0] for s in seen] == [4, 3, 2, 1, 0]
@@ -274,18 +274,18 @@ class Float32Interface(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_model_is_called_in_its_dtype_and_the_sampler_stays_float32(dtype):
     model, y, inputs = HalfToy(dtype), torch.tensor([2, 1]), []
-    got = ddpm_sample(model, RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), 1.5, null_class=5,
+    got = ddpm_sample(model, RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), Guidance(1.5, 5),
                       on_step=lambda i, x, t, labels: inputs.append(x.dtype))
     assert model.seen == {dtype} and set(inputs) == {torch.float32} and got.dtype == torch.float32
     # guidance and posterior in float32 on the upcast model output: bitwise the float32 sampler on that output
-    ref = ddpm_sample(Float32Interface(model), RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5), 1.5,
-                      null_class=5)
+    ref = ddpm_sample(Float32Interface(model), RecordedNoise(5, (2, 1, 4, 4)), y, make_diffusion(5),
+                      Guidance(1.5, 5))
     assert torch.equal(got, ref)
 
 
 def test_cfg_needs_null_class():
     with pytest.raises(ValueError, match="null"):
-        ddpm_sample(ToyModel(1), RecordedNoise(2, (1, 1, 4, 4)), torch.tensor([0]), make_diffusion(2), 1.5)
+        ddpm_sample(ToyModel(1), RecordedNoise(2, (1, 1, 4, 4)), torch.tensor([0]), make_diffusion(2), Guidance(1.5))
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])

@@ -62,6 +62,6 @@ def test_diffusers_trajectory_agrees(steps):
             out = model(x, torch.full((2,), int(t)), y)
             x = sched.step(out, int(t), x, generator=gen).prev_sample
     ours_gen = torch.Generator().manual_seed(9)
-    ours = ddpm_sample(model, lambda: torch.randn(shape, generator=ours_gen), y, make_diffusion(steps), 1.0)
+    ours = ddpm_sample(model, lambda: torch.randn(shape, generator=ours_gen), y, make_diffusion(steps))
     scale = float(ours.abs().max())
     torch.testing.assert_close(x, ours, rtol=1e-3, atol=1e-3 * max(1.0, scale))

@@ -4,6 +4,8 @@ Noise is drawn per sample from a generator seeded by (seed, sample index), so a 
 image depends only on its index and the seed: sharding indices over processes or changing
 the batch size gives the same images (up to floating-point effects of batch size).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -42,22 +44,37 @@ def apply_guidance(out, scale, guided_channels):
     return torch.cat([eps, cond[:, cond.shape[1] // 2:]], dim=1)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: `scale` (1: none), the class id the unconditional half of the batch gets, and how
+    many leading output channels are guided (None: all; a learned-variance DiT's second half is not)."""
+
+    scale: float = 1.0
+    null_class: int | None = None
+    channels: int | None = None
+
+    @classmethod
+    def of(cls, model, scale):
+        """A DiT-like `model`'s guidance at `scale`: its null class is num_classes, its eps channels are guided."""
+        return cls(scale, model.num_classes, guided_channels_for(model.in_channels))
+
+
 @torch.no_grad()
-def ddpm_sample(model, noise, y, diffusion, cfg_scale=1.5, null_class=None, guided_channels=None,
-                progress=False, on_step=None):
-    """Run the reverse process from noise() for labels y (N,); returns x_0 (N, C, H, W).
+def ddpm_sample(model, noise, y, diffusion, guidance=Guidance(), progress=False, on_step=None):
+    """Run the reverse process from noise() for labels y (N,) under `guidance` (Guidance); returns x_0 (N, C, H, W).
 
     `noise` is a callable returning a fresh (N, C, H, W) standard-normal draw; `on_step(i, x, t, y)`
     sees the exact model inputs of every step (the doubled CFG batch included). The model is called in its
     own dtype (utils/precision.py); x, guidance and the posterior stay float32.
     """
+    cfg_scale, null_class = guidance.scale, guidance.null_class
     use_cfg = cfg_scale != 1.0
     if use_cfg and null_class is None:
         raise ValueError("classifier-free guidance needs the null class id")
     x = noise()
     n = x.shape[0]
     dtype = compute_dtype(model)
-    guided_channels = guided_channels or x.shape[1]
+    guided_channels = guidance.channels or x.shape[1]
     for i in tqdm(reversed(range(diffusion.num_steps)), total=diffusion.num_steps, desc="steps",
                   disable=not progress, leave=False):
         t = torch.full((n,), int(diffusion.timestep_map[i]), device=x.device, dtype=torch.long)
@@ -94,8 +111,7 @@ def generate(model, labels, indices, settings, device="cpu", on_step=None):
         idx = indices[start:start + settings.batch_size]
         y = labels[start:start + settings.batch_size].to(device)
         noise = PerSampleNoise(settings.seed, idx, shape, device)
-        x = ddpm_sample(model, noise, y, diffusion, settings.cfg_scale, null_class=model.num_classes,
-                        guided_channels=guided_channels_for(model.in_channels), progress=settings.progress,
-                        on_step=on_step)
+        x = ddpm_sample(model, noise, y, diffusion, Guidance.of(model, settings.cfg_scale), settings.progress,
+                        on_step)
         outs.append(x.float().cpu())
     return torch.cat(outs) if outs else torch.empty(0, *shape)

@@ -6,7 +6,7 @@ import dataclasses
 from vq4dit.models.adapters.base import CALIB_STREAM, Adapter, ImageSampler, drop_rows
 from vq4dit.models.diffusion import make_diffusion
 from vq4dit.models.loading import LATENT_DOWNSAMPLE
-from vq4dit.models.sampler import PerSampleNoise, class_labels, ddpm_sample, generate, guided_channels_for, sample_seed
+from vq4dit.models.sampler import Guidance, PerSampleNoise, class_labels, ddpm_sample, generate, sample_seed
 from vq4dit.models.vae import load_vae, needs_vae, to_uint8
 from vq4dit.utils import distributed
 from vq4dit.utils.errors import UserError
@@ -25,8 +25,8 @@ def dit_teacher_runs(model, plan, device):
 
         def run(idx=idx):
             noise = PerSampleNoise(stream_seed, idx, shape, device)
-            ddpm_sample(model, noise, labels[idx.start:idx.stop].to(device), diffusion, plan.cfg_scale,
-                        null_class=model.num_classes, guided_channels=guided_channels_for(model.in_channels))
+            ddpm_sample(model, noise, labels[idx.start:idx.stop].to(device), diffusion,
+                        Guidance.of(model, plan.cfg_scale))
 
         yield len(idx), run
 
