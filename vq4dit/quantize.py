@@ -9,6 +9,8 @@ is in memory instead of reading it, then codebooks, the teacher's recording and 
 demand.
 """
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
 import tempfile
@@ -28,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuantizedTransformer:
-    """What quantize_transformer returns: the quantized transformer (the pipeline's own object, its Linears replaced
-    in place by hard quantized layers, exactly as its artifact stores them), the resolved config, the artifact's
-    model reference extras and the per-block calibration stats."""
+    """What quantize_transformer returns: the quantized transformer (pipe.transformer from then on, its Linears
+    hard quantized layers, exactly as its artifact stores them), the resolved config, the artifact's model reference
+    extras and the per-block calibration stats."""
 
     transformer: nn.Module
     config: QuantizeConfig
@@ -59,10 +61,12 @@ class QuantizedTransformer:
 
 
 def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **overrides):
-    """Quantize `pipe.transformer` in place, calibrated against the transformer as it was (the teacher, a copy),
-    sampled by the pipeline's class with the scheduler and text encoders of the directory or hub repo the pipeline
-    was loaded from (pipe.name_or_path: a pipeline built in memory must be saved and loaded first); returns a
-    QuantizedTransformer (.transformer, .save(out_dir)).
+    """Quantize `pipe.transformer`, calibrated against the transformer as it was (the teacher), sampled by the
+    pipeline's class with the scheduler and text encoders of the directory or hub repo the pipeline was loaded from
+    (pipe.name_or_path: a pipeline built in memory must be saved and loaded first); returns a QuantizedTransformer
+    (.transformer, .save(out_dir)), which is pipe.transformer from then on. A calibrated method builds it on a copy
+    (the pipeline's own transformer is its teacher), so a run that fails or is interrupted leaves the pipeline as
+    it was, and the same call with the same work_dir resumes; k-means and RTN quantize the transformer in place.
 
     config: a YAML preset's path or a shipped preset's name (as quantize.py --config takes them), or a
         jobs.config.QuantizeConfig; None: quantize.py's defaults (the recipe's preset). overrides: flat keys as
@@ -73,6 +77,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
     from vq4dit.jobs.quantize import Run, load, run_stages
+    from vq4dit.vq.artifact import quantized_layers
 
     enable_peft_lora()  # LoRAs load onto the quantized transformer as onto load_transformer's
     config = resolved_config(pipe, config, overrides)
@@ -81,11 +86,22 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
                         "with quantize.py --stream on, which loads the checkpoint on the host in its stored dtype")
     base = base_model(pipe, config.model.ckpt)
     with contextlib.ExitStack() as stack:
-        directory = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
+        directory = work_directory(work_dir) or stack.enter_context(tempfile.TemporaryDirectory(prefix="vq4dit-"))
         run = Run.open(config, directory, progress)
         base, include, extra, _ = load(config.model, config.device, loaded=base)
-        _, stats = run_stages(base, include, run)
+        teacher = None
+        if run.method.calibrated:  # the student is a copy: a failed or interrupted run leaves the pipeline as it was
+            teacher, base = base.model, dataclasses.replace(base, model=copy.deepcopy(base.model))
+        try:
+            _, stats = run_stages(base, include, run, teacher=teacher)
+        except BaseException:
+            if quantized_layers(pipe.transformer):  # a method that builds in place (k-means, RTN) stopped midway
+                logger.error("quantize_transformer stopped with the %s's transformer partly quantized (--method %s "
+                             "builds in place): load the pipeline again before another try", type(pipe).__name__,
+                             config.method)
+            raise
         run.finish()
+    pipe.transformer = base.model
     harden(base.model)
     guard_save_pretrained(base.model)  # diffusers' format cannot hold it: quantized.save(dir) is the way
     guard_pipeline_save(pipe, base.model)  # ... and pipe.save_pretrained refuses before writing the other parts
@@ -94,6 +110,21 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
 
 
 KEYWORDS = "quantize_transformer keywords"  # where a bad key came from, in its error
+
+
+def work_directory(work_dir):
+    """`work_dir` (str or os.PathLike) made to exist, before the pipeline is touched; None stays None."""
+    if work_dir is None:
+        return None
+    if not isinstance(work_dir, (str, os.PathLike)):
+        raise UserError(f"quantize_transformer: work_dir={work_dir!r}; give a directory path (str or pathlib.Path) "
+                        "or None (a temporary directory)")
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"quantize_transformer: work_dir={os.fspath(work_dir)!r} cannot be a directory "
+                        f"({e.strerror})") from None
+    return os.fspath(work_dir)
 
 
 def resolved_config(pipe, config, overrides):

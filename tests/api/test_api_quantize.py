@@ -31,13 +31,43 @@ def test_saved_artifact_is_the_one_quantize_py_writes_and_loads_as_the_in_memory
     pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
     transformer = pipe.transformer
     quantized = quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False)
-    assert quantized.transformer is transformer is pipe.transformer
-    assert quantized_layers(transformer) and not list((tmp_path / "work").glob("calib_state/*"))
-    in_memory = transformer_output(transformer)  # before save, which rounds codebooks in place
+    # the student is built on a copy: pipe.transformer becomes it, the pipeline's own (the teacher) stays FP
+    assert quantized.transformer is pipe.transformer and quantized.transformer is not transformer
+    assert not quantized_layers(transformer) and quantized_layers(pipe.transformer)
+    assert not list((tmp_path / "work").glob("calib_state/*"))
+    in_memory = transformer_output(pipe.transformer)  # before save, which rounds codebooks in place
     quantized.save(tmp_path / "api")
     for name in ARTIFACT_FILES:
         assert (tmp_path / "api" / name).read_bytes() == (run.artifact / name).read_bytes(), name
     assert torch.equal(in_memory, transformer_output(load_transformer(tmp_path / "api")))
+
+
+def test_a_failed_or_interrupted_run_leaves_the_pipeline_as_it_was(tmp_path_factory, tmp_path, monkeypatch):
+    """A new user's trial: a quantize_transformer that failed (work_dir a file) or was interrupted left 40 uncalibrated
+    VQ layers in pipe.transformer, and a retry was refused as already quantized. Now work_dir is checked first (a
+    UserError naming it), a calibrated run builds its student on a copy, and after Ctrl-C during calibration the same
+    pipe quantizes. Mutations: the student built in place again (quantized layers left after the interrupt); no
+    work_dir check (an OSError after the pipeline moved)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    import vq4dit.jobs.quantize as job
+
+    run = tiny_run("sd3", tmp_path_factory)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
+    original = pipe.transformer
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=rf"^quantize_transformer: work_dir='{tmp_path / 'file'}' cannot be a dir"):
+        quantize_transformer(pipe, run.config, work_dir=tmp_path / "file", progress=False)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(job, "record_and_calibrate", interrupted)
+        quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False)
+    assert pipe.transformer is original and not quantized_layers(original)
+    quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False, method="kmeans")
+    assert quantized_layers(pipe.transformer)
 
 
 def test_overrides_and_config_resolve_as_quantize_py_flags():

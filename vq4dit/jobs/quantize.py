@@ -159,12 +159,13 @@ def claim_artifact_dir(out_dir, overwrite=False, flag="--overwrite"):
                          ARTIFACT_TOOL)
 
 
-def run_stages(base, include, run, offload=None):
+def run_stages(base, include, run, offload=None, teacher=None):
     """The build, record and calibrate stages of Run `run` on the loaded BaseModel `base` (its Linears matching
     `include`): ({name: quantized layer}, per-block calibration stats; none when the method does not calibrate).
     offload: the models.offload.HostBlocks of a streamed run (load), which streams base.model from the host in its
-    stored dtype (jobs/streaming.py); base.model becomes the student."""
-    problem, layers = build_codebooks(base, include, run, offload)
+    stored dtype (jobs/streaming.py); base.model becomes the student. teacher: the FP model base.model is a copy of,
+    kept as the teacher instead of a new copy (build_codebooks)."""
+    problem, layers = build_codebooks(base, include, run, offload, teacher)
     if problem is None:
         return layers, []
     try:
@@ -206,12 +207,14 @@ def load(spec, device, loaded=None, stream=False):
     return base, include, extra, offload
 
 
-def build_codebooks(base, include, run, offload=None):
+def build_codebooks(base, include, run, offload=None, teacher=None):
     """The codebook stage: the Linears of BaseModel `base` matching `include` replaced in place by the method's
     quantized layers. When the method calibrates, the model as it was is kept as the teacher (a copy, made before
-    the Linears are replaced) and a calib.problem.Problem is returned with the layers; else None. offload: the
-    HostBlocks streaming base.model from the host (None: not streamed); the quantized student is then built block by
-    block on the device and becomes base.model, and the host model is the teacher (jobs/streaming.py)."""
+    the Linears are replaced; or `teacher`, the model base.model was copied from: vq4dit.quantize_transformer keeps
+    the pipeline's own until the run succeeds) and a calib.problem.Problem is returned with the layers; else None.
+    offload: the HostBlocks streaming base.model from the host (None: not streamed); the quantized student is then
+    built block by block on the device and becomes base.model, and the host model is the teacher
+    (jobs/streaming.py)."""
     method, config = run.method, run.config
     outside = outside_blocks(base.adapter, base.model, include)
     if outside and method.calibrated:
@@ -229,7 +232,8 @@ def build_codebooks(base, include, run, offload=None):
     if streamed is not None:
         base.model, teacher, offload, layers = streamed.build(include, method, config.seed, settings, run.progress)
     else:
-        teacher = copy.deepcopy(base.model) if method.calibrated else None  # the FP teacher, before the Linears go
+        if teacher is None and method.calibrated:
+            teacher = copy.deepcopy(base.model)  # the FP teacher, before the Linears go
         layers = method.build(base.model, include, config.seed, run.progress, settings)
     if not method.calibrated:
         return None, layers
