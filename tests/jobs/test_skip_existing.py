@@ -39,3 +39,20 @@ def test_a_rerun_keeps_the_same_runs_artifact_and_remakes_any_other(tmp_path):
     (out / "quant_config.json").write_text(json.dumps(quant))
     assert load_quantized(out)[2].get("run_key") is None
     assert quantize(ckpt, out, "--seed", "1") == f"wrote {out}"
+
+
+def test_a_damaged_artifact_of_this_run_is_made_again(tmp_path):
+    """A new user's trial: --skip-existing kept an artifact whose model.safetensors was truncated or had a byte
+    flipped, or whose config.yaml was deleted (exit 0; sample.py then refused it). Now the kept artifact's files are
+    checked as the loader checks them (size, sha256) and a damaged one is made again (mutation: the run key alone)."""
+    ckpt, out = tmp_path / "m.safetensors", tmp_path / "art"
+    save_tiny_ckpt(ckpt)
+    quantize(ckpt, out)
+    model = out / "model.safetensors"
+    whole = model.read_bytes()
+    flipped = whole[:-1] + bytes([whole[-1] ^ 1])
+    for damage in (lambda: model.write_bytes(whole[:-100]), lambda: model.write_bytes(flipped),
+                   lambda: (out / "config.yaml").unlink()):
+        damage()
+        assert quantize(ckpt, out) == f"wrote {out}"
+        assert model.read_bytes() == whole and quantize(ckpt, out).startswith("kept")

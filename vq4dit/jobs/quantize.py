@@ -48,7 +48,14 @@ from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import set_tf32
 from vq4dit.utils.yamlfile import read_yaml
 from vq4dit.vq import save_quantized
-from vq4dit.vq.artifact import ARTIFACT_FILES, ARTIFACT_TOOL, CONFIG_FILE, read_quant_config
+from vq4dit.vq.artifact import (
+    ARTIFACT_FILES,
+    ARTIFACT_TOOL,
+    CONFIG_FILE,
+    check_config_file,
+    check_model_file,
+    read_quant_config,
+)
 from vq4dit.vq.modelref import reference
 
 logger = logging.getLogger(__name__)
@@ -122,13 +129,22 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
 
 def made_by_this_run(out_dir, config):
     """Whether out_dir holds a complete artifact whose recorded run_key is this run's: every config field that can
-    change the result, and the checkpoint and prompts file by content (jobs.runkey.RunKey). An artifact saved before
-    run keys were recorded, or a partial one, is not."""
+    change the result, and the checkpoint and prompts file by content (jobs.runkey.RunKey), with its model file and
+    config.yaml the ones quant_config.json records (a damaged one is made again, with a warning). An artifact saved
+    before run keys were recorded, or a partial one, is not."""
     try:
         quant = read_quant_config(out_dir)
     except UserError:
         return False
-    return quant.get("run_key") == RunKey.of(config).digest()
+    if quant.get("run_key") != RunKey.of(config).digest():
+        return False
+    try:
+        check_model_file(out_dir, quant)
+        check_config_file(out_dir, quant)
+    except UserError as e:
+        logger.warning("%s holds this run's artifact, damaged (%s): quantizing again", out_dir, e)
+        return False
+    return True
 
 
 def check_processes(config):

@@ -219,9 +219,9 @@ def check_config_file(out_dir, quant):
                         "quant_config.json); restore the original or quantize again")
 
 
-def read_tensors(out_dir, quant, device="cpu"):
-    """Load model.safetensors (memory-mapped where the device allows) after checking its size and sha256, then
-    check every tensor's name, shape and dtype against quant_config.json and that no float is NaN/Inf."""
+def check_model_file(out_dir, quant):
+    """model.safetensors must be the one quant_config.json describes: present, of its recorded size and sha256. Its
+    path, or a UserError naming what differs."""
     path = os.path.join(out_dir, MODEL_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing")
@@ -231,6 +231,13 @@ def read_tensors(out_dir, quant, device="cpu"):
     if "model_sha256" in quant and file_sha256(path) != quant["model_sha256"]:
         raise UserError(f"{path}: sha256 differs from the model_sha256 in quant_config.json; the file is corrupt "
                         "or was changed after saving")
+    return path
+
+
+def read_tensors(out_dir, quant, device="cpu"):
+    """Load model.safetensors (memory-mapped where the device allows) after checking its size and sha256, then
+    check every tensor's name, shape and dtype against quant_config.json and that no float is NaN/Inf."""
+    path = check_model_file(out_dir, quant)
     try:
         tensors = load_file(path, device=device)
     except (SafetensorError, OSError) as e:
