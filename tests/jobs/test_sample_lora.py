@@ -104,7 +104,9 @@ def test_a_lora_of_another_model_is_refused_naming_the_layers_it_misses(tmp_path
     """A LoRA that adapts layers this transformer does not have (a new user's trial: an SD3 LoRA on a Sana artifact)
     was applied where the names matched, PEFT only warning about the rest. Here a Flux LoRA with its layers also
     written under a block Flux does not have: refused, naming the count and the first (mutation: no check -> it
-    loads). The LoRA itself loads (the check does not refuse a LoRA of this model)."""
+    loads). The LoRA itself loads (the check does not refuse a LoRA of this model). A file whose LoRA layers are all
+    of another component (a new user's trial: a traceback from set_adapters, "Adapter name(s) {'lora0'} not in the
+    list of present adapters") is one line (mutation: no check that the adapter loaded)."""
     from diffusers import FluxPipeline
     from safetensors.torch import load_file, save_file
 
@@ -121,6 +123,9 @@ def test_a_lora_of_another_model_is_refused_naming_the_layers_it_misses(tmp_path
                                         rf"{adapted + len(extra_keys) // 2} layers it adapts are not in this "
                                         r"FluxTransformer2DModel \(first: transformer_blocks\.99\."):
         load_loras(model, extra, [LoraSpec(str(tmp_path / "other"))])
+    save_file({"unet.up.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "none.safetensors")  # no transformer layer
+    with pytest.raises(UserError, match=r"holds no LoRA layers for the FluxPipeline transformer"):
+        load_loras(model, extra, [LoraSpec(str(tmp_path / "none.safetensors"))])
     model, _, extra = load_for_sampling(quantized=run.artifact)
     load_loras(model, extra, [LoraSpec(str(tmp_path / "ok"))])
     assert any("lora_A" in name for name, _ in model.named_modules())

@@ -64,6 +64,9 @@ def load_loras(model, extra, loras, pipeline=None, device="cpu"):
                                 f"{type(model).__name__} (first: {absent[0]}): a LoRA of another model, which PEFT "
                                 "would apply where names match; give a LoRA trained on this model")
             pipe.load_lora_weights(**where, adapter_name=name)
+            if name not in {a for names in pipe.get_list_adapters().values() for a in names}:  # nothing loaded
+                raise UserError(f"--lora {lora.source}: holds no LoRA layers for the {recorded['class']} "
+                                "transformer (diffusers' loader found none to load)")
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # not a LoRA, or one of another model
             detail = error_detail(e)
             raise UserError(f"--lora {lora.source}: cannot load it onto the {recorded['class']} transformer "
