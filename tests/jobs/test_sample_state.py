@@ -245,6 +245,12 @@ def test_skip_existing_keeps_this_runs_samples_and_draws_any_other(tmp_path, mon
     assert run_here("sample.py", *flags).returncode == 0 and drawn == []
     assert (out / "samples.npz").stat().st_mtime_ns == written
     assert run_here("sample.py", *flags, "--seed", "1").returncode == 0 and drawn == [[0, 1, 2, 3]]
+    # a truncated samples.npz (a new user's trial: a BadZipFile traceback) is drawn again (mutation: sampling_of
+    # reading it unguarded)
+    npz = (out / "samples.npz").read_bytes()
+    (out / "samples.npz").write_bytes(npz[:-3000])
+    assert run_here("sample.py", *flags, "--seed", "1").returncode == 0 and drawn[1:] == [[0, 1, 2, 3]]
+    assert (out / "samples.npz").read_bytes() == npz
     images = np.zeros((2, 4, 4, 3), np.uint8)
     save_samples(tmp_path / "q", images, [0, 1], sampling={"seed": 0, "run_key": "a"})
     save_samples(tmp_path / "fp", images, [0, 1], sampling={"seed": 0, "run_key": "b"})

@@ -70,11 +70,15 @@ def label_kind(path):
 
 
 def sampling_of(path):
-    """The sampling settings sample.py recorded in the samples at `path` (a dict), or None (not recorded)."""
-    with np.load(path, allow_pickle=False) as data:
-        if SAMPLING_KEY not in data.files:
-            return None
-        text = str(data[SAMPLING_KEY])
+    """The sampling settings sample.py recorded in the samples at `path` (a dict), or None (not recorded); a
+    UserError for a file that is no readable .npz (a truncated one: BadZipFile)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if SAMPLING_KEY not in data.files:
+                return None
+            text = str(data[SAMPLING_KEY])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
     try:
         settings = json.loads(text)
     except ValueError:
