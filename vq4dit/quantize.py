@@ -38,6 +38,7 @@ class QuantizedTransformer:
     config: QuantizeConfig
     extra: dict
     stats: list = field(default_factory=list)
+    log: str | None = None  # the run's calibration log (calib_log.jsonl in work_dir; None: in a temporary one)
 
     def __repr__(self):  # the dataclass's would print the whole module tree, the config and every block's stats
         from vq4dit.vq.artifact import quantized_layers
@@ -52,12 +53,18 @@ class QuantizedTransformer:
         """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
         quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back. A directory holding files vq4dit did
         not write is refused (UserError) unless `overwrite`, and even then they are kept (utils/outdir.py)."""
-        from vq4dit.jobs.quantize import claim_artifact_dir, save
+        from vq4dit.calib.checkpoints import LOG_NAME
+        from vq4dit.jobs.quantize import announce_replacement, claim_artifact_dir, save
         from vq4dit.vq.artifact import quantized_layers
 
         with claim_artifact_dir(out_dir, overwrite, "overwrite=True"):
+            announce_replacement(out_dir, self.config)  # as quantize.py --out says it
             layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
             save(self.transformer, layers, self.extra, self.config, out_dir)
+            stale = os.path.join(out_dir, LOG_NAME)  # an earlier run's calibration log would describe another model
+            own = self.log is not None and os.path.isfile(self.log)
+            if os.path.isfile(stale) and not (own and os.path.samefile(stale, self.log)):
+                os.remove(stale)
 
 
 def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **overrides):
@@ -76,6 +83,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
+    from vq4dit.calib.checkpoints import LOG_NAME
     from vq4dit.jobs.quantize import Run, load, run_stages
     from vq4dit.vq.artifact import quantized_layers
 
@@ -106,7 +114,8 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     guard_save_pretrained(base.model)  # diffusers' format cannot hold it: quantized.save(dir) is the way
     guard_pipeline_save(pipe, base.model)  # ... and pipe.save_pretrained refuses before writing the other parts
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
-    return QuantizedTransformer(base.model, config, extra, stats)
+    log = os.path.join(work_dir, LOG_NAME) if work_dir is not None and run.method.calibrated else None
+    return QuantizedTransformer(base.model, config, extra, stats, log)
 
 
 KEYWORDS = "quantize_transformer keywords"  # where a bad key came from, in its error

@@ -1,6 +1,8 @@
 """vq4dit.quantize_transformer: a pipeline's transformer quantized in memory through quantize.py's own stages; the
 saved artifact is byte for byte the one quantize.py wrote for the same config (tests/models/tiny_t2i.quantized_run),
 and the in-memory model computes what that artifact loads back as."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,6 +70,34 @@ def test_a_failed_or_interrupted_run_leaves_the_pipeline_as_it_was(tmp_path_fact
     assert pipe.transformer is original and not quantized_layers(original)
     quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False, method="kmeans")
     assert quantized_layers(pipe.transformer)
+
+
+def test_save_over_another_runs_artifact_says_so_and_drops_its_log(tmp_path_factory, tmp_path, caplog):
+    """A new user's trial: QuantizedTransformer.save over the artifact of another model replaced it without a word
+    and kept the other run's calib_log.jsonl. Now it warns as quantize.py --out does and removes that log; a save
+    into the run's own work_dir keeps its log. Mutations: no announce_replacement; the stale log kept; the run's own
+    log removed."""
+    import logging
+
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tiny_run("sd3", tmp_path_factory)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
+    quantized = quantize_transformer(pipe, run.config, progress=False, method="kmeans")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ARTIFACT_FILES:  # quantize.py's artifact of the same pipeline with the default method, and its log
+        (other / name).write_bytes((run.artifact / name).read_bytes())
+    (other / "calib_log.jsonl").write_text('{"name": "blocks.0"}\n')
+    with caplog.at_level(logging.WARNING):
+        quantized.save(other)
+    assert any("replacing the artifact there, made with another config (method 'vq4dit' -> 'kmeans'" in r.message
+               for r in caplog.records)
+    assert not (other / "calib_log.jsonl").exists()
+    own = dataclasses.replace(quantized, log=str(other / "calib_log.jsonl"))
+    (other / "calib_log.jsonl").write_text("{}\n")
+    own.save(other)
+    assert (other / "calib_log.jsonl").read_text() == "{}\n"
 
 
 def test_overrides_and_config_resolve_as_quantize_py_flags():
