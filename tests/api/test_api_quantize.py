@@ -76,7 +76,7 @@ def test_save_over_another_runs_artifact_says_so_and_drops_its_log(tmp_path_fact
     """A new user's trial: QuantizedTransformer.save over the artifact of another model replaced it without a word
     and kept the other run's calib_log.jsonl. Now it warns as quantize.py --out does and removes that log; a save
     into the run's own work_dir keeps its log. Mutations: no announce_replacement; the stale log kept; the run's own
-    log removed."""
+    log removed; an older artifact's `model: DiT-Digits/2` named as a change (the review of the change)."""
     import logging
 
     from diffusers import StableDiffusion3Pipeline
@@ -89,10 +89,13 @@ def test_save_over_another_runs_artifact_says_so_and_drops_its_log(tmp_path_fact
     for name in ARTIFACT_FILES:  # quantize.py's artifact of the same pipeline with the default method, and its log
         (other / name).write_bytes((run.artifact / name).read_bytes())
     (other / "calib_log.jsonl").write_text('{"name": "blocks.0"}\n')
+    # as an artifact from before config.yaml left out a pipeline's default DiT name: not named as a difference
+    (other / "config.yaml").write_text("model: DiT-Digits/2\n" + (other / "config.yaml").read_text())
     with caplog.at_level(logging.WARNING):
         quantized.save(other)
-    assert any("replacing the artifact there, made with another config (method 'vq4dit' -> 'kmeans'" in r.message
-               for r in caplog.records)
+    warned = [r.message for r in caplog.records if "replacing the artifact there" in r.message]
+    assert len(warned) == 1 and "made with another config (method 'vq4dit' -> 'kmeans'" in warned[0]
+    assert "model" not in warned[0]
     assert not (other / "calib_log.jsonl").exists()
     own = dataclasses.replace(quantized, log=str(other / "calib_log.jsonl"))
     (other / "calib_log.jsonl").write_text("{}\n")

@@ -6,6 +6,7 @@ import pytest
 from vq4dit.jobs.config import QuantizeConfig, flags_read_by, load_config
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.resources import CONFIG_DIR
+from vq4dit.utils.yamlfile import read_yaml
 
 
 def write(tmp_path, text):
@@ -136,6 +137,24 @@ def test_a_runs_config_yaml_loads_back_as_the_same_config(tmp_path, preset, code
 
     assert again.codebooks.k == config.codebooks.k and settings(again) == settings(config)
     assert ("wbits" in config.to_dict()) == (codebook_size in (None, 256))
+
+
+@pytest.mark.parametrize("preset, model", [(None, None), ("dit_xl_256_w2", "DiT-XL/2")])
+def test_a_pipeline_runs_config_yaml_leaves_out_only_the_default_dit_name(tmp_path, preset, model):
+    """config.yaml of a pipeline run leaves out the default DiT name it does not use (it said model: DiT-Digits/2),
+    but a preset's own (dit_xl_256_w2 with a diffusers DiT pipeline) stays: read back, the same config and run key
+    (the review of the change: dropped, it came back as DiT-Digits/2, another run key, and --skip-existing remade the
+    artifact; mutation: any model dropped)."""
+    from vq4dit.jobs.runkey import RunKey
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    config = load_config(preset, {"ckpt": str(tmp_path / "pipe")})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert read_yaml(path).get("model") == model
+    again = load_config(str(path))
+    assert again == config and RunKey.of(again).digest() == RunKey.of(config).digest()
 
 
 @pytest.mark.parametrize("overrides, name", [

@@ -256,10 +256,11 @@ class QuantizeConfig:
         return {name: flat[name] for name in order}
 
     def recorded(self):
-        """What config.yaml records: to_dict without `model` for a pipeline's transformer, which does not use the DiT
-        name (read back, the default fills it in: the same config and run key)."""
+        """What config.yaml records: to_dict without `model` when it is the default DiT name and ckpt a pipeline's
+        transformer, which does not use it (read back, the default fills it in: the same config and run key; a
+        preset's DiT name, e.g. dit_xl_256_w2 with a diffusers DiT pipeline, stays)."""
         flat = self.to_dict()
-        if self.model.uses_pipeline():
+        if flat["model"] == ModelSpec.model and self.model.uses_pipeline():
             del flat["model"]
         return flat
 

@@ -31,7 +31,7 @@ from vq4dit.calib.modes import CalibMode, mode_for
 from vq4dit.calib.modes import calibrate as calibrate_mode
 from vq4dit.calib.problem import Problem
 from vq4dit.jobs.allocation import allocate
-from vq4dit.jobs.config import QuantizeConfig
+from vq4dit.jobs.config import ModelSpec, QuantizeConfig
 from vq4dit.jobs.fit import fit_to_device
 from vq4dit.jobs.methods import Method, method_for
 from vq4dit.jobs.runkey import RunKey
@@ -312,7 +312,8 @@ def announce_replacement(out_dir, config):
         before = read_yaml(os.path.join(out_dir, CONFIG_FILE))
     except UserError:
         return
-    now = config.recorded()
+    # config.yaml leaves out the default DiT name of a pipeline's run (QuantizeConfig.recorded): compare it filled in
+    before, now = {"model": ModelSpec.model, **before}, config.to_dict()
     first = {key: i for i, key in enumerate(KEYS_FIRST)}
     keys = sorted(set(before) | set(now), key=lambda k: (first.get(k, len(first)), k))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)]
