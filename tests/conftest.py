@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny DiTs with non-trivial (non-zero adaLN) weights."""
+import os
 import socket
 
 import pytest
@@ -16,6 +17,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# tests of huggingface_hub's progress-bar switch: an environment that fixes it (HF_HUB_DISABLE_PROGRESS_BARS, read
+# when the hub is imported) leaves nothing to switch
+hub_bars_switchable = pytest.mark.skipif(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None,
+                                         reason="HF_HUB_DISABLE_PROGRESS_BARS fixes the hub's progress bars")
 
 
 def randomize(model, seed=0, std=0.05):

@@ -93,6 +93,18 @@ def test_sampling_through_the_pipeline_is_seeded_per_sample(run, tmp_path, monke
         assert images.shape[1:3] == (SIZES[family]["height"], SIZES[family]["width"])
 
 
+def test_a_quiet_dry_run_of_a_generic_pipeline_shows_no_loading_bar(tmp_path_factory):
+    """-q silences diffusers' "Loading pipeline components" bar; the generic adapter's plan builds the pipeline on
+    meta (pipeline_runs.meta_pipeline), where the review of the change found it still shown (mutation: that load
+    outside models.pipelines.loading_bars)."""
+    from tests.cli_helpers import run_here
+
+    r = generic_run("sana", tmp_path_factory.getbasetemp() / "generic_runs")
+    proc = run_here("quantize.py", "--config", r.artifact / "config.yaml", "--dry-run", "-q")  # the run's settings
+    assert proc.returncode == 0 and "memory plan" in proc.stdout, proc.stderr[-500:]
+    assert "Loading pipeline components" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-500:]
+
+
 @pytest.mark.parametrize("family", ["sana", "chroma", "wan", "cogvideox"])  # prompts padded to a fixed length
 def test_dry_run_plan_predicts_the_recorded_slots(family, tmp_path_factory):
     """The plan runs the pipeline on the meta device (no weights) up to its first transformer call; its slots are

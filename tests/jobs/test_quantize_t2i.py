@@ -6,6 +6,7 @@ Tiny random-weight pipelines built in the test (tests/models/tiny_t2i.py), one q
 import numpy as np
 import pytest
 
+from tests.conftest import hub_bars_switchable
 from tests.models.tiny_t2i import (
     PROMPTS,
     assert_calibration_beats_kmeans,
@@ -112,6 +113,7 @@ def test_a_full_precision_reference_is_drawn_at_the_artifacts_size(tmp_path, tmp
     assert fp.shape == quantized.shape == (2, 16, 8, 3)
 
 
+@hub_bars_switchable
 def test_sample_quiet_silences_the_libraries_loading_bars(tmp_path_factory, tmp_path):
     """sample.py -q showed diffusers' "Loading pipeline components" bar (a new user's trial); now -q turns the Hugging
     Face libraries' bars off for the run (utils.cli.quiet_libraries, models.pipelines.loading_bars) and restores

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import hub_bars_switchable
 from tests.models.tiny_t2i import BUILDERS, save_tiny_t2i_pipeline
 from vq4dit.models.adapters import TeacherPlan, adapter_for
 from vq4dit.models.adapters.base import linear_pattern
@@ -355,6 +356,7 @@ def test_a_pipeline_saved_without_its_transformer_or_a_subclass_is_not_refused(t
         check_transformer(tmp_path, nn.Linear(2, 2))
 
 
+@hub_bars_switchable
 def test_loading_bars_follow_the_hubs_switch_and_leave_it_off():
     """models.pipelines.loading_bars: with huggingface_hub's bars off (-q), diffusers' and transformers' loading
     bars are off inside and restored after, and the hub's stay off (transformers' enable_progress_bar turns them on).

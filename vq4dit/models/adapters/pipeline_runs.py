@@ -198,7 +198,8 @@ def meta_pipeline(directory, model):
         component = meta_component(directory, name, entry)
         if component is not None:
             components[name] = component
-    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(directory), **components)
+    with loading_bars():
+        pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(directory), **components)
     pipe.set_progress_bar_config(disable=True)
     pin_execution_device(pipe, "cpu")
     return pipe
