@@ -8,6 +8,9 @@ from vq4dit.utils.errors import UserError, error_detail
 
 logger = logging.getLogger(__name__)
 LORA_WEIGHTS = (".lora_A.", ".lora_B.")  # diffusers' (PEFT's) names of a LoRA's two matrices
+# a LoRA with more than this share of its layers absent from the transformer is another model's (refused); fewer is
+# a sibling's (a Flux-dev LoRA's guidance layers on Flux-schnell): applied with a warning, as diffusers applies it
+MOST_ABSENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,14 @@ def load_loras(model, extra, loras, pipeline=None, device="cpu"):
                                 "sample.py applies a LoRA's transformer part only: load it with pipe.load_lora_weights "
                                 "in your own script (docs/api.md)")
             absent = absent_modules(state[0] if isinstance(state, tuple) else state, model)
-            if absent:
-                raise UserError(f"--lora {lora.source}: {absent[1]} of {absent[2]} layers it adapts are not in this "
-                                f"{type(model).__name__} (first: {absent[0]}): a LoRA of another model, which PEFT "
-                                "would apply where names match; give a LoRA trained on this model")
+            if absent is not None:
+                first, count, of = absent
+                what = f"--lora {lora.source}: {count} of {of} layers it adapts are not in this {type(model).__name__} "
+                if count > of * MOST_ABSENT:
+                    raise UserError(f"{what}(first: {first}): a LoRA of another model, which PEFT would apply where "
+                                    "names match; give a LoRA trained on this model")
+                logger.warning("%s(first: %s): the rest is applied, as diffusers applies it (a LoRA of a sibling "
+                               "model, e.g. one with guidance layers on a model without them?)", what, first)
             pipe.load_lora_weights(**where, adapter_name=name)
             if name not in {a for names in pipe.get_list_adapters().values() for a in names}:  # nothing loaded
                 raise UserError(f"--lora {lora.source}: holds no LoRA layers for the {recorded['class']} "
@@ -78,8 +85,10 @@ def load_loras(model, extra, loras, pipeline=None, device="cpu"):
 
 def absent_modules(state, model, prefix="transformer."):
     """(first, count, of) for the modules a LoRA state dict in diffusers' form {"transformer.<module>.lora_A.weight":
-    ...} adapts that `model` does not have, or None when it has all of them (or the keys are of another form, which
-    diffusers' loader converts or refuses itself)."""
+    ...}, or PEFT's without the prefix when no key has it, adapts that `model` does not have; None when it has all of
+    them (or the keys are of another form, which diffusers' loader converts or refuses itself)."""
+    if not any(key.startswith(prefix) for key in state):
+        prefix = ""
     adapted = sorted({key.removeprefix(prefix).split(part)[0] for key in state for part in LORA_WEIGHTS
                       if part in key and key.startswith(prefix)})
     names = {name for name, _ in model.named_modules()}
