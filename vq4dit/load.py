@@ -47,25 +47,26 @@ def guard_save_pretrained(model):
 
 
 def guard_pipeline_save(pipe, model):
-    """Make pipe.save_pretrained refuse, before it writes anything, while the quantized `model` is pipe.transformer
-    (its own guard refuses only when the pipeline reaches it, after the components saved before it: VAE, text
-    encoders); with pipe.transformer = None it saves the rest."""
-    save = pipe.save_pretrained
+    """Make pipe.save_pretrained refuse, before it writes anything, while the quantized `model` (or a torch.compile
+    of it) is pipe.transformer (its own guard refuses only when the pipeline reaches it, after the components saved
+    before it: VAE, text encoders); with pipe.transformer = None it saves the rest. A module-level function, not a
+    closure: the pipeline still pickles and deep-copies."""
+    pipe.save_pretrained = functools.partial(_save_unless_quantized, pipe, model)
 
-    def guarded(save_directory=None, *args, **kwargs):
-        if getattr(pipe, "transformer", None) is model:
-            _refuse_save_pretrained(type(model).__name__, os.path.join(str(save_directory), "transformer"),
-                                    whole=True)
-        return save(save_directory, *args, **kwargs)
 
-    pipe.save_pretrained = guarded
+def _save_unless_quantized(pipe, model, save_directory=None, *args, **kwargs):
+    current = getattr(pipe, "transformer", None)
+    if getattr(current, "_orig_mod", current) is model:
+        _refuse_save_pretrained(type(model).__name__, os.path.join(str(save_directory), "transformer"), whole=True)
+    return type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
 
 
 def _refuse_save_pretrained(name, save_directory=None, *args, whole=False, **kwargs):
-    left = ""
-    if Path(str(save_directory)).name == "transformer" and not whole:  # called by a pipeline's save_pretrained
-        left = (f"; pipe.save_pretrained had saved the components before the transformer into "
-                f"{Path(str(save_directory)).parent} already")
+    left, path = "", Path(str(save_directory))
+    saved = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and p.name != "transformer") \
+        if path.name == "transformer" and path.parent.is_dir() and not whole else []
+    if saved:  # called by a pipeline's save_pretrained, which saves its components in turn
+        left = f"; pipe.save_pretrained had saved {', '.join(saved)} into {path.parent} already"
     raise UserError(f"{name}.save_pretrained({str(save_directory)!r}): a quantized transformer is not saved in "
                     "diffusers' format (it would reload as NaN); save the artifact with quantized.save(DIR) (the "
                     "QuantizedTransformer of quantize_transformer) and load it with vq4dit.load_transformer(DIR); "

@@ -1,7 +1,9 @@
 """vq4dit.quantize_transformer: a pipeline's transformer quantized in memory through quantize.py's own stages; the
 saved artifact is byte for byte the one quantize.py wrote for the same config (tests/models/tiny_t2i.quantized_run),
 and the in-memory model computes what that artifact loads back as."""
+import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -210,10 +212,14 @@ def test_a_quantized_transformer_refuses_save_pretrained_and_requantizing(tmp_pa
                                             r"is not saved in diffusers' format .*quantized.save\(DIR\)") as info:
             save(tmp_path / "saved")
         assert "\n" not in str(info.value)
-        # the pipeline's components before the transformer are on disk: said (its own pipeline is unguarded here)
-        written = f"had saved the components before the transformer into {tmp_path / 'saved'} already"
-        assert (written in str(info.value)) == (save == pipe.save_pretrained)
+        # the pipeline's components before the transformer are on disk: named (its own pipeline is unguarded here)
+        written = re.search(rf"had saved \w.*text_encoder.* into {re.escape(str(tmp_path / 'saved'))} already$",
+                            str(info.value))
+        assert bool(written) == (save == pipe.save_pretrained)
     assert not (tmp_path / "saved" / "transformer").exists()
+    with pytest.raises(UserError) as info:  # a save of the transformer alone into a folder named so: nothing said
+        transformer.save_pretrained(tmp_path / "fresh" / "transformer")
+    assert "had saved" not in str(info.value)
     with pytest.raises(UserError, match=r"transformer is already quantized \(\d+ quantized layers, first "):
         quantize_transformer(pipe, device="cpu", progress=False)
 
@@ -227,8 +233,12 @@ def test_pipe_save_pretrained_after_quantize_transformer_writes_nothing(tmp_path
     run = tiny_run("sd3", tmp_path_factory)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(run.pipeline))
     quantize_transformer(pipe, run.config, progress=False, method="kmeans")
-    with pytest.raises(UserError, match=r"SD3Transformer2DModel.save_pretrained\(.*transformer'\): a quantized "
-                                        r"transformer is not saved in diffusers' format .*pipe.save_pretrained$"):
+    refused = r"SD3Transformer2DModel.save_pretrained\(.*transformer'\): a quantized transformer is not saved in "
+    for saving in (pipe, copy.deepcopy(pipe)):  # a copy's guard checks the copy (the review: a closure checked pipe)
+        with pytest.raises(UserError, match=refused + r"diffusers' format .*pipe.save_pretrained$"):
+            saving.save_pretrained(tmp_path / "saved")
+    pipe.transformer = torch.compile(pipe.transformer)  # the review: the compiled wrapper passed the guard
+    with pytest.raises(UserError, match=refused):
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
     pipe.transformer = None
