@@ -356,9 +356,13 @@ def test_the_default_out_of_a_pipeline_is_named_after_it(tmp_path, monkeypatch):
 
     (tmp_path / "My-Flux").mkdir()
     (tmp_path / "My-Flux" / "model_index.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "My-Flux")  # named as given, not as its target (the review)
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    for ckpt, name in ((str(tmp_path / "My-Flux") + "/", "my-flux"), ("My-Flux", "my-flux"),
-                       ("black-forest-labs/FLUX.1-dev", "flux.1-dev")):
+    for ckpt, name in ((str(tmp_path / "My-Flux") + "/", "my-flux"), ("My-Flux", "my-flux"), ("link", "link"),
+                       (str(snapshot), "flux.1-schnell"), ("black-forest-labs/FLUX.1-dev", "flux.1-dev")):
         assert default_out(load_config(overrides={"ckpt": ckpt})) == f"outputs/{name}_vq4dit_w2d4"
 
 

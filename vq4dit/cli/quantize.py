@@ -24,8 +24,10 @@ def config_overrides(args):
 def default_out(config):
     """outputs/<model>_<method>_<size>: the model a DiT's registry name, a pipeline's its directory or hub repo name
     (the DiT name, which a pipeline does not use, sent Flux runs to outputs/digits_2_...)."""
-    if config.model.uses_pipeline():
-        name = Path(str(config.model.ckpt).rstrip("/")).expanduser().resolve().name.lower()
+    if config.model.uses_pipeline():  # its directory as given (not a symlink's target), or a hub cache's repo name
+        path = Path(os.path.abspath(os.path.expanduser(str(config.model.ckpt))))
+        cached = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+        name = (path.parent.parent.name.split("--")[-1] if cached else path.name).lower()
     else:
         name = config.model.model.replace("/", "_").replace("DiT-", "").lower()
     c = config.codebooks
