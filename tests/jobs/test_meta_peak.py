@@ -56,7 +56,9 @@ AUTOCAST_CASES = {  # an op of each kind a block runs, on float32 and bfloat16 i
     "bmm": lambda x, w, b: torch.bmm(x, w.t().expand(x.shape[0], -1, -1)),
     "einsum": lambda x, w, b: torch.einsum("bti,oi->bto", x, w),
     "attention": lambda x, w, b: F.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None]),
+    "matrix-vector": lambda x, w, b: torch.mv(w, x[0, 0]),  # CUDA's list only
     "layer_norm": lambda x, w, b: F.layer_norm(x.bfloat16(), (8,)),
+    "rms_norm": lambda x, w, b: F.rms_norm(x.bfloat16(), (8,)),
     "mse_loss": lambda x, w, b: F.mse_loss(x.bfloat16(), x),
     "mixed add": lambda x, w, b: x.bfloat16() + x,
     "gelu": lambda x, w, b: F.gelu(x.bfloat16()),
@@ -68,7 +70,7 @@ def test_planned_autocast_casts_as_torch_autocast_does_on_the_cpu(case):
     """The plan's stand-in for autocast on meta (jobs.meta_peak.PlannedAutocast, here on real CPU tensors) against
     torch.autocast on the CPU: each op's output dtype is autocast's, and gradients reach the float32 weights in
     float32. Mutations that fail it: an op left out of the lower-precision list (linear: float32 out); the CPU
-    given CUDA's float32 list (layer_norm: float32 out). What autograd keeps of the casts:
+    given CUDA's lists (layer_norm, rms_norm: float32 out; mv: bfloat16 out). What autograd keeps of the casts:
     test_memory_plan_vs_runs.py's bf16 cases."""
     from vq4dit.jobs.meta_peak import PlannedAutocast
 
@@ -85,15 +87,18 @@ def test_planned_autocast_casts_as_torch_autocast_does_on_the_cpu(case):
 
 
 def test_planned_autocast_on_cuda_runs_norms_in_float32_and_attention_inputs_low():
-    """CUDA's lists (autocast_mode.h: layer_norm and softmax in float32), and the plan's attention stand-in
-    (jobs.plan_probes._FusedAttention) casting a float32 query, as autocast casts a fused attention's inputs: its
-    output is what autograd keeps. Mutations that fail it: one list for both devices; the stand-in not casting."""
+    """CUDA's lists (autocast_mode.h: layer_norm, rms_norm, softmax, upsampling in float32), and the plan's
+    attention stand-in (jobs.plan_probes._FusedAttention) casting a float32 query, as autocast casts a fused
+    attention's inputs: its output is what autograd keeps. Mutations that fail it: one list for both devices;
+    rms_norm left out (the review); the stand-in not casting."""
     from vq4dit.jobs.meta_peak import PlannedAutocast
     from vq4dit.jobs.plan_probes import _FusedAttention
 
     autocast, x = PlannedAutocast("cuda"), torch.randn(2, 3, 8)
     with autocast:
         assert F.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
+        assert F.rms_norm(x.bfloat16(), (8,)).dtype == torch.float32  # the review: Flux's and Wan's q/k norms
+        assert F.interpolate(x.bfloat16(), scale_factor=2.0).dtype == torch.float32
         assert torch.softmax(x.bfloat16(), -1).dtype == torch.float32
         assert F.linear(x, torch.randn(8, 8)).dtype == torch.bfloat16
     q = torch.empty(2, 4, 16, 8, device="meta")

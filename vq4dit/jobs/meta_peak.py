@@ -91,21 +91,24 @@ def peak_bytes(fn):
     return counter.peak
 
 
-# torch.autocast's op lists (aten/src/ATen/autocast_mode.{h,cpp}), by the name an op has at the Python level (F.linear,
-# Tensor.matmul and torch.matmul alike): the matmul family runs in the lower precision on every device; CUDA runs
-# norms, softmax, reductions and transcendental ops in float32, the CPU only the losses
-LOWER_PRECISION = frozenset({
-    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv",
-    "einsum", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "prelu",
-    "scaled_dot_product_attention", "chain_matmul", "multi_dot"})
+# torch.autocast's op lists (aten/src/ATen/autocast_mode.{h,cpp}, torch 2.13), by the name an op has at the Python
+# level (F.linear, Tensor.matmul and torch.matmul alike; einsum, whose bmm autocast casts inside): the matmul family,
+# convolutions and attention run in the lower precision (CUDA's list also has the matrix-vector products); CUDA runs
+# norms, softmax, reductions, transcendental ops and upsampling in float32, the CPU only the losses
+_LOWER = {"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum",
+          "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "prelu",
+          "scaled_dot_product_attention"}
+LOWER_PRECISION = {"cpu": frozenset(_LOWER),
+                   "cuda": frozenset({*_LOWER, "addmv", "addr", "mv", "chain_matmul", "multi_dot"})}
 _LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div", "nll_loss", "cross_entropy",
            "binary_cross_entropy_with_logits", "cosine_embedding_loss", "margin_ranking_loss", "soft_margin_loss"}
 FLOAT32 = {
     "cpu": frozenset(_LOSSES),
-    "cuda": frozenset({*_LOSSES, "layer_norm", "group_norm", "softmax", "log_softmax", "sum", "prod", "cumsum",
-                       "cumprod", "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p", "log2", "log10",
-                       "rsqrt", "reciprocal", "__rtruediv__", "__rdiv__", "softplus", "norm", "normalize", "logsumexp",
-                       "cdist", "dist", "cosine_similarity", "erfinv", "acos", "asin", "cosh", "sinh", "tan"})}
+    "cuda": frozenset({*_LOSSES, "layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "sum", "prod",
+                       "cumsum", "cumprod", "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p", "log2",
+                       "log10", "rsqrt", "reciprocal", "__rtruediv__", "__rdiv__", "softplus", "norm", "normalize",
+                       "logsumexp", "cdist", "dist", "cosine_similarity", "erfinv", "acos", "asin", "cosh", "sinh",
+                       "tan", "interpolate"})}
 
 
 def _cast(tree, src, dst):
@@ -126,7 +129,8 @@ class PlannedAutocast(TorchFunctionMode):
 
     def __init__(self, device_type, dtype=torch.bfloat16):
         super().__init__()
-        self.float32, self.dtype = FLOAT32.get(device_type, FLOAT32["cuda"]), dtype
+        kind = device_type if device_type in FLOAT32 else "cuda"  # another accelerator: CUDA's lists
+        self.lower_precision, self.float32, self.dtype = LOWER_PRECISION[kind], FLOAT32[kind], dtype
 
     def lower(self, tree):
         """`tree` with its float32 tensors in the autocast dtype (the lower-precision policy)."""
@@ -134,7 +138,7 @@ class PlannedAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", None)
-        if name in LOWER_PRECISION:
+        if name in self.lower_precision:
             args, kwargs = self.lower((args, kwargs or {}))
         elif name in self.float32:
             args, kwargs = _cast((args, kwargs or {}), {torch.float16, torch.bfloat16}, torch.float32)
