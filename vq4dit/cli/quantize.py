@@ -74,8 +74,8 @@ def main(args):
 
         plan = dry_run_plan(config, args.json)
         if plan is None:
-            none = ("no memory plan for this run (the embedded DiT, a DiT checkpoint file and diffusers pipelines are "
-                    "planned, with a method that builds codebooks)")
+            none = ("no memory plan for this run (the embedded DiT, a DiT checkpoint file and text-to-image or video "
+                    "pipelines are planned, with a method that builds codebooks)")
             if args.json is not None:
                 raise UserError(f"--json {args.json}: {none}; nothing written")
             print(none)

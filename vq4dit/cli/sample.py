@@ -50,7 +50,7 @@ def read_prompts(args):
 
 
 def parse_loras(values):
-    """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.sample.LoraSpec]: SCALE (default 1) is the text after the last
+    """--lora FILE_OR_REPO[:SCALE] (repeatable) -> [jobs.loras.LoraSpec]: SCALE (default 1) is the text after the last
     ':' when it is a number; the source must exist here or be a hub repo id owner/name."""
     from vq4dit.jobs.loras import LoraSpec
     from vq4dit.utils.hubid import hub_id_like

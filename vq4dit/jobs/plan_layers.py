@@ -3,7 +3,7 @@ while soft and once hard, and what the artifact stores of it."""
 import math
 import re
 
-QKV = r"\.qkv$"  # vq.apply.quantize_linears' default: fused qkv Linears that split_qkv cuts into three codebooks
+from vq4dit.vq.apply import QKV_PATTERN
 
 
 def nbytes(shape, dtype):
@@ -24,7 +24,7 @@ def layer_sizes(model, include, codebooks, n):
     from vq4dit.vq.layer import check_shape
     from vq4dit.vq.packing import index_dtype
 
-    pattern, qkv = re.compile(include), re.compile(QKV)
+    pattern, qkv = re.compile(include), re.compile(QKV_PATTERN)
     index_bytes = torch.empty(0, dtype=index_dtype(codebooks.k)).element_size()
     out = {}
     for name, m in model.named_modules():

@@ -89,7 +89,8 @@ def dit_source(spec):
     """(DiTSpec, VAE factor) of ModelSpec `spec` when it names a DiT that builds without reading its weights: the
     embedded model (no ckpt) or a vq4dit safetensors file (the spec from the file's header), or a registry --model
     with a checkpoint file of another format or none yet (ImageNet latents at image_size, default 256, and
-    num_classes, default 1000); else None."""
+    num_classes, default 1000); else None. A local directory that is no pipeline is None when it holds a diffusers
+    DiT, and the run's UserError when it holds anything else (models.loading.diffusers_dit_dir)."""
     from safetensors import SafetensorError, safe_open
 
     from vq4dit.models.dit import DiT_models

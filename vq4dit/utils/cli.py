@@ -39,7 +39,9 @@ HUB_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's switch, read 
 def quiet_libraries(quiet):
     """-q: the Hugging Face libraries' progress bars off inside the block (downloads, and the loading bars of
     transformers and diffusers, which follow huggingface_hub's switch: models/pipelines.py), restored after. Through
-    the environment while huggingface_hub is not imported (importing it to flip the switch costs a second)."""
+    the environment while huggingface_hub is not imported (importing it to flip the switch costs a second); a
+    huggingface_hub first imported inside the block reads the switch then and keeps it for the process (a script's
+    own process: nothing after it)."""
     if not quiet:
         yield
         return
