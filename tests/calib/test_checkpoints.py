@@ -26,11 +26,20 @@ def test_stale_temporaries_are_pruned(tmp_path):
     assert sorted(os.listdir(directory)) == ["acts-00000.safetensors", "layers-00000.safetensors", "state.json"]
 
 
-def test_unreadable_state_is_a_user_error(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_damaged_state_is_refused_on_open_and_overwrite_starts_over(tmp_path, damage):
+    """A state file replaced by garbage or deleted: refused when the store opens, naming the file, the directory and
+    --overwrite, and deleted by --overwrite, which starts over (a new user's trial: the damage surfaced only at the
+    resume, as "delete it to start over", and --overwrite could not clear it; mutation: the files checked only on
+    load)."""
     save_first(tmp_path, {"x": torch.zeros(3)})
-    (tmp_path / STATE_DIR / "acts-00000.safetensors").write_bytes(b"garbage, not safetensors")
-    with pytest.raises(UserError, match="cannot resume from .*delete it to start over"):
-        CheckpointStore(str(tmp_path), KEY).load()
+    path = tmp_path / STATE_DIR / "acts-00000.safetensors"
+    path.write_bytes(b"garbage, not safetensors") if damage == "garbage" else path.unlink()
+    said = "is missing" if damage == "missing" else "is not the file this run saved"
+    with pytest.raises(UserError, match=rf"calib_state: acts-00000.safetensors {said}.*pass --overwrite to start"):
+        CheckpointStore(str(tmp_path), KEY)
+    fresh = CheckpointStore(str(tmp_path), KEY, overwrite=True)
+    assert fresh.load() is None and not (tmp_path / STATE_DIR).exists()
 
 
 def test_state_of_another_config_is_refused_on_open_naming_the_field(tmp_path):
@@ -80,7 +89,7 @@ def test_a_state_file_changed_on_disk_is_refused_not_resumed(tmp_path, kind):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x40  # the last tensor's last byte
     path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=f"cannot resume from .*: {path.name} is not the file this run saved"):
+    with pytest.raises(UserError, match=f"calib_state: {path.name} is not the file this run saved"):
         CheckpointStore(str(tmp_path), KEY).load()
 
 

@@ -166,6 +166,7 @@ class CheckpointStore:
             change = self.key.change(meta["run"])
             if change is None and meta.get("processes", 1) != distributed.size():
                 change = f"it was saved by {meta.get('processes', 1)} process(es), this run has {distributed.size()}"
+            change = change or self._damage(meta)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             change = f"it cannot be resumed ({type(e).__name__}: {e})".replace("\n", " ")
         if change is None:
@@ -182,12 +183,19 @@ class CheckpointStore:
             self._loaded = self._read(self.meta)
         return self._loaded
 
-    def _read(self, meta):
-        for kind, digest in (meta.get("digests") or {}).items():  # a state from before digests has none
+    def _damage(self, meta):
+        """What is wrong with the files state.json names, in words, or None: each must be there with the sha256 it
+        recorded (a state from before digests has none), checked when the store opens, so that a damaged state is
+        refused or (--overwrite) deleted as another run's is."""
+        for kind, digest in (meta.get("digests") or {}).items():
             path = os.path.join(self.directory, meta[kind])
-            if os.path.isfile(path) and file_sha256(path) != digest:
-                raise UserError(f"cannot resume from {self.directory}: {meta[kind]} is not the file this run saved "
-                                "(its sha256 differs: corrupted or replaced); delete it to start over")
+            if not os.path.isfile(path):
+                return f"{meta[kind]} is missing"
+            if file_sha256(path) != digest:
+                return f"{meta[kind]} is not the file this run saved (its sha256 differs: corrupted or replaced)"
+        return None
+
+    def _read(self, meta):
         try:
             layers = load_file(os.path.join(self.directory, meta["layers"]))
             acts = load_file(os.path.join(self.directory, meta["acts"]))
@@ -196,7 +204,8 @@ class CheckpointStore:
                 tensors = load_file(os.path.join(self.directory, meta["train"]))
                 train = {**train, "optimizer": unflatten_optimizer(train["optimizer"], tensors)}
         except (OSError, KeyError, SafetensorError) as e:
-            raise UserError(f"cannot resume from {self.directory} ({e}): delete it to start over") from None
+            raise UserError(f"cannot resume from {self.directory} ({e}): delete it, or pass --overwrite, to start "
+                            "over") from None
         return Checkpoint(meta["next_block"], list(meta["stats"]), layers, acts, train or None, meta.get("wiring"),
                           bool(meta.get("complete")), meta.get("then"))
 
