@@ -57,6 +57,12 @@ class QuantizedTransformer:
         from vq4dit.jobs.quantize import announce_replacement, claim_artifact_dir, save
         from vq4dit.vq.artifact import quantized_layers
 
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise UserError(f"QuantizedTransformer.save: out_dir={out_dir!r}; give a directory path (str or "
+                            "pathlib.Path)")
+        if not isinstance(overwrite, bool):  # overwrite="no" would be true
+            raise UserError(f"QuantizedTransformer.save: overwrite={overwrite!r}; give True or False")
+        out_dir = os.fspath(out_dir)
         with claim_artifact_dir(out_dir, overwrite, "overwrite=True"):
             announce_replacement(out_dir, self.config)  # as quantize.py --out says it
             layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
@@ -155,7 +161,12 @@ def resolved_config(pipe, config, overrides):
     if given is not None and str(given) != str(source):
         raise UserError(f"quantize_transformer: ckpt={given!r}, but the pipeline was loaded from {source!r}; drop "
                         "ckpt (the pipeline is the model quantized)")
-    values = {**overrides, "ckpt": str(source)}
+    if isinstance(overrides.get("prompts"), (list, tuple)):
+        raise UserError(f"quantize_transformer: prompts={overrides['prompts']!r}; give the path of a prompts file "
+                        "(one prompt per line), as quantize.py --prompts takes it")
+    # paths as str, as the flags give them (prompts=Path("p.txt") was refused as not a str)
+    values = {**{k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()},
+              "ckpt": str(source)}
     if config is None or isinstance(config, (str, os.PathLike)):
         preset = None if config is None else os.fspath(config)
         warn_preset_family(preset, source)

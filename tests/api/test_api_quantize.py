@@ -128,6 +128,7 @@ def test_overrides_and_config_resolve_as_quantize_py_flags():
     (None, {"wbitz": 2}, r"^quantize_transformer keywords: unknown key\(s\) wbitz"),
     (None, {"wbits": "two"}, r"^quantize_transformer keywords: wbits='two' must be of type int"),
     (None, {"out": "/tmp/x"}, r"out='/tmp/x': the result is returned, not written; save it with .*\.save\(DIR\)"),
+    (None, {"prompts": ["a cat"]}, r"prompts=\['a cat'\]; give the path of a prompts file"),
 ])
 def test_api_mistakes_name_the_api_and_what_to_give(given, overrides, message):
     """A path or pipe.transformer given for the pipeline was 'not loaded with from_pretrained' (false for the
@@ -140,6 +141,25 @@ def test_api_mistakes_name_the_api_and_what_to_give(given, overrides, message):
 
     with pytest.raises(UserError, match=message):
         resolved_config(Loaded() if given is None else given, None, overrides)
+
+
+def test_paths_may_be_pathlib_paths_and_save_checks_its_arguments(tmp_path):
+    """A new user's trial: prompts=Path("p.txt") was refused as not a str (load_transformer takes a Path), save(None)
+    was a TypeError from posixpath, and save(dir, overwrite="no") wrote as if True (mutations: no fspath; no
+    argument checks)."""
+    from vq4dit.quantize import QuantizedTransformer, resolved_config
+
+    class Loaded:
+        name_or_path, components = "owner/pipeline", {}
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert resolved_config(Loaded(), None, {"prompts": tmp_path / "p.txt"}).model.prompts == str(tmp_path / "p.txt")
+    quantized = QuantizedTransformer(torch.nn.Linear(1, 1), resolved_config(Loaded(), None, {}), {})
+    for args, named in (((None,), r"out_dir=None; give a directory path"), ((5,), r"out_dir=5; give"),
+                        ((tmp_path / "o", "no"), r"overwrite='no'; give True or False")):
+        with pytest.raises(UserError, match=rf"^QuantizedTransformer.save: {named}"):
+            quantized.save(*args)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_pipelines_are_one_line_errors(tmp_path):

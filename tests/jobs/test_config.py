@@ -291,6 +291,18 @@ def test_a_flag_the_method_or_mode_ignores_is_refused(overrides, flag):
         load_config(overrides=overrides)
 
 
+def test_every_ignored_key_is_named_at_once_as_a_flag_or_a_keyword():
+    """A new user's trial: quantize_transformer(pipe, method="rtn", **quick) named one ignored key, as a flag
+    (--calib-samples), and the user fixed them one at a time. Now every one is named, grouped by why, as flags on the
+    command line and as keywords from the API (mutations: the first only; flags for keywords)."""
+    overrides = {"method": "rtn", "iters": 5, "steps": 40, "dim": 2}
+    with pytest.raises(UserError, match=r"^--dim does nothing here: --method rtn rounds .*\); --iters, --steps do "
+                                        r"nothing here: --method rtn does not calibrate; drop them$"):
+        load_config(overrides=overrides)
+    with pytest.raises(UserError, match=r"^dim does nothing here: .*; iters, steps do nothing here: .*; drop them$"):
+        load_config(overrides=overrides, source="quantize_transformer keywords")
+
+
 def test_a_preset_may_carry_keys_the_chosen_method_ignores():
     """One preset serves every --method (run.sh: --config digits_w2 --method kmeans): only keys given on the
     command line are checked (mutation: the check applied to the preset's keys -> refused)."""

@@ -367,12 +367,19 @@ def ignored_keys(config):
     return keys
 
 
-def check_not_ignored(config, given):
-    """UserError naming the first key of `given` (keys set on the command line) that `config` ignores."""
+def check_not_ignored(config, given, source="command line"):
+    """UserError naming every key of `given` (keys set on the command line, or API keywords: `source`, as load_config
+    names it) that `config` ignores, grouped by why, as flags or as keywords."""
     ignored = ignored_keys(config)
-    for key in sorted(k for k in given if k in ignored):
-        raise UserError(f"{flag_name(key)} does nothing here: {ignored[key]}; drop it")
-    return config
+    found = sorted(k for k in given if k in ignored)
+    if not found:
+        return config
+    groups = {}
+    for key in found:
+        groups.setdefault(ignored[key], []).append(flag_name(key) if source == "command line" else key)
+    parts = [f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} nothing here: {why}"
+             for why, names in groups.items()]
+    raise UserError(f"{'; '.join(parts)}; drop {'it' if len(found) == 1 else 'them'}")
 
 
 def ignored_by(method):
@@ -406,4 +413,4 @@ def load_config(path=None, overrides=None, source="command line"):
     if path is not None:
         config = merge(config, values, path)
     config = merge(config, overrides, source)
-    return check_not_ignored(config.validate(), set(overrides) - {"recipe", "method"})
+    return check_not_ignored(config.validate(), set(overrides) - {"recipe", "method"}, source)
