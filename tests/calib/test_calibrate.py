@@ -285,6 +285,21 @@ def test_calibration_never_leaves_a_block_worse_than_its_start(tmp_path, caplog)
     assert "calibration left the block worse than its start" in caplog.text
 
 
+def test_under_torchrun_the_guards_warning_is_said_once_with_every_processs_points(caplog, monkeypatch):
+    """A new user's trial: under torchrun each rank logged the guard's warning, with its own share of the points (8
+    where the errors were over 16). Two processes simulated: rank 0 says it once with the summed count, rank 1 says
+    nothing (mutations: the local count; every rank warning)."""
+    import vq4dit.calib.guard as guard
+
+    monkeypatch.setattr(guard.distributed, "all_sum_", lambda t: t.mul_(2))  # two equal shares
+    for rank in (0, 1):
+        monkeypatch.setattr(guard.distributed, "rank", lambda rank=rank: rank)
+        with caplog.at_level(logging.WARNING, logger="vq4dit.calib.guard"):
+            guard.warn_reverted((2.0, 1.0, 0.9), 8, ["blocks.0.fc1"], 4)
+    assert [m.split(": 1 of 4")[0] for m in caplog.messages] == [
+        "calibration left the block worse than its start (error 2 vs 1 on 16 points)"]
+
+
 def test_the_block_log_says_when_each_layer_hardened_in_words(caplog):
     """A short run (--iters 20) logged `hard at iteration None` for every layer (mutation: the raw value logged)."""
     import logging

@@ -9,7 +9,10 @@ ends at most at its starting error there; a warning gives the numbers.
 import copy
 import logging
 
+import torch
+
 from vq4dit.calib.replay import Replay, sweep
+from vq4dit.utils import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,17 @@ def keep_better(block, layers, start, replay, targets, device):
         else:
             layer.load_state_dict(start[name].state_dict())
             reverted.append(name)
-    logger.warning("calibration left the block worse than its start (error %.4g vs %.4g on %d points): %d of %d "
-                   "layers keep their starting point (%s), error now %.4g; a larger --iters or a smaller learning "
-                   "rate may do better", calibrated, started, probe.rows, len(reverted), len(layers),
-                   ", ".join(reverted) or "none", best)
+    warn_reverted((calibrated, started, best), probe.rows, reverted, len(layers))
     return reverted
+
+
+def warn_reverted(errors, rows, reverted, count):
+    """The guard's warning: `errors` (calibrated, started, now) on this process's `rows` probe points, `reverted` of
+    `count` layers sent back. Under torchrun every process gets here (its errors are over all of theirs): the points
+    summed, the warning said once, by rank 0 (a new user's trial: each rank said it, with its own count)."""
+    points = int(distributed.all_sum_(torch.tensor([rows], dtype=torch.float64)).item())
+    if distributed.rank() == 0:
+        logger.warning("calibration left the block worse than its start (error %.4g vs %.4g on %d points): %d of %d "
+                       "layers keep their starting point (%s), error now %.4g; a larger --iters or a smaller learning "
+                       "rate may do better", errors[0], errors[1], points, len(reverted), count,
+                       ", ".join(reverted) or "none", errors[2])
