@@ -85,6 +85,8 @@ def test_interrupted_run_resumes_to_the_same_artifact(reference, tmp_path, sig):
         assert returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
         assert stderr.strip().splitlines()[-1] == (f"interrupted; rerun the same command to resume from block "
                                                    f"{block} (state in {out / 'calib_state'})")
+        said = [line for line in stderr.splitlines() if "interrupted; " in line or "interrupted: " in line]
+        assert len(said) == 1, said  # calib.modes said it too (a new user's trial)
         assert leftovers(out) == []  # Ctrl-C removes half-written temporaries
     else:
         assert returncode == -signal.SIGKILL

@@ -89,7 +89,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
-    from vq4dit.calib.checkpoints import LOG_NAME
+    from vq4dit.calib.checkpoints import LOG_NAME, resume_point
     from vq4dit.jobs.quantize import Run, load, run_stages
     from vq4dit.vq.artifact import quantized_layers
 
@@ -108,11 +108,17 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
             teacher, base = base.model, dataclasses.replace(base, model=copy.deepcopy(base.model))
         try:
             _, stats = run_stages(base, include, run, teacher=teacher)
-        except BaseException:
+        except BaseException as e:
             if quantized_layers(pipe.transformer):  # a method that builds in place (k-means, RTN) stopped midway
                 logger.error("quantize_transformer stopped with the %s's transformer partly quantized (--method %s "
                              "builds in place): load the pipeline again before another try", type(pipe).__name__,
                              config.method)
+            elif isinstance(e, KeyboardInterrupt) and work_dir is not None:
+                logger.warning("interrupted: the same call with work_dir=%r resumes at %s", directory,
+                               resume_point(directory) or "the start")
+            elif isinstance(e, KeyboardInterrupt):
+                logger.warning("interrupted: the calibration state was in a temporary directory; give work_dir= "
+                               "to resume an interrupted run")
             raise
         run.finish()
     pipe.transformer = base.model

@@ -46,12 +46,15 @@ def test_saved_artifact_is_the_one_quantize_py_writes_and_loads_as_the_in_memory
     assert torch.equal(in_memory, transformer_output(load_transformer(tmp_path / "api")))
 
 
-def test_a_failed_or_interrupted_run_leaves_the_pipeline_as_it_was(tmp_path_factory, tmp_path, monkeypatch):
+def test_a_failed_or_interrupted_run_leaves_the_pipeline_as_it_was(tmp_path_factory, tmp_path, monkeypatch,
+                                                                   caplog):
     """A new user's trial: a quantize_transformer that failed (work_dir a file) or was interrupted left 40 uncalibrated
     VQ layers in pipe.transformer, and a retry was refused as already quantized. Now work_dir is checked first (a
     UserError naming it), a calibrated run builds its student on a copy, and after Ctrl-C during calibration the same
     pipe quantizes. Mutations: the student built in place again (quantized layers left after the interrupt); no
     work_dir check (an OSError after the pipeline moved)."""
+    import logging
+
     from diffusers import StableDiffusion3Pipeline
 
     import vq4dit.jobs.quantize as job
@@ -66,10 +69,14 @@ def test_a_failed_or_interrupted_run_leaves_the_pipeline_as_it_was(tmp_path_fact
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING):
         patch.setattr(job, "record_and_calibrate", interrupted)
         quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False)
     assert pipe.transformer is original and not quantized_layers(original)
+    # the API's words, not quantize.py's "rerun with the same config and output directory" (a log line the CLI
+    # doubled: a new user's trial)
+    assert caplog.messages == [f"interrupted: the same call with work_dir={str(tmp_path / 'work')!r} resumes at "
+                               "the start"]
     quantize_transformer(pipe, run.config, work_dir=tmp_path / "work", progress=False, method="kmeans")
     assert quantized_layers(pipe.transformer)
 

@@ -183,17 +183,11 @@ def calibrate(problem, data, mode, calibration, checkpoints, log):
     """The calibrate stage: train the quantized layers of `problem` in place with CalibMode `mode`; every layer is
     hard afterwards. A finished calibration saved before an interruption is restored as it is. Returns the
     per-block stats (list of dicts)."""
-    from vq4dit.calib.checkpoints import resume_point
-
     problem.student.eval()
     problem.teacher.eval()
     saved = checkpoints.load()
     if saved is not None and saved.complete:
         saved.restore(problem.layers)
         return saved.stats
-    try:
-        return mode.calibrate(problem, data, calibration, checkpoints, log)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: rerun with the same config and output directory %s to resume at %s",
-                       checkpoints.out_dir, resume_point(checkpoints.out_dir) or "the start")
-        raise
+    # Ctrl-C: the caller says where a rerun resumes (quantize.py's last line; quantize_transformer's warning)
+    return mode.calibrate(problem, data, calibration, checkpoints, log)
