@@ -176,6 +176,14 @@ def test_samples_of_other_prompts_are_not_a_reference(tmp_path):
     check_pairing(tmp_path / "cat2" / "samples.npz", tmp_path / "cat" / "samples.npz")
     with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
         check_pairing(tmp_path / "car" / "samples.npz", tmp_path / "cat" / "samples.npz")
+    # other prompt lists (another count, so other indices in arr_1): evaluate.py named a label, as of class ids
+    # (a new user's trial); the recorded prompts are named first (mutation: the labels checked first)
+    from vq4dit.evaluation.report import paired_metrics
+
+    (tmp_path / "two").mkdir()
+    save_all(str(tmp_path / "two"), images, np.array([0, 1]), SampleSettings(), ["a cat", "a dog"])
+    with pytest.raises(UserError, match=r"the reference was sampled with prompts '[0-9a-f]{16}' \(the samples: "):
+        paired_metrics(images, np.array([0, 1]), tmp_path / "two" / "samples.npz", tmp_path / "cat" / "samples.npz")
     (tmp_path / "old").mkdir()  # an older sample.py's file records no digest: not known to differ
     save_samples(str(tmp_path / "old"), images, np.array([0, 0]), True, {"seed": 0, "steps": 50, "cfg_scale": 1.5,
                                                                           "num_frames": None, "vae": "ema"})

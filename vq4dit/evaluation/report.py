@@ -99,8 +99,9 @@ def paired_metrics(images, labels, samples_path, reference_path):
     """{mse_vs_reference, psnr_vs_reference} of the samples against the reference at `reference_path`, once the
     two are known to pair sample for sample (shape, labels, recorded sampling settings)."""
     ref_images, ref_labels = load_samples(reference_path)
-    check_reference(images, labels, ref_images, ref_labels, reference_path)
+    # the recorded settings first: they say why the rest differs (other prompts: "prompts ...", not "label 0 at ...")
     check_pairing(samples_path, reference_path)
+    check_reference(images, labels, ref_images, ref_labels, reference_path)
     mse = paired_mse(images, ref_images)
     return {"mse_vs_reference": mse, "psnr_vs_reference": psnr_from_mse(mse)}
 
