@@ -115,7 +115,8 @@ def test_a_full_precision_reference_is_drawn_at_the_artifacts_size(tmp_path, tmp
 
 @hub_bars_switchable
 def test_sample_quiet_silences_the_libraries_loading_bars(tmp_path_factory, tmp_path):
-    """sample.py -q showed diffusers' "Loading pipeline components" bar (a new user's trial); now -q turns the Hugging
+    """sample.py -q (here of the full-precision pipeline) showed diffusers' "Loading pipeline components" bar (a new
+    user's trial); now -q turns the Hugging
     Face libraries' bars off for the run (utils.cli.quiet_libraries, models.pipelines.loading_bars) and restores
     them after (that the libraries' bars show otherwise: test_t2i_adapters.py's loading_bars test). Mutations:
     loading_bars not following the hub's switch (the bar under -q); the switch not restored (hub bars still off
@@ -125,8 +126,8 @@ def test_sample_quiet_silences_the_libraries_loading_bars(tmp_path_factory, tmp_
     from tests.cli_helpers import run_here
 
     r = quantized_run("flux", tmp_path_factory.getbasetemp() / "t2i_runs")
-    proc = run_here("sample.py", "--quantized", r.artifact, "--num-samples", "1", "--steps", "1", "--device", "cpu",
-                    "--out", tmp_path / "out", "-q")
+    proc = run_here("sample.py", "--ckpt", r.pipeline, "--prompt", "a cat", "--height", "8", "--width", "8",
+                    "--num-samples", "1", "--steps", "1", "--device", "cpu", "--out", tmp_path / "out", "-q")
     assert proc.returncode == 0, proc.stderr[-500:]
     assert "Loading pipeline components" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-500:]
     assert not are_progress_bars_disabled()

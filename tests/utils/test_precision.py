@@ -109,3 +109,16 @@ def test_half_precision_samples_stay_close_to_fp32(digits_fp32, tmp_path, name):
     images, _ = sample_dit(half, tmp_path, 4, seed=3, steps=8)
     psnr = psnr_from_mse(paired_mse(images, ref))
     assert PSNR_BOUND[name] < psnr < float("inf"), psnr  # inf would mean the run was not in half precision
+
+
+def test_apply_precision_leaves_a_model_already_in_the_dtype_alone(monkeypatch):
+    """sample.py -q of a Flux pipeline printed diffusers' "modules ... should be kept in float32 ... Casting directly
+    with to()" (a new user's trial): diffusers warns about any model.to(dtype), fp32 to fp32 included. A model
+    already in the dtype is not cast; one that is not is (mutations: always cast; never cast)."""
+    from tests.models.tiny_t2i import BUILDERS
+
+    model = BUILDERS["flux"]().transformer
+    monkeypatch.setattr(model, "to", lambda *a, **k: pytest.fail("cast a float32 model to float32"))
+    assert apply_precision(model, resolve_precision("fp32", "cpu"), "cpu") is model
+    monkeypatch.undo()
+    assert next(apply_precision(model, resolve_precision("bf16", "cpu"), "cpu").parameters()).dtype == torch.bfloat16

@@ -72,6 +72,9 @@ def apply_precision(model, precision, device):
         set_tf32(precision.tf32)
     logger.info("precision %s (%s%s)", precision.name, str(precision.dtype).removeprefix("torch."),
                 ", TF32 matmuls" if precision.tf32 else "")
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == precision.dtype for t in tensors if t.is_floating_point()):
+        return model  # nothing to cast (diffusers warns about any model.to(dtype) of a Flux transformer, even -q)
     return model.to(precision.dtype)
 
 
