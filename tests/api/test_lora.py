@@ -92,6 +92,18 @@ def test_fusing_into_a_vq_layer_is_refused_and_changes_nothing(lora_case):
     assert torch.equal(latents(pipe), before)
 
 
+def test_dora_on_a_quantized_layer_is_refused_saying_why(tmp_path_factory):
+    """DoRA on a quantized transformer was PEFT's bare "Invalid or unsupported variant combination: ('use_dora',)"
+    (a new user's trial); now it says that DoRA reads the base weight, which the quantized layer stores encoded
+    (mutation: PEFT's ValueError passed through)."""
+    from peft import LoraConfig
+
+    model = load_transformer(tiny_run("flux", tmp_path_factory).artifact)
+    with pytest.raises(UserError, match=r"\('use_dora',\): LoRA variants \(DoRA, \.\.\.\) read the base layer's weight "
+                                        r"as a tensor, and this VQLinear \(.*\) stores it encoded; use plain LoRA"):
+        model.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+
+
 def test_pixart_takes_a_lora_through_peft_adapter_injection(tmp_path_factory):
     """PixArt pipelines have no LoRA loader (nor its transformer add_adapter): PEFT's inject_adapter_in_model with a
     LoraConfig, the matrices set by set_peft_model_state_dict; equal to the hand-written model, and deleting the

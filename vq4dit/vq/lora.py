@@ -40,6 +40,15 @@ class QuantLoraLinear(PeftLoraLinear):
     def lora_variants(self):
         return {(): None}  # plain LoRA only: DoRA and the other variants need the base weight as a tensor
 
+    def resolve_lora_variant(self, *, config, **kwargs):
+        try:
+            return super().resolve_lora_variant(config=config, **kwargs)
+        except ValueError as e:  # PEFT's "Invalid or unsupported variant combination: ('use_dora',)"
+            base = self.get_base_layer()
+            raise UserError(f"{e}: LoRA variants (DoRA, ...) read the base layer's weight as a tensor, and this "
+                            f"{type(base).__name__} ({base.extra_repr()}) stores it encoded; use plain LoRA "
+                            "(use_dora=False)") from None
+
     def _get_in_out_features(self, module):
         return module.in_features, module.out_features
 
