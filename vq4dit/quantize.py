@@ -22,6 +22,7 @@ from torch import nn
 from vq4dit.jobs.config import QuantizeConfig, load_config
 from vq4dit.jobs.plan_sources import warn_preset_family
 from vq4dit.load import guard_pipeline_save, guard_save_pretrained
+from vq4dit.utils.device import resolve_device
 from vq4dit.utils.errors import UserError
 from vq4dit.vq.lora import enable_peft_lora
 
@@ -186,6 +187,7 @@ def resolved_config(pipe, config, overrides):
         raise UserError("quantize_transformer: backend='vq4dit' maps DiT weights into the project's DiT; a "
                         "pipeline's transformer is quantized in its diffusers form: use backend='auto'")
     config.model.check_pipeline_flags(overrides)
+    resolve_device(config.device, "quantize_transformer: device")  # named as the API names it, before any work
     return config
 
 
