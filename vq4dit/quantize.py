@@ -186,7 +186,10 @@ def resolved_config(pipe, config, overrides):
     if config.model.backend == "vq4dit":
         raise UserError("quantize_transformer: backend='vq4dit' maps DiT weights into the project's DiT; a "
                         "pipeline's transformer is quantized in its diffusers form: use backend='auto'")
-    config.model.check_pipeline_flags(overrides)
+    dit_keys = [key for key in ("model", "image_size", "num_classes") if overrides.get(key) is not None]
+    if dit_keys:  # the project DiT's settings (quantize.py's check names its flags, --ckpt and --backend)
+        raise UserError(f"quantize_transformer: {', '.join(dit_keys)}: not used for a pipeline's transformer (its "
+                        f"config sets the model and its sizes); drop {'it' if len(dit_keys) == 1 else 'them'}")
     resolve_device(config.device, "quantize_transformer: device")  # named as the API names it, before any work
     return config
 

@@ -137,6 +137,8 @@ def test_overrides_and_config_resolve_as_quantize_py_flags():
     (None, {"out": "/tmp/x"}, r"out='/tmp/x': the result is returned, not written; save it with .*\.save\(DIR\)"),
     (None, {"prompts": ["a cat"]}, r"prompts=\['a cat'\]; give the path of a prompts file"),
     (None, {"device": "tpu"}, r"^quantize_transformer: device tpu: use auto, cpu, cuda or cuda:N$"),  # was --device
+    (None, {"image_size": 256}, r"^quantize_transformer: image_size: not used for a pipeline's transformer \(its "
+                                r"config sets the model and its sizes\); drop it$"),  # named --ckpt and --backend
 ])
 def test_api_mistakes_name_the_api_and_what_to_give(given, overrides, message):
     """A path or pipe.transformer given for the pipeline was 'not loaded with from_pretrained' (false for the

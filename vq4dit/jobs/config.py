@@ -77,10 +77,10 @@ class ModelSpec:
 
     def check_pipeline_flags(self, given):
         """Refuse the project DiT's settings (model, image_size, num_classes) among the values `given` {key: value
-        or None} (flags, API keywords) with a diffusers pipeline checkpoint, whose transformer's config sets them
-        (quantize.py recorded and ignored them), and a pipeline's (prompts, height, width, num_frames) with a DiT
-        checkpoint file or the embedded model, before the load. A preset's are not refused: a DiT preset may name a
-        diffusers DiT pipeline."""
+        or None} (quantize.py's flags; quantize_transformer words its own) with a diffusers pipeline checkpoint,
+        whose transformer's config sets them (quantize.py recorded and ignored them), and a pipeline's (prompts,
+        height, width, num_frames) with a DiT checkpoint file or the embedded model, before the load. A preset's are
+        not refused: a DiT preset may name a diffusers DiT pipeline."""
         from vq4dit.models.pipelines import check_dit_flags, check_pipeline_flags
 
         keys = [key for key in ("model", "image_size", "num_classes") if given.get(key) is not None]
