@@ -54,7 +54,7 @@ class QuantizedTransformer:
         """Write the artifact directory (model.safetensors, quant_config.json, config.yaml, README.md), as
         quantize.py writes it; vq4dit.load_transformer(out_dir) loads it back. A directory holding files vq4dit did
         not write is refused (UserError) unless `overwrite`, and even then they are kept (utils/outdir.py)."""
-        from vq4dit.calib.checkpoints import LOG_NAME
+        from vq4dit.calib.checkpoints import CalibLog
         from vq4dit.jobs.quantize import announce_replacement, claim_artifact_dir, save
         from vq4dit.vq.artifact import quantized_layers
 
@@ -68,10 +68,10 @@ class QuantizedTransformer:
             announce_replacement(out_dir, self.config)  # as quantize.py --out says it
             layers = {name: m for name, (m, _) in quantized_layers(self.transformer).items()}
             save(self.transformer, layers, self.extra, self.config, out_dir)
-            stale = os.path.join(out_dir, LOG_NAME)  # an earlier run's calibration log would describe another model
-            own = self.log is not None and os.path.isfile(self.log)
-            if os.path.isfile(stale) and not (own and os.path.samefile(stale, self.log)):
-                os.remove(stale)
+            there = CalibLog(out_dir)  # an earlier run's calibration log there would describe another model
+            own = self.log is not None and os.path.isfile(self.log) and os.path.isfile(there.path)
+            if not (own and os.path.samefile(there.path, self.log)):
+                there.remove()
 
 
 def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **overrides):
@@ -90,7 +90,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
         max_cache_gb; a rerun with the same work_dir and config resumes. None: a temporary directory.
     The transformer must be in float32 (quantize.py calibrates in it); it ends on the config's device.
     """
-    from vq4dit.calib.checkpoints import LOG_NAME, resume_point
+    from vq4dit.calib.checkpoints import resume_point
     from vq4dit.jobs.quantize import Run, load, run_stages
     from vq4dit.vq.artifact import quantized_layers
 
@@ -127,7 +127,7 @@ def quantize_transformer(pipe, config=None, work_dir=None, progress=True, **over
     guard_save_pretrained(base.model)  # diffusers' format cannot hold it: quantized.save(dir) is the way
     guard_pipeline_save(pipe, base.model)  # ... and pipe.save_pretrained refuses before writing the other parts
     logger.info("quantized %s with %s in memory", base.adapter.describe(base.model), config.method)
-    log = os.path.join(work_dir, LOG_NAME) if work_dir is not None and run.method.calibrated else None
+    log = run.log.path if work_dir is not None and run.method.calibrated else None  # published beside the state
     return QuantizedTransformer(base.model, config, extra, stats, log)
 
 

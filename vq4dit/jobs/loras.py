@@ -56,12 +56,13 @@ def load_loras(model, extra, loras, pipeline=None, device="cpu"):
             if path.is_file() else {"pretrained_model_name_or_path_or_dict": lora.source}
         try:
             state = cls.lora_state_dict(**where)
-            encoders = [k for k in (state[0] if isinstance(state, tuple) else state) if k.startswith("text_encoder")]
+            state = state[0] if isinstance(state, tuple) else state  # some loaders add the network alphas
+            encoders = [k for k in state if k.startswith("text_encoder")]
             if encoders:
                 raise UserError(f"--lora {lora.source}: holds text-encoder LoRA layers (first: {encoders[0]}); "
                                 "sample.py applies a LoRA's transformer part only: load it with pipe.load_lora_weights "
                                 "in your own script (docs/api.md)")
-            absent = absent_modules(state[0] if isinstance(state, tuple) else state, model)
+            absent = absent_modules(state, model)
             if absent is not None:
                 first, count, of = absent
                 what = f"--lora {lora.source}: {count} of {of} layers it adapts are not in this {type(model).__name__} "
