@@ -69,11 +69,11 @@ class ModelSpec:
         return self
 
     def uses_pipeline(self):
-        """Whether ckpt is a diffusers pipeline whose own transformer is quantized (models.adapters.load.load_model's
-        rule: not with --backend vq4dit), so the DiT fields do not apply."""
-        from vq4dit.models.pipelines import names_pipeline
+        """Whether ckpt is a diffusers pipeline whose own transformer is quantized (models.pipelines.uses_pipeline),
+        so the DiT fields do not apply."""
+        from vq4dit.models.pipelines import uses_pipeline
 
-        return self.ckpt is not None and self.backend != "vq4dit" and names_pipeline(self.ckpt)
+        return uses_pipeline(self.ckpt, self.backend)
 
     def check_pipeline_flags(self, given):
         """Refuse the project DiT's settings (model, image_size, num_classes) among the values `given` {key: value

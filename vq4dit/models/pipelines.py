@@ -78,11 +78,18 @@ def names_pipeline(source):
     return is_pipeline_dir(path) if path.exists() else pipeline_id_like(source)
 
 
+def uses_pipeline(ckpt, backend):
+    """Whether a run of --ckpt `ckpt` and --backend `backend` quantizes a diffusers pipeline's own transformer
+    (models.adapters.load.load_model's rule: any backend but vq4dit, which maps DiT weights into the project's DiT),
+    so the project DiT's settings do not apply. Nothing is downloaded."""
+    return ckpt is not None and backend != "vq4dit" and names_pipeline(ckpt)
+
+
 def check_pipeline_flags(ckpt, backend, given):
     """A diffusers pipeline's transformer has its own config: the project DiT's settings `given` {flag: value or None}
     would do nothing with it (and an artifact would record them)."""
     flags = [flag for flag, value in given.items() if value is not None]
-    if flags and ckpt is not None and backend != "vq4dit" and names_pipeline(ckpt):
+    if flags and uses_pipeline(ckpt, backend):
         raise UserError(f"{', '.join(flags)}: not used with the diffusers pipeline --ckpt {ckpt} (its transformer's "
                         "config sets the model and its sizes); drop them, or --backend vq4dit to map DiT weights")
 
