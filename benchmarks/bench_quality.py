@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.plots import plot_fid_vs_bits, side_by_side  # noqa: E402
 from vq4dit.calib.checkpoints import STATE_DIR  # noqa: E402
 from vq4dit.evaluation.report import evaluate_files  # noqa: E402
-from vq4dit.jobs.config import flags_read_by  # noqa: E402
+from vq4dit.jobs.keys_read import flags_read_by  # noqa: E402
 from vq4dit.utils.fileio import write_text_atomic  # noqa: E402
 from vq4dit.utils.resources import EMBEDDED_DIT  # noqa: E402
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from vq4dit.cli import evaluate, quantize, sample
-from vq4dit.jobs.config import ignored_by
+from vq4dit.jobs.keys_read import ignored_by
 from vq4dit.utils.knobs import key_name
 
 # hostile values by the kind of the flag; argparse turns some into usage errors, the scripts the rest

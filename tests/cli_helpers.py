@@ -109,7 +109,7 @@ def cli_error(cli, argv, capsys):
 def read_by(method, overrides):
     """`overrides` (config keys -> values) without the keys `method` ignores, which quantize refuses: a cheap
     budget written once for every method."""
-    from vq4dit.jobs.config import ignored_by
+    from vq4dit.jobs.keys_read import ignored_by
 
     ignored = ignored_by(method)
     return {k: v for k, v in overrides.items() if k not in ignored}

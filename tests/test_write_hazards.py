@@ -66,7 +66,7 @@ def test_a_full_disk_at_any_write_of_quantize_is_one_line(ckpt, tmp_path, monkey
     """Mutations: atomic_paths recognising only OSError (safetensors' error -> a traceback); the artifact's files
     written one by one (the card failing -> model.safetensors and config.yaml left without quant_config.json)."""
     from vq4dit.cli import quantize
-    from vq4dit.jobs.config import flags_read_by
+    from vq4dit.jobs.keys_read import flags_read_by
 
     monkeypatch.setattr(case.target, case.writer)
     out = tmp_path / "out"

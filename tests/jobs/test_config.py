@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from vq4dit.jobs.config import QuantizeConfig, flags_read_by, load_config
+from vq4dit.jobs.config import QuantizeConfig, load_config
+from vq4dit.jobs.keys_read import flags_read_by
 from vq4dit.utils.errors import UserError
 from vq4dit.utils.resources import CONFIG_DIR
 from vq4dit.utils.yamlfile import read_yaml
