@@ -13,6 +13,7 @@ Float32 inputs use IEEE float32 products unless torch allows TF32 for matmuls (t
 cuBLAS does. The tests run this kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -71,10 +72,40 @@ def _block_m(rows):
     return min(64, max(16, triton.next_power_of_2(rows)))
 
 
+class KernelConfig(NamedTuple):
+    """What one launch compiles: the kernel's constexpr arguments and Triton's launch options."""
+
+    constants: dict
+    num_warps: int
+    num_stages: int
+
+
+def kernel_config(dtype, codebook_shape, rows, has_bias, table=None):
+    """The KernelConfig of a launch on `rows` inputs of `dtype` with codebooks of `codebook_shape` (G, k, d).
+
+    table: "gather" | "load" (default: "gather" when the codebooks hold at most MAX_GATHER_TABLE values).
+    Launch options, chosen by what ptxas makes of them (tests/vq/test_triton_compile.py compiles them for sm_90 and
+    sm_89 here, without a GPU): with Triton's default 4 warps a 64-row tile needs more than 255 registers per thread
+    and spills to local memory, and software pipelining (num_stages > 1) of the "load" table's codeword loads
+    spills kilobytes per thread in float32; 8 warps, and one stage for "load", compile without spills.
+    """
+    g, k, d = codebook_shape
+    table = table or ("gather" if g * k * d <= MAX_GATHER_TABLE else "load")
+    precision = "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    # Triton 3.9's interpreter returns garbage for tl.dot of bfloat16 operands: it gets float32 copies of them
+    dot_fp32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    if dot_fp32:
+        precision = "ieee"
+    constants = dict(K_CODES=k, D=d, TABLE_SIZE=triton.next_power_of_2(g * k * d), TABLE=table, HAS_BIAS=has_bias,
+                     PRECISION=precision, DOT_FP32=dot_fp32, BLOCK_M=_block_m(rows), BLOCK_N=BLOCK_N,
+                     BLOCK_K=BLOCK_K)
+    return KernelConfig(constants, num_warps=8, num_stages=1 if table == "load" else 3)
+
+
 def vq_linear(x, codebook, indices, bias=None, table=None):
     """x (..., K) -> (..., N): x W^T + bias, W (N, K) the VQ weight of codebook (G, k, d) and indices (N * K / d,)
     (any integer dtype; group g = output rows [g N / G, (g + 1) N / G)), computed by the fused kernel in x's dtype.
-    table: "gather" | "load" (default: "gather" when the codebooks hold at most MAX_GATHER_TABLE values)."""
+    table: as kernel_config's."""
     g, k, d = codebook.shape
     if not fused_supports(d):
         raise ValueError(f"the fused VQ kernel needs a power-of-two dim up to {BLOCK_K}, got {d}")
@@ -86,16 +117,9 @@ def vq_linear(x, codebook, indices, bias=None, table=None):
     m = x2.shape[0]
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     cb = codebook.detach().to(x.dtype).contiguous()
-    table = table or ("gather" if cb.numel() <= MAX_GATHER_TABLE else "load")
-    precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    # Triton 3.9's interpreter returns garbage for tl.dot of bfloat16 operands: it gets float32 copies of them
-    dot_fp32 = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    if dot_fp32:
-        precision = "ieee"
-    block_m = _block_m(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, BLOCK_N))
+    config = kernel_config(x.dtype, codebook.shape, m, bias is not None, table)
+    grid = (triton.cdiv(m, config.constants["BLOCK_M"]), triton.cdiv(n_out, BLOCK_N))
     _vq_matmul_kernel[grid](x2, indices, cb, bias if bias is not None else cb, y, m, n_out, k_in, n_out // g,
-                            cb.numel(), x2.stride(0), y.stride(0), K_CODES=k, D=d,
-                            TABLE_SIZE=triton.next_power_of_2(cb.numel()), TABLE=table, HAS_BIAS=bias is not None,
-                            PRECISION=precision, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                            cb.numel(), x2.stride(0), y.stride(0), **config.constants, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
     return y.reshape(*lead, n_out)
