@@ -337,52 +337,6 @@ def test_the_default_out_of_a_pipeline_is_named_after_it(tmp_path, monkeypatch):
         assert default_out(load_config(overrides={"ckpt": ckpt})) == f"outputs/{name}_vq4dit_w2d4"
 
 
-def test_a_dry_run_without_a_plan_says_so_and_writes_no_json_silently(tmp_path):
-    """--dry-run --json for a run with no memory plan (here --method rtn) exited 0 having written nothing, and
-    --dry-run alone printed the config and nothing about the plan (mutations: no check; no line)."""
-    from tests.cli_helpers import run_here
-
-    proc = run_here("quantize.py", "--method", "rtn", "--dry-run", "--json", tmp_path / "plan.json")
-    assert proc.returncode == 2 and "no memory plan for this run" in proc.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "plan.json").exists()
-    proc = run_here("quantize.py", "--method", "rtn", "--dry-run")
-    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].startswith("no memory plan for this run")
-
-
-@pytest.mark.parametrize("case", ["empty directory", "bare Flux transformer", "codebook larger than a layer"])
-def test_a_dry_run_refuses_what_the_run_refuses_in_its_words(tmp_path, case):
-    """A new user's trial: --dry-run planned (or printed nothing for) a --ckpt the run refuses, a pipeline's bare
-    transformer/ folder or an empty directory, and a codebook larger than a layer's sub-vectors. Now the dry run
-    asks the run's checks (models.loading.diffusers_dit_dir, vq.layer.check_shape) and ends with the run's error
-    line. Mutations: either check left out of the plan (the dry run exits 0)."""
-    import json
-
-    from tests.cli_helpers import run_here
-
-    flags = ["--ckpt", tmp_path / "t"]
-    (tmp_path / "t").mkdir()
-    if case == "bare Flux transformer":
-        (tmp_path / "t" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-        (tmp_path / "t" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    elif case == "codebook larger than a layer":
-        flags = ["--codebook-size", "65536", "--dim", "8"]
-    planned = run_here("quantize.py", *flags, "--dry-run")
-    run = run_here("quantize.py", *flags, "--out", tmp_path / "out")
-    assert planned.returncode == run.returncode == 2
-    assert planned.stderr.strip().splitlines()[-1] == run.stderr.strip().splitlines()[-1], planned.stderr[-300:]
-
-
-def test_a_dry_run_refuses_a_prompts_file_the_run_cannot_read(tmp_path):
-    """--dry-run planned a run whose --prompts file does not exist (mutation: not read in the dry run)."""
-    from tests.cli_helpers import run_here
-
-    (tmp_path / "pipe").mkdir()
-    (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    proc = run_here("quantize.py", "--ckpt", tmp_path / "pipe", "--prompts", tmp_path / "none.txt", "--dry-run")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read prompts file {tmp_path / 'none.txt'}")
-
-
 def test_quantize_quiet_shows_no_bars_or_info_and_refuses_verbose(tmp_path):
     """quantize.py -q, as sample.py -q (it was an unrecognized argument): no progress bar, no info line, the final
     `wrote DIR` kept (mutation: progress left on -> the k-means bar)."""

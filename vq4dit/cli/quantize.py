@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from vq4dit.jobs.config import CONFIG_KINDS, FLAGS, load_config
+from vq4dit.jobs.plan_stages import PLAN_JSON
 from vq4dit.utils.cli import ArgumentParser, check_not_blank, launch_rank, local_path, run_cli, setup_logging
 from vq4dit.utils.errors import UserError
+from vq4dit.utils.fileio import check_result_file
 from vq4dit.utils.knobs import add_flags, text_flags
 
 
@@ -51,6 +53,8 @@ def main(args):
                      "--json": args.json})
     if args.json is not None and not args.dry_run:
         raise UserError(f"--json {args.json}: the plan's JSON comes with --dry-run only")
+    if args.json is not None:
+        check_result_file("--json", args.json, PLAN_JSON, "plan.json")
     if args.skip_existing and args.dry_run:
         raise UserError("--skip-existing: --dry-run writes nothing to keep; drop one of them")
     check_bits_alone(args)
@@ -61,6 +65,9 @@ def main(args):
 
     warn_preset_family(args.config, config.model.ckpt)
     if args.dry_run:
+        from vq4dit.jobs.preflight import check_inputs
+
+        check_inputs(config)  # the run's first checks: no plan for a run that stops in its first second
         if config.model.prompts:  # the run reads them first: a plan for prompts it cannot read is no plan
             from vq4dit.models.prompts import read_prompts
 

@@ -12,7 +12,6 @@ written as null with its note, since JSON has no infinity; any other non-finite 
 import json
 import logging
 import math
-import os
 
 from vq4dit.evaluation.digits import digits_metrics, load_digits_classifier, real_digits_uint8
 from vq4dit.evaluation.imagenet import import_torch_fidelity, inception_fid
@@ -20,7 +19,7 @@ from vq4dit.evaluation.metrics import paired_mse, psnr_from_mse
 from vq4dit.evaluation.samples import check_labels, check_pairing, check_reference, label_kind, load_samples
 from vq4dit.models.digits import IMAGE_SIZE, NUM_CLASSES
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.fileio import write_text_atomic
+from vq4dit.utils.fileio import ResultKind, check_result_file, write_text_atomic
 from vq4dit.utils.resources import DIGITS_CLASSIFIER
 
 logger = logging.getLogger(__name__)
@@ -144,30 +143,7 @@ def result_to_json(result):
 
 def check_result_path(path):
     """A one-line UserError, before any work, when the result JSON cannot be written at `path`."""
-    if not path.strip():
-        raise UserError(f"--json {path!r}: empty; give a file name, e.g. eval.json")
-    if os.path.isdir(path) or path.endswith(os.sep):
-        raise UserError(f"--json {path}: is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise UserError(f"--json {path}: exists and is not a regular file; give a file name, e.g. eval.json")
-    if os.path.isfile(path) and not is_result_json(path):
-        raise UserError(f"--json {path}: exists and is not an evaluate.py result, which it would replace (samples, "
-                        "a config?); give another file name, e.g. eval.json")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"--json {path}: cannot create it under {parent} (not a writable directory)")
-
-
-def is_result_json(path):
-    """Whether the file at `path` is a result JSON evaluate.py wrote (a rerun may replace it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and set(RESULT_KEYS) <= set(content)
+    check_result_file("--json", path, ResultKind("an evaluate.py result", RESULT_KEYS), "eval.json")
 
 
 def write_result_json(path, result):

@@ -91,6 +91,15 @@ def fits(linear, setting, groups):
         >= setting.k
 
 
+def check_fits(name, linear, groups, settings_text):
+    """A UserError when no setting of --bits-settings `settings_text` fits Linear `linear` (named `name`, its weight
+    cut into `groups` codebooks), as `fits` says: the run refuses it before any probe, and --dry-run with it."""
+    if not any(fits(linear, s, groups) for s in parse_settings(settings_text)):
+        raise UserError(f"--bits-settings {settings_text}: no setting fits layer {name} (in_features "
+                        f"{linear.in_features}, {linear.out_features * linear.in_features} weights): d must divide "
+                        "in_features and k be at most the number of sub-vectors")
+
+
 @dataclass(frozen=True)
 class WeightFit:
     """How weight_errors fits a setting's k-means codebook: `iters` Lloyd iterations from `kmeans_init`."""
@@ -143,17 +152,13 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
     linears = selected_linears(model, include)
     qkv = re.compile(QKV_PATTERN)
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
+    for name, linear in linears.items():
+        check_fits(name, linear, groups[name], c.settings_text)
     errors, fit = {}, WeightFit(min(ESTIMATE_ITERS, c.kmeans_iters), c.kmeans_init)
     for block, names in linears_by_block(adapter.blocks(model), linears):
         with offload.resident(block) if offload is not None and block is not None else contextlib.nullcontext():
             errors.update(weight_errors({n: linears[n] for n in names}, settings, groups, config.seed, fit, progress))
     errors = {n: errors[n] for n in linears}
-    for name, options in errors.items():
-        if not options:
-            m = linears[name]
-            raise UserError(f"--bits-settings {c.settings_text}: no setting fits layer {name} (in_features "
-                            f"{m.in_features}, {m.out_features * m.in_features} weights): d must divide in_features "
-                            "and k be at most the number of sub-vectors")
     probes = probe_calls(model, adapter, config.teacher, config.seed, model_device(model))
     sensitivities = {}
     if c.bits_probe == "block":

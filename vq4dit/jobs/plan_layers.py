@@ -16,10 +16,11 @@ def layer_sizes(model, include, codebooks, n):
     """{name: sizes} of the Linears `include` selects, quantized with CodebookConfig `codebooks` and n candidates
     while soft: weights, fp32 bytes, soft and hard in-memory VQ state, the artifact's stored bytes (codec specs) and
     its index and codebook bytes. A layer the run cannot cut into those codebooks is refused as the run refuses it
-    (vq.layer.check_shape; with --bits each layer gets a setting that fits)."""
+    (vq.layer.check_shape; with --bits, a layer no setting fits: jobs.allocation.check_fits)."""
     import torch
     from torch import nn
 
+    from vq4dit.jobs.allocation import check_fits
     from vq4dit.vq.codecs import CODECS
     from vq4dit.vq.layer import check_shape
     from vq4dit.vq.packing import index_dtype
@@ -34,6 +35,8 @@ def layer_sizes(model, include, codebooks, n):
         if codebooks.bits is None:
             check_shape(name, m.in_features, m.out_features, codebooks.dim, groups,
                         None if codebooks.kmeans_init == "authors" else codebooks.k)
+        else:
+            check_fits(name, m, groups, codebooks.settings_text)
         meta = {"in_features": m.in_features, "out_features": m.out_features, "k": codebooks.k, "d": codebooks.dim,
                 "n": n, "groups": groups, "bias": m.bias is not None}
         specs = CODECS["VQLinear"].tensor_specs(meta)

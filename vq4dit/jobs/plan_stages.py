@@ -11,9 +11,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from vq4dit.utils.fileio import write_text_atomic
+from vq4dit.utils.fileio import ResultKind, write_text_atomic
 
 GIB, MIB = 2**30, 2**20
+# what `quantize.py --dry-run --json FILE` writes (PlanPeaks.to_json), by the keys a rerun may recognise it by
+PLAN_JSON = ResultKind("a plan quantize.py --dry-run --json wrote",
+                       ("title", "stages", "device_peak_bytes", "host_peak_bytes"))
 ALLOCATION = "bit allocation (--bits: k-means fits, probes)"
 RUNTIME_ALLOWANCE = 64 * MIB
 

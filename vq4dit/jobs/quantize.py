@@ -34,6 +34,7 @@ from vq4dit.jobs.allocation import allocate
 from vq4dit.jobs.config import ModelSpec, QuantizeConfig
 from vq4dit.jobs.fit import fit_to_device
 from vq4dit.jobs.methods import Method, method_for
+from vq4dit.jobs.preflight import check_inputs
 from vq4dit.jobs.runkey import RunKey
 from vq4dit.jobs.streaming import StreamedModel
 from vq4dit.models.adapters.base import outside_blocks, selected_pattern
@@ -43,7 +44,7 @@ from vq4dit.models.prompts import read_prompts
 from vq4dit.utils import distributed
 from vq4dit.utils.device import device_memory, physical_memory, resolve_device
 from vq4dit.utils.errors import UserError
-from vq4dit.utils.fileio import check_dir_usable, free_bytes
+from vq4dit.utils.fileio import free_bytes
 from vq4dit.utils.outdir import claim_out_dir
 from vq4dit.utils.precision import set_tf32
 from vq4dit.utils.yamlfile import read_yaml
@@ -103,6 +104,7 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     """Run the configured method and write the artifact to out_dir; returns per-block calibration stats.
     overwrite: write beside files in out_dir that vq4dit did not write (kept), and delete a calibration state there
     that this run will not resume (else either is a UserError); out_dir is locked for the run (utils/outdir.py)."""
+    check_inputs(config)
     device = distributed.init(resolve_device(config.device))  # under torchrun: join the group, pin this rank's GPU
     lead = distributed.rank() == 0
     if distributed.active():
@@ -110,8 +112,6 @@ def quantize(config: QuantizeConfig, out_dir, progress=True, overwrite=False):
     with claim_artifact_dir(out_dir, overwrite) if lead else contextlib.nullcontext():
         if lead:
             announce_replacement(out_dir, config)
-        if config.cache.cache_dir:
-            check_dir_usable(config.cache.cache_dir, "--cache-dir")
         config = fit_to_device(config, device)  # --stream auto and the micro-batch, from the memory plan
         run = Run.open(config, out_dir, progress and lead, overwrite)
         start = time.time()

@@ -5,10 +5,12 @@ is a one-line UserError naming the file and, where the caller knows it, how many
 """
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
 import uuid
+from typing import NamedTuple
 
 from vq4dit.utils.errors import UserError
 
@@ -143,6 +145,8 @@ def check_dir_usable(path, flag):
         raise UserError(f"{flag} {path}: exists and is not a directory; give a directory")
     if os.path.isdir(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: directory is not writable")
+    if not os.path.lexists(path):
+        check_creatable(path, flag)
 
 
 def check_out_dir(out_dir):
@@ -156,3 +160,47 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"output directory {out_dir} is not writable")
+
+
+class ResultKind(NamedTuple):
+    """A JSON result file a command writes: what it is, in words, and the keys every one of them holds."""
+
+    what: str
+    keys: tuple
+
+
+def is_json_with(path, keys):
+    """Whether the file at `path` holds a JSON object with every one of `keys` (a result a rerun may replace)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and set(keys) <= set(content)
+
+
+def check_result_file(flag, path, result, example):
+    """A one-line UserError, before any work, when `flag`'s JSON result cannot be written at `path`: empty, a
+    directory, a link or anything but a regular file, a file that is not an earlier result (a JSON object with
+    every one of `result.keys`), which it would replace, or no writable directory to create it in. `result`: a
+    ResultKind; `example`: a file name to suggest."""
+    if not path.strip():
+        raise UserError(f"{flag} {path!r}: empty; give a file name, e.g. {example}")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"{flag} {path}: is a directory; give a file name, e.g. {os.path.join(path, example)}")
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+        raise UserError(f"{flag} {path}: exists and is not a regular file; give a file name, e.g. {example}")
+    if os.path.isfile(path) and not is_json_with(path, result.keys):
+        raise UserError(f"{flag} {path}: exists and is not {result.what}, which it would replace (a config, samples, "
+                        f"a checkpoint?); give another file name, e.g. {example}")
+    check_creatable(path, flag)
+
+
+def check_creatable(path, flag):
+    """A UserError when `path`, which does not exist, could not be created: its nearest existing ancestor is not a
+    writable directory (a file, say)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot create it under {parent} (not a writable directory)")
