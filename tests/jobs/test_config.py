@@ -20,6 +20,22 @@ def test_codebook_size_follows_bits_and_dim(wbits, dim, k):
     assert load_config(overrides={"wbits": wbits, "dim": dim}).codebooks.k == k
 
 
+@pytest.mark.parametrize("yaml_text,flags,expected", [
+    ("codebook_size: 16\n", {"wbits": 3}, (3, 4, 4096, None)),
+    ("wbits: 3\n", {"codebook_size": 16}, (3, 4, 16, None)),
+    ("codebook_size: 16\nwbits: 1\n", {"bits": 1.5}, (2, 4, 256, 1.5)),
+    ("bits: 1.5\n", {"wbits": 3}, (3, 4, 4096, None)),
+], ids=["wbits over codebook_size", "codebook_size over wbits", "bits over a uniform setting",
+        "a uniform setting over bits"])
+def test_a_flag_sets_aside_what_an_earlier_level_said_of_the_same_thing(tmp_path, yaml_text, flags, expected):
+    """Flags come last, also where two keys say one thing: a YAML file's codebook_size 16 silently made --wbits 3
+    a 1-bit run (a fourth new user's trial), and --bits beside a file's codebook_size was refused as "give either
+    bits or those", which a flag cannot do. Mutation: jobs.config.superseded returning {} (the first case gives k
+    16, the third and fourth are refused)."""
+    c = load_config(write(tmp_path, yaml_text), flags).codebooks
+    assert (c.wbits, c.dim, c.k, c.bits) == expected
+
+
 def test_precedence_defaults_then_yaml_then_cli(tmp_path):
     path = write(tmp_path, "wbits: 3\ndim: 2\niters: 7\n")
     config = load_config(path, {"iters": 9, "seed": None})

@@ -322,10 +322,25 @@ def merge(config, values, source):
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(KEY_TYPES))}")
     flat = config.to_dict()
+    flat.update(superseded(values))
     flat.update({k: _coerce(k, KEY_TYPES[k], v, source) for k, v in values.items()})
     merged = QuantizeConfig.from_flat(flat)
     check_bits(merged.codebooks, values, source)
     return merged
+
+
+def superseded(values):
+    """The defaults that `values`, a later level (flags come last), restores of keys an earlier level gave, where
+    both say one thing two ways: its wbits, without a codebook_size, sets aside an earlier codebook_size (which
+    would override it: a YAML file's codebook_size 16 made --wbits 3 a 1-bit run); its bits sets aside an earlier
+    uniform setting (wbits, dim, codebook_size), and its uniform setting an earlier bits."""
+    uniform, defaults = ("wbits", "dim", "codebook_size"), CodebookConfig()
+    out = {"codebook_size": None} if "wbits" in values and "codebook_size" not in values else {}
+    if "bits" in values:
+        out |= {key: getattr(defaults, key) for key in uniform if key not in values}
+    elif any(key in values for key in uniform):
+        out["bits"] = None
+    return out
 
 
 def check_bits(codebooks, given, source):
