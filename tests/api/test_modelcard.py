@@ -86,3 +86,21 @@ def test_the_card_names_the_runs_method_not_the_layer_class(tmp_path):
     meta = front_matter(text)
     assert meta["quantization"]["method"] == "kmeans" and "kmeans" in meta["tags"] and "vq4dit" in meta["tags"]
     assert "quantized (kmeans, 1 bit per weight)" in text
+
+
+def test_a_bit_allocation_is_described_by_each_layers_setting_residual_stages_included():
+    """The card merged residual settings into single-stage ones ("9 x k256 d8" for 256x8x2, which stores 2 bits per
+    weight, not 1) and dropped the stage count (a fourth new user's trial); it now counts the settings the log and
+    quant_config.json have. Mutation: the stage count left out of the count's key -> 13 x k256 d16."""
+    from vq4dit.vq.modelcard import allocation_text
+
+    def entry(k, d, stages=None):
+        bits = (stages or 1) * math.log2(k) / d
+        return {"k": k, "d": d, "in_features": 64, "out_features": 64, "bits_per_weight": bits,
+                **({"stages": stages} if stages else {})}
+
+    layers = {f"l{i}": e for i, e in enumerate([entry(256, 8, 2)] * 9 + [entry(256, 16, 2)] * 4
+                                               + [entry(256, 16)] * 8 + [entry(64, 2)] * 9)}
+    text = allocation_text(layers, {"bits": 1.5})
+    assert "9 x k64 d2, 9 x k256 d8 x2, 4 x k256 d16 x2, 8 x k256 d16," in text, text
+    assert allocation_text(layers, {"bits": None}) == ""

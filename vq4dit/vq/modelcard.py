@@ -7,10 +7,12 @@ the number of quantized layers, the resolved config). The body shows how to load
 The card is derived from what the artifact records; model.safetensors and quant_config.json do not depend on it.
 """
 import re
+from collections import Counter
 
 import yaml
 
 from vq4dit.utils.hubid import HUB_ID
+from vq4dit.vq.allocate import Setting
 
 # layer class -> the quantization method's name
 METHODS = {"VQLinear": "vq4dit", "ResidualVQLinear": "vq4dit", "RTNLinear": "rtn"}
@@ -86,10 +88,8 @@ def allocation_text(layers, config):
     """The card's paragraph on a --bits allocation (how many layers got each k, d), or "" for a uniform run."""
     if config.get("bits") is None:
         return ""
-    counts = {}
-    for e in layers.values():
-        counts[(e["k"], e["d"])] = counts.get((e["k"], e["d"]), 0) + 1
-    parts = ", ".join(f"{n} x k{k} d{d}" for (k, d), n in sorted(counts.items(), key=lambda i: (i[0][1], -i[0][0])))
+    counts = Counter(Setting(e["k"], e["d"], e.get("stages", 1)) for e in layers.values())
+    parts = ", ".join(f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda i: (-i[0].bits, i[0].d)))
     return (f"Bit allocation (`--bits {config['bits']:g}`): {parts}, chosen per layer to minimise the estimated "
             f"prediction error; {weighted_bits(layers, 'bits_per_weight'):.4f} index bits per weight on average "
             "(per-layer settings in `quant_config.json`).\n\n")
