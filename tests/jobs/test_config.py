@@ -53,8 +53,11 @@ def test_unknown_key_names_file_and_valid_keys(tmp_path):
     ("split_qkv: 1\n", "split_qkv=1 must be of type bool"),
     ("- a\n- b\n", "must be a mapping"),
     ("wbits: [\n", "not valid YAML"),
+    ("stream: on\n", 'stream=True must be of type str; in YAML quote the word \\(stream: "on", not stream: on\\)'),
 ])
 def test_bad_yaml_values(tmp_path, text, pattern):
+    """The fourth new user's trial wrote `stream: on`, which YAML reads as a boolean: the message now says to quote
+    it (mutation: the hint left out)."""
     with pytest.raises(UserError, match=pattern):
         load_config(write(tmp_path, text))
 

@@ -313,6 +313,9 @@ def _coerce(name, kind, value, source):
         raise UserError(f"{source}: {name}={value!r} must be a finite number")
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
+    if base is str and isinstance(value, bool):  # YAML reads an unquoted on, off, yes, no as a boolean
+        raise UserError(f"{source}: {name}={value!r} must be of type str; in YAML quote the word "
+                        f"({name}: \"on\", not {name}: on)")
     raise UserError(f"{source}: {name}={value!r} must be of type {base.__name__}")
 
 
