@@ -12,7 +12,10 @@ from vq4dit.utils.errors import UserError
     ({"method": "kmeans", "candidates": 3}, "--candidates"), ({"method": "kmeans", "steps": 40}, "--steps"),
     ({"method": "kmeans", "codebook_init": "kmeans"}, "--codebook-init"),
     ({"method": "codebook", "lambda_r": 0.1}, "--lambda-r"), ({"online_batch": 8}, "--online-batch"),
-    ({"calib": "joint", "student_label_dropout": 0.1}, "--student-label-dropout")])
+    ({"calib": "joint", "student_label_dropout": 0.1}, "--student-label-dropout"),
+    ({"calib": "online", "calib_timesteps": 4}, "--calib-timesteps"),
+    ({"method": "kmeans", "bits": 1.5, "calib_samples": 3}, "--calib-samples"),
+    ({"method": "kmeans", "bits": 1.5, "calib_timesteps": 2}, "--calib-timesteps")])
 def test_a_flag_the_method_or_mode_ignores_is_refused(overrides, flag):
     """usage.md: flags that do nothing are errors (mutation: the check not run -> the run goes ahead silently)."""
     with pytest.raises(UserError, match=f"^{flag} does nothing here: .*; drop it"):
@@ -46,3 +49,19 @@ def test_flags_read_by_keeps_each_flag_with_its_value_or_alone():
     argv = ["--iters", "50", "--split-qkv", "--seed", "1"]
     assert flags_read_by("rtn", argv) == ["--seed", "1"]
     assert flags_read_by("vq4dit", argv) == argv
+
+
+@pytest.mark.parametrize("overrides", [{"recipe": "authors"}, {"calib": "online"}, {"method": "kmeans", "bits": 1.5}])
+def test_a_default_calib_timesteps_that_is_not_read_does_not_refuse_a_short_run(overrides):
+    """--recipe authors (online calibration) and --bits without calibration read neither --calib-timesteps nor, for
+    the latter, --calib-samples, yet the default 12 kept steps refused --steps 4 and named the flag that does nothing
+    (a fourth new user's trial); the dry run's plan must not fail on it either. Mutations: the kept-steps check made
+    whatever the mode (refused), the plan taking calib_timesteps as given (calib_steps' ValueError)."""
+    from tests.cli_helpers import run_here
+
+    assert load_config(overrides={**overrides, "steps": 4}).teacher.steps == 4
+    with pytest.raises(UserError, match="give --calib-timesteps 4 or fewer"):
+        load_config(overrides={"steps": 4})  # a block-wise run reads it
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    proc = run_here("quantize.py", *flags, "--steps", "4", "--dry-run", "-q")
+    assert proc.returncode == 0, proc.stderr[-500:]

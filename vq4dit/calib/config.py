@@ -61,6 +61,10 @@ class TeacherConfig:
         check_range(self, "cfg_scale", 0, None, "must be >= 0 (1: no guidance)")
         if self.steps > MAX_STEPS:  # past int64, numpy's respacing failed with a UFuncTypeError
             invalid("steps", self.steps, f"at most {MAX_STEPS} (the training schedule's timesteps)")
+        return self
+
+    def check_kept_steps(self):
+        """calib_timesteps kept of `steps`: checked where the run reads it (jobs.keys_read.ignored_keys)."""
         if self.calib_timesteps > self.steps:
             invalid("calib_timesteps", self.calib_timesteps,
                     f"at most steps={self.steps} (it counts the sampler steps kept per trajectory, "

@@ -219,6 +219,10 @@ class QuantizeConfig:
             invalid("seed", self.seed, "must be >= 0")
         for section in SECTIONS:
             getattr(self, section).validate()
+        from vq4dit.jobs.keys_read import ignored_keys  # it reads this module's fields
+
+        if "calib_timesteps" not in ignored_keys(self):  # a default 12 > --steps 4 is no error where it is not read
+            self.teacher.check_kept_steps()
         if self.codebooks.bits is not None and self.method == "rtn":
             invalid("bits", self.codebooks.bits, "allocates codebook settings: methods vq4dit, kmeans or codebook, not "
                     "rtn (which takes wbits)")

@@ -28,6 +28,11 @@ def ignored_keys(config):
     if config.method not in ("rtn", "kmeans") and config.calibration.calib != "online":
         keys.update({k: f"only --calib online reads it (this run: --calib {config.calibration.calib})"
                      for k in _ONLINE_ONLY})
+    if config.method not in ("rtn", "kmeans") and config.calibration.calib == "online":
+        keys["calib_timesteps"] = "--calib online trains on every sampler step of each trajectory"
+    if config.method in ("rtn", "kmeans") and config.codebooks.bits is not None:
+        keys.update({k: f"--bits probes the teacher in a small run of its own and --method {config.method} does "
+                        "not calibrate" for k in ("calib_samples", "calib_timesteps")})
     return keys
 
 

@@ -211,8 +211,11 @@ def memory_plan(planned, config, runtime=None):
     height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
                                                                 tokens, PROBE_ROWS)
     per_trajectory = adapter.rows_per_trajectory(plan)
-    kept = len(calib_steps(plan.steps, config.teacher.calib_timesteps))
-    rows = all_rows = recorded_rows(plan, config.teacher.calib_timesteps, per_trajectory)
+    # at most every step: a calib_timesteps the run does not read (--calib online, --bits without calibration) may
+    # exceed --steps (jobs.keys_read.ignored_keys); where it is read, validate() holds it to --steps
+    timesteps = min(config.teacher.calib_timesteps, plan.steps)
+    kept = len(calib_steps(plan.steps, timesteps))
+    rows = all_rows = recorded_rows(plan, timesteps, per_trajectory)
     processes, on_this_machine = distributed.launched_sizes()
     end_rows = len(spaced_rows(all_rows))  # the end-to-end pass's points (of this process, below)
     if processes > 1:  # under torchrun each process records, walks and evaluates its own share of the points
