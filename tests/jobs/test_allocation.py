@@ -173,3 +173,16 @@ def test_block_probes_match_the_per_layer_probes_where_a_block_error_reaches_the
     allocation = allocate(model, StackStub(), r"^(blocks\.0\.[ab]|head)$", config(bits=1.0, bits_probe="block"),
                           progress=False)
     assert allocation.layers["head"].sensitivity > 0 and allocation.settings["blocks.0.a"] == HIGH
+
+
+def test_a_budget_above_every_setting_is_warned_about():
+    """--bits 100 with settings of at most 3 bits per weight was accepted without a word, its card saying --bits
+    100 (a fourth new user's trial): the run and the dry run now warn (mutations: the warning never made; made at
+    a budget the largest setting spends exactly)."""
+    from vq4dit.jobs.allocation import budget_text, over_budget
+    from vq4dit.jobs.config import load_config
+
+    over = load_config(overrides={"bits": 100.0, "bits_settings": "256x4,64x2"})
+    assert "--bits 100: above the 3 bits per weight of the largest setting" in over_budget(over.codebooks)
+    assert budget_text(over).splitlines()[-1].startswith("warning: --bits 100: above")
+    assert over_budget(load_config(overrides={"bits": 3.0, "bits_settings": "256x4,64x2"}).codebooks) is None

@@ -154,6 +154,8 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
     for name, linear in linears.items():
         check_fits(name, linear, groups[name], c.settings_text)
+    if over_budget(c) is not None:
+        logger.warning("%s", over_budget(c))
     errors, fit = {}, WeightFit(min(ESTIMATE_ITERS, c.kmeans_iters), c.kmeans_init)
     for block, names in linears_by_block(adapter.blocks(model), linears):
         with offload.resident(block) if offload is not None and block is not None else contextlib.nullcontext():
@@ -219,6 +221,16 @@ def setting_bytes(linears, groups, setting):
                for shape, dtype in codec.tensor_specs(meta).values())
 
 
+def over_budget(codebooks):
+    """The warning for a --bits budget above every setting of --bits-settings (CodebookConfig `codebooks`), None
+    when some setting spends it: each layer then takes its most bits, and the budget is not what the run spends."""
+    top = max(parse_settings(codebooks.settings_text), key=lambda s: s.bits)
+    if codebooks.bits <= top.bits:
+        return None
+    return (f"--bits {codebooks.bits:g}: above the {top.bits:g} bits per weight of the largest setting of "
+            f"--bits-settings {codebooks.settings_text} ({top}); every layer gets one of its largest settings")
+
+
 def budget_text(config):
     """--dry-run's lines for a --bits run: the quantized weights, the index bytes the budget allows and the codebook
     bytes, next to each setting's size were it given to every layer (from the VQLinear codec's tensor specs)."""
@@ -242,7 +254,7 @@ def budget_text(config):
         size = setting_bytes(linears, groups, s)
         lines.append(f"  {s} ({s.bits:.3g} bits): " + (size_text(size) if size is not None else
                                                         "does not fit every layer"))
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"warning: {over_budget(c)}"] if over_budget(c) is not None else []))
 
 
 def size_text(nbytes):
