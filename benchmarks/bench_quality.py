@@ -88,9 +88,21 @@ def samples_path(out, key):
     return os.path.join(out, "runs", key, *sub, "samples.npz")
 
 
+def last_value(flags, flag):
+    """The value of `flag` in quantize.py `flags` (the last one given), None when it is not given."""
+    return flags[len(flags) - 1 - flags[::-1].index(flag) + 1] if flag in flags else None
+
+
 def last_method(flags):
     """The --method of quantize.py `flags` (the last one given; vq4dit when none is)."""
-    return flags[len(flags) - 1 - flags[::-1].index("--method") + 1] if "--method" in flags else "vq4dit"
+    return last_value(flags, "--method") or "vq4dit"
+
+
+def row_settings(flags):
+    """The settings of quantize.py `flags` that decide which other flags the run reads (jobs.keys_read)."""
+    settings = {"method": last_method(flags), "recipe": last_value(flags, "--recipe"),
+                "calib": last_value(flags, "--calib"), "bits": last_value(flags, "--bits")}
+    return {key: float(value) if key == "bits" else value for key, value in settings.items() if value is not None}
 
 
 def run_method(key, args, reference, label=None, flags=None):
@@ -103,7 +115,7 @@ def quantize_method(key, args, label, flags):
     """Quantize into --out/runs/key with quantize.py `flags`: the row's label, bits, size and quantize cost."""
     art = os.path.join(args.out, "runs", key)
     resumed = os.path.isdir(os.path.join(art, STATE_DIR))  # an interrupted calibration left its state: go on
-    extra = flags_read_by(last_method(flags), args.extra)  # one set of extras serves every method
+    extra = flags_read_by(row_settings(flags), args.extra)  # one set of extras serves every row
     q_time, q_rss = timed([sys.executable, "quantize.py", "--seed", str(args.seed), *flags, *extra, "--out", art],
                           art + ".quantize.log", append=resumed)  # a method's own --seed wins
     bpw, bpw_full = bits_per_weight(art)

@@ -71,7 +71,7 @@ def test_a_full_disk_at_any_write_of_quantize_is_one_line(ckpt, tmp_path, monkey
     monkeypatch.setattr(case.target, case.writer)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        quantize.cli([*flags_read_by(case.method, [*FAST, "--iters", "1"]), "--ckpt", str(ckpt), "--method",
+        quantize.cli([*flags_read_by({"method": case.method}, [*FAST, "--iters", "1"]), "--ckpt", str(ckpt), "--method",
                       case.method, "--out", str(out)])
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
     assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines

@@ -53,7 +53,7 @@ class Stub:
 
 
 def config(**values):
-    return load_config(overrides={"steps": 5, "calib_timesteps": 5, "kmeans_iters": 5, "method": "kmeans",
+    return load_config(overrides={"steps": 5, "kmeans_iters": 5, "method": "kmeans",
                                   "bits_settings": f"{LOW.k}x{LOW.d},{HIGH.k}x{HIGH.d}", **values})
 
 

@@ -47,8 +47,10 @@ def test_flags_read_by_keeps_each_flag_with_its_value_or_alone():
     --split-qkv (which takes no value); vq4dit reads all three (mutation: a valueless flag taking the next flag as
     its value -> --seed dropped with it, or kept for rtn)."""
     argv = ["--iters", "50", "--split-qkv", "--seed", "1"]
-    assert flags_read_by("rtn", argv) == ["--seed", "1"]
-    assert flags_read_by("vq4dit", argv) == argv
+    assert flags_read_by({"method": "rtn"}, argv) == ["--seed", "1"]
+    assert flags_read_by({"method": "vq4dit"}, argv) == argv
+    steps = ["--calib-samples", "2", "--calib-timesteps", "2"]  # the authors' recipe (online) reads the first only
+    assert flags_read_by({"recipe": "authors"}, steps) == steps[:2]
 
 
 @pytest.mark.parametrize("overrides", [{"recipe": "authors"}, {"calib": "online"}, {"method": "kmeans", "bits": 1.5}])

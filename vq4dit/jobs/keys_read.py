@@ -56,10 +56,11 @@ def ignored_by(method):
     return ignored_keys(load_config(overrides={"method": method}))
 
 
-def flags_read_by(method, argv):
-    """The flags of `argv` (each with its value, when one follows) that `method` reads: one set of extra flags for
-    every method, as benchmarks and tests pass them, since quantize refuses the others."""
-    ignored, kept, i = ignored_by(method), [], 0
+def flags_read_by(settings, argv):
+    """The flags of `argv` (each with its value, when one follows) that a run of `settings` reads ({key: value}
+    overrides, e.g. {"method": "rtn"} or {"recipe": "authors"}): one set of extra flags for every row of a benchmark
+    or test, since quantize refuses the others."""
+    ignored, kept, i = ignored_keys(load_config(overrides=settings)), [], 0
     while i < len(argv):
         item = argv[i:i + 2] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else argv[i:i + 1]
         if key_name(argv[i]) not in ignored:
