@@ -94,7 +94,7 @@ def test_a_method_without_calibration_keeps_another_runs_state_unless_told(tiny_
 
 def test_the_authors_recipe_writes_an_artifact_that_records_it(tiny_ckpt, tmp_path):
     config = load_config(overrides={"ckpt": tiny_ckpt, "recipe": "authors", "codebook_size": 16, "kmeans_iters": 3,
-                                    "calib_samples": 2, "online_batch": 2, "steps": 3, "calib_timesteps": 2})
+                                    "calib_samples": 2, "online_batch": 2, "steps": 3})
     out = tmp_path / "out"
     quantize(config, str(out), progress=False)
     model, _, quant = load_quantized(out)

@@ -84,18 +84,20 @@ def test_a_write_the_file_system_refuses_is_one_line_naming_why(error, says):
     assert disk_full(ValueError("File too small")) is None
 
 
-@pytest.mark.parametrize("kind", ["file", "dangling link"])
-def test_an_output_directory_that_is_a_file_says_so(tmp_path, kind):
+@pytest.mark.parametrize("kind,what", [("file", "a file"), ("dangling link", "a link to nothing"),
+                                       ("link to a file", "a link to a file")])
+def test_an_output_directory_that_is_a_file_says_so(tmp_path, kind, what):
     """--out naming a file (or a link to nothing) said "cannot create output directory X: File exists"; it now
-    says what X is, and leaves it (mutation: the check left out -> the old text)."""
+    says what X is, and leaves it (mutation: the check left out -> the old text; a link to a file called a link to
+    nothing, as a fourth new user's trial found)."""
     from vq4dit.utils.fileio import check_out_dir
 
     out = tmp_path / "out"
     if kind == "file":
         out.write_text("a file")
     else:
-        out.symlink_to(tmp_path / "nowhere")
-    what = "a file" if kind == "file" else "a link to nothing"
+        (tmp_path / "afile").write_text("a file")
+        out.symlink_to(tmp_path / ("afile" if kind == "link to a file" else "nowhere"))
     with pytest.raises(UserError, match=f"output directory {out}: is {what}, not a directory"):
         check_out_dir(str(out))
     assert os.path.lexists(out)

@@ -152,7 +152,8 @@ def check_dir_usable(path, flag):
 def check_out_dir(out_dir):
     """Create `out_dir` or fail early with a one-line error, before any expensive work."""
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        what = "a link to nothing" if os.path.islink(out_dir) else "a file"
+        what = ("a link to a file" if os.path.exists(out_dir) else "a link to nothing") if os.path.islink(out_dir) \
+            else "a file"
         raise UserError(f"output directory {out_dir}: is {what}, not a directory; give a directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
