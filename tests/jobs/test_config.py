@@ -54,10 +54,13 @@ def test_unknown_key_names_file_and_valid_keys(tmp_path):
     ("- a\n- b\n", "must be a mapping"),
     ("wbits: [\n", "not valid YAML"),
     ("stream: on\n", 'stream=True must be of type str; in YAML quote the word \\(stream: "on", not stream: on\\)'),
+    ('include: ""\n', "include='' is empty; give a value or leave the key out"),
+    ("ckpt: ' '\n", "ckpt=' ' is empty"),
 ])
 def test_bad_yaml_values(tmp_path, text, pattern):
     """The fourth new user's trial wrote `stream: on`, which YAML reads as a boolean: the message now says to quote
-    it (mutation: the hint left out)."""
+    it (mutation: the hint left out); and an empty string, which the flags refuse, was taken (`include: ""`: the
+    default layers) or named a blank checkpoint (mutation: the blank check left out)."""
     with pytest.raises(UserError, match=pattern):
         load_config(write(tmp_path, text))
 

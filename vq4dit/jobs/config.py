@@ -315,6 +315,8 @@ def _coerce(name, kind, value, source):
         value = float(value)
     if base is float and isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{source}: {name}={value!r} must be a finite number")
+    if base is str and isinstance(value, str) and not value.strip():  # as the flags (utils.cli.check_not_blank)
+        raise UserError(f"{source}: {name}={value!r} is empty; give a value or leave the key out")
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     if base is str and isinstance(value, bool):  # YAML reads an unquoted on, off, yes, no as a boolean
