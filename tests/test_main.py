@@ -34,3 +34,20 @@ def test_the_package_root_and_config_import_without_torch():
     """Mutation: vq4dit/__init__.py importing its public names eagerly -> torch is imported."""
     probe = run("-c", "import sys, vq4dit, vq4dit.jobs.config; print('torch' in sys.modules, vq4dit.__version__)")
     assert probe.returncode == 0 and probe.stdout.split()[0] == "False", probe.stderr
+
+
+@pytest.mark.parametrize("command", ["quantize", "evaluate"])  # the two whose help shows examples
+@pytest.mark.parametrize("argv0, shown", [("vq4dit-{c}", "vq4dit-{c}"),
+                                          ("python -m vq4dit {c}", "python -m vq4dit {c}"),
+                                          ("/clone/{c}.py", "python {c}.py")])
+def test_help_examples_are_written_as_the_command_was_started(command, argv0, shown, monkeypatch, capsys):
+    """The installed vq4dit-quantize --help showed `python quantize.py ...` examples, which do not run outside a clone
+    (a fourth new user's trial). Mutation: utils.cli.as_invoked returning the text unchanged -> the console
+    script's and python -m's cases fail."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [argv0.format(c=command)])
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"vq4dit.cli.{command}").cli(["--help"])
+    out = capsys.readouterr().out
+    assert f"    {shown.format(c=command)} " in out, out[-800:]

@@ -130,6 +130,7 @@ class ArgumentParser(argparse.ArgumentParser):
         from vq4dit import __version__
 
         super().__init__(*args, **kwargs)
+        self.description = as_invoked(self.description, self.prog)
         self.add_argument("--version", action="version", version=f"vq4dit {__version__}")
 
     def error(self, message):
@@ -137,6 +138,14 @@ class ArgumentParser(argparse.ArgumentParser):
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def as_invoked(text, prog):
+    """Help `text` whose examples read `python X.py` (a clone's script) with them written as program `prog` was
+    started instead, where it is a console script (vq4dit-X) or `python -m vq4dit X`: commands that run as shown."""
+    if text is None or prog.endswith(".py"):
+        return text
+    return text.replace(f"python {prog.removeprefix('vq4dit-').split()[-1]}.py", prog)
 
 
 def local_path(text):
