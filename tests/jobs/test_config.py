@@ -42,6 +42,19 @@ def test_precedence_defaults_then_yaml_then_cli(tmp_path):
     assert (config.codebooks.wbits, config.codebooks.dim, config.calibration.iters, config.seed) == (3, 2, 9, 0)
 
 
+def test_an_empty_config_file_is_warned_about(tmp_path, caplog):
+    """An empty or comments-only --config gave every default without a word (a fourth new user's trial; a typo'd or
+    truncated file looks the same). Mutation: the warning left out."""
+    path = write(tmp_path, "# nothing yet\n")
+    with caplog.at_level("WARNING", logger="vq4dit.jobs.config"):
+        assert load_config(path).to_dict() == load_config().to_dict()
+    assert f"{path} holds no settings" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vq4dit.jobs.config"):
+        load_config(write(tmp_path, "wbits: 3\n"))
+    assert "holds no settings" not in caplog.text
+
+
 def test_unknown_key_names_file_and_valid_keys(tmp_path):
     path = write(tmp_path, "wbitz: 2\n")
     with pytest.raises(UserError, match=r"preset.yaml: unknown key\(s\) wbitz; valid keys: .*wbits"):

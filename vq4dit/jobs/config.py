@@ -8,6 +8,7 @@ command line, else from the preset, else the default) <- the YAML preset given w
 Unknown keys, duplicate keys, wrong types and non-finite numbers are errors naming the source.
 """
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -29,6 +30,8 @@ BACKENDS = ("auto", "vq4dit", "diffusers")
 CODEBOOK_INITS = ("auto", "kmeans", "gptvq")
 OUTPUT_AWARE_METHODS = ("vq4dit", "codebook")  # the methods whose block-wise calibration can start from gptvq
 STREAM_MODES = ("auto", "on", "off")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -370,6 +373,8 @@ def load_config(path=None, overrides=None, source="command line"):
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     path = config_path(path)
     values = read_yaml(path) if path is not None else {}
+    if path is not None and not values:
+        logger.warning("%s holds no settings (empty, or comments only): every value is a default or a flag", path)
     recipe = overrides.get("recipe", values.get("recipe", QuantizeConfig.recipe))
     if recipe not in RECIPES:
         raise UserError(f"invalid recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
