@@ -7,14 +7,19 @@ frame means spills to local memory. Needs triton (`pip install triton`); no GPU.
     python benchmarks/triton_resources.py --out benchmarks/results/triton_resources.md
 """
 import argparse
+import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import triton
 
-from tests.vq.test_triton_compile import GATHERED, LOADED, compile_for, resource_usage
-from vq4dit.vq.kernels.triton_vq import KernelConfig, kernel_config
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project and its tests, whatever the working directory
+
+from tests.vq.test_triton_vq_compiled import GATHERED, LOADED, compile_for, resource_usage  # noqa: E402
+from vq4dit.vq.kernels.triton_vq import KernelConfig, kernel_config  # noqa: E402
 
 ARCHS = {90: "sm_90 (H100, H200)", 89: "sm_89 (RTX 4090, L40S)", 80: "sm_80 (A100)"}
 TABLES = {"gather": GATHERED, "load": LOADED}

@@ -25,8 +25,9 @@ def test_codebook_size_follows_bits_and_dim(wbits, dim, k):
     ("wbits: 3\n", {"codebook_size": 16}, (3, 4, 16, None)),
     ("codebook_size: 16\nwbits: 1\n", {"bits": 1.5}, (2, 4, 256, 1.5)),
     ("bits: 1.5\n", {"wbits": 3}, (3, 4, 4096, None)),
+    ("bits: 1.5\nbits_settings: 256x4,64x2\nbits_probe: block\n", {"wbits": 3}, (3, 4, 4096, None)),
 ], ids=["wbits over codebook_size", "codebook_size over wbits", "bits over a uniform setting",
-        "a uniform setting over bits"])
+        "a uniform setting over bits", "a uniform setting over bits and its settings"])
 def test_a_flag_sets_aside_what_an_earlier_level_said_of_the_same_thing(tmp_path, yaml_text, flags, expected):
     """Flags come last, also where two keys say one thing: a YAML file's codebook_size 16 silently made --wbits 3
     a 1-bit run (a fourth new user's trial), and --bits beside a file's codebook_size was refused as "give either

@@ -81,3 +81,24 @@ def test_the_plans_json_replaces_only_an_earlier_plan(tmp_path):
         assert run_here("quantize.py", "--dry-run", "-q", "--json", plan).returncode == 0
     assert json.loads(plan.read_text())["device_peak_bytes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml", "model.safetensors", "plan.json"]
+
+
+def test_a_key_the_run_does_not_read_neither_refuses_it_nor_moves_the_plan(tmp_path):
+    """The review: a preset's cache_dir with a file in the way refused a k-means run, which never uses the cache; an
+    online run's plan grew with a calib_timesteps it does not read (0.74 vs 12.89 GiB). Mutations: check_inputs
+    checking cache_dir whatever the method; the plan taking the calib_timesteps given."""
+    (tmp_path / "afile").write_text("hi")
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"cache_dir: {tmp_path / 'afile' / 'sub'}\n")
+    proc = run_here("quantize.py", "--config", config, "--method", "kmeans", "--dry-run", "-q")
+    assert proc.returncode == 0, proc.stderr[-300:]
+    peaks = []
+    for kept in (1, 50):
+        config.write_text(f"calib_timesteps: {kept}\n")
+        plan = tmp_path / f"plan{kept}.json"
+        assert run_here("quantize.py", "--config", config, "--recipe", "authors", "--dry-run", "-q", "--json",
+                        plan).returncode == 0
+        written = json.loads(plan.read_text())
+        peaks.append((written["device_peak_bytes"], written["host_peak_bytes"]))
+    # the host figures hold this process's own size, measured at each plan (it grows a little in between)
+    assert peaks[0][0] == peaks[1][0] and abs(peaks[0][1] - peaks[1][1]) < 0.01 * peaks[0][1], peaks

@@ -15,7 +15,8 @@ from vq4dit.utils.errors import UserError
     ({"calib": "joint", "student_label_dropout": 0.1}, "--student-label-dropout"),
     ({"calib": "online", "calib_timesteps": 4}, "--calib-timesteps"),
     ({"method": "kmeans", "bits": 1.5, "calib_samples": 3}, "--calib-samples"),
-    ({"method": "kmeans", "bits": 1.5, "calib_timesteps": 2}, "--calib-timesteps")])
+    ({"method": "kmeans", "bits": 1.5, "calib_timesteps": 2}, "--calib-timesteps"),
+    ({"method": "kmeans", "bits": 1.5, "online_batch": 8}, "--online-batch")])
 def test_a_flag_the_method_or_mode_ignores_is_refused(overrides, flag):
     """usage.md: flags that do nothing are errors (mutation: the check not run -> the run goes ahead silently)."""
     with pytest.raises(UserError, match=f"^{flag} does nothing here: .*; drop it"):

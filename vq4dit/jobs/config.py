@@ -345,13 +345,14 @@ def superseded(values):
     """The defaults that `values`, a later level (flags come last), restores of keys an earlier level gave, where
     both say one thing two ways: its wbits, without a codebook_size, sets aside an earlier codebook_size (which
     would override it: a YAML file's codebook_size 16 made --wbits 3 a 1-bit run); its bits sets aside an earlier
-    uniform setting (wbits, dim, codebook_size), and its uniform setting an earlier bits."""
+    uniform setting (wbits, dim, codebook_size), and its uniform setting an earlier bits with its settings and
+    probe."""
     uniform, defaults = ("wbits", "dim", "codebook_size"), CodebookConfig()
     out = {"codebook_size": None} if "wbits" in values and "codebook_size" not in values else {}
     if "bits" in values:
         out |= {key: getattr(defaults, key) for key in uniform if key not in values}
     elif any(key in values for key in uniform):
-        out["bits"] = None
+        out |= {key: getattr(defaults, key) for key in ("bits", "bits_settings", "bits_probe") if key not in values}
     return out
 
 

@@ -32,7 +32,7 @@ def ignored_keys(config):
         keys["calib_timesteps"] = "--calib online trains on every sampler step of each trajectory"
     if config.method in ("rtn", "kmeans") and config.codebooks.bits is not None:
         keys.update({k: f"--bits probes the teacher in a small run of its own and --method {config.method} does "
-                        "not calibrate" for k in ("calib_samples", "calib_timesteps")})
+                        "not calibrate" for k in ("calib_samples", "calib_timesteps", "online_batch")})
     return keys
 
 

@@ -194,12 +194,14 @@ def memory_plan(planned, config, runtime=None):
     import torch
 
     from vq4dit.calib.capture import calib_steps, storage_dtype
+    from vq4dit.calib.config import TeacherConfig
     from vq4dit.calib.endpass import spaced_rows
     from vq4dit.calib.record import recording, slot_is_batched
     from vq4dit.calib.replay import Replay
     from vq4dit.calib.tables import Out
     from vq4dit.calib.teacher import largest_share, recorded_rows
     from vq4dit.calib.walk import WalkPlan, walk_peaks
+    from vq4dit.jobs.keys_read import ignored_keys
     from vq4dit.jobs.methods import method_for
     from vq4dit.jobs.plan_stages import StageInputs, runtime_bytes, stages
     from vq4dit.models.adapters.base import selected_pattern
@@ -211,9 +213,10 @@ def memory_plan(planned, config, runtime=None):
     height, width, probe_rows, args, kwargs = adapter.plan_call(model, plan, vae_factor, (spec.height, spec.width),
                                                                 tokens, PROBE_ROWS)
     per_trajectory = adapter.rows_per_trajectory(plan)
-    # at most every step: a calib_timesteps the run does not read (--calib online, --bits without calibration) may
-    # exceed --steps (jobs.keys_read.ignored_keys); where it is read, validate() holds it to --steps
-    timesteps = min(config.teacher.calib_timesteps, plan.steps)
+    # a calib_timesteps the run does not read (--calib online, --bits without calibration: jobs.keys_read) does not
+    # move the plan, which takes the default there, at most every step; where it is read validate() holds it there
+    read = "calib_timesteps" not in ignored_keys(config)
+    timesteps = min(config.teacher.calib_timesteps if read else TeacherConfig.calib_timesteps, plan.steps)
     kept = len(calib_steps(plan.steps, timesteps))
     rows = all_rows = recorded_rows(plan, timesteps, per_trajectory)
     processes, on_this_machine = distributed.launched_sizes()

@@ -10,9 +10,12 @@ from vq4dit.utils.fileio import check_dir_usable
 
 def check_inputs(config):
     """UserErrors, in the run's words, for QuantizeConfig `config`: a --device that names no device, a --cache-dir
-    that is no usable directory (or cannot be made), --stream on for what a streamed run does not do."""
+    the run uses that is no usable directory (or has a file in the way), --stream on for what a streamed run does
+    not do."""
+    from vq4dit.jobs.keys_read import ignored_keys
+
     check_device_name(config.device)
-    if config.cache.cache_dir:
+    if config.cache.cache_dir and "cache_dir" not in ignored_keys(config):  # a preset's, unused by k-means or rtn
         check_dir_usable(config.cache.cache_dir, "--cache-dir")
     if config.stream == "on":
         from vq4dit.jobs.streaming import check_streamable

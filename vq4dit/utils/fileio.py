@@ -146,7 +146,7 @@ def check_dir_usable(path, flag):
     if os.path.isdir(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: directory is not writable")
     if not os.path.lexists(path):
-        check_creatable(path, flag)
+        check_creatable(path, flag, writable=False)
 
 
 def check_out_dir(out_dir):
@@ -189,7 +189,10 @@ def check_result_file(flag, path, result, example):
         raise UserError(f"{flag} {path!r}: empty; give a file name, e.g. {example}")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"{flag} {path}: is a directory; give a file name, e.g. {os.path.join(path, example)}")
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+    if os.path.islink(path):
+        raise UserError(f"{flag} {path}: is a link, which the result would replace with a file; give the file "
+                        f"itself or another name, e.g. {example}")
+    if os.path.lexists(path) and not os.path.isfile(path):
         raise UserError(f"{flag} {path}: exists and is not a regular file; give a file name, e.g. {example}")
     if os.path.isfile(path) and not is_json_with(path, result.keys):
         raise UserError(f"{flag} {path}: exists and is not {result.what}, which it would replace (a config, samples, "
@@ -197,11 +200,12 @@ def check_result_file(flag, path, result, example):
     check_creatable(path, flag)
 
 
-def check_creatable(path, flag):
+def check_creatable(path, flag, writable=True):
     """A UserError when `path`, which does not exist, could not be created: its nearest existing ancestor is not a
-    writable directory (a file, say)."""
+    directory (a file, say), or, when `writable`, not one this process may write in (a directory flag's path is
+    made by the run, perhaps on another machine than a dry run's: only a file in the way is refused there)."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    if not os.path.isdir(parent) or (writable and not os.access(parent, os.W_OK)):
         raise UserError(f"{flag} {path}: cannot create it under {parent} (not a writable directory)")

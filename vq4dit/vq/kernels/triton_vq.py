@@ -84,8 +84,8 @@ def kernel_config(dtype, codebook_shape, rows, has_bias, table=None):
     """The KernelConfig of a launch on `rows` inputs of `dtype` with codebooks of `codebook_shape` (G, k, d).
 
     table: "gather" | "load" (default: "gather" when the codebooks hold at most MAX_GATHER_TABLE values).
-    Launch options, chosen by what ptxas makes of them (tests/vq/test_triton_compile.py compiles them for sm_90 and
-    sm_89 here, without a GPU): with Triton's default 4 warps a 64-row tile needs more than 255 registers per thread
+    Launch options, chosen by what ptxas makes of them (tests/vq/test_triton_vq_compiled.py compiles them for sm_90
+    and sm_89 here, without a GPU): with Triton's default 4 warps a 64-row tile needs more than 255 registers per thread
     and spills to local memory, and software pipelining (num_stages > 1) of the "load" table's codeword loads
     spills kilobytes per thread in float32; 8 warps, and one stage for "load", compile without spills.
     """

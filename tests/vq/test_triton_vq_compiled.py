@@ -2,7 +2,8 @@
 Triton lowers it to PTX and ptxas to machine code for the named architecture, which the interpreter that
 test_triton_vq.py runs on a CPU never does (an op or layout the GPU compiler rejects passes there). The compiled
 kernel must also keep every value in registers: a stack frame means spills to local memory, which cost a
-memory-bound kernel more than they save. Skipped where triton is not installed (CI installs it beside the wheel)."""
+memory-bound kernel more than they save. Skipped where triton is not installed (CI installs it beside the wheel).
+Named to be collected after test_triton_vq.py, which must import triton first on a CPU (with TRITON_INTERPRET=1)."""
 import importlib.util
 import os
 import subprocess
@@ -60,11 +61,14 @@ def test_the_codebooks_pick_the_table_the_cases_name():
     (torch.float32, GATHERED, 1024), (torch.float32, LOADED, 1024), (torch.bfloat16, GATHERED, 1024),
     (torch.bfloat16, LOADED, 1024), (torch.bfloat16, GATHERED, 1)],
     ids=["fp32-gather-64", "fp32-load-64", "bf16-gather-64", "bf16-load-64", "bf16-gather-16"])
-def test_the_launch_compiles_for_hopper_without_spilling(dtype, codebooks, rows, tmp_path):
+def test_the_launch_compiles_for_hopper_without_spilling(dtype, codebooks, rows, tmp_path, monkeypatch):
     """sm_90 (H100, H200), 64-row tiles (the most registers) and one 16-row tile (another tile shape to lower).
     Mutations caught: Triton's default 4 warps (a 64-row tile spills: stack 96-120 bytes), software pipelining of
-    the "load" table (num_stages 3: 5 KiB of stack per thread in float32)."""
+    the "load" table (num_stages 3: 5 KiB of stack per thread in float32). The launch a GPU gets, whatever
+    test_triton_vq.py set for the interpreter (its bfloat16 workaround is not the GPU's kernel)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     config = kernel_config(dtype, codebooks, rows, has_bias=True)
+    assert not config.constants["DOT_FP32"]
     usage = resource_usage(compile_for(90, config, dtype).asm["cubin"], tmp_path)
     assert usage["STACK"] == 0, (config, usage)
 
