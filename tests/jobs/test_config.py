@@ -31,7 +31,7 @@ def test_codebook_size_follows_bits_and_dim(wbits, dim, k):
 def test_a_flag_sets_aside_what_an_earlier_level_said_of_the_same_thing(tmp_path, yaml_text, flags, expected):
     """Flags come last, also where two keys say one thing: a YAML file's codebook_size 16 silently made --wbits 3
     a 1-bit run (a fourth new user's trial), and --bits beside a file's codebook_size was refused as "give either
-    bits or those", which a flag cannot do. Mutation: jobs.config.superseded returning {} (the first case gives k
+    bits or those", which a flag cannot do. Mutation: jobs.config_merge.superseded returning {} (the first case gives k
     16, the third and fourth are refused)."""
     c = load_config(write(tmp_path, yaml_text), flags).codebooks
     assert (c.wbits, c.dim, c.k, c.bits) == expected
