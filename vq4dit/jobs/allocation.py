@@ -154,8 +154,9 @@ def allocate(model, adapter, include, config, offload=None, progress=True):
     groups = {name: 3 if c.split_qkv and qkv.search(name) else 1 for name in linears}
     for name, linear in linears.items():
         check_fits(name, linear, groups[name], c.settings_text)
-    if over_budget(c) is not None:
-        logger.warning("%s", over_budget(c))
+    warning = over_budget(c)
+    if warning is not None:
+        logger.warning("%s", warning)
     errors, fit = {}, WeightFit(min(ESTIMATE_ITERS, c.kmeans_iters), c.kmeans_init)
     for block, names in linears_by_block(adapter.blocks(model), linears):
         with offload.resident(block) if offload is not None and block is not None else contextlib.nullcontext():
@@ -254,7 +255,8 @@ def budget_text(config):
         size = setting_bytes(linears, groups, s)
         lines.append(f"  {s} ({s.bits:.3g} bits): " + (size_text(size) if size is not None else
                                                         "does not fit every layer"))
-    return "\n".join(lines + ([f"warning: {over_budget(c)}"] if over_budget(c) is not None else []))
+    warning = over_budget(c)
+    return "\n".join(lines + ([f"warning: {warning}"] if warning is not None else []))
 
 
 def size_text(nbytes):

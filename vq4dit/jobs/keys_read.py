@@ -13,7 +13,8 @@ _ONLINE_ONLY = {"online_batch", "student_label_dropout"}
 
 def ignored_keys(config):
     """{key: why} of the keys `config`'s method and calibration mode ignore."""
-    sections = _UNCALIBRATED if config.method in ("rtn", "kmeans") else set()
+    calibrates = config.method not in ("rtn", "kmeans")
+    sections = set() if calibrates else _UNCALIBRATED
     if config.codebooks.bits is not None:  # --bits: the sensitivity probes run the teacher (jobs/allocation.py)
         sections = sections - {"teacher"}
     keys = {k: f"--method {config.method} does not calibrate" for s in sections for k in FIELDS[s]}
@@ -25,12 +26,12 @@ def ignored_keys(config):
     if config.method in ("kmeans", "codebook"):
         keys.update({k: f"--method {config.method} keeps every sub-vector at one codeword (no candidates or ratios)"
                      for k in _SOFT_ONLY if k in FIELDS["codebooks"] or config.method == "codebook"})
-    if config.method not in ("rtn", "kmeans") and config.calibration.calib != "online":
+    if calibrates and config.calibration.calib != "online":
         keys.update({k: f"only --calib online reads it (this run: --calib {config.calibration.calib})"
                      for k in _ONLINE_ONLY})
-    if config.method not in ("rtn", "kmeans") and config.calibration.calib == "online":
+    if calibrates and config.calibration.calib == "online":
         keys["calib_timesteps"] = "--calib online trains on every sampler step of each trajectory"
-    if config.method in ("rtn", "kmeans") and config.codebooks.bits is not None:
+    if not calibrates and config.codebooks.bits is not None:
         keys.update({k: f"--bits probes the teacher in a small run of its own and --method {config.method} does "
                         "not calibrate" for k in ("calib_samples", "calib_timesteps", "online_batch")})
     return keys
